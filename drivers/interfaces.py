@@ -1,0 +1,396 @@
+"""One typed interface per instrument class.
+
+Every driver — real (VISA, serial, vendor API) or simulated — implements exactly one
+of these abstract classes, and the node runtime calls only the members defined here.
+Units are part of every name (``_dbm``, ``_nm``, ``_v``, ``_ps``, ``_ns``, ``_hz``).
+
+Calls are blocking; the runtime runs them in worker threads. Every method may raise a
+subclass of :class:`drivers.errors.InstrumentError` naming the instrument, the command
+and the reason; nothing else escapes a driver.
+
+Hardware safety: :meth:`Instrument.safe_state` must be callable at any time, from any
+state, and must leave the instrument harmless (laser emission off, detector disarmed,
+modulator outputs off). It is called on every exit path of the daemon.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "TAG_DTYPE",
+    "BB84State",
+    "DetectorStatus",
+    "Encoder",
+    "HealthLevel",
+    "Instrument",
+    "InstrumentHealth",
+    "IntensityClass",
+    "IntensityModulator",
+    "Laser",
+    "LaserStatus",
+    "OpticalPowerMeter",
+    "PreparedStates",
+    "SinglePhotonDetector",
+    "StateSource",
+    "TagBlock",
+    "TimeTagger",
+    "VariableAttenuator",
+]
+
+
+class HealthLevel(IntEnum):
+    OK = 0
+    DEGRADED = 1
+    FAULT = 2
+
+
+@dataclass(frozen=True)
+class InstrumentHealth:
+    """Result of a health check: a level and a short human-readable reason."""
+
+    level: HealthLevel
+    message: str = ""
+
+
+class Instrument(abc.ABC):
+    """Common life cycle of every instrument.
+
+    ``name`` is the instrument's name in the node config (``laser``, ``spd0``...) and is
+    carried by every exception the driver raises.
+    """
+
+    name: str
+
+    @abc.abstractmethod
+    def connect(self) -> None:
+        """Open the transport and verify the instrument answers. Idempotent."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the transport. Idempotent; never raises."""
+
+    @abc.abstractmethod
+    def identify(self) -> str:
+        """Return the identity string (``*IDN?`` or the vendor equivalent)."""
+
+    @abc.abstractmethod
+    def safe_state(self) -> None:
+        """Put the instrument in its harmless state. Must not raise if already safe."""
+
+    @abc.abstractmethod
+    def health(self) -> InstrumentHealth:
+        """Check the instrument; never raises (a failure is reported as FAULT)."""
+
+
+# --- Laser -----------------------------------------------------------------------
+
+
+class LaserStatus(IntEnum):
+    OFF = 0
+    WARMING_UP = 1
+    LOCKED = 2
+    FAULT = 3
+
+
+class Laser(Instrument):
+    """A CW or pulsed laser source.
+
+    Limits (``power_range_dbm``, ``wavelength_range_nm``) are checked before anything
+    is sent; out-of-range settings raise :class:`drivers.errors.OutOfRangeError`.
+    """
+
+    power_range_dbm: tuple[float, float]
+    wavelength_range_nm: tuple[float, float]
+
+    @abc.abstractmethod
+    def set_emission(self, on: bool) -> None: ...
+
+    @abc.abstractmethod
+    def emission_on(self) -> bool: ...
+
+    @abc.abstractmethod
+    def set_power_dbm(self, power_dbm: float) -> None: ...
+
+    @abc.abstractmethod
+    def power_dbm(self) -> float: ...
+
+    @abc.abstractmethod
+    def set_wavelength_nm(self, wavelength_nm: float) -> None: ...
+
+    @abc.abstractmethod
+    def wavelength_nm(self) -> float: ...
+
+    @abc.abstractmethod
+    def temperature_c(self) -> float:
+        """Laser diode temperature in degrees Celsius."""
+
+    @abc.abstractmethod
+    def status(self) -> LaserStatus: ...
+
+
+# --- Modulators ------------------------------------------------------------------
+
+
+class IntensityClass(IntEnum):
+    """Decoy-state intensity classes."""
+
+    SIGNAL = 0
+    DECOY = 1
+    VACUUM = 2
+
+
+class IntensityModulator(Instrument):
+    """Amplitude modulator (Mach-Zehnder) setting the signal, decoy and vacuum levels.
+
+    Transmission follows ``T(V) = T_min + (1 - T_min) * cos^2(pi/2 * (V - V_bias_opt) / V_pi)``
+    on real devices; drivers only set voltages, calibration finds the curve.
+    """
+
+    drive_range_v: tuple[float, float]
+    bias_range_v: tuple[float, float]
+
+    @abc.abstractmethod
+    def set_level_v(self, intensity_class: IntensityClass, drive_v: float) -> None:
+        """Drive amplitude in volts applied for slots of ``intensity_class``."""
+
+    @abc.abstractmethod
+    def level_v(self, intensity_class: IntensityClass) -> float: ...
+
+    @abc.abstractmethod
+    def set_bias_v(self, bias_v: float) -> None: ...
+
+    @abc.abstractmethod
+    def bias_v(self) -> float: ...
+
+    @abc.abstractmethod
+    def set_output(self, on: bool) -> None:
+        """Enable or disable the drive outputs (disabled in the safe state)."""
+
+    @abc.abstractmethod
+    def output_on(self) -> bool: ...
+
+
+class BB84State(IntEnum):
+    """BB84 polarisation states. Basis = value // 2 (0 = Z, 1 = X); bit = value % 2."""
+
+    H = 0
+    V = 1
+    D = 2
+    A = 3
+
+
+class Encoder(Instrument):
+    """Polarisation (or phase) modulator preparing the four BB84 states.
+
+    ``drive_v(state)`` is the voltage that prepares ``state`` when the bias is right;
+    ``bias_v`` compensates the slow drift of the encoding reference.
+    """
+
+    drive_range_v: tuple[float, float]
+    bias_range_v: tuple[float, float]
+
+    @abc.abstractmethod
+    def set_drive_v(self, state: BB84State, drive_v: float) -> None: ...
+
+    @abc.abstractmethod
+    def drive_v(self, state: BB84State) -> float: ...
+
+    @abc.abstractmethod
+    def set_bias_v(self, bias_v: float) -> None: ...
+
+    @abc.abstractmethod
+    def bias_v(self) -> float: ...
+
+    @abc.abstractmethod
+    def set_output(self, on: bool) -> None: ...
+
+    @abc.abstractmethod
+    def output_on(self) -> bool: ...
+
+
+# --- Attenuator and power meter ---------------------------------------------------
+
+
+class VariableAttenuator(Instrument):
+    attenuation_range_db: tuple[float, float]
+
+    @abc.abstractmethod
+    def set_attenuation_db(self, attenuation_db: float) -> None: ...
+
+    @abc.abstractmethod
+    def attenuation_db(self) -> float: ...
+
+    @abc.abstractmethod
+    def set_shutter(self, open_: bool) -> None:
+        """Open or close the output shutter (closed in the safe state)."""
+
+    @abc.abstractmethod
+    def shutter_open(self) -> bool: ...
+
+
+class OpticalPowerMeter(Instrument):
+    @abc.abstractmethod
+    def set_wavelength_nm(self, wavelength_nm: float) -> None:
+        """Wavelength used for the responsivity correction."""
+
+    @abc.abstractmethod
+    def power_w(self) -> float:
+        """Measured optical power in watts (may be negative noise near zero)."""
+
+
+# --- Single-photon detector -------------------------------------------------------
+
+
+class DetectorStatus(IntEnum):
+    DISARMED = 0
+    ARMED = 1
+    LATCHED = 2  # latched off after bright light; needs reset_latch()
+    FAULT = 3
+
+
+class SinglePhotonDetector(Instrument):
+    """Gated or free-running single-photon detector (InGaAs APD or SNSPD)."""
+
+    dead_time_range_ns: tuple[float, float]
+    delay_range_ps: tuple[float, float]
+
+    @abc.abstractmethod
+    def set_efficiency_pct(self, efficiency_pct: float) -> None:
+        """Nominal detection efficiency setting in percent (APD excess bias presets)."""
+
+    @abc.abstractmethod
+    def efficiency_pct(self) -> float: ...
+
+    @abc.abstractmethod
+    def set_dead_time_ns(self, dead_time_ns: float) -> None: ...
+
+    @abc.abstractmethod
+    def dead_time_ns(self) -> float: ...
+
+    @abc.abstractmethod
+    def set_delay_ps(self, delay_ps: float) -> None:
+        """Gate (or detection window) delay relative to the slot clock, in ps."""
+
+    @abc.abstractmethod
+    def delay_ps(self) -> float: ...
+
+    @abc.abstractmethod
+    def set_threshold_v(self, threshold_v: float) -> None:
+        """Discriminator threshold (or bias) in volts."""
+
+    @abc.abstractmethod
+    def threshold_v(self) -> float: ...
+
+    @abc.abstractmethod
+    def arm(self) -> None: ...
+
+    @abc.abstractmethod
+    def disarm(self) -> None: ...
+
+    @abc.abstractmethod
+    def status(self) -> DetectorStatus: ...
+
+    @abc.abstractmethod
+    def reset_latch(self) -> None:
+        """Clear a LATCHED condition; the detector returns DISARMED."""
+
+    @abc.abstractmethod
+    def count_rate_hz(self) -> float:
+        """Click rate over the last integration period, in Hz."""
+
+
+# --- Time tagger ------------------------------------------------------------------
+
+#: One time tag: input channel and arrival time in picoseconds on the tagger's clock.
+TAG_DTYPE = np.dtype([("channel", np.int16), ("time_ps", np.int64)])
+
+
+@dataclass
+class TagBlock:
+    """A block of time tags in arrival order.
+
+    ``tags`` has dtype :data:`TAG_DTYPE`. ``overflow`` is True when the tagger dropped
+    data before this block (buffer overflow); ``missed_events`` counts tags lost.
+    """
+
+    tags: npt.NDArray[np.void]
+    overflow: bool = False
+    missed_events: int = 0
+    start_ps: int = 0
+    stop_ps: int = 0
+
+    def __len__(self) -> int:
+        return int(self.tags.shape[0])
+
+
+class TimeTagger(Instrument):
+    """Multi-channel time-to-digital converter streaming (channel, time_ps) records."""
+
+    @abc.abstractmethod
+    def channels(self) -> list[int]: ...
+
+    @abc.abstractmethod
+    def set_input_delay_ps(self, channel: int, delay_ps: int) -> None: ...
+
+    @abc.abstractmethod
+    def input_delay_ps(self, channel: int) -> int: ...
+
+    @abc.abstractmethod
+    def set_trigger_level_v(self, channel: int, level_v: float) -> None: ...
+
+    @abc.abstractmethod
+    def trigger_level_v(self, channel: int) -> float: ...
+
+    @abc.abstractmethod
+    def start_stream(self) -> None: ...
+
+    @abc.abstractmethod
+    def read_block(self, timeout_s: float) -> TagBlock | None:
+        """Next block of tags, or None when nothing arrived within ``timeout_s``."""
+
+    @abc.abstractmethod
+    def stop_stream(self) -> None: ...
+
+    @abc.abstractmethod
+    def count_rates_hz(self) -> dict[int, float]: ...
+
+
+# --- Transmitter state record -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PreparedStates:
+    """What the transmitter prepared in a set of slots (secret: never logged)."""
+
+    basis: npt.NDArray[np.uint8]  # 0 = Z, 1 = X
+    bit: npt.NDArray[np.uint8]
+    intensity: npt.NDArray[np.uint8]  # IntensityClass values
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+class StateSource(Instrument):
+    """The transmitter's record of the states its QRNG-driven modulators prepared.
+
+    On hardware this is the pattern memory of the FPGA that drives the modulators; in
+    simulation it is a seeded counter-based generator. Slot indices count slots of the
+    transmitter's clock since the start of the stream.
+    """
+
+    @abc.abstractmethod
+    def prepared(self, slot_index: npt.NDArray[np.int64]) -> PreparedStates:
+        """States prepared in ``slot_index`` (any order; repeats allowed)."""
+
+    @abc.abstractmethod
+    def slot_rate_hz(self) -> float: ...
+
+    @abc.abstractmethod
+    def set_sync_pattern(self, public_seed: int | None) -> None:
+        """Emit the public synchronization pattern (``public_seed``) or, with None, random
+        key states again. The pattern is defined by :mod:`drivers.syncpattern`
+        so that both nodes can compute it; slots emitted while it runs carry no key."""

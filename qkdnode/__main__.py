@@ -1,0 +1,5 @@
+import sys
+
+from qkdnode.cli import main
+
+sys.exit(main())

@@ -1,0 +1,47 @@
+"""``qkdnode run --config FILE``: run the node daemon in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from qkdnode.cli import EXIT_USAGE
+from qkdnode.config import ConfigError, load_config
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run the node daemon (foreground; systemd Type=notify aware)",
+        description="Run the node daemon until SIGTERM/SIGINT. Exits 2 on an invalid "
+        "configuration, 1 on a runtime failure.",
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        help="node config (TOML); a bare name is looked up in $CONFIGURATION_DIRECTORY",
+    )
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
+    p.add_argument("--log-json", action="store_true", help="JSON log lines even on a terminal")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from qkdnode.log import configure_logging
+    from qkdnode.paths import PathResolutionError, config_path
+
+    try:
+        path = config_path(args.config)
+    except PathResolutionError as exc:
+        print(f"qkdnode run: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        cfg = load_config(path)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_USAGE
+    configure_logging(args.log_level or cfg.node.log_level, json=True if args.log_json else None)
+    from qkdnode.daemon import run_daemon
+
+    return run_daemon(cfg, str(path))

@@ -1,0 +1,38 @@
+"""The root model of a node configuration file."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from qkdnode.config.sections import (
+    BusSection,
+    DeliverySection,
+    InstrumentSection,
+    KeystoreSection,
+    MetricsSection,
+    NodeSection,
+    ProtocolSection,
+    Section,
+    SimulationSection,
+    SourceSection,
+)
+
+
+class NodeConfig(Section):
+    """A whole node: ``qkdnode config schema`` prints this model's JSON Schema."""
+
+    node: NodeSection
+    source: SourceSection = SourceSection()
+    instruments: dict[str, InstrumentSection] = Field(default_factory=dict)
+    bus: BusSection = BusSection()
+    protocol: ProtocolSection = ProtocolSection()
+    keystore: KeystoreSection = KeystoreSection()
+    delivery: DeliverySection = DeliverySection()
+    metrics: MetricsSection = MetricsSection()
+    simulation: SimulationSection | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> NodeConfig:
+        if self.node.id == self.node.peer_id:
+            raise ValueError("node.id and node.peer_id must differ")
+        return self

@@ -1,0 +1,177 @@
+"""Pydantic models of every section of a node's TOML configuration.
+
+Every model forbids unknown keys so that a typo is an error, not a silently ignored
+setting. Physical quantities carry their unit in the field name.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from drivers.simlink.params import LinkParams
+
+Role = Literal["transmitter", "receiver"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NodeSection(Section):
+    id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    role: Role
+    peer_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    state_dir: Path = Field(
+        Path("state"),
+        description="state directory (keys, calibration results); "
+        "$STATE_DIRECTORY overrides a relative default under systemd",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class SourceSection(Section):
+    """Protocol targets of the transmitter's source (what calibration aims for)."""
+
+    slot_rate_hz: float = Field(25e6, gt=0, le=10e9)
+    mu_signal: float = Field(0.5, gt=0, le=2)
+    mu_decoy: float = Field(0.1, gt=0, le=2)
+    p_signal: float = Field(0.7, gt=0, lt=1)
+    p_decoy: float = Field(0.2, gt=0, lt=1)
+    p_basis_z: float = Field(0.9, gt=0, lt=1)
+    wavelength_nm: float = Field(1550.12, ge=1260, le=1675)
+
+    @model_validator(mode="after")
+    def _check(self) -> SourceSection:
+        if self.mu_decoy >= self.mu_signal:
+            raise ValueError(
+                f"mu_decoy ({self.mu_decoy}) must be smaller than mu_signal ({self.mu_signal})"
+            )
+        if self.p_signal + self.p_decoy >= 1:
+            raise ValueError("p_signal + p_decoy must be < 1 (the rest is vacuum)")
+        return self
+
+
+class InstrumentSection(Section):
+    """One instrument: which driver, where it is, and driver-specific options."""
+
+    driver: str = Field(min_length=1, description="driver name, see `qkdnode drivers list`")
+    resource: str = Field(
+        "", description="VISA resource, serial URL (socket://, /dev/ttyUSB0, pty path) or ''"
+    )
+    timeout_s: float = Field(2.0, gt=0, le=120)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+def _is_loopback_or_explicit(endpoint: str) -> bool:
+    host = endpoint.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    if host in ("localhost", "*"):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class CurveClient(Section):
+    name: str = Field(min_length=1)
+    public_key: str = Field(min_length=40, max_length=40, description="Z85 CURVE public key")
+    role: Literal["monitor", "operator", "peer"]
+
+
+class BusSection(Section):
+    control_endpoint: str = "tcp://127.0.0.1:5550"
+    telemetry_endpoint: str = "tcp://127.0.0.1:5551"
+    peer_endpoint: str = Field(
+        "tcp://127.0.0.1:5552",
+        description="transmitter binds this endpoint; receiver connects to it",
+    )
+    allow_plaintext: bool = Field(
+        False, description="unencrypted sockets; for local tests only (logged as a warning)"
+    )
+    server_secret_key_file: Path | None = Field(
+        None, description="Z85 CURVE secret key file of this node (or credential 'curve.key')"
+    )
+    peer_public_key: str | None = Field(None, min_length=40, max_length=40)
+    clients: list[CurveClient] = Field(default_factory=list)
+    max_frame_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    max_control_frame_bytes: int = Field(256 * 1024, ge=1024)
+    client_rate_limit_per_s: float = Field(5000.0, gt=0)
+    heartbeat_interval_s: float = Field(1.0, gt=0, le=60)
+    heartbeat_liveness: int = Field(3, ge=1, le=100)
+
+    @field_validator("control_endpoint", "telemetry_endpoint", "peer_endpoint")
+    @classmethod
+    def _endpoint(cls, v: str) -> str:
+        if not (v.startswith("tcp://") or v.startswith("ipc://")):
+            raise ValueError(f"must start with tcp:// or ipc://, got {v!r}")
+        if v.startswith("tcp://") and "*" in v:
+            raise ValueError(f"wildcard bind {v!r} not allowed: name the interface address")
+        return v
+
+
+class ProtocolSection(Section):
+    block_detections: int = Field(
+        1_000_000, ge=10_000, le=100_000_000, description="detections per key block"
+    )
+    eps_sec: float = Field(1e-10, gt=0, lt=1)
+    eps_cor: float = Field(1e-15, gt=0, lt=1)
+    qber_warning: float = Field(0.03, gt=0, lt=0.5)
+    qber_abort: float = Field(0.11, gt=0, lt=0.5)
+    ec_efficiency_target: float = Field(1.1, ge=1.0, le=2.0)
+    auth_psk_file: Path | None = Field(
+        None, description="pre-shared authentication secret (or credential 'auth.psk')"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ProtocolSection:
+        if self.qber_warning >= self.qber_abort:
+            raise ValueError("qber_warning must be smaller than qber_abort")
+        return self
+
+
+class KeystoreSection(Section):
+    path: Path = Field(Path("keys.sqlite"), description="relative to node.state_dir")
+    key_size_bits: int = Field(256, ge=64, le=65536, multiple_of=8)
+    max_key_count: int = Field(100_000, ge=1)
+    key_ttl_s: float = Field(86400.0, gt=0)
+
+
+class SaeEntry(Section):
+    sae_id: str = Field(min_length=1)
+    certificate_cn: str = Field(min_length=1, description="CN of the SAE's client certificate")
+
+
+class DeliverySection(Section):
+    enabled: bool = False
+    listen_host: str = "127.0.0.1"
+    listen_port: int = Field(8443, ge=1, le=65535)
+    kme_id: str = "KME-1"
+    peer_kme_id: str = "KME-2"
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    client_ca_file: Path | None = None
+    saes: list[SaeEntry] = Field(default_factory=list)
+    pairs: list[tuple[str, str]] = Field(
+        default_factory=list, description="(master SAE ID, slave SAE ID) pairs served"
+    )
+    max_key_per_request: int = Field(128, ge=1)
+    min_key_size_bits: int = Field(64, ge=8, multiple_of=8)
+    max_key_size_bits: int = Field(4096, ge=8, multiple_of=8)
+
+
+class MetricsSection(Section):
+    enabled: bool = False
+    listen_host: str = "127.0.0.1"
+    listen_port: int = Field(9464, ge=1, le=65535)
+
+
+class SimulationSection(Section):
+    """Simulated backends. ``fiber_endpoint`` carries simulated photons TX -> RX."""
+
+    enabled: bool = True
+    fiber_endpoint: str = "tcp://127.0.0.1:5560"
+    link: LinkParams = LinkParams()
