@@ -20,9 +20,15 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
 COMMAND_MODULES: list[str] = [
+    "qkdnode.cli.pki_cmd",
     "qkdnode.cli.run_cmd",
+    "qkdnode.cli.drivers_cmd",
     "qkdnode.cli.config_cmd",
     "qkdnode.cli.health_cmd",
+    "qkdnode.cli.demo_cmd",
+    "qkdnode.cli.bench_cmd",
+    "qkdnode.cli.ctl_cmd",
+    "qkdnode.cli.keys_cmd",
 ]
 
 

@@ -102,6 +102,15 @@ class BusSection(Section):
     client_rate_limit_per_s: float = Field(5000.0, gt=0)
     heartbeat_interval_s: float = Field(1.0, gt=0, le=60)
     heartbeat_liveness: int = Field(3, ge=1, le=100)
+    plaintext_role: Literal["monitor", "operator"] = Field(
+        "operator", description="role given to every caller when allow_plaintext is true"
+    )
+    reconnect_max_s: float = Field(
+        30.0, gt=0, le=3600, description="longest wait between reconnect attempts (backoff cap)"
+    )
+    max_inflight_requests: int = Field(
+        1024, ge=1, description="control requests being handled at once; more get 'busy'"
+    )
 
     @field_validator("control_endpoint", "telemetry_endpoint", "peer_endpoint")
     @classmethod
@@ -138,6 +147,9 @@ class KeystoreSection(Section):
     key_size_bits: int = Field(256, ge=64, le=65536, multiple_of=8)
     max_key_count: int = Field(100_000, ge=1)
     key_ttl_s: float = Field(86400.0, gt=0)
+    erase_interval_s: float = Field(
+        10.0, gt=0, le=3600, description="period of the sweep that erases expired keys"
+    )
 
 
 class SaeEntry(Section):
@@ -161,12 +173,37 @@ class DeliverySection(Section):
     max_key_per_request: int = Field(128, ge=1)
     min_key_size_bits: int = Field(64, ge=8, multiple_of=8)
     max_key_size_bits: int = Field(4096, ge=8, multiple_of=8)
+    peer_notice_wait_s: float = Field(
+        1.0,
+        ge=0,
+        le=30,
+        description="dec_keys waits up to this long for the peer KME's delivery notice "
+        "(which binds a key to its SAE pair) before serving a key not yet reserved",
+    )
+    require_peer_notice: bool = Field(
+        False,
+        description="refuse (503) dec_keys for keys the peer KME has not announced yet",
+    )
 
 
 class MetricsSection(Section):
+    """Prometheus ``/metrics`` endpoint (docs/operations.md lists the metrics)."""
+
     enabled: bool = False
-    listen_host: str = "127.0.0.1"
+    listen_host: str = Field(
+        "127.0.0.1",
+        description="address to bind: loopback, or the management interface's address "
+        "for a remote Prometheus; wildcards (0.0.0.0, ::) are refused",
+    )
     listen_port: int = Field(9464, ge=1, le=65535)
+
+    @field_validator("listen_host")
+    @classmethod
+    def _listen_host(cls, v: str) -> str:
+        host = v.strip().strip("[]")
+        if host in ("", "*", "0.0.0.0", "::"):
+            raise ValueError(f"wildcard bind {v!r} not allowed: name the interface address")
+        return host
 
 
 class SimulationSection(Section):

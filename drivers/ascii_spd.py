@@ -1,0 +1,221 @@
+"""Single-photon detector with a line-based ASCII protocol (SinglePhotonDetector).
+
+No vendor command set for gated InGaAs/SNSPD controllers is public in a form we can pin,
+so this protocol is **ours** ("qkdnode SPD-ASCII v1"); a vendor driver maps onto the same
+interface. It is served by :mod:`drivers.serialsim.spd_sim`.
+
+Framing: one request line, one reply line, ``\\n``-terminated ASCII (``\\r\\n`` accepted)::
+
+    request  <COMMAND>[ <ARG>]*<CS>\\n
+    reply    OK[ <VALUE>]*<CS>\\n   |   ERR <CODE> <TEXT>*<CS>\\n
+
+``CS`` is the XOR of all bytes before ``*`` as two upper-case hex digits (NMEA style).
+Error codes: 1 unknown command, 2 value out of range, 3 checksum, 4 not allowed in this
+state (e.g. ARM while LATCHED), 5 syntax.
+
+Commands (values in the units of the interface)::
+
+    IDN?            -> OK <vendor>,<model>,<serial>,<firmware>
+    LIM?            -> OK EFF=<lo>:<hi> DEAD=<lo>:<hi> DELAY=<lo>:<hi> THR=<lo>:<hi>
+    EFF <pct>       EFF?    -> OK <pct>        detection efficiency preset, %
+    DEAD <ns>       DEAD?   -> OK <ns>         dead time, ns
+    DELAY <ps>      DELAY?  -> OK <ps>         gate delay, ps
+    THR <v>         THR?    -> OK <v>          discriminator threshold, V
+    ARM | DISARM | RESET                       RESET clears a latch (-> DISARMED)
+    STATE?          -> OK DISARMED|ARMED|LATCHED|FAULT
+    RATE?           -> OK <hz>                 click rate over the last second
+"""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import Field
+
+from drivers.common import DriverOptions, check_range, health_check
+from drivers.errors import ChecksumError, InstrumentReportedError, ProtocolError
+from drivers.interfaces import DetectorStatus, HealthLevel, InstrumentHealth, SinglePhotonDetector
+from drivers.transports.serial import ReplyReader, SerialTransport
+
+_LINE_RE = re.compile(rb"^([\x20-\x29\x2b-\x7e]*)\*([0-9A-F]{2})\r?\n$")
+_LIM_RE = re.compile(r"(EFF|DEAD|DELAY|THR)=(-?[\d.eE+-]+):(-?[\d.eE+-]+)")
+
+
+def checksum(payload: bytes) -> int:
+    """XOR of all bytes of ``payload``."""
+    cs = 0
+    for b in payload:
+        cs ^= b
+    return cs
+
+
+def encode_line(payload: str) -> bytes:
+    """``payload*CS\\n`` as bytes."""
+    raw = payload.encode("ascii")
+    return raw + f"*{checksum(raw):02X}\n".encode("ascii")
+
+
+def decode_line(line: bytes) -> str:
+    """Payload of a framed line; ValueError names what is wrong (checksum or framing)."""
+    m = _LINE_RE.match(line)
+    if m is None:
+        raise ValueError(f"not a framed line: {line!r}")
+    if int(m.group(2), 16) != checksum(m.group(1)):
+        raise ArithmeticError(f"checksum {m.group(2).decode()} != {checksum(m.group(1)):02X}")
+    return m.group(1).decode("ascii")
+
+
+class AsciiSpdOptions(DriverOptions):
+    baudrate: int = Field(115200)
+
+
+class AsciiSpd(SinglePhotonDetector):
+    Options = AsciiSpdOptions
+
+    def __init__(
+        self,
+        name: str,
+        resource: str,
+        timeout_s: float = 2.0,
+        options: AsciiSpdOptions | None = None,
+        transport: SerialTransport | None = None,
+    ) -> None:
+        self.name = name
+        self.options = options or AsciiSpdOptions()
+        self.transport = transport or SerialTransport(
+            name,
+            resource,
+            baudrate=self.options.baudrate,
+            timeout_s=timeout_s,
+            reconnect_timeout_s=self.options.reconnect_timeout_s,
+        )
+        self.efficiency_range_pct = (0.0, 100.0)
+        self.dead_time_range_ns = (0.0, 1e6)
+        self.delay_range_ps = (0.0, 1e6)
+        self.threshold_range_v = (-10.0, 10.0)
+        self._connected = False
+
+    def command(self, payload: str) -> str:
+        """Send one command; return the text after ``OK`` (raises on ERR or a bad line)."""
+        raw = self.transport.exchange(payload, encode_line(payload), ReplyReader.line)
+        try:
+            text = decode_line(raw)
+        except ArithmeticError as exc:
+            self.transport.discard_input()
+            raise ChecksumError(self.name, payload, f"reply {raw!r}: {exc}") from None
+        except ValueError as exc:
+            self.transport.discard_input()
+            raise ProtocolError(self.name, payload, str(exc)) from None
+        if text == "OK":
+            return ""
+        if text.startswith("OK "):
+            return text[3:]
+        if text.startswith("ERR "):
+            if text.startswith("ERR 3 "):
+                raise ChecksumError(self.name, payload, f"detector reports: {text[4:]}")
+            raise InstrumentReportedError(self.name, payload, f"detector reports: {text[4:]}")
+        raise ProtocolError(self.name, payload, f"unexpected reply {text!r}")
+
+    def _float(self, payload: str) -> float:
+        text = self.command(payload)
+        try:
+            return float(text)
+        except ValueError:
+            raise ProtocolError(self.name, payload, f"expected a number, got {text!r}") from None
+
+    # --- Instrument -------------------------------------------------------------------
+
+    def connect(self) -> None:
+        with self.transport.lock:
+            if self._connected:
+                return
+            self.transport.open()
+            try:
+                limits = dict(
+                    (k, (float(lo), float(hi)))
+                    for k, lo, hi in _LIM_RE.findall(self.command("LIM?"))
+                )
+            except Exception:
+                self.transport.close()
+                raise
+            missing = {"EFF", "DEAD", "DELAY", "THR"} - limits.keys()
+            if missing:
+                self.transport.close()
+                raise ProtocolError(self.name, "LIM?", f"limits missing for {sorted(missing)}")
+            self.efficiency_range_pct = limits["EFF"]
+            self.dead_time_range_ns = limits["DEAD"]
+            self.delay_range_ps = limits["DELAY"]
+            self.threshold_range_v = limits["THR"]
+            self._connected = True
+
+    def close(self) -> None:
+        self._connected = False
+        self.transport.close()
+
+    def identify(self) -> str:
+        return self.command("IDN?")
+
+    def safe_state(self) -> None:
+        self.command("DISARM")
+
+    def health(self) -> InstrumentHealth:
+        def probe() -> InstrumentHealth:
+            status = self.status()
+            if status is DetectorStatus.FAULT:
+                return InstrumentHealth(HealthLevel.FAULT, "detector reports FAULT")
+            if status is DetectorStatus.LATCHED:
+                return InstrumentHealth(HealthLevel.DEGRADED, "latched after bright light")
+            return InstrumentHealth(HealthLevel.OK, status.name)
+
+        return health_check(self.name, probe)
+
+    # --- SinglePhotonDetector -------------------------------------------------------
+
+    def set_efficiency_pct(self, efficiency_pct: float) -> None:
+        v = check_range(
+            self.name, "EFF", "efficiency", efficiency_pct, self.efficiency_range_pct, "%"
+        )
+        self.command(f"EFF {v:.3f}")
+
+    def efficiency_pct(self) -> float:
+        return self._float("EFF?")
+
+    def set_dead_time_ns(self, dead_time_ns: float) -> None:
+        v = check_range(self.name, "DEAD", "dead time", dead_time_ns, self.dead_time_range_ns, "ns")
+        self.command(f"DEAD {v:.3f}")
+
+    def dead_time_ns(self) -> float:
+        return self._float("DEAD?")
+
+    def set_delay_ps(self, delay_ps: float) -> None:
+        v = check_range(self.name, "DELAY", "delay", delay_ps, self.delay_range_ps, "ps")
+        self.command(f"DELAY {v:.1f}")
+
+    def delay_ps(self) -> float:
+        return self._float("DELAY?")
+
+    def set_threshold_v(self, threshold_v: float) -> None:
+        v = check_range(self.name, "THR", "threshold", threshold_v, self.threshold_range_v, "V")
+        self.command(f"THR {v:.4f}")
+
+    def threshold_v(self) -> float:
+        return self._float("THR?")
+
+    def arm(self) -> None:
+        self.command("ARM")
+
+    def disarm(self) -> None:
+        self.command("DISARM")
+
+    def status(self) -> DetectorStatus:
+        text = self.command("STATE?")
+        try:
+            return DetectorStatus[text]
+        except KeyError:
+            raise ProtocolError(self.name, "STATE?", f"unknown state {text!r}") from None
+
+    def reset_latch(self) -> None:
+        self.command("RESET")
+
+    def count_rate_hz(self) -> float:
+        return self._float("RATE?")

@@ -1,0 +1,358 @@
+"""OIF-ITLA-MSA (01.3) integrable tunable laser assembly over a serial link (Laser).
+
+Framing (4 bytes, big-endian, pure functions below)::
+
+    host -> module   byte0 = [BIP-4 (7:4)] [LstRsp (3)] [0 0 (2:1)] [RW (0), 1 = write]
+                     byte1 = register, byte2..3 = 16-bit data
+    module -> host   byte0 = [BIP-4 (7:4)] [CE (3)] [0 (2)] [status (1:0)]
+                     status 0 OK, 1 XE (execution error: read NOP for the reason),
+                     2 AEA (string follows through register 0x0B), 3 CP (command pending)
+
+BIP-4: ``bip8 = (byte0 & 0x0F) ^ byte1 ^ byte2 ^ byte3``; ``bip4 = (bip8 >> 4) ^ (bip8 & 0x0F)``.
+
+Registers used: NOP 0x00 (pending flags 15:8, MRDY bit 4, error field 3:0), DevTyp 0x01,
+MFGR 0x02, Model 0x03, SerNo 0x04 (AEA strings), AEA-EAR 0x0B, StatusF 0x20, Channel 0x30,
+PWR 0x31 (dBm x 100, signed), ResEna 0x32 (SENA bit 3), FCF1 0x35 (THz), FCF2 0x36
+(GHz x 10), LF1 0x40, LF2 0x41, OOP 0x42 (dBm x 100), CTemp 0x43 (degC x 100),
+OPSL 0x50, OPSH 0x51, LFL1 0x52, LFL2 0x53, LFH1 0x54, LFH2 0x55.
+
+Limits (power, frequency) are read from the module at connect. The module refuses to
+retune while the output is enabled (NOP error CIE): :meth:`set_wavelength_nm` then raises
+:class:`InstrumentReportedError`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from enum import IntEnum
+
+from pydantic import Field
+
+from drivers.common import DriverOptions, check_range, health_check
+from drivers.errors import (
+    ChecksumError,
+    InstrumentReportedError,
+    InstrumentTimeoutError,
+    ProtocolError,
+)
+from drivers.interfaces import HealthLevel, InstrumentHealth, Laser, LaserStatus
+from drivers.transports.serial import ReplyReader, SerialTransport
+
+#: Speed of light in nm * THz.
+C_NM_THZ = 299_792.458
+
+
+class Reg(IntEnum):
+    NOP = 0x00
+    DEV_TYP = 0x01
+    MFGR = 0x02
+    MODEL = 0x03
+    SER_NO = 0x04
+    AEA_EAR = 0x0B
+    STATUS_F = 0x20
+    CHANNEL = 0x30
+    PWR = 0x31
+    RES_ENA = 0x32
+    FCF1 = 0x35
+    FCF2 = 0x36
+    LF1 = 0x40
+    LF2 = 0x41
+    OOP = 0x42
+    CTEMP = 0x43
+    OPSL = 0x50
+    OPSH = 0x51
+    LFL1 = 0x52
+    LFL2 = 0x53
+    LFH1 = 0x54
+    LFH2 = 0x55
+
+
+class Status(IntEnum):
+    OK = 0
+    XE = 1
+    AEA = 2
+    CP = 3
+
+
+#: NOP error field (bits 3:0) meanings.
+NOP_ERRORS = {
+    0x0: "OK",
+    0x1: "RNI register not implemented",
+    0x2: "RNW register not writable",
+    0x3: "RVE register value range error",
+    0x4: "CIP command ignored, operation pending",
+    0x5: "CII command ignored, initializing",
+    0x6: "ERE extended address range error",
+    0x7: "ERO extended address read only",
+    0x8: "EXF execution general failure",
+    0x9: "CIE command ignored while optical output enabled",
+    0xA: "IVC invalid configuration",
+}
+
+SENA = 0x08
+STATUS_F_FATAL = 1 << 13
+FRAME_LEN = 4
+
+
+def bip4(frame: bytes) -> int:
+    """BIP-4 checksum of a 4-byte frame (the top nibble of byte 0 is ignored)."""
+    bip8 = (frame[0] & 0x0F) ^ frame[1] ^ frame[2] ^ frame[3]
+    return ((bip8 >> 4) ^ bip8) & 0x0F
+
+
+def encode_request(
+    register: int, data: int = 0, write: bool = False, lst_rsp: bool = False
+) -> bytes:
+    """Host-to-module frame with its checksum."""
+    if not 0 <= register <= 0xFF or not 0 <= data <= 0xFFFF:
+        raise ValueError(f"register {register} or data {data} out of the frame's range")
+    b0 = (0x08 if lst_rsp else 0) | (0x01 if write else 0)
+    frame = bytes([b0, register, data >> 8, data & 0xFF])
+    return bytes([(bip4(frame) << 4) | b0]) + frame[1:]
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: Status
+    register: int
+    data: int
+    ce: bool
+
+
+def decode_reply(frame: bytes) -> Reply:
+    """Module-to-host frame; raises ValueError on a checksum mismatch (caller wraps it)."""
+    if len(frame) != FRAME_LEN:
+        raise ValueError(f"frame of {len(frame)} bytes")
+    if frame[0] >> 4 != bip4(frame):
+        raise ValueError(f"checksum {frame[0] >> 4:#x} != computed {bip4(frame):#x}")
+    return Reply(
+        Status(frame[0] & 0x03), frame[1], (frame[2] << 8) | frame[3], bool(frame[0] & 0x08)
+    )
+
+
+def encode_reply(status: Status, register: int, data: int, ce: bool = False) -> bytes:
+    """Module-to-host frame (used by the simulator and by protocol tests)."""
+    b0 = (0x08 if ce else 0) | int(status)
+    frame = bytes([b0, register, (data >> 8) & 0xFF, data & 0xFF])
+    return bytes([(bip4(frame) << 4) | b0]) + frame[1:]
+
+
+def to_signed16(v: int) -> int:
+    return v - 0x10000 if v & 0x8000 else v
+
+
+def to_unsigned16(v: int) -> int:
+    return v & 0xFFFF
+
+
+def frequency_to_fcf(frequency_thz: float) -> tuple[int, int]:
+    """(FCF1 in THz, FCF2 in 0.1 GHz) for a frequency in THz."""
+    units = round(frequency_thz * 10_000)  # 0.1 GHz steps
+    return units // 10_000, units % 10_000
+
+
+class OifItlaOptions(DriverOptions):
+    baudrate: int = Field(9600, description="ITLA modules start at 9600 baud")
+    resync_gap_s: float = Field(
+        0.05, ge=0, le=1, description="silence after an error so the module drops a partial frame"
+    )
+
+
+class OifItlaLaser(Laser):
+    """ITLA tunable laser; power setpoint in dBm, wavelength via FCF1/FCF2."""
+
+    Options = OifItlaOptions
+
+    def __init__(
+        self,
+        name: str,
+        resource: str,
+        timeout_s: float = 2.0,
+        options: OifItlaOptions | None = None,
+        transport: SerialTransport | None = None,
+    ) -> None:
+        self.name = name
+        self.options = options or OifItlaOptions()
+        self.transport = transport or SerialTransport(
+            name,
+            resource,
+            baudrate=self.options.baudrate,
+            timeout_s=timeout_s,
+            reconnect_timeout_s=self.options.reconnect_timeout_s,
+        )
+        self.power_range_dbm = (-100.0, 100.0)
+        self.wavelength_range_nm = (0.0, 1e6)
+        self._connected = False
+
+    # --- register access --------------------------------------------------------
+
+    def _exchange(self, register: int, data: int = 0, write: bool = False) -> Reply:
+        try:
+            reg_name = Reg(register).name
+        except ValueError:
+            reg_name = f"{register:#04x}"
+        command = f"{'write' if write else 'read'} {reg_name}"
+        if write:
+            command += f" {data:#06x}"
+
+        def read(reader: ReplyReader) -> bytes:
+            return reader.exact(FRAME_LEN)
+
+        with self.transport.lock:
+            try:
+                raw = self.transport.exchange(command, encode_request(register, data, write), read)
+                try:
+                    reply = decode_reply(raw)
+                except ValueError as exc:
+                    raise ChecksumError(self.name, command, f"reply {raw.hex()}: {exc}") from None
+                if reply.ce:
+                    raise ChecksumError(
+                        self.name, command, "module reports a checksum error (CE) in our request"
+                    )
+                if reply.register != register:
+                    raise ProtocolError(
+                        self.name, command, f"reply for register {reply.register:#04x} {raw.hex()}"
+                    )
+            except (ProtocolError, InstrumentTimeoutError):
+                self._resync()
+                raise
+            if reply.status == Status.XE:
+                nop = self._raw_read(Reg.NOP, command)
+                reason = NOP_ERRORS.get(nop & 0x0F, f"error {nop & 0x0F:#x}")
+                raise InstrumentReportedError(self.name, command, f"execution error: {reason}")
+            return reply
+
+    def _raw_read(self, register: int, command: str) -> int:
+        raw = self.transport.exchange(
+            command + " (NOP)", encode_request(register), lambda r: r.exact(FRAME_LEN)
+        )
+        try:
+            return decode_reply(raw).data
+        except ValueError as exc:
+            raise ChecksumError(self.name, command, f"NOP reply {raw.hex()}: {exc}") from None
+
+    def _resync(self) -> None:
+        time.sleep(self.options.resync_gap_s)
+        self.transport.discard_input()
+
+    def read_register(self, register: int) -> int:
+        return self._exchange(register).data
+
+    def write_register(self, register: int, data: int) -> None:
+        self._exchange(register, data, write=True)
+
+    def read_string(self, register: int) -> str:
+        """An AEA string register (DevTyp, MFGR, Model, SerNo)."""
+        with self.transport.lock:
+            reply = self._exchange(register)
+            if reply.status != Status.AEA:
+                return ""
+            n = reply.data
+            out = bytearray()
+            while len(out) < n:
+                word = self._exchange(Reg.AEA_EAR).data
+                out += bytes([word >> 8, word & 0xFF])
+        return out[:n].rstrip(b"\x00").decode("ascii", errors="replace")
+
+    # --- Instrument ---------------------------------------------------------------
+
+    def connect(self) -> None:
+        with self.transport.lock:
+            if self._connected:
+                return
+            self.transport.open()
+            try:
+                self.read_register(Reg.NOP)
+                pmin = to_signed16(self.read_register(Reg.OPSL)) / 100
+                pmax = to_signed16(self.read_register(Reg.OPSH)) / 100
+                fmin = self.read_register(Reg.LFL1) + self.read_register(Reg.LFL2) / 10_000
+                fmax = self.read_register(Reg.LFH1) + self.read_register(Reg.LFH2) / 10_000
+            except Exception:
+                self.transport.close()
+                raise
+            if not (pmin < pmax and 0 < fmin < fmax):
+                self.transport.close()
+                raise ProtocolError(
+                    self.name,
+                    "read limits",
+                    f"implausible limits P {pmin}..{pmax} F {fmin}..{fmax}",
+                )
+            self.power_range_dbm = (pmin, pmax)
+            self.wavelength_range_nm = (C_NM_THZ / fmax, C_NM_THZ / fmin)
+            self._connected = True
+
+    def close(self) -> None:
+        self._connected = False
+        self.transport.close()
+
+    def identify(self) -> str:
+        with self.transport.lock:
+            parts = [self.read_string(r) for r in (Reg.MFGR, Reg.MODEL, Reg.SER_NO, Reg.DEV_TYP)]
+        return ",".join(parts)
+
+    def safe_state(self) -> None:
+        self.write_register(Reg.RES_ENA, 0)
+
+    def health(self) -> InstrumentHealth:
+        def probe() -> InstrumentHealth:
+            status_f = self.read_register(Reg.STATUS_F)
+            if status_f & STATUS_F_FATAL:
+                return InstrumentHealth(HealthLevel.FAULT, f"StatusF {status_f:#06x}: fatal")
+            return InstrumentHealth(HealthLevel.OK, f"StatusF {status_f:#06x}")
+
+        return health_check(self.name, probe)
+
+    # --- Laser ---------------------------------------------------------------------
+
+    def set_emission(self, on: bool) -> None:
+        self.write_register(Reg.RES_ENA, SENA if on else 0)
+
+    def emission_on(self) -> bool:
+        return bool(self.read_register(Reg.RES_ENA) & SENA)
+
+    def set_power_dbm(self, power_dbm: float) -> None:
+        p = check_range(self.name, "write PWR", "power", power_dbm, self.power_range_dbm, "dBm")
+        self.write_register(Reg.PWR, to_unsigned16(round(p * 100)))
+
+    def power_dbm(self) -> float:
+        """Power setpoint (PWR) in dBm; :meth:`output_power_dbm` reads the measured OOP."""
+        return to_signed16(self.read_register(Reg.PWR)) / 100
+
+    def output_power_dbm(self) -> float:
+        """Measured optical output power (OOP) in dBm (an addition to the interface)."""
+        return to_signed16(self.read_register(Reg.OOP)) / 100
+
+    def set_wavelength_nm(self, wavelength_nm: float) -> None:
+        wl = check_range(
+            self.name,
+            "write FCF1/FCF2",
+            "wavelength",
+            wavelength_nm,
+            self.wavelength_range_nm,
+            "nm",
+        )
+        fcf1, fcf2 = frequency_to_fcf(C_NM_THZ / wl)
+        with self.transport.lock:
+            self.write_register(Reg.FCF1, fcf1)
+            self.write_register(Reg.FCF2, fcf2)
+            self.write_register(Reg.CHANNEL, 1)
+
+    def wavelength_nm(self) -> float:
+        with self.transport.lock:
+            f_thz = self.read_register(Reg.LF1) + self.read_register(Reg.LF2) / 10_000
+        if f_thz <= 0:
+            raise ProtocolError(self.name, "read LF1/LF2", f"frequency {f_thz} THz")
+        return C_NM_THZ / f_thz
+
+    def temperature_c(self) -> float:
+        return to_signed16(self.read_register(Reg.CTEMP)) / 100
+
+    def status(self) -> LaserStatus:
+        with self.transport.lock:
+            if self.read_register(Reg.STATUS_F) & STATUS_F_FATAL:
+                return LaserStatus.FAULT
+            if not self.emission_on():
+                return LaserStatus.OFF
+            pending = self.read_register(Reg.NOP) >> 8
+        return LaserStatus.WARMING_UP if pending else LaserStatus.LOCKED

@@ -1,0 +1,532 @@
+"""Simulated instruments: views of this process's link world.
+
+Each class implements one interface of :mod:`drivers.interfaces`; setters change the
+world's state (so setting the attenuator changes the mean photon number, a detector delay
+away from the pulse loses counts), getters read it. The hidden truths (V_pi, bias optima,
+the true detector delay) are never exposed. ``connect`` fails with ConnectionLostError
+when no world of the right role runs in the process (:func:`drivers.simlink.world.start_world`).
+
+Constructor: ``Cls(name, resource="", timeout_s=2.0, options=None)``; ``options`` is an
+instance of the class's ``options_model`` (validated by the driver registry).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, ClassVar
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, Field
+
+from drivers.errors import ConnectionLostError, NotConnectedError, OutOfRangeError
+from drivers.interfaces import (
+    BB84State,
+    DetectorStatus,
+    Encoder,
+    HealthLevel,
+    InstrumentHealth,
+    IntensityClass,
+    IntensityModulator,
+    Laser,
+    LaserStatus,
+    OpticalPowerMeter,
+    PreparedStates,
+    SinglePhotonDetector,
+    StateSource,
+    TagBlock,
+    TimeTagger,
+    VariableAttenuator,
+)
+from drivers.simlink.optics import VOA_RANGE_DB
+from drivers.simlink.world import ReceiverWorld, TransmitterWorld, get_world
+
+__all__ = [
+    "SimAttenuator",
+    "SimDetector",
+    "SimDetectorOptions",
+    "SimEncoder",
+    "SimIntensityModulator",
+    "SimLaser",
+    "SimOptions",
+    "SimPowerMeter",
+    "SimStateSource",
+    "SimTimeTagger",
+]
+
+
+class SimOptions(BaseModel):
+    """Options of simulated instruments that take none."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SimDetectorOptions(SimOptions):
+    channel: int = Field(0, ge=0, le=3, description="detector: 0 H, 1 V, 2 D, 3 A")
+
+
+def _check_range(name: str, command: str, value: float, limits: tuple[float, float]) -> float:
+    value = float(value)
+    if not limits[0] <= value <= limits[1]:  # also refuses NaN
+        raise OutOfRangeError(name, command, f"{value} outside [{limits[0]}, {limits[1]}]")
+    return value
+
+
+class _SimBase:
+    """Life cycle shared by all simulated instruments."""
+
+    options_model: ClassVar[type[SimOptions]] = SimOptions
+    world_role: ClassVar[str] = "transmitter"
+
+    def __init__(
+        self,
+        name: str,
+        resource: str = "",
+        timeout_s: float = 2.0,
+        options: SimOptions | None = None,
+    ) -> None:
+        self.name = name
+        self.resource = resource
+        self.timeout_s = timeout_s
+        self.options = options if options is not None else self.options_model()
+        self._world: TransmitterWorld | ReceiverWorld | None = None
+
+    def connect(self) -> None:
+        if self._world is not None:
+            return
+        try:
+            world = get_world()
+        except RuntimeError as exc:
+            raise ConnectionLostError(self.name, "connect", str(exc)) from None
+        if world.role != self.world_role:
+            raise ConnectionLostError(
+                self.name,
+                "connect",
+                f"this process simulates the {world.role}, not the {self.world_role}",
+            )
+        self._world = world
+
+    def close(self) -> None:
+        self._world = None
+
+    def identify(self) -> str:
+        return f"qkdnode-sim,{type(self).__name__},{self.name},0.1"
+
+    def health(self) -> InstrumentHealth:
+        if self._world is None:
+            return InstrumentHealth(HealthLevel.FAULT, "not connected")
+        return InstrumentHealth(HealthLevel.OK)
+
+    def _tx(self, command: str) -> TransmitterWorld:
+        world = self._world
+        if not isinstance(world, TransmitterWorld):
+            raise NotConnectedError(self.name, command, "not connected")
+        return world
+
+    def _rx(self, command: str) -> ReceiverWorld:
+        world = self._world
+        if not isinstance(world, ReceiverWorld):
+            raise NotConnectedError(self.name, command, "not connected")
+        return world
+
+
+# --- transmitter ------------------------------------------------------------------------
+
+
+class SimLaser(_SimBase, Laser):
+    """Pulsed laser: emission, power and wavelength of the source (warms up when turned on)."""
+
+    power_range_dbm = (-10.0, 13.0)
+    wavelength_range_nm = (1527.0, 1567.0)
+
+    def set_emission(self, on: bool) -> None:
+        w = self._tx("set_emission")
+        with w.lock:
+            if on and not w.optics.emission_on:
+                w.optics.emission_since_s = time.monotonic()
+            w.optics.emission_on = bool(on)
+
+    def emission_on(self) -> bool:
+        return self._tx("emission_on").optics.emission_on
+
+    def set_power_dbm(self, power_dbm: float) -> None:
+        w = self._tx("set_power_dbm")
+        value = _check_range(self.name, "set_power_dbm", power_dbm, self.power_range_dbm)
+        with w.lock:
+            w.optics.laser_power_dbm = value
+
+    def power_dbm(self) -> float:
+        return self._tx("power_dbm").optics.laser_power_dbm
+
+    def set_wavelength_nm(self, wavelength_nm: float) -> None:
+        w = self._tx("set_wavelength_nm")
+        value = _check_range(
+            self.name, "set_wavelength_nm", wavelength_nm, self.wavelength_range_nm
+        )
+        with w.lock:
+            w.optics.wavelength_nm = value
+
+    def wavelength_nm(self) -> float:
+        return self._tx("wavelength_nm").optics.wavelength_nm
+
+    def temperature_c(self) -> float:
+        w = self._tx("temperature_c")
+        return 25.0 + (0.8 if w.optics.emission_on else 0.0)
+
+    def status(self) -> LaserStatus:
+        w = self._tx("status")
+        if not w.optics.emission_on:
+            return LaserStatus.OFF
+        return LaserStatus.LOCKED if w.optics.laser_warm(w.hardware) else LaserStatus.WARMING_UP
+
+    def safe_state(self) -> None:
+        if isinstance(self._world, TransmitterWorld):
+            with self._world.lock:
+                self._world.optics.emission_on = False
+
+
+class SimIntensityModulator(_SimBase, IntensityModulator):
+    """Mach-Zehnder intensity modulator with hidden V_pi and bias optimum."""
+
+    drive_range_v = (-10.0, 10.0)
+    bias_range_v = (-10.0, 10.0)
+
+    def set_level_v(self, intensity_class: IntensityClass, drive_v: float) -> None:
+        w = self._tx("set_level_v")
+        value = _check_range(self.name, "set_level_v", drive_v, self.drive_range_v)
+        with w.lock:
+            w.optics.im_levels_v[int(IntensityClass(intensity_class))] = value
+
+    def level_v(self, intensity_class: IntensityClass) -> float:
+        return self._tx("level_v").optics.im_levels_v[int(IntensityClass(intensity_class))]
+
+    def set_bias_v(self, bias_v: float) -> None:
+        w = self._tx("set_bias_v")
+        value = _check_range(self.name, "set_bias_v", bias_v, self.bias_range_v)
+        with w.lock:
+            w.optics.im_bias_v = value
+
+    def bias_v(self) -> float:
+        return self._tx("bias_v").optics.im_bias_v
+
+    def set_output(self, on: bool) -> None:
+        w = self._tx("set_output")
+        with w.lock:
+            w.optics.im_output_on = bool(on)
+
+    def output_on(self) -> bool:
+        return self._tx("output_on").optics.im_output_on
+
+    def safe_state(self) -> None:
+        if isinstance(self._world, TransmitterWorld):
+            with self._world.lock:
+                self._world.optics.im_output_on = False
+
+
+class SimEncoder(_SimBase, Encoder):
+    """Polarisation modulator with a hidden V_pi and bias optimum; the bias compensates
+    the drift of the polarisation reference."""
+
+    drive_range_v = (-10.0, 10.0)
+    bias_range_v = (-10.0, 10.0)
+
+    def set_drive_v(self, state: BB84State, drive_v: float) -> None:
+        w = self._tx("set_drive_v")
+        value = _check_range(self.name, "set_drive_v", drive_v, self.drive_range_v)
+        with w.lock:
+            w.optics.encoder_drive_v[int(BB84State(state))] = value
+
+    def drive_v(self, state: BB84State) -> float:
+        return self._tx("drive_v").optics.encoder_drive_v[int(BB84State(state))]
+
+    def set_bias_v(self, bias_v: float) -> None:
+        w = self._tx("set_bias_v")
+        value = _check_range(self.name, "set_bias_v", bias_v, self.bias_range_v)
+        with w.lock:
+            w.optics.encoder_bias_v = value
+
+    def bias_v(self) -> float:
+        return self._tx("bias_v").optics.encoder_bias_v
+
+    def set_output(self, on: bool) -> None:
+        w = self._tx("set_output")
+        with w.lock:
+            w.optics.encoder_output_on = bool(on)
+
+    def output_on(self) -> bool:
+        return self._tx("output_on").optics.encoder_output_on
+
+    def safe_state(self) -> None:
+        if isinstance(self._world, TransmitterWorld):
+            with self._world.lock:
+                self._world.optics.encoder_output_on = False
+
+
+class SimAttenuator(_SimBase, VariableAttenuator):
+    """Variable optical attenuator with shutter, before the fixed output attenuator."""
+
+    attenuation_range_db = VOA_RANGE_DB
+
+    def set_attenuation_db(self, attenuation_db: float) -> None:
+        w = self._tx("set_attenuation_db")
+        value = _check_range(
+            self.name, "set_attenuation_db", attenuation_db, self.attenuation_range_db
+        )
+        with w.lock:
+            w.optics.voa_db = value
+
+    def attenuation_db(self) -> float:
+        return self._tx("attenuation_db").optics.voa_db
+
+    def set_shutter(self, open_: bool) -> None:
+        w = self._tx("set_shutter")
+        with w.lock:
+            w.optics.shutter_open = bool(open_)
+
+    def shutter_open(self) -> bool:
+        return self._tx("shutter_open").optics.shutter_open
+
+    def safe_state(self) -> None:
+        if isinstance(self._world, TransmitterWorld):
+            with self._world.lock:
+                self._world.optics.shutter_open = False
+
+
+class SimPowerMeter(_SimBase, OpticalPowerMeter):
+    """Power meter on a tap after the VOA (before the fixed attenuator), with noise.
+
+    The reading is corrected for the responsivity at the set wavelength: a setting away
+    from the laser's wavelength reads 0.1 % per nm off.
+    """
+
+    wavelength_range_nm = (800.0, 1700.0)
+
+    def __init__(
+        self,
+        name: str,
+        resource: str = "",
+        timeout_s: float = 2.0,
+        options: SimOptions | None = None,
+    ) -> None:
+        super().__init__(name, resource, timeout_s, options)
+        self._rng = np.random.default_rng()
+
+    def set_wavelength_nm(self, wavelength_nm: float) -> None:
+        w = self._tx("set_wavelength_nm")
+        value = _check_range(
+            self.name, "set_wavelength_nm", wavelength_nm, self.wavelength_range_nm
+        )
+        with w.lock:
+            w.optics.power_meter_wavelength_nm = value
+
+    def power_w(self) -> float:
+        w = self._tx("power_w")
+        with w.lock:
+            mismatch_nm = w.optics.power_meter_wavelength_nm - w.optics.wavelength_nm
+        return w.power_meter_w(self._rng) * (1.0 + 1e-3 * mismatch_nm)
+
+    def safe_state(self) -> None:
+        return None
+
+
+class SimStateSource(_SimBase, StateSource):
+    """The transmitter's pattern memory: what was prepared in any slot (secret)."""
+
+    def prepared(self, slot_index: npt.NDArray[np.int64]) -> PreparedStates:
+        slots = np.asarray(slot_index)
+        if slots.dtype.kind not in "iu":
+            raise OutOfRangeError(
+                self.name, "prepared", f"slot indices must be integers, got {slots.dtype}"
+            )
+        if slots.size and int(slots.min()) < 0:
+            raise OutOfRangeError(self.name, "prepared", "negative slot index")
+        return self._tx("prepared").prepared(slots.astype(np.int64))
+
+    def slot_rate_hz(self) -> float:
+        return self._tx("slot_rate_hz").slot_rate_hz()
+
+    def set_sync_pattern(self, public_seed: int | None) -> None:
+        self._tx("set_sync_pattern").set_sync_pattern(public_seed)
+
+    def safe_state(self) -> None:
+        return None
+
+
+# --- receiver ----------------------------------------------------------------------------
+
+
+class SimDetector(_SimBase, SinglePhotonDetector):
+    """One gated single-photon detector (``options.channel``: 0 H, 1 V, 2 D, 3 A).
+
+    The gate is locked to the pulse train; a delay away from the (hidden) optical delay
+    loses the counts. Bright light latches an armed detector off.
+    """
+
+    options_model: ClassVar[type[SimOptions]] = SimDetectorOptions
+    world_role: ClassVar[str] = "receiver"
+    dead_time_range_ns = (0.0, 1e5)
+    delay_range_ps = (0.0, 1e6)
+    efficiency_range_pct = (1.0, 100.0)
+    threshold_range_v = (0.0, 2.0)
+
+    @property
+    def channel(self) -> int:
+        opts = self.options
+        return opts.channel if isinstance(opts, SimDetectorOptions) else 0
+
+    def _det(self, command: str) -> ReceiverWorld:
+        w = self._rx(command)
+        if "detector_disconnect" in w.faults:
+            raise ConnectionLostError(self.name, command, "no reply from the detector (link down)")
+        return w
+
+    def _set(self, command: str, field: str, value: Any) -> None:
+        w = self._det(command)
+        with w.lock:
+            getattr(w.detectors, field)[self.channel] = value
+
+    def _get(self, command: str, field: str) -> Any:
+        w = self._det(command)
+        with w.lock:
+            return getattr(w.detectors, field)[self.channel].item()
+
+    def set_efficiency_pct(self, efficiency_pct: float) -> None:
+        value = _check_range(
+            self.name, "set_efficiency_pct", efficiency_pct, self.efficiency_range_pct
+        )
+        self._set("set_efficiency_pct", "efficiency_pct", value)
+
+    def efficiency_pct(self) -> float:
+        return float(self._get("efficiency_pct", "efficiency_pct"))
+
+    def set_dead_time_ns(self, dead_time_ns: float) -> None:
+        value = _check_range(self.name, "set_dead_time_ns", dead_time_ns, self.dead_time_range_ns)
+        self._set("set_dead_time_ns", "dead_time_ns", value)
+
+    def dead_time_ns(self) -> float:
+        return float(self._get("dead_time_ns", "dead_time_ns"))
+
+    def set_delay_ps(self, delay_ps: float) -> None:
+        value = _check_range(self.name, "set_delay_ps", delay_ps, self.delay_range_ps)
+        self._set("set_delay_ps", "delay_ps", value)
+
+    def delay_ps(self) -> float:
+        return float(self._get("delay_ps", "delay_ps"))
+
+    def set_threshold_v(self, threshold_v: float) -> None:
+        value = _check_range(self.name, "set_threshold_v", threshold_v, self.threshold_range_v)
+        self._set("set_threshold_v", "threshold_v", value)
+
+    def threshold_v(self) -> float:
+        return float(self._get("threshold_v", "threshold_v"))
+
+    def arm(self) -> None:
+        w = self._det("arm")
+        with w.lock:
+            if w.detectors.latched[self.channel]:
+                return
+            w.detectors.armed[self.channel] = True
+            if "bright_light" in w.faults:
+                w.detectors.latched[self.channel] = True
+
+    def disarm(self) -> None:
+        self._set("disarm", "armed", False)
+
+    def status(self) -> DetectorStatus:
+        w = self._det("status")
+        with w.lock:
+            if w.detectors.latched[self.channel]:
+                return DetectorStatus.LATCHED
+            return (
+                DetectorStatus.ARMED if w.detectors.armed[self.channel] else DetectorStatus.DISARMED
+            )
+
+    def reset_latch(self) -> None:
+        w = self._det("reset_latch")
+        with w.lock:
+            w.detectors.latched[self.channel] = False
+            w.detectors.armed[self.channel] = False
+
+    def count_rate_hz(self) -> float:
+        return float(self._det("count_rate_hz").count_rates_hz()[self.channel])
+
+    def health(self) -> InstrumentHealth:
+        w = self._world
+        if not isinstance(w, ReceiverWorld):
+            return InstrumentHealth(HealthLevel.FAULT, "not connected")
+        if "detector_disconnect" in w.faults:
+            return InstrumentHealth(HealthLevel.FAULT, "detector does not answer")
+        if w.detectors.latched[self.channel]:
+            return InstrumentHealth(HealthLevel.DEGRADED, "latched after bright light")
+        return InstrumentHealth(HealthLevel.OK)
+
+    def safe_state(self) -> None:
+        if isinstance(self._world, ReceiverWorld):
+            with self._world.lock:
+                self._world.detectors.armed[self.channel] = False
+
+
+class SimTimeTagger(_SimBase, TimeTagger):
+    """Four-channel time tagger streaming the receiver world's detections (free-running
+    clock: offset, frequency offset and wander relative to the transmitter)."""
+
+    world_role: ClassVar[str] = "receiver"
+    input_delay_range_ps = (-1_000_000, 1_000_000)
+    trigger_range_v = (-2.5, 2.5)
+
+    def __init__(
+        self,
+        name: str,
+        resource: str = "",
+        timeout_s: float = 2.0,
+        options: SimOptions | None = None,
+    ) -> None:
+        super().__init__(name, resource, timeout_s, options)
+        self._trigger_v = [0.1, 0.1, 0.1, 0.1]
+
+    def _check_channel(self, command: str, channel: int) -> int:
+        if channel not in range(4):
+            raise OutOfRangeError(self.name, command, f"channel {channel} not in 0..3")
+        return int(channel)
+
+    def channels(self) -> list[int]:
+        return [0, 1, 2, 3]
+
+    def set_input_delay_ps(self, channel: int, delay_ps: int) -> None:
+        w = self._rx("set_input_delay_ps")
+        ch = self._check_channel("set_input_delay_ps", channel)
+        value = _check_range(self.name, "set_input_delay_ps", delay_ps, self.input_delay_range_ps)
+        with w.lock:
+            w.tagger_delay_ps[ch] = round(value)
+
+    def input_delay_ps(self, channel: int) -> int:
+        w = self._rx("input_delay_ps")
+        return int(w.tagger_delay_ps[self._check_channel("input_delay_ps", channel)])
+
+    def set_trigger_level_v(self, channel: int, level_v: float) -> None:
+        self._rx("set_trigger_level_v")
+        ch = self._check_channel("set_trigger_level_v", channel)
+        self._trigger_v[ch] = _check_range(
+            self.name, "set_trigger_level_v", level_v, self.trigger_range_v
+        )
+
+    def trigger_level_v(self, channel: int) -> float:
+        self._rx("trigger_level_v")
+        return self._trigger_v[self._check_channel("trigger_level_v", channel)]
+
+    def start_stream(self) -> None:
+        self._rx("start_stream").start_stream()
+
+    def read_block(self, timeout_s: float) -> TagBlock | None:
+        return self._rx("read_block").read_block(timeout_s)
+
+    def stop_stream(self) -> None:
+        self._rx("stop_stream").stop_stream()
+
+    def count_rates_hz(self) -> dict[int, float]:
+        rates = self._rx("count_rates_hz").count_rates_hz()
+        return {ch: float(rates[ch]) for ch in range(4)}
+
+    def safe_state(self) -> None:
+        if isinstance(self._world, ReceiverWorld):
+            self._world.stop_stream()

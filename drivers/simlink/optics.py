@@ -1,0 +1,138 @@
+"""Transmitter optics: how instrument settings become photon numbers and states.
+
+The hidden truths (V_pi, bias optima, fixed attenuation) live in
+:class:`drivers.simlink.params.TransmitterHardwareParams`; the simulated instruments only
+change the settings held in :class:`TxOptics`.
+
+* mean photon number of class ``c`` at the transmitter output:
+  ``mu_c = P_laser / (h c / lambda) / slot_rate * T_IM(V_c) * 10^(-(VOA + fixed)/10)``
+  (zero with emission off or the shutter closed);
+* intensity modulator: ``T(V) = T_min + (1 - T_min) cos^2(pi/2 (V + bias - bias_opt) / V_pi)``
+  with ``V`` the class's drive level (0 V with the outputs off);
+* encoder: polarisation angle ``pi/2 (V + bias - bias_opt) / V_pi_enc`` (radians, linear
+  polarisation); the ideal drives are 0, V_pi_enc, V_pi_enc/2, 3 V_pi_enc/2 for H, V, D, A;
+* power meter: a tap after the VOA and shutter, before the fixed attenuator; it reads the
+  average over the class mix ``P_laser * <T_IM> * 10^(-VOA/10)``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+from drivers.simlink.params import SourceParams, TransmitterHardwareParams
+
+PLANCK_J_S = 6.626_070_15e-34
+LIGHT_SPEED_M_S = 299_792_458.0
+VOA_RANGE_DB = (0.0, 60.0)
+#: the encoder's datasheet V_pi: what an uncalibrated node starts from
+ENCODER_NOMINAL_V_PI_V = 3.0
+
+
+@dataclass
+class TxOptics:
+    """Settings of the transmitter's optical instruments (the instruments' shared state)."""
+
+    emission_on: bool = False
+    emission_since_s: float = 0.0
+    laser_power_dbm: float = 0.0
+    wavelength_nm: float = 1550.12
+    im_levels_v: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    im_bias_v: float = 0.0
+    im_output_on: bool = False
+    encoder_drive_v: list[float] = field(
+        default_factory=lambda: [
+            0.0,
+            ENCODER_NOMINAL_V_PI_V,
+            ENCODER_NOMINAL_V_PI_V / 2,
+            1.5 * ENCODER_NOMINAL_V_PI_V,
+        ]
+    )
+    encoder_bias_v: float = 0.0
+    encoder_output_on: bool = False
+    voa_db: float = VOA_RANGE_DB[1]
+    shutter_open: bool = False
+    power_meter_wavelength_nm: float = 1550.0
+
+    @classmethod
+    def power_on(
+        cls, hw: TransmitterHardwareParams, source: SourceParams, calibrated: bool
+    ) -> TxOptics:
+        """Settings at power-on: safe (all off) or at the optimum for ``source``'s targets."""
+        optics = cls(laser_power_dbm=hw.laser_power_dbm, wavelength_nm=source.wavelength_nm)
+        if not calibrated:
+            return optics
+        optics.emission_on = True
+        optics.emission_since_s = -1e9
+        optics.im_bias_v = hw.im_bias_opt_v
+        t_min = 10.0 ** (-hw.im_extinction_db / 10.0)
+        ratio = min(1.0, source.mu_decoy / source.mu_signal)
+        cos2 = max(0.0, (ratio - t_min) / (1.0 - t_min))
+        decoy_v = 2.0 / math.pi * hw.im_v_pi_v * math.acos(math.sqrt(cos2))
+        optics.im_levels_v = [0.0, decoy_v, hw.im_v_pi_v]
+        optics.im_output_on = True
+        v = hw.encoder_v_pi_v
+        optics.encoder_drive_v = [0.0, v, v / 2, 1.5 * v]
+        optics.encoder_bias_v = hw.encoder_bias_opt_v
+        optics.encoder_output_on = True
+        photons = photons_per_pulse(hw.laser_power_dbm, source.wavelength_nm, source.slot_rate_hz)
+        voa = -10.0 * math.log10(source.mu_signal / photons) - hw.fixed_attenuation_db
+        optics.voa_db = min(max(voa, VOA_RANGE_DB[0]), VOA_RANGE_DB[1])
+        optics.shutter_open = True
+        return optics
+
+    def light_on(self) -> bool:
+        return self.emission_on and self.shutter_open
+
+    def im_transmission(self, hw: TransmitterHardwareParams) -> tuple[float, float, float]:
+        """Intensity-modulator transmission for SIGNAL, DECOY, VACUUM (dimensionless)."""
+        t_min = 10.0 ** (-hw.im_extinction_db / 10.0)
+        levels = self.im_levels_v if self.im_output_on else [0.0, 0.0, 0.0]
+        out = [
+            t_min
+            + (1.0 - t_min)
+            * math.cos(math.pi / 2 * (v + self.im_bias_v - hw.im_bias_opt_v) / hw.im_v_pi_v) ** 2
+            for v in levels
+        ]
+        return out[0], out[1], out[2]
+
+    def mu_per_class(
+        self, hw: TransmitterHardwareParams, slot_rate_hz: float
+    ) -> tuple[float, float, float]:
+        """Mean photon numbers per pulse at the transmitter output (after the fixed att.)."""
+        if not self.light_on():
+            return 0.0, 0.0, 0.0
+        photons = photons_per_pulse(self.laser_power_dbm, self.wavelength_nm, slot_rate_hz)
+        att = 10.0 ** (-(self.voa_db + hw.fixed_attenuation_db) / 10.0)
+        t = self.im_transmission(hw)
+        scale = float(photons * att)
+        return scale * t[0], scale * t[1], scale * t[2]
+
+    def state_angles_rad(self, hw: TransmitterHardwareParams) -> tuple[float, float, float, float]:
+        """Prepared polarisation angle of H, V, D, A in radians."""
+        drives = self.encoder_drive_v if self.encoder_output_on else [0.0] * 4
+        bias = self.encoder_bias_v - hw.encoder_bias_opt_v
+        a = [math.pi / 2 * (v + bias) / hw.encoder_v_pi_v for v in drives]
+        return a[0], a[1], a[2], a[3]
+
+    def meter_power_w(self, hw: TransmitterHardwareParams, p_class: tuple[float, ...]) -> float:
+        """Noise-free power at the power-meter tap in watts (class-averaged)."""
+        if not self.light_on():
+            return 0.0
+        t = self.im_transmission(hw)
+        mean_t = sum(p * x for p, x in zip(p_class, t, strict=True))
+        return float(dbm_to_w(self.laser_power_dbm) * mean_t * 10.0 ** (-self.voa_db / 10.0))
+
+    def laser_warm(self, hw: TransmitterHardwareParams) -> bool:
+        return self.emission_on and time.monotonic() - self.emission_since_s >= hw.laser_warmup_s
+
+
+def dbm_to_w(power_dbm: float) -> float:
+    return float(1e-3 * 10.0 ** (power_dbm / 10.0))
+
+
+def photons_per_pulse(power_dbm: float, wavelength_nm: float, slot_rate_hz: float) -> float:
+    """Mean photons per pulse of a laser of ``power_dbm`` pulsed at ``slot_rate_hz``."""
+    photon_j = PLANCK_J_S * LIGHT_SPEED_M_S / (wavelength_nm * 1e-9)
+    return dbm_to_w(power_dbm) / photon_j / slot_rate_hz

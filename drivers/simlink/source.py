@@ -1,0 +1,232 @@
+"""Transmitter side of the link model: per-slot secret choices and surviving photons.
+
+Pure, vectorised numpy functions; the transmitter world (:mod:`drivers.simlink.world`)
+calls them chunk by chunk.
+
+Per-slot choices (basis, bit, intensity class) are a counter-based function of the
+secret key and the slot index (``splitmix64(slot ^ key)``), so any slot can be answered
+later without per-slot storage. Photons are generated only for *candidate* slots: the
+gaps between candidates are geometric with the largest per-slot survival probability
+``p_max``, and each candidate is kept with ``p_class / p_max`` where its class comes from
+the hash. This is exact for independent Bernoulli slots and costs O(surviving photons),
+never O(slots).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from drivers.syncpattern import slot_bright, splitmix64
+
+__all__ = [
+    "IDEAL_STATE_ANGLE_RAD",
+    "PHOTON_DTYPE",
+    "EmissionSettings",
+    "PhotonChunk",
+    "generate_photons",
+    "intercept_resend",
+    "secret_key",
+    "slot_choices",
+]
+
+#: One pulse that survived the fiber: its slot, polarisation angle (radians, linear
+#: polarisation in real space) and the number of photons that reached the receiver (>= 1).
+PHOTON_DTYPE = np.dtype([("slot", np.int64), ("angle_rad", np.float32), ("n_photons", np.uint8)])
+
+#: Polarisation angle of H, V, D, A (index = basis * 2 + bit) when the encoder is ideal.
+IDEAL_STATE_ANGLE_RAD = (0.0, math.pi / 2, math.pi / 4, 3 * math.pi / 4)
+
+_TWO32 = float(1 << 32)
+_TWO31 = float(1 << 31)
+
+
+def secret_key(transmitter_seed: int) -> np.uint64:
+    """The 64-bit key of the counter-based choice generator for ``transmitter_seed``."""
+    mixed = splitmix64(np.array([transmitter_seed & 0xFFFF_FFFF_FFFF_FFFF], dtype=np.uint64))
+    return np.uint64(mixed[0])
+
+
+def slot_choices(
+    key: np.uint64,
+    slots: npt.NDArray[np.int64],
+    *,
+    p_signal: float,
+    p_decoy: float,
+    p_basis_z: float,
+    sync_seed: int | None = None,
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
+    """Basis (0 Z, 1 X), bit and intensity class of each slot in ``slots``.
+
+    The hash's high 32 bits choose the class, bits 1..31 the basis and bit 0 the bit.
+    With ``sync_seed`` the class follows the public pattern (bright = SIGNAL, dark =
+    VACUUM) while basis and bit stay random.
+    """
+    h = splitmix64(np.asarray(slots, dtype=np.int64).astype(np.uint64) ^ key)
+    bit = (h & np.uint64(1)).astype(np.uint8)
+    # Integer thresholds on the hash bits: the same as comparing uniforms, fewer passes.
+    z_threshold = np.uint64(int(p_basis_z * _TWO31))
+    basis = (((h >> np.uint64(1)) & np.uint64(0x7FFF_FFFF)) >= z_threshold).astype(np.uint8)
+    if sync_seed is None:
+        u_class = h >> np.uint64(32)
+        intensity = (u_class >= np.uint64(int(p_signal * _TWO32))).astype(np.uint8)
+        intensity += u_class >= np.uint64(int((p_signal + p_decoy) * _TWO32))
+    else:
+        intensity = np.where(slot_bright(sync_seed, slots), 0, 2).astype(np.uint8)
+    return basis, bit, intensity
+
+
+@dataclass(frozen=True)
+class EmissionSettings:
+    """What the transmitter emits in a chunk (fixed for the whole chunk).
+
+    ``mu_per_class``: mean photon numbers (SIGNAL, DECOY, VACUUM) at the source output;
+    ``transmittance``: fiber and insertion loss (0 when the fiber is cut);
+    ``state_angle_rad``: prepared polarisation angle of H, V, D, A (encoder errors and
+    reference steps included).
+    """
+
+    mu_per_class: tuple[float, float, float]
+    p_signal: float
+    p_decoy: float
+    p_basis_z: float
+    transmittance: float
+    state_angle_rad: tuple[float, float, float, float] = IDEAL_STATE_ANGLE_RAD
+    sync_seed: int | None = None
+    eve_mode: str = "none"
+    eve_fraction: float = 0.0
+
+
+@dataclass
+class PhotonChunk:
+    """Photons of slots ``[slot_start, slot_stop)`` that reached the receiver."""
+
+    slot_start: int
+    slot_stop: int
+    photons: npt.NDArray[np.void]
+    #: slots whose bit the beam-splitting eavesdropper learnt (transmitter-side truth)
+    eve_known_slots: npt.NDArray[np.int64]
+
+
+def _candidate_slots(
+    rng: np.random.Generator, slot_start: int, slot_stop: int, p_max: float
+) -> npt.NDArray[np.int64]:
+    """Slots in ``[slot_start, slot_stop)`` drawn as Bernoulli(p_max), via geometric gaps."""
+    span = slot_stop - slot_start
+    if p_max <= 0.0 or span <= 0:
+        return np.empty(0, dtype=np.int64)
+    if p_max >= 1.0:
+        return np.arange(slot_start, slot_stop, dtype=np.int64)
+    scale = -1.0 / math.log1p(-p_max)
+    parts: list[npt.NDArray[np.int64]] = []
+    last = slot_start - 1
+    while last < slot_stop - 1:
+        expected = (slot_stop - 1 - last) * p_max
+        draw = int(expected + 6.0 * math.sqrt(expected) + 16)
+        # Geometric gaps (>= 1) from exponentials: cheaper than Generator.geometric.
+        gaps = np.floor(rng.standard_exponential(draw) * scale).astype(np.int64) + 1
+        pos = last + np.cumsum(gaps)
+        parts.append(pos)
+        last = int(pos[-1])
+    slots = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    return slots[: int(np.searchsorted(slots, slot_stop))]
+
+
+def _zero_truncated_poisson(lam: float, u: npt.NDArray[np.float64]) -> npt.NDArray[np.uint8]:
+    """Photon numbers >= 1 of Poisson(lam) conditioned on >= 1, by inverse CDF of ``u``."""
+    n_max = int(lam + 12.0 * math.sqrt(lam) + 12)
+    n = np.arange(1, n_max + 1, dtype=np.float64)
+    log_pmf = n * math.log(lam) - lam - np.array([math.lgamma(k + 1.0) for k in n])
+    pmf = np.exp(log_pmf) / -math.expm1(-lam)
+    cdf = np.cumsum(pmf)
+    cdf[-1] = 1.0
+    n_out = np.ones(u.shape[0], dtype=np.uint8)
+    more = np.flatnonzero(u >= cdf[0])  # few: P(n >= 2 | n >= 1) ~ lam / 2
+    if more.size:
+        idx = np.searchsorted(cdf, u[more], side="right")
+        n_out[more] = np.minimum(idx + 1, 255)
+    return n_out
+
+
+def intercept_resend(
+    angle_rad: npt.NDArray[np.float32], fraction: float, rng: np.random.Generator
+) -> npt.NDArray[np.float32]:
+    """Intercept-resend: a fraction of pulses is measured in a random basis and resent.
+
+    Eve's analyser is at 0 (Z) or 45 degrees (X); she resends the state she found, so a
+    pulse attacked in the wrong basis gives 50 % error: 25 % on all attacked pulses.
+    """
+    out = angle_rad.copy()
+    attacked = np.flatnonzero(rng.random(angle_rad.shape[0]) < fraction)
+    if attacked.size:
+        analyser = rng.integers(0, 2, size=attacked.size) * (math.pi / 4)
+        p_orth = np.sin(angle_rad[attacked] - analyser) ** 2
+        found = rng.random(attacked.size) < p_orth
+        out[attacked] = (analyser + found * (math.pi / 2)).astype(np.float32)
+    return out
+
+
+def generate_photons(
+    key: np.uint64,
+    slot_start: int,
+    slot_stop: int,
+    settings: EmissionSettings,
+    rng: np.random.Generator,
+) -> PhotonChunk:
+    """Pulses of slots ``[slot_start, slot_stop)`` with at least one photon at the receiver.
+
+    The number of photons reaching the receiver from a pulse of mean ``mu`` is Poisson with
+    mean ``transmittance * mu``; only non-empty ones are returned, with their photon number.
+    Cost is proportional to the number of returned pulses.
+    """
+    lam = [settings.transmittance * m for m in settings.mu_per_class]
+    p_survive = [-math.expm1(-x) for x in lam]
+    classes_used = [0, 2] if settings.sync_seed is not None else [0, 1, 2]
+    p_max = max(p_survive[c] for c in classes_used)
+    cand = _candidate_slots(rng, slot_start, slot_stop, p_max)
+    empty = PhotonChunk(slot_start, slot_stop, np.empty(0, PHOTON_DTYPE), np.empty(0, np.int64))
+    if cand.size == 0:
+        return empty
+    basis, bit, intensity = slot_choices(
+        key,
+        cand,
+        p_signal=settings.p_signal,
+        p_decoy=settings.p_decoy,
+        p_basis_z=settings.p_basis_z,
+        sync_seed=settings.sync_seed,
+    )
+    accept_ratio = np.array([p / p_max for p in p_survive])
+    # One uniform decides acceptance and, rescaled, the photon number of accepted pulses.
+    u = rng.random(cand.size)
+    ratio = accept_ratio[intensity]
+    keep = u < ratio
+    slots = cand[keep]
+    if slots.size == 0:
+        return empty
+    cls = intensity[keep]
+    u_n = u[keep] / ratio[keep]
+    n_photons = np.ones(slots.size, dtype=np.uint8)
+    for c in classes_used:
+        sel = cls == c
+        if lam[c] > 0 and sel.any():
+            n_photons[sel] = _zero_truncated_poisson(lam[c], u_n[sel])
+    state = basis[keep] * np.uint8(2) + bit[keep]
+    angle = np.asarray(settings.state_angle_rad, dtype=np.float32)[state]
+    eve_known = np.empty(0, np.int64)
+    if settings.eve_mode == "intercept-resend" and settings.eve_fraction > 0:
+        angle = intercept_resend(angle, settings.eve_fraction, rng)
+    elif settings.eve_mode == "beam-splitting" and settings.eve_fraction > 0:
+        # Eve replaces the lossy fiber by a lossless one and keeps what it would lose. By
+        # Poisson splitting, her photon number is independent of what reached Bob.
+        mu_cls = np.asarray(settings.mu_per_class)[cls]
+        p_eve = -np.expm1(-mu_cls * (1.0 - settings.transmittance))
+        attacked = rng.random(slots.size) < settings.eve_fraction
+        eve_known = slots[attacked & (rng.random(slots.size) < p_eve)]
+    photons = np.empty(slots.size, dtype=PHOTON_DTYPE)
+    photons["slot"] = slots
+    photons["angle_rad"] = angle
+    photons["n_photons"] = n_photons
+    return PhotonChunk(slot_start, slot_stop, photons, eve_known)

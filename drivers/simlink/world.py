@@ -1,0 +1,638 @@
+"""The simulated link as two worlds, one per process, joined by a simulated fiber.
+
+* :class:`TransmitterWorld` (source, encoder, attenuation, fiber loss, eavesdropper)
+  generates the pulses that survive the fiber, chunk by chunk, and PUSHes them over a
+  ZeroMQ socket bound to ``fiber_endpoint``.
+* :class:`ReceiverWorld` PULLs them, applies the receiver physics
+  (:mod:`drivers.simlink.receiver`) and queues time-tag blocks for the simulated tagger.
+
+The receiver learns about the transmitted states only through these photons. Each world
+reads only its side's parameters (see :mod:`drivers.simlink.params`).
+
+Both worlds advance in chunks of ``chunk_slots`` slots with counter-based seeds
+``(seed, chunk index)``, so the same seed gives the same tags however the chunks are
+paced: with wall-clock time (:meth:`start`, for the daemons) or as fast as possible
+(:meth:`TransmitterWorld.run_for`, for tests and benchmarks).
+
+A process holds at most one world: :func:`start_world`, :func:`get_world`,
+:func:`stop_world`. The simulated instruments (:mod:`drivers.simlink.instruments`) are
+views of it.
+
+Faults (``inject(fault, **kw)`` / ``clear(fault)``): ``fiber_cut``, ``encoding_drift``
+(``angle_rad``: step of the polarisation reference), ``eve`` (``fraction``, ``mode``),
+``bright_light`` (receiver: detectors latch) and ``detector_disconnect`` (receiver:
+detector drivers raise ConnectionLostError).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+import zmq
+
+from drivers.interfaces import TAG_DTYPE, PreparedStates, TagBlock
+from drivers.simlink.optics import TxOptics
+from drivers.simlink.params import LinkParams
+from drivers.simlink.receiver import N_CHANNELS, DetectionRecords, DetectorSettings, ReceiverModel
+from drivers.simlink.source import (
+    PHOTON_DTYPE,
+    EmissionSettings,
+    PhotonChunk,
+    generate_photons,
+    intercept_resend,
+    secret_key,
+    slot_choices,
+)
+
+__all__ = [
+    "FAULTS",
+    "ReceiverWorld",
+    "TransmitterWorld",
+    "World",
+    "get_world",
+    "start_world",
+    "stop_world",
+]
+
+log = logging.getLogger(__name__)
+
+FAULTS = ("fiber_cut", "encoding_drift", "eve", "bright_light", "detector_disconnect")
+FIBER_PROTOCOL_VERSION = 1
+_STREAM_TX_PHYSICS = 1
+_STREAM_RX_PHYSICS = 2
+_STREAM_RX_EVE = 3
+
+
+def _slot_period_ps(slot_rate_hz: float) -> Fraction:
+    return Fraction(10**12) / Fraction(slot_rate_hz)
+
+
+class TransmitterWorld:
+    """Source, encoder, attenuation, fiber loss and eavesdropper of the transmitter.
+
+    Thread-safe: instrument calls and the pacing thread share ``lock``.
+    """
+
+    role: Literal["transmitter"] = "transmitter"
+
+    def __init__(
+        self,
+        params: LinkParams,
+        fiber_endpoint: str | None = None,
+        context: zmq.Context[Any] | None = None,
+    ) -> None:
+        self.source = params.source
+        self.fiber = params.fiber
+        self.hardware = params.transmitter
+        self.chunk_slots = params.chunk_slots
+        self._eve_mode = params.eve.mode
+        self._eve_fraction = params.eve.fraction
+        self._seed = params.transmitter_seed
+        self._key = secret_key(params.transmitter_seed)
+        self.optics = TxOptics.power_on(self.hardware, self.source, params.start_calibrated)
+        self.lock = threading.RLock()
+        self.chunk_index = 0
+        self.faults: dict[str, dict[str, Any]] = {}
+        # (first slot, sync seed or None) in force from that slot on
+        self._sync_history: list[tuple[int, int | None]] = [(0, None)]
+        self.eve_known_slots: list[npt.NDArray[np.int64]] = []
+        self.photons_sent = 0
+        self.chunks_dropped = 0
+        self._run_id = int.from_bytes(np.random.default_rng().bytes(4), "little")
+        self._ctx = context
+        self._own_ctx = context is None
+        self._sock: zmq.Socket[Any] | None = None
+        if fiber_endpoint is not None:
+            self._ctx = self._ctx or zmq.Context()
+            self._sock = self._ctx.socket(zmq.PUSH)
+            self._sock.setsockopt(zmq.SNDHWM, 32)
+            self._sock.setsockopt(zmq.LINGER, 0)
+            self._sock.bind(fiber_endpoint)
+            # the real endpoint when bound to port "*"
+            fiber_endpoint = str(self._sock.getsockopt_string(zmq.LAST_ENDPOINT))
+        self.fiber_endpoint = fiber_endpoint
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # --- state the instruments see ---------------------------------------------------
+    @property
+    def next_slot(self) -> int:
+        return self.chunk_index * self.chunk_slots
+
+    def slot_rate_hz(self) -> float:
+        return self.source.slot_rate_hz
+
+    def set_sync_pattern(self, public_seed: int | None) -> None:
+        """Switch to/from the public sync pattern from the next chunk on."""
+        with self.lock:
+            start = self.next_slot
+            if self._sync_history[-1][0] == start:
+                self._sync_history[-1] = (start, public_seed)
+            else:
+                self._sync_history.append((start, public_seed))
+
+    def sync_seed_at(self, slot: int) -> int | None:
+        with self.lock:
+            for first, seed in reversed(self._sync_history):
+                if slot >= first:
+                    return seed
+        return None
+
+    def prepared(self, slot_index: npt.NDArray[np.int64]) -> PreparedStates:
+        """Basis, bit and intensity class of ``slot_index`` (secret; never logged)."""
+        slots = np.asarray(slot_index, dtype=np.int64)
+        with self.lock:
+            history = list(self._sync_history)
+        basis = np.empty(slots.shape, np.uint8)
+        bit = np.empty(slots.shape, np.uint8)
+        intensity = np.empty(slots.shape, np.uint8)
+        firsts = np.array([h[0] for h in history], dtype=np.int64)
+        regime = np.searchsorted(firsts, slots, side="right") - 1
+        for r, (_, seed) in enumerate(history):
+            sel = regime == r
+            if sel.any():
+                b, t, i = slot_choices(
+                    self._key,
+                    slots[sel],
+                    p_signal=self.source.p_signal,
+                    p_decoy=self.source.p_decoy,
+                    p_basis_z=self.source.p_basis_z,
+                    sync_seed=seed,
+                )
+                basis[sel], bit[sel], intensity[sel] = b, t, i
+        return PreparedStates(basis=basis, bit=bit, intensity=intensity)
+
+    def mu_per_class(self) -> tuple[float, float, float]:
+        with self.lock:
+            return self.optics.mu_per_class(self.hardware, self.source.slot_rate_hz)
+
+    def emission_settings(self) -> EmissionSettings:
+        """What the next chunk emits, from the instruments' settings and the faults."""
+        with self.lock:
+            transmittance = 0.0 if "fiber_cut" in self.faults else self.fiber.transmittance
+            angles = self.optics.state_angles_rad(self.hardware)
+            step = float(self.faults.get("encoding_drift", {}).get("angle_rad", 0.0))
+            eve = self.faults.get("eve")
+            mode = str(eve.get("mode", "intercept-resend")) if eve else self._eve_mode
+            fraction = float(eve.get("fraction", 1.0)) if eve else self._eve_fraction
+            return EmissionSettings(
+                mu_per_class=self.optics.mu_per_class(self.hardware, self.source.slot_rate_hz),
+                p_signal=self.source.p_signal,
+                p_decoy=self.source.p_decoy,
+                p_basis_z=self.source.p_basis_z,
+                transmittance=transmittance,
+                state_angle_rad=(
+                    angles[0] + step,
+                    angles[1] + step,
+                    angles[2] + step,
+                    angles[3] + step,
+                ),
+                sync_seed=self.sync_seed_at(self.next_slot),
+                eve_mode=mode,
+                eve_fraction=fraction,
+            )
+
+    def power_meter_w(self, rng: np.random.Generator) -> float:
+        with self.lock:
+            p_class = (self.source.p_signal, self.source.p_decoy, self.source.p_vacuum)
+            true_w = self.optics.meter_power_w(self.hardware, p_class)
+        return true_w + float(rng.normal(0.0, self.hardware.power_meter_noise_w))
+
+    # --- faults -----------------------------------------------------------------------
+    def inject(self, fault: str, **kw: Any) -> None:
+        """Start a fault (see the module docstring); receiver-only faults are refused."""
+        if fault not in ("fiber_cut", "encoding_drift", "eve"):
+            raise ValueError(f"transmitter world: unknown or receiver-side fault {fault!r}")
+        with self.lock:
+            self.faults[fault] = dict(kw)
+        log.warning("simlink fault injected: %s %s", fault, kw)
+
+    def clear(self, fault: str) -> None:
+        with self.lock:
+            self.faults.pop(fault, None)
+        log.info("simlink fault cleared: %s", fault)
+
+    # --- stepping -----------------------------------------------------------------------
+    def _next_chunk(self) -> tuple[int, PhotonChunk]:
+        with self.lock:
+            settings = self.emission_settings()
+            index = self.chunk_index
+            self.chunk_index += 1
+        start = index * self.chunk_slots
+        rng = np.random.default_rng([self._seed, _STREAM_TX_PHYSICS, index])
+        chunk = generate_photons(self._key, start, start + self.chunk_slots, settings, rng)
+        if chunk.eve_known_slots.size:
+            self.eve_known_slots.append(chunk.eve_known_slots)
+        self.photons_sent += chunk.photons.shape[0]
+        return index, chunk
+
+    def step(self) -> PhotonChunk:
+        """Simulate the next chunk and send it down the fiber without blocking (a chunk
+        nobody pulls is lost, like light into an open connector)."""
+        index, chunk = self._next_chunk()
+        self._send(index, chunk)
+        return chunk
+
+    def fiber_header(self, index: int, chunk: PhotonChunk) -> dict[str, Any]:
+        """The public header of a fiber batch: what the light itself tells the receiver."""
+        return {
+            "v": FIBER_PROTOCOL_VERSION,
+            "run": self._run_id,
+            "chunk": index,
+            "slot_start": chunk.slot_start,
+            "slot_stop": chunk.slot_stop,
+            "slot_rate_hz": self.source.slot_rate_hz,
+        }
+
+    def _send(self, index: int, chunk: PhotonChunk, block: bool = False) -> None:
+        if self._sock is None:
+            return
+        header = self.fiber_header(index, chunk)
+        frames = [json.dumps(header).encode(), chunk.photons.tobytes()]
+        try:
+            self._sock.send_multipart(frames, flags=0 if block else zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            self.chunks_dropped += 1  # nobody at the other end of the fiber
+
+    def run_for(self, seconds: float, send_timeout_s: float = 10.0) -> list[PhotonChunk]:
+        """Simulate ``seconds`` of link time as fast as possible (tests, benchmarks).
+
+        Sends block up to ``send_timeout_s`` per chunk (a receiver must be pulling).
+        """
+        n = max(1, math.ceil(seconds * self.source.slot_rate_hz / self.chunk_slots))
+        out = []
+        if self._sock is not None:
+            self._sock.setsockopt(zmq.SNDTIMEO, int(send_timeout_s * 1000))
+        for _ in range(n):
+            index, chunk = self._next_chunk()
+            if self._sock is not None:
+                try:
+                    self._send(index, chunk, block=True)
+                except zmq.Again as exc:
+                    raise TimeoutError("fiber: no receiver pulled the photons") from exc
+            out.append(chunk)
+        return out
+
+    # --- real-time pacing ---------------------------------------------------------------
+    def start(self) -> None:
+        """Advance with wall-clock time in a background thread."""
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._pace, name="simlink-tx", daemon=True)
+        self._thread.start()
+
+    def _pace(self) -> None:
+        t0 = time.monotonic() - self.next_slot / self.source.slot_rate_hz
+        chunk_s = self.chunk_slots / self.source.slot_rate_hz
+        while not self._stop.is_set():
+            due = t0 + (self.chunk_index + 1) * chunk_s
+            wait = due - time.monotonic()
+            if wait > 0:
+                self._stop.wait(wait)
+                continue
+            try:
+                self.step()
+            except Exception:
+                log.exception("simlink transmitter world: chunk failed")
+                self._stop.wait(chunk_s)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+        if self._own_ctx and self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+
+
+@dataclass
+class DetectorState:
+    """What the detector front panels show, per channel."""
+
+    armed: npt.NDArray[np.bool_]
+    latched: npt.NDArray[np.bool_]
+    efficiency_pct: npt.NDArray[np.float64]
+    dead_time_ns: npt.NDArray[np.float64]
+    delay_ps: npt.NDArray[np.float64]
+    threshold_v: npt.NDArray[np.float64]
+
+
+class ReceiverWorld:
+    """Receiver optics, detectors and time tagger. Reads only receiver-side parameters."""
+
+    role: Literal["receiver"] = "receiver"
+
+    def __init__(
+        self,
+        params: LinkParams,
+        fiber_endpoint: str | None = None,
+        context: zmq.Context[Any] | None = None,
+        max_buffered_tags: int = 20_000_000,
+    ) -> None:
+        rx = params.receiver
+        self.rx = rx
+        self.clock_params = params.clock
+        self.fiber_misalignment = params.fiber.misalignment
+        self.fiber_delay_ps = round(params.fiber.delay_s * 1e12)
+        self._seed = params.receiver_seed
+        self.model = ReceiverModel(
+            rx, params.clock, params.fiber.misalignment, params.fiber.drift_rad_per_sqrt_s
+        )
+        self.nominal_efficiency_pct = float(100.0 * np.mean(rx.detector_efficiency))
+        calibrated = params.start_calibrated
+        mid_threshold = sum(rx.threshold_window_v) / 2
+        self.detectors = DetectorState(
+            armed=np.full(N_CHANNELS, calibrated),
+            latched=np.zeros(N_CHANNELS, np.bool_),
+            efficiency_pct=np.full(N_CHANNELS, self.nominal_efficiency_pct),
+            dead_time_ns=np.full(N_CHANNELS, rx.dead_time_ns),
+            delay_ps=np.full(N_CHANNELS, rx.true_delay_ps if calibrated else 0.0),
+            threshold_v=np.full(N_CHANNELS, mid_threshold),
+        )
+        self.tagger_delay_ps = np.zeros(N_CHANNELS, np.int64)
+        self.lock = threading.RLock()
+        self.faults: dict[str, dict[str, Any]] = {}
+        self.chunk_index = 0
+        self._run: int | None = None
+        self._anchor_ps = 0
+        self._true_end_ps = 0
+        self.detections = 0
+        self.last_counts = np.zeros(N_CHANNELS, np.int64)
+        self.last_duration_s = 0.0
+        self.streaming = False
+        self.max_buffered_tags = max_buffered_tags
+        self._blocks: collections.deque[TagBlock] = collections.deque()
+        self._buffered = 0
+        self._missed = 0
+        self._blocks_ready = threading.Condition(self.lock)
+        self._ctx = context
+        self._own_ctx = context is None
+        self._sock: zmq.Socket[Any] | None = None
+        if fiber_endpoint is not None:
+            self._ctx = self._ctx or zmq.Context()
+            self._sock = self._ctx.socket(zmq.PULL)
+            self._sock.setsockopt(zmq.RCVHWM, 32)
+            self._sock.setsockopt(zmq.LINGER, 0)
+            self._sock.connect(fiber_endpoint)
+        self.fiber_endpoint = fiber_endpoint
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # --- detector model --------------------------------------------------------------
+    def detector_settings(self) -> DetectorSettings:
+        """The physics-level settings implied by the front panels and the faults."""
+        with self.lock:
+            d = self.detectors
+            rx = self.rx
+            scale = d.efficiency_pct / self.nominal_efficiency_pct
+            efficiency = np.minimum(np.asarray(rx.detector_efficiency) * scale, 1.0)
+            dark = rx.dark_count_rate_hz * scale**2
+            low, high = rx.threshold_window_v
+            noisy = d.threshold_v < low
+            blind = d.threshold_v > high
+            dark = np.where(noisy, dark * 1e3 + 1e5, np.where(blind, 0.0, dark))
+            efficiency = np.where(blind, 0.0, efficiency)
+            enabled = d.armed & ~d.latched & ("detector_disconnect" not in self.faults)
+            return DetectorSettings(
+                efficiency=efficiency.astype(np.float64),
+                dark_rate_hz=np.asarray(dark, np.float64),
+                enabled=enabled,
+                delay_ps=d.delay_ps.copy(),
+                dead_time_ps=d.dead_time_ns * 1e3,
+                tagger_delay_ps=self.tagger_delay_ps.copy(),
+            )
+
+    # --- faults -----------------------------------------------------------------------
+    def inject(self, fault: str, **kw: Any) -> None:
+        """Start a fault (see the module docstring)."""
+        if fault not in FAULTS:
+            raise ValueError(f"receiver world: unknown fault {fault!r} (known: {FAULTS})")
+        with self.lock:
+            self.faults[fault] = dict(kw)
+            if fault == "bright_light":
+                self.detectors.latched |= self.detectors.armed
+        log.warning("simlink fault injected: %s %s", fault, kw)
+
+    def clear(self, fault: str) -> None:
+        with self.lock:
+            self.faults.pop(fault, None)
+        log.info("simlink fault cleared: %s", fault)
+
+    # --- processing --------------------------------------------------------------------
+    def process(self, header: dict[str, Any], photons: npt.NDArray[np.void]) -> DetectionRecords:
+        """Apply the receiver physics to one fiber batch; queue its tags if streaming."""
+        slot_start = int(header["slot_start"])
+        slot_stop = int(header["slot_stop"])
+        period = _slot_period_ps(float(header["slot_rate_hz"]))
+        run = int(header["run"])
+        tx_t0 = round(slot_start * period) + self.fiber_delay_ps
+        with self.lock:
+            if run != self._run or self._anchor_ps + tx_t0 < self._true_end_ps:
+                # New transmitter run (or a jump back): continue the receiver's time line.
+                self._anchor_ps = self._true_end_ps - tx_t0 if self._run is not None else 0
+                self._run = run
+            chunk_t0 = self._anchor_ps + tx_t0
+            if "bright_light" in self.faults:
+                self.detectors.latched |= self.detectors.armed
+            settings = self.detector_settings()
+            rotation = float(self.faults.get("encoding_drift", {}).get("angle_rad", 0.0))
+            cut = "fiber_cut" in self.faults
+            eve = self.faults.get("eve")
+            index = self.chunk_index
+            self.chunk_index += 1
+        if cut:
+            photons = photons[:0]
+        if eve:
+            eve_rng = np.random.default_rng([self._seed, _STREAM_RX_EVE, index])
+            photons = photons.copy()
+            photons["angle_rad"] = intercept_resend(
+                photons["angle_rad"], float(eve.get("fraction", 1.0)), eve_rng
+            )
+        rng = np.random.default_rng([self._seed, _STREAM_RX_PHYSICS, index])
+        records = self.model.process(
+            photons,
+            slot_start,
+            slot_stop,
+            chunk_t0_ps=chunk_t0,
+            period_ps=period,
+            settings=settings,
+            rng=rng,
+            extra_rotation_rad=rotation,
+        )
+        duration_s = float((slot_stop - slot_start) * period) * 1e-12
+        with self.lock:
+            self._true_end_ps = chunk_t0 + round((slot_stop - slot_start) * period)
+            self.detections += len(records)
+            self.last_counts = np.bincount(records.channel, minlength=N_CHANNELS)
+            self.last_duration_s = duration_s
+            if self.streaming:
+                self._queue(records)
+        return records
+
+    def _queue(self, records: DetectionRecords) -> None:
+        n = len(records)
+        if self._buffered + n > self.max_buffered_tags:
+            self._missed += n
+            return
+        tags = np.empty(n, dtype=TAG_DTYPE)
+        tags["channel"] = records.channel
+        tags["time_ps"] = records.time_ps
+        start = int(records.time_ps[0]) if n else 0
+        stop = int(records.time_ps[-1]) if n else 0
+        block = TagBlock(
+            tags=tags,
+            overflow=self._missed > 0,
+            missed_events=self._missed,
+            start_ps=start,
+            stop_ps=stop,
+        )
+        self._missed = 0
+        self._blocks.append(block)
+        self._buffered += n
+        self._blocks_ready.notify_all()
+
+    def receive(self, timeout_s: float) -> DetectionRecords | None:
+        """Pull and process one fiber batch; None when none arrived within ``timeout_s``."""
+        if self._sock is None:
+            raise RuntimeError("receiver world has no fiber endpoint")
+        if not self._sock.poll(int(timeout_s * 1000)):
+            return None
+        frames = self._sock.recv_multipart()
+        if len(frames) != 2:
+            log.warning("fiber: dropped a message of %d frames", len(frames))
+            return None
+        header = json.loads(frames[0])
+        if header.get("v") != FIBER_PROTOCOL_VERSION:
+            log.warning("fiber: dropped a message of version %r", header.get("v"))
+            return None
+        photons = np.frombuffer(frames[1], dtype=PHOTON_DTYPE)
+        return self.process(header, photons)
+
+    # --- tagger stream --------------------------------------------------------------------
+    def start_stream(self) -> None:
+        with self.lock:
+            self._blocks.clear()
+            self._buffered = 0
+            self._missed = 0
+            self.streaming = True
+
+    def stop_stream(self) -> None:
+        with self.lock:
+            self.streaming = False
+
+    def read_block(self, timeout_s: float) -> TagBlock | None:
+        """Next queued tag block, waiting up to ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        with self._blocks_ready:
+            while not self._blocks:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                self._blocks_ready.wait(remaining)
+            block = self._blocks.popleft()
+            self._buffered -= len(block)
+            return block
+
+    def count_rates_hz(self) -> npt.NDArray[np.float64]:
+        with self.lock:
+            if self.last_duration_s <= 0:
+                return np.zeros(N_CHANNELS)
+            return self.last_counts / self.last_duration_s
+
+    # --- real-time pacing ---------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None or self._sock is None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._pump, name="simlink-rx", daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.receive(0.1)
+            except Exception:
+                log.exception("simlink receiver world: batch failed")
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+        if self._own_ctx and self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+
+
+World = TransmitterWorld | ReceiverWorld
+
+_world: World | None = None
+_world_lock = threading.Lock()
+
+
+def start_world(
+    role: Literal["transmitter", "receiver"] | str,
+    params: LinkParams,
+    fiber_endpoint: str | None,
+    realtime: bool = True,
+) -> World:
+    """Create this process's world for ``role`` and start it in real time.
+
+    ``fiber_endpoint`` None: no fiber (tests step the world by hand); ``realtime`` False:
+    the world is registered but not paced by a background thread.
+
+    Raises RuntimeError if a world already runs, ValueError on an unknown role, and
+    zmq.ZMQError if the fiber endpoint cannot be bound (transmitter) or connected.
+    """
+    global _world
+    with _world_lock:
+        if _world is not None:
+            raise RuntimeError(f"a simulated {_world.role} world already runs in this process")
+        world: World
+        if role == "transmitter":
+            world = TransmitterWorld(params, fiber_endpoint)
+        elif role == "receiver":
+            world = ReceiverWorld(params, fiber_endpoint)
+        else:
+            raise ValueError(f"start_world: role must be transmitter or receiver, got {role!r}")
+        if realtime:
+            world.start()
+        _world = world
+        log.info("simlink %s world started on %s", role, fiber_endpoint)
+        return world
+
+
+def get_world() -> World:
+    """This process's world; RuntimeError if none was started."""
+    world = _world
+    if world is None:
+        raise RuntimeError("no simulated link world runs in this process (start_world)")
+    return world
+
+
+def stop_world() -> None:
+    """Stop and forget this process's world. Idempotent."""
+    global _world
+    with _world_lock:
+        world, _world = _world, None
+    if world is not None:
+        world.close()
+        log.info("simlink %s world stopped", world.role)

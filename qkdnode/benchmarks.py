@@ -1,0 +1,360 @@
+"""``qkdnode bench``: every stage benchmark in one table, one JSON file and the docs page.
+
+Each stage package may provide ``bench.run_benchmarks(quick: bool) -> list[dict]`` whose
+rows are ``{"name", "value", "unit", "target", "note"}`` (``value`` a median of repeated
+runs). :data:`BENCH_MODULES` lists where they are looked for; a missing module is skipped
+with a note, a module that raises is reported as failed and the others still run. The
+end-to-end figure comes from a short demo run: detections processed per second of wall
+time with both daemons on this machine, against the rate the simulated link offers.
+
+A target is a string ``OP NUMBER [UNIT]`` with OP one of ``>= <= > <`` (e.g.
+``>= 60e6 counts/s``); a UNIT that differs from the row's unit by an SI prefix is scaled
+(``>= 10 Mb/s`` against a value in ``b/s``). Anything else is shown but not judged.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import platform
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+BENCH_MODULES: tuple[str, ...] = (
+    "drivers.simlink.bench",
+    "drivers.bench",
+    "qkdnode.postproc.bench",
+    "qkdnode.bus.bench",
+    "qkdnode.keystore.bench",
+    "qkdnode.procedures.bench",
+)
+E2E_STAGE = "end-to-end"
+
+_PREFIX: dict[str, float] = {
+    "G": 1e9,
+    "M": 1e6,
+    "k": 1e3,
+    "m": 1e-3,
+    "u": 1e-6,
+    "µ": 1e-6,
+    "n": 1e-9,
+}
+_TARGET_RE = re.compile(
+    r"^\s*(>=|<=|>|<|≥|≤)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*(.*)$"
+)
+
+
+@dataclass
+class BenchRow:
+    stage: str
+    name: str
+    value: float
+    unit: str
+    target: str
+    passed: bool | None
+    note: str = ""
+
+
+@dataclass
+class BenchReport:
+    rows: list[BenchRow] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    failed: list[dict[str, str]] = field(default_factory=list)
+    machine: dict[str, Any] = field(default_factory=dict)
+    command: str = ""
+    quick: bool = False
+    duration_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "command": self.command,
+            "quick": self.quick,
+            "duration_s": round(self.duration_s, 2),
+            "machine": self.machine,
+            "results": [asdict(r) for r in self.rows],
+            "skipped": self.skipped,
+            "failed": self.failed,
+        }
+
+
+def _unit_readings(unit: str) -> list[tuple[float, str]]:
+    """(factor, base unit) readings of ``unit``: as is, and with an SI prefix split off."""
+    out = [(1.0, unit)]
+    if len(unit) > 1 and unit[0] in _PREFIX:
+        out.append((_PREFIX[unit[0]], unit[1:]))
+    return out
+
+
+def unit_factor(unit_from: str, unit_to: str) -> float | None:
+    """Factor turning a number in ``unit_from`` into ``unit_to`` (SI prefixes only);
+    None when the units are unrelated. An empty ``unit_from`` means "same unit"."""
+    a, b = unit_from.strip(), unit_to.strip()
+    if a == b or not a:
+        return 1.0
+    for fa, base_a in _unit_readings(a):
+        for fb, base_b in _unit_readings(b):
+            if base_a == base_b:
+                return fa / fb
+    return None
+
+
+def judge(value: float, unit: str, target: str) -> bool | None:
+    """True/False when ``target`` is a comparison this module understands, else None."""
+    m = _TARGET_RE.match(target or "")
+    if m is None or not math.isfinite(value):
+        return None
+    op, number, target_unit = m.group(1), float(m.group(2)), m.group(3)
+    factor = unit_factor(target_unit, unit)
+    if factor is None:
+        return None
+    limit = number * factor
+    if op in (">=", "≥"):
+        return value >= limit
+    if op in ("<=", "≤"):
+        return value <= limit
+    if op == ">":
+        return value > limit
+    return value < limit
+
+
+def _rows_from(stage: str, items: Sequence[dict[str, Any]]) -> list[BenchRow]:
+    rows = []
+    for item in items:
+        value = float(item.get("value", math.nan))
+        unit = str(item.get("unit", ""))
+        target = str(item.get("target", ""))
+        rows.append(
+            BenchRow(
+                stage=stage,
+                name=str(item.get("name", "?")),
+                value=value,
+                unit=unit,
+                target=target,
+                passed=judge(value, unit, target),
+                note=str(item.get("note", "")),
+            )
+        )
+    return rows
+
+
+def run_stage_modules(
+    report: BenchReport,
+    quick: bool,
+    modules: Sequence[str] = BENCH_MODULES,
+    progress: Callable[[str], None] = lambda _m: None,
+) -> None:
+    for name in modules:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and name.startswith(exc.name):
+                report.skipped.append({"module": name, "reason": "module not present"})
+                progress(f"{name}: skipped (not present)")
+                continue
+            report.failed.append({"module": name, "error": f"import failed: {exc}"})
+            continue
+        run = getattr(module, "run_benchmarks", None)
+        if run is None:
+            report.skipped.append({"module": name, "reason": "no run_benchmarks()"})
+            continue
+        progress(f"{name}: running")
+        t0 = time.perf_counter()
+        try:
+            items = run(quick=quick)
+        except Exception as exc:
+            report.failed.append({"module": name, "error": f"{type(exc).__name__}: {exc}"})
+            progress(f"{name}: FAILED ({type(exc).__name__}: {exc})")
+            continue
+        stage = name.removesuffix(".bench")
+        report.rows.extend(_rows_from(stage, items))
+        progress(f"{name}: {len(items)} results in {time.perf_counter() - t0:.1f} s")
+
+
+def offered_detection_rate_hz(cfg: Any) -> float:
+    """Detections per second the simulated link delivers (gain x slot rate)."""
+    from qkdnode.demo.compare import TheoryInputs
+
+    t = TheoryInputs.from_link(cfg.link, cfg.protocol)
+    p_vac = max(0.0, 1.0 - t.p_signal - t.p_decoy)
+    gain = t.y0 + sum(
+        p * -math.expm1(-t.transmittance * mu)
+        for p, mu in ((t.p_signal, t.mu_signal), (t.p_decoy, t.mu_decoy), (p_vac, t.mu_vacuum))
+    )
+    return gain * t.slot_rate_hz
+
+
+def run_end_to_end(
+    report: BenchReport, quick: bool, out_dir: Path, progress: Callable[[str], None]
+) -> None:
+    """A short demo at the default 25 km link: the sustainable detection rate."""
+    from qkdnode.demo.config import apply_overrides, load_demo_config
+    from qkdnode.demo.runner import Reporter, run_demo
+
+    duration = 10.0 if quick else 30.0
+    cfg = apply_overrides(
+        load_demo_config(None), duration_s=duration, seed=1, out_dir=out_dir / "bench-demo"
+    )
+    offered = offered_detection_rate_hz(cfg)
+    progress(f"{E2E_STAGE}: demo run of {duration:g} s at {cfg.link.fiber.length_km:g} km")
+    summary = run_demo(cfg, Reporter(step=lambda m: progress(f"  demo: {m}")))
+    if not summary.ok and summary.detections == 0:
+        report.failed.append({"module": E2E_STAGE, "error": summary.failure or "demo failed"})
+        return
+    note = (
+        f"1 demo run of {summary.duration_s:.1f} s, {summary.blocks_ok} blocks ok, keys "
+        f"{'identical' if summary.keys_identical else 'DIFFERENT'}"
+    )
+    report.rows.extend(
+        _rows_from(
+            E2E_STAGE,
+            [
+                {
+                    "name": "sustainable detection rate",
+                    "value": summary.detection_rate_hz,
+                    "unit": "detections/s",
+                    "target": f">= {offered:.3g} detections/s",
+                    "note": note + "; target: the rate the simulated 25 km link offers",
+                },
+                {
+                    "name": "secret key rate (25 km)",
+                    "value": summary.secret_key_rate_bps,
+                    "unit": "b/s",
+                    "target": "",
+                    "note": "ratio to asymptotic theory "
+                    + (
+                        "-" if summary.ratio_to_theory is None else f"{summary.ratio_to_theory:.2f}"
+                    ),
+                },
+            ],
+        )
+    )
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text("utf-8", errors="replace").splitlines():
+            if line.lower().startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import numpy
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "numpy": numpy.__version__,
+        "platform": platform.platform(),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def run_all(
+    *,
+    quick: bool,
+    out_dir: Path,
+    end_to_end: bool = True,
+    modules: Sequence[str] = BENCH_MODULES,
+    command: str = "",
+    progress: Callable[[str], None] = lambda _m: None,
+) -> BenchReport:
+    t0 = time.perf_counter()
+    report = BenchReport(machine=machine_info(), command=command, quick=quick)
+    run_stage_modules(report, quick, modules, progress)
+    if end_to_end:
+        try:
+            run_end_to_end(report, quick, out_dir, progress)
+        except Exception as exc:
+            report.failed.append({"module": E2E_STAGE, "error": f"{type(exc).__name__}: {exc}"})
+    report.duration_s = time.perf_counter() - t0
+    return report
+
+
+# --- output -----------------------------------------------------------------------------------
+
+
+def fmt_value(value: float) -> str:
+    if not math.isfinite(value):
+        return "nan"
+    if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-2):
+        return f"{value:.3e}"
+    return f"{value:.4g}"
+
+
+def _verdict(passed: bool | None) -> str:
+    return {True: "pass", False: "FAIL", None: "-"}[passed]
+
+
+def text_table(report: BenchReport) -> str:
+    head = ("stage", "benchmark", "median", "unit", "target", "result")
+    body = [
+        (r.stage, r.name, fmt_value(r.value), r.unit, r.target or "-", _verdict(r.passed))
+        for r in report.rows
+    ]
+    widths = [
+        max(len(h), *(len(row[i]) for row in body)) if body else len(h) for i, h in enumerate(head)
+    ]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in body]
+    for s in report.skipped:
+        lines.append(f"skipped {s['module']}: {s['reason']}")
+    for f in report.failed:
+        lines.append(f"FAILED  {f['module']}: {f['error']}")
+    return "\n".join(lines)
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def markdown(report: BenchReport) -> str:
+    m = report.machine
+    lines = [
+        "# Performance",
+        "",
+        "The latest benchmark table, written by `qkdnode bench --write-docs` "
+        "(`make bench` prints the same table without touching this page). Each value is "
+        "the median of repeated runs of one stage; the end-to-end rows come from a short "
+        "`qkdnode demo` with both daemons on the same machine.",
+        "",
+        "## Machine",
+        "",
+        f"- CPU: {m.get('cpu')} ({m.get('cores')} cores)",
+        f"- Python {m.get('python')}, numpy {m.get('numpy')}",
+        f"- Platform: {m.get('platform')}",
+        f"- Date: {m.get('date')}",
+        f"- Command: `{report.command}`" + (" (quick mode)" if report.quick else ""),
+        f"- Total time: {report.duration_s:.0f} s",
+        "",
+        "## Results",
+        "",
+        "| stage | benchmark | median | unit | target | result | note |",
+        "|---|---|---:|---|---|---|---|",
+    ]
+    for r in report.rows:
+        lines.append(
+            f"| {r.stage} | {_md_escape(r.name)} | {fmt_value(r.value)} | {_md_escape(r.unit)} "
+            f"| {_md_escape(r.target) or '-'} | {_verdict(r.passed)} | {_md_escape(r.note)} |"
+        )
+    if report.skipped or report.failed:
+        lines += ["", "## Not measured", ""]
+        for s in report.skipped:
+            lines.append(f"- `{s['module']}`: skipped ({s['reason']})")
+        for f in report.failed:
+            lines.append(f"- `{f['module']}`: failed ({_md_escape(f['error'])})")
+    return "\n".join(lines) + "\n"
+
+
+def command_line(argv: Sequence[str] | None = None) -> str:
+    args = list(sys.argv[1:] if argv is None else argv)
+    return " ".join(["qkdnode", *args]) if args else "qkdnode bench"

@@ -1,0 +1,522 @@
+"""The control server: a ROUTER socket answering versioned requests from DEALER clients.
+
+Pipeline of one message (each step refuses with a structured error, never raises):
+frame shape and size -> per-client rate limit -> JSON -> envelope (version, type,
+fields) -> command allowlist -> caller role -> node state -> content model -> handler.
+
+The socket is read edge-triggered from the event loop (``add_reader`` on the ZeroMQ FD),
+draining queued messages in batches; handlers that finish without awaiting are run
+inline (see :mod:`qkdnode.bus.eager`), others as tasks, so a slow command never blocks
+the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+import zmq
+from pydantic import ValidationError
+
+from qkdnode.bus.commands import CallerInfo, CommandSpec, CommandTable
+from qkdnode.bus.eager import start_eager
+from qkdnode.bus.envelope import (
+    PROTOCOL_VERSION,
+    SUPPORTED_VERSIONS,
+    EnvelopeError,
+    IdMaker,
+    RequestEnvelope,
+    error_bytes,
+    field_errors,
+    parse_request,
+    reply_bytes,
+)
+from qkdnode.bus.errors import BusError, CommandError, ErrorCode
+from qkdnode.bus.ratelimit import TokenBuckets
+from qkdnode.bus.sockets import (
+    bound_endpoint,
+    events,
+    make_curve_server,
+    set_heartbeat,
+    warn_plaintext,
+)
+from qkdnode.bus.zap import Identity, ZapHandler
+from qkdnode.config.sections import BusSection
+
+log = structlog.get_logger(__name__)
+
+CONTROL_DOMAIN = "control"
+MAX_FRAMES = 8
+BATCH = 256
+_EMPTY = b""
+
+
+class _Throttle:
+    """Log a given event key at most once per ``period_s``."""
+
+    def __init__(self, period_s: float = 1.0) -> None:
+        self.period_s = period_s
+        self._last: dict[str, float] = {}
+
+    def ok(self, key: str) -> bool:
+        now = time.monotonic()
+        if now - self._last.get(key, -1e9) >= self.period_s:
+            self._last[key] = now
+            return True
+        return False
+
+
+def allowlist(bus: BusSection, roles: frozenset[str]) -> dict[bytes, Identity]:
+    return {
+        c.public_key.encode("ascii"): Identity(c.name, c.role)
+        for c in bus.clients
+        if c.role in roles
+    }
+
+
+class ControlServer:
+    """Request/reply server of the daemon (see docs/protocol.md, "Control socket")."""
+
+    def __init__(
+        self,
+        ctx: zmq.Context[Any],
+        bus_config: BusSection,
+        commands: CommandTable,
+        get_state: Callable[[], str],
+        secret_key: bytes | None,
+        *,
+        telemetry: Any = None,
+        server_name: str = "qkdnode",
+    ) -> None:
+        self._ctx = ctx
+        self._bus = bus_config
+        self._commands = commands
+        self._get_state = get_state
+        self._secret = secret_key
+        self._server_name = server_name
+        self._sock: zmq.Socket[bytes] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._zap: ZapHandler | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._ids = IdMaker("s")
+        self._limits = TokenBuckets(bus_config.client_rate_limit_per_s)
+        self._throttle = _Throttle()
+        self._recheck_scheduled = False
+        self._plaintext = bus_config.allow_plaintext
+        self._plain_caller = CallerInfo("plaintext", bus_config.plaintext_role, None)
+        self.stats: Counter[str] = Counter()
+        self._builtins: dict[str, CommandSpec] = {
+            "ping": CommandSpec("ping", self._ping, None, "monitor", None, "liveness check"),
+            "commands": CommandSpec(
+                "commands", self._list_commands, None, "monitor", None, "commands you may call"
+            ),
+        }
+        if telemetry is not None and "snapshot" not in commands:
+            spec = telemetry.command_spec()
+            self._builtins[spec.name] = spec
+        self.endpoint: str = bus_config.control_endpoint
+
+    # ----------------------------------------------------------------- life cycle
+    async def start(self) -> None:
+        if self._sock is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        sock: zmq.Socket[bytes] = zmq.Socket(self._ctx, zmq.ROUTER)
+        sock.linger = 0
+        sock.setsockopt(zmq.MAXMSGSIZE, self._bus.max_control_frame_bytes)
+        sock.sndhwm = 100_000
+        sock.rcvhwm = 100_000
+        set_heartbeat(sock, self._bus.heartbeat_interval_s, self._bus.heartbeat_liveness)
+        if self._plaintext:
+            warn_plaintext("control", self._bus.control_endpoint)
+        else:
+            if self._secret is None:
+                sock.close(linger=0)
+                raise BusError(
+                    "bus.server_secret_key_file: a CURVE secret key is required "
+                    "unless bus.allow_plaintext is true"
+                )
+            self._zap = ZapHandler.acquire(self._ctx)
+            self._zap.set_domain(
+                CONTROL_DOMAIN, allowlist(self._bus, frozenset({"monitor", "operator"}))
+            )
+            make_curve_server(sock, self._secret, CONTROL_DOMAIN)
+        try:
+            sock.bind(self._bus.control_endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            if self._zap is not None:
+                self._zap.release()
+                self._zap = None
+            raise BusError(
+                f"bus.control_endpoint: cannot bind {self._bus.control_endpoint}: {exc}"
+            ) from None
+        self._sock = sock
+        self.endpoint = bound_endpoint(sock)
+        self._loop.add_reader(sock.FD, self._on_readable)
+        self._loop.call_soon(self._on_readable)
+        log.info(
+            "bus.control.listening",
+            endpoint=self.endpoint,
+            curve=not self._plaintext,
+            commands=len(self._commands),
+        )
+
+    async def stop(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        if self._loop is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(sock.FD)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        sock.close(linger=0)
+        if self._zap is not None:
+            self._zap.release()
+            self._zap = None
+        log.info("bus.control.stopped", endpoint=self.endpoint)
+
+    @property
+    def running(self) -> bool:
+        return self._sock is not None
+
+    # ----------------------------------------------------------------- receiving
+    def _on_readable(self) -> None:
+        self._recheck_scheduled = False
+        sock = self._sock
+        if sock is None:
+            return
+        budget = BATCH
+        while budget > 0:
+            try:
+                if not events(sock) & zmq.POLLIN:
+                    return
+                self._receive_one(sock)
+            except zmq.Again:
+                return
+            except zmq.ZMQError as exc:
+                if self._throttle.ok("zmq"):
+                    log.warning("bus.control.socket_error", error=str(exc))
+                return
+            except Exception:  # never let one message kill the reader
+                self.stats["internal"] += 1
+                log.exception("bus.control.unexpected")
+            budget -= 1
+        self._schedule_recheck()
+
+    def _schedule_recheck(self) -> None:
+        if not self._recheck_scheduled and self._loop is not None:
+            self._recheck_scheduled = True
+            self._loop.call_soon(self._on_readable)
+
+    def _receive_one(self, sock: zmq.Socket[bytes]) -> None:
+        """Read every frame of one message (keeping at most MAX_FRAMES) and handle it."""
+        user_id: str | None = None
+        if self._plaintext:
+            frames: list[bytes] = [sock.recv(zmq.NOBLOCK)]
+            count = 1
+            while sock.rcvmore:
+                part = sock.recv()
+                count += 1
+                if count <= MAX_FRAMES:
+                    frames.append(part)
+        else:
+            first = sock.recv(flags=zmq.NOBLOCK, copy=False)
+            frames = [first.bytes]
+            count = 1
+            while sock.rcvmore:
+                zframe = sock.recv(copy=False)
+                count += 1
+                if user_id is None:
+                    uid = zframe.get("User-Id")
+                    user_id = uid if isinstance(uid, str) else None
+                if count <= MAX_FRAMES:
+                    frames.append(zframe.bytes)
+        self._handle(frames, count, user_id)
+
+    def _caller(self, user_id: str | None) -> CallerInfo | None:
+        if self._plaintext:
+            return self._plain_caller
+        if not user_id or self._zap is None:
+            return None
+        ident = self._zap.lookup(CONTROL_DOMAIN, user_id)
+        if ident is None:
+            return None
+        return CallerInfo(ident.name, ident.role, user_id)
+
+    def _handle(self, frames: list[bytes], count: int, user_id: str | None) -> None:
+        self.stats["messages"] += 1
+        identity = frames[0]
+        rate_key = user_id.encode() if user_id else identity
+        verdict = self._limits.take(rate_key)
+        if verdict < 0:
+            self.stats["dropped_flood"] += 1
+            return
+        if count != 3 or frames[1] != _EMPTY:
+            self._refuse(
+                identity,
+                None,
+                None,
+                ErrorCode.BAD_FRAMES,
+                f"expected 2 frames (empty delimiter, JSON envelope), got {count - 1}",
+                {
+                    "field": "frames",
+                    "frames": count - 1,
+                    "delimiter_empty": len(frames) > 1 and frames[1] == _EMPTY,
+                },
+            )
+            return
+        body = frames[2]
+        if len(body) > self._bus.max_control_frame_bytes:
+            self._refuse(
+                identity,
+                None,
+                None,
+                ErrorCode.TOO_LARGE,
+                "message frame exceeds bus.max_control_frame_bytes",
+                {
+                    "field": "frames[1]",
+                    "bytes": len(body),
+                    "limit": self._bus.max_control_frame_bytes,
+                },
+            )
+            return
+        try:
+            env = parse_request(body)
+        except EnvelopeError as exc:
+            self._refuse(identity, exc.parent_id, exc.command, exc.code, exc.message, exc.details)
+            return
+        if verdict == 0:
+            self._refuse(
+                identity,
+                env.id,
+                env.command,
+                ErrorCode.RATE_LIMITED,
+                "too many requests; slow down",
+                {"limit_per_s": self._limits.rate},
+            )
+            return
+        caller = self._caller(user_id)
+        if caller is None:
+            self._refuse(
+                identity,
+                env.id,
+                env.command,
+                ErrorCode.FORBIDDEN,
+                "caller is not authenticated",
+                {"field": "(connection)"},
+            )
+            return
+        if env.type == "heartbeat":
+            self.stats["heartbeats"] += 1
+            self._send(identity, reply_bytes(self._ids(), env.id, None, {}, "heartbeat"))
+            return
+        self._dispatch(identity, env, caller)
+
+    # ----------------------------------------------------------------- dispatching
+    def _dispatch(self, identity: bytes, env: RequestEnvelope, caller: CallerInfo) -> None:
+        name = env.command or ""
+        spec = self._builtins.get(name) or self._commands.get(name)
+        if spec is None:
+            self._refuse(
+                identity,
+                env.id,
+                name,
+                ErrorCode.UNKNOWN_COMMAND,
+                f"unknown command {name!r}",
+                {"field": "command"},
+            )
+            return
+        if not spec.role_allows(caller.role):
+            self._refuse(
+                identity,
+                env.id,
+                name,
+                ErrorCode.FORBIDDEN,
+                f"command {name!r} requires role {spec.role!r}; "
+                f"client {caller.name!r} has role {caller.role!r}",
+                {"field": "command", "required_role": spec.role, "role": caller.role},
+            )
+            return
+        if spec.allowed_states is not None:
+            state = self._current_state()
+            if state not in spec.allowed_states:
+                allowed = sorted(spec.allowed_states)
+                self._refuse(
+                    identity,
+                    env.id,
+                    name,
+                    ErrorCode.NOT_ALLOWED_IN_STATE,
+                    f"command {name!r} is not allowed in state {state!r} "
+                    f"(allowed: {', '.join(allowed)})",
+                    {"field": "command", "state": state, "allowed_states": allowed},
+                )
+                return
+        content = env.content
+        if spec.request_model is not None:
+            try:
+                content = spec.request_model.model_validate(content).model_dump()
+            except ValidationError as exc:
+                errors = field_errors(exc, "content.")
+                self._refuse(
+                    identity,
+                    env.id,
+                    name,
+                    ErrorCode.INVALID_CONTENT,
+                    "invalid content field(s): " + ", ".join(e["field"] for e in errors),
+                    {"field": errors[0]["field"], "errors": errors},
+                )
+                return
+        if len(self._tasks) >= self._bus.max_inflight_requests:
+            self._refuse(
+                identity,
+                env.id,
+                name,
+                ErrorCode.BUSY,
+                "too many requests in progress",
+                {"limit": len(self._tasks)},
+            )
+            return
+        self.stats["requests"] += 1
+        try:
+            done, result, task = start_eager(spec.handler(content, caller))
+        except BaseException as exc:  # handler errors become replies
+            self._handler_failed(identity, env, exc)
+            return
+        if done:
+            self._reply(identity, env, result)
+            return
+        assert task is not None
+        self._tasks.add(task)
+        task.add_done_callback(lambda t: self._task_done(t, identity, env))
+
+    def _task_done(self, task: asyncio.Task[Any], identity: bytes, env: RequestEnvelope) -> None:
+        self._tasks.discard(task)
+        if self._sock is None or task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            self._handler_failed(identity, env, exc)
+        else:
+            self._reply(identity, env, task.result())
+        self._schedule_recheck()
+
+    def _handler_failed(self, identity: bytes, env: RequestEnvelope, exc: BaseException) -> None:
+        if isinstance(exc, CommandError):
+            self._refuse(identity, env.id, env.command, exc.code, exc.message, exc.details)
+            return
+        if not isinstance(exc, Exception):
+            raise exc
+        log.error(
+            "bus.control.handler_failed",
+            command=env.command,
+            error_type=type(exc).__name__,
+            exc_info=exc,
+        )
+        self._refuse(
+            identity,
+            env.id,
+            env.command,
+            ErrorCode.INTERNAL,
+            f"command {env.command!r} failed: {type(exc).__name__}",
+            {"field": "command"},
+        )
+
+    def _reply(self, identity: bytes, env: RequestEnvelope, result: Any) -> None:
+        if not isinstance(result, dict):
+            self._refuse(
+                identity,
+                env.id,
+                env.command,
+                ErrorCode.INTERNAL,
+                f"command {env.command!r} returned {type(result).__name__}, not an object",
+                {"field": "content"},
+            )
+            return
+        try:
+            payload = reply_bytes(self._ids(), env.id, env.command, result)
+        except (TypeError, ValueError):
+            self._refuse(
+                identity,
+                env.id,
+                env.command,
+                ErrorCode.INTERNAL,
+                f"command {env.command!r} returned a non-JSON value",
+                {"field": "content"},
+            )
+            return
+        self._send(identity, payload)
+
+    def _refuse(  # noqa: PLR0917
+        self,
+        identity: bytes,
+        parent_id: str | None,
+        command: str | None,
+        code: str,
+        message: str,
+        details: dict[str, Any],
+    ) -> None:
+        self.stats[f"error.{code}"] += 1
+        if self._throttle.ok(str(code)):
+            log.warning(
+                "bus.control.refused",
+                code=str(code),
+                command=command,
+                reason=message,
+                field=details.get("field"),
+            )
+        self._send(identity, error_bytes(self._ids(), parent_id, command, code, message, details))
+
+    def _send(self, identity: bytes, payload: bytes) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        try:
+            sock.send_multipart([identity, _EMPTY, payload], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            self.stats["send_failed"] += 1
+
+    def _current_state(self) -> str:
+        try:
+            return str(self._get_state())
+        except Exception:
+            log.exception("bus.control.get_state_failed")
+            return "unknown"
+
+    # ----------------------------------------------------------------- built-ins
+    async def _ping(self, content: dict[str, Any], caller: CallerInfo) -> dict[str, Any]:
+        return {
+            "pong": True,
+            "server": self._server_name,
+            "state": self._current_state(),
+            "protocol_versions": sorted(SUPPORTED_VERSIONS),
+            "protocol_version": PROTOCOL_VERSION,
+            "caller": {"name": caller.name, "role": caller.role},
+        }
+
+    async def _list_commands(self, content: dict[str, Any], caller: CallerInfo) -> dict[str, Any]:
+        out = []
+        for spec in [*self._builtins.values(), *self._commands]:
+            out.append(
+                {
+                    "name": spec.name,
+                    "role": spec.role,
+                    "allowed_states": None
+                    if spec.allowed_states is None
+                    else sorted(spec.allowed_states),
+                    "callable": spec.role_allows(caller.role),
+                    "description": spec.description,
+                    "content_schema": spec.request_model.model_json_schema()
+                    if spec.request_model is not None
+                    else None,
+                }
+            )
+        return {"commands": out}

@@ -1,0 +1,252 @@
+"""The control envelope: versioned request and reply messages (see docs/protocol.md).
+
+A control message is one JSON frame (UTF-8) after an empty delimiter frame::
+
+    request: {"v": 1, "id": "c1-7", "type": "request", "ts": 1712000000.123,
+              "command": "status", "content": {}}
+    reply:   {"v": 1, "id": "s9-3", "type": "reply", "ts": ..., "parent_id": "c1-7",
+              "command": "status", "content": {...}}
+    error:   {"v": 1, "id": ..., "type": "error", "ts": ..., "parent_id": "c1-7",
+              "command": "status", "error": {"code": "...", "message": "...", "details": {}}}
+
+Parsing is defensive and ordered so that each problem gets its own code: JSON syntax,
+envelope shape, version, message type, then the remaining fields.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from qkdnode.bus.errors import ErrorCode
+
+PROTOCOL_VERSION = 1
+SUPPORTED_VERSIONS: frozenset[int] = frozenset({PROTOCOL_VERSION})
+REQUEST_TYPES: tuple[str, ...] = ("request", "heartbeat")
+REPLY_TYPES: tuple[str, ...] = ("reply", "error", "heartbeat")
+COMMAND_PATTERN = r"^[a-z][a-z0-9_.]{0,63}$"
+MAX_ID_LENGTH = 64
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class RequestEnvelope(_Strict):
+    """A request (or heartbeat) sent by a client on the control socket."""
+
+    v: int
+    id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    type: Literal["request", "heartbeat"]
+    ts: float
+    command: str | None = Field(None, pattern=COMMAND_PATTERN)
+    content: dict[str, Any] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class ErrorBody(_Strict):
+    code: str
+    message: str
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class ReplyEnvelope(_Strict):
+    """A reply, error or heartbeat answer sent by the server."""
+
+    v: int
+    id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    type: Literal["reply", "error", "heartbeat"]
+    ts: float
+    parent_id: str | None = None
+    command: str | None = None
+    content: dict[str, Any] = Field(default_factory=dict)
+    error: ErrorBody | None = None
+
+
+class EnvelopeError(Exception):
+    """A request that cannot be processed; becomes an ``error`` reply."""
+
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str,
+        details: dict[str, Any] | None = None,
+        parent_id: str | None = None,
+        command: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.details: dict[str, Any] = details or {}
+        self.parent_id = parent_id
+        self.command = command
+
+
+def field_errors(exc: ValidationError, prefix: str = "") -> list[dict[str, str]]:
+    """Pydantic errors as ``[{"field": "content.number", "message": ...}]`` without input values."""
+    out: list[dict[str, str]] = []
+    for err in exc.errors(include_input=False, include_url=False):
+        loc = ".".join(str(p) for p in err["loc"])
+        out.append(
+            {
+                "field": f"{prefix}{loc}" if loc else prefix.rstrip(".") or "(root)",
+                "message": err["msg"],
+                "type": err["type"],
+            }
+        )
+    return out
+
+
+def parse_request(body: bytes) -> RequestEnvelope:
+    """Decode one request frame or raise :class:`EnvelopeError` naming the bad field."""
+    try:
+        data = json.loads(body)
+    except UnicodeDecodeError as exc:
+        raise EnvelopeError(
+            ErrorCode.BAD_JSON, "message frame is not UTF-8 text", {"position": exc.start}
+        ) from None
+    except ValueError as exc:
+        pos = getattr(exc, "pos", None)
+        raise EnvelopeError(
+            ErrorCode.BAD_JSON, "message frame is not valid JSON", {"position": pos}
+        ) from None
+    if not isinstance(data, dict):
+        raise EnvelopeError(
+            ErrorCode.BAD_ENVELOPE,
+            f"envelope must be a JSON object, got {type(data).__name__}",
+            {"field": "(root)"},
+        )
+    raw_id = data.get("id")
+    parent_id = raw_id if isinstance(raw_id, str) and 0 < len(raw_id) <= MAX_ID_LENGTH else None
+    raw_cmd = data.get("command")
+    command = raw_cmd if isinstance(raw_cmd, str) and len(raw_cmd) <= 64 else None
+    if "v" not in data:
+        raise EnvelopeError(
+            ErrorCode.BAD_ENVELOPE,
+            "field 'v' (protocol version) is missing",
+            {"field": "v", "supported": sorted(SUPPORTED_VERSIONS)},
+            parent_id,
+            command,
+        )
+    version = data["v"]
+    if type(version) is not int or version not in SUPPORTED_VERSIONS:
+        raise EnvelopeError(
+            ErrorCode.UNSUPPORTED_VERSION,
+            f"protocol version {version!r:.20} is not supported",
+            {"field": "v", "supported": sorted(SUPPORTED_VERSIONS)},
+            parent_id,
+            command,
+        )
+    mtype = data.get("type")
+    if mtype not in REQUEST_TYPES:
+        shown = mtype if isinstance(mtype, str) else type(mtype).__name__
+        raise EnvelopeError(
+            ErrorCode.UNKNOWN_TYPE,
+            f"unknown message type {shown!r:.40}",
+            {"field": "type", "supported": list(REQUEST_TYPES)},
+            parent_id,
+            command,
+        )
+    try:
+        env = RequestEnvelope.model_validate(data)
+    except ValidationError as exc:
+        errors = field_errors(exc)
+        fields = ", ".join(e["field"] for e in errors)
+        raise EnvelopeError(
+            ErrorCode.BAD_ENVELOPE,
+            f"invalid envelope field(s): {fields}",
+            {"field": errors[0]["field"], "errors": errors},
+            parent_id,
+            command,
+        ) from None
+    if env.type == "request" and env.command is None:
+        raise EnvelopeError(
+            ErrorCode.BAD_ENVELOPE,
+            "field 'command' is required in a request",
+            {"field": "command"},
+            parent_id,
+        )
+    return env
+
+
+class IdMaker:
+    """Cheap unique message ids: a random per-process prefix and a counter."""
+
+    def __init__(self, tag: str) -> None:
+        self._prefix = f"{tag}{os.urandom(4).hex()}-"
+        self._count = itertools.count(1)
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{next(self._count)}"
+
+
+def dumps(obj: dict[str, Any]) -> bytes:
+    """Compact JSON (raises TypeError/ValueError for non-JSON values, NaN included)."""
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+
+
+def reply_bytes(
+    msg_id: str,
+    parent_id: str | None,
+    command: str | None,
+    content: dict[str, Any],
+    mtype: str = "reply",
+) -> bytes:
+    return dumps(
+        {
+            "v": PROTOCOL_VERSION,
+            "id": msg_id,
+            "type": mtype,
+            "ts": time.time(),
+            "parent_id": parent_id,
+            "command": command,
+            "content": content,
+        }
+    )
+
+
+def error_bytes(  # noqa: PLR0917
+    msg_id: str,
+    parent_id: str | None,
+    command: str | None,
+    code: str,
+    message: str,
+    details: dict[str, Any] | None = None,
+) -> bytes:
+    body: dict[str, Any] = {
+        "v": PROTOCOL_VERSION,
+        "id": msg_id,
+        "type": "error",
+        "ts": time.time(),
+        "parent_id": parent_id,
+        "command": command,
+        "error": {"code": str(code), "message": message, "details": details or {}},
+    }
+    try:
+        return dumps(body)
+    except (TypeError, ValueError):
+        body["error"]["details"] = {"note": "details were not JSON-serialisable"}
+        return dumps(body)
+
+
+def request_bytes(
+    msg_id: str, command: str | None, content: dict[str, Any], mtype: str = "request"
+) -> bytes:
+    body: dict[str, Any] = {"v": PROTOCOL_VERSION, "id": msg_id, "type": mtype, "ts": time.time()}
+    if command is not None:
+        body["command"] = command
+        body["content"] = content
+    return dumps(body)
+
+
+def parse_reply(body: bytes) -> ReplyEnvelope:
+    """Decode a reply frame (client side); raises ValueError on anything malformed."""
+    try:
+        return ReplyEnvelope.model_validate_json(body)
+    except ValidationError as exc:
+        raise ValueError(f"malformed reply: {field_errors(exc)[:3]}") from None

@@ -1,0 +1,127 @@
+"""``qkdnode demo``: a transmitter and a receiver over a simulated fiber, end to end.
+
+Examples::
+
+    qkdnode demo                              # 25 km, 30 s, live progress, summary
+    qkdnode demo --distance-km 50 --duration 60 --json
+    qkdnode demo --eve intercept-resend:0.5   # the error rate shows the attack; no key
+    qkdnode demo --sweep 0,25,50,75,100 --duration 20
+
+Exit codes: 0 keys identical and at least one block distilled (with ``--eve``: or no key
+at all), 1 otherwise, 2 bad options or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from qkdnode.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="run a transmitter and a receiver over a simulated fiber and distil keys",
+        description="Start two node daemons with simulated hardware, drive them through "
+        "calibrate, sync and key exchange, check that both key stores hold identical keys "
+        "and compare the key rate with theory (decoy-state GLLP, PLOB bound).",
+    )
+    p.add_argument("--config", type=Path, default=None, help="demo TOML (see configs/demo.toml)")
+    p.add_argument("--distance-km", type=float, default=None, help="fiber length (km)")
+    p.add_argument("--duration", type=float, default=None, help="key exchange time (s)")
+    p.add_argument("--eve", default=None, metavar="MODE:FRACTION", help="e.g. intercept-resend:0.5")
+    p.add_argument("--seed", type=int, default=None, help="seed of the simulated link")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default demo-out)")
+    p.add_argument(
+        "--plaintext",
+        action="store_true",
+        help="unencrypted bus instead of per-run CURVE keys (debugging only)",
+    )
+    p.add_argument("--sweep", default=None, metavar="KM,KM,...", help="one run per distance")
+    p.add_argument("--json", action="store_true", help="last stdout line: one JSON object")
+    p.set_defaults(func=_run)
+
+
+def _reporter(json_mode: bool) -> Any:
+    from qkdnode.demo.runner import LiveTerminal, Reporter
+
+    if json_mode:  # stdout carries only the JSON line; progress on a terminal stderr
+        return LiveTerminal(sys.stderr) if sys.stderr.isatty() else Reporter()
+    return LiveTerminal(sys.stdout, live_updates=sys.stdout.isatty())
+
+
+def _run(args: argparse.Namespace) -> int:
+    from qkdnode.config import ConfigError
+    from qkdnode.demo.config import apply_overrides, load_demo_config, parse_eve
+
+    try:
+        cfg = load_demo_config(args.config)
+        eve = parse_eve(args.eve) if args.eve is not None else None
+        if args.duration is not None and not args.duration > 0:
+            raise ValueError("--duration must be > 0 seconds")
+        cfg = apply_overrides(
+            cfg,
+            distance_km=args.distance_km,
+            duration_s=args.duration,
+            seed=args.seed,
+            eve=eve,
+            out_dir=args.out,
+            security="plaintext" if args.plaintext else None,
+        )
+        distances = None
+        if args.sweep is not None:
+            from qkdnode.demo.sweep import parse_distances
+
+            distances = parse_distances(args.sweep)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_USAGE
+    except ValueError as exc:
+        print(f"qkdnode demo: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+    from qkdnode.log import configure_logging
+
+    configure_logging("warning", json=False)
+    if distances is not None:
+        return _sweep(cfg, distances, args.json)
+
+    from qkdnode.demo.runner import run_demo, write_result
+    from qkdnode.demo.summary import format_summary
+
+    summary = run_demo(cfg, _reporter(args.json))
+    write_result(summary, cfg.demo.out_dir.resolve())
+    if args.json:
+        if sys.stderr.isatty():
+            print(format_summary(summary), file=sys.stderr)
+        print(summary.to_json_line(), flush=True)
+    else:
+        print(format_summary(summary), flush=True)
+    return EXIT_OK if summary.ok else EXIT_FAILURE
+
+
+def _sweep(cfg: Any, distances: list[float], json_mode: bool) -> int:
+    from qkdnode.demo.sweep import plot_sweep, run_sweep, sweep_table, write_csv
+
+    out = cfg.demo.out_dir.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    results = run_sweep(cfg, distances, _reporter(json_mode))
+    csv_path = write_csv(results, out / "sweep.csv")
+    png_path = plot_sweep(results, cfg, out / "sweep.png")
+    table = sweep_table(results)
+    stream = sys.stderr if json_mode else sys.stdout
+    if not json_mode or sys.stderr.isatty():
+        print(table, file=stream)
+        print(f"table: {csv_path}\nplot:  {png_path}", file=stream)
+    if json_mode:
+        line = {
+            "sweep": [s.model_dump(mode="json") for s in results],
+            "csv": str(csv_path),
+            "png": str(png_path),
+        }
+        print(json.dumps(line, allow_nan=False), flush=True)
+    return EXIT_OK if all(s.ok for s in results) else EXIT_FAILURE

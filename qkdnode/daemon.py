@@ -1,0 +1,129 @@
+"""The daemon's life cycle: start, run until a signal, shut down safely.
+
+Order at start: state directory, simulated world (if configured), instruments (in worker
+threads), bus sockets, then ``READY=1``. Order at stop (SIGTERM, SIGINT, a fatal error):
+``STOPPING=1``, cancel the state's activities, safe state on every instrument (read back
+and logged), close sockets, close instruments. The safe state runs on every exit path,
+including a failure during start-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from pathlib import Path
+
+import structlog
+
+from qkdnode.config import NodeConfig
+from qkdnode.hardware import InstrumentSet
+from qkdnode.log import bind_context
+from qkdnode.paths import state_dir as resolve_state_dir
+from qkdnode.sdnotify import SystemdNotifier, run_watchdog
+
+log = structlog.get_logger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+
+
+def run_daemon(cfg: NodeConfig, config_path: str) -> int:
+    """Run the node until it is told to stop. Returns the process exit code."""
+    from qkdnode.node import Node
+
+    node = Node(cfg, config_path)
+    try:
+        return asyncio.run(node.main())
+    except KeyboardInterrupt:  # a second Ctrl-C during shutdown
+        return EXIT_FAILURE
+
+
+class DaemonBase:
+    """Signals, systemd notification, instruments and the safe shutdown."""
+
+    def __init__(self, cfg: NodeConfig, config_path: str) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.state_dir: Path = resolve_state_dir(cfg.node.state_dir)
+        self.notifier = SystemdNotifier()
+        self.hardware = InstrumentSet(dict(cfg.instruments))
+        self.stop_requested = asyncio.Event()
+        self.stop_reason = ""
+        self._world_started = False
+
+    # --- hooks for the node runtime -------------------------------------------------
+    async def start_services(self) -> None:
+        """Bind sockets and start background tasks (overridden by the node runtime)."""
+
+    async def stop_services(self) -> None:
+        """Stop what :meth:`start_services` started; must not raise."""
+
+    async def cancel_activities(self) -> None:
+        """Cancel the current state's tasks before the hardware is made safe."""
+
+    def healthy(self) -> bool:
+        return True
+
+    # --- life cycle -------------------------------------------------------------------
+    def request_stop(self, reason: str) -> None:
+        if not self.stop_requested.is_set():
+            self.stop_reason = reason
+            log.info("stop_requested", reason=reason)
+            self.stop_requested.set()
+
+    def _start_world(self) -> None:
+        sim = self.cfg.simulation
+        if sim is None or not sim.enabled:
+            return
+        from drivers.simlink.world import start_world
+
+        start_world(self.cfg.node.role, sim.link, sim.fiber_endpoint)
+        self._world_started = True
+
+    def _stop_world(self) -> None:
+        if self._world_started:
+            from drivers.simlink.world import stop_world
+
+            stop_world()
+            self._world_started = False
+
+    async def main(self) -> int:
+        bind_context(node_id=self.cfg.node.id, role=self.cfg.node.role)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop, signal.Signals(sig).name)
+        code = EXIT_OK
+        watchdog: asyncio.Task[None] | None = None
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            log.info("daemon_starting", config=self.config_path, state_dir=str(self.state_dir))
+            await asyncio.to_thread(self._start_world)
+            await asyncio.to_thread(self.hardware.open_all)
+            await self.start_services()
+            self.notifier.ready(status="ready")
+            log.info("daemon_ready")
+            watchdog = asyncio.create_task(run_watchdog(self.notifier, healthy=self.healthy))
+            await self.stop_requested.wait()
+        except Exception as exc:
+            log.exception("daemon_failed", error=str(exc))
+            code = EXIT_FAILURE
+        finally:
+            self.notifier.stopping(status=f"stopping: {self.stop_reason or 'failure'}")
+            if watchdog is not None:
+                watchdog.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watchdog
+            with contextlib.suppress(Exception):
+                await self.cancel_activities()
+            report = await asyncio.to_thread(self.hardware.make_safe)
+            if not all(r.get("safe") for r in report.values()):
+                log.error("unsafe_at_exit", report=report)
+                code = EXIT_FAILURE
+            with contextlib.suppress(Exception):
+                await self.stop_services()
+            await asyncio.to_thread(self.hardware.close_all)
+            await asyncio.to_thread(self._stop_world)
+            self.notifier.close()
+            log.info("daemon_stopped", exit_code=code)
+        return code

@@ -1,0 +1,371 @@
+"""The node runtime: state machine, bus, procedures, key exchange and key store wired together.
+
+The transmitter coordinates the pair (see :mod:`qkdnode.link`): operator commands
+``calibrate``, ``sync``, ``start`` and ``stop`` sent to it move both nodes; the receiver
+follows its requests. Every state's activity is a task owned by that state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import structlog
+import zmq
+import zmq.asyncio
+
+from qkdnode.bus.commands import CallerInfo, CommandSpec, CommandTable
+from qkdnode.bus.control import ControlServer
+from qkdnode.bus.errors import CommandError, PeerDisconnected, PeerTimeout
+from qkdnode.bus.keys import resolve_server_secret
+from qkdnode.bus.peer import PeerChannel
+from qkdnode.bus.telemetry import TelemetryPublisher
+from qkdnode.config import NodeConfig
+from qkdnode.daemon import DaemonBase
+from qkdnode.link import LINK_PREFIX, PP_PREFIX, LinkCoordinator, LinkError, LinkRequest
+from qkdnode.log import bind_context, bound_context
+from qkdnode.statemachine import Event, State, StateMachine, TransitionRecord, TransitionRefused
+
+log = structlog.get_logger(__name__)
+
+S = State
+PAIR_TIMEOUT_S = 120.0
+
+
+@dataclass
+class NodeStats:
+    """Counters of the current exchange session (reset by ``start``)."""
+
+    pulses: int = 0
+    detections: int = 0
+    sifted_bits: int = 0
+    qber: float | None = None
+    secret_bits: int = 0
+    blocks_ok: int = 0
+    blocks_aborted: int = 0
+    exchange_seconds: float = 0.0
+    synchronized: bool = False
+    calibrated: bool = False
+    auth_key_balance_bits: int = 0
+    last_block: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def secret_key_rate_bps(self) -> float:
+        return self.secret_bits / self.exchange_seconds if self.exchange_seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["secret_key_rate_bps"] = self.secret_key_rate_bps
+        return d
+
+
+class PostprocTransport:
+    """The ``pp.`` sub-channel of the peer link, for the post-processing protocol."""
+
+    def __init__(self, peer: PeerChannel, inbox: asyncio.Queue[Any]) -> None:
+        self._peer = peer
+        self._inbox = inbox
+
+    async def send(self, kind: str, header: dict[str, Any], buffers: Any) -> None:
+        await self._peer.send(PP_PREFIX + kind, header, buffers)
+
+    async def recv(self, timeout_s: float) -> Any:
+        from qkdnode.postproc.transport import PeerMessage as PPMessage
+        from qkdnode.postproc.transport import TransportTimeoutError
+
+        try:
+            item = await asyncio.wait_for(self._inbox.get(), timeout_s)
+        except TimeoutError:
+            raise TransportTimeoutError(f"no peer message within {timeout_s:g} s") from None
+        if isinstance(item, Exception):
+            raise item
+        return PPMessage(item.kind.removeprefix(PP_PREFIX), item.header, list(item.buffers))
+
+    def drain(self) -> None:
+        while not self._inbox.empty():
+            self._inbox.get_nowait()
+
+
+class Node(DaemonBase):
+    def __init__(self, cfg: NodeConfig, config_path: str) -> None:
+        super().__init__(cfg, config_path)
+        self.role = cfg.node.role
+        self.sm = StateMachine()
+        self.sm.guards = {
+            "peer_connected": lambda: self.peer is not None and self.peer.connected,
+            "synchronized": lambda: self.stats.synchronized,
+        }
+        self.sm.add_listener(self._on_transition)
+        self.stats = NodeStats()
+        self.zctx: zmq.asyncio.Context | None = None
+        self.telemetry: TelemetryPublisher | None = None
+        self.control: ControlServer | None = None
+        self.peer: PeerChannel | None = None
+        self.link = LinkCoordinator(self._link_send)
+        self.link.handler = self._serve_link
+        self.pp_inbox: asyncio.Queue[Any] = asyncio.Queue(256)
+        self.session: Any = None  # qkdnode.session.ExchangeSession, created on demand
+        self._bg: list[asyncio.Task[Any]] = []
+        self._was_connected = False
+        self.auto_resume: State | None = None
+        self.metrics: Any = None
+
+    # ------------------------------------------------------------------ services
+    async def start_services(self) -> None:
+        from qkdnode.session import ExchangeSession
+
+        bus = self.cfg.bus
+        secret = None if bus.allow_plaintext else resolve_server_secret(bus.server_secret_key_file)
+        self.zctx = zmq.asyncio.Context()
+        self.telemetry = TelemetryPublisher(self.zctx, bus, secret)
+        await self.telemetry.start()
+        self.control = ControlServer(
+            self.zctx, bus, self._commands(), lambda: self.sm.state.value, secret,
+            telemetry=self.telemetry, server_name=self.cfg.node.id,
+        )
+        await self.control.start()
+        self.peer = PeerChannel(self.zctx, bus, self.role, secret)
+        await self.peer.start()
+        if self.cfg.metrics.enabled:
+            from qkdnode.metrics import NodeMetrics
+
+            self.metrics = NodeMetrics(self.cfg.node.id, self.role)
+            await self.metrics.start_http(self.cfg.metrics.listen_host, self.cfg.metrics.listen_port)
+        self.session = ExchangeSession(self)
+        await self.session.open()
+        self._bg.append(asyncio.create_task(self._peer_reader(), name="peer-reader"))
+        self._bg.append(asyncio.create_task(self._monitor(), name="monitor"))
+        await self.sm.trigger(Event.START, "daemon started")
+        await self.sm.trigger(Event.CONNECTED, "instruments connected, sockets bound")
+
+    async def stop_services(self) -> None:
+        for t in self._bg:
+            t.cancel()
+        await asyncio.gather(*self._bg, return_exceptions=True)
+        if self.session is not None:
+            await self.session.close()
+        for comp in (self.control, self.peer, self.telemetry):
+            if comp is not None:
+                with contextlib.suppress(Exception):
+                    await comp.stop()
+        if self.metrics is not None:
+            with contextlib.suppress(Exception):
+                await self.metrics.stop()
+        if self.zctx is not None:
+            self.zctx.destroy(linger=0)
+
+    async def cancel_activities(self) -> None:
+        with contextlib.suppress(TransitionRefused):
+            await self.sm.trigger(Event.SHUTDOWN, self.stop_reason or "failure")
+        await self.sm.close()
+
+    def healthy(self) -> bool:
+        return self.sm.state is not S.FAULT
+
+    # ------------------------------------------------------------------ telemetry
+    def publish(self, topic: str, payload: dict[str, Any]) -> None:
+        if self.telemetry is not None:
+            try:
+                self.telemetry.publish(topic, payload)
+            except Exception as exc:
+                log.warning("telemetry_publish_failed", topic=topic, error=str(exc))
+
+    def alarm(self, kind: str, message: str, **details: Any) -> None:
+        log.warning("alarm", alarm=kind, message=message, **details)
+        self.publish("alarm", {"alarm": kind, "message": message, **details})
+
+    def _on_transition(self, rec: TransitionRecord) -> None:
+        self.notifier.status(f"{rec.new.value} ({rec.event.value})")
+        if self.metrics is not None:
+            self.metrics.set_state(rec.new.value)
+            self.metrics.set_healthy(self.healthy())
+        self.publish(
+            "state",
+            {"old": rec.old.value, "new": rec.new.value, "event": rec.event.value,
+             "reason": rec.reason},
+        )
+
+    async def trigger(self, event: Event, reason: str = "") -> bool:
+        """Trigger ``event``; False (logged) when the table refuses it."""
+        try:
+            await self.sm.trigger(event, reason)
+            return True
+        except TransitionRefused as exc:
+            log.info("transition_refused", trigger=event.value, state=self.sm.state.value,
+                     reason=exc.reason)
+            return False
+
+    # ------------------------------------------------------------------ peer link
+    async def _link_send(self, kind: str, header: dict[str, Any]) -> None:
+        if self.peer is None:
+            raise LinkError("peer channel not started")
+        await self.peer.send(kind, header, [])
+
+    async def _peer_reader(self) -> None:
+        assert self.peer is not None
+        while True:
+            try:
+                msg = await self.peer.recv(1.0)
+            except PeerTimeout:
+                continue
+            except PeerDisconnected as exc:
+                self.link.fail_pending(f"peer disconnected: {exc}")
+                with contextlib.suppress(asyncio.QueueFull):
+                    self.pp_inbox.put_nowait(exc)
+                continue
+            if msg.kind.startswith(LINK_PREFIX):
+                self.link.on_message(msg.kind, msg.header)
+            elif msg.kind.startswith(PP_PREFIX):
+                try:
+                    self.pp_inbox.put_nowait(msg)
+                except asyncio.QueueFull:
+                    log.warning("pp_inbox_full_dropping", kind=msg.kind)
+            else:
+                log.warning("peer_unknown_kind", kind=msg.kind)
+
+    async def _monitor(self) -> None:
+        """Peer liveness, instrument health and automatic resumption, once a second."""
+        assert self.peer is not None
+        while True:
+            await asyncio.sleep(0.5)
+            connected = self.peer.connected
+            if connected != self._was_connected:
+                self._was_connected = connected
+                log.info("peer_link", connected=connected)
+                self.publish("peer", {"connected": connected})
+                if not connected:
+                    if self.sm.state in (S.CALIBRATING, S.SYNCHRONIZING, S.EXCHANGING):
+                        self.auto_resume = self.sm.state
+                        await self.trigger(Event.PEER_LOST, "peer link down")
+                elif self.sm.state is S.PAUSED:
+                    await self.trigger(Event.PEER_BACK, "peer link back")
+            if self.session is not None:
+                await self.session.monitor_tick()
+
+    async def _serve_link(self, req: LinkRequest) -> dict[str, Any]:
+        assert self.session is not None
+        return await self.session.serve(req)
+
+    # ------------------------------------------------------------------ commands
+    def _commands(self) -> CommandTable:
+        live = frozenset(s.value for s in State if s not in (S.SHUTDOWN,))
+        return CommandTable(
+            [
+                CommandSpec("status", self._cmd_status, None, "monitor", None,
+                            "state, health and session statistics"),
+                CommandSpec("calibrate", self._cmd_pair(Event.CALIBRATE),
+                            frozenset({"IDLE", "EXCHANGING"}), "operator", None,
+                            "calibrate both nodes of the link"),
+                CommandSpec("sync", self._cmd_pair(Event.SYNC), frozenset({"IDLE"}),
+                            "operator", None, "acquire clock lock between the nodes"),
+                CommandSpec("start", self._cmd_pair(Event.EXCHANGE), frozenset({"IDLE"}),
+                            "operator", None, "start continuous key exchange"),
+                CommandSpec("stop", self._cmd_stop,
+                            frozenset({"CALIBRATING", "SYNCHRONIZING", "EXCHANGING", "PAUSED",
+                                       "IDLE"}),
+                            "operator", None, "stop the current activity on both nodes"),
+                CommandSpec("recover", self._cmd_recover, frozenset({"FAULT"}), "operator", None,
+                            "clear a fault: reconnect instruments and return to IDLE"),
+                CommandSpec("keys.get", self._cmd_keys_get, live, "operator", None,
+                            "fetch keys from the key store (operator delivery)"),
+                CommandSpec("keys.digest", self._cmd_keys_digest, live, "monitor", None,
+                            "count and SHA-256 digest of the committed keys"),
+                CommandSpec("sim.inject", self._cmd_inject, live, "operator", None,
+                            "inject or clear a simulated fault (simulation only)"),
+            ]
+        )
+
+    async def _cmd_status(self, content: dict[str, Any], caller: CallerInfo) -> dict[str, Any]:
+        return {
+            "state": self.sm.state.value,
+            "role": self.role,
+            "node_id": self.cfg.node.id,
+            "peer_id": self.cfg.node.peer_id,
+            "healthy": self.healthy(),
+            "peer_connected": bool(self.peer and self.peer.connected),
+            "instruments": {n: up for n, up in self.hardware.up.items()},
+            "stats": self.stats.as_dict(),
+            "keystore": self.session.keystore_counts() if self.session else {},
+        }
+
+    def _cmd_pair(self, event: Event) -> Any:
+        async def handler(content: dict[str, Any], caller: CallerInfo) -> dict[str, Any]:
+            if self.role != "transmitter":
+                raise CommandError(
+                    "wrong_node",
+                    f"pair commands are coordinated by the transmitter "
+                    f"({self.cfg.node.peer_id!r}); send {event.value!r} to it",
+                )
+            try:
+                rec = await self.sm.trigger(event, f"operator {caller.name}")
+            except TransitionRefused as exc:
+                raise CommandError("refused", str(exc), {"state": self.sm.state.value}) from None
+            return {"state": rec.new.value}
+
+        return handler
+
+    async def _cmd_stop(self, content: dict[str, Any], caller: CallerInfo) -> dict[str, Any]:
+        if self.sm.state is not S.IDLE:
+            await self.trigger(Event.STOP, f"operator {caller.name}")
+        if self.role == "transmitter" and self.peer is not None and self.peer.connected:
+            with contextlib.suppress(LinkError):
+                await self.link.request("stop", 10.0)
+        return {"state": self.sm.state.value}
+
+    async def _cmd_recover(self, content: dict[str, Any], caller: CallerInfo) -> dict[str, Any]:
+        assert self.session is not None
+        await self.session.recover(f"operator {caller.name}")
+        return {"state": self.sm.state.value}
+
+    async def _cmd_keys_get(self, content: dict[str, Any], caller: CallerInfo) -> dict[str, Any]:
+        assert self.session is not None
+        number = int(content.get("number", 1))
+        size_bits = int(content.get("size_bits", self.cfg.keystore.key_size_bits))
+        return await self.session.fetch_keys(number, size_bits, caller.name)
+
+    async def _cmd_keys_digest(
+        self, content: dict[str, Any], caller: CallerInfo
+    ) -> dict[str, Any]:
+        assert self.session is not None
+        return await self.session.keys_digest()
+
+    async def _cmd_inject(self, content: dict[str, Any], caller: CallerInfo) -> dict[str, Any]:
+        if self.cfg.simulation is None or not self.cfg.simulation.enabled:
+            raise CommandError("not_simulated", "sim.inject needs a simulated link")
+        from drivers.simlink.world import FAULTS, get_world
+
+        fault = str(content.get("fault", ""))
+        if fault not in FAULTS:
+            raise CommandError("bad_request", f"fault must be one of {list(FAULTS)}",
+                               {"field": "fault"})
+        world = get_world()
+        kwargs = {k: v for k, v in content.items() if k not in ("fault", "clear")}
+        try:
+            if content.get("clear"):
+                world.clear(fault)
+            else:
+                world.inject(fault, **kwargs)
+        except (TypeError, ValueError) as exc:
+            raise CommandError("bad_request", str(exc), {"field": "fault"}) from None
+        log.warning("sim_fault", fault=fault, cleared=bool(content.get("clear")))
+        return {"fault": fault, "cleared": bool(content.get("clear"))}
+
+
+def key_digest(rows: list[tuple[str, bytes]]) -> dict[str, Any]:
+    """Count and SHA-256 over (key id, key bytes) sorted by id: compares stores, reveals nothing."""
+    h = hashlib.sha256()
+    for key_id, key in sorted(rows):
+        h.update(key_id.encode())
+        h.update(len(key).to_bytes(4, "big"))
+        h.update(key)
+    return {"count": len(rows), "sha256": h.hexdigest()}
+
+
+__all__ = ["Node", "NodeStats", "PostprocTransport", "bind_context", "bound_context",
+           "key_digest", "np", "os", "time"]

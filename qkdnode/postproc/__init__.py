@@ -1,0 +1,14 @@
+"""Post-processing: detections -> secret key between the two nodes (issue 8).
+
+One module per stage, each a pure numpy core plus a thin message layer in
+:mod:`qkdnode.postproc.pipeline`:
+
+- :mod:`.sifting` — double-click squashing, compact detection announcement, basis match.
+- :mod:`.finitekey` — decoy-state finite-key bounds (Lim et al., PRA 89, 022307 (2014)).
+- :mod:`.cascade` — Cascade error correction with batched, tree-reusing parity queries.
+- :mod:`.verify` — universal-hash verification of the corrected key.
+- :mod:`.toeplitz` — Toeplitz privacy amplification by blocked FFT convolution.
+- :mod:`.auth` — Wegman-Carter authentication (Poly1305 + one-time pads) and the key pool.
+- :mod:`.transport` — the peer transport Protocol and a ZeroMQ PAIR implementation.
+- :mod:`.theory` — asymptotic decoy-state key rate and the PLOB bound.
+"""

@@ -1,0 +1,55 @@
+"""Parameters of the post-processing of one key block."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CascadeParams(_Strict):
+    """Cascade schedule. Block sizes are powers of two (so that sub-block parities form a
+    dyadic tree that later passes reuse without disclosing anything new)."""
+
+    first_block_factor: float = Field(
+        1.0, gt=0, le=8, description="pass-1 block size ~ factor / QBER (rounded to 2^k)"
+    )
+    growth_factor: int = Field(2, ge=2, le=8, description="block size ratio between passes")
+    passes: int = Field(6, ge=1, le=16, description="maximum number of passes")
+    qber_floor: float = Field(0.005, gt=0, lt=0.5, description="QBER assumed at least this")
+
+
+class PostprocParams(_Strict):
+    """Security and source parameters of one block. Intensities are mean photon numbers."""
+
+    eps_sec: float = Field(1e-10, gt=0, lt=1)
+    eps_cor: float = Field(1e-15, gt=0, lt=1)
+    qber_abort: float = Field(0.11, gt=0, lt=0.5, description="abort above this error rate")
+    mu_signal: float = Field(0.5, gt=0, le=2)
+    mu_decoy: float = Field(0.1, gt=0, le=2)
+    mu_vacuum: float = Field(0.0, ge=0, le=0.1)
+    p_signal: float = Field(0.7, gt=0, lt=1)
+    p_decoy: float = Field(0.2, gt=0, lt=1)
+    p_basis_z: float = Field(0.9, gt=0, lt=1)
+    cascade: CascadeParams = CascadeParams()
+    auth_reserve_bits: int = Field(
+        4096, ge=0, multiple_of=256, description="final-key bits moved to the auth pool"
+    )
+    min_sifted_bits: int = Field(1000, ge=1)
+    recv_timeout_s: float = Field(10.0, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _check(self) -> PostprocParams:
+        if not self.mu_signal > self.mu_decoy + self.mu_vacuum:
+            raise ValueError("need mu_signal > mu_decoy + mu_vacuum (Lim et al. condition)")
+        if self.mu_decoy <= self.mu_vacuum:
+            raise ValueError("need mu_decoy > mu_vacuum")
+        if self.p_signal + self.p_decoy >= 1:
+            raise ValueError("p_signal + p_decoy must be < 1 (the rest is vacuum)")
+        return self
+
+    @property
+    def p_vacuum(self) -> float:
+        return 1.0 - self.p_signal - self.p_decoy

@@ -1,0 +1,303 @@
+"""Detector timing: scan each detector's gate delay across the slot to find the pulse.
+
+Receiver side. Needs the transmitter's light on (any pattern: key states or the sync
+pattern) during the scan. The count rate against the gate delay is a box of the gate's
+width centred on the pulse, blurred by the timing jitter, on top of the dark counts:
+
+    R(d) = B + A * [Phi((d - p + w/2) / s) - Phi((d - p - w/2) / s)]
+
+A coarse scan over one slot period (step about w/2) finds the plateau; a fine scan over
+its two edges is fitted with the model above (``p``, ``w``, ``s``, ``A``, ``B`` free); the
+delay is set to ``p``, the centre of the pulse.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+from matplotlib.figure import Figure
+from pydantic import BaseModel, ConfigDict, Field
+from scipy.optimize import curve_fit
+from scipy.special import erf
+
+from drivers.interfaces import DetectorStatus, SinglePhotonDetector
+from qkdnode.procedures.common import (
+    CalibrationError,
+    CalibrationResult,
+    Publisher,
+    call,
+    finish,
+    maybe_await,
+    settle,
+)
+
+__all__ = [
+    "DetectorTimingConfig",
+    "DetectorTimingResult",
+    "GateScanFit",
+    "calibrate_detector_timing",
+    "fit_gate_scan",
+    "gate_model",
+    "plot_detector_timing",
+]
+
+
+class DetectorTimingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    gate_width_ps: float = Field(1000.0, gt=0, description="nominal gate width (datasheet)")
+    coarse_step_fraction: float = Field(0.8, gt=0, le=1, description="of the gate width")
+    fine_step_ps: float = Field(40.0, gt=0)
+    fine_half_span_ps: float = Field(250.0, gt=0, description="around each edge")
+    settle_s: float = Field(0.0, ge=0, description="wait after setting the delay")
+    min_contrast: float = Field(5.0, gt=0, description="peak over background, in sigmas")
+
+
+def gate_model(  # noqa: PLR0917 (curve_fit passes parameters positionally)
+    d: npt.NDArray[np.float64], p: float, w: float, s: float, a: float, b: float
+) -> npt.NDArray[np.float64]:
+    """Count rate of a gate of width ``w`` centred at delay ``d`` on a pulse at ``p``."""
+    s = max(abs(s), 1e-3)
+    r2 = math.sqrt(2.0) * s
+    return np.asarray(b + a * 0.5 * (erf((d - p + w / 2) / r2) - erf((d - p - w / 2) / r2)))
+
+
+class GateScanFit(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    pulse_delay_ps: float
+    pulse_delay_err_ps: float
+    gate_width_ps: float
+    jitter_ps: float
+    signal_rate_hz: float
+    background_rate_hz: float
+
+
+def _wrap(d: npt.NDArray[np.float64], center: float, period: float) -> npt.NDArray[np.float64]:
+    return np.asarray((d - center + period / 2) % period - period / 2 + center)
+
+
+def fit_gate_scan(
+    delays_ps: Sequence[float] | npt.NDArray[np.float64],
+    rates_hz: Sequence[float] | npt.NDArray[np.float64],
+    gate_width_ps: float,
+    period_ps: float | None = None,
+) -> GateScanFit:
+    """Fit :func:`gate_model` to a delay scan (delays may wrap around ``period_ps``)."""
+    d = np.asarray(delays_ps, dtype=np.float64)
+    r = np.asarray(rates_hz, dtype=np.float64)
+    if d.size < 5:
+        raise CalibrationError("too few scan points to fit the gate")
+    b0 = float(np.percentile(r, 10))
+    a0 = float(r.max() - b0)
+    if a0 <= 0:
+        raise CalibrationError("flat delay scan: no optical pulse seen")
+    above = r > b0 + a0 / 2
+    p0 = float(np.mean(d[above])) if above.any() else float(d[np.argmax(r)])
+    if period_ps is not None:
+        # centre the data on the plateau so that the box does not wrap
+        p0 = float(d[np.argmax(r)])
+        d = _wrap(d, p0, period_ps)
+        above = r > b0 + a0 / 2
+        p0 = float(np.mean(d[above])) if above.any() else p0
+    sigma = np.sqrt(np.maximum(r, 1.0))
+    try:
+        popt, pcov = curve_fit(
+            gate_model,
+            d,
+            r,
+            p0=[p0, gate_width_ps, gate_width_ps / 20, a0, b0],
+            sigma=sigma,
+            maxfev=20000,
+        )
+    except (RuntimeError, ValueError) as exc:
+        raise CalibrationError(f"gate fit failed: {exc}") from exc
+    perr = np.sqrt(np.maximum(np.diag(pcov), 0.0))
+    p = float(popt[0])
+    if period_ps is not None:
+        p %= period_ps
+    return GateScanFit(
+        pulse_delay_ps=p,
+        pulse_delay_err_ps=float(perr[0]),
+        gate_width_ps=abs(float(popt[1])),
+        jitter_ps=abs(float(popt[2])),
+        signal_rate_hz=float(popt[3]),
+        background_rate_hz=float(popt[4]),
+    )
+
+
+class DetectorScan(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    detector: str
+    delays_ps: list[float]
+    rates_hz: list[float]
+    fit: GateScanFit | None
+    delay_set_ps: float | None
+    previous_delay_ps: float
+
+
+class DetectorTimingResult(CalibrationResult):
+    procedure: str = "detector_timing"
+    period_ps: float
+    scans: list[DetectorScan]
+
+
+async def _scan(
+    dets: Sequence[SinglePhotonDetector],
+    grids: list[list[float]],
+    settle_s: float,
+    measure: Callable[[], object],
+) -> npt.NDArray[np.float64]:
+    """Step every detector through its own grid at once; rates[detector, point]."""
+    n = max(len(g) for g in grids)
+    rates = np.full((len(dets), n), np.nan)
+    for i in range(n):
+        for det, grid in zip(dets, grids, strict=True):
+            if i < len(grid):
+                await call(det.set_delay_ps, grid[i])
+        await settle(settle_s)
+        await maybe_await(measure())
+        for k, (det, grid) in enumerate(zip(dets, grids, strict=True)):
+            if i < len(grid):
+                rates[k, i] = float(await call(det.count_rate_hz))
+    return rates
+
+
+def _delay_grid(det: SinglePhotonDetector, start: float, stop: float, step: float) -> list[float]:
+    lo, hi = det.delay_range_ps
+    grid = np.arange(start, stop + step / 2, step)
+    return [float(x) for x in grid if lo <= x <= hi]
+
+
+async def calibrate_detector_timing(
+    detectors: Sequence[SinglePhotonDetector],
+    slot_rate_hz: float,
+    cfg: DetectorTimingConfig | None = None,
+    *,
+    wait_integration: Callable[[], object] | None = None,
+    state_dir: Path | None = None,
+    publish: Publisher | None = None,
+) -> DetectorTimingResult:
+    """Scan, fit and set the gate delay of every detector (the transmitter's light on).
+
+    All detectors are scanned together (each its own grid). ``wait_integration`` is
+    called (and awaited if it returns an awaitable) after each delay change and before
+    reading ``count_rate_hz``: it must let one full integration period of the detectors
+    elapse (on hardware a sleep; in simulation, advancing the link). A detector whose scan
+    shows no pulse keeps its previous delay and the result is marked not ok.
+    """
+    cfg = cfg or DetectorTimingConfig()
+    started = time.monotonic()
+    period = 1e12 / slot_rate_hz
+    measure = wait_integration or (lambda: None)
+    dets = list(detectors)
+    previous = [float(await call(d.delay_ps)) for d in dets]
+    for det in dets:
+        if await call(det.status) != DetectorStatus.ARMED:
+            await call(det.arm)
+    step = cfg.coarse_step_fraction * cfg.gate_width_ps
+    coarse = [
+        _delay_grid(
+            d, max(d.delay_range_ps[0], 0.0), min(d.delay_range_ps[1], period - step / 2), step
+        )
+        for d in dets
+    ]
+    coarse_rates = await _scan(dets, coarse, cfg.settle_s, measure)
+    centers: list[float | None] = []
+    for k in range(len(dets)):
+        r = coarse_rates[k, : len(coarse[k])]
+        base = float(np.median(r))
+        i = int(np.argmax(r))
+        seen = r[i] - base >= cfg.min_contrast * math.sqrt(max(base, 1.0)) and r[i] > 0
+        centers.append(coarse[k][i] if seen else None)
+    fine: list[list[float]] = []
+    for det, c in zip(dets, centers, strict=True):
+        grid: list[float] = []
+        if c is not None:
+            for edge in (c - cfg.gate_width_ps / 2, c + cfg.gate_width_ps / 2):
+                grid += _delay_grid(
+                    det,
+                    edge - cfg.fine_half_span_ps - step / 2,
+                    edge + cfg.fine_half_span_ps + step / 2,
+                    cfg.fine_step_ps,
+                )
+        fine.append(grid)
+    fine_rates = await _scan(dets, fine, cfg.settle_s, measure) if any(fine) else None
+    scans: list[DetectorScan] = []
+    messages: list[str] = []
+    for k, det in enumerate(dets):
+        delays = list(coarse[k]) + fine[k]
+        rate_list = [float(x) for x in coarse_rates[k, : len(coarse[k])]]
+        if fine_rates is not None:
+            rate_list += [float(x) for x in fine_rates[k, : len(fine[k])]]
+        fit: GateScanFit | None = None
+        delay_set: float | None = None
+        try:
+            c = centers[k]
+            if c is None:
+                raise CalibrationError("no optical pulse in the coarse scan")
+            d_arr = np.array(delays)
+            near = np.abs(_wrap(d_arr, c, period) - c) <= cfg.gate_width_ps + step
+            fit = fit_gate_scan(d_arr[near], np.array(rate_list)[near], cfg.gate_width_ps, period)
+            target = fit.pulse_delay_ps
+            lo, hi = det.delay_range_ps
+            if not lo <= target <= hi:
+                target = target - period if target - period >= lo else target + period
+            await call(det.set_delay_ps, target)
+            delay_set = float(await call(det.delay_ps))
+        except CalibrationError as exc:
+            messages.append(f"{det.name}: {exc}")
+            await call(det.set_delay_ps, previous[k])
+        scans.append(
+            DetectorScan(
+                detector=det.name,
+                delays_ps=delays,
+                rates_hz=rate_list,
+                fit=fit,
+                delay_set_ps=delay_set,
+                previous_delay_ps=previous[k],
+            )
+        )
+    result = DetectorTimingResult(
+        period_ps=period, scans=scans, ok=not messages, message="; ".join(messages)
+    )
+    return finish(result, started, state_dir, plot_detector_timing, publish)
+
+
+def plot_detector_timing(result: DetectorTimingResult, fig: Figure) -> None:
+    ax = fig.add_subplot(1, 1, 1)
+    for scan in result.scans:
+        d = np.array(scan.delays_ps)
+        order = np.argsort(d)
+        (line,) = ax.plot(
+            d[order] / 1e3, np.array(scan.rates_hz)[order], ".", ms=3, label=scan.detector
+        )
+        if scan.fit is not None:
+            f = scan.fit
+            x = np.linspace(
+                f.pulse_delay_ps - f.gate_width_ps, f.pulse_delay_ps + f.gate_width_ps, 400
+            )
+            ax.plot(
+                x / 1e3,
+                gate_model(
+                    x,
+                    f.pulse_delay_ps,
+                    f.gate_width_ps,
+                    f.jitter_ps,
+                    f.signal_rate_hz,
+                    f.background_rate_hz,
+                ),
+                color=line.get_color(),
+                lw=1,
+            )
+            ax.axvline(f.pulse_delay_ps / 1e3, color=line.get_color(), ls=":", lw=0.8)
+    ax.set_xlabel("gate delay (ns)")
+    ax.set_ylabel("count rate (Hz)")
+    ax.set_yscale("symlog", linthresh=10)
+    ax.legend(fontsize=7)

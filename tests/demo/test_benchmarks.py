@@ -1,0 +1,148 @@
+"""The bench aggregator: target judging, module discovery, table, JSON and docs page."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from qkdnode.benchmarks import (
+    BenchReport,
+    judge,
+    markdown,
+    run_all,
+    text_table,
+    unit_factor,
+)
+from qkdnode.cli import main
+
+
+@pytest.mark.parametrize(
+    ("value", "unit", "target", "expected"),
+    [
+        (70e6, "counts/s", ">= 60e6 counts/s", True),
+        (50e6, "counts/s", ">= 60e6 counts/s", False),
+        (12e6, "b/s", ">= 10 Mb/s", True),
+        (9.9e6, "b/s", ">= 10 Mb/s", False),
+        (40.0, "us", "<= 0.1 ms", True),
+        (400.0, "us", "<= 0.1 ms", False),
+        (0.5, "ms", "< 1000 us", True),
+        (3.0, "", "> 2", True),
+        (3.0, "x", "about fast", None),
+        (3.0, "b/s", ">= 1 furlong", None),
+        (float("nan"), "b/s", ">= 1 b/s", None),
+    ],
+)
+def test_judge(value: float, unit: str, target: str, expected: bool | None) -> None:
+    assert judge(value, unit, target) is expected
+
+
+def test_unit_factor() -> None:
+    assert unit_factor("Mb/s", "b/s") == 1e6
+    assert unit_factor("b/s", "kb/s") == pytest.approx(1e-3)
+    assert unit_factor("", "s") == 1.0
+    assert unit_factor("m", "s") is None
+
+
+@pytest.fixture
+def bench_pkg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A real package on sys.path with a good and a failing bench module."""
+    pkg = tmp_path / "fakebenchpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "good").mkdir()
+    (pkg / "good" / "__init__.py").write_text("")
+    (pkg / "good" / "bench.py").write_text(
+        textwrap.dedent(
+            """
+            import statistics, time
+
+            def run_benchmarks(quick=False):
+                times = []
+                for _ in range(3 if quick else 7):
+                    t0 = time.perf_counter(); sum(range(10000)); times.append(time.perf_counter() - t0)
+                return [
+                    {"name": "sum", "value": 1e6 * statistics.median(times), "unit": "us",
+                     "target": "<= 1 s", "note": "quick" if quick else "full"},
+                    {"name": "impossible", "value": 1.0, "unit": "b/s",
+                     "target": ">= 1 Gb/s", "note": ""},
+                ]
+            """
+        )
+    )
+    (pkg / "bad").mkdir()
+    (pkg / "bad" / "__init__.py").write_text("")
+    (pkg / "bad" / "bench.py").write_text(
+        "def run_benchmarks(quick=False):\n    raise RuntimeError('boom')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "fakebenchpkg"
+
+
+def test_run_all_collects_skips_and_failures(bench_pkg: str, tmp_path: Path) -> None:
+    modules = [f"{bench_pkg}.good.bench", f"{bench_pkg}.bad.bench", f"{bench_pkg}.absent.bench"]
+    report = run_all(quick=True, out_dir=tmp_path, end_to_end=False, modules=modules)
+    assert [r.name for r in report.rows] == ["sum", "impossible"]
+    assert report.rows[0].passed is True and report.rows[0].note == "quick"
+    assert report.rows[1].passed is False
+    assert report.rows[0].stage == f"{bench_pkg}.good"
+    assert report.skipped == [
+        {"module": f"{bench_pkg}.absent.bench", "reason": "module not present"}
+    ]
+    assert report.failed[0]["module"] == f"{bench_pkg}.bad.bench"
+    assert "boom" in report.failed[0]["error"]
+    assert report.machine["cores"] >= 1 and report.machine["python"]
+    table = text_table(report)
+    assert "FAIL" in table and "pass" in table and "skipped" in table
+    md = markdown(report)
+    assert "| sum |" in md.replace(f"| {bench_pkg}.good ", "")
+    assert report.machine["cpu"] in md
+
+
+def test_bench_command_writes_json_and_docs(bench_pkg: str, tmp_path: Path) -> None:
+    out_json = tmp_path / "b.json"
+    docs = tmp_path / "perf.md"
+    code = main(
+        [
+            "bench",
+            "--quick",
+            "--no-e2e",
+            "--only",
+            f"{bench_pkg}.good.bench",
+            "--out",
+            str(tmp_path),
+            "--json-out",
+            str(out_json),
+            "--write-docs",
+            str(docs),
+        ]
+    )
+    assert code == 0
+    data = json.loads(out_json.read_text())
+    assert [r["name"] for r in data["results"]] == ["sum", "impossible"]
+    assert data["quick"] is True
+    assert "--quick" in data["command"] or data["command"].startswith("qkdnode")
+    assert "impossible" in docs.read_text()
+    # a missed target fails only with --strict; a failing module always fails
+    strict = [
+        "bench",
+        "--quick",
+        "--no-e2e",
+        "--only",
+        f"{bench_pkg}.good.bench",
+        "--out",
+        str(tmp_path),
+        "--strict",
+    ]
+    assert main(strict) == 1
+    assert (
+        main(["bench", "--no-e2e", "--only", f"{bench_pkg}.bad.bench", "--out", str(tmp_path)]) == 1
+    )
+
+
+def test_empty_report_renders() -> None:
+    report = BenchReport()
+    assert "stage" in text_table(report)
+    assert "## Results" in markdown(report)

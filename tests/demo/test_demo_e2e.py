@@ -1,0 +1,113 @@
+"""The demo end to end: real daemons as subprocesses, driven over ZeroMQ on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from qkdnode.demo.config import DemoConfig, apply_overrides
+from qkdnode.demo.runner import DemoRunner
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _pids(out: Path) -> list[int]:
+    return [int((out / f"{n}.pid").read_text()) for n in ("alice", "bob")]
+
+
+def _demo(*args: str, timeout_s: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "qkdnode", "demo", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+
+
+@pytest.mark.slow
+def test_demo_json_keys_identical(tmp_path: Path) -> None:
+    proc = _demo("--duration", "20", "--json", "--out", str(tmp_path), timeout_s=240)
+    assert proc.stdout.strip(), proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["keys_identical"] is True, result
+    assert result["blocks_ok"] >= 1, result
+    assert result["secret_bits"] > 0
+    assert result["distance_km"] == 25.0
+    assert result["below_plob"] is not False
+    assert proc.returncode == 0, result.get("failure")
+    assert result["daemon_exit_codes"] == {"alice": 0, "bob": 0}
+    assert json.loads((tmp_path / "summary.json").read_text()) == result
+    assert not any(_alive(p) for p in _pids(tmp_path))
+
+
+@pytest.mark.slow
+def test_demo_with_full_intercept_resend_gives_no_key(tmp_path: Path) -> None:
+    proc = _demo(
+        "--duration",
+        "15",
+        "--eve",
+        "intercept-resend:1.0",
+        "--json",
+        "--out",
+        str(tmp_path),
+        timeout_s=240,
+    )
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["eve"] == "intercept-resend:1"
+    assert result["secret_bits"] == 0 and result["blocks_ok"] == 0, result
+    assert result["keys_identical"] is True
+    assert proc.returncode == 0, result.get("failure")
+
+
+def test_start_up_failure_stops_both_daemons(tmp_path: Path) -> None:
+    """A step that fails (here: start-up not done in time) is reported, and no daemon
+    outlives the run."""
+    cfg = apply_overrides(DemoConfig(), duration_s=5, out_dir=tmp_path)
+    cfg = cfg.model_copy(update={"demo": cfg.demo.model_copy(update={"startup_timeout_s": 0.05})})
+    summary = DemoRunner(cfg).run()
+    assert not summary.ok
+    assert summary.failure is not None
+    assert "start-up" in summary.failure or "exited" in summary.failure
+    assert set(summary.daemon_exit_codes) == {"alice", "bob"}
+    assert all(code is not None for code in summary.daemon_exit_codes.values())
+    assert not any(_alive(p) for p in _pids(tmp_path))
+    assert summary.key_count == {}
+    assert not summary.keys_identical
+
+
+def test_ctrl_c_stops_both_daemons(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qkdnode", "demo", "--duration", "60", "--out", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not all((tmp_path / f"{n}.pid").exists() for n in ("alice", "bob")):
+            assert time.monotonic() < deadline, "daemons were never started"
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        pids = _pids(tmp_path)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode in (1, 130)  # 1 if the daemons had already failed by themselves
+    assert not any(_alive(p) for p in pids)

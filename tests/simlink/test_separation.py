@@ -1,0 +1,86 @@
+"""The simulator's data paths stay apart from the protocol, and the receiver's world
+holds nothing of the transmitter's secrets."""
+
+from __future__ import annotations
+
+import ast
+import gc
+import types
+from pathlib import Path
+
+import numpy as np
+
+from drivers.simlink.params import EveParams, SourceParams, TransmitterHardwareParams
+from drivers.simlink.source import secret_key
+from drivers.simlink.world import ReceiverWorld, TransmitterWorld
+from tests.simlink.helpers import link
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _imports(path: Path) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+    return found
+
+
+def test_drivers_never_import_qkdnode() -> None:
+    files = sorted((ROOT / "drivers").rglob("*.py"))
+    assert files
+    for path in files:
+        bad = {m for m in _imports(path) if m == "qkdnode" or m.startswith("qkdnode.")}
+        assert not bad, f"{path} imports {bad}"
+
+
+def test_qkdnode_uses_only_the_simulator_front_door() -> None:
+    allowed = {
+        "drivers.simlink.params",
+        "drivers.simlink.world",
+        "drivers.simlink.bench",
+        "drivers.simlink.registry_entries",
+    }
+    for path in sorted((ROOT / "qkdnode").rglob("*.py")):
+        used = {m for m in _imports(path) if m.startswith("drivers.simlink")}
+        assert used <= allowed, f"{path} reaches into simulator internals: {used - allowed}"
+        if "protocol" in path.parts:
+            assert not used, f"protocol code {path} imports the simulator"
+
+
+def _reachable(root: object) -> list[object]:
+    seen: dict[int, object] = {}
+    stack = [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, (types.ModuleType, type, types.FunctionType)):
+            continue
+        seen[id(obj)] = obj
+        stack.extend(gc.get_referents(obj))
+    return list(seen.values())
+
+
+def test_receiver_world_holds_no_transmitter_secret() -> None:
+    tx_seed = 0x5EC12E7_5EED
+    params = link(transmitter_seed=tx_seed)
+    rx = ReceiverWorld(params)
+    tx = TransmitterWorld(params)
+    idx = tx.chunk_index
+    chunk = tx.step()
+    rx.process(tx.fiber_header(idx, chunk), chunk.photons)
+    key = int(secret_key(tx_seed))
+    for obj in _reachable(rx):
+        assert not isinstance(obj, (SourceParams, EveParams, TransmitterHardwareParams)), obj
+        assert not isinstance(obj, TransmitterWorld)
+        if isinstance(obj, (int, np.integer)) and not isinstance(obj, bool):
+            assert int(obj) not in (tx_seed, key)
+        if isinstance(obj, str):
+            assert "transmitter_seed" not in obj
+    # the secret does sit in the transmitter's world (the search can find it)
+    assert any(
+        isinstance(o, int) and not isinstance(o, bool) and o == tx_seed for o in _reachable(tx)
+    )
+    tx.close()
+    rx.close()
