@@ -390,7 +390,13 @@ class StateSource(Instrument):
     def slot_rate_hz(self) -> float: ...
 
     @abc.abstractmethod
-    def set_sync_pattern(self, public_seed: int | None) -> None:
+    def next_slot(self) -> int:
+        """The first slot not yet prepared: a setting changed now applies from here on."""
+
+    @abc.abstractmethod
+    def set_sync_pattern(self, public_seed: int | None) -> int:
         """Emit the public synchronization pattern (``public_seed``) or, with None, random
-        key states again. The pattern is defined by :mod:`drivers.syncpattern`
-        so that both nodes can compute it; slots emitted while it runs carry no key."""
+        key states again. Returns the first slot index the change applies to.
+
+        The pattern is defined by :mod:`drivers.syncpattern` so that both nodes can
+        compute it; slots emitted while it runs carry no key."""

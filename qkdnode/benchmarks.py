@@ -7,7 +7,7 @@ with a note, a module that raises is reported as failed and the others still run
 end-to-end figure comes from a short demo run: detections processed per second of wall
 time with both daemons on this machine, against the rate the simulated link offers.
 
-A target is a string ``OP NUMBER [UNIT]`` with OP one of ``>= <= > <`` (e.g.
+A target is a string ``OP NUMBER [UNIT] [(comment)]`` with OP one of ``>= <= > <`` (e.g.
 ``>= 60e6 counts/s``); a UNIT that differs from the row's unit by an SI prefix is scaled
 (``>= 10 Mb/s`` against a value in ``b/s``). Anything else is shown but not judged.
 """
@@ -15,11 +15,14 @@ A target is a string ``OP NUMBER [UNIT]`` with OP one of ``>= <= > <`` (e.g.
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import os
 import platform
 import re
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -36,6 +39,7 @@ BENCH_MODULES: tuple[str, ...] = (
     "qkdnode.procedures.bench",
 )
 E2E_STAGE = "end-to-end"
+MODULE_TIMEOUT_S = 900.0
 
 _PREFIX: dict[str, float] = {
     "G": 1e9,
@@ -110,7 +114,8 @@ def judge(value: float, unit: str, target: str) -> bool | None:
     m = _TARGET_RE.match(target or "")
     if m is None or not math.isfinite(value):
         return None
-    op, number, target_unit = m.group(1), float(m.group(2)), m.group(3)
+    op, number = m.group(1), float(m.group(2))
+    target_unit = re.split(r"[(;,]", m.group(3), maxsplit=1)[0].strip()  # drop any comment
     factor = unit_factor(target_unit, unit)
     if factor is None:
         return None
@@ -144,6 +149,58 @@ def _rows_from(stage: str, items: Sequence[dict[str, Any]]) -> list[BenchRow]:
     return rows
 
 
+def _child(module_name: str, quick: bool, result_path: Path) -> int:
+    """Run one bench module in this (child) process; write the outcome as JSON."""
+    outcome: dict[str, Any]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and module_name.startswith(exc.name):
+            outcome = {"status": "skipped", "reason": "module not present"}
+        else:
+            outcome = {"status": "failed", "error": f"import failed: {exc}"}
+    except Exception as exc:
+        outcome = {"status": "failed", "error": f"import failed: {type(exc).__name__}: {exc}"}
+    else:
+        run = getattr(module, "run_benchmarks", None)
+        if run is None:
+            outcome = {"status": "skipped", "reason": "no run_benchmarks()"}
+        else:
+            try:
+                outcome = {"status": "ok", "rows": list(run(quick=quick))}
+            except Exception as exc:
+                outcome = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+    result_path.write_text(json.dumps(outcome, default=float), "utf-8")
+    return 0
+
+
+def run_module_isolated(
+    module_name: str, quick: bool, timeout_s: float = MODULE_TIMEOUT_S
+) -> dict[str, Any]:
+    """Run a bench module in a fresh interpreter (no shared logging, signal or thread
+    state between stages; a crash or hang costs only that stage)."""
+    with tempfile.TemporaryDirectory(prefix="qkdnode-bench-") as tmp:
+        result_path = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "qkdnode.benchmarks", module_name, str(result_path)]
+        if quick:
+            cmd.append("--quick")
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        try:
+            proc = subprocess.run(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, timeout=timeout_s
+            )
+        except subprocess.TimeoutExpired:
+            return {"status": "failed", "error": f"no result within {timeout_s:g} s"}
+        if not result_path.exists():
+            tail = proc.stdout.decode("utf-8", "replace").strip().splitlines()[-3:]
+            return {
+                "status": "failed",
+                "error": f"bench process exited with {proc.returncode}: " + " / ".join(tail),
+            }
+        outcome: dict[str, Any] = json.loads(result_path.read_text("utf-8"))
+        return outcome
+
+
 def run_stage_modules(
     report: BenchReport,
     quick: bool,
@@ -151,30 +208,20 @@ def run_stage_modules(
     progress: Callable[[str], None] = lambda _m: None,
 ) -> None:
     for name in modules:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name is not None and name.startswith(exc.name):
-                report.skipped.append({"module": name, "reason": "module not present"})
-                progress(f"{name}: skipped (not present)")
-                continue
-            report.failed.append({"module": name, "error": f"import failed: {exc}"})
-            continue
-        run = getattr(module, "run_benchmarks", None)
-        if run is None:
-            report.skipped.append({"module": name, "reason": "no run_benchmarks()"})
-            continue
         progress(f"{name}: running")
         t0 = time.perf_counter()
-        try:
-            items = run(quick=quick)
-        except Exception as exc:
-            report.failed.append({"module": name, "error": f"{type(exc).__name__}: {exc}"})
-            progress(f"{name}: FAILED ({type(exc).__name__}: {exc})")
-            continue
-        stage = name.removesuffix(".bench")
-        report.rows.extend(_rows_from(stage, items))
-        progress(f"{name}: {len(items)} results in {time.perf_counter() - t0:.1f} s")
+        outcome = run_module_isolated(name, quick)
+        status = outcome.get("status")
+        if status == "skipped":
+            report.skipped.append({"module": name, "reason": str(outcome.get("reason"))})
+            progress(f"{name}: skipped ({outcome.get('reason')})")
+        elif status == "ok":
+            items = outcome.get("rows", [])
+            report.rows.extend(_rows_from(name.removesuffix(".bench"), items))
+            progress(f"{name}: {len(items)} results in {time.perf_counter() - t0:.1f} s")
+        else:
+            report.failed.append({"module": name, "error": str(outcome.get("error"))})
+            progress(f"{name}: FAILED ({outcome.get('error')})")
 
 
 def offered_detection_rate_hz(cfg: Any) -> float:
@@ -358,3 +405,15 @@ def markdown(report: BenchReport) -> str:
 def command_line(argv: Sequence[str] | None = None) -> str:
     args = list(sys.argv[1:] if argv is None else argv)
     return " ".join(["qkdnode", *args]) if args else "qkdnode bench"
+
+
+def _main(argv: Sequence[str]) -> int:
+    """Child entry point: ``python -m qkdnode.benchmarks MODULE RESULT.json [--quick]``."""
+    if len(argv) < 2:
+        print("usage: python -m qkdnode.benchmarks MODULE RESULT.json [--quick]", file=sys.stderr)
+        return 2
+    return _child(argv[0], "--quick" in argv[2:], Path(argv[1]))
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

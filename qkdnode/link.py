@@ -24,7 +24,18 @@ LINK_PREFIX = "link."
 PP_PREFIX = "pp."
 
 Step = Literal[
-    "hello", "calibrate", "light", "sync", "sync_end", "exchange", "block", "stop", "compensate"
+    "calibrate",
+    "light",
+    "sync",
+    "sync_end",
+    "exchange",
+    "stop",
+    "commit",
+    "discard",
+    "keysync",
+    "notice",
+    "probe",
+    "block",
 ]
 
 
@@ -63,9 +74,7 @@ class LinkCoordinator:
         self.handler: Handler | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def request(
-        self, step: Step, timeout_s: float, **args: Any
-    ) -> dict[str, Any]:
+    async def request(self, step: Step, timeout_s: float, **args: Any) -> dict[str, Any]:
         """Ask the peer to perform ``step``; returns its result or raises LinkError."""
         rid = next(self._ids)
         fut: asyncio.Future[LinkReply] = asyncio.get_running_loop().create_future()

@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import os
-import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
 import structlog
 import zmq
 import zmq.asyncio
@@ -29,7 +26,8 @@ from qkdnode.bus.telemetry import TelemetryPublisher
 from qkdnode.config import NodeConfig
 from qkdnode.daemon import DaemonBase
 from qkdnode.link import LINK_PREFIX, PP_PREFIX, LinkCoordinator, LinkError, LinkRequest
-from qkdnode.log import bind_context, bound_context
+from qkdnode.postproc.transport import Buffer, TransportError, TransportTimeoutError
+from qkdnode.postproc.transport import PeerMessage as PPMessage
 from qkdnode.statemachine import Event, State, StateMachine, TransitionRecord, TransitionRefused
 
 log = structlog.get_logger(__name__)
@@ -66,30 +64,30 @@ class NodeStats:
 
 
 class PostprocTransport:
-    """The ``pp.`` sub-channel of the peer link, for the post-processing protocol."""
+    """The ``pp.`` sub-channel of the peer link, for the post-processing protocol.
+
+    Implements :class:`qkdnode.postproc.transport.PeerTransport`; bus errors (peer gone,
+    restarted) become the post-processing layer's :class:`TransportError`.
+    """
 
     def __init__(self, peer: PeerChannel, inbox: asyncio.Queue[Any]) -> None:
         self._peer = peer
         self._inbox = inbox
 
-    async def send(self, kind: str, header: dict[str, Any], buffers: Any) -> None:
-        await self._peer.send(PP_PREFIX + kind, header, buffers)
+    async def send(self, kind: str, header: dict[str, Any], buffers: Sequence[Buffer]) -> None:
+        try:
+            await self._peer.send(PP_PREFIX + kind, header, buffers)
+        except PeerDisconnected as exc:
+            raise TransportError(f"peer link: {exc}") from None
 
-    async def recv(self, timeout_s: float) -> Any:
-        from qkdnode.postproc.transport import PeerMessage as PPMessage
-        from qkdnode.postproc.transport import TransportTimeoutError
-
+    async def recv(self, timeout_s: float) -> PPMessage:
         try:
             item = await asyncio.wait_for(self._inbox.get(), timeout_s)
         except TimeoutError:
             raise TransportTimeoutError(f"no peer message within {timeout_s:g} s") from None
-        if isinstance(item, Exception):
-            raise item
+        if isinstance(item, PeerDisconnected):
+            raise TransportError(f"peer link: {item}")
         return PPMessage(item.kind.removeprefix(PP_PREFIX), item.header, list(item.buffers))
-
-    def drain(self) -> None:
-        while not self._inbox.empty():
-            self._inbox.get_nowait()
 
 
 class Node(DaemonBase):
@@ -126,8 +124,13 @@ class Node(DaemonBase):
         self.telemetry = TelemetryPublisher(self.zctx, bus, secret)
         await self.telemetry.start()
         self.control = ControlServer(
-            self.zctx, bus, self._commands(), lambda: self.sm.state.value, secret,
-            telemetry=self.telemetry, server_name=self.cfg.node.id,
+            self.zctx,
+            bus,
+            self._commands(),
+            lambda: self.sm.state.value,
+            secret,
+            telemetry=self.telemetry,
+            server_name=self.cfg.node.id,
         )
         await self.control.start()
         self.peer = PeerChannel(self.zctx, bus, self.role, secret)
@@ -136,13 +139,26 @@ class Node(DaemonBase):
             from qkdnode.metrics import NodeMetrics
 
             self.metrics = NodeMetrics(self.cfg.node.id, self.role)
-            await self.metrics.start_http(self.cfg.metrics.listen_host, self.cfg.metrics.listen_port)
+            await self.metrics.start_http(
+                self.cfg.metrics.listen_host, self.cfg.metrics.listen_port
+            )
         self.session = ExchangeSession(self)
         await self.session.open()
         self._bg.append(asyncio.create_task(self._peer_reader(), name="peer-reader"))
         self._bg.append(asyncio.create_task(self._monitor(), name="monitor"))
+        self.sm.on_enter(S.CONNECTING, self._enter_connecting)
         await self.sm.trigger(Event.START, "daemon started")
-        await self.sm.trigger(Event.CONNECTED, "instruments connected, sockets bound")
+
+    async def _enter_connecting(self, sm: StateMachine, rec: TransitionRecord) -> None:
+        """Instruments are open and sockets bound; wait for the peer node."""
+        assert self.peer is not None
+        while True:
+            try:
+                await self.peer.wait_connected(5.0)
+                break
+            except (TimeoutError, PeerTimeout):
+                log.info("waiting_for_peer", peer_id=self.cfg.node.peer_id)
+        await self.trigger(Event.CONNECTED, "instruments connected, peer reachable")
 
     async def stop_services(self) -> None:
         for t in self._bg:
@@ -187,8 +203,12 @@ class Node(DaemonBase):
             self.metrics.set_healthy(self.healthy())
         self.publish(
             "state",
-            {"old": rec.old.value, "new": rec.new.value, "event": rec.event.value,
-             "reason": rec.reason},
+            {
+                "old": rec.old.value,
+                "new": rec.new.value,
+                "event": rec.event.value,
+                "reason": rec.reason,
+            },
         )
 
     async def trigger(self, event: Event, reason: str = "") -> bool:
@@ -197,9 +217,18 @@ class Node(DaemonBase):
             await self.sm.trigger(event, reason)
             return True
         except TransitionRefused as exc:
-            log.info("transition_refused", trigger=event.value, state=self.sm.state.value,
-                     reason=exc.reason)
+            log.info(
+                "transition_refused",
+                trigger=event.value,
+                state=self.sm.state.value,
+                reason=exc.reason,
+            )
             return False
+
+    def pp_drain(self) -> None:
+        """Drop post-processing messages of a block that ended on one side only."""
+        while not self.pp_inbox.empty():
+            self.pp_inbox.get_nowait()
 
     # ------------------------------------------------------------------ peer link
     async def _link_send(self, kind: str, header: dict[str, Any]) -> None:
@@ -250,34 +279,85 @@ class Node(DaemonBase):
 
     async def _serve_link(self, req: LinkRequest) -> dict[str, Any]:
         assert self.session is not None
-        return await self.session.serve(req)
+        return dict(await self.session.serve(req))
 
     # ------------------------------------------------------------------ commands
     def _commands(self) -> CommandTable:
         live = frozenset(s.value for s in State if s not in (S.SHUTDOWN,))
         return CommandTable(
             [
-                CommandSpec("status", self._cmd_status, None, "monitor", None,
-                            "state, health and session statistics"),
-                CommandSpec("calibrate", self._cmd_pair(Event.CALIBRATE),
-                            frozenset({"IDLE", "EXCHANGING"}), "operator", None,
-                            "calibrate both nodes of the link"),
-                CommandSpec("sync", self._cmd_pair(Event.SYNC), frozenset({"IDLE"}),
-                            "operator", None, "acquire clock lock between the nodes"),
-                CommandSpec("start", self._cmd_pair(Event.EXCHANGE), frozenset({"IDLE"}),
-                            "operator", None, "start continuous key exchange"),
-                CommandSpec("stop", self._cmd_stop,
-                            frozenset({"CALIBRATING", "SYNCHRONIZING", "EXCHANGING", "PAUSED",
-                                       "IDLE"}),
-                            "operator", None, "stop the current activity on both nodes"),
-                CommandSpec("recover", self._cmd_recover, frozenset({"FAULT"}), "operator", None,
-                            "clear a fault: reconnect instruments and return to IDLE"),
-                CommandSpec("keys.get", self._cmd_keys_get, live, "operator", None,
-                            "fetch keys from the key store (operator delivery)"),
-                CommandSpec("keys.digest", self._cmd_keys_digest, live, "monitor", None,
-                            "count and SHA-256 digest of the committed keys"),
-                CommandSpec("sim.inject", self._cmd_inject, live, "operator", None,
-                            "inject or clear a simulated fault (simulation only)"),
+                CommandSpec(
+                    "status",
+                    self._cmd_status,
+                    None,
+                    "monitor",
+                    None,
+                    "state, health and session statistics",
+                ),
+                CommandSpec(
+                    "calibrate",
+                    self._cmd_pair(Event.CALIBRATE),
+                    frozenset({"IDLE", "EXCHANGING"}),
+                    "operator",
+                    None,
+                    "calibrate both nodes of the link",
+                ),
+                CommandSpec(
+                    "sync",
+                    self._cmd_pair(Event.SYNC),
+                    frozenset({"IDLE"}),
+                    "operator",
+                    None,
+                    "acquire clock lock between the nodes",
+                ),
+                CommandSpec(
+                    "start",
+                    self._cmd_pair(Event.EXCHANGE),
+                    frozenset({"IDLE"}),
+                    "operator",
+                    None,
+                    "start continuous key exchange",
+                ),
+                CommandSpec(
+                    "stop",
+                    self._cmd_stop,
+                    frozenset({"CALIBRATING", "SYNCHRONIZING", "EXCHANGING", "PAUSED", "IDLE"}),
+                    "operator",
+                    None,
+                    "stop the current activity on both nodes",
+                ),
+                CommandSpec(
+                    "recover",
+                    self._cmd_recover,
+                    frozenset({"FAULT"}),
+                    "operator",
+                    None,
+                    "clear a fault: reconnect instruments and return to IDLE",
+                ),
+                CommandSpec(
+                    "keys.get",
+                    self._cmd_keys_get,
+                    live,
+                    "operator",
+                    None,
+                    "fetch keys from the key store (operator delivery)",
+                ),
+                CommandSpec(
+                    "keys.digest",
+                    self._cmd_keys_digest,
+                    live,
+                    "monitor",
+                    None,
+                    "count and SHA-256 digest of the committed keys",
+                ),
+                CommandSpec(
+                    "sim.inject",
+                    self._cmd_inject,
+                    live,
+                    "operator",
+                    None,
+                    "inject or clear a simulated fault (simulation only)",
+                ),
             ]
         )
 
@@ -298,14 +378,16 @@ class Node(DaemonBase):
         async def handler(content: dict[str, Any], caller: CallerInfo) -> dict[str, Any]:
             if self.role != "transmitter":
                 raise CommandError(
-                    "wrong_node",
                     f"pair commands are coordinated by the transmitter "
                     f"({self.cfg.node.peer_id!r}); send {event.value!r} to it",
+                    code="wrong_node",
                 )
             try:
                 rec = await self.sm.trigger(event, f"operator {caller.name}")
             except TransitionRefused as exc:
-                raise CommandError("refused", str(exc), {"state": self.sm.state.value}) from None
+                raise CommandError(
+                    str(exc), code="refused", details={"state": self.sm.state.value}
+                ) from None
             return {"state": rec.new.value}
 
         return handler
@@ -327,23 +409,24 @@ class Node(DaemonBase):
         assert self.session is not None
         number = int(content.get("number", 1))
         size_bits = int(content.get("size_bits", self.cfg.keystore.key_size_bits))
-        return await self.session.fetch_keys(number, size_bits, caller.name)
+        return dict(await self.session.fetch_keys(number, size_bits, caller.name))
 
-    async def _cmd_keys_digest(
-        self, content: dict[str, Any], caller: CallerInfo
-    ) -> dict[str, Any]:
+    async def _cmd_keys_digest(self, content: dict[str, Any], caller: CallerInfo) -> dict[str, Any]:
         assert self.session is not None
-        return await self.session.keys_digest()
+        return dict(await self.session.keys_digest())
 
     async def _cmd_inject(self, content: dict[str, Any], caller: CallerInfo) -> dict[str, Any]:
         if self.cfg.simulation is None or not self.cfg.simulation.enabled:
-            raise CommandError("not_simulated", "sim.inject needs a simulated link")
+            raise CommandError("sim.inject needs a simulated link", code="not_simulated")
         from drivers.simlink.world import FAULTS, get_world
 
         fault = str(content.get("fault", ""))
         if fault not in FAULTS:
-            raise CommandError("bad_request", f"fault must be one of {list(FAULTS)}",
-                               {"field": "fault"})
+            raise CommandError(
+                f"fault must be one of {list(FAULTS)}",
+                code="bad_request",
+                details={"field": "fault"},
+            )
         world = get_world()
         kwargs = {k: v for k, v in content.items() if k not in ("fault", "clear")}
         try:
@@ -352,20 +435,6 @@ class Node(DaemonBase):
             else:
                 world.inject(fault, **kwargs)
         except (TypeError, ValueError) as exc:
-            raise CommandError("bad_request", str(exc), {"field": "fault"}) from None
+            raise CommandError(str(exc), code="bad_request", details={"field": "fault"}) from None
         log.warning("sim_fault", fault=fault, cleared=bool(content.get("clear")))
         return {"fault": fault, "cleared": bool(content.get("clear"))}
-
-
-def key_digest(rows: list[tuple[str, bytes]]) -> dict[str, Any]:
-    """Count and SHA-256 over (key id, key bytes) sorted by id: compares stores, reveals nothing."""
-    h = hashlib.sha256()
-    for key_id, key in sorted(rows):
-        h.update(key_id.encode())
-        h.update(len(key).to_bytes(4, "big"))
-        h.update(key)
-    return {"count": len(rows), "sha256": h.hexdigest()}
-
-
-__all__ = ["Node", "NodeStats", "PostprocTransport", "bind_context", "bound_context",
-           "key_digest", "np", "os", "time"]

@@ -14,7 +14,7 @@ import contextlib
 import secrets
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -53,13 +53,18 @@ class ExchangeSession:
         self.keystore: Any = None
         self.auth_pool: Any = None
         self.tracker: Any = None  # receiver: procedures.sync.SlotTracker once locked
-        self.first_key_slot = 0
+        self.exchange_from_slot = 0
         self.next_block_id = 0
         self.qber_reference: float | None = None
         self._block_results: asyncio.Queue[dict[str, Any]] = asyncio.Queue(64)
         self._compensating: asyncio.Task[Any] | None = None
         self._zero_rate_since: float | None = None
         self._fault_cause: str | None = None
+        self.etsi: Any = None
+        self._blocks_done: dict[int, asyncio.Event] = {}
+        self._tx_transport: Any = None
+        self._exchange_started = time.monotonic()
+        self._last_erase = 0.0
         sm: StateMachine = node.sm
         sm.on_enter(S.CALIBRATING, self._enter_calibrating)
         sm.on_enter(S.SYNCHRONIZING, self._enter_synchronizing)
@@ -69,45 +74,68 @@ class ExchangeSession:
 
     # ------------------------------------------------------------------ life cycle
     async def open(self) -> None:
+        from qkdnode.keystore.ids import link_id_for
         from qkdnode.keystore.store import KeyStore
         from qkdnode.postproc.auth import AuthKeyPool
 
         c = self.cfg
         state_dir = self.node.state_dir
         path = c.keystore.path if c.keystore.path.is_absolute() else state_dir / c.keystore.path
-        link_id = "~".join(sorted([c.node.id, c.node.peer_id]))
         self.keystore = await asyncio.to_thread(
-            KeyStore.open, path, link_id=link_id, side=self.role,
-            key_ttl_s=c.keystore.key_ttl_s, max_key_count=c.keystore.max_key_count,
+            lambda: KeyStore.open(
+                path,
+                link_id=link_id_for(c.node.id, c.node.peer_id),
+                side=self.role,
+                key_ttl_s=c.keystore.key_ttl_s,
+                max_key_count=c.keystore.max_key_count,
+                compact_interval_s=c.keystore.compact_interval_s,
+            )
         )
-        self.next_block_id = await asyncio.to_thread(self._max_block_id) + 1
-        self.auth_pool = await asyncio.to_thread(
-            AuthKeyPool.open_or_bootstrap, state_dir / "auth_pool.bin", self._auth_psk(),
-        )
-        self.node.stats.auth_key_balance_bits = self.auth_pool.balance_bits()
+        self.next_block_id = self.keystore.last_block_id() + 1
+        if c.delivery.enabled:
+            from qkdnode.delivery.etsi import start_etsi_server
+
+            self.etsi = await start_etsi_server(
+                self.keystore,
+                c.delivery,
+                key_size_bits=c.keystore.key_size_bits,
+                on_delivery=self._send_notice,
+            )
+        pool_path = state_dir / "auth_pool.json"
+        if pool_path.exists():
+            self.auth_pool = await asyncio.to_thread(AuthKeyPool.load, pool_path)
+        else:
+            self.auth_pool = await asyncio.to_thread(
+                AuthKeyPool.bootstrap, pool_path, self._auth_psk()
+            )
+        self.node.stats.auth_key_balance_bits = self._auth_balance_bits()
+
+    def _auth_balance_bits(self) -> int:
+        pool = self.auth_pool
+        return int(8 * min(pool.available_bytes("t2r"), pool.available_bytes("r2t")))
 
     def _auth_psk(self) -> bytes:
         from qkdnode.paths import read_credential
 
         psk_file = self.cfg.protocol.auth_psk_file
         if psk_file is None and (self.cfg.simulation is not None and self.cfg.simulation.enabled):
-            # Simulated links without a configured secret derive one from the link's seed:
-            # both simulated nodes know it, nobody else needs to. Real nodes must configure
-            # protocol.auth_psk_file or the auth.psk credential.
+            # A simulated link without a configured secret derives a PUBLIC one from the
+            # link's node ids: fine for a simulation, worthless for security. Real nodes
+            # must configure protocol.auth_psk_file or the auth.psk credential.
             import hashlib
 
-            seed = self.cfg.simulation.link.seed
             link = "~".join(sorted([self.cfg.node.id, self.cfg.node.peer_id]))
-            return hashlib.sha512(f"qkdnode-sim-psk:{link}:{seed}".encode()).digest() * 64
+            log.warning("auth_psk_public_simulation_default", link=link)
+            out = b""
+            for i in range(1024):  # 64 KiB: enough one-time key for the first blocks
+                out += hashlib.sha512(f"qkdnode-sim-psk:{link}:{i}".encode()).digest()
+            return out
         return read_credential("auth.psk", psk_file)
 
-    def _max_block_id(self) -> int:
-        row = self.keystore._conn.execute("SELECT MAX(block_id) FROM blocks").fetchone()
-        erased = self.keystore._conn.execute("SELECT MAX(block_id) FROM erased").fetchone()
-        vals = [v for v in (row[0], erased[0]) if v is not None]
-        return int(max(vals)) if vals else -1
-
     async def close(self) -> None:
+        if self.etsi is not None:
+            with contextlib.suppress(Exception):
+                await self.etsi.stop()
         if self.keystore is not None:
             await asyncio.to_thread(self.keystore.close)
 
@@ -121,7 +149,8 @@ class ExchangeSession:
         return self.node.hardware.one(cls)
 
     def _detectors(self) -> list[SinglePhotonDetector]:
-        return list(self.node.hardware.of_type(SinglePhotonDetector).values())
+        insts = self.node.hardware.instruments.values()
+        return [i for i in insts if isinstance(i, SinglePhotonDetector)]
 
     async def _call(self, fn: Any, *args: Any) -> Any:
         return await asyncio.to_thread(fn, *args)
@@ -147,6 +176,28 @@ class ExchangeSession:
         if step == "light":
             await self.set_light(bool(req.args.get("on", True)))
             return {}
+        if step == "notice":
+            from qkdnode.keystore.models import DeliveryNotice
+
+            notice = DeliveryNotice.model_validate(req.args["notice"])
+            return {"applied": await asyncio.to_thread(self.keystore.apply_notice, notice)}
+        if step == "keysync":
+            from qkdnode.keystore.models import SyncSummary
+            from qkdnode.keystore.sync import reconcile
+
+            theirs = SyncSummary.model_validate(req.args["summary"])
+            mine = await asyncio.to_thread(self.keystore.summary)
+            await asyncio.to_thread(self.keystore.apply_reconcile, reconcile(mine, theirs))
+            return {
+                "summary": mine.model_dump(mode="json"),
+                "next_block_id": self.keystore.last_block_id() + 1,
+            }
+        if step == "block":
+            return await self._serve_block(int(req.args["block_id"]))
+        if step == "probe":
+            return await self._serve_probe(int(req.args["n"]), int(req.args["from_slot"]))
+        if step in ("commit", "discard"):
+            return await self._peer_commit(step, int(req.args["block_id"]))
         if self.role != "receiver":
             raise LinkError(f"{step!r} is a receiver step")
         if step == "calibrate":
@@ -163,7 +214,7 @@ class ExchangeSession:
                 raise LinkError(self._sync_error or "no lock")
             return self._sync_summary
         if step == "sync_end":
-            self.first_key_slot = int(req.args["first_key_slot"])
+            self.exchange_from_slot = int(req.args["exchange_from_slot"])
             self.node.stats.synchronized = True
             return {}
         if step == "exchange":
@@ -209,12 +260,23 @@ class ExchangeSession:
             im, meter, state_dir=self.node.state_dir, publish=self.node.publish
         )
         mu = await calibrate_mean_photon_number(
-            laser, im, voa, meter, mod, mu_signal=src.mu_signal, mu_decoy=src.mu_decoy,
-            slot_rate_hz=src.slot_rate_hz, cfg=MeanPhotonConfig(),
-            state_dir=self.node.state_dir, publish=self.node.publish,
+            laser,
+            im,
+            voa,
+            meter,
+            mod,
+            mu_signal=src.mu_signal,
+            mu_decoy=src.mu_decoy,
+            slot_rate_hz=src.slot_rate_hz,
+            cfg=MeanPhotonConfig(tap_to_output_db=self.cfg.calibration.tap_to_output_db),
+            state_dir=self.node.state_dir,
+            publish=self.node.publish,
         )
-        log.info("transmitter_calibrated", v_pi=getattr(mod, "v_pi", None),
-                 mu_signal=getattr(mu, "mu_signal", None))
+        log.info(
+            "transmitter_calibrated",
+            v_pi=getattr(mod, "v_pi", None),
+            mu_signal=getattr(mu, "mu_signal", None),
+        )
         # The receiver calibrates its detectors with our light on.
         await self.set_light(True)
         self._rx_calibration_summary = await self.node.link.request("calibrate", 300.0)
@@ -227,14 +289,19 @@ class ExchangeSession:
             await self._call(d.arm)
         tagger: TimeTagger = self._one(TimeTagger)
         timing = await calibrate_detector_timing(
-            dets, self.cfg.source.slot_rate_hz, state_dir=self.node.state_dir,
-            publish=self.node.publish, wait_integration=self._integration_wait(tagger),
+            dets,
+            self.cfg.source.slot_rate_hz,
+            state_dir=self.node.state_dir,
+            publish=self.node.publish,
+            wait_integration=self._integration_wait(tagger),
         )
         self._rx_calibration_summary = {"detector_timing_ok": bool(timing.ok)}
 
     def _integration_wait(self, tagger: TimeTagger) -> Any:
+        seconds = self.cfg.calibration.integration_time_s
+
         async def wait() -> None:
-            await asyncio.sleep(0.12)
+            await asyncio.sleep(seconds)
 
         return wait
 
@@ -270,11 +337,28 @@ class ExchangeSession:
             )
         finally:
             first = await self._call(src.set_sync_pattern, None)
-        self.first_key_slot = int(first)
-        await self.node.link.request("sync_end", 30.0, first_key_slot=self.first_key_slot)
+        self.exchange_from_slot = int(first)
+        await self.node.link.request("sync_end", 30.0, exchange_from_slot=self.exchange_from_slot)
         self.node.stats.synchronized = True
         self.node.publish("sync", {"locked": True, **summary})
-        log.info("pair_synchronized", first_key_slot=self.first_key_slot, **summary)
+        log.info("pair_synchronized", exchange_from_slot=self.exchange_from_slot, **summary)
+        await self._compensate(self._probe_qber)
+
+    async def _probe_qber(self) -> float:
+        """Transmitter: error rate of a disclosed sample of fresh detections (no key use)."""
+        from qkdnode.procedures.encoding_compensation import qber_from_detections
+
+        src: StateSource = self._one(StateSource)
+        from_slot = int(await self._call(src.next_slot))
+        reply = await self.node.link.request(
+            "probe", 60.0, n=self.cfg.calibration.probe_detections, from_slot=from_slot
+        )
+        slots = np.asarray(reply["slot"], dtype=np.int64)
+        channels = np.asarray(reply["channel"], dtype=np.int8)
+        states = await self._call(src.prepared, slots)
+        est = qber_from_detections(channels, states.basis, states.bit)
+        log.info("qber_probe", qber=est.qber, n_sifted=est.n_sifted)
+        return float(est.qber)
 
     async def _sync_receiver(self) -> None:
         from qkdnode.procedures.sync import acquire_lock
@@ -287,16 +371,47 @@ class ExchangeSession:
         await self._call(tagger.start_stream)
         args = self._sync_request
         result, tracker = await acquire_lock(
-            tagger, int(args["public_seed"]), float(args["slot_rate_hz"]),
+            tagger,
+            int(args["public_seed"]),
+            float(args["slot_rate_hz"]),
+            self.cfg.sync,
             publish=self.node.publish,
         )
         if not result.locked:
             raise LinkError(f"no lock: {result.message or 'timing error too large'}")
         self.tracker = tracker
         self._sync_summary = {
-            "offset_ps": result.offset_ps, "ppm": result.ppm,
-            "timing_error_ps": result.timing_error_ps, "window_ps": result.window_ps,
+            "offset_ps": result.offset_ps,
+            "ppm": result.ppm,
+            "timing_error_ps": result.timing_error_ps,
+            "window_ps": result.window_ps,
         }
+
+    async def _serve_probe(self, n: int, from_slot: int) -> dict[str, Any]:
+        """Receiver: disclose ``n`` detections at or after ``from_slot`` (never used for key)."""
+        if self.tracker is None:
+            raise LinkError("not synchronized")
+        if not 100 <= n <= 200_000:
+            raise LinkError(f"probe size must be 100..200000, got {n}")
+        tagger: TimeTagger = self._one(TimeTagger)
+        slots: list[npt.NDArray[np.int64]] = []
+        chans: list[npt.NDArray[np.int8]] = []
+        have = 0
+        deadline = time.monotonic() + 30.0
+        while have < n and time.monotonic() < deadline:
+            block = await asyncio.to_thread(tagger.read_block, 0.5)
+            if block is None or len(block) == 0:
+                continue
+            mapped, _status = self.tracker.update(block.tags)
+            keep = mapped.slot_index >= max(from_slot, self.exchange_from_slot)
+            slots.append(mapped.slot_index[keep])
+            chans.append(mapped.channel[keep])
+            have += int(keep.sum())
+        if have < n:
+            raise LinkError(f"only {have} detections for the probe in 30 s")
+        s_all = np.concatenate(slots)[:n]
+        c_all = np.concatenate(chans)[:n]
+        return {"slot": s_all.tolist(), "channel": c_all.tolist()}
 
     # ------------------------------------------------------------------ key exchange
     async def _enter_exchanging(self, sm: StateMachine, rec: TransitionRecord) -> None:
@@ -326,25 +441,53 @@ class ExchangeSession:
         return PostprocTransport(self.node.peer, self.node.pp_inbox)
 
     def _pp_params(self) -> Any:
-        from qkdnode.postproc.params import postproc_params_from_config
+        from qkdnode.postproc.params import PostprocParams
 
-        return postproc_params_from_config(self.cfg)
+        src, proto = self.cfg.source, self.cfg.protocol
+        return PostprocParams(
+            eps_sec=proto.eps_sec,
+            eps_cor=proto.eps_cor,
+            qber_abort=proto.qber_abort,
+            mu_signal=src.mu_signal,
+            mu_decoy=src.mu_decoy,
+            mu_vacuum=0.0,
+            p_signal=src.p_signal,
+            p_decoy=src.p_decoy,
+            p_basis_z=src.p_basis_z,
+        )
 
     async def _exchange_transmitter(self, started: float) -> None:
+        """Transmitter: blocks are started by the receiver's ``block`` requests (served by
+        :meth:`_serve_block`); this activity only keeps the state's lifetime."""
         from qkdnode.postproc.auth import AuthenticatedTransport
+
+        self._tx_transport = AuthenticatedTransport(
+            self._pp_transport(), self.auth_pool, "transmitter"
+        )
+        self._exchange_started = started
+        await asyncio.Event().wait()
+
+    async def _serve_block(self, block_id: int) -> dict[str, Any]:
+        """Transmitter: run block ``block_id`` that the receiver is starting now."""
+        if self.node.sm.state is not S.EXCHANGING or self._tx_transport is None:
+            raise LinkError(f"not exchanging (state {self.node.sm.state.value})")
+        if block_id < self.next_block_id:
+            raise LinkError(f"block {block_id} already used; next is {self.next_block_id}")
+        self.next_block_id = block_id + 1
+        task = self.node.sm.spawn(self._tx_block(block_id), f"block-{block_id}")
+        ok: bool = await task
+        return {"ok": ok}
+
+    async def _tx_block(self, block_id: int) -> bool:
         from qkdnode.postproc.pipeline import run_block_transmitter
 
         src: StateSource = self._one(StateSource)
-        params = self._pp_params()
-        transport = AuthenticatedTransport(self._pp_transport(), self.auth_pool, "transmitter")
-        while True:
-            block_id = self.next_block_id
-            with bound_context(block_id=block_id):
-                result = await run_block_transmitter(
-                    transport, block_id, src.prepared, params
-                )
-                self.next_block_id = block_id + 1
-                await self._finish_block(block_id, result, started)
+        with bound_context(block_id=block_id):
+            result = await run_block_transmitter(
+                self._tx_transport, block_id, src.prepared, self._pp_params()
+            )
+            await self._finish_block(block_id, result, self._exchange_started)
+        return bool(result.ok)
 
     async def _exchange_receiver(self, started: float) -> None:
         from qkdnode.postproc.auth import AuthenticatedTransport
@@ -356,18 +499,34 @@ class ExchangeSession:
         params = self._pp_params()
         transport = AuthenticatedTransport(self._pp_transport(), self.auth_pool, "receiver")
         target = self.cfg.protocol.block_detections
-        queue: asyncio.Queue[tuple[npt.NDArray[np.int64], npt.NDArray[np.int8]]] = (
-            asyncio.Queue(8)
-        )
+        queue: asyncio.Queue[tuple[npt.NDArray[np.int64], npt.NDArray[np.int8]]] = asyncio.Queue(4)
         reader = asyncio.create_task(self._read_detections(tagger, target, queue))
         try:
             while True:
                 slots, channels = await queue.get()
                 block_id = self.next_block_id
+                self.next_block_id = block_id + 1
                 with bound_context(block_id=block_id):
-                    result = await run_block_receiver(transport, block_id, slots, channels, params)
-                    self.next_block_id = block_id + 1
-                    await self._finish_block(block_id, result, started)
+                    # The transmitter learns of the block first; both number it the same.
+                    announce = asyncio.create_task(
+                        self.node.link.request(
+                            "block", params.recv_timeout_s * 60, block_id=block_id
+                        )
+                    )
+                    try:
+                        result = await run_block_receiver(
+                            transport, block_id, slots, channels, params
+                        )
+                        await self._finish_block(block_id, result, started)
+                        await announce
+                    except LinkError as exc:
+                        log.warning("block_not_served", error=str(exc))
+                        self.node.pp_drain()
+                    finally:
+                        if not announce.done():
+                            announce.cancel()
+                        with contextlib.suppress(BaseException):
+                            await announce
         finally:
             reader.cancel()
             with contextlib.suppress(BaseException):
@@ -389,14 +548,16 @@ class ExchangeSession:
                 continue
             mapped, status = self.tracker.update(block.tags)
             if status.lost:
-                self.node.alarm("lock_lost", "timing lock lost", in_window=status.in_window_fraction)
+                self.node.alarm(
+                    "lock_lost", "timing lock lost", in_window=status.in_window_fraction
+                )
                 asyncio.get_running_loop().call_soon(
                     lambda: asyncio.ensure_future(
                         self.node.trigger(Event.LOCK_LOST, "tracking lost the slot clock")
                     )
                 )
                 return
-            keep = mapped.slot_index >= self.first_key_slot
+            keep = mapped.slot_index >= self.exchange_from_slot
             s = mapped.slot_index[keep]
             if s.size == 0:
                 continue
@@ -422,32 +583,78 @@ class ExchangeSession:
         if self.role == "transmitter":
             stats.detections += int(summary.get("detections", 0))
         qber = summary.get("qber_z")
+        if qber is None:
+            qber = summary.get("qber_x")
         if qber is not None:
             stats.qber = float(qber)
         stats.last_block = summary
         stats.exchange_seconds_now = time.monotonic() - started  # type: ignore[attr-defined]
+        stored = False
         if result.ok:
-            key = result.key_bytes()
+            key = result.key_bytes
             size = self.cfg.keystore.key_size_bits
             if len(key) * 8 >= size:
                 prov = Provenance(
-                    qber=float(qber or 0.0), eps_sec=self.cfg.protocol.eps_sec,
+                    qber=float(qber or 0.0),
+                    eps_sec=self.cfg.protocol.eps_sec,
                     eps_cor=self.cfg.protocol.eps_cor,
-                    final_key_bits=int(summary.get("final_key_bits", len(key) * 8)),
                 )
                 await asyncio.to_thread(self.keystore.add_block, block_id, key, size, prov)
-                await asyncio.to_thread(self.keystore.commit_block, block_id)
+                stored = True
+        if self.role == "receiver":
+            self._block_event(block_id).set()
+        else:
+            await self._commit_pair(block_id, stored)
+        if result.ok:
             stats.blocks_ok += 1
-            stats.secret_bits += int(summary.get("final_key_bits", len(key) * 8))
+            stats.secret_bits += int(summary.get("final_key_bits", 0))
         else:
             stats.blocks_aborted += 1
-        stats.auth_key_balance_bits = self.auth_pool.balance_bits()
-        log.info("block_summary", block_id=block_id, ok=bool(result.ok),
-                 reason=getattr(result, "abort_reason", ""), **_scalars(summary))
-        self.node.publish("block", {"block_id": block_id, "ok": bool(result.ok),
-                                    **_scalars(summary)})
+        stats.auth_key_balance_bits = self._auth_balance_bits()
+        fields = {k: v for k, v in _scalars(summary).items() if k != "block_id"}
+        log.info("block_summary", ok=bool(result.ok), reason=result.abort_reason, **fields)
+        self.node.publish("block", {"block_id": block_id, "ok": bool(result.ok), **fields})
         if self.role == "transmitter" and qber is not None:
             await self._watch_qber(float(qber))
+
+    def _block_event(self, block_id: int) -> asyncio.Event:
+        ev = self._blocks_done.get(block_id)
+        if ev is None:
+            ev = self._blocks_done[block_id] = asyncio.Event()
+            for old in [b for b in self._blocks_done if b < block_id - 16]:
+                del self._blocks_done[old]
+        return ev
+
+    async def _commit_pair(self, block_id: int, stored: bool) -> None:
+        """Transmitter: two-phase commit of a block's keys with the receiver.
+
+        Keys become AVAILABLE on a node only once both nodes hold them durably: the
+        receiver commits first (it answers only after its own copy is on disk), then we
+        do. A crash in between is repaired by the key-ID sync on reconnect.
+        """
+        step: Literal["commit", "discard"] = "commit" if stored else "discard"
+        try:
+            reply = await self.node.link.request(step, 60.0, block_id=block_id)
+        except LinkError as exc:
+            log.warning("block_commit_unconfirmed", block_id=block_id, error=str(exc))
+            return  # stays PENDING here; key-ID sync decides after reconnect
+        if stored and reply.get("committed"):
+            await asyncio.to_thread(self.keystore.commit_block, block_id)
+        elif stored:
+            await asyncio.to_thread(self.keystore.discard_block, block_id)
+            log.warning("block_discarded_peer_has_no_key", block_id=block_id)
+
+    async def _peer_commit(self, step: str, block_id: int) -> dict[str, Any]:
+        """Receiver: commit or discard ``block_id`` once our side of it has finished."""
+        await asyncio.wait_for(self._block_event(block_id).wait(), 60.0)
+        info = await asyncio.to_thread(self.keystore.block_provenance, block_id)
+        if info is None:
+            return {"committed": False}
+        if step == "commit":
+            await asyncio.to_thread(self.keystore.commit_block, block_id)
+            return {"committed": True}
+        await asyncio.to_thread(self.keystore.discard_block, block_id)
+        return {"committed": False}
 
     async def _watch_qber(self, qber: float) -> None:
         p = self.cfg.protocol
@@ -459,26 +666,57 @@ class ExchangeSession:
             self.node.alarm("qber_high", f"error rate {qber:.4f} above warning {p.qber_warning}")
             self._compensating = self.node.sm.spawn(self._compensate(), "encoding-compensation")
 
-    async def _compensate(self) -> None:
-        from qkdnode.procedures.encoding_compensation import compensate_encoding
+    async def _compensate(self, measure_qber: Any | None = None) -> None:
+        """Transmitter: move the encoder bias to the error-rate minimum.
 
-        while not self._block_results.empty():
-            self._block_results.get_nowait()
+        ``measure_qber`` defaults to the error rate of the next complete key block
+        (compensation during key exchange); before exchange, a disclosed probe is used.
+        """
+        from qkdnode.procedures.encoding_compensation import (
+            EncodingCompensationConfig,
+            compensate_encoding,
+        )
 
-        async def measure_qber() -> float:
-            await self._block_results.get()  # a block that may predate the change
-            return float((await self._block_results.get())["qber"])
+        if measure_qber is None:
+            while not self._block_results.empty():
+                self._block_results.get_nowait()
 
+            async def next_blocks() -> float:
+                await self._block_results.get()  # a block that may predate the change
+                return float((await self._block_results.get())["qber"])
+
+            measure_qber = next_blocks
         result = await compensate_encoding(
-            self._one(Encoder), measure_qber, None, state_dir=self.node.state_dir,
+            self._one(Encoder),
+            measure_qber,
+            self.qber_reference,
+            EncodingCompensationConfig(v_pi_v=self.cfg.calibration.encoder_v_pi_v),
+            state_dir=self.node.state_dir,
             publish=self.node.publish,
         )
-        log.info("encoding_compensated", ok=result.ok)
+        log.info(
+            "encoding_compensated",
+            ok=result.ok,
+            initial_qber=result.initial_qber,
+            final_qber=result.final_qber,
+        )
+        if result.ok and (self.qber_reference is None or result.final_qber < self.qber_reference):
+            self.qber_reference = result.final_qber
 
     # ------------------------------------------------------------------ monitoring, faults
     async def monitor_tick(self) -> None:
         """Receiver: count-rate and detector checks; both: recovery from FAULT."""
         sm = self.node.sm
+        now = time.monotonic()
+        if now - self._last_erase > self.cfg.keystore.erase_interval_s:
+            self._last_erase = now
+            erased = await asyncio.to_thread(self.keystore.erase_due)
+            if erased:
+                log.info("keys_erased", keys=erased)
+            if self.node.metrics is not None:
+                self.node.metrics.set_keystore(
+                    self.keystore_counts(), self.cfg.keystore.max_key_count
+                )
         if self.role == "receiver" and sm.state is S.EXCHANGING:
             from drivers.interfaces import DetectorStatus
 
@@ -512,24 +750,28 @@ class ExchangeSession:
         await asyncio.to_thread(self.node.hardware.make_safe)
 
     async def _enter_idle(self, sm: StateMachine, rec: TransitionRecord) -> None:
+        if rec.old is S.CONNECTING and self.role == "transmitter":
+            try:
+                await self.key_sync()
+            except LinkError as exc:
+                log.warning("key_sync_failed", error=str(exc))
         if rec.old is S.EXCHANGING and self.role == "transmitter":
             with contextlib.suppress(LinkError):
                 await self.node.link.request("stop", 10.0)
 
     async def recover(self, reason: str) -> None:
-        sm = self.node.sm
-        await sm.trigger(Event.RECOVER, reason)
+        """FAULT -> reconnect every instrument, clear latches -> CONNECTING (-> IDLE)."""
         for name, inst in self.node.hardware.instruments.items():
             try:
                 await self._call(inst.close)
                 await self._call(inst.connect)
-                if hasattr(inst, "reset_latch"):
+                if isinstance(inst, SinglePhotonDetector):
                     await self._call(inst.reset_latch)
             except Exception as exc:
                 log.error("recover_failed", instrument=name, error=str(exc))
-                await self.node.trigger(Event.FAULT, f"{name} still failing: {exc}")
-                return
-        await sm.trigger(Event.CONNECTED, reason)
+                raise LinkError(f"{name} still failing: {exc}") from None
+        self._zero_rate_since = None
+        await self.node.sm.trigger(Event.RECOVER, reason)
 
     # ------------------------------------------------------------------ keys
     async def fetch_keys(self, number: int, size_bits: int, caller: str) -> dict[str, Any]:
@@ -539,20 +781,40 @@ class ExchangeSession:
 
         pair = Pair(master=f"ctl:{caller}", slave=f"ctl:{self.cfg.node.peer_id}")
         keys = await asyncio.to_thread(self.keystore.take_keys, pair, number, size_bits)
-        return {"keys": [{"key_ID": str(k.key_id), "key": base64.b64encode(k.key).decode()}
-                         for k in keys]}
+        notice = self.keystore.notice(pair, "enc", keys)
+        try:
+            await self._send_notice(notice)
+        except LinkError as exc:  # recovered by the key-ID sync after reconnect
+            log.warning("delivery_notice_unsent", error=str(exc))
+        return {
+            "keys": [
+                {"key_ID": str(k.key_id), "key": base64.b64encode(k.key).decode()} for k in keys
+            ]
+        }
 
     async def keys_digest(self) -> dict[str, Any]:
-        from qkdnode.node import key_digest
+        return dict(await asyncio.to_thread(self.keystore.digest))
 
-        def rows() -> list[tuple[str, bytes]]:
-            cur = self.keystore._conn.execute(
-                "SELECT k.ref, k.key FROM keys k JOIN blocks b ON b.block_id = k.block_id "
-                "WHERE b.committed = 1"
-            )
-            return [(str(r), bytes(k)) for r, k in cur.fetchall()]
+    # ------------------------------------------------------------------ key-ID sync
+    async def _send_notice(self, notice: Any) -> None:
+        """Tell the peer which keys were delivered here (ETSI or operator delivery)."""
+        await self.node.link.request("notice", 10.0, notice=notice.model_dump(mode="json"))
 
-        return key_digest(await asyncio.to_thread(rows))
+    async def key_sync(self) -> None:
+        """Transmitter, on every (re)connect: exchange summaries, apply the reconciliation."""
+        from qkdnode.keystore.models import SyncSummary
+        from qkdnode.keystore.sync import reconcile
+
+        mine = await asyncio.to_thread(self.keystore.summary)
+        reply = await self.node.link.request("keysync", 60.0, summary=mine.model_dump(mode="json"))
+        theirs = SyncSummary.model_validate(reply["summary"])
+        await asyncio.to_thread(self.keystore.apply_reconcile, reconcile(mine, theirs))
+        self.next_block_id = max(
+            self.next_block_id,
+            self.keystore.last_block_id() + 1,
+            int(reply.get("next_block_id", 0)),
+        )
+        log.info("key_sync_done", **self.keystore_counts())
 
 
 def _scalars(d: dict[str, Any]) -> dict[str, Any]:

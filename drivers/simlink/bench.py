@@ -2,7 +2,13 @@
 
 ``python -m drivers.simlink.bench`` prints them; the lead's ``qkdnode bench`` collects
 :func:`run_benchmarks`. Medians of repeated runs; times are CPU time of the calling
-thread (one core), so a loaded machine does not distort them. No fiber socket.
+thread (one core). No fiber socket. A warm-up chunk runs first, so the figures exclude
+the one-off compilation of :mod:`drivers.simlink.kernels` (cached on disk after the
+first run on a machine).
+
+Rows: the one-core figure runs both sides in one thread (the issue's target); the
+per-side figures count the same detections against each side's own CPU time (in the
+daemons each side is a process of its own, so the link runs at the slower side's rate).
 """
 
 from __future__ import annotations
@@ -66,7 +72,7 @@ def run_benchmarks(quick: bool = False) -> list[dict[str, object]]:
             "value": statistics.median(tx_only),
             "unit": "records/s",
             "target": "(info)",
-            "note": "transmitter process alone, per detection it causes; " + note,
+            "note": "transmitter process alone, per detection it causes at the receiver; " + note,
         },
         {
             "name": "simlink.sim_time_over_cpu_time",

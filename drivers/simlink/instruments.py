@@ -345,8 +345,11 @@ class SimStateSource(_SimBase, StateSource):
     def slot_rate_hz(self) -> float:
         return self._tx("slot_rate_hz").slot_rate_hz()
 
-    def set_sync_pattern(self, public_seed: int | None) -> None:
-        self._tx("set_sync_pattern").set_sync_pattern(public_seed)
+    def set_sync_pattern(self, public_seed: int | None) -> int:
+        return self._tx("set_sync_pattern").set_sync_pattern(public_seed)
+
+    def next_slot(self) -> int:
+        return self._tx("next_slot").next_slot
 
     def safe_state(self) -> None:
         return None

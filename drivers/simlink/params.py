@@ -35,9 +35,9 @@ class SourceParams(_Strict):
     mu_signal: float = Field(0.5, gt=0, le=10, description="true mean photon number, signal")
     mu_decoy: float = Field(0.1, ge=0, le=10, description="true mean photon number, decoy")
     mu_vacuum: float = Field(0.0, ge=0, le=1, description="residual mean photon number, vacuum")
-    p_signal: float = Field(0.7, gt=0, lt=1)
+    p_signal: float = Field(0.6, gt=0, lt=1)
     p_decoy: float = Field(0.2, ge=0, lt=1)
-    p_basis_z: float = Field(0.9, gt=0, lt=1, description="probability of preparing Z")
+    p_basis_z: float = Field(0.8, gt=0, lt=1, description="probability of preparing Z")
     wavelength_nm: float = Field(1550.12, ge=400, le=2000)
 
     @model_validator(mode="after")
@@ -75,7 +75,7 @@ class FiberParams(_Strict):
 
 class ReceiverParams(_Strict):
     basis_choice: Literal["passive", "active"] = "passive"
-    p_basis_z: float = Field(0.9, gt=0, lt=1, description="receiver's Z-basis probability")
+    p_basis_z: float = Field(0.8, gt=0, lt=1, description="receiver's Z-basis probability")
     detector_efficiency: tuple[float, float, float, float] = (0.6, 0.6, 0.6, 0.6)
     dark_count_rate_hz: float = Field(100.0, ge=0, le=1e7, description="free-running, per det.")
     afterpulse_probability: float = Field(0.0, ge=0, le=0.5)

@@ -1,7 +1,7 @@
 """Transmitter side of the link model: per-slot secret choices and surviving photons.
 
-Pure, vectorised numpy functions; the transmitter world (:mod:`drivers.simlink.world`)
-calls them chunk by chunk.
+The transmitter world (:mod:`drivers.simlink.world`) calls them chunk by chunk; the
+per-candidate loop is compiled (:func:`drivers.simlink.kernels.transmitter_photons`).
 
 Per-slot choices (basis, bit, intensity class) are a counter-based function of the
 secret key and the slot index (``splitmix64(slot ^ key)``), so any slot can be answered
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from drivers.simlink.kernels import transmitter_photons
 from drivers.syncpattern import slot_bright, splitmix64
 
 __all__ = [
@@ -111,44 +112,16 @@ class PhotonChunk:
     eve_known_slots: npt.NDArray[np.int64]
 
 
-def _candidate_slots(
-    rng: np.random.Generator, slot_start: int, slot_stop: int, p_max: float
-) -> npt.NDArray[np.int64]:
-    """Slots in ``[slot_start, slot_stop)`` drawn as Bernoulli(p_max), via geometric gaps."""
-    span = slot_stop - slot_start
-    if p_max <= 0.0 or span <= 0:
-        return np.empty(0, dtype=np.int64)
-    if p_max >= 1.0:
-        return np.arange(slot_start, slot_stop, dtype=np.int64)
-    scale = -1.0 / math.log1p(-p_max)
-    parts: list[npt.NDArray[np.int64]] = []
-    last = slot_start - 1
-    while last < slot_stop - 1:
-        expected = (slot_stop - 1 - last) * p_max
-        draw = int(expected + 6.0 * math.sqrt(expected) + 16)
-        # Geometric gaps (>= 1) from exponentials: cheaper than Generator.geometric.
-        gaps = np.floor(rng.standard_exponential(draw) * scale).astype(np.int64) + 1
-        pos = last + np.cumsum(gaps)
-        parts.append(pos)
-        last = int(pos[-1])
-    slots = np.concatenate(parts) if len(parts) > 1 else parts[0]
-    return slots[: int(np.searchsorted(slots, slot_stop))]
-
-
-def _zero_truncated_poisson(lam: float, u: npt.NDArray[np.float64]) -> npt.NDArray[np.uint8]:
-    """Photon numbers >= 1 of Poisson(lam) conditioned on >= 1, by inverse CDF of ``u``."""
+def _zero_truncated_poisson_cdf(lam: float) -> npt.NDArray[np.float64]:
+    """CDF over n = 1, 2, ... of Poisson(lam) conditioned on n >= 1 (last entry 1.0)."""
+    if lam <= 0.0:
+        return np.ones(1)
     n_max = int(lam + 12.0 * math.sqrt(lam) + 12)
     n = np.arange(1, n_max + 1, dtype=np.float64)
     log_pmf = n * math.log(lam) - lam - np.array([math.lgamma(k + 1.0) for k in n])
-    pmf = np.exp(log_pmf) / -math.expm1(-lam)
-    cdf = np.cumsum(pmf)
+    cdf = np.cumsum(np.exp(log_pmf) / -math.expm1(-lam))
     cdf[-1] = 1.0
-    n_out = np.ones(u.shape[0], dtype=np.uint8)
-    more = np.flatnonzero(u >= cdf[0])  # few: P(n >= 2 | n >= 1) ~ lam / 2
-    if more.size:
-        idx = np.searchsorted(cdf, u[more], side="right")
-        n_out[more] = np.minimum(idx + 1, 255)
-    return n_out
+    return cdf
 
 
 def intercept_resend(
@@ -186,35 +159,33 @@ def generate_photons(
     p_survive = [-math.expm1(-x) for x in lam]
     classes_used = [0, 2] if settings.sync_seed is not None else [0, 1, 2]
     p_max = max(p_survive[c] for c in classes_used)
-    cand = _candidate_slots(rng, slot_start, slot_stop, p_max)
-    empty = PhotonChunk(slot_start, slot_stop, np.empty(0, PHOTON_DTYPE), np.empty(0, np.int64))
-    if cand.size == 0:
-        return empty
-    basis, bit, intensity = slot_choices(
+    span = slot_stop - slot_start
+    if p_max <= 0.0 or span <= 0:
+        return PhotonChunk(slot_start, slot_stop, np.empty(0, PHOTON_DTYPE), np.empty(0, np.int64))
+    cdfs = [_zero_truncated_poisson_cdf(x) for x in lam]
+    photon_cdf = np.ones((3, max(c.size for c in cdfs)))
+    for c, cdf in enumerate(cdfs):
+        photon_cdf[c, : cdf.size] = cdf
+    expected = span * p_max
+    slots, angle, n_photons, cls = transmitter_photons(
         key,
-        cand,
-        p_signal=settings.p_signal,
-        p_decoy=settings.p_decoy,
-        p_basis_z=settings.p_basis_z,
-        sync_seed=settings.sync_seed,
+        slot_start,
+        slot_stop,
+        0.0 if p_max >= 1.0 else -1.0 / math.log1p(-p_max),
+        np.uint64(rng.integers(0, 1 << 64, dtype=np.uint64)),
+        np.array(
+            [int(settings.p_signal * _TWO32), int((settings.p_signal + settings.p_decoy) * _TWO32)],
+            dtype=np.uint64,
+        ),
+        np.uint64(int(settings.p_basis_z * _TWO31)),
+        # the pattern's frame bits hash with the seed mixed as drivers.syncpattern does
+        secret_key(settings.sync_seed) if settings.sync_seed is not None else np.uint64(0),
+        settings.sync_seed is not None,
+        np.array([p / p_max for p in p_survive]),
+        photon_cdf,
+        np.asarray(settings.state_angle_rad, dtype=np.float32),
+        int(expected + 6.0 * math.sqrt(expected) + 64),
     )
-    accept_ratio = np.array([p / p_max for p in p_survive])
-    # One uniform decides acceptance and, rescaled, the photon number of accepted pulses.
-    u = rng.random(cand.size)
-    ratio = accept_ratio[intensity]
-    keep = u < ratio
-    slots = cand[keep]
-    if slots.size == 0:
-        return empty
-    cls = intensity[keep]
-    u_n = u[keep] / ratio[keep]
-    n_photons = np.ones(slots.size, dtype=np.uint8)
-    for c in classes_used:
-        sel = cls == c
-        if lam[c] > 0 and sel.any():
-            n_photons[sel] = _zero_truncated_poisson(lam[c], u_n[sel])
-    state = basis[keep] * np.uint8(2) + bit[keep]
-    angle = np.asarray(settings.state_angle_rad, dtype=np.float32)[state]
     eve_known = np.empty(0, np.int64)
     if settings.eve_mode == "intercept-resend" and settings.eve_fraction > 0:
         angle = intercept_resend(angle, settings.eve_fraction, rng)

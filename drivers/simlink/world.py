@@ -62,6 +62,7 @@ __all__ = [
     "get_world",
     "start_world",
     "stop_world",
+    "warm_up",
 ]
 
 log = logging.getLogger(__name__)
@@ -132,14 +133,15 @@ class TransmitterWorld:
     def slot_rate_hz(self) -> float:
         return self.source.slot_rate_hz
 
-    def set_sync_pattern(self, public_seed: int | None) -> None:
-        """Switch to/from the public sync pattern from the next chunk on."""
+    def set_sync_pattern(self, public_seed: int | None) -> int:
+        """Switch to/from the public sync pattern from the next chunk on; returns its first slot."""
         with self.lock:
             start = self.next_slot
             if self._sync_history[-1][0] == start:
                 self._sync_history[-1] = (start, public_seed)
             else:
                 self._sync_history.append((start, public_seed))
+            return start
 
     def sync_seed_at(self, slot: int) -> int | None:
         with self.lock:
@@ -588,6 +590,24 @@ _world: World | None = None
 _world_lock = threading.Lock()
 
 
+def warm_up(params: LinkParams) -> None:
+    """Compile (or load from the on-disk cache) the numba kernels of both sides.
+
+    Runs one small chunk through a throw-away transmitter and receiver. The first compile
+    on a fresh machine takes tens of seconds and holds the GIL, so the daemon does it
+    before it reports ready, not in the middle of a session.
+    """
+    small = params.model_copy(update={"chunk_slots": 4096, "start_calibrated": True})
+    tx = TransmitterWorld(small, None)
+    rx = ReceiverWorld(small, None)
+    try:
+        chunk = tx.step()
+        rx.process(tx.fiber_header(0, chunk), chunk.photons)
+    finally:
+        rx.close()
+        tx.close()
+
+
 def start_world(
     role: Literal["transmitter", "receiver"] | str,
     params: LinkParams,
@@ -607,6 +627,7 @@ def start_world(
         if _world is not None:
             raise RuntimeError(f"a simulated {_world.role} world already runs in this process")
         world: World
+        warm_up(params)
         if role == "transmitter":
             world = TransmitterWorld(params, fiber_endpoint)
         elif role == "receiver":

@@ -40,7 +40,6 @@ from qkdnode.bus.errors import BusError, CommandError, ErrorCode
 from qkdnode.bus.ratelimit import TokenBuckets
 from qkdnode.bus.sockets import (
     bound_endpoint,
-    events,
     make_curve_server,
     set_heartbeat,
     warn_plaintext,
@@ -54,6 +53,12 @@ CONTROL_DOMAIN = "control"
 MAX_FRAMES = 8
 BATCH = 256
 _EMPTY = b""
+# plain ints: enum look-ups cost more than the calls themselves on the hot path
+_NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE = int(zmq.SNDMORE)
+_RCVMORE = int(zmq.RCVMORE)
+_POLLIN = int(zmq.POLLIN)
+_EVENTS = int(zmq.EVENTS)
 
 
 class _Throttle:
@@ -197,7 +202,7 @@ class ControlServer:
         budget = BATCH
         while budget > 0:
             try:
-                if not events(sock) & zmq.POLLIN:
+                if not sock.getsockopt(_EVENTS) & _POLLIN:  # type: ignore[operator]
                     return
                 self._receive_one(sock)
             except zmq.Again:
@@ -221,18 +226,18 @@ class ControlServer:
         """Read every frame of one message (keeping at most MAX_FRAMES) and handle it."""
         user_id: str | None = None
         if self._plaintext:
-            frames: list[bytes] = [sock.recv(zmq.NOBLOCK)]
+            frames: list[bytes] = [sock.recv(_NOBLOCK)]
             count = 1
-            while sock.rcvmore:
+            while sock.getsockopt(_RCVMORE):
                 part = sock.recv()
                 count += 1
                 if count <= MAX_FRAMES:
                     frames.append(part)
         else:
-            first = sock.recv(flags=zmq.NOBLOCK, copy=False)
+            first = sock.recv(flags=_NOBLOCK, copy=False)
             frames = [first.bytes]
             count = 1
-            while sock.rcvmore:
+            while sock.getsockopt(_RCVMORE):
                 zframe = sock.recv(copy=False)
                 count += 1
                 if user_id is None:
@@ -480,7 +485,9 @@ class ControlServer:
         if sock is None:
             return
         try:
-            sock.send_multipart([identity, _EMPTY, payload], zmq.NOBLOCK)
+            sock.send(identity, _SNDMORE | _NOBLOCK)
+            sock.send(_EMPTY, _SNDMORE | _NOBLOCK)
+            sock.send(payload, _NOBLOCK)
         except zmq.ZMQError:
             self.stats["send_failed"] += 1
 

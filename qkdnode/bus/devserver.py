@@ -21,7 +21,6 @@ import time
 import uuid
 from typing import Any
 
-import structlog
 import zmq
 import zmq.asyncio
 from pydantic import BaseModel, ConfigDict, Field
@@ -32,6 +31,7 @@ from qkdnode.bus.errors import CommandError
 from qkdnode.bus.keys import load_secret_key
 from qkdnode.bus.telemetry import TelemetryPublisher
 from qkdnode.config.sections import BusSection, CurveClient
+from qkdnode.log import configure_logging
 
 
 class KeysRequest(BaseModel):
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--telemetry-hz", type=float, default=0.0)
     p.add_argument("--heartbeat-s", type=float, default=1.0)
     args = p.parse_args(argv)
-    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+    configure_logging("warning")
     clients = []
     for item in args.client:
         name, role, key = item.split(":", 2)

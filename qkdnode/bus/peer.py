@@ -407,7 +407,9 @@ class PeerChannel:
         if head.session != self.peer_session:
             restarted = self.peer_session is not None
             self.peer_session = head.session
-            self._recv_seq = 0
+            # a new session starts where the peer is now: nothing of it can be lost yet
+            control = head.kind in (HELLO, HEARTBEAT)
+            self._recv_seq = head.seq if control else head.seq - 1
             if restarted:
                 self.link_epoch += 1
                 log.warning("bus.peer.restarted", peer_session=head.session)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Generator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -117,7 +117,7 @@ def subscribe(
     topics: tuple[str, ...] = (),
     idle_timeout_s: float = 5.0,
     context: zmq.Context[Any] | None = None,
-) -> Iterator[TelemetryEvent]:
+) -> Generator[TelemetryEvent, None, None]:
     """Blocking iterator: the snapshot values, then live deltas, re-snapshotting on gaps.
 
     Yields a ``stale`` event whenever nothing (not even a heartbeat) arrived for
@@ -169,7 +169,7 @@ async def asubscribe(
     topics: tuple[str, ...] = (),
     idle_timeout_s: float = 5.0,
     context: zmq.asyncio.Context | None = None,
-) -> AsyncIterator[TelemetryEvent]:
+) -> AsyncGenerator[TelemetryEvent, None]:
     """asyncio version of :func:`subscribe`."""
     ctx = context if context is not None else zmq.asyncio.Context.instance()
     skey = server_key(server_public_key)

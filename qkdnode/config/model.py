@@ -6,6 +6,7 @@ from pydantic import Field, model_validator
 
 from qkdnode.config.sections import (
     BusSection,
+    CalibrationSection,
     DeliverySection,
     InstrumentSection,
     KeystoreSection,
@@ -16,6 +17,7 @@ from qkdnode.config.sections import (
     SimulationSection,
     SourceSection,
 )
+from qkdnode.procedures.sync import SyncConfig
 
 
 class NodeConfig(Section):
@@ -26,6 +28,8 @@ class NodeConfig(Section):
     instruments: dict[str, InstrumentSection] = Field(default_factory=dict)
     bus: BusSection = BusSection()
     protocol: ProtocolSection = ProtocolSection()
+    calibration: CalibrationSection = CalibrationSection()
+    sync: SyncConfig = SyncConfig()
     keystore: KeystoreSection = KeystoreSection()
     delivery: DeliverySection = DeliverySection()
     metrics: MetricsSection = MetricsSection()

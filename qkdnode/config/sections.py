@@ -39,9 +39,9 @@ class SourceSection(Section):
     slot_rate_hz: float = Field(25e6, gt=0, le=10e9)
     mu_signal: float = Field(0.5, gt=0, le=2)
     mu_decoy: float = Field(0.1, gt=0, le=2)
-    p_signal: float = Field(0.7, gt=0, lt=1)
+    p_signal: float = Field(0.6, gt=0, lt=1)
     p_decoy: float = Field(0.2, gt=0, lt=1)
-    p_basis_z: float = Field(0.9, gt=0, lt=1)
+    p_basis_z: float = Field(0.8, gt=0, lt=1)
     wavelength_nm: float = Field(1550.12, ge=1260, le=1675)
 
     @model_validator(mode="after")
@@ -53,6 +53,28 @@ class SourceSection(Section):
         if self.p_signal + self.p_decoy >= 1:
             raise ValueError("p_signal + p_decoy must be < 1 (the rest is vacuum)")
         return self
+
+
+class CalibrationSection(Section):
+    """Calibration settings and the box constants calibration relies on."""
+
+    tap_to_output_db: float = Field(
+        50.0,
+        ge=0,
+        le=120,
+        description="transmitter: attenuation from the power-meter tap to the box output "
+        "(factory-measured constant of the box)",
+    )
+    integration_time_s: float = Field(
+        0.12, gt=0, le=60, description="receiver: count-rate integration time per scan point"
+    )
+    probe_detections: int = Field(
+        20_000,
+        ge=100,
+        le=200_000,
+        description="detections disclosed per error-rate probe of the encoding compensation",
+    )
+    encoder_v_pi_v: float = Field(3.0, gt=0, le=50, description="encoder half-wave voltage")
 
 
 class InstrumentSection(Section):
@@ -124,7 +146,7 @@ class BusSection(Section):
 
 class ProtocolSection(Section):
     block_detections: int = Field(
-        1_000_000, ge=10_000, le=100_000_000, description="detections per key block"
+        4_000_000, ge=10_000, le=100_000_000, description="detections per key block"
     )
     eps_sec: float = Field(1e-10, gt=0, lt=1)
     eps_cor: float = Field(1e-15, gt=0, lt=1)
@@ -149,6 +171,13 @@ class KeystoreSection(Section):
     key_ttl_s: float = Field(86400.0, gt=0)
     erase_interval_s: float = Field(
         10.0, gt=0, le=3600, description="period of the sweep that erases expired keys"
+    )
+    compact_interval_s: float = Field(
+        300.0,
+        ge=0,
+        le=86400,
+        description="at most this long after an erasure the database file is rewritten "
+        "(VACUUM) so no stale copy of an erased key survives in free page space",
     )
 
 
@@ -184,6 +213,24 @@ class DeliverySection(Section):
         False,
         description="refuse (503) dec_keys for keys the peer KME has not announced yet",
     )
+
+    @model_validator(mode="after")
+    def _check_saes(self) -> DeliverySection:
+        ids = [s.sae_id for s in self.saes]
+        cns = [s.certificate_cn for s in self.saes]
+        for what, values in (("sae_id", ids), ("certificate_cn", cns)):
+            dup = sorted({v for v in values if values.count(v) > 1})
+            if dup:
+                raise ValueError(f"saes: duplicate {what} {dup}")
+        for i, (master, slave) in enumerate(self.pairs):
+            if master == slave:
+                raise ValueError(f"pairs[{i}]: master and slave are both {master!r}")
+            unknown = [x for x in (master, slave) if x not in ids]
+            if unknown:
+                raise ValueError(f"pairs[{i}]: SAE ID {unknown[0]!r} is not listed in saes")
+        if self.min_key_size_bits > self.max_key_size_bits:
+            raise ValueError("min_key_size_bits must not exceed max_key_size_bits")
+        return self
 
 
 class MetricsSection(Section):

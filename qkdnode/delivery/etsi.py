@@ -16,7 +16,6 @@ bytes except the key container of a successful response.
 from __future__ import annotations
 
 import asyncio
-import base64
 import inspect
 import time
 import uuid
@@ -32,13 +31,16 @@ from qkdnode.config.sections import DeliverySection
 from qkdnode.delivery.openapi import API_PREFIX, OPENAPI_PATH, openapi_json
 from qkdnode.delivery.tls import peer_common_names, server_context
 from qkdnode.keystore.errors import KeyRequestError, KeysUnavailableError
-from qkdnode.keystore.models import DeliveredKey, DeliveryNotice, KeyState, Pair
+from qkdnode.keystore.models import DeliveredKey, DeliveryNotice, KeyState, Pair, key_container
 from qkdnode.keystore.store import KeyStore
 
 log = structlog.get_logger(__name__)
 
 NoticeCallback = Callable[[DeliveryNotice], Awaitable[None] | None]
 _NOTICE_POLL_S = 0.01
+#: how long a response may wait for ``on_delivery`` (the notice is then recovered by the
+#: next summary exchange)
+NOTICE_TIMEOUT_S = 2.0
 
 
 class EtsiError(Exception):
@@ -76,14 +78,6 @@ class KeyIdsBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     key_IDs: list[KeyIdEntry] = Field(min_length=1)
-
-
-def _container(keys: Sequence[DeliveredKey]) -> dict[str, Any]:
-    return {
-        "keys": [
-            {"key_ID": str(k.key_id), "key": base64.b64encode(k.key).decode("ascii")} for k in keys
-        ]
-    }
 
 
 class EtsiApi:
@@ -198,7 +192,7 @@ class EtsiApi:
         log.info(
             "etsi.enc_keys", master=pair.master, slave=pair.slave, keys=len(keys), size_bits=size
         )
-        return web.json_response(_container(keys))
+        return web.json_response(key_container(keys))
 
     async def dec_keys(self, request: web.Request) -> web.Response:
         pair = self._pair(request, "slave", request.match_info["master_SAE_ID"])
@@ -223,7 +217,7 @@ class EtsiApi:
         )
         await self._announce(self.store.notice(pair, "dec", keys))
         log.info("etsi.dec_keys", master=pair.master, slave=pair.slave, keys=len(keys))
-        return web.json_response(_container(keys))
+        return web.json_response(key_container(keys))
 
     async def openapi(self, request: web.Request) -> web.Response:
         self.caller(request)
@@ -259,7 +253,7 @@ class EtsiApi:
         try:
             result = self.on_delivery(notice)
             if inspect.isawaitable(result):
-                await result
+                await asyncio.wait_for(result, NOTICE_TIMEOUT_S)
         except Exception as exc:
             # The keys are delivered and durable; the peer learns of them at the next
             # summary exchange. Never fail the SAE's request for this.

@@ -1,7 +1,8 @@
 """The OpenAPI 3.1 document of the ETSI GS QKD 014 interface this KME serves.
 
 The server publishes it at ``/api/v1/openapi.json``; ``docs/openapi.json`` is a copy made
-with ``python -m qkdnode.delivery.openapi > docs/openapi.json`` (a test checks they match).
+with ``python -c "from qkdnode.delivery.openapi import openapi_json as j; print(j(), end='')"
+> docs/openapi.json`` (a test checks they match).
 """
 
 from __future__ import annotations
@@ -240,7 +241,3 @@ def build_openapi() -> dict[str, Any]:
 def openapi_json() -> str:
     """The document as published (stable key order, 2-space indent, final newline)."""
     return json.dumps(build_openapi(), indent=2, sort_keys=True) + "\n"
-
-
-if __name__ == "__main__":  # pragma: no cover
-    print(openapi_json(), end="")

@@ -18,6 +18,7 @@ the asymptotic model; at the default rates they cost well under one percent.
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -89,16 +90,32 @@ def link_theory(link: LinkParams, protocol: ProtocolSection) -> dict[str, Any]:
         "note": None,
     }
     try:
-        from qkdnode.postproc import theory
+        theory = importlib.import_module("qkdnode.postproc.theory")
     except ImportError:
         result["note"] = "qkdnode.postproc.theory not available"
         return result
-    result.update(_evaluate(theory, inputs))
+    try:
+        result.update(_evaluate(theory, inputs))
+    except (AttributeError, TypeError, ValueError) as exc:
+        result["note"] = f"theory evaluation failed: {type(exc).__name__}: {exc}"
     return result
 
 
 def _evaluate(theory: Any, inputs: TheoryInputs) -> dict[str, Any]:
-    """Call the theory module (adapter kept in one place)."""
-    rate = theory.decoy_key_rate_per_pulse(**inputs.as_dict())
-    plob = theory.plob_bits_per_use(inputs.channel_transmittance)
+    """Call the theory module (the only place that knows its API)."""
+    p_vac = max(0.0, 1.0 - inputs.p_signal - inputs.p_decoy)
+    rate = theory.rate_decoy_biased(
+        inputs.transmittance,
+        inputs.y0,
+        inputs.e_d,
+        [
+            (inputs.p_signal, inputs.mu_signal),
+            (inputs.p_decoy, inputs.mu_decoy),
+            (p_vac, inputs.mu_vacuum),
+        ],
+        p_z_tx=inputs.p_basis_z_tx,
+        p_z_rx=inputs.p_basis_z_rx,
+        f=inputs.ec_efficiency,
+    )
+    plob = theory.plob_bound(inputs.channel_transmittance)
     return {"secret_bits_per_pulse": float(rate), "plob_bits_per_pulse": float(plob)}

@@ -27,6 +27,7 @@ from qkdnode.keystore.models import (
     Provenance,
     ReconcileActions,
     SyncSummary,
+    key_container,
 )
 from qkdnode.keystore.store import KeyStore
 from qkdnode.keystore.sync import reconcile
@@ -52,6 +53,7 @@ __all__ = [
     "StoreFullError",
     "SyncSummary",
     "UnknownKeyError",
+    "key_container",
     "link_id_for",
     "make_key_id",
     "reconcile",

@@ -33,18 +33,29 @@ def link_id_for(node_id: str, peer_id: str) -> str:
     return f"{a}<->{b}"
 
 
+_CLEAR = ~(_VERSION_MASK | _VARIANT_MASK | _SIZE_MASK)
+_SET = (8 << 76) | (0x2 << 62)
+
+
+def key_refs(link_id: str, block_id: int, count: int, start: int = 0) -> list[int]:
+    """References (size field zero) of keys ``start .. start+count-1`` of a block."""
+    if block_id < 0 or start < 0 or count < 0:
+        raise ValueError("block_id, start and count must be >= 0")
+    prefix = hashlib.sha256(b"|".join((ID_DOMAIN, link_id.encode(), str(block_id).encode(), b"")))
+    refs = []
+    for index in range(start, start + count):
+        h = prefix.copy()
+        h.update(str(index).encode())
+        refs.append((int.from_bytes(h.digest()[:16], "big") & _CLEAR) | _SET)
+    return refs
+
+
 def key_ref(link_id: str, block_id: int, index: int) -> int:
-    """The 128-bit reference (size field zero) of key ``index`` of block ``block_id``."""
-    if block_id < 0 or index < 0:
-        raise ValueError("block_id and index must be >= 0")
-    digest = hashlib.sha256(
-        b"|".join((ID_DOMAIN, link_id.encode(), str(block_id).encode(), str(index).encode()))
-    ).digest()
-    value = int.from_bytes(digest[:16], "big")
-    value &= ~(_VERSION_MASK | _VARIANT_MASK | _SIZE_MASK)
-    value |= 8 << 76
-    value |= 0x2 << 62
-    return value
+    """The 128-bit reference (size field zero) of key ``index`` of block ``block_id``:
+    SHA-256 of "qkdnode-key-id/v1|<link id>|<block id>|<index>"."""
+    if index < 0:
+        raise ValueError("index must be >= 0")
+    return key_refs(link_id, block_id, 1, index)[0]
 
 
 def make_key_id(ref: int, size_bits: int) -> uuid.UUID:
@@ -62,6 +73,10 @@ def split_key_id(key_id: uuid.UUID) -> tuple[int, int]:
     return value & ~_SIZE_MASK, (value & _SIZE_MASK) * 8
 
 
-def ref_hex(ref: int) -> str:
-    """The database form of a reference (32 lowercase hex digits)."""
-    return f"{ref:032x}"
+def ref_bytes(ref: int) -> bytes:
+    """The database form of a reference (16 bytes, big-endian)."""
+    return ref.to_bytes(16, "big")
+
+
+def ref_from_bytes(raw: bytes) -> int:
+    return int.from_bytes(raw, "big")

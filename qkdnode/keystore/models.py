@@ -7,10 +7,12 @@ caller.
 
 from __future__ import annotations
 
+import base64
 import enum
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -67,6 +69,17 @@ class DeliveredKey:
 
     def __str__(self) -> str:
         return f"DeliveredKey({self.key_id}, {self.size_bits} bits)"
+
+
+def key_container(keys: Iterable[DeliveredKey]) -> dict[str, Any]:
+    """An ETSI 014 key container: ``{"keys": [{"key_ID", "key" (base64)}]}``.
+
+    The one place where key bytes are encoded for a consumer (ETSI server, control API)."""
+    return {
+        "keys": [
+            {"key_ID": str(k.key_id), "key": base64.b64encode(k.key).decode("ascii")} for k in keys
+        ]
+    }
 
 
 @dataclass(frozen=True)

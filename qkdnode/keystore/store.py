@@ -23,7 +23,9 @@ Thread-safe: one connection guarded by a lock; async callers use ``asyncio.to_th
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import sqlite3
 import threading
 import time
@@ -40,12 +42,20 @@ from qkdnode.keystore.errors import (
     KeyAlreadyDeliveredError,
     KeyNotForPairError,
     KeyRequestError,
+    KeyStoreError,
     KeysUnavailableError,
     LinkMismatchError,
     StoreFullError,
     UnknownKeyError,
 )
-from qkdnode.keystore.ids import key_ref, make_key_id, ref_hex, split_key_id
+from qkdnode.keystore.ids import (
+    key_ref,
+    key_refs,
+    make_key_id,
+    ref_bytes,
+    ref_from_bytes,
+    split_key_id,
+)
 from qkdnode.keystore.models import (
     BlockSummary,
     DeliveredEntry,
@@ -63,7 +73,7 @@ from qkdnode.keystore.models import (
 
 log = structlog.get_logger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: key references stored as 16-byte BLOBs
 _SIDE_PARITY: dict[str, int] = {"transmitter": 0, "receiver": 1}
 
 _SCHEMA = """
@@ -77,7 +87,7 @@ CREATE TABLE IF NOT EXISTS blocks (
     provenance TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS keys (
-    ref TEXT PRIMARY KEY,
+    ref BLOB PRIMARY KEY,
     block_id INTEGER NOT NULL,
     idx INTEGER NOT NULL,
     size_bits INTEGER NOT NULL,
@@ -95,9 +105,8 @@ CREATE TABLE IF NOT EXISTS keys (
 );
 CREATE INDEX IF NOT EXISTS keys_pick ON keys (state, enc_parity, block_id, idx);
 CREATE INDEX IF NOT EXISTS keys_block ON keys (block_id, idx);
-CREATE INDEX IF NOT EXISTS keys_expiry ON keys (expires_at);
 CREATE TABLE IF NOT EXISTS erased (
-    ref TEXT PRIMARY KEY,
+    ref BLOB PRIMARY KEY,
     block_id INTEGER NOT NULL,
     idx INTEGER NOT NULL,
     reason TEXT NOT NULL,
@@ -131,6 +140,7 @@ class KeyStore:
         key_ttl_s: float,
         max_key_count: int,
         clock: Callable[[], float],
+        compact_interval_s: float = 300.0,
     ) -> None:
         self._conn = conn
         self._lock = threading.RLock()
@@ -141,6 +151,10 @@ class KeyStore:
         self.max_key_count = max_key_count
         self._clock = clock
         self._enc_parity = _SIDE_PARITY[side]
+        self.compact_interval_s = compact_interval_s
+        # Unknown after a restart (a crash may have left erased bytes in free page space).
+        self._erased_since_compact = True
+        self._last_compact = -math.inf
 
     def __repr__(self) -> str:
         return f"KeyStore(path={str(self.path)!r}, link_id={self.link_id!r}, side={self.side!r})"
@@ -157,6 +171,7 @@ class KeyStore:
         key_ttl_s: float = 86400.0,
         max_key_count: int = 100_000,
         clock: Callable[[], float] = time.time,
+        compact_interval_s: float = 300.0,
     ) -> KeyStore:
         """Open (creating if needed) the store at ``path``.
 
@@ -173,6 +188,7 @@ class KeyStore:
                 raise sqlite3.OperationalError(f"cannot enable WAL mode on {path} (got {mode})")
             conn.execute("PRAGMA synchronous=EXTRA")
             conn.execute("PRAGMA secure_delete=ON")
+            conn.execute("PRAGMA temp_store=MEMORY")  # VACUUM's copy never touches the disk
             conn.execute("PRAGMA foreign_keys=ON")
             conn.executescript(_SCHEMA)
             conn.execute("BEGIN IMMEDIATE")
@@ -181,6 +197,13 @@ class KeyStore:
                 conn.executemany(
                     "INSERT INTO meta (name, value) VALUES (?, ?)",
                     [("schema", str(SCHEMA_VERSION)), ("link_id", link_id), ("side", side)],
+                )
+            elif meta.get("schema") != str(SCHEMA_VERSION):
+                conn.execute("ROLLBACK")
+                raise KeyStoreError(
+                    f"key store {path} has schema {meta.get('schema')}, this version needs "
+                    f"{SCHEMA_VERSION}; move the file away (the peer discards the keys this "
+                    "node no longer holds at the next summary exchange)"
                 )
             elif meta.get("link_id") != link_id or meta.get("side") != side:
                 conn.execute("ROLLBACK")
@@ -200,6 +223,7 @@ class KeyStore:
             key_ttl_s=key_ttl_s,
             max_key_count=max_key_count,
             clock=clock,
+            compact_interval_s=compact_interval_s,
         )
         log.info("keystore.opened", path=str(path), link_id=link_id, side=side, **store.counts())
         return store
@@ -235,9 +259,7 @@ class KeyStore:
         self, block_id: int, key_count: int, key_size_bits: int
     ) -> list[uuid.UUID]:
         """IDs of the keys of a block (computable without the store, identical on both nodes)."""
-        return [
-            make_key_id(key_ref(self.link_id, block_id, i), key_size_bits) for i in range(key_count)
-        ]
+        return [make_key_id(r, key_size_bits) for r in key_refs(self.link_id, block_id, key_count)]
 
     def add_block(
         self,
@@ -265,10 +287,11 @@ class KeyStore:
             )
         now = self._clock()
         expires = now + self.key_ttl_s
-        ids = self.key_ids_for_block(block_id, count, key_size_bits)
+        refs = key_refs(self.link_id, block_id, count)
+        ids = [make_key_id(r, key_size_bits) for r in refs]
         rows = [
             (
-                ref_hex(key_ref(self.link_id, block_id, i)),
+                ref_bytes(refs[i]),
                 block_id,
                 i,
                 key_size_bits,
@@ -298,6 +321,12 @@ class KeyStore:
                 "INSERT INTO blocks (block_id, committed, key_size_bits, key_count, created_at, "
                 "provenance) VALUES (?, 0, ?, ?, ?, ?)",
                 (block_id, key_size_bits, count, now, provenance.model_dump_json()),
+            )
+            cur.execute(
+                "INSERT INTO meta (name, value) VALUES ('max_block_id', ?) ON CONFLICT(name) "
+                "DO UPDATE SET value = max(CAST(value AS INTEGER), "
+                "CAST(excluded.value AS INTEGER))",
+                (block_id,),
             )
             cur.executemany(
                 "INSERT OR REPLACE INTO keys (ref, block_id, idx, size_bits, enc_parity, state, "
@@ -387,7 +416,7 @@ class KeyStore:
             )
         keys = [
             DeliveredKey(
-                make_key_id(int(ref, 16), size_bits), size_bits, bytes(key[: size_bits // 8])
+                make_key_id(ref_from_bytes(ref), size_bits), size_bits, bytes(key[: size_bits // 8])
             )
             for ref, key in rows
         ]
@@ -414,14 +443,14 @@ class KeyStore:
         """
         if not key_ids:
             raise KeyRequestError("no key_ID given")
-        parsed: list[tuple[uuid.UUID, str, int]] = []
-        seen: set[str] = set()
+        parsed: list[tuple[uuid.UUID, bytes, int]] = []
+        seen: set[bytes] = set()
         for kid in key_ids:
             try:
                 ref, size = split_key_id(kid)
             except ValueError as exc:
                 raise UnknownKeyError(str(exc)) from None
-            h = ref_hex(ref)
+            h = ref_bytes(ref)
             if h in seen:
                 raise KeyRequestError(f"key_ID {kid} is requested twice")
             seen.add(h)
@@ -483,7 +512,7 @@ class KeyStore:
         log.info("keystore.keys_claimed", master=pair.master, slave=pair.slave, keys=len(out))
         return out
 
-    def _gone_error(self, cur: sqlite3.Cursor, kid: uuid.UUID, h: str) -> KeyRequestError:
+    def _gone_error(self, cur: sqlite3.Cursor, kid: uuid.UUID, h: bytes) -> KeyRequestError:
         row = cur.execute("SELECT reason, state_before FROM erased WHERE ref=?", (h,)).fetchone()
         if row is None:
             return UnknownKeyError(f"key_ID {kid} is unknown to this KME")
@@ -519,13 +548,13 @@ class KeyStore:
 
     def _apply_entries(self, cur: sqlite3.Cursor, entries: Sequence[DeliveredEntry]) -> int:
         changed = 0
-        to_erase: list[str] = []
+        to_erase: list[bytes] = []
         for e in entries:
             try:
                 ref, size = split_key_id(e.key_id)
             except ValueError:
                 continue
-            h = ref_hex(ref)
+            h = ref_bytes(ref)
             row = cur.execute(
                 "SELECT state, enc_parity, peer_delivered FROM keys WHERE ref=?", (h,)
             ).fetchone()
@@ -572,7 +601,7 @@ class KeyStore:
                     live.setdefault(block_id, []).append(idx)
                 delivered = [
                     DeliveredEntry(
-                        key_id=make_key_id(int(ref, 16), dsize),
+                        key_id=make_key_id(ref_from_bytes(ref), dsize),
                         pair=Pair(master=pm, slave=ps),
                         via=via,
                     )
@@ -599,7 +628,7 @@ class KeyStore:
             for b in actions.commit_blocks:
                 if cur.execute("SELECT 1 FROM blocks WHERE block_id=?", (b,)).fetchone():
                     self._commit(cur, b)
-            refs = [ref_hex(key_ref(self.link_id, b, i)) for b, i in actions.discard_keys]
+            refs = [ref_bytes(key_ref(self.link_id, b, i)) for b, i in actions.discard_keys]
             discarded = self._erase(cur, refs, EraseReason.DISCARDED)
             self._drop_empty_blocks(cur)
             self._apply_entries(cur, actions.peer_delivered)
@@ -613,7 +642,7 @@ class KeyStore:
 
     # -- erasure ----------------------------------------------------------------------------
 
-    def _erase(self, cur: sqlite3.Cursor, refs: Sequence[str], reason: EraseReason) -> int:
+    def _erase(self, cur: sqlite3.Cursor, refs: Sequence[bytes], reason: EraseReason) -> int:
         """Overwrite with zeros, tombstone, then delete the keys ``refs``."""
         now = self._clock()
         params = [(r,) for r in refs]
@@ -626,6 +655,7 @@ class KeyStore:
         cur.executemany("DELETE FROM keys WHERE ref=?", params)
         n = cur.rowcount
         if n:
+            self._erased_since_compact = True
             self._drop_empty_blocks(cur)
         return n
 
@@ -637,8 +667,9 @@ class KeyStore:
 
     def erase_due(self, *, tombstone_ttl_s: float | None = None) -> int:
         """Erase keys whose time to live ended (any state), forget tombstones older than
-        ``tombstone_ttl_s`` (default: twice the key TTL), and truncate the WAL so erased
-        bytes do not linger in it. Call periodically. Returns the number of keys erased."""
+        ``tombstone_ttl_s`` (default: twice the key TTL), then :meth:`compact` if keys were
+        erased and ``compact_interval_s`` has passed since the last compaction (else only
+        truncate the WAL). Call periodically. Returns the number of keys erased."""
         now = self._clock()
         keep_s = 2 * self.key_ttl_s if tombstone_ttl_s is None else tombstone_ttl_s
         with self._tx() as cur:
@@ -648,11 +679,31 @@ class KeyStore:
             )
             n = self._erase(cur, refs, EraseReason.EXPIRED)
             cur.execute("DELETE FROM erased WHERE erased_at<?", (now - keep_s,))
-        with self._lock:
-            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         if n:
             log.info("keystore.expired", keys=n)
+        if (
+            self._erased_since_compact
+            and time.monotonic() - self._last_compact >= self.compact_interval_s
+        ):
+            self.compact()
+        else:
+            with self._lock:
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return n
+
+    def compact(self) -> None:
+        """Rewrite the database file (VACUUM) and truncate the WAL.
+
+        ``secure_delete`` zeroes a deleted row in place, but SQLite leaves stale copies of
+        rows in the unallocated gap of b-tree pages it rebalanced earlier; only a rebuild of
+        the file removes them. Cost is proportional to the file size (blocks the store)."""
+        t0 = time.monotonic()
+        with self._lock:
+            self._conn.execute("VACUUM")
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._erased_since_compact = False
+            self._last_compact = time.monotonic()
+        log.info("keystore.compacted", duration_s=round(self._last_compact - t0, 4))
 
     # -- inspection -------------------------------------------------------------------------
 
@@ -660,7 +711,7 @@ class KeyStore:
         """Number of stored keys per state (no key bytes)."""
         with self._lock:
             rows = self._conn.execute("SELECT state, COUNT(*) FROM keys GROUP BY state").fetchall()
-        out = {s.value: 0 for s in KeyState if s is not KeyState.EXPIRED}
+        out = {s.value: 0 for s in KeyState}
         out.update({state: n for state, n in rows})
         return out
 
@@ -693,7 +744,7 @@ class KeyStore:
             row = self._conn.execute(
                 "SELECT block_id, idx, size_bits, state, created_at, expires_at, pair_master, "
                 "pair_slave, peer_delivered FROM keys WHERE ref=?",
-                (ref_hex(ref),),
+                (ref_bytes(ref),),
             ).fetchone()
         if row is None:
             return None
@@ -709,6 +760,27 @@ class KeyStore:
             pair=None if pm is None else Pair(master=pm, slave=ps),
             peer_delivered=bool(peer_done),
         )
+
+    def last_block_id(self) -> int:
+        """Highest block ID ever stored here (-1 if none); survives erasure of its keys."""
+        with self._lock:
+            row = self._conn.execute("SELECT value FROM meta WHERE name='max_block_id'").fetchone()
+        return -1 if row is None else int(row[0])
+
+    def digest(self) -> dict[str, object]:
+        """Count and SHA-256 over (key ID, key bytes) of the keys of committed blocks, sorted
+        by ID: lets the two nodes compare their stores without revealing keys."""
+        h = hashlib.sha256()
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT k.ref, k.size_bits, k.key FROM keys k JOIN blocks b "
+                "ON b.block_id = k.block_id WHERE b.committed = 1 ORDER BY k.ref"
+            ).fetchall()
+        for ref, size, key in rows:
+            h.update(str(make_key_id(ref_from_bytes(ref), size)).encode())
+            h.update(len(key).to_bytes(4, "big"))
+            h.update(key)
+        return {"count": len(rows), "sha256": h.hexdigest()}
 
     def block_provenance(self, block_id: int) -> Provenance | None:
         with self._lock:

@@ -14,10 +14,10 @@ class CascadeParams(_Strict):
     dyadic tree that later passes reuse without disclosing anything new)."""
 
     first_block_factor: float = Field(
-        1.0, gt=0, le=8, description="pass-1 block size ~ factor / QBER (rounded to 2^k)"
+        1.4, gt=0, le=8, description="pass-1 block size ~ factor / QBER (rounded to 2^k)"
     )
     growth_factor: int = Field(2, ge=2, le=8, description="block size ratio between passes")
-    passes: int = Field(6, ge=1, le=16, description="maximum number of passes")
+    passes: int = Field(4, ge=1, le=16, description="maximum number of passes")
     qber_floor: float = Field(0.005, gt=0, lt=0.5, description="QBER assumed at least this")
 
 
@@ -30,9 +30,9 @@ class PostprocParams(_Strict):
     mu_signal: float = Field(0.5, gt=0, le=2)
     mu_decoy: float = Field(0.1, gt=0, le=2)
     mu_vacuum: float = Field(0.0, ge=0, le=0.1)
-    p_signal: float = Field(0.7, gt=0, lt=1)
+    p_signal: float = Field(0.6, gt=0, lt=1)
     p_decoy: float = Field(0.2, gt=0, lt=1)
-    p_basis_z: float = Field(0.9, gt=0, lt=1)
+    p_basis_z: float = Field(0.8, gt=0, lt=1)
     cascade: CascadeParams = CascadeParams()
     auth_reserve_bits: int = Field(
         4096, ge=0, multiple_of=256, description="final-key bits moved to the auth pool"

@@ -29,6 +29,13 @@ class SiftingError(ValueError):
     """Malformed detections or announcement."""
 
 
+_GAP_DTYPES: dict[int, np.dtype[np.unsignedinteger]] = {
+    1: np.dtype(np.uint8),
+    2: np.dtype("<u2"),
+    4: np.dtype("<u4"),
+}
+
+
 def squash(
     slot_index: npt.NDArray[np.int64], channel: npt.NDArray[np.int8], rng: np.random.Generator
 ) -> tuple[I64, U8, U8]:
@@ -53,8 +60,8 @@ def squash(
     gaps = np.diff(slot_index)
     if n > 1 and int(gaps.min()) < 0:
         raise SiftingError("slot_index must be sorted ascending")
-    basis = ch >> 1
-    bit = ch & 1
+    basis: U8 = (ch >> 1).astype(np.uint8)
+    bit: U8 = (ch & 1).astype(np.uint8)
     if n == 1 or int(gaps.min()) > 0:
         return slot_index.copy(), basis, bit
     # Multi-click slots exist: group them.
@@ -91,7 +98,7 @@ def encode_slots(slots: npt.NDArray[np.int64]) -> tuple[dict[str, int], list[byt
     width = best[0]
     escape = (1 << (8 * width)) - 1
     big = gaps >= escape
-    dtype = {1: np.uint8, 2: np.dtype("<u2"), 4: np.dtype("<u4")}[width]
+    dtype = _GAP_DTYPES[width]
     packed = np.where(big, escape, gaps).astype(dtype)
     return (
         {"n": n, "first": int(slots[0]), "width": width},
@@ -109,7 +116,7 @@ def decode_slots(header: dict[str, int], buffers: list[bytes]) -> I64:
         raise SiftingError(f"bad slot announcement (width={width}, n={n})")
     if n == 0:
         return np.zeros(0, np.int64)
-    dtype = {1: np.uint8, 2: np.dtype("<u2"), 4: np.dtype("<u4")}[width]
+    dtype = _GAP_DTYPES[width]
     if len(buffers[0]) != (n - 1) * width:
         raise SiftingError(f"slot gaps: {len(buffers[0])} bytes, expected {(n - 1) * width}")
     gaps = np.frombuffer(buffers[0], dtype=dtype).astype(np.int64)
@@ -148,7 +155,7 @@ def unpack_trits(data: bytes, n: int) -> U8:
         raise SiftingError(f"packed classes: {len(data)} bytes for {n} values")
     low = unpack_bits(data[:half], n)
     high = unpack_bits(data[half:], n)
-    return low | (high << 1)
+    return (low | (high << 1)).astype(np.uint8)
 
 
 def basis_match(alice_basis: npt.NDArray[np.uint8], bob_basis: npt.NDArray[np.uint8]) -> Bool:

@@ -57,7 +57,7 @@ class PeerTransport(Protocol):
 def as_bytes(buf: Buffer) -> bytes | memoryview:
     """A bytes-like view of ``buf`` (numpy arrays are made contiguous first)."""
     if isinstance(buf, np.ndarray):
-        return memoryview(np.ascontiguousarray(buf)).cast("B")
+        return memoryview(np.ascontiguousarray(buf).data).cast("B")
     return buf
 
 

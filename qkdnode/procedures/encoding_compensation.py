@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 from matplotlib.figure import Figure
 from pydantic import BaseModel, ConfigDict, Field
-from scipy.optimize import curve_fit
+from scipy.optimize import OptimizeWarning, curve_fit
 
 from drivers.interfaces import Encoder
 from qkdnode.procedures.common import CalibrationResult, Publisher, call, finish, maybe_await
@@ -102,14 +103,16 @@ def fit_qber_curve(
     for offset in np.linspace(-v_pi, v_pi, 9):
         p0 = [max(float(q.min()) * 0.5, 1e-4), 1.0, float(b[i_best] + offset)]
         try:
-            popt, _ = curve_fit(
-                model,
-                b,
-                q,
-                p0=p0,
-                bounds=([0.0, 0.3, -np.inf], [0.5, 1.5, np.inf]),
-                maxfev=5000,
-            )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", OptimizeWarning)
+                popt, _ = curve_fit(
+                    model,
+                    b,
+                    q,
+                    p0=p0,
+                    bounds=([0.0, 0.3, -np.inf], [0.5, 1.5, np.inf]),
+                    maxfev=5000,
+                )
         except (RuntimeError, ValueError):
             continue
         cost = float(np.sum((model(b, *popt) - q) ** 2))

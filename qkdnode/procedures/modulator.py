@@ -111,22 +111,26 @@ def fit_transfer(volts: Sequence[float] | F64, power_w: Sequence[float] | F64) -
     guesses = {span / 2}
     if f_peak > 0:
         guesses.add(1.0 / (2 * f_peak))  # period of cos^2 is 2 V_pi
+    # relative errors (1 %) with a floor: the minimum weighs as much as the maximum
+    sigma = 0.01 * np.abs(p) + 1e-6 * p_hi
     best: tuple[float, npt.NDArray[np.float64], npt.NDArray[np.float64]] | None = None
     v_max = float(v[int(np.argmax(p))])
     for v_pi0 in guesses:
         for v00 in (v_max, v_max - v_pi0 / 4, v_max + v_pi0 / 4):
             try:
-                popt, pcov = curve_fit(transfer, v, p, p0=[p_lo, p_hi, v00, v_pi0], maxfev=20000)
+                popt, pcov = curve_fit(
+                    transfer, v, p, p0=[p_lo, p_hi, v00, v_pi0], sigma=sigma, maxfev=20000
+                )
             except (RuntimeError, ValueError):
                 continue
-            cost = float(np.sum((transfer(v, *popt) - p) ** 2))
+            cost = float(np.sum(((transfer(v, *popt) - p) / sigma) ** 2))
             if best is None or cost < best[0]:
                 best = (cost, popt, pcov)
     if best is None:
         raise CalibrationError("transfer-function fit did not converge")
     cost, popt, pcov = best
     p_min, p_max, v0, v_pi = (float(x) for x in popt)
-    rms = math.sqrt(cost / v.size)
+    rms = math.sqrt(float(np.mean((transfer(v, *popt) - p) ** 2)))
     if rms > 0.05 * abs(p_max):
         raise CalibrationError(f"poor transfer fit: rms {rms:.3g} W vs max {p_max:.3g} W")
     v_pi = abs(v_pi)

@@ -610,12 +610,16 @@ class SlotTracker:
         sig = math.nan
         good = False
         if int(cap.sum()) >= self.cfg.min_fit_tags:
+            before = self.model
             err, sig = self._correct(n[cap], res[cap])
             good = (
                 abs(err) <= self.cfg.lock_fraction * period
                 and sig <= self.cfg.max_spread_fraction * period
             )
-            n, res = _slot_residuals(tags["time_ps"], self.model, period)
+            # apply the correction to the residuals (same slots: the change is tiny)
+            d_off = self.model.offset_ps - before.offset_ps
+            d_rate = self.model.rate - before.rate
+            res = res - (d_off + d_rate * period * n.astype(np.float64))
         inw = (np.abs(res) <= self.window_ps / 2) & (n >= 0)
         frac = float(inw.sum()) / n_all if n_all else 0.0
         ref = self.reference_fraction

@@ -92,16 +92,22 @@ def start_inproc(keys: Keys) -> Iterator[Callable[..., InProc]]:
 
     def _start(curve: bool = False, table: CommandTable | None = None, **bus_kw: Any) -> InProc:
         lt = LoopThread()
-        bus = BusSection(control_endpoint=LOOP, telemetry_endpoint=LOOP,
-                         allow_plaintext=not curve, clients=keys.clients(), **bus_kw)
+        bus = BusSection(
+            control_endpoint=LOOP,
+            telemetry_endpoint=LOOP,
+            allow_plaintext=not curve,
+            clients=keys.clients(),
+            **bus_kw,
+        )
         secret = keys.server[1] if curve else None
 
         async def _up() -> InProc:
             ctx = zmq.asyncio.Context()
             pub = TelemetryPublisher(ctx, bus, secret, heartbeat_interval_s=0.2)
             node = DevNode(pub)
-            server = ControlServer(ctx, bus, table or node.table(), lambda: node.state, secret,
-                                   telemetry=pub)
+            server = ControlServer(
+                ctx, bus, table or node.table(), lambda: node.state, secret, telemetry=pub
+            )
             await pub.start()
             await server.start()
             return InProc(lt, server, pub, node, ctx, bus)
@@ -112,6 +118,7 @@ def start_inproc(keys: Keys) -> Iterator[Callable[..., InProc]]:
 
     yield _start
     for ip in started:
+
         async def _down(ip: InProc = ip) -> None:
             await ip.server.stop()
             await ip.pub.stop()
@@ -135,7 +142,10 @@ def spawn_devserver(*args: str) -> DevProc:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "qkdnode.bus.devserver", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
     )
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -166,8 +176,9 @@ def devserver() -> Iterator[Callable[..., DevProc]]:
                 dp.proc.wait()
 
 
-def raw_dealer(endpoint: str, curve: tuple[bytes, tuple[bytes, bytes]] | None = None
-               ) -> zmq.Socket[bytes]:
+def raw_dealer(
+    endpoint: str, curve: tuple[bytes, tuple[bytes, bytes]] | None = None
+) -> zmq.Socket[bytes]:
     """A bare DEALER for sending hand-made (malformed) frames."""
     sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
     sock.linger = 0

@@ -44,9 +44,12 @@ def test_invalid_content_names_field(start_inproc: Any) -> None:
     srv = start_inproc()
     with Client(srv.endpoint, timeout_s=3) as c:
         c.call("start")
-        for content, field in [({"number": "3"}, "content.number"),
-                               ({"number": 1, "size_bits": 7}, "content.size_bits"),
-                               ({"nope": 1}, "content.nope")]:
+        cases: list[tuple[dict[str, Any], str]] = [
+            ({"number": "3"}, "content.number"),
+            ({"number": 1, "size_bits": 7}, "content.size_bits"),
+            ({"nope": 1}, "content.nope"),
+        ]
+        for content, field in cases:
             with pytest.raises(RemoteError) as info:
                 c.request("keys.get", content)
             assert info.value.code == "invalid_content"
@@ -71,8 +74,11 @@ def test_monitor_role_in_plaintext(start_inproc: Any) -> None:
         with pytest.raises(RemoteError) as info:
             c.call("start")
         assert info.value.code == "forbidden"
-        assert info.value.details == {"field": "command", "required_role": "operator",
-                                      "role": "monitor"}
+        assert info.value.details == {
+            "field": "command",
+            "required_role": "operator",
+            "role": "monitor",
+        }
         assert "requires role 'operator'" in info.value.message
 
 
@@ -102,15 +108,17 @@ def _table() -> tuple[CommandTable, threading.Event]:
     async def double(content: dict[str, Any], caller: CallerInfo) -> dict[str, Any]:
         return {"y": content["x"] * 2, "caller": caller.name}
 
-    table = CommandTable([
-        CommandSpec("boom", boom, role="monitor"),
-        CommandSpec("refuse", refuse, role="monitor"),
-        CommandSpec("notdict", notdict, role="monitor"),  # type: ignore[arg-type]
-        CommandSpec("nonjson", nonjson, role="monitor"),
-        CommandSpec("slow", slow, role="monitor"),
-        CommandSpec("double", double, role="monitor", request_model=Req),
-        CommandSpec("status", double, role="monitor", request_model=Req),
-    ])
+    table = CommandTable(
+        [
+            CommandSpec("boom", boom, role="monitor"),
+            CommandSpec("refuse", refuse, role="monitor"),
+            CommandSpec("notdict", notdict, role="monitor"),  # type: ignore[arg-type]
+            CommandSpec("nonjson", nonjson, role="monitor"),
+            CommandSpec("slow", slow, role="monitor"),
+            CommandSpec("double", double, role="monitor", request_model=Req),
+            CommandSpec("status", double, role="monitor", request_model=Req),
+        ]
+    )
     return table, release
 
 
@@ -124,8 +132,11 @@ def test_handler_failures_become_replies(start_inproc: Any) -> None:
         assert "deadbeef" not in info.value.message + str(info.value.details)
         with pytest.raises(RemoteError) as info:
             c.call("refuse")
-        assert info.value.to_dict() == {"code": "not_ready", "message": "laser not ready",
-                                        "details": {"field": "laser"}}
+        assert info.value.to_dict() == {
+            "code": "not_ready",
+            "message": "laser not ready",
+            "details": {"field": "laser"},
+        }
         for name in ("notdict", "nonjson"):
             with pytest.raises(RemoteError) as info:
                 c.call(name)

@@ -29,8 +29,14 @@ def assert_healthy(dp: DevProc, expect_state: str = "idle") -> None:
 
 
 def req(**over: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {"v": 1, "id": "t-1", "type": "request", "ts": time.time(),
-                            "command": "status", "content": {}}
+    base: dict[str, Any] = {
+        "v": 1,
+        "id": "t-1",
+        "type": "request",
+        "ts": time.time(),
+        "command": "status",
+        "content": {},
+    }
     base.update(over)
     return base
 
@@ -62,8 +68,11 @@ def own_dp(devserver: Any) -> DevProc:
         ([b"", b"", b"", b"", b"", b"", b"", b"", b"", b"x"], "bad_frames", "frames"),
         ([b"", json.dumps(req(v=2)).encode()], "unsupported_version", "v"),
         ([b"", json.dumps(req(v="1")).encode()], "unsupported_version", "v"),
-        ([b"", json.dumps({k: v for k, v in req().items() if k != "v"}).encode()],
-         "bad_envelope", "v"),
+        (
+            [b"", json.dumps({k: v for k, v in req().items() if k != "v"}).encode()],
+            "bad_envelope",
+            "v",
+        ),
         ([b"", json.dumps(req(type="exec")).encode()], "unknown_type", "type"),
         ([b"", json.dumps(req(type=["request"])).encode()], "unknown_type", "type"),
         ([b"", json.dumps(req(ts="yesterday")).encode()], "bad_envelope", "ts"),
@@ -71,8 +80,11 @@ def own_dp(devserver: Any) -> DevProc:
         ([b"", json.dumps(req(id=7)).encode()], "bad_envelope", "id"),
         ([b"", json.dumps(req(command=None)).encode()], "bad_envelope", "command"),
         ([b"", json.dumps(req(surprise=1)).encode()], "bad_envelope", "surprise"),
-        ([b"", json.dumps(req(command="sleep", content={"seconds": "x"})).encode()],
-         "invalid_content", "content.seconds"),
+        (
+            [b"", json.dumps(req(command="sleep", content={"seconds": "x"})).encode()],
+            "invalid_content",
+            "content.seconds",
+        ),
     ],
     ids=lambda x: x if isinstance(x, str) else None,
 )
@@ -145,8 +157,9 @@ def test_client_vanishing_mid_request(dp: DevProc) -> None:
         "print('calling', flush=True)\n"
         "c.call('sleep', seconds=1.0)\n"
     )
-    child = subprocess.Popen([sys.executable, "-c", code, dp.control],
-                             stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, dp.control], stdout=subprocess.PIPE, text=True
+    )
     assert child.stdout is not None
     assert child.stdout.readline().strip() == "calling"
     time.sleep(0.2)
@@ -161,8 +174,10 @@ def test_garbage_from_many_random_sockets(dp: DevProc) -> None:
     rng = __import__("random").Random(7)
     for _ in range(30):
         sock = raw_dealer(dp.control)
-        frames = [bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 64)))
-                  for _ in range(rng.randint(1, 4))]
+        frames = [
+            bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 64)))
+            for _ in range(rng.randint(1, 4))
+        ]
         sock.send_multipart(frames)
         sock.close()
     assert_healthy(dp)

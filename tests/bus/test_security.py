@@ -38,8 +38,10 @@ def test_unlisted_key_gets_nothing(start_inproc: Any, keys: Keys) -> None:
     srv = start_inproc(curve=True)
     zap = ZapHandler._by_context[int(srv.ctx.underlying)]
     denied_before = zap.denied
-    with Client(srv.endpoint, keys.server[0], keys.stranger, timeout_s=0.5) as c, \
-            pytest.raises(BusTimeout):
+    with (
+        Client(srv.endpoint, keys.server[0], keys.stranger, timeout_s=0.5) as c,
+        pytest.raises(BusTimeout),
+    ):
         c.call("ping")
     assert zap.denied > denied_before
     # a throw-away key is refused the same way
@@ -50,16 +52,24 @@ def test_unlisted_key_gets_nothing(start_inproc: Any, keys: Keys) -> None:
 def test_plaintext_client_gets_nothing_from_curve_server(start_inproc: Any) -> None:
     srv = start_inproc(curve=True)
     sock = raw_dealer(srv.endpoint)
-    sock.send_multipart([b"", json.dumps({"v": 1, "id": "x", "type": "request", "ts": 0.0,
-                                          "command": "ping"}).encode()])
+    sock.send_multipart(
+        [
+            b"",
+            json.dumps(
+                {"v": 1, "id": "x", "type": "request", "ts": 0.0, "command": "ping"}
+            ).encode(),
+        ]
+    )
     assert not sock.poll(500)
     sock.close()
 
 
 def test_wrong_server_key_gets_nothing(start_inproc: Any, keys: Keys) -> None:
     srv = start_inproc(curve=True)
-    with Client(srv.endpoint, keys.stranger[0], keys.operator, timeout_s=0.5) as c, \
-            pytest.raises(BusTimeout):
+    with (
+        Client(srv.endpoint, keys.stranger[0], keys.operator, timeout_s=0.5) as c,
+        pytest.raises(BusTimeout),
+    ):
         c.call("ping")
 
 
@@ -74,8 +84,13 @@ def test_curve_server_requires_secret_key(keys: Keys) -> None:
 
     async def go() -> None:
         ctx = zmq.asyncio.Context()
-        server = ControlServer(ctx, BusSection(control_endpoint="tcp://127.0.0.1:0"),
-                               CommandTable(), lambda: "idle", None)
+        server = ControlServer(
+            ctx,
+            BusSection(control_endpoint="tcp://127.0.0.1:0"),
+            CommandTable(),
+            lambda: "idle",
+            None,
+        )
         with pytest.raises(BusError, match="server_secret_key_file"):
             await server.start()
         ctx.term()
@@ -110,8 +125,9 @@ def test_telemetry_needs_a_listed_key(start_inproc: Any, keys: Keys) -> None:
     srv = start_inproc(curve=True)
     srv.lt.call(lambda: srv.pub.publish("alarm", {"level": "warning", "text": "test"}))
     with Client(srv.endpoint, keys.server[0], keys.monitor, timeout_s=3) as control:
-        events = subscribe(srv.pub.endpoint, control, keys.server[0], keys.monitor,
-                           idle_timeout_s=2)
+        events = subscribe(
+            srv.pub.endpoint, control, keys.server[0], keys.monitor, idle_timeout_s=2
+        )
         first = next(events)
         assert (first.kind, first.topic, first.payload["text"]) == ("snapshot", "alarm", "test")
         events.close()

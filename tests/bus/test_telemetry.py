@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -21,11 +22,19 @@ def ev(topic: str, seq: int, **payload: Any) -> TelemetryEvent:
 def test_clone_state_snapshot_then_deltas_and_gaps() -> None:
     st = CloneState()
     assert st.on_message(ev("a", 5)) == [] and st.on_message(ev("b", 6)) == []  # buffered
-    snap = {"seq": 5, "topics": {"a": {"seq": 5, "ts": 1.0, "payload": {"x": 1}},
-                                 "s": {"seq": 2, "ts": 1.0, "payload": {"y": 2}}}}
+    snap = {
+        "seq": 5,
+        "topics": {
+            "a": {"seq": 5, "ts": 1.0, "payload": {"x": 1}},
+            "s": {"seq": 2, "ts": 1.0, "payload": {"y": 2}},
+        },
+    }
     out = st.apply_snapshot(snap)
     assert [(e.kind, e.topic, e.seq) for e in out] == [
-        ("snapshot", "s", 2), ("snapshot", "a", 5), ("delta", "b", 6)]
+        ("snapshot", "s", 2),
+        ("snapshot", "a", 5),
+        ("delta", "b", 6),
+    ]
     assert st.on_message(ev("a", 6)) == []  # duplicate, already seen
     assert [e.seq for e in st.on_message(ev("a", 7))] == [7]
     assert st.on_message(ev("a", 9)) == [] and st.needs_snapshot  # gap: 8 missing
@@ -52,7 +61,7 @@ def test_publish_wire_format_and_snapshot(start_inproc: Any) -> None:
     seqs = [srv.lt.call(lambda i=i: srv.pub.publish("rates.count", {"hz": i})) for i in range(3)]
     srv.lt.call(lambda: srv.pub.publish("state", {"new": "x"}))
     assert seqs == [1, 2, 3]
-    got = []
+    got: list[tuple[bytes, Any]] = []
     while len(got) < 3 and sub.poll(2000):
         topic, body = sub.recv_multipart()
         got.append((topic, json.loads(body)))
@@ -137,6 +146,6 @@ def test_resync_after_dropped_messages(start_inproc: Any) -> None:
     assert events[-1].payload["i"] == n
     snapshots = [e for e in events if e.kind == "snapshot"]
     assert snapshots, "the gap was not detected (no re-snapshot)"
-    for a, b in zip(events, events[1:], strict=False):
+    for a, b in itertools.pairwise(events):
         if b.kind == "delta":  # deltas never skip: a hole always leads to a snapshot
             assert b.seq == a.seq + 1

@@ -54,7 +54,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return Pki(d, rogue)
 
 
-def delivery_cfg(pki: Pki, kme: str, kme_id: str, peer_kme_id: str, **kw: object) -> DeliverySection:
+def delivery_cfg(
+    pki: Pki, kme: str, kme_id: str, peer_kme_id: str, **kw: object
+) -> DeliverySection:
     return DeliverySection(
         enabled=True,
         listen_host="127.0.0.1",
@@ -101,7 +103,9 @@ async def running_kmes(
     store_a = KeyStore.open(
         tmp / "a.sqlite", link_id=LINK, side="transmitter", max_key_count=max_key_count
     )
-    store_b = KeyStore.open(tmp / "b.sqlite", link_id=LINK, side="receiver", max_key_count=max_key_count)
+    store_b = KeyStore.open(
+        tmp / "b.sqlite", link_id=LINK, side="receiver", max_key_count=max_key_count
+    )
     holder: dict[str, Kmes] = {}
 
     def relay_to(target: KeyStore):  # type: ignore[no-untyped-def]
@@ -111,7 +115,9 @@ async def running_kmes(
             if kmes.relay:
                 # the peer channel: serialised, then applied on the other node
                 wire = notice.model_dump_json()
-                await asyncio.to_thread(target.apply_notice, DeliveryNotice.model_validate_json(wire))
+                await asyncio.to_thread(
+                    target.apply_notice, DeliveryNotice.model_validate_json(wire)
+                )
 
         return send
 

@@ -30,6 +30,8 @@ from qkdnode.cli import main
         (400.0, "us", "<= 0.1 ms", False),
         (0.5, "ms", "< 1000 us", True),
         (3.0, "", "> 2", True),
+        (8392.0, "keys/s", ">= 100000 (256-bit keys; ~25 Mb/s of final key)", False),
+        (70.0, "us", "< 5000 us (a 9600-baud module needs ~8 ms)", True),
         (3.0, "x", "about fast", None),
         (3.0, "b/s", ">= 1 furlong", None),
         (float("nan"), "b/s", ">= 1 b/s", None),

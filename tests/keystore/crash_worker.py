@@ -3,13 +3,18 @@
 Replies are written to stdout only after the store call returned, i.e. after its SQLite
 transaction is durable. The parent test SIGKILLs this process at random moments.
 
-usage: python crash_worker.py DB SIDE SEED
+usage: python crash_worker.py DB SIDE SEED [DIE_AFTER_STATEMENTS]
+
+With DIE_AFTER_STATEMENTS > 0 the worker SIGKILLs itself when SQLite is about to run that
+statement (counted from the start), i.e. inside a transaction between two statements.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import sys
 import uuid
 from typing import Any
@@ -68,14 +73,29 @@ def handle(store: KeyStore, seed: int, msg: dict[str, Any]) -> dict[str, Any]:
         store.apply_reconcile(reconcile(store.summary(), remote))
         return {}
     if op == "erase":
-        return {"erased": store.erase_due()}
+        erased = store.erase_due()
+        store.compact()
+        return {"erased": erased}
     raise ValueError(f"unknown op {op!r}")
 
 
 def main() -> int:
     db, side, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))
+    die_after = int(sys.argv[4]) if len(sys.argv) > 4 else 0
     store = KeyStore.open(db, link_id=LINK, side=side, key_ttl_s=1e6)  # type: ignore[arg-type]
+    if die_after > 0:
+        count = 0
+
+        def trace(statement: str) -> None:
+            nonlocal count
+            count += 1
+            if count >= die_after:
+                sys.stderr.write(f"self-kill at statement {count}\n")  # no SQL: it has values
+                sys.stderr.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        store._conn.set_trace_callback(trace)
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         msg = json.loads(line)

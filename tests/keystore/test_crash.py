@@ -37,7 +37,9 @@ class Died(Exception):
 
 
 class Node:
-    def __init__(self, tmp: Path, side: str, seed: int) -> None:
+    def __init__(
+        self, tmp: Path, side: str, seed: int, self_kill_rng: random.Random | None
+    ) -> None:
         self.db = tmp / f"{side}.sqlite"
         self.log = tmp / f"{side}.log"
         self.side = side
@@ -46,11 +48,24 @@ class Node:
         self.proc: subprocess.Popen[str] | None = None
         self.starts = 0
         self.ready = threading.Event()
+        self.self_kill_rng = self_kill_rng
+        self.self_kills_armed = 0
 
     def start(self) -> None:
         with self.lock:
+            # Half of the starts die by themselves inside SQLite, at a random statement.
+            rng = self.self_kill_rng
+            die_after = 0 if rng is None else rng.choice([0, rng.randint(3, 120)])
+            self.self_kills_armed += die_after > 0
             self.proc = subprocess.Popen(
-                [sys.executable, str(WORKER), str(self.db), self.side, str(self.seed)],
+                [
+                    sys.executable,
+                    str(WORKER),
+                    str(self.db),
+                    self.side,
+                    str(self.seed),
+                    str(die_after),
+                ],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=self.log.open("a"),
@@ -127,7 +142,8 @@ def sync(nodes: dict[str, Node]) -> None:
 
 def run_storm(tmp: Path, seed: int, kills: int) -> None:
     rng = random.Random(seed)
-    nodes = {s: Node(tmp, s, seed) for s in SIDES}
+    self_kill_rng = random.Random(seed + 2)
+    nodes = {s: Node(tmp, s, seed, self_kill_rng) for s in SIDES}
     for n in nodes.values():
         n.start()
     enc_got: dict[int, tuple[str, str, bytes]] = {}  # ref -> (giver side, id, bytes)
@@ -202,9 +218,15 @@ def run_storm(tmp: Path, seed: int, kills: int) -> None:
     finally:
         stop.set()
         thread.join()
+    # the storm is over: restart both nodes without self-kill, then reconnect
+    for n in nodes.values():
+        n.self_kill_rng = None
+        n.kill()
     sync(nodes)
     assert done_kills >= kills
-    assert sum(n.starts for n in nodes.values()) >= kills + 2
+    assert sum(n.starts for n in nodes.values()) >= kills + 4
+    self_kills = sum(n.log.read_text().count("self-kill at statement") for n in nodes.values())
+    assert self_kills > 0
 
     # every key handed out by enc can be redeemed on the other node, same bytes
     for ref, (giver_side, kid, key) in enc_got.items():
@@ -239,7 +261,7 @@ def run_storm(tmp: Path, seed: int, kills: int) -> None:
 
     # handed-out keys are the post-processing's bytes, and both ends got the same
     all_blocks = {b: block_bytes(seed, b, 12) for b in range(1, block + 1)}
-    from qkdnode.keystore.ids import key_ref, ref_hex
+    from qkdnode.keystore.ids import key_ref, ref_bytes
 
     from .crash_worker import LINK
 
@@ -258,15 +280,18 @@ def run_storm(tmp: Path, seed: int, kills: int) -> None:
             r for (r,) in conn.execute("SELECT ref FROM erased WHERE state_before='delivered'")
         }
         conn.close()
-        assert {ref_hex(r) for r in enc_got} <= erased
-        blob = b"".join(p.read_bytes() for p in tmp.iterdir() if p.name.startswith(n.db.name))
+        assert {ref_bytes(r) for r in enc_got} <= erased
+        files = {p.name: p.read_bytes() for p in tmp.iterdir() if p.name.startswith(n.db.name)}
         logs = n.log.read_text()
-        for _, _, key in enc_got.values():
-            assert key not in blob
+        for _, kid, key in enc_got.values():
+            for name, content in files.items():
+                at = content.find(key)
+                assert at < 0, f"bytes of erased key {kid} in {name} at {at} (page {at // 4096})"
             assert key.hex() not in logs
     assert len(enc_got) > 10
     print(
-        f"storm seed={seed}: {done_kills} kills, {block} blocks, {len(enc_got)} keys by enc, "
+        f"storm seed={seed}: {done_kills} kills + {self_kills} inside SQLite, {block} blocks, "
+        f"{len(enc_got)} keys by enc, "
         f"{len(dec_inflight)} claims and {lost_takes} taken keys with lost replies"
     )
 

@@ -302,3 +302,54 @@ def test_raw_rows_match_states(pair: StorePair) -> None:
     rows = dict(conn.execute("SELECT idx, state FROM keys").fetchall())
     conn.close()
     assert rows == {0: "delivered", 1: "available", 2: "available", 3: "available"}
+
+
+def test_digest_compares_stores_and_last_block_id_survives_erasure(pair: StorePair) -> None:
+    assert pair.tx.last_block_id() == -1
+    pair.add_committed(3, n_keys=4)
+    pair.add_committed(9, n_keys=4)
+    assert pair.tx.digest() == pair.rx.digest()
+    assert pair.tx.digest()["count"] == 8
+    pair.tx.take_keys(P, 1, 256)  # state changes do not change the digest
+    assert pair.tx.digest() == pair.rx.digest()
+    pair.rx.discard_block(3)
+    assert pair.tx.digest() != pair.rx.digest()
+    pair.tx.discard_block(3)
+    assert pair.tx.digest() == pair.rx.digest()
+    pair.tx.discard_block(9)
+    assert pair.tx.last_block_id() == 9
+    pair.tx.add_block(10, os.urandom(64), 256, PROV)
+    pair.tx.add_block(4, os.urandom(64), 256, PROV)
+    assert pair.tx.last_block_id() == 10
+
+
+def test_compaction_runs_after_erasures_at_most_once_per_interval(tmp_path: Path) -> None:
+    s = KeyStore.open(
+        tmp_path / "k.sqlite", link_id=LINK, side="transmitter", compact_interval_s=3600
+    )
+    with capture_logs() as logs:
+        s.erase_due()  # first sweep after opening: compacts (a crash may have left remnants)
+        s.erase_due()  # nothing erased since: no compaction
+        s.add_block(1, os.urandom(64), 256, PROV)
+        s.discard_block(1)
+        s.erase_due()  # erased, but within the interval
+    assert [e["event"] for e in logs].count("keystore.compacted") == 1
+    s.compact_interval_s = 0
+    with capture_logs() as logs:
+        s.erase_due()
+        s.erase_due()
+    assert [e["event"] for e in logs].count("keystore.compacted") == 1
+    s.close()
+
+
+def test_files_of_another_schema_version_are_refused(tmp_path: Path) -> None:
+    from qkdnode.keystore import KeyStoreError
+
+    path = tmp_path / "k.sqlite"
+    KeyStore.open(path, link_id=LINK, side="transmitter").close()
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE meta SET value='1' WHERE name='schema'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(KeyStoreError, match="schema 1"):
+        KeyStore.open(path, link_id=LINK, side="transmitter")

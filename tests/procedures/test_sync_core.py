@@ -54,9 +54,7 @@ def test_mapping_gives_true_slots() -> None:
     res = acquire(tags["time_ps"], 7, RATE, SyncConfig())
     slots, channel, residual = map_tags_to_slots(tags, res.model, RATE, res.window_ps)
     assert slots.size == tags.size  # no dark counts: every tag is a detection
-    expected = np.rint(
-        ((tags["time_ps"] - 1.1e12) / (1 - 37e-6) - DELAY) / PERIOD
-    ).astype(np.int64)
+    expected = np.rint(((tags["time_ps"] - 1.1e12) / (1 - 37e-6) - DELAY) / PERIOD).astype(np.int64)
     np.testing.assert_array_equal(slots, expected)
     np.testing.assert_array_equal(channel, tags["channel"])
     assert np.std(residual) == pytest.approx(30.0, rel=0.1)
@@ -78,8 +76,13 @@ def test_no_light_raises() -> None:
 def test_gigahertz_slot_rate_with_offset_hint() -> None:
     rate = 1e9
     tags = synthetic_tags(
-        slot_rate_hz=rate, offset_s=2.5, ppm=-80, duration_s=0.01, click_probability=0.003,
-        start_slot=10**9, seed=3,
+        slot_rate_hz=rate,
+        offset_s=2.5,
+        ppm=-80,
+        duration_s=0.01,
+        click_probability=0.003,
+        start_slot=10**9,
+        seed=3,
     )
     res = acquire(tags["time_ps"], 7, rate, SyncConfig(max_offset_s=0.01), offset_hint_ps=2.5e12)
     assert res.locked, res.message
@@ -110,8 +113,14 @@ def test_tracker_follows_wander_and_stays_locked() -> None:
     res = acquire(acq["time_ps"], 7, RATE, SyncConfig())
     # 2 s of key exchange with a strong frequency wander
     run = synthetic_tags(
-        offset_s=0.5, ppm=40, start_slot=start, seed=1, duration_s=2.0, pattern_seed=None,
-        click_probability=0.004, wander_ppm_per_sqrt_s=0.5,
+        offset_s=0.5,
+        ppm=40,
+        start_slot=start,
+        seed=1,
+        duration_s=2.0,
+        pattern_seed=None,
+        click_probability=0.004,
+        wander_ppm_per_sqrt_s=0.5,
     )
     tracker = SlotTracker(res.model, RATE, res.window_ps)
     for block in _blocks(run, 100):
@@ -150,8 +159,13 @@ def test_tracker_declares_loss_on_clock_jump() -> None:
     assert tracker.locked
     # the receiver clock jumps by a third of a slot (outside the capture of a good lock)
     after = synthetic_tags(
-        offset_s=0.5 + PERIOD / 3 * 1e-12, ppm=-10, seed=5, duration_s=0.05,
-        start_slot=int(0.05 * RATE), pattern_seed=None, click_probability=0.004,
+        offset_s=0.5 + PERIOD / 3 * 1e-12,
+        ppm=-10,
+        seed=5,
+        duration_s=0.05,
+        start_slot=int(0.05 * RATE),
+        pattern_seed=None,
+        click_probability=0.004,
     )
     _, status = tracker.update(after)
     assert status.lost

@@ -1,0 +1,176 @@
+"""Benchmarks of the post-processing cores (medians of repeated runs).
+
+Run: ``.venv/bin/python -m qkdnode.postproc.bench [--quick]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import zmq
+import zmq.asyncio
+
+from qkdnode.postproc import auth, cascade, sifting, toeplitz
+from qkdnode.postproc.params import CascadeParams
+from qkdnode.postproc.pipeline import run_cascade, serve_cascade
+from qkdnode.postproc.transport import ZmqPairTransport
+
+
+def _median_s(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _row(name: str, value: float, unit: str, target: str, note: str) -> dict[str, object]:
+    return {"name": name, "value": value, "unit": unit, "target": target, "note": note}
+
+
+def bench_sifting(n: int, repeats: int) -> dict[str, object]:
+    rng = np.random.default_rng(0)
+    slots = np.cumsum(rng.integers(1, 2000, n)).astype(np.int64)
+    channel = rng.integers(0, 4, n).astype(np.int8)
+    alice_basis = rng.integers(0, 2, n).astype(np.uint8)
+
+    def run() -> None:
+        s, b, _ = sifting.squash(slots, channel, rng)
+        head, bufs = sifting.encode_slots(s)
+        dec = sifting.decode_slots(head, bufs)
+        bb = sifting.unpack_bits(sifting.pack_bits(b), dec.shape[0])
+        sifting.pack_bits(sifting.basis_match(alice_basis, bb).astype(np.uint8))
+
+    t = _median_s(run, repeats)
+    return _row(
+        "sifting_throughput",
+        n / t / 1e6,
+        "M detections/s",
+        ">= 30",
+        f"squash+encode+decode+match, {n} detections, 1 core",
+    )
+
+
+def bench_cascade_efficiency(n: int, qber: float, repeats: int) -> dict[str, object]:
+    fs = []
+    for seed in range(repeats):
+        rng = np.random.default_rng(seed)
+        a = rng.integers(0, 2, n, dtype=np.uint8)
+        e = (rng.random(n) < qber).astype(np.uint8)
+        out, st = cascade.reconcile_local(a, a ^ e, qber, CascadeParams(), seed)
+        if not np.array_equal(out, a):
+            fs.append(float("inf"))
+            continue
+        fs.append(st.disclosed_bits / (n * cascade.binary_entropy(float(e.mean()))))
+    return _row(
+        f"cascade_f_q{qber:g}_n{n:g}",
+        statistics.median(fs),
+        "f",
+        "<= 1.10",
+        "disclosed / (n h(QBER)), residual errors count as failure",
+    )
+
+
+def _ec_server(endpoint_q: Any, n: int, qber: float, blocks: int) -> None:
+    async def main() -> None:
+        ctx = zmq.asyncio.Context()
+        tr = ZmqPairTransport.bind_random(ctx)
+        endpoint_q.put(tr.endpoint)
+        for b in range(blocks):
+            a = np.random.default_rng(b).integers(0, 2, n, dtype=np.uint8)
+            levels = cascade.schedule(n, qber, CascadeParams())
+            await serve_cascade(tr, cascade.CascadeResponder(a, levels, b), 30.0)
+        tr.close()
+        ctx.term()
+
+    asyncio.run(main())
+
+
+def bench_cascade_loopback(n: int, qber: float, blocks: int) -> dict[str, object]:
+    ctxmp = mp.get_context("spawn")
+    q: Any = ctxmp.Queue()
+    proc = ctxmp.Process(target=_ec_server, args=(q, n, qber, blocks))
+    proc.start()
+    endpoint = q.get(timeout=60)
+    times: list[float] = []
+
+    async def client() -> None:
+        ctx = zmq.asyncio.Context()
+        tr = ZmqPairTransport.connect(ctx, endpoint)
+        for b in range(blocks):
+            rng = np.random.default_rng(b)
+            a = rng.integers(0, 2, n, dtype=np.uint8)
+            bob = a ^ (np.random.default_rng(1000 + b).random(n) < qber).astype(np.uint8)
+            levels = cascade.schedule(n, qber, CascadeParams())
+            t0 = time.perf_counter()
+            corr = cascade.CascadeCorrector(bob, levels, b)
+            await run_cascade(tr, corr, 30.0)
+            await tr.send("ec_q", {"done": True, "z_errors": [0, 0, 0]}, [])
+            times.append(time.perf_counter() - t0)
+            assert np.array_equal(corr.corrected(), a)
+        tr.close()
+        ctx.term()
+
+    try:
+        asyncio.run(client())
+    finally:
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.kill()
+    return _row(
+        f"cascade_loopback_q{qber:g}_n{n:g}",
+        n / statistics.median(times) / 1e6,
+        "Mbit/s",
+        ">= 10",
+        "two processes, zmq PAIR tcp loopback, no auth, includes setup of both sides",
+    )
+
+
+def bench_toeplitz(n: int, repeats: int) -> dict[str, object]:
+    rng = np.random.default_rng(0)
+    m = n // 2
+    x = rng.integers(0, 2, n, dtype=np.uint8)
+    seed = rng.integers(0, 2, n + m - 1, dtype=np.uint8)
+    t = _median_s(lambda: toeplitz.toeplitz_hash(x, seed, m), repeats)
+    return _row(
+        f"toeplitz_n{n:g}", n / t / 1e6, "Mbit/s input", ">= 20", "compression 0.5, exact FFT"
+    )
+
+
+def bench_auth(nbytes: int, repeats: int) -> dict[str, object]:
+    data = np.zeros(nbytes, dtype=np.uint8)
+    key = bytes(range(32))
+    t = _median_s(lambda: auth.compute_tag(key, "ec_q", {"a": 1}, [data]), repeats)
+    return _row("auth_tag_throughput", nbytes / t / 1e9, "GB/s", ">= 1", "Poly1305 (OpenSSL)")
+
+
+def run_benchmarks(quick: bool = False) -> list[dict[str, object]]:
+    if quick:
+        return [
+            bench_sifting(1_000_000, 3),
+            bench_cascade_efficiency(100_000, 0.03, 1),
+            bench_toeplitz(1_000_000, 3),
+            bench_auth(16 << 20, 3),
+        ]
+    rows = [bench_sifting(10_000_000, 5)]
+    for n in (100_000, 1_000_000):
+        for q in (0.01, 0.03, 0.05):
+            rows.append(bench_cascade_efficiency(n, q, 3 if n < 10**6 else 1))
+    rows.append(bench_cascade_loopback(1_000_000, 0.03, 3))
+    rows.append(bench_toeplitz(1_000_000, 5))
+    rows.append(bench_toeplitz(10_000_000, 1))
+    rows.append(bench_auth(256 << 20, 5))
+    return rows
+
+
+if __name__ == "__main__":  # pragma: no cover
+    for row in run_benchmarks(quick="--quick" in sys.argv):
+        print(f"{row['name']:<32} {row['value']:>10.3f} {row['unit']:<16} target {row['target']}")

@@ -1,0 +1,357 @@
+"""One key block between the two nodes: sifting -> estimation -> Cascade -> verification ->
+privacy amplification, every message authenticated (see :mod:`.auth`).
+
+Message sequence (R = receiver, T = transmitter)::
+
+    R->T sift        announced slots (compact gaps) + receiver bases (packed bits)
+    T->R sift_reply  basis-match mask + intensity class of every matched detection
+    R->T pe          receiver's X-basis bits (the X basis is disclosed for estimation)
+    T->R pe_reply    decoy estimates, X error rate, Cascade seed and schedule (or abort)
+    R->T ec_q / T->R ec_a   Cascade: block parities, then batched parity queries per round
+    R->T ec_done     Z error counts per intensity class
+    T->R verify      public hash key + transmitter's tag;  R->T verify_reply ok flag
+    T->R pa          final length + Toeplitz seed;          R->T done
+    either           abort (reason) at any point
+
+Any failure (authentication, ordering, timeout, estimation, verification) aborts the block
+on both sides: no key, and the auth pool stays consistent (see :mod:`.auth`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import structlog
+
+from drivers.interfaces import PreparedStates
+from qkdnode.postproc import cascade, finitekey, sifting, toeplitz, verify
+from qkdnode.postproc.auth import AuthenticatedTransport, AuthError
+from qkdnode.postproc.params import PostprocParams
+from qkdnode.postproc.transport import PeerMessage, PeerTransport, TransportError
+
+log = structlog.get_logger(__name__)
+
+U8 = npt.NDArray[np.uint8]
+
+
+class ProtocolAbortError(Exception):
+    """The block cannot produce key (reason is safe to log)."""
+
+
+class PeerAbortError(ProtocolAbortError):
+    """The peer announced that it aborted the block (no abort notice is sent back)."""
+
+
+@dataclass
+class BlockResult:
+    """Outcome of one block. ``key`` (0/1 uint8 array) is never shown by repr/str."""
+
+    ok: bool
+    block_id: int
+    abort_reason: str = ""
+    key: U8 | None = field(default=None, repr=False)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key_bytes(self) -> bytes:
+        return b"" if self.key is None else np.packbits(self.key).tobytes()
+
+    def __str__(self) -> str:
+        return repr(self)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self._t
+        self._t = now
+
+
+async def _expect(t: PeerTransport, kind: str, params: PostprocParams | float) -> PeerMessage:
+    timeout_s = params if isinstance(params, float) else params.recv_timeout_s
+    msg = await t.recv(timeout_s)
+    if msg.kind == "abort":
+        raise PeerAbortError(f"peer aborted: {str(msg.header.get('reason', ''))[:200]}")
+    if msg.kind != kind:
+        raise ProtocolAbortError(f"expected message {kind!r}, got {msg.kind!r}")
+    return msg
+
+
+async def serve_cascade(
+    t: PeerTransport, responder: cascade.CascadeResponder, timeout_s: float
+) -> dict[str, Any]:
+    """Transmitter's Cascade loop: answer ``ec_q`` until the ``done`` one (its header is
+    returned)."""
+    while True:
+        msg = await _expect(t, "ec_q", timeout_s)
+        if msg.header.get("done"):
+            return msg.header
+        if "pass" in msg.header:
+            par = responder.block_parities(int(msg.header["pass"]))
+        else:
+            if len(msg.buffers) != 3:
+                raise ProtocolAbortError("ec_q needs three query arrays")
+            q = [np.frombuffer(b, dtype="<i8") for b in msg.buffers]
+            par = responder.parities(q[0], q[1], q[2])
+        await t.send("ec_a", {"n": int(par.shape[0])}, [sifting.pack_bits(par)])
+
+
+async def run_cascade(
+    t: PeerTransport, corrector: cascade.CascadeCorrector, timeout_s: float
+) -> None:
+    """Receiver's Cascade loop over all passes (the caller sends the final ``done``)."""
+    n = corrector.n
+    for p, level in enumerate(corrector.top_levels):
+        await t.send("ec_q", {"pass": p}, [])
+        msg = await _expect(t, "ec_a", timeout_s)
+        corrector.begin_pass(p, sifting.unpack_bits(msg.buffers[0], -(-n // (1 << level))))
+        while (q := corrector.next_queries()) is not None:
+            await t.send("ec_q", {}, [a.astype("<i8") for a in q])
+            msg = await _expect(t, "ec_a", timeout_s)
+            corrector.give_answers(sifting.unpack_bits(msg.buffers[0], q[0].shape[0]))
+
+
+def _counts(values: U8, classes: U8) -> list[int]:
+    return [int(np.count_nonzero(values[classes == k])) for k in range(3)]
+
+
+async def _finish(
+    t: AuthenticatedTransport, block_id: int, exc: BaseException, stats: dict[str, Any]
+) -> BlockResult:
+    reason = f"{type(exc).__name__}: {exc}"
+    log.warning("postproc_block_abort", block_id=block_id, reason=reason)
+    if not isinstance(exc, (AuthError, TransportError, PeerAbortError)):
+        try:
+            await t.send("abort", {"reason": reason[:200]}, [])
+        except Exception:
+            pass
+    stats["auth_bits_sent"] = t.sent_pad_bits
+    stats["auth_bits_received"] = t.recv_pad_bits
+    t.pool.save()
+    return BlockResult(False, block_id, reason, None, stats)
+
+
+def _split_key(final: U8, reserve_bits: int) -> tuple[U8, bytes, bytes]:
+    reserve = np.packbits(final[:reserve_bits]).tobytes()
+    half = len(reserve) // 2
+    return final[reserve_bits:], reserve[:half], reserve[half:]
+
+
+def _reserve_bits(params: PostprocParams, spent_bits: int) -> int:
+    # Replace what this block spent (both directions) plus a margin for the next block.
+    need = spent_bits + params.auth_reserve_bits
+    return int(math.ceil(need / 256) * 256)
+
+
+async def run_block_transmitter(
+    transport: AuthenticatedTransport,
+    block_id: int,
+    prepared: Callable[[npt.NDArray[np.int64]], PreparedStates],
+    params: PostprocParams,
+) -> BlockResult:
+    """Transmitter side of one block. Never raises for protocol failures: returns ok=False."""
+    t = transport
+    t.begin_block(block_id)
+    clock = _Clock()
+    stats: dict[str, Any] = {"block_id": block_id, "seconds": clock.seconds}
+    try:
+        msg = await _expect(t, "sift", params)
+        slots = sifting.decode_slots(msg.header["slots"], msg.buffers[:2])
+        n = int(slots.shape[0])
+        bob_basis = sifting.unpack_bits(msg.buffers[2], n)
+        states = await asyncio.to_thread(prepared, slots)
+        if states.basis.shape != (n,):
+            raise ProtocolAbortError("prepared() returned the wrong number of states")
+        match = sifting.basis_match(states.basis, bob_basis)
+        cls = states.intensity[match].astype(np.uint8)
+        await t.send(
+            "sift_reply",
+            {"n_matched": int(match.sum())},
+            [sifting.pack_bits(match.astype(np.uint8)), sifting.pack_trits(cls)],
+        )
+        basis_m = states.basis[match]
+        bits_m = states.bit[match]
+        is_z = basis_m == 0
+        stats.update(detections=n, sifted_z=int(is_z.sum()), sifted_x=int((~is_z).sum()))
+        clock.lap("sifting")
+
+        msg = await _expect(t, "pe", params)
+        x_bits_bob = sifting.unpack_bits(msg.buffers[0], int((~is_z).sum()))
+        x_err = (bits_m[~is_z] ^ x_bits_bob).astype(np.uint8)
+        cls_x, cls_z = cls[~is_z], cls[is_z]
+        counts = finitekey.DecoyCounts(
+            n_z=tuple(float(c) for c in np.bincount(cls_z, minlength=3)[:3]),  # type: ignore[arg-type]
+            n_x=tuple(float(c) for c in np.bincount(cls_x, minlength=3)[:3]),  # type: ignore[arg-type]
+            m_x=tuple(float(c) for c in _counts(x_err, cls_x)),  # type: ignore[arg-type]
+        )
+        mus = (params.mu_signal, params.mu_decoy, params.mu_vacuum)
+        probs = (params.p_signal, params.p_decoy, params.p_vacuum)
+        est = finitekey.estimate(counts, mus, probs, params.eps_sec)
+        n_x = max(1, x_err.shape[0])
+        qber_x = float(x_err.sum()) / n_x
+        stats.update(
+            qber_x=qber_x,
+            qber_x_per_class=[m / max(1.0, c) for m, c in zip(counts.m_x, counts.n_x, strict=True)],
+            decoy=est.as_dict(),
+        )
+        key_a = bits_m[is_z].astype(np.uint8)
+        optimistic = finitekey.secret_key_length(
+            est, key_a.shape[0] * cascade.binary_entropy(qber_x), params.eps_sec, params.eps_cor
+        )
+        reason = ""
+        if key_a.shape[0] < params.min_sifted_bits:
+            reason = f"too few sifted Z bits ({key_a.shape[0]} < {params.min_sifted_bits})"
+        elif qber_x > params.qber_abort:
+            reason = f"X-basis error rate {qber_x:.4f} above qber_abort {params.qber_abort}"
+        elif optimistic <= 0:
+            reason = "finite-key analysis allows no key (phase error or statistics)"
+        if reason:
+            raise ProtocolAbortError(reason)
+        ec_seed = secrets.randbits(63)
+        levels = cascade.schedule(key_a.shape[0], qber_x, params.cascade)
+        await t.send("pe_reply", {"ec_seed": ec_seed, "levels": levels, "qber_x": qber_x}, [])
+        clock.lap("estimation")
+
+        responder = cascade.CascadeResponder(key_a, levels, ec_seed)
+        done = await serve_cascade(t, responder, params.recv_timeout_s)
+        z_err = [int(x) for x in done["z_errors"]]
+        leak_ec = responder.disclosed_bits
+        stats.update(
+            ec_disclosed_bits=leak_ec,
+            qber_z=sum(z_err) / max(1, key_a.shape[0]),
+            qber_z_per_class=[e / max(1.0, c) for e, c in zip(z_err, counts.n_z, strict=True)],
+            ec_efficiency=leak_ec
+            / max(1e-12, key_a.shape[0] * cascade.binary_entropy(sum(z_err) / key_a.shape[0])),
+        )
+        clock.lap("error_correction")
+
+        if verify.collision_bound(key_a.shape[0]) > params.eps_cor:
+            raise ProtocolAbortError("verification hash too weak for eps_cor at this size")
+        hash_key = secrets.token_bytes(verify.HASH_KEY_BYTES)
+        tag = verify.key_tag(key_a, hash_key)
+        await t.send("verify", {"hash_key": hash_key.hex(), "tag": tag.hex()}, [])
+        msg = await _expect(t, "verify_reply", params)
+        if not msg.header.get("ok"):
+            raise ProtocolAbortError("verification hash mismatch: block discarded")
+        verify_leak = max(0.0, verify.TAG_BITS - math.log2(2 / params.eps_cor))
+        stats["verification_bits"] = verify.TAG_BITS
+        clock.lap("verification")
+
+        ell = finitekey.secret_key_length(
+            est, leak_ec + verify_leak, params.eps_sec, params.eps_cor
+        )
+        reserve = _reserve_bits(params, t.sent_pad_bits + t.recv_pad_bits + 1024)
+        if ell <= reserve:
+            raise ProtocolAbortError(
+                f"secret key length {ell} does not exceed the auth reserve {reserve}"
+            )
+        seed = np.frombuffer(secrets.token_bytes((key_a.shape[0] + ell - 1 + 7) // 8), np.uint8)
+        seed_bits = np.unpackbits(seed, count=key_a.shape[0] + ell - 1)
+        await t.send("pa", {"m": ell, "reserve": reserve}, [sifting.pack_bits(seed_bits)])
+        final = await asyncio.to_thread(toeplitz.toeplitz_hash, key_a, seed_bits, ell)
+        await _expect(t, "done", params)
+        clock.lap("privacy_amplification")
+        key, t2r, r2t = _split_key(final, reserve)
+        t.pool.add_segment(block_id, t2r, r2t)
+        stats.update(
+            final_key_bits=int(key.shape[0]),
+            secret_bits=ell,
+            auth_reserve_bits=reserve,
+            auth_bits_sent=t.sent_pad_bits,
+            auth_bits_received=t.recv_pad_bits,
+        )
+        log.info("postproc_block_ok", block_id=block_id, final_key_bits=int(key.shape[0]))
+        return BlockResult(True, block_id, "", key, stats)
+    except (ProtocolAbortError, AuthError, TransportError, ValueError, KeyError, IndexError) as exc:
+        return await _finish(t, block_id, exc, stats)
+
+
+async def run_block_receiver(
+    transport: AuthenticatedTransport,
+    block_id: int,
+    slot_index: npt.NDArray[np.int64],
+    channel: npt.NDArray[np.int8],
+    params: PostprocParams,
+    *,
+    rng: np.random.Generator | None = None,
+) -> BlockResult:
+    """Receiver side of one block. ``rng`` resolves multi-click slots (default: OS entropy)."""
+    t = transport
+    t.begin_block(block_id)
+    clock = _Clock()
+    stats: dict[str, Any] = {"block_id": block_id, "seconds": clock.seconds}
+    rng = rng or np.random.default_rng()
+    try:
+        slots, basis, bits = sifting.squash(slot_index, channel, rng)
+        slot_header, slot_bufs = sifting.encode_slots(slots)
+        await t.send("sift", {"slots": slot_header}, [*slot_bufs, sifting.pack_bits(basis)])
+        msg = await _expect(t, "sift_reply", params)
+        n = int(slots.shape[0])
+        match = sifting.unpack_bits(msg.buffers[0], n).astype(np.bool_)
+        n_m = int(match.sum())
+        cls = sifting.unpack_trits(msg.buffers[1], n_m)
+        basis_m, bits_m = basis[match], bits[match]
+        is_z = basis_m == 0
+        stats.update(detections=int(slot_index.shape[0]), sifted_z=int(is_z.sum()))
+        clock.lap("sifting")
+
+        await t.send("pe", {}, [sifting.pack_bits(bits_m[~is_z])])
+        msg = await _expect(t, "pe_reply", params)
+        levels = [int(x) for x in msg.header["levels"]]
+        ec_seed = int(msg.header["ec_seed"])
+        stats["qber_x"] = float(msg.header["qber_x"])
+        clock.lap("estimation")
+
+        key_b = bits_m[is_z].astype(np.uint8)
+        corrector = cascade.CascadeCorrector(key_b, levels, ec_seed)
+        await run_cascade(t, corrector, params.recv_timeout_s)
+        key_c = corrector.corrected()
+        z_err = _counts((key_c ^ key_b).astype(np.uint8), cls[is_z])
+        await t.send("ec_q", {"done": True, "z_errors": z_err}, [])
+        stats.update(
+            ec_disclosed_bits=corrector.stats.disclosed_bits,
+            ec_rounds=corrector.stats.rounds,
+            qber_z=sum(z_err) / max(1, key_b.shape[0]),
+        )
+        clock.lap("error_correction")
+
+        msg = await _expect(t, "verify", params)
+        tag = verify.key_tag(key_c, bytes.fromhex(str(msg.header["hash_key"])))
+        ok = tag.hex() == msg.header["tag"]
+        await t.send("verify_reply", {"ok": ok}, [])
+        if not ok:
+            raise ProtocolAbortError("verification hash mismatch: block discarded")
+        stats["verification_bits"] = verify.TAG_BITS
+        clock.lap("verification")
+
+        msg = await _expect(t, "pa", params)
+        ell, reserve = int(msg.header["m"]), int(msg.header["reserve"])
+        seed_bits = sifting.unpack_bits(msg.buffers[0], key_c.shape[0] + ell - 1)
+        final = await asyncio.to_thread(toeplitz.toeplitz_hash, key_c, seed_bits, ell)
+        await t.send("done", {}, [])
+        clock.lap("privacy_amplification")
+        key, t2r, r2t = _split_key(final, reserve)
+        t.pool.add_segment(block_id, t2r, r2t)
+        stats.update(
+            final_key_bits=int(key.shape[0]),
+            secret_bits=ell,
+            auth_reserve_bits=reserve,
+            auth_bits_sent=t.sent_pad_bits,
+            auth_bits_received=t.recv_pad_bits,
+        )
+        log.info("postproc_block_ok", block_id=block_id, final_key_bits=int(key.shape[0]))
+        return BlockResult(True, block_id, "", key, stats)
+    except (ProtocolAbortError, AuthError, TransportError, ValueError, KeyError, IndexError) as exc:
+        return await _finish(t, block_id, exc, stats)

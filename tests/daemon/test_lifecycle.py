@@ -1,0 +1,80 @@
+"""The daemon as a real subprocess: readiness, systemd notifications, safe shutdown."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.daemon.conftest import Daemon, node_config, start_daemon
+
+
+def _recv_all(sock: socket.socket, until: str, timeout_s: float) -> list[str]:
+    msgs: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.05, deadline - time.monotonic()))
+        try:
+            msgs.append(sock.recv(4096).decode())
+        except TimeoutError:
+            break
+        if any(until in m for m in msgs):
+            break
+    return msgs
+
+
+@pytest.mark.parametrize("role", ["transmitter", "receiver"])
+def test_sigterm_leaves_every_instrument_safe_and_notifies_systemd(
+    tmp_path: Path, ports: dict[str, int], daemons: list[Daemon], role: str
+) -> None:
+    notify_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(notify_path))
+    try:
+        cfg = node_config(tmp_path, role, ports)
+        d = start_daemon(
+            cfg,
+            tmp_path / "node.log",
+            env={"NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "400000"},
+        )
+        daemons.append(d)
+        ready = _recv_all(sock, "READY=1", 60)
+        assert any("READY=1" in m for m in ready), ready
+        # The watchdog is pinged from the event loop (every WATCHDOG_USEC / 2).
+        later = _recv_all(sock, "WATCHDOG=1", 5)
+        assert any("WATCHDOG=1" in m for m in later), later
+        d.wait_event("daemon_ready")
+        code = d.stop(signal.SIGTERM)
+        tail = _recv_all(sock, "STOPPING=1", 5)
+        assert any("STOPPING=1" in m for m in later + tail)
+    finally:
+        sock.close()
+    assert code == 0, d.log_path.read_text()[-3000:]
+    safe = {str(r["instrument"]): r for r in d.lines() if r.get("event") == "instrument_safe"}
+    expected = (
+        {"laser", "intensity_modulator", "encoder", "attenuator", "power_meter", "state_source"}
+        if role == "transmitter"
+        else {"spd_h", "spd_v", "spd_d", "spd_a", "tagger"}
+    )
+    assert set(safe) == expected
+    assert all(r["safe"] is True for r in safe.values())
+    if role == "transmitter":
+        assert safe["laser"]["emission_on"] is False
+        assert safe["attenuator"]["shutter_open"] is False
+    else:
+        assert all(safe[n]["armed"] is False for n in ("spd_h", "spd_v", "spd_d", "spd_a"))
+
+
+def test_invalid_config_exits_2_before_touching_hardware(
+    tmp_path: Path, ports: dict[str, int], daemons: list[Daemon]
+) -> None:
+    cfg = node_config(tmp_path, "transmitter", ports, extra="")
+    text = cfg.read_text().replace("mu_signal = 0.5", "mu_signal = -0.5")
+    cfg.write_text(text)
+    d = start_daemon(cfg, tmp_path / "bad.log")
+    daemons.append(d)
+    assert d.proc.wait(60) == 2
+    assert "source.mu_signal: must be > 0, got -0.5" in d.log_path.read_text()

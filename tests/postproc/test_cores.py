@@ -1,0 +1,234 @@
+"""Unit tests of the pure cores: sifting, Cascade, verification, Toeplitz, finite-key, theory."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from qkdnode.postproc import cascade, finitekey, sifting, theory, toeplitz, verify
+from qkdnode.postproc.params import CascadeParams, PostprocParams
+from tests.postproc.synth import generate
+
+
+# --- sifting ---------------------------------------------------------------------------
+def test_squash_single_clicks_maps_channels() -> None:
+    slots = np.array([3, 7, 9, 20], dtype=np.int64)
+    ch = np.array([0, 1, 2, 3], dtype=np.int8)
+    s, b, bit = sifting.squash(slots, ch, np.random.default_rng(0))
+    assert s.tolist() == [3, 7, 9, 20]
+    assert b.tolist() == [0, 0, 1, 1] and bit.tolist() == [0, 1, 0, 1]
+
+
+def test_squash_double_clicks_follow_the_model() -> None:
+    rng = np.random.default_rng(1)
+    n = 4000
+    slots = np.repeat(np.arange(n, dtype=np.int64), 2)
+    same = np.stack([np.zeros(n // 2), np.ones(n // 2)], 1).reshape(-1)  # H+V: Z basis
+    cross = np.stack([np.zeros(n // 2), np.full(n // 2, 2)], 1).reshape(-1)  # H+D: mixed
+    ch = np.concatenate([same, cross]).astype(np.int8)
+    s, b, bit = sifting.squash(slots, ch, rng)
+    assert s.shape == (n,)
+    assert np.all(b[: n // 2] == 0)  # same-basis double click keeps the basis
+    assert 0.4 < bit[: n // 2].mean() < 0.6  # ... with a random bit
+    assert 0.4 < b[n // 2 :].mean() < 0.6  # cross-basis: random basis
+
+
+def test_squash_rejects_bad_input() -> None:
+    rng = np.random.default_rng(0)
+    with pytest.raises(sifting.SiftingError, match="sorted"):
+        sifting.squash(np.array([5, 3]), np.array([0, 0], np.int8), rng)
+    with pytest.raises(sifting.SiftingError, match=r"0\.\.3"):
+        sifting.squash(np.array([1, 3]), np.array([0, 4], np.int8), rng)
+    with pytest.raises(sifting.SiftingError, match="equal length"):
+        sifting.squash(np.array([1, 3]), np.array([0], np.int8), rng)
+
+
+@pytest.mark.parametrize("scale", [3, 300, 100_000, 10**9])
+def test_slot_encoding_roundtrip_and_compact(scale: int) -> None:
+    rng = np.random.default_rng(scale)
+    slots = np.cumsum(rng.integers(1, scale + 1, 5000)).astype(np.int64) + 12345
+    head, bufs = sifting.encode_slots(slots)
+    assert np.array_equal(sifting.decode_slots(head, bufs), slots)
+    assert sum(len(b) for b in bufs) <= 8 * slots.shape[0]
+    if scale <= 300:
+        assert sum(len(b) for b in bufs) <= 2 * slots.shape[0] + 64
+
+
+def test_slot_decoding_rejects_truncation() -> None:
+    head, bufs = sifting.encode_slots(np.arange(0, 1000, 7, dtype=np.int64))
+    with pytest.raises(sifting.SiftingError):
+        sifting.decode_slots(head, [bufs[0][:-1], bufs[1]])
+
+
+def test_trits_and_basis_match() -> None:
+    v = np.random.default_rng(0).integers(0, 3, 1001).astype(np.uint8)
+    assert np.array_equal(sifting.unpack_trits(sifting.pack_trits(v), 1001), v)
+    m = sifting.basis_match(np.array([0, 1, 1], np.uint8), np.array([0, 0, 1], np.uint8))
+    assert m.tolist() == [True, False, True]
+
+
+# --- cascade ---------------------------------------------------------------------------
+@pytest.mark.parametrize("qber", [0.01, 0.02, 0.03, 0.05])
+def test_cascade_corrects_all_errors_with_exact_leak(qber: float) -> None:
+    n = 100_000
+    rng = np.random.default_rng(int(qber * 1000))
+    alice = rng.integers(0, 2, n, dtype=np.uint8)
+    errors = (rng.random(n) < qber).astype(np.uint8)
+    corrected, stats = cascade.reconcile_local(alice, alice ^ errors, qber, CascadeParams(), 7)
+    assert np.array_equal(corrected, alice)
+    assert stats.errors_corrected == int(errors.sum())
+    f = stats.disclosed_bits / (n * cascade.binary_entropy(errors.mean()))
+    assert 1.0 < f < 1.2
+
+
+def test_cascade_disclosed_bits_counted_by_both_sides() -> None:
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 2, 5000, dtype=np.uint8)
+    b = a ^ (rng.random(5000) < 0.03).astype(np.uint8)
+    levels = cascade.schedule(5000, 0.03, CascadeParams())
+    alice = cascade.CascadeResponder(a, levels, 5)
+    bob = cascade.CascadeCorrector(b, levels, 5)
+    answered = 0
+    for p in range(len(levels)):
+        par = alice.block_parities(p)
+        answered += par.shape[0]
+        bob.begin_pass(p, par)
+        while (q := bob.next_queries()) is not None:
+            ans = alice.parities(*q)
+            answered += ans.shape[0]
+            bob.give_answers(ans)
+    assert answered == alice.disclosed_bits == bob.stats.disclosed_bits
+    assert np.array_equal(bob.corrected(), a)
+
+
+def test_cascade_rejects_queries_outside_tree() -> None:
+    alice = cascade.CascadeResponder(np.zeros(100, np.uint8), [3, 4], 1)
+    with pytest.raises(cascade.CascadeError):
+        alice.parities(np.array([0]), np.array([9]), np.array([0]))
+    with pytest.raises(cascade.CascadeError):
+        alice.parities(np.array([0]), np.array([0]), np.array([100]))
+
+
+# --- verification ----------------------------------------------------------------------
+def test_verification_tag_detects_single_bit_difference() -> None:
+    rng = np.random.default_rng(0)
+    key = rng.integers(0, 2, 100_003, dtype=np.uint8)
+    hk = bytes(rng.integers(0, 256, 32, dtype=np.uint8))
+    other = key.copy()
+    other[77_777] ^= 1
+    assert verify.key_tag(key, hk) == verify.key_tag(key.copy(), hk)
+    assert verify.key_tag(key, hk) != verify.key_tag(other, hk)
+    assert verify.key_tag(key, hk) != verify.key_tag(key[:-1], hk)
+    assert verify.collision_bound(10**6) < 1e-15
+    with pytest.raises(ValueError, match="32 bytes"):
+        verify.key_tag(key, b"short")
+
+
+# --- toeplitz ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("n", "m", "tile"),
+    [
+        (1, 1, None),
+        (2, 1, None),
+        (7, 3, None),
+        (127, 64, None),
+        (1001, 500, 4),
+        (999, 998, 16),
+        (3001, 1499, None),
+        (5000, 13, 64),
+        (13, 5000, 8),
+        (20_011, 9_973, 1024),
+    ],
+)
+def test_toeplitz_fft_matches_direct(n: int, m: int, tile: int | None) -> None:
+    rng = np.random.default_rng(n * 31 + m)
+    x = rng.integers(0, 2, n, dtype=np.uint8)
+    seed = rng.integers(0, 2, n + m - 1, dtype=np.uint8)
+    assert np.array_equal(
+        toeplitz.toeplitz_hash(x, seed, m, tile), toeplitz.toeplitz_hash_direct(x, seed, m)
+    )
+
+
+def test_toeplitz_is_linear_and_checks_sizes() -> None:
+    rng = np.random.default_rng(5)
+    n, m = 70_001, 35_000
+    x1, x2 = (rng.integers(0, 2, n, dtype=np.uint8) for _ in range(2))
+    seed = rng.integers(0, 2, n + m - 1, dtype=np.uint8)
+    y = toeplitz.toeplitz_hash(x1 ^ x2, seed, m)
+    assert np.array_equal(
+        y, toeplitz.toeplitz_hash(x1, seed, m) ^ toeplitz.toeplitz_hash(x2, seed, m)
+    )
+    with pytest.raises(toeplitz.ToeplitzError, match="n \\+ m - 1"):
+        toeplitz.toeplitz_hash(x1, seed[:-1], m)
+
+
+# --- finite key ---------------------------------------------------------------------------
+def _counts(s, p):  # type: ignore[no-untyped-def]
+    a = s.basis[s.slot_index]
+    m = a == s.bob_basis
+    cls = s.intensity[s.slot_index][m]
+    z = a[m] == 0
+    err = (s.channel.astype(np.uint8) & 1)[m] ^ s.bit[s.slot_index][m]
+    c = finitekey.DecoyCounts(
+        tuple(float(np.sum(cls[z] == k)) for k in range(3)),  # type: ignore[arg-type]
+        tuple(float(np.sum(cls[~z] == k)) for k in range(3)),  # type: ignore[arg-type]
+        tuple(float(np.sum(err[~z][cls[~z] == k])) for k in range(3)),  # type: ignore[arg-type]
+    )
+    ph = s.photons_detected[m]
+    truth = (
+        int(np.sum(z & (ph == 1))),
+        int(np.sum(~z & (ph == 1))),
+        int(np.sum(err[~z] & (ph[~z] == 1))),
+    )
+    return c, truth
+
+
+def test_decoy_bounds_contain_true_values_over_seeds() -> None:
+    p = PostprocParams(p_basis_z=0.5, p_signal=0.6, p_decoy=0.2)
+    for seed in range(20):
+        s = generate(400_000, p, seed, eta=0.5)
+        c, (s_z1, s_x1, v_x1) = _counts(s, p)
+        est = finitekey.estimate(c, (0.5, 0.1, 0.0), (0.6, 0.2, 0.2), 1e-10)
+        assert est.s_z1_lower <= s_z1
+        assert est.s_x1_lower <= s_x1
+        assert est.v_x1_upper >= v_x1
+        assert est.phi_z_upper >= v_x1 / max(1, s_x1)
+
+
+def test_finite_key_approaches_asymptotic_decoy_bound() -> None:
+    # With huge counts the finite-key single-photon yield tends to the vacuum+weak-decoy bound.
+    eta, y0, mus, probs = 0.1, 1e-5, (0.5, 0.1, 0.0), (0.6, 0.2, 0.2)
+    n_pulses = 1e16
+    q = [theory.gain(mu, eta, y0) for mu in mus]
+    n_z = tuple(n_pulses * pr * qq for pr, qq in zip(probs, q, strict=True))
+    est = finitekey.estimate(finitekey.DecoyCounts(n_z, n_z, (0, 0, 0)), mus, probs, 1e-10)  # type: ignore[arg-type]
+    y1_true = y0 + eta - y0 * eta
+    s1_true = sum(
+        n_pulses * pr * mu * math.exp(-mu) * y1_true for mu, pr in zip(mus, probs, strict=True)
+    )
+    assert 0.95 * s1_true < est.s_z1_lower <= s1_true
+    assert finitekey.secret_key_length(est, 0, 1e-10, 1e-15) > 0
+
+
+def test_finite_key_rejects_bad_intensities() -> None:
+    c = finitekey.DecoyCounts((1, 1, 1), (1, 1, 1), (0, 0, 0))
+    with pytest.raises(finitekey.FiniteKeyError, match="mu1 > mu2"):
+        finitekey.estimate(c, (0.1, 0.5, 0.0), (0.6, 0.2, 0.2), 1e-10)
+
+
+def test_params_validation_names_the_problem() -> None:
+    with pytest.raises(ValueError, match="mu_signal > mu_decoy"):
+        PostprocParams(mu_signal=0.1, mu_decoy=0.2)
+
+
+# --- theory ---------------------------------------------------------------------------------
+def test_theory_rates_are_ordered_and_below_plob() -> None:
+    for loss_db in (5, 10, 20, 30):
+        eta = 10 ** (-loss_db / 10) * 0.6
+        inf = theory.rate_infinite_decoy(eta, 1e-6, 0.01, 0.5)
+        weak = theory.rate_vacuum_weak_decoy(eta, 1e-6, 0.01, 0.5, 0.1)
+        assert 0 < weak <= inf < theory.plob_bound(10 ** (-loss_db / 10))
+    assert theory.plob_bound(0.5) == pytest.approx(1.0)
+    assert theory.rate_infinite_decoy(1e-9, 1e-5, 0.01, 0.5) == 0.0

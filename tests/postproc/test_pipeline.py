@@ -1,0 +1,236 @@
+"""End-to-end blocks over real ZeroMQ sockets on loopback: two processes, Eve, and a MITM."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zmq
+import zmq.asyncio
+
+from qkdnode.postproc.auth import AuthenticatedTransport, AuthKeyPool
+from qkdnode.postproc.params import PostprocParams
+from qkdnode.postproc.pipeline import BlockResult, run_block_receiver, run_block_transmitter
+from qkdnode.postproc.transport import ZmqPairTransport, decode_frames
+from tests.postproc.synth import generate
+
+PARAMS = PostprocParams(recv_timeout_s=5.0, p_basis_z=0.5, p_signal=0.6, p_decoy=0.2)
+N_PULSES = 15_000_000
+PSK = bytes(range(256)) * 32  # 8 KiB shared secret (test only)
+
+
+def _pools(tmp_path: Path) -> tuple[AuthKeyPool, AuthKeyPool]:
+    return (
+        AuthKeyPool.bootstrap(tmp_path / "tx.pool", PSK),
+        AuthKeyPool.bootstrap(tmp_path / "rx.pool", PSK),
+    )
+
+
+def _tx_process(endpoint_q: Any, result_q: Any, pool_path: str, seed: int, blocks: int) -> None:
+    async def main() -> None:
+        ctx = zmq.asyncio.Context()
+        tr = ZmqPairTransport.bind_random(ctx)
+        endpoint_q.put(tr.endpoint)
+        auth = AuthenticatedTransport(tr, AuthKeyPool.load(pool_path), "transmitter")
+        for b in range(blocks):
+            synth = generate(N_PULSES, PARAMS, seed + b, eta=0.5)
+            res = await run_block_transmitter(auth, b, synth.prepared, PARAMS)
+            result_q.put((res.ok, res.abort_reason, res.key_bytes, res.stats.get("final_key_bits")))
+        tr.close()
+        ctx.term()
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(120)
+def test_two_processes_produce_identical_keys(tmp_path: Path) -> None:
+    tx_pool, _ = _pools(tmp_path)
+    mpc = mp.get_context("spawn")
+    endpoint_q, result_q = mpc.Queue(), mpc.Queue()
+    proc = mpc.Process(target=_tx_process, args=(endpoint_q, result_q, str(tx_pool.path), 11, 2))
+    proc.start()
+    try:
+        endpoint = endpoint_q.get(timeout=30)
+
+        async def rx() -> list[BlockResult]:
+            ctx = zmq.asyncio.Context()
+            tr = ZmqPairTransport.connect(ctx, endpoint)
+            auth = AuthenticatedTransport(tr, AuthKeyPool.load(tmp_path / "rx.pool"), "receiver")
+            out = []
+            for b in range(2):
+                synth = generate(N_PULSES, PARAMS, 11 + b, eta=0.5)
+                out.append(
+                    await run_block_receiver(auth, b, synth.slot_index, synth.channel, PARAMS)
+                )
+            tr.close()
+            ctx.term()
+            return out
+
+        rx_results = asyncio.run(rx())
+        for res in rx_results:
+            ok, reason, key_bytes, bits = result_q.get(timeout=30)
+            assert res.ok, res.abort_reason
+            assert ok, reason
+            assert bits == res.stats["final_key_bits"] > 1000
+            assert key_bytes == res.key_bytes
+            assert res.stats["ec_disclosed_bits"] > 0
+            assert res.stats["seconds"]["error_correction"] > 0
+    finally:
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.kill()
+    # both pools replenished with the same material
+    a, b = AuthKeyPool.load(tmp_path / "tx.pool"), AuthKeyPool.load(tmp_path / "rx.pool")
+    assert a.stream_digest("t2r") == b.stream_digest("t2r")
+    assert a.segments() == b.segments() == [-1, 0, 1]
+
+
+async def _pair(
+    tmp_path: Path, ctx: zmq.asyncio.Context
+) -> tuple[ZmqPairTransport, ZmqPairTransport]:
+    tx = ZmqPairTransport.bind_random(ctx)
+    rx = ZmqPairTransport.connect(ctx, tx.endpoint)
+    return tx, rx
+
+
+async def _run_block(
+    tx_auth: AuthenticatedTransport,
+    rx_auth: AuthenticatedTransport,
+    block_id: int,
+    seed: int,
+    eve: bool = False,
+    params: PostprocParams = PARAMS,
+) -> tuple[BlockResult, BlockResult]:
+    synth = generate(N_PULSES, params, seed, eve=eve, eta=0.5)
+    return await asyncio.gather(
+        run_block_transmitter(tx_auth, block_id, synth.prepared, params),
+        run_block_receiver(rx_auth, block_id, synth.slot_index, synth.channel, params),
+    )
+
+
+def test_intercept_resend_yields_no_key(tmp_path: Path) -> None:
+    async def main() -> tuple[BlockResult, BlockResult]:
+        ctx = zmq.asyncio.Context()
+        tx, rx = await _pair(tmp_path, ctx)
+        p_tx, p_rx = _pools(tmp_path)
+        res = await _run_block(
+            AuthenticatedTransport(tx, p_tx, "transmitter"),
+            AuthenticatedTransport(rx, p_rx, "receiver"),
+            0,
+            5,
+            eve=True,
+        )
+        tx.close(), rx.close(), ctx.term()
+        return res
+
+    t_res, r_res = asyncio.run(main())
+    assert not t_res.ok and not r_res.ok
+    assert t_res.key is None and r_res.key is None
+    assert "error rate" in t_res.abort_reason
+    assert 0.2 < t_res.stats["qber_x"] < 0.3
+
+
+class Mitm:
+    """Forwards frames between two PAIR sockets and misbehaves on message number ``at``."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, action: str, at: int) -> None:
+        self.front = ctx.socket(zmq.PAIR)  # the receiver connects here
+        self.back = ctx.socket(zmq.PAIR)  # connects to the transmitter
+        self.front.setsockopt(zmq.LINGER, 0)
+        self.back.setsockopt(zmq.LINGER, 0)
+        port = self.front.bind_to_random_port("tcp://127.0.0.1")
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+        self.action, self.at, self.count = action, at, 0
+        self.seen: list[list[bytes]] = []
+        self.acted = False
+
+    async def pump(self, src: zmq.asyncio.Socket, dst: zmq.asyncio.Socket) -> None:
+        held: list[bytes] | None = None
+        while True:
+            frames = await src.recv_multipart()
+            self.count += 1
+            self.seen.append(frames)
+            if self.count == self.at:
+                self.acted = True
+                if self.action == "drop":
+                    continue
+                if self.action == "tamper":
+                    msg = decode_frames(frames)
+                    if len(frames) > 2 and len(frames[2]):
+                        buf = bytearray(frames[2])
+                        buf[0] ^= 1
+                        frames = [frames[0], frames[1], bytes(buf), *frames[3:]]
+                    else:
+                        del msg
+                        frames = [frames[0], frames[1].replace(b'"_auth"', b'"_auth" ', 1)]
+                        frames[1] = frames[1].replace(b"{", b'{"x":1,', 1)
+                elif self.action == "replay":
+                    await dst.send_multipart(frames)
+                    frames = self.seen[0] if src is self.front else frames
+                elif self.action == "reorder":
+                    held = frames
+                    continue
+            await dst.send_multipart(frames)
+            if held is not None and self.count > self.at:
+                await dst.send_multipart(held)
+                held = None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("action", "at"), [("tamper", 3), ("drop", 4), ("replay", 3), ("reorder", 5), ("tamper", 1)]
+)
+def test_mitm_aborts_block_and_pools_stay_usable(tmp_path: Path, action: str, at: int) -> None:
+    params = PARAMS.model_copy(update={"recv_timeout_s": 2.0})
+
+    async def main() -> list[tuple[BlockResult, BlockResult]]:
+        ctx = zmq.asyncio.Context()
+        p_tx, p_rx = _pools(tmp_path)
+        tx = ZmqPairTransport.bind_random(ctx)
+        mitm = Mitm(ctx, action, at)
+        mitm.back.connect(tx.endpoint)
+        rx = ZmqPairTransport.connect(ctx, mitm.endpoint)
+        pumps = [
+            asyncio.create_task(mitm.pump(mitm.front, mitm.back)),
+            asyncio.create_task(mitm.pump(mitm.back, mitm.front)),
+        ]
+        a_tx = AuthenticatedTransport(tx, p_tx, "transmitter")
+        a_rx = AuthenticatedTransport(rx, p_rx, "receiver")
+        results = [await _run_block(a_tx, a_rx, 0, 21, params=params)]
+        assert mitm.acted
+        # drain anything left in flight (e.g. the abort notice) before the next block
+        await asyncio.sleep(0.2)
+        for t in (tx, rx):
+            while await t._socket.poll(timeout=50):
+                await t._socket.recv_multipart()
+        results.append(await _run_block(a_tx, a_rx, 1, 22, params=params))
+        for p in pumps:
+            p.cancel()
+        for s in (tx, rx):
+            s.close()
+        mitm.front.close(), mitm.back.close()
+        ctx.term()
+        return results
+
+    (t0, r0), (t1, r1) = asyncio.run(main())
+    assert not t0.ok and not r0.ok, (t0.abort_reason, r0.abort_reason)
+    assert t0.key is None and r0.key is None
+    assert t1.ok and r1.ok, (t1.abort_reason, r1.abort_reason)
+    assert t1.key_bytes == r1.key_bytes
+    a, b = AuthKeyPool.load(tmp_path / "tx.pool"), AuthKeyPool.load(tmp_path / "rx.pool")
+    assert a.stream_digest("t2r") == b.stream_digest("t2r")
+    assert a.stream_digest("r2t") == b.stream_digest("r2t")
+    assert a.segments() == b.segments() == [-1, 1]
+
+
+def test_block_result_repr_hides_key() -> None:
+    key = np.ones(64, dtype=np.uint8)
+    res = BlockResult(True, 3, "", key, {"final_key_bits": 64})
+    assert "key=" not in repr(res) and "1, 1" not in str(res)
+    assert res.key_bytes == b"\xff" * 8
+    assert os.environ is not None

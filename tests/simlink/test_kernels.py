@@ -1,0 +1,81 @@
+"""The compiled loops of the link model: samplers, choices and event ordering."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import stats
+
+from drivers.simlink import kernels
+from drivers.simlink.world import TransmitterWorld
+from drivers.syncpattern import slot_bright
+from tests.simlink.helpers import link, run_link
+
+
+def test_jitter_sampler_is_standard_normal() -> None:
+    z = kernels.normal_samples(np.uint64(12345), 400_000)
+    assert abs(z.mean()) < 5 / math.sqrt(z.size)
+    assert abs(z.std() - 1) < 5 / math.sqrt(2 * z.size)
+    assert stats.kstest(z, "norm").pvalue > 1e-4
+    # the tails (wedges and the region beyond the base layer) are sampled too
+    beyond = np.count_nonzero(np.abs(z) > 3.6541528853610088)
+    expected = z.size * 2 * stats.norm.sf(3.6541528853610088)
+    assert abs(beyond - expected) < 5 * math.sqrt(expected) + 1
+    assert np.array_equal(z[:100], kernels.normal_samples(np.uint64(12345), 100))
+
+
+def test_gap_table_equals_the_logarithm() -> None:
+    scale = -1.0 / math.log1p(-0.118)
+    table = kernels._gap_table(scale)
+    assert 0.9 < np.mean(table >= 0) < 1.0
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 1 << 64, size=200_000, dtype=np.uint64)
+    bucket = (x >> np.uint64(64 - 12)).astype(np.int64)
+    u = ((x >> np.uint64(11)).astype(np.float64) + 1.0) * 2.0**-53
+    direct = np.floor(-np.log(u) * scale).astype(np.int64)
+    hit = table[bucket] >= 0
+    assert np.array_equal(table[bucket][hit], direct[hit])
+
+
+def test_emitted_states_are_the_prepared_ones_with_and_without_sync() -> None:
+    params = link(chunk_slots=1 << 18)
+    for sync_seed in (None, 4242):
+        tx = TransmitterWorld(params)
+        if sync_seed is not None:
+            tx.set_sync_pattern(sync_seed)
+        chunk = tx.step()
+        photons = chunk.photons
+        prep = tx.prepared(photons["slot"])
+        angles = np.asarray(tx.emission_settings().state_angle_rad, np.float32)
+        assert np.array_equal(angles[prep.basis * 2 + prep.bit], photons["angle_rad"])
+        assert np.all(np.diff(photons["slot"]) > 0)
+        if sync_seed is not None:
+            bright = slot_bright(sync_seed, photons["slot"])
+            assert np.array_equal(prep.intensity == 0, bright)
+        tx.close()
+
+
+def test_photon_numbers_follow_the_poisson_tail() -> None:
+    params = link(chunk_slots=1 << 20, fiber={"length_km": 0.0, "insertion_loss_db": 0.0})
+    tx = TransmitterWorld(params)
+    photons = tx.step().photons
+    prep = tx.prepared(photons["slot"])
+    n = photons["n_photons"][prep.intensity == 0]
+    mu = params.source.mu_signal
+    p_multi = (1 - math.exp(-mu) - mu * math.exp(-mu)) / (1 - math.exp(-mu))
+    observed = float(np.mean(n > 1))
+    assert abs(observed - p_multi) < 5 * math.sqrt(p_multi * (1 - p_multi) / n.size)
+    tx.close()
+
+
+def test_records_stay_in_time_order_when_jitter_exceeds_the_slot_period() -> None:
+    params = link(
+        source={"slot_rate_hz": 1e9},
+        receiver={"jitter_ps": 1500.0, "gate_width_ps": 1e6, "dead_time_ns": 0.0},
+        chunk_slots=1 << 16,
+    )
+    _, _, rec = run_link(params, 6)
+    assert len(rec) > 10_000
+    assert np.all(np.diff(rec.true_time_ps) >= 0)
+    assert np.all(np.diff(rec.time_ps) >= 0)
