@@ -36,6 +36,7 @@ Step = Literal[
     "notice",
     "probe",
     "block",
+    "halt",
 ]
 
 

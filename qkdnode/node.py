@@ -50,6 +50,8 @@ class NodeStats:
     exchange_seconds: float = 0.0
     synchronized: bool = False
     calibrated: bool = False
+    failures: int = 0
+    last_failure: str = ""
     auth_key_balance_bits: int = 0
     last_block: dict[str, Any] = field(default_factory=dict)
 
@@ -111,6 +113,8 @@ class Node(DaemonBase):
         self.session: Any = None  # qkdnode.session.ExchangeSession, created on demand
         self._bg: list[asyncio.Task[Any]] = []
         self._was_connected = False
+        self._peer_session: str | None = None
+        self.auto = cfg.node.autostart and cfg.node.role == "transmitter"
         self.auto_resume: State | None = None
         self.metrics: Any = None
 
@@ -146,6 +150,8 @@ class Node(DaemonBase):
         await self.session.open()
         self._bg.append(asyncio.create_task(self._peer_reader(), name="peer-reader"))
         self._bg.append(asyncio.create_task(self._monitor(), name="monitor"))
+        if self.role == "transmitter":
+            self._bg.append(asyncio.create_task(self._supervise(), name="supervisor"))
         self.sm.on_enter(S.CONNECTING, self._enter_connecting)
         await self.sm.trigger(Event.START, "daemon started")
 
@@ -198,6 +204,9 @@ class Node(DaemonBase):
 
     def _on_transition(self, rec: TransitionRecord) -> None:
         self.notifier.status(f"{rec.new.value} ({rec.event.value})")
+        if rec.event is Event.FAILED:
+            self.stats.failures += 1
+            self.stats.last_failure = rec.reason
         if self.metrics is not None:
             self.metrics.set_state(rec.new.value)
             self.metrics.set_healthy(self.healthy())
@@ -259,23 +268,81 @@ class Node(DaemonBase):
                 log.warning("peer_unknown_kind", kind=msg.kind)
 
     async def _monitor(self) -> None:
-        """Peer liveness, instrument health and automatic resumption, once a second."""
+        """Peer liveness and restarts, instrument health, key-store upkeep (twice a second).
+
+        A peer that went away, or came back as a new process (its session id changed),
+        pauses whatever the pair was doing; the transmitter forgets that the pair was
+        calibrated and synchronized, since a restarted receiver lost both.
+        """
         assert self.peer is not None
         while True:
             await asyncio.sleep(0.5)
             connected = self.peer.connected
-            if connected != self._was_connected:
+            session = self.peer.peer_session
+            restarted = (
+                connected
+                and session is not None
+                and self._peer_session is not None
+                and session != self._peer_session
+            )
+            if session is not None:
+                self._peer_session = session
+            if connected != self._was_connected or restarted:
                 self._was_connected = connected
-                log.info("peer_link", connected=connected)
-                self.publish("peer", {"connected": connected})
-                if not connected:
-                    if self.sm.state in (S.CALIBRATING, S.SYNCHRONIZING, S.EXCHANGING):
-                        self.auto_resume = self.sm.state
-                        await self.trigger(Event.PEER_LOST, "peer link down")
-                elif self.sm.state is S.PAUSED:
+                log.info("peer_link", connected=connected, restarted=restarted)
+                self.publish("peer", {"connected": connected, "restarted": restarted})
+                active = (S.CALIBRATING, S.SYNCHRONIZING, S.EXCHANGING)
+                if not connected or restarted:
+                    self.stats.synchronized = False
+                    if self.role == "transmitter" and restarted:
+                        self.stats.calibrated = False
+                    if self.sm.state in active:
+                        await self.trigger(Event.PEER_LOST, "peer link down or peer restarted")
+                if connected and self.sm.state is S.PAUSED:
                     await self.trigger(Event.PEER_BACK, "peer link back")
+                if connected and self.role == "transmitter" and self.session is not None:
+                    await self.session.key_sync_safely()
             if self.session is not None:
-                await self.session.monitor_tick()
+                try:
+                    await self.session.monitor_tick()
+                except Exception as exc:
+                    log.exception("monitor_tick_failed", error=str(exc))
+
+    async def _supervise(self) -> None:
+        """Transmitter with autostart (or after ``start``): keep the pair exchanging key.
+
+        From IDLE with the peer connected: calibrate if the pair is not calibrated,
+        synchronize if it is not synchronized, else start the exchange. Failed attempts
+        back off from 2 s to 60 s.
+        """
+        backoff_s = 2.0
+        while True:
+            await asyncio.sleep(1.0)
+            if not self.auto or self.sm.state is not S.IDLE:
+                continue
+            if self.peer is None or not self.peer.connected:
+                continue
+            if await self._auto_step():
+                backoff_s = 2.0
+            else:
+                log.info("autostart_backoff", seconds=backoff_s)
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 60.0)
+
+    async def _auto_step(self) -> bool:
+        st = self.stats
+        if not st.calibrated:
+            event = Event.CALIBRATE
+        elif not st.synchronized:
+            event = Event.SYNC
+        else:
+            event = Event.EXCHANGE
+        if not await self.trigger(event, "automatic"):
+            return False
+        if event is Event.EXCHANGE:
+            return True
+        await self.sm.wait_for(S.IDLE, S.FAULT, S.PAUSED, S.SHUTDOWN, timeout_s=900)
+        return st.calibrated if event is Event.CALIBRATE else st.synchronized
 
     async def _serve_link(self, req: LinkRequest) -> dict[str, Any]:
         assert self.session is not None
@@ -382,6 +449,8 @@ class Node(DaemonBase):
                     f"({self.cfg.node.peer_id!r}); send {event.value!r} to it",
                     code="wrong_node",
                 )
+            if event is Event.EXCHANGE:
+                self.auto = True  # from now on the pair returns to key exchange by itself
             try:
                 rec = await self.sm.trigger(event, f"operator {caller.name}")
             except TransitionRefused as exc:
@@ -393,6 +462,7 @@ class Node(DaemonBase):
         return handler
 
     async def _cmd_stop(self, content: dict[str, Any], caller: CallerInfo) -> dict[str, Any]:
+        self.auto = False
         if self.sm.state is not S.IDLE:
             await self.trigger(Event.STOP, f"operator {caller.name}")
         if self.role == "transmitter" and self.peer is not None and self.peer.connected:

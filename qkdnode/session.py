@@ -63,6 +63,7 @@ class ExchangeSession:
         self.etsi: Any = None
         self._blocks_done: dict[int, asyncio.Event] = {}
         self._tx_transport: Any = None
+        self._halts: set[asyncio.Future[None]] = set()
         self._exchange_started = time.monotonic()
         self._last_erase = 0.0
         sm: StateMachine = node.sm
@@ -173,6 +174,12 @@ class ExchangeSession:
             if sm.state not in (S.IDLE, S.FAULT, S.SHUTDOWN, S.CONNECTING, S.OFFLINE):
                 await self.node.trigger(Event.STOP, "peer asked to stop")
             return {"state": sm.state.value}
+        if step == "halt":
+            # The receiver stopped (fault, lost lock): the pair must synchronize again.
+            self.node.stats.synchronized = False
+            if sm.state in (S.CALIBRATING, S.SYNCHRONIZING, S.EXCHANGING):
+                await self.node.trigger(Event.STOP, f"peer halted: {req.args.get('reason', '')}")
+            return {"state": sm.state.value}
         if step == "light":
             await self.set_light(bool(req.args.get("on", True)))
             return {}
@@ -193,7 +200,9 @@ class ExchangeSession:
                 "next_block_id": self.keystore.last_block_id() + 1,
             }
         if step == "block":
-            return await self._serve_block(int(req.args["block_id"]))
+            return await self._serve_block(
+                int(req.args["block_id"]), int(req.args.get("pulses", 0))
+            )
         if step == "probe":
             return await self._serve_probe(int(req.args["n"]), int(req.args["from_slot"]))
         if step in ("commit", "discard"):
@@ -235,6 +244,7 @@ class ExchangeSession:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            self.node.stats.calibrated = False
             log.error("calibration_failed", error=str(exc))
             self.node.alarm("calibration_failed", str(exc))
             await self.node.trigger(Event.FAILED, f"calibration failed: {exc}")
@@ -320,6 +330,7 @@ class ExchangeSession:
             raise
         except Exception as exc:
             self._sync_error = str(exc)
+            self.node.stats.synchronized = False
             log.error("sync_failed", error=str(exc))
             self.node.alarm("sync_failed", str(exc))
             await self.node.trigger(Event.FAILED, f"synchronization failed: {exc}")
@@ -428,6 +439,7 @@ class ExchangeSession:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            self.node.stats.synchronized = False
             log.exception("exchange_failed", error=str(exc))
             self.node.alarm("exchange_failed", str(exc))
             await self.node.trigger(Event.FAILED, f"exchange failed: {exc}")
@@ -467,18 +479,18 @@ class ExchangeSession:
         self._exchange_started = started
         await asyncio.Event().wait()
 
-    async def _serve_block(self, block_id: int) -> dict[str, Any]:
+    async def _serve_block(self, block_id: int, pulses: int) -> dict[str, Any]:
         """Transmitter: run block ``block_id`` that the receiver is starting now."""
         if self.node.sm.state is not S.EXCHANGING or self._tx_transport is None:
             raise LinkError(f"not exchanging (state {self.node.sm.state.value})")
         if block_id < self.next_block_id:
             raise LinkError(f"block {block_id} already used; next is {self.next_block_id}")
         self.next_block_id = block_id + 1
-        task = self.node.sm.spawn(self._tx_block(block_id), f"block-{block_id}")
+        task = self.node.sm.spawn(self._tx_block(block_id, pulses), f"block-{block_id}")
         ok: bool = await task
         return {"ok": ok}
 
-    async def _tx_block(self, block_id: int) -> bool:
+    async def _tx_block(self, block_id: int, pulses: int) -> bool:
         from qkdnode.postproc.pipeline import run_block_transmitter
 
         src: StateSource = self._one(StateSource)
@@ -486,7 +498,7 @@ class ExchangeSession:
             result = await run_block_transmitter(
                 self._tx_transport, block_id, src.prepared, self._pp_params()
             )
-            await self._finish_block(block_id, result, self._exchange_started)
+            await self._finish_block(block_id, result, self._exchange_started, pulses)
         return bool(result.ok)
 
     async def _exchange_receiver(self, started: float) -> None:
@@ -508,16 +520,20 @@ class ExchangeSession:
                 self.next_block_id = block_id + 1
                 with bound_context(block_id=block_id):
                     # The transmitter learns of the block first; both number it the same.
+                    pulses = int(slots[-1] - slots[0] + 1)
                     announce = asyncio.create_task(
                         self.node.link.request(
-                            "block", params.recv_timeout_s * 60, block_id=block_id
+                            "block",
+                            params.recv_timeout_s * 60,
+                            block_id=block_id,
+                            pulses=pulses,
                         )
                     )
                     try:
                         result = await run_block_receiver(
                             transport, block_id, slots, channels, params
                         )
-                        await self._finish_block(block_id, result, started)
+                        await self._finish_block(block_id, result, started, pulses)
                         await announce
                     except LinkError as exc:
                         log.warning("block_not_served", error=str(exc))
@@ -546,11 +562,14 @@ class ExchangeSession:
             block = await asyncio.to_thread(tagger.read_block, 0.5)
             if block is None or len(block) == 0:
                 continue
-            mapped, status = self.tracker.update(block.tags)
+            mapped, status = await asyncio.to_thread(self.tracker.update, block.tags)
             if status.lost:
                 self.node.alarm(
                     "lock_lost", "timing lock lost", in_window=status.in_window_fraction
                 )
+                self.tracker = None
+                self.node.stats.synchronized = False
+                self._halt_peer("lock lost")
                 asyncio.get_running_loop().call_soon(
                     lambda: asyncio.ensure_future(
                         self.node.trigger(Event.LOCK_LOST, "tracking lost the slot clock")
@@ -566,20 +585,23 @@ class ExchangeSession:
             have += int(s.size)
             self.node.stats.detections += int(s.size)
             if have >= target:
-                all_s = np.concatenate(slots)
-                all_c = np.concatenate(chans)
-                order = np.argsort(all_s, kind="stable")
-                all_s, all_c = all_s[order], all_c[order]
+                all_s, all_c = await asyncio.to_thread(_merge_sorted, slots, chans)
                 await out.put((all_s[:target], all_c[:target]))
                 rest_s, rest_c = all_s[target:], all_c[target:]
                 slots, chans, have = [rest_s], [rest_c], int(rest_s.size)
 
-    async def _finish_block(self, block_id: int, result: Any, started: float) -> None:
+    async def _finish_block(self, block_id: int, result: Any, started: float, pulses: int) -> None:
+        """Book-keeping of one finished block: statistics, key store, telemetry, QBER watch.
+
+        ``pulses`` is the number of slots the block's detections span (both nodes count
+        the same: the receiver measures it and announces it with the block)."""
         from qkdnode.keystore.models import Provenance
 
         stats = self.node.stats
         summary = result.stats_dict() if hasattr(result, "stats_dict") else dict(result.stats)
-        stats.sifted_bits += int(summary.get("sifted_bits", 0))
+        stats.sifted_bits += int(summary.get("sifted_z", 0)) + int(summary.get("sifted_x", 0))
+        stats.pulses += pulses
+        summary["pulses"] = pulses
         if self.role == "transmitter":
             stats.detections += int(summary.get("detections", 0))
         qber = summary.get("qber_z")
@@ -611,6 +633,32 @@ class ExchangeSession:
         else:
             stats.blocks_aborted += 1
         stats.auth_key_balance_bits = self._auth_balance_bits()
+        metrics = self.node.metrics
+        if metrics is not None:
+            qb: dict[str, float] = {}
+            if summary.get("qber_z") is not None:
+                qb["Z"] = float(summary["qber_z"])
+            if summary.get("qber_x") is not None:
+                qb["X"] = float(summary["qber_x"])
+            stages = {
+                k.removeprefix("seconds_"): float(v)
+                for k, v in summary.items()
+                if k.startswith("seconds_") and isinstance(v, int | float)
+            }
+            metrics.observe_block(
+                {
+                    "outcome": "ok" if result.ok else "aborted",
+                    "qber": qb or None,
+                    "sifted_bits": int(summary.get("sifted_z", 0))
+                    + int(summary.get("sifted_x", 0)),
+                    "secret_bits": int(summary.get("final_key_bits", 0)),
+                    "disclosed_bits": int(summary.get("ec_disclosed_bits", 0)),
+                    "duration_s": sum(stages.values()) or None,
+                    "ec_efficiency": summary.get("ec_efficiency"),
+                    "stage_durations_s": stages,
+                }
+            )
+            metrics.set_auth_balance_bits(stats.auth_key_balance_bits)
         fields = {k: v for k, v in _scalars(summary).items() if k != "block_id"}
         log.info("block_summary", ok=bool(result.ok), reason=result.abort_reason, **fields)
         self.node.publish("block", {"block_id": block_id, "ok": bool(result.ok), **fields})
@@ -702,6 +750,12 @@ class ExchangeSession:
         )
         if result.ok and (self.qber_reference is None or result.final_qber < self.qber_reference):
             self.qber_reference = result.final_qber
+        if (
+            self.node.sm.state is S.EXCHANGING
+            and result.final_qber > self.cfg.protocol.qber_warning
+        ):
+            self.node.stats.calibrated = False
+            await self.node.trigger(Event.QBER_HIGH, "compensation did not restore the QBER")
 
     # ------------------------------------------------------------------ monitoring, faults
     async def monitor_tick(self) -> None:
@@ -728,6 +782,9 @@ class ExchangeSession:
                 await self._fault("instrument", f"detector unreachable: {exc}")
                 return
             self.node.publish("rates", {"detector_count_rate_hz": rates})
+            if self.node.metrics is not None:
+                names = [n for n, i in self.node.hardware.instruments.items() if i in dets]
+                self.node.metrics.set_detector_rates(dict(zip(names, rates, strict=True)))
             if any(s is DetectorStatus.LATCHED for s in statuses):
                 await self._fault("bright_light", "detector latched: bright light (blinding?)")
                 return
@@ -742,19 +799,41 @@ class ExchangeSession:
     async def _fault(self, cause: str, message: str) -> None:
         self._fault_cause = cause
         self.node.alarm(cause, message)
+        self._halt_peer(message)
         await self.node.trigger(Event.FAULT, message)
 
+    def _halt_peer(self, reason: str) -> None:
+        """Receiver: tell the transmitter we stopped (best effort, not awaited)."""
+        if self.role != "receiver":
+            return
+
+        async def halt() -> None:
+            with contextlib.suppress(Exception):
+                await self.node.link.request("halt", 10.0, reason=reason)
+
+        task = asyncio.ensure_future(halt())
+        self._halts.add(task)
+        task.add_done_callback(self._halts.discard)
+
     async def _enter_fault(self, sm: StateMachine, rec: TransitionRecord) -> None:
+        """Safe state now; then retry the instruments until the cause is gone."""
         self.node.stats.synchronized = False
+        self.node.stats.calibrated = False
         self.tracker = None
         await asyncio.to_thread(self.node.hardware.make_safe)
+        backoff_s = 2.0
+        while True:
+            await asyncio.sleep(backoff_s)
+            try:
+                await self.recover("automatic recovery")
+                return
+            except LinkError as exc:
+                log.info("fault_persists", error=str(exc), retry_s=backoff_s)
+                backoff_s = min(backoff_s * 2, 60.0)
 
     async def _enter_idle(self, sm: StateMachine, rec: TransitionRecord) -> None:
         if rec.old is S.CONNECTING and self.role == "transmitter":
-            try:
-                await self.key_sync()
-            except LinkError as exc:
-                log.warning("key_sync_failed", error=str(exc))
+            await self.key_sync_safely()
         if rec.old is S.EXCHANGING and self.role == "transmitter":
             with contextlib.suppress(LinkError):
                 await self.node.link.request("stop", 10.0)
@@ -800,6 +879,12 @@ class ExchangeSession:
         """Tell the peer which keys were delivered here (ETSI or operator delivery)."""
         await self.node.link.request("notice", 10.0, notice=notice.model_dump(mode="json"))
 
+    async def key_sync_safely(self) -> None:
+        try:
+            await self.key_sync()
+        except (LinkError, ValueError) as exc:
+            log.warning("key_sync_failed", error=str(exc))
+
     async def key_sync(self) -> None:
         """Transmitter, on every (re)connect: exchange summaries, apply the reconciliation."""
         from qkdnode.keystore.models import SyncSummary
@@ -815,6 +900,16 @@ class ExchangeSession:
             int(reply.get("next_block_id", 0)),
         )
         log.info("key_sync_done", **self.keystore_counts())
+
+
+def _merge_sorted(
+    slots: list[npt.NDArray[np.int64]], chans: list[npt.NDArray[np.int8]]
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int8]]:
+    """Concatenate detection chunks and order them by slot (stable for equal slots)."""
+    all_s = np.concatenate(slots)
+    all_c = np.concatenate(chans)
+    order = np.argsort(all_s, kind="stable")
+    return all_s[order], all_c[order]
 
 
 def _scalars(d: dict[str, Any]) -> dict[str, Any]:

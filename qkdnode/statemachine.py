@@ -81,7 +81,7 @@ TRANSITIONS: dict[tuple[State, Event], Transition] = {
     (S.SYNCHRONIZING, E.PEER_LOST): Transition(S.PAUSED),
     (S.EXCHANGING, E.STOP): Transition(S.IDLE),
     (S.EXCHANGING, E.PEER_LOST): Transition(S.PAUSED),
-    (S.EXCHANGING, E.LOCK_LOST): Transition(S.SYNCHRONIZING),
+    (S.EXCHANGING, E.LOCK_LOST): Transition(S.IDLE),
     (S.EXCHANGING, E.QBER_HIGH): Transition(S.CALIBRATING),
     (S.EXCHANGING, E.CALIBRATE): Transition(S.CALIBRATING),
     (S.EXCHANGING, E.FAILED): Transition(S.IDLE),

@@ -31,6 +31,11 @@ class NodeSection(Section):
         "$STATE_DIRECTORY overrides a relative default under systemd",
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    autostart: bool = Field(
+        False,
+        description="transmitter: calibrate, synchronize and exchange key without an "
+        "operator, and return to key exchange by itself after faults",
+    )
 
 
 class SourceSection(Section):
@@ -123,7 +128,13 @@ class BusSection(Section):
     max_control_frame_bytes: int = Field(256 * 1024, ge=1024)
     client_rate_limit_per_s: float = Field(5000.0, gt=0)
     heartbeat_interval_s: float = Field(1.0, gt=0, le=60)
-    heartbeat_liveness: int = Field(3, ge=1, le=100)
+    heartbeat_liveness: int = Field(
+        10,
+        ge=1,
+        le=100,
+        description="heartbeats missed before a peer or client is declared gone; generous "
+        "because a busy node (calibration scans, a loaded CPU) may answer late",
+    )
     plaintext_role: Literal["monitor", "operator"] = Field(
         "operator", description="role given to every caller when allow_plaintext is true"
     )

@@ -241,10 +241,15 @@ class DemoRunner:
         tolerate_timeout: bool = False,
     ) -> None:
         deadline = time.monotonic() + timeout_s
+        tx = self._daemons()[0]
+        failures0 = _stats(self.last.get(tx.name, {})).get("failures", 0)
         while True:
             st_tx, st_rx = self._status_both(tolerate_timeout)
             if st_tx and st_rx and done(st_tx, st_rx):
                 return
+            if _stats(st_tx).get("failures", 0) > failures0:
+                reason = _stats(st_tx).get("last_failure", "")
+                raise DemoError(f"{what} failed: {reason} (see {tx.files.log_path})")
             for d, st in zip(self._daemons(), (st_tx, st_rx), strict=True):
                 if _state(st) == "FAULT":
                     raise DemoError(f"{what}: {d.name} entered FAULT (see {d.files.log_path})")
@@ -304,6 +309,7 @@ class DemoRunner:
                 and _state(b) not in ("EXCHANGING", "CALIBRATING", "SYNCHRONIZING")
             ),
             self.cfg.demo.step_timeout_s,
+            tolerate_timeout=True,
         )
         st_tx, st_rx = self._status_both(tolerate_timeout=False)
         return wall, merge_stats(_stats(st_tx), _stats(st_rx))

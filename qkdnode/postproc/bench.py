@@ -59,17 +59,21 @@ def bench_sifting(n: int, repeats: int) -> dict[str, object]:
     )
 
 
+def _cascade_inputs(n: int, qber: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    a = np.random.default_rng(seed).integers(0, 2, n, dtype=np.uint8)
+    e = (np.random.default_rng(1000 + seed).random(n) < qber).astype(np.uint8)
+    return a, a ^ e
+
+
 def bench_cascade_efficiency(n: int, qber: float, repeats: int) -> dict[str, object]:
     fs = []
     for seed in range(repeats):
-        rng = np.random.default_rng(seed)
-        a = rng.integers(0, 2, n, dtype=np.uint8)
-        e = (rng.random(n) < qber).astype(np.uint8)
-        out, st = cascade.reconcile_local(a, a ^ e, qber, CascadeParams(), seed)
+        a, b = _cascade_inputs(n, qber, seed)
+        out, st = cascade.reconcile_local(a, b, qber, CascadeParams(), seed)
         if not np.array_equal(out, a):
             fs.append(float("inf"))
             continue
-        fs.append(st.disclosed_bits / (n * cascade.binary_entropy(float(e.mean()))))
+        fs.append(st.disclosed_bits / (n * cascade.binary_entropy(float((a ^ b).mean()))))
     return _row(
         f"cascade_f_q{qber:g}_n{n:g}",
         statistics.median(fs),
@@ -79,13 +83,40 @@ def bench_cascade_efficiency(n: int, qber: float, repeats: int) -> dict[str, obj
     )
 
 
+def bench_cascade_in_process(n: int, qber: float, repeats: int) -> list[dict[str, object]]:
+    times, rounds = [], []
+    for seed in range(repeats):
+        a, b = _cascade_inputs(n, qber, seed)
+        t0 = time.perf_counter()
+        out, st = cascade.reconcile_local(a, b, qber, CascadeParams(), seed)
+        times.append(time.perf_counter() - t0)
+        rounds.append(st.rounds)
+        assert np.array_equal(out, a)
+    return [
+        _row(
+            "cascade_in_process_mbit_per_s",
+            n / statistics.median(times) / 1e6,
+            "Mbit/s",
+            "",
+            f"n={n:g}, QBER {qber:g}, both sides in one process incl. set-up",
+        ),
+        _row(
+            "cascade_round_trips_per_block",
+            statistics.median(rounds),
+            "round trips",
+            "",
+            f"n={n:g}, QBER {qber:g}, block parities included",
+        ),
+    ]
+
+
 def _ec_server(endpoint_q: Any, n: int, qber: float, blocks: int) -> None:
     async def main() -> None:
         ctx = zmq.asyncio.Context()
         tr = ZmqPairTransport.bind_random(ctx)
         endpoint_q.put(tr.endpoint)
         for b in range(blocks):
-            a = np.random.default_rng(b).integers(0, 2, n, dtype=np.uint8)
+            a, _ = _cascade_inputs(n, qber, b)
             levels = cascade.schedule(n, qber, CascadeParams())
             await serve_cascade(tr, cascade.CascadeResponder(a, levels, b), 30.0)
         tr.close()
@@ -106,9 +137,7 @@ def bench_cascade_loopback(n: int, qber: float, blocks: int) -> dict[str, object
         ctx = zmq.asyncio.Context()
         tr = ZmqPairTransport.connect(ctx, endpoint)
         for b in range(blocks):
-            rng = np.random.default_rng(b)
-            a = rng.integers(0, 2, n, dtype=np.uint8)
-            bob = a ^ (np.random.default_rng(1000 + b).random(n) < qber).astype(np.uint8)
+            a, bob = _cascade_inputs(n, qber, b)
             levels = cascade.schedule(n, qber, CascadeParams())
             t0 = time.perf_counter()
             corr = cascade.CascadeCorrector(bob, levels, b)
@@ -126,11 +155,11 @@ def bench_cascade_loopback(n: int, qber: float, blocks: int) -> dict[str, object
         if proc.is_alive():
             proc.kill()
     return _row(
-        f"cascade_loopback_q{qber:g}_n{n:g}",
+        "cascade_two_process_mbit_per_s",
         n / statistics.median(times) / 1e6,
         "Mbit/s",
         ">= 10",
-        "two processes, zmq PAIR tcp loopback, no auth, includes setup of both sides",
+        f"n={n:g}, QBER {qber:g}, zmq PAIR tcp loopback, no auth, incl. set-up of both sides",
     )
 
 
@@ -157,16 +186,20 @@ def run_benchmarks(quick: bool = False) -> list[dict[str, object]]:
         return [
             bench_sifting(1_000_000, 3),
             bench_cascade_efficiency(100_000, 0.03, 1),
+            *bench_cascade_in_process(1_000_000, 0.03, 1),
+            bench_cascade_loopback(1_000_000, 0.03, 2),
             bench_toeplitz(1_000_000, 3),
             bench_auth(16 << 20, 3),
         ]
     rows = [bench_sifting(10_000_000, 5)]
     for n in (100_000, 1_000_000):
         for q in (0.01, 0.03, 0.05):
-            rows.append(bench_cascade_efficiency(n, q, 3 if n < 10**6 else 1))
-    rows.append(bench_cascade_loopback(1_000_000, 0.03, 3))
+            rows.append(bench_cascade_efficiency(n, q, 3))
+    rows += bench_cascade_in_process(1_000_000, 0.03, 3)
+    rows.append(bench_cascade_loopback(1_000_000, 0.03, 5))
     rows.append(bench_toeplitz(1_000_000, 5))
-    rows.append(bench_toeplitz(10_000_000, 1))
+    rows.append(bench_toeplitz(10_000_000, 3))
+    rows.append(bench_toeplitz(100_000_000, 1))
     rows.append(bench_auth(256 << 20, 5))
     return rows
 

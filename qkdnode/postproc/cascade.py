@@ -1,42 +1,24 @@
-"""Cascade error correction with level-synchronous, pipelined parity queries (pure core).
+"""Cascade error correction with batched parity queries (pure core, no I/O).
 
-The receiver (Bob) corrects his sifted key towards the transmitter's (Alice's) fixed key.
+The receiver (Bob) corrects his sifted key towards the transmitter's (Alice's). Every pass
+``p`` shuffles the key with a permutation drawn from a shared public seed (pass 0 keeps the
+order) and cuts it into blocks of ``2**top_level[p]`` bits. Inside a pass the blocks and
+their halves form a dyadic tree: node ``(p, level, j)`` covers permuted positions
+``[j << level, (j + 1) << level)`` (clipped to the key length).
 
-Trees. Pass ``p`` reads the key in the order of a public permutation and cuts it into
-blocks of ``2**top_levels[p]`` bits; blocks and their halves form a dyadic tree: node
-``(p, level, j)`` covers pass-order positions ``[j << level, (j + 1) << level)`` clipped
-to the key length ``n``. Every node of every pass has a *node id* (pass-major, then level,
-then ``j``; see :class:`TreeLayout`); queries and answers travel as node ids.
+Round structure (what makes each pass take O(log block size) round trips):
 
-Permutations. Pass 0 keeps the key order; pass ``p`` reads position ``pi^p(i)`` at index
-``i``, with ``pi`` one uniformly random permutation drawn from the shared public seed. One
-draw instead of one per pass saves most of the set-up time (drawing is ~20 ns per bit;
-composing is a gather); the relation between passes ``p`` and ``p + 1`` is then the same
-random permutation ``pi`` for every ``p``, which the efficiency benchmark covers.
+1. Alice discloses the parities of all top-level blocks of the pass (one message).
+2. All blocks whose parity differs are binary-searched *in parallel*: one round trip per
+   tree level, each round asking Alice for the left-child parity of every active search.
+   Bob's bits stay fixed during such a batch, so every search ends on a true error; errors
+   found twice (overlapping blocks of different passes) are flipped once.
+3. The flips make known nodes of earlier passes odd (the cascade effect). Every node whose
+   Alice parity is already known — blocks, queried halves and their inferred siblings — is
+   reused: a search starts from the smallest known odd node and descends through known
+   nodes without asking anything. Only unknown left children cost a disclosed bit.
 
-Rounds (what makes a pass cost O(log block size) round trips):
-
-1. Alice sends the parities of all top-level blocks of all passes at once (unasked).
-2. Bob keeps a set of *searches*, each sitting at a node whose Alice parity is known and
-   differs from his (an odd node). Each round, one message asks for the left-child parity
-   of every waiting search; the right child follows from the parent for free.
-3. Between rounds Bob moves every search down through nodes whose parities are known
-   without asking anything. A search that reaches a single bit has found an error and
-   flips it *at once*; the flip makes known nodes of every begun pass that contain the
-   bit change parity, and each of those that becomes odd starts a new search in the same
-   round (the cascade). Searches whose node turned even (another search fixed the error)
-   are dropped. So a chain of cascaded searches costs its own depth in rounds, never the
-   depth of the slowest search of a batch.
-4. When no search is left, the next pass begins (its block parities are already known).
-   At the end every known node of every pass is even.
-
-Every flip is a true error: a search only ever sits on an odd node, so the single bit it
-ends on differs from Alice's. Disclosed bits are counted exactly: one per parity Alice
-sends, the same count on both sides.
-
-The rounds are vectorised numpy over arrays of ``(pass, level, node)``; there are no
-per-search objects. (numba is not used here: the node runs under systemd's
-``MemoryDenyWriteExecute=yes``, which forbids a JIT.)
+Disclosed bits are counted exactly: one per parity Alice sends.
 """
 
 from __future__ import annotations
@@ -53,15 +35,9 @@ from qkdnode.postproc.params import CascadeParams
 U8 = npt.NDArray[np.uint8]
 I64 = npt.NDArray[np.int64]
 
-# Parity of each byte value, and the mask of its low k bits.
-_BYTE_PARITY = (np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(1) & 1).astype(
-    np.uint8
-)
-_LOW_MASK = np.array([(1 << k) - 1 for k in range(8)], dtype=np.uint8)
-
 
 class CascadeError(ValueError):
-    """Bad input to the Cascade core (lengths, levels, node ids or call order)."""
+    """Bad input to the Cascade core (lengths, levels or indices out of range)."""
 
 
 def binary_entropy(p: float) -> float:
@@ -81,117 +57,24 @@ def schedule(n_bits: int, qber: float, params: CascadeParams) -> list[int]:
     return [min(cap, first + i * step) for i in range(params.passes)]
 
 
-INDEPENDENT = False
-
-
-def pass_permutations(n_bits: int, n_passes: int, seed: int) -> list[I64]:
-    """Key position read at each index of every pass (pass 0: the identity; pass p:
-    ``pi^p`` for the one permutation ``pi`` of the shared public ``seed``)."""
+def permutations(n_bits: int, n_passes: int, seed: int) -> list[I64]:
+    """Pass permutations from the shared public ``seed``; pass 0 is the identity."""
     rng = np.random.default_rng(seed)
     perms = [np.arange(n_bits, dtype=np.int64)]
-    if INDEPENDENT:
-        perms += [rng.permutation(n_bits).astype(np.int64) for _ in range(n_passes - 1)]
-        return perms
-    pi = rng.permutation(n_bits).astype(np.int64) if n_passes > 1 else perms[0]
-    for _ in range(1, n_passes):
-        perms.append(perms[-1][pi])
+    perms += [rng.permutation(n_bits).astype(np.int64) for _ in range(n_passes - 1)]
     return perms
 
 
-class TreeLayout:
-    """Node ids of the trees of all passes: ``id = base[p, level] + j``."""
-
-    def __init__(self, n_bits: int, top_levels: Sequence[int]) -> None:
-        if n_bits <= 0:
-            raise CascadeError(f"key length must be > 0, got {n_bits}")
-        self.n = n_bits
-        self.top_levels = [int(t) for t in top_levels]
-        if not self.top_levels or min(self.top_levels) < 0 or max(self.top_levels) > 62:
-            raise CascadeError(f"bad top levels {self.top_levels}")
-        self.passes = len(self.top_levels)
-        self.base = np.full((self.passes, max(self.top_levels) + 1), -1, dtype=np.int64)
-        starts, passes, levels, counts = [], [], [], []
-        total = 0
-        for p, top in enumerate(self.top_levels):
-            for level in range(top + 1):
-                count = -(-n_bits // (1 << level))
-                self.base[p, level] = total
-                starts.append(total)
-                passes.append(p)
-                levels.append(level)
-                counts.append(count)
-                total += count
-        self.total = total
-        self._starts = np.array(starts, dtype=np.int64)
-        self._passes = np.array(passes, dtype=np.int64)
-        self._levels = np.array(levels, dtype=np.int64)
-        self._counts = np.array(counts, dtype=np.int64)
-        self.wire_dtype = np.dtype("<u4") if total < 2**32 else np.dtype("<u8")
-
-    def block_count(self, p: int) -> int:
-        return -(-self.n // (1 << self.top_levels[p]))
-
-    def top_ids(self) -> I64:
-        """Ids of all top-level blocks, pass by pass."""
-        return np.concatenate(
-            [
-                self.base[p, top] + np.arange(self.block_count(p), dtype=np.int64)
-                for p, top in enumerate(self.top_levels)
-            ]
-        )
-
-    def ids(self, p: I64, level: I64, node: I64) -> I64:
-        """Ids of nodes ``(p[i], level[i], node[i])``; raises :class:`CascadeError` outside."""
-        p, level, node = (np.asarray(a, dtype=np.int64) for a in (p, level, node))
-        if not (p.shape == level.shape == node.shape):
-            raise CascadeError("node arrays differ in length")
-        if p.size and (
-            p.min() < 0
-            or p.max() >= self.passes
-            or level.min() < 0
-            or np.any(level > np.asarray(self.top_levels)[p])
-            or node.min() < 0
-            or np.any((node << level) >= self.n)
-        ):
-            raise CascadeError("node outside the Cascade trees")
-        return self.base[p, level] + node  # type: ignore[no-any-return]
-
-    def decode(self, ids: I64) -> tuple[I64, I64, I64]:
-        """``(pass, level, node)`` of each id; raises :class:`CascadeError` outside."""
-        ids = np.asarray(ids, dtype=np.int64)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.total):
-            raise CascadeError("node id outside the Cascade trees")
-        k = np.searchsorted(self._starts, ids, side="right") - 1
-        return self._passes[k], self._levels[k], ids - self._starts[k]
+def _prefix(bits: U8, perm: I64) -> U8:
+    out = np.zeros(bits.shape[0] + 1, dtype=np.uint8)
+    np.bitwise_xor.accumulate(bits[perm], out=out[1:])
+    return out
 
 
-class _PrefixParity:
-    """Parities of ranges of a fixed 0/1 array, from bit-packed bytes and byte prefixes
-    (about 1/8 of the set-up work of a per-bit XOR prefix)."""
-
-    def __init__(self, bits: U8) -> None:
-        packed = np.packbits(bits, bitorder="little")
-        self._packed = np.append(packed, np.uint8(0))
-        self._before = np.zeros(self._packed.shape[0], dtype=np.uint8)
-        np.bitwise_xor.accumulate(_BYTE_PARITY[packed], out=self._before[1:])
-
-    def at(self, k: I64) -> U8:
-        """XOR of ``bits[:k]`` for each ``k``."""
-        byte = k >> 3
-        return self._before[byte] ^ _BYTE_PARITY[self._packed[byte] & _LOW_MASK[k & 7]]  # type: ignore[no-any-return]
-
-
-def _pass_bits(bits: U8, perms: list[I64]) -> U8:
-    """The key in the order of every pass, concatenated (pass p at ``[p n, (p + 1) n)``)."""
-    return np.concatenate([bits[perm] for perm in perms])
-
-
-def _node_bounds(layout: TreeLayout, p: I64, level: I64, node: I64) -> tuple[I64, I64]:
-    """Range of each node in the concatenated pass order."""
-    n = layout.n
-    start = node << level
-    stop = np.minimum(start + (1 << level), n)
-    return p * n + start, p * n + stop
+def _node_range(level: I64, node: I64, n: int) -> tuple[I64, I64]:
+    start = np.minimum(node << level, n)
+    stop = np.minimum((node + 1) << level, n)
+    return start, stop
 
 
 class CascadeResponder:
@@ -199,251 +82,224 @@ class CascadeResponder:
     discloses (:attr:`disclosed_bits`)."""
 
     def __init__(self, key_bits: U8, top_levels: Sequence[int], seed: int) -> None:
-        self.layout = TreeLayout(int(key_bits.shape[0]), top_levels)
-        self.n = self.layout.n
-        self.top_levels = self.layout.top_levels
-        perms = pass_permutations(self.n, self.layout.passes, seed)
-        bits = np.ascontiguousarray(key_bits, dtype=np.uint8)
-        self._prefix = _PrefixParity(_pass_bits(bits, perms))
+        self.n = int(key_bits.shape[0])
+        self.top_levels = list(top_levels)
+        perms = permutations(self.n, len(self.top_levels), seed)
+        self._prefix = np.stack([_prefix(key_bits, p) for p in perms])
         self.disclosed_bits = 0
 
-    def top_level_parities(self) -> U8:
-        """Parities of all top-level blocks of all passes (``layout.top_ids()`` order)."""
-        return self.answer(self.layout.top_ids())
-
-    def answer(self, ids: I64) -> U8:
-        """Parities of the nodes ``ids``; each is one disclosed bit."""
-        p, level, node = self.layout.decode(ids)
-        start, stop = _node_bounds(self.layout, p, level, node)
-        self.disclosed_bits += int(p.shape[0])
-        return self._prefix.at(stop) ^ self._prefix.at(start)  # type: ignore[no-any-return]
+    def block_parities(self, pass_index: int) -> U8:
+        """Parities of all top-level blocks of ``pass_index``."""
+        if not 0 <= pass_index < len(self.top_levels):
+            raise CascadeError(f"pass {pass_index} out of range")
+        level = self.top_levels[pass_index]
+        count = -(-self.n // (1 << level))
+        nodes = np.arange(count, dtype=np.int64)
+        out = self.parities(np.full(count, pass_index), np.full(count, level), nodes)
+        return out
 
     def parities(self, pass_index: I64, level: I64, node: I64) -> U8:
-        """Parities of nodes ``(pass_index[i], level[i], node[i])`` (checked)."""
-        return self.answer(self.layout.ids(pass_index, level, node))
+        """Parities of nodes ``(pass_index[i], level[i], node[i])``; each is a disclosed bit."""
+        pass_index = np.asarray(pass_index, dtype=np.int64)
+        level = np.asarray(level, dtype=np.int64)
+        node = np.asarray(node, dtype=np.int64)
+        if not (pass_index.shape == level.shape == node.shape):
+            raise CascadeError("query arrays differ in length")
+        if pass_index.size:
+            tops = np.asarray(self.top_levels)
+            if (
+                pass_index.min() < 0
+                or pass_index.max() >= len(self.top_levels)
+                or level.min() < 0
+                or np.any(level > tops[pass_index])
+                or node.min() < 0
+                or np.any((node << level) >= self.n)
+            ):
+                raise CascadeError("parity query outside the Cascade tree")
+        start, stop = _node_range(level, node, self.n)
+        self.disclosed_bits += int(pass_index.shape[0])
+        return self._prefix[pass_index, stop] ^ self._prefix[pass_index, start]
 
 
 @dataclass
 class CascadeStats:
     disclosed_bits: int = 0
-    rounds: int = 0  # round trips, the block parities included
+    rounds: int = 0
     errors_corrected: int = 0
     passes: int = 0
-
-
-_EMPTY = np.zeros(0, dtype=np.int64)
-OVERLAP_FRACTION = 0.0
 
 
 class CascadeCorrector:
     """Bob's side: a synchronous state machine driven by the protocol layer.
 
-    ``begin(top_level_parities)``, then repeatedly ``ids = next_queries()`` and
-    ``give_answers(parities)`` until ``next_queries()`` returns None.
+    ``begin_pass(p, block_parities)``, then repeatedly ``q = next_queries()`` and
+    ``give_answers(parities)`` until ``next_queries()`` returns None; next pass.
     """
 
     def __init__(self, key_bits: U8, top_levels: Sequence[int], seed: int) -> None:
-        self.layout = TreeLayout(int(key_bits.shape[0]), top_levels)
-        self.n = n = self.layout.n
-        self.top_levels = self.layout.top_levels
-        self._bits = np.array(key_bits, dtype=np.uint8)
-        self._perms = pass_permutations(n, self.layout.passes, seed)
-        self._inv: list[I64 | None] = [None] * self.layout.passes
-        self._prefix = _PrefixParity(_pass_bits(self._bits, self._perms))
-        self._known = np.full(self.layout.total, -1, dtype=np.int8)  # Alice's parities
-        self._flipped = _EMPTY  # key positions corrected so far
-        self._flip_coords = _EMPTY  # ... in concatenated pass order (begun passes), sorted
-        self._begun = 0
-        self._wait: tuple[I64, I64, I64] = (_EMPTY, _EMPTY, _EMPTY)  # searches asking
-        self._queries: I64 | None = None
-        self._overlap_below = 0
+        self.n = n = int(key_bits.shape[0])
+        self.top_levels = list(top_levels)
+        self._bits0 = np.ascontiguousarray(key_bits, dtype=np.uint8)
+        self._perms = permutations(n, len(self.top_levels), seed)
+        self._inv = []
+        for perm in self._perms:
+            inv = np.empty(n, dtype=np.int64)
+            inv[perm] = np.arange(n, dtype=np.int64)
+            self._inv.append(inv)
+        self._prefix0 = np.stack([_prefix(self._bits0, p) for p in self._perms])
+        max_level = max(self.top_levels)
+        self._base = np.zeros((len(self.top_levels), max_level + 2), dtype=np.int64)
+        total = 0
+        for p, top in enumerate(self.top_levels):
+            for lvl in range(top + 1):
+                self._base[p, lvl] = total
+                total += -(-n // (1 << lvl))
+        self._known = np.full(total, -1, dtype=np.int8)  # Alice's parities learnt so far
+        self._flips: list[I64] = []  # real positions flipped (all batches)
+        self._flips_perm: list[I64] = [np.zeros(0, np.int64) for _ in self.top_levels]
+        self._started = 0
+        self._active = (np.zeros(0, np.int64),) * 3
+        self._leaves: list[I64] = []
         self.stats = CascadeStats()
 
-    # --- parities and positions -----------------------------------------------------
+    # --- parities -----------------------------------------------------------------
     def _bob_parity(self, p: I64, level: I64, node: I64) -> U8:
-        start, stop = _node_bounds(self.layout, p, level, node)
-        par = self._prefix.at(stop) ^ self._prefix.at(start)
-        f = self._flip_coords
-        if f.size:
-            cnt = np.searchsorted(f, stop) - np.searchsorted(f, start)
-            par ^= (cnt & 1).astype(np.uint8)
-        return par  # type: ignore[no-any-return]
+        start, stop = _node_range(level, node, self.n)
+        par = self._prefix0[p, stop] ^ self._prefix0[p, start]
+        if self._flips:
+            for q in np.unique(p):
+                sel = p == q
+                f = self._flips_perm[int(q)]
+                cnt = np.searchsorted(f, stop[sel]) - np.searchsorted(f, start[sel])
+                par[sel] ^= (cnt & 1).astype(np.uint8)
+        return par
 
-    def _odd(self, p: I64, level: I64, node: I64) -> npt.NDArray[np.bool_]:
-        alice = self._known[self.layout.base[p, level] + node]
-        return (alice >= 0) & (self._bob_parity(p, level, node) != alice)  # type: ignore[no-any-return]
-
-    def _position(self, p: I64, index: I64) -> I64:
-        """Key position read at ``index`` of pass ``p``."""
-        out = index.copy()
-        for k in range(1, len(self._perms)):
-            sel = p == k
-            out[sel] = self._perms[k][index[sel]]
-        return out
-
-    def _coords(self, positions: I64, passes: range) -> list[I64]:
-        """Concatenated-order coordinates of ``positions`` in each pass of ``passes``."""
-        out = []
-        for p in passes:
-            inv = self._inv[p]
-            if inv is None:
-                inv = self._inv[p] = np.empty(self.n, dtype=np.int64)
-                inv[self._perms[p]] = np.arange(self.n, dtype=np.int64)
-            out.append(p * self.n + inv[positions])
-        return out
-
-    def _add_flip_coords(self, coords: list[I64]) -> None:
-        if not coords:
-            return
-        new = np.sort(np.concatenate(coords))
-        self._flip_coords = np.insert(
-            self._flip_coords, np.searchsorted(self._flip_coords, new), new
-        )
+    def _gid(self, p: I64, level: I64, node: I64) -> I64:
+        return self._base[p, level] + node
 
     # --- driving ------------------------------------------------------------------
-    def begin(self, top_level_parities: U8) -> None:
-        """Take Alice's parities of all top-level blocks (``layout.top_ids()`` order)."""
-        if self._begun:
-            raise CascadeError("Cascade already begun")
-        ids = self.layout.top_ids()
-        par = np.asarray(top_level_parities, dtype=np.uint8)
-        if par.shape != ids.shape:
-            raise CascadeError(f"{par.shape[0]} block parities for {ids.shape[0]} blocks")
-        self._known[ids] = par.astype(np.int8)
-        self.stats.disclosed_bits += int(ids.shape[0])
+    def begin_pass(self, pass_index: int, block_parities: U8) -> None:
+        if pass_index != self._started:
+            raise CascadeError(f"pass {pass_index} begun out of order")
+        top = self.top_levels[pass_index]
+        count = -(-self.n // (1 << top))
+        block_parities = np.asarray(block_parities, dtype=np.uint8)
+        if block_parities.shape != (count,):
+            raise CascadeError(f"pass {pass_index}: {block_parities.shape} block parities")
+        self._started += 1
+        self.stats.passes += 1
+        self.stats.disclosed_bits += count
         self.stats.rounds += 1
-        self._settle((_EMPTY, _EMPTY, _EMPTY))
+        base = self._base[pass_index, top]
+        self._known[base : base + count] = block_parities.astype(np.int8)
+        nodes = np.arange(count, dtype=np.int64)
+        p = np.full(count, pass_index, dtype=np.int64)
+        lv = np.full(count, top, dtype=np.int64)
+        odd = self._bob_parity(p, lv, nodes) != block_parities
+        self._active = (p[odd], lv[odd], nodes[odd])
 
-    def next_queries(self) -> I64 | None:
-        """Node ids whose parities Bob needs next, or None when Cascade is finished."""
-        if not self._begun:
-            raise CascadeError("begin() first")
-        p, level, node = self._wait
-        if not p.size:
-            return None
-        self._queries = self.layout.base[p, level - 1] + 2 * node
-        self.stats.rounds += 1
-        return self._queries
+    def _descend(self) -> None:
+        p, lv, j = self._active
+        while p.size:
+            done = lv == 0
+            if done.any():
+                self._leaves.append(
+                    np.concatenate(
+                        [self._perms[int(q)][j[done & (p == q)]] for q in np.unique(p[done])]
+                    )
+                )
+                p, lv, j = p[~done], lv[~done], j[~done]
+                if not p.size:
+                    break
+            cl = lv - 1
+            left = 2 * j
+            right = left + 1
+            right_empty = (right << cl) >= self.n
+            left_gid = self._gid(p, cl, left)
+            left_known = self._known[left_gid] >= 0
+            can = right_empty | left_known
+            if not can.any():
+                break
+            pc, cc, lc, re_, lg = p[can], cl[can], left[can], right_empty[can], left_gid[can]
+            parent = self._known[self._gid(pc, lv[can], j[can])]
+            new_j = lc.copy()
+            # right child empty: the whole parent lies in the left child
+            self._known[lg[re_]] = parent[re_]
+            full = ~re_
+            if full.any():
+                la = self._known[lg[full]]
+                lb = self._bob_parity(pc[full], cc[full], lc[full]).astype(np.int8)
+                rgid = lg[full] + 1
+                self._known[rgid] = la ^ parent[full]
+                new_j[full] = np.where(la != lb, lc[full], lc[full] + 1)
+            j = j.copy()
+            lv = lv.copy()
+            j[can] = new_j
+            lv[can] = cc
+        self._active = (p, lv, j)
+
+    def next_queries(self) -> tuple[I64, I64, I64] | None:
+        """Parity queries ``(pass, level, node)`` for Alice, or None when the pass is done."""
+        while True:
+            self._descend()
+            p, lv, j = self._active
+            if p.size:
+                self.stats.rounds += 1
+                return p, lv - 1, 2 * j
+            if not self._leaves:
+                return None
+            self._apply_leaves()
 
     def give_answers(self, parities: U8) -> None:
-        ids = self._queries
-        if ids is None:
-            raise CascadeError("no queries outstanding")
+        p, lv, j = self._active
         parities = np.asarray(parities, dtype=np.uint8)
-        if parities.shape != ids.shape:
-            raise CascadeError(f"{parities.shape[0]} answers for {ids.shape[0]} queries")
-        self._queries = None
-        self.stats.disclosed_bits += int(ids.shape[0])
-        p, level, node = self._wait
-        alice_left = parities.astype(np.int8)
-        self._known[ids] = alice_left
-        parent = self._known[self.layout.base[p, level] + node]
-        self._known[ids + 1] = alice_left ^ parent  # the right child is never empty here
-        cl, left = level - 1, 2 * node
-        go_left = self._bob_parity(p, cl, left) != parities
-        self._settle((p, cl, np.where(go_left, left, left + 1)))
+        if parities.shape != p.shape:
+            raise CascadeError(f"{parities.shape[0]} answers for {p.shape[0]} queries")
+        self._known[self._gid(p, lv - 1, 2 * j)] = parities.astype(np.int8)
+        self.stats.disclosed_bits += int(p.shape[0])
 
-    def _settle(self, odd: tuple[I64, I64, I64]) -> None:
-        """Move the odd nodes ``odd`` and every search they cascade into down to their next
-        question; flip the errors found; begin passes while nothing is left to ask."""
-        waiting: list[tuple[I64, I64, I64]] = []
-        while True:
-            leaves = self._descend(odd, waiting)
-            p, lv, j = self._concat(waiting)
-            if leaves.size:
-                odd = self._flip(np.unique(leaves))
-                keep = self._odd(p, lv, j)  # searches whose error was just fixed stop
-                waiting = [(p[keep], lv[keep], j[keep])]
-                continue
-            if self._begun == self.layout.passes or p.size > self._overlap_below:
-                break
-            odd = self._begin_pass()
-            self._overlap_below = int(OVERLAP_FRACTION * odd[0].size)
-        _, first = np.unique(self.layout.base[p, lv] + j, return_index=True)
-        self._wait = (p[first], lv[first], j[first])
-
-    @staticmethod
-    def _concat(parts: list[tuple[I64, I64, I64]]) -> tuple[I64, I64, I64]:
-        if not parts:
-            return (_EMPTY, _EMPTY, _EMPTY)
-        return tuple(np.concatenate(c) for c in zip(*parts, strict=True))  # type: ignore[return-value]
-
-    def _descend(self, odd: tuple[I64, I64, I64], waiting: list[tuple[I64, I64, I64]]) -> I64:
-        """Walk odd nodes down through known children; searches that need a question go to
-        ``waiting``; returns the key positions of the single bits reached."""
-        p, lv, j = odd
-        base, known, n = self.layout.base, self._known, self.n
-        leaves: list[I64] = []
-        while p.size:
-            at_leaf = lv == 0
-            if at_leaf.any():
-                leaves.append(self._position(p[at_leaf], j[at_leaf]))
-                keep = ~at_leaf
-                p, lv, j = p[keep], lv[keep], j[keep]
-            cl, left = lv - 1, 2 * j
-            left_id = base[p, cl] + left
-            right_empty = ((left + 1) << cl) >= n
-            alice_left = known[left_id]
-            ask = (alice_left < 0) & ~right_empty
-            if ask.any():
-                waiting.append((p[ask], lv[ask], j[ask]))
-                keep = ~ask
-                p, lv, j, cl, left = p[keep], lv[keep], j[keep], cl[keep], left[keep]
-                left_id, right_empty, alice_left = left_id[keep], right_empty[keep], alice_left[keep]
-            if not p.size:
-                break
-            parent = known[base[p, lv] + j]
-            # Empty right child: the parent is its left child.
-            known[left_id[right_empty]] = parent[right_empty]
-            full = ~right_empty
-            known[left_id[full] + 1] = alice_left[full] ^ parent[full]
-            go_left = right_empty.copy()
-            go_left[full] = self._bob_parity(p[full], cl[full], left[full]) != alice_left[full]
-            p, lv, j = p, cl, np.where(go_left, left, left + 1)
-        return np.concatenate(leaves) if leaves else _EMPTY
-
-    def _flip(self, positions: I64) -> tuple[I64, I64, I64]:
-        """Correct ``positions``; return the known nodes that became odd (new searches)."""
-        self._bits[positions] ^= 1
-        self._flipped = np.concatenate([self._flipped, positions])
-        self.stats.errors_corrected += int(positions.shape[0])
-        coords = self._coords(positions, range(self._begun))
-        self._add_flip_coords(coords)
-        # In every begun pass, the smallest known node around each flip that is now odd
-        # starts a search (larger odd ones are explained by it and turn even when it ends).
-        cand_p, cand_l, cand_j = [], [], []
-        for p, c in enumerate(coords):
-            idx = c - p * self.n
-            levels = np.arange(self.top_levels[p] + 1, dtype=np.int64)
-            nodes = idx[:, None] >> levels[None, :]
-            lv = np.broadcast_to(levels, nodes.shape)
-            odd = self._odd(np.full(nodes.shape, p, dtype=np.int64), lv, nodes)
-            hit = odd.any(axis=1)
-            deepest = odd[hit].argmax(axis=1)
-            cand_p.append(np.full(deepest.shape[0], p, dtype=np.int64))
-            cand_l.append(deepest)
-            cand_j.append(nodes[hit, deepest] if False else np.take_along_axis(nodes[hit], deepest[:, None], 1)[:, 0])
-        p, lv, j = (np.concatenate(a) for a in (cand_p, cand_l, cand_j))
-        _, first = np.unique(self.layout.base[p, lv] + j, return_index=True)
-        return p[first], lv[first], j[first]
-
-    def _begin_pass(self) -> tuple[I64, I64, I64]:
-        """Begin the next pass; return its odd blocks."""
-        p = self._begun
-        self._begun += 1
-        self.stats.passes += 1
-        if self._flipped.size:
-            self._add_flip_coords(self._coords(self._flipped, range(p, p + 1)))
-        count = self.layout.block_count(p)
-        pv = np.full(count, p, dtype=np.int64)
-        lv = np.full(count, self.top_levels[p], dtype=np.int64)
-        j = np.arange(count, dtype=np.int64)
-        odd = self._odd(pv, lv, j)
-        return pv[odd], lv[odd], j[odd]
+    def _apply_leaves(self) -> None:
+        found = np.unique(np.concatenate(self._leaves))
+        self._leaves = []
+        self._flips.append(found)
+        self.stats.errors_corrected += int(found.shape[0])
+        cand: list[tuple[I64, I64, I64]] = []
+        for q in range(self._started):
+            qp = self._inv[q][found]
+            self._flips_perm[q] = np.sort(np.concatenate([self._flips_perm[q], qp]))
+        for q in range(self._started):
+            qp = self._inv[q][found]
+            best = np.full(qp.shape[0], -1, dtype=np.int64)
+            for lvl in range(self.top_levels[q], -1, -1):
+                node = qp >> lvl
+                pv = np.full(qp.shape[0], q, dtype=np.int64)
+                lva = np.full(qp.shape[0], lvl, dtype=np.int64)
+                alice = self._known[self._gid(pv, lva, node)]
+                known = alice >= 0
+                odd = np.zeros(qp.shape[0], dtype=np.bool_)
+                if known.any():
+                    odd[known] = self._bob_parity(pv[known], lva[known], node[known]) != alice[
+                        known
+                    ].astype(np.uint8)
+                best[odd] = lvl
+            sel = best >= 0
+            if sel.any():
+                nodes = np.unique(
+                    (qp[sel] >> best[sel]) * 64 + best[sel]
+                )  # unique (node, level) pairs
+                cand.append((np.full(nodes.shape[0], q, np.int64), nodes % 64, nodes // 64))
+        if cand:
+            self._active = tuple(np.concatenate(c) for c in zip(*cand, strict=True))  # type: ignore[assignment]
+        else:
+            self._active = (np.zeros(0, np.int64),) * 3
 
     def corrected(self) -> U8:
-        """Bob's key with every correction applied (a new array)."""
-        return self._bits.copy()
+        """Bob's key with every flip applied (a new array)."""
+        out = self._bits0.copy()
+        if self._flips:
+            idx = np.concatenate(self._flips)
+            np.bitwise_xor.at(out, idx, 1)
+        return out
 
 
 def reconcile_local(
@@ -455,8 +311,9 @@ def reconcile_local(
     levels = schedule(int(alice_bits.shape[0]), qber, params)
     alice = CascadeResponder(alice_bits, levels, seed)
     bob = CascadeCorrector(bob_bits, levels, seed)
-    bob.begin(alice.top_level_parities())
-    while (q := bob.next_queries()) is not None:
-        bob.give_answers(alice.answer(q))
+    for p in range(len(levels)):
+        bob.begin_pass(p, alice.block_parities(p))
+        while (q := bob.next_queries()) is not None:
+            bob.give_answers(alice.parities(*q))
     assert bob.stats.disclosed_bits == alice.disclosed_bits
     return bob.corrected(), bob.stats

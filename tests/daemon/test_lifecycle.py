@@ -78,3 +78,30 @@ def test_invalid_config_exits_2_before_touching_hardware(
     daemons.append(d)
     assert d.proc.wait(60) == 2
     assert "source.mu_signal: must be > 0, got -0.5" in d.log_path.read_text()
+
+
+def test_daemon_serves_prometheus_metrics(
+    tmp_path: Path, ports: dict[str, int], daemons: list[Daemon]
+) -> None:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.daemon.conftest import free_port
+
+    port = free_port()
+    cfg = node_config(tmp_path, "transmitter", ports)
+    cfg.write_text(
+        cfg.read_text() + f'\n[metrics]\nenabled = true\nlisten_host = "127.0.0.1"\n'
+        f"listen_port = {port}\n"
+    )
+    d = start_daemon(cfg, tmp_path / "node.log")
+    daemons.append(d)
+    d.wait_event("daemon_ready", 60)
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    states = {s.labels["state"]: s.value for s in families["qkdnode_state"].samples}
+    # Without a peer the transmitter waits in CONNECTING; exactly one state is set.
+    assert states["CONNECTING"] == 1.0
+    assert sum(states.values()) == 1.0
+    assert d.stop() == 0

@@ -151,6 +151,16 @@ def test_toeplitz_fft_matches_direct(n: int, m: int, tile: int | None) -> None:
     )
 
 
+@pytest.mark.parametrize("budget", [1, 40_000, 1 << 30])
+def test_toeplitz_memory_bounded_rectangles_match_direct(budget: int) -> None:
+    rng = np.random.default_rng(budget)
+    n, m = 9_001, 4_700
+    x = rng.integers(0, 2, n, dtype=np.uint8)
+    seed = rng.integers(0, 2, n + m - 1, dtype=np.uint8)
+    got = toeplitz.toeplitz_hash(x, seed, m, 512, max_spectra_bytes=budget)
+    assert np.array_equal(got, toeplitz.toeplitz_hash_direct(x, seed, m))
+
+
 def test_toeplitz_is_linear_and_checks_sizes() -> None:
     rng = np.random.default_rng(5)
     n, m = 70_001, 35_000
