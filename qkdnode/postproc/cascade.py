@@ -186,6 +186,10 @@ class CascadeCorrector:
         block_parities = np.asarray(block_parities, dtype=np.uint8)
         if block_parities.shape != (count,):
             raise CascadeError(f"pass {pass_index}: {block_parities.shape} block parities")
+        if self._flips:
+            self._flips_perm[pass_index] = np.sort(
+                self._inv[pass_index][np.concatenate(self._flips)]
+            )
         self._started += 1
         self.stats.passes += 1
         self.stats.disclosed_bits += count
