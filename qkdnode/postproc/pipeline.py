@@ -168,7 +168,7 @@ async def run_block_transmitter(
     stats: dict[str, Any] = {"block_id": block_id, "seconds": clock.seconds}
     try:
         msg = await _expect(t, "sift", params)
-        slots = sifting.decode_slots(msg.header["slots"], msg.buffers[:2])
+        slots = await asyncio.to_thread(sifting.decode_slots, msg.header["slots"], msg.buffers[:2])
         n = int(slots.shape[0])
         bob_basis = sifting.unpack_bits(msg.buffers[2], n)
         states = await asyncio.to_thread(prepared, slots)
@@ -224,7 +224,9 @@ async def run_block_transmitter(
         await t.send("pe_reply", {"ec_seed": ec_seed, "levels": levels, "qber_x": qber_x}, [])
         clock.lap("estimation")
 
-        responder = cascade.CascadeResponder(key_a, levels, ec_seed)
+        # Heavy set-up (permutations of the whole key) off the event loop: the node keeps
+        # answering its control socket and heartbeats while a block is processed.
+        responder = await asyncio.to_thread(cascade.CascadeResponder, key_a, levels, ec_seed)
         done = await serve_cascade(t, responder, params.recv_timeout_s)
         z_err = [int(x) for x in done["z_errors"]]
         leak_ec = responder.disclosed_bits
@@ -240,7 +242,7 @@ async def run_block_transmitter(
         if verify.collision_bound(key_a.shape[0]) > params.eps_cor:
             raise ProtocolAbortError("verification hash too weak for eps_cor at this size")
         hash_key = secrets.token_bytes(verify.HASH_KEY_BYTES)
-        tag = verify.key_tag(key_a, hash_key)
+        tag = await asyncio.to_thread(verify.key_tag, key_a, hash_key)
         await t.send("verify", {"hash_key": hash_key.hex(), "tag": tag.hex()}, [])
         msg = await _expect(t, "verify_reply", params)
         if not msg.header.get("ok"):
@@ -294,8 +296,8 @@ async def run_block_receiver(
     stats: dict[str, Any] = {"block_id": block_id, "seconds": clock.seconds}
     rng = rng or np.random.default_rng()
     try:
-        slots, basis, bits = sifting.squash(slot_index, channel, rng)
-        slot_header, slot_bufs = sifting.encode_slots(slots)
+        slots, basis, bits = await asyncio.to_thread(sifting.squash, slot_index, channel, rng)
+        slot_header, slot_bufs = await asyncio.to_thread(sifting.encode_slots, slots)
         await t.send("sift", {"slots": slot_header}, [*slot_bufs, sifting.pack_bits(basis)])
         msg = await _expect(t, "sift_reply", params)
         n = int(slots.shape[0])
@@ -315,7 +317,7 @@ async def run_block_receiver(
         clock.lap("estimation")
 
         key_b = bits_m[is_z].astype(np.uint8)
-        corrector = cascade.CascadeCorrector(key_b, levels, ec_seed)
+        corrector = await asyncio.to_thread(cascade.CascadeCorrector, key_b, levels, ec_seed)
         await run_cascade(t, corrector, params.recv_timeout_s)
         key_c = corrector.corrected()
         z_err = _counts((key_c ^ key_b).astype(np.uint8), cls[is_z])
@@ -328,7 +330,9 @@ async def run_block_receiver(
         clock.lap("error_correction")
 
         msg = await _expect(t, "verify", params)
-        tag = verify.key_tag(key_c, bytes.fromhex(str(msg.header["hash_key"])))
+        tag = await asyncio.to_thread(
+            verify.key_tag, key_c, bytes.fromhex(str(msg.header["hash_key"]))
+        )
         ok = tag.hex() == msg.header["tag"]
         await t.send("verify_reply", {"ok": ok}, [])
         if not ok:

@@ -19,8 +19,8 @@ import numpy as np
 import numpy.typing as npt
 import zmq
 
+import drivers.simlink.instruments as sim
 from drivers.interfaces import TAG_DTYPE, TimeTagger
-from drivers.simlink import instruments as sim
 from drivers.simlink.params import LinkParams
 from drivers.simlink.world import ReceiverWorld, TransmitterWorld
 

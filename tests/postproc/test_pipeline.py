@@ -186,7 +186,7 @@ class Mitm:
     ("action", "at"), [("tamper", 3), ("drop", 4), ("replay", 3), ("reorder", 5), ("tamper", 1)]
 )
 def test_mitm_aborts_block_and_pools_stay_usable(tmp_path: Path, action: str, at: int) -> None:
-    params = PARAMS.model_copy(update={"recv_timeout_s": 2.0})
+    params = PARAMS.model_copy(update={"recv_timeout_s": 6.0})
 
     async def main() -> list[tuple[BlockResult, BlockResult]]:
         ctx = zmq.asyncio.Context()

@@ -20,7 +20,11 @@ import pytest
 
 from drivers.interfaces import DetectorStatus
 from drivers.simlink.params import ClockParams, LinkParams
-from qkdnode.procedures.dark_counts import DarkCountResult, measure_dark_counts_and_efficiency
+from qkdnode.procedures.dark_counts import (
+    DarkCountConfig,
+    DarkCountResult,
+    measure_dark_counts_and_efficiency,
+)
 from qkdnode.procedures.detector_timing import DetectorTimingResult, calibrate_detector_timing
 from qkdnode.procedures.encoding_compensation import (
     EncodingCompensationResult,
@@ -120,6 +124,7 @@ async def run_sequence(link: SimLink, inst: dict[str, Any], state_dir: Path) -> 
         set_light,
         src.slot_rate_hz,
         [(src.p_signal, mu.mu_signal), (src.p_decoy, mu.mu_decoy), (src.p_vacuum, mu.mu_vacuum)],
+        DarkCountConfig(rx_p_basis_z=link.params.receiver.p_basis_z, tx_p_basis_z=src.p_basis_z),
         channel_transmittance=link.params.fiber.transmittance,  # link budget (known)
         wait_integration=lambda: link.step(4),
         state_dir=state_dir,

@@ -82,7 +82,8 @@ def test_power_meter_reads_what_laser_and_attenuation_imply(tx_world: Transmitte
     hw = tx_world.hardware
     photons_per_pulse_per_w = photons_per_pulse(0.0, laser.wavelength_nm(), 25e6) / 1e-3
     t = tx_world.optics.im_transmission(hw)
-    mean_t = 0.7 * t[0] + 0.2 * t[1] + 0.1 * t[2]
+    src = tx_world.source
+    mean_t = src.p_signal * t[0] + src.p_decoy * t[1] + src.p_vacuum * t[2]
     mu_from_meter = (
         p2 * 10 ** (-hw.fixed_attenuation_db / 10) * photons_per_pulse_per_w * t[0] / mean_t
     )

@@ -42,6 +42,9 @@ def test_qkdnode_uses_only_the_simulator_front_door() -> None:
         "drivers.simlink.world",
         "drivers.simlink.bench",
         "drivers.simlink.registry_entries",
+        # the simulated instruments are the simulator's front door (the same classes the
+        # driver registry opens); the procedures' test harness drives them directly
+        "drivers.simlink.instruments",
     }
     for path in sorted((ROOT / "qkdnode").rglob("*.py")):
         used = {m for m in _imports(path) if m.startswith("drivers.simlink")}

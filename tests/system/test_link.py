@@ -52,7 +52,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
         p.kill_all()
 
 
-def restart_if_stuck(p: Pair, timeout_s: float = 90.0) -> None:
+def restart_if_stuck(p: Pair, timeout_s: float = 45.0) -> None:
     """Give the pair ``timeout_s`` to exchange; otherwise restart both daemons.
 
     Keeps one test's failure (a pair stuck out of key exchange) from failing the next.
