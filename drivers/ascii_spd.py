@@ -82,12 +82,8 @@ class AsciiSpd(SinglePhotonDetector):
     ) -> None:
         self.name = name
         self.options = options or AsciiSpdOptions()
-        self.transport = transport or SerialTransport(
-            name,
-            resource,
-            baudrate=self.options.baudrate,
-            timeout_s=timeout_s,
-            reconnect_timeout_s=self.options.reconnect_timeout_s,
+        self.transport = transport or SerialTransport.for_driver(
+            name, resource, timeout_s, self.options
         )
         self.efficiency_range_pct = (0.0, 100.0)
         self.dead_time_range_ns = (0.0, 1e6)
@@ -129,19 +125,14 @@ class AsciiSpd(SinglePhotonDetector):
         with self.transport.lock:
             if self._connected:
                 return
-            self.transport.open()
-            try:
+            with self.transport.opened_for_setup():
                 limits = dict(
                     (k, (float(lo), float(hi)))
                     for k, lo, hi in _LIM_RE.findall(self.command("LIM?"))
                 )
-            except Exception:
-                self.transport.close()
-                raise
-            missing = {"EFF", "DEAD", "DELAY", "THR"} - limits.keys()
-            if missing:
-                self.transport.close()
-                raise ProtocolError(self.name, "LIM?", f"limits missing for {sorted(missing)}")
+                missing = {"EFF", "DEAD", "DELAY", "THR"} - limits.keys()
+                if missing:
+                    raise ProtocolError(self.name, "LIM?", f"limits missing for {sorted(missing)}")
             self.efficiency_range_pct = limits["EFF"]
             self.dead_time_range_ns = limits["DEAD"]
             self.delay_range_ps = limits["DELAY"]

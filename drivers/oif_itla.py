@@ -174,12 +174,8 @@ class OifItlaLaser(Laser):
     ) -> None:
         self.name = name
         self.options = options or OifItlaOptions()
-        self.transport = transport or SerialTransport(
-            name,
-            resource,
-            baudrate=self.options.baudrate,
-            timeout_s=timeout_s,
-            reconnect_timeout_s=self.options.reconnect_timeout_s,
+        self.transport = transport or SerialTransport.for_driver(
+            name, resource, timeout_s, self.options
         )
         self.power_range_dbm = (-100.0, 100.0)
         self.wavelength_range_nm = (0.0, 1e6)
@@ -261,23 +257,18 @@ class OifItlaLaser(Laser):
         with self.transport.lock:
             if self._connected:
                 return
-            self.transport.open()
-            try:
+            with self.transport.opened_for_setup():
                 self.read_register(Reg.NOP)
                 pmin = to_signed16(self.read_register(Reg.OPSL)) / 100
                 pmax = to_signed16(self.read_register(Reg.OPSH)) / 100
                 fmin = self.read_register(Reg.LFL1) + self.read_register(Reg.LFL2) / 10_000
                 fmax = self.read_register(Reg.LFH1) + self.read_register(Reg.LFH2) / 10_000
-            except Exception:
-                self.transport.close()
-                raise
-            if not (pmin < pmax and 0 < fmin < fmax):
-                self.transport.close()
-                raise ProtocolError(
-                    self.name,
-                    "read limits",
-                    f"implausible limits P {pmin}..{pmax} F {fmin}..{fmax}",
-                )
+                if not (pmin < pmax and 0 < fmin < fmax):
+                    raise ProtocolError(
+                        self.name,
+                        "read limits",
+                        f"implausible limits P {pmin}..{pmax} F {fmin}..{fmax}",
+                    )
             self.power_range_dbm = (pmin, pmax)
             self.wavelength_range_nm = (C_NM_THZ / fmax, C_NM_THZ / fmin)
             self._connected = True

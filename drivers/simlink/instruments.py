@@ -13,6 +13,7 @@ instance of the class's ``options_model`` (validated by the driver registry).
 from __future__ import annotations
 
 import time
+from enum import IntEnum
 from typing import Any, ClassVar
 
 import numpy as np
@@ -185,81 +186,86 @@ class SimLaser(_SimBase, Laser):
                 self._world.optics.emission_on = False
 
 
-class SimIntensityModulator(_SimBase, IntensityModulator):
-    """Mach-Zehnder intensity modulator with hidden V_pi and bias optimum."""
+class _SimModulator(_SimBase):
+    """Drive, bias and output plumbing shared by the simulated modulators.
+
+    Subclasses name the fields of the world's optics they drive: ``_drive_field`` (a list
+    of drive amplitudes in V indexed by ``_drive_key``, the intensity class or BB84
+    state), ``_bias_field`` (bias in V) and ``_output_field`` (output on/off).
+    """
 
     drive_range_v = (-10.0, 10.0)
     bias_range_v = (-10.0, 10.0)
+    _drive_key: ClassVar[type[IntEnum]]
+    _drive_field: ClassVar[str]
+    _bias_field: ClassVar[str]
+    _output_field: ClassVar[str]
 
-    def set_level_v(self, intensity_class: IntensityClass, drive_v: float) -> None:
-        w = self._tx("set_level_v")
-        value = _check_range(self.name, "set_level_v", drive_v, self.drive_range_v)
+    def _set_drive(self, command: str, key: int, drive_v: float) -> None:
+        w = self._tx(command)
+        value = _check_range(self.name, command, drive_v, self.drive_range_v)
         with w.lock:
-            w.optics.im_levels_v[int(IntensityClass(intensity_class))] = value
+            drives: list[float] = getattr(w.optics, self._drive_field)
+            drives[int(self._drive_key(key))] = value
 
-    def level_v(self, intensity_class: IntensityClass) -> float:
-        return self._tx("level_v").optics.im_levels_v[int(IntensityClass(intensity_class))]
+    def _drive(self, command: str, key: int) -> float:
+        drives: list[float] = getattr(self._tx(command).optics, self._drive_field)
+        return drives[int(self._drive_key(key))]
 
     def set_bias_v(self, bias_v: float) -> None:
         w = self._tx("set_bias_v")
         value = _check_range(self.name, "set_bias_v", bias_v, self.bias_range_v)
         with w.lock:
-            w.optics.im_bias_v = value
+            setattr(w.optics, self._bias_field, value)
 
     def bias_v(self) -> float:
-        return self._tx("bias_v").optics.im_bias_v
+        bias: float = getattr(self._tx("bias_v").optics, self._bias_field)
+        return bias
 
     def set_output(self, on: bool) -> None:
         w = self._tx("set_output")
         with w.lock:
-            w.optics.im_output_on = bool(on)
+            setattr(w.optics, self._output_field, bool(on))
 
     def output_on(self) -> bool:
-        return self._tx("output_on").optics.im_output_on
+        on: bool = getattr(self._tx("output_on").optics, self._output_field)
+        return on
 
     def safe_state(self) -> None:
         if isinstance(self._world, TransmitterWorld):
             with self._world.lock:
-                self._world.optics.im_output_on = False
+                setattr(self._world.optics, self._output_field, False)
 
 
-class SimEncoder(_SimBase, Encoder):
+class SimIntensityModulator(_SimModulator, IntensityModulator):
+    """Mach-Zehnder intensity modulator with hidden V_pi and bias optimum."""
+
+    _drive_key = IntensityClass
+    _drive_field = "im_levels_v"
+    _bias_field = "im_bias_v"
+    _output_field = "im_output_on"
+
+    def set_level_v(self, intensity_class: IntensityClass, drive_v: float) -> None:
+        self._set_drive("set_level_v", intensity_class, drive_v)
+
+    def level_v(self, intensity_class: IntensityClass) -> float:
+        return self._drive("level_v", intensity_class)
+
+
+class SimEncoder(_SimModulator, Encoder):
     """Polarisation modulator with a hidden V_pi and bias optimum; the bias compensates
     the drift of the polarisation reference."""
 
-    drive_range_v = (-10.0, 10.0)
-    bias_range_v = (-10.0, 10.0)
+    _drive_key = BB84State
+    _drive_field = "encoder_drive_v"
+    _bias_field = "encoder_bias_v"
+    _output_field = "encoder_output_on"
 
     def set_drive_v(self, state: BB84State, drive_v: float) -> None:
-        w = self._tx("set_drive_v")
-        value = _check_range(self.name, "set_drive_v", drive_v, self.drive_range_v)
-        with w.lock:
-            w.optics.encoder_drive_v[int(BB84State(state))] = value
+        self._set_drive("set_drive_v", state, drive_v)
 
     def drive_v(self, state: BB84State) -> float:
-        return self._tx("drive_v").optics.encoder_drive_v[int(BB84State(state))]
-
-    def set_bias_v(self, bias_v: float) -> None:
-        w = self._tx("set_bias_v")
-        value = _check_range(self.name, "set_bias_v", bias_v, self.bias_range_v)
-        with w.lock:
-            w.optics.encoder_bias_v = value
-
-    def bias_v(self) -> float:
-        return self._tx("bias_v").optics.encoder_bias_v
-
-    def set_output(self, on: bool) -> None:
-        w = self._tx("set_output")
-        with w.lock:
-            w.optics.encoder_output_on = bool(on)
-
-    def output_on(self) -> bool:
-        return self._tx("output_on").optics.encoder_output_on
-
-    def safe_state(self) -> None:
-        if isinstance(self._world, TransmitterWorld):
-            with self._world.lock:
-                self._world.optics.encoder_output_on = False
+        return self._drive("drive_v", state)
 
 
 class SimAttenuator(_SimBase, VariableAttenuator):

@@ -7,10 +7,11 @@ write error, peer closed) is reopened with backoff and the exchange is sent once
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 import serial
 
@@ -21,6 +22,7 @@ from drivers.errors import (
     ProtocolError,
 )
 from drivers.transports.base import reopen_with_backoff
+from drivers.transports.reconnect import close_quietly, retry_once_after_reconnect
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,16 @@ class ReplyReader:
         )
 
 
+class SerialDriverOptions(Protocol):
+    """The options of a serial driver that configure its transport."""
+
+    @property
+    def baudrate(self) -> int: ...
+
+    @property
+    def reconnect_timeout_s(self) -> float: ...
+
+
 class SerialTransport:
     """One serial port, one lock, reconnect with backoff."""
 
@@ -90,9 +102,34 @@ class SerialTransport:
         self._port: Any = None
         self._wanted = False  # open() was called and close() was not: reconnect when lost
 
+    @classmethod
+    def for_driver(
+        cls, instrument: str, url: str, timeout_s: float, options: SerialDriverOptions
+    ) -> SerialTransport:
+        """The transport of a serial driver, configured from its options."""
+        return cls(
+            instrument,
+            url,
+            baudrate=options.baudrate,
+            timeout_s=timeout_s,
+            reconnect_timeout_s=options.reconnect_timeout_s,
+        )
+
     @property
     def is_open(self) -> bool:
         return self._port is not None
+
+    @contextlib.contextmanager
+    def opened_for_setup(self) -> Iterator[None]:
+        """Hold the lock and open the port; close it again if the body raises, so a
+        driver whose connect fails (no reply, implausible limits) leaves it closed."""
+        with self.lock:
+            self.open()
+            try:
+                yield
+            except Exception:
+                self.close()
+                raise
 
     def _open_once(self) -> None:
         self._port = serial.serial_for_url(
@@ -122,11 +159,7 @@ class SerialTransport:
     def _drop(self) -> None:
         with self.lock:
             port, self._port = self._port, None
-            if port is not None:
-                try:
-                    port.close()
-                except Exception:
-                    log.debug("%s: close failed", self.instrument, exc_info=True)
+            close_quietly(log, self.instrument, port)
 
     def discard_input(self) -> None:
         """Drop whatever the instrument sent that nobody asked for (after an error)."""
@@ -148,10 +181,9 @@ class SerialTransport:
             if self._port is None:
                 if not self._wanted:
                     raise NotConnectedError(self.instrument, command, "not connected")
-                reopen_with_backoff(
-                    self.instrument, command, self._open_once, self.reconnect_timeout_s
-                )
-            for attempt in (0, 1):
+                self._reconnect(command)
+
+            def attempt() -> bytes:
                 try:
                     port = self._port
                     port.reset_input_buffer()
@@ -160,21 +192,21 @@ class SerialTransport:
                     if read_reply is None:
                         return b""
                     return read_reply(ReplyReader(port, self.instrument, command, self.timeout_s))
+                # a SerialException, so turned into a timeout here, before the retry sees it
                 except serial.SerialTimeoutException as exc:
                     raise InstrumentTimeoutError(
                         self.instrument, command, f"write not accepted within {self.timeout_s:g} s"
                     ) from exc
-                except _PORT_ERRORS as exc:
-                    failure = exc
-                log.warning(
-                    "%s: %s: connection lost (%s); reopening", self.instrument, command, failure
-                )
-                if attempt == 1:
-                    raise ConnectionLostError(
-                        self.instrument, command, f"failed again after reconnect: {failure}"
-                    ) from failure
-                self._drop()
-                reopen_with_backoff(
-                    self.instrument, command, self._open_once, self.reconnect_timeout_s
-                )
-            raise AssertionError("unreachable")
+
+            return retry_once_after_reconnect(
+                log,
+                self.instrument,
+                command,
+                attempt,
+                lost_errors=_PORT_ERRORS,
+                reconnect=lambda: self._reconnect(command),
+            )
+
+    def _reconnect(self, command: str) -> None:
+        self._drop()
+        reopen_with_backoff(self.instrument, command, self._open_once, self.reconnect_timeout_s)

@@ -24,10 +24,19 @@ from drivers.errors import (
     ProtocolError,
 )
 from drivers.transports.base import MessageTransport, reopen_with_backoff
+from drivers.transports.reconnect import close_quietly, retry_once_after_reconnect
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: Errors that mean the session is lost (reopen and send once more); a VISA timeout is
+#: turned into InstrumentTimeoutError before this applies.
+_SESSION_LOST_ERRORS: tuple[type[BaseException], ...] = (
+    pyvisa.errors.VisaIOError,
+    pyvisa.errors.InvalidSession,
+    OSError,
+)
 
 #: Folder of the pyvisa-sim definitions shipped with the drivers (package data).
 SIM_DIR = Path(__file__).resolve().parent.parent / "sim"
@@ -133,11 +142,7 @@ class VisaTransport(MessageTransport):
     def _drop(self) -> None:
         with self.lock:
             res, self._res = self._res, None
-            if res is not None:
-                try:
-                    res.close()
-                except Exception:
-                    log.debug("%s: close failed", self.instrument, exc_info=True)
+            close_quietly(log, self.instrument, res)
 
     def _reconnect(self, command: str) -> None:
         self._drop()
@@ -149,7 +154,8 @@ class VisaTransport(MessageTransport):
                 if not self._wanted:
                     raise NotConnectedError(self.instrument, command, "not connected")
                 self._reconnect(command)
-            for attempt in (0, 1):
+
+            def attempt() -> T:
                 try:
                     return fn(self._res)
                 except pyvisa.errors.VisaIOError as exc:
@@ -158,22 +164,20 @@ class VisaTransport(MessageTransport):
                         raise InstrumentTimeoutError(
                             self.instrument, command, f"no reply within {self.timeout_s:g} s"
                         ) from exc
-                    failure: Exception = exc
-                except (pyvisa.errors.InvalidSession, OSError) as exc:
-                    failure = exc
+                    raise  # any other I/O error: the session is lost
                 except UnicodeDecodeError as exc:
                     raise ProtocolError(
                         self.instrument, command, f"reply is not text: {exc}"
                     ) from exc
-                log.warning(
-                    "%s: %s: connection lost (%s); reopening", self.instrument, command, failure
-                )
-                if attempt == 1:
-                    raise ConnectionLostError(
-                        self.instrument, command, f"failed again after reconnect: {failure}"
-                    ) from failure
-                self._reconnect(command)
-            raise AssertionError("unreachable")
+
+            return retry_once_after_reconnect(
+                log,
+                self.instrument,
+                command,
+                attempt,
+                lost_errors=_SESSION_LOST_ERRORS,
+                reconnect=lambda: self._reconnect(command),
+            )
 
     def _clear_after_timeout(self) -> None:
         try:

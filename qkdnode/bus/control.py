@@ -36,15 +36,15 @@ from qkdnode.bus.envelope import (
     parse_request,
     reply_bytes,
 )
-from qkdnode.bus.errors import BusError, CommandError, ErrorCode
+from qkdnode.bus.errors import CommandError, ErrorCode
 from qkdnode.bus.ratelimit import TokenBuckets
 from qkdnode.bus.sockets import (
+    allowlist,
     bound_endpoint,
-    make_curve_server,
+    secure_and_bind,
     set_heartbeat,
-    warn_plaintext,
 )
-from qkdnode.bus.zap import Identity, ZapHandler
+from qkdnode.bus.zap import ZapHandler
 from qkdnode.config.sections import BusSection
 
 log = structlog.get_logger(__name__)
@@ -74,14 +74,6 @@ class _Throttle:
             self._last[key] = now
             return True
         return False
-
-
-def allowlist(bus: BusSection, roles: frozenset[str]) -> dict[bytes, Identity]:
-    return {
-        c.public_key.encode("ascii"): Identity(c.name, c.role)
-        for c in bus.clients
-        if c.role in roles
-    }
 
 
 class ControlServer:
@@ -137,30 +129,21 @@ class ControlServer:
         sock.sndhwm = 100_000
         sock.rcvhwm = 100_000
         set_heartbeat(sock, self._bus.heartbeat_interval_s, self._bus.heartbeat_liveness)
-        if self._plaintext:
-            warn_plaintext("control", self._bus.control_endpoint)
-        else:
-            if self._secret is None:
-                sock.close(linger=0)
-                raise BusError(
-                    "bus.server_secret_key_file: a CURVE secret key is required "
-                    "unless bus.allow_plaintext is true"
-                )
-            self._zap = ZapHandler.acquire(self._ctx)
-            self._zap.set_domain(
-                CONTROL_DOMAIN, allowlist(self._bus, frozenset({"monitor", "operator"}))
-            )
-            make_curve_server(sock, self._secret, CONTROL_DOMAIN)
-        try:
-            sock.bind(self._bus.control_endpoint)
-        except zmq.ZMQError as exc:
-            sock.close(linger=0)
-            if self._zap is not None:
-                self._zap.release()
-                self._zap = None
-            raise BusError(
-                f"bus.control_endpoint: cannot bind {self._bus.control_endpoint}: {exc}"
-            ) from None
+        self._zap = secure_and_bind(
+            sock,
+            self._ctx,
+            component="control",
+            endpoint=self._bus.control_endpoint,
+            endpoint_key="bus.control_endpoint",
+            plaintext=self._plaintext,
+            secret_key=self._secret,
+            missing_key_error=(
+                "bus.server_secret_key_file: a CURVE secret key is required "
+                "unless bus.allow_plaintext is true"
+            ),
+            domain=CONTROL_DOMAIN,
+            allow=allowlist(self._bus, frozenset({"monitor", "operator"})),
+        )
         self._sock = sock
         self.endpoint = bound_endpoint(sock)
         self._loop.add_reader(sock.FD, self._on_readable)

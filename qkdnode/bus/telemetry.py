@@ -23,9 +23,8 @@ import zmq
 
 from qkdnode.bus.commands import CallerInfo, CommandSpec
 from qkdnode.bus.envelope import PROTOCOL_VERSION
-from qkdnode.bus.errors import BusError
-from qkdnode.bus.sockets import bound_endpoint, make_curve_server, warn_plaintext
-from qkdnode.bus.zap import Identity, ZapHandler
+from qkdnode.bus.sockets import allowlist, bound_endpoint, secure_and_bind
+from qkdnode.bus.zap import ZapHandler
 from qkdnode.config.sections import BusSection
 
 log = structlog.get_logger(__name__)
@@ -79,32 +78,18 @@ class TelemetryPublisher:
         sock: zmq.Socket[bytes] = zmq.Socket(self._ctx, zmq.PUB)
         sock.linger = 0
         sock.sndhwm = 10_000
-        if self._bus.allow_plaintext:
-            warn_plaintext("telemetry", self._bus.telemetry_endpoint)
-        else:
-            if self._secret is None:
-                sock.close(linger=0)
-                raise BusError("bus.server_secret_key_file: telemetry needs a CURVE secret key")
-            self._zap = ZapHandler.acquire(self._ctx)
-            self._zap.set_domain(
-                TELEMETRY_DOMAIN,
-                {
-                    c.public_key.encode("ascii"): Identity(c.name, c.role)
-                    for c in self._bus.clients
-                    if c.role in ("monitor", "operator")
-                },
-            )
-            make_curve_server(sock, self._secret, TELEMETRY_DOMAIN)
-        try:
-            sock.bind(self._bus.telemetry_endpoint)
-        except zmq.ZMQError as exc:
-            sock.close(linger=0)
-            if self._zap is not None:
-                self._zap.release()
-                self._zap = None
-            raise BusError(
-                f"bus.telemetry_endpoint: cannot bind {self._bus.telemetry_endpoint}: {exc}"
-            ) from None
+        self._zap = secure_and_bind(
+            sock,
+            self._ctx,
+            component="telemetry",
+            endpoint=self._bus.telemetry_endpoint,
+            endpoint_key="bus.telemetry_endpoint",
+            plaintext=self._bus.allow_plaintext,
+            secret_key=self._secret,
+            missing_key_error="bus.server_secret_key_file: telemetry needs a CURVE secret key",
+            domain=TELEMETRY_DOMAIN,
+            allow=allowlist(self._bus, frozenset({"monitor", "operator"})),
+        )
         self._sock = sock
         self.endpoint = bound_endpoint(sock)
         self._hb_task = asyncio.create_task(self._heartbeats(), name="telemetry-heartbeat")

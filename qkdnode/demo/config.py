@@ -45,6 +45,11 @@ class RunSection(BaseModel):
     startup_timeout_s: float = Field(30.0, gt=0, le=600, description="daemons up and IDLE")
     step_timeout_s: float = Field(180.0, gt=0, le=3600, description="calibrate, sync, stop")
     progress_interval_s: float = Field(0.5, gt=0, le=60, description="status poll period")
+    auto_block_size: bool = Field(
+        True,
+        description="shrink protocol.block_detections so that about two blocks fit in the "
+        "run at the detection rate the link budget predicts (long links, short runs)",
+    )
 
 
 class DemoConfig(BaseModel):
@@ -140,4 +145,35 @@ def apply_overrides(
         link["eve"] = eve.model_dump()
     if run["seed"] is not None:
         link["transmitter_seed"], link["receiver_seed"] = link_seeds(run["seed"])
-    return parse_demo_config(data, "<command line>")
+    out = parse_demo_config(data, "<command line>")
+    if out.demo.auto_block_size:
+        block = fitted_block_detections(out)
+        if block != out.protocol.block_detections:
+            data["protocol"]["block_detections"] = block
+            out = parse_demo_config(data, "<command line>")
+    return out
+
+
+MIN_AUTO_BLOCK = 1_000_000
+
+
+def expected_detection_rate_hz(link: LinkParams) -> float:
+    """Detections per second the receiver should see, from the link budget."""
+    from qkdnode.demo.compare import TheoryInputs
+
+    th = TheoryInputs.from_link(link, ProtocolSection())
+    src = link.source
+    classes = (
+        (src.p_signal, src.mu_signal),
+        (src.p_decoy, src.mu_decoy),
+        (src.p_vacuum, src.mu_vacuum),
+    )
+    gain = sum(p * (1 - (1 - th.y0) * np.exp(-th.transmittance * mu)) for p, mu in classes)
+    return float(gain * src.slot_rate_hz)
+
+
+def fitted_block_detections(cfg: DemoConfig) -> int:
+    """``protocol.block_detections``, reduced so that ~2 blocks fit in ``duration_s``."""
+    expected = expected_detection_rate_hz(cfg.link) * cfg.demo.duration_s
+    fit = int(expected / 2.2 / 100_000) * 100_000
+    return int(min(cfg.protocol.block_detections, max(MIN_AUTO_BLOCK, fit)))

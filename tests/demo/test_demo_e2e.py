@@ -39,7 +39,7 @@ def _demo(*args: str, timeout_s: float) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.slow
 def test_demo_json_keys_identical(tmp_path: Path) -> None:
-    proc = _demo("--duration", "20", "--json", "--out", str(tmp_path), timeout_s=240)
+    proc = _demo("--duration", "25", "--json", "--out", str(tmp_path), timeout_s=300)
     assert proc.stdout.strip(), proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["keys_identical"] is True, result
@@ -55,7 +55,14 @@ def test_demo_json_keys_identical(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_demo_with_full_intercept_resend_gives_no_key(tmp_path: Path) -> None:
+    # Small blocks so that several are attempted (and refused) within the run.
+    root = Path(__file__).resolve().parents[2]
+    demo_toml = (root / "configs" / "demo.toml").read_text()
+    small = tmp_path / "demo-small-blocks.toml"
+    small.write_text(demo_toml.replace("block_detections = 8000000", "block_detections = 1000000"))
     proc = _demo(
+        "--config",
+        str(small),
         "--duration",
         "15",
         "--eve",
@@ -68,6 +75,7 @@ def test_demo_with_full_intercept_resend_gives_no_key(tmp_path: Path) -> None:
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["eve"] == "intercept-resend:1"
     assert result["secret_bits"] == 0 and result["blocks_ok"] == 0, result
+    assert result["blocks_aborted"] >= 1, result  # blocks ran, and every one was refused
     assert result["keys_identical"] is True
     assert proc.returncode == 0, result.get("failure")
 
