@@ -313,7 +313,7 @@ class Node(DaemonBase):
 
         From IDLE with the peer connected: calibrate if the pair is not calibrated,
         synchronize if it is not synchronized, else start the exchange. Failed attempts
-        back off from 2 s to 60 s.
+        back off from 2 s to 15 s.
         """
         backoff_s = 2.0
         while True:
@@ -327,7 +327,7 @@ class Node(DaemonBase):
             else:
                 log.info("autostart_backoff", seconds=backoff_s)
                 await asyncio.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, 60.0)
+                backoff_s = min(backoff_s * 2, 15.0)
 
     async def _auto_step(self) -> bool:
         st = self.stats

@@ -21,6 +21,7 @@ import numpy.typing as npt
 import structlog
 
 from drivers.interfaces import (
+    DetectorStatus,
     Encoder,
     IntensityModulator,
     Laser,
@@ -64,6 +65,7 @@ class ExchangeSession:
         self._blocks_done: dict[int, asyncio.Event] = {}
         self._tx_transport: Any = None
         self._halts: set[asyncio.Future[None]] = set()
+        self._locked_rate_hz = 0.0
         self._exchange_started = time.monotonic()
         self._last_erase = 0.0
         sm: StateMachine = node.sm
@@ -236,6 +238,7 @@ class ExchangeSession:
     _rx_calibration_summary: dict[str, Any] = {}
 
     async def _enter_calibrating(self, sm: StateMachine, rec: TransitionRecord) -> None:
+        self.node.stats.synchronized = False  # new detector delays: the lock must be redone
         try:
             if self.role == "transmitter":
                 await self._calibrate_transmitter()
@@ -297,6 +300,7 @@ class ExchangeSession:
         dets = self._detectors()
         for d in dets:
             await self._call(d.arm)
+        await self._check_not_latched()
         tagger: TimeTagger = self._one(TimeTagger)
         timing = await calibrate_detector_timing(
             dets,
@@ -306,6 +310,15 @@ class ExchangeSession:
             wait_integration=self._integration_wait(tagger),
         )
         self._rx_calibration_summary = {"detector_timing_ok": bool(timing.ok)}
+
+    async def _check_not_latched(self) -> None:
+        """Receiver: a detector latched by bright light is a fault, not a failed step."""
+        from drivers.interfaces import DetectorStatus
+
+        for d in self._detectors():
+            if await self._call(d.status) is DetectorStatus.LATCHED:
+                await self._fault("bright_light", f"{d.name} latched: bright light (blinding?)")
+                raise LinkError(f"{d.name} latched by bright light")
 
     def _integration_wait(self, tagger: TimeTagger) -> Any:
         seconds = self.cfg.calibration.integration_time_s
@@ -341,10 +354,14 @@ class ExchangeSession:
         src: StateSource = self._one(StateSource)
         await self.set_light(True)
         seed = secrets.randbits(63)
-        await self._call(src.set_sync_pattern, seed)
+        start_slot = int(await self._call(src.set_sync_pattern, seed))
         try:
             summary = await self.node.link.request(
-                "sync", 120.0, public_seed=seed, slot_rate_hz=self.cfg.source.slot_rate_hz
+                "sync",
+                120.0,
+                public_seed=seed,
+                slot_rate_hz=self.cfg.source.slot_rate_hz,
+                pattern_start_slot=start_slot,
             )
         finally:
             first = await self._call(src.set_sync_pattern, None)
@@ -379,14 +396,34 @@ class ExchangeSession:
         tagger: TimeTagger = self._one(TimeTagger)
         for d in self._detectors():
             await self._call(d.arm)
+        await self._check_not_latched()
         await self._call(tagger.start_stream)
         args = self._sync_request
+        slot_rate_hz = float(args["slot_rate_hz"])
+        # Tags queued before the pattern started would only confuse the acquisition.
+        for _ in range(10_000):
+            if await asyncio.to_thread(tagger.read_block, 0.0) is None:
+                break
+        # Coarse offset hint: the first fresh tag belongs to a slot shortly after the
+        # pattern's first slot (latency << the acquisition's search range). Without it a
+        # receiver that outlived a transmitter restart would be minutes off.
+        first_ps: int | None = None
+        deadline = time.monotonic() + 10.0
+        while first_ps is None and time.monotonic() < deadline:
+            block = await asyncio.to_thread(tagger.read_block, 0.5)
+            if block is not None and len(block):
+                first_ps = int(block.tags["time_ps"][0])
+        if first_ps is None:
+            raise LinkError("no detections within 10 s: is the light on, the fiber connected?")
+        start_slot = int(args.get("pattern_start_slot", 0))
+        hint_ps = first_ps - start_slot / slot_rate_hz * 1e12
         result, tracker = await acquire_lock(
             tagger,
             int(args["public_seed"]),
-            float(args["slot_rate_hz"]),
+            slot_rate_hz,
             self.cfg.sync,
             publish=self.node.publish,
+            offset_hint_ps=hint_ps,
         )
         if not result.locked:
             raise LinkError(f"no lock: {result.message or 'timing error too large'}")
@@ -512,6 +549,7 @@ class ExchangeSession:
         transport = AuthenticatedTransport(self._pp_transport(), self.auth_pool, "receiver")
         target = self.cfg.protocol.block_detections
         queue: asyncio.Queue[tuple[npt.NDArray[np.int64], npt.NDArray[np.int8]]] = asyncio.Queue(4)
+        self._locked_rate_hz = sum([await self._call(d.count_rate_hz) for d in self._detectors()])
         reader = asyncio.create_task(self._read_detections(tagger, target, queue))
         try:
             while True:
@@ -564,17 +602,17 @@ class ExchangeSession:
                 continue
             mapped, status = await asyncio.to_thread(self.tracker.update, block.tags)
             if status.lost:
+                if await self._light_gone():
+                    # Not awaited: the fault cancels the exchange task that owns this one.
+                    self._detached(self._fault("no_light", "count rate collapsed: fiber cut?"))
+                    return
                 self.node.alarm(
                     "lock_lost", "timing lock lost", in_window=status.in_window_fraction
                 )
                 self.tracker = None
                 self.node.stats.synchronized = False
                 self._halt_peer("lock lost")
-                asyncio.get_running_loop().call_soon(
-                    lambda: asyncio.ensure_future(
-                        self.node.trigger(Event.LOCK_LOST, "tracking lost the slot clock")
-                    )
-                )
+                self._detached(self.node.trigger(Event.LOCK_LOST, "tracking lost the slot clock"))
                 return
             keep = mapped.slot_index >= self.exchange_from_slot
             s = mapped.slot_index[keep]
@@ -788,13 +826,22 @@ class ExchangeSession:
             if any(s is DetectorStatus.LATCHED for s in statuses):
                 await self._fault("bright_light", "detector latched: bright light (blinding?)")
                 return
-            if sum(rates) < 1.0:
+            if sum(rates) < self._no_light_threshold_hz():
                 now = time.monotonic()
                 self._zero_rate_since = self._zero_rate_since or now
                 if now - self._zero_rate_since > ZERO_RATE_FAULT_S:
                     await self._fault("no_light", "count rate fell to zero: fiber cut?")
             else:
                 self._zero_rate_since = None
+
+    def _no_light_threshold_hz(self) -> float:
+        """Total click rate below which the light is considered gone: 5 % of the rate
+        when the exchange started (dark counts stay above 1 Hz, so never compare to 0)."""
+        return max(1.0, 0.05 * self._locked_rate_hz)
+
+    async def _light_gone(self) -> bool:
+        rates = [await self._call(d.count_rate_hz) for d in self._detectors()]
+        return bool(sum(rates) < self._no_light_threshold_hz())
 
     async def _fault(self, cause: str, message: str) -> None:
         self._fault_cause = cause
@@ -811,7 +858,11 @@ class ExchangeSession:
             with contextlib.suppress(Exception):
                 await self.node.link.request("halt", 10.0, reason=reason)
 
-        task = asyncio.ensure_future(halt())
+        self._detached(halt())
+
+    def _detached(self, coro: Any) -> None:
+        """Run ``coro`` as its own task, kept referenced until done (not owned by a state)."""
+        task = asyncio.ensure_future(coro)
         self._halts.add(task)
         task.add_done_callback(self._halts.discard)
 
@@ -846,6 +897,11 @@ class ExchangeSession:
                 await self._call(inst.connect)
                 if isinstance(inst, SinglePhotonDetector):
                     await self._call(inst.reset_latch)
+                    await self._call(inst.arm)
+                    status = await self._call(inst.status)
+                    await self._call(inst.disarm)
+                    if status is not DetectorStatus.ARMED:
+                        raise LinkError(f"detector {status.name} after reset (light still on?)")
             except Exception as exc:
                 log.error("recover_failed", instrument=name, error=str(exc))
                 raise LinkError(f"{name} still failing: {exc}") from None
