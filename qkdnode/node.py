@@ -40,8 +40,9 @@ PAIR_TIMEOUT_S = 120.0
 class NodeStats:
     """Counters of the current exchange session (reset by ``start``)."""
 
-    pulses: int = 0
-    detections: int = 0
+    pulses: int = 0  # slots spanned by the processed blocks
+    detections: int = 0  # detections processed in key blocks
+    detections_read: int = 0  # receiver: detections mapped to slots (incl. not yet processed)
     sifted_bits: int = 0
     qber: float | None = None
     secret_bits: int = 0

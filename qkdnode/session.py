@@ -621,7 +621,7 @@ class ExchangeSession:
             slots.append(s.astype(np.int64))
             chans.append(mapped.channel[keep])
             have += int(s.size)
-            self.node.stats.detections += int(s.size)
+            self.node.stats.detections_read += int(s.size)
             if have >= target:
                 all_s, all_c = await asyncio.to_thread(_merge_sorted, slots, chans)
                 await out.put((all_s[:target], all_c[:target]))
@@ -640,8 +640,7 @@ class ExchangeSession:
         stats.sifted_bits += int(summary.get("sifted_z", 0)) + int(summary.get("sifted_x", 0))
         stats.pulses += pulses
         summary["pulses"] = pulses
-        if self.role == "transmitter":
-            stats.detections += int(summary.get("detections", 0))
+        stats.detections += int(summary.get("detections", 0))
         qber = summary.get("qber_z")
         if qber is None:
             qber = summary.get("qber_x")
