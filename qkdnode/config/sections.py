@@ -157,7 +157,7 @@ class BusSection(Section):
 
 class ProtocolSection(Section):
     block_detections: int = Field(
-        8_000_000, ge=10_000, le=100_000_000, description="detections per key block"
+        16_000_000, ge=10_000, le=100_000_000, description="detections per key block"
     )
     eps_sec: float = Field(1e-10, gt=0, lt=1)
     eps_cor: float = Field(1e-15, gt=0, lt=1)

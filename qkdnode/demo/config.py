@@ -47,8 +47,8 @@ class RunSection(BaseModel):
     progress_interval_s: float = Field(0.5, gt=0, le=60, description="status poll period")
     auto_block_size: bool = Field(
         True,
-        description="shrink protocol.block_detections so that about two blocks fit in the "
-        "run at the detection rate the link budget predicts (long links, short runs)",
+        description="shrink protocol.block_detections so that about 2.5 blocks of light "
+        "fit in the run at the detection rate the link budget predicts",
     )
 
 
@@ -173,7 +173,8 @@ def expected_detection_rate_hz(link: LinkParams) -> float:
 
 
 def fitted_block_detections(cfg: DemoConfig) -> int:
-    """``protocol.block_detections``, reduced so that ~2 blocks fit in ``duration_s``."""
+    """``protocol.block_detections``, reduced so that ~2.5 blocks of light fit in ``duration_s``
+    (the last block must still be processed before the run ends)."""
     expected = expected_detection_rate_hz(cfg.link) * cfg.demo.duration_s
-    fit = int(expected / 2.2 / 100_000) * 100_000
+    fit = int(expected / 2.5 / 100_000) * 100_000
     return int(min(cfg.protocol.block_detections, max(MIN_AUTO_BLOCK, fit)))

@@ -37,9 +37,30 @@ def _demo(*args: str, timeout_s: float) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _demo_toml(tmp_path: Path, block_detections: int) -> Path:
+    """configs/demo.toml with another block size."""
+    root = Path(__file__).resolve().parents[2]
+    text = (root / "configs" / "demo.toml").read_text()
+    old = "block_detections = 16000000"
+    assert old in text
+    out = tmp_path / f"demo-{block_detections}.toml"
+    out.write_text(text.replace(old, f"block_detections = {block_detections}"))
+    return out
+
+
 @pytest.mark.slow
 def test_demo_json_keys_identical(tmp_path: Path) -> None:
-    proc = _demo("--duration", "25", "--json", "--out", str(tmp_path), timeout_s=300)
+    # Blocks of 3 M detections: several finish within the run on a loaded 2-core machine.
+    proc = _demo(
+        "--config",
+        str(_demo_toml(tmp_path, 3_000_000)),
+        "--duration",
+        "25",
+        "--json",
+        "--out",
+        str(tmp_path),
+        timeout_s=300,
+    )
     assert proc.stdout.strip(), proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["keys_identical"] is True, result
