@@ -21,7 +21,9 @@ from tests.postproc.synth import generate
 
 PARAMS = PostprocParams(recv_timeout_s=5.0, p_basis_z=0.5, p_signal=0.6, p_decoy=0.2)
 N_PULSES = 15_000_000
-PSK = bytes(range(256)) * 32  # 8 KiB shared secret (test only)
+PSK = (
+    bytes(range(256)) * 128
+)  # 32 KiB shared secret (test only): a block may use ~28 kbit per direction
 
 
 def _pools(tmp_path: Path) -> tuple[AuthKeyPool, AuthKeyPool]:
