@@ -33,7 +33,7 @@ class RunSection(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    duration_s: float = Field(30.0, gt=0, le=86_400, description="key exchange time per run")
+    duration_s: float = Field(60.0, gt=0, le=86_400, description="key exchange time per run")
     seed: int | None = Field(
         None, ge=0, description="derives both link seeds; None keeps [link]'s own seeds"
     )
