@@ -66,6 +66,11 @@ class ExchangeSession:
         self._tx_transport: Any = None
         self._halts: set[asyncio.Future[None]] = set()
         self._locked_rate_hz = 0.0
+        # Receiver: what the transmitter asked for and what we answered (link requests).
+        self._rx_calibration_summary: dict[str, Any] = {}
+        self._sync_request: dict[str, Any] = {}
+        self._sync_summary: dict[str, Any] = {}
+        self._sync_error = ""
         self._exchange_started = time.monotonic()
         self._last_erase = 0.0
         sm: StateMachine = node.sm
@@ -235,8 +240,6 @@ class ExchangeSession:
         raise LinkError(f"unknown step {step!r}")
 
     # ------------------------------------------------------------------ calibration
-    _rx_calibration_summary: dict[str, Any] = {}
-
     async def _enter_calibrating(self, sm: StateMachine, rec: TransitionRecord) -> None:
         self.node.stats.synchronized = False  # new detector delays: the lock must be redone
         try:
@@ -329,10 +332,6 @@ class ExchangeSession:
         return wait
 
     # ------------------------------------------------------------------ synchronization
-    _sync_request: dict[str, Any] = {}
-    _sync_summary: dict[str, Any] = {}
-    _sync_error: str = ""
-
     async def _enter_synchronizing(self, sm: StateMachine, rec: TransitionRecord) -> None:
         try:
             if self.role == "transmitter":
@@ -464,8 +463,6 @@ class ExchangeSession:
     # ------------------------------------------------------------------ key exchange
     async def _enter_exchanging(self, sm: StateMachine, rec: TransitionRecord) -> None:
         stats = self.node.stats
-        if rec.old is S.IDLE and rec.event is Event.EXCHANGE:
-            pass
         started = time.monotonic()
         try:
             if self.role == "transmitter":
