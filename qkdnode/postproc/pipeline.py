@@ -149,6 +149,29 @@ def _split_key(final: U8, reserve_bits: int) -> tuple[U8, bytes, bytes]:
     return final[reserve_bits:], reserve[:half], reserve[half:]
 
 
+def _succeed(
+    t: AuthenticatedTransport,
+    block_id: int,
+    final: U8,
+    *,
+    ell: int,
+    reserve: int,
+    stats: dict[str, Any],
+) -> BlockResult:
+    """Both sides, after privacy amplification: refill the auth pool, record, return."""
+    key, t2r, r2t = _split_key(final, reserve)
+    t.pool.add_segment(block_id, t2r, r2t)
+    stats.update(
+        final_key_bits=int(key.shape[0]),
+        secret_bits=ell,
+        auth_reserve_bits=reserve,
+        auth_bits_sent=t.sent_pad_bits,
+        auth_bits_received=t.recv_pad_bits,
+    )
+    log.info("postproc_block_ok", block_id=block_id, final_key_bits=int(key.shape[0]))
+    return BlockResult(True, block_id, "", key, stats)
+
+
 def _reserve_bits(params: PostprocParams, spent_bits: int) -> int:
     # Replace what this block spent (both directions) plus a margin for the next block.
     need = spent_bits + params.auth_reserve_bits
@@ -265,17 +288,7 @@ async def run_block_transmitter(
         final = await asyncio.to_thread(toeplitz.toeplitz_hash, key_a, seed_bits, ell)
         await _expect(t, "done", params)
         clock.lap("privacy_amplification")
-        key, t2r, r2t = _split_key(final, reserve)
-        t.pool.add_segment(block_id, t2r, r2t)
-        stats.update(
-            final_key_bits=int(key.shape[0]),
-            secret_bits=ell,
-            auth_reserve_bits=reserve,
-            auth_bits_sent=t.sent_pad_bits,
-            auth_bits_received=t.recv_pad_bits,
-        )
-        log.info("postproc_block_ok", block_id=block_id, final_key_bits=int(key.shape[0]))
-        return BlockResult(True, block_id, "", key, stats)
+        return _succeed(t, block_id, final, ell=ell, reserve=reserve, stats=stats)
     except (ProtocolAbortError, AuthError, TransportError, ValueError, KeyError, IndexError) as exc:
         return await _finish(t, block_id, exc, stats)
 
@@ -346,16 +359,6 @@ async def run_block_receiver(
         final = await asyncio.to_thread(toeplitz.toeplitz_hash, key_c, seed_bits, ell)
         await t.send("done", {}, [])
         clock.lap("privacy_amplification")
-        key, t2r, r2t = _split_key(final, reserve)
-        t.pool.add_segment(block_id, t2r, r2t)
-        stats.update(
-            final_key_bits=int(key.shape[0]),
-            secret_bits=ell,
-            auth_reserve_bits=reserve,
-            auth_bits_sent=t.sent_pad_bits,
-            auth_bits_received=t.recv_pad_bits,
-        )
-        log.info("postproc_block_ok", block_id=block_id, final_key_bits=int(key.shape[0]))
-        return BlockResult(True, block_id, "", key, stats)
+        return _succeed(t, block_id, final, ell=ell, reserve=reserve, stats=stats)
     except (ProtocolAbortError, AuthError, TransportError, ValueError, KeyError, IndexError) as exc:
         return await _finish(t, block_id, exc, stats)
