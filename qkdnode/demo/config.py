@@ -42,7 +42,7 @@ class RunSection(BaseModel):
         "curve", description="bus security: CURVE keys generated per run, or plaintext"
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    startup_timeout_s: float = Field(30.0, gt=0, le=600, description="daemons up and IDLE")
+    startup_timeout_s: float = Field(120.0, gt=0, le=600, description="daemons up and IDLE")
     step_timeout_s: float = Field(180.0, gt=0, le=3600, description="calibrate, sync, stop")
     progress_interval_s: float = Field(0.5, gt=0, le=60, description="status poll period")
     auto_block_size: bool = Field(

@@ -48,6 +48,18 @@ def _demo_toml(tmp_path: Path, block_detections: int) -> Path:
     return out
 
 
+def _why(result: dict[str, object], out: Path) -> str:
+    """The demo's failure and the end of both daemon logs, for an assertion message."""
+    tails = []
+    for name in ("alice", "bob"):
+        log_file = out / f"{name}.log"
+        if log_file.exists():
+            tails.append(
+                f"--- {name}.log ---\n" + "\n".join(log_file.read_text().splitlines()[-15:])
+            )
+    return f"failure={result.get('failure')!r}\n" + "\n".join(tails)
+
+
 @pytest.mark.slow
 def test_demo_json_keys_identical(tmp_path: Path) -> None:
     # Blocks of 3 M detections: several finish within the run on a loaded 2-core machine.
@@ -63,8 +75,8 @@ def test_demo_json_keys_identical(tmp_path: Path) -> None:
     )
     assert proc.stdout.strip(), proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["keys_identical"] is True, result
-    assert result["blocks_ok"] >= 1, result
+    assert result["keys_identical"] is True, _why(result, tmp_path)
+    assert result["blocks_ok"] >= 1, _why(result, tmp_path)
     assert result["secret_bits"] > 0
     assert result["distance_km"] == 25.0
     assert result["below_plob"] is not False
@@ -77,13 +89,9 @@ def test_demo_json_keys_identical(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_demo_with_full_intercept_resend_gives_no_key(tmp_path: Path) -> None:
     # Small blocks so that several are attempted (and refused) within the run.
-    root = Path(__file__).resolve().parents[2]
-    demo_toml = (root / "configs" / "demo.toml").read_text()
-    small = tmp_path / "demo-small-blocks.toml"
-    small.write_text(demo_toml.replace("block_detections = 8000000", "block_detections = 1000000"))
     proc = _demo(
         "--config",
-        str(small),
+        str(_demo_toml(tmp_path, 1_000_000)),
         "--duration",
         "15",
         "--eve",
@@ -95,8 +103,10 @@ def test_demo_with_full_intercept_resend_gives_no_key(tmp_path: Path) -> None:
     )
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["eve"] == "intercept-resend:1"
-    assert result["secret_bits"] == 0 and result["blocks_ok"] == 0, result
-    assert result["blocks_aborted"] >= 1, result  # blocks ran, and every one was refused
+    assert result["secret_bits"] == 0 and result["blocks_ok"] == 0, _why(result, tmp_path)
+    assert result["blocks_aborted"] >= 1, _why(
+        result, tmp_path
+    )  # blocks ran, and every one was refused
     assert result["keys_identical"] is True
     assert proc.returncode == 0, result.get("failure")
 
