@@ -216,10 +216,13 @@ class ReceiverModel:
         dark_c, dark_t, dark_s = self._dark_clicks(
             slot_start, n_slots, chunk_t0_ps, period_ps=period_f, settings=settings, rng=rng
         )
+        # Always C-contiguous *and writable*: numba compiles one specialization per array
+        # flavour, and a read-only batch (an empty or one-photon batch off the fiber
+        # socket) would otherwise compile a second one in the middle of a session.
         channel, time_ps, slot, pend_c, pend_t, pend_s = receiver_events(
-            np.ascontiguousarray(photons["slot"]),
-            np.ascontiguousarray(photons["angle_rad"]),
-            np.ascontiguousarray(photons["n_photons"]),
+            np.require(photons["slot"], requirements=("C", "W")),
+            np.require(photons["angle_rad"], requirements=("C", "W")),
+            np.require(photons["n_photons"], requirements=("C", "W")),
             dark_c,
             dark_t,
             dark_s,

@@ -602,7 +602,9 @@ def warm_up(params: LinkParams) -> None:
     rx = ReceiverWorld(small, None)
     try:
         chunk = tx.step()
-        rx.process(tx.fiber_header(0, chunk), chunk.photons)
+        # As it comes off the fiber socket: a read-only buffer.
+        off_the_fiber = np.frombuffer(chunk.photons.tobytes(), dtype=PHOTON_DTYPE)
+        rx.process(tx.fiber_header(0, chunk), off_the_fiber)
     finally:
         rx.close()
         tx.close()

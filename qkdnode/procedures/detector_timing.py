@@ -131,6 +131,21 @@ def fit_gate_scan(
     )
 
 
+def _check_fit(fit: GateScanFit, nominal_gate_ps: float) -> None:
+    """Refuse a fit to noise: a few stray dark counts can pass the coarse contrast test,
+    and curve_fit then returns a gate of any width with an undefined pulse position."""
+    err = fit.pulse_delay_err_ps
+    if not math.isfinite(err) or err > nominal_gate_ps / 4:
+        raise CalibrationError(
+            f"pulse position undetermined (fit error {err:.3g} ps): too few counts?"
+        )
+    if not 0.5 <= fit.gate_width_ps / nominal_gate_ps <= 2.0:
+        raise CalibrationError(
+            f"fitted gate width {fit.gate_width_ps:.0f} ps, nominal {nominal_gate_ps:.0f} ps:"
+            " not a gate profile (too few counts?)"
+        )
+
+
 class DetectorScan(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -245,6 +260,7 @@ async def calibrate_detector_timing(
             d_arr = np.array(delays)
             near = np.abs(_wrap(d_arr, c, period) - c) <= cfg.gate_width_ps + step
             fit = fit_gate_scan(d_arr[near], np.array(rate_list)[near], cfg.gate_width_ps, period)
+            _check_fit(fit, cfg.gate_width_ps)
             target = fit.pulse_delay_ps
             lo, hi = det.delay_range_ps
             if not lo <= target <= hi:

@@ -79,3 +79,25 @@ def test_records_stay_in_time_order_when_jitter_exceeds_the_slot_period() -> Non
     assert len(rec) > 10_000
     assert np.all(np.diff(rec.true_time_ps) >= 0)
     assert np.all(np.diff(rec.time_ps) >= 0)
+
+
+def test_fiber_batches_of_any_size_share_one_compiled_receiver() -> None:
+    """An empty or one-photon batch off the fiber socket is a read-only buffer; it must
+    not make numba compile a second receiver kernel (seconds, holding the GIL) in the
+    middle of a session."""
+    from drivers.simlink.world import PHOTON_DTYPE, ReceiverWorld
+
+    params = link(source={"slot_rate_hz": 25e6}, chunk_slots=4096)
+    tx = TransmitterWorld(params)
+    rx = ReceiverWorld(params)
+    try:
+        chunk = tx.step()
+        assert chunk.photons.shape[0] > 1
+        header = tx.fiber_header(0, chunk)
+        for photons in (chunk.photons, chunk.photons[:1], chunk.photons[:0]):
+            rx.process(header, np.frombuffer(photons.tobytes(), dtype=PHOTON_DTYPE))
+            rx.process(header, photons)
+        assert len(kernels.receiver_events.signatures) == 1, kernels.receiver_events.signatures
+    finally:
+        rx.close()
+        tx.close()
