@@ -4,7 +4,9 @@ Order at start: state directory, simulated world (if configured), instruments (i
 threads), bus sockets, then ``READY=1``. Order at stop (SIGTERM, SIGINT, a fatal error):
 ``STOPPING=1``, cancel the state's activities, safe state on every instrument (read back
 and logged), close sockets, close instruments. The safe state runs on every exit path,
-including a failure during start-up.
+including a failure during start-up. A stop request during the simulated link's first
+numba compile (tens of seconds on a cold cache, before any instrument is opened) is
+honoured at once: the compile is abandoned in its daemon thread.
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -81,6 +86,51 @@ class DaemonBase:
         start_world(self.cfg.node.role, sim.link, sim.fiber_endpoint)
         self._world_started = True
 
+    def _warm_up_world(self) -> None:
+        sim = self.cfg.simulation
+        if sim is None or not sim.enabled:
+            return
+        from drivers.simlink.world import warm_up
+
+        warm_up(sim.link)
+
+    async def _unless_stopped(self, fn: Callable[[], None], what: str) -> bool:
+        """Run ``fn`` in a daemon thread until it returns (True) or a stop is requested
+        (False; ``fn`` is abandoned and dies with the process). Only for steps that
+        touch no hardware. Exceptions of ``fn`` propagate."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def settle(exc: BaseException | None) -> None:
+            if done.done():
+                return
+            if exc is None:
+                done.set_result(None)
+            else:
+                done.set_exception(exc)
+
+        def work() -> None:
+            exc: BaseException | None = None
+            try:
+                fn()
+            except BaseException as e:  # handed to the event loop
+                exc = e
+            with contextlib.suppress(RuntimeError):  # the loop may be closed by now
+                loop.call_soon_threadsafe(settle, exc)
+
+        threading.Thread(target=work, name=what, daemon=True).start()
+        stop: asyncio.Future[Any] = asyncio.ensure_future(self.stop_requested.wait())
+        waiters: list[asyncio.Future[Any]] = [done, stop]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if done.done():
+            done.result()
+            return True
+        log.info("startup_abandoned", step=what, reason=self.stop_reason)
+        return False
+
     def _stop_world(self) -> None:
         if self._world_started:
             from drivers.simlink.world import stop_world
@@ -98,6 +148,8 @@ class DaemonBase:
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
             log.info("daemon_starting", config=self.config_path, state_dir=str(self.state_dir))
+            if not await self._unless_stopped(self._warm_up_world, "simlink-warm-up"):
+                return code
             await asyncio.to_thread(self._start_world)
             await asyncio.to_thread(self.hardware.open_all)
             await self.start_services()

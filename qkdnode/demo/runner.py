@@ -160,21 +160,25 @@ class Daemon:
                 self._client.close()
             self._client = None
 
+    def request_stop(self) -> None:
+        """SIGTERM (the daemon makes its instruments safe and exits)."""
+        self.close_client()
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+
     def terminate(self, timeout_s: float = TERMINATE_TIMEOUT_S) -> int | None:
         """SIGTERM, wait, then SIGKILL. Returns the exit code (negative: killed by signal)."""
-        self.close_client()
+        self.request_stop()
         proc = self.proc
         if proc is None:
             return None
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                log.warning("daemon_kill", node=self.name, after_s=timeout_s)
-                proc.kill()
-                proc.wait()
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            log.warning("daemon_kill", node=self.name, after_s=timeout_s)
+            proc.kill()
+            proc.wait()
         self.exit_code = proc.returncode
         if self._log is not None:
             self._log.close()
@@ -377,6 +381,8 @@ class DemoRunner:
             stats = merge_stats(_stats(self.last.get("alice")), _stats(self.last.get("bob")))
         finally:
             self.report.end_live()
+            for d in (self.tx, self.rx):  # both stop at once, then each is waited for
+                d.request_stop()
             for d in (self.tx, self.rx):
                 exit_codes[d.name] = d.terminate()
         if failure is not None:

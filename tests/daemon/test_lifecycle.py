@@ -105,3 +105,22 @@ def test_daemon_serves_prometheus_metrics(
     assert states["CONNECTING"] == 1.0
     assert sum(states.values()) == 1.0
     assert d.stop() == 0
+
+
+def test_sigterm_during_the_first_link_model_compile_is_honoured(
+    tmp_path: Path, ports: dict[str, int], daemons: list[Daemon]
+) -> None:
+    """A cold numba cache makes start-up compile for many seconds; a stop request then
+    ends the daemon without waiting for the compile (no instrument is open yet)."""
+    cfg = node_config(tmp_path, "receiver", ports)
+    d = start_daemon(
+        cfg, tmp_path / "node.log", env={"NUMBA_CACHE_DIR": str(tmp_path / "numba-cold")}
+    )
+    daemons.append(d)
+    d.wait_event("daemon_starting")
+    code = d.stop(signal.SIGTERM, timeout_s=60)
+    assert code == 0, d.log_path.read_text()[-3000:]
+    events = [r.get("event") for r in d.lines()]
+    assert "startup_abandoned" in events, events
+    assert "daemon_ready" not in events and "instrument_connected" not in events
+    assert events[-1] == "daemon_stopped", events
