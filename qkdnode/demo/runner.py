@@ -13,6 +13,7 @@ The daemons are always terminated, on every exit path including Ctrl-C: first SI
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -107,6 +108,7 @@ class Daemon:
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,  # Ctrl-C goes to the demo, which stops them in order
+            preexec_fn=_stop_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
         )
         self.pid_path.write_text(f"{self.proc.pid}\n", "ascii")
         log.info("daemon_spawned", node=self.name, pid=self.proc.pid)
@@ -191,6 +193,16 @@ class Daemon:
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+_PR_SET_PDEATHSIG = 1
+
+
+def _stop_with_parent() -> None:
+    """In the child: SIGTERM (a safe stop) when the demo dies, even by SIGKILL."""
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _state(status: dict[str, Any] | None) -> str:

@@ -150,3 +150,37 @@ def test_ctrl_c_stops_both_daemons(tmp_path: Path) -> None:
             proc.wait()
     assert proc.returncode in (1, 130)  # 1 if the daemons had already failed by themselves
     assert not any(_alive(p) for p in pids)
+
+
+def test_killed_demo_leaves_no_daemon_behind(tmp_path: Path) -> None:
+    """SIGKILL of the demo client (no cleanup runs in it): the daemons get SIGTERM from
+    the kernel (parent-death signal) and stop safely by themselves."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qkdnode", "demo", "--duration", "60", "--out", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not all((tmp_path / f"{n}.pid").exists() for n in ("alice", "bob")):
+            assert time.monotonic() < deadline, "daemons were never started"
+            assert proc.poll() is None
+            time.sleep(0.05)
+        pids = _pids(tmp_path)
+        logs = [tmp_path / f"{n}.log" for n in ("alice", "bob")]
+        while not all("daemon_ready" in f.read_text() for f in logs):
+            assert time.monotonic() < deadline + 120, "daemons never became ready"
+            assert proc.poll() is None
+            time.sleep(0.1)
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 90
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    alive = [p for p in pids if _alive(p)]
+    for p in alive:
+        os.kill(p, signal.SIGKILL)
+    assert not alive, "daemons outlived the demo"
+    for name in ("alice", "bob"):
+        assert '"daemon_stopped"' in (tmp_path / f"{name}.log").read_text(), name
