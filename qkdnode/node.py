@@ -48,6 +48,7 @@ class NodeStats:
     secret_bits: int = 0
     blocks_ok: int = 0
     blocks_aborted: int = 0
+    blocks_dropped: int = 0  # successful blocks whose key the full key store could not take
     exchange_seconds: float = 0.0
     synchronized: bool = False
     calibrated: bool = False

@@ -59,6 +59,7 @@ class ExchangeSession:
         self.qber_reference: float | None = None
         self._block_results: asyncio.Queue[dict[str, Any]] = asyncio.Queue(64)
         self._compensating: asyncio.Task[Any] | None = None
+        self._store_full = False  # the last block found the key store full
         self._zero_rate_since: float | None = None
         self._fault_cause: str | None = None
         self.etsi: Any = None
@@ -655,8 +656,7 @@ class ExchangeSession:
                     eps_sec=self.cfg.protocol.eps_sec,
                     eps_cor=self.cfg.protocol.eps_cor,
                 )
-                await asyncio.to_thread(self.keystore.add_block, block_id, key, size, prov)
-                stored = True
+                stored = await self._store_block(block_id, key, size, prov)
         if self.role == "receiver":
             self._block_event(block_id).set()
         else:
@@ -706,6 +706,26 @@ class ExchangeSession:
             for old in [b for b in self._blocks_done if b < block_id - 16]:
                 del self._blocks_done[old]
         return ev
+
+    async def _store_block(self, block_id: int, key: bytes, size: int, prov: Any) -> bool:
+        """Add a block's keys as PENDING; False (block dropped, exchange goes on) when the
+        store is full because consumers are not taking keys. The two-phase commit then
+        discards the block on both nodes, so the stores stay identical."""
+        from qkdnode.keystore import StoreFullError
+
+        try:
+            await asyncio.to_thread(self.keystore.add_block, block_id, key, size, prov)
+        except StoreFullError as exc:
+            self.node.stats.blocks_dropped += 1
+            log.warning("block_dropped_keystore_full", block_id=block_id, error=str(exc))
+            if not self._store_full:
+                self.node.alarm("keystore_full", f"key store full, blocks dropped: {exc}")
+            self._store_full = True
+            return False
+        if self._store_full:
+            log.info("keystore_has_room_again", block_id=block_id)
+        self._store_full = False
+        return True
 
     async def _commit_pair(self, block_id: int, stored: bool) -> None:
         """Transmitter: two-phase commit of a block's keys with the receiver.

@@ -93,6 +93,7 @@ class Daemon:
         self._log: IO[bytes] | None = None
         self._client: Any = None
         self.exit_code: int | None = None
+        self._stop_sent = False
 
     @property
     def name(self) -> str:
@@ -165,7 +166,10 @@ class Daemon:
     def request_stop(self) -> None:
         """SIGTERM (the daemon makes its instruments safe and exits)."""
         self.close_client()
-        if self.proc is not None and self.proc.poll() is None:
+        # Once only: a second SIGTERM after the daemon's event loop has closed would meet
+        # the default disposition and kill it in the middle of its safe shutdown.
+        if self.proc is not None and self.proc.poll() is None and not self._stop_sent:
+            self._stop_sent = True
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(signal.SIGTERM)
 

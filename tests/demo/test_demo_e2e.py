@@ -88,10 +88,10 @@ def test_demo_json_keys_identical(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_demo_with_full_intercept_resend_gives_no_key(tmp_path: Path) -> None:
-    # Small blocks so that several are attempted (and refused) within the run.
+    # Blocks that yield key without Eve (see above), several attempted within the run.
     proc = _demo(
         "--config",
-        str(_demo_toml(tmp_path, 1_000_000)),
+        str(_demo_toml(tmp_path, 3_000_000)),
         "--duration",
         "15",
         "--eve",
@@ -184,3 +184,30 @@ def test_killed_demo_leaves_no_daemon_behind(tmp_path: Path) -> None:
     assert not alive, "daemons outlived the demo"
     for name in ("alice", "bob"):
         assert '"daemon_stopped"' in (tmp_path / f"{name}.log").read_text(), name
+
+
+@pytest.mark.slow
+def test_full_key_store_drops_blocks_and_the_exchange_goes_on(tmp_path: Path) -> None:
+    """Consumers not taking keys: a store that cannot take a block's keys drops the block
+    on both nodes (identical stores), raises one alarm, and key exchange continues."""
+    cfg = _demo_toml(tmp_path, 3_000_000)
+    cfg.write_text(
+        cfg.read_text().replace("key_size_bits = 256", "key_size_bits = 256\nmax_key_count = 1")
+    )
+    proc = _demo(
+        "--config", str(cfg), "--duration", "20", "--json", "--out", str(tmp_path), timeout_s=240
+    )
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["failure"] is None, _why(result, tmp_path)
+    assert result["blocks_ok"] >= 1, _why(result, tmp_path)
+    assert result["key_count"] == {"alice": 0, "bob": 0}
+    assert result["keys_identical"] is True
+    for name in ("alice", "bob"):
+        events = [
+            json.loads(x).get("event")
+            for x in (tmp_path / f"{name}.log").read_text().splitlines()
+            if x.startswith("{")
+        ]
+        assert "block_dropped_keystore_full" in events, name
+        assert events.count("alarm") >= 1
+        assert "exchange_failed" not in events, name
