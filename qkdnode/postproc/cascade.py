@@ -1,24 +1,36 @@
-"""Cascade error correction with batched parity queries (pure core, no I/O).
+"""Cascade error correction with batched, pipelined parity queries (pure core, no I/O).
 
 The receiver (Bob) corrects his sifted key towards the transmitter's (Alice's). Every pass
 ``p`` shuffles the key with a permutation drawn from a shared public seed (pass 0 keeps the
 order) and cuts it into blocks of ``2**top_level[p]`` bits. Inside a pass the blocks and
 their halves form a dyadic tree: node ``(p, level, j)`` covers permuted positions
-``[j << level, (j + 1) << level)`` (clipped to the key length).
+``[j << level, (j + 1) << level)`` (clipped to the key length). Both sides number the nodes
+of all passes with one flat *node id* (:class:`TreeLayout`); node ids are what travels on the
+wire (little-endian ``uint32``, or ``uint64`` for trees of 2**32 nodes or more).
 
-Round structure (what makes each pass take O(log block size) round trips):
+Round structure:
 
-1. Alice discloses the parities of all top-level blocks of the pass (one message).
-2. All blocks whose parity differs are binary-searched *in parallel*: one round trip per
-   tree level, each round asking Alice for the left-child parity of every active search.
-   Bob's bits stay fixed during such a batch, so every search ends on a true error; errors
-   found twice (overlapping blocks of different passes) are flipped once.
-3. The flips make known nodes of earlier passes odd (the cascade effect). Every node whose
-   Alice parity is already known — blocks, queried halves and their inferred siblings — is
-   reused: a search starts from the smallest known odd node and descends through known
-   nodes without asking anything. Only unknown left children cost a disclosed bit.
+1. Bob asks once for the parities of all top-level blocks of all passes (one round trip;
+   every pass always runs, so this discloses exactly what pass-by-pass requests would).
+2. Passes run in order. Starting a pass makes every odd top-level block of it an active
+   binary search. Each round trip asks Alice for the left-child parity of every active
+   search whose left child is not known yet (the right one is inferred), so one pass costs
+   about ``top_level`` round trips plus the back-tracking below.
+3. A search that reaches a single bit has found an error: Bob flips it at once. The flip
+   changes the parity of every node containing it (in all started passes); searches whose
+   node turned even are dropped. One round later (``CascadeCorrector.defer_rounds``, so a
+   search already under way can find the partner error first) the smallest known odd node
+   containing the flipped bit in each started pass becomes a new search (the cascade effect)
+   while the other searches go on: back-tracking does not wait for a whole wave to finish.
+   Descending through nodes whose parity is already known costs nothing; only unknown left
+   children cost a disclosed bit, and a node is never asked twice.
 
-Disclosed bits are counted exactly: one per parity Alice sends.
+Invariant: every known node that is odd for Bob's current bits contains the node of an active
+search or a flipped bit queued for back-tracking, so when neither is left every known parity
+agrees and the next pass starts.
+
+Disclosed bits are counted exactly on both sides: one per parity Alice sends
+(:attr:`CascadeResponder.disclosed_bits` == :attr:`CascadeStats.disclosed_bits`).
 """
 
 from __future__ import annotations
@@ -34,10 +46,13 @@ from qkdnode.postproc.params import CascadeParams
 
 U8 = npt.NDArray[np.uint8]
 I64 = npt.NDArray[np.int64]
+NodeIds = npt.NDArray[np.unsignedinteger]
+
+_UNKNOWN = np.uint8(2)  # bit 1 of Bob's node state: Alice's parity not known yet
 
 
 class CascadeError(ValueError):
-    """Bad input to the Cascade core (lengths, levels or indices out of range)."""
+    """Bad input to the Cascade core (lengths, levels or node ids out of range)."""
 
 
 def binary_entropy(p: float) -> float:
@@ -61,64 +76,145 @@ def permutations(n_bits: int, n_passes: int, seed: int) -> list[I64]:
     """Pass permutations from the shared public ``seed``; pass 0 is the identity."""
     rng = np.random.default_rng(seed)
     perms = [np.arange(n_bits, dtype=np.int64)]
-    perms += [rng.permutation(n_bits).astype(np.int64) for _ in range(n_passes - 1)]
+    perms += [rng.permutation(n_bits).astype(np.int64, copy=False) for _ in range(n_passes - 1)]
     return perms
 
 
-def _prefix(bits: U8, perm: I64) -> U8:
-    out = np.zeros(bits.shape[0] + 1, dtype=np.uint8)
-    np.bitwise_xor.accumulate(bits[perm], out=out[1:])
-    return out
+class TreeLayout:
+    """Flat numbering of the nodes of all pass trees of an ``n``-bit key.
+
+    Node ``(p, level, j)`` has id ``base[p, level] + j`` with ``0 <= j < ceil(n / 2**level)``
+    and ``0 <= level <= top_levels[p]``; ids run over ``[0, total)``. Raises
+    :class:`CascadeError` for an empty key or levels outside ``[0, 62]``.
+    """
+
+    def __init__(self, n: int, top_levels: Sequence[int]) -> None:
+        if n <= 0:
+            raise CascadeError(f"key length must be > 0, got {n}")
+        self.n = n
+        self.top_levels = [int(t) for t in top_levels]
+        if not self.top_levels or min(self.top_levels) < 0 or max(self.top_levels) > 62:
+            raise CascadeError(f"bad tree levels {self.top_levels}")
+        self.passes = len(self.top_levels)
+        self.base = np.zeros((self.passes, max(self.top_levels) + 1), dtype=np.int64)
+        total = 0
+        for p, top in enumerate(self.top_levels):
+            for lvl in range(top + 1):
+                self.base[p, lvl] = total
+                total += self.count(lvl)
+        self.total = total
+        self.wire_dtype = np.dtype("<u4") if total < 1 << 32 else np.dtype("<u8")
+        tops = [self.base[p, t] for p, t in enumerate(self.top_levels)]
+        #: where the top-level blocks of each pass start in the all-blocks parity vector
+        self.block_offsets = np.cumsum([0] + [self.count(t) for t in self.top_levels])
+        self._top_base = np.asarray(tops, dtype=np.int64)
+
+    def count(self, level: int) -> int:
+        """Number of nodes on ``level`` (of any pass)."""
+        return -(-self.n // (1 << level))
+
+    def node_id(self, pass_index: I64, level: I64, node: I64) -> I64:
+        """Flat ids of nodes ``(pass_index[i], level[i], node[i])``; raises CascadeError
+        for a node outside the trees."""
+        p = np.asarray(pass_index, dtype=np.int64)
+        lv = np.asarray(level, dtype=np.int64)
+        j = np.asarray(node, dtype=np.int64)
+        if not (p.shape == lv.shape == j.shape):
+            raise CascadeError("node arrays differ in length")
+        if p.size:
+            tops = np.asarray(self.top_levels)
+            if (
+                p.min() < 0
+                or p.max() >= self.passes
+                or lv.min() < 0
+                or np.any(lv > tops[p])
+                or j.min() < 0
+                or np.any((j << lv) >= self.n)
+            ):
+                raise CascadeError("node outside the Cascade tree")
+        return self.base[p, lv] + j
+
+    def top_ids(self, pass_index: int) -> I64:
+        """Ids of the top-level blocks of ``pass_index``, in block order."""
+        count = self.count(self.top_levels[pass_index])
+        return np.arange(count, dtype=np.int64) + int(self._top_base[pass_index])
+
+    def decode(self, data: bytes | memoryview, count: int) -> I64:
+        """Node ids from their wire encoding; raises CascadeError on a wrong length or an id
+        outside ``[0, total)``."""
+        size = self.wire_dtype.itemsize
+        if count < 0 or len(data) != count * size:
+            raise CascadeError(f"{len(data)} bytes do not hold {count} node ids of {size} B")
+        ids = np.frombuffer(data, dtype=self.wire_dtype)
+        if ids.size and int(ids.max()) >= self.total:
+            raise CascadeError("node id outside the Cascade tree")
+        return ids.astype(np.int64)
+
+    def encode(self, ids: I64) -> NodeIds:
+        """Wire encoding of node ids (``wire_dtype``)."""
+        return np.ascontiguousarray(ids, dtype=self.wire_dtype)
 
 
-def _node_range(level: I64, node: I64, n: int) -> tuple[I64, I64]:
-    start = np.minimum(node << level, n)
-    stop = np.minimum((node + 1) << level, n)
-    return start, stop
+def _sorted_unique(x: I64) -> I64:
+    """Sorted distinct values of ``x`` (np.unique without its hashing overhead)."""
+    x = np.sort(x)
+    if x.shape[0] > 1:
+        x = x[np.concatenate(([True], x[1:] != x[:-1]))]
+    return x
+
+
+def _pass_tree(leaves: U8, top: int, out: U8, base: I64, flag: np.uint8) -> None:
+    """Write the parities of all levels ``0..top`` of one pass tree (OR ``flag``) into
+    ``out[base[level] : base[level] + count]``."""
+    cur = leaves
+    for lvl in range(top + 1):
+        if lvl:
+            if cur.shape[0] & 1:
+                cur = np.append(cur, np.uint8(0))
+            cur = cur[0::2] ^ cur[1::2]
+        b = int(base[lvl])
+        np.bitwise_or(cur, flag, out=out[b : b + cur.shape[0]])
 
 
 class CascadeResponder:
     """Alice's side: answers parity queries about her fixed key and counts what she
-    discloses (:attr:`disclosed_bits`)."""
+    discloses (:attr:`disclosed_bits`, one per parity returned)."""
 
     def __init__(self, key_bits: U8, top_levels: Sequence[int], seed: int) -> None:
         self.n = int(key_bits.shape[0])
-        self.top_levels = list(top_levels)
-        perms = permutations(self.n, len(self.top_levels), seed)
-        self._prefix = np.stack([_prefix(key_bits, p) for p in perms])
+        self.layout = TreeLayout(self.n, top_levels)
+        self.top_levels = self.layout.top_levels
+        bits = np.ascontiguousarray(key_bits, dtype=np.uint8)
+        perms = permutations(self.n, self.layout.passes, seed)
+        self._tree = np.empty(self.layout.total, dtype=np.uint8)
+        for p, perm in enumerate(perms):
+            leaves = bits if p == 0 else bits[perm]
+            _pass_tree(leaves, self.top_levels[p], self._tree, self.layout.base[p], np.uint8(0))
         self.disclosed_bits = 0
 
-    def block_parities(self, pass_index: int) -> U8:
-        """Parities of all top-level blocks of ``pass_index``."""
-        if not 0 <= pass_index < len(self.top_levels):
-            raise CascadeError(f"pass {pass_index} out of range")
-        level = self.top_levels[pass_index]
-        count = -(-self.n // (1 << level))
-        nodes = np.arange(count, dtype=np.int64)
-        out = self.parities(np.full(count, pass_index), np.full(count, level), nodes)
-        return out
+    def block_parities(self) -> U8:
+        """Parities of the top-level blocks of all passes, pass after pass."""
+        ids = np.concatenate([self.layout.top_ids(p) for p in range(self.layout.passes)])
+        return self.node_parities(ids)
+
+    def node_parities(self, ids: I64) -> U8:
+        """Parities of the nodes with flat ids ``ids``; each is a disclosed bit. Raises
+        CascadeError for an id outside the trees."""
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise CascadeError("node ids must be a 1-d integer array")
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.layout.total):
+            raise CascadeError("parity query outside the Cascade tree")
+        self.disclosed_bits += int(ids.shape[0])
+        return self._tree[ids]
+
+    def answer(self, data: bytes | memoryview, count: int) -> U8:
+        """Parities for a wire-encoded query of ``count`` node ids (see :class:`TreeLayout`)."""
+        return self.node_parities(self.layout.decode(data, count))
 
     def parities(self, pass_index: I64, level: I64, node: I64) -> U8:
         """Parities of nodes ``(pass_index[i], level[i], node[i])``; each is a disclosed bit."""
-        pass_index = np.asarray(pass_index, dtype=np.int64)
-        level = np.asarray(level, dtype=np.int64)
-        node = np.asarray(node, dtype=np.int64)
-        if not (pass_index.shape == level.shape == node.shape):
-            raise CascadeError("query arrays differ in length")
-        if pass_index.size:
-            tops = np.asarray(self.top_levels)
-            if (
-                pass_index.min() < 0
-                or pass_index.max() >= len(self.top_levels)
-                or level.min() < 0
-                or np.any(level > tops[pass_index])
-                or node.min() < 0
-                or np.any((node << level) >= self.n)
-            ):
-                raise CascadeError("parity query outside the Cascade tree")
-        start, stop = _node_range(level, node, self.n)
-        self.disclosed_bits += int(pass_index.shape[0])
-        return self._prefix[pass_index, stop] ^ self._prefix[pass_index, start]
+        return self.node_parities(self.layout.node_id(pass_index, level, node))
 
 
 @dataclass
@@ -132,178 +228,237 @@ class CascadeStats:
 class CascadeCorrector:
     """Bob's side: a synchronous state machine driven by the protocol layer.
 
-    ``begin_pass(p, block_parities)``, then repeatedly ``q = next_queries()`` and
-    ``give_answers(parities)`` until ``next_queries()`` returns None; next pass.
+    ``set_block_parities(alice.block_parities())`` (one round trip), then repeatedly
+    ``q = next_queries()`` (node ids) and ``give_answers(alice.node_parities(q))`` until
+    ``next_queries()`` returns None.
+
+    State per node id (uint8): bit 1 set = Alice's parity unknown, then bit 0 is Bob's
+    parity; bit 1 clear = known, bit 0 is Bob's parity XOR Alice's (1 = odd).
     """
+
+    #: Rounds a flipped bit waits before it starts back-tracking searches. Waiting lets a
+    #: search already under way find the partner error first (then no search is needed):
+    #: 0 minimises round trips, 1 costs ~30 % more round trips but ~0.6 % less disclosure.
+    defer_rounds = 1
 
     def __init__(self, key_bits: U8, top_levels: Sequence[int], seed: int) -> None:
         self.n = n = int(key_bits.shape[0])
-        self.top_levels = list(top_levels)
+        self.layout = lay = TreeLayout(n, top_levels)
+        self.top_levels = lay.top_levels
         self._bits0 = np.ascontiguousarray(key_bits, dtype=np.uint8)
-        self._perms = permutations(n, len(self.top_levels), seed)
-        self._inv = []
-        for perm in self._perms:
+        self._bits = self._bits0.copy()
+        self._perms = permutations(n, lay.passes, seed)
+        self._inv: list[I64] = []
+        for p, perm in enumerate(self._perms):
+            if p == 0:
+                self._inv.append(perm)
+                continue
             inv = np.empty(n, dtype=np.int64)
             inv[perm] = np.arange(n, dtype=np.int64)
             self._inv.append(inv)
-        self._prefix0 = np.stack([_prefix(self._bits0, p) for p in self._perms])
-        max_level = max(self.top_levels)
-        self._base = np.zeros((len(self.top_levels), max_level + 2), dtype=np.int64)
-        total = 0
-        for p, top in enumerate(self.top_levels):
-            for lvl in range(top + 1):
-                self._base[p, lvl] = total
-                total += -(-n // (1 << lvl))
-        self._known = np.full(total, -1, dtype=np.int8)  # Alice's parities learnt so far
-        self._flips: list[I64] = []  # real positions flipped (all batches)
-        self._flips_perm: list[I64] = [np.zeros(0, np.int64) for _ in self.top_levels]
+        self._state = np.empty(lay.total, dtype=np.uint8)
+        self._blocks: U8 | None = None
         self._started = 0
-        self._active = (np.zeros(0, np.int64),) * 3
-        self._leaves: list[I64] = []
+        self._shifts = [np.arange(t + 1, dtype=np.int64)[:, None] for t in self.top_levels]
+        # active searches: node id, pass, level, node index; the node is known and odd
+        self._g = self._p = self._l = self._j = np.zeros(0, np.int64)
+        self._q_left = np.zeros(0, np.int64)
+        self._pending = False
+        self._deferred: list[tuple[int, I64]] = []
         self.stats = CascadeStats()
 
-    # --- parities -----------------------------------------------------------------
-    def _bob_parity(self, p: I64, level: I64, node: I64) -> U8:
-        start, stop = _node_range(level, node, self.n)
-        par = self._prefix0[p, stop] ^ self._prefix0[p, start]
-        if self._flips:
-            for q in np.unique(p):
-                sel = p == q
-                f = self._flips_perm[int(q)]
-                cnt = np.searchsorted(f, stop[sel]) - np.searchsorted(f, start[sel])
-                par[sel] ^= (cnt & 1).astype(np.uint8)
-        return par
-
-    def _gid(self, p: I64, level: I64, node: I64) -> I64:
-        return self._base[p, level] + node
-
     # --- driving ------------------------------------------------------------------
-    def begin_pass(self, pass_index: int, block_parities: U8) -> None:
-        if pass_index != self._started:
-            raise CascadeError(f"pass {pass_index} begun out of order")
-        top = self.top_levels[pass_index]
-        count = -(-self.n // (1 << top))
-        block_parities = np.asarray(block_parities, dtype=np.uint8)
-        if block_parities.shape != (count,):
-            raise CascadeError(f"pass {pass_index}: {block_parities.shape} block parities")
-        if self._flips:
-            self._flips_perm[pass_index] = np.sort(
-                self._inv[pass_index][np.concatenate(self._flips)]
-            )
+    def set_block_parities(self, parities: U8) -> None:
+        """Alice's top-level block parities of all passes (as sent by
+        :meth:`CascadeResponder.block_parities`); raises CascadeError on a wrong length or a
+        second call."""
+        parities = np.asarray(parities, dtype=np.uint8)
+        want = int(self.layout.block_offsets[-1])
+        if self._blocks is not None:
+            raise CascadeError("block parities given twice")
+        if parities.shape != (want,):
+            raise CascadeError(f"{parities.shape} block parities, expected {want}")
+        self._blocks = parities & np.uint8(1)
+        self.stats.disclosed_bits += want
+        self.stats.rounds += 1
+
+    def _begin_next_pass(self) -> None:
+        assert self._blocks is not None
+        p = self._started
+        lay = self.layout
+        top = self.top_levels[p]
+        leaves = self._bits if p == 0 else self._bits[self._perms[p]]
+        _pass_tree(leaves, top, self._state, lay.base[p], _UNKNOWN)
+        ids = lay.top_ids(p)
+        off = lay.block_offsets
+        self._state[ids] = (self._state[ids] & 1) ^ self._blocks[off[p] : off[p + 1]]
         self._started += 1
         self.stats.passes += 1
-        self.stats.disclosed_bits += count
-        self.stats.rounds += 1
-        base = self._base[pass_index, top]
-        self._known[base : base + count] = block_parities.astype(np.int8)
-        nodes = np.arange(count, dtype=np.int64)
-        p = np.full(count, pass_index, dtype=np.int64)
-        lv = np.full(count, top, dtype=np.int64)
-        odd = self._bob_parity(p, lv, nodes) != block_parities
-        self._active = (p[odd], lv[odd], nodes[odd])
+        odd = np.flatnonzero(self._state[ids] == 1)
+        self._add_searches(ids[odd], np.full(odd.shape[0], p), np.full(odd.shape[0], top), odd)
 
-    def _descend(self) -> None:
-        p, lv, j = self._active
-        while p.size:
-            done = lv == 0
-            if done.any():
-                self._leaves.append(
-                    np.concatenate(
-                        [self._perms[int(q)][j[done & (p == q)]] for q in np.unique(p[done])]
-                    )
-                )
-                p, lv, j = p[~done], lv[~done], j[~done]
-                if not p.size:
+    def _add_searches(self, g: I64, p: I64, lv: I64, j: I64) -> None:
+        g = np.concatenate([self._g, g])
+        p = np.concatenate([self._p, p])
+        lv = np.concatenate([self._l, lv])
+        j = np.concatenate([self._j, j])
+        self._set_active(g, p, lv, j)
+
+    def _set_active(self, g: I64, p: I64, lv: I64, j: I64) -> None:
+        """Keep one search per node (searches on the same node would ask the same parity)."""
+        if g.shape[0] > 1:
+            order = np.argsort(g, kind="stable")
+            gs = g[order]
+            keep = np.empty(gs.shape[0], dtype=np.bool_)
+            keep[0] = True
+            np.not_equal(gs[1:], gs[:-1], out=keep[1:])
+            order = order[keep]
+            g, p, lv, j = gs[keep], p[order], lv[order], j[order]
+        self._g, self._p, self._l, self._j = g, p, lv, j
+
+    def _descend(self) -> I64:
+        """Move every search down through nodes of known parity; returns the real positions
+        of the errors found (searches that reached one bit are removed)."""
+        n, base, st = self.n, self.layout.base, self._state
+        g, p, lv, j = self._g, self._p, self._l, self._j
+        found: list[I64] = []
+        while g.size:
+            leaf = lv == 0
+            if leaf.any():
+                for q in range(self._started):
+                    sel = leaf & (p == q)
+                    if sel.any():
+                        found.append(self._perms[q][j[sel]] if q else j[sel])
+                keep = ~leaf
+                g, p, lv, j = g[keep], p[keep], lv[keep], j[keep]
+                if not g.size:
                     break
             cl = lv - 1
-            left = 2 * j
-            right = left + 1
-            right_empty = (right << cl) >= self.n
-            left_gid = self._gid(p, cl, left)
-            left_known = self._known[left_gid] >= 0
-            can = right_empty | left_known
-            if not can.any():
+            left = j << 1
+            gl = base[p, cl] + left
+            sl = st[gl]
+            right_empty = ((left + 1) << cl) >= n
+            go_right = (sl == 0) & ~right_empty
+            move = go_right | (sl == 1) | right_empty
+            if not move.any():
                 break
-            pc, cc, lc, re_, lg = p[can], cl[can], left[can], right_empty[can], left_gid[can]
-            parent = self._known[self._gid(pc, lv[can], j[can])]
-            new_j = lc.copy()
-            # right child empty: the whole parent lies in the left child
-            self._known[lg[re_]] = parent[re_]
-            full = ~re_
-            if full.any():
-                la = self._known[lg[full]]
-                lb = self._bob_parity(pc[full], cc[full], lc[full]).astype(np.int8)
-                rgid = lg[full] + 1
-                self._known[rgid] = la ^ parent[full]
-                new_j[full] = np.where(la != lb, lc[full], lc[full] + 1)
-            j = j.copy()
-            lv = lv.copy()
-            j[can] = new_j
-            lv[can] = cc
-        self._active = (p, lv, j)
+            if right_empty.any():
+                st[gl[right_empty]] = 1  # the left child is the whole (odd) parent
+            if move.all():
+                g, lv, j = gl + go_right, cl, left + go_right
+            else:
+                g = np.where(move, gl + go_right, g)
+                lv = np.where(move, cl, lv)
+                j = np.where(move, left + go_right, j)
+        self._g, self._p, self._l, self._j = g, p, lv, j
+        return np.concatenate(found) if found else np.zeros(0, np.int64)
 
-    def next_queries(self) -> tuple[I64, I64, I64] | None:
-        """Parity queries ``(pass, level, node)`` for Alice, or None when the pass is done."""
+    def _flip(self, found: I64) -> None:
+        """Flip Bob's bits at the distinct, sorted real positions ``found``, update the
+        parities of all started pass trees (every ancestor of a flipped bit toggles once per
+        flip inside it), drop searches whose node turned even and queue the flips for
+        back-tracking (:meth:`_start_cascades`) after ``defer_rounds`` rounds."""
+        self._bits[found] ^= 1
+        self.stats.errors_corrected += int(found.shape[0])
+        lay, st = self.layout, self._state
+        mats = []
+        for q in range(self._started):
+            k = np.sort(self._inv[q][found]) if q else found
+            ids = lay.base[q, : self.top_levels[q] + 1, None] + (k[None, :] >> self._shifts[q])
+            mats.append(ids.ravel())
+        flat = np.concatenate(mats)  # sorted: k is sorted and ids grow with pass and level
+        start = np.empty(flat.shape[0], dtype=np.bool_)
+        start[0] = True
+        np.not_equal(flat[1:], flat[:-1], out=start[1:])
+        starts = np.flatnonzero(start)
+        runs = np.diff(starts, append=flat.shape[0])
+        st[flat[starts[(runs & 1) == 1]]] ^= 1
+        # searches whose node turned even are done (their error was found elsewhere)
+        alive = st[self._g] == 1
+        if not alive.all():
+            self._g, self._p, self._l, self._j = (
+                self._g[alive],
+                self._p[alive],
+                self._l[alive],
+                self._j[alive],
+            )
+        self._deferred.append((self.stats.rounds + self.defer_rounds, found))
+
+    def _start_cascades(self, force: bool) -> bool:
+        """Start searches for the deferred flips that are due (all if ``force``): on the
+        smallest known odd node containing each flipped bit, in every started pass."""
+        due = [f for r, f in self._deferred if force or r <= self.stats.rounds]
+        if not due:
+            return False
+        self._deferred = [] if force else [d for d in self._deferred if d[0] > self.stats.rounds]
+        found = _sorted_unique(np.concatenate(due))
+        lay, st = self.layout, self._state
+        new_g, new_p, new_l, new_j = [], [], [], []
+        for q in range(self._started):
+            k = self._inv[q][found] if q else found
+            m = lay.base[q, : self.top_levels[q] + 1, None] + (k[None, :] >> self._shifts[q])
+            odd = st[m] == 1
+            has = odd.any(axis=0)
+            if not has.any():
+                continue
+            lvl = odd.argmax(axis=0)[has]
+            ids = m[lvl, np.flatnonzero(has)]
+            new_g.append(ids)
+            new_p.append(np.full(ids.shape[0], q, np.int64))
+            new_l.append(lvl.astype(np.int64))
+            new_j.append(ids - lay.base[q, lvl])
+        if new_g:
+            self._add_searches(
+                np.concatenate(new_g),
+                np.concatenate(new_p),
+                np.concatenate(new_l),
+                np.concatenate(new_j),
+            )
+        return True
+
+    def next_queries(self) -> I64 | None:
+        """Node ids whose parity Bob needs next (distinct, never asked before; encode with
+        ``layout.encode``), or None when Cascade is finished. Raises CascadeError before
+        :meth:`set_block_parities` or while answers are outstanding."""
+        if self._blocks is None:
+            raise CascadeError("block parities not given yet")
+        if self._pending:
+            raise CascadeError("answers to the previous queries are outstanding")
         while True:
-            self._descend()
-            p, lv, j = self._active
-            if p.size:
-                self.stats.rounds += 1
-                return p, lv - 1, 2 * j
-            if not self._leaves:
+            found = self._descend()
+            if found.size:
+                self._flip(_sorted_unique(found))
+            if self._start_cascades(force=not self._g.size):
+                continue
+            if self._g.size:
+                break
+            if self._started == self.layout.passes:
                 return None
-            self._apply_leaves()
+            self._begin_next_pass()
+        # searches that descended onto the same node would ask the same parity twice
+        self._set_active(self._g, self._p, self._l, self._j)
+        self.stats.rounds += 1
+        self._pending = True
+        self._q_left = self.layout.base[self._p, self._l - 1] + (self._j << 1)
+        return self._q_left
 
     def give_answers(self, parities: U8) -> None:
-        p, lv, j = self._active
+        """Alice's parities for the last :meth:`next_queries` (0/1 per id, same order)."""
         parities = np.asarray(parities, dtype=np.uint8)
-        if parities.shape != p.shape:
-            raise CascadeError(f"{parities.shape[0]} answers for {p.shape[0]} queries")
-        self._known[self._gid(p, lv - 1, 2 * j)] = parities.astype(np.int8)
-        self.stats.disclosed_bits += int(p.shape[0])
-
-    def _apply_leaves(self) -> None:
-        found = np.unique(np.concatenate(self._leaves))
-        self._leaves = []
-        self._flips.append(found)
-        self.stats.errors_corrected += int(found.shape[0])
-        cand: list[tuple[I64, I64, I64]] = []
-        for q in range(self._started):
-            qp = self._inv[q][found]
-            self._flips_perm[q] = np.sort(np.concatenate([self._flips_perm[q], qp]))
-        for q in range(self._started):
-            qp = self._inv[q][found]
-            best = np.full(qp.shape[0], -1, dtype=np.int64)
-            for lvl in range(self.top_levels[q], -1, -1):
-                node = qp >> lvl
-                pv = np.full(qp.shape[0], q, dtype=np.int64)
-                lva = np.full(qp.shape[0], lvl, dtype=np.int64)
-                alice = self._known[self._gid(pv, lva, node)]
-                known = alice >= 0
-                odd = np.zeros(qp.shape[0], dtype=np.bool_)
-                if known.any():
-                    odd[known] = self._bob_parity(pv[known], lva[known], node[known]) != alice[
-                        known
-                    ].astype(np.uint8)
-                best[odd] = lvl
-            sel = best >= 0
-            if sel.any():
-                nodes = np.unique(
-                    (qp[sel] >> best[sel]) * 64 + best[sel]
-                )  # unique (node, level) pairs
-                cand.append((np.full(nodes.shape[0], q, np.int64), nodes % 64, nodes // 64))
-        if cand:
-            self._active = tuple(np.concatenate(c) for c in zip(*cand, strict=True))  # type: ignore[assignment]
-        else:
-            self._active = (np.zeros(0, np.int64),) * 3
+        if not self._pending:
+            raise CascadeError("no queries outstanding")
+        gl = self._q_left
+        if parities.shape != gl.shape:
+            raise CascadeError(f"{parities.shape[0]} answers for {gl.shape[0]} queries")
+        st = self._state
+        st[gl] = (st[gl] & 1) ^ (parities & 1)
+        st[gl + 1] = st[self._g] ^ st[gl]  # right sibling: parent XOR left (parent is odd)
+        self.stats.disclosed_bits += int(gl.shape[0])
+        self._pending = False
 
     def corrected(self) -> U8:
         """Bob's key with every flip applied (a new array)."""
-        out = self._bits0.copy()
-        if self._flips:
-            idx = np.concatenate(self._flips)
-            np.bitwise_xor.at(out, idx, 1)
-        return out
+        return self._bits.copy()
 
 
 def reconcile_local(
@@ -315,9 +470,8 @@ def reconcile_local(
     levels = schedule(int(alice_bits.shape[0]), qber, params)
     alice = CascadeResponder(alice_bits, levels, seed)
     bob = CascadeCorrector(bob_bits, levels, seed)
-    for p in range(len(levels)):
-        bob.begin_pass(p, alice.block_parities(p))
-        while (q := bob.next_queries()) is not None:
-            bob.give_answers(alice.parities(*q))
+    bob.set_block_parities(alice.block_parities())
+    while (q := bob.next_queries()) is not None:
+        bob.give_answers(alice.node_parities(q))
     assert bob.stats.disclosed_bits == alice.disclosed_bits
     return bob.corrected(), bob.stats

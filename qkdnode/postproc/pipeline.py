@@ -93,34 +93,44 @@ async def serve_cascade(
     t: PeerTransport, responder: cascade.CascadeResponder, timeout_s: float
 ) -> dict[str, Any]:
     """Transmitter's Cascade loop: answer ``ec_q`` until the ``done`` one (its header is
-    returned)."""
+    returned).
+
+    ``ec_q {"blocks": true}`` asks for the top-level block parities of all passes;
+    ``ec_q {"n": m}`` carries ``m`` node ids (one buffer, ``responder.layout.wire_dtype``).
+    Each answer is ``ec_a {"n": m}`` with the parities as packed bits. A malformed query
+    raises :class:`ProtocolAbortError` or :class:`cascade.CascadeError` (a ValueError).
+    """
     while True:
         msg = await _expect(t, "ec_q", timeout_s)
         if msg.header.get("done"):
             return msg.header
-        if "pass" in msg.header:
-            par = responder.block_parities(int(msg.header["pass"]))
+        if msg.header.get("blocks"):
+            par = responder.block_parities()
         else:
-            if len(msg.buffers) != 3:
-                raise ProtocolAbortError("ec_q needs three query arrays")
-            q = [np.frombuffer(b, dtype="<i8") for b in msg.buffers]
-            par = responder.parities(q[0], q[1], q[2])
+            count = msg.header.get("n")
+            if not isinstance(count, int) or isinstance(count, bool) or len(msg.buffers) != 1:
+                raise ProtocolAbortError("ec_q needs a node count and one node-id buffer")
+            par = responder.answer(msg.buffers[0], count)
         await t.send("ec_a", {"n": int(par.shape[0])}, [sifting.pack_bits(par)])
 
 
 async def run_cascade(
     t: PeerTransport, corrector: cascade.CascadeCorrector, timeout_s: float
 ) -> None:
-    """Receiver's Cascade loop over all passes (the caller sends the final ``done``)."""
-    n = corrector.n
-    for p, level in enumerate(corrector.top_levels):
-        await t.send("ec_q", {"pass": p}, [])
+    """Receiver's Cascade loop: one round trip for all block parities, then one per batch
+    of node queries (the caller sends the final ``done``)."""
+    layout = corrector.layout
+    await t.send("ec_q", {"blocks": True}, [])
+    msg = await _expect(t, "ec_a", timeout_s)
+    if len(msg.buffers) != 1:
+        raise ProtocolAbortError("ec_a needs one buffer")
+    corrector.set_block_parities(sifting.unpack_bits(msg.buffers[0], int(layout.block_offsets[-1])))
+    while (q := corrector.next_queries()) is not None:
+        await t.send("ec_q", {"n": int(q.shape[0])}, [layout.encode(q)])
         msg = await _expect(t, "ec_a", timeout_s)
-        corrector.begin_pass(p, sifting.unpack_bits(msg.buffers[0], -(-n // (1 << level))))
-        while (q := corrector.next_queries()) is not None:
-            await t.send("ec_q", {}, [a.astype("<i8") for a in q])
-            msg = await _expect(t, "ec_a", timeout_s)
-            corrector.give_answers(sifting.unpack_bits(msg.buffers[0], q[0].shape[0]))
+        if len(msg.buffers) != 1:
+            raise ProtocolAbortError("ec_a needs one buffer")
+        corrector.give_answers(sifting.unpack_bits(msg.buffers[0], q.shape[0]))
 
 
 def _counts(values: U8, classes: U8) -> list[int]:

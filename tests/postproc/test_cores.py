@@ -90,25 +90,89 @@ def test_cascade_disclosed_bits_counted_by_both_sides() -> None:
     levels = cascade.schedule(5000, 0.03, CascadeParams())
     alice = cascade.CascadeResponder(a, levels, 5)
     bob = cascade.CascadeCorrector(b, levels, 5)
-    answered = 0
-    for p in range(len(levels)):
-        par = alice.block_parities(p)
-        answered += par.shape[0]
-        bob.begin_pass(p, par)
-        while (q := bob.next_queries()) is not None:
-            ans = alice.parities(*q)
-            answered += ans.shape[0]
-            bob.give_answers(ans)
+    par = alice.block_parities()
+    answered = par.shape[0]
+    bob.set_block_parities(par)
+    asked: set[int] = set()
+    while (q := bob.next_queries()) is not None:
+        ids = q.tolist()
+        assert len(set(ids)) == len(ids) and not asked & set(ids)  # never asked twice
+        asked |= set(ids)
+        wire = bob.layout.encode(q)
+        assert wire.dtype == np.dtype("<u4")
+        ans = alice.answer(wire.tobytes(), q.shape[0])
+        answered += ans.shape[0]
+        bob.give_answers(ans)
     assert answered == alice.disclosed_bits == bob.stats.disclosed_bits
     assert np.array_equal(bob.corrected(), a)
 
 
+def test_cascade_matches_reference_parities() -> None:
+    """Node ids address the dyadic trees of the permuted key (checked against a direct sum)."""
+    rng = np.random.default_rng(4)
+    key = rng.integers(0, 2, 1001, dtype=np.uint8)
+    levels = [3, 5]
+    alice = cascade.CascadeResponder(key, levels, 9)
+    perms = cascade.permutations(1001, 2, 9)
+    for p, top in enumerate(levels):
+        for lvl in (0, 2, top):
+            j = np.arange(-(-1001 // (1 << lvl)))
+            got = alice.parities(np.full(j.shape, p), np.full(j.shape, lvl), j)
+            want = [int(key[perms[p][i << lvl : (i + 1) << lvl]].sum() & 1) for i in j]
+            assert got.tolist() == want
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_cascade_round_trips_bounded(seed: int) -> None:
+    """Pipelined back-tracking: far fewer round trips than one wave of searches per round
+    trip would need, and the keys agree for every seed."""
+    n, qber = 200_000, 0.03
+    rng = np.random.default_rng(100 + seed)
+    alice = rng.integers(0, 2, n, dtype=np.uint8)
+    errors = (rng.random(n) < qber).astype(np.uint8)
+    corrected, stats = cascade.reconcile_local(alice, alice ^ errors, qber, CascadeParams(), seed)
+    assert np.array_equal(corrected, alice)
+    levels = cascade.schedule(n, qber, CascadeParams())
+    assert stats.rounds >= 1 + levels[0]  # block parities + one binary search
+    assert stats.rounds < 600
+
+
 def test_cascade_rejects_queries_outside_tree() -> None:
     alice = cascade.CascadeResponder(np.zeros(100, np.uint8), [3, 4], 1)
+    total = alice.layout.total
     with pytest.raises(cascade.CascadeError):
         alice.parities(np.array([0]), np.array([9]), np.array([0]))
     with pytest.raises(cascade.CascadeError):
         alice.parities(np.array([0]), np.array([0]), np.array([100]))
+    with pytest.raises(cascade.CascadeError):
+        alice.node_parities(np.array([total]))
+    with pytest.raises(cascade.CascadeError):
+        alice.node_parities(np.array([-1]))
+    with pytest.raises(cascade.CascadeError):  # wire: id out of range
+        alice.answer(np.array([total], "<u4").tobytes(), 1)
+    with pytest.raises(cascade.CascadeError):  # wire: length does not match the count
+        alice.answer(np.array([0, 1], "<u4").tobytes(), 3)
+    assert alice.disclosed_bits == 0  # nothing answered for rejected queries
+    assert alice.answer(np.array([0, total - 1], "<u4").tobytes(), 2).shape == (2,)
+    assert alice.disclosed_bits == 2
+
+
+def test_cascade_corrector_rejects_protocol_misuse() -> None:
+    key = np.zeros(100, np.uint8)
+    bob = cascade.CascadeCorrector(key, [3, 4], 1)
+    with pytest.raises(cascade.CascadeError):
+        bob.next_queries()  # no block parities yet
+    with pytest.raises(cascade.CascadeError):
+        bob.set_block_parities(np.zeros(5, np.uint8))  # wrong count
+    blocks = np.zeros(int(bob.layout.block_offsets[-1]), np.uint8)
+    blocks[0] = 1  # block 0 of pass 0 odd: one search
+    bob.set_block_parities(blocks)
+    q = bob.next_queries()
+    assert q is not None and q.shape == (1,)
+    with pytest.raises(cascade.CascadeError):
+        bob.next_queries()  # answers outstanding
+    with pytest.raises(cascade.CascadeError):
+        bob.give_answers(np.zeros(2, np.uint8))  # wrong count
 
 
 # --- verification ----------------------------------------------------------------------
