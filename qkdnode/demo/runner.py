@@ -434,20 +434,25 @@ def _live_line(
 
 
 def run_demo(cfg: DemoConfig, reporter: Reporter | None = None) -> DemoSummary:
-    """Run one demo with SIGTERM turned into KeyboardInterrupt (so cleanup runs)."""
-    previous = signal.getsignal(signal.SIGTERM)
+    """Run one demo with SIGTERM and SIGINT raising KeyboardInterrupt (so cleanup runs).
+
+    SIGINT is set explicitly: a process started with SIGINT ignored (inherited from a
+    parent, e.g. a CI runner or nohup) would otherwise not stop on Ctrl-C."""
     main_thread = _in_main_thread()
 
-    def _on_term(signum: int, _frame: object) -> None:
+    def _on_signal(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
+    previous = {}
     if main_thread:
-        signal.signal(signal.SIGTERM, _on_term)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, _on_signal)
     try:
         return DemoRunner(cfg, reporter).run()
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _in_main_thread() -> bool:

@@ -127,12 +127,19 @@ def test_start_up_failure_stops_both_daemons(tmp_path: Path) -> None:
     assert not summary.keys_identical
 
 
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def test_ctrl_c_stops_both_daemons(tmp_path: Path) -> None:
+    # Started with SIGINT ignored, as a CI runner or `nohup` may leave it: Ctrl-C must
+    # still stop the demo (it installs its own handler).
     proc = subprocess.Popen(
         [sys.executable, "-m", "qkdnode", "demo", "--duration", "60", "--out", str(tmp_path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_ignore_sigint,  # noqa: PLW1509
     )
     try:
         deadline = time.monotonic() + 30
