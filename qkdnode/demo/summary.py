@@ -37,14 +37,19 @@ def _int(stats: dict[str, Any], key: str) -> int:
 
 
 def merge_stats(tx: dict[str, Any], rx: dict[str, Any]) -> LinkStats:
-    """Merge the ``stats`` objects of the transmitter and the receiver."""
+    """Merge the ``stats`` objects of the transmitter and the receiver.
+
+    Every count comes from the transmitter when it has one: it finishes a block last and
+    commits it, so its counts cover exactly the blocks whose key was kept. The receiver
+    may have finished one more block when the run is stopped (then discarded by the
+    two-phase commit); counting its pulses would dilute the rate per pulse."""
     qber = tx.get("qber", rx.get("qber"))
     if qber is None:
         qber = rx.get("qber")
     rate = tx.get("secret_key_rate_bps") or rx.get("secret_key_rate_bps") or 0.0
     return LinkStats(
-        pulses=max(_int(tx, "pulses"), _int(rx, "pulses")),
-        detections=max(_int(rx, "detections"), _int(tx, "detections")),
+        pulses=_int(tx, "pulses") or _int(rx, "pulses"),
+        detections=_int(tx, "detections") or _int(rx, "detections"),
         sifted_bits=_int(tx, "sifted_bits") or _int(rx, "sifted_bits"),
         qber=float(qber) if isinstance(qber, int | float) else None,
         secret_bits=_int(tx, "secret_bits") or _int(rx, "secret_bits"),

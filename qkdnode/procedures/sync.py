@@ -46,6 +46,7 @@ __all__ = [
     "AcquisitionError",
     "ClockModel",
     "MappedTags",
+    "PatternCheck",
     "SlotClockEstimate",
     "SlotTracker",
     "SyncConfig",
@@ -53,6 +54,7 @@ __all__ = [
     "TrackStatus",
     "acquire",
     "acquire_lock",
+    "check_pattern",
     "estimate_slot_clock",
     "map_tags_to_slots",
     "resolve_slot_index",
@@ -306,9 +308,12 @@ def resolve_slot_index(
     if m.size == 0:
         raise AcquisitionError("no tags to correlate with the pattern")
     m_min = int(m.min())
-    m = m - m_min  # shift so that comb index starts at 0; correct K at the end
-    k_min -= m_min
-    k_max -= m_min
+    # Work on comb indices shifted to start at 0: tag i is then in tx slot m[i] + k with
+    # k = K + m_min (K for the original indices). Search k; return K = k - m_min. Only
+    # k >= 0 (the earliest tag in a non-negative slot) is allowed.
+    m = m - m_min
+    k_min += m_min
+    k_max += m_min
     k_min = max(k_min, 0)
     if k_max < k_min:
         raise AcquisitionError("empty slot-offset search range")
@@ -371,12 +376,52 @@ def resolve_slot_index(
     # fine-score noise: tags crossing one frame boundary per step ~ sqrt(N/256)*2
     step_noise = 2.0 * math.sqrt(max(sub.size / FRAME_SLOTS, 1.0))
     margin = float((scores[i_best] - others.max()) / step_noise) if others.size else 0.0
-    f = (sub + k_fine) // FRAME_SLOTS - g_min
-    bright_fraction = float(np.mean(p[np.clip(f, 0, p.size - 1)] > 0))
-    return SlotIndexEstimate(k_fine + m_min, sig, bright_fraction, margin)
+    k_abs = k_fine - m_min
+    # bright fraction of the returned K, on the absolute slots (original comb indices)
+    bright_fraction = float(
+        np.mean(_pattern_values(public_seed, (sub + m_min + k_abs) // FRAME_SLOTS) > 0)
+    )
+    return SlotIndexEstimate(k_abs, sig, bright_fraction, margin)
 
 
 _MAX_CHUNK_LAGS = 1 << 20
+
+
+@dataclass(frozen=True)
+class PatternCheck:
+    """How well tags, numbered by a final clock model, follow the public pattern."""
+
+    bright_fraction: float  # fraction of the tags in bright frames
+    z: float  # pattern score over its spread for a numbering not aligned with the pattern
+    peak: bool  # moving the numbering by one slot either way does not raise the score
+
+
+def check_pattern(slots: I64, public_seed: int) -> PatternCheck:
+    """Test the slot numbering ``slots`` of detections against the pattern ``public_seed``.
+
+    With ``c_f`` tags in frame ``f`` and ``p_f = +/-1`` (bright/dark), the score is
+    ``S = sum c_f p_f`` and ``z = S / sqrt(sum c_f^2)``: about N(0, 1) when the numbering is
+    off by whole frames (independent pattern bits), large when it is right; the best of
+    the ~1e7 offsets a search tries reaches ~sqrt(2 ln 1e7) ~ 6 by chance, hence
+    ``min_significance`` 8. A numbering off by part of a frame still has a large ``z`` but
+    is not a ``peak``.
+    """
+    slots = np.asarray(slots, dtype=np.int64)
+    if slots.size == 0:
+        return PatternCheck(0.0, 0.0, False)
+    fr = slots // FRAME_SLOTS
+    uf, inv, cnt = np.unique(fr, return_inverse=True, return_counts=True)
+    pv = _pattern_values(public_seed, uf)
+    score = float(np.dot(cnt, pv))
+    z = score / math.sqrt(float(np.dot(cnt, cnt)))
+    bright_fraction = float(cnt[pv > 0].sum()) / slots.size
+    pos = slots - fr * FRAME_SLOTS
+    last = pos == FRAME_SLOTS - 1  # these tags change frame when moved by +1 slot
+    first = pos == 0  # ... and these by -1 slot
+    inv = inv.reshape(-1)
+    gain_up = float(np.sum(_pattern_values(public_seed, fr[last] + 1) - pv[inv[last]]))
+    gain_down = float(np.sum(_pattern_values(public_seed, fr[first] - 1) - pv[inv[first]]))
+    return PatternCheck(bright_fraction, z, gain_up <= 0 and gain_down <= 0)
 
 
 def _pattern_values(public_seed: int, frames: I64) -> F64:
@@ -413,12 +458,13 @@ class SyncResult(BaseModel):
     comb_strength: float
     significance: float
     slot_margin: float
-    bright_fraction: float
+    bright_fraction: float  # of the in-window tags numbered by the final model
     residual_sigma_ps: float
     timing_error_ps: float
     in_window_fraction: float
     duration_s: float = 0.0
     message: str = ""
+    pattern_z: float = 0.0  # pattern z-score of the final model's slots (see check_pattern)
 
     @property
     def model(self) -> ClockModel:
@@ -467,8 +513,12 @@ def acquire(
     n, r = _slot_residuals(time_ps, model, period)
     inw = np.abs(r) <= window / 2
     err = float(np.median(r[inw])) if inw.any() else math.inf
+    # the pattern, checked on the slots of the final model (those the key exchange uses)
+    pat = check_pattern(n[inw], public_seed)
     ok = (
         idx.significance >= cfg.min_significance
+        and pat.z >= cfg.min_significance
+        and pat.peak
         and abs(err) <= cfg.lock_fraction * period
         and comb.sigma_ps <= cfg.max_spread_fraction * period
     )
@@ -477,6 +527,8 @@ def acquire(
         if ok
         else (
             f"acquisition not trusted: significance {idx.significance:.1f}, "
+            f"pattern z {pat.z:.1f}{'' if pat.peak else ' (not at its peak)'}, "
+            f"bright fraction {pat.bright_fraction:.3f}, "
             f"timing error {err:.1f} ps, spread {comb.sigma_ps:.1f} ps"
         )
     )
@@ -492,7 +544,8 @@ def acquire(
         comb_strength=comb.strength,
         significance=idx.significance,
         slot_margin=idx.margin,
-        bright_fraction=idx.bright_fraction,
+        bright_fraction=pat.bright_fraction,
+        pattern_z=pat.z,
         residual_sigma_ps=comb.sigma_ps,
         timing_error_ps=err,
         in_window_fraction=float(inw.mean()),

@@ -72,7 +72,16 @@ def _summary(**over: Any) -> DemoSummary:
     return build_summary(**kw)
 
 
-def test_merge_takes_pulses_from_tx_and_detections_from_rx() -> None:
+def test_merge_counts_the_transmitters_blocks() -> None:
+    # Stopped runs: the receiver finished one block more than the transmitter (discarded
+    # by the two-phase commit). Its pulses and detections must not enter the rate.
+    tx = {**TX, "detections": 3_000_000}
+    rx = {**RX, "pulses": 1_000_000_000, "detections": 4_000_000}
+    s = merge_stats(tx, rx)
+    assert (s.pulses, s.detections) == (750_000_000, 3_000_000)
+
+
+def test_merge_falls_back_to_the_receiver_for_missing_counts() -> None:
     s = merge_stats(TX, RX)
     assert s.pulses == 750_000_000
     assert s.detections == 3_100_000

@@ -13,6 +13,7 @@ from qkdnode.procedures.sync import (
     SlotTracker,
     SyncConfig,
     acquire,
+    check_pattern,
     estimate_slot_clock,
     map_tags_to_slots,
 )
@@ -101,6 +102,34 @@ def test_acquire_property(offset_s: float, ppm: float, seed: int) -> None:
     res = acquire(tags["time_ps"], 7, RATE, SyncConfig())
     assert res.locked, res.message
     assert_model_matches(res.model, true_model(offset_s, ppm), np.array([start, start + 750_000]))
+
+
+@pytest.mark.parametrize("max_offset_s", [5.0, 20e-6])
+def test_acquire_first_tag_dark_count(max_offset_s: float) -> None:
+    """Regression (found by test_acquire_property): the first tag is a dark count off the
+    comb, so the first in-window tag is comb tooth 561; the slot index came out 2 * 561
+    slots off while the pattern checks (made on shifted indices) still passed."""
+    seed = 6652
+    start = int(5e6 + seed % 1_000_000)
+    tags = synthetic_tags(offset_s=0.0, ppm=0.0, start_slot=start, seed=seed, duration_s=0.03)
+    res = acquire(tags["time_ps"], 7, RATE, SyncConfig(max_offset_s=max_offset_s))
+    assert res.locked, res.message
+    assert_model_matches(res.model, true_model(0.0, 0.0), np.array([start, start + 750_000]))
+    assert res.bright_fraction > 0.95
+    assert res.pattern_z >= SyncConfig().min_significance
+
+
+def test_check_pattern_rejects_wrong_numbering() -> None:
+    start = 5_006_652
+    tags = synthetic_tags(offset_s=0.0, ppm=0.0, start_slot=start, seed=6652, duration_s=0.03)
+    slots = np.rint((tags["time_ps"] - DELAY) / PERIOD).astype(np.int64)
+    good = check_pattern(slots, 7)
+    assert good.peak and good.z > 20 and good.bright_fraction > 0.99
+    for shift in (1122, -1122, 256, 10**6):  # whole frames off: no correlation left
+        wrong = check_pattern(slots + shift, 7)
+        assert wrong.z < 8 and wrong.bright_fraction < 0.6, shift
+    for shift in (1, -1, 5, -30, 128):  # part of a frame off: not at the peak
+        assert not check_pattern(slots + shift, 7).peak, shift
 
 
 def _blocks(tags: np.ndarray, n: int) -> list[np.ndarray]:
