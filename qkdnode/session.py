@@ -33,6 +33,7 @@ from drivers.interfaces import (
 )
 from qkdnode.link import LinkError, LinkRequest
 from qkdnode.log import bound_context
+from qkdnode.probe_wire import BYTES_PER_DETECTION, ProbeWireError, decode_probe, encode_probe
 from qkdnode.statemachine import Event, State, StateMachine, TransitionRecord
 
 if TYPE_CHECKING:
@@ -381,8 +382,10 @@ class ExchangeSession:
         reply = await self.node.link.request(
             "probe", 60.0, n=self.cfg.calibration.probe_detections, from_slot=from_slot
         )
-        slots = np.asarray(reply["slot"], dtype=np.int64)
-        channels = np.asarray(reply["channel"], dtype=np.int8)
+        try:
+            slots, channels = decode_probe(reply, self.cfg.calibration.probe_detections)
+        except ProbeWireError as exc:
+            raise LinkError(str(exc)) from exc
         states = await self._call(src.prepared, slots)
         est = qber_from_detections(channels, states.basis, states.bit)
         log.info("qber_probe", qber=est.qber, n_sifted=est.n_sifted)
@@ -459,7 +462,16 @@ class ExchangeSession:
             raise LinkError(f"only {have} detections for the probe in 30 s")
         s_all = np.concatenate(slots)[:n]
         c_all = np.concatenate(chans)[:n]
-        return {"slot": s_all.tolist(), "channel": c_all.tolist()}
+        limit = self.cfg.bus.max_control_frame_bytes - 1024  # room for the envelope
+        if n * BYTES_PER_DETECTION > limit:
+            raise LinkError(
+                f"a probe of {n} detections does not fit bus.max_control_frame_bytes"
+                f" ({self.cfg.bus.max_control_frame_bytes}): lower calibration.probe_detections"
+            )
+        try:
+            return encode_probe(s_all, c_all)
+        except ProbeWireError as exc:
+            raise LinkError(str(exc)) from exc
 
     # ------------------------------------------------------------------ key exchange
     async def _enter_exchanging(self, sm: StateMachine, rec: TransitionRecord) -> None:
