@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench venv clean
+.PHONY: demo test test-system lint typecheck unit bench venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ typecheck: $(STAMP)
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The two-daemon fault scenarios (~11 min; not part of `make test`, see README).
+test-system: $(STAMP)
+	QKDNODE_SYSTEM_TESTS=1 $(BIN)/python -m pytest -q tests/system
 
 bench: $(STAMP)
 	$(BIN)/qkdnode bench

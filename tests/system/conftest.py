@@ -366,13 +366,13 @@ def pair_factory(tmp_path: Path) -> Iterator[Callable[..., Pair]]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The two-daemon scenarios (~8 min) are flaky on a loaded 2-core machine (long waits on
-    shared state); they run when QKDNODE_SYSTEM_TESTS=1 is set, not by default."""
+    """The two-daemon scenarios take ~11 min on a 2-core machine, over `make test`'s
+    budget; they run with QKDNODE_SYSTEM_TESTS=1 (`make test-system`), not by default."""
     import os
 
     if os.environ.get("QKDNODE_SYSTEM_TESTS") == "1":
         return
-    skip = pytest.mark.skip(reason="set QKDNODE_SYSTEM_TESTS=1 to run the two-daemon scenarios")
+    skip = pytest.mark.skip(reason="two-daemon scenarios: run with `make test-system`")
     for item in items:
         if "tests/system" in str(item.fspath):
             item.add_marker(skip)
