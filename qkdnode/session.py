@@ -444,6 +444,12 @@ class ExchangeSession:
             raise LinkError("not synchronized")
         if not 100 <= n <= 200_000:
             raise LinkError(f"probe size must be 100..200000, got {n}")
+        limit = self.cfg.bus.max_control_frame_bytes - 1024  # room for the envelope
+        if n * BYTES_PER_DETECTION > limit:
+            raise LinkError(
+                f"a probe of {n} detections does not fit bus.max_control_frame_bytes"
+                f" ({self.cfg.bus.max_control_frame_bytes}): lower calibration.probe_detections"
+            )
         tagger: TimeTagger = self._one(TimeTagger)
         slots: list[npt.NDArray[np.int64]] = []
         chans: list[npt.NDArray[np.int8]] = []
@@ -462,12 +468,6 @@ class ExchangeSession:
             raise LinkError(f"only {have} detections for the probe in 30 s")
         s_all = np.concatenate(slots)[:n]
         c_all = np.concatenate(chans)[:n]
-        limit = self.cfg.bus.max_control_frame_bytes - 1024  # room for the envelope
-        if n * BYTES_PER_DETECTION > limit:
-            raise LinkError(
-                f"a probe of {n} detections does not fit bus.max_control_frame_bytes"
-                f" ({self.cfg.bus.max_control_frame_bytes}): lower calibration.probe_detections"
-            )
         try:
             return encode_probe(s_all, c_all)
         except ProbeWireError as exc:
