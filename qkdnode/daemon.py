@@ -86,7 +86,12 @@ class DaemonBase:
         start_world(self.cfg.node.role, sim.link, sim.fiber_endpoint)
         self._world_started = True
 
-    def _warm_up_world(self) -> None:
+    def _warm_up(self) -> None:
+        """Compile (or load from numba's disk cache) the post-processing kernels and, with
+        simulated hardware, the link model, so no compile runs in the middle of a session."""
+        from qkdnode.postproc import shuffle
+
+        shuffle.warm_up()
         sim = self.cfg.simulation
         if sim is None or not sim.enabled:
             return
@@ -148,7 +153,7 @@ class DaemonBase:
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
             log.info("daemon_starting", config=self.config_path, state_dir=str(self.state_dir))
-            if not await self._unless_stopped(self._warm_up_world, "simlink-warm-up"):
+            if not await self._unless_stopped(self._warm_up, "numba-warm-up"):
                 return code
             await asyncio.to_thread(self._start_world)
             await asyncio.to_thread(self.hardware.open_all)

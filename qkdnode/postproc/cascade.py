@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from qkdnode.postproc import shuffle
 from qkdnode.postproc.params import CascadeParams
 
 U8 = npt.NDArray[np.uint8]
@@ -73,11 +74,17 @@ def schedule(n_bits: int, qber: float, params: CascadeParams) -> list[int]:
 
 
 def permutations(n_bits: int, n_passes: int, seed: int) -> list[I64]:
-    """Pass permutations from the shared public ``seed``; pass 0 is the identity."""
-    rng = np.random.default_rng(seed)
+    """Pass permutations from the shared public ``seed`` (:mod:`.shuffle`); pass 0 is the
+    identity."""
     perms = [np.arange(n_bits, dtype=np.int64)]
-    perms += [rng.permutation(n_bits).astype(np.int64, copy=False) for _ in range(n_passes - 1)]
+    perms += [shuffle.keyed_permutation(n_bits, seed, p) for p in range(1, n_passes)]
     return perms
+
+
+def _pass_permutations(n_bits: int, n_passes: int, seed: int) -> list[shuffle.KeyedPermutation]:
+    """The lazily evaluated :func:`permutations` of passes ``1 .. n_passes - 1``, at index
+    ``p - 1``."""
+    return [shuffle.KeyedPermutation(n_bits, seed, p) for p in range(1, n_passes)]
 
 
 class TreeLayout:
@@ -185,10 +192,10 @@ class CascadeResponder:
         self.layout = TreeLayout(self.n, top_levels)
         self.top_levels = self.layout.top_levels
         bits = np.ascontiguousarray(key_bits, dtype=np.uint8)
-        perms = permutations(self.n, self.layout.passes, seed)
+        perms = _pass_permutations(self.n, self.layout.passes, seed)
         self._tree = np.empty(self.layout.total, dtype=np.uint8)
-        for p, perm in enumerate(perms):
-            leaves = bits if p == 0 else bits[perm]
+        for p in range(self.layout.passes):
+            leaves = bits if p == 0 else perms[p - 1].gather(bits)
             _pass_tree(leaves, self.top_levels[p], self._tree, self.layout.base[p], np.uint8(0))
         self.disclosed_bits = 0
 
@@ -247,15 +254,7 @@ class CascadeCorrector:
         self.top_levels = lay.top_levels
         self._bits0 = np.ascontiguousarray(key_bits, dtype=np.uint8)
         self._bits = self._bits0.copy()
-        self._perms = permutations(n, lay.passes, seed)
-        self._inv: list[I64] = []
-        for p, perm in enumerate(self._perms):
-            if p == 0:
-                self._inv.append(perm)
-                continue
-            inv = np.empty(n, dtype=np.int64)
-            inv[perm] = np.arange(n, dtype=np.int64)
-            self._inv.append(inv)
+        self._perms = _pass_permutations(n, lay.passes, seed)
         self._state = np.empty(lay.total, dtype=np.uint8)
         self._blocks: U8 | None = None
         self._started = 0
@@ -287,7 +286,7 @@ class CascadeCorrector:
         p = self._started
         lay = self.layout
         top = self.top_levels[p]
-        leaves = self._bits if p == 0 else self._bits[self._perms[p]]
+        leaves = self._bits if p == 0 else self._perms[p - 1].gather(self._bits)
         _pass_tree(leaves, top, self._state, lay.base[p], _UNKNOWN)
         ids = lay.top_ids(p)
         off = lay.block_offsets
@@ -328,7 +327,7 @@ class CascadeCorrector:
                 for q in range(self._started):
                     sel = leaf & (p == q)
                     if sel.any():
-                        found.append(self._perms[q][j[sel]] if q else j[sel])
+                        found.append(self._perms[q - 1].forward(j[sel]) if q else j[sel])
                 keep = ~leaf
                 g, p, lv, j = g[keep], p[keep], lv[keep], j[keep]
                 if not g.size:
@@ -363,7 +362,7 @@ class CascadeCorrector:
         lay, st = self.layout, self._state
         mats = []
         for q in range(self._started):
-            k = np.sort(self._inv[q][found]) if q else found
+            k = np.sort(self._perms[q - 1].backward(found)) if q else found
             ids = lay.base[q, : self.top_levels[q] + 1, None] + (k[None, :] >> self._shifts[q])
             mats.append(ids.ravel())
         flat = np.concatenate(mats)  # sorted: k is sorted and ids grow with pass and level
@@ -395,7 +394,7 @@ class CascadeCorrector:
         lay, st = self.layout, self._state
         new_g, new_p, new_l, new_j = [], [], [], []
         for q in range(self._started):
-            k = self._inv[q][found] if q else found
+            k = self._perms[q - 1].backward(found) if q else found
             m = lay.base[q, : self.top_levels[q] + 1, None] + (k[None, :] >> self._shifts[q])
             odd = st[m] == 1
             has = odd.any(axis=0)
