@@ -57,6 +57,8 @@ class ExchangeSession:
         self.tracker: Any = None  # receiver: procedures.sync.SlotTracker once locked
         self.exchange_from_slot = 0
         self.next_block_id = 0
+        #: Z- over X-basis error rate of the last good block (sizes the Cascade blocks)
+        self.z_over_x_error_ratio: float | None = None
         self.qber_reference: float | None = None
         self._block_results: asyncio.Queue[dict[str, Any]] = asyncio.Queue(64)
         self._compensating: asyncio.Task[Any] | None = None
@@ -543,8 +545,15 @@ class ExchangeSession:
         src: StateSource = self._one(StateSource)
         with bound_context(block_id=block_id):
             result = await run_block_transmitter(
-                self._tx_transport, block_id, src.prepared, self._pp_params()
+                self._tx_transport,
+                block_id,
+                src.prepared,
+                self._pp_params(),
+                z_over_x_error_ratio=self.z_over_x_error_ratio,
             )
+            qz, qx = result.stats.get("qber_z"), result.stats.get("qber_x")
+            if result.ok and qz is not None and qx:
+                self.z_over_x_error_ratio = float(qz) / float(qx)
             await self._finish_block(block_id, result, self._exchange_started, pulses)
         return bool(result.ok)
 

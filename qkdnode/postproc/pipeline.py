@@ -193,8 +193,18 @@ async def run_block_transmitter(
     block_id: int,
     prepared: Callable[[npt.NDArray[np.int64]], PreparedStates],
     params: PostprocParams,
+    *,
+    z_over_x_error_ratio: float | None = None,
 ) -> BlockResult:
-    """Transmitter side of one block. Never raises for protocol failures: returns ok=False."""
+    """Transmitter side of one block. Never raises for protocol failures: returns ok=False.
+
+    The Cascade block sizes follow this block's X-basis error rate times
+    ``z_over_x_error_ratio``, the ratio of Z- to X-basis error rates measured on an earlier
+    block (clipped to [0.1, 2]; None: 1). The two bases need not err alike (time-bin
+    encodings err more in the phase basis), and block sizes chosen for a too-high error rate
+    disclose more than needed. The schedule is public and the disclosure counted exactly,
+    so a wrong guess costs efficiency or round trips, never security.
+    """
     t = transport
     t.begin_block(block_id)
     clock = _Clock()
@@ -253,7 +263,9 @@ async def run_block_transmitter(
         if reason:
             raise ProtocolAbortError(reason)
         ec_seed = secrets.randbits(63)
-        levels = cascade.schedule(key_a.shape[0], qber_x, params.cascade)
+        ratio = 1.0 if z_over_x_error_ratio is None else min(2.0, max(0.1, z_over_x_error_ratio))
+        levels = cascade.schedule(key_a.shape[0], qber_x * ratio, params.cascade)
+        stats["ec_levels"] = levels
         await t.send("pe_reply", {"ec_seed": ec_seed, "levels": levels, "qber_x": qber_x}, [])
         clock.lap("estimation")
 

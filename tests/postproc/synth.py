@@ -1,7 +1,7 @@
 """Small synthetic BB84 decoy-state channel for the post-processing tests (not the link sim).
 
 Per pulse: intensity class, basis, bit; Poisson photon number; each photon survives with
-probability ``eta``; background click with probability ``y0``; optical error ``e_d``;
+probability ``eta``; background click with probability ``y0``; optical error ``e_d`` (``e_d_x`` in the X basis if given);
 optional intercept-resend eavesdropper on every pulse. Returns the receiver's detections
 plus a ``prepared`` lookup for the transmitter and the true photon numbers for coverage
 checks.
@@ -41,6 +41,7 @@ def generate(
     e_d: float = 0.01,
     eve: bool = False,
     double_click_p: float = 0.0,
+    e_d_x: float | None = None,
 ) -> Synth:
     rng = np.random.default_rng(seed)
     basis = (rng.random(n_pulses) >= params.p_basis_z).astype(np.uint8)
@@ -64,7 +65,8 @@ def generate(
         sent_basis = eve_basis
     else:
         sent_bit, sent_basis = a_bit, a_basis
-    flip = rng.random(idx.shape[0]) < e_d
+    e_d_per_basis = np.array([e_d, e_d if e_d_x is None else e_d_x])
+    flip = rng.random(idx.shape[0]) < e_d_per_basis[bob_basis]
     b_bit = np.where(sent_basis == bob_basis, sent_bit ^ flip, rng.integers(0, 2, idx.shape[0]))
     from_dark = arrived[idx] == 0
     b_bit = np.where(from_dark, rng.integers(0, 2, idx.shape[0]), b_bit).astype(np.uint8)

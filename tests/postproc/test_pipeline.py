@@ -13,6 +13,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
+from qkdnode.postproc import cascade
 from qkdnode.postproc.auth import AuthenticatedTransport, AuthKeyPool
 from qkdnode.postproc.params import PostprocParams
 from qkdnode.postproc.pipeline import BlockResult, run_block_receiver, run_block_transmitter
@@ -113,6 +114,44 @@ async def _run_block(
         run_block_transmitter(tx_auth, block_id, synth.prepared, params),
         run_block_receiver(rx_auth, block_id, synth.slot_index, synth.channel, params),
     )
+
+
+def test_cascade_block_sizes_follow_the_z_over_x_error_ratio(tmp_path: Path) -> None:
+    """With Z errors rarer than X errors (as in time-bin encodings), the transmitter sizes
+    the Cascade blocks of the next block by the Z/X ratio measured on the first one: bigger
+    blocks, less disclosure, same keys on both sides."""
+
+    async def main() -> list[tuple[BlockResult, BlockResult]]:
+        ctx = zmq.asyncio.Context()
+        tx, rx = await _pair(tmp_path, ctx)
+        p_tx, p_rx = _pools(tmp_path)
+        tx_auth = AuthenticatedTransport(tx, p_tx, "transmitter")
+        rx_auth = AuthenticatedTransport(rx, p_rx, "receiver")
+        synth = generate(N_PULSES, PARAMS, 11, eta=0.9, e_d=0.01, e_d_x=0.04)
+        out: list[tuple[BlockResult, BlockResult]] = []
+        ratio = None
+        for block_id in range(2):
+            t_res, r_res = await asyncio.gather(
+                run_block_transmitter(
+                    tx_auth, block_id, synth.prepared, PARAMS, z_over_x_error_ratio=ratio
+                ),
+                run_block_receiver(rx_auth, block_id, synth.slot_index, synth.channel, PARAMS),
+            )
+            out.append((t_res, r_res))
+            ratio = t_res.stats["qber_z"] / t_res.stats["qber_x"]
+        tx.close(), rx.close(), ctx.term()
+        return out
+
+    (t0, r0), (t1, r1) = asyncio.run(main())
+    assert t0.ok and r0.ok and t1.ok and r1.ok
+    assert np.array_equal(t0.key, r0.key) and np.array_equal(t1.key, r1.key)
+    n, qx = t0.stats["sifted_z"], t0.stats["qber_x"]
+    assert t0.stats["ec_levels"] == cascade.schedule(n, qx, PARAMS.cascade)
+    ratio = t0.stats["qber_z"] / qx
+    assert ratio < 0.5
+    assert t1.stats["ec_levels"] == cascade.schedule(n, qx * ratio, PARAMS.cascade)
+    assert t1.stats["ec_levels"][0] > t0.stats["ec_levels"][0]
+    assert t1.stats["ec_efficiency"] < t0.stats["ec_efficiency"]
 
 
 def test_intercept_resend_yields_no_key(tmp_path: Path) -> None:
