@@ -53,11 +53,19 @@ def toeplitz_hash_direct(x: U8, seed: U8, m: int) -> U8:
 
 
 def _tile_bits(n: int, m: int) -> int:
-    # Tile products cost ~ n m / b complex multiply-adds, FFTs ~ 4 (n + m) log(2b) points.
-    # Measured (2-core box): b = 2**17 is fastest near 1e6 bits, 2**18..2**20 near 1e7;
-    # large blocks need b = 2**20 to keep the products in check.
+    # Tile products cost ~ n m / b complex multiply-adds, FFTs ~ 4 (n + m) log(2b) points,
+    # and FFTs longer than 2**19 points cost 2.5-3.5x more per point on the reference
+    # machine (cache). Measured there, one thread (best tile, seconds):
+    #   n=1e6 m=5e5: 2**17 (0.057; 2**20 0.17)    n=4e6 m=1e6: 2**17-2**18 (0.24)
+    #   n=9.8e6 m=2.4e6: 2**18 (0.63; 2**20 1.32)  n=1e7 m=5e6: 2**18-2**19 (1.0; 2**20 1.45)
+    # Blocks of 1e8 bits need b = 2**20 to keep the n m / b products in check.
     need = max(n, m)
-    b = 1 << min(20, max(16, round(np.log2(max(need, 1))) - 3))
+    if need < 3_000_000:
+        b = 1 << 17
+    elif need < 30_000_000:
+        b = 1 << 18
+    else:
+        b = 1 << 20
     return int(min(b, 1 << max(0, (need - 1).bit_length())))
 
 
