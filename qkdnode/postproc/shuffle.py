@@ -70,9 +70,12 @@ def _backward(pos: Any, c: Any, keys: Any, inv_mults: Any, out: Any) -> None:  #
 
 
 @_jit
-def _gather(bits: Any, c: Any, keys: Any, mults: Any, out: Any) -> None:  # pragma: no cover
-    for i in range(bits.shape[0]):
-        out[i] = bits[_f(np.uint64(i), c, keys, mults)]
+def _gather(packed: Any, c: Any, keys: Any, mults: Any, out: Any) -> None:  # pragma: no cover
+    # Reads from the bit-packed key (np.packbits order): a 1e7-bit key is 1.2 MB and stays
+    # in cache, where random reads from one byte per bit cost ~47 ns each (measured).
+    for i in range(out.shape[0]):
+        x = _f(np.uint64(i), c, keys, mults)
+        out[i] = (packed[x >> np.uint64(3)] >> (np.uint64(7) - (x & np.uint64(7)))) & 1
 
 
 def _inverse_odd(a: int, bits: int = 64) -> int:
@@ -132,9 +135,8 @@ class KeyedPermutation:
         """``bits[perm]`` (``bits`` must hold n values)."""
         if bits.shape != (self.n,):
             raise ValueError(f"{bits.shape} bits, expected ({self.n},)")
-        src = np.ascontiguousarray(bits, dtype=np.uint8)
-        out = np.empty_like(src)
-        _gather(src, self._consts, self._keys, self._mults, out)
+        out = np.empty(self.n, dtype=np.uint8)
+        _gather(np.packbits(bits), self._consts, self._keys, self._mults, out)
         return out
 
     def array(self) -> I64:
