@@ -128,6 +128,9 @@ class ClockModel:
         return self.rx_time_ps(np.asarray(slot_index, dtype=np.float64) * (1e12 / slot_rate_hz))
 
 
+_MEDIAN_SAMPLE = 65536
+
+
 def robust_sigma(x: F64) -> float:
     """1.4826 * median absolute deviation (a Gaussian sigma robust to outliers)."""
     if x.size == 0:
@@ -695,14 +698,20 @@ class SlotTracker:
         return n[inw], tags["channel"][inw].astype(np.int8), res[inw], err, sig
 
     def _correct(self, n: I64, res: F64) -> tuple[float, float]:
-        """Fit res ~ a + b (n - n_mid), apply the loop gains; return (median, sigma)."""
-        med = float(np.median(res))
-        sig = robust_sigma(res - med)
+        """Fit res ~ a + b (n - n_mid), apply the loop gains; return (median, sigma).
+
+        Median and sigma come from an evenly strided sample of at most
+        :data:`_MEDIAN_SAMPLE` residuals (a median of 65536 is within ~0.5 % of a sigma of
+        the full one; the full median of a few million tags per segment cost ~15 % of the
+        receiver's CPU at 3 M detections/s); the line is fitted to every kept tag."""
+        sample = res[:: max(1, res.shape[0] // _MEDIAN_SAMPLE)]
+        med = float(np.median(sample))
+        sig = robust_sigma(sample - med)
         keep = np.abs(res - med) <= max(4.0 * sig, 1.0)
         if keep.sum() < self.cfg.min_fit_tags:
             return med, sig
         nk = n[keep]
-        n_mid = int(np.median(nk))
+        n_mid = int(nk[nk.shape[0] // 2])  # slots grow with time: the middle one
         x = (nk - n_mid).astype(np.float64)
         y = res[keep]
         a = float(np.mean(y))
