@@ -237,47 +237,81 @@ def offered_detection_rate_hz(cfg: Any) -> float:
     return gain * t.slot_rate_hz
 
 
+E2E_BLOCK_DETECTIONS = 8_000_000  # the daemons' default [protocol] block_detections
+
+
 def run_end_to_end(
     report: BenchReport, quick: bool, out_dir: Path, progress: Callable[[str], None]
 ) -> None:
-    """A short demo at the default 25 km link: the sustainable detection rate."""
+    """Demo runs: the rate the whole pipeline sustains, and the 25 km key rate.
+
+    Sustained rate: a 0 km link (it offers more than the 2 M detections/s target) with
+    blocks of :data:`E2E_BLOCK_DETECTIONS`; the rate is the detections committed between
+    the first and the last block commit over the time between them, so start-up and the
+    first block's accumulation do not count. The pipeline keeps up in real time if that
+    rate matches what the link offers.
+    """
     from qkdnode.demo.config import apply_overrides, load_demo_config
     from qkdnode.demo.runner import Reporter, run_demo
 
-    duration = 10.0 if quick else 30.0
+    duration = 20.0 if quick else 60.0
+    base = load_demo_config(None)
+    data = base.model_dump(mode="python")
+    data["demo"]["auto_block_size"] = False
+    data["protocol"]["block_detections"] = E2E_BLOCK_DETECTIONS
     cfg = apply_overrides(
-        load_demo_config(None), duration_s=duration, seed=1, out_dir=out_dir / "bench-demo"
+        type(base).model_validate(data),
+        distance_km=0.0,
+        duration_s=duration,
+        seed=1,
+        out_dir=out_dir / "bench-demo-0km",
     )
     offered = offered_detection_rate_hz(cfg)
-    progress(f"{E2E_STAGE}: demo run of {duration:g} s at {cfg.link.fiber.length_km:g} km")
+    progress(f"{E2E_STAGE}: demo run of {duration:g} s at 0 km (offers {offered / 1e6:.2f} M/s)")
     summary = run_demo(cfg, Reporter(step=lambda m: progress(f"  demo: {m}")))
     if not summary.ok and summary.detections == 0:
         report.failed.append({"module": E2E_STAGE, "error": summary.failure or "demo failed"})
         return
-    note = (
-        f"1 demo run of {summary.duration_s:.1f} s, {summary.blocks_ok} blocks ok, keys "
-        f"{'identical' if summary.keys_identical else 'DIFFERENT'}"
-    )
+    sustained = summary.steady_detection_rate_hz
     report.rows.extend(
         _rows_from(
             E2E_STAGE,
             [
                 {
-                    "name": "sustainable detection rate",
-                    "value": summary.detection_rate_hz,
+                    "name": "sustained detection rate (0 km)",
+                    "value": float("nan") if sustained is None else sustained,
                     "unit": "detections/s",
-                    "target": f">= {offered:.3g} detections/s",
-                    "note": note + "; target: the rate the simulated 25 km link offers",
+                    "target": ">= 2e6 detections/s",
+                    "note": (
+                        f"{summary.duration_s:.0f} s run, blocks of {E2E_BLOCK_DETECTIONS:.0e}, "
+                        f"{summary.blocks_ok} ok, link offers {offered / 1e6:.2f} M/s, keys "
+                        f"{'identical' if summary.keys_identical else 'DIFFERENT'}; committed "
+                        "between first and last block commit"
+                    ),
                 },
+            ],
+        )
+    )
+    cfg25 = apply_overrides(
+        load_demo_config(None), duration_s=duration, seed=1, out_dir=out_dir / "bench-demo"
+    )
+    progress(f"{E2E_STAGE}: demo run of {duration:g} s at 25 km")
+    s25 = run_demo(cfg25, Reporter(step=lambda m: progress(f"  demo: {m}")))
+    if not s25.ok and s25.detections == 0:
+        report.failed.append({"module": E2E_STAGE, "error": s25.failure or "demo failed"})
+        return
+    report.rows.extend(
+        _rows_from(
+            E2E_STAGE,
+            [
                 {
                     "name": "secret key rate (25 km)",
-                    "value": summary.secret_key_rate_bps,
+                    "value": s25.secret_key_rate_bps,
                     "unit": "b/s",
                     "target": "",
-                    "note": "ratio to asymptotic theory "
-                    + (
-                        "-" if summary.ratio_to_theory is None else f"{summary.ratio_to_theory:.2f}"
-                    ),
+                    "note": f"{s25.duration_s:.0f} s run, {s25.blocks_ok} blocks, ratio to "
+                    "asymptotic theory "
+                    + ("-" if s25.ratio_to_theory is None else f"{s25.ratio_to_theory:.2f}"),
                 },
             ],
         )

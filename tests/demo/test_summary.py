@@ -184,3 +184,13 @@ def test_text_summary_and_progress_line() -> None:
     assert "identical" in text and "25 km" in text and "OK" in text
     line = progress_line(10.0, 30.0, "EXCHANGING", "EXCHANGING", merge_stats(TX, RX))
     assert "EXCHANGING" in line and "1.20 %" in line and "\n" not in line
+
+
+def test_steady_rate_counts_only_between_the_first_and_last_commit() -> None:
+    from qkdnode.demo.runner import steady_rate
+
+    assert steady_rate([]) is None
+    assert steady_rate([(5.0, 8_000_000)]) is None
+    # first block committed at 5 s, three more by 17 s: 24e6 detections in 12 s
+    commits = [(5.0, 8_000_000), (9.0, 16_000_000), (13.0, 24_000_000), (17.0, 32_000_000)]
+    assert steady_rate(commits) == pytest.approx(2e6)
