@@ -86,7 +86,11 @@ class PostprocTransport:
 
     async def recv(self, timeout_s: float) -> PPMessage:
         try:
-            item = await asyncio.wait_for(self._inbox.get(), timeout_s)
+            if self._inbox.empty():
+                async with asyncio.timeout(timeout_s):
+                    item = await self._inbox.get()
+            else:
+                item = self._inbox.get_nowait()
         except TimeoutError:
             raise TransportTimeoutError(f"no peer message within {timeout_s:g} s") from None
         if isinstance(item, PeerDisconnected):

@@ -331,7 +331,10 @@ class PeerChannel:
             frames = [self._peer_identity, *frames]
         timeout = self._bus.heartbeat_interval_s * self._bus.heartbeat_liveness
         try:
-            await asyncio.wait_for(sock.send_multipart(frames, copy=True), timeout)
+            # asyncio.timeout, not wait_for: no extra task per message (Cascade sends hundreds
+            # per block, and an already-sent message's future is simply done)
+            async with asyncio.timeout(timeout):
+                await sock.send_multipart(frames, copy=True)
         except zmq.ZMQError as exc:
             self._mark_down(f"send failed: {exc.strerror}")
             raise PeerDisconnected("down", f"send failed: {exc.strerror}") from None
@@ -355,7 +358,11 @@ class PeerChannel:
     async def recv(self, timeout_s: float) -> PeerMessage:
         """Next data message; raises PeerTimeout, or PeerDisconnected for a link event."""
         try:
-            item = await asyncio.wait_for(self._inbox.get(), timeout_s)
+            if self._inbox.empty():
+                async with asyncio.timeout(timeout_s):
+                    item = await self._inbox.get()
+            else:
+                item = self._inbox.get_nowait()
         except TimeoutError:
             raise PeerTimeout(f"no peer message within {timeout_s:g} s") from None
         if isinstance(item, PeerDisconnected):
