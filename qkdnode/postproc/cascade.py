@@ -256,6 +256,12 @@ class CascadeCorrector:
         self._bits = self._bits0.copy()
         self._perms = _pass_permutations(n, lay.passes, seed)
         self._state = np.empty(lay.total, dtype=np.uint8)
+        # All pass trees are built now, from the key as given (in a worker thread in the
+        # daemons, while Alice builds hers), and every flip keeps all of them current
+        # (_flip): starting a pass costs nothing between round trips.
+        for p in range(lay.passes):
+            leaves = self._bits if p == 0 else self._perms[p - 1].gather(self._bits)
+            _pass_tree(leaves, self.top_levels[p], self._state, lay.base[p], _UNKNOWN)
         self._blocks: U8 | None = None
         self._started = 0
         self._shifts = [np.arange(t + 1, dtype=np.int64)[:, None] for t in self.top_levels]
@@ -286,8 +292,6 @@ class CascadeCorrector:
         p = self._started
         lay = self.layout
         top = self.top_levels[p]
-        leaves = self._bits if p == 0 else self._perms[p - 1].gather(self._bits)
-        _pass_tree(leaves, top, self._state, lay.base[p], _UNKNOWN)
         ids = lay.top_ids(p)
         off = lay.block_offsets
         self._state[ids] = (self._state[ids] & 1) ^ self._blocks[off[p] : off[p + 1]]
@@ -354,14 +358,14 @@ class CascadeCorrector:
 
     def _flip(self, found: I64) -> None:
         """Flip Bob's bits at the distinct, sorted real positions ``found``, update the
-        parities of all started pass trees (every ancestor of a flipped bit toggles once per
+        parities of all pass trees (every ancestor of a flipped bit toggles once per
         flip inside it), drop searches whose node turned even and queue the flips for
         back-tracking (:meth:`_start_cascades`) after ``defer_rounds`` rounds."""
         self._bits[found] ^= 1
         self.stats.errors_corrected += int(found.shape[0])
         lay, st = self.layout, self._state
         mats = []
-        for q in range(self._started):
+        for q in range(lay.passes):
             k = np.sort(self._perms[q - 1].backward(found)) if q else found
             ids = lay.base[q, : self.top_levels[q] + 1, None] + (k[None, :] >> self._shifts[q])
             mats.append(ids.ravel())
