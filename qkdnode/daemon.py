@@ -89,9 +89,9 @@ class DaemonBase:
     def _warm_up(self) -> None:
         """Compile (or load from numba's disk cache) the post-processing kernels and, with
         simulated hardware, the link model, so no compile runs in the middle of a session."""
-        from qkdnode.postproc import shuffle
+        from qkdnode.postproc import cascade
 
-        shuffle.warm_up()
+        cascade.warm_up()
         sim = self.cfg.simulation
         if sim is None or not sim.enabled:
             return

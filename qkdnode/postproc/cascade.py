@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from qkdnode.postproc import cascade_kernels as ck
 from qkdnode.postproc import shuffle
 from qkdnode.postproc.params import CascadeParams
 
@@ -170,19 +171,6 @@ def _sorted_unique(x: I64) -> I64:
     return x
 
 
-def _pass_tree(leaves: U8, top: int, out: U8, base: I64, flag: np.uint8) -> None:
-    """Write the parities of all levels ``0..top`` of one pass tree (OR ``flag``) into
-    ``out[base[level] : base[level] + count]``."""
-    cur = leaves
-    for lvl in range(top + 1):
-        if lvl:
-            if cur.shape[0] & 1:
-                cur = np.append(cur, np.uint8(0))
-            cur = cur[0::2] ^ cur[1::2]
-        b = int(base[lvl])
-        np.bitwise_or(cur, flag, out=out[b : b + cur.shape[0]])
-
-
 class CascadeResponder:
     """Alice's side: answers parity queries about her fixed key and counts what she
     discloses (:attr:`disclosed_bits`, one per parity returned)."""
@@ -196,7 +184,7 @@ class CascadeResponder:
         self._tree = np.empty(self.layout.total, dtype=np.uint8)
         for p in range(self.layout.passes):
             leaves = bits if p == 0 else perms[p - 1].gather(bits)
-            _pass_tree(leaves, self.top_levels[p], self._tree, self.layout.base[p], np.uint8(0))
+            ck.pass_tree(leaves, self.top_levels[p], self._tree, self.layout.base[p], 0)
         self.disclosed_bits = 0
 
     def block_parities(self) -> U8:
@@ -261,10 +249,10 @@ class CascadeCorrector:
         # (_flip): starting a pass costs nothing between round trips.
         for p in range(lay.passes):
             leaves = self._bits if p == 0 else self._perms[p - 1].gather(self._bits)
-            _pass_tree(leaves, self.top_levels[p], self._state, lay.base[p], _UNKNOWN)
+            ck.pass_tree(leaves, self.top_levels[p], self._state, lay.base[p], _UNKNOWN)
         self._blocks: U8 | None = None
         self._started = 0
-        self._shifts = [np.arange(t + 1, dtype=np.int64)[:, None] for t in self.top_levels]
+        self._tops = np.asarray(self.top_levels, dtype=np.int64)
         # active searches: node id, pass, level, node index; the node is known and odd
         self._g = self._p = self._l = self._j = np.zeros(0, np.int64)
         self._q_left = np.zeros(0, np.int64)
@@ -322,38 +310,16 @@ class CascadeCorrector:
     def _descend(self) -> I64:
         """Move every search down through nodes of known parity; returns the real positions
         of the errors found (searches that reached one bit are removed)."""
-        n, base, st = self.n, self.layout.base, self._state
-        g, p, lv, j = self._g, self._p, self._l, self._j
+        if not self._g.size:
+            return np.zeros(0, np.int64)
+        search = np.stack([self._g, self._p, self._l, self._j])
+        keep, leaf = ck.descend(self._state, self.layout.base, self.n, search)
+        self._g, self._p, self._l, self._j = keep[0], keep[1], keep[2], keep[3]
         found: list[I64] = []
-        while g.size:
-            leaf = lv == 0
-            if leaf.any():
-                for q in range(self._started):
-                    sel = leaf & (p == q)
-                    if sel.any():
-                        found.append(self._perms[q - 1].forward(j[sel]) if q else j[sel])
-                keep = ~leaf
-                g, p, lv, j = g[keep], p[keep], lv[keep], j[keep]
-                if not g.size:
-                    break
-            cl = lv - 1
-            left = j << 1
-            gl = base[p, cl] + left
-            sl = st[gl]
-            right_empty = ((left + 1) << cl) >= n
-            go_right = (sl == 0) & ~right_empty
-            move = go_right | (sl == 1) | right_empty
-            if not move.any():
-                break
-            if right_empty.any():
-                st[gl[right_empty]] = 1  # the left child is the whole (odd) parent
-            if move.all():
-                g, lv, j = gl + go_right, cl, left + go_right
-            else:
-                g = np.where(move, gl + go_right, g)
-                lv = np.where(move, cl, lv)
-                j = np.where(move, left + go_right, j)
-        self._g, self._p, self._l, self._j = g, p, lv, j
+        for q in range(self._started):
+            j = leaf[1][leaf[0] == q]
+            if j.size:
+                found.append(self._perms[q - 1].forward(j) if q else j)
         return np.concatenate(found) if found else np.zeros(0, np.int64)
 
     def _flip(self, found: I64) -> None:
@@ -364,18 +330,7 @@ class CascadeCorrector:
         self._bits[found] ^= 1
         self.stats.errors_corrected += int(found.shape[0])
         lay, st = self.layout, self._state
-        mats = []
-        for q in range(lay.passes):
-            k = np.sort(self._perms[q - 1].backward(found)) if q else found
-            ids = lay.base[q, : self.top_levels[q] + 1, None] + (k[None, :] >> self._shifts[q])
-            mats.append(ids.ravel())
-        flat = np.concatenate(mats)  # sorted: k is sorted and ids grow with pass and level
-        start = np.empty(flat.shape[0], dtype=np.bool_)
-        start[0] = True
-        np.not_equal(flat[1:], flat[:-1], out=start[1:])
-        starts = np.flatnonzero(start)
-        runs = np.diff(starts, append=flat.shape[0])
-        st[flat[starts[(runs & 1) == 1]]] ^= 1
+        ck.toggle_ancestors(st, lay.base, self._tops, self._permuted(found, lay.passes))
         # searches whose node turned even are done (their error was found elsewhere)
         alive = st[self._g] == 1
         if not alive.all():
@@ -387,6 +342,11 @@ class CascadeCorrector:
             )
         self._deferred.append((self.stats.rounds + self.defer_rounds, found))
 
+    def _permuted(self, found: I64, passes: int) -> I64:
+        """Row q: where the real positions ``found`` sit in pass q's order (q < passes)."""
+        rows = [found] + [self._perms[q - 1].backward(found) for q in range(1, passes)]
+        return np.stack(rows)
+
     def _start_cascades(self, force: bool) -> bool:
         """Start searches for the deferred flips that are due (all if ``force``): on the
         smallest known odd node containing each flipped bit, in every started pass."""
@@ -395,28 +355,11 @@ class CascadeCorrector:
             return False
         self._deferred = [] if force else [d for d in self._deferred if d[0] > self.stats.rounds]
         found = _sorted_unique(np.concatenate(due))
-        lay, st = self.layout, self._state
-        new_g, new_p, new_l, new_j = [], [], [], []
-        for q in range(self._started):
-            k = self._perms[q - 1].backward(found) if q else found
-            m = lay.base[q, : self.top_levels[q] + 1, None] + (k[None, :] >> self._shifts[q])
-            odd = st[m] == 1
-            has = odd.any(axis=0)
-            if not has.any():
-                continue
-            lvl = odd.argmax(axis=0)[has]
-            ids = m[lvl, np.flatnonzero(has)]
-            new_g.append(ids)
-            new_p.append(np.full(ids.shape[0], q, np.int64))
-            new_l.append(lvl.astype(np.int64))
-            new_j.append(ids - lay.base[q, lvl])
-        if new_g:
-            self._add_searches(
-                np.concatenate(new_g),
-                np.concatenate(new_p),
-                np.concatenate(new_l),
-                np.concatenate(new_j),
-            )
+        rows = ck.smallest_odd(
+            self._state, self.layout.base, self._tops, self._permuted(found, self._started)
+        )
+        if rows.shape[1]:
+            self._add_searches(rows[0], rows[1], rows[2], rows[3])
         return True
 
     def next_queries(self) -> I64 | None:
@@ -478,3 +421,13 @@ def reconcile_local(
         bob.give_answers(alice.node_parities(q))
     assert bob.stats.disclosed_bits == alice.disclosed_bits
     return bob.corrected(), bob.stats
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's disk cache) the kernels of Cascade and of its pass
+    permutations, so that the first key block does not."""
+    rng = np.random.default_rng(0)
+    alice = rng.integers(0, 2, 4096, dtype=np.uint8)
+    bob = alice.copy()
+    bob[::37] ^= 1
+    reconcile_local(alice, bob, 0.03, CascadeParams(), 1)

@@ -147,10 +147,3 @@ class KeyedPermutation:
 def keyed_permutation(n: int, seed: int, pass_index: int) -> I64:
     """The permutation of ``[0, n)`` for ``(seed, pass_index)`` as int64 positions."""
     return KeyedPermutation(n, seed, pass_index).array()
-
-
-def warm_up() -> None:
-    """Compile (or load from the on-disk cache) the kernels, so the first key block does not."""
-    p = KeyedPermutation(3, 0, 1)
-    p.backward(p.forward(np.arange(3)))
-    p.gather(np.zeros(3, dtype=np.uint8))

@@ -53,3 +53,28 @@ def test_bad_arguments_are_refused() -> None:
         p.forward(np.array([10]))
     with pytest.raises(ValueError, match="expected"):
         p.gather(np.zeros(9, dtype=np.uint8))
+
+
+def test_cascade_warm_up_compiles_every_kernel_a_block_uses() -> None:
+    """After the daemon's warm-up, a real block (other sizes, levels and error counts)
+    compiles nothing new: no compile can stall the first key block."""
+    from numba.core.registry import CPUDispatcher
+
+    from qkdnode.postproc import bench, cascade, cascade_kernels
+    from qkdnode.postproc.params import CascadeParams
+
+    cascade.warm_up()
+    kernels = [
+        f
+        for mod in (shuffle, cascade_kernels)
+        for f in vars(mod).values()
+        if isinstance(f, CPUDispatcher)
+    ]
+    assert len(kernels) >= 8
+    before = {k: len(k.signatures) for k in kernels}
+    # helpers only called from compiled code have none when their callers come from the cache
+    assert sum(before.values()) >= 7
+    a, b = bench._cascade_inputs(300_001, 0.04, 3)
+    out, _ = cascade.reconcile_local(a, b, 0.04, CascadeParams(), 12)
+    assert np.array_equal(out, a)
+    assert {k: len(k.signatures) for k in kernels} == before
