@@ -1,15 +1,24 @@
 """Compiled per-event loops of the link model (numba, compiled once and cached on disk).
 
 The vectorised numpy version of the model spent its time in passes over arrays and in
-the 64-bit slot hash (about 20 ns per element); one fused loop per side does the same
-physics in a single pass, so the cost is a few nanoseconds per candidate slot, photon
-and detection. :mod:`drivers.simlink.source` and :mod:`drivers.simlink.receiver` keep
-the public functions and prepare the per-chunk constants; this module holds only loops.
+the 64-bit slot hash (about 20 ns per element); compiled loops do the same physics at a
+few nanoseconds per candidate slot, photon and detection. :mod:`drivers.simlink.source`
+and :mod:`drivers.simlink.receiver` keep the public functions and prepare the per-chunk
+constants; this module holds only loops.
 
-Randomness: each call gets one 64-bit seed drawn from the caller's seeded
-``numpy.random.Generator`` and runs a SplitMix64 stream from it (``mix(seed + i *
-golden)``, the generator of Java's ``SplittableRandom``; it passes BigCrush). The
-sequence is fixed by the seed, so the same seeds give the same tags.
+What makes them fast (each measured on the default link, see ``drivers.simlink.bench``):
+work in blocks of about a thousand candidates or pulses, with the random draws and
+hashes in vectorisable loops and scratch arrays that stay in the L1 cache; random
+decisions taken by compares whose result advances an output index (a branch on a
+random outcome is mispredicted about as often as it is taken either way); the pulse
+records read and written in place (``PHOTON_DTYPE``, no field-by-field copies); and no
+fresh memory per chunk for the receiver's intermediate clicks (a first touch of a page
+costs a fault, as much as the work done in it).
+
+Randomness: each call gets a 64-bit seed from the caller's counter-based streams and
+runs a SplitMix64 stream from it (``mix(seed + i * golden)``, the generator of Java's
+``SplittableRandom``; it passes BigCrush). The sequence is fixed by the seed, so the
+same seeds give the same tags.
 
 The slot hash is the same ``splitmix64`` as :func:`drivers.syncpattern.splitmix64`, so
 the choices made here equal those of :func:`drivers.simlink.source.slot_choices`.
@@ -22,7 +31,7 @@ import math
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
-import numba  # type: ignore[import-untyped]
+import numba
 import numpy as np
 import numpy.typing as npt
 
@@ -60,7 +69,7 @@ _TWO_PI = 2.0 * math.pi
 def _mix(z: np.uint64) -> np.uint64:
     z = (z ^ (z >> _S30)) * _M1
     z = (z ^ (z >> _S27)) * _M2
-    return z ^ (z >> _S31)  # type: ignore[no-any-return]
+    return z ^ (z >> _S31)
 
 
 @_jit
@@ -96,12 +105,13 @@ def _gap_table(gap_scale: float) -> npt.NDArray[np.int64]:
     return table
 
 
+#: Candidates per block of the transmitter loop: its scratch arrays stay in the L1 cache.
+_BLOCK = 1024
+
+
 @_jit
-def _fill_photons(
-    slot: npt.NDArray[np.int64],
-    angle: npt.NDArray[np.float32],
-    n_photons: npt.NDArray[np.uint8],
-    cls_out: npt.NDArray[np.uint8],
+def transmitter_photons(
+    photons: npt.NDArray[np.void],
     m: int,
     pos: int,
     counter: np.uint64,
@@ -113,123 +123,111 @@ def _fill_photons(
     z_threshold: np.uint64,
     sync_mix: np.uint64,
     use_sync: bool,
-    accept_ratio: npt.NDArray[np.float64],
+    keep_threshold: npt.NDArray[np.uint64],
+    multi_threshold: npt.NDArray[np.uint64],
     inverse_ratio: npt.NDArray[np.float64],
     photon_cdf: npt.NDArray[np.float64],
     state_angle_rad: npt.NDArray[np.float32],
 ) -> tuple[int, int, np.uint64, bool]:
-    """Fill the outputs from index ``m`` on, after slot ``pos``, until the slots or the
-    arrays run out; returns (m, pos, counter, done). No array is (re)allocated here: the
-    hot loop then holds no reference counting."""
-    cap = slot.shape[0]
-    n_cdf = photon_cdf.shape[1]
-    while m < cap:
-        counter += _GOLDEN
-        x = _mix(counter)
-        gap = int(gap_table[x >> _TABLE_SHIFT])
-        if gap >= 0:
-            # the gap used only the top bits: the low 52 are a fresh uniform
-            u = float(np.int64(x & _LOW52)) * _TWO_M52
-        else:
-            gap = int(min(-math.log(_unit_open(x)) * gap_scale, 2.0**62))
-            counter += _GOLDEN
-            u = _unit(_mix(counter))
-        if gap >= slot_stop - 1 - pos:
-            return m, pos, counter, True
-        pos += gap + 1
-        h = _mix((np.uint64(pos) ^ key) + _GOLDEN)
-        if use_sync:
-            frame = np.uint64(pos) >> _FRAME_SHIFT
-            c = 2 - 2 * int(np.int64(_mix((frame ^ sync_mix) + _GOLDEN) & _ONE))
-        else:
-            u_class = h >> _S32
-            c = int(u_class >= class_threshold[0]) + int(u_class >= class_threshold[1])
-        keep = u < accept_ratio[c]
-        # written for every candidate and kept by advancing m: no unpredictable branch
-        u_n = u * inverse_ratio[c] * keep
-        j = 0
-        while j < n_cdf - 1 and u_n >= photon_cdf[c, j]:
-            j += 1
-        basis = int(((h >> _ONE) & _LOW31) >= z_threshold)
-        slot[m] = pos
-        angle[m] = state_angle_rad[2 * basis + int(h & _ONE)]
-        n_photons[m] = min(j + 1, 255)
-        cls_out[m] = c
-        m += int(keep)
-    return m, pos, counter, False
+    """Pulses after slot ``pos`` (up to ``slot_stop``) that reached the receiver, written
+    in slot order into the records ``photons`` (``PHOTON_DTYPE``) from index ``m`` on.
 
-
-@_jit
-def transmitter_photons(
-    key: np.uint64,
-    slot_start: int,
-    slot_stop: int,
-    gap_scale: float,
-    seed: np.uint64,
-    class_threshold: npt.NDArray[np.uint64],
-    z_threshold: np.uint64,
-    sync_mix: np.uint64,
-    use_sync: bool,
-    accept_ratio: npt.NDArray[np.float64],
-    photon_cdf: npt.NDArray[np.float64],
-    state_angle_rad: npt.NDArray[np.float32],
-    capacity: int,
-) -> tuple[
-    npt.NDArray[np.int64], npt.NDArray[np.float32], npt.NDArray[np.uint8], npt.NDArray[np.uint8]
-]:
-    """Pulses of ``[slot_start, slot_stop)`` that reached the receiver, in slot order.
+    Returns (m, pos, counter, done); not done means ``photons`` has no room for another
+    block (``_BLOCK`` records): the caller grows it and calls again with the returned
+    state, so the result does not depend on the capacity.
 
     Candidate slots are Bernoulli(p_max), drawn as geometric gaps ``floor(E * gap_scale)
     + 1`` with ``E`` exponential and ``gap_scale = -1 / log(1 - p_max)`` (0 when every
     slot is a candidate). A candidate's class comes from the slot hash (``h >> 32``
     against ``class_threshold``, or the sync pattern's frame bit when ``use_sync``), its
-    basis from bits 1..31 against ``z_threshold`` and its bit from bit 0; it is kept with
-    ``accept_ratio[class]``. The same uniform, rescaled, picks the photon number from
-    ``photon_cdf[class]`` (zero-truncated Poisson CDF over n = 1, 2, ...). ``capacity``
-    is a first guess of the number kept.
+    basis from bits 1..31 against ``z_threshold`` and its bit from bit 0. The uniform
+    ``u`` (52 bits of the gap's draw, independent of the bits the table used) keeps it
+    with ``accept_ratio[class]`` (``u * 2**52 < keep_threshold[class]``) and, rescaled
+    by ``inverse_ratio``, picks the photon number from ``photon_cdf[class]``
+    (zero-truncated Poisson CDF over n = 1, 2, ...; ``multi_threshold[class, j]`` is
+    the kept ``u * 2**52`` from which n > j + 1).
 
-    Returns (slot, angle_rad, n_photons, intensity class) of the kept pulses.
+    Per block: the draws (a vectorised loop), the gaps and slots (a short serial
+    loop), the slot hashes, classes, keep decisions and angles (vectorisable loops),
+    then one pass that writes every candidate and keeps it by advancing ``m``, so the
+    random keep decision costs no mispredicted branch; only n > 2 (a few per mille)
+    branches.
     """
-    gap_table = _gap_table(gap_scale)
-    inverse_ratio = np.zeros(accept_ratio.shape[0])
-    for c in range(accept_ratio.shape[0]):
-        if accept_ratio[c] > 0.0:
-            inverse_ratio[c] = 1.0 / accept_ratio[c]
-    cap = max(capacity, 16)
-    slot = np.empty(cap, np.int64)
-    angle = np.empty(cap, np.float32)
-    n_photons = np.empty(cap, np.uint8)
-    cls_out = np.empty(cap, np.uint8)
-    m, pos, counter = 0, slot_start - 1, seed
-    while True:
-        m, pos, counter, done = _fill_photons(
-            slot,
-            angle,
-            n_photons,
-            cls_out,
-            m,
-            pos,
-            counter,
-            key,
-            slot_stop,
-            gap_scale,
-            gap_table,
-            class_threshold,
-            z_threshold,
-            sync_mix,
-            use_sync,
-            accept_ratio,
-            inverse_ratio,
-            photon_cdf,
-            state_angle_rad,
-        )
-        if done:
-            return slot[:m], angle[:m], n_photons[:m], cls_out[:m]
-        cap *= 2
-        slot = np.concatenate((slot, np.empty(cap - m, np.int64)))
-        angle = np.concatenate((angle, np.empty(cap - m, np.float32)))
-        n_photons = np.concatenate((n_photons, np.empty(cap - m, np.uint8)))
-        cls_out = np.concatenate((cls_out, np.empty(cap - m, np.uint8)))
+    cap = photons.shape[0]
+    n_cdf = photon_cdf.shape[1]
+    draw = np.empty(_BLOCK, np.uint64)
+    cand_slot = np.empty(_BLOCK, np.int64)
+    cand_hash = np.empty(_BLOCK, np.uint64)
+    cand_class = np.empty(_BLOCK, np.uint8)
+    cand_n = np.empty(_BLOCK, np.uint8)
+    cand_keep = np.empty(_BLOCK, np.uint8)
+    cand_angle = np.empty(_BLOCK, np.float32)
+    t_signal = class_threshold[0]
+    t_decoy = class_threshold[1]
+    keep_0, keep_1, keep_2 = keep_threshold[0], keep_threshold[1], keep_threshold[2]
+    multi_0, multi_1, multi_2 = multi_threshold[0, 0], multi_threshold[1, 0], multi_threshold[2, 0]
+    angle_h, angle_v = state_angle_rad[0], state_angle_rad[1]
+    angle_d, angle_a = state_angle_rad[2], state_angle_rad[3]
+    while m + _BLOCK <= cap:
+        for b in range(_BLOCK):
+            draw[b] = _mix(counter + np.uint64(b + 1) * _GOLDEN)
+        counter += np.uint64(_BLOCK) * _GOLDEN
+        n_cand = _BLOCK
+        for b in range(_BLOCK):
+            x = draw[b]
+            gap = gap_table[x >> _TABLE_SHIFT]
+            if gap < 0:  # rare: the bucket straddles a gap boundary
+                gap = int(min(-math.log(_unit_open(x)) * gap_scale, 2.0**62))
+                draw[b] = _mix(x ^ _M1)  # the gap used all the bits: fresh ones for u
+            if gap >= slot_stop - 1 - pos:
+                n_cand = b
+                break
+            pos += gap + 1
+            cand_slot[b] = pos
+        for b in range(n_cand):
+            cand_hash[b] = _mix((np.uint64(cand_slot[b]) ^ key) + _GOLDEN)
+        if use_sync:
+            for b in range(n_cand):
+                frame = np.uint64(cand_slot[b]) >> _FRAME_SHIFT
+                cand_class[b] = 2 - 2 * (_mix((frame ^ sync_mix) + _GOLDEN) & _ONE)
+        else:
+            for b in range(n_cand):
+                u_class = cand_hash[b] >> _S32
+                cand_class[b] = (u_class >= t_signal) + (u_class >= t_decoy)
+        # vectorisable: keep, photon number 1 or 2 and angle of every candidate
+        for b in range(n_cand):
+            h = cand_hash[b]
+            c = cand_class[b]
+            u52 = draw[b] & _LOW52
+            keep = u52 < (keep_0 if c == 0 else (keep_1 if c == 1 else keep_2))
+            u52 = u52 if keep else np.uint64(0)  # 0 when dropped: one photon
+            draw[b] = u52
+            multi = multi_0 if c == 0 else (multi_1 if c == 1 else multi_2)
+            cand_n[b] = 1 + np.uint8(u52 >= multi)
+            cand_keep[b] = keep
+            basis = ((h >> _ONE) & _LOW31) >= z_threshold
+            bit = (h & _ONE) != 0
+            cand_angle[b] = (
+                (angle_v if bit else angle_h) if not basis else (angle_a if bit else angle_d)
+            )
+        for b in range(n_cand):  # n > 2: a few per mille
+            c = cand_class[b]
+            if draw[b] >= multi_threshold[c, 1]:
+                u_n = float(np.int64(draw[b])) * _TWO_M52 * inverse_ratio[c]
+                n = 3
+                while n < n_cdf and u_n >= photon_cdf[c, n - 1]:
+                    n += 1
+                cand_n[b] = min(n, 255)
+        # every candidate is written and kept by advancing m: no branch on keep
+        for b in range(n_cand):
+            record = photons[m]
+            record.slot = cand_slot[b]
+            record.angle_rad = cand_angle[b]
+            record.n_photons = cand_n[b]
+            m += int(cand_keep[b])
+        if n_cand < _BLOCK:
+            return m, pos, counter, True
+    return m, pos, counter, False
 
 
 # --- receiver ----------------------------------------------------------------------
@@ -308,9 +306,12 @@ def _normal_slow(x: np.uint64, counter: np.uint64) -> tuple[float, np.uint64]:
         x = _mix(counter)
 
 
-_P1_SLOTS = 256  # direct-mapped memo of p(port 1) per distinct angle
+_MEMO_SLOTS = 256  # direct-mapped memo of the click probabilities per distinct angle
+_PULSE_BLOCK = 2048  # pulses per block of the receiver's first two passes
 _NO_ANGLE = np.uint32(0x7FC0_0001)  # a NaN pattern the transmitter never sends
 _S56 = np.uint64(56)
+_TWO53 = float(1 << 53)
+_ONE53 = 1 << 53
 
 
 @_jit
@@ -320,114 +321,126 @@ def _u26(x: np.uint64) -> float:
 
 
 @_jit
-def _p_port1_fill(
-    memo_key: npt.NDArray[np.uint32],
-    memo_p1: npt.NDArray[np.float64],
-    h: int,
-    bits: np.uint32,
-    angle: float,
-    rotation_rad: float,
-    misalignment: float,
-) -> None:
-    """Fill memo entry ``h`` for the angle ``angle`` (float32 bit pattern ``bits``)."""
-    e_d = misalignment
-    s0 = math.sin(angle + rotation_rad)
-    s1 = math.sin(angle + rotation_rad - math.pi / 4)
-    memo_key[h] = bits
-    memo_p1[h, 0] = e_d + s0 * s0 * (1.0 - 2.0 * e_d)
-    memo_p1[h, 1] = e_d + s1 * s1 * (1.0 - 2.0 * e_d)
+def _threshold_53(p: float) -> np.uint64:
+    """The integer ``t`` with ``u < p  <=>  u * 2**53 < t`` for a 53-bit uniform ``u``."""
+    return np.uint64(min(max(math.ceil(p * _TWO53), 0), _ONE53))
 
 
 @_jit
-def _p_port1(
+def _memo_fill(
+    h: int,
     bits: np.uint32,
     angle: float,
-    arm: int,
-    memo_key: npt.NDArray[np.uint32],
-    memo_p1: npt.NDArray[np.float64],
+    memo: tuple[npt.NDArray[np.uint32], npt.NDArray[np.float64], npt.NDArray[np.uint64]],
     rotation_rad: float,
     misalignment: float,
-) -> float:
-    """p(port 1) of arm ``arm`` for a pulse at ``angle`` (float32 bit pattern ``bits``):
-    ``e_d + sin^2(angle + rotation - analyser) (1 - 2 e_d)``, from a direct-mapped memo
-    keyed by the angle's bits (a chunk holds a handful of distinct angles, so the sine
-    is taken a handful of times). ``memo_key`` starts with a pattern no angle has."""
-    h = int((np.uint64(bits) * _GOLDEN) >> _S56)
-    if memo_key[h] != bits:
-        _p_port1_fill(memo_key, memo_p1, h, bits, angle, rotation_rad, misalignment)
-    return memo_p1[h, arm]  # type: ignore[no-any-return]
+    p_basis_z: float,
+    efficiency: npt.NDArray[np.float64],
+) -> None:
+    """Fill memo entry ``h`` for a pulse at ``angle`` (float32 bit pattern ``bits``).
+
+    Per arm ``a`` (analyser at 0 or 45 degrees), ``p1[h, a]`` is p(port 1) =
+    ``e_d + sin^2(angle + rotation - analyser) (1 - 2 e_d)``; ``threshold[h]`` is the
+    cumulative distribution over the channel that clicks for a single photon (arm Z
+    with ``p_basis_z``, then the port, then the detector's efficiency) on a 53-bit
+    uniform, so the channel is one draw against four thresholds, 4 meaning no click.
+    """
+    memo_bits, p1, threshold = memo
+    e_d = misalignment
+    s0 = math.sin(angle + rotation_rad)
+    s1 = math.sin(angle + rotation_rad - math.pi / 4)
+    p1_z = e_d + s0 * s0 * (1.0 - 2.0 * e_d)
+    p1_x = e_d + s1 * s1 * (1.0 - 2.0 * e_d)
+    memo_bits[h] = bits
+    p1[h, 0] = p1_z
+    p1[h, 1] = p1_x
+    cum = p_basis_z * (1.0 - p1_z) * efficiency[0]
+    threshold[h, 0] = _threshold_53(cum)
+    cum += p_basis_z * p1_z * efficiency[1]
+    threshold[h, 1] = _threshold_53(cum)
+    cum += (1.0 - p_basis_z) * (1.0 - p1_x) * efficiency[2]
+    threshold[h, 2] = _threshold_53(cum)
+    cum += (1.0 - p_basis_z) * p1_x * efficiency[3]
+    threshold[h, 3] = _threshold_53(cum)
 
 
 @_jit
 def _clicked_arms(
-    ev_pulse: npt.NDArray[np.int64],
+    ev_slot: npt.NDArray[np.int64],
     ev_channel: npt.NDArray[np.int16],
-    angle_rad: npt.NDArray[np.float32],
-    angle_bits: npt.NDArray[np.uint32],
-    n_photons: npt.NDArray[np.uint8],
+    draw: npt.NDArray[np.uint64],
+    photons: npt.NDArray[np.void],
+    photon_bits: npt.NDArray[np.void],
+    first: int,
+    stop: int,
+    memo: tuple[npt.NDArray[np.uint32], npt.NDArray[np.float64], npt.NDArray[np.uint64]],
     counter: np.uint64,
-    rotation_rad: float,
-    misalignment: float,
     p_basis_z: float,
     passive: bool,
     efficiency: npt.NDArray[np.float64],
+    rotation_rad: float,
+    misalignment: float,
 ) -> tuple[int, np.uint64]:
-    """Basis, port and click of each pulse's photons: writes (pulse index, channel) of
-    the detectors that click (room for two per pulse); returns their number and the
-    stream counter. Each candidate is written and kept by advancing the count, so the
-    random decisions cost no mispredicted branch."""
-    memo_key = np.full(_P1_SLOTS, _NO_ANGLE, np.uint32)
-    memo_p1 = np.zeros((_P1_SLOTS, 2))
+    """Basis, port and click of the photons of pulses ``first`` .. ``stop - 1``: writes
+    (slot, channel) of the detectors that click (room for two per pulse); returns their
+    number and the stream counter. ``memo`` (see :func:`_memo_fill`) lasts the chunk;
+    ``photon_bits`` is ``photons`` viewed with the angle's float32 bit pattern
+    (``drivers.simlink.source.PHOTON_BITS_DTYPE``); ``draw`` is scratch.
+
+    One draw per pulse (a vectorised loop). A single photon (most pulses) compares it
+    with the memo's four thresholds; each candidate is written and kept by advancing
+    the count, so the random decisions cost no mispredicted branch. A multi-photon
+    pulse (a few per cent) runs a sub-stream seeded by its draw."""
+    memo_bits, p1, threshold = memo
+    n_block = stop - first
+    for b in range(n_block):
+        draw[b] = _mix(counter + np.uint64(b + 1) * _GOLDEN)
+    counter += np.uint64(n_block) * _GOLDEN
     k = 0
-    for i in range(n_photons.shape[0]):
-        n = int(n_photons[i])
-        counter += _GOLDEN
-        x = _mix(counter)
-        u_basis = _u26(x >> _S38)
+    for b in range(n_block):
+        record = photon_bits[first + b]
+        bits = record.angle_bits
+        n = int(record.n_photons)
+        slot = record.slot
+        h = int((np.uint64(bits) * _GOLDEN) >> _S56)
+        if memo_bits[h] != bits:  # a chunk holds a handful of angles: rarely taken
+            angle = float(photons[first + b].angle_rad)
+            _memo_fill(h, bits, angle, memo, rotation_rad, misalignment, p_basis_z, efficiency)
+        x = draw[b]
         if n == 1:
-            arm = int(u_basis >= p_basis_z)
-            p1 = _p_port1(
-                angle_bits[i],
-                float(angle_rad[i]),
-                arm,
-                memo_key,
-                memo_p1,
-                rotation_rad,
-                misalignment,
+            u53 = x >> _S11
+            ch = (
+                int(u53 >= threshold[h, 0])
+                + int(u53 >= threshold[h, 1])
+                + int(u53 >= threshold[h, 2])
+                + int(u53 >= threshold[h, 3])
             )
-            ch = 2 * arm + int(_u26(x >> _S12) < p1)
-            counter += _GOLDEN
-            ev_pulse[k] = i
+            ev_slot[k] = slot
             ev_channel[k] = ch
-            k += int(_u26(_mix(counter)) < efficiency[ch])
+            k += int(ch < 4)
             continue
-        # multi-photon pulse (a few per cent): per-photon basis if passive
+        # multi-photon pulse: per-photon basis if passive
+        sub = x
+        u_basis = _u26(x >> _S38)
         n_z = n * int(u_basis < p_basis_z)
         if passive:
             n_z = int(u_basis < p_basis_z)
             for _ in range(n - 1):
-                counter += _GOLDEN
-                n_z += int(_unit(_mix(counter)) < p_basis_z)
+                sub += _GOLDEN
+                n_z += int(_unit(_mix(sub)) < p_basis_z)
         for arm in range(2):
             n_arm = n_z if arm == 0 else n - n_z
             if n_arm == 0:
                 continue
-            p1 = _p_port1(
-                angle_bits[i],
-                float(angle_rad[i]),
-                arm,
-                memo_key,
-                memo_p1,
-                rotation_rad,
-                misalignment,
-            )
-            counter += _GOLDEN
-            x = _mix(counter)
-            ch = 2 * arm + int(_u26(x >> _S12) < p1)
-            p_click = 1.0 - (1.0 - efficiency[ch]) ** n_arm
-            ev_pulse[k] = i
+            sub += _GOLDEN
+            y = _mix(sub)
+            ch = 2 * arm + int(_u26(y >> _S12) < p1[h, arm])
+            p_none = 1.0
+            for _ in range(n_arm):
+                p_none *= 1.0 - efficiency[ch]
+            ev_slot[k] = slot
             ev_channel[k] = ch
-            k += int(_u26(x >> _S38) < p_click)
+            k += int(_u26(y >> _S38) < 1.0 - p_none)
     return k, counter
 
 
@@ -436,10 +449,9 @@ def _click_times(
     out_c: npt.NDArray[np.int16],
     out_t: npt.NDArray[np.int64],
     out_s: npt.NDArray[np.int64],
-    ev_pulse: npt.NDArray[np.int64],
+    ev_slot: npt.NDArray[np.int64],
     ev_channel: npt.NDArray[np.int16],
     n_events: int,
-    slot: npt.NDArray[np.int64],
     counter: np.uint64,
     slot_start: int,
     chunk_t0_ps: int,
@@ -448,16 +460,17 @@ def _click_times(
     true_delay_ps: float,
     jitter_ps: float,
     gate_width_ps: float,
-) -> tuple[int, np.uint64]:
+    k: int,
+    last_t: int,
+) -> tuple[int, int, np.uint64]:
     """Jittered true times of the clicks; those inside their detector's gate are written
-    (channel, time, slot) in time order. Returns their number and the stream counter."""
-    k = 0
-    last_t = -(np.int64(1) << np.int64(62))
+    (channel, time, slot) in time order after the ``k`` written so far (the latest at
+    ``last_t``). Returns (k, last_t, counter)."""
     inv_period = 1.0 / period_ps
     half_gate = gate_width_ps / 2
     for e in range(n_events):
-        i = ev_pulse[e]
         ch = ev_channel[e]
+        slot = ev_slot[e]
         counter += _GOLDEN
         x = _mix(counter)
         z, ok = _normal_fast(x)
@@ -466,23 +479,23 @@ def _click_times(
         offset = true_delay_ps + z * jitter_ps
         # distance to the nearest gate centre (gates repeat every period); floor, not %
         d = offset - delay_ps[ch]
-        miss = d - period_ps * math.floor(d * inv_period + 0.5)
-        rel = max((slot[i] - slot_start) * period_ps + offset, 0.0)
-        t = chunk_t0_ps + math.floor(rel + 0.5)
+        miss = d - period_ps * np.floor(d * inv_period + 0.5)
+        rel = max((slot - slot_start) * period_ps + offset, 0.0)
+        t = chunk_t0_ps + int(np.floor(rel + 0.5))
         keep = abs(miss) < half_gate
         out_c[k] = ch
         out_t[k] = t
-        out_s[k] = slot[i]
+        out_s[k] = slot
         if keep & (t < last_t):  # rare: both arms of a pulse, or jitter > period
             j = k
             while j > 0 and out_t[j - 1] > t:
                 out_c[j], out_t[j], out_s[j] = out_c[j - 1], out_t[j - 1], out_s[j - 1]
                 j -= 1
-            out_c[j], out_t[j], out_s[j] = ch, t, slot[i]
+            out_c[j], out_t[j], out_s[j] = ch, t, slot
         else:
             last_t += (t - last_t) * int(keep)
         k += int(keep)
-    return k, counter
+    return k, last_t, counter
 
 
 @_jit
@@ -529,24 +542,65 @@ def _heap_pop(
 
 
 @_jit
+def _photon_run(
+    out: tuple[
+        npt.NDArray[np.int16], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]
+    ],
+    clicks: tuple[npt.NDArray[np.int16], npt.NDArray[np.int64], npt.NDArray[np.int64]],
+    k: int,
+    i: int,
+    stop: int,
+    t_stop: int,
+    last_click_ps: npt.NDArray[np.int64],
+    counts: npt.NDArray[np.int64],
+    dead_ps: npt.NDArray[np.int64],
+    on: npt.NDArray[np.int64],
+    chunk_t0_ps: int,
+    tagger: tuple[float, float, int],
+) -> tuple[int, int]:
+    """Photon clicks ``i`` .. before ``stop`` with times before ``t_stop`` (no other
+    event in between, no afterpulsing): dead time and detector state decide by a
+    compare, and each click is written and kept by advancing ``k`` (no branch on the
+    random outcome). The per-channel state lives in locals meanwhile. Returns (k, i)."""
+    out_c, out_t, out_s, out_tag = out
+    ph_c, ph_t, ph_s = clicks
+    tagger_scale, tagger_frac, tagger_base = tagger
+    last = last_click_ps.copy()
+    kept = np.zeros(4, np.int64)
+    while i < stop:
+        t = ph_t[i]
+        if t >= t_stop:
+            break
+        c = ph_c[i]
+        keep = on[c] & int(t - last[c] >= dead_ps[c])
+        last[c] += (t - last[c]) * keep
+        kept[c] += keep
+        out_c[k] = c
+        out_t[k] = t
+        out_s[k] = ph_s[i]
+        out_tag[k] = tagger_base + np.int64(
+            np.floor(float(t - chunk_t0_ps) * tagger_scale + tagger_frac)
+        )
+        k += keep
+        i += 1
+    for c in range(4):
+        last_click_ps[c] = last[c]
+        counts[c] += kept[c]
+    return k, i
+
+
+@_jit
 def _fill_events(
-    out_c: npt.NDArray[np.int16],
-    out_t: npt.NDArray[np.int64],
-    out_s: npt.NDArray[np.int64],
-    ht: npt.NDArray[np.int64],
-    hc: npt.NDArray[np.int16],
-    hs: npt.NDArray[np.int64],
+    out: tuple[
+        npt.NDArray[np.int16], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]
+    ],
+    heap: tuple[npt.NDArray[np.int64], npt.NDArray[np.int16], npt.NDArray[np.int64]],
     state: npt.NDArray[np.int64],
+    counts: npt.NDArray[np.int64],
     counter: np.uint64,
-    ph_c: npt.NDArray[np.int16],
-    ph_t: npt.NDArray[np.int64],
-    ph_s: npt.NDArray[np.int64],
-    dark_channel: npt.NDArray[np.int16],
-    dark_time_ps: npt.NDArray[np.int64],
-    dark_slot: npt.NDArray[np.int64],
-    pending_channel: npt.NDArray[np.int16],
-    pending_time_ps: npt.NDArray[np.int64],
-    pending_slot: npt.NDArray[np.int64],
+    clicks: tuple[npt.NDArray[np.int16], npt.NDArray[np.int64], npt.NDArray[np.int64]],
+    dark: tuple[npt.NDArray[np.int16], npt.NDArray[np.int64], npt.NDArray[np.int64]],
+    pending: tuple[npt.NDArray[np.int16], npt.NDArray[np.int64], npt.NDArray[np.int64]],
     last_click_ps: npt.NDArray[np.int64],
     slot_start: int,
     chunk_t0_ps: int,
@@ -558,23 +612,57 @@ def _fill_events(
     gate_width_ps: float,
     afterpulse_probability: float,
     afterpulse_delay_ps: float,
+    tagger: tuple[float, float, int],
 ) -> tuple[np.uint64, bool]:
     """The time-ordered event loop of :func:`receiver_events`, resumable: ``state`` holds
     (kept, next photon click, next dark click, next pending event, heap size). Returns
-    (counter, done); not done means the output is full."""
+    (counter, done); not done means the output is full.
+
+    Kept events are written as (channel, true time, slot, tagger time) to ``out`` and
+    counted per channel. Without afterpulsing, the photon clicks up to the next other
+    event go through :func:`_photon_run`."""
+    out_c, out_t, out_s, out_tag = out
+    ht, hc, hs = heap
+    ph_c, ph_t, ph_s = clicks
+    dark_channel, dark_time_ps, dark_slot = dark
+    pending_channel, pending_time_ps, pending_slot = pending
+    tagger_scale, tagger_frac, tagger_base = tagger
     k, i, j, p, n_heap = state[0], state[1], state[2], state[3], state[4]
     n_ph = ph_t.shape[0]
     n_dark = dark_time_ps.shape[0]
     n_pend = pending_time_ps.shape[0]
     cap = out_t.shape[0]
     gate_half = gate_width_ps / 2
-    big = np.int64(1) << np.int64(62)
+    big = 1 << 62
+    # t - last < dead  <=>  t - last < ceil(dead) for whole picoseconds
+    dead_ps = np.empty(4, np.int64)
+    on = np.empty(4, np.int64)
+    for c in range(4):
+        dead_ps[c] = math.ceil(dead_time_ps[c])
+        on[c] = int(enabled[c])
     done = False
     while k < cap:
-        t_ph = ph_t[i] if i < n_ph else big
         t_dk = dark_time_ps[j] if j < n_dark else big
         t_pd = pending_time_ps[p] if p < n_pend else big
         t_ap = ht[0] if n_heap > 0 else big
+        if afterpulse_probability <= 0.0:
+            k, i = _photon_run(
+                out,
+                clicks,
+                k,
+                i,
+                min(n_ph, i + cap - k),
+                min(t_dk, t_pd, t_ap, chunk_end_ps),
+                last_click_ps,
+                counts,
+                dead_ps,
+                on,
+                chunk_t0_ps,
+                tagger,
+            )
+            if k >= cap:
+                break
+        t_ph = ph_t[i] if i < n_ph else big
         t = min(t_ph, t_dk, t_pd, t_ap)
         if t >= chunk_end_ps:
             done = True
@@ -592,10 +680,12 @@ def _fill_events(
             c, s = int(hc[0]), hs[0]
             _heap_pop(ht, hc, hs, n_heap)
             n_heap -= 1
-        if not enabled[c] or t - last_click_ps[c] < dead_time_ps[c]:
+        if not enabled[c] or t - last_click_ps[c] < dead_ps[c]:
             continue
         last_click_ps[c] = t
+        counts[c] += 1
         out_c[k], out_t[k], out_s[k] = c, t, s
+        out_tag[k] = tagger_base + math.floor(float(t - chunk_t0_ps) * tagger_scale + tagger_frac)
         k += 1
         if afterpulse_probability <= 0.0:
             continue
@@ -620,9 +710,8 @@ def _fill_events(
 
 @_jit
 def receiver_events(
-    slot: npt.NDArray[np.int64],
-    angle_rad: npt.NDArray[np.float32],
-    n_photons: npt.NDArray[np.uint8],
+    photons: npt.NDArray[np.void],
+    photon_bits: npt.NDArray[np.void],
     dark_channel: npt.NDArray[np.int16],
     dark_time_ps: npt.NDArray[np.int64],
     dark_slot: npt.NDArray[np.int64],
@@ -630,6 +719,10 @@ def receiver_events(
     pending_time_ps: npt.NDArray[np.int64],
     pending_slot: npt.NDArray[np.int64],
     last_click_ps: npt.NDArray[np.int64],
+    counts: npt.NDArray[np.int64],
+    click_c: npt.NDArray[np.int16],
+    click_t: npt.NDArray[np.int64],
+    click_s: npt.NDArray[np.int64],
     seed: np.uint64,
     slot_start: int,
     chunk_t0_ps: int,
@@ -648,8 +741,12 @@ def receiver_events(
     gate_width_ps: float,
     afterpulse_probability: float,
     afterpulse_delay_ps: float,
+    tagger_scale: float,
+    tagger_frac: float,
+    tagger_base: int,
 ) -> tuple[
     npt.NDArray[np.int16],
+    npt.NDArray[np.int64],
     npt.NDArray[np.int64],
     npt.NDArray[np.int64],
     npt.NDArray[np.int16],
@@ -658,52 +755,74 @@ def receiver_events(
 ]:
     """Kept detections of one chunk in true-time order, and the events left for the next.
 
-    Photon clicks (see the receiver module's docstring) are merged in time order with
-    the dark clicks and the pending events (both sorted by time), and afterpulses as
-    they are released; each event is then, in time order: dropped if its detector is
-    off, dropped inside the detector's (non-paralysable) dead time, otherwise kept, and
-    with ``afterpulse_probability`` it schedules an afterpulse at the first gate after
+    ``photons`` are the fiber batch's records (``PHOTON_DTYPE``), ``photon_bits`` the
+    same memory as ``PHOTON_BITS_DTYPE`` (the angle's bit pattern keys a memo). Photon
+    clicks (see the receiver module's docstring) are merged in time order with the dark
+    clicks and the pending events (both sorted by time), and afterpulses as they are
+    released; each event is then, in time order: dropped if its detector is off,
+    dropped inside the detector's (non-paralysable) dead time, otherwise kept, and with
+    ``afterpulse_probability`` it schedules an afterpulse at the first gate after
     ``dead time + Exp(afterpulse_delay_ps)``. Events at or after ``chunk_end_ps`` are
-    returned unprocessed as the next pending events. ``last_click_ps`` is updated.
+    returned unprocessed as the next pending events. ``last_click_ps`` is updated and
+    the kept events are added to ``counts`` (per channel). ``click_c``, ``click_t``
+    and ``click_s`` are scratch space for the photon clicks (room for two per pulse),
+    kept by the caller from chunk to chunk: fresh memory costs a page fault per 4 KiB
+    on first touch, which is as much as the work done in it. The tagger time of a true
+    time ``t`` is ``tagger_base + floor((t - chunk_t0_ps) * tagger_scale +
+    tagger_frac)`` (see :class:`drivers.simlink.receiver.ReceiverClock`).
 
-    Returns (channel, true time, slot) of the kept clicks and of the pending events.
+    Returns (channel, true time, slot, tagger time) of the kept clicks and (channel,
+    true time, slot) of the pending events.
     """
-    cap_ph = 2 * slot.shape[0]
-    ev_pulse = np.empty(cap_ph, np.int64)
-    ev_channel = np.empty(cap_ph, np.int16)
-    n_ev, counter = _clicked_arms(
-        ev_pulse,
-        ev_channel,
-        angle_rad,
-        angle_rad.view(np.uint32),
-        n_photons,
-        seed,
-        rotation_rad,
-        misalignment,
-        p_basis_z,
-        passive,
-        efficiency,
+    # Clicks, then their times, block by block: the events between stay in the L1 cache.
+    n_pulses = photons.shape[0]
+    ev_slot = np.empty(2 * _PULSE_BLOCK, np.int64)
+    ev_channel = np.empty(2 * _PULSE_BLOCK, np.int16)
+    draw = np.empty(_PULSE_BLOCK, np.uint64)
+    memo = (
+        np.full(_MEMO_SLOTS, _NO_ANGLE, np.uint32),
+        np.zeros((_MEMO_SLOTS, 2)),
+        np.zeros((_MEMO_SLOTS, 4), np.uint64),
     )
-    ph_c = np.empty(n_ev, np.int16)
-    ph_t = np.empty(n_ev, np.int64)
-    ph_s = np.empty(n_ev, np.int64)
-    n_ph, counter = _click_times(
-        ph_c,
-        ph_t,
-        ph_s,
-        ev_pulse,
-        ev_channel,
-        n_ev,
-        slot,
-        counter,
-        slot_start,
-        chunk_t0_ps,
-        period_ps,
-        delay_ps,
-        true_delay_ps,
-        jitter_ps,
-        gate_width_ps,
-    )
+    ph_c, ph_t, ph_s = click_c, click_t, click_s
+    n_ph = 0
+    last_t = -(1 << 62)
+    counter = seed
+    for first in range(0, n_pulses, _PULSE_BLOCK):
+        n_ev, counter = _clicked_arms(
+            ev_slot,
+            ev_channel,
+            draw,
+            photons,
+            photon_bits,
+            first,
+            min(first + _PULSE_BLOCK, n_pulses),
+            memo,
+            counter,
+            p_basis_z,
+            passive,
+            efficiency,
+            rotation_rad,
+            misalignment,
+        )
+        n_ph, last_t, counter = _click_times(
+            ph_c,
+            ph_t,
+            ph_s,
+            ev_slot,
+            ev_channel,
+            n_ev,
+            counter,
+            slot_start,
+            chunk_t0_ps,
+            period_ps,
+            delay_ps,
+            true_delay_ps,
+            jitter_ps,
+            gate_width_ps,
+            n_ph,
+            last_t,
+        )
     ph_c, ph_t, ph_s = ph_c[:n_ph], ph_t[:n_ph], ph_s[:n_ph]
     n_dark = dark_time_ps.shape[0]
     n_pend = pending_time_ps.shape[0]
@@ -712,29 +831,42 @@ def receiver_events(
     out_c = np.empty(cap, np.int16)
     out_t = np.empty(cap, np.int64)
     out_s = np.empty(cap, np.int64)
+    out_tag = np.empty(cap, np.int64)
     ht = np.empty(cap, np.int64)
     hc = np.empty(cap, np.int16)
     hs = np.empty(cap, np.int64)
     state = np.zeros(5, np.int64)  # k, next photon click, next dark, next pending, heap size
+    if afterpulse_probability <= 0.0 and n_dark == 0 and n_pend == 0:
+        # the common case: only photon clicks, no afterpulses
+        on = np.empty(4, np.int64)
+        dead_ps = np.empty(4, np.int64)
+        for c in range(4):
+            on[c] = int(enabled[c])
+            dead_ps[c] = math.ceil(dead_time_ps[c])
+        state[0], state[1] = _photon_run(
+            (out_c, out_t, out_s, out_tag),
+            (ph_c, ph_t, ph_s),
+            0,
+            0,
+            n_ph,
+            chunk_end_ps,
+            last_click_ps,
+            counts,
+            dead_ps,
+            on,
+            chunk_t0_ps,
+            (tagger_scale, tagger_frac, tagger_base),
+        )
     while True:
         counter, done = _fill_events(
-            out_c,
-            out_t,
-            out_s,
-            ht,
-            hc,
-            hs,
+            (out_c, out_t, out_s, out_tag),
+            (ht, hc, hs),
             state,
+            counts,
             counter,
-            ph_c,
-            ph_t,
-            ph_s,
-            dark_channel,
-            dark_time_ps,
-            dark_slot,
-            pending_channel,
-            pending_time_ps,
-            pending_slot,
+            (ph_c, ph_t, ph_s),
+            (dark_channel, dark_time_ps, dark_slot),
+            (pending_channel, pending_time_ps, pending_slot),
             last_click_ps,
             slot_start,
             chunk_t0_ps,
@@ -746,6 +878,7 @@ def receiver_events(
             gate_width_ps,
             afterpulse_probability,
             afterpulse_delay_ps,
+            (tagger_scale, tagger_frac, tagger_base),
         )
         if done:
             break
@@ -754,6 +887,7 @@ def receiver_events(
         out_c = np.concatenate((out_c, np.empty(cap - k, np.int16)))
         out_t = np.concatenate((out_t, np.empty(cap - k, np.int64)))
         out_s = np.concatenate((out_s, np.empty(cap - k, np.int64)))
+        out_tag = np.concatenate((out_tag, np.empty(cap - k, np.int64)))
         ht = np.concatenate((ht, np.empty(cap - k, np.int64)))
         hc = np.concatenate((hc, np.empty(cap - k, np.int16)))
         hs = np.concatenate((hs, np.empty(cap - k, np.int64)))
@@ -777,7 +911,15 @@ def receiver_events(
         left_c[q], left_t[q], left_s[q] = hc[x], ht[x], hs[x]
         q += 1
     order = np.argsort(left_t, kind="mergesort")
-    return out_c[:k], out_t[:k], out_s[:k], left_c[order], left_t[order], left_s[order]
+    return (
+        out_c[:k],
+        out_t[:k],
+        out_s[:k],
+        out_tag[:k],
+        left_c[order],
+        left_t[order],
+        left_s[order],
+    )
 
 
 @_jit

@@ -28,6 +28,7 @@ frequency offset and a random-walk frequency wander.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -37,11 +38,26 @@ import numpy.typing as npt
 
 from drivers.simlink.kernels import receiver_events
 from drivers.simlink.params import ClockParams, ReceiverParams
+from drivers.simlink.source import PHOTON_BITS_DTYPE, PHOTON_DTYPE
 
-__all__ = ["DetectionRecords", "DetectorSettings", "ReceiverClock", "ReceiverModel"]
+__all__ = [
+    "DetectionRecords",
+    "DetectorSettings",
+    "ReceiverClock",
+    "ReceiverModel",
+    "copy_photons",
+    "span_ps",
+]
 
 N_CHANNELS = 4
 _ANALYSER_RAD = (0.0, math.pi / 4)
+
+
+@functools.lru_cache(maxsize=64)
+def span_ps(n_slots: int, period_ps: Fraction) -> int:
+    """Duration of ``n_slots`` slots in whole picoseconds (cached: chunk after chunk the
+    same, and exact arithmetic on fractions is slow)."""
+    return round(n_slots * period_ps)
 
 
 @dataclass
@@ -118,6 +134,21 @@ class ReceiverClock:
         self._tagger_frac = adv - whole
         self._true_ps = true_ps
 
+    def chunk_mapping(self, chunk_t0_ps: int) -> tuple[float, float, int]:
+        """(scale, fraction, base) of the chunk starting at ``chunk_t0_ps``: the tagger
+        time of true time ``chunk_t0_ps + rel`` is ``base + floor(rel * scale +
+        fraction)``. Call :meth:`end_chunk` after mapping the chunk's times."""
+        self._advance_to(chunk_t0_ps)
+        return 1.0 + self.frequency_offset, self._tagger_frac, self._tagger_ps
+
+    def end_chunk(self, chunk_t0_ps: int, duration_ps: int, rng: np.random.Generator) -> None:
+        """Advance the clock to the chunk's end and step the wander."""
+        self._advance_to(chunk_t0_ps + duration_ps)
+        if self._wander_per_sqrt_s > 0:
+            self._wander += rng.normal(
+                0.0, self._wander_per_sqrt_s * math.sqrt(duration_ps * 1e-12)
+            )
+
     def map_chunk(
         self,
         chunk_t0_ps: int,
@@ -127,14 +158,9 @@ class ReceiverClock:
     ) -> npt.NDArray[np.int64]:
         """Tagger times of true times ``chunk_t0_ps + rel_ps`` (``0 <= rel_ps < duration``),
         then advance the clock to the chunk's end and step the wander."""
-        self._advance_to(chunk_t0_ps)
-        scaled = rel_ps * (1.0 + self.frequency_offset) + self._tagger_frac
-        out = np.floor(scaled).astype(np.int64) + np.int64(self._tagger_ps)
-        self._advance_to(chunk_t0_ps + duration_ps)
-        if self._wander_per_sqrt_s > 0:
-            self._wander += rng.normal(
-                0.0, self._wander_per_sqrt_s * math.sqrt(duration_ps * 1e-12)
-            )
+        scale, frac, base = self.chunk_mapping(chunk_t0_ps)
+        out = np.floor(rel_ps * scale + frac).astype(np.int64) + np.int64(base)
+        self.end_chunk(chunk_t0_ps, duration_ps, rng)
         return out
 
 
@@ -161,6 +187,26 @@ class ReceiverModel:
         self._pending_channel = np.empty(0, np.int16)
         self._pending_time = np.empty(0, np.int64)
         self._pending_slot = np.empty(0, np.int64)
+        self._no_clicks = (np.empty(0, np.int16), np.empty(0, np.int64), np.empty(0, np.int64))
+        self.last_counts = np.zeros(N_CHANNELS, np.int64)
+        self._clicks = (
+            np.empty(1024, np.int16),
+            np.empty(1024, np.int64),
+            np.empty(1024, np.int64),
+        )
+        self._photon_space = np.empty(0, PHOTON_DTYPE)
+        self._kernel_cache: (
+            tuple[
+                DetectorSettings,
+                tuple[
+                    npt.NDArray[np.bool_],
+                    npt.NDArray[np.float64],
+                    npt.NDArray[np.float64],
+                    npt.NDArray[np.float64],
+                ],
+            ]
+            | None
+        ) = None
 
     # --- helpers --------------------------------------------------------------------
     def _dark_clicks(
@@ -173,14 +219,19 @@ class ReceiverModel:
         settings: DetectorSettings,
         rng: np.random.Generator,
     ) -> tuple[npt.NDArray[np.int16], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-        """Dark clicks of the chunk (channel, true time, slot), sorted by time."""
+        """Dark clicks of the chunk (channel, true time, slot), sorted by time.
+
+        Poisson splitting: one draw for the total count (almost always 0 at realistic
+        dark rates), then the channels of the clicks if there are any."""
         gate_s = self.rx.gate_width_ps * 1e-12
-        counts = rng.poisson(
-            np.where(settings.enabled, settings.dark_rate_hz, 0.0) * gate_s * n_slots
-        )
+        rates = zip(settings.dark_rate_hz.tolist(), settings.enabled.tolist(), strict=True)
+        rate_hz = [r if on else 0.0 for r, on in rates]
+        total_mean = sum(rate_hz) * gate_s * n_slots
+        n_dark = int(rng.poisson(total_mean)) if total_mean > 0.0 else 0
+        if n_dark == 0:
+            return self._no_clicks
+        counts = rng.multinomial(n_dark, np.asarray(rate_hz) / sum(rate_hz))
         channel = np.repeat(np.arange(N_CHANNELS, dtype=np.int16), counts)
-        if channel.size == 0:
-            return channel, np.empty(0, np.int64), np.empty(0, np.int64)
         slot_rel = rng.integers(0, n_slots, size=channel.size)
         in_gate = (rng.random(channel.size) - 0.5) * self.rx.gate_width_ps
         # Gates repeat every period: a delay setting outside [0, period) wraps.
@@ -188,6 +239,54 @@ class ReceiverModel:
         time_ps = np.round(rel).astype(np.int64) + chunk_t0_ps
         order = np.argsort(time_ps, kind="stable")
         return channel[order], time_ps[order], slot_rel[order] + slot_start
+
+    def _private_copy(self, photons: npt.NDArray[np.void]) -> npt.NDArray[np.void]:
+        """A writable copy of a (read-only) fiber batch in space reused from chunk to
+        chunk (see :func:`copy_photons`)."""
+        n = photons.shape[0]
+        if self._photon_space.shape[0] < n:
+            self._photon_space = np.empty(max(n, 2 * self._photon_space.shape[0]), PHOTON_DTYPE)
+        out = self._photon_space[:n]
+        if photons.dtype == PHOTON_DTYPE:
+            out.view(np.uint8)[:] = np.ascontiguousarray(photons).view(np.uint8)
+        else:  # same fields, another layout
+            for name in PHOTON_DTYPE.names or ():
+                out[name] = photons[name]
+        return out
+
+    def _click_space(
+        self, n_pulses: int
+    ) -> tuple[npt.NDArray[np.int16], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """The kernel's scratch space for the photon clicks (room for two per pulse),
+        reused from chunk to chunk: its pages are touched once, not once per chunk."""
+        if self._clicks[0].shape[0] < 2 * n_pulses:
+            cap = max(2 * n_pulses, 2 * self._clicks[0].shape[0])
+            self._clicks = (
+                np.empty(cap, np.int16),
+                np.empty(cap, np.int64),
+                np.empty(cap, np.int64),
+            )
+        return self._clicks
+
+    def _kernel_settings(
+        self, settings: DetectorSettings
+    ) -> tuple[
+        npt.NDArray[np.bool_],
+        npt.NDArray[np.float64],
+        npt.NDArray[np.float64],
+        npt.NDArray[np.float64],
+    ]:
+        """(enabled, efficiency, delay, dead time) as the kernel takes them, derived
+        again only when ``settings`` is another object."""
+        if self._kernel_cache is None or self._kernel_cache[0] is not settings:
+            arrays = (
+                np.ascontiguousarray(settings.enabled, dtype=np.bool_),
+                np.where(settings.enabled, settings.efficiency, 0.0).astype(np.float64),
+                np.ascontiguousarray(settings.delay_ps, dtype=np.float64),
+                np.ascontiguousarray(settings.dead_time_ps, dtype=np.float64),
+            )
+            self._kernel_cache = (settings, arrays)
+        return self._kernel_cache[1]
 
     # --- main entry ------------------------------------------------------------------
     def process(
@@ -208,21 +307,28 @@ class ReceiverModel:
         rx = self.rx
         n_slots = slot_stop - slot_start
         period_f = float(period_ps)
-        duration_ps = round(n_slots * period_ps)
+        duration_ps = span_ps(n_slots, period_ps)
         dt_s = duration_ps * 1e-12
         if self.drift_rad_per_sqrt_s > 0:
             self.drift_rad += rng.normal(0.0, self.drift_rad_per_sqrt_s * math.sqrt(dt_s))
-        seed = np.uint64(rng.integers(0, 1 << 64, dtype=np.uint64))
+        seed = np.uint64(rng.bit_generator.random_raw())
         dark_c, dark_t, dark_s = self._dark_clicks(
             slot_start, n_slots, chunk_t0_ps, period_ps=period_f, settings=settings, rng=rng
         )
         # Always C-contiguous *and writable*: numba compiles one specialization per array
-        # flavour, and a read-only batch (an empty or one-photon batch off the fiber
-        # socket) would otherwise compile a second one in the middle of a session.
-        channel, time_ps, slot, pend_c, pend_t, pend_s = receiver_events(
-            np.require(photons["slot"], requirements=("C", "W")),
-            np.require(photons["angle_rad"], requirements=("C", "W")),
-            np.require(photons["n_photons"], requirements=("C", "W")),
+        # flavour, and a read-only batch (off the fiber socket) would otherwise compile a
+        # second one in the middle of a session.
+        if not (
+            photons.flags.c_contiguous and photons.flags.writeable and photons.dtype == PHOTON_DTYPE
+        ):
+            photons = self._private_copy(photons)
+        tagger_scale, tagger_frac, tagger_base = self.clock.chunk_mapping(chunk_t0_ps)
+        counts = np.zeros(N_CHANNELS, np.int64)
+        click_c, click_t, click_s = self._click_space(photons.shape[0])
+        enabled, efficiency, delay_ps, dead_time_ps = self._kernel_settings(settings)
+        channel, time_ps, slot, tagger_ps, pend_c, pend_t, pend_s = receiver_events(
+            photons,
+            photons.view(PHOTON_BITS_DTYPE),
             dark_c,
             dark_t,
             dark_s,
@@ -230,6 +336,10 @@ class ReceiverModel:
             self._pending_time,
             self._pending_slot,
             self._last_click_ps,
+            counts,
+            click_c,
+            click_t,
+            click_s,
             seed,
             slot_start,
             chunk_t0_ps,
@@ -239,20 +349,23 @@ class ReceiverModel:
             self.misalignment,
             rx.p_basis_z,
             rx.basis_choice == "passive",
-            settings.enabled.astype(np.bool_),
-            np.where(settings.enabled, settings.efficiency, 0.0).astype(np.float64),
-            settings.delay_ps.astype(np.float64),
-            settings.dead_time_ps.astype(np.float64),
+            enabled,
+            efficiency,
+            delay_ps,
+            dead_time_ps,
             rx.true_delay_ps,
             rx.jitter_ps,
             rx.gate_width_ps,
             rx.afterpulse_probability,
             rx.afterpulse_delay_ns * 1e3,
+            tagger_scale,
+            tagger_frac,
+            tagger_base,
         )
+        self.clock.end_chunk(chunk_t0_ps, duration_ps, rng)
         self._pending_channel, self._pending_time, self._pending_slot = pend_c, pend_t, pend_s
-        rel = (time_ps - chunk_t0_ps).astype(np.float64)
-        tagger_ps = self.clock.map_chunk(chunk_t0_ps, rel, duration_ps, rng)
-        if np.any(settings.tagger_delay_ps):
+        self.last_counts = counts
+        if settings.tagger_delay_ps.any():
             tagger_ps += settings.tagger_delay_ps[channel]
             order = np.argsort(tagger_ps, kind="stable")
             channel, tagger_ps, time_ps, slot = (
@@ -262,3 +375,12 @@ class ReceiverModel:
                 slot[order],
             )
         return DetectionRecords(channel, tagger_ps, time_ps, slot)
+
+
+def copy_photons(photons: npt.NDArray[np.void]) -> npt.NDArray[np.void]:
+    """A C-contiguous, writable copy of the ``PHOTON_DTYPE`` records ``photons``, copied
+    as bytes (numpy copies a packed record array field by field, about fifty times
+    slower)."""
+    out = np.empty(photons.shape[0], PHOTON_DTYPE)
+    out.view(np.uint8)[:] = np.ascontiguousarray(photons).view(np.uint8)
+    return out

@@ -14,17 +14,20 @@ never O(slots).
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
-from drivers.simlink.kernels import transmitter_photons
+from drivers.simlink.kernels import _BLOCK, _gap_table, transmitter_photons
 from drivers.syncpattern import slot_bright, splitmix64
 
 __all__ = [
     "IDEAL_STATE_ANGLE_RAD",
+    "PHOTON_BITS_DTYPE",
     "PHOTON_DTYPE",
     "EmissionSettings",
     "PhotonChunk",
@@ -38,11 +41,17 @@ __all__ = [
 #: polarisation in real space) and the number of photons that reached the receiver (>= 1).
 PHOTON_DTYPE = np.dtype([("slot", np.int64), ("angle_rad", np.float32), ("n_photons", np.uint8)])
 
+#: The same records with the angle's float32 bit pattern (a view, for the receiver kernel).
+PHOTON_BITS_DTYPE = np.dtype(
+    [("slot", np.int64), ("angle_bits", np.uint32), ("n_photons", np.uint8)]
+)
+
 #: Polarisation angle of H, V, D, A (index = basis * 2 + bit) when the encoder is ideal.
 IDEAL_STATE_ANGLE_RAD = (0.0, math.pi / 2, math.pi / 4, 3 * math.pi / 4)
 
 _TWO32 = float(1 << 32)
 _TWO31 = float(1 << 31)
+_TWO52 = float(1 << 52)
 
 
 def secret_key(transmitter_seed: int) -> np.uint64:
@@ -142,62 +151,143 @@ def intercept_resend(
     return out
 
 
+@dataclass(frozen=True)
+class _EmissionTables:
+    """Per-settings constants of :func:`drivers.simlink.kernels.transmitter_photons`."""
+
+    p_max: float
+    gap_scale: float
+    gap_table: npt.NDArray[np.int64]
+    class_threshold: npt.NDArray[np.uint64]
+    z_threshold: np.uint64
+    sync_mix: np.uint64
+    keep_threshold: npt.NDArray[np.uint64]
+    multi_threshold: npt.NDArray[np.uint64]
+    inverse_ratio: npt.NDArray[np.float64]
+    photon_cdf: npt.NDArray[np.float64]
+    state_angle_rad: npt.NDArray[np.float32]
+
+
+def _threshold_52(p: float) -> int:
+    """The integer ``t`` with ``u < p  <=>  u * 2**52 < t`` for a 52-bit uniform ``u``."""
+    return min(math.ceil(p * _TWO52), 1 << 52)
+
+
+@functools.lru_cache(maxsize=32)
+def _emission_tables(settings: EmissionSettings) -> _EmissionTables:
+    """The kernel's constants for ``settings`` (they change only when an instrument does,
+    so chunk after chunk reuses them)."""
+    lam = [settings.transmittance * m for m in settings.mu_per_class]
+    p_survive = [-math.expm1(-x) for x in lam]
+    classes_used = [0, 2] if settings.sync_seed is not None else [0, 1, 2]
+    p_max = max(p_survive[c] for c in classes_used)
+    cdfs = [_zero_truncated_poisson_cdf(x) for x in lam]
+    photon_cdf = np.ones((3, max(3, *(c.size for c in cdfs))))
+    for c, cdf in enumerate(cdfs):
+        photon_cdf[c, : cdf.size] = cdf
+    accept = [p / p_max if p_max > 0.0 else 0.0 for p in p_survive]
+    # u / accept >= cdf[j]  <=>  u >= accept * cdf[j]; at least 1 so a dropped candidate
+    # (u set to 0) always counts one photon
+    multi = [
+        [max(_threshold_52(a * photon_cdf[c, j]), 1) for j in (0, 1)] for c, a in enumerate(accept)
+    ]
+    gap_scale = 0.0 if p_max >= 1.0 or p_max <= 0.0 else -1.0 / math.log1p(-p_max)
+    return _EmissionTables(
+        p_max=p_max,
+        gap_scale=gap_scale,
+        gap_table=_gap_table(gap_scale),
+        class_threshold=np.array(
+            [int(settings.p_signal * _TWO32), int((settings.p_signal + settings.p_decoy) * _TWO32)],
+            dtype=np.uint64,
+        ),
+        z_threshold=np.uint64(int(settings.p_basis_z * _TWO31)),
+        # the pattern's frame bits hash with the seed mixed as drivers.syncpattern does
+        sync_mix=secret_key(settings.sync_seed) if settings.sync_seed is not None else np.uint64(0),
+        keep_threshold=np.array([_threshold_52(a) for a in accept], dtype=np.uint64),
+        multi_threshold=np.array(multi, dtype=np.uint64),
+        inverse_ratio=np.array([1.0 / a if a > 0.0 else 0.0 for a in accept]),
+        photon_cdf=photon_cdf,
+        state_angle_rad=np.asarray(settings.state_angle_rad, dtype=np.float32),
+    )
+
+
 def generate_photons(
     key: np.uint64,
     slot_start: int,
     slot_stop: int,
     settings: EmissionSettings,
-    rng: np.random.Generator,
+    seed: np.uint64,
+    *,
+    eve_rng: Callable[[], np.random.Generator] | None = None,
+    capacity: int | None = None,
 ) -> PhotonChunk:
     """Pulses of slots ``[slot_start, slot_stop)`` with at least one photon at the receiver.
 
     The number of photons reaching the receiver from a pulse of mean ``mu`` is Poisson with
     mean ``transmittance * mu``; only non-empty ones are returned, with their photon number.
-    Cost is proportional to the number of returned pulses.
+    Cost is proportional to the number of returned pulses. ``seed`` drives the photon
+    statistics; ``eve_rng`` makes the generator of an eavesdropper's random choices (called
+    only when one is active). ``capacity``: the initial room for pulses (default: the
+    expected number plus six standard deviations); it grows as needed and does not change
+    the result.
     """
-    lam = [settings.transmittance * m for m in settings.mu_per_class]
-    p_survive = [-math.expm1(-x) for x in lam]
-    classes_used = [0, 2] if settings.sync_seed is not None else [0, 1, 2]
-    p_max = max(p_survive[c] for c in classes_used)
     span = slot_stop - slot_start
-    if p_max <= 0.0 or span <= 0:
+    tables = _emission_tables(settings)
+    if tables.p_max <= 0.0 or span <= 0:
         return PhotonChunk(slot_start, slot_stop, np.empty(0, PHOTON_DTYPE), np.empty(0, np.int64))
-    cdfs = [_zero_truncated_poisson_cdf(x) for x in lam]
-    photon_cdf = np.ones((3, max(c.size for c in cdfs)))
-    for c, cdf in enumerate(cdfs):
-        photon_cdf[c, : cdf.size] = cdf
-    expected = span * p_max
-    slots, angle, n_photons, cls = transmitter_photons(
-        key,
-        slot_start,
-        slot_stop,
-        0.0 if p_max >= 1.0 else -1.0 / math.log1p(-p_max),
-        np.uint64(rng.integers(0, 1 << 64, dtype=np.uint64)),
-        np.array(
-            [int(settings.p_signal * _TWO32), int((settings.p_signal + settings.p_decoy) * _TWO32)],
-            dtype=np.uint64,
-        ),
-        np.uint64(int(settings.p_basis_z * _TWO31)),
-        # the pattern's frame bits hash with the seed mixed as drivers.syncpattern does
-        secret_key(settings.sync_seed) if settings.sync_seed is not None else np.uint64(0),
-        settings.sync_seed is not None,
-        np.array([p / p_max for p in p_survive]),
-        photon_cdf,
-        np.asarray(settings.state_angle_rad, dtype=np.float32),
-        int(expected + 6.0 * math.sqrt(expected) + 64),
-    )
+    if capacity is None:
+        expected = span * tables.p_max
+        capacity = int(expected + 6.0 * math.sqrt(expected)) + 2 * _BLOCK
+    photons = np.empty(capacity, PHOTON_DTYPE)
+    m, pos, counter = 0, slot_start - 1, np.uint64(seed)
+    while True:
+        m, pos, counter, done = transmitter_photons(
+            photons,
+            m,
+            pos,
+            counter,
+            key,
+            slot_stop,
+            tables.gap_scale,
+            tables.gap_table,
+            tables.class_threshold,
+            tables.z_threshold,
+            tables.sync_mix,
+            settings.sync_seed is not None,
+            tables.keep_threshold,
+            tables.multi_threshold,
+            tables.inverse_ratio,
+            tables.photon_cdf,
+            tables.state_angle_rad,
+        )
+        if done:
+            break
+        counter = np.uint64(counter)  # numba returns a Python int: keep the uint64 type
+        grown = np.empty(2 * photons.shape[0] + _BLOCK, PHOTON_DTYPE)
+        grown[:m].view(np.uint8)[:] = photons[:m].view(np.uint8)  # a byte copy: fast
+        photons = grown
+    photons = photons[:m]
     eve_known = np.empty(0, np.int64)
-    if settings.eve_mode == "intercept-resend" and settings.eve_fraction > 0:
-        angle = intercept_resend(angle, settings.eve_fraction, rng)
-    elif settings.eve_mode == "beam-splitting" and settings.eve_fraction > 0:
-        # Eve replaces the lossy fiber by a lossless one and keeps what it would lose. By
-        # Poisson splitting, her photon number is independent of what reached Bob.
-        mu_cls = np.asarray(settings.mu_per_class)[cls]
-        p_eve = -np.expm1(-mu_cls * (1.0 - settings.transmittance))
-        attacked = rng.random(slots.size) < settings.eve_fraction
-        eve_known = slots[attacked & (rng.random(slots.size) < p_eve)]
-    photons = np.empty(slots.size, dtype=PHOTON_DTYPE)
-    photons["slot"] = slots
-    photons["angle_rad"] = angle
-    photons["n_photons"] = n_photons
+    if settings.eve_fraction > 0 and settings.eve_mode in ("intercept-resend", "beam-splitting"):
+        rng = eve_rng() if eve_rng is not None else np.random.default_rng(int(seed))
+        if settings.eve_mode == "intercept-resend":
+            photons["angle_rad"] = intercept_resend(
+                photons["angle_rad"], settings.eve_fraction, rng
+            )
+        else:
+            # Eve replaces the lossy fiber by a lossless one and keeps what it would lose. By
+            # Poisson splitting, her photon number is independent of what reached Bob.
+            slots = photons["slot"]
+            _, _, cls = slot_choices(
+                key,
+                slots,
+                p_signal=settings.p_signal,
+                p_decoy=settings.p_decoy,
+                p_basis_z=settings.p_basis_z,
+                sync_seed=settings.sync_seed,
+            )
+            mu_cls = np.asarray(settings.mu_per_class)[cls]
+            p_eve = -np.expm1(-mu_cls * (1.0 - settings.transmittance))
+            attacked = rng.random(slots.size) < settings.eve_fraction
+            eve_known = slots[attacked & (rng.random(slots.size) < p_eve)]
     return PhotonChunk(slot_start, slot_stop, photons, eve_known)

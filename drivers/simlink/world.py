@@ -27,6 +27,7 @@ detector drivers raise ConnectionLostError).
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import logging
 import math
@@ -43,7 +44,14 @@ import zmq
 from drivers.interfaces import TAG_DTYPE, PreparedStates, TagBlock
 from drivers.simlink.optics import TxOptics
 from drivers.simlink.params import LinkParams
-from drivers.simlink.receiver import N_CHANNELS, DetectionRecords, DetectorSettings, ReceiverModel
+from drivers.simlink.receiver import (
+    N_CHANNELS,
+    DetectionRecords,
+    DetectorSettings,
+    ReceiverModel,
+    copy_photons,
+    span_ps,
+)
 from drivers.simlink.source import (
     PHOTON_DTYPE,
     EmissionSettings,
@@ -72,8 +80,58 @@ FIBER_PROTOCOL_VERSION = 1
 _STREAM_TX_PHYSICS = 1
 _STREAM_RX_PHYSICS = 2
 _STREAM_RX_EVE = 3
+_STREAM_TX_EVE = 4
+_MASK64 = (1 << 64) - 1
+_GOLDEN64 = 0x9E3779B97F4A7C15
+_STREAMS_DOMAIN = 0x7369_6D6C_696E_6B31  # "simlink1"
 
 
+def _splitmix64(z: int) -> int:
+    """The SplitMix64 finaliser on a Python int (the same as the kernels' ``_mix``)."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+class ChunkStreams:
+    """Counter-based random streams of one world: chunk ``index`` of stream ``stream``
+    gets the same numbers however the chunks are paced.
+
+    :meth:`word` is a 64-bit seed for a kernel; :meth:`generator` reseeds one PCG64 from
+    four such words and returns it (a microsecond, where a fresh
+    ``numpy.random.default_rng`` hashes a seed sequence for tens of microseconds, per
+    chunk and side). The generator is shared: a chunk is done with it before the next
+    chunk asks."""
+
+    def __init__(self, seed: int) -> None:
+        # a domain constant: the root differs from the transmitter's secret choice key
+        # (``source.secret_key``, the same finaliser on the bare seed)
+        self._root = _splitmix64(((seed ^ _STREAMS_DOMAIN) + _GOLDEN64) & _MASK64)
+        self._bits = np.random.PCG64(0)
+        self._generator = np.random.Generator(self._bits)
+        self._state = self._bits.state
+
+    def word(self, stream: int, index: int, k: int = 0) -> int:
+        """Word ``k`` (64 bits) of chunk ``index`` of ``stream``."""
+        return self._words(stream, index, k + 1)[k]
+
+    def _words(self, stream: int, index: int, n: int) -> list[int]:
+        z = _splitmix64(((self._root ^ stream) + _GOLDEN64) & _MASK64)
+        z = _splitmix64(((z ^ (index & _MASK64)) + _GOLDEN64) & _MASK64)
+        return [_splitmix64((z + (k + 1) * _GOLDEN64) & _MASK64) for k in range(n)]
+
+    def generator(self, stream: int, index: int) -> np.random.Generator:
+        """The shared generator, reseeded for chunk ``index`` of ``stream``."""
+        w = self._words(stream, index, 4)
+        state = self._state
+        state["state"] = {"state": (w[0] << 64) | w[1], "inc": (w[2] << 64) | w[3] | 1}
+        state["has_uint32"] = 0
+        state["uinteger"] = 0
+        self._bits.state = state
+        return self._generator
+
+
+@functools.lru_cache(maxsize=64)
 def _slot_period_ps(slot_rate_hz: float) -> Fraction:
     return Fraction(10**12) / Fraction(slot_rate_hz)
 
@@ -100,6 +158,7 @@ class TransmitterWorld:
         self._eve_fraction = params.eve.fraction
         self._seed = params.transmitter_seed
         self._key = secret_key(params.transmitter_seed)
+        self._streams = ChunkStreams(params.transmitter_seed)
         self.optics = TxOptics.power_on(self.hardware, self.source, params.start_calibrated)
         self.lock = threading.RLock()
         self.chunk_index = 0
@@ -231,8 +290,14 @@ class TransmitterWorld:
             index = self.chunk_index
             self.chunk_index += 1
         start = index * self.chunk_slots
-        rng = np.random.default_rng([self._seed, _STREAM_TX_PHYSICS, index])
-        chunk = generate_photons(self._key, start, start + self.chunk_slots, settings, rng)
+        chunk = generate_photons(
+            self._key,
+            start,
+            start + self.chunk_slots,
+            settings,
+            np.uint64(self._streams.word(_STREAM_TX_PHYSICS, index)),
+            eve_rng=lambda: np.random.default_rng([self._seed, _STREAM_TX_EVE, index]),
+        )
         if chunk.eve_known_slots.size:
             self.eve_known_slots.append(chunk.eve_known_slots)
         self.photons_sent += chunk.photons.shape[0]
@@ -352,6 +417,7 @@ class ReceiverWorld:
         self.fiber_misalignment = params.fiber.misalignment
         self.fiber_delay_ps = round(params.fiber.delay_s * 1e12)
         self._seed = params.receiver_seed
+        self._streams = ChunkStreams(params.receiver_seed)
         self.model = ReceiverModel(
             rx, params.clock, params.fiber.misalignment, params.fiber.drift_rad_per_sqrt_s
         )
@@ -367,6 +433,7 @@ class ReceiverWorld:
             threshold_v=np.full(N_CHANNELS, mid_threshold),
         )
         self.tagger_delay_ps = np.zeros(N_CHANNELS, np.int64)
+        self._settings_cache: tuple[tuple[object, ...], DetectorSettings] | None = None
         self.lock = threading.RLock()
         self.faults: dict[str, dict[str, Any]] = {}
         self.chunk_index = 0
@@ -419,6 +486,24 @@ class ReceiverWorld:
                 tagger_delay_ps=self.tagger_delay_ps.copy(),
             )
 
+    def _current_settings(self) -> DetectorSettings:
+        """:meth:`detector_settings`, recomputed only when a front panel or a fault that
+        enters it changed (the model then reuses the arrays it derived from them)."""
+        d = self.detectors
+        key = (
+            d.armed.tobytes(),
+            d.latched.tobytes(),
+            d.efficiency_pct.tobytes(),
+            d.dead_time_ns.tobytes(),
+            d.delay_ps.tobytes(),
+            d.threshold_v.tobytes(),
+            self.tagger_delay_ps.tobytes(),
+            "detector_disconnect" in self.faults,
+        )
+        if self._settings_cache is None or self._settings_cache[0] != key:
+            self._settings_cache = (key, self.detector_settings())
+        return self._settings_cache[1]
+
     # --- faults -----------------------------------------------------------------------
     def inject(self, fault: str, **kw: Any) -> None:
         """Start a fault (see the module docstring)."""
@@ -451,7 +536,7 @@ class ReceiverWorld:
             chunk_t0 = self._anchor_ps + tx_t0
             if "bright_light" in self.faults:
                 self.detectors.latched |= self.detectors.armed
-            settings = self.detector_settings()
+            settings = self._current_settings()
             rotation = float(self.faults.get("encoding_drift", {}).get("angle_rad", 0.0))
             cut = "fiber_cut" in self.faults
             eve = self.faults.get("eve")
@@ -461,11 +546,11 @@ class ReceiverWorld:
             photons = photons[:0]
         if eve:
             eve_rng = np.random.default_rng([self._seed, _STREAM_RX_EVE, index])
-            photons = photons.copy()
+            photons = copy_photons(photons)  # private: the caller's batch stays as sent
             photons["angle_rad"] = intercept_resend(
                 photons["angle_rad"], float(eve.get("fraction", 1.0)), eve_rng
             )
-        rng = np.random.default_rng([self._seed, _STREAM_RX_PHYSICS, index])
+        rng = self._streams.generator(_STREAM_RX_PHYSICS, index)
         records = self.model.process(
             photons,
             slot_start,
@@ -478,9 +563,9 @@ class ReceiverWorld:
         )
         duration_s = float((slot_stop - slot_start) * period) * 1e-12
         with self.lock:
-            self._true_end_ps = chunk_t0 + round((slot_stop - slot_start) * period)
+            self._true_end_ps = chunk_t0 + span_ps(slot_stop - slot_start, period)
             self.detections += len(records)
-            self.last_counts = np.bincount(records.channel, minlength=N_CHANNELS)
+            self.last_counts = self.model.last_counts
             self.last_duration_s = duration_s
             if self.streaming:
                 self._queue(records)

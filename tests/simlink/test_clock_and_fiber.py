@@ -33,11 +33,14 @@ def test_clock_offset_and_frequency_recovered_from_tags_alone() -> None:
     slope, _ = np.polyfit(rel_slot * period_ps, t - t[0], 1)
     ppm = (slope - 1) * 1e6
     assert ppm == pytest.approx(12.5, abs=0.01)
-    # 2) find the slot of the first tag: the alignment with no tag in a dark frame
+    # 2) find the slot of the first tag: the alignment with (almost) no tag in a dark
+    # frame. Not none: the intensity modulator's finite extinction (40 dB) leaves the
+    # vacuum pulses mu_signal * 1e-4, about 2 expected tags here (0 to 7 over seeds),
+    # against 25 to 50 for the next best alignment.
     head = rel_slot[:20000]
     in_dark = [int(np.count_nonzero(~slot_bright(sync_seed, head + k0))) for k0 in range(2048)]
     k0 = int(np.argmin(in_dark))
-    assert in_dark[k0] == 0 and sorted(in_dark)[1] > 0
+    assert in_dark[k0] <= 10 < sorted(in_dark)[1]
     # 3) offset: tag time minus the scaled arrival time of that slot's pulse
     arrival_ps = k0 * period_ps + params.fiber.delay_s * 1e12 + params.receiver.true_delay_ps
     offset_s = (t[0] - slope * arrival_ps) * 1e-12

@@ -101,3 +101,21 @@ def test_fiber_batches_of_any_size_share_one_compiled_receiver() -> None:
     finally:
         rx.close()
         tx.close()
+
+
+def test_transmitter_output_does_not_depend_on_its_capacity() -> None:
+    """The transmitter loop stops when its output is full and resumes in a larger one;
+    the pulses are the same as with room for all of them from the start."""
+    from drivers.simlink.source import generate_photons, secret_key
+
+    tx = TransmitterWorld(link(chunk_slots=1 << 18))
+    settings = tx.emission_settings()
+    key = secret_key(7)
+    roomy = generate_photons(key, 1000, 1000 + (1 << 18), settings, np.uint64(2**63 + 5))
+    tight = generate_photons(
+        key, 1000, 1000 + (1 << 18), settings, np.uint64(2**63 + 5), capacity=10
+    )
+    assert roomy.photons.shape[0] > 10_000
+    assert np.array_equal(roomy.photons.view(np.uint8), tight.photons.view(np.uint8))
+    assert len(kernels.transmitter_photons.signatures) == 1
+    tx.close()
