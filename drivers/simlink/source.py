@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from drivers.simlink.kernels import _BLOCK, _gap_table, transmitter_photons
+from drivers.simlink.kernels import _BLOCK, _gap_table, slot_choices_into, transmitter_photons
 from drivers.syncpattern import slot_bright, splitmix64
 
 __all__ = [
@@ -75,17 +75,22 @@ def slot_choices(
     With ``sync_seed`` the class follows the public pattern (bright = SIGNAL, dark =
     VACUUM) while basis and bit stay random.
     """
+    # Integer thresholds on the hash bits: the same as comparing uniforms.
+    z_threshold = np.uint64(int(p_basis_z * _TWO31))
+    if sync_seed is None:
+        s = np.ascontiguousarray(slots, dtype=np.int64)
+        basis = np.empty(s.shape[0], np.uint8)
+        bit = np.empty(s.shape[0], np.uint8)
+        intensity = np.empty(s.shape[0], np.uint8)
+        thresholds = np.array(
+            [int(p_signal * _TWO32), int((p_signal + p_decoy) * _TWO32)], dtype=np.uint64
+        )
+        slot_choices_into(np.uint64(key), s, z_threshold, thresholds, basis, bit, intensity)
+        return basis, bit, intensity
     h = splitmix64(np.asarray(slots, dtype=np.int64).astype(np.uint64) ^ key)
     bit = (h & np.uint64(1)).astype(np.uint8)
-    # Integer thresholds on the hash bits: the same as comparing uniforms, fewer passes.
-    z_threshold = np.uint64(int(p_basis_z * _TWO31))
     basis = (((h >> np.uint64(1)) & np.uint64(0x7FFF_FFFF)) >= z_threshold).astype(np.uint8)
-    if sync_seed is None:
-        u_class = h >> np.uint64(32)
-        intensity = (u_class >= np.uint64(int(p_signal * _TWO32))).astype(np.uint8)
-        intensity += u_class >= np.uint64(int((p_signal + p_decoy) * _TWO32))
-    else:
-        intensity = np.where(slot_bright(sync_seed, slots), 0, 2).astype(np.uint8)
+    intensity = np.where(slot_bright(sync_seed, slots), 0, 2).astype(np.uint8)
     return basis, bit, intensity
 
 

@@ -690,6 +690,7 @@ def warm_up(params: LinkParams) -> None:
         # As it comes off the fiber socket: a read-only buffer.
         off_the_fiber = np.frombuffer(chunk.photons.tobytes(), dtype=PHOTON_DTYPE)
         rx.process(tx.fiber_header(0, chunk), off_the_fiber)
+        tx.prepared(chunk.photons["slot"])  # the transmitter's side of sifting
     finally:
         rx.close()
         tx.close()

@@ -119,3 +119,26 @@ def test_transmitter_output_does_not_depend_on_its_capacity() -> None:
     assert np.array_equal(roomy.photons.view(np.uint8), tight.photons.view(np.uint8))
     assert len(kernels.transmitter_photons.signatures) == 1
     tx.close()
+
+
+def test_slot_choices_kernel_matches_the_hash_definition_and_compiles_once() -> None:
+    """The compiled slot choices (the transmitter's side of sifting) are the documented
+    hash thresholds bit for bit, and the warm-up's compile serves any block."""
+    from drivers.simlink.source import slot_choices
+    from drivers.simlink.world import warm_up
+    from drivers.syncpattern import splitmix64
+
+    warm_up(link())
+    key = np.uint64(0xDEADBEEF12345678)
+    slots = np.sort(np.random.default_rng(3).integers(0, 2**45, 200_001))
+    basis, bit, cls = slot_choices(key, slots, p_signal=0.6, p_decoy=0.2, p_basis_z=0.8)
+    h = splitmix64(slots.astype(np.uint64) ^ key)
+    want_basis = ((h >> np.uint64(1)) & np.uint64(0x7FFF_FFFF)) >= np.uint64(int(0.8 * 2**31))
+    u = h >> np.uint64(32)
+    want_cls = (u >= np.uint64(int(0.6 * 2**32))).astype(np.uint8) + (
+        u >= np.uint64(int(0.8 * 2**32))
+    )
+    assert np.array_equal(basis, want_basis)
+    assert np.array_equal(bit, (h & np.uint64(1)).astype(np.uint8))
+    assert np.array_equal(cls, want_cls)
+    assert len(kernels.slot_choices_into.signatures) == 1
