@@ -90,8 +90,10 @@ class DaemonBase:
         """Compile (or load from numba's disk cache) the post-processing kernels and, with
         simulated hardware, the link model, so no compile runs in the middle of a session."""
         from qkdnode.postproc import cascade
+        from qkdnode.procedures import track_kernel
 
         cascade.warm_up()
+        track_kernel.warm_up()
         sim = self.cfg.simulation
         if sim is None or not sim.enabled:
             return

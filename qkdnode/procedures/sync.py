@@ -29,7 +29,6 @@ recovers ``offset`` and ``rate`` (a :class:`ClockModel`) from the tags alone, in
 from __future__ import annotations
 
 import asyncio
-import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from drivers.interfaces import TAG_DTYPE, TimeTagger
 from drivers.syncpattern import FRAME_SLOTS, frame_bright
+from qkdnode.procedures.track_kernel import track
 
 __all__ = [
     "AcquisitionError",
@@ -126,9 +126,6 @@ class ClockModel:
 
     def slot_rx_time_ps(self, slot_index: npt.ArrayLike, slot_rate_hz: float) -> F64:
         return self.rx_time_ps(np.asarray(slot_index, dtype=np.float64) * (1e12 / slot_rate_hz))
-
-
-_MEDIAN_SAMPLE = 65536
 
 
 def robust_sigma(x: F64) -> float:
@@ -612,39 +609,35 @@ class SlotTracker:
         if self.cfg.channels is not None and tags.size:
             tags = tags[np.isin(tags["channel"], self.cfg.channels)]
         times = np.asarray(tags["time_ps"], dtype=np.int64)
-        seg_ps = self.cfg.track_segment_s * 1e12
-        if times.size:
-            seg_id = ((times - times[0]) // np.int64(max(int(seg_ps), 1))).astype(np.int64)
-            bounds = np.flatnonzero(np.diff(seg_id)) + 1
-            edges = [0, *bounds.tolist(), times.size]
-        else:
-            edges = [0, 0]
-        out_n: list[I64] = []
-        out_c: list[npt.NDArray[np.int8]] = []
-        out_r: list[F64] = []
-        errs: list[float] = []
-        sigs: list[float] = []
-        n_in_total = 0
-        for a, b in itertools.pairwise(edges):
-            n, c, r, err, sig = self._segment(tags[a:b])
-            out_n.append(n)
-            out_c.append(c)
-            out_r.append(r)
-            n_in_total += n.size
-            if not math.isnan(err):
-                errs.append(err)
-                sigs.append(sig)
-        mapped = MappedTags(
-            np.concatenate(out_n) if out_n else np.zeros(0, np.int64),
-            np.concatenate(out_c) if out_c else np.zeros(0, np.int8),
-            np.concatenate(out_r) if out_r else np.zeros(0, np.float64),
+        period = slot_period_ps(self.slot_rate_hz)
+        out = track(
+            times,
+            segment_ps=max(int(self.cfg.track_segment_s * 1e12), 1),
+            offset_ps=self.model.offset_ps,
+            rate=self.model.rate,
+            period_ps=period,
+            capture_ps=self.cfg.max_window_fraction * period,
+            window_ps=self.window_ps,
+            min_fit_tags=self.cfg.min_fit_tags,
+            phase_gain=self.cfg.phase_gain,
+            rate_gain=self.cfg.rate_gain,
         )
+        self.model = ClockModel(out.offset_ps, out.rate)
+        segments = out.segments if times.size else np.array([[math.nan, math.nan, 0.0, 0.0]])
+        for err, sig, n_in, n_all in segments.tolist():
+            self._judge_segment(err, sig, n_in, int(n_all), period)
+        inw = out.in_window
+        mapped = MappedTags(
+            out.slot[inw], tags["channel"][inw].astype(np.int8), out.residual_ps[inw]
+        )
+        fitted = segments[~np.isnan(segments[:, 0])]
+        n_in_total = int(mapped.slot_index.shape[0])
         status = TrackStatus(
             n_tags=int(times.size),
             n_in_window=n_in_total,
             in_window_fraction=n_in_total / times.size if times.size else 0.0,
-            timing_error_ps=float(np.max(np.abs(errs))) if errs else math.nan,
-            residual_sigma_ps=float(np.median(sigs)) if sigs else math.nan,
+            timing_error_ps=float(np.max(np.abs(fitted[:, 0]))) if fitted.size else math.nan,
+            residual_sigma_ps=float(np.median(fitted[:, 1])) if fitted.size else math.nan,
             ppm=self.model.ppm,
             locked=self.locked,
             lost=self.lost,
@@ -654,30 +647,17 @@ class SlotTracker:
             del self.history[: len(self.history) - self.max_history]
         return mapped, status
 
-    def _segment(
-        self, tags: npt.NDArray[np.void]
-    ) -> tuple[I64, npt.NDArray[np.int8], F64, float, float]:
-        period = slot_period_ps(self.slot_rate_hz)
-        capture = self.cfg.max_window_fraction * period
-        n_all = int(tags.size)
-        n, res = _slot_residuals(tags["time_ps"], self.model, period)
-        cap = (np.abs(res) <= capture / 2) & (n >= 0)
-        err = math.nan
-        sig = math.nan
-        good = False
-        if int(cap.sum()) >= self.cfg.min_fit_tags:
-            before = self.model
-            err, sig = self._correct(n[cap], res[cap])
-            good = (
-                abs(err) <= self.cfg.lock_fraction * period
-                and sig <= self.cfg.max_spread_fraction * period
-            )
-            # apply the correction to the residuals (same slots: the change is tiny)
-            d_off = self.model.offset_ps - before.offset_ps
-            d_rate = self.model.rate - before.rate
-            res = res - (d_off + d_rate * period * n.astype(np.float64))
-        inw = (np.abs(res) <= self.window_ps / 2) & (n >= 0)
-        frac = float(inw.sum()) / n_all if n_all else 0.0
+    def _judge_segment(
+        self, err: float, sig: float, n_in: float, n_all: int, period: float
+    ) -> None:
+        """Lock bookkeeping of one segment (timing error ``err`` and spread ``sig`` in ps,
+        NaN when it had too few tags to fit)."""
+        good = (
+            not math.isnan(err)
+            and abs(err) <= self.cfg.lock_fraction * period
+            and sig <= self.cfg.max_spread_fraction * period
+        )
+        frac = n_in / n_all if n_all else 0.0
         ref = self.reference_fraction
         if good and n_all:
             if ref is None:
@@ -695,36 +675,6 @@ class SlotTracker:
             if self.locked and self.bad_segments >= self.cfg.lost_after_segments:
                 self.locked = False
                 self.lost = True
-        return n[inw], tags["channel"][inw].astype(np.int8), res[inw], err, sig
-
-    def _correct(self, n: I64, res: F64) -> tuple[float, float]:
-        """Fit res ~ a + b (n - n_mid), apply the loop gains; return (median, sigma).
-
-        Median and sigma come from an evenly strided sample of at most
-        :data:`_MEDIAN_SAMPLE` residuals (a median of 65536 is within ~0.5 % of a sigma of
-        the full one; the full median of a few million tags per segment cost ~15 % of the
-        receiver's CPU at 3 M detections/s); the line is fitted to every kept tag."""
-        sample = res[:: max(1, res.shape[0] // _MEDIAN_SAMPLE)]
-        med = float(np.median(sample))
-        sig = robust_sigma(sample - med)
-        keep = np.abs(res - med) <= max(4.0 * sig, 1.0)
-        if keep.sum() < self.cfg.min_fit_tags:
-            return med, sig
-        nk = n[keep]
-        n_mid = int(nk[nk.shape[0] // 2])  # slots grow with time: the middle one
-        x = (nk - n_mid).astype(np.float64)
-        y = res[keep]
-        a = float(np.mean(y))
-        xc = x - x.mean()
-        den = float(np.dot(xc, xc))
-        b = float(np.dot(xc, y - a) / den) if den > 0 else 0.0
-        a_mid = a - b * float(x.mean())  # residual at n_mid
-        period = slot_period_ps(self.slot_rate_hz)
-        gp, gr = self.cfg.phase_gain, self.cfg.rate_gain
-        offset = self.model.offset_ps + gp * a_mid - gr * b * n_mid
-        rate = self.model.rate + gr * b / period
-        self.model = ClockModel(offset, rate)
-        return med, sig
 
 
 # --- receiver-side procedure --------------------------------------------------------------
