@@ -89,9 +89,14 @@ class DaemonBase:
     def _warm_up(self) -> None:
         """Compile (or load from numba's disk cache) the post-processing kernels and, with
         simulated hardware, the link model, so no compile runs in the middle of a session."""
+        from qkdnode import jit
         from qkdnode.postproc import cascade
         from qkdnode.procedures import track_kernel
 
+        if jit.JIT:
+            log.info("kernels_compiled", jit=True)
+        else:
+            log.warning("kernels_numpy_twins", jit=False, reason=jit.WHY_NOT)
         cascade.warm_up()
         track_kernel.warm_up()
         sim = self.cfg.simulation

@@ -19,22 +19,18 @@ The round keys come from ``numpy.random.default_rng([seed, pass_index])``, so th
 
 from __future__ import annotations
 
-from typing import Any, TypeVar, cast
+from typing import Any
 
-import numba
 import numpy as np
 import numpy.typing as npt
 
+from qkdnode.jit import JIT, njit
+
 I64 = npt.NDArray[np.int64]
 _ROUNDS = 4
-_F = TypeVar("_F", bound=Any)
 
 
-def _jit(fn: _F) -> _F:
-    return cast(_F, numba.njit(cache=True, nogil=True)(fn))
-
-
-@_jit
+@njit
 def _f(x: Any, c: Any, keys: Any, mults: Any) -> Any:  # pragma: no cover - jit
     """The cycle-walked bijection; ``c`` = (n, 2**k - 1, k // 2 + 1) as uint64."""
     n, mask, shift = c
@@ -46,7 +42,7 @@ def _f(x: Any, c: Any, keys: Any, mults: Any) -> Any:  # pragma: no cover - jit
             return x
 
 
-@_jit
+@njit
 def _f_inv(x: Any, c: Any, keys: Any, inv_mults: Any) -> Any:  # pragma: no cover - jit
     n, mask, shift = c
     while True:
@@ -57,25 +53,48 @@ def _f_inv(x: Any, c: Any, keys: Any, inv_mults: Any) -> Any:  # pragma: no cove
             return x
 
 
-@_jit
+@njit
 def _forward(idx: Any, c: Any, keys: Any, mults: Any, out: Any) -> None:  # pragma: no cover
     for i in range(idx.shape[0]):
         out[i] = np.int64(_f(np.uint64(idx[i]), c, keys, mults))
 
 
-@_jit
+@njit
 def _backward(pos: Any, c: Any, keys: Any, inv_mults: Any, out: Any) -> None:  # pragma: no cover
     for i in range(pos.shape[0]):
         out[i] = np.int64(_f_inv(np.uint64(pos[i]), c, keys, inv_mults))
 
 
-@_jit
+@njit
 def _gather(packed: Any, c: Any, keys: Any, mults: Any, out: Any) -> None:  # pragma: no cover
     # Reads from the bit-packed key (np.packbits order): a 1e7-bit key is 1.2 MB and stays
     # in cache, where random reads from one byte per bit cost ~47 ns each (measured).
     for i in range(out.shape[0]):
         x = _f(np.uint64(i), c, keys, mults)
         out[i] = (packed[x >> np.uint64(3)] >> (np.uint64(7) - (x & np.uint64(7)))) & 1
+
+
+def _walk_np(
+    x: npt.NDArray[np.uint64], c: Any, keys: Any, mults: Any, inverse: bool
+) -> npt.NDArray[np.uint64]:
+    """numpy twin of :func:`_f` / :func:`_f_inv` over an array (see :mod:`qkdnode.jit`)."""
+    n, mask, shift = c
+    out = x.copy()
+    todo = np.arange(x.shape[0])
+    with np.errstate(over="ignore"):
+        while todo.size:
+            y = out[todo]
+            if inverse:
+                for r in range(keys.shape[0] - 1, -1, -1):
+                    y ^= y >> shift
+                    y = ((y * mults[r]) & mask) ^ (keys[r] & mask)
+            else:
+                for r in range(keys.shape[0]):
+                    y = ((y ^ keys[r]) * mults[r]) & mask
+                    y ^= y >> shift
+            out[todo] = y
+            todo = todo[y >= n]
+    return out
 
 
 def _inverse_odd(a: int, bits: int = 64) -> int:
@@ -120,6 +139,9 @@ class KeyedPermutation:
     def forward(self, idx: npt.ArrayLike) -> I64:
         """``perm[idx]``: where the bits at permuted positions ``idx`` sit in the key."""
         arr = self._positions(idx)
+        if not JIT:
+            y = _walk_np(arr.astype(np.uint64), self._consts, self._keys, self._mults, False)
+            return y.astype(np.int64)
         out = np.empty_like(arr)
         _forward(arr, self._consts, self._keys, self._mults, out)
         return out
@@ -127,6 +149,9 @@ class KeyedPermutation:
     def backward(self, pos: npt.ArrayLike) -> I64:
         """``perm⁻¹[pos]``: the permuted positions of key positions ``pos``."""
         arr = self._positions(pos)
+        if not JIT:
+            y = _walk_np(arr.astype(np.uint64), self._consts, self._keys, self._inv_mults, True)
+            return y.astype(np.int64)
         out = np.empty_like(arr)
         _backward(arr, self._consts, self._keys, self._inv_mults, out)
         return out
@@ -135,6 +160,8 @@ class KeyedPermutation:
         """``bits[perm]`` (``bits`` must hold n values)."""
         if bits.shape != (self.n,):
             raise ValueError(f"{bits.shape} bits, expected ({self.n},)")
+        if not JIT:
+            return np.ascontiguousarray(bits, dtype=np.uint8)[self.array()]
         out = np.empty(self.n, dtype=np.uint8)
         _gather(np.packbits(bits), self._consts, self._keys, self._mults, out)
         return out

@@ -11,26 +11,22 @@ the clock model.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, TypeVar, cast
+from typing import Any, NamedTuple
 
-import numba
 import numpy as np
 import numpy.typing as npt
 
+from qkdnode.jit import JIT, njit
+
 I64 = npt.NDArray[np.int64]
 F64 = npt.NDArray[np.float64]
-_F = TypeVar("_F", bound=Any)
 
 #: residuals in the median and sigma of a segment (they centre and scale the outlier cut
 #: only; a median of 1024 is within ~4 % of a sigma of the full one)
 MEDIAN_SAMPLE = 1024
 
 
-def _jit(fn: _F) -> _F:
-    return cast(_F, numba.njit(cache=True, nogil=True)(fn))
-
-
-@_jit
+@njit
 def _residuals(  # noqa: PLR0917  # pragma: no cover - jit
     times: Any, a: int, b: int, offset: float, rate: float, period: float, n_out: Any, r_out: Any
 ) -> None:
@@ -50,7 +46,7 @@ def _residuals(  # noqa: PLR0917  # pragma: no cover - jit
         r_out[i] = res
 
 
-@_jit
+@njit
 def _track(  # noqa: PLR0917  # pragma: no cover - jit
     times: Any,
     seg_ps: Any,
@@ -159,6 +155,69 @@ def _track(  # noqa: PLR0917  # pragma: no cover - jit
     return seg, k, offset, rate
 
 
+def _track_np(  # noqa: PLR0917
+    times: I64,
+    seg_ps: Any,
+    offset: float,
+    rate: float,
+    period: float,
+    capture_half: float,
+    window_half: float,
+    min_fit: int,
+    gp: float,
+    gr: float,
+    n_out: I64,
+    r_out: F64,
+    inw: npt.NDArray[np.bool_],
+) -> tuple[F64, int, float, float]:
+    """numpy twin of :func:`_track` (no JIT available: see :mod:`qkdnode.jit`)."""
+    seg_id = (times - times[0]) // seg_ps
+    edges = [0, *(np.flatnonzero(np.diff(seg_id)) + 1).tolist(), times.shape[0]]
+    seg = np.empty((len(edges) - 1, 4), np.float64)
+    t_int = math.floor(period)
+    t_frac = period - t_int
+    for k in range(len(edges) - 1):
+        a, b = edges[k], edges[k + 1]
+        off_int = math.floor(offset)
+        off_frac = offset - off_int
+        d = times[a:b] - np.int64(off_int)
+        n = np.rint((d.astype(np.float64) - off_frac) / (rate * period)).astype(np.int64)
+        res = (d - n * np.int64(t_int)).astype(np.float64)
+        if t_frac:
+            res -= n.astype(np.float64) * t_frac
+        res -= off_frac + (rate - 1.0) * (n.astype(np.float64) * period)
+        cap = (np.abs(res) <= capture_half) & (n >= 0)
+        m = int(cap.sum())
+        err = sig = math.nan
+        if m >= min_fit:
+            cap_n, cap_r = n[cap], res[cap]
+            sample = cap_r[:: max(1, m // MEDIAN_SAMPLE)]
+            med = float(np.median(sample))
+            x = sample - med
+            sig = float(1.4826 * np.median(np.abs(x - np.median(x))))
+            err = med
+            keep = np.abs(cap_r - med) <= max(4.0 * sig, 1.0)
+            kept = int(keep.sum())
+            if kept >= min_fit:
+                nk = cap_n[keep]
+                n_mid = int(nk[kept // 2])
+                xk = (nk - n_mid).astype(np.float64)
+                y = cap_r[keep]
+                xbar, ybar = float(xk.mean()), float(y.mean())
+                xc = xk - xbar
+                den = float(np.dot(xc, xc))
+                slope = float(np.dot(xc, y - ybar)) / den if den > 0 else 0.0
+                a_mid = ybar - slope * xbar
+                new_offset = offset + gp * a_mid - gr * slope * float(n_mid)
+                new_rate = rate + gr * slope / period
+                res = res - ((new_offset - offset) + (new_rate - rate) * period * n)
+                offset, rate = new_offset, new_rate
+        ok = (np.abs(res) <= window_half) & (n >= 0)
+        n_out[a:b], r_out[a:b], inw[a:b] = n, res, ok
+        seg[k] = (err, sig, float(ok.sum()), float(b - a))
+    return seg, seg.shape[0], offset, rate
+
+
 class TrackResult(NamedTuple):
     """Per tag: slot, residual (ps, after the segment's correction), inside the acceptance
     window; per segment (rows): timing error (median, ps; NaN if too few tags to fit),
@@ -194,7 +253,8 @@ def track(
     inw = np.empty(size, np.bool_)
     if size == 0:
         return TrackResult(n_out, r_out, inw, np.zeros((0, 4)), offset_ps, rate)
-    seg, k, offset, new_rate = _track(
+    run = _track if JIT else _track_np
+    seg, k, offset, new_rate = run(
         times,
         np.int64(max(segment_ps, 1)),
         float(offset_ps),

@@ -70,6 +70,24 @@ CHILD = textwrap.dedent(
     assert cb(41) == 42
 
     import qkdnode.metrics, qkdnode.sdnotify, qkdnode.postproc.cascade, drivers.registry
+    import qkdnode.jit
+    assert not qkdnode.jit.JIT, "numba loaded without W+X memory?"
+    assert "OSError" in qkdnode.jit.WHY_NOT or "PermissionError" in qkdnode.jit.WHY_NOT
+
+    # the numpy twins of the compiled kernels run instead (Cascade, slot tracking)
+    from qkdnode.postproc.params import CascadeParams
+    key = rng.integers(0, 2, 20000, dtype=np.uint8)
+    noisy = key.copy()
+    noisy[::50] ^= 1
+    fixed, _ = qkdnode.postproc.cascade.reconcile_local(key, noisy, 0.02, CascadeParams(), 3)
+    assert (fixed == key).all()
+    from drivers.interfaces import TAG_DTYPE
+    from qkdnode.procedures.sync import ClockModel, SlotTracker
+    tags = np.zeros(2000, TAG_DTYPE)
+    tags["time_ps"] = np.arange(2000) * 40000
+    tags["channel"] = 1
+    mapped, status = SlotTracker(ClockModel(0.0, 1.0), 25e6, 200.0).update(tags)
+    assert mapped.slot_index.shape[0] == 2000 and status.locked
     m = qkdnode.metrics.NodeMetrics("a", "transmitter")
     m.set_state("EXCHANGING")
 

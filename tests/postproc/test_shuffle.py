@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from qkdnode.jit import JIT
 from qkdnode.postproc import shuffle
 
 
@@ -55,6 +56,7 @@ def test_bad_arguments_are_refused() -> None:
         p.gather(np.zeros(9, dtype=np.uint8))
 
 
+@pytest.mark.skipif(not JIT, reason="numba unavailable: the numpy twins run")
 def test_cascade_warm_up_compiles_every_kernel_a_block_uses() -> None:
     """After the daemon's warm-up, a real block (other sizes, levels and error counts)
     compiles nothing new: no compile can stall the first key block."""
@@ -78,3 +80,54 @@ def test_cascade_warm_up_compiles_every_kernel_a_block_uses() -> None:
     out, _ = cascade.reconcile_local(a, b, 0.04, CascadeParams(), 12)
     assert np.array_equal(out, a)
     assert {k: len(k.signatures) for k in kernels} == before
+
+
+@pytest.mark.skipif(not JIT, reason="numba unavailable: nothing to compare")
+def test_numpy_twins_match_the_compiled_kernels() -> None:
+    """The fallbacks for nodes without JIT (qkdnode.jit) give identical permutations and
+    identical Cascade steps."""
+    from qkdnode.postproc import cascade
+    from qkdnode.postproc import cascade_kernels as ck
+
+    p = shuffle.KeyedPermutation(100_003, 5, 3)
+    perm = p.array()
+    c, keys = p._consts, p._keys
+    assert np.array_equal(
+        shuffle._walk_np(np.arange(100_003, dtype=np.uint64), c, keys, p._mults, False), perm
+    )
+    assert np.array_equal(
+        shuffle._walk_np(perm.astype(np.uint64), c, keys, p._inv_mults, True), np.arange(100_003)
+    )
+
+    rng = np.random.default_rng(8)
+    n = 50_001
+    lay = cascade.TreeLayout(n, [4, 5, 6])
+    tops = np.asarray(lay.top_levels, dtype=np.int64)
+    bits = rng.integers(0, 2, n, dtype=np.uint8)
+    trees = []
+    for twin in (ck._pass_tree, ck._pass_tree_np):
+        out = np.zeros(lay.total, np.uint8)
+        for q in range(3):
+            twin(bits, lay.top_levels[q], out, lay.base[q], np.uint8(2))
+        trees.append(out)
+    assert np.array_equal(trees[0], trees[1])
+    state = np.where(rng.random(lay.total) < 0.3, 2, rng.integers(0, 2, lay.total)).astype(np.uint8)
+    k = np.stack([rng.choice(n, 500, replace=False) for _ in range(3)]).astype(np.int64)
+    a, b = state.copy(), state.copy()
+    ck._toggle_ancestors(a, lay.base, tops, k)
+    ck._toggle_ancestors_np(b, lay.base, tops, k)
+    assert np.array_equal(a, b)
+    out = np.empty((4, k.size), np.int64)
+    m = ck._smallest_odd(a, lay.base, tops, k, out)
+    assert np.array_equal(out[:, :m], ck._smallest_odd_np(a, lay.base, tops, k))
+    odd = out[:, :m]
+    a2, b2 = a.copy(), a.copy()
+    keep = np.empty_like(odd)
+    leaf = np.empty((2, m), np.int64)
+    kept, found = ck._descend(a2, lay.base, n, odd, keep, leaf)
+    keep_np, leaf_np = ck._descend_np(b2, lay.base, n, odd)
+    assert np.array_equal(a2, b2)
+    assert np.array_equal(keep[:, :kept], keep_np)
+    order = np.lexsort(leaf[:, :found][::-1])
+    order_np = np.lexsort(leaf_np[::-1])
+    assert np.array_equal(leaf[:, :found][:, order], leaf_np[:, order_np])

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from drivers.interfaces import TAG_DTYPE
+from qkdnode.jit import JIT
 from qkdnode.procedures import track_kernel
 from qkdnode.procedures.sync import ClockModel, SlotTracker, SyncConfig, slot_period_ps
 
@@ -39,6 +41,7 @@ def test_tracking_keeps_picosecond_precision_after_a_day() -> None:
     assert abs(tracker.model.rate - 1.0 - ppm * 1e-6) * period * 1e6 < 5.0  # < 5 ps per 1e6 slots
 
 
+@pytest.mark.skipif(not JIT, reason="numba unavailable: the numpy twin runs")
 def test_warm_up_compiles_what_a_session_uses() -> None:
     track_kernel.warm_up()
     before = len(track_kernel._track.signatures)
@@ -46,3 +49,25 @@ def test_warm_up_compiles_what_a_session_uses() -> None:
     tracker.update(_tags(0, 0.0, 50_000, 2))
     tracker.update(_tags(0, 0.0, 0, 3))
     assert len(track_kernel._track.signatures) == before == 1
+
+
+@pytest.mark.skipif(not JIT, reason="numba unavailable: nothing to compare")
+def test_numpy_twin_tracks_like_the_compiled_loop() -> None:
+    """The fallback for nodes without JIT (qkdnode.jit) gives the same model, slots,
+    window decisions and per-segment figures."""
+    tags = _tags(10_000_000, 2.0, 300_000, 4)
+    times = tags["time_ps"].astype(np.int64)
+    args = (np.int64(2_000_000_000), 1234.5, 1.0 + 1.9e-6, 40_000.0, 10_000.0, 100.0, 30)
+    outs = []
+    for run in (track_kernel._track, track_kernel._track_np):
+        n_out = np.empty(times.shape[0], np.int64)
+        r_out = np.empty(times.shape[0], np.float64)
+        inw = np.empty(times.shape[0], np.bool_)
+        seg, k, offset, rate = run(times, *args, 0.3, 0.05, n_out, r_out, inw)
+        outs.append((seg[:k], offset, rate, n_out, r_out, inw))
+    (s1, o1, q1, n1, r1, w1), (s2, o2, q2, n2, r2, w2) = outs
+    assert s1.shape == s2.shape and s1.shape[0] > 50
+    np.testing.assert_allclose(s1, s2, rtol=1e-9, atol=1e-6)
+    assert o1 == pytest.approx(o2, abs=1e-6) and q1 == pytest.approx(q2, abs=1e-15)
+    assert np.array_equal(n1, n2) and np.array_equal(w1, w2)
+    np.testing.assert_allclose(r1, r2, atol=1e-6)
