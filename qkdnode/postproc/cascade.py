@@ -17,9 +17,10 @@ Round structure:
    search whose left child is not known yet (the right one is inferred), so one pass costs
    about ``top_level`` round trips plus the back-tracking below.
 3. A search that reaches a single bit has found an error: Bob flips it at once. The flip
-   changes the parity of every node containing it (in all started passes); searches whose
-   node turned even are dropped. One round later (``CascadeCorrector.defer_rounds``, so a
-   search already under way can find the partner error first) the smallest known odd node
+   changes the parity of every node containing it (in every pass tree: Bob builds them all
+   up front); searches whose node turned even are dropped. One round later
+   (``CascadeCorrector.defer_rounds``, so a search already under way can find the partner
+   error first) the smallest known odd node
    containing the flipped bit in each started pass becomes a new search (the cascade effect)
    while the other searches go on: back-tracking does not wait for a whole wave to finish.
    Descending through nodes whose parity is already known costs nothing; only unknown left
