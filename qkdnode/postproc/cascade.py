@@ -241,8 +241,7 @@ class CascadeCorrector:
         self.n = n = int(key_bits.shape[0])
         self.layout = lay = TreeLayout(n, top_levels)
         self.top_levels = lay.top_levels
-        self._bits0 = np.ascontiguousarray(key_bits, dtype=np.uint8)
-        self._bits = self._bits0.copy()
+        self._bits = np.array(key_bits, dtype=np.uint8)  # a copy: Bob's flips go here
         self._perms = _pass_permutations(n, lay.passes, seed)
         self._state = np.empty(lay.total, dtype=np.uint8)
         # All pass trees are built now, from the key as given (in a worker thread in the
