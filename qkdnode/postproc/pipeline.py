@@ -304,10 +304,11 @@ async def run_block_transmitter(
             raise ProtocolAbortError(
                 f"secret key length {ell} does not exceed the auth reserve {reserve}"
             )
-        seed = np.frombuffer(secrets.token_bytes((key_a.shape[0] + ell - 1 + 7) // 8), np.uint8)
-        seed_bits = np.unpackbits(seed, count=key_a.shape[0] + ell - 1)
+        n_seed = toeplitz.pa_seed_bits(key_a.shape[0], ell)
+        seed = np.frombuffer(secrets.token_bytes((n_seed + 7) // 8), np.uint8)
+        seed_bits = np.unpackbits(seed, count=n_seed)
         await t.send("pa", {"m": ell, "reserve": reserve}, [sifting.pack_bits(seed_bits)])
-        final = await asyncio.to_thread(toeplitz.toeplitz_hash, key_a, seed_bits, ell)
+        final = await asyncio.to_thread(toeplitz.pa_hash, key_a, seed_bits, ell)
         await _expect(t, "done", params)
         clock.lap("privacy_amplification")
         return _succeed(t, block_id, final, ell=ell, reserve=reserve, stats=stats)
@@ -377,8 +378,9 @@ async def run_block_receiver(
 
         msg = await _expect(t, "pa", params)
         ell, reserve = int(msg.header["m"]), int(msg.header["reserve"])
-        seed_bits = sifting.unpack_bits(msg.buffers[0], key_c.shape[0] + ell - 1)
-        final = await asyncio.to_thread(toeplitz.toeplitz_hash, key_c, seed_bits, ell)
+        n_seed = toeplitz.pa_seed_bits(key_c.shape[0], ell)
+        seed_bits = sifting.unpack_bits(msg.buffers[0], n_seed)
+        final = await asyncio.to_thread(toeplitz.pa_hash, key_c, seed_bits, ell)
         await t.send("done", {}, [])
         clock.lap("privacy_amplification")
         return _succeed(t, block_id, final, ell=ell, reserve=reserve, stats=stats)

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import scipy.fft as sfft
 
 from qkdnode.postproc import cascade, finitekey, sifting, theory, toeplitz, verify
 from qkdnode.postproc.params import CascadeParams, PostprocParams
@@ -223,6 +224,52 @@ def test_toeplitz_memory_bounded_rectangles_match_direct(budget: int) -> None:
     seed = rng.integers(0, 2, n + m - 1, dtype=np.uint8)
     got = toeplitz.toeplitz_hash(x, seed, m, 512, max_spectra_bytes=budget)
     assert np.array_equal(got, toeplitz.toeplitz_hash_direct(x, seed, m))
+
+
+@pytest.mark.parametrize(("n", "m"), [(2, 1), (9, 4), (1000, 999), (4097, 2048), (30_011, 7_001)])
+def test_pa_hash_is_identity_concatenated_toeplitz(n: int, m: int) -> None:
+    rng = np.random.default_rng(n + 7 * m)
+    x = rng.integers(0, 2, n, dtype=np.uint8)
+    seed = rng.integers(0, 2, toeplitz.pa_seed_bits(n, m), dtype=np.uint8)
+    got = toeplitz.pa_hash(x, seed, m)
+    # The reference builds (I | T) explicitly: T[i, j] = seed[i - j + (n - m) - 1].
+    t = np.lib.stride_tricks.sliding_window_view(seed.astype(np.int64), n - m)[:m, ::-1]
+    full = np.concatenate([np.eye(m, dtype=np.int64), t], axis=1)
+    assert np.array_equal(got, ((full @ x.astype(np.int64)) & 1).astype(np.uint8))
+    assert np.array_equal(got, toeplitz.pa_hash_direct(x, seed, m))
+
+
+def test_pa_hash_collisions_need_equal_tails_or_a_matching_seed() -> None:
+    # Universal2: for x != x' the hashes collide with probability <= 2**-m over the seed.
+    rng = np.random.default_rng(11)
+    n, m = 40, 6
+    x = rng.integers(0, 2, n, dtype=np.uint8)
+    x2 = x.copy()
+    x2[[3, 30]] ^= 1
+    seeds = rng.integers(0, 2, (4000, n - 1), dtype=np.uint8)
+    hits = sum(np.array_equal(toeplitz.pa_hash(x, s, m), toeplitz.pa_hash(x2, s, m)) for s in seeds)
+    assert abs(hits / len(seeds) - 2.0**-m) < 0.01
+    x3 = x.copy()
+    x3[2] ^= 1  # differs in the identity part only: never collides
+    assert not any(
+        np.array_equal(toeplitz.pa_hash(x, s, m), toeplitz.pa_hash(x3, s, m)) for s in seeds[:50]
+    )
+
+
+@pytest.mark.parametrize(("n", "m", "seed_bits"), [(10, 10, 9), (10, 0, 9), (10, 4, 13)])
+def test_pa_hash_rejects_bad_sizes(n: int, m: int, seed_bits: int) -> None:
+    x = np.zeros(n, dtype=np.uint8)
+    with pytest.raises(toeplitz.ToeplitzError, match=r"0 < m < n|n - 1"):
+        toeplitz.pa_hash(x, np.zeros(seed_bits, dtype=np.uint8), m)
+
+
+def test_tile_bits_fit_the_chunks_with_a_fast_fft_length() -> None:
+    assert toeplitz._tile_bits(500_000, 500_000) == 125_000
+    for n, m in [(1, 1), (999, 998), (7_400_000, 2_400_000), (100_000_000, 50_000_000)]:
+        b = toeplitz._tile_bits(n, m)
+        assert b >= 1
+        assert sfft.next_fast_len(2 * b, real=True) == 2 * b
+        assert -(-n // b) * b - n < b and -(-m // b) * b - m < b
 
 
 def test_toeplitz_is_linear_and_checks_sizes() -> None:
