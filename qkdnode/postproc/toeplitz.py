@@ -39,6 +39,8 @@ import numpy.typing as npt
 import scipy.fft as sfft
 
 U8 = npt.NDArray[np.uint8]
+C128 = npt.NDArray[np.complex128]
+_L2_BYTES = 512 << 10  # working set per frequency chunk of the products
 
 
 class ToeplitzError(ValueError):
@@ -113,6 +115,24 @@ def _tile_bits(n: int, m: int) -> int:
     return int(fft_len // 2)
 
 
+def _accumulate(spec_s: C128, spec_x: C128, acc: C128, hi0: int) -> None:
+    """``acc[g] = sum_c spec_s[hi0 + g - c] * spec_x[c]``, walked in frequency chunks that
+    stay in L2 (the rows are MBs long: row by row this is memory-bound, 1.5x slower)."""
+    rows_used = spec_x.shape[0] + acc.shape[0] + spec_s.shape[0]
+    chunk = 1 << max(10, min(14, (_L2_BYTES // (16 * rows_used)).bit_length() - 1))
+    tmp = np.empty(chunk, dtype=np.complex128)
+    n_freq = acc.shape[1]
+    for f0 in range(0, n_freq, chunk):
+        f1 = min(f0 + chunk, n_freq)
+        t = tmp[: f1 - f0]
+        for g in range(acc.shape[0]):
+            a = acc[g, f0:f1]
+            np.multiply(spec_s[hi0 + g, f0:f1], spec_x[0, f0:f1], out=a)
+            for c in range(1, spec_x.shape[0]):
+                np.multiply(spec_s[hi0 + g - c, f0:f1], spec_x[c, f0:f1], out=t)
+                a += t
+
+
 def toeplitz_hash(
     x: U8,
     seed: U8,
@@ -168,10 +188,8 @@ def toeplitz_hash(
             for g0 in range(r0, r1, group):
                 g1 = min(g0 + group, r1)
                 acc = np.empty((g1 - g0, n_spec), dtype=np.complex128)
-                for r in range(g0, g1):
-                    hi = r - c0 - d_lo  # diagonal of c = c0; of c = c1 - 1: hi - (c1 - c0 - 1)
-                    diag = spec_s[hi - (c1 - c0 - 1) : hi + 1][::-1]
-                    np.einsum("cf,cf->f", diag, spec_x, out=acc[r - g0])
+                # diagonal of (r, c0) is r - c0 - d_lo; (r, c) is that minus c - c0
+                _accumulate(spec_s, spec_x, acc, g0 - c0 - d_lo)
                 conv = sfft.irfft(acc, fft_len, axis=1, overwrite_x=True, workers=workers)
                 conv = conv[:, b - 1 : 2 * b - 1]
                 rounded = np.rint(conv)
