@@ -257,7 +257,7 @@ class CascadeCorrector:
         self._g = self._p = self._l = self._j = np.zeros(0, np.int64)
         self._q_left = np.zeros(0, np.int64)
         self._pending = False
-        self._deferred: list[tuple[int, I64]] = []
+        self._deferred: list[tuple[int, I64, I64]] = []  # (due round, flips, _permuted)
         self.stats = CascadeStats()
 
     # --- driving ------------------------------------------------------------------
@@ -330,7 +330,8 @@ class CascadeCorrector:
         self._bits[found] ^= 1
         self.stats.errors_corrected += int(found.shape[0])
         lay, st = self.layout, self._state
-        ck.toggle_ancestors(st, lay.base, self._tops, self._permuted(found, lay.passes))
+        permuted = self._permuted(found, lay.passes)
+        ck.toggle_ancestors(st, lay.base, self._tops, permuted)
         # searches whose node turned even are done (their error was found elsewhere)
         alive = st[self._g] == 1
         if not alive.all():
@@ -340,7 +341,7 @@ class CascadeCorrector:
                 self._l[alive],
                 self._j[alive],
             )
-        self._deferred.append((self.stats.rounds + self.defer_rounds, found))
+        self._deferred.append((self.stats.rounds + self.defer_rounds, found, permuted))
 
     def _permuted(self, found: I64, passes: int) -> I64:
         """Row q: where the real positions ``found`` sit in pass q's order (q < passes)."""
@@ -350,14 +351,16 @@ class CascadeCorrector:
     def _start_cascades(self, force: bool) -> bool:
         """Start searches for the deferred flips that are due (all if ``force``): on the
         smallest known odd node containing each flipped bit, in every started pass."""
-        due = [f for r, f in self._deferred if force or r <= self.stats.rounds]
+        due = [d for d in self._deferred if force or d[0] <= self.stats.rounds]
         if not due:
             return False
         self._deferred = [] if force else [d for d in self._deferred if d[0] > self.stats.rounds]
-        found = _sorted_unique(np.concatenate(due))
-        rows = ck.smallest_odd(
-            self._state, self.layout.base, self._tops, self._permuted(found, self._started)
-        )
+        found = np.concatenate([f for _, f, _ in due])
+        permuted = np.concatenate([k for _, _, k in due], axis=1)[: self._started]
+        if len(due) > 1:  # one search per bit, even if it was flipped in two rounds
+            _, first = np.unique(found, return_index=True)
+            permuted = permuted[:, first]
+        rows = ck.smallest_odd(self._state, self.layout.base, self._tops, permuted)
         if rows.shape[1]:
             self._add_searches(rows[0], rows[1], rows[2], rows[3])
         return True
