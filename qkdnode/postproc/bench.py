@@ -193,7 +193,7 @@ def bench_toeplitz(n: int, repeats: int, with_plain: bool = True) -> list[dict[s
             f"toeplitz_n{n:g}",
             n / t_pa / 1e6,
             "Mbit/s input",
-            ">= 20",
+            ">= 20" if n <= 1_000_000 else "",  # the target is for 1 Mbit blocks
             "compression 0.5, (I|T) Toeplitz as the nodes hash, exact FFT",
         )
     ]
