@@ -69,9 +69,24 @@ def _backward(pos: Any, c: Any, keys: Any, inv_mults: Any, out: Any) -> None:  #
 def _gather(packed: Any, c: Any, keys: Any, mults: Any, out: Any) -> None:  # pragma: no cover
     # Reads from the bit-packed key (np.packbits order): a 1e7-bit key is 1.2 MB and stays
     # in cache, where random reads from one byte per bit cost ~47 ns each (measured).
-    for i in range(out.shape[0]):
-        x = _f(np.uint64(i), c, keys, mults)
-        out[i] = (packed[x >> np.uint64(3)] >> (np.uint64(7) - (x & np.uint64(7)))) & 1
+    # Positions go in batches: one branch-free round pass over the batch (independent
+    # iterations pipeline: ~3x faster than walking each position's cycle in turn), then
+    # the few values >= n (under half, ~5 % for n just below a power of two) walk on.
+    n, mask, shift = c
+    batch = np.empty(4096, dtype=np.uint64)
+    for i0 in range(0, out.shape[0], batch.shape[0]):
+        m = min(batch.shape[0], out.shape[0] - i0)
+        for j in range(m):
+            x = np.uint64(i0 + j)
+            for r in range(keys.shape[0]):
+                x = ((x ^ keys[r]) * mults[r]) & mask
+                x ^= x >> shift
+            batch[j] = x
+        for j in range(m):
+            x = batch[j]
+            if x >= n:
+                x = _f(x, c, keys, mults)
+            out[i0 + j] = (packed[x >> np.uint64(3)] >> (np.uint64(7) - (x & np.uint64(7)))) & 1
 
 
 def _walk_np(
