@@ -90,6 +90,23 @@ class TransferFit(BaseModel):
         return np.asarray(self.power(v) / self.p_max_w)
 
 
+def _best_fit(
+    v: F64, p: F64, sigma: F64 | None, starts: Sequence[Sequence[float]]
+) -> tuple[float, F64, F64] | None:
+    """The lowest-cost :func:`transfer` fit of ``p(v)`` over the starting points, or None."""
+    best: tuple[float, F64, F64] | None = None
+    w = np.ones_like(p) if sigma is None else sigma
+    for p0 in starts:
+        try:
+            popt, pcov = curve_fit(transfer, v, p, p0=list(p0), sigma=sigma, maxfev=20000)
+        except (RuntimeError, ValueError):
+            continue
+        cost = float(np.sum(((transfer(v, *popt) - p) / w) ** 2))
+        if best is None or cost < best[0]:
+            best = (cost, popt, pcov)
+    return best
+
+
 def fit_transfer(volts: Sequence[float] | F64, power_w: Sequence[float] | F64) -> TransferFit:
     """Fit :func:`transfer` to a sweep; the sweep should cover at least one V_pi."""
     v = np.asarray(volts, dtype=np.float64)
@@ -111,26 +128,31 @@ def fit_transfer(volts: Sequence[float] | F64, power_w: Sequence[float] | F64) -
     guesses = {span / 2}
     if f_peak > 0:
         guesses.add(1.0 / (2 * f_peak))  # period of cos^2 is 2 V_pi
-    # relative errors (1 %) with a floor: the minimum weighs as much as the maximum
-    sigma = 0.01 * np.abs(p) + 1e-6 * p_hi
-    best: tuple[float, npt.NDArray[np.float64], npt.NDArray[np.float64]] | None = None
     v_max = float(v[int(np.argmax(p))])
-    for v_pi0 in guesses:
-        for v00 in (v_max, v_max - v_pi0 / 4, v_max + v_pi0 / 4):
-            try:
-                popt, pcov = curve_fit(
-                    transfer, v, p, p0=[p_lo, p_hi, v00, v_pi0], sigma=sigma, maxfev=20000
-                )
-            except (RuntimeError, ValueError):
-                continue
-            cost = float(np.sum(((transfer(v, *popt) - p) / sigma) ** 2))
-            if best is None or cost < best[0]:
-                best = (cost, popt, pcov)
-    if best is None:
+    starts = [
+        [p_lo, p_hi, v00, v_pi0]
+        for v_pi0 in guesses
+        for v00 in (v_max, v_max - v_pi0 / 4, v_max + v_pi0 / 4, v_max + v_pi0 / 2)
+    ]
+    # First with equal weights, which noise cannot mislead; its residual rms over the
+    # dimmest quarter of the sweep is the floor of the relative weights that follow (1 %,
+    # so the minimum weighs as much as the maximum, but never below the meter's own noise:
+    # a weak sweep of pW powers with pW noise otherwise fits the noise around the minimum).
+    first = _best_fit(v, p, None, starts)
+    if first is None:
         raise CalibrationError("transfer-function fit did not converge")
+    model = transfer(v, *first[1])
+    dim = model <= np.quantile(model, 0.25)
+    floor = math.sqrt(float(np.mean((model[dim] - p[dim]) ** 2)))
+    sigma = 0.01 * np.abs(p) + max(1e-6 * p_hi, floor)
+    best = _best_fit(v, p, sigma, [list(first[1]), *starts]) or first
     cost, popt, pcov = best
     p_min, p_max, v0, v_pi = (float(x) for x in popt)
     rms = math.sqrt(float(np.mean((transfer(v, *popt) - p) ** 2)))
+    if p_max < p_min:
+        # The same curve with the roles swapped: A + (B - A) cos^2(x) = B + (A - B) cos^2(x -
+        # pi/2), so the maximum sits half a period (V_pi) further on.
+        p_min, p_max, v0 = p_max, p_min, v0 + v_pi
     if rms > 0.05 * abs(p_max):
         raise CalibrationError(f"poor transfer fit: rms {rms:.3g} W vs max {p_max:.3g} W")
     v_pi = abs(v_pi)

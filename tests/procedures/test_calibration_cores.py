@@ -37,6 +37,21 @@ def test_transfer_fit_recovers_curve(v0: float, v_pi: float) -> None:
     assert fit.extinction_db == pytest.approx(40, abs=1.5)
 
 
+@pytest.mark.parametrize("seed", [3, 12, 126, 169, 612, 720, 900])
+def test_transfer_fit_of_a_weak_sweep_in_meter_noise(seed: int) -> None:
+    """A bias sweep at the VOA's power-on attenuation: 0.1-10 nW at the tap, 0.6 pW of
+    meter noise. These seeds once failed: fits that swapped P_min and P_max, and relative
+    weights that chased the noise around the minimum."""
+    rng = np.random.default_rng(seed)
+    scale = 10 ** rng.uniform(-10, -8)
+    v = np.linspace(-10, 10, 61)
+    p = transfer(v, scale * 1e-4, scale, 1.23, 3.7) + rng.normal(0, 1e-12 / math.sqrt(3), v.size)
+    fit = fit_transfer(v, p)
+    assert fit.p_max_w > fit.p_min_w
+    assert fit.v_pi_v == pytest.approx(3.7, rel=0.02)
+    assert math.remainder(fit.v0_v - 1.23, 2 * 3.7) == pytest.approx(0, abs=0.05)
+
+
 def test_transfer_fit_refuses_flat_data() -> None:
     with pytest.raises(CalibrationError):
         fit_transfer(np.linspace(0, 1, 20), np.full(20, 1e-3))
