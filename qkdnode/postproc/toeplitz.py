@@ -27,9 +27,10 @@ rectangle's contribution, which is rounded and added mod 2 into y. Sums stay bel
 raised otherwise), so the result is bit-exact.
 
 Memory: the spectra of one rectangle take at most ``max_spectra_bytes`` (512 MB by
-default), the float64 staging buffer about half of that again, plus the inputs and output
-(n + (n + m - 1) + m bytes). Measured peak RSS of a whole process hashing at compression
-0.5: 0.86 GB for 1e7 bits (one rectangle), 1.74 GB for 1e8 bits (15 rectangles).
+default), the float64 staging buffer about half of that again, the accumulated spectra of
+a group of output chunks and their inverse transforms up to 64 MB each, plus the inputs
+and output (n + (n + m - 1) + m bytes). Measured peak RSS of a whole process running
+:func:`pa_hash` at compression 0.5: 0.71 GB for 1e7 bits, 1.77 GB for 1e8 bits.
 """
 
 from __future__ import annotations
