@@ -164,14 +164,15 @@ def toeplitz_hash(
     n_spec = b + 1
     group = max(1, (64 << 20) // (16 * n_spec))
     out = np.zeros(n_rows * b, dtype=np.uint8)
-    buf = np.zeros((max(cols, rows + cols - 1), fft_len), dtype=np.float64)
+    buf = np.empty((max(cols, rows + cols - 1), fft_len), dtype=np.float64)
 
+    # Staging rows are written whole (data, then zeros): no separate zero-fill pass.
     for c0 in range(0, n_cols, cols):
         c1 = min(c0 + cols, n_cols)
-        buf[:] = 0.0
         for c in range(c0, c1):
             part = x[c * b : (c + 1) * b]
             buf[c - c0, : part.shape[0]] = part
+            buf[c - c0, part.shape[0] :] = 0.0
         spec_x = sfft.rfft(buf[: c1 - c0], axis=1, workers=workers)
         for r0 in range(0, n_rows, rows):
             r1 = min(r0 + rows, n_rows)
@@ -179,12 +180,16 @@ def toeplitz_hash(
             # diagonal d = r - c (2b - 1 bits from d b + n - b), read at offset b - 1.
             d_lo = r0 - (c1 - 1)
             n_diag = (r1 - 1 - c0) - d_lo + 1
-            buf[:] = 0.0
             for k in range(n_diag):
                 lo = (d_lo + k) * b + n - b
                 a, z = max(lo, 0), min(lo + fft_len - 1, n_seed)
+                row = buf[k]
                 if a < z:
-                    buf[k, a - lo : z - lo] = seed[a:z]
+                    row[: a - lo] = 0.0
+                    row[a - lo : z - lo] = seed[a:z]
+                    row[z - lo :] = 0.0
+                else:
+                    row[:] = 0.0
             spec_s = sfft.rfft(buf[:n_diag], axis=1, workers=workers)
             # Inverse FFTs are batched too, in groups of rows taking at most ~64 MB.
             for g0 in range(r0, r1, group):
@@ -195,8 +200,10 @@ def toeplitz_hash(
                 conv = sfft.irfft(acc, fft_len, axis=1, overwrite_x=True, workers=workers)
                 conv = conv[:, b - 1 : 2 * b - 1]
                 rounded = np.rint(conv)
-                if float(np.max(np.abs(conv - rounded), initial=0.0)) > 0.25:
+                np.subtract(conv, rounded, out=conv)  # conv is this group's own array
+                if float(np.max(np.abs(conv, out=conv), initial=0.0)) > 0.25:
                     raise ToeplitzError("FFT round-off too large for an exact result")
-                parity = (rounded.astype(np.int64) & 1).astype(np.uint8).reshape(-1)
-                out[g0 * b : g1 * b] ^= parity
+                parity = rounded.astype(np.int64)
+                parity &= 1
+                out[g0 * b : g1 * b] ^= parity.astype(np.uint8).reshape(-1)
     return out[:m]
