@@ -145,7 +145,7 @@ def fit_transfer(volts: Sequence[float] | F64, power_w: Sequence[float] | F64) -
     dim = model <= np.quantile(model, 0.25)
     floor = math.sqrt(float(np.mean((model[dim] - p[dim]) ** 2)))
     sigma = 0.01 * np.abs(p) + max(1e-6 * p_hi, floor)
-    best = _best_fit(v, p, sigma, [list(first[1]), *starts]) or first
+    best = _best_fit(v, p, sigma, [list(first[1])]) or first
     cost, popt, pcov = best
     p_min, p_max, v0, v_pi = (float(x) for x in popt)
     rms = math.sqrt(float(np.mean((transfer(v, *popt) - p) ** 2)))
