@@ -64,7 +64,7 @@ def pa_seed_bits(n: int, m: int) -> int:
     return n - 1
 
 
-def pa_hash(x: U8, seed: U8, m: int, tile_bits: int | None = None) -> U8:
+def pa_hash(x: U8, seed: U8, m: int) -> U8:
     """``(I | T) x`` over GF(2): ``x[:m] XOR toeplitz_hash(x[m:], seed, m)``.
 
     ``seed`` has :func:`pa_seed_bits` = n - 1 bits. Raises :class:`ToeplitzError` unless
@@ -73,7 +73,7 @@ def pa_hash(x: U8, seed: U8, m: int, tile_bits: int | None = None) -> U8:
     n = int(x.shape[0])
     if seed.shape[0] != pa_seed_bits(n, m):
         raise ToeplitzError(f"seed must have n - 1 = {n - 1} bits, got {seed.shape[0]}")
-    y = toeplitz_hash(x[m:], seed, m, tile_bits)
+    y = toeplitz_hash(x[m:], seed, m)
     y ^= x[:m]
     return y
 
