@@ -93,11 +93,18 @@ def _pass_permutations(n_bits: int, n_passes: int, seed: int) -> list[shuffle.Ke
 
 
 class TreeLayout:
-    """Flat numbering of the nodes of all pass trees of an ``n``-bit key.
+    """Numbering of the nodes of all pass trees of an ``n``-bit key, block after block.
 
-    Node ``(p, level, j)`` has id ``base[p, level] + j`` with ``0 <= j < ceil(n / 2**level)``
-    and ``0 <= level <= top_levels[p]``; ids run over ``[0, total)``. Raises
-    :class:`CascadeError` for an empty key or levels outside ``[0, 62]``.
+    Pass ``p`` cuts its permuted key into blocks of ``2**t`` bits (``t = top_levels[p]``).
+    Block ``b``'s subtree holds the ids ``[B, B + 2**(t + 1))`` with ``B = pass_base[p] +
+    b * 2**(t + 1)``, in heap order: its root at ``B + 1``, the children of ``B + h`` at
+    ``B + 2h`` and ``B + 2h + 1``, its leaves at ``B + 2**t + i`` (``B`` itself is unused).
+    So node ``(p, level, j)`` is at ``B + 2**d + (j mod 2**d)`` with ``d = t - level`` and
+    ``b = j >> d``. A flipped bit's ancestors in a pass then lie within one block of at
+    most 1 KB (a few cache lines) instead of one per level across the whole tree. Ids run
+    over ``[0, total)``; the last block of a pass may reach past the key: those leaves
+    are zero and never asked for. Raises :class:`CascadeError` for an empty key or levels
+    outside ``[0, ceil(log2 n)]`` (1 for a 1-bit key).
     """
 
     def __init__(self, n: int, top_levels: Sequence[int]) -> None:
@@ -105,21 +112,19 @@ class TreeLayout:
             raise CascadeError(f"key length must be > 0, got {n}")
         self.n = n
         self.top_levels = [int(t) for t in top_levels]
-        if not self.top_levels or min(self.top_levels) < 0 or max(self.top_levels) > 62:
-            raise CascadeError(f"bad tree levels {self.top_levels}")
+        cap = max(1, (n - 1).bit_length())  # a block of 2**cap bits holds the whole key
+        if not self.top_levels or min(self.top_levels) < 0 or max(self.top_levels) > cap:
+            raise CascadeError(f"bad tree levels {self.top_levels} for {n} bits (0 to {cap})")
         self.passes = len(self.top_levels)
-        self.base = np.zeros((self.passes, max(self.top_levels) + 1), dtype=np.int64)
-        total = 0
-        for p, top in enumerate(self.top_levels):
-            for lvl in range(top + 1):
-                self.base[p, lvl] = total
-                total += self.count(lvl)
-        self.total = total
-        self.wire_dtype = np.dtype("<u4") if total < 1 << 32 else np.dtype("<u8")
-        tops = [self.base[p, t] for p, t in enumerate(self.top_levels)]
+        #: top level of each pass, as an array
+        self.tops = np.asarray(self.top_levels, dtype=np.int64)
+        sizes = [self.count(t) << (t + 1) for t in self.top_levels]
+        #: first id of each pass's blocks
+        self.pass_base = np.cumsum([0] + sizes[:-1]).astype(np.int64)
+        self.total = int(sum(sizes))
+        self.wire_dtype = np.dtype("<u4") if self.total < 1 << 32 else np.dtype("<u8")
         #: where the top-level blocks of each pass start in the all-blocks parity vector
         self.block_offsets = np.cumsum([0] + [self.count(t) for t in self.top_levels])
-        self._top_base = np.asarray(tops, dtype=np.int64)
 
     def count(self, level: int) -> int:
         """Number of nodes on ``level`` (of any pass)."""
@@ -144,12 +149,26 @@ class TreeLayout:
                 or np.any((j << lv) >= self.n)
             ):
                 raise CascadeError("node outside the Cascade tree")
-        return self.base[p, lv] + j
+        return self.ids(p, lv, j)
+
+    def ids(self, pass_index: I64, level: I64, node: I64) -> I64:
+        """:meth:`node_id` without the range checks (int64 arrays of one shape)."""
+        t = self.tops[pass_index]
+        d = t - level
+        block = self.pass_base[pass_index] + ((node >> d) << (t + 1))
+        out: I64 = block + (1 << d) + (node & ((1 << d) - 1))
+        return out
+
+    def left_child(self, pass_index: I64, level: I64, node: I64) -> I64:
+        """Ids of the left children of nodes ``(pass_index, level >= 1, node)``; each right
+        child is at its left one's id + 1."""
+        return self.ids(pass_index, level - 1, node << 1)
 
     def top_ids(self, pass_index: int) -> I64:
         """Ids of the top-level blocks of ``pass_index``, in block order."""
-        count = self.count(self.top_levels[pass_index])
-        return np.arange(count, dtype=np.int64) + int(self._top_base[pass_index])
+        t = self.top_levels[pass_index]
+        blocks = np.arange(self.count(t), dtype=np.int64)
+        return (blocks << (t + 1)) + (int(self.pass_base[pass_index]) + 1)
 
     def decode(self, data: bytes | memoryview, count: int) -> I64:
         """Node ids from their wire encoding; raises CascadeError on a wrong length or an id
@@ -188,7 +207,7 @@ class CascadeResponder:
         self._tree = np.empty(self.layout.total, dtype=np.uint8)
         for p in range(self.layout.passes):
             leaves = bits if p == 0 else perms[p - 1].gather(bits)
-            ck.pass_tree(leaves, self.top_levels[p], self._tree, self.layout.base[p], 0)
+            ck.pass_tree(leaves, self.top_levels[p], self._tree, int(self.layout.pass_base[p]), 0)
         self.disclosed_bits = 0
 
     def block_parities(self) -> U8:
@@ -262,11 +281,10 @@ class CascadeCorrector:
         # (_flip): starting a pass costs nothing between round trips.
         for p in range(lay.passes):
             leaves = self._bits if p == 0 else self._perms[p - 1].gather(self._bits)
-            ck.pass_tree(leaves, self.top_levels[p], self._state, lay.base[p], _UNKNOWN)
+            ck.pass_tree(leaves, self.top_levels[p], self._state, int(lay.pass_base[p]), _UNKNOWN)
         self._blocks: U8 | None = None
         self._started = 0
         self._pass_searches = 1  # searches the latest pass started with
-        self._tops = np.asarray(self.top_levels, dtype=np.int64)
         # active searches: node id, pass, level, node index; the node is known and odd
         self._g = self._p = self._l = self._j = np.zeros(0, np.int64)
         self._q_left = np.zeros(0, np.int64)
@@ -328,7 +346,8 @@ class CascadeCorrector:
         if not self._g.size:
             return np.zeros(0, np.int64)
         search = np.stack([self._g, self._p, self._l, self._j])
-        keep, leaf = ck.descend(self._state, self.layout.base, self.n, search)
+        lay = self.layout
+        keep, leaf = ck.descend(self._state, lay.pass_base, lay.tops, self.n, search)
         self._g, self._p, self._l, self._j = keep[0], keep[1], keep[2], keep[3]
         found: list[I64] = []
         for q in range(self._started):
@@ -346,7 +365,7 @@ class CascadeCorrector:
         self.stats.errors_corrected += int(found.shape[0])
         lay, st = self.layout, self._state
         permuted = self._permuted(found, lay.passes)
-        ck.toggle_ancestors(st, lay.base, self._tops, permuted)
+        ck.toggle_ancestors(st, lay.pass_base, lay.tops, permuted)
         # searches whose node turned even are done (their error was found elsewhere)
         alive = st[self._g] == 1
         if not alive.all():
@@ -375,7 +394,8 @@ class CascadeCorrector:
         if len(due) > 1:  # one search per bit, even if it was flipped in two rounds
             _, first = np.unique(found, return_index=True)
             permuted = permuted[:, first]
-        rows = ck.smallest_odd(self._state, self.layout.base, self._tops, permuted)
+        lay = self.layout
+        rows = ck.smallest_odd(self._state, lay.pass_base, lay.tops, permuted)
         if rows.shape[1]:
             self._add_searches(rows[0], rows[1], rows[2], rows[3])
         return True
@@ -408,7 +428,7 @@ class CascadeCorrector:
         self._set_active(self._g, self._p, self._l, self._j)
         self.stats.rounds += 1
         self._pending = True
-        self._q_left = self.layout.base[self._p, self._l - 1] + (self._j << 1)
+        self._q_left = self.layout.left_child(self._p, self._l, self._j)
         return self._q_left
 
     def give_answers(self, parities: U8) -> None:

@@ -2,9 +2,11 @@
 
 Each loop walks one search or one flipped bit through the pass trees; numpy versions of the
 same steps spent most of their time in temporaries (about 1 ms per round at 1e7 bits, a few
-hundred rounds per block). Node ids, the state encoding and ``base`` are those of
-:class:`qkdnode.postproc.cascade.TreeLayout`: node ``(p, level, j)`` is
-``base[p, level] + j``; ``state`` bit 1 set = Alice's parity unknown, else bit 0 = odd.
+hundred rounds per block). Node ids and the state encoding are those of
+:class:`qkdnode.postproc.cascade.TreeLayout`: pass ``q``'s block ``b`` occupies ids
+``pbase[q] + b * 2**(t + 1)`` onwards (``t = tops[q]``), in heap order inside the block (root
+at offset 1, children of ``h`` at ``2h`` and ``2h + 1``, leaf ``i`` of the block at
+``2**t + i``). ``state`` bit 1 set = Alice's parity unknown, else bit 0 = odd.
 """
 
 from __future__ import annotations
@@ -21,40 +23,51 @@ U8 = npt.NDArray[np.uint8]
 
 
 @njit
-def _toggle_ancestors(state: Any, base: Any, tops: Any, k: Any) -> None:  # pragma: no cover
+def _toggle_ancestors(state: Any, pbase: Any, tops: Any, k: Any) -> None:  # pragma: no cover
     for q in range(k.shape[0]):
+        t = tops[q]
         for i in range(k.shape[1]):
             x = k[q, i]
-            for lvl in range(tops[q] + 1):
-                state[base[q, lvl] + (x >> lvl)] ^= 1
+            block = pbase[q] + ((x >> t) << (t + 1))
+            h = (1 << t) | (x & ((1 << t) - 1))
+            while h:
+                state[block + h] ^= 1
+                h >>= 1
 
 
 @njit
-def _smallest_odd(state: Any, base: Any, tops: Any, k: Any, out: Any) -> int:  # pragma: no cover
+def _smallest_odd(state: Any, pbase: Any, tops: Any, k: Any, out: Any) -> int:  # pragma: no cover
     m = 0
     for q in range(k.shape[0]):
+        t = tops[q]
         for i in range(k.shape[1]):
             x = k[q, i]
-            for lvl in range(tops[q] + 1):
-                node = base[q, lvl] + (x >> lvl)
-                if state[node] == 1:
-                    out[0, m] = node
+            block = pbase[q] + ((x >> t) << (t + 1))
+            h = (1 << t) | (x & ((1 << t) - 1))
+            lvl = 0
+            while h:
+                if state[block + h] == 1:
+                    out[0, m] = block + h
                     out[1, m] = q
                     out[2, m] = lvl
                     out[3, m] = x >> lvl
                     m += 1
                     break
+                h >>= 1
+                lvl += 1
     return m
 
 
 @njit
 def _descend(  # noqa: PLR0917  # pragma: no cover
-    state: Any, base: Any, n: int, search: Any, keep: Any, leaf: Any
+    state: Any, pbase: Any, tops: Any, n: int, search: Any, keep: Any, leaf: Any
 ) -> tuple[int, int]:
     kept = 0
     found = 0
     for s in range(search.shape[1]):
         g, p, lv, j = search[0, s], search[1, s], search[2, s], search[3, s]
+        t = tops[p]
+        block = pbase[p] + ((j >> (t - lv)) << (t + 1))
         while True:
             if lv == 0:
                 leaf[0, found] = p
@@ -63,7 +76,7 @@ def _descend(  # noqa: PLR0917  # pragma: no cover
                 break
             cl = lv - 1
             left = j << 1
-            gl = base[p, cl] + left
+            gl = 2 * g - block  # heap child 2h of g = block + h
             if ((left + 1) << cl) >= n:
                 state[gl] = 1  # no right child: the left one is the whole (odd) parent
                 g, lv, j = gl, cl, left
@@ -83,99 +96,107 @@ def _descend(  # noqa: PLR0917  # pragma: no cover
     return kept, found
 
 
-def toggle_ancestors(state: U8, base: I64, tops: I64, k: I64) -> None:
+def toggle_ancestors(state: U8, pbase: I64, tops: I64, k: I64) -> None:
     """Toggle the parity of every ancestor (all levels) of permuted position ``k[q, i]`` in
     pass ``q``, once per entry: the effect of flipping those bits on Bob's pass trees."""
     k = np.ascontiguousarray(k, dtype=np.int64)
     if not JIT:
-        _toggle_ancestors_np(state, base, tops, k)
+        _toggle_ancestors_np(state, pbase, tops, k)
         return
-    _toggle_ancestors(state, base, tops, k)
+    _toggle_ancestors(state, pbase, tops, k)
 
 
-def smallest_odd(state: U8, base: I64, tops: I64, k: I64) -> I64:
+def smallest_odd(state: U8, pbase: I64, tops: I64, k: I64) -> I64:
     """For each permuted position ``k[q, i]`` (pass ``q``), the smallest known odd node that
     contains it, if any, as rows (node id, pass, level, node index)."""
     k = np.ascontiguousarray(k, dtype=np.int64)
     if not JIT:
-        return _smallest_odd_np(state, base, tops, k)
+        return _smallest_odd_np(state, pbase, tops, k)
     out = np.empty((4, k.shape[0] * k.shape[1]), dtype=np.int64)
-    m = _smallest_odd(state, base, tops, k, out)
+    m = _smallest_odd(state, pbase, tops, k, out)
     return out[:, :m]
 
 
-def descend(state: U8, base: I64, n: int, search: I64) -> tuple[I64, I64]:
+def descend(state: U8, pbase: I64, tops: I64, n: int, search: I64) -> tuple[I64, I64]:
     """Move each search (rows node id, pass, level, node index) down through children of
     known parity. Returns the searches still waiting for a parity (same rows) and the
     leaves reached (rows pass, permuted position)."""
     search = np.ascontiguousarray(search, dtype=np.int64)
     if not JIT:
-        return _descend_np(state, base, n, search)
+        return _descend_np(state, pbase, tops, n, search)
     keep = np.empty_like(search)
     leaf = np.empty((2, search.shape[1]), dtype=np.int64)
-    kept, found = _descend(state, base, n, search, keep, leaf)
+    kept, found = _descend(state, pbase, tops, n, search, keep, leaf)
     return keep[:, :kept], leaf[:, :found]
 
 
 @njit
-def _pass_tree(leaves: Any, top: int, out: Any, base: Any, flag: Any) -> None:  # pragma: no cover
+def _pass_tree(leaves: Any, top: int, out: Any, pbase: int, flag: Any) -> None:  # pragma: no cover
     n = leaves.shape[0]
-    b0 = base[0]
-    for i in range(n):
-        out[b0 + i] = leaves[i] | flag
-    count = n
-    for lvl in range(1, top + 1):
-        lo, hi = base[lvl - 1], base[lvl]
-        half = (count + 1) >> 1
-        for j in range(half):
-            v = out[lo + 2 * j]
-            if 2 * j + 1 < count:
-                v ^= out[lo + 2 * j + 1]
-            out[hi + j] = (v & 1) | flag
-        count = half
+    size = 1 << top
+    buf = np.zeros(2 * size, dtype=np.uint8)  # one block's tree, in L1 cache
+    for b in range((n + size - 1) >> top):
+        lo = b << top
+        m = min(size, n - lo)
+        buf[size : size + m] = leaves[lo : lo + m]
+        buf[size + m :] = 0  # past the key's end: no bit, even parity
+        half = size >> 1
+        while half:
+            for i in range(half, 2 * half):
+                buf[i] = buf[2 * i] ^ buf[2 * i + 1]
+            half >>= 1
+        base = pbase + (b << (top + 1))
+        for h in range(2 * size):
+            out[base + h] = buf[h] | flag
 
 
-def pass_tree(leaves: U8, top: int, out: U8, base: I64, flag: int | np.uint8) -> None:
-    """Write the parities of levels ``0..top`` of one pass tree (OR ``flag``) into
-    ``out[base[level] : base[level] + ceil(n / 2**level)]``; ``leaves`` are the pass's bits
-    in its order."""
+def pass_tree(leaves: U8, top: int, out: U8, pbase: int, flag: int | np.uint8) -> None:
+    """Write the parities (OR ``flag``) of one pass tree into its blocks at ``out[pbase:]``
+    (layout of :class:`qkdnode.postproc.cascade.TreeLayout`); ``leaves`` are the pass's
+    bits (0/1) in its order."""
     leaves = np.ascontiguousarray(leaves, dtype=np.uint8)
     if not JIT:
-        _pass_tree_np(leaves, top, out, base, np.uint8(flag))
+        _pass_tree_np(leaves, top, out, pbase, np.uint8(flag))
         return
-    _pass_tree(leaves, top, out, base, np.uint8(flag))
+    _pass_tree(leaves, top, out, pbase, np.uint8(flag))
 
 
 # --- numpy twins (no JIT available: see qkdnode.jit); same results, more slowly -------------
 
 
-def _ancestors(base: I64, tops: I64, k: I64, q: int) -> I64:
-    levels = np.arange(int(tops[q]) + 1, dtype=np.int64)[:, None]
-    out: I64 = base[q, : int(tops[q]) + 1, None] + (k[q][None, :] >> levels)
+def _ancestors(pbase: I64, tops: I64, k: I64, q: int) -> I64:
+    """Ids of the ancestors of ``k[q]`` in pass ``q``, one row per level (0 = the leaves)."""
+    t = int(tops[q])
+    x = k[q]
+    block = pbase[q] + ((x >> t) << (t + 1))
+    leaf = (1 << t) | (x & ((1 << t) - 1))
+    levels = np.arange(t + 1, dtype=np.int64)[:, None]
+    out: I64 = block[None, :] + (leaf[None, :] >> levels)
     return out
 
 
-def _toggle_ancestors_np(state: U8, base: I64, tops: I64, k: I64) -> None:
-    flat = np.concatenate([_ancestors(base, tops, k, q).ravel() for q in range(k.shape[0])])
+def _toggle_ancestors_np(state: U8, pbase: I64, tops: I64, k: I64) -> None:
+    flat = np.concatenate([_ancestors(pbase, tops, k, q).ravel() for q in range(k.shape[0])])
     ids, counts = np.unique(flat, return_counts=True)
     state[ids[(counts & 1) == 1]] ^= 1
 
 
-def _smallest_odd_np(state: U8, base: I64, tops: I64, k: I64) -> I64:
+def _smallest_odd_np(state: U8, pbase: I64, tops: I64, k: I64) -> I64:
     rows = []
     for q in range(k.shape[0]):
-        m = _ancestors(base, tops, k, q)
+        m = _ancestors(pbase, tops, k, q)
         odd = state[m] == 1
         has = odd.any(axis=0)
         if not has.any():
             continue
+        cols = np.flatnonzero(has)
         lvl = odd.argmax(axis=0)[has].astype(np.int64)
-        ids = m[lvl, np.flatnonzero(has)]
-        rows.append(np.stack([ids, np.full(ids.shape[0], q), lvl, ids - base[q, lvl]]))
+        ids = m[lvl, cols]
+        rows.append(np.stack([ids, np.full(ids.shape[0], q), lvl, k[q][cols] >> lvl]))
     return np.concatenate(rows, axis=1) if rows else np.zeros((4, 0), np.int64)
 
 
-def _descend_np(state: U8, base: I64, n: int, search: I64) -> tuple[I64, I64]:
+def _descend_np(state: U8, pbase: I64, tops: I64, n: int, search: I64) -> tuple[I64, I64]:
     g, p, lv, j = (search[r].copy() for r in range(4))
     leaf_p: list[I64] = []
     leaf_j: list[I64] = []
@@ -188,9 +209,11 @@ def _descend_np(state: U8, base: I64, n: int, search: I64) -> tuple[I64, I64]:
             g, p, lv, j = g[keep], p[keep], lv[keep], j[keep]
             if not g.size:
                 break
+        t = tops[p]
+        block = pbase[p] + ((j >> (t - lv)) << (t + 1))
         cl = lv - 1
         left = j << 1
-        gl = base[p, cl] + left
+        gl = 2 * g - block
         sl = state[gl]
         right_empty = ((left + 1) << cl) >= n
         go_right = (sl == 0) & ~right_empty
@@ -210,12 +233,16 @@ def _descend_np(state: U8, base: I64, n: int, search: I64) -> tuple[I64, I64]:
     return np.stack([g, p, lv, j]), leaves
 
 
-def _pass_tree_np(leaves: U8, top: int, out: U8, base: I64, flag: np.uint8) -> None:
-    cur = leaves
-    for lvl in range(top + 1):
-        if lvl:
-            if cur.shape[0] & 1:
-                cur = np.append(cur, np.uint8(0))
-            cur = cur[0::2] ^ cur[1::2]
-        b = int(base[lvl])
-        np.bitwise_or(cur, flag, out=out[b : b + cur.shape[0]])
+def _pass_tree_np(leaves: U8, top: int, out: U8, pbase: int, flag: np.uint8) -> None:
+    size = 1 << top
+    blocks = -(-leaves.shape[0] // size)
+    cur = np.zeros(blocks * size, dtype=np.uint8)
+    cur[: leaves.shape[0]] = leaves
+    cur = cur.reshape(blocks, size)
+    tree = out[pbase : pbase + 2 * size * blocks].reshape(blocks, 2 * size)
+    tree[:, size:] = cur
+    for lvl in range(1, top + 1):
+        cur = cur[:, 0::2] ^ cur[:, 1::2]
+        tree[:, size >> lvl : size >> (lvl - 1)] = cur
+    tree[:, 0] = 0
+    tree |= flag
