@@ -39,6 +39,7 @@ Disclosed bits are counted exactly on both sides: one per parity Alice sends
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -76,6 +77,26 @@ def schedule(n_bits: int, qber: float, params: CascadeParams) -> list[int]:
     first = min(cap, max(1, round(math.log2(params.first_block_factor / q))))
     step = round(math.log2(params.growth_factor))
     return [min(cap, first + i * step) for i in range(params.passes)]
+
+
+def frame_count(n_bits: int, params: CascadeParams) -> int:
+    """How many frames an ``n_bits`` key is cut into: ``params.frames``, fewer if frames would
+    be shorter than ``params.min_frame_bits``."""
+    return max(1, min(params.frames, n_bits // params.min_frame_bits))
+
+
+def frame_bounds(n_bits: int, count: int) -> list[tuple[int, int]]:
+    """(start, stop) of ``count`` consecutive frames of an ``n_bits`` key whose lengths
+    differ by at most one bit; raises CascadeError unless ``1 <= count <= min(n_bits, 64)``."""
+    if not 1 <= count <= min(n_bits, 64):
+        raise CascadeError(f"cannot cut {n_bits} bits into {count} frames")
+    edges = [n_bits * k // count for k in range(count + 1)]
+    return list(itertools.pairwise(edges))
+
+
+def frame_seed(seed: int, frame: int) -> int:
+    """The permutation seed of frame ``frame`` of a block whose Cascade seed is ``seed``."""
+    return (seed + frame) % (1 << 63)
 
 
 def permutations(n_bits: int, n_passes: int, seed: int) -> list[I64]:
@@ -448,6 +469,29 @@ class CascadeCorrector:
     def corrected(self) -> U8:
         """Bob's key with every flip applied (a new array)."""
         return self._bits.copy()
+
+
+def responders(
+    key_bits: U8, top_levels: Sequence[int], seed: int, frames: int
+) -> list[CascadeResponder]:
+    """Alice's side of each frame of ``key_bits`` (:func:`frame_bounds`, :func:`frame_seed`)."""
+    bounds = frame_bounds(int(key_bits.shape[0]), frames)
+    return [
+        CascadeResponder(key_bits[a:b], top_levels, frame_seed(seed, k))
+        for k, (a, b) in enumerate(bounds)
+    ]
+
+
+def correctors(
+    key_bits: U8, top_levels: Sequence[int], seed: int, frames: int
+) -> list[CascadeCorrector]:
+    """Bob's side of each frame of ``key_bits``; join their :meth:`CascadeCorrector.corrected`
+    keys in order for the whole corrected key."""
+    bounds = frame_bounds(int(key_bits.shape[0]), frames)
+    return [
+        CascadeCorrector(key_bits[a:b], top_levels, frame_seed(seed, k))
+        for k, (a, b) in enumerate(bounds)
+    ]
 
 
 def reconcile_local(

@@ -19,6 +19,16 @@ class CascadeParams(_Strict):
     growth_factor: int = Field(2, ge=2, le=8, description="block size ratio between passes")
     passes: int = Field(4, ge=1, le=16, description="maximum number of passes")
     qber_floor: float = Field(0.005, gt=0, lt=0.5, description="QBER assumed at least this")
+    frames: int = Field(
+        2,
+        ge=1,
+        le=16,
+        description="the key is cut into this many frames, reconciled concurrently: the "
+        "receiver works on one frame's answers while the other frames' queries travel",
+    )
+    min_frame_bits: int = Field(
+        100_000, ge=1000, description="fewer frames when frames would be shorter than this"
+    )
 
 
 class PostprocParams(_Strict):

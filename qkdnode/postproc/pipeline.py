@@ -20,10 +20,11 @@ on both sides: no key, and the auth pool stays consistent (see :mod:`.auth`).
 from __future__ import annotations
 
 import asyncio
+import collections
 import math
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,48 +90,67 @@ async def _expect(t: PeerTransport, kind: str, params: PostprocParams | float) -
     return msg
 
 
-async def serve_cascade(
-    t: PeerTransport, responder: cascade.CascadeResponder, timeout_s: float
-) -> dict[str, Any]:
-    """Transmitter's Cascade loop: answer ``ec_q`` until the ``done`` one (its header is
-    returned).
+def _frame_of(msg: PeerMessage, frames: int) -> int:
+    k = msg.header.get("frame")
+    if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k < frames:
+        raise ProtocolAbortError(f"{msg.kind} frame {k!r} is not one of 0..{frames - 1}")
+    return k
 
-    ``ec_q {"blocks": true}`` asks for the top-level block parities of all passes;
-    ``ec_q {"n": m}`` carries ``m`` node ids (one buffer, ``responder.layout.wire_dtype``).
-    Each answer is ``ec_a {"n": m}`` with the parities as packed bits. A malformed query
-    raises :class:`ProtocolAbortError` or :class:`cascade.CascadeError` (a ValueError).
+
+async def serve_cascade(
+    t: PeerTransport, responders: Sequence[cascade.CascadeResponder], timeout_s: float
+) -> dict[str, Any]:
+    """Transmitter's Cascade loop over the frames of a key: answer ``ec_q`` until the
+    ``done`` one (its header is returned).
+
+    ``ec_q {"frame": k, "blocks": true}`` asks for the top-level block parities of all passes
+    of frame ``k``; ``ec_q {"frame": k, "n": m}`` carries ``m`` node ids of frame ``k`` (one
+    buffer, ``layout.wire_dtype``). Each answer is ``ec_a {"frame": k, "n": m}`` with the
+    parities as packed bits, in the order of the queries. A malformed query raises
+    :class:`ProtocolAbortError` or :class:`cascade.CascadeError` (a ValueError).
     """
     while True:
         msg = await _expect(t, "ec_q", timeout_s)
         if msg.header.get("done"):
             return msg.header
+        k = _frame_of(msg, len(responders))
         if msg.header.get("blocks"):
-            par = responder.block_parities()
+            par = responders[k].block_parities()
         else:
             count = msg.header.get("n")
             if not isinstance(count, int) or isinstance(count, bool) or len(msg.buffers) != 1:
                 raise ProtocolAbortError("ec_q needs a node count and one node-id buffer")
-            par = responder.answer(msg.buffers[0], count)
-        await t.send("ec_a", {"n": int(par.shape[0])}, [sifting.pack_bits(par)])
+            par = responders[k].answer(msg.buffers[0], count)
+        await t.send("ec_a", {"frame": k, "n": int(par.shape[0])}, [sifting.pack_bits(par)])
 
 
 async def run_cascade(
-    t: PeerTransport, corrector: cascade.CascadeCorrector, timeout_s: float
+    t: PeerTransport, correctors: Sequence[cascade.CascadeCorrector], timeout_s: float
 ) -> None:
-    """Receiver's Cascade loop: one round trip for all block parities, then one per batch
-    of node queries (the caller sends the final ``done``)."""
-    layout = corrector.layout
-    await t.send("ec_q", {"blocks": True}, [])
-    msg = await _expect(t, "ec_a", timeout_s)
-    if len(msg.buffers) != 1:
-        raise ProtocolAbortError("ec_a needs one buffer")
-    corrector.set_block_parities(sifting.unpack_bits(msg.buffers[0], int(layout.block_offsets[-1])))
-    while (q := corrector.next_queries()) is not None:
-        await t.send("ec_q", {"n": int(q.shape[0])}, [layout.encode(q)])
+    """Receiver's Cascade loop over the frames of a key (the caller sends the final
+    ``done``). Every frame has one query in flight: its block parities first, then a batch
+    of node queries per round. Bob works on one frame's answers while the other frames'
+    queries travel and are answered, so the round trips of one frame overlap the work on
+    the others."""
+    in_flight: collections.deque[tuple[int, int]] = collections.deque()  # (frame, count)
+    for k, corr in enumerate(correctors):
+        await t.send("ec_q", {"frame": k, "blocks": True}, [])
+        in_flight.append((k, int(corr.layout.block_offsets[-1])))
+    while in_flight:
         msg = await _expect(t, "ec_a", timeout_s)
-        if len(msg.buffers) != 1:
-            raise ProtocolAbortError("ec_a needs one buffer")
-        corrector.give_answers(sifting.unpack_bits(msg.buffers[0], q.shape[0]))
+        k, count = in_flight.popleft()
+        if _frame_of(msg, len(correctors)) != k or len(msg.buffers) != 1:
+            raise ProtocolAbortError(f"ec_a out of order or malformed (expected frame {k})")
+        corr = correctors[k]
+        parities = sifting.unpack_bits(msg.buffers[0], count)
+        if corr.stats.rounds == 0:
+            corr.set_block_parities(parities)
+        else:
+            corr.give_answers(parities)
+        q = corr.next_queries()
+        if q is not None:
+            await t.send("ec_q", {"frame": k, "n": int(q.shape[0])}, [corr.layout.encode(q)])
+            in_flight.append((k, int(q.shape[0])))
 
 
 def _counts(values: U8, classes: U8) -> list[int]:
@@ -264,17 +284,23 @@ async def run_block_transmitter(
             raise ProtocolAbortError(reason)
         ec_seed = secrets.randbits(63)
         ratio = 1.0 if z_over_x_error_ratio is None else min(2.0, max(0.1, z_over_x_error_ratio))
-        levels = cascade.schedule(key_a.shape[0], qber_x * ratio, params.cascade)
-        stats["ec_levels"] = levels
-        await t.send("pe_reply", {"ec_seed": ec_seed, "levels": levels, "qber_x": qber_x}, [])
+        frames = cascade.frame_count(key_a.shape[0], params.cascade)
+        shortest = key_a.shape[0] // frames
+        levels = cascade.schedule(shortest, qber_x * ratio, params.cascade)
+        stats.update(ec_levels=levels, ec_frames=frames)
+        await t.send(
+            "pe_reply",
+            {"ec_seed": ec_seed, "levels": levels, "frames": frames, "qber_x": qber_x},
+            [],
+        )
         clock.lap("estimation")
 
         # Heavy set-up (permutations of the whole key) off the event loop: the node keeps
         # answering its control socket and heartbeats while a block is processed.
-        responder = await asyncio.to_thread(cascade.CascadeResponder, key_a, levels, ec_seed)
-        done = await serve_cascade(t, responder, params.recv_timeout_s)
+        responders = await asyncio.to_thread(cascade.responders, key_a, levels, ec_seed, frames)
+        done = await serve_cascade(t, responders, params.recv_timeout_s)
         z_err = [int(x) for x in done["z_errors"]]
-        leak_ec = responder.disclosed_bits
+        leak_ec = sum(r.disclosed_bits for r in responders)
         stats.update(
             ec_disclosed_bits=leak_ec,
             qber_z=sum(z_err) / max(1, key_a.shape[0]),
@@ -349,18 +375,19 @@ async def run_block_receiver(
         msg = await _expect(t, "pe_reply", params)
         levels = [int(x) for x in msg.header["levels"]]
         ec_seed = int(msg.header["ec_seed"])
+        frames = int(msg.header["frames"])
         stats["qber_x"] = float(msg.header["qber_x"])
         clock.lap("estimation")
 
         key_b = bits_m[is_z].astype(np.uint8)
-        corrector = await asyncio.to_thread(cascade.CascadeCorrector, key_b, levels, ec_seed)
-        await run_cascade(t, corrector, params.recv_timeout_s)
-        key_c = corrector.corrected()
+        correctors = await asyncio.to_thread(cascade.correctors, key_b, levels, ec_seed, frames)
+        await run_cascade(t, correctors, params.recv_timeout_s)
+        key_c = np.concatenate([c.corrected() for c in correctors])
         z_err = _counts((key_c ^ key_b).astype(np.uint8), cls[is_z])
         await t.send("ec_q", {"done": True, "z_errors": z_err}, [])
         stats.update(
-            ec_disclosed_bits=corrector.stats.disclosed_bits,
-            ec_rounds=corrector.stats.rounds,
+            ec_disclosed_bits=sum(c.stats.disclosed_bits for c in correctors),
+            ec_rounds=max(c.stats.rounds for c in correctors),
             qber_z=sum(z_err) / max(1, key_b.shape[0]),
         )
         clock.lap("error_correction")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import multiprocessing as mp
 import os
 from pathlib import Path
@@ -15,8 +16,15 @@ import zmq.asyncio
 
 from qkdnode.postproc import cascade
 from qkdnode.postproc.auth import AuthenticatedTransport, AuthKeyPool
-from qkdnode.postproc.params import PostprocParams
-from qkdnode.postproc.pipeline import BlockResult, run_block_receiver, run_block_transmitter
+from qkdnode.postproc.params import CascadeParams, PostprocParams
+from qkdnode.postproc.pipeline import (
+    BlockResult,
+    ProtocolAbortError,
+    run_block_receiver,
+    run_block_transmitter,
+    run_cascade,
+    serve_cascade,
+)
 from qkdnode.postproc.transport import ZmqPairTransport, decode_frames
 from tests.postproc.synth import generate
 
@@ -145,7 +153,8 @@ def test_cascade_block_sizes_follow_the_z_over_x_error_ratio(tmp_path: Path) -> 
     (t0, r0), (t1, r1) = asyncio.run(main())
     assert t0.ok and r0.ok and t1.ok and r1.ok
     assert np.array_equal(t0.key, r0.key) and np.array_equal(t1.key, r1.key)
-    n, qx = t0.stats["sifted_z"], t0.stats["qber_x"]
+    n, qx = t0.stats["sifted_z"] // t0.stats["ec_frames"], t0.stats["qber_x"]
+    assert t0.stats["ec_frames"] == PARAMS.cascade.frames
     assert t0.stats["ec_levels"] == cascade.schedule(n, qx, PARAMS.cascade)
     ratio = t0.stats["qber_z"] / qx
     assert ratio < 0.5
@@ -275,3 +284,81 @@ def test_block_result_repr_hides_key() -> None:
     assert "key=" not in repr(res) and "1, 1" not in str(res)
     assert res.key_bytes == b"\xff" * 8
     assert os.environ is not None
+
+
+def _frames_inputs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    alice = rng.integers(0, 2, n, dtype=np.uint8)
+    return alice, alice ^ (rng.random(n) < 0.03).astype(np.uint8)
+
+
+def test_cascade_frames_run_concurrently_over_zmq() -> None:
+    """The key cut into 3 frames, their queries interleaved on one socket pair: Bob ends with
+    Alice's key, and both count the same disclosure."""
+    params = CascadeParams(frames=3, min_frame_bits=1000)
+    n = 30_001
+    alice, bob = _frames_inputs(n, 3)
+    frames = cascade.frame_count(n, params)
+    assert frames == 3
+    levels = cascade.schedule(n // frames, 0.03, params)
+    responders = cascade.responders(alice, levels, 77, frames)
+    correctors = cascade.correctors(bob, levels, 77, frames)
+
+    async def main() -> dict[str, object]:
+        ctx = zmq.asyncio.Context()
+        tx = ZmqPairTransport.bind_random(ctx)
+        rx = ZmqPairTransport.connect(ctx, tx.endpoint)
+
+        async def receiver() -> None:
+            await run_cascade(rx, correctors, 5.0)
+            await rx.send("ec_q", {"done": True}, [])
+
+        done, _ = await asyncio.gather(serve_cascade(tx, responders, 5.0), receiver())
+        tx.close(), rx.close(), ctx.term()
+        return done
+
+    assert asyncio.run(main()) == {"done": True}
+    assert np.array_equal(np.concatenate([c.corrected() for c in correctors]), alice)
+    assert [c.layout.n for c in correctors] == [10_000, 10_000, 10_001]
+    assert sum(r.disclosed_bits for r in responders) == sum(
+        c.stats.disclosed_bits for c in correctors
+    )
+    # each frame has its own permutations
+    assert cascade.frame_seed(77, 1) != cascade.frame_seed(77, 2)
+
+
+def test_cascade_answer_for_the_wrong_frame_aborts() -> None:
+    alice, bob = _frames_inputs(5000, 4)
+    levels = cascade.schedule(2500, 0.03, CascadeParams())
+    correctors = cascade.correctors(bob, levels, 5, 2)
+
+    async def main() -> None:
+        ctx = zmq.asyncio.Context()
+        tx = ZmqPairTransport.bind_random(ctx)
+        rx = ZmqPairTransport.connect(ctx, tx.endpoint)
+
+        async def wrong_alice() -> None:
+            await tx.recv(5.0)  # frame 0's block parities
+            await tx.send("ec_a", {"frame": 1, "n": 1}, [b"\x00"])
+
+        try:
+            await asyncio.gather(run_cascade(rx, correctors, 5.0), wrong_alice())
+        finally:
+            tx.close(), rx.close(), ctx.term()
+
+    with pytest.raises(ProtocolAbortError, match="expected frame 0"):
+        asyncio.run(main())
+
+
+def test_frame_bounds() -> None:
+    for n, count in ((10, 3), (1_000_003, 2), (7, 7)):
+        bounds = cascade.frame_bounds(n, count)
+        assert bounds[0][0] == 0 and bounds[-1][1] == n and len(bounds) == count
+        lengths = [b - a for a, b in bounds]
+        assert max(lengths) - min(lengths) <= 1
+        assert all(b0[1] == b1[0] for b0, b1 in itertools.pairwise(bounds))
+    for n, count in ((5, 0), (5, 6), (100, 65)):
+        with pytest.raises(cascade.CascadeError):
+            cascade.frame_bounds(n, count)
+    params = CascadeParams(frames=4, min_frame_bits=1000)
+    assert [cascade.frame_count(n, params) for n in (999, 2500, 10**6)] == [1, 2, 4]
