@@ -6,6 +6,7 @@ Run: ``.venv/bin/python -m qkdnode.postproc.bench [--quick]``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import multiprocessing as mp
 import statistics
 import sys
@@ -120,7 +121,8 @@ def _ec_server(endpoint_q: Any, n: int, qber: float, blocks: int, frames: int) -
         for b in range(blocks):
             a, _ = _cascade_inputs(n, qber, b)
             levels = cascade.schedule(n // frames, qber, CascadeParams())
-            await serve_cascade(tr, cascade.responders(a, levels, b, frames), 30.0)
+            build = functools.partial(cascade.frame_responder, a, levels, b, frames)
+            await serve_cascade(tr, build, frames, 30.0)
         tr.close()
         ctx.term()
 
@@ -154,8 +156,8 @@ def bench_cascade_loopback(n: int, qber: float, blocks: int, frames: int) -> dic
             a, bob = _cascade_inputs(n, qber, b)
             levels = cascade.schedule(n // frames, qber, CascadeParams())
             t0 = time.perf_counter()
-            corr = cascade.correctors(bob, levels, b, frames)
-            await run_cascade(tr, corr, 30.0)
+            build = functools.partial(cascade.frame_corrector, bob, levels, b, frames)
+            corr = await run_cascade(tr, build, frames, 30.0)
             await tr.send("ec_q", {"done": True, "z_errors": [0, 0, 0]}, [])
             times.append(time.perf_counter() - t0)
             rounds.append(max(c.stats.rounds for c in corr))

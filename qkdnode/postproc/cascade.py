@@ -227,8 +227,11 @@ class CascadeResponder:
         perms = _pass_permutations(self.n, self.layout.passes, seed)
         self._tree = np.empty(self.layout.total, dtype=np.uint8)
         for p in range(self.layout.passes):
-            leaves = bits if p == 0 else perms[p - 1].gather(bits)
-            ck.pass_tree(leaves, self.top_levels[p], self._tree, int(self.layout.pass_base[p]), 0)
+            base = int(self.layout.pass_base[p])
+            if p == 0:
+                ck.pass_tree(bits, self.top_levels[p], self._tree, base, 0)
+            else:
+                ck.permuted_pass_tree(bits, perms[p - 1], self.top_levels[p], self._tree, base, 0)
         self.disclosed_bits = 0
 
     def block_parities(self) -> U8:
@@ -301,13 +304,17 @@ class CascadeCorrector:
         # daemons, while Alice builds hers), and every flip keeps all of them current
         # (_flip): starting a pass costs nothing between round trips.
         for p in range(lay.passes):
-            leaves = self._bits if p == 0 else self._perms[p - 1].gather(self._bits)
-            ck.pass_tree(leaves, self.top_levels[p], self._state, int(lay.pass_base[p]), _UNKNOWN)
+            top, base = self.top_levels[p], int(lay.pass_base[p])
+            if p == 0:
+                ck.pass_tree(self._bits, top, self._state, base, _UNKNOWN)
+            else:
+                perm = self._perms[p - 1]
+                ck.permuted_pass_tree(self._bits, perm, top, self._state, base, _UNKNOWN)
         self._blocks: U8 | None = None
         self._started = 0
         self._pass_searches = 1  # searches the latest pass started with
         # active searches: node id, pass, level, node index; the node is known and odd
-        self._g = self._p = self._l = self._j = np.zeros(0, np.int64)
+        self._s = np.zeros((4, 0), np.int64)
         self._q_left = np.zeros(0, np.int64)
         self._pending = False
         self._deferred: list[tuple[int, I64, I64]] = []  # (due round, flips, _permuted)
@@ -340,36 +347,23 @@ class CascadeCorrector:
         self.stats.passes += 1
         odd = np.flatnonzero(self._state[ids] == 1)
         self._pass_searches = max(1, odd.shape[0])
-        self._add_searches(ids[odd], np.full(odd.shape[0], p), np.full(odd.shape[0], top), odd)
+        new = np.stack([ids[odd], np.full(odd.shape[0], p), np.full(odd.shape[0], top), odd])
+        self._add_searches(new)
 
-    def _add_searches(self, g: I64, p: I64, lv: I64, j: I64) -> None:
-        g = np.concatenate([self._g, g])
-        p = np.concatenate([self._p, p])
-        lv = np.concatenate([self._l, lv])
-        j = np.concatenate([self._j, j])
-        self._set_active(g, p, lv, j)
+    def _add_searches(self, new: I64) -> None:
+        self._set_active(np.concatenate([self._s, new], axis=1))
 
-    def _set_active(self, g: I64, p: I64, lv: I64, j: I64) -> None:
+    def _set_active(self, s: I64) -> None:
         """Keep one search per node (searches on the same node would ask the same parity)."""
-        if g.shape[0] > 1:
-            order = np.argsort(g, kind="stable")
-            gs = g[order]
-            keep = np.empty(gs.shape[0], dtype=np.bool_)
-            keep[0] = True
-            np.not_equal(gs[1:], gs[:-1], out=keep[1:])
-            order = order[keep]
-            g, p, lv, j = gs[keep], p[order], lv[order], j[order]
-        self._g, self._p, self._l, self._j = g, p, lv, j
+        self._s = ck.distinct_searches(self._state, s) if s.shape[1] > 1 else s
 
     def _descend(self) -> I64:
         """Move every search down through nodes of known parity; returns the real positions
         of the errors found (searches that reached one bit are removed)."""
-        if not self._g.size:
+        if not self._s.shape[1]:
             return np.zeros(0, np.int64)
-        search = np.stack([self._g, self._p, self._l, self._j])
         lay = self.layout
-        keep, leaf = ck.descend(self._state, lay.pass_base, lay.tops, self.n, search)
-        self._g, self._p, self._l, self._j = keep[0], keep[1], keep[2], keep[3]
+        self._s, leaf = ck.descend(self._state, lay.pass_base, lay.tops, self.n, self._s)
         found: list[I64] = []
         for q in range(self._started):
             j = leaf[1][leaf[0] == q]
@@ -388,14 +382,9 @@ class CascadeCorrector:
         permuted = self._permuted(found, lay.passes)
         ck.toggle_ancestors(st, lay.pass_base, lay.tops, permuted)
         # searches whose node turned even are done (their error was found elsewhere)
-        alive = st[self._g] == 1
+        alive = st[self._s[0]] == 1
         if not alive.all():
-            self._g, self._p, self._l, self._j = (
-                self._g[alive],
-                self._p[alive],
-                self._l[alive],
-                self._j[alive],
-            )
+            self._s = self._s[:, alive]
         self._deferred.append((self.stats.rounds + self.defer_rounds, found, permuted))
 
     def _permuted(self, found: I64, passes: int) -> I64:
@@ -418,7 +407,7 @@ class CascadeCorrector:
         lay = self.layout
         rows = ck.smallest_odd(self._state, lay.pass_base, lay.tops, permuted)
         if rows.shape[1]:
-            self._add_searches(rows[0], rows[1], rows[2], rows[3])
+            self._add_searches(rows)
         return True
 
     def next_queries(self) -> I64 | None:
@@ -433,12 +422,12 @@ class CascadeCorrector:
             found = self._descend()
             if found.size:
                 self._flip(_sorted_unique(found))
-            if self._start_cascades(force=not self._g.size):
+            if self._start_cascades(force=not self._s.shape[1]):
                 continue
-            if self._g.size:
+            if self._s.shape[1]:
                 if (
                     self._started == self.layout.passes
-                    or self._g.size + sum(f.shape[0] for _, f, _ in self._deferred)
+                    or self._s.shape[1] + sum(f.shape[0] for _, f, _ in self._deferred)
                     > self.early_pass_fraction * self._pass_searches
                 ):
                     break
@@ -446,10 +435,10 @@ class CascadeCorrector:
                 return None
             self._begin_next_pass()
         # searches that descended onto the same node would ask the same parity twice
-        self._set_active(self._g, self._p, self._l, self._j)
+        self._set_active(self._s)
         self.stats.rounds += 1
         self._pending = True
-        self._q_left = self.layout.left_child(self._p, self._l, self._j)
+        self._q_left = self.layout.left_child(self._s[1], self._s[2], self._s[3])
         return self._q_left
 
     def give_answers(self, parities: U8) -> None:
@@ -460,9 +449,7 @@ class CascadeCorrector:
         gl = self._q_left
         if parities.shape != gl.shape:
             raise CascadeError(f"{parities.shape[0]} answers for {gl.shape[0]} queries")
-        st = self._state
-        st[gl] = (st[gl] & 1) ^ (parities & 1)
-        st[gl + 1] = st[self._g] ^ st[gl]  # right sibling: parent XOR left (parent is odd)
+        ck.apply_answers(self._state, gl, self._s[0], parities)
         self.stats.disclosed_bits += int(gl.shape[0])
         self._pending = False
 
@@ -471,27 +458,36 @@ class CascadeCorrector:
         return self._bits.copy()
 
 
+def frame_responder(
+    key_bits: U8, top_levels: Sequence[int], seed: int, frames: int, frame: int
+) -> CascadeResponder:
+    """Alice's side of frame ``frame`` of ``frames`` of ``key_bits`` (:func:`frame_bounds`,
+    :func:`frame_seed`)."""
+    a, b = frame_bounds(int(key_bits.shape[0]), frames)[frame]
+    return CascadeResponder(key_bits[a:b], top_levels, frame_seed(seed, frame))
+
+
+def frame_corrector(
+    key_bits: U8, top_levels: Sequence[int], seed: int, frames: int, frame: int
+) -> CascadeCorrector:
+    """Bob's side of frame ``frame`` of ``frames`` of ``key_bits``; the frames'
+    :meth:`CascadeCorrector.corrected` keys joined in order are the corrected key."""
+    a, b = frame_bounds(int(key_bits.shape[0]), frames)[frame]
+    return CascadeCorrector(key_bits[a:b], top_levels, frame_seed(seed, frame))
+
+
 def responders(
     key_bits: U8, top_levels: Sequence[int], seed: int, frames: int
 ) -> list[CascadeResponder]:
-    """Alice's side of each frame of ``key_bits`` (:func:`frame_bounds`, :func:`frame_seed`)."""
-    bounds = frame_bounds(int(key_bits.shape[0]), frames)
-    return [
-        CascadeResponder(key_bits[a:b], top_levels, frame_seed(seed, k))
-        for k, (a, b) in enumerate(bounds)
-    ]
+    """:func:`frame_responder` of every frame."""
+    return [frame_responder(key_bits, top_levels, seed, frames, k) for k in range(frames)]
 
 
 def correctors(
     key_bits: U8, top_levels: Sequence[int], seed: int, frames: int
 ) -> list[CascadeCorrector]:
-    """Bob's side of each frame of ``key_bits``; join their :meth:`CascadeCorrector.corrected`
-    keys in order for the whole corrected key."""
-    bounds = frame_bounds(int(key_bits.shape[0]), frames)
-    return [
-        CascadeCorrector(key_bits[a:b], top_levels, frame_seed(seed, k))
-        for k, (a, b) in enumerate(bounds)
-    ]
+    """:func:`frame_corrector` of every frame."""
+    return [frame_corrector(key_bits, top_levels, seed, frames, k) for k in range(frames)]
 
 
 def reconcile_local(

@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from qkdnode.jit import JIT, njit
+from qkdnode.postproc import shuffle
 
 I64 = npt.NDArray[np.int64]
 U8 = npt.NDArray[np.uint8]
@@ -96,6 +97,52 @@ def _descend(  # noqa: PLR0917  # pragma: no cover
     return kept, found
 
 
+@njit
+def _distinct_searches(state: Any, s: Any, out: Any) -> int:  # pragma: no cover
+    m = 0
+    for i in range(s.shape[1]):
+        g = s[0, i]
+        if state[g] & 4:  # a search on this node came first
+            continue
+        state[g] |= 4
+        for r in range(4):
+            out[r, m] = s[r, i]
+        m += 1
+    for i in range(m):
+        state[out[0, i]] ^= 4
+    return m
+
+
+def distinct_searches(state: U8, s: I64) -> I64:
+    """The searches (rows node id, pass, level, node index) with the first of those that
+    share a node only, in their order. ``state`` bit 2 marks nodes while this runs."""
+    if not JIT:
+        first = np.unique(s[0], return_index=True)[1]
+        out: I64 = s[:, np.sort(first)]
+        return out
+    out = np.empty((4, s.shape[1]), dtype=np.int64)
+    m = _distinct_searches(state, np.ascontiguousarray(s), out)
+    return out[:, :m]
+
+
+@njit
+def _apply_answers(state: Any, left: Any, parent: Any, parities: Any) -> None:  # pragma: no cover
+    for i in range(left.shape[0]):
+        gl = left[i]
+        state[gl] = (state[gl] & 1) ^ (parities[i] & 1)
+        state[gl + 1] = state[parent[i]] ^ state[gl]
+
+
+def apply_answers(state: U8, left: I64, parent: I64, parities: U8) -> None:
+    """Record Alice's parities of the left children ``left`` of the odd known nodes
+    ``parent``; each right child (``left + 1``) follows as parent XOR left."""
+    if not JIT:
+        state[left] = (state[left] & 1) ^ (parities & 1)
+        state[left + 1] = state[parent] ^ state[left]
+        return
+    _apply_answers(state, left, parent, parities)
+
+
 def toggle_ancestors(state: U8, pbase: I64, tops: I64, k: I64) -> None:
     """Toggle the parity of every ancestor (all levels) of permuted position ``k[q, i]`` in
     pass ``q``, once per entry: the effect of flipping those bits on Bob's pass trees."""
@@ -131,23 +178,67 @@ def descend(state: U8, pbase: I64, tops: I64, n: int, search: I64) -> tuple[I64,
 
 
 @njit
-def _pass_tree(leaves: Any, top: int, out: Any, pbase: int, flag: Any) -> None:  # pragma: no cover
-    n = leaves.shape[0]
+def _block_trees(  # noqa: PLR0917  # pragma: no cover
+    leaves: Any, m: int, start: int, top: int, out: Any, pbase: int, flag: Any, buf: Any
+) -> None:
+    """Trees of the blocks of ``leaves[:m]``, the pass's bits from ``start`` (a multiple of
+    2**top) on; ``buf`` holds 2**(top + 1) bytes and ``buf[0] == 0``."""
     size = 1 << top
-    buf = np.zeros(2 * size, dtype=np.uint8)  # one block's tree, in L1 cache
-    for b in range((n + size - 1) >> top):
-        lo = b << top
-        m = min(size, n - lo)
-        buf[size : size + m] = leaves[lo : lo + m]
-        buf[size + m :] = 0  # past the key's end: no bit, even parity
+    for lo in range(0, m, size):
+        k = min(size, m - lo)
+        buf[size : size + k] = leaves[lo : lo + k]
+        buf[size + k :] = 0  # past the key's end: no bit, even parity
         half = size >> 1
         while half:
             for i in range(half, 2 * half):
                 buf[i] = buf[2 * i] ^ buf[2 * i + 1]
             half >>= 1
-        base = pbase + (b << (top + 1))
+        base = pbase + (((start + lo) >> top) << (top + 1))
         for h in range(2 * size):
             out[base + h] = buf[h] | flag
+
+
+@njit
+def _pass_tree(leaves: Any, top: int, out: Any, pbase: int, flag: Any) -> None:  # pragma: no cover
+    buf = np.zeros(2 << top, dtype=np.uint8)  # one block's tree, in L1 cache
+    _block_trees(leaves, leaves.shape[0], 0, top, out, pbase, flag, buf)
+
+
+@njit
+def _permuted_pass_tree(  # noqa: PLR0917  # pragma: no cover
+    packed: Any, c: Any, keys: Any, mults: Any, top: int, out: Any, pbase: int, flag: Any
+) -> None:
+    # shuffle._gather and _pass_tree in one sweep: the permuted bits of a few blocks at a
+    # time stay in cache instead of going through an n-byte array.
+    n = c[0]
+    nn = np.int64(n)
+    k, m = (keys[0], keys[1], keys[2], keys[3]), (mults[0], mults[1], mults[2], mults[3])
+    chunk = max(4096, 1 << top)
+    batch = np.empty(chunk, dtype=np.uint64)
+    leaves = np.empty(chunk, dtype=np.uint8)
+    buf = np.zeros(2 << top, dtype=np.uint8)
+    for i0 in range(0, nn, chunk):
+        size: Any = min(chunk, nn - i0)
+        for j in range(size):
+            batch[j] = shuffle._rounds(np.uint64(i0 + j), c, k, m)
+        for j in range(size):
+            x = batch[j]
+            while x >= n:
+                x = shuffle._rounds(x, c, k, m)
+            leaves[j] = (packed[x >> np.uint64(3)] >> (np.uint64(7) - (x & np.uint64(7)))) & 1
+        _block_trees(leaves, size, i0, top, out, pbase, flag, buf)
+
+
+def permuted_pass_tree(  # noqa: PLR0917
+    bits: U8, perm: shuffle.KeyedPermutation, top: int, out: U8, pbase: int, flag: int | np.uint8
+) -> None:
+    """:func:`pass_tree` of ``perm.gather(bits)`` without building that array."""
+    if not JIT:
+        _pass_tree_np(perm.gather(bits), top, out, pbase, np.uint8(flag))
+        return
+    consts, keys, mults = perm.kernel_args
+    packed = np.packbits(bits)
+    _permuted_pass_tree(packed, consts, keys, mults, top, out, pbase, np.uint8(flag))
 
 
 def pass_tree(leaves: U8, top: int, out: U8, pbase: int, flag: int | np.uint8) -> None:

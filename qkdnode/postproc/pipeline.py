@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import math
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -39,6 +40,7 @@ from qkdnode.postproc.params import PostprocParams
 from qkdnode.postproc.transport import PeerMessage, PeerTransport, TransportError
 
 log = structlog.get_logger(__name__)
+_T = TypeVar("_T")
 
 U8 = npt.NDArray[np.uint8]
 
@@ -97,11 +99,50 @@ def _frame_of(msg: PeerMessage, frames: int) -> int:
     return k
 
 
+class FrameBuilds(Generic[_T]):
+    """Frames ``0 .. count - 1`` built one after the other in a worker thread (the numba
+    kernels release the GIL), so that Cascade on the first frames runs while the next are
+    built. :meth:`get` waits for one; :meth:`cancel` drops those not built yet."""
+
+    def __init__(self, build: Callable[[int], _T], count: int) -> None:
+        loop = asyncio.get_running_loop()
+        self._futures: list[asyncio.Future[_T]] = [loop.create_future() for _ in range(count)]
+        self._task = asyncio.create_task(self._run(build))
+
+    async def _run(self, build: Callable[[int], _T]) -> None:
+        for k, fut in enumerate(self._futures):
+            try:
+                obj = await asyncio.to_thread(build, k)
+            except Exception as exc:  # handed to whoever waits for this frame
+                if not fut.done():
+                    fut.set_exception(exc)
+                return
+            if not fut.done():
+                fut.set_result(obj)
+
+    def ready(self, k: int) -> bool:
+        return self._futures[k].done()
+
+    async def get(self, k: int) -> _T:
+        return await self._futures[k]
+
+    def cancel(self) -> None:
+        self._task.cancel()
+        for fut in self._futures:
+            if fut.done() and not fut.cancelled():
+                fut.exception()  # retrieved: no "never retrieved" warning for unused frames
+            fut.cancel()
+
+
 async def serve_cascade(
-    t: PeerTransport, responders: Sequence[cascade.CascadeResponder], timeout_s: float
-) -> dict[str, Any]:
-    """Transmitter's Cascade loop over the frames of a key: answer ``ec_q`` until the
-    ``done`` one (its header is returned).
+    t: PeerTransport,
+    build: Callable[[int], cascade.CascadeResponder],
+    frames: int,
+    timeout_s: float,
+) -> tuple[dict[str, Any], list[cascade.CascadeResponder]]:
+    """Transmitter's Cascade loop over the ``frames`` frames of a key (``build(k)`` sets up
+    frame ``k``, in a worker thread): answer ``ec_q`` until the ``done`` one. Returns its
+    header and the responders of the frames that were asked about.
 
     ``ec_q {"frame": k, "blocks": true}`` asks for the top-level block parities of all passes
     of frame ``k``; ``ec_q {"frame": k, "n": m}`` carries ``m`` node ids of frame ``k`` (one
@@ -109,48 +150,72 @@ async def serve_cascade(
     parities as packed bits, in the order of the queries. A malformed query raises
     :class:`ProtocolAbortError` or :class:`cascade.CascadeError` (a ValueError).
     """
-    while True:
-        msg = await _expect(t, "ec_q", timeout_s)
-        if msg.header.get("done"):
-            return msg.header
-        k = _frame_of(msg, len(responders))
-        if msg.header.get("blocks"):
-            par = responders[k].block_parities()
-        else:
-            count = msg.header.get("n")
-            if not isinstance(count, int) or isinstance(count, bool) or len(msg.buffers) != 1:
-                raise ProtocolAbortError("ec_q needs a node count and one node-id buffer")
-            par = responders[k].answer(msg.buffers[0], count)
-        await t.send("ec_a", {"frame": k, "n": int(par.shape[0])}, [sifting.pack_bits(par)])
+    builds = FrameBuilds(build, frames)
+    used: dict[int, cascade.CascadeResponder] = {}
+    try:
+        while True:
+            msg = await _expect(t, "ec_q", timeout_s)
+            if msg.header.get("done"):
+                return msg.header, list(used.values())
+            k = _frame_of(msg, frames)
+            if k not in used:
+                used[k] = await builds.get(k)
+            if msg.header.get("blocks"):
+                par = used[k].block_parities()
+            else:
+                count = msg.header.get("n")
+                if not isinstance(count, int) or isinstance(count, bool) or len(msg.buffers) != 1:
+                    raise ProtocolAbortError("ec_q needs a node count and one node-id buffer")
+                par = used[k].answer(msg.buffers[0], count)
+            await t.send("ec_a", {"frame": k, "n": int(par.shape[0])}, [sifting.pack_bits(par)])
+    finally:
+        builds.cancel()
 
 
 async def run_cascade(
-    t: PeerTransport, correctors: Sequence[cascade.CascadeCorrector], timeout_s: float
-) -> None:
-    """Receiver's Cascade loop over the frames of a key (the caller sends the final
-    ``done``). Every frame has one query in flight: its block parities first, then a batch
-    of node queries per round. Bob works on one frame's answers while the other frames'
-    queries travel and are answered, so the round trips of one frame overlap the work on
-    the others."""
+    t: PeerTransport,
+    build: Callable[[int], cascade.CascadeCorrector],
+    frames: int,
+    timeout_s: float,
+) -> list[cascade.CascadeCorrector]:
+    """Receiver's Cascade loop over the ``frames`` frames of a key (``build(k)`` sets up
+    frame ``k``, in a worker thread); returns the frames' correctors, in order (the caller
+    sends the final ``done``).
+
+    Every started frame has one query in flight: its block parities first, then a batch of
+    node queries per round. Bob works on one frame's answers while the other frames'
+    queries travel and are answered, and a frame starts as soon as it is built, so the
+    round trips of one frame and the set-up of the next overlap the work on the others.
+    """
+    builds = FrameBuilds(build, frames)
+    started: list[cascade.CascadeCorrector] = []
     in_flight: collections.deque[tuple[int, int]] = collections.deque()  # (frame, count)
-    for k, corr in enumerate(correctors):
-        await t.send("ec_q", {"frame": k, "blocks": True}, [])
-        in_flight.append((k, int(corr.layout.block_offsets[-1])))
-    while in_flight:
-        msg = await _expect(t, "ec_a", timeout_s)
-        k, count = in_flight.popleft()
-        if _frame_of(msg, len(correctors)) != k or len(msg.buffers) != 1:
-            raise ProtocolAbortError(f"ec_a out of order or malformed (expected frame {k})")
-        corr = correctors[k]
-        parities = sifting.unpack_bits(msg.buffers[0], count)
-        if corr.stats.rounds == 0:
-            corr.set_block_parities(parities)
-        else:
-            corr.give_answers(parities)
-        q = corr.next_queries()
-        if q is not None:
-            await t.send("ec_q", {"frame": k, "n": int(q.shape[0])}, [corr.layout.encode(q)])
-            in_flight.append((k, int(q.shape[0])))
+    try:
+        while in_flight or len(started) < frames:
+            k = len(started)
+            if k < frames and (not in_flight or builds.ready(k)):
+                corr = await builds.get(k)
+                started.append(corr)
+                await t.send("ec_q", {"frame": k, "blocks": True}, [])
+                in_flight.append((k, int(corr.layout.block_offsets[-1])))
+                continue
+            msg = await _expect(t, "ec_a", timeout_s)
+            k, count = in_flight.popleft()
+            if _frame_of(msg, frames) != k or len(msg.buffers) != 1:
+                raise ProtocolAbortError(f"ec_a out of order or malformed (expected frame {k})")
+            corr = started[k]
+            parities = sifting.unpack_bits(msg.buffers[0], count)
+            if corr.stats.rounds == 0:
+                corr.set_block_parities(parities)
+            else:
+                corr.give_answers(parities)
+            q = corr.next_queries()
+            if q is not None:
+                await t.send("ec_q", {"frame": k, "n": int(q.shape[0])}, [corr.layout.encode(q)])
+                in_flight.append((k, int(q.shape[0])))
+        return started
+    finally:
+        builds.cancel()
 
 
 def _counts(values: U8, classes: U8) -> list[int]:
@@ -295,10 +360,10 @@ async def run_block_transmitter(
         )
         clock.lap("estimation")
 
-        # Heavy set-up (permutations of the whole key) off the event loop: the node keeps
-        # answering its control socket and heartbeats while a block is processed.
-        responders = await asyncio.to_thread(cascade.responders, key_a, levels, ec_seed, frames)
-        done = await serve_cascade(t, responders, params.recv_timeout_s)
+        # Heavy set-up (permutations of the whole key) off the event loop, in a worker
+        # thread: the node keeps answering its control socket and heartbeats meanwhile.
+        build = functools.partial(cascade.frame_responder, key_a, levels, ec_seed, frames)
+        done, responders = await serve_cascade(t, build, frames, params.recv_timeout_s)
         z_err = [int(x) for x in done["z_errors"]]
         leak_ec = sum(r.disclosed_bits for r in responders)
         stats.update(
@@ -380,8 +445,8 @@ async def run_block_receiver(
         clock.lap("estimation")
 
         key_b = bits_m[is_z].astype(np.uint8)
-        correctors = await asyncio.to_thread(cascade.correctors, key_b, levels, ec_seed, frames)
-        await run_cascade(t, correctors, params.recv_timeout_s)
+        build = functools.partial(cascade.frame_corrector, key_b, levels, ec_seed, frames)
+        correctors = await run_cascade(t, build, frames, params.recv_timeout_s)
         key_c = np.concatenate([c.corrected() for c in correctors])
         z_err = _counts((key_c ^ key_b).astype(np.uint8), cls[is_z])
         await t.send("ec_q", {"done": True, "z_errors": z_err}, [])

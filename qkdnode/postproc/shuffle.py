@@ -155,6 +155,8 @@ class KeyedPermutation:
         self._mults = mults
         self._inv_mults = np.array([_inverse_odd(int(m)) for m in mults], dtype=np.uint64)
         self._consts = (np.uint64(n), np.uint64((1 << k) - 1), np.uint64(k // 2 + 1))
+        #: (constants, round keys, multipliers) for compiled callers of :func:`_rounds`
+        self.kernel_args = (self._consts, self._keys, self._mults)
 
     def _positions(self, x: npt.ArrayLike) -> npt.NDArray[np.int64]:
         arr = np.ascontiguousarray(x, dtype=np.int64)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import multiprocessing as mp
 import os
@@ -301,23 +302,35 @@ def test_cascade_frames_run_concurrently_over_zmq() -> None:
     frames = cascade.frame_count(n, params)
     assert frames == 3
     levels = cascade.schedule(n // frames, 0.03, params)
-    responders = cascade.responders(alice, levels, 77, frames)
-    correctors = cascade.correctors(bob, levels, 77, frames)
+    built: list[str] = []
 
-    async def main() -> dict[str, object]:
+    def alice_frame(k: int) -> cascade.CascadeResponder:
+        built.append(f"alice {k}")
+        return cascade.frame_responder(alice, levels, 77, frames, k)
+
+    def bob_frame(k: int) -> cascade.CascadeCorrector:
+        built.append(f"bob {k}")
+        return cascade.frame_corrector(bob, levels, 77, frames, k)
+
+    async def main() -> Any:
         ctx = zmq.asyncio.Context()
         tx = ZmqPairTransport.bind_random(ctx)
         rx = ZmqPairTransport.connect(ctx, tx.endpoint)
 
-        async def receiver() -> None:
-            await run_cascade(rx, correctors, 5.0)
+        async def receiver() -> list[cascade.CascadeCorrector]:
+            out = await run_cascade(rx, bob_frame, frames, 5.0)
             await rx.send("ec_q", {"done": True}, [])
+            return out
 
-        done, _ = await asyncio.gather(serve_cascade(tx, responders, 5.0), receiver())
+        served, received = await asyncio.gather(
+            serve_cascade(tx, alice_frame, frames, 5.0), receiver()
+        )
         tx.close(), rx.close(), ctx.term()
-        return done
+        return served, received
 
-    assert asyncio.run(main()) == {"done": True}
+    (done, responders), correctors = asyncio.run(main())
+    assert done == {"done": True}
+    assert sorted(built) == [f"{who} {k}" for who in ("alice", "bob") for k in range(3)]
     assert np.array_equal(np.concatenate([c.corrected() for c in correctors]), alice)
     assert [c.layout.n for c in correctors] == [10_000, 10_000, 10_001]
     assert sum(r.disclosed_bits for r in responders) == sum(
@@ -330,7 +343,7 @@ def test_cascade_frames_run_concurrently_over_zmq() -> None:
 def test_cascade_answer_for_the_wrong_frame_aborts() -> None:
     alice, bob = _frames_inputs(5000, 4)
     levels = cascade.schedule(2500, 0.03, CascadeParams())
-    correctors = cascade.correctors(bob, levels, 5, 2)
+    build = functools.partial(cascade.frame_corrector, bob, levels, 5, 2)
 
     async def main() -> None:
         ctx = zmq.asyncio.Context()
@@ -342,7 +355,7 @@ def test_cascade_answer_for_the_wrong_frame_aborts() -> None:
             await tx.send("ec_a", {"frame": 1, "n": 1}, [b"\x00"])
 
         try:
-            await asyncio.gather(run_cascade(rx, correctors, 5.0), wrong_alice())
+            await asyncio.gather(run_cascade(rx, build, 2, 5.0), wrong_alice())
         finally:
             tx.close(), rx.close(), ctx.term()
 

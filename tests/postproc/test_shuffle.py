@@ -131,3 +131,42 @@ def test_numpy_twins_match_the_compiled_kernels() -> None:
     order = np.lexsort(leaf[:, :found][::-1])
     order_np = np.lexsort(leaf_np[::-1])
     assert np.array_equal(leaf[:, :found][:, order], leaf_np[:, order_np])
+
+
+@pytest.mark.skipif(not JIT, reason="numba unavailable: nothing to compare")
+def test_fused_kernels_match_their_parts_and_twins() -> None:
+    """The permuted pass tree equals the tree of the gathered bits; duplicate searches and
+    answers are handled alike by the compiled kernels and their numpy twins."""
+    from qkdnode.postproc import cascade
+    from qkdnode.postproc import cascade_kernels as ck
+
+    rng = np.random.default_rng(9)
+    n = 70_001
+    lay = cascade.TreeLayout(n, [5, 7, 13])
+    bits = rng.integers(0, 2, n, dtype=np.uint8)
+    for q, top in enumerate(lay.top_levels):
+        perm = shuffle.KeyedPermutation(n, 4, q + 1)
+        base = int(lay.pass_base[q])
+        fused, parts = np.zeros(lay.total, np.uint8), np.zeros(lay.total, np.uint8)
+        ck.permuted_pass_tree(bits, perm, top, fused, base, 2)
+        ck._pass_tree_np(perm.gather(bits), top, parts, base, np.uint8(2))
+        assert np.array_equal(fused, parts)
+
+    state = rng.integers(0, 4, lay.total).astype(np.uint8)
+    s = rng.integers(0, lay.total, (4, 3000)).astype(np.int64)
+    s[:, 2000:] = s[:, :1000]  # a third are repeats
+    before = state.copy()
+    jit = ck.distinct_searches(state, s)
+    assert np.array_equal(state, before)  # the marks are cleared
+    first = np.sort(np.unique(s[0], return_index=True)[1])
+    assert np.array_equal(jit, s[:, first])
+
+    left = np.unique(rng.integers(0, lay.total // 4, 2000)) * 2
+    # parents are known nodes, never among the children being answered
+    parent = rng.integers(lay.total // 2 + 2, lay.total, left.shape[0]).astype(np.int64)
+    answers = rng.integers(0, 2, left.shape[0]).astype(np.uint8)
+    a, b = state.copy(), state.copy()
+    ck._apply_answers(a, left, parent, answers)
+    b[left] = (b[left] & 1) ^ answers
+    b[left + 1] = b[parent] ^ b[left]
+    assert np.array_equal(a, b)
