@@ -124,8 +124,9 @@ class TreeLayout:
     ``b = j >> d``. A flipped bit's ancestors in a pass then lie within one block of at
     most 1 KB (a few cache lines) instead of one per level across the whole tree. Ids run
     over ``[0, total)``; the last block of a pass may reach past the key: those leaves
-    are zero and never asked for. Raises :class:`CascadeError` for an empty key or levels
-    outside ``[0, ceil(log2 n)]`` (1 for a 1-bit key).
+    are zero and never asked for. Node states are stored four to a byte
+    (:mod:`.cascade_kernels`). Raises :class:`CascadeError` for an empty key or levels
+    outside ``[1, max(1, ceil(log2 n))]``.
     """
 
     def __init__(self, n: int, top_levels: Sequence[int]) -> None:
@@ -134,8 +135,8 @@ class TreeLayout:
         self.n = n
         self.top_levels = [int(t) for t in top_levels]
         cap = max(1, (n - 1).bit_length())  # a block of 2**cap bits holds the whole key
-        if not self.top_levels or min(self.top_levels) < 0 or max(self.top_levels) > cap:
-            raise CascadeError(f"bad tree levels {self.top_levels} for {n} bits (0 to {cap})")
+        if not self.top_levels or min(self.top_levels) < 1 or max(self.top_levels) > cap:
+            raise CascadeError(f"bad tree levels {self.top_levels} for {n} bits (1 to {cap})")
         self.passes = len(self.top_levels)
         #: top level of each pass, as an array
         self.tops = np.asarray(self.top_levels, dtype=np.int64)
@@ -225,7 +226,7 @@ class CascadeResponder:
         self.top_levels = self.layout.top_levels
         bits = np.ascontiguousarray(key_bits, dtype=np.uint8)
         perms = _pass_permutations(self.n, self.layout.passes, seed)
-        self._tree = np.empty(self.layout.total, dtype=np.uint8)
+        self._tree = np.empty(ck.state_bytes(self.layout.total), dtype=np.uint8)
         for p in range(self.layout.passes):
             base = int(self.layout.pass_base[p])
             if p == 0:
@@ -248,7 +249,7 @@ class CascadeResponder:
         if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.layout.total):
             raise CascadeError("parity query outside the Cascade tree")
         self.disclosed_bits += int(ids.shape[0])
-        return self._tree[ids]
+        return ck.get(self._tree, ids)
 
     def answer(self, data: bytes | memoryview, count: int) -> U8:
         """Parities for a wire-encoded query of ``count`` node ids (see :class:`TreeLayout`)."""
@@ -274,8 +275,9 @@ class CascadeCorrector:
     ``q = next_queries()`` (node ids) and ``give_answers(alice.node_parities(q))`` until
     ``next_queries()`` returns None.
 
-    State per node id (uint8): bit 1 set = Alice's parity unknown, then bit 0 is Bob's
-    parity; bit 1 clear = known, bit 0 is Bob's parity XOR Alice's (1 = odd).
+    State per node id (2 bits, four nodes to a byte): bit 1 set = Alice's parity unknown,
+    then bit 0 is Bob's parity; bit 1 clear = known, bit 0 is Bob's parity XOR Alice's
+    (1 = odd).
     """
 
     #: Rounds a flipped bit waits before it starts back-tracking searches. Waiting lets a
@@ -299,7 +301,7 @@ class CascadeCorrector:
         self.top_levels = lay.top_levels
         self._bits = np.array(key_bits, dtype=np.uint8)  # a copy: Bob's flips go here
         self._perms = _pass_permutations(n, lay.passes, seed)
-        self._state = np.empty(lay.total, dtype=np.uint8)
+        self._state = np.empty(ck.state_bytes(lay.total), dtype=np.uint8)
         # All pass trees are built now, from the key as given (in a worker thread in the
         # daemons, while Alice builds hers), and every flip keeps all of them current
         # (_flip): starting a pass costs nothing between round trips.
@@ -342,10 +344,11 @@ class CascadeCorrector:
         top = self.top_levels[p]
         ids = lay.top_ids(p)
         off = lay.block_offsets
-        self._state[ids] = (self._state[ids] & 1) ^ self._blocks[off[p] : off[p + 1]]
+        known = (ck.get(self._state, ids) & 1) ^ self._blocks[off[p] : off[p + 1]]
+        ck.put(self._state, ids, known)
         self._started += 1
         self.stats.passes += 1
-        odd = np.flatnonzero(self._state[ids] == 1)
+        odd = np.flatnonzero(known == 1)
         self._pass_searches = max(1, odd.shape[0])
         new = np.stack([ids[odd], np.full(odd.shape[0], p), np.full(odd.shape[0], top), odd])
         self._add_searches(new)
@@ -382,7 +385,7 @@ class CascadeCorrector:
         permuted = self._permuted(found, lay.passes)
         ck.toggle_ancestors(st, lay.pass_base, lay.tops, permuted)
         # searches whose node turned even are done (their error was found elsewhere)
-        alive = st[self._s[0]] == 1
+        alive = ck.get(st, self._s[0]) == 1
         if not alive.all():
             self._s = self._s[:, alive]
         self._deferred.append((self.stats.rounds + self.defer_rounds, found, permuted))

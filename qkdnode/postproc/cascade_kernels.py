@@ -6,7 +6,13 @@ hundred rounds per block). Node ids and the state encoding are those of
 :class:`qkdnode.postproc.cascade.TreeLayout`: pass ``q``'s block ``b`` occupies ids
 ``pbase[q] + b * 2**(t + 1)`` onwards (``t = tops[q]``), in heap order inside the block (root
 at offset 1, children of ``h`` at ``2h`` and ``2h + 1``, leaf ``i`` of the block at
-``2**t + i``). ``state`` bit 1 set = Alice's parity unknown, else bit 0 = odd.
+``2**t + i``).
+
+Node states are 2-bit fields, four nodes per byte (node ``x`` in byte ``x >> 2`` at bit
+``2 * (x & 3)``): bit 1 set = Alice's parity unknown, then bit 0 is Bob's parity; bit 1
+clear = known, bit 0 = Bob's parity XOR Alice's (1 = odd). A 4e6-bit frame's four pass
+trees take 8 MB instead of 32 MB at a byte per node, and the random accesses of a round
+(a few cache lines per flipped bit and per search) mostly hit the L3 cache.
 """
 
 from __future__ import annotations
@@ -24,6 +30,42 @@ U8 = npt.NDArray[np.uint8]
 
 
 @njit
+def _get(state: Any, x: Any) -> Any:  # pragma: no cover - jit
+    return (state[x >> 2] >> ((x & 3) << 1)) & 3
+
+
+@njit
+def _put(state: Any, x: Any, v: Any) -> None:  # pragma: no cover - jit
+    sh = (x & 3) << 1
+    state[x >> 2] = (state[x >> 2] & ~(3 << sh)) | (v << sh)
+
+
+@njit
+def _toggle(state: Any, x: Any) -> None:  # pragma: no cover - jit
+    state[x >> 2] ^= 1 << ((x & 3) << 1)
+
+
+def state_bytes(nodes: int) -> int:
+    """Bytes of a state array for ``nodes`` nodes."""
+    return (nodes + 3) >> 2
+
+
+def get(state: U8, ids: I64) -> U8:
+    """The 2-bit states of nodes ``ids``."""
+    ids = np.asarray(ids, dtype=np.int64)
+    out: U8 = ((state[ids >> 2] >> ((ids & 3) << 1).astype(np.uint8)) & 3).astype(np.uint8)
+    return out
+
+
+def put(state: U8, ids: I64, values: npt.ArrayLike) -> None:
+    """Set the states of the distinct nodes ``ids`` to ``values`` (0..3)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    sh = ((ids & 3) << 1).astype(np.uint8)
+    np.bitwise_and.at(state, ids >> 2, ~(np.uint8(3) << sh))
+    np.bitwise_or.at(state, ids >> 2, (np.asarray(values, dtype=np.uint8) & 3) << sh)
+
+
+@njit
 def _toggle_ancestors(state: Any, pbase: Any, tops: Any, k: Any) -> None:  # pragma: no cover
     for q in range(k.shape[0]):
         t = tops[q]
@@ -32,7 +74,7 @@ def _toggle_ancestors(state: Any, pbase: Any, tops: Any, k: Any) -> None:  # pra
             block = pbase[q] + ((x >> t) << (t + 1))
             h = (1 << t) | (x & ((1 << t) - 1))
             while h:
-                state[block + h] ^= 1
+                _toggle(state, block + h)
                 h >>= 1
 
 
@@ -47,7 +89,7 @@ def _smallest_odd(state: Any, pbase: Any, tops: Any, k: Any, out: Any) -> int:  
             h = (1 << t) | (x & ((1 << t) - 1))
             lvl = 0
             while h:
-                if state[block + h] == 1:
+                if _get(state, block + h) == 1:
                     out[0, m] = block + h
                     out[1, m] = q
                     out[2, m] = lvl
@@ -79,10 +121,10 @@ def _descend(  # noqa: PLR0917  # pragma: no cover
             left = j << 1
             gl = 2 * g - block  # heap child 2h of g = block + h
             if ((left + 1) << cl) >= n:
-                state[gl] = 1  # no right child: the left one is the whole (odd) parent
+                _put(state, gl, 1)  # no right child: the left one is the whole (odd) parent
                 g, lv, j = gl, cl, left
                 continue
-            sl = state[gl]
+            sl = _get(state, gl)
             if sl == 0:
                 g, lv, j = gl + 1, cl, left + 1
             elif sl == 1:
@@ -99,23 +141,25 @@ def _descend(  # noqa: PLR0917  # pragma: no cover
 
 @njit
 def _distinct_searches(state: Any, s: Any, out: Any) -> int:  # pragma: no cover
+    # Every search's node is known odd (state 1); the first search on a node marks it
+    # known even (0) until the end, so later ones on it are skipped.
     m = 0
     for i in range(s.shape[1]):
         g = s[0, i]
-        if state[g] & 4:  # a search on this node came first
+        if _get(state, g) != 1:
             continue
-        state[g] |= 4
+        _put(state, g, 0)
         for r in range(4):
             out[r, m] = s[r, i]
         m += 1
     for i in range(m):
-        state[out[0, i]] ^= 4
+        _put(state, out[0, i], 1)
     return m
 
 
 def distinct_searches(state: U8, s: I64) -> I64:
-    """The searches (rows node id, pass, level, node index) with the first of those that
-    share a node only, in their order. ``state`` bit 2 marks nodes while this runs."""
+    """The searches (rows node id, pass, level, node index; every node known odd) with
+    the first of those that share a node only, in their order."""
     if not JIT:
         first = np.unique(s[0], return_index=True)[1]
         out: I64 = s[:, np.sort(first)]
@@ -129,18 +173,24 @@ def distinct_searches(state: U8, s: I64) -> I64:
 def _apply_answers(state: Any, left: Any, parent: Any, parities: Any) -> None:  # pragma: no cover
     for i in range(left.shape[0]):
         gl = left[i]
-        state[gl] = (state[gl] & 1) ^ (parities[i] & 1)
-        state[gl + 1] = state[parent[i]] ^ state[gl]
+        v = (_get(state, gl) & 1) ^ (parities[i] & 1)
+        _put(state, gl, v)
+        _put(state, gl + 1, _get(state, parent[i]) ^ v)
 
 
 def apply_answers(state: U8, left: I64, parent: I64, parities: U8) -> None:
     """Record Alice's parities of the left children ``left`` of the odd known nodes
     ``parent``; each right child (``left + 1``) follows as parent XOR left."""
     if not JIT:
-        state[left] = (state[left] & 1) ^ (parities & 1)
-        state[left + 1] = state[parent] ^ state[left]
+        _apply_answers_np(state, left, parent, parities)
         return
     _apply_answers(state, left, parent, parities)
+
+
+def _apply_answers_np(state: U8, left: I64, parent: I64, parities: U8) -> None:
+    v = (get(state, left) & 1) ^ (parities & 1)
+    put(state, left, v)
+    put(state, left + 1, get(state, parent) ^ v)
 
 
 def toggle_ancestors(state: U8, pbase: I64, tops: I64, k: I64) -> None:
@@ -182,7 +232,8 @@ def _block_trees(  # noqa: PLR0917  # pragma: no cover
     leaves: Any, m: int, start: int, top: int, out: Any, pbase: int, flag: Any, buf: Any
 ) -> None:
     """Trees of the blocks of ``leaves[:m]``, the pass's bits from ``start`` (a multiple of
-    2**top) on; ``buf`` holds 2**(top + 1) bytes and ``buf[0] == 0``."""
+    2**top) on, as 2-bit states OR ``flag``; ``buf`` holds 2**(top + 1) bytes and
+    ``buf[0] == 0``; ``top >= 1`` and ``pbase`` is a multiple of 4."""
     size = 1 << top
     for lo in range(0, m, size):
         k = min(size, m - lo)
@@ -193,9 +244,14 @@ def _block_trees(  # noqa: PLR0917  # pragma: no cover
             for i in range(half, 2 * half):
                 buf[i] = buf[2 * i] ^ buf[2 * i + 1]
             half >>= 1
-        base = pbase + (((start + lo) >> top) << (top + 1))
-        for h in range(2 * size):
-            out[base + h] = buf[h] | flag
+        base = (pbase + (((start + lo) >> top) << (top + 1))) >> 2
+        for h in range(0, 2 * size, 4):
+            out[base + (h >> 2)] = (
+                (buf[h] | flag)
+                | ((buf[h + 1] | flag) << 2)
+                | ((buf[h + 2] | flag) << 4)
+                | ((buf[h + 3] | flag) << 6)
+            )
 
 
 @njit
@@ -268,15 +324,14 @@ def _ancestors(pbase: I64, tops: I64, k: I64, q: int) -> I64:
 
 def _toggle_ancestors_np(state: U8, pbase: I64, tops: I64, k: I64) -> None:
     flat = np.concatenate([_ancestors(pbase, tops, k, q).ravel() for q in range(k.shape[0])])
-    ids, counts = np.unique(flat, return_counts=True)
-    state[ids[(counts & 1) == 1]] ^= 1
+    np.bitwise_xor.at(state, flat >> 2, (np.uint8(1) << ((flat & 3) << 1).astype(np.uint8)))
 
 
 def _smallest_odd_np(state: U8, pbase: I64, tops: I64, k: I64) -> I64:
     rows = []
     for q in range(k.shape[0]):
         m = _ancestors(pbase, tops, k, q)
-        odd = state[m] == 1
+        odd = get(state, m.ravel()).reshape(m.shape) == 1
         has = odd.any(axis=0)
         if not has.any():
             continue
@@ -305,14 +360,14 @@ def _descend_np(state: U8, pbase: I64, tops: I64, n: int, search: I64) -> tuple[
         cl = lv - 1
         left = j << 1
         gl = 2 * g - block
-        sl = state[gl]
+        sl = get(state, gl)
         right_empty = ((left + 1) << cl) >= n
         go_right = (sl == 0) & ~right_empty
         move = go_right | (sl == 1) | right_empty
         if not move.any():
             break
         if right_empty.any():
-            state[gl[right_empty]] = 1  # the left child is the whole (odd) parent
+            put(state, gl[right_empty], np.uint8(1))  # the left child is the whole parent
         g = np.where(move, gl + go_right, g)
         lv = np.where(move, cl, lv)
         j = np.where(move, left + go_right, j)
@@ -330,10 +385,11 @@ def _pass_tree_np(leaves: U8, top: int, out: U8, pbase: int, flag: np.uint8) -> 
     cur = np.zeros(blocks * size, dtype=np.uint8)
     cur[: leaves.shape[0]] = leaves
     cur = cur.reshape(blocks, size)
-    tree = out[pbase : pbase + 2 * size * blocks].reshape(blocks, 2 * size)
+    tree = np.zeros((blocks, 2 * size), dtype=np.uint8)
     tree[:, size:] = cur
     for lvl in range(1, top + 1):
         cur = cur[:, 0::2] ^ cur[:, 1::2]
         tree[:, size >> lvl : size >> (lvl - 1)] = cur
-    tree[:, 0] = 0
-    tree |= flag
+    four = (tree | flag).reshape(-1, 4)
+    packed = four[:, 0] | (four[:, 1] << 2) | (four[:, 2] << 4) | (four[:, 3] << 6)
+    out[pbase >> 2 : (pbase >> 2) + packed.shape[0]] = packed

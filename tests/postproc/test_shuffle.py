@@ -106,12 +106,15 @@ def test_numpy_twins_match_the_compiled_kernels() -> None:
     bits = rng.integers(0, 2, n, dtype=np.uint8)
     trees = []
     for twin in (ck._pass_tree, ck._pass_tree_np):
-        out = np.zeros(lay.total, np.uint8)
+        out = np.zeros(ck.state_bytes(lay.total), np.uint8)
         for q in range(3):
             twin(bits, lay.top_levels[q], out, int(lay.pass_base[q]), np.uint8(2))
         trees.append(out)
     assert np.array_equal(trees[0], trees[1])
-    state = np.where(rng.random(lay.total) < 0.3, 2, rng.integers(0, 2, lay.total)).astype(np.uint8)
+    nodes = np.where(rng.random(lay.total) < 0.3, 2, rng.integers(0, 2, lay.total))
+    state = np.zeros(ck.state_bytes(lay.total), np.uint8)
+    ck.put(state, np.arange(lay.total), nodes.astype(np.uint8))
+    assert np.array_equal(ck.get(state, np.arange(lay.total)), nodes)
     k = np.stack([rng.choice(n, 500, replace=False) for _ in range(3)]).astype(np.int64)
     a, b = state.copy(), state.copy()
     ck._toggle_ancestors(a, lay.pass_base, tops, k)
@@ -147,14 +150,16 @@ def test_fused_kernels_match_their_parts_and_twins() -> None:
     for q, top in enumerate(lay.top_levels):
         perm = shuffle.KeyedPermutation(n, 4, q + 1)
         base = int(lay.pass_base[q])
-        fused, parts = np.zeros(lay.total, np.uint8), np.zeros(lay.total, np.uint8)
+        size = ck.state_bytes(lay.total)
+        fused, parts = np.zeros(size, np.uint8), np.zeros(size, np.uint8)
         ck.permuted_pass_tree(bits, perm, top, fused, base, 2)
         ck._pass_tree_np(perm.gather(bits), top, parts, base, np.uint8(2))
         assert np.array_equal(fused, parts)
 
-    state = rng.integers(0, 4, lay.total).astype(np.uint8)
+    state = rng.integers(0, 256, ck.state_bytes(lay.total)).astype(np.uint8)
     s = rng.integers(0, lay.total, (4, 3000)).astype(np.int64)
     s[:, 2000:] = s[:, :1000]  # a third are repeats
+    ck.put(state, np.unique(s[0]), np.uint8(1))  # searches sit on known odd nodes
     before = state.copy()
     jit = ck.distinct_searches(state, s)
     assert np.array_equal(state, before)  # the marks are cleared
@@ -167,6 +172,10 @@ def test_fused_kernels_match_their_parts_and_twins() -> None:
     answers = rng.integers(0, 2, left.shape[0]).astype(np.uint8)
     a, b = state.copy(), state.copy()
     ck._apply_answers(a, left, parent, answers)
-    b[left] = (b[left] & 1) ^ answers
-    b[left + 1] = b[parent] ^ b[left]
+    ck._apply_answers_np(b, left, parent, answers)
     assert np.array_equal(a, b)
+    v = (ck.get(state, left) & 1) ^ answers
+    assert np.array_equal(ck.get(a, left), v)
+    assert np.array_equal(ck.get(a, left + 1), ck.get(state, parent) ^ v)
+    untouched = np.setdiff1d(np.arange(lay.total), np.concatenate([left, left + 1]))
+    assert np.array_equal(ck.get(a, untouched), ck.get(state, untouched))
