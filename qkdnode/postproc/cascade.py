@@ -181,11 +181,6 @@ class TreeLayout:
         out: I64 = block + (1 << d) + (node & ((1 << d) - 1))
         return out
 
-    def left_child(self, pass_index: I64, level: I64, node: I64) -> I64:
-        """Ids of the left children of nodes ``(pass_index, level >= 1, node)``; each right
-        child is at its left one's id + 1."""
-        return self.ids(pass_index, level - 1, node << 1)
-
     def top_ids(self, pass_index: int) -> I64:
         """Ids of the top-level blocks of ``pass_index``, in block order."""
         t = self.top_levels[pass_index]
@@ -371,7 +366,7 @@ class CascadeCorrector:
         for q in range(self._started):
             j = leaf[1][leaf[0] == q]
             if j.size:
-                found.append(self._perms[q - 1].forward(j) if q else j)
+                found.append(self._perms[q - 1].forward(j, check=False) if q else j)
         return np.concatenate(found) if found else np.zeros(0, np.int64)
 
     def _flip(self, found: I64) -> None:
@@ -385,14 +380,12 @@ class CascadeCorrector:
         permuted = self._permuted(found, lay.passes)
         ck.toggle_ancestors(st, lay.pass_base, lay.tops, permuted)
         # searches whose node turned even are done (their error was found elsewhere)
-        alive = ck.get(st, self._s[0]) == 1
-        if not alive.all():
-            self._s = self._s[:, alive]
+        self._s = ck.odd_searches(st, self._s)
         self._deferred.append((self.stats.rounds + self.defer_rounds, found, permuted))
 
     def _permuted(self, found: I64, passes: int) -> I64:
         """Row q: where the real positions ``found`` sit in pass q's order (q < passes)."""
-        rows = [found] + [self._perms[q - 1].backward(found) for q in range(1, passes)]
+        rows = [found] + [self._perms[q - 1].backward(found, check=False) for q in range(1, passes)]
         return np.stack(rows)
 
     def _start_cascades(self, force: bool) -> bool:
@@ -441,7 +434,7 @@ class CascadeCorrector:
         self._set_active(self._s)
         self.stats.rounds += 1
         self._pending = True
-        self._q_left = self.layout.left_child(self._s[1], self._s[2], self._s[3])
+        self._q_left = ck.left_children(self.layout.pass_base, self.layout.tops, self._s)
         return self._q_left
 
     def give_answers(self, parities: U8) -> None:

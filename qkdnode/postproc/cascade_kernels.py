@@ -170,6 +170,50 @@ def distinct_searches(state: U8, s: I64) -> I64:
 
 
 @njit
+def _odd_searches(state: Any, s: Any, out: Any) -> int:  # pragma: no cover
+    m = 0
+    for i in range(s.shape[1]):
+        if _get(state, s[0, i]) == 1:
+            for r in range(4):
+                out[r, m] = s[r, i]
+            m += 1
+    return m
+
+
+def odd_searches(state: U8, s: I64) -> I64:
+    """The searches whose node is still known odd (a flip elsewhere may have made it even:
+    its error was found by another search)."""
+    if not JIT:
+        out: I64 = s[:, get(state, s[0]) == 1]
+        return out
+    out = np.empty((4, s.shape[1]), dtype=np.int64)
+    m = _odd_searches(state, np.ascontiguousarray(s), out)
+    return out[:, :m]
+
+
+@njit
+def _left_children(pbase: Any, tops: Any, s: Any, out: Any) -> None:  # pragma: no cover
+    for i in range(s.shape[1]):
+        g, p, lv, j = s[0, i], s[1, i], s[2, i], s[3, i]
+        t = tops[p]
+        out[i] = 2 * g - (pbase[p] + ((j >> (t - lv)) << (t + 1)))
+
+
+def left_children(pbase: I64, tops: I64, s: I64) -> I64:
+    """Ids of the left children of the search nodes ``s`` (rows node id, pass, level >= 1,
+    node index): heap child ``2h`` of node ``B + h`` of a block starting at ``B``."""
+    s = np.ascontiguousarray(s)
+    if not JIT:
+        t = tops[s[1]]
+        block = pbase[s[1]] + ((s[3] >> (t - s[2])) << (t + 1))
+        left: I64 = 2 * s[0] - block
+        return left
+    out = np.empty(s.shape[1], dtype=np.int64)
+    _left_children(pbase, tops, s, out)
+    return out
+
+
+@njit
 def _apply_answers(state: Any, left: Any, parent: Any, parities: Any) -> None:  # pragma: no cover
     for i in range(left.shape[0]):
         gl = left[i]

@@ -158,17 +158,18 @@ class KeyedPermutation:
         #: (constants, round keys, multipliers) for compiled callers of :func:`_rounds`
         self.kernel_args = (self._consts, self._keys, self._mults)
 
-    def _positions(self, x: npt.ArrayLike) -> npt.NDArray[np.int64]:
+    def _positions(self, x: npt.ArrayLike, check: bool = True) -> npt.NDArray[np.int64]:
         arr = np.ascontiguousarray(x, dtype=np.int64)
         if arr.ndim != 1:
             raise ValueError("positions must be a 1-d array")
-        if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= self.n):
+        if check and arr.size and (int(arr.min()) < 0 or int(arr.max()) >= self.n):
             raise ValueError(f"position outside [0, {self.n})")
         return arr
 
-    def forward(self, idx: npt.ArrayLike) -> I64:
-        """``perm[idx]``: where the bits at permuted positions ``idx`` sit in the key."""
-        arr = self._positions(idx)
+    def forward(self, idx: npt.ArrayLike, check: bool = True) -> I64:
+        """``perm[idx]``: where the bits at permuted positions ``idx`` sit in the key
+        (``check=False``: the caller guarantees ``0 <= idx < n``)."""
+        arr = self._positions(idx, check)
         if not JIT:
             y = _walk_np(arr.astype(np.uint64), self._consts, self._keys, self._mults, False)
             return y.astype(np.int64)
@@ -176,9 +177,10 @@ class KeyedPermutation:
         _forward(arr, self._consts, self._keys, self._mults, out)
         return out
 
-    def backward(self, pos: npt.ArrayLike) -> I64:
-        """``perm⁻¹[pos]``: the permuted positions of key positions ``pos``."""
-        arr = self._positions(pos)
+    def backward(self, pos: npt.ArrayLike, check: bool = True) -> I64:
+        """``perm⁻¹[pos]``: the permuted positions of key positions ``pos`` (``check`` as
+        for :meth:`forward`)."""
+        arr = self._positions(pos, check)
         if not JIT:
             y = _walk_np(arr.astype(np.uint64), self._consts, self._keys, self._inv_mults, True)
             return y.astype(np.int64)

@@ -166,6 +166,23 @@ def test_fused_kernels_match_their_parts_and_twins() -> None:
     first = np.sort(np.unique(s[0], return_index=True)[1])
     assert np.array_equal(jit, s[:, first])
 
+    odd = np.zeros(lay.total, bool)
+    odd[s[0, ::3]] = True  # a third of the search nodes stay odd
+    ck.put(state, np.unique(s[0]), odd[np.unique(s[0])].astype(np.uint8))
+    out = np.empty_like(s)
+    m = ck._odd_searches(state, s, out)
+    assert np.array_equal(out[:, :m], s[:, odd[s[0]]])
+
+    # searches of every pass and level: left children as TreeLayout numbers them
+    p = rng.integers(0, 3, 500)
+    lv = rng.integers(1, lay.tops[p] + 1)
+    j = rng.integers(0, -(-n // (1 << lv)))
+    rows = np.stack([lay.node_id(p, lv, j), p, lv, j])
+    want = lay.node_id(p, lv - 1, 2 * j)
+    out1 = np.empty(500, np.int64)
+    ck._left_children(lay.pass_base, lay.tops, rows, out1)
+    assert np.array_equal(out1, want)
+
     left = np.unique(rng.integers(0, lay.total // 4, 2000)) * 2
     # parents are known nodes, never among the children being answered
     parent = rng.integers(lay.total // 2 + 2, lay.total, left.shape[0]).astype(np.int64)
