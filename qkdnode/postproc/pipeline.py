@@ -7,8 +7,9 @@ Message sequence (R = receiver, T = transmitter)::
     T->R sift_reply  basis-match mask + intensity class of every matched detection
     R->T pe          receiver's X-basis bits (the X basis is disclosed for estimation)
     T->R pe_reply    decoy estimates, X error rate, Cascade seed and schedule (or abort)
-    R->T ec_q / T->R ec_a   Cascade: block parities, then batched parity queries per round
-    R->T ec_done     Z error counts per intensity class
+    R->T ec_q / T->R ec_a   Cascade per frame: block parities, then batched parity
+                     queries per round (frames interleaved, one query each in flight)
+    R->T ec_q done   Z error counts per intensity class
     T->R verify      public hash key + transmitter's tag;  R->T verify_reply ok flag
     T->R pa          final length + Toeplitz seed;          R->T done
     either           abort (reason) at any point
