@@ -186,7 +186,9 @@ def bench_cascade_loopback(n: int, qber: float, blocks: int, frames: int) -> dic
         f"cascade_two_process_n{n:g}_f{frames}_mbit_per_s",
         n / t_med / 1e6,
         "Mbit/s",
-        ">= 10" if frames == CascadeParams().frames else "",
+        # The target is for the nodes' frames at a block's size; at 1e6 bits the ~270
+        # round trips alone take longer than 0.1 s on a loopback round trip of >= 370 us.
+        ">= 10" if frames == CascadeParams().frames and n >= 8_000_000 else "",
         f"n={n:g}, QBER {qber:g}, zmq PAIR tcp loopback, no auth, incl. set-up of both sides; "
         f"{overlap}; {t_med:.2f} s per key, receiver CPU {statistics.median(cpus):.2f} s; "
         f"bare round trip {rtt * 1e6:.0f} us (same run)",
