@@ -190,13 +190,17 @@ class TreeLayout:
     def decode(self, data: bytes | memoryview, count: int) -> I64:
         """Node ids from their wire encoding; raises CascadeError on a wrong length or an id
         outside ``[0, total)``."""
+        return self.decode_wire(data, count).astype(np.int64)
+
+    def decode_wire(self, data: bytes | memoryview, count: int) -> NodeIds:
+        """:meth:`decode` without the copy to int64 (the ids as they came, checked)."""
         size = self.wire_dtype.itemsize
         if count < 0 or len(data) != count * size:
             raise CascadeError(f"{len(data)} bytes do not hold {count} node ids of {size} B")
-        ids = np.frombuffer(data, dtype=self.wire_dtype)
+        ids: NodeIds = np.frombuffer(data, dtype=self.wire_dtype)
         if ids.size and int(ids.max()) >= self.total:
             raise CascadeError("node id outside the Cascade tree")
-        return ids.astype(np.int64)
+        return ids
 
     def encode(self, ids: I64) -> NodeIds:
         """Wire encoding of node ids (``wire_dtype``)."""
@@ -247,8 +251,11 @@ class CascadeResponder:
         return ck.get(self._tree, ids)
 
     def answer(self, data: bytes | memoryview, count: int) -> U8:
-        """Parities for a wire-encoded query of ``count`` node ids (see :class:`TreeLayout`)."""
-        return self.node_parities(self.layout.decode(data, count))
+        """Parities for a wire-encoded query of ``count`` node ids (see :class:`TreeLayout`);
+        raises CascadeError as :meth:`TreeLayout.decode` does."""
+        ids = self.layout.decode_wire(data, count)
+        self.disclosed_bits += count
+        return ck.get(self._tree, ids)
 
     def parities(self, pass_index: I64, level: I64, node: I64) -> U8:
         """Parities of nodes ``(pass_index[i], level[i], node[i])``; each is a disclosed bit."""

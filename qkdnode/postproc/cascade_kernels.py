@@ -50,11 +50,21 @@ def state_bytes(nodes: int) -> int:
     return (nodes + 3) >> 2
 
 
-def get(state: U8, ids: I64) -> U8:
-    """The 2-bit states of nodes ``ids``."""
-    ids = np.asarray(ids, dtype=np.int64)
-    out: U8 = ((state[ids >> 2] >> ((ids & 3) << 1).astype(np.uint8)) & 3).astype(np.uint8)
-    return out
+@njit
+def _get_many(state: Any, ids: Any, out: Any) -> None:  # pragma: no cover - jit
+    for i in range(ids.shape[0]):
+        out[i] = _get(state, ids[i])
+
+
+def get(state: U8, ids: npt.NDArray[np.integer[Any]]) -> U8:
+    """The 2-bit states of nodes ``ids`` (any integer dtype, all in range)."""
+    if JIT and ids.ndim == 1:
+        out = np.empty(ids.shape[0], dtype=np.uint8)
+        _get_many(state, ids, out)
+        return out
+    idx = np.asarray(ids, dtype=np.int64)
+    got: U8 = ((state[idx >> 2] >> ((idx & 3) << 1).astype(np.uint8)) & 3).astype(np.uint8)
+    return got
 
 
 def put(state: U8, ids: I64, values: npt.ArrayLike) -> None:
