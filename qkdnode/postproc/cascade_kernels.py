@@ -67,9 +67,19 @@ def get(state: U8, ids: npt.NDArray[np.integer[Any]]) -> U8:
     return got
 
 
+@njit
+def _put_many(state: Any, ids: Any, values: Any) -> None:  # pragma: no cover - jit
+    for i in range(ids.shape[0]):
+        _put(state, ids[i], values[i])
+
+
 def put(state: U8, ids: I64, values: npt.ArrayLike) -> None:
     """Set the states of the distinct nodes ``ids`` to ``values`` (0..3)."""
     ids = np.asarray(ids, dtype=np.int64)
+    if JIT and ids.ndim == 1:
+        v = np.broadcast_to(np.asarray(values, dtype=np.uint8) & 3, ids.shape)
+        _put_many(state, ids, np.ascontiguousarray(v))
+        return
     sh = ((ids & 3) << 1).astype(np.uint8)
     np.bitwise_and.at(state, ids >> 2, ~(np.uint8(3) << sh))
     np.bitwise_or.at(state, ids >> 2, (np.asarray(values, dtype=np.uint8) & 3) << sh)
