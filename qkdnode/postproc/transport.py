@@ -115,11 +115,14 @@ class ZmqPairTransport:
 
     async def send(self, kind: str, header: dict[str, Any], buffers: Sequence[Buffer]) -> None:
         frames = encode_frames(kind, header, buffers)
+        # copy=True: a zero-copy send hands its buffer to pyzmq's garbage-collector thread,
+        # which then competes for the GIL with the Cascade loop; copying even a 250 KB
+        # query costs less.
         try:
             try:
-                self._now.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                self._now.send_multipart(frames, zmq.NOBLOCK, copy=True)
             except zmq.Again:  # the peer's queue is full: wait on the event loop
-                await self._socket.send_multipart(frames, copy=False)
+                await self._socket.send_multipart(frames, copy=True)
         except zmq.ZMQError as exc:
             raise TransportError(f"send {kind!r} failed: {exc}") from None
 
