@@ -297,8 +297,10 @@ def _block_trees(  # noqa: PLR0917  # pragma: no cover
 ) -> None:
     """Trees of the blocks of ``leaves[:m]``, the pass's bits from ``start`` (a multiple of
     2**top) on, as 2-bit states OR ``flag``; ``buf`` holds 2**(top + 1) bytes and
-    ``buf[0] == 0``; ``top >= 1`` and ``pbase`` is a multiple of 4."""
+    ``buf[0] == 0``; ``top >= 1`` and ``pbase`` is a multiple of 4 (little-endian host)."""
     size = 1 << top
+    words = buf.view(np.uint32)
+    flag4 = np.uint32(flag) * np.uint32(0x01010101)
     for lo in range(0, m, size):
         k = min(size, m - lo)
         buf[size : size + k] = leaves[lo : lo + k]
@@ -309,13 +311,11 @@ def _block_trees(  # noqa: PLR0917  # pragma: no cover
                 buf[i] = buf[2 * i] ^ buf[2 * i + 1]
             half >>= 1
         base = (pbase + (((start + lo) >> top) << (top + 1))) >> 2
-        for h in range(0, 2 * size, 4):
-            out[base + (h >> 2)] = (
-                (buf[h] | flag)
-                | ((buf[h + 1] | flag) << 2)
-                | ((buf[h + 2] | flag) << 4)
-                | ((buf[h + 3] | flag) << 6)
-            )
+        # four node bytes (0/1 | flag) -> one byte of 2-bit fields, a 32-bit word at a time
+        # (numba vectorises this; byte by byte it took 3/4 of the tree build)
+        for w in range(size >> 1):
+            v = words[w] | flag4
+            out[base + w] = (v & 3) | ((v >> 6) & 0xC) | ((v >> 12) & 0x30) | ((v >> 18) & 0xC0)
 
 
 @njit
