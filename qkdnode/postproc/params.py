@@ -27,7 +27,10 @@ class CascadeParams(_Strict):
         "receiver works on one frame's answers while the other frames' queries travel",
     )
     min_frame_bits: int = Field(
-        100_000, ge=1000, description="fewer frames when frames would be shorter than this"
+        1_000_000,
+        ge=1000,
+        description="fewer frames when frames would be shorter than this (below ~1e6 bits "
+        "a frame's ~270 round trips, not the work, set the pace: frames add messages only)",
     )
 
 
