@@ -303,6 +303,7 @@ class CascadeCorrector:
         self.top_levels = lay.top_levels
         self._bits = np.array(key_bits, dtype=np.uint8)  # a copy: Bob's flips go here
         self._perms = _pass_permutations(n, lay.passes, seed)
+        self._perm_args = shuffle.stacked_kernel_args(self._perms)
         self._state = np.empty(ck.state_bytes(lay.total), dtype=np.uint8)
         # All pass trees are built now, from the key as given (in a worker thread in the
         # daemons, while Alice builds hers), and every flip keeps all of them current
@@ -369,12 +370,7 @@ class CascadeCorrector:
             return np.zeros(0, np.int64)
         lay = self.layout
         self._s, leaf = ck.descend(self._state, lay.pass_base, lay.tops, self.n, self._s)
-        found: list[I64] = []
-        for q in range(self._started):
-            j = leaf[1][leaf[0] == q]
-            if j.size:
-                found.append(self._perms[q - 1].forward(j, check=False) if q else j)
-        return np.concatenate(found) if found else np.zeros(0, np.int64)
+        return ck.locate(leaf, self._perms, self._perm_args)
 
     def _flip(self, found: I64) -> None:
         """Flip Bob's bits at the distinct, sorted real positions ``found``, update the
@@ -384,16 +380,12 @@ class CascadeCorrector:
         self._bits[found] ^= 1
         self.stats.errors_corrected += int(found.shape[0])
         lay, st = self.layout, self._state
-        permuted = self._permuted(found, lay.passes)
-        ck.toggle_ancestors(st, lay.pass_base, lay.tops, permuted)
+        permuted = ck.flip_all_passes(
+            st, lay.pass_base, lay.tops, found, self._perms, self._perm_args
+        )
         # searches whose node turned even are done (their error was found elsewhere)
         self._s = ck.odd_searches(st, self._s)
         self._deferred.append((self.stats.rounds + self.defer_rounds, found, permuted))
-
-    def _permuted(self, found: I64, passes: int) -> I64:
-        """Row q: where the real positions ``found`` sit in pass q's order (q < passes)."""
-        rows = [found] + [self._perms[q - 1].backward(found, check=False) for q in range(1, passes)]
-        return np.stack(rows)
 
     def _start_cascades(self, force: bool) -> bool:
         """Start searches for the deferred flips that are due (all if ``force``): on the

@@ -86,19 +86,6 @@ def put(state: U8, ids: I64, values: npt.ArrayLike) -> None:
 
 
 @njit
-def _toggle_ancestors(state: Any, pbase: Any, tops: Any, k: Any) -> None:  # pragma: no cover
-    for q in range(k.shape[0]):
-        t = tops[q]
-        for i in range(k.shape[1]):
-            x = k[q, i]
-            block = pbase[q] + ((x >> t) << (t + 1))
-            h = (1 << t) | (x & ((1 << t) - 1))
-            while h:
-                _toggle(state, block + h)
-                h >>= 1
-
-
-@njit
 def _smallest_odd(state: Any, pbase: Any, tops: Any, k: Any, out: Any) -> int:  # pragma: no cover
     m = 0
     for q in range(k.shape[0]):
@@ -257,14 +244,78 @@ def _apply_answers_np(state: U8, left: I64, parent: I64, parities: U8) -> None:
     put(state, left + 1, get(state, parent) ^ v)
 
 
-def toggle_ancestors(state: U8, pbase: I64, tops: I64, k: I64) -> None:
-    """Toggle the parity of every ancestor (all levels) of permuted position ``k[q, i]`` in
-    pass ``q``, once per entry: the effect of flipping those bits on Bob's pass trees."""
-    k = np.ascontiguousarray(k, dtype=np.int64)
+@njit
+def _locate(leaf: Any, c: Any, keys: Any, mults: Any, out: Any) -> None:  # pragma: no cover
+    n = c[0]
+    for i in range(leaf.shape[1]):
+        q, j = leaf[0, i], leaf[1, i]
+        if q == 0:
+            out[i] = j
+            continue
+        r = q - 1
+        k = (keys[r, 0], keys[r, 1], keys[r, 2], keys[r, 3])
+        m = (mults[r, 0], mults[r, 1], mults[r, 2], mults[r, 3])
+        x = shuffle._rounds(np.uint64(j), c, k, m)
+        while x >= n:
+            x = shuffle._rounds(x, c, k, m)
+        out[i] = np.int64(x)
+
+
+def locate(leaf: I64, perms: list[shuffle.KeyedPermutation], args: Any) -> I64:
+    """Key positions of the leaves ``leaf`` (rows pass, permuted position); pass ``q >= 1``
+    is ordered by ``perms[q - 1]`` (``args``: :func:`shuffle.stacked_kernel_args` of them)."""
     if not JIT:
-        _toggle_ancestors_np(state, pbase, tops, k)
-        return
-    _toggle_ancestors(state, pbase, tops, k)
+        out = np.empty(leaf.shape[1], dtype=np.int64)
+        for q in np.unique(leaf[0]):
+            sel = leaf[0] == q
+            out[sel] = perms[q - 1].forward(leaf[1][sel]) if q else leaf[1][sel]
+        return out
+    out = np.empty(leaf.shape[1], dtype=np.int64)
+    c, keys, mults, _ = args
+    _locate(np.ascontiguousarray(leaf), c, keys, mults, out)
+    return out
+
+
+@njit
+def _flip_all_passes(  # noqa: PLR0917  # pragma: no cover
+    state: Any, pbase: Any, tops: Any, found: Any, c: Any, keys: Any, inv_mults: Any, out: Any
+) -> None:
+    n = c[0]
+    for q in range(out.shape[0]):
+        t = tops[q]
+        if q:
+            r = q - 1
+            k = (keys[r, 0], keys[r, 1], keys[r, 2], keys[r, 3])
+            m = (inv_mults[r, 0], inv_mults[r, 1], inv_mults[r, 2], inv_mults[r, 3])
+        for i in range(found.shape[0]):
+            x = found[i]
+            if q:
+                y = shuffle._rounds_inv(np.uint64(x), c, k, m)
+                while y >= n:
+                    y = shuffle._rounds_inv(y, c, k, m)
+                x = np.int64(y)
+            out[q, i] = x
+            block = pbase[q] + ((x >> t) << (t + 1))
+            h = (1 << t) | (x & ((1 << t) - 1))
+            while h:
+                _toggle(state, block + h)
+                h >>= 1
+
+
+def flip_all_passes(  # noqa: PLR0917
+    state: U8, pbase: I64, tops: I64, found: I64, perms: list[shuffle.KeyedPermutation], args: Any
+) -> I64:
+    """Toggle every ancestor, in every pass, of the flipped key positions ``found``
+    (distinct); returns where they sit in each pass's order (row ``q``: pass ``q``)."""
+    if not JIT:
+        rows = [found] + [p.backward(found, check=False) for p in perms]
+        permuted = np.stack(rows)
+        _toggle_ancestors_np(state, pbase, tops, permuted)
+        return permuted
+    out = np.empty((len(perms) + 1, found.shape[0]), dtype=np.int64)
+    c, keys, _, inv_mults = args
+    _flip_all_passes(state, pbase, tops, np.ascontiguousarray(found), c, keys, inv_mults, out)
+    return out
 
 
 def smallest_odd(state: U8, pbase: I64, tops: I64, k: I64) -> I64:

@@ -203,6 +203,24 @@ class KeyedPermutation:
         return self.forward(np.arange(self.n, dtype=np.int64))
 
 
+def stacked_kernel_args(
+    perms: list[KeyedPermutation],
+) -> tuple[Any, npt.NDArray[np.uint64], npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
+    """(constants, round keys, multipliers, inverse multipliers) of permutations of one
+    length, one row each, for compiled callers of :func:`_rounds` / :func:`_rounds_inv`."""
+    if not perms:
+        empty = np.zeros((0, _ROUNDS), dtype=np.uint64)
+        return (np.uint64(1), np.uint64(1), np.uint64(1)), empty, empty, empty
+    if len({p.n for p in perms}) != 1:
+        raise ValueError("permutations of different lengths")
+    return (
+        perms[0]._consts,
+        np.stack([p._keys for p in perms]),
+        np.stack([p._mults for p in perms]),
+        np.stack([p._inv_mults for p in perms]),
+    )
+
+
 def keyed_permutation(n: int, seed: int, pass_index: int) -> I64:
     """The permutation of ``[0, n)`` for ``(seed, pass_index)`` as int64 positions."""
     return KeyedPermutation(n, seed, pass_index).array()

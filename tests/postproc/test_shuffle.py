@@ -116,10 +116,8 @@ def test_numpy_twins_match_the_compiled_kernels() -> None:
     ck.put(state, np.arange(lay.total), nodes.astype(np.uint8))
     assert np.array_equal(ck.get(state, np.arange(lay.total)), nodes)
     k = np.stack([rng.choice(n, 500, replace=False) for _ in range(3)]).astype(np.int64)
-    a, b = state.copy(), state.copy()
-    ck._toggle_ancestors(a, lay.pass_base, tops, k)
-    ck._toggle_ancestors_np(b, lay.pass_base, tops, k)
-    assert np.array_equal(a, b)
+    ck._toggle_ancestors_np(state, lay.pass_base, tops, k)  # (compiled: flip_all_passes)
+    a = state.copy()
     out = np.empty((4, k.size), np.int64)
     m = ck._smallest_odd(a, lay.pass_base, tops, k, out)
     assert np.array_equal(out[:, :m], ck._smallest_odd_np(a, lay.pass_base, tops, k))
@@ -196,3 +194,30 @@ def test_fused_kernels_match_their_parts_and_twins() -> None:
     assert np.array_equal(ck.get(a, left + 1), ck.get(state, parent) ^ v)
     untouched = np.setdiff1d(np.arange(lay.total), np.concatenate([left, left + 1]))
     assert np.array_equal(ck.get(a, untouched), ck.get(state, untouched))
+
+
+@pytest.mark.skipif(not JIT, reason="numba unavailable: nothing to compare")
+def test_locate_and_flip_kernels_match_the_permutations() -> None:
+    """Leaves map to key positions and flips to every pass's order as the pass
+    permutations say, and the toggles equal the numpy twin's."""
+    from qkdnode.postproc import cascade
+    from qkdnode.postproc import cascade_kernels as ck
+
+    rng = np.random.default_rng(10)
+    n = 90_001
+    lay = cascade.TreeLayout(n, [5, 6, 7, 8])
+    perms = [shuffle.KeyedPermutation(n, 21, q) for q in range(1, 4)]
+    args = shuffle.stacked_kernel_args(perms)
+    leaf = np.stack([rng.integers(0, 4, 700), rng.integers(0, n, 700)]).astype(np.int64)
+    want = np.array([j if q == 0 else perms[q - 1].array()[j] for q, j in leaf.T])
+    assert np.array_equal(ck.locate(leaf, perms, args), want)
+
+    found = np.unique(rng.integers(0, n, 900))
+    state = rng.integers(0, 256, ck.state_bytes(lay.total)).astype(np.uint8)
+    a, b = state.copy(), state.copy()
+    rows = ck.flip_all_passes(a, lay.pass_base, lay.tops, found, perms, args)
+    assert np.array_equal(rows[0], found)
+    for q in range(1, 4):
+        assert np.array_equal(perms[q - 1].forward(rows[q]), found)
+    ck._toggle_ancestors_np(b, lay.pass_base, lay.tops, rows)
+    assert np.array_equal(a, b)
