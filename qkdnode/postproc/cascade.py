@@ -187,13 +187,9 @@ class TreeLayout:
         blocks = np.arange(self.count(t), dtype=np.int64)
         return (blocks << (t + 1)) + (int(self.pass_base[pass_index]) + 1)
 
-    def decode(self, data: bytes | memoryview, count: int) -> I64:
-        """Node ids from their wire encoding; raises CascadeError on a wrong length or an id
-        outside ``[0, total)``."""
-        return self.decode_wire(data, count).astype(np.int64)
-
-    def decode_wire(self, data: bytes | memoryview, count: int) -> NodeIds:
-        """:meth:`decode` without the copy to int64 (the ids as they came, checked)."""
+    def decode(self, data: bytes | memoryview, count: int) -> NodeIds:
+        """Node ids from their wire encoding (``wire_dtype``, read-only, not copied); raises
+        CascadeError on a wrong length or an id outside ``[0, total)``."""
         size = self.wire_dtype.itemsize
         if count < 0 or len(data) != count * size:
             raise CascadeError(f"{len(data)} bytes do not hold {count} node ids of {size} B")
@@ -253,7 +249,7 @@ class CascadeResponder:
     def answer(self, data: bytes | memoryview, count: int) -> U8:
         """Parities for a wire-encoded query of ``count`` node ids (see :class:`TreeLayout`);
         raises CascadeError as :meth:`TreeLayout.decode` does."""
-        ids = self.layout.decode_wire(data, count)
+        ids = self.layout.decode(data, count)
         self.disclosed_bits += count
         return ck.get(self._tree, ids)
 
@@ -469,20 +465,6 @@ def frame_corrector(
     :meth:`CascadeCorrector.corrected` keys joined in order are the corrected key."""
     a, b = frame_bounds(int(key_bits.shape[0]), frames)[frame]
     return CascadeCorrector(key_bits[a:b], top_levels, frame_seed(seed, frame))
-
-
-def responders(
-    key_bits: U8, top_levels: Sequence[int], seed: int, frames: int
-) -> list[CascadeResponder]:
-    """:func:`frame_responder` of every frame."""
-    return [frame_responder(key_bits, top_levels, seed, frames, k) for k in range(frames)]
-
-
-def correctors(
-    key_bits: U8, top_levels: Sequence[int], seed: int, frames: int
-) -> list[CascadeCorrector]:
-    """:func:`frame_corrector` of every frame."""
-    return [frame_corrector(key_bits, top_levels, seed, frames, k) for k in range(frames)]
 
 
 def reconcile_local(

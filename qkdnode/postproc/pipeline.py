@@ -114,9 +114,10 @@ class FrameBuilds(Generic[_T]):
         for k, fut in enumerate(self._futures):
             try:
                 obj = await asyncio.to_thread(build, k)
-            except Exception as exc:  # handed to whoever waits for this frame
-                if not fut.done():
-                    fut.set_exception(exc)
+            except Exception as exc:  # handed to whoever waits for this or a later frame
+                for later in self._futures[k:]:
+                    if not later.done():
+                        later.set_exception(exc)
                 return
             if not fut.done():
                 fut.set_result(obj)
@@ -442,10 +443,11 @@ async def run_block_receiver(
         levels = [int(x) for x in msg.header["levels"]]
         ec_seed = int(msg.header["ec_seed"])
         frames = int(msg.header["frames"])
+        key_b = bits_m[is_z].astype(np.uint8)
+        cascade.frame_bounds(key_b.shape[0], frames)  # the peer's frame count, checked
         stats["qber_x"] = float(msg.header["qber_x"])
         clock.lap("estimation")
 
-        key_b = bits_m[is_z].astype(np.uint8)
         build = functools.partial(cascade.frame_corrector, key_b, levels, ec_seed, frames)
         correctors = await run_cascade(t, build, frames, params.recv_timeout_s)
         key_c = np.concatenate([c.corrected() for c in correctors])

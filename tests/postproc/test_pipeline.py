@@ -20,6 +20,7 @@ from qkdnode.postproc.auth import AuthenticatedTransport, AuthKeyPool
 from qkdnode.postproc.params import CascadeParams, PostprocParams
 from qkdnode.postproc.pipeline import (
     BlockResult,
+    FrameBuilds,
     ProtocolAbortError,
     run_block_receiver,
     run_block_transmitter,
@@ -382,3 +383,27 @@ def test_frame_bounds() -> None:
             cascade.frame_bounds(n, count)
     params = CascadeParams(frames=4, min_frame_bits=1000)
     assert [cascade.frame_count(n, params) for n in (999, 2500, 10**6)] == [1, 2, 4]
+
+
+def test_frame_builds_hand_a_failure_to_every_later_frame() -> None:
+    """A frame whose set-up fails (say, tree levels the peer sent that do not fit) fails it
+    and every later frame: nobody waits for a frame that will never be built."""
+
+    def build(k: int) -> int:
+        if k == 1:
+            raise cascade.CascadeError("bad tree levels")
+        return k * 10
+
+    async def main() -> tuple[int, list[str]]:
+        builds = FrameBuilds(build, 3)
+        first = await builds.get(0)
+        errors = []
+        for k in (2, 1):
+            try:
+                await builds.get(k)
+            except cascade.CascadeError as exc:
+                errors.append(f"{k}: {exc}")
+        builds.cancel()
+        return first, errors
+
+    assert asyncio.run(main()) == (0, ["2: bad tree levels", "1: bad tree levels"])
