@@ -1,4 +1,5 @@
-"""Compiled per-round steps of Bob's Cascade (:class:`qkdnode.postproc.cascade.CascadeCorrector`).
+"""Compiled steps of Cascade (:mod:`qkdnode.postproc.cascade`): both sides' pass-tree
+builds, Alice's lookups and Bob's per-round work.
 
 Each loop walks one search or one flipped bit through the pass trees; numpy versions of the
 same steps spent most of their time in temporaries (about 1 ms per round at 1e7 bits, a few
@@ -43,6 +44,13 @@ def _put(state: Any, x: Any, v: Any) -> None:  # pragma: no cover - jit
 @njit
 def _toggle(state: Any, x: Any) -> None:  # pragma: no cover - jit
     state[x >> 2] ^= 1 << ((x & 3) << 1)
+
+
+@njit
+def _leaf_slot(pbase: Any, t: Any, x: Any) -> tuple[Any, Any]:  # pragma: no cover - jit
+    """(first id of the block, heap index in it) of permuted position ``x`` in a pass
+    with top level ``t`` whose blocks start at ``pbase``; ancestors are at ``h >> level``."""
+    return pbase + ((x >> t) << (t + 1)), (1 << t) | (x & ((1 << t) - 1))
 
 
 def state_bytes(nodes: int) -> int:
@@ -92,8 +100,7 @@ def _smallest_odd(state: Any, pbase: Any, tops: Any, k: Any, out: Any) -> int:  
         t = tops[q]
         for i in range(k.shape[1]):
             x = k[q, i]
-            block = pbase[q] + ((x >> t) << (t + 1))
-            h = (1 << t) | (x & ((1 << t) - 1))
+            block, h = _leaf_slot(pbase[q], t, x)
             lvl = 0
             while h:
                 if _get(state, block + h) == 1:
@@ -295,8 +302,7 @@ def _flip_all_passes(  # noqa: PLR0917  # pragma: no cover
                     y = shuffle._rounds_inv(y, c, k, m)
                 x = np.int64(y)
             out[q, i] = x
-            block = pbase[q] + ((x >> t) << (t + 1))
-            h = (1 << t) | (x & ((1 << t) - 1))
+            block, h = _leaf_slot(pbase[q], t, x)
             while h:
                 _toggle(state, block + h)
                 h >>= 1
@@ -381,8 +387,7 @@ def _permuted_pass_tree(  # noqa: PLR0917  # pragma: no cover
 ) -> None:
     # shuffle._gather and _pass_tree in one sweep: the permuted bits of a few blocks at a
     # time stay in cache instead of going through an n-byte array.
-    n = c[0]
-    nn = np.int64(n)
+    nn = np.int64(c[0])
     k, m = (keys[0], keys[1], keys[2], keys[3]), (mults[0], mults[1], mults[2], mults[3])
     chunk = max(4096, 1 << top)
     batch = np.empty(chunk, dtype=np.uint64)
@@ -390,13 +395,7 @@ def _permuted_pass_tree(  # noqa: PLR0917  # pragma: no cover
     buf = np.zeros(2 << top, dtype=np.uint8)
     for i0 in range(0, nn, chunk):
         size: Any = min(chunk, nn - i0)
-        for j in range(size):
-            batch[j] = shuffle._rounds(np.uint64(i0 + j), c, k, m)
-        for j in range(size):
-            x = batch[j]
-            while x >= n:
-                x = shuffle._rounds(x, c, k, m)
-            leaves[j] = (packed[x >> np.uint64(3)] >> (np.uint64(7) - (x & np.uint64(7)))) & 1
+        shuffle._gather_batch(packed, c, k, m, i0, batch, leaves[:size])
         _block_trees(leaves, size, i0, top, out, pbase, flag, buf)
 
 

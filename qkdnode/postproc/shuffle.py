@@ -82,24 +82,35 @@ def _backward(pos: Any, c: Any, keys: Any, inv_mults: Any, out: Any) -> None:  #
 
 
 @njit
-def _gather(packed: Any, c: Any, keys: Any, mults: Any, out: Any) -> None:  # pragma: no cover
-    # Reads from the bit-packed key (np.packbits order): a 1e7-bit key is 1.2 MB and stays
-    # in cache, where random reads from one byte per bit cost ~47 ns each (measured).
-    # Positions go in batches: one branch-free round pass over the batch (independent
-    # iterations pipeline: ~3x faster than walking each position's cycle in turn), then
-    # the few values >= n (under half, ~5 % for n just below a power of two) walk on.
+def _gather_batch(  # noqa: PLR0917  # pragma: no cover
+    packed: Any, c: Any, k: Any, m: Any, i0: int, batch: Any, dest: Any
+) -> None:
+    """``dest[j] = bits[perm[i0 + j]]`` for ``j < dest.shape[0] <= batch.shape[0]``.
+
+    Reads from the bit-packed key (np.packbits order): a 1e7-bit key is 1.2 MB and stays
+    in cache, where random reads from one byte per bit cost ~47 ns each (measured). One
+    branch-free round pass over the batch first (independent iterations pipeline: ~3x
+    faster than walking each position's cycle in turn), then the few values >= n (under
+    half, ~5 % for n just below a power of two) walk on.
+    """
     n = c[0]
+    size = dest.shape[0]
+    for j in range(size):
+        batch[j] = _rounds(np.uint64(i0 + j), c, k, m)
+    for j in range(size):
+        x = batch[j]
+        while x >= n:
+            x = _rounds(x, c, k, m)
+        dest[j] = (packed[x >> np.uint64(3)] >> (np.uint64(7) - (x & np.uint64(7)))) & 1
+
+
+@njit
+def _gather(packed: Any, c: Any, keys: Any, mults: Any, out: Any) -> None:  # pragma: no cover
     k, m = (keys[0], keys[1], keys[2], keys[3]), (mults[0], mults[1], mults[2], mults[3])
     batch = np.empty(4096, dtype=np.uint64)
     for i0 in range(0, out.shape[0], batch.shape[0]):
         size = min(batch.shape[0], out.shape[0] - i0)
-        for j in range(size):
-            batch[j] = _rounds(np.uint64(i0 + j), c, k, m)
-        for j in range(size):
-            x = batch[j]
-            while x >= n:
-                x = _rounds(x, c, k, m)
-            out[i0 + j] = (packed[x >> np.uint64(3)] >> (np.uint64(7) - (x & np.uint64(7)))) & 1
+        _gather_batch(packed, c, k, m, i0, batch, out[i0 : i0 + size])
 
 
 def _walk_np(
