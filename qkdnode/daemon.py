@@ -24,6 +24,7 @@ import structlog
 from qkdnode.config import NodeConfig
 from qkdnode.hardware import InstrumentSet
 from qkdnode.log import bind_context
+from qkdnode.paths import private_dir
 from qkdnode.paths import state_dir as resolve_state_dir
 from qkdnode.sdnotify import SystemdNotifier, run_watchdog
 
@@ -143,6 +144,11 @@ class DaemonBase:
         log.info("startup_abandoned", step=what, reason=self.stop_reason)
         return False
 
+    def reload(self) -> None:
+        """SIGHUP: re-read what can change without a restart (the delivery CRL). Failures
+        are logged and the previous state kept; the daemon never dies of a reload."""
+        log.info("reload_requested")
+
     def _stop_world(self) -> None:
         if self._world_started:
             from drivers.simlink.world import stop_world
@@ -155,10 +161,11 @@ class DaemonBase:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, signal.Signals(sig).name)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         code = EXIT_OK
         watchdog: asyncio.Task[None] | None = None
         try:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
+            private_dir(self.state_dir)
             log.info("daemon_starting", config=self.config_path, state_dir=str(self.state_dir))
             if not await self._unless_stopped(self._warm_up, "numba-warm-up"):
                 return code

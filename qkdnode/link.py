@@ -34,6 +34,8 @@ Step = Literal[
     "discard",
     "keysync",
     "notice",
+    "activate",
+    "release",
     "probe",
     "block",
     "halt",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -34,6 +35,8 @@ log = structlog.get_logger(__name__)
 
 S = State
 PAIR_TIMEOUT_S = 120.0
+#: seconds between attempts at a key-ID sync that failed (transmitter)
+KEY_SYNC_RETRY_S = 2.0
 
 
 @dataclass
@@ -120,6 +123,7 @@ class Node(DaemonBase):
         self._bg: list[asyncio.Task[Any]] = []
         self._was_connected = False
         self._peer_session: str | None = None
+        self._last_sync_try = 0.0
         self.auto = cfg.node.autostart and cfg.node.role == "transmitter"
         self.auto_resume: State | None = None
         self.metrics: Any = None
@@ -192,6 +196,22 @@ class Node(DaemonBase):
         with contextlib.suppress(TransitionRefused):
             await self.sm.trigger(Event.SHUTDOWN, self.stop_reason or "failure")
         await self.sm.close()
+
+    def reload(self) -> None:
+        """SIGHUP: reload the delivery CRL (the previous list stays on failure)."""
+        super().reload()
+        etsi = self.session.etsi if self.session is not None else None
+        if etsi is None:
+            return
+        from qkdnode.delivery.revocation import RevocationError
+
+        try:
+            crl = etsi.api.revocation.reload()
+        except RevocationError as exc:
+            log.error("crl_reload_failed", error=str(exc), config_key="delivery.crl_file")
+            self.alarm("crl_reload_failed", f"delivery CRL not reloaded: {exc}")
+            return
+        log.info("crl_reloaded", revoked=0 if crl is None else len(crl.serials))
 
     def healthy(self) -> bool:
         return self.sm.state is not S.FAULT
@@ -298,6 +318,9 @@ class Node(DaemonBase):
                 log.info("peer_link", connected=connected, restarted=restarted)
                 self.publish("peer", {"connected": connected, "restarted": restarted})
                 active = (S.CALIBRATING, S.SYNCHRONIZING, S.EXCHANGING)
+                keys = self.session.keys if self.session is not None else None
+                if (not connected or restarted) and keys is not None:
+                    keys.peer_lost("peer link down" if not connected else "peer restarted")
                 if not connected or restarted:
                     self.stats.synchronized = False
                     if self.role == "transmitter" and restarted:
@@ -308,6 +331,18 @@ class Node(DaemonBase):
                     await self.trigger(Event.PEER_BACK, "peer link back")
                 if connected and self.role == "transmitter" and self.session is not None:
                     await self.session.key_sync_safely()
+                    self._last_sync_try = time.monotonic()
+            elif (
+                connected
+                and self.role == "transmitter"
+                and self.session is not None
+                and self.session.keys is not None
+                and not self.session.keys.in_step
+                and time.monotonic() - self._last_sync_try > KEY_SYNC_RETRY_S
+            ):
+                # A key-ID sync that failed is retried: key delivery waits for it.
+                self._last_sync_try = time.monotonic()
+                await self.session.key_sync_safely()
             if self.session is not None:
                 try:
                     await self.session.monitor_tick()
@@ -483,9 +518,16 @@ class Node(DaemonBase):
 
     async def _cmd_keys_get(self, content: dict[str, Any], caller: CallerInfo) -> dict[str, Any]:
         assert self.session is not None
+        from qkdnode.keystore.errors import KeyRequestError, KeyStoreError
+
         number = int(content.get("number", 1))
         size_bits = int(content.get("size_bits", self.cfg.keystore.key_size_bits))
-        return dict(await self.session.fetch_keys(number, size_bits, caller.name))
+        try:
+            return dict(await self.session.fetch_keys(number, size_bits, caller.name))
+        except KeyRequestError as exc:
+            raise CommandError(str(exc), code="invalid_content") from None
+        except KeyStoreError as exc:  # none available, peer not in step or unreachable
+            raise CommandError(str(exc), code="no_key") from None
 
     async def _cmd_keys_digest(self, content: dict[str, Any], caller: CallerInfo) -> dict[str, Any]:
         assert self.session is not None

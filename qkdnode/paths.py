@@ -141,3 +141,49 @@ def read_credential(
     if not data:
         raise PathResolutionError(f"secret {name!r} in {path} is empty")
     return data
+
+
+class InsecureFileError(PathResolutionError):
+    """A file holding key material is readable or writable by other users."""
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) if needed; every directory this call creates is mode
+    0700 whatever the process umask. An existing directory is left as it is (systemd's
+    ``StateDirectory=`` makes it 0700). Raises OSError naming the path."""
+    missing = []
+    p = path
+    while not p.is_dir():
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    for d in reversed(missing):
+        d.mkdir(exist_ok=True, mode=0o700)
+        os.chmod(d, 0o700)
+    return path
+
+
+def create_private_file(path: Path) -> None:
+    """Create ``path`` empty with mode 0600 (whatever the umask) if it does not exist, in a
+    directory made by :func:`private_dir`."""
+    private_dir(path.parent)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
+def check_private_file(path: Path, what: str) -> None:
+    """Refuse (:class:`InsecureFileError`, naming ``path``) a file that other users may
+    read or write: key material must be 0600 or 0400. A missing file passes."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return
+    if mode & 0o077:
+        raise InsecureFileError(
+            f"{what} {path} is accessible to other users (mode {mode & 0o777:o}); "
+            f"run: chmod 600 {path}"
+        )

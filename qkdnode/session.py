@@ -31,6 +31,8 @@ from drivers.interfaces import (
     TimeTagger,
     VariableAttenuator,
 )
+from qkdnode.delivery.keyservice import KeyService
+from qkdnode.keystore.ids import ID_SEED_BYTES
 from qkdnode.link import LinkError, LinkRequest
 from qkdnode.log import bound_context
 from qkdnode.probe_wire import BYTES_PER_DETECTION, ProbeWireError, decode_probe, encode_probe
@@ -53,6 +55,7 @@ class ExchangeSession:
         self.cfg = node.cfg
         self.role = node.cfg.node.role
         self.keystore: Any = None
+        self.keys: KeyService | None = None
         self.auth_pool: Any = None
         self.tracker: Any = None  # receiver: procedures.sync.SlotTracker once locked
         self.exchange_from_slot = 0
@@ -104,14 +107,17 @@ class ExchangeSession:
             )
         )
         self.next_block_id = self.keystore.last_block_id() + 1
+        node = self.node
+        self.keys = KeyService(
+            self.keystore,
+            node.link.request,
+            lambda: node.peer is not None and node.peer.connected,
+        )
         if c.delivery.enabled:
             from qkdnode.delivery.etsi import start_etsi_server
 
             self.etsi = await start_etsi_server(
-                self.keystore,
-                c.delivery,
-                key_size_bits=c.keystore.key_size_bits,
-                on_delivery=self._send_notice,
+                self.keys, c.delivery, key_size_bits=c.keystore.key_size_bits
             )
         pool_path = state_dir / "auth_pool.json"
         if pool_path.exists():
@@ -148,6 +154,8 @@ class ExchangeSession:
         if self.etsi is not None:
             with contextlib.suppress(Exception):
                 await self.etsi.stop()
+        if self.keys is not None:
+            await self.keys.close()
         if self.keystore is not None:
             await asyncio.to_thread(self.keystore.close)
 
@@ -194,18 +202,20 @@ class ExchangeSession:
         if step == "light":
             await self.set_light(bool(req.args.get("on", True)))
             return {}
+        if step in ("activate", "release", "notice", "keysync") and self.keys is None:
+            raise LinkError("key store not open")
+        if step == "activate":
+            assert self.keys is not None
+            return await self.keys.serve_activate(req.args)
+        if step == "release":
+            assert self.keys is not None
+            return await self.keys.serve_release(req.args)
         if step == "notice":
-            from qkdnode.keystore.models import DeliveryNotice
-
-            notice = DeliveryNotice.model_validate(req.args["notice"])
-            return {"applied": await asyncio.to_thread(self.keystore.apply_notice, notice)}
+            assert self.keys is not None
+            return await self.keys.serve_notice(req.args)
         if step == "keysync":
-            from qkdnode.keystore.models import SyncSummary
-            from qkdnode.keystore.sync import reconcile
-
-            theirs = SyncSummary.model_validate(req.args["summary"])
-            mine = await asyncio.to_thread(self.keystore.summary)
-            await asyncio.to_thread(self.keystore.apply_reconcile, reconcile(mine, theirs))
+            assert self.keys is not None
+            mine = await self.keys.serve_sync(req.args)
             return {
                 "summary": mine.model_dump(mode="json"),
                 "next_block_id": self.keystore.last_block_id() + 1,
@@ -671,7 +681,7 @@ class ExchangeSession:
         if result.ok:
             key = result.key_bytes
             size = self.cfg.keystore.key_size_bits
-            if len(key) * 8 >= size:
+            if len(key) >= ID_SEED_BYTES + size // 8:
                 prov = Provenance(
                     qber=float(qber or 0.0),
                     eps_sec=self.cfg.protocol.eps_sec,
@@ -947,17 +957,14 @@ class ExchangeSession:
 
     # ------------------------------------------------------------------ keys
     async def fetch_keys(self, number: int, size_bits: int, caller: str) -> dict[str, Any]:
+        """Operator delivery (``keys.get``): keys issued to ``ctl:<caller>`` through the same
+        activation as ETSI enc_keys (the peer reserves them for ``ctl:<peer id>``)."""
         import base64
 
-        from qkdnode.keystore.models import Pair
-
-        pair = Pair(master=f"ctl:{caller}", slave=f"ctl:{self.cfg.node.peer_id}")
-        keys = await asyncio.to_thread(self.keystore.take_keys, pair, number, size_bits)
-        notice = self.keystore.notice(pair, "enc", keys)
-        try:
-            await self._send_notice(notice)
-        except LinkError as exc:  # recovered by the key-ID sync after reconnect
-            log.warning("delivery_notice_unsent", error=str(exc))
+        assert self.keys is not None
+        keys = await self.keys.issue(
+            f"ctl:{caller}", [f"ctl:{self.cfg.node.peer_id}"], number, size_bits
+        )
         return {
             "keys": [
                 {"key_ID": str(k.key_id), "key": base64.b64encode(k.key).decode()} for k in keys
@@ -968,10 +975,6 @@ class ExchangeSession:
         return dict(await asyncio.to_thread(self.keystore.digest))
 
     # ------------------------------------------------------------------ key-ID sync
-    async def _send_notice(self, notice: Any) -> None:
-        """Tell the peer which keys were delivered here (ETSI or operator delivery)."""
-        await self.node.link.request("notice", 10.0, notice=notice.model_dump(mode="json"))
-
     async def key_sync_safely(self) -> None:
         try:
             await self.key_sync()
@@ -980,18 +983,10 @@ class ExchangeSession:
 
     async def key_sync(self) -> None:
         """Transmitter, on every (re)connect: exchange summaries, apply the reconciliation."""
-        from qkdnode.keystore.models import SyncSummary
-        from qkdnode.keystore.sync import reconcile
-
-        mine = await asyncio.to_thread(self.keystore.summary)
-        reply = await self.node.link.request("keysync", 60.0, summary=mine.model_dump(mode="json"))
-        theirs = SyncSummary.model_validate(reply["summary"])
-        await asyncio.to_thread(self.keystore.apply_reconcile, reconcile(mine, theirs))
-        self.next_block_id = max(
-            self.next_block_id,
-            self.keystore.last_block_id() + 1,
-            int(reply.get("next_block_id", 0)),
-        )
+        assert self.keys is not None
+        theirs = await self.keys.sync()
+        del theirs
+        self.next_block_id = max(self.next_block_id, self.keystore.last_block_id() + 1)
         log.info("key_sync_done", **self.keystore_counts())
 
 

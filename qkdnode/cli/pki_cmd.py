@@ -1,4 +1,4 @@
-"""``qkdnode pki init|issue``: a test CA and certificates for local ETSI 014 runs."""
+"""``qkdnode pki init|issue|revoke``: a test CA, certificates and a CRL for local ETSI 014 runs."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from qkdnode.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
-from qkdnode.delivery.pki import PkiError, init_ca, issue_cert
+from qkdnode.delivery.pki import PkiError, init_ca, issue_cert, revoke_cert
 
 
 def register(sub: Any) -> None:
@@ -29,6 +29,14 @@ def register(sub: Any) -> None:
     )
     issue.add_argument("--days", type=int, default=825, help="validity in days")
     issue.set_defaults(func=_issue)
+    revoke = psub.add_parser(
+        "revoke", help="add NAME.crt to the CA's CRL (crl.pem, created if absent) in --out"
+    )
+    revoke.add_argument(
+        "--out", required=True, type=Path, help="directory of the CA, NAME.crt and crl.pem"
+    )
+    revoke.add_argument("--cn", required=True, help="common name of the certificate to revoke")
+    revoke.set_defaults(func=_revoke)
 
 
 def _init(args: argparse.Namespace) -> int:
@@ -69,4 +77,17 @@ def _issue(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     kind = "server" if args.server else "client"
     print(f"{kind} certificate {files.cert_file}\n{kind} key         {files.key_file} (mode 0600)")
+    return EXIT_OK
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    try:
+        crl_file = revoke_cert(args.out, args.cn)
+    except PkiError as exc:
+        print(f"pki revoke: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        print(f"pki revoke: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"revoked {args.out / f'{args.cn}.crt'}\nCRL     {crl_file} (valid 30 days)")
     return EXIT_OK

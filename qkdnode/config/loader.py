@@ -56,7 +56,7 @@ def _describe(err: Any) -> str:
         return "required key is missing"
     elif msg.startswith("Value error, "):
         msg = msg.removeprefix("Value error, ")
-    if kind != "missing" and "input" in err:
+    if kind != "missing" and "input" in err and not isinstance(err["input"], dict):
         shown = repr(err["input"])
         if len(shown) > 80:
             shown = shown[:77] + "..."

@@ -39,4 +39,9 @@ class NodeConfig(Section):
     def _check(self) -> NodeConfig:
         if self.node.id == self.node.peer_id:
             raise ValueError("node.id and node.peer_id must differ")
+        if self.delivery.enabled and self.bus.allow_plaintext:
+            raise ValueError(
+                "delivery.enabled = true needs an authenticated peer channel (key activations "
+                "travel on it): set bus.allow_plaintext = false and configure CURVE keys"
+            )
         return self

@@ -197,6 +197,9 @@ class SaeEntry(Section):
     certificate_cn: str = Field(min_length=1, description="CN of the SAE's client certificate")
 
 
+_REMOVED_DELIVERY_KEYS = ("require_peer_notice", "peer_notice_wait_s")
+
+
 class DeliverySection(Section):
     enabled: bool = False
     listen_host: str = "127.0.0.1"
@@ -210,20 +213,32 @@ class DeliverySection(Section):
     pairs: list[tuple[str, str]] = Field(
         default_factory=list, description="(master SAE ID, slave SAE ID) pairs served"
     )
-    max_key_per_request: int = Field(128, ge=1)
+    max_key_per_request: int = Field(128, ge=1, le=1024)
     min_key_size_bits: int = Field(64, ge=8, multiple_of=8)
     max_key_size_bits: int = Field(4096, ge=8, multiple_of=8)
-    peer_notice_wait_s: float = Field(
-        1.0,
+    max_sae_id_count: int = Field(
+        8,
         ge=0,
-        le=30,
-        description="dec_keys waits up to this long for the peer KME's delivery notice "
-        "(which binds a key to its SAE pair) before serving a key not yet reserved",
+        le=15,
+        description="most additional_slave_SAE_IDs in one enc_keys request (0: multicast off)",
     )
-    require_peer_notice: bool = Field(
-        False,
-        description="refuse (503) dec_keys for keys the peer KME has not announced yet",
+    crl_file: Path | None = Field(
+        None,
+        description="certificate revocation list (PEM or DER) of client_ca_file's CA; an SAE "
+        "whose certificate is on it gets no service. Reloaded on SIGHUP",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name in _REMOVED_DELIVERY_KEYS:
+                if name in data:
+                    raise ValueError(
+                        f"{name} is no longer valid: dec_keys always requires the issuing "
+                        "KME's durable activation of the key for that SAE pair; remove the line"
+                    )
+        return data
 
     @model_validator(mode="after")
     def _check_saes(self) -> DeliverySection:

@@ -1,23 +1,24 @@
 """ETSI GS QKD 014 key delivery: REST over HTTPS with mutual TLS (aiohttp).
 
 SAEs are identified by the CN (or a DNS SAN) of their client certificate, mapped to SAE IDs
-by ``DeliverySection.saes``; an SAE may use only the pairs in ``DeliverySection.pairs``:
+by ``DeliverySection.saes``; a certificate on the configured CRL gets no service. An SAE
+may use only the pairs in ``DeliverySection.pairs``:
 
 - ``enc_keys`` at this KME: the caller is the pair's master; keys come from
-  :meth:`KeyStore.take_keys` (this node's half of each block).
-- ``dec_keys`` at this KME: the caller is the pair's slave; it redeems the IDs the master got
-  from the peer KME's enc_keys (:meth:`KeyStore.claim_keys`).
+  :meth:`KeyService.issue`, which answers only after the peer KME made the activation
+  (key -> master and slaves) durable.
+- ``dec_keys`` at this KME: the caller is a slave; :meth:`KeyService.claim` serves only
+  keys the peer KME activated for exactly this master and slave.
 
-After each delivery ``on_delivery`` gets the :class:`DeliveryNotice` for the peer KME (the
-daemon sends it over the authenticated peer channel). Responses and logs never contain key
-bytes except the key container of a successful response.
+Every response that is not a success is the ETSI error JSON (``{"message", "details"?}``)
+with 400, 401 or 503 as ETSI 014 gives them, or 404/405/413 where HTTP itself applies.
+503 answers carry ``Retry-After``. Responses and logs never contain key bytes except the
+key container of a successful response.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -25,32 +26,49 @@ from typing import Any, Literal
 
 import structlog
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 from qkdnode.config.sections import DeliverySection
+from qkdnode.delivery.keyservice import (
+    RETRY_AFTER_S,
+    KeyService,
+    NotInStepError,
+    PeerUnavailableError,
+)
 from qkdnode.delivery.openapi import API_PREFIX, OPENAPI_PATH, openapi_json
+from qkdnode.delivery.revocation import RevocationChecker
 from qkdnode.delivery.tls import peer_common_names, server_context
-from qkdnode.keystore.errors import KeyRequestError, KeysUnavailableError
-from qkdnode.keystore.models import DeliveredKey, DeliveryNotice, KeyState, Pair, key_container
-from qkdnode.keystore.store import KeyStore
+from qkdnode.keystore.errors import KeyRequestError, KeyStoreError, KeysUnavailableError
+from qkdnode.keystore.models import (
+    MAX_PARTS_PER_KEY,
+    MAX_SLAVES,
+    DeliveredKey,
+    Pair,
+    key_container,
+)
 
 log = structlog.get_logger(__name__)
 
-NoticeCallback = Callable[[DeliveryNotice], Awaitable[None] | None]
-_NOTICE_POLL_S = 0.01
-#: how long a response may wait for ``on_delivery`` (the notice is then recovered by the
-#: next summary exchange)
-NOTICE_TIMEOUT_S = 2.0
+#: largest request body accepted (bytes); larger gets 413
+MAX_BODY_BYTES = 256 * 1024
 
 
 class EtsiError(Exception):
     """An ETSI error response: ``status`` with ``message`` and ``details``."""
 
-    def __init__(self, status: int, message: str, details: Sequence[dict[str, Any]] = ()) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        details: Sequence[dict[str, Any]] = (),
+        *,
+        retry: bool = False,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.details = list(details)
+        self.retry = retry
 
 
 class KeyRequestBody(BaseModel):
@@ -58,9 +76,9 @@ class KeyRequestBody(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    number: int = Field(1, ge=1)
-    size: int | None = None
-    additional_slave_SAE_IDs: list[str] = Field(default_factory=list)
+    number: StrictInt = Field(1, ge=1)
+    size: StrictInt | None = Field(None, ge=1)
+    additional_slave_SAE_IDs: list[StrictStr] = Field(default_factory=list, max_length=64)
     extension_mandatory: list[dict[str, Any]] = Field(default_factory=list)
     extension_optional: list[dict[str, Any]] = Field(default_factory=list)
 
@@ -85,18 +103,20 @@ class EtsiApi:
 
     def __init__(
         self,
-        store: KeyStore,
+        service: KeyService,
         cfg: DeliverySection,
         *,
         key_size_bits: int,
-        on_delivery: NoticeCallback | None = None,
+        revocation: RevocationChecker | None = None,
     ) -> None:
-        self.store = store
+        self.service = service
+        self.store = service.store
         self.cfg = cfg
         self.default_size_bits = key_size_bits
-        self.max_size_bits = min(cfg.max_key_size_bits, key_size_bits)
-        self.min_size_bits = min(cfg.min_key_size_bits, self.max_size_bits)
-        self.on_delivery = on_delivery
+        self.max_size_bits = min(cfg.max_key_size_bits, MAX_PARTS_PER_KEY * key_size_bits)
+        self.min_size_bits = min(cfg.min_key_size_bits, key_size_bits)
+        self.max_sae_id_count = min(cfg.max_sae_id_count, MAX_SLAVES - 1)
+        self.revocation = revocation or RevocationChecker()
         self._cn_to_sae = {s.certificate_cn: s.sae_id for s in cfg.saes}
         self._known_saes = {s.sae_id for s in cfg.saes} | {
             sae for pair in cfg.pairs for sae in pair
@@ -108,6 +128,10 @@ class EtsiApi:
     def caller(self, request: web.Request) -> str:
         transport = request.transport
         peercert = transport.get_extra_info("peercert") if transport is not None else None
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if self.revocation.is_revoked(der):
+            raise EtsiError(401, "client certificate is revoked")
         for name in peer_common_names(peercert):
             sae = self._cn_to_sae.get(name)
             if sae is not None:
@@ -131,11 +155,18 @@ class EtsiApi:
             )
         return pair
 
+    def _in_step(self) -> None:
+        if not self.service.in_step:
+            raise EtsiError(
+                503, "this KME is synchronising with its peer KME; retry later", retry=True
+            )
+
     # -- handlers -----------------------------------------------------------------------------
 
     async def status(self, request: web.Request) -> web.Response:
         pair = self._pair(request, "master", request.match_info["slave_SAE_ID"])
-        stored = await asyncio.to_thread(self.store.available_for_enc, self.min_size_bits)
+        self._in_step()
+        stored = await asyncio.to_thread(self.store.available_for_enc, self.default_size_bits)
         return web.json_response(
             {
                 "source_KME_ID": self.cfg.kme_id,
@@ -148,7 +179,7 @@ class EtsiApi:
                 "max_key_per_request": self.cfg.max_key_per_request,
                 "max_key_size": self.max_size_bits,
                 "min_key_size": self.min_size_bits,
-                "max_SAE_ID_count": 0,
+                "max_SAE_ID_count": self.max_sae_id_count,
             }
         )
 
@@ -158,14 +189,27 @@ class EtsiApi:
             body = await self._json(request, KeyRequestBody)
         else:
             body = KeyRequestBody(
-                number=_int_query(request, "number", 1), size=_opt_int_query(request, "size")
+                number=_int_query(request, "number", 1, minimum=1),
+                size=_opt_int_query(request, "size", minimum=1),
             )
+        slaves = [pair.slave]
         for extra in body.additional_slave_SAE_IDs:
             if extra not in self._known_saes:
                 raise EtsiError(400, f"unknown SAE ID {extra!r} in additional_slave_SAE_IDs")
-        if body.additional_slave_SAE_IDs:
+            if extra in slaves:
+                raise EtsiError(400, f"SAE ID {extra!r} is named twice as a slave")
+            if (pair.master, extra) not in self._pairs:
+                raise EtsiError(
+                    401,
+                    f"SAE {pair.master!r} is not authorised for the pair master "
+                    f"{pair.master!r} / slave {extra!r}",
+                )
+            slaves.append(extra)
+        if len(body.additional_slave_SAE_IDs) > self.max_sae_id_count:
             raise EtsiError(
-                400, "additional_slave_SAE_IDs is not supported by this KME (max_SAE_ID_count 0)"
+                400,
+                f"{len(body.additional_slave_SAE_IDs)} additional slave SAE IDs exceed "
+                f"max_SAE_ID_count {self.max_sae_id_count}",
             )
         if body.extension_mandatory:
             names = sorted({k for ext in body.extension_mandatory for k in ext})
@@ -187,10 +231,14 @@ class EtsiApi:
                 400,
                 f"number {body.number} exceeds max_key_per_request {self.cfg.max_key_per_request}",
             )
-        keys = await self._store_call(self.store.take_keys, pair, body.number, size)
-        await self._announce(self.store.notice(pair, "enc", keys))
+        self._in_step()
+        keys = await self._service_call(self.service.issue(pair.master, slaves, body.number, size))
         log.info(
-            "etsi.enc_keys", master=pair.master, slave=pair.slave, keys=len(keys), size_bits=size
+            "etsi.enc_keys",
+            master=pair.master,
+            slaves=len(slaves),
+            keys=len(keys),
+            size_bits=size,
         )
         return web.json_response(key_container(keys))
 
@@ -199,23 +247,20 @@ class EtsiApi:
         if request.method == "POST":
             ids = [e.key_ID for e in (await self._json(request, KeyIdsBody)).key_IDs]
         else:
-            raw = request.query.get("key_ID")
-            if raw is None:
-                raise EtsiError(400, "query parameter key_ID is required")
+            raws = request.query.getall("key_ID", [])
+            if len(raws) != 1:
+                raise EtsiError(400, "exactly one query parameter key_ID is required")
             try:
-                ids = [uuid.UUID(raw)]
+                ids = [uuid.UUID(raws[0])]
             except ValueError:
-                raise EtsiError(400, f"key_ID {raw!r} is not a UUID") from None
+                raise EtsiError(400, f"key_ID {raws[0][:64]!r} is not a UUID") from None
         if len(ids) > self.cfg.max_key_per_request:
             raise EtsiError(
                 400,
                 f"{len(ids)} key_IDs exceed max_key_per_request {self.cfg.max_key_per_request}",
             )
-        await self._wait_for_peer_notice(ids)
-        keys = await self._store_call(
-            self.store.claim_keys, pair, ids, require_reserved=self.cfg.require_peer_notice
-        )
-        await self._announce(self.store.notice(pair, "dec", keys))
+        self._in_step()
+        keys = await self._service_call(self.service.claim(pair.master, pair.slave, ids))
         log.info("etsi.dec_keys", master=pair.master, slave=pair.slave, keys=len(keys))
         return web.json_response(key_container(keys))
 
@@ -225,66 +270,67 @@ class EtsiApi:
 
     # -- helpers ------------------------------------------------------------------------------
 
-    async def _wait_for_peer_notice(self, ids: Sequence[uuid.UUID]) -> None:
-        """Give the peer's delivery notice (which binds keys to their pair) time to arrive."""
-        deadline = time.monotonic() + self.cfg.peer_notice_wait_s
-        while time.monotonic() < deadline:
-            infos = await asyncio.to_thread(lambda: [self.store.key_info(i) for i in ids])
-            if not any(
-                info is not None and info.state in (KeyState.AVAILABLE, KeyState.PENDING)
-                for info in infos
-            ):
-                return
-            await asyncio.sleep(_NOTICE_POLL_S)
-
-    async def _store_call(
-        self, fn: Callable[..., list[DeliveredKey]], *args: Any, **kw: Any
-    ) -> list[DeliveredKey]:
+    async def _service_call(self, call: Awaitable[list[DeliveredKey]]) -> list[DeliveredKey]:
         try:
-            return await asyncio.to_thread(fn, *args, **kw)
-        except KeysUnavailableError as exc:
-            raise EtsiError(503, str(exc)) from None
+            return await call
+        except (NotInStepError, PeerUnavailableError, KeysUnavailableError) as exc:
+            raise EtsiError(503, str(exc), retry=True) from None
         except KeyRequestError as exc:
             raise EtsiError(400, str(exc)) from None
-
-    async def _announce(self, notice: DeliveryNotice) -> None:
-        if self.on_delivery is None or not notice.entries:
-            return
-        try:
-            result = self.on_delivery(notice)
-            if inspect.isawaitable(result):
-                await asyncio.wait_for(result, NOTICE_TIMEOUT_S)
-        except Exception as exc:
-            # The keys are delivered and durable; the peer learns of them at the next
-            # summary exchange. Never fail the SAE's request for this.
-            log.warning("etsi.notice_failed", error=type(exc).__name__)
+        except KeyStoreError as exc:
+            log.error("etsi.store_error", error=str(exc)[:200])
+            raise EtsiError(
+                503, "the key store cannot serve this request now", retry=True
+            ) from None
 
     @staticmethod
     async def _json(request: web.Request, model: type[Any]) -> Any:
+        raw = await request.read()
         try:
-            raw = await request.read()
             return model.model_validate_json(raw or b"{}")
         except ValidationError as exc:
             details = [
-                {"field": ".".join(str(p) for p in e["loc"]), "error": e["msg"]}
+                {"field": ".".join(str(p) for p in e["loc"]) or "(body)", "error": e["msg"]}
                 for e in exc.errors(include_input=False, include_url=False)
             ]
             raise EtsiError(400, "invalid request body", details) from None
 
 
-def _int_query(request: web.Request, name: str, default: int) -> int:
-    value = _opt_int_query(request, name)
+def _int_query(request: web.Request, name: str, default: int, *, minimum: int) -> int:
+    value = _opt_int_query(request, name, minimum=minimum)
     return default if value is None else value
 
 
-def _opt_int_query(request: web.Request, name: str) -> int | None:
-    raw = request.query.get(name)
-    if raw is None:
+def _opt_int_query(request: web.Request, name: str, *, minimum: int) -> int | None:
+    raws = request.query.getall(name, [])
+    if not raws:
         return None
-    try:
-        return int(raw)
-    except ValueError:
-        raise EtsiError(400, f"query parameter {name} must be an integer, got {raw!r}") from None
+    if len(raws) > 1:
+        raise EtsiError(400, f"query parameter {name} is given {len(raws)} times")
+    raw = raws[0]
+    if not raw.isascii() or not raw.lstrip("+-").isdigit() or len(raw) > 18:
+        raise EtsiError(400, f"query parameter {name} must be an integer, got {raw[:32]!r}")
+    value = int(raw)
+    if value < minimum:
+        raise EtsiError(400, f"query parameter {name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _error_response(
+    status: int, message: str, details: Sequence[dict[str, Any]] = ()
+) -> web.Response:
+    body: dict[str, Any] = {"message": message}
+    if details:
+        body["details"] = list(details)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+    return web.json_response(body, status=status, headers=headers)
+
+
+_HTTP_MESSAGES = {
+    404: "no such resource",
+    405: "method not allowed",
+    413: f"request body larger than {MAX_BODY_BYTES} bytes",
+}
 
 
 @web.middleware
@@ -294,20 +340,28 @@ async def _errors(
     try:
         return await handler(request)
     except EtsiError as exc:
-        log.info("etsi.refused", path=request.path, status=exc.status, reason=exc.message)
-        body: dict[str, Any] = {"message": exc.message}
-        if exc.details:
-            body["details"] = exc.details
-        return web.json_response(body, status=exc.status)
-    except web.HTTPException:
-        raise
+        log.info("etsi.refused", path=request.path[:128], status=exc.status, reason=exc.message)
+        return _error_response(exc.status, exc.message, exc.details)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message = _HTTP_MESSAGES.get(exc.status, exc.reason)
+        log.info("etsi.refused", path=request.path[:128], status=exc.status, reason=message)
+        resp = _error_response(exc.status, message)
+        if exc.status == 405:
+            allow = exc.headers.get("Allow")
+            if allow:
+                resp.headers["Allow"] = allow
+        return resp
     except Exception as exc:
-        log.error("etsi.internal_error", path=request.path, error=type(exc).__name__)
-        return web.json_response({"message": "internal error"}, status=500)
+        # Never a traceback or "internal error" to the SAE: the request is refused as a
+        # server-side condition (ETSI 014: 503), the cause goes to the log.
+        log.error("etsi.unexpected_error", path=request.path[:128], error=type(exc).__name__)
+        return _error_response(503, "the KME cannot serve this request now; retry later")
 
 
 def build_app(api: EtsiApi) -> web.Application:
-    app = web.Application(middlewares=[_errors], client_max_size=1024 * 1024)
+    app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY_BYTES)
     keys = f"{API_PREFIX}/keys"
     app.router.add_get(f"{keys}/{{slave_SAE_ID}}/status", api.status)
     app.router.add_get(f"{keys}/{{slave_SAE_ID}}/enc_keys", api.enc_keys)
@@ -337,18 +391,19 @@ class EtsiServer:
 
 
 async def start_etsi_server(
-    store: KeyStore,
+    service: KeyService,
     cfg: DeliverySection,
     *,
     key_size_bits: int,
     ssl_context: Any = None,
-    on_delivery: NoticeCallback | None = None,
+    revocation: RevocationChecker | None = None,
     host: str | None = None,
     port: int | None = None,
 ) -> EtsiServer:
     """Start the HTTPS server (mutual TLS). ``ssl_context`` defaults to one built from
-    ``cfg.tls_cert_file``/``tls_key_file``/``client_ca_file`` (ValueError if unset).
-    ``port=0`` binds a free port."""
+    ``cfg.tls_cert_file``/``tls_key_file``/``client_ca_file`` (ValueError if unset);
+    ``revocation`` defaults to ``cfg.crl_file`` (none: no revocation check). ``port=0``
+    binds a free port."""
     if ssl_context is None:
         if cfg.tls_cert_file is None or cfg.tls_key_file is None or cfg.client_ca_file is None:
             raise ValueError(
@@ -356,7 +411,9 @@ async def start_etsi_server(
                 "are required for the ETSI 014 server"
             )
         ssl_context = server_context(cfg.tls_cert_file, cfg.tls_key_file, cfg.client_ca_file)
-    api = EtsiApi(store, cfg, key_size_bits=key_size_bits, on_delivery=on_delivery)
+    if revocation is None:
+        revocation = RevocationChecker.from_file(cfg.crl_file, ca_file=cfg.client_ca_file)
+    api = EtsiApi(service, cfg, key_size_bits=key_size_bits, revocation=revocation)
     runner = web.AppRunner(build_app(api), access_log=None)
     await runner.setup()
     bind_host = cfg.listen_host if host is None else host

@@ -17,9 +17,21 @@ _ERR = {"$ref": "#/components/schemas/Error"}
 
 
 def _responses(ok_schema: str) -> dict[str, Any]:
-    def err(text: str) -> dict[str, Any]:
-        return {"description": text, "content": {"application/json": {"schema": _ERR}}}
+    def err(text: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "description": text,
+            "content": {"application/json": {"schema": _ERR}},
+        }
+        if headers:
+            out["headers"] = headers
+        return out
 
+    retry = {
+        "Retry-After": {
+            "description": "seconds to wait before retrying",
+            "schema": {"type": "integer", "minimum": 1},
+        }
+    }
     return {
         "200": {
             "description": "Successful response",
@@ -28,11 +40,26 @@ def _responses(ok_schema: str) -> dict[str, Any]:
             },
         },
         "400": err(
-            "Bad request: unknown SAE ID, size not a multiple of 8 or out of range, too many "
-            "keys, unknown, expired or already delivered key ID, unsupported extension"
+            "Bad request: invalid query value or body (number < 1, non-integer, size not a "
+            "multiple of 8 or out of [min_key_size, max_key_size], too many keys or additional "
+            "slaves, malformed JSON), unknown SAE ID, unsupported mandatory extension; for "
+            "dec_keys, one answer for every key ID the caller cannot have (never issued, "
+            "issued to another pair, already delivered, expired)"
         ),
-        "401": err("Unauthorized: the client certificate names no SAE of a pair served here"),
-        "503": err("No keys available now (or key not yet committed/announced here); retry"),
+        "401": err(
+            "Unauthorized: the client certificate names no registered SAE, is revoked, or "
+            "its SAE is not in a pair served here with the named SAE"
+        ),
+        "404": err("No such resource"),
+        "405": err("Method not allowed (see the Allow header)"),
+        "413": err("Request body larger than 262144 bytes"),
+        "503": err(
+            "Not now, retry after Retry-After seconds: not enough keys, the peer KME did not "
+            "confirm the activation (unreachable or synchronising), this KME is not yet in "
+            "step with its peer after a start or reconnection, or the key's block is not yet "
+            "committed here",
+            retry,
+        ),
     }
 
 
@@ -75,15 +102,18 @@ def build_openapi() -> dict[str, Any]:
                 "key_size": {"type": "integer", "description": "default key size (bits)"},
                 "stored_key_count": {
                     "type": "integer",
-                    "description": "keys enc_keys can hand out now",
+                    "description": "keys of key_size bits enc_keys can hand out now",
                 },
                 "max_key_count": {"type": "integer"},
                 "max_key_per_request": {"type": "integer"},
-                "max_key_size": {"type": "integer", "description": "bits"},
+                "max_key_size": {
+                    "type": "integer",
+                    "description": "bits; keys longer than key_size concatenate stored keys",
+                },
                 "min_key_size": {"type": "integer", "description": "bits"},
                 "max_SAE_ID_count": {
                     "type": "integer",
-                    "description": "0: additional_slave_SAE_IDs is not supported",
+                    "description": "most additional_slave_SAE_IDs in one request (0: none)",
                 },
                 "status_extension": {"type": "object"},
             },
@@ -94,9 +124,15 @@ def build_openapi() -> dict[str, Any]:
                 "number": {"type": "integer", "minimum": 1, "default": 1},
                 "size": {
                     "type": "integer",
+                    "minimum": 8,
                     "description": "key size in bits, a multiple of 8 (default: key_size)",
                 },
-                "additional_slave_SAE_IDs": {"type": "array", "items": {"type": "string"}},
+                "additional_slave_SAE_IDs": {
+                    "type": "array",
+                    "items": {"type": "string"},
+                    "description": "further slaves (each paired with the master here) that "
+                    "may each fetch the same keys once with dec_keys at the peer KME",
+                },
                 "extension_mandatory": ext_list,
                 "extension_optional": ext_list,
             },
@@ -165,8 +201,16 @@ def build_openapi() -> dict[str, Any]:
                 "summary": "Get keys (master SAE)",
                 "parameters": [
                     slave,
-                    {"name": "number", "in": "query", "schema": {"type": "integer"}},
-                    {"name": "size", "in": "query", "schema": {"type": "integer"}},
+                    {
+                        "name": "number",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "default": 1},
+                    },
+                    {
+                        "name": "size",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 8, "multipleOf": 8},
+                    },
                 ],
                 "responses": _responses("KeyContainer"),
             },
@@ -225,8 +269,11 @@ def build_openapi() -> dict[str, Any]:
             "title": "qkdnode key delivery (ETSI GS QKD 014 V1.1.1)",
             "version": "1.0.0",
             "description": "REST over HTTPS with mutual TLS. SAEs are identified by the CN "
-            "of their client certificate. Key sizes are in bits; keys are base64. Key IDs "
-            "returned by enc_keys on one KME are redeemed with dec_keys on the other.",
+            "(or a DNS SAN) of their client certificate. Key sizes are in bits; keys are "
+            "base64. Key IDs returned by enc_keys on one KME are redeemed with dec_keys on the "
+            "other; enc_keys answers only after the other KME has durably reserved the keys "
+            "for the master and its slaves, so dec_keys succeeds at once. Every error body is "
+            '{"message": string, "details"?: array}.',
         },
         "servers": [{"url": "/"}],
         "security": [{"mutualTLS": []}],

@@ -1,7 +1,7 @@
 """Durable key store of a node and the key-ID synchronisation with its peer.
 
-See ``docs/key-delivery.md`` for the design (two-phase block commit, deterministic key IDs,
-index-parity split between enc_keys on the two nodes, erasure).
+See ``docs/key-delivery.md`` for the design (two-phase block commit, secret-seeded key IDs,
+index-parity split between enc_keys on the two nodes, activation first, erasure).
 """
 
 from qkdnode.keystore.errors import (
@@ -15,10 +15,12 @@ from qkdnode.keystore.errors import (
     StoreFullError,
     UnknownKeyError,
 )
-from qkdnode.keystore.ids import link_id_for, make_key_id, split_key_id
+from qkdnode.keystore.ids import block_key_ids, link_id_for
 from qkdnode.keystore.models import (
+    ActivatedKey,
+    ActivationReply,
+    ActivationRequest,
     BlockSummary,
-    DeliveredEntry,
     DeliveredKey,
     DeliveryNotice,
     KeyInfo,
@@ -26,18 +28,23 @@ from qkdnode.keystore.models import (
     Pair,
     Provenance,
     ReconcileActions,
+    ReleaseRequest,
     SyncSummary,
     key_container,
 )
-from qkdnode.keystore.store import KeyStore
+from qkdnode.keystore.store import Claimed, IssuedKey, KeyStore
 from qkdnode.keystore.sync import reconcile
 
 __all__ = [
+    "ActivatedKey",
+    "ActivationReply",
+    "ActivationRequest",
     "BlockError",
     "BlockSummary",
-    "DeliveredEntry",
+    "Claimed",
     "DeliveredKey",
     "DeliveryNotice",
+    "IssuedKey",
     "KeyAlreadyDeliveredError",
     "KeyInfo",
     "KeyNotForPairError",
@@ -50,12 +57,12 @@ __all__ = [
     "Pair",
     "Provenance",
     "ReconcileActions",
+    "ReleaseRequest",
     "StoreFullError",
     "SyncSummary",
     "UnknownKeyError",
+    "block_key_ids",
     "key_container",
     "link_id_for",
-    "make_key_id",
     "reconcile",
-    "split_key_id",
 ]

@@ -20,11 +20,15 @@ Side = Literal["transmitter", "receiver"]
 
 
 class KeyState(enum.StrEnum):
-    """Lifecycle of one key on one node.
+    """Lifecycle of one stored key (one *part*; a delivered key is one or more parts).
 
-    PENDING -> AVAILABLE (block committed by both) -> RESERVED (the peer handed it to an SAE
-    pair; only that pair's slave may fetch it here) -> DELIVERED (handed to a consumer here)
-    -> erased. EXPIRED is recorded for keys erased because their time to live ended.
+    PENDING -> AVAILABLE (block committed by both nodes). On the node whose enc_keys hands
+    the key out (the *issuer*): AVAILABLE -> DELIVERED (the peer acknowledged the
+    activation, then the bytes went to the master SAE) -> erased once the peer reports the
+    slave's delivery. On the other node: AVAILABLE (or PENDING) -> RESERVED (activated by
+    the issuer for one master and its slaves; only they can fetch it) -> erased as
+    delivered when every slave fetched it. EXPIRED is recorded for keys erased because
+    their time to live ended.
     """
 
     PENDING = "pending"
@@ -35,9 +39,10 @@ class KeyState(enum.StrEnum):
 
 
 class EraseReason(enum.StrEnum):
-    DELIVERED = "delivered"  # delivered on both nodes
+    DELIVERED = "delivered"  # delivered at both ends
     EXPIRED = "expired"  # time to live ended
     DISCARDED = "discarded"  # not held by both nodes (crash recovery, aborted block)
+    UNCERTAIN = "uncertain"  # an activation whose outcome is unknown (never served)
 
 
 class Provenance(BaseModel):
@@ -94,7 +99,9 @@ class KeyInfo:
     created_at: float
     expires_at: float
     pair: Pair | None
-    peer_delivered: bool
+    slaves: tuple[str, ...]
+    fetched_by: tuple[str, ...]
+    delivered_as: uuid.UUID | None
 
 
 class BlockSummary(BaseModel):
@@ -107,31 +114,76 @@ class BlockSummary(BaseModel):
     live_indices: list[int]
 
 
-class DeliveredEntry(BaseModel):
-    """One key handed to a consumer on the announcing node."""
+#: most parts (stored keys) concatenated into one delivered key
+MAX_PARTS_PER_KEY = 256
+#: most keys in one activation (ETSI 014 requests are capped lower by max_key_per_request)
+MAX_KEYS_PER_ACTIVATION = 1024
+#: most slave SAEs one key is activated for (the pair's slave plus additional slaves)
+MAX_SLAVES = 16
+
+
+class ActivatedKey(BaseModel):
+    """One key handed to a master SAE: its ID, delivered size and the stored keys (parts)
+    whose bytes, concatenated in order and cut to ``size_bits``, make it."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    key_id: uuid.UUID = Field(description="the ID as delivered (encodes the delivered size)")
-    pair: Pair
-    via: Literal["enc", "dec"] = Field(
-        description="'enc': handed to the pair's master; 'dec': handed to the pair's slave"
-    )
+    key_ID: uuid.UUID
+    size_bits: int = Field(gt=0, multiple_of=8)
+    parts: list[uuid.UUID] = Field(min_length=1, max_length=MAX_PARTS_PER_KEY)
+
+
+class ActivationRequest(BaseModel):
+    """Issuer -> peer KME, before enc_keys answers: reserve these keys for ``master`` and
+    ``slaves`` (durable on the peer before it acknowledges)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    type: Literal["keystore.activate"] = "keystore.activate"
+    link_id: str
+    master: str = Field(min_length=1)
+    slaves: list[str] = Field(min_length=1, max_length=MAX_SLAVES)
+    keys: list[ActivatedKey] = Field(min_length=1, max_length=MAX_KEYS_PER_ACTIVATION)
+
+
+ActivationRefusal = Literal["not_in_step", "not_available", "bad_request"]
+
+
+class ActivationReply(BaseModel):
+    """Peer -> issuer. ``activated`` true: every key is reserved and durable. False: nothing
+    changed on the peer (all or nothing); ``refusal`` says why."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    activated: bool
+    refusal: ActivationRefusal | None = None
+    message: str = ""
+
+
+class ReleaseRequest(BaseModel):
+    """Issuer -> peer: an activation of these parts may or may not have reached you; erase
+    them (the issuer erased its copies and never handed them out)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    type: Literal["keystore.release"] = "keystore.release"
+    link_id: str
+    parts: list[uuid.UUID] = Field(max_length=MAX_KEYS_PER_ACTIVATION * MAX_PARTS_PER_KEY)
 
 
 class DeliveryNotice(BaseModel):
-    """Sent to the peer after keys were delivered here, so that it reserves them for the
-    pair (via 'enc') or erases keys delivered on both nodes."""
+    """Peer -> issuer after every slave fetched the keys ``key_IDs`` (delivered IDs) through
+    dec_keys: the issuer erases its copies."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     type: Literal["keystore.delivery"] = "keystore.delivery"
     link_id: str
-    entries: list[DeliveredEntry]
+    key_IDs: list[uuid.UUID]
 
 
 class SyncSummary(BaseModel):
-    """What a node holds, announced to the peer on (re)connection."""
+    """What a node holds, announced to the peer on (re)connection (no key bytes)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -139,7 +191,15 @@ class SyncSummary(BaseModel):
     link_id: str
     side: Side
     blocks: list[BlockSummary]
-    delivered: list[DeliveredEntry]
+    issued: list[uuid.UUID] = Field(
+        default_factory=list, description="parts this node handed to a master SAE (enc_keys)"
+    )
+    reserved: list[uuid.UUID] = Field(
+        default_factory=list, description="parts the peer activated here, not yet fetched"
+    )
+    fetched: list[uuid.UUID] = Field(
+        default_factory=list, description="parts erased here because delivered at both ends"
+    )
 
 
 class ReconcileActions(BaseModel):
@@ -152,10 +212,20 @@ class ReconcileActions(BaseModel):
     discard_keys: list[tuple[int, int]] = Field(
         default_factory=list, description="(block_id, index) of keys the peer no longer holds"
     )
-    peer_delivered: list[DeliveredEntry] = Field(default_factory=list)
+    erase_delivered: list[uuid.UUID] = Field(
+        default_factory=list, description="parts delivered at the peer's end: erase as delivered"
+    )
+    erase_uncertain: list[uuid.UUID] = Field(
+        default_factory=list,
+        description="parts whose activation state differs between the nodes: erase",
+    )
 
     @property
     def empty(self) -> bool:
         return not (
-            self.commit_blocks or self.discard_blocks or self.discard_keys or self.peer_delivered
+            self.commit_blocks
+            or self.discard_blocks
+            or self.discard_keys
+            or self.erase_delivered
+            or self.erase_uncertain
         )

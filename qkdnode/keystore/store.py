@@ -7,16 +7,30 @@ before either hands out a key from it:
 2. once each node has heard that the other stored the block, ``commit_block`` on both
    makes the keys AVAILABLE. ``discard_block`` aborts.
 
-Key IDs are computed identically on both nodes (:mod:`qkdnode.keystore.ids`). Which node may
-hand a key out through ``take_keys`` (ETSI enc_keys) is fixed by the parity of its index in
-the block: even indices belong to the transmitter's node, odd ones to the receiver's. The
-other node hands that key only through ``claim_keys`` (ETSI dec_keys) with its ID, so no key
-can be handed out by enc_keys on both nodes.
+Key IDs are secret-seeded (:mod:`qkdnode.keystore.ids`): the first bytes of each block's
+final key are its ID seed, so both nodes compute the same IDs and nobody else can. Which
+node may hand a key out through enc_keys (the key's *issuer*) is fixed by the parity of its
+index in the block: even indices belong to the transmitter's node, odd ones to the
+receiver's.
+
+Activation first (ETSI enc_keys at the issuer, dec_keys at the peer):
+
+1. issuer: ``pick_for_enc`` chooses AVAILABLE keys and holds them in memory (in flight);
+2. peer: ``activate`` reserves them for the master SAE and its slaves, durably, all or
+   nothing, before it acknowledges;
+3. issuer: ``confirm_issued`` marks them DELIVERED (durable) and returns the bytes for
+   the master; if the peer refused, ``abandon_issue`` puts them back, and if the outcome
+   is unknown it erases them (the peer is told to erase them too, and the key-ID sync
+   erases them on both sides if that message is lost);
+4. peer: ``claim_keys`` serves a reserved key only to a slave it was activated for.
 
 Every state change is one SQLite transaction that is on disk before the method returns;
-a key is marked DELIVERED before its bytes leave the store. Erasing a key overwrites its
+a key is marked delivered before its bytes leave the store. Erasing a key overwrites its
 bytes with zeros, then deletes the row (``secure_delete`` is on); a tombstone without key
 bytes remembers why the key is gone.
+
+The database, its WAL and shared-memory files are created mode 0600 in a 0700 directory
+whatever the umask; opening a store that other users can read is refused.
 
 Thread-safe: one connection guarded by a lock; async callers use ``asyncio.to_thread``.
 """
@@ -30,17 +44,15 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import structlog
 
 from qkdnode.keystore.errors import (
     BlockError,
-    KeyAlreadyDeliveredError,
-    KeyNotForPairError,
     KeyRequestError,
     KeyStoreError,
     KeysUnavailableError,
@@ -48,17 +60,14 @@ from qkdnode.keystore.errors import (
     StoreFullError,
     UnknownKeyError,
 )
-from qkdnode.keystore.ids import (
-    key_ref,
-    key_refs,
-    make_key_id,
-    ref_bytes,
-    ref_from_bytes,
-    split_key_id,
-)
+from qkdnode.keystore.ids import ID_SEED_BYTES, block_key_ids
 from qkdnode.keystore.models import (
+    MAX_PARTS_PER_KEY,
+    ActivatedKey,
+    ActivationRefusal,
+    ActivationReply,
+    ActivationRequest,
     BlockSummary,
-    DeliveredEntry,
     DeliveredKey,
     DeliveryNotice,
     EraseReason,
@@ -67,14 +76,18 @@ from qkdnode.keystore.models import (
     Pair,
     Provenance,
     ReconcileActions,
+    ReleaseRequest,
     Side,
     SyncSummary,
 )
+from qkdnode.paths import check_private_file, create_private_file
 
 log = structlog.get_logger(__name__)
 
-SCHEMA_VERSION = 2  # 2: key references stored as 16-byte BLOBs
+SCHEMA_VERSION = 3  # 3: secret-seeded key IDs, activation, key parts
 _SIDE_PARITY: dict[str, int] = {"transmitter": 0, "receiver": 1}
+#: most bound parameters in one statement (SQLite's smallest default limit is 999)
+_SQL_CHUNK = 500
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -87,7 +100,7 @@ CREATE TABLE IF NOT EXISTS blocks (
     provenance TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS keys (
-    ref BLOB PRIMARY KEY,
+    key_id BLOB PRIMARY KEY,
     block_id INTEGER NOT NULL,
     idx INTEGER NOT NULL,
     size_bits INTEGER NOT NULL,
@@ -96,17 +109,20 @@ CREATE TABLE IF NOT EXISTS keys (
     created_at REAL NOT NULL,
     expires_at REAL NOT NULL,
     pair_master TEXT,
-    pair_slave TEXT,
+    slaves TEXT,
+    fetched TEXT,
+    delivered_as BLOB,
+    part INTEGER,
     delivered_size_bits INTEGER,
     delivered_at REAL,
     via TEXT,
-    peer_delivered INTEGER NOT NULL DEFAULT 0,
     key BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS keys_pick ON keys (state, enc_parity, block_id, idx);
-CREATE INDEX IF NOT EXISTS keys_block ON keys (block_id, idx);
+CREATE UNIQUE INDEX IF NOT EXISTS keys_block ON keys (block_id, idx);
+CREATE INDEX IF NOT EXISTS keys_delivered_as ON keys (delivered_as, part);
 CREATE TABLE IF NOT EXISTS erased (
-    ref BLOB PRIMARY KEY,
+    key_id BLOB PRIMARY KEY,
     block_id INTEGER NOT NULL,
     idx INTEGER NOT NULL,
     reason TEXT NOT NULL,
@@ -116,6 +132,45 @@ CREATE TABLE IF NOT EXISTS erased (
 CREATE INDEX IF NOT EXISTS erased_block ON erased (block_id);
 CREATE INDEX IF NOT EXISTS erased_at ON erased (erased_at);
 """
+
+
+@dataclass(frozen=True)
+class IssuedKey:
+    """A key picked for a master SAE: its parts (stored key ID, stored bytes) in order.
+    Its ID is the first part's. The bytes never appear in ``repr``."""
+
+    size_bits: int
+    parts: tuple[tuple[bytes, bytes], ...] = field(repr=False)
+
+    @property
+    def key_id(self) -> uuid.UUID:
+        return uuid.UUID(bytes=self.parts[0][0])
+
+    def activated(self) -> ActivatedKey:
+        return ActivatedKey(
+            key_ID=self.key_id,
+            size_bits=self.size_bits,
+            parts=[uuid.UUID(bytes=kid) for kid, _ in self.parts],
+        )
+
+    def delivered(self) -> DeliveredKey:
+        data = b"".join(key for _, key in self.parts)[: self.size_bits // 8]
+        return DeliveredKey(self.key_id, self.size_bits, data)
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """What ``claim_keys`` handed out, and which of the keys are now delivered to every
+    slave they were activated for (the issuer is told, so it erases its copies)."""
+
+    keys: list[DeliveredKey]
+    completed: list[uuid.UUID]
+
+
+def _refuse(refusal: ActivationRefusal, message: str) -> ActivationReply:
+    """A refused activation. Raised out of the transaction by the caller's return, which
+    commits nothing (no statement changed anything yet)."""
+    return ActivationReply(activated=False, refusal=refusal, message=message)
 
 
 def _validate_size(size_bits: int) -> None:
@@ -155,6 +210,8 @@ class KeyStore:
         # Unknown after a restart (a crash may have left erased bytes in free page space).
         self._erased_since_compact = True
         self._last_compact = -math.inf
+        #: parts picked by ``pick_for_enc`` whose activation is under way (never persisted)
+        self._inflight: set[bytes] = set()
 
     def __repr__(self) -> str:
         return f"KeyStore(path={str(self.path)!r}, link_id={self.link_id!r}, side={self.side!r})"
@@ -180,7 +237,10 @@ class KeyStore:
         if side not in _SIDE_PARITY:
             raise ValueError(f"side must be 'transmitter' or 'receiver', got {side!r}")
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        for suffix in ("", "-wal", "-shm"):
+            check_private_file(path.with_name(path.name + suffix), "key store file")
+        # SQLite gives the -wal and -shm files the database file's permissions.
+        create_private_file(path)
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
         try:
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
@@ -255,24 +315,20 @@ class KeyStore:
 
     # -- blocks ---------------------------------------------------------------------------
 
-    def key_ids_for_block(
-        self, block_id: int, key_count: int, key_size_bits: int
-    ) -> list[uuid.UUID]:
-        """IDs of the keys of a block (computable without the store, identical on both nodes)."""
-        return [make_key_id(r, key_size_bits) for r in key_refs(self.link_id, block_id, key_count)]
-
     def add_block(
         self,
         block_id: int,
-        key_bytes: bytes,
+        final_key: bytes,
         key_size_bits: int,
         provenance: Provenance,
     ) -> list[uuid.UUID]:
         """Store a block's keys as PENDING; returns their IDs. Durable on return.
 
-        The block is cut into ``len(key_bytes) * 8 // key_size_bits`` keys; remaining bits
-        are dropped. Raises :class:`BlockError` if the block ID was already used (block IDs
-        are never reused, except for a block discarded while pending) and
+        ``final_key`` is the block's whole privacy-amplified output, identical on both
+        nodes: its first :data:`ID_SEED_BYTES` bytes seed the key IDs and are not stored;
+        the rest is cut into keys of ``key_size_bits`` (remaining bits are dropped).
+        Raises :class:`BlockError` if the block ID was already used (block IDs are never
+        reused, except for a block discarded while pending) or the key is too short, and
         :class:`StoreFullError` if the store would hold more than ``max_key_count`` keys.
         """
         if block_id < 0:
@@ -280,18 +336,19 @@ class KeyStore:
         if key_size_bits <= 0 or key_size_bits % 8:
             raise BlockError(f"key_size_bits {key_size_bits} must be a positive multiple of 8")
         unit = key_size_bits // 8
+        seed, key_bytes = final_key[:ID_SEED_BYTES], final_key[ID_SEED_BYTES:]
         count = len(key_bytes) // unit
-        if count == 0:
+        if len(seed) < ID_SEED_BYTES or count == 0:
             raise BlockError(
-                f"block {block_id}: {len(key_bytes) * 8} bits give no key of {key_size_bits} bits"
+                f"block {block_id}: {len(final_key) * 8} bits give no key of {key_size_bits} "
+                f"bits after the {ID_SEED_BYTES * 8}-bit ID seed"
             )
         now = self._clock()
         expires = now + self.key_ttl_s
-        refs = key_refs(self.link_id, block_id, count)
-        ids = [make_key_id(r, key_size_bits) for r in refs]
+        ids = block_key_ids(seed, block_id, count)
         rows = [
             (
-                ref_bytes(refs[i]),
+                ids[i].bytes,
                 block_id,
                 i,
                 key_size_bits,
@@ -328,8 +385,10 @@ class KeyStore:
                 "CAST(excluded.value AS INTEGER))",
                 (block_id,),
             )
+            # A block discarded while pending may come again: its old tombstones go.
+            cur.execute("DELETE FROM erased WHERE block_id=?", (block_id,))
             cur.executemany(
-                "INSERT OR REPLACE INTO keys (ref, block_id, idx, size_bits, enc_parity, state, "
+                "INSERT INTO keys (key_id, block_id, idx, size_bits, enc_parity, state, "
                 "created_at, expires_at, key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
@@ -377,213 +436,340 @@ class KeyStore:
         return n
 
     def _discard_block(self, cur: sqlite3.Cursor, block_id: int) -> int:
-        refs = [r[0] for r in cur.execute("SELECT ref FROM keys WHERE block_id=?", (block_id,))]
-        n = self._erase(cur, refs, EraseReason.DISCARDED)
+        ids = [r[0] for r in cur.execute("SELECT key_id FROM keys WHERE block_id=?", (block_id,))]
+        n = self._erase(cur, ids, EraseReason.DISCARDED)
         cur.execute("DELETE FROM blocks WHERE block_id=?", (block_id,))
         return n
 
-    # -- delivery ---------------------------------------------------------------------------
+    # -- delivery: the issuer (enc_keys) ----------------------------------------------------
 
-    def take_keys(self, pair: Pair, number: int, size_bits: int) -> list[DeliveredKey]:
-        """Hand ``number`` keys of ``size_bits`` to the master SAE of ``pair`` (ETSI enc_keys).
-
-        Only AVAILABLE keys of this node's parity are used, oldest first; each delivered key
-        is the first ``size_bits`` bits of a stored key at least that long. All or nothing:
-        raises :class:`KeysUnavailableError` if fewer keys are available,
-        :class:`KeyRequestError` for a bad size or number.
+    def pick_for_enc(self, number: int, size_bits: int) -> list[IssuedKey]:
+        """Choose keys for ``number`` keys of ``size_bits`` each (ETSI enc_keys), oldest
+        first, from AVAILABLE keys of this node's parity. A key longer than a stored key is
+        the concatenation of several stored keys (its *parts*); a shorter one is the first
+        ``size_bits`` of one. Nothing is written: the parts are held in flight until
+        :meth:`confirm_issued` or :meth:`abandon_issue`. All or nothing: raises
+        :class:`KeysUnavailableError` if too few keys are available,
+        :class:`KeyRequestError` for a bad number or size.
         """
         if number <= 0:
             raise KeyRequestError(f"number must be >= 1, got {number}")
         _validate_size(size_bits)
         now = self._clock()
-        with self._tx() as cur:
-            rows = cur.execute(
-                "SELECT ref, key FROM keys WHERE state=? AND enc_parity=? AND size_bits>=? "
-                "AND expires_at>? ORDER BY block_id, idx LIMIT ?",
-                (KeyState.AVAILABLE.value, self._enc_parity, size_bits, now, number),
-            ).fetchall()
-            if len(rows) < number:
-                raise KeysUnavailableError(
-                    f"{number} keys of {size_bits} bits requested, {len(rows)} available"
+        with self._lock:
+            cur = self._conn.cursor()
+            try:
+                rows = cur.execute(
+                    "SELECT key_id, size_bits, key FROM keys WHERE state=? AND enc_parity=? "
+                    "AND expires_at>? ORDER BY block_id, idx",
+                    (KeyState.AVAILABLE.value, self._enc_parity, now),
                 )
-            cur.executemany(
-                "UPDATE keys SET state=?, pair_master=?, pair_slave=?, delivered_size_bits=?, "
-                "delivered_at=?, via='enc' WHERE ref=?",
-                [
-                    (KeyState.DELIVERED.value, pair.master, pair.slave, size_bits, now, ref)
-                    for ref, _ in rows
-                ],
-            )
-        keys = [
-            DeliveredKey(
-                make_key_id(ref_from_bytes(ref), size_bits), size_bits, bytes(key[: size_bits // 8])
-            )
-            for ref, key in rows
-        ]
-        log.info(
-            "keystore.keys_taken",
-            master=pair.master,
-            slave=pair.slave,
-            keys=len(keys),
-            size_bits=size_bits,
-        )
-        return keys
+                issued: list[IssuedKey] = []
+                parts: list[tuple[bytes, bytes]] = []
+                bits = 0
+                for kid, stored_bits, key in rows:
+                    if kid in self._inflight:
+                        continue
+                    parts.append((kid, bytes(key)))
+                    bits += stored_bits
+                    if bits >= size_bits:
+                        if len(parts) > MAX_PARTS_PER_KEY:
+                            raise KeyRequestError(
+                                f"size {size_bits} bits needs more than {MAX_PARTS_PER_KEY} "
+                                "stored keys"
+                            )
+                        issued.append(IssuedKey(size_bits, tuple(parts)))
+                        parts, bits = [], 0
+                        if len(issued) == number:
+                            break
+            finally:
+                cur.close()
+            if len(issued) < number:
+                raise KeysUnavailableError(
+                    f"{number} keys of {size_bits} bits requested, {len(issued)} available"
+                )
+            for k in issued:
+                self._inflight.update(kid for kid, _ in k.parts)
+        return issued
 
-    def claim_keys(
-        self, pair: Pair, key_ids: Sequence[uuid.UUID], *, require_reserved: bool = False
+    def confirm_issued(
+        self, master: str, slaves: Sequence[str], issued: Sequence[IssuedKey]
     ) -> list[DeliveredKey]:
-        """Hand the keys ``key_ids`` (issued by the peer's enc_keys) to the slave SAE of
-        ``pair`` (ETSI dec_keys). All or nothing.
+        """The peer activated ``issued``: mark their parts DELIVERED to ``master`` (durable)
+        and return the keys for the master SAE. Raises :class:`KeysUnavailableError` (and
+        erases the keys) if a part is no longer AVAILABLE here (expired meanwhile)."""
+        now = self._clock()
+        parts = [kid for k in issued for kid, _ in k.parts]
+        try:
+            with self._tx() as cur:
+                live = 0
+                # in chunks: one IN list of every part may exceed SQLite's variable limit
+                for at in range(0, len(parts), _SQL_CHUNK):
+                    chunk = parts[at : at + _SQL_CHUNK]
+                    marks = ",".join("?" * len(chunk))
+                    live += cur.execute(
+                        f"SELECT COUNT(*) FROM keys WHERE state=? AND key_id IN ({marks})",  # noqa: S608
+                        (KeyState.AVAILABLE.value, *chunk),
+                    ).fetchone()[0]
+                if live != len(parts):
+                    self._erase(cur, parts, EraseReason.UNCERTAIN)
+                    gone = KeysUnavailableError("keys expired during their activation; retry")
+                else:
+                    gone = None
+                    slaves_json = json.dumps(list(slaves))
+                    cur.executemany(
+                        "UPDATE keys SET state=?, pair_master=?, slaves=?, fetched='[]', "
+                        "delivered_as=?, part=?, delivered_size_bits=?, delivered_at=?, "
+                        "via='enc' WHERE key_id=?",
+                        [
+                            (
+                                KeyState.DELIVERED.value,
+                                master,
+                                slaves_json,
+                                k.key_id.bytes,
+                                n,
+                                k.size_bits,
+                                now,
+                                kid,
+                            )
+                            for k in issued
+                            for n, (kid, _) in enumerate(k.parts)
+                        ],
+                    )
+        finally:
+            with self._lock:
+                self._inflight.difference_update(parts)
+        if gone is not None:
+            raise gone
+        log.info("keystore.keys_issued", master=master, slaves=len(slaves), keys=len(issued))
+        return [k.delivered() for k in issued]
 
-        Raises :class:`UnknownKeyError` (never held, expired, discarded),
-        :class:`KeyAlreadyDeliveredError`, :class:`KeyNotForPairError` (reserved for another
-        pair, or a key that this node hands out itself), :class:`KeysUnavailableError` (the
-        key's block is not committed here yet, or ``require_reserved`` and the peer's
-        delivery notice has not arrived yet: retry shortly).
+    def abandon_issue(self, issued: Sequence[IssuedKey], *, erase: bool) -> int:
+        """The activation of ``issued`` failed. ``erase=False``: the peer certainly changed
+        nothing, the keys are available again. ``erase=True``: the outcome is unknown (the
+        peer may hold them reserved), so they are erased here, durably (the caller tells
+        the peer to erase them too). Returns the number of parts erased."""
+        parts = [kid for k in issued for kid, _ in k.parts]
+        n = 0
+        try:
+            if erase:
+                with self._tx() as cur:
+                    n = self._erase(cur, parts, EraseReason.UNCERTAIN)
+        finally:
+            with self._lock:
+                self._inflight.difference_update(parts)
+        if erase:
+            log.warning("keystore.issue_abandoned", parts=len(parts), erased=n)
+        return n
+
+    def inflight_count(self) -> int:
+        """Parts held by activations under way."""
+        with self._lock:
+            return len(self._inflight)
+
+    def release_request(self, issued: Sequence[IssuedKey]) -> ReleaseRequest:
+        """The message that asks the peer to erase the parts of an abandoned activation."""
+        return ReleaseRequest(
+            link_id=self.link_id,
+            parts=[uuid.UUID(bytes=kid) for k in issued for kid, _ in k.parts],
+        )
+
+    def activation_request(
+        self, master: str, slaves: Sequence[str], issued: Sequence[IssuedKey]
+    ) -> ActivationRequest:
+        """The message that asks the peer to reserve ``issued`` for master and slaves."""
+        return ActivationRequest(
+            link_id=self.link_id,
+            master=master,
+            slaves=list(slaves),
+            keys=[k.activated() for k in issued],
+        )
+
+    # -- delivery: the peer (dec_keys) ---------------------------------------------------------
+
+    def activate(self, req: ActivationRequest) -> ActivationReply:
+        """Reserve the keys of the peer's activation for its master and slaves, durably,
+        all or nothing. Each part must be a key of the peer's parity held here, PENDING or
+        AVAILABLE, not reserved before (an identical repeat of an activation is accepted
+        again). Never raises for the peer's content: refusals are in the reply."""
+        if req.link_id != self.link_id:
+            return ActivationReply(
+                activated=False, refusal="bad_request", message="activation for another link"
+            )
+        peer_parity = 1 - self._enc_parity
+        now = self._clock()
+        seen: set[bytes] = set()
+        updates: list[tuple[str, str, bytes, int, int, bytes]] = []
+        slaves_json = json.dumps(list(req.slaves))
+        with self._tx() as cur:
+            for k in req.keys:
+                if k.parts[0] != k.key_ID:
+                    return _refuse("bad_request", f"key_ID {k.key_ID} is not its first part")
+                bits = 0
+                for n, part in enumerate(k.parts):
+                    pid = part.bytes
+                    if pid in seen:
+                        return _refuse("bad_request", f"part {part} appears twice")
+                    seen.add(pid)
+                    row = cur.execute(
+                        "SELECT state, enc_parity, size_bits, expires_at, pair_master, slaves, "
+                        "delivered_as, part, delivered_size_bits FROM keys WHERE key_id=?",
+                        (pid,),
+                    ).fetchone()
+                    if row is None:
+                        return _refuse("not_available", f"part {part} is not held here")
+                    state, parity, stored, expires, pm, sl, das, dpart, dsize = row
+                    if parity != peer_parity:
+                        return _refuse("bad_request", f"part {part} is not the peer's to issue")
+                    if expires <= now:
+                        return _refuse("not_available", f"part {part} has expired")
+                    if pm is not None:
+                        same = (pm, sl, das, dpart, dsize) == (
+                            req.master,
+                            slaves_json,
+                            k.key_ID.bytes,
+                            n,
+                            k.size_bits,
+                        )
+                        if not same:
+                            return _refuse("not_available", f"part {part} is reserved already")
+                    elif state not in (KeyState.AVAILABLE.value, KeyState.PENDING.value):
+                        return _refuse("not_available", f"part {part} is {state}")
+                    bits += stored
+                    updates.append((req.master, slaves_json, k.key_ID.bytes, n, k.size_bits, pid))
+                if bits < k.size_bits or bits - stored >= k.size_bits:
+                    return _refuse(
+                        "bad_request", f"key_ID {k.key_ID}: parts do not make {k.size_bits} bits"
+                    )
+            cur.executemany(
+                # fetched is kept on an identical repeat: a slave that fetched already must
+                # not fetch again
+                "UPDATE keys SET pair_master=?, slaves=?, fetched=COALESCE(fetched, '[]'), "
+                "delivered_as=?, part=?, "
+                "delivered_size_bits=?, state = CASE state WHEN 'available' THEN 'reserved' "
+                "ELSE state END WHERE key_id=?",
+                updates,
+            )
+        log.info(
+            "keystore.keys_activated", master=req.master, slaves=len(req.slaves), keys=len(req.keys)
+        )
+        return ActivationReply(activated=True)
+
+    def release(self, req: ReleaseRequest) -> int:
+        """Erase the parts of an activation the peer abandoned (outcome unknown there):
+        keys of the peer's parity not yet fetched by any slave. Returns parts erased."""
+        if req.link_id != self.link_id:
+            raise LinkMismatchError(
+                f"release for link {req.link_id!r}, this store is {self.link_id!r}"
+            )
+        peer_parity = 1 - self._enc_parity
+        with self._tx() as cur:
+            ids = [
+                r[0]
+                for p in req.parts
+                for r in cur.execute(
+                    "SELECT key_id FROM keys WHERE key_id=? AND enc_parity=? AND "
+                    "(fetched IS NULL OR fetched='[]')",
+                    (p.bytes, peer_parity),
+                )
+            ]
+            n = self._erase(cur, ids, EraseReason.UNCERTAIN)
+        log.info("keystore.released", parts=len(req.parts), erased=n)
+        return n
+
+    def claim_keys(self, master: str, slave: str, key_ids: Sequence[uuid.UUID]) -> Claimed:
+        """Hand the keys ``key_ids`` to ``slave`` (ETSI dec_keys): only keys the peer
+        activated for exactly this master with ``slave`` among its slaves, each slave once.
+        All or nothing.
+
+        Raises :class:`UnknownKeyError` with one message for every ID that this slave
+        cannot have (never issued, foreign, of another pair, already fetched, expired), so
+        that the answer says nothing about keys of others; :class:`KeyRequestError` for an
+        ID given twice; :class:`KeysUnavailableError` if a key activated for this pair
+        belongs to a block not yet committed here (retry shortly).
         """
         if not key_ids:
             raise KeyRequestError("no key_ID given")
-        parsed: list[tuple[uuid.UUID, bytes, int]] = []
-        seen: set[bytes] = set()
-        for kid in key_ids:
-            try:
-                ref, size = split_key_id(kid)
-            except ValueError as exc:
-                raise UnknownKeyError(str(exc)) from None
-            h = ref_bytes(ref)
-            if h in seen:
-                raise KeyRequestError(f"key_ID {kid} is requested twice")
-            seen.add(h)
-            parsed.append((kid, h, size))
+        if len(set(key_ids)) != len(key_ids):
+            raise KeyRequestError("a key_ID is requested twice")
         now = self._clock()
         out: list[DeliveredKey] = []
+        done: list[uuid.UUID] = []
         with self._tx() as cur:
-            updates = []
-            for kid, h, size in parsed:
-                row = cur.execute(
-                    "SELECT state, enc_parity, size_bits, expires_at, pair_master, pair_slave, "
-                    "delivered_size_bits, peer_delivered, key FROM keys WHERE ref=?",
-                    (h,),
-                ).fetchone()
-                if row is None:
-                    raise self._gone_error(cur, kid, h)
-                state, parity, stored_bits, expires, pm, ps, dsize, _, key = row
-                if parity == self._enc_parity:
-                    raise KeyNotForPairError(
-                        f"key_ID {kid} is handed out by this KME's enc_keys, not by dec_keys"
+            fetch_updates: list[tuple[str, bytes]] = []
+            erase: list[bytes] = []
+            for kid in key_ids:
+                rows = cur.execute(
+                    "SELECT key_id, state, expires_at, pair_master, slaves, fetched, "
+                    "delivered_size_bits, via, part, key FROM keys WHERE delivered_as=? "
+                    "ORDER BY part",
+                    (kid.bytes,),
+                ).fetchall()
+                usable = bool(rows) and all(
+                    r[3] == master
+                    and r[7] is None
+                    and r[2] > now
+                    and slave in json.loads(r[4] or "[]")
+                    and slave not in json.loads(r[5] or "[]")
+                    and r[8] == n
+                    for n, r in enumerate(rows)
+                )
+                if not usable:
+                    raise UnknownKeyError(
+                        f"key_ID {kid} is unknown, already delivered, or not issued to this "
+                        "SAE pair"
                     )
-                if state == KeyState.DELIVERED.value:
-                    raise KeyAlreadyDeliveredError(f"key_ID {kid} was already delivered")
-                if state == KeyState.PENDING.value:
+                if any(r[1] == KeyState.PENDING.value for r in rows):
                     raise KeysUnavailableError(
                         f"key_ID {kid}: its block is not yet committed on this KME; retry"
                     )
-                if expires <= now:
-                    raise UnknownKeyError(f"key_ID {kid} has expired")
-                if size > stored_bits:
-                    raise UnknownKeyError(f"key_ID {kid}: size exceeds the stored key")
-                if state == KeyState.RESERVED.value and (
-                    (pm, ps) != (pair.master, pair.slave) or (dsize is not None and dsize != size)
-                ):
-                    raise KeyNotForPairError(
-                        f"key_ID {kid} was not issued to master SAE {pair.master!r} for "
-                        f"slave SAE {pair.slave!r}"
+                size = int(rows[0][6])
+                data = b"".join(bytes(r[9]) for r in rows)[: size // 8]
+                if len(data) * 8 != size:
+                    raise UnknownKeyError(
+                        f"key_ID {kid} is unknown, already delivered, or not issued to this "
+                        "SAE pair"
                     )
-                if require_reserved and state == KeyState.AVAILABLE.value:
-                    raise KeysUnavailableError(
-                        f"key_ID {kid}: the peer KME has not announced its delivery yet; retry"
-                    )
-                updates.append((h, size))
-                out.append(DeliveredKey(kid, size, bytes(key[: size // 8])))
+                slaves = json.loads(rows[0][4])
+                fetched = [*json.loads(rows[0][5] or "[]"), slave]
+                if set(slaves) <= set(fetched):
+                    erase.extend(r[0] for r in rows)
+                    done.append(kid)
+                else:
+                    fetch_updates.extend((json.dumps(fetched), r[0]) for r in rows)
+                out.append(DeliveredKey(kid, size, data))
+            cur.executemany("UPDATE keys SET fetched=? WHERE key_id=?", fetch_updates)
             cur.executemany(
-                "UPDATE keys SET state=?, pair_master=?, pair_slave=?, delivered_size_bits=?, "
-                "delivered_at=?, via='dec' WHERE ref=?",
-                [
-                    (KeyState.DELIVERED.value, pair.master, pair.slave, size, now, h)
-                    for h, size in updates
-                ],
+                "UPDATE keys SET state=?, delivered_at=?, via='dec' WHERE key_id=?",
+                [(KeyState.DELIVERED.value, now, kid) for kid in erase],
             )
-            done = [
-                r[0]
-                for h, _ in updates
-                for r in cur.execute("SELECT ref FROM keys WHERE ref=? AND peer_delivered=1", (h,))
-            ]
-            self._erase(cur, done, EraseReason.DELIVERED)
-        log.info("keystore.keys_claimed", master=pair.master, slave=pair.slave, keys=len(out))
-        return out
+            self._erase(cur, erase, EraseReason.DELIVERED)
+        log.info("keystore.keys_claimed", master=master, slave=slave, keys=len(out))
+        return Claimed(keys=out, completed=done)
 
-    def _gone_error(self, cur: sqlite3.Cursor, kid: uuid.UUID, h: bytes) -> KeyRequestError:
-        row = cur.execute("SELECT reason, state_before FROM erased WHERE ref=?", (h,)).fetchone()
-        if row is None:
-            return UnknownKeyError(f"key_ID {kid} is unknown to this KME")
-        reason, before = row
-        if before == KeyState.DELIVERED.value or reason == EraseReason.DELIVERED.value:
-            return KeyAlreadyDeliveredError(f"key_ID {kid} was already delivered")
-        if reason == EraseReason.EXPIRED.value:
-            return UnknownKeyError(f"key_ID {kid} has expired")
-        return UnknownKeyError(f"key_ID {kid} was discarded (not held by both KMEs)")
-
-    def notice(
-        self, pair: Pair, via: Literal["enc", "dec"], keys: Iterable[DeliveredKey]
-    ) -> DeliveryNotice:
-        """The notice to send to the peer after ``take_keys`` (via 'enc') or ``claim_keys``
-        (via 'dec') returned ``keys``."""
-        return DeliveryNotice(
-            link_id=self.link_id,
-            entries=[DeliveredEntry(key_id=k.key_id, pair=pair, via=via) for k in keys],
-        )
+    def delivery_notice(self, key_ids: Sequence[uuid.UUID]) -> DeliveryNotice:
+        """The notice for the issuer once every slave fetched ``key_ids``."""
+        return DeliveryNotice(link_id=self.link_id, key_IDs=list(key_ids))
 
     def apply_notice(self, notice: DeliveryNotice) -> int:
-        """Apply the peer's delivery notice: keys it delivered via enc are reserved here for
-        the pair's slave; keys delivered on both nodes are erased. Unknown IDs are ignored.
-        Idempotent. Returns the number of keys changed."""
+        """The peer delivered ``notice.key_IDs`` to every slave: erase the parts this node
+        issued for them (as delivered). Unknown IDs are ignored. Idempotent. Returns the
+        number of parts erased."""
         if notice.link_id != self.link_id:
             raise LinkMismatchError(
                 f"delivery notice for link {notice.link_id!r}, this store is {self.link_id!r}"
             )
         with self._tx() as cur:
-            n = self._apply_entries(cur, notice.entries)
-        log.info("keystore.notice_applied", entries=len(notice.entries), changed=n)
-        return n
-
-    def _apply_entries(self, cur: sqlite3.Cursor, entries: Sequence[DeliveredEntry]) -> int:
-        changed = 0
-        to_erase: list[bytes] = []
-        for e in entries:
-            try:
-                ref, size = split_key_id(e.key_id)
-            except ValueError:
-                continue
-            h = ref_bytes(ref)
-            row = cur.execute(
-                "SELECT state, enc_parity, peer_delivered FROM keys WHERE ref=?", (h,)
-            ).fetchone()
-            if row is None:
-                continue
-            state, parity, peer_done = row
-            # A peer's enc delivery must be of a key of the peer's parity and vice versa;
-            # anything else is a protocol error we refuse to act on.
-            peer_parity = 1 - self._enc_parity
-            if (e.via == "enc") != (parity == peer_parity):
-                log.warning("keystore.notice_parity_mismatch", key_id=str(e.key_id), via=e.via)
-                continue
-            if state == KeyState.DELIVERED.value:
-                to_erase.append(h)
-                continue
-            if peer_done:
-                continue
-            if state in (KeyState.AVAILABLE.value, KeyState.PENDING.value):
-                new_state = KeyState.RESERVED.value if state == KeyState.AVAILABLE.value else state
-                cur.execute(
-                    "UPDATE keys SET state=?, pair_master=?, pair_slave=?, delivered_size_bits=?, "
-                    "peer_delivered=1 WHERE ref=?",
-                    (new_state, e.pair.master, e.pair.slave, size, h),
+            ids = [
+                r[0]
+                for kid in notice.key_IDs
+                for r in cur.execute(
+                    "SELECT key_id FROM keys WHERE delivered_as=? AND via='enc'", (kid.bytes,)
                 )
-            else:
-                cur.execute("UPDATE keys SET peer_delivered=1 WHERE ref=?", (h,))
-            changed += 1
-        changed += self._erase(cur, to_erase, EraseReason.DELIVERED)
-        return changed
+            ]
+            n = self._erase(cur, ids, EraseReason.DELIVERED)
+        log.info("keystore.notice_applied", keys=len(notice.key_IDs), erased=n)
+        return n
 
     # -- synchronisation ------------------------------------------------------------------
 
@@ -599,16 +785,20 @@ class KeyStore:
                     "SELECT block_id, idx FROM keys ORDER BY block_id, idx"
                 ):
                     live.setdefault(block_id, []).append(idx)
-                delivered = [
-                    DeliveredEntry(
-                        key_id=make_key_id(ref_from_bytes(ref), dsize),
-                        pair=Pair(master=pm, slave=ps),
-                        via=via,
+                issued = [
+                    uuid.UUID(bytes=r[0])
+                    for r in cur.execute("SELECT key_id FROM keys WHERE via='enc'")
+                ]
+                reserved = [
+                    uuid.UUID(bytes=r[0])
+                    for r in cur.execute(
+                        "SELECT key_id FROM keys WHERE pair_master IS NOT NULL AND via IS NULL"
                     )
-                    for ref, dsize, pm, ps, via in cur.execute(
-                        "SELECT ref, delivered_size_bits, pair_master, pair_slave, via FROM keys "
-                        "WHERE state=?",
-                        (KeyState.DELIVERED.value,),
+                ]
+                fetched = [
+                    uuid.UUID(bytes=r[0])
+                    for r in cur.execute(
+                        "SELECT key_id FROM erased WHERE reason=?", (EraseReason.DELIVERED.value,)
                     )
                 ]
                 cur.execute("COMMIT")
@@ -618,41 +808,65 @@ class KeyStore:
             BlockSummary(block_id=b, committed=bool(committed.get(b, 0)), live_indices=idx)
             for b, idx in sorted(live.items())
         ]
-        return SyncSummary(link_id=self.link_id, side=self.side, blocks=blocks, delivered=delivered)
+        return SyncSummary(
+            link_id=self.link_id,
+            side=self.side,
+            blocks=blocks,
+            issued=issued,
+            reserved=reserved,
+            fetched=fetched,
+        )
 
     def apply_reconcile(self, actions: ReconcileActions) -> None:
-        """Apply the result of ``reconcile(self.summary(), peer_summary)`` in one transaction."""
+        """Apply the result of ``reconcile(self.summary(), peer_summary)`` in one transaction.
+
+        Keys delivered at the peer's end are erased as delivered first, then keys whose
+        activation state the two nodes disagree on (never served), then the block and key
+        discards."""
         with self._tx() as cur:
+            delivered = self._erase(
+                cur, [k.bytes for k in actions.erase_delivered], EraseReason.DELIVERED
+            )
+            uncertain = self._erase(
+                cur, [k.bytes for k in actions.erase_uncertain], EraseReason.UNCERTAIN
+            )
             for b in actions.discard_blocks:
                 self._discard_block(cur, b)
             for b in actions.commit_blocks:
                 if cur.execute("SELECT 1 FROM blocks WHERE block_id=?", (b,)).fetchone():
                     self._commit(cur, b)
-            refs = [ref_bytes(key_ref(self.link_id, b, i)) for b, i in actions.discard_keys]
-            discarded = self._erase(cur, refs, EraseReason.DISCARDED)
+            ids = [
+                r[0]
+                for b, i in actions.discard_keys
+                for r in cur.execute("SELECT key_id FROM keys WHERE block_id=? AND idx=?", (b, i))
+            ]
+            discarded = self._erase(cur, ids, EraseReason.DISCARDED)
             self._drop_empty_blocks(cur)
-            self._apply_entries(cur, actions.peer_delivered)
         log.info(
             "keystore.reconciled",
             committed=len(actions.commit_blocks),
             discarded_blocks=len(actions.discard_blocks),
             discarded_keys=discarded,
-            peer_delivered=len(actions.peer_delivered),
+            erased_delivered=delivered,
+            erased_uncertain=uncertain,
         )
 
     # -- erasure ----------------------------------------------------------------------------
 
-    def _erase(self, cur: sqlite3.Cursor, refs: Sequence[bytes], reason: EraseReason) -> int:
-        """Overwrite with zeros, tombstone, then delete the keys ``refs``."""
+    def _erase(self, cur: sqlite3.Cursor, ids: Sequence[bytes], reason: EraseReason) -> int:
+        """Overwrite with zeros, tombstone, then delete the keys ``ids`` (missing ones are
+        skipped). Returns the number of keys erased."""
+        if not ids:
+            return 0
         now = self._clock()
-        params = [(r,) for r in refs]
-        cur.executemany("UPDATE keys SET key=zeroblob(length(key)) WHERE ref=?", params)
+        params = [(r,) for r in ids]
+        cur.executemany("UPDATE keys SET key=zeroblob(length(key)) WHERE key_id=?", params)
         cur.executemany(
-            "INSERT OR REPLACE INTO erased (ref, block_id, idx, reason, state_before, erased_at) "
-            "SELECT ref, block_id, idx, ?, state, ? FROM keys WHERE ref=?",
-            [(reason.value, now, r) for r in refs],
+            "INSERT OR REPLACE INTO erased (key_id, block_id, idx, reason, state_before, "
+            "erased_at) SELECT key_id, block_id, idx, ?, state, ? FROM keys WHERE key_id=?",
+            [(reason.value, now, r) for r in ids],
         )
-        cur.executemany("DELETE FROM keys WHERE ref=?", params)
+        cur.executemany("DELETE FROM keys WHERE key_id=?", params)
         n = cur.rowcount
         if n:
             self._erased_since_compact = True
@@ -673,11 +887,11 @@ class KeyStore:
         now = self._clock()
         keep_s = 2 * self.key_ttl_s if tombstone_ttl_s is None else tombstone_ttl_s
         with self._tx() as cur:
-            refs = [r[0] for r in cur.execute("SELECT ref FROM keys WHERE expires_at<=?", (now,))]
+            ids = [r[0] for r in cur.execute("SELECT key_id FROM keys WHERE expires_at<=?", (now,))]
             cur.execute(
                 "UPDATE keys SET state=? WHERE expires_at<=?", (KeyState.EXPIRED.value, now)
             )
-            n = self._erase(cur, refs, EraseReason.EXPIRED)
+            n = self._erase(cur, ids, EraseReason.EXPIRED)
             cur.execute("DELETE FROM erased WHERE erased_at<?", (now - keep_s,))
         if n:
             log.info("keystore.expired", keys=n)
@@ -735,31 +949,46 @@ class KeyStore:
         return None if row[0] is None else int(row[0])
 
     def key_info(self, key_id: uuid.UUID) -> KeyInfo | None:
-        """Metadata of a stored key, or None if it is not (or no longer) stored."""
-        try:
-            ref, _ = split_key_id(key_id)
-        except ValueError:
-            return None
+        """Metadata of a stored key (part), or None if it is not (or no longer) stored."""
         with self._lock:
             row = self._conn.execute(
                 "SELECT block_id, idx, size_bits, state, created_at, expires_at, pair_master, "
-                "pair_slave, peer_delivered FROM keys WHERE ref=?",
-                (ref_bytes(ref),),
+                "slaves, fetched, delivered_as FROM keys WHERE key_id=?",
+                (key_id.bytes,),
             ).fetchone()
         if row is None:
             return None
-        block_id, idx, size, state, created, expires, pm, ps, peer_done = row
+        block_id, idx, size, state, created, expires, pm, sl, fetched, das = row
+        slaves = tuple(json.loads(sl or "[]"))
         return KeyInfo(
-            key_id=make_key_id(ref, size),
+            key_id=key_id,
             block_id=block_id,
             index=idx,
             size_bits=size,
             state=KeyState(state),
             created_at=created,
             expires_at=expires,
-            pair=None if pm is None else Pair(master=pm, slave=ps),
-            peer_delivered=bool(peer_done),
+            pair=None if pm is None else Pair(master=pm, slave=slaves[0]),
+            slaves=slaves,
+            fetched_by=tuple(json.loads(fetched or "[]")),
+            delivered_as=None if das is None else uuid.UUID(bytes=das),
         )
+
+    def erase_reason(self, key_id: uuid.UUID) -> EraseReason | None:
+        """Why the key (part) ``key_id`` was erased, or None if there is no tombstone."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT reason FROM erased WHERE key_id=?", (key_id.bytes,)
+            ).fetchone()
+        return None if row is None else EraseReason(row[0])
+
+    def key_ids_of_block(self, block_id: int) -> list[uuid.UUID]:
+        """IDs of the live keys of a block, by index (for tests and inspection)."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT key_id FROM keys WHERE block_id=? ORDER BY idx", (block_id,)
+            ).fetchall()
+        return [uuid.UUID(bytes=r[0]) for r in rows]
 
     def last_block_id(self) -> int:
         """Highest block ID ever stored here (-1 if none); survives erasure of its keys."""
@@ -773,11 +1002,11 @@ class KeyStore:
         h = hashlib.sha256()
         with self._lock:
             rows = self._conn.execute(
-                "SELECT k.ref, k.size_bits, k.key FROM keys k JOIN blocks b "
-                "ON b.block_id = k.block_id WHERE b.committed = 1 ORDER BY k.ref"
+                "SELECT k.key_id, k.key FROM keys k JOIN blocks b "
+                "ON b.block_id = k.block_id WHERE b.committed = 1 ORDER BY k.key_id"
             ).fetchall()
-        for ref, size, key in rows:
-            h.update(str(make_key_id(ref_from_bytes(ref), size)).encode())
+        for kid, key in rows:
+            h.update(str(uuid.UUID(bytes=kid)).encode())
             h.update(len(key).to_bytes(4, "big"))
             h.update(key)
         return {"count": len(rows), "sha256": h.hexdigest()}

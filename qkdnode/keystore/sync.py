@@ -3,14 +3,19 @@
 On (re)connection each node sends its :class:`SyncSummary` over the authenticated peer
 channel, then applies ``reconcile(own, peer's)`` to its store. Both nodes compute the same
 decisions from the same two summaries, so after both applied them they hold the same
-keys under the same IDs:
+keys under the same IDs, and no key whose delivery state is uncertain survives:
 
 - a block the peer does not hold at all is discarded;
 - a block pending here and committed there is committed here; pending on both is
   discarded on both (neither side can have delivered from it);
 - a key live here but no longer live there (lost, erased, discarded) is discarded here;
-- keys the peer reports delivered are applied like a :class:`DeliveryNotice`
-  (reserved for the pair, or erased when delivered on both nodes).
+- a key the peer erased as delivered at both ends is erased here as delivered;
+- a key activated on one node and not issued on the other (a crash or a lost reply in the
+  middle of an activation), or issued on one and not reserved nor delivered on the other,
+  is erased on both: nobody can say whether its master SAE got it, so nobody serves it.
+
+Rules for the caller: no activation may be under way on either node while the summaries
+are taken and applied (the delivery service refuses key requests until the sync is done).
 """
 
 from __future__ import annotations
@@ -46,9 +51,18 @@ def reconcile(local: SyncSummary, remote: SyncSummary) -> ReconcileActions:
         discard_keys.extend(
             (block.block_id, i) for i in sorted(block.live_indices) if i not in peer_live
         )
+    l_issued, l_reserved, l_fetched = set(local.issued), set(local.reserved), set(local.fetched)
+    r_issued, r_reserved, r_fetched = set(remote.issued), set(remote.reserved), set(remote.fetched)
+    uncertain = (
+        (r_reserved - l_issued)
+        | (l_reserved - r_issued)
+        | (l_issued - r_reserved - r_fetched)
+        | (r_issued - l_reserved - l_fetched)
+    )
     return ReconcileActions(
         commit_blocks=commit,
         discard_blocks=discard,
         discard_keys=discard_keys,
-        peer_delivered=list(remote.delivered),
+        erase_delivered=sorted(r_fetched),
+        erase_uncertain=sorted(uncertain - r_fetched),
     )

@@ -39,6 +39,7 @@ from typing import Any, Literal
 import structlog
 from cryptography.hazmat.primitives.poly1305 import Poly1305
 
+from qkdnode.paths import check_private_file, private_dir
 from qkdnode.postproc.transport import Buffer, PeerMessage, PeerTransport, as_bytes
 
 Stream = Literal["t2r", "r2t"]
@@ -95,6 +96,7 @@ class AuthKeyPool:
         """Create a pool from a pre-shared secret (same on both nodes; >= 256 bytes).
         Raises FileExistsError if the pool exists, ValueError if the secret is short."""
         p = Path(path)
+        private_dir(p.parent)
         if p.exists():
             raise FileExistsError(f"auth pool {p} exists; refusing to re-bootstrap")
         if len(psk) < 256:
@@ -110,8 +112,10 @@ class AuthKeyPool:
 
     @classmethod
     def load(cls, path: str | Path) -> AuthKeyPool:
-        """Load a pool; the send cursor resumes at the persisted reservation."""
+        """Load a pool; the send cursor resumes at the persisted reservation. Refuses
+        (InsecureFileError naming the path) a pool file other users can access."""
         p = Path(path)
+        check_private_file(p, "authentication key pool")
         try:
             data = json.loads(p.read_text())
             streams = {}
@@ -146,6 +150,7 @@ class AuthKeyPool:
         }
         tmp = self.path.with_name(self.path.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # whatever the umask, and even if a stale .tmp was looser
         with os.fdopen(fd, "w") as fh:
             json.dump(data, fh)
             fh.flush()

@@ -7,8 +7,9 @@ def test_quick_benchmarks_report_measured_rates() -> None:
     rows = run_benchmarks(quick=True)
     assert {r["name"] for r in rows} == {
         "keystore.keys_stored_per_s",
-        "keystore.take_keys_per_s",
+        "keystore.pick_confirm_per_s",
         "etsi.enc_keys_requests_per_s",
+        "etsi.enc_dec_round_trips_per_s",
         "keystore.compact_s",
     }
     for r in rows:

@@ -28,8 +28,9 @@ from typing import Any
 import pytest
 
 from qkdnode.bus.errors import BusError
+from qkdnode.bus.keys import load_keypair, write_keypair
 from qkdnode.client import Client
-from qkdnode.delivery.pki import init_ca, issue_cert
+from qkdnode.delivery.pki import init_ca, issue_cert, revoke_cert
 from qkdnode.delivery.tls import client_context
 from tests.daemon.conftest import Daemon, free_port, node_config
 
@@ -43,6 +44,20 @@ CALL_TIMEOUT_S = 20.0
 
 SAE_MASTER = "sae-alice"
 SAE_SLAVE = "sae-bob"
+#: a second pair (carol -> dave), a second slave of alice (erin), a retired SAE whose
+#: certificate starts on the CRL, and one registered with no pair at all (mallory)
+SAE_CAROL = "sae-carol"
+SAE_DAVE = "sae-dave"
+SAE_ERIN = "sae-erin"
+SAE_RETIRED = "sae-retired"
+SAE_MALLORY = "sae-mallory"
+ALL_SAES = (SAE_MASTER, SAE_SLAVE, SAE_CAROL, SAE_DAVE, SAE_ERIN, SAE_RETIRED, SAE_MALLORY)
+SAE_PAIRS = (
+    (SAE_MASTER, SAE_SLAVE),
+    (SAE_MASTER, SAE_ERIN),
+    (SAE_CAROL, SAE_DAVE),
+    (SAE_RETIRED, SAE_SLAVE),
+)
 
 
 def _die_with_parent() -> None:
@@ -84,18 +99,23 @@ class Pki:
         init_ca(d)
         for kme in ("kme-alice", "kme-bob"):
             issue_cert(d, kme, server=True, sans=["127.0.0.1", "localhost"])
-        for sae in (SAE_MASTER, SAE_SLAVE):
+        for sae in ALL_SAES:
             issue_cert(d, sae)
+        revoke_cert(d, SAE_RETIRED)
         return cls(d)
+
+    @property
+    def crl(self) -> Path:
+        return self.dir / "crl.pem"
 
 
 def delivery_toml(pki: Pki, me: str, port: int) -> str:
     """The ``[delivery]`` section of node ``me`` ("alice" or "bob")."""
     kme, peer = ("KME-ALICE", "KME-BOB") if me == "alice" else ("KME-BOB", "KME-ALICE")
     saes = "\n".join(
-        f'[[delivery.saes]]\nsae_id = "{s}"\ncertificate_cn = "{s}"\n'
-        for s in (SAE_MASTER, SAE_SLAVE)
+        f'[[delivery.saes]]\nsae_id = "{s}"\ncertificate_cn = "{s}"\n' for s in ALL_SAES
     )
+    pairs = ", ".join(f'["{m}", "{s}"]' for m, s in SAE_PAIRS)
     return f"""
 [delivery]
 enabled = true
@@ -106,10 +126,36 @@ peer_kme_id = "{peer}"
 tls_cert_file = "{pki.dir / f"kme-{me}.crt"}"
 tls_key_file = "{pki.dir / f"kme-{me}.key"}"
 client_ca_file = "{pki.ca}"
-pairs = [["{SAE_MASTER}", "{SAE_SLAVE}"]]
+crl_file = "{pki.crl}"
+pairs = [{pairs}]
 
 {saes}
 """
+
+
+PLAINTEXT_LINE = "allow_plaintext = true   # local simulation only; real nodes use CURVE keys"
+
+
+def curve_keys(d: Path) -> dict[str, tuple[Path, str]]:
+    """CURVE key pairs of alice, bob and the test client: name -> (secret file, public)."""
+    out = {}
+    for name in ("alice", "bob", "client"):
+        secret, public = write_keypair(d, name, overwrite=True)
+        out[name] = (secret, public.read_text("ascii").strip())
+    return out
+
+
+def curve_bus_toml(keys: dict[str, tuple[Path, str]], me: str) -> str:
+    """The ``[bus]`` lines that replace ``allow_plaintext = true`` for node ``me``."""
+    peer = "bob" if me == "alice" else "alice"
+    return (
+        "allow_plaintext = false\n"
+        f'server_secret_key_file = "{keys[me][0]}"\n'
+        f'peer_public_key = "{keys[peer][1]}"\n'
+        f'clients = [{{ name = "test-client", public_key = "{keys["client"][1]}", '
+        f'role = "operator" }}, {{ name = "{peer}", public_key = "{keys[peer][1]}", '
+        'role = "peer" }]\n'
+    )
 
 
 @dataclass
@@ -123,6 +169,9 @@ class Node:
     daemon: Daemon | None = None
     starts: int = 0
     etsi_port: int | None = None
+    #: CURVE: the node's public key and the test client's key file (None: plaintext bus)
+    server_public: str | None = None
+    client_key_file: Path | None = None
     _client: Client | None = None
 
     @property
@@ -158,7 +207,15 @@ class Node:
     @property
     def client(self) -> Client:
         if self._client is None:
-            self._client = Client(self.control_endpoint, timeout_s=CALL_TIMEOUT_S)
+            if self.server_public is not None and self.client_key_file is not None:
+                self._client = Client(
+                    self.control_endpoint,
+                    server_public_key=self.server_public,
+                    client_keys=load_keypair(self.client_key_file),
+                    timeout_s=CALL_TIMEOUT_S,
+                )
+            else:
+                self._client = Client(self.control_endpoint, timeout_s=CALL_TIMEOUT_S)
         return self._client
 
     def call(self, command: str, **content: Any) -> dict[str, Any]:
@@ -325,6 +382,9 @@ def make_pair(
     ports = {n: free_port() for n in names}
     tmp.mkdir(parents=True, exist_ok=True)
     pki = Pki.create(tmp / "pki") if delivery else None
+    # Key delivery needs an authenticated peer channel: CURVE keys for both nodes and the
+    # test's control client.
+    curve = curve_keys(tmp / "curve") if delivery else None
     nodes: list[Node] = []
     for role, extra in (("transmitter", extra_tx), ("receiver", extra_rx)):
         me = "alice" if role == "transmitter" else "bob"
@@ -336,6 +396,8 @@ def make_pair(
         text = path.read_text().replace(
             "block_detections = 4000000", f"block_detections = {block_detections}"
         )
+        if curve is not None:
+            text = text.replace(PLAINTEXT_LINE, curve_bus_toml(curve, me))
         if role == "transmitter" and autostart:
             text = text.replace('log_level = "info"', 'log_level = "info"\nautostart = true', 1)
         path.write_text(text)
@@ -346,6 +408,8 @@ def make_pair(
                 tmp,
                 f"tcp://127.0.0.1:{ports[f'{role}_control']}",
                 etsi_port=etsi_port,
+                server_public=None if curve is None else curve[me][1],
+                client_key_file=None if curve is None else curve["client"][0],
             )
         )
     return Pair(nodes[0], nodes[1], tmp, pki)
