@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-system lint typecheck unit bench venv clean
+.PHONY: demo test test-system soak lint typecheck unit bench venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,13 @@ unit: $(STAMP)
 # The two-daemon fault scenarios (~11 min; not part of `make test`, see README).
 test-system: $(STAMP)
 	QKDNODE_SYSTEM_TESTS=1 $(BIN)/python -m pytest -q tests/system
+
+# A pair of daemons for SOAK_S seconds (default 1 h) with drift and a fault every
+# SOAK_FAULT_S seconds; prints a JSON report (RSS, blocks, alarms, keys identical).
+SOAK_S ?= 3600
+SOAK_FAULT_S ?= 300
+soak: $(STAMP)
+	$(BIN)/python -m tests.soak.soak --duration $(SOAK_S) --fault-interval $(SOAK_FAULT_S)
 
 bench: $(STAMP)
 	$(BIN)/qkdnode bench

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import signal
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -94,18 +95,28 @@ class DaemonBase:
         from qkdnode.postproc import cascade
         from qkdnode.procedures import track_kernel
 
+        t0 = time.monotonic()
         if jit.JIT:
-            log.info("kernels_compiled", jit=True)
+            log.info(
+                "kernels_loading",
+                jit=True,
+                note="compiled on the first start after an install (about a minute), "
+                "loaded from numba's cache afterwards",
+            )
         else:
             log.warning("kernels_numpy_twins", jit=False, reason=jit.WHY_NOT)
         cascade.warm_up()
         track_kernel.warm_up()
+        log.info("kernels_ready", seconds=round(time.monotonic() - t0, 2))
         sim = self.cfg.simulation
         if sim is None or not sim.enabled:
             return
         from drivers.simlink.world import warm_up
 
+        t1 = time.monotonic()
+        log.info("simulated_link_warming_up")
         warm_up(sim.link)
+        log.info("simulated_link_ready", seconds=round(time.monotonic() - t1, 2))
 
     async def _unless_stopped(self, fn: Callable[[], None], what: str) -> bool:
         """Run ``fn`` in a daemon thread until it returns (True) or a stop is requested
@@ -170,7 +181,9 @@ class DaemonBase:
             if not await self._unless_stopped(self._warm_up, "numba-warm-up"):
                 return code
             await asyncio.to_thread(self._start_world)
+            log.info("instruments_opening", instruments=sorted(self.hardware.up))
             await asyncio.to_thread(self.hardware.open_all)
+            log.info("services_starting")
             await self.start_services()
             self.notifier.ready(status="ready")
             log.info("daemon_ready")

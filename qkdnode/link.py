@@ -39,6 +39,7 @@ Step = Literal[
     "probe",
     "block",
     "halt",
+    "state",
 ]
 
 

@@ -7,14 +7,26 @@ node id, role, session and block ids is bound with :func:`bind_context` (context
 appears on every line logged in that context.
 
 The :func:`redact_secrets` processor runs last before rendering and guarantees that key
-material never reaches a log line, even when code logs a key object by mistake:
+material never reaches a log line, even when code logs a key object by mistake, while
+leaving the figures an operator needs (counts, sizes, key IDs, public keys) readable:
 
+* numbers (``int``, ``float``, ``bool``, numpy scalars) and ``None`` are never redacted,
+  whatever the field is called: ``keys=5`` is a count;
 * ``bytes``/``bytearray``/``memoryview`` values, numpy arrays and :class:`Secret` objects
   are replaced by a size-only placeholder;
-* values under sensitive field names (``key``, ``secret``, ``psk``, ``pad``, ``seed``...)
-  are replaced, except for known-harmless names such as ``key_id`` or ``key_size_bits``;
-* long runs of hex or base64 characters inside strings (how keys look when printed) are
-  masked.
+* under secret field names (``secret``, ``psk``, ``pad``, ``otp``, ``seed``, ``password``,
+  ``token``, ``private``...) every string is replaced;
+* under key field names (``key``, ``keys``, ``*_key``) strings that look like encoded key
+  bytes (hex, base64) are replaced; a Z85 CURVE public key (``client_key=...``) and
+  other text (``config_key="delivery.crl_file"``) stay;
+* strings under names of identifiers, files, digests and public values (``key_ID``,
+  ``key_file``, ``keys_digest``, ``public_key``...) are shown as they are;
+* long runs of hex or base64 characters inside any other string (how keys look when
+  printed) are masked.
+
+An exception logged as a field value is rendered as one string (``"ValueError: ..."``),
+as are traceback objects; ``exc_info`` becomes the standard ``exception`` field, one JSON
+string whose newlines are escaped once by the renderer.
 """
 
 from __future__ import annotations
@@ -22,6 +34,8 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import traceback
+import types
 from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from typing import Any, TextIO
@@ -79,9 +93,18 @@ class Secret:
         return hash(("Secret", len(self._value)))
 
 
-_SENSITIVE_NAME = re.compile(
-    r"(^|_)(keys?|secret|secrets|psk|pad|otp|seed|password|token|"
-    r"private|material|bits_array)($|_)",
+#: Field names whose string values are secrets, whatever they look like.
+_SECRET_NAME = re.compile(
+    r"(^|_)(secrets?|psk|pad|otp|seed|password|passphrase|token|private|material|bits_array)"
+    r"($|_)",
+    re.IGNORECASE,
+)
+#: Field names that may hold key bytes, but also key IDs, public keys or config keys.
+_KEY_NAME = re.compile(r"(^|_)keys?($|_)", re.IGNORECASE)
+#: Identifiers, paths, digests and public values: never sensitive by name.
+_HARMLESS_PART = re.compile(
+    r"(^|_)(public|pub)($|_)|_(ids?|file|files|path|paths|dir|name|names|digest|hash|sha256"
+    r"|fingerprint)$",
     re.IGNORECASE,
 )
 _HARMLESS_NAMES = frozenset(
@@ -119,6 +142,49 @@ _HARMLESS_NAMES = frozenset(
 # 32+ characters of hex, or 24+ of base64 with at least one digit (catches printed keys).
 _HEX_RUN = re.compile(r"\b[0-9a-fA-F]{32,}\b")
 _B64_RUN = re.compile(r"(?=[A-Za-z0-9+/]*\d)[A-Za-z0-9+/]{24,}={0,2}")
+# A whole value that is encoded key bytes: hex or base64 / base64url of 8 bytes or more.
+_HEX_KEY = re.compile(r"(?:[0-9a-fA-F]{2}){8,}")
+_B64_KEY = re.compile(r"[A-Za-z0-9+/]{11,}={0,2}|[A-Za-z0-9_\-]{11,}={0,2}")
+# A UUID (ETSI key_ID): an identifier, not key bytes.
+_UUID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
+# A CURVE key in Z85 (40 characters of the Z85 alphabet).
+_Z85_KEY = re.compile(r"[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")
+
+_Kind = str  # "secret" | "key" | "harmless" | "" (ordinary field)
+
+
+def _name_kind(name: str) -> _Kind:
+    if not name:
+        return ""
+    low = name.lower()
+    if low in _HARMLESS_NAMES or _HARMLESS_PART.search(low):
+        return "harmless"
+    if _SECRET_NAME.search(low):
+        return "secret"
+    if _KEY_NAME.search(low):
+        return "key"
+    return ""
+
+
+def _looks_like_key_bytes(text: str) -> bool:
+    """True for a whole string that is hex or base64 of key bytes (not a word or a path)."""
+    s = text.strip()
+    if _HEX_KEY.fullmatch(s):
+        return True
+    if _UUID.fullmatch(s):
+        return False
+    if not _B64_KEY.fullmatch(s):
+        return False
+    # base64 of random bytes mixes classes; an identifier such as "transmitter_store" does not
+    classes = sum(
+        (
+            any(c.isdigit() for c in s),
+            any(c.isupper() for c in s),
+            any(c.islower() for c in s),
+            any(c in "+/=" for c in s),
+        )
+    )
+    return classes >= 2 and not s.replace("_", "").isalpha()
 
 
 def _mask_string(text: str) -> str:
@@ -128,12 +194,35 @@ def _mask_string(text: str) -> str:
     return _B64_RUN.sub(lambda m: f"<redacted {len(m.group())} chars>", text)
 
 
-def redact_value(value: Any, name: str = "") -> Any:
-    """Return ``value`` with anything that could be key material replaced."""
-    if name and name not in _HARMLESS_NAMES and _SENSITIVE_NAME.search(name):
-        if isinstance(value, bool | int | float) and not isinstance(value, bool) and "bits" in name:
-            return value
-        return "<redacted>"
+def _traceback_text(value: Any) -> str | None:
+    """One string for an exception or traceback given as a field value, else None."""
+    if isinstance(value, BaseException):
+        text = str(value)
+        return f"{type(value).__name__}: {text}" if text else type(value).__name__
+    if isinstance(value, types.TracebackType):
+        return "".join(traceback.format_tb(value)).rstrip("\n")
+    if isinstance(value, traceback.TracebackException | traceback.StackSummary):
+        return "".join(value.format()).rstrip("\n")
+    if (
+        isinstance(value, list | tuple)
+        and value
+        and all(isinstance(v, str) for v in value)
+        and str(value[0]).startswith(("Traceback (most recent call last)", "Stack (most recent"))
+    ):
+        return "".join(value).rstrip("\n")
+    return None
+
+
+def redact_value(value: Any, name: str = "", _kind: _Kind | None = None) -> Any:
+    """Return ``value`` with anything that could be key material replaced.
+
+    ``name`` is the field name; it decides how strings are treated (see the module doc).
+    """
+    kind = _name_kind(name) if _kind is None else _kind
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, np.bool_ | np.integer | np.floating):
+        return value.item()
     if isinstance(value, Secret):
         return repr(value)
     if isinstance(value, bytes | bytearray | memoryview):
@@ -141,13 +230,29 @@ def redact_value(value: Any, name: str = "") -> Any:
     if isinstance(value, np.ndarray):
         return f"<redacted array shape={value.shape} dtype={value.dtype}>"
     if isinstance(value, str):
+        if kind == "harmless":
+            return value  # an ID, a path, a digest or a public value: shown as it is
+        if kind == "secret":
+            return "<redacted>"
+        if kind == "key" and _looks_like_key_bytes(value):
+            return "<redacted>"
+        if kind == "key" and _Z85_KEY.fullmatch(value):
+            return value  # a CURVE public key (a secret one would sit under a secret name)
         return _mask_string(value)
     if isinstance(value, Mapping):
-        return {k: redact_value(v, str(k)) for k, v in value.items()}
+        # inside a secret value everything is secret; otherwise each field by its own name
+        return {
+            k: redact_value(v, str(k), "secret" if kind == "secret" else None)
+            for k, v in value.items()
+        }
+    tb_text = _traceback_text(value)
+    if tb_text is not None:
+        return "<redacted>" if kind == "secret" else _mask_string(tb_text)
     if isinstance(value, list | tuple | set | frozenset):
-        return [redact_value(v) for v in value]
-    if isinstance(value, bool | int | float) or value is None:
-        return value
+        # the items of ``keys=[...]`` are keys: they keep the list's name
+        return [redact_value(v, name, kind) for v in value]
+    if kind == "secret":
+        return "<redacted>"
     # Unknown objects: render now, then mask, so a __repr__ that prints bytes is caught.
     return _mask_string(repr(value))
 

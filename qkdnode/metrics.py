@@ -45,6 +45,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 import qkdnode
+from qkdnode.alarms import ALARMS
 from qkdnode.statemachine import State
 
 #: Node states known in advance (the state machine's), so every state series exists (0)
@@ -265,6 +266,24 @@ class NodeMetrics:
             "Pre-shared and recycled key bits left for message authentication.",
             registry=r,
         )
+        self._alarm = Gauge(
+            "qkdnode_alarm_active",
+            "1 while the alarm is raised, 0 otherwise (every known alarm is listed).",
+            ["alarm", "severity"],
+            registry=r,
+        )
+        for name, (severity, _) in ALARMS.items():
+            self._alarm.labels(alarm=name, severity=severity.value).set(0)
+        self._key_rate = Gauge(
+            "qkdnode_session_key_rate_bits_per_second",
+            "Secret bits committed since the exchange started, divided by its duration.",
+            registry=r,
+        )
+        self._since_block = Gauge(
+            "qkdnode_last_block_age_seconds",
+            "Seconds since the last committed key block (since start if none).",
+            registry=r,
+        )
         if process_metrics:
             r.register(SelfProcessCollector())
             PlatformCollector(registry=r)
@@ -330,7 +349,7 @@ class NodeMetrics:
         self._secret_bits.inc(secret)
         self._disclosed_bits.inc(disclosed)
 
-        duration = float(stats.get("duration_s", 0.0))
+        duration = _finite(stats.get("duration_s") or 0.0, "duration_s")
         if "sifted_key_rate_bps" in stats:
             self._sifted_rate.set(_finite(stats["sifted_key_rate_bps"], "sifted_key_rate_bps"))
         elif duration > 0:
@@ -370,6 +389,13 @@ class NodeMetrics:
 
     def set_instrument_up(self, name: str, up: bool) -> None:
         self._instrument_up.labels(instrument=name).set(1 if up else 0)
+
+    def set_alarm(self, name: str, severity: str, active: bool) -> None:
+        self._alarm.labels(alarm=name, severity=severity).set(1 if active else 0)
+
+    def set_session(self, key_rate_bps: float, seconds_since_last_block: float) -> None:
+        self._key_rate.set(_finite(key_rate_bps, "key_rate_bps"))
+        self._since_block.set(_finite(seconds_since_last_block, "seconds_since_last_block"))
 
     def set_auth_balance_bits(self, n: int) -> None:
         self._auth_balance.set(int(n))

@@ -18,6 +18,7 @@ import structlog
 import zmq
 import zmq.asyncio
 
+from qkdnode.alarms import Alarm, AlarmBoard
 from qkdnode.bus.commands import CallerInfo, CommandSpec, CommandTable
 from qkdnode.bus.control import ControlServer
 from qkdnode.bus.errors import CommandError, PeerDisconnected, PeerTimeout
@@ -26,6 +27,7 @@ from qkdnode.bus.peer import PeerChannel
 from qkdnode.bus.telemetry import TelemetryPublisher
 from qkdnode.config import NodeConfig
 from qkdnode.daemon import DaemonBase
+from qkdnode.keyflow import KeyFlow, Resources
 from qkdnode.link import LINK_PREFIX, PP_PREFIX, LinkCoordinator, LinkError, LinkRequest
 from qkdnode.postproc.transport import Buffer, TransportError, TransportTimeoutError
 from qkdnode.postproc.transport import PeerMessage as PPMessage
@@ -37,6 +39,9 @@ S = State
 PAIR_TIMEOUT_S = 120.0
 #: seconds between attempts at a key-ID sync that failed (transmitter)
 KEY_SYNC_RETRY_S = 2.0
+#: seconds between instrument health checks, and between probes of the peer's state
+HEALTH_CHECK_S = 5.0
+PEER_PROBE_S = 5.0
 
 
 @dataclass
@@ -53,6 +58,8 @@ class NodeStats:
     blocks_aborted: int = 0
     blocks_dropped: int = 0  # successful blocks whose key the full key store could not take
     exchange_seconds: float = 0.0
+    #: monotonic time the running exchange started (None when not exchanging)
+    exchange_started_at: float | None = None
     synchronized: bool = False
     calibrated: bool = False
     failures: int = 0
@@ -61,11 +68,23 @@ class NodeStats:
     last_block: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def exchange_seconds_total(self) -> float:
+        """Seconds spent exchanging key, the running exchange included."""
+        running = 0.0
+        if self.exchange_started_at is not None:
+            running = time.monotonic() - self.exchange_started_at
+        return self.exchange_seconds + running
+
+    @property
     def secret_key_rate_bps(self) -> float:
-        return self.secret_bits / self.exchange_seconds if self.exchange_seconds > 0 else 0.0
+        """Secret bits committed per second of key exchange, live from the first second."""
+        total = self.exchange_seconds_total
+        return self.secret_bits / total if total > 0 else 0.0
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d.pop("exchange_started_at")
+        d["exchange_seconds"] = self.exchange_seconds_total
         d["secret_key_rate_bps"] = self.secret_key_rate_bps
         return d
 
@@ -124,7 +143,20 @@ class Node(DaemonBase):
         self._was_connected = False
         self._peer_session: str | None = None
         self._last_sync_try = 0.0
+        self.alarms = AlarmBoard(self.publish)
+        self.keyflow = KeyFlow(
+            self.alarms,
+            cfg.alarms,
+            role=self.role,
+            block_detections=cfg.protocol.block_detections,
+            qber_warning=cfg.protocol.qber_warning,
+            state_dir=self.state_dir,
+        )
+        self._auto = False
         self.auto = cfg.node.autostart and cfg.node.role == "transmitter"
+        self._last_health_check = 0.0
+        self._peer_probe: asyncio.Task[None] | None = None
+        self._last_peer_probe = 0.0
         self.auto_resume: State | None = None
         self.metrics: Any = None
 
@@ -153,11 +185,22 @@ class Node(DaemonBase):
             from qkdnode.metrics import NodeMetrics
 
             self.metrics = NodeMetrics(self.cfg.node.id, self.role)
+            self.alarms.listeners.append(self._on_alarm)
+            self.metrics.set_state(self.sm.state.value)
+            self.metrics.set_healthy(self.healthy())
+            for name, up in self.hardware.up.items():
+                self.metrics.set_instrument_up(name, up)
             await self.metrics.start_http(
                 self.cfg.metrics.listen_host, self.cfg.metrics.listen_port
             )
         self.session = ExchangeSession(self)
         await self.session.open()
+        if self.metrics is not None:
+            self.metrics.set_auth_balance_bits(self.stats.auth_key_balance_bits)
+            self.metrics.set_keystore(
+                self.session.keystore_counts(), self.cfg.keystore.max_key_count
+            )
+            self.metrics.set_session(0.0, 0.0)
         self._bg.append(asyncio.create_task(self._peer_reader(), name="peer-reader"))
         self._bg.append(asyncio.create_task(self._monitor(), name="monitor"))
         if self.role == "transmitter":
@@ -213,8 +256,35 @@ class Node(DaemonBase):
             return
         log.info("crl_reloaded", revoked=0 if crl is None else len(crl.serials))
 
+    @property
+    def auto(self) -> bool:
+        """Transmitter: the pair is meant to exchange key (autostart, or an operator's
+        ``start``/``exchange``); it returns to key exchange by itself after faults."""
+        return self._auto
+
+    @auto.setter
+    def auto(self, on: bool) -> None:
+        self._auto = on
+        if self.role == "transmitter":
+            self.keyflow.producing(on)
+
+    def key_flow_status(self) -> dict[str, Any]:
+        """The ``status`` fields that answer "is this link producing key?" (valid from
+        the first second after start)."""
+        counts = self.session.keystore_counts() if self.session else {}
+        keys = self.session.keys if self.session is not None else None
+        return {
+            "state_since": self.sm.history[-1].at_unix_s if self.sm.history else None,
+            "producing": self.keyflow.should_produce,
+            "seconds_since_last_block": self.keyflow.seconds_since_last_block(),
+            "keystore_fill_ratio": counts.get("available", 0) / self.cfg.keystore.max_key_count,
+            "delivery_in_step": bool(keys is not None and keys.in_step),
+            "alarms": [a.as_dict() for a in self.alarms.active()],
+        }
+
     def healthy(self) -> bool:
-        return self.sm.state is not S.FAULT
+        """Producing key as it should: not in FAULT and no critical alarm active."""
+        return self.sm.state is not S.FAULT and not self.alarms.critical()
 
     # ------------------------------------------------------------------ telemetry
     def publish(self, topic: str, payload: dict[str, Any]) -> None:
@@ -225,11 +295,18 @@ class Node(DaemonBase):
                 log.warning("telemetry_publish_failed", topic=topic, error=str(exc))
 
     def alarm(self, kind: str, message: str, **details: Any) -> None:
-        log.warning("alarm", alarm=kind, message=message, **details)
-        self.publish("alarm", {"alarm": kind, "message": message, **details})
+        """Raise alarm ``kind`` (see :mod:`qkdnode.alarms`); it stays active until the
+        condition's owner clears it."""
+        self.alarms.raise_(kind, message, **details)
+
+    def _on_alarm(self, alarm: Alarm) -> None:
+        if self.metrics is not None:
+            self.metrics.set_alarm(alarm.name, alarm.severity.value, alarm.active)
+            self.metrics.set_healthy(self.healthy())
 
     def _on_transition(self, rec: TransitionRecord) -> None:
         self.notifier.status(f"{rec.new.value} ({rec.event.value})")
+        self.keyflow.state_changed(rec.new.value)
         if rec.event is Event.FAILED:
             self.stats.failures += 1
             self.stats.last_failure = rec.reason
@@ -343,11 +420,65 @@ class Node(DaemonBase):
                 # A key-ID sync that failed is retried: key delivery waits for it.
                 self._last_sync_try = time.monotonic()
                 await self.session.key_sync_safely()
+            self.keyflow.peer_link(connected)
             if self.session is not None:
                 try:
                     await self.session.monitor_tick()
                 except Exception as exc:
                     log.exception("monitor_tick_failed", error=str(exc))
+            try:
+                await self._watch_key_flow(connected)
+            except Exception as exc:
+                log.exception("key_flow_watch_failed", error=str(exc))
+
+    async def _watch_key_flow(self, connected: bool) -> None:
+        """Instrument health (every 5 s), the peer's state (every 5 s), then the alarms
+        and the metrics that say whether key flows."""
+        now = time.monotonic()
+        if now - self._last_health_check >= HEALTH_CHECK_S:
+            self._last_health_check = now
+            await asyncio.to_thread(self.hardware.health)
+            if self.metrics is not None:
+                for name, up in self.hardware.up.items():
+                    self.metrics.set_instrument_up(name, up)
+        if (
+            connected
+            and now - self._last_peer_probe >= PEER_PROBE_S
+            and (self._peer_probe is None or self._peer_probe.done())
+        ):
+            self._last_peer_probe = now
+            self._peer_probe = asyncio.create_task(self._probe_peer_state())
+        res = Resources(
+            state=self.sm.state.value,
+            auth_balance_bits=self.stats.auth_key_balance_bits,
+            instruments_down=[n for n, up in self.hardware.up.items() if not up],
+            detection_rate_hz=self.session.detection_rate_hz() if self.session else 0.0,
+        )
+        self.keyflow.evaluate(res)
+        if self.alarms.is_active("pair_inconsistent") and self.sm.state is S.EXCHANGING:
+            # Exchanging alone produces nothing: stop; the transmitter's supervisor starts
+            # the pair again (both nodes), a receiver waits to be asked.
+            peer_state = self.keyflow.peer_state
+            log.warning("pair_inconsistent_stopping", peer_state=peer_state)
+            await self.trigger(Event.STOP, f"peer is {peer_state}, not exchanging")
+        if self.metrics is not None:
+            self.metrics.set_session(
+                self.stats.secret_key_rate_bps, self.keyflow.seconds_since_last_block()
+            )
+            self.metrics.set_auth_balance_bits(self.stats.auth_key_balance_bits)
+            self.metrics.set_healthy(self.healthy())
+
+    async def _probe_peer_state(self) -> None:
+        try:
+            reply = await self.link.request("state", PEER_PROBE_S)
+        except LinkError:
+            return
+        state = reply.get("state")
+        producing = reply.get("producing")
+        self.keyflow.peer_status(
+            str(state) if state is not None else None,
+            bool(producing) if isinstance(producing, bool) else None,
+        )
 
     async def _supervise(self) -> None:
         """Transmitter with autostart (or after ``start``): keep the pair exchanging key.
@@ -391,7 +522,12 @@ class Node(DaemonBase):
 
     # ------------------------------------------------------------------ commands
     def _commands(self) -> CommandTable:
+        """The daemon's control commands (docs/protocol.md, section 2 "Commands")."""
+        from qkdnode.bus.commands import KeysGetContent, NoContent, SimInjectContent
+        from qkdnode.bus.errors import ErrorCode as E
+
         live = frozenset(s.value for s in State if s not in (S.SHUTDOWN,))
+        pair_errors = (E.WRONG_NODE, E.REFUSED)
         return CommandTable(
             [
                 CommandSpec(
@@ -399,39 +535,50 @@ class Node(DaemonBase):
                     self._cmd_status,
                     None,
                     "monitor",
-                    None,
+                    NoContent,
                     "state, health and session statistics",
+                ),
+                CommandSpec(
+                    "alarms",
+                    self._cmd_alarms,
+                    None,
+                    "monitor",
+                    NoContent,
+                    "active alarms and the recent raise/clear events",
                 ),
                 CommandSpec(
                     "calibrate",
                     self._cmd_pair(Event.CALIBRATE),
                     frozenset({"IDLE", "EXCHANGING"}),
                     "operator",
-                    None,
+                    NoContent,
                     "calibrate both nodes of the link",
+                    pair_errors,
                 ),
                 CommandSpec(
                     "sync",
                     self._cmd_pair(Event.SYNC),
                     frozenset({"IDLE"}),
                     "operator",
-                    None,
+                    NoContent,
                     "acquire clock lock between the nodes",
+                    pair_errors,
                 ),
                 CommandSpec(
                     "start",
                     self._cmd_pair(Event.EXCHANGE),
                     frozenset({"IDLE"}),
                     "operator",
-                    None,
+                    NoContent,
                     "start continuous key exchange",
+                    pair_errors,
                 ),
                 CommandSpec(
                     "stop",
                     self._cmd_stop,
                     frozenset({"CALIBRATING", "SYNCHRONIZING", "EXCHANGING", "PAUSED", "IDLE"}),
                     "operator",
-                    None,
+                    NoContent,
                     "stop the current activity on both nodes",
                 ),
                 CommandSpec(
@@ -439,32 +586,36 @@ class Node(DaemonBase):
                     self._cmd_recover,
                     frozenset({"FAULT"}),
                     "operator",
-                    None,
+                    NoContent,
                     "clear a fault: reconnect instruments and return to IDLE",
+                    (E.NOT_READY, E.REFUSED, E.COMMAND_FAILED),
                 ),
                 CommandSpec(
                     "keys.get",
                     self._cmd_keys_get,
                     live,
                     "operator",
-                    None,
+                    KeysGetContent,
                     "fetch keys from the key store (operator delivery)",
+                    (E.NO_KEY, E.INVALID_CONTENT),
                 ),
                 CommandSpec(
                     "keys.digest",
                     self._cmd_keys_digest,
                     live,
-                    "monitor",
-                    None,
+                    "operator",
+                    NoContent,
                     "count and SHA-256 digest of the committed keys",
+                    (E.NOT_READY,),
                 ),
                 CommandSpec(
                     "sim.inject",
                     self._cmd_inject,
                     live,
                     "operator",
-                    None,
+                    SimInjectContent,
                     "inject or clear a simulated fault (simulation only)",
+                    (E.NOT_SIMULATED, E.INVALID_CONTENT),
                 ),
             ]
         )
@@ -480,6 +631,13 @@ class Node(DaemonBase):
             "instruments": {n: up for n, up in self.hardware.up.items()},
             "stats": self.stats.as_dict(),
             "keystore": self.session.keystore_counts() if self.session else {},
+            **self.key_flow_status(),
+        }
+
+    async def _cmd_alarms(self, content: dict[str, Any], caller: CallerInfo) -> dict[str, Any]:
+        return {
+            "active": [a.as_dict() for a in self.alarms.active()],
+            "events": self.alarms.events(),
         }
 
     def _cmd_pair(self, event: Event) -> Any:
@@ -489,6 +647,7 @@ class Node(DaemonBase):
                     f"pair commands are coordinated by the transmitter "
                     f"({self.cfg.node.peer_id!r}); send {event.value!r} to it",
                     code="wrong_node",
+                    details={"field": "command", "role": self.role},
                 )
             if event is Event.EXCHANGE:
                 self.auto = True  # from now on the pair returns to key exchange by itself
@@ -512,47 +671,56 @@ class Node(DaemonBase):
         return {"state": self.sm.state.value}
 
     async def _cmd_recover(self, content: dict[str, Any], caller: CallerInfo) -> dict[str, Any]:
-        assert self.session is not None
-        await self.session.recover(f"operator {caller.name}")
+        if self.session is None:
+            raise CommandError("the node is still starting", code="not_ready")
+        try:
+            await self.session.recover(f"operator {caller.name}")
+        except TransitionRefused as exc:
+            raise CommandError(
+                str(exc), code="refused", details={"state": self.sm.state.value}
+            ) from None
+        except LinkError as exc:  # an instrument still fails: the fault stays
+            raise CommandError(str(exc), code="command_failed") from None
         return {"state": self.sm.state.value}
 
     async def _cmd_keys_get(self, content: dict[str, Any], caller: CallerInfo) -> dict[str, Any]:
-        assert self.session is not None
         from qkdnode.keystore.errors import KeyRequestError, KeyStoreError
 
-        number = int(content.get("number", 1))
-        size_bits = int(content.get("size_bits", self.cfg.keystore.key_size_bits))
+        if self.session is None or self.session.keys is None:
+            raise CommandError("no key available: the key store is not open yet", code="no_key")
+        number = int(content["number"])
+        size = content.get("size_bits")
+        size_bits = int(size) if size is not None else self.cfg.keystore.key_size_bits
         try:
             return dict(await self.session.fetch_keys(number, size_bits, caller.name))
         except KeyRequestError as exc:
-            raise CommandError(str(exc), code="invalid_content") from None
+            raise CommandError(
+                str(exc), code="invalid_content", details={"field": "content.size_bits"}
+            ) from None
         except KeyStoreError as exc:  # none available, peer not in step or unreachable
             raise CommandError(str(exc), code="no_key") from None
 
     async def _cmd_keys_digest(self, content: dict[str, Any], caller: CallerInfo) -> dict[str, Any]:
-        assert self.session is not None
+        if self.session is None or self.session.keystore is None:
+            raise CommandError("the key store is not open yet", code="not_ready")
         return dict(await self.session.keys_digest())
 
     async def _cmd_inject(self, content: dict[str, Any], caller: CallerInfo) -> dict[str, Any]:
         if self.cfg.simulation is None or not self.cfg.simulation.enabled:
             raise CommandError("sim.inject needs a simulated link", code="not_simulated")
-        from drivers.simlink.world import FAULTS, get_world
+        from drivers.simlink.world import get_world
+        from qkdnode.bus.commands import SimInjectContent
 
-        fault = str(content.get("fault", ""))
-        if fault not in FAULTS:
-            raise CommandError(
-                f"fault must be one of {list(FAULTS)}",
-                code="bad_request",
-                details={"field": "fault"},
-            )
+        req = SimInjectContent.model_validate(content)
         world = get_world()
-        kwargs = {k: v for k, v in content.items() if k not in ("fault", "clear")}
         try:
-            if content.get("clear"):
-                world.clear(fault)
+            if req.clear:
+                world.clear(req.fault)
             else:
-                world.inject(fault, **kwargs)
-        except (TypeError, ValueError) as exc:
-            raise CommandError(str(exc), code="bad_request", details={"field": "fault"}) from None
-        log.warning("sim_fault", fault=fault, cleared=bool(content.get("clear")))
-        return {"fault": fault, "cleared": bool(content.get("clear"))}
+                world.inject(req.fault, **req.fault_parameters())
+        except (TypeError, ValueError) as exc:  # e.g. a receiver fault sent to the transmitter
+            raise CommandError(
+                str(exc), code="invalid_content", details={"field": "content.fault"}
+            ) from None
+        log.warning("sim_fault", fault=req.fault, cleared=req.clear)
+        return {"fault": req.fault, "cleared": req.clear}

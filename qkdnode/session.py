@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import sqlite3
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -124,7 +125,10 @@ class ExchangeSession:
             self.auth_pool = await asyncio.to_thread(AuthKeyPool.load, pool_path)
         else:
             self.auth_pool = await asyncio.to_thread(
-                AuthKeyPool.bootstrap, pool_path, self._auth_psk()
+                AuthKeyPool.bootstrap,
+                pool_path,
+                self._auth_psk(),
+                source=str(self.cfg.protocol.auth_psk_file or "the auth.psk credential"),
             )
         self.node.stats.auth_key_balance_bits = self._auth_balance_bits()
 
@@ -189,6 +193,8 @@ class ExchangeSession:
         """Receiver (and, for ``block`` bookkeeping, transmitter) side of a request."""
         sm = self.node.sm
         step = req.step
+        if step == "state":
+            return {"state": sm.state.value, "producing": self.node.auto}
         if step == "stop":
             if sm.state not in (S.IDLE, S.FAULT, S.SHUTDOWN, S.CONNECTING, S.OFFLINE):
                 await self.node.trigger(Event.STOP, "peer asked to stop")
@@ -246,12 +252,18 @@ class ExchangeSession:
         if step == "sync_end":
             self.exchange_from_slot = int(req.args["exchange_from_slot"])
             self.node.stats.synchronized = True
+            self.node.keyflow.synchronized()
             return {}
         if step == "exchange":
             self.next_block_id = max(self.next_block_id, int(req.args.get("next_block_id", 0)))
             await sm.trigger(Event.EXCHANGE, "transmitter asked")
             return {"state": sm.state.value}
         raise LinkError(f"unknown step {step!r}")
+
+    def _progress(self, what: str, **fields: Any) -> None:
+        """Telemetry topic ``progress``: a calibration step started, or how full the
+        block being collected is (receiver, once a second)."""
+        self.node.publish("progress", {"what": what, **fields})
 
     # ------------------------------------------------------------------ calibration
     async def _enter_calibrating(self, sm: StateMachine, rec: TransitionRecord) -> None:
@@ -270,6 +282,7 @@ class ExchangeSession:
             await self.node.trigger(Event.FAILED, f"calibration failed: {exc}")
             return
         self.node.stats.calibrated = True
+        self.node.keyflow.calibrated()
         await self.node.trigger(Event.CALIBRATED, "calibration complete")
 
     async def _calibrate_transmitter(self) -> None:
@@ -286,9 +299,11 @@ class ExchangeSession:
         meter: OpticalPowerMeter = self._one(OpticalPowerMeter)
         await self._call(laser.set_wavelength_nm, src.wavelength_nm)
         await self.set_light(True)
+        self._progress("calibration", step="modulator_transfer", status="started")
         mod = await calibrate_modulator(
             im, meter, state_dir=self.node.state_dir, publish=self.node.publish
         )
+        self._progress("calibration", step="mean_photon_number", status="started")
         mu = await calibrate_mean_photon_number(
             laser,
             im,
@@ -309,6 +324,7 @@ class ExchangeSession:
         )
         # The receiver calibrates its detectors with our light on.
         await self.set_light(True)
+        self._progress("calibration", step="receiver_detector_timing", status="started")
         self._rx_calibration_summary = await self.node.link.request("calibrate", 300.0)
 
     async def _calibrate_receiver(self) -> None:
@@ -319,6 +335,7 @@ class ExchangeSession:
             await self._call(d.arm)
         await self._check_not_latched()
         tagger: TimeTagger = self._one(TimeTagger)
+        self._progress("calibration", step="detector_timing", status="started")
         timing = await calibrate_detector_timing(
             dets,
             self.cfg.source.slot_rate_hz,
@@ -381,6 +398,7 @@ class ExchangeSession:
         self.exchange_from_slot = int(first)
         await self.node.link.request("sync_end", 30.0, exchange_from_slot=self.exchange_from_slot)
         self.node.stats.synchronized = True
+        self.node.keyflow.synchronized()
         self.node.publish("sync", {"locked": True, **summary})
         log.info("pair_synchronized", exchange_from_slot=self.exchange_from_slot, **summary)
         await self._compensate(self._probe_qber)
@@ -489,6 +507,7 @@ class ExchangeSession:
     async def _enter_exchanging(self, sm: StateMachine, rec: TransitionRecord) -> None:
         stats = self.node.stats
         started = time.monotonic()
+        stats.exchange_started_at = started
         try:
             if self.role == "transmitter":
                 await self.node.link.request("exchange", 30.0, next_block_id=self.next_block_id)
@@ -504,6 +523,7 @@ class ExchangeSession:
             await self.node.trigger(Event.FAILED, f"exchange failed: {exc}")
         finally:
             stats.exchange_seconds += time.monotonic() - started
+            stats.exchange_started_at = None
 
     def _pp_transport(self) -> Any:
         from qkdnode.node import PostprocTransport
@@ -625,6 +645,7 @@ class ExchangeSession:
         slots: list[npt.NDArray[np.int64]] = []
         chans: list[npt.NDArray[np.int8]] = []
         have = 0
+        last_progress = 0.0
         while True:
             block = await asyncio.to_thread(tagger.read_block, 0.5)
             if block is None or len(block) == 0:
@@ -651,6 +672,10 @@ class ExchangeSession:
             chans.append(mapped.channel[keep])
             have += int(s.size)
             self.node.stats.detections_read += int(s.size)
+            now = time.monotonic()
+            if now - last_progress >= 1.0:
+                last_progress = now
+                self._progress("block", block_id=self.next_block_id, done=have, total=target)
             if have >= target:
                 all_s, all_c = await asyncio.to_thread(_merge_sorted, slots, chans)
                 await out.put((all_s[:target], all_c[:target]))
@@ -676,7 +701,15 @@ class ExchangeSession:
         if qber is not None:
             stats.qber = float(qber)
         stats.last_block = summary
-        stats.exchange_seconds_now = time.monotonic() - started  # type: ignore[attr-defined]
+        auth_bits = max(
+            int(summary.get("auth_bits_sent", 0)), int(summary.get("auth_bits_received", 0))
+        )
+        self.node.keyflow.block_finished(
+            bool(result.ok),
+            result.abort_reason,
+            float(qber) if qber is not None else None,
+            auth_bits or None,
+        )
         stored = False
         if result.ok:
             key = result.key_bytes
@@ -705,10 +738,11 @@ class ExchangeSession:
                 qb["Z"] = float(summary["qber_z"])
             if summary.get("qber_x") is not None:
                 qb["X"] = float(summary["qber_x"])
+            seconds = summary.get("seconds")
             stages = {
-                k.removeprefix("seconds_"): float(v)
-                for k, v in summary.items()
-                if k.startswith("seconds_") and isinstance(v, int | float)
+                str(k): float(v)
+                for k, v in (seconds.items() if isinstance(seconds, dict) else ())
+                if isinstance(v, int | float)
             }
             metrics.observe_block(
                 {
@@ -740,7 +774,8 @@ class ExchangeSession:
 
     async def _store_block(self, block_id: int, key: bytes, size: int, prov: Any) -> bool:
         """Add a block's keys as PENDING; False (block dropped, exchange goes on) when the
-        store is full because consumers are not taking keys. The two-phase commit then
+        store is full because consumers are not taking keys, or cannot be written (disk
+        full, I/O error: alarm ``keystore_write_error``). The two-phase commit then
         discards the block on both nodes, so the stores stay identical."""
         from qkdnode.keystore import StoreFullError
 
@@ -749,13 +784,21 @@ class ExchangeSession:
         except StoreFullError as exc:
             self.node.stats.blocks_dropped += 1
             log.warning("block_dropped_keystore_full", block_id=block_id, error=str(exc))
-            if not self._store_full:
-                self.node.alarm("keystore_full", f"key store full, blocks dropped: {exc}")
+            self.node.alarm("keystore_full", f"key store full, blocks dropped: {exc}")
             self._store_full = True
+            return False
+        except (sqlite3.Error, OSError) as exc:
+            self.node.stats.blocks_dropped += 1
+            log.error("block_not_stored", block_id=block_id, error=str(exc)[:200])
+            self.node.alarm(
+                "keystore_write_error", f"block {block_id} not stored: {str(exc)[:200]}"
+            )
             return False
         if self._store_full:
             log.info("keystore_has_room_again", block_id=block_id)
         self._store_full = False
+        self.node.alarms.clear("keystore_full", "a block was stored")
+        self.node.alarms.clear("keystore_write_error", "a block was stored")
         return True
 
     async def _commit_pair(self, block_id: int, stored: bool) -> None:
@@ -773,6 +816,7 @@ class ExchangeSession:
             return  # stays PENDING here; key-ID sync decides after reconnect
         if stored and reply.get("committed"):
             await asyncio.to_thread(self.keystore.commit_block, block_id)
+            self.node.keyflow.block_committed()
         elif stored:
             await asyncio.to_thread(self.keystore.discard_block, block_id)
             log.warning("block_discarded_peer_has_no_key", block_id=block_id)
@@ -785,6 +829,7 @@ class ExchangeSession:
             return {"committed": False}
         if step == "commit":
             await asyncio.to_thread(self.keystore.commit_block, block_id)
+            self.node.keyflow.block_committed()
             return {"committed": True}
         await asyncio.to_thread(self.keystore.discard_block, block_id)
         return {"committed": False}
@@ -849,7 +894,12 @@ class ExchangeSession:
         now = time.monotonic()
         if now - self._last_erase > self.cfg.keystore.erase_interval_s:
             self._last_erase = now
-            erased = await asyncio.to_thread(self.keystore.erase_due)
+            try:
+                erased = await asyncio.to_thread(self.keystore.erase_due)
+            except (sqlite3.Error, OSError) as exc:
+                # One alarm, not a traceback every sweep; the next good sweep clears it.
+                self.node.alarm("keystore_write_error", f"key store upkeep failed: {exc}")
+                erased = 0
             if erased:
                 log.info("keys_erased", keys=erased)
             if self.node.metrics is not None:
@@ -880,6 +930,10 @@ class ExchangeSession:
                     await self._fault("no_light", "count rate fell to zero: fiber cut?")
             else:
                 self._zero_rate_since = None
+
+    def detection_rate_hz(self) -> float:
+        """Receiver: total click rate when the exchange started (0 if unknown)."""
+        return self._locked_rate_hz
 
     def _no_light_threshold_hz(self) -> float:
         """Total click rate below which the light is considered gone: 5 % of the rate

@@ -1,8 +1,11 @@
 """The control server: a ROUTER socket answering versioned requests from DEALER clients.
 
 Pipeline of one message (each step refuses with a structured error, never raises):
-frame shape and size -> per-client rate limit -> JSON -> envelope (version, type,
-fields) -> command allowlist -> caller role -> node state -> content model -> handler.
+per-client rate limit -> frame shape and size -> JSON -> envelope (version, type,
+fields) -> command allowlist -> caller role -> content model -> node state -> handler.
+Every message that reaches the JSON parser gets exactly one reply (an unexpected failure
+anywhere after it is answered with ``internal``). Refusals are logged at most once per
+client per :data:`REFUSAL_LOG_INTERVAL_S`, with the number of refusals not logged.
 
 The socket is read edge-triggered from the event loop (``add_reader`` on the ZeroMQ FD),
 draining queued messages in batches; handlers that finish without awaiting are run
@@ -23,7 +26,7 @@ import structlog
 import zmq
 from pydantic import ValidationError
 
-from qkdnode.bus.commands import CallerInfo, CommandSpec, CommandTable
+from qkdnode.bus.commands import CallerInfo, CommandSpec, CommandTable, NoContent
 from qkdnode.bus.eager import start_eager
 from qkdnode.bus.envelope import (
     PROTOCOL_VERSION,
@@ -52,6 +55,8 @@ log = structlog.get_logger(__name__)
 CONTROL_DOMAIN = "control"
 MAX_FRAMES = 8
 BATCH = 256
+#: A client's refusals are logged at most once per this many seconds.
+REFUSAL_LOG_INTERVAL_S = 10.0
 _EMPTY = b""
 # plain ints: enum look-ups cost more than the calls themselves on the hot path
 _NOBLOCK = int(zmq.NOBLOCK)
@@ -76,6 +81,53 @@ class _Throttle:
         return False
 
 
+class _Origin:
+    """Where a message came from: the connection's routing id (replies go there) and,
+    with CURVE, the client's public key (Z85). ``client`` keys the rate limit and the
+    refusal log: the public key when known, else the connection."""
+
+    __slots__ = ("client", "identity", "user_id")
+
+    def __init__(self, identity: bytes, user_id: str | None) -> None:
+        self.identity = identity
+        self.user_id = user_id
+        self.client = user_id.encode() if user_id else identity
+
+
+class _RefusalLog:
+    """Which refusals to log: at most one per client per ``interval_s``; the others are
+    counted and the count is logged with the client's next logged refusal."""
+
+    def __init__(self, interval_s: float, max_clients: int = 10_000) -> None:
+        self.interval_s = interval_s
+        self.max_clients = max_clients
+        self._clients: dict[bytes, list[float]] = {}  # key -> [last logged, suppressed]
+
+    def admit(self, client: bytes) -> int | None:
+        """None: do not log (counted). Otherwise: log, with this many refusals suppressed
+        since the last one logged for ``client``."""
+        now = time.monotonic()
+        entry = self._clients.get(client)
+        if entry is None:
+            if len(self._clients) >= self.max_clients:
+                self._evict(now)
+            self._clients[client] = [now, 0.0]
+            return 0
+        if now - entry[0] >= self.interval_s:
+            suppressed = int(entry[1])
+            entry[0], entry[1] = now, 0.0
+            return suppressed
+        entry[1] += 1
+        return None
+
+    def _evict(self, now: float) -> None:
+        stale = [k for k, (t, _) in self._clients.items() if now - t >= self.interval_s]
+        for k in stale:
+            del self._clients[k]
+        if len(self._clients) >= self.max_clients:
+            self._clients.clear()
+
+
 class ControlServer:
     """Request/reply server of the daemon (see docs/protocol.md, "Control socket")."""
 
@@ -89,6 +141,7 @@ class ControlServer:
         *,
         telemetry: Any = None,
         server_name: str = "qkdnode",
+        refusal_log_interval_s: float = REFUSAL_LOG_INTERVAL_S,
     ) -> None:
         self._ctx = ctx
         self._bus = bus_config
@@ -103,14 +156,22 @@ class ControlServer:
         self._ids = IdMaker("s")
         self._limits = TokenBuckets(bus_config.client_rate_limit_per_s)
         self._throttle = _Throttle()
+        self._refusal_log = _RefusalLog(refusal_log_interval_s)
         self._recheck_scheduled = False
         self._plaintext = bus_config.allow_plaintext
         self._plain_caller = CallerInfo("plaintext", bus_config.plaintext_role, None)
         self.stats: Counter[str] = Counter()
         self._builtins: dict[str, CommandSpec] = {
-            "ping": CommandSpec("ping", self._ping, None, "monitor", None, "liveness check"),
+            "ping": CommandSpec(
+                "ping", self._ping, None, "monitor", NoContent, "liveness and protocol check"
+            ),
             "commands": CommandSpec(
-                "commands", self._list_commands, None, "monitor", None, "commands you may call"
+                "commands",
+                self._list_commands,
+                None,
+                "monitor",
+                NoContent,
+                "every command with its role, states, content schema and error codes",
             ),
         }
         if telemetry is not None and "snapshot" not in commands:
@@ -242,15 +303,14 @@ class ControlServer:
 
     def _handle(self, frames: list[bytes], count: int, user_id: str | None) -> None:
         self.stats["messages"] += 1
-        identity = frames[0]
-        rate_key = user_id.encode() if user_id else identity
-        verdict = self._limits.take(rate_key)
+        origin = _Origin(frames[0], user_id)
+        verdict = self._limits.take(origin.client)
         if verdict < 0:
             self.stats["dropped_flood"] += 1
             return
         if count != 3 or frames[1] != _EMPTY:
             self._refuse(
-                identity,
+                origin,
                 None,
                 None,
                 ErrorCode.BAD_FRAMES,
@@ -265,7 +325,7 @@ class ControlServer:
         body = frames[2]
         if len(body) > self._bus.max_control_frame_bytes:
             self._refuse(
-                identity,
+                origin,
                 None,
                 None,
                 ErrorCode.TOO_LARGE,
@@ -280,11 +340,32 @@ class ControlServer:
         try:
             env = parse_request(body)
         except EnvelopeError as exc:
-            self._refuse(identity, exc.parent_id, exc.command, exc.code, exc.message, exc.details)
+            self._refuse(origin, exc.parent_id, exc.command, exc.code, exc.message, exc.details)
             return
+        except Exception:  # a parser bug: the message is still answered, once
+            self._unexpected(origin, None, None)
+            return
+        try:
+            self._serve(origin, env, verdict)
+        except Exception:
+            self._unexpected(origin, env.id, env.command)
+
+    def _unexpected(self, origin: _Origin, parent_id: str | None, command: str | None) -> None:
+        self.stats["internal"] += 1
+        log.exception("bus.control.unexpected", command=command)
+        self._refuse(
+            origin,
+            parent_id,
+            command,
+            ErrorCode.INTERNAL,
+            "the server failed to process the request",
+            {"field": "(server)"},
+        )
+
+    def _serve(self, origin: _Origin, env: RequestEnvelope, verdict: int) -> None:
         if verdict == 0:
             self._refuse(
-                identity,
+                origin,
                 env.id,
                 env.command,
                 ErrorCode.RATE_LIMITED,
@@ -292,10 +373,10 @@ class ControlServer:
                 {"limit_per_s": self._limits.rate},
             )
             return
-        caller = self._caller(user_id)
+        caller = self._caller(origin.user_id)
         if caller is None:
             self._refuse(
-                identity,
+                origin,
                 env.id,
                 env.command,
                 ErrorCode.FORBIDDEN,
@@ -305,17 +386,17 @@ class ControlServer:
             return
         if env.type == "heartbeat":
             self.stats["heartbeats"] += 1
-            self._send(identity, reply_bytes(self._ids(), env.id, None, {}, "heartbeat"))
+            self._send(origin, reply_bytes(self._ids(), env.id, None, {}, "heartbeat"))
             return
-        self._dispatch(identity, env, caller)
+        self._dispatch(origin, env, caller)
 
     # ----------------------------------------------------------------- dispatching
-    def _dispatch(self, identity: bytes, env: RequestEnvelope, caller: CallerInfo) -> None:
+    def _dispatch(self, origin: _Origin, env: RequestEnvelope, caller: CallerInfo) -> None:
         name = env.command or ""
         spec = self._builtins.get(name) or self._commands.get(name)
         if spec is None:
             self._refuse(
-                identity,
+                origin,
                 env.id,
                 name,
                 ErrorCode.UNKNOWN_COMMAND,
@@ -325,7 +406,7 @@ class ControlServer:
             return
         if not spec.role_allows(caller.role):
             self._refuse(
-                identity,
+                origin,
                 env.id,
                 name,
                 ErrorCode.FORBIDDEN,
@@ -334,12 +415,25 @@ class ControlServer:
                 {"field": "command", "required_role": spec.role, "role": caller.role},
             )
             return
+        try:
+            content = spec.content_model.model_validate(env.content).model_dump()
+        except ValidationError as exc:
+            errors = field_errors(exc, "content.")
+            self._refuse(
+                origin,
+                env.id,
+                name,
+                ErrorCode.INVALID_CONTENT,
+                "invalid content field(s): " + ", ".join(e["field"] for e in errors),
+                {"field": errors[0]["field"], "errors": errors},
+            )
+            return
         if spec.allowed_states is not None:
             state = self._current_state()
             if state not in spec.allowed_states:
                 allowed = sorted(spec.allowed_states)
                 self._refuse(
-                    identity,
+                    origin,
                     env.id,
                     name,
                     ErrorCode.NOT_ALLOWED_IN_STATE,
@@ -348,58 +442,43 @@ class ControlServer:
                     {"field": "command", "state": state, "allowed_states": allowed},
                 )
                 return
-        content = env.content
-        if spec.request_model is not None:
-            try:
-                content = spec.request_model.model_validate(content).model_dump()
-            except ValidationError as exc:
-                errors = field_errors(exc, "content.")
-                self._refuse(
-                    identity,
-                    env.id,
-                    name,
-                    ErrorCode.INVALID_CONTENT,
-                    "invalid content field(s): " + ", ".join(e["field"] for e in errors),
-                    {"field": errors[0]["field"], "errors": errors},
-                )
-                return
         if len(self._tasks) >= self._bus.max_inflight_requests:
             self._refuse(
-                identity,
+                origin,
                 env.id,
                 name,
                 ErrorCode.BUSY,
                 "too many requests in progress",
-                {"limit": len(self._tasks)},
+                {"limit": self._bus.max_inflight_requests},
             )
             return
         self.stats["requests"] += 1
         try:
             done, result, task = start_eager(spec.handler(content, caller))
         except BaseException as exc:  # handler errors become replies
-            self._handler_failed(identity, env, exc)
+            self._handler_failed(origin, env, exc)
             return
         if done:
-            self._reply(identity, env, result)
+            self._reply(origin, env, result)
             return
         assert task is not None
         self._tasks.add(task)
-        task.add_done_callback(lambda t: self._task_done(t, identity, env))
+        task.add_done_callback(lambda t: self._task_done(t, origin, env))
 
-    def _task_done(self, task: asyncio.Task[Any], identity: bytes, env: RequestEnvelope) -> None:
+    def _task_done(self, task: asyncio.Task[Any], origin: _Origin, env: RequestEnvelope) -> None:
         self._tasks.discard(task)
         if self._sock is None or task.cancelled():
             return
         exc = task.exception()
         if exc is not None:
-            self._handler_failed(identity, env, exc)
+            self._handler_failed(origin, env, exc)
         else:
-            self._reply(identity, env, task.result())
+            self._reply(origin, env, task.result())
         self._schedule_recheck()
 
-    def _handler_failed(self, identity: bytes, env: RequestEnvelope, exc: BaseException) -> None:
+    def _handler_failed(self, origin: _Origin, env: RequestEnvelope, exc: BaseException) -> None:
         if isinstance(exc, CommandError):
-            self._refuse(identity, env.id, env.command, exc.code, exc.message, exc.details)
+            self._refuse(origin, env.id, env.command, exc.code, exc.message, exc.details)
             return
         if not isinstance(exc, Exception):
             raise exc
@@ -410,7 +489,7 @@ class ControlServer:
             exc_info=exc,
         )
         self._refuse(
-            identity,
+            origin,
             env.id,
             env.command,
             ErrorCode.INTERNAL,
@@ -418,10 +497,10 @@ class ControlServer:
             {"field": "command"},
         )
 
-    def _reply(self, identity: bytes, env: RequestEnvelope, result: Any) -> None:
+    def _reply(self, origin: _Origin, env: RequestEnvelope, result: Any) -> None:
         if not isinstance(result, dict):
             self._refuse(
-                identity,
+                origin,
                 env.id,
                 env.command,
                 ErrorCode.INTERNAL,
@@ -431,9 +510,9 @@ class ControlServer:
             return
         try:
             payload = reply_bytes(self._ids(), env.id, env.command, result)
-        except (TypeError, ValueError):
+        except Exception:  # TypeError, ValueError (NaN), RecursionError
             self._refuse(
-                identity,
+                origin,
                 env.id,
                 env.command,
                 ErrorCode.INTERNAL,
@@ -441,11 +520,11 @@ class ControlServer:
                 {"field": "content"},
             )
             return
-        self._send(identity, payload)
+        self._send(origin, payload)
 
     def _refuse(  # noqa: PLR0917
         self,
-        identity: bytes,
+        origin: _Origin,
         parent_id: str | None,
         command: str | None,
         code: str,
@@ -453,22 +532,41 @@ class ControlServer:
         details: dict[str, Any],
     ) -> None:
         self.stats[f"error.{code}"] += 1
-        if self._throttle.ok(str(code)):
-            log.warning(
-                "bus.control.refused",
-                code=str(code),
-                command=command,
-                reason=message,
-                field=details.get("field"),
-            )
-        self._send(identity, error_bytes(self._ids(), parent_id, command, code, message, details))
+        self._log_refusal(origin, command, str(code), message, details)
+        self._send(origin, error_bytes(self._ids(), parent_id, command, code, message, details))
 
-    def _send(self, identity: bytes, payload: bytes) -> None:
+    def _log_refusal(
+        self, origin: _Origin, command: str | None, code: str, message: str, details: Any
+    ) -> None:
+        """Log a refusal unless this client had one logged less than an interval ago."""
+        suppressed = self._refusal_log.admit(origin.client)
+        if suppressed is None:
+            self.stats["refusals_not_logged"] += 1
+            return
+        log.warning(
+            "bus.control.refused",
+            client=self._client_name(origin),
+            code=code,
+            command=command,
+            reason=message,
+            field=details.get("field") if isinstance(details, dict) else None,
+            suppressed=suppressed,
+            interval_s=self._refusal_log.interval_s,
+        )
+
+    def _client_name(self, origin: _Origin) -> str:
+        """The client in log lines: its config name (CURVE), else its connection."""
+        if origin.user_id is None:
+            return f"plaintext:{origin.identity.hex()}"
+        caller = self._caller(origin.user_id)
+        return caller.name if caller is not None else f"unlisted:{origin.user_id[:8]}"
+
+    def _send(self, origin: _Origin, payload: bytes) -> None:
         sock = self._sock
         if sock is None:
             return
         try:
-            sock.send(identity, _SNDMORE | _NOBLOCK)
+            sock.send(origin.identity, _SNDMORE | _NOBLOCK)
             sock.send(_EMPTY, _SNDMORE | _NOBLOCK)
             sock.send(payload, _NOBLOCK)
         except zmq.ZMQError:
@@ -492,21 +590,9 @@ class ControlServer:
             "caller": {"name": caller.name, "role": caller.role},
         }
 
+    def specs(self) -> list[CommandSpec]:
+        """Every command this server answers: the built-ins, then the command table."""
+        return [*self._builtins.values(), *self._commands]
+
     async def _list_commands(self, content: dict[str, Any], caller: CallerInfo) -> dict[str, Any]:
-        out = []
-        for spec in [*self._builtins.values(), *self._commands]:
-            out.append(
-                {
-                    "name": spec.name,
-                    "role": spec.role,
-                    "allowed_states": None
-                    if spec.allowed_states is None
-                    else sorted(spec.allowed_states),
-                    "callable": spec.role_allows(caller.role),
-                    "description": spec.description,
-                    "content_schema": spec.request_model.model_json_schema()
-                    if spec.request_model is not None
-                    else None,
-                }
-            )
-        return {"commands": out}
+        return {"commands": [spec.describe(caller.role) for spec in self.specs()]}

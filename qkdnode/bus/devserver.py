@@ -1,17 +1,21 @@
 """A standalone bus server with a small command table, for client developers and tests.
 
-``python -m qkdnode.bus.devserver --plaintext`` serves control and telemetry on loopback
-with commands that behave like the daemon's (``status``, ``start``, ``stop``,
-``calibrate``, ``sync``, ``keys.get``) plus ``echo`` and ``sleep``, over an in-memory
-state (``idle`` -> ``running`` ...). Handy to develop a client in another language
-against docs/protocol.md without instruments. Prints one JSON line with the bound
-endpoints once it is ready, then serves until SIGTERM/SIGINT.
+``python -m qkdnode.bus.devserver --plaintext --plaintext-role operator`` serves control
+and telemetry on loopback with commands that behave like the daemon's (``status``,
+``start``, ``stop``, ``calibrate``, ``sync``, ``keys.get`` with the daemon's content
+models and reply field names) plus ``echo`` and ``sleep``, over an in-memory state
+(``idle`` -> ``running`` ...; the daemon's states are upper case). Handy to develop a
+client in another language against docs/protocol.md without instruments. Like the
+daemon, a plaintext bus gives every caller the role ``monitor`` unless
+``--plaintext-role operator`` is given. Prints one JSON line with the bound endpoints
+once it is ready, then serves until SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -25,24 +29,36 @@ import zmq
 import zmq.asyncio
 from pydantic import BaseModel, ConfigDict, Field
 
-from qkdnode.bus.commands import CallerInfo, CommandSpec, CommandTable
+from qkdnode.bus.commands import (
+    CallerInfo,
+    CommandSpec,
+    CommandTable,
+    Content,
+    KeysGetContent,
+)
 from qkdnode.bus.control import ControlServer
-from qkdnode.bus.errors import CommandError
+from qkdnode.bus.errors import CommandError, ErrorCode
 from qkdnode.bus.keys import load_secret_key
 from qkdnode.bus.telemetry import TelemetryPublisher
 from qkdnode.config.sections import BusSection, CurveClient
 from qkdnode.log import configure_logging
 
-
-class KeysRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    number: int = Field(1, ge=1, le=128)
-    size_bits: int = Field(256, ge=8, le=8192, multiple_of=8)
+#: key size of ``keys.get`` without ``size_bits`` (the daemon uses keystore.key_size_bits)
+DEFAULT_KEY_SIZE_BITS = 256
 
 
-class SleepRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    seconds: float = Field(ge=0, le=600)
+class EchoContent(BaseModel):
+    """Content of ``echo``: any JSON object, returned as it came."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [{"a": [1, 2]}]})
+
+
+class SleepContent(Content):
+    """Content of ``sleep``."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"seconds": 0.5}]})
+
+    seconds: float = Field(ge=0, le=600, description="how long the handler waits")
 
 
 class DevNode:
@@ -54,10 +70,12 @@ class DevNode:
         self.calibrations = 0
         self.started_at = time.time()
 
-    def _set(self, new: str) -> None:
+    def _set(self, new: str, event: str) -> None:
         old, self.state = self.state, new
         if self.telemetry is not None:
-            self.telemetry.publish("state", {"old": old, "new": new})
+            self.telemetry.publish(
+                "state", {"old": old, "new": new, "event": event, "reason": "devserver"}
+            )
 
     async def status(self, content: dict[str, Any], caller: CallerInfo) -> dict[str, Any]:
         return {
@@ -68,23 +86,23 @@ class DevNode:
         }
 
     async def start(self, content: dict[str, Any], caller: CallerInfo) -> dict[str, Any]:
-        self._set("running")
+        self._set("running", "exchange")
         return {"state": self.state}
 
     async def stop(self, content: dict[str, Any], caller: CallerInfo) -> dict[str, Any]:
-        self._set("idle")
+        self._set("idle", "stop")
         return {"state": self.state}
 
     async def calibrate(self, content: dict[str, Any], caller: CallerInfo) -> dict[str, Any]:
-        self._set("calibrating")
+        self._set("calibrating", "calibrate")
         try:
             await asyncio.sleep(0.05)
             self.calibrations += 1
             result = {"ok": True, "steps": ["bias", "peak", "delay"], "n": self.calibrations}
             if self.telemetry is not None:
-                self.telemetry.publish("calibration", result)
+                self.telemetry.publish("calibration.devserver", result)
         finally:
-            self._set("idle")
+            self._set("idle", "calibrated")
         return result
 
     async def sync(self, content: dict[str, Any], caller: CallerInfo) -> dict[str, Any]:
@@ -93,11 +111,18 @@ class DevNode:
 
     async def keys_get(self, content: dict[str, Any], caller: CallerInfo) -> dict[str, Any]:
         if self.state != "running":
-            raise CommandError("no key available", code="no_key", details={"state": self.state})
-        n, size = int(content["number"]), int(content["size_bits"])
+            raise CommandError(
+                "no key available", code=ErrorCode.NO_KEY, details={"state": self.state}
+            )
+        n = int(content["number"])
+        size = int(content["size_bits"] or DEFAULT_KEY_SIZE_BITS)
         return {
             "keys": [
-                {"key_id": str(uuid.uuid4()), "key": os.urandom(size // 8).hex()} for _ in range(n)
+                {
+                    "key_ID": str(uuid.uuid4()),
+                    "key": base64.b64encode(os.urandom(size // 8)).decode(),
+                }
+                for _ in range(n)
             ]
         }
 
@@ -117,9 +142,16 @@ class DevNode:
                 CommandSpec("stop", self.stop, frozenset({"running", "calibrating"}), "operator"),
                 CommandSpec("calibrate", self.calibrate, frozenset({"idle"}), "operator"),
                 CommandSpec("sync", self.sync, frozenset({"idle", "running"}), "operator"),
-                CommandSpec("keys.get", self.keys_get, running, "operator", KeysRequest),
-                CommandSpec("echo", self.echo, None, "monitor"),
-                CommandSpec("sleep", self.sleep, None, "monitor", SleepRequest),
+                CommandSpec(
+                    "keys.get",
+                    self.keys_get,
+                    running,
+                    "operator",
+                    KeysGetContent,
+                    errors=(ErrorCode.NO_KEY,),
+                ),
+                CommandSpec("echo", self.echo, None, "monitor", EchoContent),
+                CommandSpec("sleep", self.sleep, None, "monitor", SleepContent),
             ]
         )
 
@@ -156,7 +188,8 @@ async def serve(
         n = 0
         while telemetry_hz > 0:
             n += 1
-            pub.publish("rates.count", {"n": n, "count_rate_hz": 1.0e5 + n % 100})
+            rate = 2.5e4 + n % 100
+            pub.publish("rates", {"detector_count_rate_hz": [rate, rate, rate, rate]})
             await asyncio.sleep(1.0 / telemetry_hz)
 
     rate_task = asyncio.create_task(rates())
@@ -176,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--control", default="tcp://127.0.0.1:0")
     p.add_argument("--telemetry", default="tcp://127.0.0.1:0")
     p.add_argument("--plaintext", action="store_true")
-    p.add_argument("--plaintext-role", default="operator", choices=["monitor", "operator"])
+    p.add_argument("--plaintext-role", default="monitor", choices=["monitor", "operator"])
     p.add_argument("--secret-key", help="server secret key file (CURVE)")
     p.add_argument("--client", action="append", default=[], metavar="NAME:ROLE:PUBKEY")
     p.add_argument("--rate-limit", type=float, default=5000.0)

@@ -10,13 +10,16 @@ A control message is one JSON frame (UTF-8) after an empty delimiter frame::
               "command": "status", "error": {"code": "...", "message": "...", "details": {}}}
 
 Parsing is defensive and ordered so that each problem gets its own code: JSON syntax,
-envelope shape, version, message type, then the remaining fields.
+envelope shape, version, message type, then the remaining fields. The JSON accepted is
+strict RFC 8259 text in UTF-8: no ``NaN``/``Infinity`` (nor numbers that overflow to
+them), no duplicate object keys, at most :data:`MAX_JSON_DEPTH` nested arrays/objects.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import time
 from typing import Any, Literal
@@ -31,6 +34,8 @@ REQUEST_TYPES: tuple[str, ...] = ("request", "heartbeat")
 REPLY_TYPES: tuple[str, ...] = ("reply", "error", "heartbeat")
 COMMAND_PATTERN = r"^[a-z][a-z0-9_.]{0,63}$"
 MAX_ID_LENGTH = 64
+#: Deepest nesting of arrays and objects in a message (the envelope object is level 1).
+MAX_JSON_DEPTH = 32
 
 
 class _Strict(BaseModel):
@@ -102,19 +107,93 @@ def field_errors(exc: ValidationError, prefix: str = "") -> list[dict[str, str]]
     return out
 
 
-def parse_request(body: bytes) -> RequestEnvelope:
-    """Decode one request frame or raise :class:`EnvelopeError` naming the bad field."""
+class _Refused(ValueError):
+    """Valid to Python's json module, refused by the protocol (NaN, duplicate key...)."""
+
+
+def _no_constant(name: str) -> Any:
+    raise _Refused(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _Refused("a number is out of the range of a 64-bit float")
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _Refused(f"duplicate object key {key!r:.40}")
+            seen.add(key)
+    return obj
+
+
+_DECODER = json.JSONDecoder(
+    object_pairs_hook=_unique_keys, parse_float=_finite_float, parse_constant=_no_constant
+)
+
+
+def _depth_exceeds(data: Any, limit: int) -> bool:
+    """True if ``data`` nests arrays/objects deeper than ``limit`` (iterative walk)."""
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        for child in children:
+            if isinstance(child, dict | list):
+                stack.append((child, depth + 1))
+    return False
+
+
+def loads_strict(body: bytes) -> Any:
+    """Decode one JSON frame as the protocol defines it, or raise :class:`EnvelopeError`
+    (code ``bad_json``; ``details.position`` is the byte or character offset when known)."""
     try:
-        data = json.loads(body)
+        text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise EnvelopeError(
             ErrorCode.BAD_JSON, "message frame is not UTF-8 text", {"position": exc.start}
         ) from None
-    except ValueError as exc:
+    try:
+        data = _DECODER.decode(text)
+    except RecursionError:
+        raise EnvelopeError(
+            ErrorCode.BAD_JSON,
+            f"JSON nested deeper than {MAX_JSON_DEPTH} levels",
+            {"max_depth": MAX_JSON_DEPTH},
+        ) from None
+    except _Refused as exc:
+        raise EnvelopeError(ErrorCode.BAD_JSON, f"message frame refused: {exc}") from None
+    except ValueError as exc:  # JSONDecodeError, or an integer of too many digits
         pos = getattr(exc, "pos", None)
         raise EnvelopeError(
-            ErrorCode.BAD_JSON, "message frame is not valid JSON", {"position": pos}
+            ErrorCode.BAD_JSON,
+            "message frame is not valid JSON",
+            {"position": pos} if pos is not None else {},
         ) from None
+    if (
+        isinstance(data, dict | list)
+        and body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH
+        and _depth_exceeds(data, MAX_JSON_DEPTH)
+    ):
+        raise EnvelopeError(
+            ErrorCode.BAD_JSON,
+            f"JSON nested deeper than {MAX_JSON_DEPTH} levels",
+            {"max_depth": MAX_JSON_DEPTH},
+        )
+    return data
+
+
+def parse_request(body: bytes) -> RequestEnvelope:
+    """Decode one request frame or raise :class:`EnvelopeError` naming the bad field."""
+    data = loads_strict(body)
     if not isinstance(data, dict):
         raise EnvelopeError(
             ErrorCode.BAD_ENVELOPE,

@@ -12,22 +12,32 @@ from typing import Any
 
 
 class ErrorCode(StrEnum):
-    """Stable, machine-readable error codes of control replies (documented in protocol.md)."""
+    """Stable, machine-readable error codes of control replies (documented in protocol.md).
+
+    The first group is sent by the server itself, in the order of its checks; the second
+    by command handlers (each command lists its own in ``commands``).
+    """
 
     BAD_FRAMES = "bad_frames"
     TOO_LARGE = "too_large"
+    RATE_LIMITED = "rate_limited"
     BAD_JSON = "bad_json"
     BAD_ENVELOPE = "bad_envelope"
     UNSUPPORTED_VERSION = "unsupported_version"
     UNKNOWN_TYPE = "unknown_type"
     UNKNOWN_COMMAND = "unknown_command"
     FORBIDDEN = "forbidden"
-    NOT_ALLOWED_IN_STATE = "not_allowed_in_state"
     INVALID_CONTENT = "invalid_content"
-    RATE_LIMITED = "rate_limited"
+    NOT_ALLOWED_IN_STATE = "not_allowed_in_state"
     BUSY = "busy"
-    COMMAND_FAILED = "command_failed"
     INTERNAL = "internal"
+    # refusals of command handlers
+    COMMAND_FAILED = "command_failed"
+    NO_KEY = "no_key"
+    NOT_READY = "not_ready"
+    WRONG_NODE = "wrong_node"
+    REFUSED = "refused"
+    NOT_SIMULATED = "not_simulated"
 
 
 class BusError(Exception):

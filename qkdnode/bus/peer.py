@@ -437,7 +437,8 @@ class PeerChannel:
         self._push(
             PeerDisconnected(
                 "lost",
-                f"peer messages lost (expected {self._recv_seq + 1}, got {seq}); abort the block",
+                f"peer messages lost (received up to seq {self._recv_seq}, "
+                f"the peer has sent seq {seq}); abort the block",
             )
         )
 

@@ -36,12 +36,12 @@ TOPIC_RE = re.compile(r"^[a-z][a-z0-9_.\-]{0,127}$")
 #: Topics the daemon publishes (documented in docs/protocol.md); others are allowed.
 STANDARD_TOPICS = (
     "state",
-    "rates.count",
-    "rates.error",
-    "rates.key",
-    "health",
-    "calibration",
     "alarm",
+    "block",
+    "progress",
+    "rates",
+    "peer",
+    "sync",
 )
 
 

@@ -128,6 +128,11 @@ def check_control(
         return HealthResult(UNKNOWN, "control", endpoint, detail="status reply has no state")
     raw_healthy = reply.get("healthy")
     healthy = bool(raw_healthy) if raw_healthy is not None else _healthy_from_state(state)
+    alarms = [
+        (str(a.get("name", "?")), str(a.get("severity", "")))
+        for a in reply.get("alarms") or []
+        if isinstance(a, dict)
+    ]
     perf: dict[str, float] = {}
     for key, value in reply.items():
         if (
@@ -137,9 +142,19 @@ def check_control(
             and key != "pid"
         ):
             perf[_perf_key(str(key))] = float(value)
-    return HealthResult(
-        _classify(state, healthy), "control", endpoint, state, healthy, perfdata=perf
-    )
+    status, detail = _with_alarms(_classify(state, healthy), alarms)
+    return HealthResult(status, "control", endpoint, state, healthy, detail, perf)
+
+
+def _with_alarms(status: str, alarms: list[tuple[str, str]]) -> tuple[str, str]:
+    """Active alarms decide too: a critical one is CRITICAL, any other at least WARNING."""
+    if not alarms:
+        return status, ""
+    if any(sev == "critical" for _, sev in alarms):
+        status = CRITICAL
+    elif status == OK:
+        status = WARNING
+    return status, "alarms: " + ",".join(f"{n}({sev})" for n, sev in alarms)
 
 
 # -- via the metrics endpoint -----------------------------------------------------------
@@ -202,6 +217,14 @@ def check_metrics(url: str, timeout_s: float) -> HealthResult:
     status = _classify(state, healthy)
     if down and status == OK:
         status = WARNING
+    alarm_family = families.get("qkdnode_alarm_active")
+    alarms = [
+        (s.labels.get("alarm", "?"), s.labels.get("severity", ""))
+        for s in (alarm_family.samples if alarm_family is not None else [])
+        if s.value == 1
+    ]
+    status, alarm_detail = _with_alarms(status, alarms)
+    detail = " ".join(x for x in (detail, alarm_detail) if x)
     return HealthResult(status, "metrics", url, state, healthy, detail, perf)
 
 

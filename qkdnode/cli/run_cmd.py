@@ -41,6 +41,13 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_USAGE
+    from qkdnode.cli.config_cmd import runtime_problems
+
+    problems = runtime_problems(cfg)
+    if problems:  # the same checks as `qkdnode config check`, before anything starts
+        for problem in problems:
+            print(f"{path}: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     configure_logging(args.log_level or cfg.node.log_level, json=True if args.log_json else None)
     from qkdnode.daemon import run_daemon
 

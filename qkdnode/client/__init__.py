@@ -1,10 +1,17 @@
 """Python clients of a node's bus: blocking :class:`Client`, asyncio :class:`AsyncClient`,
-and telemetry iterators (:func:`subscribe`, :func:`asubscribe`). See docs/protocol.md."""
+and telemetry: the polled :class:`Subscription` and the iterators :func:`subscribe`,
+:func:`asubscribe`. See docs/protocol.md."""
 
 from qkdnode.bus.errors import BusError, BusTimeout, RemoteError
 from qkdnode.client.aio import AsyncClient
 from qkdnode.client.sync import Client
-from qkdnode.client.telemetry import CloneState, TelemetryEvent, asubscribe, subscribe
+from qkdnode.client.telemetry import (
+    CloneState,
+    Subscription,
+    TelemetryEvent,
+    asubscribe,
+    subscribe,
+)
 
 __all__ = [
     "AsyncClient",
@@ -13,6 +20,7 @@ __all__ = [
     "Client",
     "CloneState",
     "RemoteError",
+    "Subscription",
     "TelemetryEvent",
     "asubscribe",
     "subscribe",

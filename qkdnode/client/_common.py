@@ -35,6 +35,19 @@ def client_keypair(value: KeyPair | KeyLike | None) -> KeyPair:
     return load_keypair(value.decode() if isinstance(value, bytes) else value)
 
 
+def connect(sock: zmq.Socket[Any], endpoint: str) -> None:
+    """``sock.connect(endpoint)``; a malformed endpoint is a :class:`ValueError` that names it
+    (libzmq only says "Invalid argument"). The socket is closed on failure."""
+    try:
+        sock.connect(endpoint)
+    except zmq.ZMQError as exc:
+        sock.close(linger=0)
+        raise ValueError(
+            f"invalid endpoint {endpoint!r} ({exc.strerror}): "
+            "expected tcp://HOST:PORT or ipc://PATH"
+        ) from None
+
+
 def configure(
     sock: zmq.Socket[Any],
     server_public: bytes | None,

@@ -13,7 +13,14 @@ import zmq.asyncio
 
 from qkdnode.bus.envelope import IdMaker, ReplyEnvelope, parse_reply, request_bytes
 from qkdnode.bus.errors import BusError, BusTimeout, RemoteError
-from qkdnode.client._common import KeyLike, KeyPair, client_keypair, configure, server_key
+from qkdnode.client._common import (
+    KeyLike,
+    KeyPair,
+    client_keypair,
+    configure,
+    connect,
+    server_key,
+)
 from qkdnode.client.sync import DEFAULT_TIMEOUT_S
 
 log = structlog.get_logger(__name__)
@@ -77,7 +84,7 @@ class AsyncClient:
     def _open_socket(self) -> None:
         sock = self._ctx.socket(zmq.DEALER)
         configure(sock, self._server_key, self._keys, self._max_reply, self._reconnect_max_s)
-        sock.connect(self.endpoint)
+        connect(sock, self.endpoint)
         self._sock = sock
         self._reader = asyncio.create_task(self._read_loop(sock), name="client-reader")
 

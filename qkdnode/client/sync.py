@@ -9,7 +9,14 @@ import zmq
 
 from qkdnode.bus.envelope import IdMaker, ReplyEnvelope, parse_reply, request_bytes
 from qkdnode.bus.errors import BusError, BusTimeout, RemoteError
-from qkdnode.client._common import KeyLike, KeyPair, client_keypair, configure, server_key
+from qkdnode.client._common import (
+    KeyLike,
+    KeyPair,
+    client_keypair,
+    configure,
+    connect,
+    server_key,
+)
 
 DEFAULT_TIMEOUT_S = 5.0
 
@@ -45,12 +52,17 @@ class Client:
         self._ids = IdMaker("c")
         self._sock: zmq.Socket[bytes] | None = None
         self.reconnects = 0
-        self._open()
+        try:
+            self._open()
+        except ValueError:  # a malformed endpoint: nothing is left open
+            if self._own_ctx:
+                self._ctx.term()
+            raise
 
     def _open(self) -> None:
         sock: zmq.Socket[bytes] = self._ctx.socket(zmq.DEALER)
         configure(sock, self._server_key, self._keys, self._max_reply, self._reconnect_max_s)
-        sock.connect(self.endpoint)
+        connect(sock, self.endpoint)
         self._sock = sock
 
     def _reopen(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 from qkdnode.config.sections import (
+    AlarmsSection,
     BusSection,
     CalibrationSection,
     DeliverySection,
@@ -33,6 +34,7 @@ class NodeConfig(Section):
     keystore: KeystoreSection = KeystoreSection()
     delivery: DeliverySection = DeliverySection()
     metrics: MetricsSection = MetricsSection()
+    alarms: AlarmsSection = AlarmsSection()
     simulation: SimulationSection | None = None
 
     @model_validator(mode="after")

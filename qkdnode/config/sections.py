@@ -7,6 +7,7 @@ setting. Physical quantities carry their unit in the field name.
 from __future__ import annotations
 
 import ipaddress
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -103,10 +104,25 @@ def _is_loopback_or_explicit(endpoint: str) -> bool:
         return False
 
 
+def _check_z85(v: str) -> None:
+    """A Z85 CURVE key is 40 characters of the Z85 alphabet (ZeroMQ RFC 32)."""
+    if not _Z85.fullmatch(v):
+        raise ValueError("not a Z85 CURVE key (40 characters of the Z85 alphabet)")
+
+
+_Z85 = re.compile(r"[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")
+
+
 class CurveClient(Section):
     name: str = Field(min_length=1)
     public_key: str = Field(min_length=40, max_length=40, description="Z85 CURVE public key")
     role: Literal["monitor", "operator", "peer"]
+
+    @field_validator("public_key")
+    @classmethod
+    def _key(cls, v: str) -> str:
+        _check_z85(v)
+        return v
 
 
 class BusSection(Section):
@@ -136,7 +152,9 @@ class BusSection(Section):
         "because a busy node (calibration scans, a loaded CPU) may answer late",
     )
     plaintext_role: Literal["monitor", "operator"] = Field(
-        "operator", description="role given to every caller when allow_plaintext is true"
+        "monitor",
+        description="role given to every caller when allow_plaintext is true; operator "
+        "actions over a plaintext bus must be allowed explicitly with 'operator'",
     )
     reconnect_max_s: float = Field(
         30.0, gt=0, le=3600, description="longest wait between reconnect attempts (backoff cap)"
@@ -152,6 +170,17 @@ class BusSection(Section):
             raise ValueError(f"must start with tcp:// or ipc://, got {v!r}")
         if v.startswith("tcp://") and "*" in v:
             raise ValueError(f"wildcard bind {v!r} not allowed: name the interface address")
+        if v.startswith("tcp://"):
+            host, sep, port = v.removeprefix("tcp://").rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+                raise ValueError(f"needs tcp://HOST:PORT with a port in 0..65535, got {v!r}")
+        return v
+
+    @field_validator("peer_public_key")
+    @classmethod
+    def _peer_key(cls, v: str | None) -> str | None:
+        if v is not None:
+            _check_z85(v)
         return v
 
 
@@ -257,6 +286,37 @@ class DeliverySection(Section):
         if self.min_key_size_bits > self.max_key_size_bits:
             raise ValueError("min_key_size_bits must not exceed max_key_size_bits")
         return self
+
+
+class AlarmsSection(Section):
+    """When the node raises its alarms (docs/operations.md lists them)."""
+
+    no_key_block_factor: float = Field(
+        4.0, ge=1.5, le=100, description="no_key: no commit for this many expected block times"
+    )
+    no_key_min_s: float = Field(
+        60.0, ge=1, le=86400, description="no_key: never before this many seconds without commit"
+    )
+    not_exchanging_grace_s: float = Field(
+        600.0,
+        ge=10,
+        le=86400,
+        description="no_key: time allowed to calibrate and synchronise before key must flow",
+    )
+    aborted_blocks: int = Field(3, ge=1, le=1000, description="blocks_aborting: in a row")
+    peer_down_s: float = Field(15.0, ge=1, le=3600, description="peer_down: after this long")
+    pair_mismatch_s: float = Field(
+        30.0, ge=5, le=3600, description="pair_inconsistent: states disagree for this long"
+    )
+    disk_free_min_bytes: int = Field(
+        200_000_000, ge=0, description="disk_nearly_full: below this many free bytes"
+    )
+    disk_free_min_ratio: float = Field(
+        0.02, ge=0, le=0.5, description="disk_nearly_full: or below this share of the disk"
+    )
+    calibration_max_age_s: float = Field(
+        7 * 86400.0, gt=0, description="calibration_stale: after this long"
+    )
 
 
 class MetricsSection(Section):

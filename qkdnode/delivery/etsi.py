@@ -46,6 +46,7 @@ from qkdnode.keystore.models import (
     Pair,
     key_container,
 )
+from qkdnode.paths import credential_path
 
 log = structlog.get_logger(__name__)
 
@@ -405,12 +406,14 @@ async def start_etsi_server(
     ``revocation`` defaults to ``cfg.crl_file`` (none: no revocation check). ``port=0``
     binds a free port."""
     if ssl_context is None:
-        if cfg.tls_cert_file is None or cfg.tls_key_file is None or cfg.client_ca_file is None:
+        if cfg.tls_cert_file is None or cfg.client_ca_file is None:
             raise ValueError(
-                "delivery.tls_cert_file, delivery.tls_key_file and delivery.client_ca_file "
-                "are required for the ETSI 014 server"
+                "delivery.tls_cert_file and delivery.client_ca_file are required for the "
+                "ETSI 014 server (and delivery.tls_key_file or the credential tls.key)"
             )
-        ssl_context = server_context(cfg.tls_cert_file, cfg.tls_key_file, cfg.client_ca_file)
+        # The private key may come as the systemd credential "tls.key".
+        key_file = credential_path("tls.key", cfg.tls_key_file)
+        ssl_context = server_context(cfg.tls_cert_file, key_file, cfg.client_ca_file)
     if revocation is None:
         revocation = RevocationChecker.from_file(cfg.crl_file, ca_file=cfg.client_ca_file)
     api = EtsiApi(service, cfg, key_size_bits=key_size_bits, revocation=revocation)

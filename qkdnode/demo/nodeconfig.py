@@ -129,6 +129,8 @@ def _bus(cfg: DemoConfig, ep: Endpoints, role: str, keys: CurveKeys | None) -> d
         "peer_endpoint": ep.peer,
         "allow_plaintext": keys is None,
     }
+    if keys is None:  # the demo runner calibrates, starts, stops and compares the stores
+        bus["plaintext_role"] = "operator"
     if keys is not None:
         peer_name = RECEIVER_ID if tx else TRANSMITTER_ID
         peer_public = keys.rx_public if tx else keys.tx_public

@@ -266,6 +266,11 @@ class CascadeStats:
     passes: int = 0
 
 
+#: most local flip/cascade steps Bob takes between two rounds of queries before he decides
+#: that the answers are inconsistent (honest runs need a few tens)
+MAX_LOCAL_STEPS = 100_000
+
+
 class CascadeCorrector:
     """Bob's side: a synchronous state machine driven by the protocol layer.
 
@@ -409,7 +414,7 @@ class CascadeCorrector:
             raise CascadeError("block parities not given yet")
         if self._pending:
             raise CascadeError("answers to the previous queries are outstanding")
-        while True:
+        for _ in range(MAX_LOCAL_STEPS):
             found = self._descend()
             if found.size:
                 self._flip(_sorted_unique(found))
@@ -425,6 +430,13 @@ class CascadeCorrector:
             elif self._started == self.layout.passes:
                 return None
             self._begin_next_pass()
+        else:
+            # Consistent parities settle in a few steps (cascade chains are short); answers
+            # that contradict each other (a tampered channel) could flip bits forever.
+            raise CascadeError(
+                f"no settled state after {MAX_LOCAL_STEPS} local steps: the peer's parities "
+                "contradict each other"
+            )
         # searches that descended onto the same node would ask the same parity twice
         self._set_active(self._s)
         self.stats.rounds += 1

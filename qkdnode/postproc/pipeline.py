@@ -1,21 +1,33 @@
 """One key block between the two nodes: sifting -> estimation -> Cascade -> verification ->
-privacy amplification, every message authenticated (see :mod:`.auth`).
+privacy amplification, the whole transcript authenticated (see :mod:`.auth`).
 
-Message sequence (R = receiver, T = transmitter)::
+Message sequence (R = receiver, T = transmitter; [tag j] = the message ends a phase and
+carries the sender's j-th tag over everything both sides sent and received so far)::
 
     R->T sift        announced slots (compact gaps) + receiver bases (packed bits)
     T->R sift_reply  basis-match mask + intensity class of every matched detection
-    R->T pe          receiver's X-basis bits (the X basis is disclosed for estimation)
-    T->R pe_reply    decoy estimates, X error rate, Cascade seed and schedule (or abort)
+    R->T pe [tag 1]  receiver's X-basis bits (the X basis is disclosed for estimation)
+    T->R pe_reply [tag 1]   decoy estimates, X error rate, Cascade seed and schedule
     R->T ec_q / T->R ec_a   Cascade per frame: block parities, then batched parity
                      queries per round (frames interleaved, one query each in flight)
     R->T ec_q done   Z error counts per intensity class
     T->R verify      public hash key + transmitter's tag;  R->T verify_reply ok flag
-    T->R pa          final length + Toeplitz seed;          R->T done
-    either           abort (reason) at any point
+    T->R pa [tag 2]  final length + Toeplitz seed;         R->T done [tag 2]
+    either           abort (reason) at any point (not authenticated: it only ends a block)
+
+Checkpoints: the transmitter estimates only after verifying the receiver's tag 1 (sifting
+and its X bits are authentic), the receiver runs Cascade only after verifying the
+transmitter's tag 1; the receiver computes and outputs its key only after verifying the
+transmitter's tag 2 (the whole transcript, both directions), the transmitter only after
+verifying the receiver's tag 2. Everything in between is acted upon before it is
+authenticated information-theoretically and is covered by the next checkpoint: a change
+anywhere aborts the block before any key is kept. (Each message's computational check
+refuses a changed message at once, so no code, Cascade in particular, runs on it.)
 
 Any failure (authentication, ordering, timeout, estimation, verification) aborts the block
-on both sides: no key, and the auth pool stays consistent (see :mod:`.auth`).
+on both sides: no key, and the auth pool stays consistent (see :mod:`.auth`). The last
+message (``done``) cannot be confirmed: if it is lost or tampered with, the receiver holds
+a key that the transmitter does not, and the pair's two-phase commit discards it.
 """
 
 from __future__ import annotations
@@ -83,9 +95,18 @@ class _Clock:
         self._t = now
 
 
-async def _expect(t: PeerTransport, kind: str, params: PostprocParams | float) -> PeerMessage:
+async def _expect(
+    t: PeerTransport, kind: str, params: PostprocParams | float, *, tagged: bool = False
+) -> PeerMessage:
+    """The next message, which must be ``kind``; ``tagged``: and must carry a verified
+    transcript tag (``t`` is then an :class:`AuthenticatedTransport`)."""
     timeout_s = params if isinstance(params, float) else params.recv_timeout_s
-    msg = await t.recv(timeout_s)
+    if tagged:
+        if not isinstance(t, AuthenticatedTransport):
+            raise ProtocolAbortError(f"{kind!r} needs an authenticated transport")
+        msg = await t.recv(timeout_s, tagged=True)
+    else:
+        msg = await t.recv(timeout_s)
     if msg.kind == "abort":
         raise PeerAbortError(f"peer aborted: {str(msg.header.get('reason', ''))[:200]}")
     if msg.kind != kind:
@@ -229,15 +250,26 @@ async def _finish(
 ) -> BlockResult:
     reason = f"{type(exc).__name__}: {exc}"
     log.warning("postproc_block_abort", block_id=block_id, reason=reason)
-    if not isinstance(exc, (AuthError, TransportError, PeerAbortError)):
+    # Tell the peer (it would otherwise wait for a timeout), also after a failed tag: an
+    # abort notice costs no key and can only end the block, never make it succeed.
+    if not isinstance(exc, (TransportError, PeerAbortError)):
         try:
             await t.send("abort", {"reason": reason[:200]}, [])
         except Exception:
             pass
-    stats["auth_bits_sent"] = t.sent_pad_bits
-    stats["auth_bits_received"] = t.recv_pad_bits
+    stats.update(_auth_stats(t))
     t.pool.save()
     return BlockResult(False, block_id, reason, None, stats)
+
+
+def _auth_stats(t: AuthenticatedTransport) -> dict[str, Any]:
+    return {
+        "auth_bits_sent": t.sent_pad_bits,
+        "auth_bits_received": t.recv_pad_bits,
+        "auth_tags_sent": t.tags_sent,
+        "auth_tags_verified": t.tags_verified,
+        "auth_forgery_bound": t.forgery_bound,
+    }
 
 
 def _split_key(final: U8, reserve_bits: int) -> tuple[U8, bytes, bytes]:
@@ -262,8 +294,7 @@ def _succeed(
         final_key_bits=int(key.shape[0]),
         secret_bits=ell,
         auth_reserve_bits=reserve,
-        auth_bits_sent=t.sent_pad_bits,
-        auth_bits_received=t.recv_pad_bits,
+        **_auth_stats(t),
     )
     log.info("postproc_block_ok", block_id=block_id, final_key_bits=int(key.shape[0]))
     return BlockResult(True, block_id, "", key, stats)
@@ -317,7 +348,7 @@ async def run_block_transmitter(
         stats.update(detections=n, sifted_z=int(is_z.sum()), sifted_x=int((~is_z).sum()))
         clock.lap("sifting")
 
-        msg = await _expect(t, "pe", params)
+        msg = await _expect(t, "pe", params, tagged=True)  # checkpoint: sifting + X bits
         x_bits_bob = sifting.unpack_bits(msg.buffers[0], int((~is_z).sum()))
         x_err = (bits_m[~is_z] ^ x_bits_bob).astype(np.uint8)
         cls_x, cls_z = cls[~is_z], cls[is_z]
@@ -359,6 +390,7 @@ async def run_block_transmitter(
             "pe_reply",
             {"ec_seed": ec_seed, "levels": levels, "frames": frames, "qber_x": qber_x},
             [],
+            tag=True,
         )
         clock.lap("estimation")
 
@@ -400,9 +432,9 @@ async def run_block_transmitter(
         n_seed = toeplitz.pa_seed_bits(key_a.shape[0], ell)
         seed = np.frombuffer(secrets.token_bytes((n_seed + 7) // 8), np.uint8)
         seed_bits = np.unpackbits(seed, count=n_seed)
-        await t.send("pa", {"m": ell, "reserve": reserve}, [sifting.pack_bits(seed_bits)])
+        await t.send("pa", {"m": ell, "reserve": reserve}, [sifting.pack_bits(seed_bits)], tag=True)
         final = await asyncio.to_thread(toeplitz.pa_hash, key_a, seed_bits, ell)
-        await _expect(t, "done", params)
+        await _expect(t, "done", params, tagged=True)  # the receiver verified everything
         clock.lap("privacy_amplification")
         return _succeed(t, block_id, final, ell=ell, reserve=reserve, stats=stats)
     except (ProtocolAbortError, AuthError, TransportError, ValueError, KeyError, IndexError) as exc:
@@ -438,8 +470,8 @@ async def run_block_receiver(
         stats.update(detections=int(slot_index.shape[0]), sifted_z=int(is_z.sum()))
         clock.lap("sifting")
 
-        await t.send("pe", {}, [sifting.pack_bits(bits_m[~is_z])])
-        msg = await _expect(t, "pe_reply", params)
+        await t.send("pe", {}, [sifting.pack_bits(bits_m[~is_z])], tag=True)
+        msg = await _expect(t, "pe_reply", params, tagged=True)
         levels = [int(x) for x in msg.header["levels"]]
         ec_seed = int(msg.header["ec_seed"])
         frames = int(msg.header["frames"])
@@ -471,12 +503,12 @@ async def run_block_receiver(
         stats["verification_bits"] = verify.TAG_BITS
         clock.lap("verification")
 
-        msg = await _expect(t, "pa", params)
+        msg = await _expect(t, "pa", params, tagged=True)  # the whole transcript so far
         ell, reserve = int(msg.header["m"]), int(msg.header["reserve"])
         n_seed = toeplitz.pa_seed_bits(key_c.shape[0], ell)
         seed_bits = sifting.unpack_bits(msg.buffers[0], n_seed)
         final = await asyncio.to_thread(toeplitz.pa_hash, key_c, seed_bits, ell)
-        await t.send("done", {}, [])
+        await t.send("done", {}, [], tag=True)
         clock.lap("privacy_amplification")
         return _succeed(t, block_id, final, ell=ell, reserve=reserve, stats=stats)
     except (ProtocolAbortError, AuthError, TransportError, ValueError, KeyError, IndexError) as exc:

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -91,6 +92,9 @@ def start_inproc(keys: Keys) -> Iterator[Callable[..., InProc]]:
     started: list[InProc] = []
 
     def _start(curve: bool = False, table: CommandTable | None = None, **bus_kw: Any) -> InProc:
+        """A server on a background loop; plaintext callers are operators unless
+        ``plaintext_role`` says otherwise (the configuration default is monitor)."""
+        bus_kw.setdefault("plaintext_role", "operator")
         lt = LoopThread()
         bus = BusSection(
             control_endpoint=LOOP,
@@ -197,3 +201,37 @@ def recv_json(sock: zmq.Socket[bytes], timeout_ms: int = 3000) -> dict[str, Any]
     assert frames[0] == b""
     reply: dict[str, Any] = json.loads(frames[1])
     return reply
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def sim_node(state_dir: Path, role: str = "transmitter") -> Any:
+    """A daemon ``Node`` built from ``configs/<role>.sim.toml`` (not started): its
+    ``_commands()`` is the daemon's real command table."""
+    from qkdnode.config import load_config
+    from qkdnode.node import Node
+
+    path = REPO / "configs" / f"{role}.sim.toml"
+    cfg = load_config(path)
+    node_section = cfg.node.model_copy(update={"state_dir": state_dir})
+    return Node(cfg.model_copy(update={"node": node_section}), str(path))
+
+
+def daemon_specs(state_dir: Path) -> list[Any]:
+    """Every command the daemon's control server answers (built-ins included)."""
+    node = sim_node(state_dir)
+    ctx: zmq.Context[Any] = zmq.Context()
+    try:
+        bus = node.cfg.bus
+        server = ControlServer(
+            ctx,
+            bus,
+            node._commands(),
+            lambda: "IDLE",
+            None,
+            telemetry=TelemetryPublisher(ctx, bus, None),
+        )
+        return server.specs()
+    finally:
+        ctx.term()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import threading
 import time
 from typing import Any
@@ -26,8 +27,8 @@ def test_ping_status_and_state_machine(start_inproc: Any) -> None:
         assert c.call("start") == {"state": "running"}
         assert c.call("status")["state"] == "running"
         keys = c.call("keys.get", number=3, size_bits=128)["keys"]
-        assert len(keys) == 3 and all(len(k["key"]) == 32 for k in keys)
-        assert len({k["key_id"] for k in keys}) == 3
+        assert len(keys) == 3 and all(len(base64.b64decode(k["key"])) == 16 for k in keys)
+        assert len({k["key_ID"] for k in keys}) == 3
 
 
 def test_state_refusal_names_state_and_allowed(start_inproc: Any) -> None:

@@ -19,6 +19,15 @@ from qkdnode.client import Client, RemoteError
 from tests.bus.conftest import DevProc, raw_dealer, recv_json, spawn_devserver
 
 MAX_FRAME = 4096
+DEV_ARGS = (
+    "--plaintext",
+    "--plaintext-role",
+    "operator",
+    "--max-frame",
+    str(MAX_FRAME),
+    "--rate-limit",
+    "400",
+)
 
 
 def assert_healthy(dp: DevProc, expect_state: str = "idle") -> None:
@@ -44,7 +53,7 @@ def req(**over: Any) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def dp() -> Iterator[DevProc]:
     """One devserver for the whole module: abuse accumulates, health is checked each time."""
-    proc = spawn_devserver("--plaintext", "--max-frame", str(MAX_FRAME), "--rate-limit", "400")
+    proc = spawn_devserver(*DEV_ARGS)
     yield proc
     proc.proc.terminate()
     proc.proc.wait(5)
@@ -52,7 +61,7 @@ def dp() -> Iterator[DevProc]:
 
 @pytest.fixture
 def own_dp(devserver: Any) -> DevProc:
-    proc: DevProc = devserver("--plaintext", "--max-frame", str(MAX_FRAME), "--rate-limit", "400")
+    proc: DevProc = devserver(*DEV_ARGS)
     return proc
 
 

@@ -85,7 +85,14 @@ def test_cli_run_with_invalid_config_exits_2_and_names_key(tmp_path: Path) -> No
 
 def test_cli_config_check_and_schema() -> None:
     ok = subprocess.run(
-        [sys.executable, "-m", "qkdnode", "config", "check", str(_node_examples()[0])],
+        [
+            sys.executable,
+            "-m",
+            "qkdnode",
+            "config",
+            "check",
+            str(ROOT / "configs" / "receiver.sim.toml"),
+        ],
         capture_output=True,
         text=True,
         timeout=60,

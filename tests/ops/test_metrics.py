@@ -132,7 +132,13 @@ def test_every_metric_name_follows_conventions() -> None:
         assert family.documentation, family.name
         if family.type == "counter":
             assert any(s.name.endswith("_total") for s in family.samples), family.name
-        unitless = ("qkdnode_info", "qkdnode_state", "qkdnode_healthy", "qkdnode_instrument_up")
+        unitless = (
+            "qkdnode_info",
+            "qkdnode_state",
+            "qkdnode_healthy",
+            "qkdnode_instrument_up",
+            "qkdnode_alarm_active",
+        )
         if family.type == "gauge" and family.name not in unitless:
             units = ("_ratio", "_bits", "_second", "_seconds", "_hertz", "_keys")
             assert family.name.endswith(units), family.name

@@ -375,3 +375,29 @@ def test_theory_rates_are_ordered_and_below_plob() -> None:
         assert 0 < weak <= inf < theory.plob_bound(10 ** (-loss_db / 10))
     assert theory.plob_bound(0.5) == pytest.approx(1.0)
     assert theory.rate_infinite_decoy(1e-9, 1e-5, 0.01, 0.5) == 0.0
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_cascade_with_a_tampered_answer_ends_instead_of_looping(seed: int) -> None:
+    """One flipped answer bit (a tampered channel) must end Cascade: a wrong key (caught by
+    verification) or a CascadeError, never an endless local loop."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 2, 20000, dtype=np.uint8)
+    b = a ^ (rng.random(20000) < 0.03).astype(np.uint8)
+    levels = cascade.schedule(20000, 0.03, CascadeParams())
+    alice = cascade.CascadeResponder(a, levels, 5)
+    bob = cascade.CascadeCorrector(b, levels, 5)
+    bob.set_block_parities(alice.block_parities())
+    rounds = 0
+    try:
+        while (q := bob.next_queries()) is not None:
+            ans = alice.answer(bob.layout.encode(q).tobytes(), q.shape[0]).copy()
+            rounds += 1
+            if rounds in (2, 3, 5) and ans.size:
+                ans[rng.integers(0, ans.size)] ^= 1  # the attacker's flip
+            bob.give_answers(ans)
+            assert rounds < 10_000
+    except cascade.CascadeError:
+        return
+    # finished: the key may or may not be right; verification decides, not Cascade

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import itertools
+import json
 import multiprocessing as mp
 import os
 from pathlib import Path
@@ -16,7 +18,13 @@ import zmq
 import zmq.asyncio
 
 from qkdnode.postproc import cascade
-from qkdnode.postproc.auth import AuthenticatedTransport, AuthKeyPool
+from qkdnode.postproc.auth import (
+    REGION_BYTES,
+    AuthenticatedTransport,
+    AuthKeyPool,
+    message_digest,
+    message_mac_key,
+)
 from qkdnode.postproc.params import CascadeParams, PostprocParams
 from qkdnode.postproc.pipeline import (
     BlockResult,
@@ -285,6 +293,172 @@ def test_mitm_aborts_block_and_pools_stay_usable(tmp_path: Path, action: str, at
     assert a.stream_digest("t2r") == b.stream_digest("t2r")
     assert a.stream_digest("r2t") == b.stream_digest("r2t")
     assert a.segments() == b.segments() == [-1, 1]
+
+
+class PhaseMitm:
+    """Forwards frames between the two nodes and changes the ``nth`` message of ``kind``
+    (the receiver's final ``ec_q`` counts as kind ``ec_q.done``): ``tamper`` flips a bit of
+    its last non-empty buffer (or adds a header field), ``strip`` removes its transcript
+    tag, ``none`` forwards everything unchanged. ``forge_tamper`` / ``forge_strip`` do the
+    same and recompute the per-message check with the sender's key (``senders``): an
+    adversary who broke that computational check, against whom only the transcript tags
+    stand."""
+
+    senders: dict[str, AuthenticatedTransport]
+
+    def __init__(self, ctx: zmq.asyncio.Context, action: str, kind: str, nth: int) -> None:
+        self.front = ctx.socket(zmq.PAIR)  # the receiver connects here
+        self.back = ctx.socket(zmq.PAIR)  # connects to the transmitter
+        self.front.setsockopt(zmq.LINGER, 0)
+        self.back.setsockopt(zmq.LINGER, 0)
+        port = self.front.bind_to_random_port("tcp://127.0.0.1")
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+        self.action, self.kind, self.nth = action, kind, nth
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.acted = False
+
+    def _change(self, frames: list[bytes], sender: AuthenticatedTransport) -> list[bytes]:
+        head = json.loads(frames[1])
+        if self.action.endswith("strip"):
+            del head["_tag"], head["_auth"]["t"]
+        else:
+            for i in reversed(range(2, len(frames))):  # a bit of the last byte: still valid
+                if frames[i]:
+                    flipped = frames[i][:-1] + bytes([frames[i][-1] ^ 1])
+                    frames = [*frames[:i], flipped, *frames[i + 1 :]]
+                    break
+            else:
+                head["x"] = 1
+        if self.action.startswith("forge"):
+            region = sender._send_region
+            assert region is not None
+            content = {k: v for k, v in head.items() if k not in ("_tag", "_mac")}
+            key = message_mac_key(region.k_mac, head["_auth"]["b"], head["_auth"]["q"])
+            buffers = frames[2:]
+            head["_mac"] = message_digest(region.k_in, frames[0].decode(), content, buffers, key)[
+                2
+            ].hex()
+        return [frames[0], json.dumps(head).encode(), *frames[2:]]
+
+    async def pump(self, src: zmq.asyncio.Socket, dst: zmq.asyncio.Socket) -> None:
+        sender = self.senders["rx" if src is self.front else "tx"]
+        while True:
+            frames = await src.recv_multipart()
+            kind = frames[0].decode()
+            if kind == "ec_q" and json.loads(frames[1]).get("done"):
+                kind = "ec_q.done"
+            self.counts[kind] += 1
+            if kind == self.kind and self.counts[kind] == self.nth and self.action != "none":
+                self.acted = True
+                frames = self._change(frames, sender)
+            await dst.send_multipart(frames)
+
+
+PHASE_PARAMS = PARAMS.model_copy(update={"recv_timeout_s": 5.0})
+N_PULSES_PHASE = 6_000_000
+
+
+@functools.lru_cache(maxsize=1)
+def _phase_block() -> Any:
+    return generate(N_PULSES_PHASE, PHASE_PARAMS, 31, eta=0.5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("action", "kind", "nth"),
+    [
+        ("none", "", 0),
+        ("tamper", "sift", 1),
+        ("tamper", "sift_reply", 1),
+        ("tamper", "pe", 1),
+        ("tamper", "pe_reply", 1),
+        ("tamper", "ec_q", 1),
+        ("tamper", "ec_a", 1),
+        ("tamper", "ec_q", 5),
+        ("tamper", "ec_a", 8),
+        ("tamper", "ec_q.done", 1),
+        ("tamper", "verify", 1),
+        ("tamper", "verify_reply", 1),
+        ("tamper", "pa", 1),
+        ("tamper", "done", 1),
+        ("strip", "pe", 1),
+        ("strip", "done", 1),
+        # Not Cascade's messages: Cascade assumes consistent answers (a forged one can keep
+        # the receiver's Cascade from ending), which the message check provides.
+        ("forge_tamper", "sift", 1),
+        ("forge_tamper", "sift_reply", 1),
+        ("forge_tamper", "pe", 1),
+        ("forge_tamper", "pe_reply", 1),
+        ("forge_tamper", "ec_q.done", 1),
+        ("forge_tamper", "verify", 1),
+        ("forge_tamper", "verify_reply", 1),
+        ("forge_tamper", "pa", 1),
+        ("forge_tamper", "done", 1),
+        ("forge_strip", "pe", 1),
+        ("forge_strip", "pe_reply", 1),
+        ("forge_strip", "pa", 1),
+        ("forge_strip", "done", 1),
+    ],
+)
+def test_mitm_changing_any_message_of_any_phase_keeps_no_key(
+    tmp_path: Path, action: str, kind: str, nth: int
+) -> None:
+    """Messages are authenticated by transcript tags at phase ends, not one by one: a change
+    to any single message, in any phase and either direction, or a stripped tag, still
+    aborts the block before either side outputs key or refills its pool: at once by the
+    message check, and by the transcript tags when the adversary can forge that check.
+    The one exception is the receiver's final ``done``: the receiver has checked the whole
+    transcript and holds its key before sending it (the pair's two-phase commit then
+    discards it)."""
+    synth = _phase_block()
+
+    async def main() -> tuple[BlockResult, BlockResult, PhaseMitm]:
+        ctx = zmq.asyncio.Context()
+        p_tx, p_rx = _pools(tmp_path)
+        tx = ZmqPairTransport.bind_random(ctx)
+        mitm = PhaseMitm(ctx, action, kind, nth)
+        mitm.back.connect(tx.endpoint)
+        rx = ZmqPairTransport.connect(ctx, mitm.endpoint)
+        a_tx = AuthenticatedTransport(tx, p_tx, "transmitter")
+        a_rx = AuthenticatedTransport(rx, p_rx, "receiver")
+        mitm.senders = {"tx": a_tx, "rx": a_rx}
+        pumps = [
+            asyncio.create_task(mitm.pump(mitm.front, mitm.back)),
+            asyncio.create_task(mitm.pump(mitm.back, mitm.front)),
+        ]
+        t_res, r_res = await asyncio.gather(
+            run_block_transmitter(a_tx, 0, synth.prepared, PHASE_PARAMS),
+            run_block_receiver(a_rx, 0, synth.slot_index, synth.channel, PHASE_PARAMS),
+        )
+        for p in pumps:
+            p.cancel()
+        tx.close(), rx.close(), mitm.front.close(), mitm.back.close()
+        ctx.term()
+        return t_res, r_res, mitm
+
+    t_res, r_res, mitm = asyncio.run(main())
+    a, b = AuthKeyPool.load(tmp_path / "tx.pool"), AuthKeyPool.load(tmp_path / "rx.pool")
+    for res in (t_res, r_res):
+        assert res.stats["auth_bits_sent"] <= 8 * REGION_BYTES
+    if action == "none":
+        assert t_res.ok and r_res.ok and t_res.key_bytes == r_res.key_bytes
+        assert a.segments() == b.segments() == [-1, 0]
+        return
+    assert mitm.acted
+    assert not t_res.ok and t_res.key is None, t_res.abort_reason
+    assert a.segments() == [-1]
+    if kind == "done":
+        assert r_res.ok and b.segments() == [-1, 0]
+    else:
+        assert not r_res.ok and r_res.key is None, r_res.abort_reason
+        assert b.segments() == [-1]
+    reasons = t_res.abort_reason + " | " + r_res.abort_reason
+    if not action.startswith("forge"):
+        assert "message check failed" in reasons  # refused at once, nothing ran on it
+    elif action == "forge_strip":
+        assert "lacks its transcript tag" in reasons
+    else:
+        assert "transcript tag" in reasons  # caught by the next checkpoint
 
 
 def test_block_result_repr_hides_key() -> None:
