@@ -114,7 +114,7 @@ def test_config_check_refuses_a_short_psk(
         f'[node]\nid = "a"\nrole = "transmitter"\npeer_id = "b"\nstate_dir = "{tmp_path}"\n'
         f'[bus]\nallow_plaintext = true\n[protocol]\nauth_psk_file = "{psk}"\n'
     )
-    args = argparse.Namespace(file=str(cfg), json=False)
+    args = argparse.Namespace(file=str(cfg), json=False, root=None)
     psk.write_bytes(bytes(1000))
     assert _check(args) == EXIT_USAGE
     err = capsys.readouterr().err
