@@ -156,6 +156,7 @@ class Node(DaemonBase):
         self.auto = cfg.node.autostart and cfg.node.role == "transmitter"
         self._last_health_check = 0.0
         self._peer_probe: asyncio.Task[None] | None = None
+        self._heal: asyncio.Task[bool] | None = None
         self._last_peer_probe = 0.0
         self.auto_resume: State | None = None
         self.metrics: Any = None
@@ -459,8 +460,12 @@ class Node(DaemonBase):
             # Exchanging alone produces nothing: stop; the transmitter's supervisor starts
             # the pair again (both nodes), a receiver waits to be asked.
             peer_state = self.keyflow.peer_state
-            log.warning("pair_inconsistent_stopping", peer_state=peer_state)
-            await self.trigger(Event.STOP, f"peer is {peer_state}, not exchanging")
+            if self._heal is None or self._heal.done():
+                log.warning("pair_inconsistent_stopping", peer_state=peer_state)
+                # Not awaited: the monitor must go on whatever the transition does.
+                self._heal = asyncio.create_task(
+                    self.trigger(Event.STOP, f"peer is {peer_state}, not exchanging")
+                )
         if self.metrics is not None:
             self.metrics.set_session(
                 self.stats.secret_key_rate_bps, self.keyflow.seconds_since_last_block()

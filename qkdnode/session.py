@@ -628,8 +628,7 @@ class ExchangeSession:
                     finally:
                         if not announce.done():
                             announce.cancel()
-                        with contextlib.suppress(BaseException):
-                            await announce
+                        await _settle(announce)
         finally:
             reader.cancel()
             with contextlib.suppress(BaseException):
@@ -1042,6 +1041,19 @@ class ExchangeSession:
         del theirs
         self.next_block_id = max(self.next_block_id, self.keystore.last_block_id() + 1)
         log.info("key_sync_done", **self.keystore_counts())
+
+
+async def _settle(task: asyncio.Task[Any]) -> None:
+    """Wait for ``task`` to end, ignoring its outcome, but never swallow a cancellation of
+    the caller itself (a state leaving must be able to stop the loop that calls this)."""
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
+    except Exception:
+        pass
 
 
 def _merge_sorted(

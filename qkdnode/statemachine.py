@@ -131,6 +131,9 @@ class TransitionRecord:
     at_unix_s: float
 
 
+#: seconds a transition waits for the leaving state's activities to end after cancelling them
+CANCEL_TIMEOUT_S = 20.0
+
 Guard = Callable[[], bool]
 EnterHandler = Callable[["StateMachine", TransitionRecord], Awaitable[None]]
 Listener = Callable[[TransitionRecord], None]
@@ -216,7 +219,15 @@ class StateMachine:
         for t in victims:
             t.cancel()
         if victims:
-            await asyncio.gather(*victims, return_exceptions=True)
+            # An activity that ignores its cancellation must not hold the machine (and every
+            # later transition) forever: after the bound it is left behind, loudly.
+            done, stuck = await asyncio.wait(victims, timeout=CANCEL_TIMEOUT_S)
+            for t in done:
+                if not t.cancelled():
+                    t.exception()  # retrieved: the owner is gone
+            for t in stuck:
+                self._tasks.discard(t)
+                log.error("activity_did_not_stop", task=t.get_name(), after_s=CANCEL_TIMEOUT_S)
         if current is not None and current in self._tasks:
             # The caller is an activity of the state being left: it ends itself after
             # this trigger returns; detach it so it is not cancelled twice.

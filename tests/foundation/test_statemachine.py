@@ -111,3 +111,34 @@ def test_activity_may_trigger_its_own_exit() -> None:
         assert await sm.wait_for(State.IDLE, timeout_s=2) is State.IDLE
 
     asyncio.run(go())
+
+
+def test_an_activity_that_ignores_cancellation_cannot_hold_the_machine(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import qkdnode.statemachine as smod
+
+    monkeypatch.setattr(smod, "CANCEL_TIMEOUT_S", 0.2)
+
+    async def go() -> None:
+        sm = _machine_in(State.IDLE)
+
+        release = asyncio.Event()
+
+        async def stubborn(machine: StateMachine, rec: object) -> None:
+            while not release.is_set():  # swallows cancellations, as a buggy activity might
+                try:
+                    await asyncio.sleep(0.05)
+                except asyncio.CancelledError:
+                    continue
+
+        sm.on_enter(State.EXCHANGING, stubborn)
+        await sm.trigger(Event.EXCHANGE)
+        await asyncio.sleep(0.01)
+        await asyncio.wait_for(sm.trigger(Event.STOP), 5)
+        assert sm.state is State.IDLE
+        await asyncio.wait_for(sm.trigger(Event.CALIBRATE), 5)  # the machine still moves
+        release.set()
+        await sm.close()
+
+    asyncio.run(go())
