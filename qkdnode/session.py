@@ -1037,9 +1037,12 @@ class ExchangeSession:
     async def key_sync(self) -> None:
         """Transmitter, on every (re)connect: exchange summaries, apply the reconciliation."""
         assert self.keys is not None
-        theirs = await self.keys.sync()
-        del theirs
-        self.next_block_id = max(self.next_block_id, self.keystore.last_block_id() + 1)
+        await self.keys.sync()
+        self.next_block_id = max(
+            self.next_block_id,
+            self.keystore.last_block_id() + 1,
+            self.keys.peer_next_block_id,
+        )
         log.info("key_sync_done", **self.keystore_counts())
 
 

@@ -95,6 +95,8 @@ class KeyService:
         self._idle.set()
         self._sync_lock = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()
+        #: the block number the peer would use next, from the last sync's reply
+        self.peer_next_block_id = 0
 
     # -- state ----------------------------------------------------------------------------
     @property
@@ -252,6 +254,8 @@ class KeyService:
             reply = await self._request(
                 "keysync", SYNC_TIMEOUT_S, summary=mine.model_dump(mode="json")
             )
+            with contextlib.suppress(TypeError, ValueError):
+                self.peer_next_block_id = max(0, int(reply.get("next_block_id", 0)))
             try:
                 theirs = SyncSummary.model_validate(reply.get("summary"))
             except ValidationError as exc:

@@ -1,4 +1,4 @@
-"""Post-processing: detections -> secret key between the two nodes (issue 8).
+"""Post-processing: detections -> secret key between the two nodes.
 
 One module per stage, each a pure numpy core plus a thin message layer in
 :mod:`qkdnode.postproc.pipeline`:

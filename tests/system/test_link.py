@@ -1,4 +1,4 @@
-"""Acceptance of issues 6 and 9: two real node daemons on a simulated 25 km link.
+"""Two real node daemons on a simulated 25 km link: power-on to key, faults, delivery.
 
 One pair of daemons (transmitter with ``autostart = true``, ETSI GS QKD 014 delivery on
 both) is shared by the tests of this module, in order, to keep the run short: power-on
@@ -136,7 +136,7 @@ def wait_new_ok_block(p: Pair, timeout_s: float = RECOVER_TIMEOUT_S) -> dict[str
     return a
 
 
-# --------------------------------------------------------------------------- issue 6
+# --------------------------------------------------------------------------- autostart
 def test_autostart_from_power_on_reaches_key_exchange(pair: Pair) -> None:
     """Power-on defaults (unknown delays, biases, clock offset and drift), no operator."""
     a, b = pair.wait_exchanging(START_TIMEOUT_S)
@@ -169,7 +169,7 @@ def test_autostart_from_power_on_reaches_key_exchange(pair: Pair) -> None:
     assert_no_key_from_bad_blocks(pair)
 
 
-# --------------------------------------------------------------------------- issue 9
+# --------------------------------------------------------------------------- delivery
 def test_key_delivery_etsi_014_over_mutual_tls_and_control_api(live: Pair) -> None:
     p = live
     assert p.pki is not None
