@@ -56,6 +56,11 @@ ALARMS: dict[str, tuple[Severity, str]] = {
     "qber_high": (Severity.MAJOR, "the error rate is above protocol.qber_warning"),
     "calibration_stale": (Severity.WARNING, "the last calibration is older than allowed"),
     "calibration_failed": (Severity.MAJOR, "the last calibration failed"),
+    "intensity_drift": (
+        Severity.MAJOR,
+        "the transmitter's output left the intensity intervals the key length assumes: "
+        "key exchange stopped for a new calibration",
+    ),
     "sync_failed": (Severity.MAJOR, "the last synchronisation failed"),
     "exchange_failed": (Severity.MAJOR, "key exchange stopped on an error"),
     "lock_lost": (Severity.MAJOR, "the receiver lost the timing lock"),

@@ -85,7 +85,8 @@ class DaemonBase:
             return
         from drivers.simlink.world import start_world
 
-        start_world(self.cfg.node.role, sim.link, sim.fiber_endpoint)
+        # this node's side only: a receiver process holds nothing of the transmitter
+        start_world(self.cfg.node.role, sim.side(), sim.fiber_endpoint)
         self._world_started = True
 
     def _warm_up(self) -> None:
@@ -115,7 +116,7 @@ class DaemonBase:
 
         t1 = time.monotonic()
         log.info("simulated_link_warming_up")
-        warm_up(sim.link)
+        warm_up(sim.side())  # this side's kernels (a receiver uses a made-up photon batch)
         log.info("simulated_link_ready", seconds=round(time.monotonic() - t1, 2))
 
     async def _unless_stopped(self, fn: Callable[[], None], what: str) -> bool:

@@ -97,6 +97,7 @@ class KeyFlow:
     def calibrated(self) -> None:
         self.calibrated_at = self._clock()
         self.alarms.clear("calibration_failed", "calibration succeeded")
+        self.alarms.clear("intensity_drift", "calibration succeeded")
 
     def synchronized(self) -> None:
         self.alarms.clear("sync_failed", "synchronised")

@@ -51,6 +51,7 @@ class NodeStats:
     pulses: int = 0  # slots spanned by the processed blocks
     detections: int = 0  # detections processed in key blocks
     detections_read: int = 0  # receiver: detections mapped to slots (incl. not yet processed)
+    block_detections: int = 0  # receiver: detections per block of the running exchange
     sifted_bits: int = 0
     qber: float | None = None
     secret_bits: int = 0

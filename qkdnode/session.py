@@ -36,16 +36,23 @@ from qkdnode.delivery.keyservice import KeyService
 from qkdnode.keystore.ids import ID_SEED_BYTES
 from qkdnode.link import LinkError, LinkRequest
 from qkdnode.log import bound_context
+from qkdnode.postproc.sifting import KeySlotFloor
 from qkdnode.probe_wire import BYTES_PER_DETECTION, ProbeWireError, decode_probe, encode_probe
 from qkdnode.statemachine import Event, State, StateMachine, TransitionRecord
 
 if TYPE_CHECKING:
     from qkdnode.node import Node
+    from qkdnode.procedures.encoder_v_pi import EncoderVPiResult, StateErrors
+    from qkdnode.procedures.mean_photon_number import MeanPhotonResult
 
 log = structlog.get_logger(__name__)
 S = State
 
 ZERO_RATE_FAULT_S = 3.0
+#: seconds between two checks of the transmitter's output power against its calibration
+DRIFT_CHECK_S = 10.0
+#: the smallest block the node forms (below it the finite-key terms leave nothing)
+MIN_BLOCK_DETECTIONS = 10_000
 
 
 class ExchangeSession:
@@ -60,10 +67,23 @@ class ExchangeSession:
         self.auth_pool: Any = None
         self.tracker: Any = None  # receiver: procedures.sync.SlotTracker once locked
         self.exchange_from_slot = 0
+        #: transmitter: the first slot a block may use, kept from our own state source
+        self.key_slots = KeySlotFloor()
         self.next_block_id = 0
         #: Z- over X-basis error rate of the last good block (sizes the Cascade blocks)
         self.z_over_x_error_ratio: float | None = None
         self.qber_reference: float | None = None
+        self._last_drift_check = 0.0
+        #: receiver: detections of the block being filled
+        self._block_target = self.cfg.protocol.block_detections
+        #: transmitter: block size advised to the receiver (None: nothing measured yet)
+        self._advised_block: int | None = None
+        self._advice_link: Any = None
+        self._advice_task: asyncio.Task[None] | None = None
+        #: transmitter: the intensities measured by the last calibration (with intervals)
+        self.intensities: MeanPhotonResult | None = None
+        #: transmitter: the encoder's measured V_pi (None until measured after lock)
+        self.encoder_v_pi: EncoderVPiResult | None = None
         self._block_results: asyncio.Queue[dict[str, Any]] = asyncio.Queue(64)
         self._compensating: asyncio.Task[Any] | None = None
         self._store_full = False  # the last block found the key store full
@@ -206,6 +226,10 @@ class ExchangeSession:
                 await self.node.trigger(Event.STOP, f"peer halted: {req.args.get('reason', '')}")
             return {"state": sm.state.value}
         if step == "light":
+            # Only while we calibrate (the receiver's dark-count measurement needs our
+            # light off, then on again); at any other time the laser is ours alone.
+            if self.role != "transmitter" or sm.state is not S.CALIBRATING:
+                raise LinkError(f"'light' only while the transmitter calibrates ({sm.state.value})")
             await self.set_light(bool(req.args.get("on", True)))
             return {}
         if step in ("activate", "release", "notice", "keysync") and self.keys is None:
@@ -256,6 +280,10 @@ class ExchangeSession:
             return {}
         if step == "exchange":
             self.next_block_id = max(self.next_block_id, int(req.args.get("next_block_id", 0)))
+            # Slots the transmitter disclosed since the synchronisation (probes) carry no key.
+            self.exchange_from_slot = max(
+                self.exchange_from_slot, int(req.args.get("first_slot", 0))
+            )
             await sm.trigger(Event.EXCHANGE, "transmitter asked")
             return {"state": sm.state.value}
         raise LinkError(f"unknown step {step!r}")
@@ -287,12 +315,13 @@ class ExchangeSession:
 
     async def _calibrate_transmitter(self) -> None:
         from qkdnode.procedures.mean_photon_number import (
+            IntensityUncertainty,
             MeanPhotonConfig,
             calibrate_mean_photon_number,
         )
         from qkdnode.procedures.modulator import calibrate_modulator
 
-        src = self.cfg.source
+        src, cal = self.cfg.source, self.cfg.calibration
         laser: Laser = self._one(Laser)
         im: IntensityModulator = self._one(IntensityModulator)
         voa: VariableAttenuator = self._one(VariableAttenuator)
@@ -313,14 +342,25 @@ class ExchangeSession:
             mu_signal=src.mu_signal,
             mu_decoy=src.mu_decoy,
             slot_rate_hz=src.slot_rate_hz,
-            cfg=MeanPhotonConfig(tap_to_output_db=self.cfg.calibration.tap_to_output_db),
+            cfg=MeanPhotonConfig(
+                tap_to_output_db=cal.tap_to_output_db,
+                uncertainty=IntensityUncertainty(
+                    tap_to_output_uncertainty_db=cal.tap_to_output_uncertainty_db,
+                    meter_uncertainty=cal.power_meter_uncertainty,
+                    drift_allowance=cal.intensity_drift_allowance,
+                ),
+            ),
             state_dir=self.node.state_dir,
             publish=self.node.publish,
         )
+        self.intensities = mu
+        self.encoder_v_pi = None  # measured again once the pair is locked
         log.info(
             "transmitter_calibrated",
-            v_pi=getattr(mod, "v_pi", None),
-            mu_signal=getattr(mu, "mu_signal", None),
+            im_v_pi=mod.drive_fit.v_pi_v,
+            mu_signal=mu.signal.mu,
+            mu_decoy=mu.decoy.mu,
+            mu_vacuum_upper=mu.vacuum.upper,
         )
         # The receiver calibrates its detectors with our light on.
         await self.set_light(True)
@@ -395,18 +435,54 @@ class ExchangeSession:
             )
         finally:
             first = await self._call(src.set_sync_pattern, None)
+            self.key_slots.key_states_from(int(first))
         self.exchange_from_slot = int(first)
         await self.node.link.request("sync_end", 30.0, exchange_from_slot=self.exchange_from_slot)
         self.node.stats.synchronized = True
         self.node.keyflow.synchronized()
         self.node.publish("sync", {"locked": True, **summary})
         log.info("pair_synchronized", exchange_from_slot=self.exchange_from_slot, **summary)
+        if self.encoder_v_pi is None:
+            from qkdnode.procedures.encoder_v_pi import EncoderVPiConfig, calibrate_encoder_v_pi
+
+            self._progress("calibration", step="encoder_v_pi", status="started")
+            self.encoder_v_pi = await calibrate_encoder_v_pi(
+                self._one(Encoder),
+                self._probe_state_errors,
+                EncoderVPiConfig(v_pi_guess_v=self.cfg.calibration.encoder_v_pi_v),
+                state_dir=self.node.state_dir,
+                publish=self.node.publish,
+            )
+            log.info(
+                "encoder_v_pi_measured",
+                v_pi_v=self.encoder_v_pi.v_pi_v,
+                sigma_v=self.encoder_v_pi.v_pi_sigma_v,
+            )
         await self._compensate(self._probe_qber)
 
     async def _probe_qber(self) -> float:
         """Transmitter: error rate of a disclosed sample of fresh detections (no key use)."""
         from qkdnode.procedures.encoding_compensation import qber_from_detections
 
+        channels, states = await self._probe()
+        est = qber_from_detections(channels, states.basis, states.bit)
+        log.info("qber_probe", qber=est.qber, n_sifted=est.n_sifted)
+        return float(est.qber)
+
+    async def _probe_state_errors(self) -> StateErrors:
+        """Transmitter: errors per prepared state (H, V, D, A) of a disclosed sample of fresh
+        detections, vacuum-class slots left out (the encoder V_pi measurement)."""
+        from drivers.interfaces import IntensityClass
+        from qkdnode.procedures.encoder_v_pi import count_state_errors
+
+        channels, states = await self._probe()
+        return count_state_errors(
+            channels, states.basis, states.bit, mask=states.intensity != IntensityClass.VACUUM
+        )
+
+    async def _probe(self) -> tuple[npt.NDArray[np.int8], Any]:
+        """Transmitter: ``calibration.probe_detections`` fresh detections the receiver
+        discloses (their slots can never carry key) and the states we prepared in them."""
         src: StateSource = self._one(StateSource)
         from_slot = int(await self._call(src.next_slot))
         reply = await self.node.link.request(
@@ -416,10 +492,9 @@ class ExchangeSession:
             slots, channels = decode_probe(reply, self.cfg.calibration.probe_detections)
         except ProbeWireError as exc:
             raise LinkError(str(exc)) from exc
+        self.key_slots.disclosed(slots)
         states = await self._call(src.prepared, slots)
-        est = qber_from_detections(channels, states.basis, states.bit)
-        log.info("qber_probe", qber=est.qber, n_sifted=est.n_sifted)
-        return float(est.qber)
+        return channels, states
 
     async def _sync_receiver(self) -> None:
         from qkdnode.procedures.sync import acquire_lock
@@ -510,7 +585,12 @@ class ExchangeSession:
         stats.exchange_started_at = started
         try:
             if self.role == "transmitter":
-                await self.node.link.request("exchange", 30.0, next_block_id=self.next_block_id)
+                await self.node.link.request(
+                    "exchange",
+                    30.0,
+                    next_block_id=self.next_block_id,
+                    first_slot=self.key_slots.floor,
+                )
                 await self._exchange_transmitter(started)
             else:
                 await self._exchange_receiver(started)
@@ -532,19 +612,42 @@ class ExchangeSession:
         return PostprocTransport(self.node.peer, self.node.pp_inbox)
 
     def _pp_params(self) -> Any:
+        """Post-processing parameters of the next block. The transmitter, which computes
+        the key length, uses the intensities its calibration measured, each as an interval
+        (the finite-key bound takes the worst case within it); never the targets. The
+        receiver takes the key length from the transmitter's authenticated ``pa`` message
+        and needs the intensities for nothing."""
         from qkdnode.postproc.params import PostprocParams
 
         src, proto = self.cfg.source, self.cfg.protocol
+        common = {
+            "eps_sec": proto.eps_sec,
+            "eps_cor": proto.eps_cor,
+            "qber_abort": proto.qber_abort,
+            "p_signal": src.p_signal,
+            "p_decoy": src.p_decoy,
+            "p_basis_z": src.p_basis_z,
+        }
+        if self.role == "receiver":
+            return PostprocParams(mu_signal=src.mu_signal, mu_decoy=src.mu_decoy, **common)
+        m = self.intensities
+        if m is None or m.signal.mu is None or m.decoy.mu is None:
+            raise LinkError("the intensities are not measured: calibrate first")
+        (sl, su), (dl, du), (vl, vu) = m.class_bounds()
+        c_lo, c_hi = m.common_scale()
         return PostprocParams(
-            eps_sec=proto.eps_sec,
-            eps_cor=proto.eps_cor,
-            qber_abort=proto.qber_abort,
-            mu_signal=src.mu_signal,
-            mu_decoy=src.mu_decoy,
-            mu_vacuum=0.0,
-            p_signal=src.p_signal,
-            p_decoy=src.p_decoy,
-            p_basis_z=src.p_basis_z,
+            mu_signal=m.signal.mu,
+            mu_decoy=m.decoy.mu,
+            mu_vacuum=m.vacuum.mu_or_upper,
+            mu_signal_lower=sl,
+            mu_signal_upper=su,
+            mu_decoy_lower=dl,
+            mu_decoy_upper=du,
+            mu_vacuum_lower=vl,
+            mu_vacuum_upper=vu,
+            mu_scale_lower=c_lo,
+            mu_scale_upper=c_hi,
+            **common,
         )
 
     async def _exchange_transmitter(self, started: float) -> None:
@@ -567,7 +670,10 @@ class ExchangeSession:
         self.next_block_id = block_id + 1
         task = self.node.sm.spawn(self._tx_block(block_id, pulses), f"block-{block_id}")
         ok: bool = await task
-        return {"ok": ok}
+        reply: dict[str, Any] = {"ok": ok}
+        if self._advised_block is not None:
+            reply["next_block_detections"] = self._advised_block
+        return reply
 
     async def _tx_block(self, block_id: int, pulses: int) -> bool:
         from qkdnode.postproc.pipeline import run_block_transmitter
@@ -580,12 +686,82 @@ class ExchangeSession:
                 src.prepared,
                 self._pp_params(),
                 z_over_x_error_ratio=self.z_over_x_error_ratio,
+                key_slots=self.key_slots,
             )
             qz, qx = result.stats.get("qber_z"), result.stats.get("qber_x")
             if result.ok and qz is not None and qx:
                 self.z_over_x_error_ratio = float(qz) / float(qx)
             await self._finish_block(block_id, result, self._exchange_started, pulses)
+            if result.ok and self.cfg.protocol.block_size == "auto":
+                self._advise(result.stats, pulses)
         return bool(result.ok)
+
+    def _advise(self, block: dict[str, Any], pulses: int) -> None:
+        """Transmitter: fit the link to the block just committed and, when it moved by more
+        than 10 % (or on the first block), work out in a thread the block size the
+        finite-key bound needs there and the settings that would serve it best. The size
+        goes to the receiver with the next block's reply; the settings are logged and
+        published as advice (applied at the next calibration)."""
+        from qkdnode.postproc.linkfit import BlockObservation, LinkFitError, fit_link
+
+        m = self.intensities
+        per_class = block.get("detections_per_class")
+        if m is None or not isinstance(per_class, list) or len(per_class) != 3:
+            return
+        src = self.cfg.source
+        try:
+            link = fit_link(
+                BlockObservation(
+                    pulses=pulses,
+                    detections_per_class=(int(per_class[0]), int(per_class[1]), int(per_class[2])),
+                    mu=(m.signal.mu_or_upper, m.decoy.mu_or_upper, m.vacuum.mu_or_upper),
+                    p_class=(src.p_signal, src.p_decoy, 1.0 - src.p_signal - src.p_decoy),
+                    qber_z=float(block.get("qber_z") or block.get("qber_x") or 0.0),
+                    rx_basis_z_fraction=float(block.get("rx_basis_z_fraction") or 0.5),
+                    slot_rate_hz=src.slot_rate_hz,
+                    ec_inefficiency=block.get("ec_efficiency"),
+                )
+            )
+        except (LinkFitError, ValueError) as exc:
+            log.warning("link_fit_failed", error=str(exc))
+            return
+        old = self._advice_link
+        if (
+            old is not None
+            and abs(link.transmittance / old.transmittance - 1) < 0.1
+            and abs(link.optical_error - old.optical_error) < 0.1 * max(old.optical_error, 1e-3)
+        ):
+            return
+        if self._advice_task is not None and not self._advice_task.done():
+            return
+        self._advice_link = link
+        self._advice_task = asyncio.get_running_loop().create_task(self._advice_for(link))
+
+    async def _advice_for(self, link: Any) -> None:
+        from qkdnode.postproc.optimize import OptimizeError, required_block
+
+        proto = self.cfg.protocol
+        try:
+            advice = await asyncio.to_thread(required_block, link, fraction=0.9)
+        except (OptimizeError, ValueError) as exc:
+            log.warning("block_advice_failed", error=str(exc))
+            return
+        self._advised_block = int(min(advice.detections, proto.block_detections))
+        st = advice.optimum.settings
+        log.info(
+            "link_measured",
+            transmittance=link.transmittance,
+            background_per_pulse=link.background_per_pulse,
+            optical_error=link.optical_error,
+            needed_block_detections=int(advice.detections),
+            advised_block_detections=self._advised_block,
+            advised_mu_signal=round(st.mu_signal, 4),
+            advised_mu_decoy=round(st.mu_decoy, 4),
+            advised_p_signal=round(st.p_signal, 4),
+            advised_p_decoy=round(st.p_decoy, 4),
+            advised_p_basis_z=round(st.p_basis_z, 4),
+            seconds=round(advice.seconds, 3),
+        )
 
     async def _exchange_receiver(self, started: float) -> None:
         from qkdnode.postproc.auth import AuthenticatedTransport
@@ -596,10 +772,12 @@ class ExchangeSession:
         tagger: TimeTagger = self._one(TimeTagger)
         params = self._pp_params()
         transport = AuthenticatedTransport(self._pp_transport(), self.auth_pool, "receiver")
-        target = self.cfg.protocol.block_detections
-        queue: asyncio.Queue[tuple[npt.NDArray[np.int64], npt.NDArray[np.int8]]] = asyncio.Queue(4)
+        # One block waits while one is processed: blocks are large (memory), and a block
+        # queued longer than that would only grow stale.
+        queue: asyncio.Queue[tuple[npt.NDArray[np.int64], npt.NDArray[np.int8]]] = asyncio.Queue(1)
         self._locked_rate_hz = sum([await self._call(d.count_rate_hz) for d in self._detectors()])
-        reader = asyncio.create_task(self._read_detections(tagger, target, queue))
+        self._set_block_target(self._first_block_target())
+        reader = asyncio.create_task(self._read_detections(tagger, queue))
         try:
             while True:
                 slots, channels = await queue.get()
@@ -621,7 +799,10 @@ class ExchangeSession:
                             transport, block_id, slots, channels, params
                         )
                         await self._finish_block(block_id, result, started, pulses)
-                        await announce
+                        reply = await announce
+                        advised = reply.get("next_block_detections") if reply else None
+                        if isinstance(advised, int) and not isinstance(advised, bool):
+                            self._set_block_target(advised)
                     except LinkError as exc:
                         log.warning("block_not_served", error=str(exc))
                         self.node.pp_drain()
@@ -637,7 +818,6 @@ class ExchangeSession:
     async def _read_detections(
         self,
         tagger: TimeTagger,
-        target: int,
         out: asyncio.Queue[tuple[npt.NDArray[np.int64], npt.NDArray[np.int8]]],
     ) -> None:
         """Receiver: tags -> (slot, channel) with tracking; hands out full blocks."""
@@ -674,12 +854,40 @@ class ExchangeSession:
             now = time.monotonic()
             if now - last_progress >= 1.0:
                 last_progress = now
-                self._progress("block", block_id=self.next_block_id, done=have, total=target)
+                self._progress(
+                    "block", block_id=self.next_block_id, done=have, total=self._block_target
+                )
+            target = self._block_target
             if have >= target:
                 all_s, all_c = await asyncio.to_thread(_merge_sorted, slots, chans)
-                await out.put((all_s[:target], all_c[:target]))
-                rest_s, rest_c = all_s[target:], all_c[target:]
+                # Cut between slots: the clicks of one slot belong to one block (the
+                # transmitter refuses a slot that an earlier block announced).
+                cut = int(np.searchsorted(all_s, all_s[target - 1], side="right"))
+                await out.put((all_s[:cut], all_c[:cut]))
+                rest_s, rest_c = all_s[cut:], all_c[cut:]
                 slots, chans, have = [rest_s], [rest_c], int(rest_s.size)
+
+    def _first_block_target(self) -> int:
+        """Receiver: detections of the first block: ``protocol.block_detections``, but no
+        more than ``protocol.max_block_seconds`` of light at the rate seen at the start.
+        Later blocks follow the transmitter's advice (what the finite-key bound needs on
+        the link the last block measured), within the same limits."""
+        proto = self.cfg.protocol
+        by_time = self._locked_rate_hz * proto.max_block_seconds
+        return int(min(proto.block_detections, by_time)) if by_time > 0 else proto.block_detections
+
+    def _set_block_target(self, detections: int) -> None:
+        """Receiver: the size of the block being filled, clamped to our own limits."""
+        proto = self.cfg.protocol
+        by_time = self._locked_rate_hz * proto.max_block_seconds
+        upper = min(proto.block_detections, by_time) if by_time > 0 else proto.block_detections
+        target = int(max(MIN_BLOCK_DETECTIONS, min(int(detections), upper)))
+        if proto.block_size == "fixed":
+            target = proto.block_detections
+        if target != self._block_target:
+            log.info("block_size", detections=target, advised=int(detections))
+        self._block_target = target
+        self.node.stats.block_detections = target
 
     async def _finish_block(self, block_id: int, result: Any, started: float, pulses: int) -> None:
         """Book-keeping of one finished block: statistics, key store, telemetry, QBER watch.
@@ -867,7 +1075,13 @@ class ExchangeSession:
             self._one(Encoder),
             measure_qber,
             self.qber_reference,
-            EncodingCompensationConfig(v_pi_v=self.cfg.calibration.encoder_v_pi_v),
+            EncodingCompensationConfig(
+                v_pi_v=(
+                    self.encoder_v_pi.bias_v_pi_v
+                    if self.encoder_v_pi is not None
+                    else self.cfg.calibration.encoder_v_pi_v
+                )
+            ),
             state_dir=self.node.state_dir,
             publish=self.node.publish,
         )
@@ -905,6 +1119,13 @@ class ExchangeSession:
                 self.node.metrics.set_keystore(
                     self.keystore_counts(), self.cfg.keystore.max_key_count
                 )
+        if (
+            self.role == "transmitter"
+            and sm.state is S.EXCHANGING
+            and now - self._last_drift_check >= DRIFT_CHECK_S
+        ):
+            self._last_drift_check = now
+            await self._check_intensity_drift()
         if self.role == "receiver" and sm.state is S.EXCHANGING:
             from drivers.interfaces import DetectorStatus
 
@@ -929,6 +1150,44 @@ class ExchangeSession:
                     await self._fault("no_light", "count rate fell to zero: fiber cut?")
             else:
                 self._zero_rate_since = None
+
+    async def _check_intensity_drift(self) -> None:
+        """Transmitter, while exchanging: the power-meter tap sees the key mixture; its
+        power must stay within ``calibration.intensity_drift_allowance`` of what the last
+        calibration predicts, since the key length assumes the intensities stay in their
+        intervals until the next calibration. Outside: alarm, and the exchange stops so
+        that a new calibration (automatic with ``node.autostart``) re-measures them."""
+        m = self.intensities
+        if m is None:
+            return
+        src = self.cfg.source
+        expected = m.mix_power_w(src.p_signal, src.p_decoy, 1.0 - src.p_signal - src.p_decoy)
+        from qkdnode.procedures.modulator import read_power
+
+        meter: OpticalPowerMeter = self._one(OpticalPowerMeter)
+        readings = 20
+        try:
+            reading = float(await read_power(meter, readings, 0.0)) - m.zero_w
+        except Exception as exc:
+            log.warning("intensity_check_failed", error=str(exc))
+            return
+        if expected <= 0:
+            return
+        ratio = reading / expected
+        # Meter noise of the mean of the readings, three standard errors.
+        sigma = max(m.signal.tap_power_sigma_w, m.zero_noise_w / readings**0.5)
+        noise = 3.0 * sigma / expected
+        allowance = self.cfg.calibration.intensity_drift_allowance
+        if abs(ratio - 1.0) <= allowance + noise:
+            return
+        message = (
+            f"tap power {reading:.4g} W is {100 * (ratio - 1):+.1f} % from the calibrated "
+            f"{expected:.4g} W (allowance {100 * allowance:.1f} %)"
+        )
+        log.warning("intensity_drift", ratio=ratio, allowance=allowance)
+        self.node.alarm("intensity_drift", message)
+        self.node.stats.calibrated = False
+        await self.node.trigger(Event.STOP, f"intensities drifted: {message}")
 
     def detection_rate_hz(self) -> float:
         """Receiver: total click rate when the exchange started (0 if unknown)."""

@@ -22,8 +22,8 @@ from drivers.simlink.world import ReceiverWorld, TransmitterWorld
 
 def _one_run(params: LinkParams, n_chunks: int) -> tuple[float, float, float, int]:
     """(tx seconds, rx seconds, simulated seconds, detections) of ``n_chunks`` chunks."""
-    tx = TransmitterWorld(params)
-    rx = ReceiverWorld(params)
+    tx = TransmitterWorld(params.transmitter_side())
+    rx = ReceiverWorld(params.receiver_side())
     tx_s = rx_s = 0.0
     detections = 0
     for _ in range(n_chunks):

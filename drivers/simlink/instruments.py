@@ -299,10 +299,12 @@ class SimAttenuator(_SimBase, VariableAttenuator):
 
 
 class SimPowerMeter(_SimBase, OpticalPowerMeter):
-    """Power meter on a tap after the VOA (before the fixed attenuator), with noise.
+    """Power meter on a monitor tap after the VOA (before the fixed attenuator), with
+    noise and a hidden gain error.
 
     The reading is corrected for the responsivity at the set wavelength: a setting away
-    from the laser's wavelength reads 0.1 % per nm off.
+    from the laser's wavelength reads 0.1 % per nm off. The noise is a function of the
+    box's ``hardware_seed`` (not of any secret), so a simulated run repeats exactly.
     """
 
     wavelength_range_nm = (800.0, 1700.0)
@@ -316,6 +318,12 @@ class SimPowerMeter(_SimBase, OpticalPowerMeter):
     ) -> None:
         super().__init__(name, resource, timeout_s, options)
         self._rng = np.random.default_rng()
+
+    def connect(self) -> None:
+        fresh = self._world is None
+        super().connect()
+        if fresh and isinstance(self._world, TransmitterWorld):
+            self._rng = np.random.default_rng([self._world.hardware.hardware_seed, 0x706D])
 
     def set_wavelength_nm(self, wavelength_nm: float) -> None:
         w = self._tx("set_wavelength_nm")

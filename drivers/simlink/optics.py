@@ -1,18 +1,22 @@
 """Transmitter optics: how instrument settings become photon numbers and states.
 
-The hidden truths (V_pi, bias optima, fixed attenuation) live in
-:class:`drivers.simlink.params.TransmitterHardwareParams`; the simulated instruments only
-change the settings held in :class:`TxOptics`.
+The hidden truths (V_pi, bias optima, attenuations, laser power and meter gain errors)
+live in :class:`drivers.simlink.params.TransmitterHardwareParams` (as drawn by
+:mod:`drivers.simlink.truths`); the simulated instruments only change the settings held in
+:class:`TxOptics`.
 
+* laser output: the set point plus the hidden ``laser_power_error_db``;
 * mean photon number of class ``c`` at the transmitter output:
-  ``mu_c = P_laser / (h c / lambda) / slot_rate * T_IM(V_c) * 10^(-(VOA + fixed)/10)``
+  ``mu_c = P_laser / (h c / lambda) / slot_rate * T_IM(V_c) * 10^(-(VOA + tap + tap_to_output)/10)``
   (zero with emission off or the shutter closed);
 * intensity modulator: ``T(V) = T_min + (1 - T_min) cos^2(pi/2 (V + bias - bias_opt) / V_pi)``
   with ``V`` the class's drive level (0 V with the outputs off);
 * encoder: polarisation angle ``pi/2 (V + bias - bias_opt) / V_pi_enc`` (radians, linear
   polarisation); the ideal drives are 0, V_pi_enc, V_pi_enc/2, 3 V_pi_enc/2 for H, V, D, A;
-* power meter: a tap after the VOA and shutter, before the fixed attenuator; it reads the
-  average over the class mix ``P_laser * <T_IM> * 10^(-VOA/10)``.
+* power meter: on a monitor tap after the VOA and shutter, ``tap_ratio_db`` below the
+  through path, before the fixed output attenuation (the output is ``tap_to_output_db``
+  below the meter's port); it reads ``gain`` times the average over the class mix
+  ``P_laser * <T_IM> * 10^(-(VOA + tap)/10)``.
 """
 
 from __future__ import annotations
@@ -76,14 +80,20 @@ class TxOptics:
         optics.encoder_drive_v = [0.0, v, v / 2, 1.5 * v]
         optics.encoder_bias_v = hw.encoder_bias_opt_v
         optics.encoder_output_on = True
-        photons = photons_per_pulse(hw.laser_power_dbm, source.wavelength_nm, source.slot_rate_hz)
-        voa = -10.0 * math.log10(source.mu_signal / photons) - hw.fixed_attenuation_db
+        photons = photons_per_pulse(
+            optics.true_laser_dbm(hw), source.wavelength_nm, source.slot_rate_hz
+        )
+        voa = -10.0 * math.log10(source.mu_signal / photons) - hw.output_attenuation_db
         optics.voa_db = min(max(voa, VOA_RANGE_DB[0]), VOA_RANGE_DB[1])
         optics.shutter_open = True
         return optics
 
     def light_on(self) -> bool:
         return self.emission_on and self.shutter_open
+
+    def true_laser_dbm(self, hw: TransmitterHardwareParams) -> float:
+        """What the laser really emits: its set point plus the hidden error."""
+        return self.laser_power_dbm + hw.laser_power_error_db
 
     def im_transmission(self, hw: TransmitterHardwareParams) -> tuple[float, float, float]:
         """Intensity-modulator transmission for SIGNAL, DECOY, VACUUM (dimensionless)."""
@@ -103,8 +113,8 @@ class TxOptics:
         """Mean photon numbers per pulse at the transmitter output (after the fixed att.)."""
         if not self.light_on():
             return 0.0, 0.0, 0.0
-        photons = photons_per_pulse(self.laser_power_dbm, self.wavelength_nm, slot_rate_hz)
-        att = 10.0 ** (-(self.voa_db + hw.fixed_attenuation_db) / 10.0)
+        photons = photons_per_pulse(self.true_laser_dbm(hw), self.wavelength_nm, slot_rate_hz)
+        att = 10.0 ** (-(self.voa_db + hw.output_attenuation_db) / 10.0)
         t = self.im_transmission(hw)
         scale = float(photons * att)
         return scale * t[0], scale * t[1], scale * t[2]
@@ -117,12 +127,13 @@ class TxOptics:
         return a[0], a[1], a[2], a[3]
 
     def meter_power_w(self, hw: TransmitterHardwareParams, p_class: tuple[float, ...]) -> float:
-        """Noise-free power at the power-meter tap in watts (class-averaged)."""
+        """Noise-free reading of the power meter in watts (class-averaged, with its gain)."""
         if not self.light_on():
             return 0.0
         t = self.im_transmission(hw)
         mean_t = sum(p * x for p, x in zip(p_class, t, strict=True))
-        return float(dbm_to_w(self.laser_power_dbm) * mean_t * 10.0 ** (-self.voa_db / 10.0))
+        tap = 10.0 ** (-(self.voa_db + hw.tap_ratio_db) / 10.0)
+        return float(hw.power_meter_gain * dbm_to_w(self.true_laser_dbm(hw)) * mean_t * tap)
 
     def laser_warm(self, hw: TransmitterHardwareParams) -> bool:
         return self.emission_on and time.monotonic() - self.emission_since_s >= hw.laser_warmup_s

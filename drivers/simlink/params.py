@@ -2,17 +2,28 @@
 
 Every field carries its unit in its name. Defaults describe a realistic 25 km metro link
 with superconducting-nanowire detectors: 25 MHz slots, mu = 0.5 / 0.1 / 0, 0.2 dB/km,
-efficiency 0.6, which gives about 1.8 M detections/s and an error rate near 1 %.
+efficiency 0.6, which gives about 1.2 M detections/s and an error rate near 1 %.
 
-Who may read what (the two nodes are separate processes and the receiver must learn the
-transmitted states only through simulated photons):
+Hardware values are *nominal* (datasheet) values: each simulated box draws its actual
+values, the hidden truths calibration must find, from a documented spread around them
+with its own ``hardware_seed`` (:mod:`drivers.simlink.truths`).
 
-* transmitter world: ``source``, ``fiber`` (loss only), ``eve``, ``transmitter``
-  (hidden hardware truths of the transmitter's instruments) and ``transmitter_seed``
-  (secret: it drives the basis, bit and intensity choices).
-* receiver world: ``fiber`` (length, misalignment, drift), ``receiver``, ``clock`` and
-  ``receiver_seed``. It never reads ``source``, ``eve``, ``transmitter`` or
-  ``transmitter_seed``; the slot rate reaches it with the photons.
+The two nodes are separate processes, and each holds only its side of the link:
+
+* :class:`TransmitterSimParams` (the transmitter's process): ``transmitter_seed``
+  (secret: it drives the basis, bit and intensity choices), the ``source``, the
+  transmitter's ``hardware``, and the ``fiber`` with whatever sits on it (``eve``). The
+  simulated fiber runs in the transmitter's process, because only the pulses that survive
+  it are generated: its loss, propagation delay, polarisation misalignment and drift are
+  applied before a batch leaves, and the batch arrives as the light at the fiber's far
+  end, which is the receiver box's input.
+* :class:`ReceiverSimParams` (the receiver's process): ``receiver_seed``, the receiver's
+  ``hardware`` (optics and detectors) and its time tagger's ``clock``. It holds nothing of
+  the transmitter: the slot rate and the arrival times reach it with the photons.
+
+:class:`LinkParams` is the whole link in one model (the demo's ``[link]`` table and
+in-process tests); :meth:`LinkParams.transmitter_side` and
+:meth:`LinkParams.receiver_side` cut it into the two sides.
 
 Encoding: polarisation. The four BB84 states are linear polarisations at 0 (H), 90 (V),
 45 (D) and 135 (A) degrees; a rotation of the reference by ``delta`` radians gives an
@@ -21,13 +32,32 @@ error probability ``sin(delta)**2`` in both bases.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = [
+    "ClockParams",
+    "EveParams",
+    "FiberParams",
+    "LinkParams",
+    "ReceiverParams",
+    "ReceiverSimParams",
+    "SourceParams",
+    "TransmitterHardwareParams",
+    "TransmitterSimParams",
+]
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+_HARDWARE_SEED_DOC = "draws this box's hardware truths around the nominal values (not secret)"
+_SPREAD_DOC = (
+    "scale of the documented unit-to-unit spreads (drivers.simlink.truths): 1 as "
+    "documented; 0: the values given here are the truths (tests that pin the physics)"
+)
 
 
 class SourceParams(_Strict):
@@ -52,6 +82,8 @@ class SourceParams(_Strict):
 
 
 class FiberParams(_Strict):
+    """The channel between the boxes (simulated in the transmitter's process)."""
+
     length_km: float = Field(25.0, ge=0, le=500)
     loss_db_per_km: float = Field(0.2, ge=0, le=2)
     insertion_loss_db: float = Field(1.0, ge=0, le=40)
@@ -74,10 +106,21 @@ class FiberParams(_Strict):
 
 
 class ReceiverParams(_Strict):
+    """The receiver box: analysers, detectors (nominal values) and the seed of its truths.
+
+    ``hardware_seed`` also draws the truths of the tagger's :class:`ClockParams`.
+    """
+
+    hardware_seed: int = Field(12, ge=0, description=_HARDWARE_SEED_DOC)
+    spread_scale: float = Field(1.0, ge=0, le=3, description=_SPREAD_DOC)
     basis_choice: Literal["passive", "active"] = "passive"
     p_basis_z: float = Field(0.8, gt=0, lt=1, description="receiver's Z-basis probability")
     detector_efficiency: tuple[float, float, float, float] = (0.6, 0.6, 0.6, 0.6)
-    dark_count_rate_hz: float = Field(100.0, ge=0, le=1e7, description="free-running, per det.")
+    dark_count_rates_hz: tuple[float, float, float, float] = Field(
+        (100.0, 100.0, 100.0, 100.0),
+        description="free-running dark count rate per detector (H, V, D, A); a single "
+        "number sets all four",
+    )
     afterpulse_probability: float = Field(0.0, ge=0, le=0.5)
     afterpulse_delay_ns: float = Field(
         100.0, gt=0, le=1e6, description="mean trap release time after the dead time"
@@ -93,16 +136,43 @@ class ReceiverParams(_Strict):
         description="discriminator thresholds that work: below, noise clicks; above, none",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_dark_rate(cls, data: Any) -> Any:
+        """``dark_count_rate_hz = X`` (one rate for all four detectors) is still read."""
+        if isinstance(data, dict) and "dark_count_rate_hz" in data:
+            data = dict(data)
+            rate = data.pop("dark_count_rate_hz")
+            if "dark_count_rates_hz" in data:
+                raise ValueError("give dark_count_rates_hz or dark_count_rate_hz, not both")
+            data["dark_count_rates_hz"] = rate
+        return data
+
+    @field_validator("dark_count_rates_hz", mode="before")
+    @classmethod
+    def _broadcast(cls, v: Any) -> Any:
+        return (v, v, v, v) if isinstance(v, int | float) else v
+
     @model_validator(mode="after")
     def _check(self) -> ReceiverParams:
         if not all(0.0 <= e <= 1.0 for e in self.detector_efficiency):
             raise ValueError("detector_efficiency values must lie in [0, 1]")
+        if not all(0.0 <= r <= 1e7 for r in self.dark_count_rates_hz):
+            raise ValueError("dark_count_rates_hz values must lie in [0, 1e7]")
         return self
+
+    @property
+    def dark_count_rate_hz(self) -> float:
+        """Mean dark count rate of the four detectors (the background yield depends only on
+        their sum)."""
+        return sum(self.dark_count_rates_hz) / len(self.dark_count_rates_hz)
 
 
 class ClockParams(_Strict):
-    offset_s: float = Field(0.3717, ge=-1e3, le=1e3, description="receiver clock offset")
-    frequency_offset_ppm: float = Field(12.5, ge=-200, le=200)
+    """The receiver's time tagger clock against the transmitter's slot clock (nominal)."""
+
+    offset_s: float = Field(0.0, ge=-1e3, le=1e3, description="receiver clock offset")
+    frequency_offset_ppm: float = Field(0.0, ge=-200, le=200)
     wander_ppm_per_sqrt_s: float = Field(0.01, ge=0, le=10)
 
 
@@ -112,22 +182,134 @@ class EveParams(_Strict):
 
 
 class TransmitterHardwareParams(_Strict):
-    """Hidden truths of the transmitter's simulated instruments (calibration finds them)."""
+    """The transmitter box's instruments (nominal values; calibration finds the truths).
 
-    laser_power_dbm: float = Field(0.0, ge=-20, le=20, description="power at power-on")
+    Optical path: laser, intensity modulator, encoder, variable attenuator (VOA) and
+    shutter, then a monitor tap feeding the power meter (``tap_ratio_db`` below the through
+    path), then the fixed output attenuation: the box output is ``tap_to_output_db`` below
+    the power at the meter's port.
+    """
+
+    hardware_seed: int = Field(11, ge=0, description=_HARDWARE_SEED_DOC)
+    spread_scale: float = Field(1.0, ge=0, le=3, description=_SPREAD_DOC)
+    laser_power_dbm: float = Field(0.0, ge=-20, le=20, description="set point at power-on")
+    laser_power_error_db: float = Field(
+        0.0, ge=-3, le=3, description="true output power minus the set point (hidden)"
+    )
     laser_warmup_s: float = Field(0.5, ge=0, le=600)
-    fixed_attenuation_db: float = Field(
-        50.0, ge=0, le=120, description="fixed attenuator after the VOA and power-meter tap"
+    tap_ratio_db: float = Field(
+        10.0, ge=0, le=40, description="monitor tap: power-meter port below the through path"
+    )
+    tap_to_output_db: float = Field(
+        50.0,
+        ge=0,
+        le=120,
+        description="box output below the power-meter port (what commissioning measures)",
+    )
+    power_meter_gain: float = Field(
+        1.0, gt=0.5, lt=1.5, description="power-meter reading over the true power (hidden)"
     )
     im_v_pi_v: float = Field(3.7, gt=0, le=20, description="intensity modulator V_pi")
     im_bias_opt_v: float = Field(1.23, ge=-10, le=10, description="bias of maximal T")
     im_extinction_db: float = Field(40.0, ge=10, le=80)
-    encoder_v_pi_v: float = Field(2.9, gt=0, le=20, description="drive for a 90 deg rotation")
-    encoder_bias_opt_v: float = Field(0.61, ge=-10, le=10)
+    encoder_v_pi_v: float = Field(3.0, gt=0, le=20, description="drive for a 90 deg rotation")
+    encoder_bias_opt_v: float = Field(0.8, ge=-10, le=10)
     power_meter_noise_w: float = Field(1e-12, ge=0, le=1e-6)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_name(cls, data: Any) -> Any:
+        """``fixed_attenuation_db`` (the attenuation after the meter's tap) is read as
+        ``tap_to_output_db``."""
+        if isinstance(data, dict) and "fixed_attenuation_db" in data:
+            data = dict(data)
+            value = data.pop("fixed_attenuation_db")
+            if "tap_to_output_db" in data:
+                raise ValueError("give tap_to_output_db or fixed_attenuation_db, not both")
+            data["tap_to_output_db"] = value
+        return data
+
+    @property
+    def output_attenuation_db(self) -> float:
+        """Attenuation from the VOA's output to the box output (tap and fixed attenuator)."""
+        return self.tap_ratio_db + self.tap_to_output_db
+
+
+#: Keys of one side that never belong in the other side's parameters.
+_TRANSMITTER_ONLY = ("transmitter_seed", "source", "fiber", "eve", "transmitter")
+_RECEIVER_ONLY = ("receiver_seed", "clock", "receiver")
+_WHAT = {
+    "transmitter": "its secret seed, source, fiber, eavesdropper and hardware truths",
+    "receiver": "its seed, hardware truths and clock",
+}
+_SHARED_HARDWARE = {"hardware_seed", "spread_scale"}
+
+
+def _refuse(data: Any, keys: tuple[str, ...], other: type[BaseModel], side: str) -> None:
+    """Refuse the other side's keys (its secrets and truths) with a message naming them."""
+    if not isinstance(data, dict):
+        return
+    owner = "transmitter" if side == "receiver" else "receiver"
+    found = [k for k in keys if k in data]
+    hardware = data.get("hardware")
+    if isinstance(hardware, dict):
+        foreign = set(other.model_fields) - _SHARED_HARDWARE
+        found += [f"hardware.{k}" for k in hardware if k in foreign]
+    if found:
+        raise ValueError(
+            f"{', '.join(found)}: the {owner}'s side of the simulated link ({_WHAT[owner]}) "
+            f"never belongs in the {side}'s"
+        )
+
+
+class TransmitterSimParams(_Strict):
+    """What the transmitter's process simulates: its box, the fiber and the adversary."""
+
+    transmitter_seed: int = Field(1, ge=0, description="secret: the transmitter's choices")
+    chunk_slots: int = Field(
+        1 << 20, ge=1 << 10, le=1 << 26, description="slots simulated per fiber batch"
+    )
+    start_calibrated: bool = Field(
+        False,
+        description="power on with every instrument at its optimum (laser on, levels set); "
+        "False: safe state, calibration must do it",
+    )
+    source: SourceParams = SourceParams()
+    fiber: FiberParams = FiberParams()
+    eve: EveParams = EveParams()
+    hardware: TransmitterHardwareParams = TransmitterHardwareParams()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _own_side_only(cls, data: Any) -> Any:
+        _refuse(data, _RECEIVER_ONLY, ReceiverParams, "transmitter")
+        return data
+
+
+class ReceiverSimParams(_Strict):
+    """What the receiver's process simulates: its box (analysers, detectors, tagger clock).
+
+    Nothing of the transmitter: no seed, no source, no fiber, no transmitter hardware."""
+
+    receiver_seed: int = Field(2, ge=0, description="the receiver's randomness")
+    start_calibrated: bool = Field(
+        False,
+        description="power on with the detectors armed at the true delay; False: disarmed "
+        "at 0 ps, calibration must find the delay",
+    )
+    hardware: ReceiverParams = ReceiverParams()
+    clock: ClockParams = ClockParams()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _own_side_only(cls, data: Any) -> Any:
+        _refuse(data, _TRANSMITTER_ONLY, TransmitterHardwareParams, "receiver")
+        return data
 
 
 class LinkParams(_Strict):
+    """The whole simulated link (both sides): the demo's ``[link]`` and in-process tests."""
+
     transmitter_seed: int = Field(1, ge=0, description="secret: the transmitter's choices")
     receiver_seed: int = Field(2, ge=0, description="the receiver's randomness")
     chunk_slots: int = Field(
@@ -144,3 +326,24 @@ class LinkParams(_Strict):
     clock: ClockParams = ClockParams()
     eve: EveParams = EveParams()
     transmitter: TransmitterHardwareParams = TransmitterHardwareParams()
+
+    def transmitter_side(self) -> TransmitterSimParams:
+        """The transmitter's process's part: seed, source, fiber, eve, its hardware."""
+        return TransmitterSimParams(
+            transmitter_seed=self.transmitter_seed,
+            chunk_slots=self.chunk_slots,
+            start_calibrated=self.start_calibrated,
+            source=self.source,
+            fiber=self.fiber,
+            eve=self.eve,
+            hardware=self.transmitter,
+        )
+
+    def receiver_side(self) -> ReceiverSimParams:
+        """The receiver's process's part: seed, its hardware and clock."""
+        return ReceiverSimParams(
+            receiver_seed=self.receiver_seed,
+            start_calibrated=self.start_calibrated,
+            hardware=self.receiver,
+            clock=self.clock,
+        )

@@ -10,8 +10,8 @@ Physics, per pulse that reached the receiver with ``n`` photons at angle ``theta
 * basis choice: passive (each photon independently takes Z with ``p_basis_z``) or active
   (one random basis per pulse);
 * in each basis arm (analyser at 0 or 45 degrees) the pulse leaves by the orthogonal port
-  with probability ``p = sin^2(theta + drift - analyser)``, then the misalignment flips
-  the port with probability ``e_d`` (pulse-wise, the model behind the GLLP formulas);
+  with probability ``p = sin^2(theta + rotation - analyser)`` (``theta`` as it left the
+  fiber, which applied its misalignment and drift; ``rotation`` a receiver-side fault);
 * the detector on that port clicks with ``1 - (1 - eff)^n_arm`` if the jittered arrival
   falls inside its gate (gate centred on the detector's delay setting, slot-locked);
 * dark counts: Poisson in each gate with ``dark_rate_hz * gate_width``;
@@ -20,7 +20,8 @@ Physics, per pulse that reached the receiver with ``n`` photons at angle ``theta
 * dead time: non-paralysable, per detector, carried across chunks (events are
   processed in time order; those past the chunk's end wait for the next chunk).
 
-Time: "true time" is the transmitter's slot clock shifted by the fiber delay. The
+Time: "true time" is the transmitter's slot clock shifted by the fiber delay (each fiber
+batch gives the arrival time of its first slot). The
 detector gates are locked to the pulse train (clock recovered from the light), the time
 tagger is not: :class:`ReceiverClock` maps true time to tagger time with an offset, a
 frequency offset and a random-walk frequency wander.
@@ -78,7 +79,7 @@ class DetectorSettings:
         """All detectors armed at the true delay with their nominal efficiency."""
         return cls(
             efficiency=np.asarray(rx.detector_efficiency, dtype=np.float64),
-            dark_rate_hz=np.full(N_CHANNELS, rx.dark_count_rate_hz),
+            dark_rate_hz=np.asarray(rx.dark_count_rates_hz, dtype=np.float64),
             enabled=np.ones(N_CHANNELS, np.bool_),
             delay_ps=np.full(N_CHANNELS, rx.true_delay_ps),
             dead_time_ps=np.full(N_CHANNELS, rx.dead_time_ns * 1e3),
@@ -168,20 +169,11 @@ class ReceiverModel:
     """Detection physics of the receiver, applied chunk after chunk.
 
     ``process`` must be called with contiguous, increasing chunks; the model keeps the
-    state that crosses chunk boundaries (dead time, pending afterpulses, clock, drift).
+    state that crosses chunk boundaries (dead time, pending afterpulses, clock).
     """
 
-    def __init__(
-        self,
-        rx: ReceiverParams,
-        clock: ClockParams,
-        misalignment: float,
-        drift_rad_per_sqrt_s: float,
-    ) -> None:
+    def __init__(self, rx: ReceiverParams, clock: ClockParams) -> None:
         self.rx = rx
-        self.misalignment = misalignment
-        self.drift_rad_per_sqrt_s = drift_rad_per_sqrt_s
-        self.drift_rad = 0.0
         self.clock = ReceiverClock(clock)
         self._last_click_ps = np.full(N_CHANNELS, -(1 << 62), np.int64)
         self._pending_channel = np.empty(0, np.int16)
@@ -308,9 +300,6 @@ class ReceiverModel:
         n_slots = slot_stop - slot_start
         period_f = float(period_ps)
         duration_ps = span_ps(n_slots, period_ps)
-        dt_s = duration_ps * 1e-12
-        if self.drift_rad_per_sqrt_s > 0:
-            self.drift_rad += rng.normal(0.0, self.drift_rad_per_sqrt_s * math.sqrt(dt_s))
         seed = np.uint64(rng.bit_generator.random_raw())
         dark_c, dark_t, dark_s = self._dark_clicks(
             slot_start, n_slots, chunk_t0_ps, period_ps=period_f, settings=settings, rng=rng
@@ -345,8 +334,8 @@ class ReceiverModel:
             chunk_t0_ps,
             chunk_t0_ps + duration_ps,
             period_f,
-            self.drift_rad + extra_rotation_rad,
-            self.misalignment,
+            extra_rotation_rad,
+            0.0,  # the fiber's misalignment arrives in the photons' polarisation
             rx.p_basis_z,
             rx.basis_choice == "passive",
             enabled,

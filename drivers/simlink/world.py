@@ -1,13 +1,21 @@
 """The simulated link as two worlds, one per process, joined by a simulated fiber.
 
-* :class:`TransmitterWorld` (source, encoder, attenuation, fiber loss, eavesdropper)
-  generates the pulses that survive the fiber, chunk by chunk, and PUSHes them over a
-  ZeroMQ socket bound to ``fiber_endpoint``.
+* :class:`TransmitterWorld` (source, encoder, attenuation, and the fiber with whatever
+  sits on it: loss, eavesdropper, polarisation misalignment and drift, propagation delay)
+  generates the pulses that reach the fiber's far end, chunk by chunk, and PUSHes them over
+  a ZeroMQ socket bound to ``fiber_endpoint``.
 * :class:`ReceiverWorld` PULLs them, applies the receiver physics
   (:mod:`drivers.simlink.receiver`) and queues time-tag blocks for the simulated tagger.
 
-The receiver learns about the transmitted states only through these photons. Each world
-reads only its side's parameters (see :mod:`drivers.simlink.params`).
+Each world is built from its side's parameters only
+(:class:`~drivers.simlink.params.TransmitterSimParams`,
+:class:`~drivers.simlink.params.ReceiverSimParams`) and draws its own box's hardware
+truths (:mod:`drivers.simlink.truths`). The receiver learns about the transmitted states
+only through the photons, and a fiber batch carries only what light carries: per pulse
+its slot (the public slot numbering, i.e. its timing), its polarisation angle and its
+photon number (:data:`~drivers.simlink.source.PHOTON_DTYPE`); the batch header gives the
+pulse rate and the arrival time of its first slot (:meth:`TransmitterWorld.fiber_header`).
+No basis, bit or intensity label, no seed, no transmitter truth.
 
 Both worlds advance in chunks of ``chunk_slots`` slots with counter-based seeds
 ``(seed, chunk index)``, so the same seed gives the same tags however the chunks are
@@ -43,7 +51,7 @@ import zmq
 
 from drivers.interfaces import TAG_DTYPE, PreparedStates, TagBlock
 from drivers.simlink.optics import TxOptics
-from drivers.simlink.params import LinkParams
+from drivers.simlink.params import ReceiverSimParams, TransmitterSimParams
 from drivers.simlink.receiver import (
     N_CHANNELS,
     DetectionRecords,
@@ -61,26 +69,36 @@ from drivers.simlink.source import (
     secret_key,
     slot_choices,
 )
+from drivers.simlink.truths import resolve_receiver, resolve_transmitter
 
 __all__ = [
     "FAULTS",
+    "FIBER_HEADER_KEYS",
     "ReceiverWorld",
     "TransmitterWorld",
     "World",
     "get_world",
     "start_world",
     "stop_world",
+    "synthetic_batch",
     "warm_up",
+    "warm_up_receiver",
+    "warm_up_transmitter",
 ]
 
 log = logging.getLogger(__name__)
 
 FAULTS = ("fiber_cut", "encoding_drift", "eve", "bright_light", "detector_disconnect")
-FIBER_PROTOCOL_VERSION = 1
+FIBER_PROTOCOL_VERSION = 2
+#: The keys of a fiber batch's header: everything the receiver learns besides the photons.
+FIBER_HEADER_KEYS = frozenset(
+    {"v", "run", "chunk", "slot_start", "slot_stop", "slot_rate_hz", "t0_ps"}
+)
 _STREAM_TX_PHYSICS = 1
 _STREAM_RX_PHYSICS = 2
 _STREAM_RX_EVE = 3
 _STREAM_TX_EVE = 4
+_STREAM_TX_FIBER = 5
 _MASK64 = (1 << 64) - 1
 _GOLDEN64 = 0x9E3779B97F4A7C15
 _STREAMS_DOMAIN = 0x7369_6D6C_696E_6B31  # "simlink1"
@@ -136,8 +154,24 @@ def _slot_period_ps(slot_rate_hz: float) -> Fraction:
     return Fraction(10**12) / Fraction(slot_rate_hz)
 
 
+def _bernoulli_indices(rng: np.random.Generator, n: int, p: float) -> npt.NDArray[np.int64]:
+    """The indices in ``[0, n)`` each chosen independently with probability ``p``, from
+    geometric gaps (cost proportional to the number chosen, not to ``n``)."""
+    parts = []
+    last = -1
+    while last < n:
+        size = int(n * p + 6.0 * math.sqrt(n * p)) + 16
+        gaps = rng.geometric(p, size=size)
+        idx = last + np.cumsum(gaps, dtype=np.int64)
+        parts.append(idx)
+        last = int(idx[-1])
+    chosen = np.concatenate(parts)
+    return chosen[chosen < n]
+
+
 class TransmitterWorld:
-    """Source, encoder, attenuation, fiber loss and eavesdropper of the transmitter.
+    """Source, encoder and attenuation of the transmitter, and the fiber with the
+    eavesdropper. ``hardware`` holds the box's drawn truths.
 
     Thread-safe: instrument calls and the pacing thread share ``lock``.
     """
@@ -146,14 +180,22 @@ class TransmitterWorld:
 
     def __init__(
         self,
-        params: LinkParams,
+        params: TransmitterSimParams,
         fiber_endpoint: str | None = None,
         context: zmq.Context[Any] | None = None,
     ) -> None:
+        if not isinstance(params, TransmitterSimParams):
+            raise TypeError(
+                "a transmitter world is built from the transmitter's side of the simulation "
+                f"(TransmitterSimParams), not from {type(params).__name__}"
+            )
+        params = resolve_transmitter(params)
         self.source = params.source
         self.fiber = params.fiber
-        self.hardware = params.transmitter
+        self.hardware = params.hardware
         self.chunk_slots = params.chunk_slots
+        self._fiber_delay_ps = round(params.fiber.delay_s * 1e12)
+        self._fiber_drift_rad = 0.0
         self._eve_mode = params.eve.mode
         self._eve_fraction = params.eve.fraction
         self._seed = params.transmitter_seed
@@ -298,10 +340,31 @@ class TransmitterWorld:
             np.uint64(self._streams.word(_STREAM_TX_PHYSICS, index)),
             eve_rng=lambda: np.random.default_rng([self._seed, _STREAM_TX_EVE, index]),
         )
+        self._through_fiber(index, chunk)
         if chunk.eve_known_slots.size:
             self.eve_known_slots.append(chunk.eve_known_slots)
         self.photons_sent += chunk.photons.shape[0]
         return index, chunk
+
+    def _through_fiber(self, index: int, chunk: PhotonChunk) -> None:
+        """The fiber's effects on the polarisation of the pulses that crossed it (its loss
+        is in the emission): the drift of the reference, a random walk stepped per chunk,
+        and the misalignment: with probability ``e_d`` a pulse leaves turned by 90
+        degrees, which flips its outcome in both bases."""
+        fiber = self.fiber
+        rng = self._streams.generator(_STREAM_TX_FIBER, index)
+        if fiber.drift_rad_per_sqrt_s > 0:
+            dt_s = (chunk.slot_stop - chunk.slot_start) / self.source.slot_rate_hz
+            self._fiber_drift_rad += rng.normal(0.0, fiber.drift_rad_per_sqrt_s * math.sqrt(dt_s))
+        photons = chunk.photons
+        if photons.shape[0] == 0:
+            return
+        angle = photons["angle_rad"]
+        if self._fiber_drift_rad != 0.0:
+            angle += np.float32(self._fiber_drift_rad)
+        if fiber.misalignment > 0:
+            turned = _bernoulli_indices(rng, photons.shape[0], fiber.misalignment)
+            angle[turned] += np.float32(math.pi / 2)
 
     def step(self) -> PhotonChunk:
         """Simulate the next chunk and send it down the fiber without blocking (a chunk
@@ -311,7 +374,13 @@ class TransmitterWorld:
         return chunk
 
     def fiber_header(self, index: int, chunk: PhotonChunk) -> dict[str, Any]:
-        """The public header of a fiber batch: what the light itself tells the receiver."""
+        """The public header of a fiber batch: what the light itself tells the receiver.
+
+        The batch's slots ``[slot_start, slot_stop)`` at ``slot_rate_hz`` (the pulse
+        train's timing) and ``t0_ps``, the arrival time of slot ``slot_start``'s pulse edge
+        at the fiber's end on the transmitter's slot clock (emission plus propagation);
+        ``run`` changes when the transmitter restarts, ``chunk`` numbers the batches."""
+        period = _slot_period_ps(self.source.slot_rate_hz)
         return {
             "v": FIBER_PROTOCOL_VERSION,
             "run": self._run_id,
@@ -319,6 +388,7 @@ class TransmitterWorld:
             "slot_start": chunk.slot_start,
             "slot_stop": chunk.slot_stop,
             "slot_rate_hz": self.source.slot_rate_hz,
+            "t0_ps": round(chunk.slot_start * period) + self._fiber_delay_ps,
         }
 
     def _send(self, index: int, chunk: PhotonChunk, block: bool = False) -> None:
@@ -400,28 +470,32 @@ class DetectorState:
 
 
 class ReceiverWorld:
-    """Receiver optics, detectors and time tagger. Reads only receiver-side parameters."""
+    """Receiver optics, detectors and time tagger, built from the receiver's side of the
+    simulation only. ``rx`` and ``clock_params`` hold the box's drawn truths."""
 
     role: Literal["receiver"] = "receiver"
 
     def __init__(
         self,
-        params: LinkParams,
+        params: ReceiverSimParams,
         fiber_endpoint: str | None = None,
         context: zmq.Context[Any] | None = None,
         max_buffered_tags: int = 20_000_000,
     ) -> None:
-        rx = params.receiver
+        if not isinstance(params, ReceiverSimParams):
+            raise TypeError(
+                "a receiver world is built from the receiver's side of the simulation "
+                f"(ReceiverSimParams), not from {type(params).__name__}"
+            )
+        # the front panels show the datasheet efficiency; the detectors have their truths
+        self.nominal_efficiency_pct = float(100.0 * np.mean(params.hardware.detector_efficiency))
+        params = resolve_receiver(params)
+        rx = params.hardware
         self.rx = rx
         self.clock_params = params.clock
-        self.fiber_misalignment = params.fiber.misalignment
-        self.fiber_delay_ps = round(params.fiber.delay_s * 1e12)
         self._seed = params.receiver_seed
         self._streams = ChunkStreams(params.receiver_seed)
-        self.model = ReceiverModel(
-            rx, params.clock, params.fiber.misalignment, params.fiber.drift_rad_per_sqrt_s
-        )
-        self.nominal_efficiency_pct = float(100.0 * np.mean(rx.detector_efficiency))
+        self.model = ReceiverModel(rx, params.clock)
         calibrated = params.start_calibrated
         mid_threshold = sum(rx.threshold_window_v) / 2
         self.detectors = DetectorState(
@@ -470,7 +544,7 @@ class ReceiverWorld:
             rx = self.rx
             scale = d.efficiency_pct / self.nominal_efficiency_pct
             efficiency = np.minimum(np.asarray(rx.detector_efficiency) * scale, 1.0)
-            dark = rx.dark_count_rate_hz * scale**2
+            dark = np.asarray(rx.dark_count_rates_hz) * scale**2
             low, high = rx.threshold_window_v
             noisy = d.threshold_v < low
             blind = d.threshold_v > high
@@ -527,7 +601,7 @@ class ReceiverWorld:
         slot_stop = int(header["slot_stop"])
         period = _slot_period_ps(float(header["slot_rate_hz"]))
         run = int(header["run"])
-        tx_t0 = round(slot_start * period) + self.fiber_delay_ps
+        tx_t0 = int(header["t0_ps"])
         with self.lock:
             if run != self._run or self._anchor_ps + tx_t0 < self._true_end_ps:
                 # New transmitter run (or a jump back): continue the receiver's time line.
@@ -604,8 +678,13 @@ class ReceiverWorld:
             log.warning("fiber: dropped a message of %d frames", len(frames))
             return None
         header = json.loads(frames[0])
-        if header.get("v") != FIBER_PROTOCOL_VERSION:
-            log.warning("fiber: dropped a message of version %r", header.get("v"))
+        if not isinstance(header, dict) or header.get("v") != FIBER_PROTOCOL_VERSION:
+            version = header.get("v") if isinstance(header, dict) else None
+            log.warning("fiber: dropped a message of version %r", version)
+            return None
+        if set(header) != FIBER_HEADER_KEYS or len(frames[1]) % PHOTON_DTYPE.itemsize:
+            # a fiber carries light and its timing, nothing else
+            log.warning("fiber: dropped a batch with header keys %s", sorted(header))
             return None
         photons = np.frombuffer(frames[1], dtype=PHOTON_DTYPE)
         return self.process(header, photons)
@@ -675,53 +754,102 @@ _world: World | None = None
 _world_lock = threading.Lock()
 
 
-def warm_up(params: LinkParams) -> None:
-    """Compile (or load from the on-disk cache) the numba kernels of both sides.
+SideParams = TransmitterSimParams | ReceiverSimParams
 
-    Runs one small chunk through a throw-away transmitter and receiver. The first compile
-    on a fresh machine takes tens of seconds and holds the GIL, so the daemon does it
-    before it reports ready, not in the middle of a session.
-    """
-    small = params.model_copy(update={"chunk_slots": 4096, "start_calibrated": True})
+#: Slots of the small chunk a warm-up runs (the compiled code does not depend on it).
+_WARM_UP_SLOTS = 4096
+
+
+def warm_up_transmitter(params: TransmitterSimParams) -> None:
+    """Compile (or load from numba's disk cache) the transmitter's kernels: one small
+    chunk through a throw-away transmitter world, and the slot choices of sifting."""
+    small = params.model_copy(update={"chunk_slots": _WARM_UP_SLOTS, "start_calibrated": True})
     tx = TransmitterWorld(small, None)
-    rx = ReceiverWorld(small, None)
     try:
         chunk = tx.step()
-        # As it comes off the fiber socket: a read-only buffer.
-        off_the_fiber = np.frombuffer(chunk.photons.tobytes(), dtype=PHOTON_DTYPE)
-        rx.process(tx.fiber_header(0, chunk), off_the_fiber)
         tx.prepared(chunk.photons["slot"])  # the transmitter's side of sifting
     finally:
-        rx.close()
         tx.close()
+
+
+def synthetic_batch(n_slots: int = _WARM_UP_SLOTS) -> tuple[dict[str, Any], npt.NDArray[np.void]]:
+    """A fiber batch made up on the receiver's side (no transmitter involved): pulses in
+    every eighth slot, in the four polarisations, one or two photons, as a read-only
+    buffer like one off the fiber socket."""
+    slots = np.arange(0, n_slots, 8, dtype=np.int64)
+    photons = np.zeros(slots.size, PHOTON_DTYPE)
+    photons["slot"] = slots
+    photons["angle_rad"] = (np.arange(slots.size) % 4 * (math.pi / 4)).astype(np.float32)
+    photons["n_photons"] = 1 + (np.arange(slots.size) % 16 == 0)
+    header = {
+        "v": FIBER_PROTOCOL_VERSION,
+        "run": 0,
+        "chunk": 0,
+        "slot_start": 0,
+        "slot_stop": n_slots,
+        "slot_rate_hz": 25e6,
+        "t0_ps": 0,
+    }
+    return header, np.frombuffer(photons.tobytes(), dtype=PHOTON_DTYPE)
+
+
+def warm_up_receiver(params: ReceiverSimParams) -> None:
+    """Compile (or load) the receiver's kernels: a synthetic batch through a throw-away
+    receiver world. Never builds a transmitter world."""
+    rx = ReceiverWorld(params.model_copy(update={"start_calibrated": True}), None)
+    try:
+        rx.process(*synthetic_batch())
+    finally:
+        rx.close()
+
+
+def warm_up(params: SideParams) -> None:
+    """Compile (or load from the on-disk cache) the numba kernels of this side.
+
+    The first compile on a fresh machine takes tens of seconds and holds the GIL, so the
+    daemon does it before it reports ready, not in the middle of a session.
+    """
+    if isinstance(params, TransmitterSimParams):
+        warm_up_transmitter(params)
+    elif isinstance(params, ReceiverSimParams):
+        warm_up_receiver(params)
+    else:
+        raise TypeError(f"warm_up: expected one side's parameters, got {type(params).__name__}")
 
 
 def start_world(
     role: Literal["transmitter", "receiver"] | str,
-    params: LinkParams,
+    params: SideParams,
     fiber_endpoint: str | None,
     realtime: bool = True,
 ) -> World:
-    """Create this process's world for ``role`` and start it in real time.
+    """Create this process's world for ``role`` from that side's parameters and start it
+    in real time.
 
     ``fiber_endpoint`` None: no fiber (tests step the world by hand); ``realtime`` False:
     the world is registered but not paced by a background thread.
 
-    Raises RuntimeError if a world already runs, ValueError on an unknown role, and
-    zmq.ZMQError if the fiber endpoint cannot be bound (transmitter) or connected.
+    Raises RuntimeError if a world already runs, ValueError on an unknown role, TypeError
+    when ``params`` are not ``role``'s side, and zmq.ZMQError if the fiber endpoint cannot
+    be bound (transmitter) or connected.
     """
     global _world
+    if role not in ("transmitter", "receiver"):
+        raise ValueError(f"start_world: role must be transmitter or receiver, got {role!r}")
+    want = TransmitterSimParams if role == "transmitter" else ReceiverSimParams
+    if not isinstance(params, want):
+        raise TypeError(
+            f"start_world: the {role}'s world needs {want.__name__}, got {type(params).__name__}"
+        )
     with _world_lock:
         if _world is not None:
             raise RuntimeError(f"a simulated {_world.role} world already runs in this process")
         world: World
         warm_up(params)
-        if role == "transmitter":
+        if isinstance(params, TransmitterSimParams):
             world = TransmitterWorld(params, fiber_endpoint)
-        elif role == "receiver":
-            world = ReceiverWorld(params, fiber_endpoint)
         else:
-            raise ValueError(f"start_world: role must be transmitter or receiver, got {role!r}")
+            world = ReceiverWorld(params, fiber_endpoint)
         if realtime:
             world.start()
         _world = world

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from qkdnode.config.sections import (
     AlarmsSection,
@@ -36,6 +36,17 @@ class NodeConfig(Section):
     metrics: MetricsSection = MetricsSection()
     alarms: AlarmsSection = AlarmsSection()
     simulation: SimulationSection | None = None
+
+    @field_validator("simulation")
+    @classmethod
+    def _own_side(
+        cls, v: SimulationSection | None, info: ValidationInfo
+    ) -> SimulationSection | None:
+        """The node's side of the simulation, and only that (``node`` validates first)."""
+        node = info.data.get("node")
+        if v is None or node is None:
+            return v
+        return v.for_role(node.role)
 
     @model_validator(mode="after")
     def _check(self) -> NodeConfig:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from drivers.simlink.params import LinkParams
+from drivers.simlink.params import ReceiverSimParams, TransmitterSimParams
 
 Role = Literal["transmitter", "receiver"]
 
@@ -64,12 +64,35 @@ class SourceSection(Section):
 class CalibrationSection(Section):
     """Calibration settings and the box constants calibration relies on."""
 
-    tap_to_output_db: float = Field(
-        50.0,
+    tap_to_output_db: float | None = Field(
+        None,
         ge=0,
         le=120,
-        description="transmitter: attenuation from the power-meter tap to the box output "
-        "(factory-measured constant of the box)",
+        description="transmitter: attenuation from the power-meter tap to the box output, "
+        "measured at the factory or at commissioning with calibrated meters at both ports "
+        "(it cannot be measured in the field). Unset: the box is not commissioned and "
+        "calibration refuses to run",
+    )
+    tap_to_output_uncertainty_db: float = Field(
+        0.2,
+        ge=0,
+        le=3,
+        description="transmitter: uncertainty (bound) of tap_to_output_db; 0.2 dB is typical "
+        "of a measurement with two calibrated power meters",
+    )
+    power_meter_uncertainty: float = Field(
+        0.03,
+        ge=0,
+        lt=0.5,
+        description="transmitter: relative calibration uncertainty (bound) of the power "
+        "meter; benchtop InGaAs sensors specify 2-3.5 % at 1550 nm, plus their linearity",
+    )
+    intensity_drift_allowance: float = Field(
+        0.05,
+        ge=0,
+        lt=0.5,
+        description="transmitter: relative drift of the mean photon numbers allowed until the "
+        "next calibration (laser power, VOA); widens the intervals the decoy bound uses",
     )
     integration_time_s: float = Field(
         0.12, gt=0, le=60, description="receiver: count-rate integration time per scan point"
@@ -80,7 +103,13 @@ class CalibrationSection(Section):
         le=200_000,
         description="detections disclosed per error-rate probe of the encoding compensation",
     )
-    encoder_v_pi_v: float = Field(3.0, gt=0, le=50, description="encoder half-wave voltage")
+    encoder_v_pi_v: float = Field(
+        3.0,
+        gt=0,
+        le=50,
+        description="transmitter: encoder half-wave voltage from the datasheet: the starting "
+        "guess of its measurement after synchronization, which replaces it",
+    )
 
 
 class InstrumentSection(Section):
@@ -186,7 +215,25 @@ class BusSection(Section):
 
 class ProtocolSection(Section):
     block_detections: int = Field(
-        16_000_000, ge=10_000, le=100_000_000, description="detections per key block"
+        16_000_000,
+        ge=10_000,
+        le=100_000_000,
+        description="detections per key block: the largest block (memory) with block_size "
+        "'auto', every block with 'fixed'",
+    )
+    block_size: Literal["auto", "fixed"] = Field(
+        "auto",
+        description="auto: the first block is at most max_block_seconds of light; later "
+        "blocks follow what the finite-key bound needs on the link the last block measured "
+        "(the transmitter advises, the receiver clamps to block_detections); fixed: always "
+        "block_detections",
+    )
+    max_block_seconds: float = Field(
+        300.0,
+        gt=0,
+        le=86_400,
+        description="auto: no block needs longer than this to fill (a slow link gets smaller "
+        "blocks instead of none)",
     )
     eps_sec: float = Field(1e-10, gt=0, lt=1)
     eps_cor: float = Field(1e-15, gt=0, lt=1)
@@ -340,8 +387,50 @@ class MetricsSection(Section):
 
 
 class SimulationSection(Section):
-    """Simulated backends. ``fiber_endpoint`` carries simulated photons TX -> RX."""
+    """Simulated backends: this node's side of the simulated link, nothing of the other.
+
+    ``fiber_endpoint`` carries simulated photons TX -> RX. A transmitter holds
+    ``[simulation.transmitter]`` (its secret seed, source, fiber, eavesdropper and box), a
+    receiver ``[simulation.receiver]`` (its seed, box and clock); a missing table takes
+    the defaults of the node's side. A config holding the other side's table is refused
+    (:meth:`for_role`, checked with ``node.role``).
+    """
 
     enabled: bool = True
     fiber_endpoint: str = "tcp://127.0.0.1:5560"
-    link: LinkParams = LinkParams()
+    transmitter: TransmitterSimParams | None = None
+    receiver: ReceiverSimParams | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_whole_link(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "link" in data:
+            raise ValueError(
+                "simulation.link is no longer valid: a node holds only its own side of the "
+                "simulated link, [simulation.transmitter] or [simulation.receiver]"
+            )
+        return data
+
+    def for_role(self, role: Role) -> SimulationSection:
+        """This section with the node's side filled in (defaults if absent).
+
+        Raises ValueError naming the other side's table when it is present: a receiver
+        never holds the transmitter's secret seed or hardware truths, nor the reverse."""
+        other = "receiver" if role == "transmitter" else "transmitter"
+        if getattr(self, other) is not None:
+            raise ValueError(
+                f"[simulation.{other}] holds the {other}'s side of the simulated link (its "
+                f"seed and hardware truths): a {role} node holds only [simulation.{role}]"
+            )
+        if role == "transmitter":
+            return self.model_copy(
+                update={"transmitter": self.transmitter or TransmitterSimParams()}
+            )
+        return self.model_copy(update={"receiver": self.receiver or ReceiverSimParams()})
+
+    def side(self) -> TransmitterSimParams | ReceiverSimParams:
+        """This node's side (after :meth:`for_role`); ValueError when none or both."""
+        sides = [s for s in (self.transmitter, self.receiver) if s is not None]
+        if len(sides) != 1:
+            raise ValueError("the simulation section must hold exactly one side of the link")
+        return sides[0]

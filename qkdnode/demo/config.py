@@ -4,6 +4,7 @@ Layout (see ``configs/demo.toml``)::
 
     [demo]      run settings: duration, seed, output directory, bus security, timeouts
     [link]      drivers.simlink.params.LinkParams: source, fiber, receiver, clock, eve ...
+                (the whole link; each node's config gets only its own side of it)
     [protocol]  the nodes' protocol settings (block size, epsilons, QBER limits, EC target)
     [keystore]  the nodes' key store settings (key size)
 
@@ -22,6 +23,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from drivers.simlink.params import EveParams, LinkParams
+from drivers.simlink.truths import resolve_truths
 from qkdnode.config.loader import ConfigError, format_validation_error
 from qkdnode.config.sections import KeystoreSection, ProtocolSection
 
@@ -46,9 +48,11 @@ class RunSection(BaseModel):
     step_timeout_s: float = Field(180.0, gt=0, le=3600, description="calibrate, sync, stop")
     progress_interval_s: float = Field(0.5, gt=0, le=60, description="status poll period")
     auto_block_size: bool = Field(
-        True,
+        False,
         description="shrink protocol.block_detections so that about 2.5 blocks of light "
-        "fit in the run at the detection rate the link budget predicts",
+        "fit in the run at the detection rate the link budget predicts (quick looks only: "
+        "small blocks cost key; by default blocks follow what the finite-key bound needs "
+        "and the run is extended to finish the block that is filling)",
     )
 
 
@@ -158,10 +162,11 @@ MIN_AUTO_BLOCK = 1_000_000
 
 
 def expected_detection_rate_hz(link: LinkParams) -> float:
-    """Detections per second the receiver should see, from the link budget."""
+    """Detections per second the receiver should see, from the link budget of the
+    simulated boxes (their drawn truths)."""
     from qkdnode.demo.compare import TheoryInputs
 
-    th = TheoryInputs.from_link(link, ProtocolSection())
+    th = TheoryInputs.from_link(resolve_truths(link), ProtocolSection())
     src = link.source
     classes = (
         (src.p_signal, src.mu_signal),

@@ -1,8 +1,13 @@
 """The two node configurations of a demo run, built from a :class:`DemoConfig`.
 
-Both nodes get the same physics (``[simulation] link``), the same protocol and key store
-settings, bus endpoints on free loopback ports, and state directories under the run's
-output directory. With ``security = "curve"`` every run generates fresh CURVE key pairs
+Each node gets only its own side of the simulated link: the transmitter
+``[simulation.transmitter]`` (its secret seed, source, fiber, eavesdropper and box), the
+receiver ``[simulation.receiver]`` (its seed, box and clock). The transmitter also gets
+its box's commissioning record (``[calibration] tap_to_output_db`` and its uncertainty: the
+factory's measurement of the drawn truth, :func:`drivers.simlink.truths.commissioning_record`),
+since that constant cannot be measured in the field. Both get the same protocol and key
+store settings, bus endpoints on free loopback ports, and state directories under the
+run's output directory. With ``security = "curve"`` every run generates fresh CURVE key pairs
 (one per node, one for the demo's control client) under ``OUT/keys``; the nodes allow
 the demo client as ``operator`` and each other as ``peer``.
 
@@ -19,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from drivers.simlink.truths import commissioning_record
 from qkdnode.config import NodeConfig
 from qkdnode.config.loader import parse_config
 from qkdnode.demo.config import DemoConfig
@@ -143,13 +149,28 @@ def _bus(cfg: DemoConfig, ep: Endpoints, role: str, keys: CurveKeys | None) -> d
     return bus
 
 
+def _commissioning(cfg: DemoConfig) -> dict[str, Any]:
+    """The transmitter's ``[calibration]`` box constants: its commissioning record."""
+    record = commissioning_record(cfg.link.transmitter)
+    return {
+        "tap_to_output_db": record.tap_to_output_db,
+        "tap_to_output_uncertainty_db": record.tap_to_output_uncertainty_db,
+    }
+
+
+def _simulation(cfg: DemoConfig, role: str, ep: Endpoints) -> dict[str, Any]:
+    """The node's ``[simulation]``: its own side of the link, nothing of the other."""
+    side = cfg.link.transmitter_side() if role == "transmitter" else cfg.link.receiver_side()
+    return {"enabled": True, "fiber_endpoint": ep.fiber, role: side.model_dump(mode="json")}
+
+
 def node_config_dict(
     cfg: DemoConfig, role: str, out_dir: Path, ep: Endpoints, keys: CurveKeys | None
 ) -> dict[str, Any]:
     """The TOML data of one node (``role`` is ``transmitter`` or ``receiver``)."""
     tx = role == "transmitter"
     node_id, peer_id = (TRANSMITTER_ID, RECEIVER_ID) if tx else (RECEIVER_ID, TRANSMITTER_ID)
-    return {
+    data: dict[str, Any] = {
         "node": {
             "id": node_id,
             "role": role,
@@ -162,12 +183,11 @@ def node_config_dict(
         "bus": _bus(cfg, ep, role, keys),
         "protocol": cfg.protocol.model_dump(mode="json", exclude_none=True),
         "keystore": cfg.keystore.model_dump(mode="json", exclude_none=True),
-        "simulation": {
-            "enabled": True,
-            "fiber_endpoint": ep.fiber,
-            "link": cfg.link.model_dump(mode="json"),
-        },
+        "simulation": _simulation(cfg, role, ep),
     }
+    if tx:
+        data["calibration"] = _commissioning(cfg)
+    return data
 
 
 @dataclass(frozen=True)

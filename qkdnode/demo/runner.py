@@ -230,6 +230,7 @@ class DemoRunner:
         self.last: dict[str, dict[str, Any] | None] = {}
         #: (seconds into the exchange, committed detections) at each change seen by polling
         self.commits: list[tuple[float, int]] = []
+        self.extended_s = 0.0
 
     # --- status helpers -------------------------------------------------------------------
     def _daemons(self) -> tuple[Daemon, Daemon]:
@@ -318,6 +319,7 @@ class DemoRunner:
                 if _state(st) == "FAULT":
                     raise DemoError(f"exchange: {d.name} entered FAULT (see {d.files.log_path})")
             time.sleep(min(interval, max(0.0, duration - elapsed)))
+        stats = self._finish_open_block(t0, stats)
         from qkdnode.client import RemoteError
 
         try:
@@ -337,6 +339,45 @@ class DemoRunner:
         )
         st_tx, st_rx = self._status_both(tolerate_timeout=False)
         return wall, merge_stats(_stats(st_tx), _stats(st_rx))
+
+    def _finish_open_block(self, t0: float, stats: LinkStats) -> LinkStats:
+        """After ``duration_s``: let the block the receiver is filling finish, so that the
+        run's light is not thrown away with it. Blocks are sized by what the finite-key
+        bound needs, not by the run length, so a run may end a little later than asked;
+        ``extended_s`` in the summary says by how much. Bounded: at most the time the
+        remaining detections need at the rate seen so far plus ``step_timeout_s``."""
+        st_tx, st_rx = self._status_both(tolerate_timeout=True)
+        if _state(st_tx) != "EXCHANGING" or _state(st_rx) != "EXCHANGING":
+            return stats
+        rx = _stats(st_rx)
+        target = int(rx.get("block_detections") or 0)
+        pending = int(rx.get("detections_read") or 0) - int(rx.get("detections") or 0)
+        if target <= 0 or pending <= 0:
+            return stats
+        elapsed = time.monotonic() - t0
+        rate = max(1.0, int(rx.get("detections_read") or 0) / max(elapsed, 1e-3))
+        limit = max(0, target - pending) / rate + self.cfg.demo.step_timeout_s
+        done0 = stats.blocks_ok + stats.blocks_aborted
+        self.report.step(
+            f"finishing the open block ({pending:,} of {target:,} detections; "
+            f"at most {limit:.0f} s more)"
+        )
+        started = time.monotonic()
+        while time.monotonic() - started < limit:
+            st_tx, st_rx = self._status_both(tolerate_timeout=True)
+            if st_tx:
+                stats = merge_stats(_stats(st_tx), _stats(st_rx))
+                if stats.blocks_ok + stats.blocks_aborted > done0:
+                    self.commits.append((time.monotonic() - t0, stats.detections))
+                    break
+            for d, st in zip(self._daemons(), (st_tx, st_rx), strict=True):
+                if _state(st) == "FAULT":
+                    raise DemoError(f"exchange: {d.name} entered FAULT (see {d.files.log_path})")
+            elapsed = time.monotonic() - t0
+            self.report.live(_live_line(elapsed, elapsed, st_tx, st_rx, stats))
+            time.sleep(self.cfg.demo.progress_interval_s)
+        self.extended_s = time.monotonic() - t0 - self.cfg.demo.duration_s
+        return stats
 
     def _drive(self) -> tuple[float, LinkStats, dict[str, dict[str, Any]]]:
         tx, rx = self._daemons()
@@ -423,6 +464,7 @@ class DemoRunner:
             out_dir=str(self.out_dir),
             failure=failure,
             steady_detection_rate_hz=steady_rate(self.commits),
+            extended_s=self.extended_s,
         )
 
 

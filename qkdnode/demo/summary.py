@@ -78,6 +78,11 @@ class DemoSummary(BaseModel):
         description="detections per second committed between the first and last block "
         "commit: the rate the pipeline sustained once running",
     )
+    extended_s: float = Field(
+        0.0,
+        description="seconds the exchange ran past the requested duration to finish the "
+        "block that was filling (blocks are sized by the finite-key bound, not the run)",
+    )
     keys_identical: bool
     key_count: dict[str, int]
     blocks_ok: int
@@ -136,6 +141,7 @@ def build_summary(
     out_dir: str,
     failure: str | None = None,
     steady_detection_rate_hz: float | None = None,
+    extended_s: float = 0.0,
 ) -> DemoSummary:
     """Combine the measured pieces into a :class:`DemoSummary`.
 
@@ -177,6 +183,7 @@ def build_summary(
         secret_bits_per_pulse=per_pulse,
         detection_rate_hz=stats.detections / wall,
         steady_detection_rate_hz=steady_detection_rate_hz,
+        extended_s=round(max(0.0, extended_s), 3),
         keys_identical=keys_identical,
         key_count=counts,
         blocks_ok=stats.blocks_ok,
@@ -233,7 +240,13 @@ def format_summary(s: DemoSummary) -> str:
     """The multi-line summary printed at the end of a run."""
     lines = [
         f"qkdnode demo: {s.distance_km:g} km, {s.duration_s:.1f} s of key exchange"
-        + (f", Eve {s.eve}" if s.eve else ""),
+        + (f", Eve {s.eve}" if s.eve else "")
+        + (
+            f" ({s.extended_s:.0f} s past the requested {s.requested_duration_s:g} s, "
+            "to finish the open block)"
+            if s.extended_s >= 1.0
+            else ""
+        ),
         f"  pulses            {s.pulses:>16,}",
         f"  detections        {s.detections:>16,}   ({si(s.detection_rate_hz, 'counts/s')})",
         f"  sustained         {si(s.steady_detection_rate_hz, 'counts/s'):>16}   "

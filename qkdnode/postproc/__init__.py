@@ -7,6 +7,7 @@ One module per stage, each a pure numpy core plus a thin message layer in
 - :mod:`.finitekey` — decoy-state finite-key bounds (Lim et al., PRA 89, 022307 (2014)).
 - :mod:`.cascade` — Cascade error correction with batched, tree-reusing parity queries.
 - :mod:`.verify` — universal-hash verification of the corrected key.
+- :mod:`.leak` — what a block's messages disclose about the key, counted for its length.
 - :mod:`.toeplitz` — Toeplitz privacy amplification by blocked FFT convolution.
 - :mod:`.auth` — Wegman-Carter authentication (Poly1305 + one-time pads) and the key pool.
 - :mod:`.transport` — the peer transport Protocol and a ZeroMQ PAIR implementation.

@@ -171,7 +171,7 @@ def bench_cascade_loopback(n: int, qber: float, blocks: int, frames: int) -> dic
             t0, c0 = time.perf_counter(), time.process_time()
             build = functools.partial(cascade.frame_corrector, bob, levels, b, frames)
             corr = await run_cascade(tr, build, frames, 30.0)
-            await tr.send("ec_q", {"done": True, "z_errors": [0, 0, 0]}, [])
+            await tr.send("ec_q", {"done": True, "z_error_count": 0}, [])
             times.append(time.perf_counter() - t0)
             cpus.append(time.process_time() - c0)
             rounds.append(max(c.stats.rounds for c in corr))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
@@ -43,6 +45,28 @@ class PostprocParams(_Strict):
     mu_signal: float = Field(0.5, gt=0, le=2)
     mu_decoy: float = Field(0.1, gt=0, le=2)
     mu_vacuum: float = Field(0.0, ge=0, le=0.1)
+    mu_signal_lower: float | None = Field(
+        None, gt=0, le=2, description="calibrated lower bound of mu_signal (None: mu_signal)"
+    )
+    mu_signal_upper: float | None = Field(None, gt=0, le=2)
+    mu_decoy_lower: float | None = Field(None, gt=0, le=2)
+    mu_decoy_upper: float | None = Field(None, gt=0, le=2)
+    mu_vacuum_lower: float | None = Field(None, ge=0, le=0.1)
+    mu_vacuum_upper: float | None = Field(
+        None, ge=0, le=0.1, description="e.g. the modulator's finite extinction"
+    )
+    mu_scale_lower: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="the true intensities are c * mu_k (mu_k in the class intervals) with one "
+        "factor c common to the classes in [mu_scale_lower, mu_scale_upper]: meter "
+        "calibration, tap-to-output attenuation and drift scale every class alike",
+    )
+    mu_scale_upper: float = Field(1.0, ge=1, le=2)
+    decoy_statistics: Literal["chernoff", "hoeffding"] = Field(
+        "chernoff", description="fluctuation bound of the decoy counts (see finitekey)"
+    )
     p_signal: float = Field(0.6, gt=0, lt=1)
     p_decoy: float = Field(0.2, gt=0, lt=1)
     p_basis_z: float = Field(0.8, gt=0, lt=1)
@@ -61,7 +85,39 @@ class PostprocParams(_Strict):
             raise ValueError("need mu_decoy > mu_vacuum")
         if self.p_signal + self.p_decoy >= 1:
             raise ValueError("p_signal + p_decoy must be < 1 (the rest is vacuum)")
+        lo, hi = self.mu_bounds()
+        names = ("mu_signal", "mu_decoy", "mu_vacuum")
+        points = (self.mu_signal, self.mu_decoy, self.mu_vacuum)
+        for name, point, a, b in zip(names, points, lo, hi, strict=True):
+            if not a <= point <= b:
+                raise ValueError(
+                    f"need {name}_lower <= {name} <= {name}_upper, got {a}, {point}, {b}"
+                )
+        if not (lo[0] > hi[1] + hi[2] and lo[1] > hi[2]):
+            raise ValueError(
+                "intensity intervals overlap: need mu_signal_lower > mu_decoy_upper + "
+                "mu_vacuum_upper and mu_decoy_lower > mu_vacuum_upper"
+            )
         return self
+
+    def mu_bounds(self) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+        """(lower, upper) mean photon numbers of (signal, decoy, vacuum); an unset bound is
+        the point value."""
+
+        def pick(bound: float | None, point: float) -> float:
+            return point if bound is None else bound
+
+        lower = (
+            pick(self.mu_signal_lower, self.mu_signal),
+            pick(self.mu_decoy_lower, self.mu_decoy),
+            pick(self.mu_vacuum_lower, self.mu_vacuum),
+        )
+        upper = (
+            pick(self.mu_signal_upper, self.mu_signal),
+            pick(self.mu_decoy_upper, self.mu_decoy),
+            pick(self.mu_vacuum_upper, self.mu_vacuum),
+        )
+        return lower, upper
 
     @property
     def p_vacuum(self) -> float:

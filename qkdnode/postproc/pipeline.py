@@ -7,10 +7,10 @@ carries the sender's j-th tag over everything both sides sent and received so fa
     R->T sift        announced slots (compact gaps) + receiver bases (packed bits)
     T->R sift_reply  basis-match mask + intensity class of every matched detection
     R->T pe [tag 1]  receiver's X-basis bits (the X basis is disclosed for estimation)
-    T->R pe_reply [tag 1]   decoy estimates, X error rate, Cascade seed and schedule
+    T->R pe_reply [tag 1]   X error rate, Cascade seed and schedule
     R->T ec_q / T->R ec_a   Cascade per frame: block parities, then batched parity
                      queries per round (frames interleaved, one query each in flight)
-    R->T ec_q done   Z error counts per intensity class
+    R->T ec_q done   the total number of Z errors corrected
     T->R verify      public hash key + transmitter's tag;  R->T verify_reply ok flag
     T->R pa [tag 2]  final length + Toeplitz seed;         R->T done [tag 2]
     either           abort (reason) at any point (not authenticated: it only ends a block)
@@ -23,6 +23,9 @@ verifying the receiver's tag 2. Everything in between is acted upon before it is
 authenticated information-theoretically and is covered by the next checkpoint: a change
 anywhere aborts the block before any key is kept. (Each message's computational check
 refuses a changed message at once, so no code, Cascade in particular, runs on it.)
+
+What each message discloses about the key, and how the final length pays for it, is in
+:mod:`.leak` and docs/architecture.md ("Leak accounting").
 
 Any failure (authentication, ordering, timeout, estimation, verification) aborts the block
 on both sides: no key, and the auth pool stays consistent (see :mod:`.auth`). The last
@@ -49,6 +52,7 @@ import structlog
 from drivers.interfaces import PreparedStates
 from qkdnode.postproc import cascade, finitekey, sifting, toeplitz, verify
 from qkdnode.postproc.auth import AuthenticatedTransport, AuthError
+from qkdnode.postproc.leak import BlockLeak, integer_bits
 from qkdnode.postproc.params import PostprocParams
 from qkdnode.postproc.transport import PeerMessage, PeerTransport, TransportError
 
@@ -245,6 +249,15 @@ def _counts(values: U8, classes: U8) -> list[int]:
     return [int(np.count_nonzero(values[classes == k])) for k in range(3)]
 
 
+def _error_count(done: dict[str, Any], n_bits: int) -> int:
+    """The receiver's total Z error count from its final ``ec_q``: an integer in 0..n_bits
+    (only the total is sent: it is what the leak accounting counts, see :mod:`.leak`)."""
+    count = done.get("z_error_count")
+    if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= n_bits:
+        raise ProtocolAbortError(f"ec_q done needs z_error_count in 0..{n_bits}, got {count!r}")
+    return count
+
+
 async def _finish(
     t: AuthenticatedTransport, block_id: int, exc: BaseException, stats: dict[str, Any]
 ) -> BlockResult:
@@ -313,8 +326,13 @@ async def run_block_transmitter(
     params: PostprocParams,
     *,
     z_over_x_error_ratio: float | None = None,
+    key_slots: sifting.KeySlotFloor | None = None,
 ) -> BlockResult:
     """Transmitter side of one block. Never raises for protocol failures: returns ok=False.
+
+    ``key_slots``: the transmitter's own floor of usable slots (see
+    :class:`.sifting.KeySlotFloor`); the announced slots are claimed from it before any
+    state is looked up. Without it, the slots must still be strictly increasing.
 
     The Cascade block sizes follow this block's X-basis error rate times
     ``z_over_x_error_ratio``, the ratio of Z- to X-basis error rates measured on an earlier
@@ -330,6 +348,7 @@ async def run_block_transmitter(
     try:
         msg = await _expect(t, "sift", params)
         slots = await asyncio.to_thread(sifting.decode_slots, msg.header["slots"], msg.buffers[:2])
+        (key_slots or sifting.KeySlotFloor()).claim(slots)
         n = int(slots.shape[0])
         bob_basis = sifting.unpack_bits(msg.buffers[2], n)
         states = await asyncio.to_thread(prepared, slots)
@@ -345,7 +364,16 @@ async def run_block_transmitter(
         basis_m = states.basis[match]
         bits_m = states.bit[match]
         is_z = basis_m == 0
-        stats.update(detections=n, sifted_z=int(is_z.sum()), sifted_x=int((~is_z).sum()))
+        stats.update(
+            detections=n,
+            sifted_z=int(is_z.sum()),
+            sifted_x=int((~is_z).sum()),
+            # kept here (never sent): what the link fit for the next blocks takes
+            detections_per_class=[
+                int(c) for c in np.bincount(states.intensity.astype(np.int64), minlength=3)[:3]
+            ],
+            rx_basis_z_fraction=float(np.mean(bob_basis == 0)) if n else 0.0,
+        )
         clock.lap("sifting")
 
         msg = await _expect(t, "pe", params, tagged=True)  # checkpoint: sifting + X bits
@@ -357,9 +385,7 @@ async def run_block_transmitter(
             n_x=tuple(float(c) for c in np.bincount(cls_x, minlength=3)[:3]),  # type: ignore[arg-type]
             m_x=tuple(float(c) for c in _counts(x_err, cls_x)),  # type: ignore[arg-type]
         )
-        mus = (params.mu_signal, params.mu_decoy, params.mu_vacuum)
-        probs = (params.p_signal, params.p_decoy, params.p_vacuum)
-        est = finitekey.estimate(counts, mus, probs, params.eps_sec)
+        est = finitekey.estimate_from_params(counts, params)
         n_x = max(1, x_err.shape[0])
         qber_x = float(x_err.sum()) / n_x
         stats.update(
@@ -398,14 +424,13 @@ async def run_block_transmitter(
         # thread: the node keeps answering its control socket and heartbeats meanwhile.
         build = functools.partial(cascade.frame_responder, key_a, levels, ec_seed, frames)
         done, responders = await serve_cascade(t, build, frames, params.recv_timeout_s)
-        z_err = [int(x) for x in done["z_errors"]]
+        n_z = int(key_a.shape[0])
+        z_err = _error_count(done, n_z)
         leak_ec = sum(r.disclosed_bits for r in responders)
         stats.update(
             ec_disclosed_bits=leak_ec,
-            qber_z=sum(z_err) / max(1, key_a.shape[0]),
-            qber_z_per_class=[e / max(1.0, c) for e, c in zip(z_err, counts.n_z, strict=True)],
-            ec_efficiency=leak_ec
-            / max(1e-12, key_a.shape[0] * cascade.binary_entropy(sum(z_err) / key_a.shape[0])),
+            qber_z=z_err / max(1, n_z),
+            ec_efficiency=leak_ec / max(1e-12, n_z * cascade.binary_entropy(z_err / max(1, n_z))),
         )
         clock.lap("error_correction")
 
@@ -417,12 +442,17 @@ async def run_block_transmitter(
         msg = await _expect(t, "verify_reply", params)
         if not msg.header.get("ok"):
             raise ProtocolAbortError("verification hash mismatch: block discarded")
-        verify_leak = max(0.0, verify.TAG_BITS - math.log2(2 / params.eps_cor))
-        stats["verification_bits"] = verify.TAG_BITS
+        leak = BlockLeak(
+            ec_parity_bits=leak_ec,
+            verification_bits=verify.TAG_BITS,
+            error_count_bits=integer_bits(n_z),
+            vacuum_credit_bits=est.s_z0_lower,
+        )
+        stats.update(verification_bits=verify.TAG_BITS, leak=leak.as_dict())
         clock.lap("verification")
 
         ell = finitekey.secret_key_length(
-            est, leak_ec + verify_leak, params.eps_sec, params.eps_cor
+            est, leak.lambda_ec(params.eps_cor), params.eps_sec, params.eps_cor
         )
         reserve = _reserve_bits(params, t.sent_pad_bits + t.recv_pad_bits + 1024)
         if ell <= reserve:
@@ -483,12 +513,14 @@ async def run_block_receiver(
         build = functools.partial(cascade.frame_corrector, key_b, levels, ec_seed, frames)
         correctors = await run_cascade(t, build, frames, params.recv_timeout_s)
         key_c = np.concatenate([c.corrected() for c in correctors])
-        z_err = _counts((key_c ^ key_b).astype(np.uint8), cls[is_z])
-        await t.send("ec_q", {"done": True, "z_errors": z_err}, [])
+        z_err = _counts((key_c ^ key_b).astype(np.uint8), cls[is_z])  # per class: not sent
+        await t.send("ec_q", {"done": True, "z_error_count": sum(z_err)}, [])
+        n_z_class = np.bincount(cls[is_z], minlength=3)[:3]
         stats.update(
             ec_disclosed_bits=sum(c.stats.disclosed_bits for c in correctors),
             ec_rounds=max(c.stats.rounds for c in correctors),
             qber_z=sum(z_err) / max(1, key_b.shape[0]),
+            qber_z_per_class=[e / max(1, int(c)) for e, c in zip(z_err, n_z_class, strict=True)],
         )
         clock.lap("error_correction")
 

@@ -13,6 +13,8 @@ Announcement wire format (all little-endian): slots as the first slot (int64) pl
 between consecutive slots in ``width`` bytes each; a gap that does not fit is written as the
 escape value ``2**(8*width) - 1`` and stored in a separate uint64 list. ``width`` in
 {1, 2, 4} is chosen per block to minimise the size. Bases and bits travel as packed bits.
+
+Which slots may enter a key at all is the transmitter's :class:`KeySlotFloor`.
 """
 
 from __future__ import annotations
@@ -163,3 +165,47 @@ def basis_match(alice_basis: npt.NDArray[np.uint8], bob_basis: npt.NDArray[np.ui
     if alice_basis.shape != bob_basis.shape:
         raise SiftingError("basis arrays differ in length")
     return np.asarray(alice_basis == bob_basis, dtype=np.bool_)
+
+
+class KeySlotFloor:
+    """The transmitter's own bound on the slots a block may use.
+
+    A slot may enter a key only once: not a slot of the public synchronisation pattern or
+    of anything else emitted before the key states started (calibration light), not a slot
+    an earlier block announced, not a slot whose detection the receiver disclosed (the
+    QBER probe). The receiver filters its detections the same way, but from a start slot
+    it learns over the pair-coordination channel, which is not authenticated
+    information-theoretically; this floor is kept by the transmitter from its own state
+    source and checked against every announcement, so a forged start slot can only make
+    a block abort. The floor only moves up.
+    """
+
+    def __init__(self, first_key_slot: int = 0) -> None:
+        self.floor = max(0, int(first_key_slot))
+
+    def key_states_from(self, first_key_slot: int) -> None:
+        """Key states (again) from ``first_key_slot`` on (what the state source returned
+        when the synchronisation pattern ended)."""
+        self.floor = max(self.floor, int(first_key_slot))
+
+    def disclosed(self, slots: npt.NDArray[np.int64]) -> None:
+        """Detections in ``slots`` were disclosed (a probe): no key from them or before."""
+        if slots.shape[0]:
+            self.floor = max(self.floor, int(np.max(slots)) + 1)
+
+    def claim(self, slots: npt.NDArray[np.int64]) -> None:
+        """Take a block's announced ``slots`` before anything about them is disclosed: they
+        must be strictly increasing and at or above the floor, which then moves past them,
+        whatever becomes of the block. Raises :class:`SiftingError` otherwise (the floor
+        stays: nothing was disclosed about refused slots)."""
+        slots = np.asarray(slots, dtype=np.int64)
+        if slots.shape[0] == 0:
+            return
+        if slots.shape[0] > 1 and int(np.diff(slots).min()) <= 0:
+            raise SiftingError("announced slots repeat or are out of order")
+        if int(slots[0]) < self.floor:
+            raise SiftingError(
+                f"announced slot {int(slots[0])} is below the first usable slot {self.floor} "
+                "(synchronisation pattern, probe or an earlier block)"
+            )
+        self.floor = int(slots[-1]) + 1

@@ -1,16 +1,32 @@
 """Asymptotic key rates for comparison: decoy-state BB84 (GLLP with infinite decoys, and
-vacuum + weak decoy; Lo, Ma, Chen PRL 94, 230504 (2005); Ma et al. PRA 72, 012326 (2005))
-and the repeaterless PLOB bound (Pirandola et al., Nat. Commun. 8, 15043 (2017)).
+vacuum + weak decoy; Lo, Ma, Chen PRL 94, 230504 (2005); Ma et al. PRA 72, 012326 (2005)),
+the three-intensity protocol we run in the limit of infinite blocks, and the repeaterless
+PLOB bound (Pirandola et al., Nat. Commun. 8, 15043 (2017)).
 
 Rates are secret bits per sent pulse. ``eta`` is the overall transmittance (channel and
 receiver), ``y0`` the background yield per pulse, ``e_d`` the optical error probability,
 ``f`` the error-correction inefficiency and ``q`` the sifting factor.
+
+Two rates describe "the protocol we run" (key from the Z detections of all three classes,
+both parties' Z probabilities, the run's intensities):
+
+- :func:`rate_decoy_biased`: Y0, Y1 and e1 known exactly (infinitely many decoys), the usual
+  asymptotic reference;
+- :func:`rate_decoy_three_intensity`: the same three intensities, bounded as the finite-key
+  analysis (:mod:`qkdnode.postproc.finitekey`) does, with expected counts and no statistical
+  terms: the limit the finite-key rate reaches for very large blocks.
+
+:func:`expected_block` gives the expected counts of a block, the input of both the
+three-intensity rate and the optimiser (:mod:`qkdnode.postproc.optimize`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
+from qkdnode.postproc import finitekey
 from qkdnode.postproc.cascade import binary_entropy
 
 
@@ -70,9 +86,16 @@ def rate_vacuum_weak_decoy(
 
 
 def plob_bound(eta_channel: float) -> float:
-    """-log2(1 - eta): secret bits per channel use achievable at most without repeaters."""
-    if not 0 <= eta_channel < 1:
-        raise ValueError(f"eta_channel must be in [0, 1), got {eta_channel}")
+    """-log2(1 - eta): secret bits per channel use achievable at most without repeaters.
+
+    Defined on ``[0, 1]``. At ``eta_channel = 1`` (no loss at all) the bound is unbounded and
+    the function returns ``math.inf``; callers that serialise it to JSON must map it to a
+    missing value (see :mod:`qkdnode.demo.compare`).
+    """
+    if not 0 <= eta_channel <= 1:
+        raise ValueError(f"eta_channel must be in [0, 1], got {eta_channel}")
+    if eta_channel == 1:
+        return math.inf
     return -math.log2(1.0 - eta_channel)
 
 
@@ -109,3 +132,78 @@ def rate_decoy_biased(
         p * math.exp(-mu) * (y0 + mu * y1 * (1 - binary_entropy(e1))) for p, mu in classes
     )
     return max(0.0, p_z_tx * p_z_rx * (privacy - f * q_tot * binary_entropy(e_tot)))
+
+
+@dataclass(frozen=True)
+class ExpectedBlock:
+    """Expected counts of a block of ``pulses`` pulses (floats; per pulse when pulses = 1)."""
+
+    counts: finitekey.DecoyCounts
+    z_errors: float
+    pulses: float
+
+    @property
+    def detections(self) -> float:
+        """Sifted detections of both bases."""
+        return sum(self.counts.n_z) + sum(self.counts.n_x)
+
+    @property
+    def qber_z(self) -> float:
+        n = sum(self.counts.n_z)
+        return self.z_errors / n if n > 0 else 0.5
+
+
+def expected_block(
+    eta: float,
+    y0: float,
+    e_d: float,
+    classes: Sequence[tuple[float, float]],
+    *,
+    p_z_tx: float,
+    p_z_rx: float,
+    pulses: float = 1.0,
+) -> ExpectedBlock:
+    """Expected sifted counts for (signal, decoy, vacuum) ``classes`` of ``(probability, mu)``:
+    per class ``pulses p_k Q_k`` times the probability that both chose the basis, errors
+    ``Q_k E_k`` (:func:`gain`, :func:`qber`)."""
+    if len(classes) != 3:
+        raise ValueError(f"need three intensity classes (signal, decoy, vacuum), got {classes}")
+    if not (0 < eta <= 1 and 0 <= y0 < 1 and 0 <= e_d <= 0.5):
+        raise ValueError(f"need 0<eta<=1, 0<=y0<1, 0<=e_d<=0.5; got {eta}, {y0}, {e_d}")
+    q = [p * gain(mu, eta, y0) for p, mu in classes]
+    err = [p * gain(mu, eta, y0) * qber(mu, eta, y0, e_d) for p, mu in classes]
+    zz = pulses * p_z_tx * p_z_rx
+    xx = pulses * (1.0 - p_z_tx) * (1.0 - p_z_rx)
+    counts = finitekey.DecoyCounts(
+        n_z=(zz * q[0], zz * q[1], zz * q[2]),
+        n_x=(xx * q[0], xx * q[1], xx * q[2]),
+        m_x=(xx * err[0], xx * err[1], xx * err[2]),
+    )
+    return ExpectedBlock(counts, zz * sum(err), pulses)
+
+
+def rate_decoy_three_intensity(
+    eta: float,
+    y0: float,
+    e_d: float,
+    classes: Sequence[tuple[float, float]],
+    *,
+    p_z_tx: float,
+    p_z_rx: float,
+    f: float = 1.1,
+) -> float:
+    """Asymptotic rate per pulse of the three-intensity protocol as the finite-key analysis
+    bounds it (Lim et al. 2014's decoy estimators with expected counts, no fluctuations):
+    ``s_Z0 + s_Z1 (1 - H2(phi)) - f n_Z H2(E_Z)`` per pulse, 0 if negative. Never above
+    :func:`rate_decoy_biased` (the decoy estimators are bounds on the exact Y0, Y1, e1)."""
+    block = expected_block(eta, y0, e_d, classes, p_z_tx=p_z_tx, p_z_rx=p_z_rx)
+    (p1, mu1), (p2, mu2), (p3, mu3) = classes
+    source = finitekey.DecoySource.exact((mu1, mu2, mu3), (p1, p2, p3))
+    est = finitekey.decoy_bounds(block.counts, source, 1e-10, statistics=finitekey.Statistics.NONE)
+    n_z = sum(block.counts.n_z)
+    rate = (
+        est.s_z0_lower
+        + est.s_z1_lower * (1.0 - binary_entropy(est.phi_z_upper))
+        - f * n_z * binary_entropy(block.qber_z)
+    )
+    return max(0.0, rate)

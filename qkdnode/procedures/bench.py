@@ -16,8 +16,14 @@ import numpy as np
 
 from drivers.simlink.params import LinkParams
 from qkdnode.procedures import track_kernel
-from qkdnode.procedures.dark_counts import measure_dark_counts_and_efficiency
+from qkdnode.procedures.dark_counts import DarkCountConfig, measure_dark_counts_and_efficiency
 from qkdnode.procedures.detector_timing import calibrate_detector_timing
+from qkdnode.procedures.encoder_v_pi import (
+    EncoderVPiConfig,
+    StateErrors,
+    calibrate_encoder_v_pi,
+    count_state_errors,
+)
 from qkdnode.procedures.encoding_compensation import compensate_encoding, qber_from_detections
 from qkdnode.procedures.mean_photon_number import MeanPhotonConfig, calibrate_mean_photon_number
 from qkdnode.procedures.modulator import calibrate_modulator
@@ -124,7 +130,8 @@ async def _procedure_benchmarks(quick: bool) -> list[Row]:
                 mu_signal=src.mu_signal,
                 mu_decoy=src.mu_decoy,
                 slot_rate_hz=src.slot_rate_hz,
-                cfg=MeanPhotonConfig(tap_to_output_db=params.transmitter.fixed_attenuation_db),
+                # the box's commissioning value: the simulated box's true tap-to-output loss
+                cfg=MeanPhotonConfig(tap_to_output_db=link.params.transmitter.tap_to_output_db),
             ),
         )
         inst["encoder"].set_output(True)
@@ -148,8 +155,11 @@ async def _procedure_benchmarks(quick: bool) -> list[Row]:
                 [
                     (src.p_signal, mu.mu_signal),
                     (src.p_decoy, mu.mu_decoy),
-                    (src.p_vacuum, mu.mu_vacuum),
+                    (src.p_vacuum, mu.vacuum.mu_or_upper),
                 ],
+                # a simulated detector's reading counts over the last chunk of the link
+                DarkCountConfig(reading_time_s=link.chunk_s, max_efficiency_uncertainty=0.2),
+                mu_bounds=mu.bounds(),
                 wait_integration=lambda: link.step(2),
             ),
         )
@@ -191,6 +201,29 @@ async def _procedure_benchmarks(quick: bool) -> list[Row]:
                 "QBER blocks",
                 "<= 6",
                 f"QBER {enc.initial_qber:.3f} -> {enc.final_qber:.3f}",
+            )
+        )
+
+        async def measure_state_errors() -> StateErrors:
+            drain(inst["tagger"])
+            link.advance(0.02)
+            mapped, _ = tracker.update(drain(inst["tagger"]))
+            prep = inst["source"].prepared(mapped.slot_index)
+            return count_state_errors(mapped.channel, prep.basis, prep.bit)
+
+        cfg = EncoderVPiConfig()
+        v_pi = await timed(
+            "encoder_v_pi",
+            calibrate_encoder_v_pi(inst["encoder"], measure_state_errors, cfg),
+            f"{cfg.sweep_points} bias points, each 20 ms of key exchange",
+        )
+        rows.append(
+            _row(
+                "encoder_v_pi.relative_uncertainty",
+                v_pi.coverage_factor * v_pi.v_pi_sigma_v / v_pi.v_pi_v,
+                "",
+                f"<= {cfg.max_relative_uncertainty}",
+                f"V_pi {v_pi.v_pi_v:.3f} V from a guess of {v_pi.v_pi_guess_v} V",
             )
         )
     finally:

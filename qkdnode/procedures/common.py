@@ -23,13 +23,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 from pydantic import BaseModel, ConfigDict, Field
+from scipy import stats
 
 __all__ = [
+    "COVERAGE_FACTOR",
     "CalibrationError",
     "CalibrationResult",
     "Publisher",
     "PlotFn",
     "finish",
+    "one_sided_confidence",
+    "poisson_lower",
+    "poisson_upper",
     "publish_result",
     "save_result",
     "settle",
@@ -48,8 +53,38 @@ PlotFn = Callable[[Any, Figure], None]
 HC_J_M = 6.62607015e-34 * 299_792_458.0
 
 
+#: Intervals reported by the procedures are estimate +/- this many standard uncertainties
+#: (99.73 % two-sided, 99.865 % one-sided for a Gaussian); Poisson bounds use the same
+#: one-sided confidence (:func:`one_sided_confidence`).
+COVERAGE_FACTOR = 3.0
+
+
 class CalibrationError(RuntimeError):
     """A procedure could not reach a trustworthy result (no signal, fit failed...)."""
+
+
+def one_sided_confidence(coverage_factor: float) -> float:
+    """Confidence of a one-sided bound ``coverage_factor`` standard deviations out."""
+    return float(stats.norm.cdf(coverage_factor))
+
+
+def poisson_upper(counts: int, confidence: float) -> float:
+    """Exact (Garwood) one-sided upper bound on a Poisson mean after ``counts`` events.
+
+    Zero events bound the mean by ``-ln(1 - confidence)`` (6.6 at 99.865 %), never by 0.
+    """
+    if counts < 0 or not 0 < confidence < 1:
+        raise ValueError("need counts >= 0 and 0 < confidence < 1")
+    return float(stats.chi2.ppf(confidence, 2 * counts + 2) / 2)
+
+
+def poisson_lower(counts: int, confidence: float) -> float:
+    """Exact (Garwood) one-sided lower bound on a Poisson mean after ``counts`` events."""
+    if counts < 0 or not 0 < confidence < 1:
+        raise ValueError("need counts >= 0 and 0 < confidence < 1")
+    if counts == 0:
+        return 0.0
+    return float(stats.chi2.ppf(1 - confidence, 2 * counts) / 2)
 
 
 def utc_now() -> str:

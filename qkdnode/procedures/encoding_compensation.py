@@ -10,7 +10,8 @@ in both bases, and the encoder bias rotates every state by ``pi/2 * dV / V_pi``.
 
     QBER(b) = e0 + A * sin^2(pi/2 * (b - b*) / V_pi)
 
-with the datasheet ``V_pi``. The procedure measures at the current bias and at
+with the bias's ``V_pi`` measured by :mod:`qkdnode.procedures.encoder_v_pi` (the datasheet
+value only until that measurement has run). The procedure measures at the current bias and at
 ``+/- probe``, fits ``e0``, ``A``, ``b*`` (all samples, least squares), moves to ``b*``,
 measures again, and repeats until the error rate is within ``tolerance`` of the
 reference (pre-drift) value. It ends on the best bias seen.
@@ -130,7 +131,9 @@ def fit_qber_curve(
 class EncodingCompensationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    v_pi_v: float = Field(3.0, gt=0, description="encoder half-wave voltage (datasheet)")
+    v_pi_v: float = Field(
+        3.0, gt=0, description="encoder bias half-wave voltage (measured; datasheet before)"
+    )
     probe_fraction: float = Field(0.12, gt=0, le=0.5, description="probe step / V_pi")
     max_step_fraction: float = Field(0.6, gt=0, le=2, description="largest move / V_pi")
     tolerance: float = Field(0.003, gt=0, lt=0.1, description="absolute QBER above reference")

@@ -1,14 +1,31 @@
-"""Mean photon number: set the signal and decoy intensities to their targets.
+"""Mean photon number: set the signal and decoy intensities, measure all three classes.
 
 Transmitter side. The power-meter tap sits after the variable attenuator (VOA) and
-before the box's fixed output attenuation (a factory constant, ``tap_to_output_db``), so
+before the box's fixed output attenuation, so
 
     mu = P_tap * 10^(-tap_to_output_db / 10) / (h c / lambda) / slot_rate
 
+``tap_to_output_db`` cannot be measured in the field: it is a commissioning input (measured
+at the factory with calibrated meters at the tap and the output port) with its stated
+uncertainty. Without it the procedure refuses to run: any default would be a guess that
+looks like a measurement.
+
 While measuring one class the three class drives are set to that class's level, so the
-meter (which averages over slots) reads that class alone. The VOA is set from a reading
-and corrected until the signal is on target; then the decoy drive is moved along the
-calibrated modulator curve until the decoy is on target; the vacuum level is measured.
+meter (which averages over slots) reads that class alone. The meter's zero is read with
+the VOA shutter closed. The VOA is set from a reading and corrected until the signal is
+on target; then the decoy drive is moved along the calibrated modulator curve until the
+decoy is on target. Finally each class (signal, decoy, vacuum) is read
+``final_readings`` times and reported as an :class:`IntensityInterval`:
+
+* statistical: mean of the readings minus the zero, +/- ``coverage_factor`` standard
+  errors (readings and zero);
+* systematic, as bounds added in the worst direction (they are common to all classes):
+  the meter's calibration (relative), the tap-to-output uncertainty (dB) and the drift
+  allowed until the next calibration (relative).
+
+A class whose net power is within ``coverage_factor`` standard errors of zero (the
+vacuum class of a modulator with a high extinction) is below the meter's resolution:
+only its upper bound is reported (``mu`` None, ``lower`` 0).
 The class levels are restored at the end.
 """
 
@@ -20,8 +37,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 from matplotlib.figure import Figure
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from drivers.interfaces import (
     IntensityClass,
@@ -32,12 +50,14 @@ from drivers.interfaces import (
     VariableAttenuator,
 )
 from qkdnode.procedures.common import (
+    COVERAGE_FACTOR,
     HC_J_M,
     CalibrationError,
     CalibrationResult,
     Publisher,
     call,
     finish,
+    settle,
 )
 from qkdnode.procedures.modulator import (
     ModulatorResult,
@@ -47,12 +67,27 @@ from qkdnode.procedures.modulator import (
 )
 
 __all__ = [
+    "IntensityInterval",
+    "IntensityUncertainty",
     "MeanPhotonConfig",
     "MeanPhotonResult",
     "calibrate_mean_photon_number",
+    "intensity_interval",
     "mu_from_power",
     "plot_mean_photon_number",
 ]
+
+#: Relative calibration uncertainty of the power meter: benchtop InGaAs photodiode sensors
+#: specify 2-3.5 % at 1550 nm and reference conditions (traceable calibration to IEC
+#: 61315), plus their linearity across the decades between the classes' powers.
+METER_UNCERTAINTY = 0.03
+#: Relative drift of the output intensities allowed until the next calibration: a DFB
+#: laser under automatic power control holds about +/-0.05 dB a day, a VOA moves about
+#: 0.1 dB over its temperature range, the modulator bias is tracked; 5 % (0.2 dB) covers
+#: both. Supervise it: :meth:`MeanPhotonResult.mix_power_w` is what the tap should read.
+DRIFT_ALLOWANCE = 0.05
+#: Uncertainty of a factory tap-to-output measurement with two calibrated meters.
+TAP_TO_OUTPUT_UNCERTAINTY_DB = 0.2
 
 
 def mu_from_power(
@@ -63,15 +98,130 @@ def mu_from_power(
     return float(power_w * 10.0 ** (-tap_to_output_db / 10.0) / photon_j / slot_rate_hz)
 
 
+class IntensityInterval(BaseModel):
+    """Mean photon number of one intensity class at the box output, with the interval
+    that holds until the next calibration: ``lower <= true mu <= upper``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mu: float | None = Field(
+        description="best estimate; None when below the meter's resolution (only upper known)"
+    )
+    lower: float = Field(ge=0)
+    upper: float = Field(ge=0)
+    tap_power_w: float = Field(description="net power at the tap (zero subtracted)")
+    tap_power_sigma_w: float = Field(ge=0, description="its statistical standard uncertainty")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> IntensityInterval:
+        if not self.lower <= self.upper:
+            raise ValueError(f"lower {self.lower} above upper {self.upper}")
+        if self.mu is not None and not self.lower <= self.mu <= self.upper:
+            raise ValueError(f"mu {self.mu} outside [{self.lower}, {self.upper}]")
+        return self
+
+    @property
+    def resolved(self) -> bool:
+        return self.mu is not None
+
+    @property
+    def mu_or_upper(self) -> float:
+        """The estimate, or the upper bound of a class below the meter's resolution (for
+        expected rates; bounds that matter use ``lower`` and ``upper``)."""
+        return self.upper if self.mu is None else self.mu
+
+
+class IntensityUncertainty(BaseModel):
+    """What the intervals of :class:`IntensityInterval` combine (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    coverage_factor: float = Field(COVERAGE_FACTOR, gt=0, description="standard errors")
+    meter_uncertainty: float = Field(
+        METER_UNCERTAINTY, ge=0, lt=0.5, description="power meter calibration, relative bound"
+    )
+    tap_to_output_uncertainty_db: float = Field(
+        TAP_TO_OUTPUT_UNCERTAINTY_DB, ge=0, le=3, description="commissioning value, bound"
+    )
+    drift_allowance: float = Field(
+        DRIFT_ALLOWANCE, ge=0, lt=0.5, description="relative, until the next calibration"
+    )
+    meter_floor_w: float = Field(
+        0.0,
+        ge=0,
+        description="floor of a class's standard error (the meter's datasheet noise at the "
+        "readings' averaging time), for a meter whose readings repeat to the last digit",
+    )
+
+    @property
+    def upper_factor(self) -> float:
+        return (
+            (1 + self.meter_uncertainty)
+            * 10 ** (self.tap_to_output_uncertainty_db / 10)
+            * (1 + self.drift_allowance)
+        )
+
+    @property
+    def lower_factor(self) -> float:
+        return (
+            (1 - self.meter_uncertainty)
+            * 10 ** (-self.tap_to_output_uncertainty_db / 10)
+            * (1 - self.drift_allowance)
+        )
+
+
+def intensity_interval(
+    net_power_w: float,
+    sigma_w: float,
+    *,
+    wavelength_nm: float,
+    slot_rate_hz: float,
+    tap_to_output_db: float,
+    budget: IntensityUncertainty,
+) -> IntensityInterval:
+    """The interval of one class from its net tap power and the power's standard error."""
+    sigma = max(float(sigma_w), budget.meter_floor_w)
+    k = budget.coverage_factor
+
+    def to_mu(p: float) -> float:
+        return mu_from_power(p, wavelength_nm, slot_rate_hz, tap_to_output_db)
+
+    if net_power_w > k * sigma:
+        return IntensityInterval(
+            mu=to_mu(net_power_w),
+            lower=to_mu(net_power_w - k * sigma) * budget.lower_factor,
+            upper=to_mu(net_power_w + k * sigma) * budget.upper_factor,
+            tap_power_w=net_power_w,
+            tap_power_sigma_w=sigma,
+        )
+    if sigma <= 0:
+        raise CalibrationError(
+            "a class reads no power and the meter shows no noise: its resolution is unknown"
+            " (set the meter's noise floor)"
+        )
+    return IntensityInterval(
+        mu=None,
+        lower=0.0,
+        upper=to_mu(max(net_power_w, 0.0) + k * sigma) * budget.upper_factor,
+        tap_power_w=net_power_w,
+        tap_power_sigma_w=sigma,
+    )
+
+
 class MeanPhotonConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    tap_to_output_db: float = Field(
-        description="attenuation from the power-meter tap to the box output (factory value)"
+    tap_to_output_db: float | None = Field(
+        description="attenuation from the power-meter tap to the box output (commissioning "
+        "value of the box); None: not commissioned, the procedure refuses to run"
     )
+    uncertainty: IntensityUncertainty = IntensityUncertainty()
     tolerance: float = Field(0.01, gt=0, lt=0.5, description="relative, per class")
     max_iterations: int = Field(6, ge=1)
-    averages: int = Field(5, ge=1)
+    averages: int = Field(5, ge=1, description="readings per step while setting levels")
+    final_readings: int = Field(
+        20, ge=3, description="readings per class (and of the zero) for the reported values"
+    )
     settle_s: float = Field(0.0, ge=0)
     warmup_timeout_s: float = Field(60.0, gt=0)
 
@@ -82,14 +232,65 @@ class MeanPhotonResult(CalibrationResult):
     slot_rate_hz: float
     mu_signal_target: float
     mu_decoy_target: float
-    mu_signal: float
-    mu_decoy: float
-    mu_vacuum: float
+    signal: IntensityInterval
+    decoy: IntensityInterval
+    vacuum: IntensityInterval
+    tap_to_output_db: float = Field(description="commissioning value the result rests on")
+    uncertainty: IntensityUncertainty
+    zero_w: float = Field(description="meter reading with the shutter closed (mean)")
+    zero_noise_w: float = Field(description="standard deviation of one zero reading")
     attenuation_db: float
     decoy_v: float
     history: list[tuple[str, float, float]] = Field(
         default_factory=list, description="(what, setting, measured mu) per step"
     )
+
+    @property
+    def mu_signal(self) -> float:
+        assert self.signal.mu is not None  # a resolved class (checked by the procedure)
+        return self.signal.mu
+
+    @property
+    def mu_decoy(self) -> float:
+        assert self.decoy.mu is not None
+        return self.decoy.mu
+
+    def bounds(self) -> tuple[tuple[float, float], tuple[float, float], tuple[float, float]]:
+        """``(lower, upper)`` of signal, decoy and vacuum: what the decoy-state bound takes."""
+        return (
+            (self.signal.lower, self.signal.upper),
+            (self.decoy.lower, self.decoy.upper),
+            (self.vacuum.lower, self.vacuum.upper),
+        )
+
+    def class_bounds(
+        self,
+    ) -> tuple[tuple[float, float], tuple[float, float], tuple[float, float]]:
+        """``(lower, upper)`` of each class with the statistical part only (meter noise);
+        the true intensities are these times one factor in :meth:`common_scale`, shared by
+        the classes (meter calibration, tap-to-output attenuation, drift act on the
+        classes alike). What the finite-key bound takes: a common factor cannot raise one
+        class while it lowers another, which the combined intervals of :meth:`bounds`
+        would have to allow."""
+        lo, hi = self.uncertainty.lower_factor, self.uncertainty.upper_factor
+        return (
+            (self.signal.lower / lo, self.signal.upper / hi),
+            (self.decoy.lower / lo, self.decoy.upper / hi),
+            (self.vacuum.lower / lo, self.vacuum.upper / hi),
+        )
+
+    def common_scale(self) -> tuple[float, float]:
+        """The range of the factor common to the three classes (see :meth:`class_bounds`)."""
+        return self.uncertainty.lower_factor, self.uncertainty.upper_factor
+
+    def mix_power_w(self, p_signal: float, p_decoy: float, p_vacuum: float) -> float:
+        """Tap power (zero subtracted) expected while the key mix is sent: a reading off by
+        more than ``uncertainty.drift_allowance`` means the intensities left their intervals."""
+        return (
+            p_signal * self.signal.tap_power_w
+            + p_decoy * self.decoy.tap_power_w
+            + p_vacuum * max(self.vacuum.tap_power_w, 0.0)
+        )
 
 
 async def _wait_warm(laser: Laser, timeout_s: float) -> None:
@@ -121,23 +322,36 @@ async def calibrate_mean_photon_number(
     state_dir: Path | None = None,
     publish: Publisher | None = None,
 ) -> MeanPhotonResult:
-    """Set VOA and decoy drive so that mu_signal and mu_decoy meet their targets.
+    """Set VOA and decoy drive so that mu_signal and mu_decoy meet their targets, then
+    measure the three classes with their intervals (see the module docstring).
 
-    Needs the modulator calibration (levels and drive curve). Transmitter only.
+    Needs the modulator calibration (levels and drive curve). Transmitter only. Raises
+    CalibrationError when the tap-to-output attenuation is not commissioned.
     """
+    tap_db = cfg.tap_to_output_db
+    if tap_db is None:
+        raise CalibrationError(
+            "the tap-to-output attenuation of this box is not commissioned: set "
+            "calibration.tap_to_output_db (and calibration.tap_to_output_uncertainty_db) "
+            "to the value measured at the factory; it cannot be measured in the field"
+        )
     started = time.monotonic()
     await _wait_warm(laser, cfg.warmup_timeout_s)
     wavelength = float(await call(laser.wavelength_nm))
     await call(meter.set_wavelength_nm, wavelength)
-    await call(voa.set_shutter, True)
     await call(im.set_output, True)
+    # the meter's zero and noise, with no light at the tap
+    await call(voa.set_shutter, False)
+    zero = await _readings(meter, cfg.final_readings, cfg.settle_s)
+    await call(voa.set_shutter, True)
+    zero_w = float(zero.mean())
     lo, hi = voa.attenuation_range_db
     history: list[tuple[str, float, float]] = []
 
     async def measure(level_v: float) -> float:
         await set_all_levels(im, level_v)
         p = await read_power(meter, cfg.averages, cfg.settle_s)
-        return mu_from_power(p, wavelength, slot_rate_hz, cfg.tap_to_output_db)
+        return mu_from_power(p - zero_w, wavelength, slot_rate_hz, tap_db)
 
     # signal: VOA from a low-attenuation reading, then corrected at the setting itself
     att = float(lo)
@@ -160,7 +374,6 @@ async def calibrate_mean_photon_number(
     sig_rel = float(fit.relative(modulator.signal_v))
     ratio_model = ratio_target
     dec_v = modulator.decoy_v
-    mu_d = math.nan
     for _ in range(cfg.max_iterations):
         dec_v = decoy_drive_v(fit, ratio_model * sig_rel, modulator.signal_v, modulator.vacuum_v)
         mu_d = await measure(dec_v)
@@ -169,12 +382,33 @@ async def calibrate_mean_photon_number(
         if abs(mu_d / mu_decoy - 1) <= cfg.tolerance:
             break
         ratio_model = float(np.clip(ratio_model * ratio_target / ratio_meas, 1e-4, 0.999))
-    mu_v = await measure(modulator.vacuum_v)
-    history.append(("vacuum", modulator.vacuum_v, mu_v))
+    # the reported values: every class read afresh at its final setting
+    classes: dict[str, IntensityInterval] = {}
+    for name, level in (
+        ("signal", modulator.signal_v),
+        ("decoy", dec_v),
+        ("vacuum", modulator.vacuum_v),
+    ):
+        await set_all_levels(im, level)
+        r = await _readings(meter, cfg.final_readings, cfg.settle_s)
+        sigma = math.sqrt(float(r.var(ddof=1)) / r.size + float(zero.var(ddof=1)) / zero.size)
+        classes[name] = intensity_interval(
+            float(r.mean()) - zero_w,
+            sigma,
+            wavelength_nm=wavelength,
+            slot_rate_hz=slot_rate_hz,
+            tap_to_output_db=tap_db,
+            budget=cfg.uncertainty,
+        )
     await call(im.set_level_v, IntensityClass.SIGNAL, modulator.signal_v)
     await call(im.set_level_v, IntensityClass.DECOY, dec_v)
     await call(im.set_level_v, IntensityClass.VACUUM, modulator.vacuum_v)
-    ok = abs(mu_s / mu_signal - 1) <= 2 * cfg.tolerance and abs(mu_d / mu_decoy - 1) <= (
+    for name in ("signal", "decoy"):
+        if not classes[name].resolved:
+            raise CalibrationError(f"the {name} class is below the power meter's resolution")
+    sig, dec = classes["signal"].mu, classes["decoy"].mu
+    assert sig is not None and dec is not None
+    ok = abs(sig / mu_signal - 1) <= 2 * cfg.tolerance and abs(dec / mu_decoy - 1) <= (
         2 * cfg.tolerance
     )
     result = MeanPhotonResult(
@@ -182,9 +416,13 @@ async def calibrate_mean_photon_number(
         slot_rate_hz=slot_rate_hz,
         mu_signal_target=mu_signal,
         mu_decoy_target=mu_decoy,
-        mu_signal=mu_s,
-        mu_decoy=mu_d,
-        mu_vacuum=mu_v,
+        signal=classes["signal"],
+        decoy=classes["decoy"],
+        vacuum=classes["vacuum"],
+        tap_to_output_db=tap_db,
+        uncertainty=cfg.uncertainty,
+        zero_w=zero_w,
+        zero_noise_w=float(zero.std(ddof=1)),
         attenuation_db=att,
         decoy_v=dec_v,
         history=history,
@@ -194,8 +432,13 @@ async def calibrate_mean_photon_number(
     return finish(result, started, state_dir, plot_mean_photon_number, publish)
 
 
+async def _readings(meter: OpticalPowerMeter, n: int, settle_s: float) -> npt.NDArray[np.float64]:
+    await settle(settle_s)
+    return np.array([float(await call(meter.power_w)) for _ in range(n)])
+
+
 def plot_mean_photon_number(result: MeanPhotonResult, fig: Figure) -> None:
-    ax = fig.add_subplot(1, 1, 1)
+    ax = fig.add_subplot(1, 2, 1)
     for name, target in (("signal", result.mu_signal_target), ("decoy", result.mu_decoy_target)):
         ys = [m for w, _, m in result.history if w == name]
         (line,) = ax.plot(range(len(ys)), ys, "o-", label=name)
@@ -204,8 +447,28 @@ def plot_mean_photon_number(result: MeanPhotonResult, fig: Figure) -> None:
     ax.set_xlabel("iteration")
     ax.set_ylabel("mean photon number")
     ax.set_title(
-        f"mu_s {result.mu_signal:.4f}, mu_d {result.mu_decoy:.4f}, mu_v {result.mu_vacuum:.2e},"
-        f" VOA {result.attenuation_db:.2f} dB",
-        fontsize=8,
+        f"VOA {result.attenuation_db:.2f} dB, tap {result.tap_to_output_db} dB", fontsize=8
     )
     ax.legend(fontsize=8)
+    ax2 = fig.add_subplot(1, 2, 2)
+    for i, iv in enumerate((result.signal, result.decoy, result.vacuum)):
+        if iv.mu is not None:
+            ax2.errorbar(
+                [i], [iv.mu], yerr=[[iv.mu - iv.lower], [iv.upper - iv.mu]], fmt="o", capsize=4
+            )
+            label = f"{iv.mu:.3g}\n[{iv.lower:.3g}, {iv.upper:.3g}]"
+        else:
+            ax2.plot([i], [iv.upper], "v", color="tab:red")
+            label = f"< {iv.upper:.3g}"
+        ax2.annotate(label, (i, iv.upper), fontsize=7, ha="center", va="bottom")
+    ax2.set_yscale("log")
+    ax2.set_xticks(range(3), ["signal", "decoy", "vacuum"])
+    ax2.set_xlim(-0.5, 2.5)
+    ax2.set_ylabel("mean photon number at the output")
+    ax2.set_title(
+        f"intervals: {result.uncertainty.coverage_factor:g} sigma, meter "
+        f"{result.uncertainty.meter_uncertainty:.0%}, tap "
+        f"{result.uncertainty.tap_to_output_uncertainty_db:g} dB, drift "
+        f"{result.uncertainty.drift_allowance:.0%}",
+        fontsize=8,
+    )

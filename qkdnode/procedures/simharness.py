@@ -22,6 +22,7 @@ import zmq
 import drivers.simlink.instruments as sim
 from drivers.interfaces import TAG_DTYPE, TimeTagger
 from drivers.simlink.params import LinkParams
+from drivers.simlink.truths import resolve_truths
 from drivers.simlink.world import ReceiverWorld, TransmitterWorld
 
 __all__ = ["SimLink", "drain"]
@@ -41,11 +42,12 @@ def _world_lookup(world: TransmitterWorld | ReceiverWorld) -> Iterator[None]:
 
 class SimLink:
     def __init__(self, params: LinkParams) -> None:
-        self.params = params
+        #: the link with both boxes' drawn truths (tests compare the procedures with them)
+        self.params = resolve_truths(params)
         self.ctx: zmq.Context[Any] = zmq.Context()
         endpoint = f"inproc://fiber-{next(_ids)}"
-        self.tx = TransmitterWorld(params, endpoint, self.ctx)
-        self.rx = ReceiverWorld(params, endpoint, self.ctx)
+        self.tx = TransmitterWorld(params.transmitter_side(), endpoint, self.ctx)
+        self.rx = ReceiverWorld(params.receiver_side(), endpoint, self.ctx)
         self.slot_rate_hz = params.source.slot_rate_hz
         self.chunk_s = params.chunk_slots / self.slot_rate_hz
         #: truth of every detection processed while ``record_truth`` is set (tests only)

@@ -8,6 +8,7 @@ import math
 import pytest
 
 from drivers.simlink.params import LinkParams
+from drivers.simlink.truths import resolve_truths
 from qkdnode.config.sections import ProtocolSection
 from qkdnode.demo.compare import TheoryInputs, link_theory
 from qkdnode.demo.config import DemoConfig, apply_overrides
@@ -31,10 +32,14 @@ def test_inputs_follow_the_link() -> None:
         }
     )
     t = TheoryInputs.from_link(link, ProtocolSection(ec_efficiency_target=1.15))
+    # Theory takes the boxes' drawn truths, not the nominal values they are drawn around.
+    truth = resolve_truths(link).receiver
+    eff = sum(truth.detector_efficiency) / 4
+    assert eff != pytest.approx(0.6, rel=1e-3)
     assert t.channel_transmittance == pytest.approx(10 ** (-(50 * 0.2 + 1.0) / 10))
-    assert t.detector_efficiency == pytest.approx(0.6)
-    assert t.transmittance == pytest.approx(t.channel_transmittance * 0.6)
-    assert t.y0 == pytest.approx(4 * 1000 * 500e-12, rel=1e-5)
+    assert t.detector_efficiency == pytest.approx(eff)
+    assert t.transmittance == pytest.approx(t.channel_transmittance * eff)
+    assert t.y0 == pytest.approx(4 * truth.dark_count_rate_hz * 500e-12, rel=1e-5)
     assert t.e_d == 0.015 and t.p_basis_z_rx == 0.8 and t.ec_efficiency == 1.15
     assert t.slot_rate_hz == link.source.slot_rate_hz
 

@@ -107,7 +107,7 @@ def test_bad_eve_specs(spec: str) -> None:
         parse_eve(spec)
 
 
-def test_node_configs_validate_and_share_the_link(tmp_path: Path) -> None:
+def test_node_configs_validate_and_hold_one_side_of_the_link_each(tmp_path: Path) -> None:
     cfg = apply_overrides(DemoConfig(), distance_km=40, seed=3)
     tx, rx, keys = write_node_configs(cfg, tmp_path)
     assert keys is not None
@@ -115,7 +115,9 @@ def test_node_configs_validate_and_share_the_link(tmp_path: Path) -> None:
     assert tx_cfg.node.role == "transmitter" and rx_cfg.node.role == "receiver"
     assert tx_cfg.node.peer_id == rx_cfg.node.id and rx_cfg.node.peer_id == tx_cfg.node.id
     assert tx_cfg.simulation is not None and rx_cfg.simulation is not None
-    assert tx_cfg.simulation.link == rx_cfg.simulation.link == cfg.link
+    assert tx_cfg.simulation.transmitter == cfg.link.transmitter_side()
+    assert rx_cfg.simulation.receiver == cfg.link.receiver_side()
+    assert tx_cfg.simulation.receiver is None and rx_cfg.simulation.transmitter is None
     assert tx_cfg.simulation.fiber_endpoint == rx_cfg.simulation.fiber_endpoint
     assert tx_cfg.bus.peer_endpoint == rx_cfg.bus.peer_endpoint
     endpoints = {

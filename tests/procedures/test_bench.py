@@ -17,6 +17,7 @@ def test_run_benchmarks_quick() -> None:
         "detector_timing",
         "dark_counts",
         "encoding_compensation",
+        "encoder_v_pi",
     ):
         assert f"procedure.{proc}" in names
     assert {"sync.acquire_core", "sync.acquire_lock", "sync.tracker_throughput"} <= names

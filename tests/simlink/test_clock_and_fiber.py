@@ -19,10 +19,10 @@ from tests.simlink.helpers import link, run_link
 def test_clock_offset_and_frequency_recovered_from_tags_alone() -> None:
     params = link(
         clock={"offset_s": 0.3717, "frequency_offset_ppm": 12.5, "wander_ppm_per_sqrt_s": 0.0},
-        receiver={"dark_count_rate_hz": 0.0},
+        receiver={"dark_count_rates_hz": 0.0},
     )
     sync_seed = 4242
-    tx = TransmitterWorld(params)
+    tx = TransmitterWorld(params.transmitter_side())
     tx.set_sync_pattern(sync_seed)
     _, _, rec = run_link(params, 4, tx=tx)
     t = rec.time_ps
@@ -49,7 +49,10 @@ def test_clock_offset_and_frequency_recovered_from_tags_alone() -> None:
 
 
 def test_clock_wander_moves_frequency_slowly() -> None:
-    params = link(clock={"wander_ppm_per_sqrt_s": 0.05}, receiver={"dark_count_rate_hz": 0.0})
+    params = link(
+        clock={"frequency_offset_ppm": 12.5, "wander_ppm_per_sqrt_s": 0.05},
+        receiver={"dark_count_rates_hz": 0.0},
+    )
     _, rx, rec = run_link(params, 8)
     drift = abs(rx.model.clock.frequency_offset * 1e6 - 12.5)
     seconds = 8 * params.chunk_slots / params.source.slot_rate_hz
@@ -68,8 +71,8 @@ def test_same_seed_same_tags_and_other_seed_other_tags() -> None:
 def test_photons_cross_a_zmq_fiber_and_give_the_same_tags() -> None:
     params = link(chunk_slots=1 << 18)
     ctx = zmq.Context()
-    tx = TransmitterWorld(params, "tcp://127.0.0.1:*", context=ctx)
-    rx = ReceiverWorld(params, tx.fiber_endpoint, context=ctx)
+    tx = TransmitterWorld(params.transmitter_side(), "tcp://127.0.0.1:*", context=ctx)
+    rx = ReceiverWorld(params.receiver_side(), tx.fiber_endpoint, context=ctx)
     n_chunks = 6
     sender = threading.Thread(target=tx.run_for, args=(n_chunks * (1 << 18) / 25e6,))
     sender.start()
@@ -89,9 +92,11 @@ def test_photons_cross_a_zmq_fiber_and_give_the_same_tags() -> None:
 _TX_SCRIPT = textwrap.dedent(
     """
     import sys, time
-    from drivers.simlink.params import LinkParams
+    from drivers.simlink.params import TransmitterSimParams
     from drivers.simlink.world import start_world, stop_world
-    world = start_world("transmitter", LinkParams(start_calibrated=True), "tcp://127.0.0.1:*")
+    world = start_world(
+        "transmitter", TransmitterSimParams(start_calibrated=True), "tcp://127.0.0.1:*"
+    )
     print(world.fiber_endpoint, flush=True)
     sys.stdin.readline()
     stop_world()
@@ -101,7 +106,7 @@ _TX_SCRIPT = textwrap.dedent(
 
 def test_transmitter_in_another_process_drives_the_receiver_tagger() -> None:
     from drivers.simlink.instruments import SimTimeTagger
-    from drivers.simlink.params import LinkParams
+    from drivers.simlink.params import ReceiverSimParams
     from drivers.simlink.world import start_world, stop_world
 
     proc = subprocess.Popen(
@@ -111,7 +116,7 @@ def test_transmitter_in_another_process_drives_the_receiver_tagger() -> None:
         assert proc.stdout is not None and proc.stdin is not None
         endpoint = proc.stdout.readline().strip()
         assert endpoint.startswith("tcp://127.0.0.1:")
-        world = start_world("receiver", LinkParams(start_calibrated=True), endpoint)
+        world = start_world("receiver", ReceiverSimParams(start_calibrated=True), endpoint)
         tagger = SimTimeTagger("tagger")
         tagger.connect()
         tagger.start_stream()

@@ -20,7 +20,8 @@ from tests.simlink.helpers import link
 
 @pytest.fixture
 def tx_world() -> Iterator[TransmitterWorld]:
-    world = start_world("transmitter", link(fiber={"drift_rad_per_sqrt_s": 0.0}), None, False)
+    params = link(fiber={"drift_rad_per_sqrt_s": 0.0}).transmitter_side()
+    world = start_world("transmitter", params, None, False)
     assert isinstance(world, TransmitterWorld)
     yield world
     stop_world()
@@ -84,9 +85,7 @@ def test_power_meter_reads_what_laser_and_attenuation_imply(tx_world: Transmitte
     t = tx_world.optics.im_transmission(hw)
     src = tx_world.source
     mean_t = src.p_signal * t[0] + src.p_decoy * t[1] + src.p_vacuum * t[2]
-    mu_from_meter = (
-        p2 * 10 ** (-hw.fixed_attenuation_db / 10) * photons_per_pulse_per_w * t[0] / mean_t
-    )
+    mu_from_meter = p2 * 10 ** (-hw.tap_to_output_db / 10) * photons_per_pulse_per_w * t[0] / mean_t
     assert mu_from_meter == pytest.approx(tx_world.mu_per_class()[0], rel=0.01)
     laser.safe_state()
     assert laser.status() == LaserStatus.OFF
@@ -104,7 +103,7 @@ def test_modulator_bias_away_from_optimum_changes_levels(tx_world: TransmitterWo
 
 
 def _qber(world_tx: TransmitterWorld, params: LinkParams, n_chunks: int = 1) -> float:
-    rx = ReceiverWorld(params)
+    rx = ReceiverWorld(params.receiver_side())
     errs = n = 0
     for _ in range(n_chunks):
         idx = world_tx.chunk_index
@@ -134,8 +133,8 @@ def test_encoder_bias_compensates_an_encoding_drift_step(tx_world: TransmitterWo
 
 def test_detector_delay_gate_faults_and_latch() -> None:
     params = link(fiber={"drift_rad_per_sqrt_s": 0.0})
-    tx = TransmitterWorld(params)
-    world = start_world("receiver", params, None, False)
+    tx = TransmitterWorld(params.transmitter_side())
+    world = start_world("receiver", params.receiver_side(), None, False)
     assert isinstance(world, ReceiverWorld)
     try:
         det = _connected(si.SimDetector, "spd_h", channel=0)

@@ -32,7 +32,7 @@ def test_gain_and_error_per_intensity_class_match_decoy_formulas() -> None:
     params = link(
         chunk_slots=1 << 20,
         fiber={"misalignment": 0.02, "drift_rad_per_sqrt_s": 0.0},
-        receiver={"dark_count_rate_hz": 1e5, "dead_time_ns": 0.0},
+        receiver={"dark_count_rates_hz": 1e5, "dead_time_ns": 0.0},
         source={"mu_vacuum": 0.0},
     )
     n_chunks = 8
@@ -65,7 +65,7 @@ def test_gain_and_error_per_intensity_class_match_decoy_formulas() -> None:
 
 
 def test_dead_time_reduces_rate_as_non_paralysable_model_predicts() -> None:
-    base = {"dark_count_rate_hz": 0.0, "afterpulse_probability": 0.0}
+    base = {"dark_count_rates_hz": 0.0, "afterpulse_probability": 0.0}
     ref_params = link(receiver={**base, "dead_time_ns": 0.0}, fiber={"drift_rad_per_sqrt_s": 0.0})
     dead_params = link(
         receiver={**base, "dead_time_ns": 1010.0}, fiber={"drift_rad_per_sqrt_s": 0.0}
@@ -91,7 +91,7 @@ def test_dead_time_reduces_rate_as_non_paralysable_model_predicts() -> None:
 
 
 def test_afterpulsing_raises_rate_by_geometric_factor() -> None:
-    base = {"dark_count_rate_hz": 0.0, "dead_time_ns": 20.0}
+    base = {"dark_count_rates_hz": 0.0, "dead_time_ns": 20.0}
     fiber = {"drift_rad_per_sqrt_s": 0.0}
     _, _, ref = run_link(link(receiver={**base, "afterpulse_probability": 0.0}, fiber=fiber), 3)
     _, _, ap = run_link(link(receiver={**base, "afterpulse_probability": 0.1}, fiber=fiber), 3)

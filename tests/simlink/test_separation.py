@@ -10,7 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
-from drivers.simlink.params import EveParams, SourceParams, TransmitterHardwareParams
+from drivers.simlink.params import (
+    EveParams,
+    FiberParams,
+    LinkParams,
+    SourceParams,
+    TransmitterHardwareParams,
+    TransmitterSimParams,
+)
 from drivers.simlink.source import secret_key
 from drivers.simlink.world import ReceiverWorld, TransmitterWorld
 from tests.simlink.helpers import link
@@ -42,6 +49,8 @@ def test_qkdnode_uses_only_the_simulator_front_door() -> None:
         "drivers.simlink.world",
         "drivers.simlink.bench",
         "drivers.simlink.registry_entries",
+        # the drawn hardware truths: the demo's theory and commissioning values
+        "drivers.simlink.truths",
         # the simulated instruments are the simulator's front door (the same classes the
         # driver registry opens); the procedures' test harness drives them directly
         "drivers.simlink.instruments",
@@ -67,16 +76,30 @@ def _reachable(root: object) -> list[object]:
 
 def test_receiver_world_holds_no_transmitter_secret() -> None:
     tx_seed = 0x5EC12E7_5EED
-    params = link(transmitter_seed=tx_seed)
-    rx = ReceiverWorld(params)
-    tx = TransmitterWorld(params)
+    params = link(transmitter_seed=tx_seed, transmitter={"spread_scale": 1.0})
+    rx = ReceiverWorld(params.receiver_side())
+    tx = TransmitterWorld(params.transmitter_side())
     idx = tx.chunk_index
     chunk = tx.step()
     rx.process(tx.fiber_header(idx, chunk), chunk.photons)
     key = int(secret_key(tx_seed))
+    # the transmitter's drawn hardware truths (floats no receiver object may hold)
+    tx_truths = {
+        v for v in tx.hardware.model_dump().values() if isinstance(v, float) and v not in (0, 1)
+    }
+    private = (
+        SourceParams,
+        EveParams,
+        FiberParams,
+        TransmitterHardwareParams,
+        TransmitterSimParams,
+        LinkParams,
+    )
     for obj in _reachable(rx):
-        assert not isinstance(obj, (SourceParams, EveParams, TransmitterHardwareParams)), obj
+        assert not isinstance(obj, private), obj
         assert not isinstance(obj, TransmitterWorld)
+        if isinstance(obj, float):
+            assert obj not in tx_truths, obj
         if isinstance(obj, (int, np.integer)) and not isinstance(obj, bool):
             assert int(obj) not in (tx_seed, key)
         if isinstance(obj, str):
