@@ -443,21 +443,31 @@ class ExchangeSession:
         self.node.publish("sync", {"locked": True, **summary})
         log.info("pair_synchronized", exchange_from_slot=self.exchange_from_slot, **summary)
         if self.encoder_v_pi is None:
+            from qkdnode.procedures.common import CalibrationError
             from qkdnode.procedures.encoder_v_pi import EncoderVPiConfig, calibrate_encoder_v_pi
 
             self._progress("calibration", step="encoder_v_pi", status="started")
-            self.encoder_v_pi = await calibrate_encoder_v_pi(
-                self._one(Encoder),
-                self._probe_state_errors,
-                EncoderVPiConfig(v_pi_guess_v=self.cfg.calibration.encoder_v_pi_v),
-                state_dir=self.node.state_dir,
-                publish=self.node.publish,
-            )
-            log.info(
-                "encoder_v_pi_measured",
-                v_pi_v=self.encoder_v_pi.v_pi_v,
-                sigma_v=self.encoder_v_pi.v_pi_sigma_v,
-            )
+            try:
+                self.encoder_v_pi = await calibrate_encoder_v_pi(
+                    self._one(Encoder),
+                    self._probe_state_errors,
+                    EncoderVPiConfig(v_pi_guess_v=self.cfg.calibration.encoder_v_pi_v),
+                    state_dir=self.node.state_dir,
+                    publish=self.node.publish,
+                )
+                log.info(
+                    "encoder_v_pi_measured",
+                    v_pi_v=self.encoder_v_pi.v_pi_v,
+                    sigma_v=self.encoder_v_pi.v_pi_sigma_v,
+                )
+            except CalibrationError as exc:
+                # V_pi sets the drives; no bound rests on it, and the compensation below
+                # still finds the error-rate minimum: carry on from the configured value.
+                log.warning(
+                    "encoder_v_pi_not_measured",
+                    error=str(exc),
+                    using_v=self.cfg.calibration.encoder_v_pi_v,
+                )
         await self._compensate(self._probe_qber)
 
     async def _probe_qber(self) -> float:
@@ -743,8 +753,9 @@ class ExchangeSession:
         proto = self.cfg.protocol
         try:
             advice = await asyncio.to_thread(required_block, link, fraction=0.9)
-        except (OptimizeError, ValueError) as exc:
-            log.warning("block_advice_failed", error=str(exc))
+        except (OptimizeError, ValueError, ArithmeticError) as exc:
+            # Advice only: the receiver keeps its block size.
+            log.warning("block_advice_failed", error=f"{type(exc).__name__}: {exc}")
             return
         self._advised_block = int(min(advice.detections, proto.block_detections))
         st = advice.optimum.settings

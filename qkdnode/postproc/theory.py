@@ -42,7 +42,9 @@ def gain(mu: float, eta: float, y0: float) -> float:
 
 def qber(mu: float, eta: float, y0: float, e_d: float) -> float:
     """E_mu = (Y0/2 + e_d (1 - exp(-eta mu))) / Q_mu."""
-    return (y0 / 2 + e_d * (1.0 - math.exp(-eta * mu))) / gain(mu, eta, y0)
+    g = gain(mu, eta, y0)
+    # No light and no background: no detections, hence no errors.
+    return (y0 / 2 + e_d * (1.0 - math.exp(-eta * mu))) / g if g > 0 else 0.0
 
 
 def rate_infinite_decoy(

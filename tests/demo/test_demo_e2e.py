@@ -41,7 +41,7 @@ def _demo_toml(tmp_path: Path, block_detections: int) -> Path:
     """configs/demo.toml with another block size."""
     root = Path(__file__).resolve().parents[2]
     text = (root / "configs" / "demo.toml").read_text()
-    old = "block_detections = 16000000"
+    old = "block_detections = 48000000"
     assert old in text
     out = tmp_path / f"demo-{block_detections}.toml"
     out.write_text(text.replace(old, f"block_detections = {block_detections}"))

@@ -49,3 +49,23 @@ def test_impossible_blocks_are_refused() -> None:
         fit_link(BlockObservation(**{**good.__dict__, "pulses": 0}))
     with pytest.raises(LinkFitError):
         fit_link(BlockObservation(**{**good.__dict__, "detections_per_class": (0, 5, 1)}))
+
+
+def test_a_link_without_background_can_be_advised() -> None:
+    """A vacuum class whose clicks the residual light explains fits to Y0 = 0; the
+    optimiser must still work there (no division by a zero gain)."""
+    from qkdnode.postproc.optimize import Detections, optimize_settings
+
+    obs = BlockObservation(
+        pulses=10**9,
+        detections_per_class=(40_000_000, 2_000_000, 0),
+        mu=(0.5, 0.1, 1e-4),
+        p_class=(0.6, 0.2, 0.2),
+        qber_z=0.013,
+        rx_basis_z_fraction=0.8,
+        slot_rate_hz=25e6,
+    )
+    link = fit_link(obs)
+    assert link.background_per_pulse == 0.0
+    opt = optimize_settings(link, Detections(1.6e7), max_evaluations=200)
+    assert opt.bits_per_pulse > 0
