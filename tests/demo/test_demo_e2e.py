@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -198,9 +199,9 @@ def test_full_key_store_drops_blocks_and_the_exchange_goes_on(tmp_path: Path) ->
     """Consumers not taking keys: a store that cannot take a block's keys drops the block
     on both nodes (identical stores), raises one alarm, and key exchange continues."""
     cfg = _demo_toml(tmp_path, 3_000_000)
-    cfg.write_text(
-        cfg.read_text().replace("key_size_bits = 256", "key_size_bits = 256\nmax_key_count = 1")
-    )
+    text = cfg.read_text()
+    assert "\nmax_key_count = " in text
+    cfg.write_text(re.sub(r"\nmax_key_count = \d+", "\nmax_key_count = 1", text))
     proc = _demo(
         "--config", str(cfg), "--duration", "20", "--json", "--out", str(tmp_path), timeout_s=240
     )
