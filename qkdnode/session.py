@@ -74,6 +74,7 @@ class ExchangeSession:
         self.z_over_x_error_ratio: float | None = None
         self.qber_reference: float | None = None
         self._last_drift_check = 0.0
+        self._drift_check: asyncio.Task[None] | None = None
         #: receiver: detections of the block being filled
         self._block_target = self.cfg.protocol.block_detections
         #: transmitter: block size advised to the receiver (None: nothing measured yet)
@@ -1136,7 +1137,11 @@ class ExchangeSession:
             and now - self._last_drift_check >= DRIFT_CHECK_S
         ):
             self._last_drift_check = now
-            await self._check_intensity_drift()
+            if self._drift_check is None or self._drift_check.done():
+                # Beside the monitor, never in it: a slow meter must not stall the watch.
+                self._drift_check = asyncio.get_running_loop().create_task(
+                    self._check_intensity_drift()
+                )
         if self.role == "receiver" and sm.state is S.EXCHANGING:
             from drivers.interfaces import DetectorStatus
 
@@ -1178,7 +1183,10 @@ class ExchangeSession:
         meter: OpticalPowerMeter = self._one(OpticalPowerMeter)
         readings = 20
         try:
-            reading = float(await read_power(meter, readings, 0.0)) - m.zero_w
+            reading = (
+                float(await asyncio.wait_for(read_power(meter, readings, 0.0), DRIFT_CHECK_S))
+                - m.zero_w
+            )
         except Exception as exc:
             log.warning("intensity_check_failed", error=str(exc))
             return
