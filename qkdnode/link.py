@@ -37,6 +37,7 @@ Step = Literal[
     "activate",
     "release",
     "probe",
+    "track",
     "block",
     "halt",
     "state",

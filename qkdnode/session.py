@@ -39,6 +39,12 @@ from qkdnode.log import bound_context
 from qkdnode.postproc.sifting import KeySlotFloor
 from qkdnode.probe_wire import BYTES_PER_DETECTION, ProbeWireError, decode_probe, encode_probe
 from qkdnode.statemachine import Event, State, StateMachine, TransitionRecord
+from qkdnode.tracking import (
+    DetectionAccumulator,
+    TrackingError,
+    TrackingWindow,
+    lock_in_step,
+)
 
 if TYPE_CHECKING:
     from qkdnode.node import Node
@@ -87,6 +93,12 @@ class ExchangeSession:
         self.encoder_v_pi: EncoderVPiResult | None = None
         self._block_results: asyncio.Queue[dict[str, Any]] = asyncio.Queue(64)
         self._compensating: asyncio.Task[Any] | None = None
+        #: transmitter: the encoder bias is being moved (compensation or drift tracking)
+        self._bias_lock = asyncio.Lock()
+        #: transmitter: detections per slot the receiver sees (from probes and blocks)
+        self._detections_per_slot = 0.0
+        #: receiver: the block being filled, minus drift-tracking windows (while exchanging)
+        self._accumulator: DetectionAccumulator | None = None
         self._store_full = False  # the last block found the key store full
         self._zero_rate_since: float | None = None
         self._fault_cause: str | None = None
@@ -257,6 +269,8 @@ class ExchangeSession:
             )
         if step == "probe":
             return await self._serve_probe(int(req.args["n"]), int(req.args["from_slot"]))
+        if step == "track":
+            return await self._serve_track(int(req.args["start_slot"]), int(req.args["stop_slot"]))
         if step in ("commit", "discard"):
             return await self._peer_commit(step, int(req.args["block_id"]))
         if self.role != "receiver":
@@ -504,6 +518,8 @@ class ExchangeSession:
         except ProbeWireError as exc:
             raise LinkError(str(exc)) from exc
         self.key_slots.disclosed(slots)
+        if slots.shape[0] > 1:
+            self._detections_per_slot = slots.shape[0] / float(slots[-1] - slots[0] + 1)
         states = await self._call(src.prepared, slots)
         return channels, states
 
@@ -589,6 +605,34 @@ class ExchangeSession:
         except ProbeWireError as exc:
             raise LinkError(str(exc)) from exc
 
+    async def _serve_track(self, start_slot: int, stop_slot: int) -> dict[str, Any]:
+        """Receiver: disclose our detections in slots ``[start_slot, stop_slot)`` while key
+        flows (a drift-tracking window, :mod:`qkdnode.tracking`); they leave the block being
+        filled. Refused when a block already handed out reaches into the window."""
+        acc = self._accumulator
+        if acc is None or self.node.sm.state is not S.EXCHANGING:
+            raise LinkError(f"not exchanging ({self.node.sm.state.value})")
+        max_slots = int(self.cfg.source.slot_rate_hz * 60)
+        if not (self.exchange_from_slot <= start_slot and 0 < stop_slot - start_slot <= max_slots):
+            raise LinkError(
+                f"tracking window [{start_slot}, {stop_slot}) must start at or after slot "
+                f"{self.exchange_from_slot} and span 1..{max_slots} slots"
+            )
+        try:
+            done = acc.open_window(TrackingWindow(start_slot, stop_slot))
+        except TrackingError as exc:
+            raise LinkError(str(exc)) from exc
+        try:
+            slots, chans = await asyncio.wait_for(asyncio.shield(done), 90.0)
+        except TimeoutError:
+            acc.abandon(done)
+            raise LinkError("no detections past the tracking window in 90 s") from None
+        limit = (self.cfg.bus.max_control_frame_bytes - 1024) // BYTES_PER_DETECTION
+        try:
+            return encode_probe(slots[:limit], chans[:limit])
+        except ProbeWireError as exc:
+            raise LinkError(str(exc)) from exc
+
     # ------------------------------------------------------------------ key exchange
     async def _enter_exchanging(self, sm: StateMachine, rec: TransitionRecord) -> None:
         stats = self.node.stats
@@ -670,7 +714,71 @@ class ExchangeSession:
             self._pp_transport(), self.auth_pool, "transmitter"
         )
         self._exchange_started = started
-        await asyncio.Event().wait()
+        await self._track_drift()
+
+    async def _track_drift(self) -> None:
+        """Transmitter, while exchanging: the lock-in of :mod:`qkdnode.tracking`, one step
+        every ``tracking.interval_s`` (never returns; with 0 it only waits). A failed step
+        is logged and the next one tried: tracking never stops key exchange."""
+        cfg = self.cfg.tracking
+        if cfg.interval_s <= 0:
+            await asyncio.Event().wait()
+        lead_s = 0.01
+        slot_rate = self.cfg.source.slot_rate_hz
+        max_n = (self.cfg.bus.max_control_frame_bytes - 1024) // BYTES_PER_DETECTION
+
+        async def window(w: TrackingWindow) -> tuple[Any, Any]:
+            # Withheld before the receiver is asked: no block may carry these slots.
+            self.key_slots.withhold(w.start_slot, w.stop_slot)
+            reply = await self.node.link.request(
+                "track", 120.0, start_slot=w.start_slot, stop_slot=w.stop_slot
+            )
+            try:
+                return decode_probe(reply, max_n)
+            except ProbeWireError as exc:
+                raise LinkError(str(exc)) from exc
+
+        while True:
+            await asyncio.sleep(cfg.interval_s)
+            if self._detections_per_slot <= 0:
+                continue
+            v_pi = (
+                self.encoder_v_pi.bias_v_pi_v
+                if self.encoder_v_pi is not None
+                else self.cfg.calibration.encoder_v_pi_v
+            )
+            amp = self.encoder_v_pi.fit.amp if self.encoder_v_pi is not None else 1.0
+            try:
+                async with self._bias_lock:
+                    step = await lock_in_step(
+                        self._one(Encoder),
+                        self._one(StateSource),
+                        window,
+                        cfg,
+                        v_pi_v=v_pi,
+                        amplitude=amp,
+                        detections_per_slot=self._detections_per_slot,
+                        lead_slots=int(lead_s * slot_rate),
+                    )
+            except (LinkError, TrackingError) as exc:
+                log.warning("drift_tracking_step_failed", error=str(exc)[:200])
+                if "already cut" in str(exc):
+                    lead_s = min(2 * lead_s, 2.0)
+                continue
+            if step is None:
+                log.info("drift_tracking_skipped", reason="too few detections in a window")
+                continue
+            n_det = step.n_plus + step.n_minus
+            fields = {
+                "bias_v": round(step.bias_v, 5),
+                "new_bias_v": round(step.new_bias_v, 5),
+                "offset_v": round(step.offset_v, 5),
+                "qber_plus": round(step.q_plus, 5),
+                "qber_minus": round(step.q_minus, 5),
+                "sifted": n_det,
+            }
+            log.info("drift_tracked", **fields)
+            self.node.publish("tracking", fields)
 
     async def _serve_block(self, block_id: int, pulses: int) -> dict[str, Any]:
         """Transmitter: run block ``block_id`` that the receiver is starting now."""
@@ -700,6 +808,9 @@ class ExchangeSession:
                 key_slots=self.key_slots,
             )
             qz, qx = result.stats.get("qber_z"), result.stats.get("qber_x")
+            detections = result.stats.get("detections")
+            if isinstance(detections, int) and detections > 0 and pulses > 0:
+                self._detections_per_slot = detections / pulses
             if result.ok and qz is not None and qx:
                 self.z_over_x_error_ratio = float(qz) / float(qx)
             await self._finish_block(block_id, result, self._exchange_started, pulses)
@@ -832,52 +943,54 @@ class ExchangeSession:
         tagger: TimeTagger,
         out: asyncio.Queue[tuple[npt.NDArray[np.int64], npt.NDArray[np.int8]]],
     ) -> None:
-        """Receiver: tags -> (slot, channel) with tracking; hands out full blocks."""
-        slots: list[npt.NDArray[np.int64]] = []
-        chans: list[npt.NDArray[np.int8]] = []
-        have = 0
+        """Receiver: tags -> (slot, channel) with tracking; hands out full blocks. Detections
+        of drift-tracking windows are diverted on the way (:class:`DetectionAccumulator`)."""
+        acc = self._accumulator = DetectionAccumulator()
         last_progress = 0.0
-        while True:
-            block = await asyncio.to_thread(tagger.read_block, 0.5)
-            if block is None or len(block) == 0:
-                continue
-            mapped, status = await asyncio.to_thread(self.tracker.update, block.tags)
-            if status.lost:
-                if await self._light_gone():
-                    # Not awaited: the fault cancels the exchange task that owns this one.
-                    self._detached(self._fault("no_light", "count rate collapsed: fiber cut?"))
+        try:
+            while True:
+                block = await asyncio.to_thread(tagger.read_block, 0.5)
+                if block is None or len(block) == 0:
+                    continue
+                mapped, status = await asyncio.to_thread(self.tracker.update, block.tags)
+                if status.lost:
+                    if await self._light_gone():
+                        # Not awaited: the fault cancels the exchange task that owns this one.
+                        self._detached(self._fault("no_light", "count rate collapsed: fiber cut?"))
+                        return
+                    self.node.alarm(
+                        "lock_lost", "timing lock lost", in_window=status.in_window_fraction
+                    )
+                    self.tracker = None
+                    self.node.stats.synchronized = False
+                    self._halt_peer("lock lost")
+                    self._detached(
+                        self.node.trigger(Event.LOCK_LOST, "tracking lost the slot clock")
+                    )
                     return
-                self.node.alarm(
-                    "lock_lost", "timing lock lost", in_window=status.in_window_fraction
-                )
-                self.tracker = None
-                self.node.stats.synchronized = False
-                self._halt_peer("lock lost")
-                self._detached(self.node.trigger(Event.LOCK_LOST, "tracking lost the slot clock"))
-                return
-            keep = mapped.slot_index >= self.exchange_from_slot
-            s = mapped.slot_index[keep]
-            if s.size == 0:
-                continue
-            slots.append(s.astype(np.int64))
-            chans.append(mapped.channel[keep])
-            have += int(s.size)
-            self.node.stats.detections_read += int(s.size)
-            now = time.monotonic()
-            if now - last_progress >= 1.0:
-                last_progress = now
-                self._progress(
-                    "block", block_id=self.next_block_id, done=have, total=self._block_target
-                )
-            target = self._block_target
-            if have >= target:
-                all_s, all_c = await asyncio.to_thread(_merge_sorted, slots, chans)
-                # Cut between slots: the clicks of one slot belong to one block (the
-                # transmitter refuses a slot that an earlier block announced).
-                cut = int(np.searchsorted(all_s, all_s[target - 1], side="right"))
-                await out.put((all_s[:cut], all_c[:cut]))
-                rest_s, rest_c = all_s[cut:], all_c[cut:]
-                slots, chans, have = [rest_s], [rest_c], int(rest_s.size)
+                keep = mapped.slot_index >= self.exchange_from_slot
+                s = mapped.slot_index[keep]
+                if s.size == 0:
+                    continue
+                acc.add(s.astype(np.int64), mapped.channel[keep])
+                self.node.stats.detections_read += int(s.size)
+                now = time.monotonic()
+                if now - last_progress >= 1.0:
+                    last_progress = now
+                    self._progress(
+                        "block",
+                        block_id=self.next_block_id,
+                        done=acc.have,
+                        total=self._block_target,
+                    )
+                if acc.have >= self._block_target:
+                    # Cut between slots: the clicks of one slot belong to one block (the
+                    # transmitter refuses a slot that an earlier block announced).
+                    full = await asyncio.to_thread(acc.cut, self._block_target)
+                    if full is not None:
+                        await out.put(full)
+        finally:
+            self._accumulator = None
 
     def _first_block_target(self) -> int:
         """Receiver: detections of the first block: ``protocol.block_detections``, but no
@@ -1068,12 +1181,8 @@ class ExchangeSession:
 
         ``measure_qber`` defaults to the error rate of the next complete key block
         (compensation during key exchange); before exchange, a disclosed probe is used.
+        The drift tracking waits while this runs (one bias lock).
         """
-        from qkdnode.procedures.encoding_compensation import (
-            EncodingCompensationConfig,
-            compensate_encoding,
-        )
-
         if measure_qber is None:
             while not self._block_results.empty():
                 self._block_results.get_nowait()
@@ -1083,20 +1192,8 @@ class ExchangeSession:
                 return float((await self._block_results.get())["qber"])
 
             measure_qber = next_blocks
-        result = await compensate_encoding(
-            self._one(Encoder),
-            measure_qber,
-            self.qber_reference,
-            EncodingCompensationConfig(
-                v_pi_v=(
-                    self.encoder_v_pi.bias_v_pi_v
-                    if self.encoder_v_pi is not None
-                    else self.cfg.calibration.encoder_v_pi_v
-                )
-            ),
-            state_dir=self.node.state_dir,
-            publish=self.node.publish,
-        )
+        async with self._bias_lock:
+            result = await self._compensate_locked(measure_qber)
         log.info(
             "encoding_compensated",
             ok=result.ok,
@@ -1111,6 +1208,27 @@ class ExchangeSession:
         ):
             self.node.stats.calibrated = False
             await self.node.trigger(Event.QBER_HIGH, "compensation did not restore the QBER")
+
+    async def _compensate_locked(self, measure_qber: Any) -> Any:
+        from qkdnode.procedures.encoding_compensation import (
+            EncodingCompensationConfig,
+            compensate_encoding,
+        )
+
+        return await compensate_encoding(
+            self._one(Encoder),
+            measure_qber,
+            self.qber_reference,
+            EncodingCompensationConfig(
+                v_pi_v=(
+                    self.encoder_v_pi.bias_v_pi_v
+                    if self.encoder_v_pi is not None
+                    else self.cfg.calibration.encoder_v_pi_v
+                )
+            ),
+            state_dir=self.node.state_dir,
+            publish=self.node.publish,
+        )
 
     # ------------------------------------------------------------------ monitoring, faults
     async def monitor_tick(self) -> None:
@@ -1335,18 +1453,6 @@ async def _settle(task: asyncio.Task[Any]) -> None:
             raise
     except Exception:
         pass
-
-
-def _merge_sorted(
-    slots: list[npt.NDArray[np.int64]], chans: list[npt.NDArray[np.int8]]
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int8]]:
-    """Concatenate detection chunks and order them by slot (stable for equal slots)."""
-    all_s = np.concatenate(slots)
-    all_c = np.concatenate(chans)
-    if all_s.shape[0] < 2 or bool(np.all(all_s[1:] >= all_s[:-1])):
-        return all_s, all_c  # the usual case: the tagger delivers tags in time order
-    order = np.argsort(all_s, kind="stable")
-    return all_s[order], all_c[order]
 
 
 def _scalars(d: dict[str, Any]) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from qkdnode.config.sections import (
     Section,
     SimulationSection,
     SourceSection,
+    TrackingSection,
 )
 from qkdnode.procedures.sync import SyncConfig
 
@@ -35,6 +36,7 @@ class NodeConfig(Section):
     delivery: DeliverySection = DeliverySection()
     metrics: MetricsSection = MetricsSection()
     alarms: AlarmsSection = AlarmsSection()
+    tracking: TrackingSection = TrackingSection()
     simulation: SimulationSection | None = None
 
     @field_validator("simulation")

@@ -251,6 +251,28 @@ class ProtocolSection(Section):
         return self
 
 
+class TrackingSection(Section):
+    """Transmitter: tracking of the polarisation reference while key flows (a lock-in on
+    the encoder bias fed by short disclosed windows of detections; see qkdnode.tracking)."""
+
+    interval_s: float = Field(
+        10.0, ge=0, le=3600, description="one lock-in step (two windows) this often; 0: off"
+    )
+    window_detections: int = Field(
+        20_000,
+        ge=1000,
+        le=200_000,
+        description="detections disclosed per window (two windows per step); they never carry key",
+    )
+    dither_fraction: float = Field(
+        0.03, gt=0, le=0.2, description="bias dither during a window, as a fraction of V_pi"
+    )
+    gain: float = Field(0.5, gt=0, le=1, description="fraction of the measured offset corrected")
+    max_step_fraction: float = Field(
+        0.05, gt=0, le=0.5, description="largest bias move per step, as a fraction of V_pi"
+    )
+
+
 class KeystoreSection(Section):
     path: Path = Field(Path("keys.sqlite"), description="relative to node.state_dir")
     key_size_bits: int = Field(256, ge=64, le=65536, multiple_of=8)

@@ -182,6 +182,19 @@ class KeySlotFloor:
 
     def __init__(self, first_key_slot: int = 0) -> None:
         self.floor = max(0, int(first_key_slot))
+        self._withheld: list[tuple[int, int]] = []  # [start, stop) ranges, kept sorted
+
+    def withhold(self, start_slot: int, stop_slot: int) -> None:
+        """Slots ``[start_slot, stop_slot)`` are disclosed while key flows around them (a
+        drift-tracking window): no block may announce any of them, wherever the floor is."""
+        if stop_slot > start_slot:
+            self._withheld.append((int(start_slot), int(stop_slot)))
+            self._withheld.sort()
+
+    @property
+    def withheld(self) -> list[tuple[int, int]]:
+        """The withheld ranges not yet below the floor."""
+        return list(self._withheld)
 
     def key_states_from(self, first_key_slot: int) -> None:
         """Key states (again) from ``first_key_slot`` on (what the state source returned
@@ -208,4 +221,12 @@ class KeySlotFloor:
                 f"announced slot {int(slots[0])} is below the first usable slot {self.floor} "
                 "(synchronisation pattern, probe or an earlier block)"
             )
+        for start, stop in self._withheld:
+            i = int(np.searchsorted(slots, start, side="left"))
+            if i < slots.shape[0] and int(slots[i]) < stop:
+                raise SiftingError(
+                    f"announced slot {int(slots[i])} lies in the disclosed tracking window "
+                    f"[{start}, {stop})"
+                )
         self.floor = int(slots[-1]) + 1
+        self._withheld = [(a, b) for a, b in self._withheld if b > self.floor]

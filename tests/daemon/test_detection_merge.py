@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qkdnode.session import _merge_sorted
+from qkdnode.tracking import merge_sorted as _merge_sorted
 
 
 def test_chunks_in_time_order_are_kept_as_they_are() -> None:

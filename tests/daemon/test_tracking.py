@@ -1,0 +1,166 @@
+"""Drift tracking: the lock-in estimate, the receiver's diversion of window detections and
+the transmitter's refusal of any block that announces a window slot."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import numpy as np
+import pytest
+
+from qkdnode.postproc.sifting import KeySlotFloor, SiftingError
+from qkdnode.tracking import (
+    DetectionAccumulator,
+    TrackingError,
+    TrackingWindow,
+    bias_offset_v,
+    next_bias_v,
+)
+
+V_PI = 2.9
+
+
+def _qber(bias: float, b_star: float, e0: float = 0.012, amp: float = 0.98) -> float:
+    return e0 + amp * math.sin(math.pi / 2 * (bias - b_star) / V_PI) ** 2
+
+
+@pytest.mark.parametrize("offset", [-0.6, -0.2, -0.03, 0.0, 0.01, 0.3, 0.9])
+def test_offset_from_two_dithered_error_rates(offset: float) -> None:
+    """The model QBER(b) = e0 + A sin^2(k (b - b*)) at b +/- dither gives b - b* back."""
+    b_star, dither = 0.8, 0.03 * V_PI
+    b = b_star + offset
+    est = bias_offset_v(
+        _qber(b + dither, b_star),
+        _qber(b - dither, b_star),
+        dither_v=dither,
+        v_pi_v=V_PI,
+        amplitude=0.98,
+    )
+    assert est == pytest.approx(offset, abs=1e-9)
+
+
+def test_offset_saturates_with_the_right_sign_beyond_the_capture_range() -> None:
+    b_star, dither = 0.0, 0.1 * V_PI
+    far = 0.7 * V_PI  # 63 degrees of polarisation: past the monotone range of sin(2 k eps)
+    est = bias_offset_v(
+        _qber(far + dither, b_star), _qber(far - dither, b_star), dither_v=dither, v_pi_v=V_PI
+    )
+    assert est > 0
+
+
+def test_step_is_limited_and_moves_towards_the_minimum() -> None:
+    dither = 0.03 * V_PI
+    b = 1.5
+    offset, new = next_bias_v(
+        b,
+        _qber(b + dither, 0.8),
+        _qber(b - dither, 0.8),
+        dither_v=dither,
+        v_pi_v=V_PI,
+        gain=0.5,
+        max_step_v=0.1,
+        amplitude=0.98,
+    )
+    assert offset == pytest.approx(0.7, abs=1e-6)
+    assert new == pytest.approx(1.4)
+
+
+@pytest.mark.parametrize(("dither", "v_pi"), [(0.0, V_PI), (-0.1, V_PI), (0.1, 0.0), (V_PI, V_PI)])
+def test_bad_dither_or_v_pi_refused(dither: float, v_pi: float) -> None:
+    with pytest.raises(TrackingError):
+        bias_offset_v(0.02, 0.01, dither_v=dither, v_pi_v=v_pi)
+
+
+def test_window_must_be_non_empty() -> None:
+    with pytest.raises(TrackingError):
+        TrackingWindow(10, 10)
+    with pytest.raises(TrackingError):
+        TrackingWindow(-1, 5)
+
+
+def _batch(start: int, stop: int, step: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    s = np.arange(start, stop, step, dtype=np.int64)
+    return s, (s % 4).astype(np.int8)
+
+
+def test_window_detections_never_reach_a_block() -> None:
+    async def run() -> None:
+        acc = DetectionAccumulator()
+        acc.add(*_batch(0, 1000))
+        # Accepted late: slots 900..1099 partly collected already; they move to the sample.
+        done = acc.open_window(TrackingWindow(900, 1100))
+        acc.add(*_batch(1000, 1050))
+        assert not done.done()
+        acc.add(*_batch(1050, 3000))
+        assert done.done()
+        slots, chans = done.result()
+        assert slots.tolist() == list(range(900, 1100))
+        assert chans.tolist() == [s % 4 for s in range(900, 1100)]
+        # late detections of a closed window are dropped, never keyed
+        acc.add(np.array([950, 3000], dtype=np.int64), np.array([1, 2], dtype=np.int8))
+        block = acc.cut(1500)
+        assert block is not None
+        bs, _ = block
+        assert not np.any((bs >= 900) & (bs < 1100))
+        assert bs.size >= 1500 and np.all(np.diff(bs) >= 0)
+        assert acc.diverted == 200
+
+    asyncio.run(run())
+
+
+def test_window_inside_a_block_already_cut_is_refused() -> None:
+    async def run() -> None:
+        acc = DetectionAccumulator()
+        acc.add(*_batch(0, 2000))
+        assert acc.cut(1000) is not None
+        with pytest.raises(TrackingError, match="already cut"):
+            acc.open_window(TrackingWindow(500, 600))
+        done = acc.open_window(TrackingWindow(1000, 1010))
+        with pytest.raises(TrackingError, match="overlaps"):
+            acc.open_window(TrackingWindow(1005, 1020))
+        acc.add(*_batch(2000, 2100))
+        assert done.result()[0].tolist() == list(range(1000, 1010))
+
+    asyncio.run(run())
+
+
+def test_abandoned_window_stays_excluded() -> None:
+    async def run() -> None:
+        acc = DetectionAccumulator()
+        done = acc.open_window(TrackingWindow(100, 200))
+        acc.abandon(done)
+        acc.add(*_batch(0, 400))
+        block = acc.cut(10)
+        assert block is not None
+        assert not np.any((block[0] >= 100) & (block[0] < 200))
+        assert not done.done()
+
+    asyncio.run(run())
+
+
+def test_cut_keeps_the_clicks_of_one_slot_together() -> None:
+    async def run() -> None:
+        acc = DetectionAccumulator()
+        s = np.array([1, 2, 2, 3, 4, 4, 5], dtype=np.int64)
+        acc.add(s, np.zeros(7, dtype=np.int8))
+        block = acc.cut(3)  # the 3rd detection is in slot 2, whose 2 clicks stay together
+        assert block is not None and block[0].tolist() == [1, 2, 2]
+        rest = acc.cut(4)
+        assert rest is not None and rest[0].tolist() == [3, 4, 4, 5]
+
+    asyncio.run(run())
+
+
+def test_transmitter_refuses_a_block_announcing_a_window_slot() -> None:
+    floor = KeySlotFloor(100)
+    floor.withhold(500, 600)
+    with pytest.raises(SiftingError, match="tracking window"):
+        floor.claim(np.array([200, 300, 599, 700], dtype=np.int64))
+    assert floor.floor == 100  # a refused announcement moves nothing
+    floor.claim(np.array([200, 499, 600, 700], dtype=np.int64))  # around the window: fine
+    assert floor.floor == 701
+    assert floor.withheld == []  # below the floor now: forgotten
+    floor.withhold(800, 900)
+    with pytest.raises(SiftingError, match="tracking window"):
+        floor.claim(np.array([800], dtype=np.int64))
