@@ -394,6 +394,19 @@ class StateSource(Instrument):
         """The first slot not yet prepared: a setting changed now applies from here on."""
 
     @abc.abstractmethod
+    def class_probabilities(self) -> tuple[float, float, float]:
+        """``(p_signal, p_decoy, p_basis_z)`` of the key states prepared from now on (the
+        vacuum class has ``1 - p_signal - p_decoy``)."""
+
+    @abc.abstractmethod
+    def set_class_probabilities(self, p_signal: float, p_decoy: float, p_basis_z: float) -> int:
+        """Draw intensity classes and bases with these probabilities from the returned
+        slot on (earlier slots keep theirs: :meth:`prepared` answers for every slot with
+        the probabilities in force there). Raises :class:`drivers.errors.OutOfRangeError` unless
+        ``0 < p_signal``, ``0 <= p_decoy``, ``p_signal + p_decoy <= 1`` and
+        ``0 < p_basis_z < 1``."""
+
+    @abc.abstractmethod
     def set_sync_pattern(self, public_seed: int | None) -> int:
         """Emit the public synchronization pattern (``public_seed``) or, with None, random
         key states again. Returns the first slot index the change applies to.

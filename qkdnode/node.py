@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -638,6 +639,11 @@ class Node(DaemonBase):
             "stats": self.stats.as_dict(),
             "keystore": self.session.keystore_counts() if self.session else {},
             **self.key_flow_status(),
+            "settings": (
+                dataclasses.asdict(self.session.settings)
+                if self.session is not None and self.role == "transmitter"
+                else None
+            ),
         }
 
     async def _cmd_alarms(self, content: dict[str, Any], caller: CallerInfo) -> dict[str, Any]:

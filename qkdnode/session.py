@@ -14,6 +14,7 @@ import contextlib
 import secrets
 import sqlite3
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -36,6 +37,7 @@ from qkdnode.delivery.keyservice import KeyService
 from qkdnode.keystore.ids import ID_SEED_BYTES
 from qkdnode.link import LinkError, LinkRequest
 from qkdnode.log import bound_context
+from qkdnode.postproc.optimize import Settings
 from qkdnode.postproc.sifting import KeySlotFloor
 from qkdnode.probe_wire import BYTES_PER_DETECTION, ProbeWireError, decode_probe, encode_probe
 from qkdnode.statemachine import Event, State, StateMachine, TransitionRecord
@@ -89,6 +91,13 @@ class ExchangeSession:
         self._advice_task: asyncio.Task[None] | None = None
         #: transmitter: the intensities measured by the last calibration (with intervals)
         self.intensities: MeanPhotonResult | None = None
+        #: transmitter: targets and probabilities in force (from [source] until the
+        #: optimiser's advice is applied at a calibration, protocol.settings = "auto")
+        src = self.cfg.source
+        self.settings = Settings(
+            src.mu_signal, src.mu_decoy, src.p_signal, src.p_decoy, src.p_basis_z
+        )
+        self._advised_settings: Settings | None = None
         #: transmitter: the encoder's measured V_pi (None until measured after lock)
         self.encoder_v_pi: EncoderVPiResult | None = None
         self._block_results: asyncio.Queue[dict[str, Any]] = asyncio.Queue(64)
@@ -341,6 +350,21 @@ class ExchangeSession:
         im: IntensityModulator = self._one(IntensityModulator)
         voa: VariableAttenuator = self._one(VariableAttenuator)
         meter: OpticalPowerMeter = self._one(OpticalPowerMeter)
+        if self._advised_settings is not None and self.cfg.protocol.settings == "auto":
+            old = self.settings
+            self.settings, self._advised_settings = self._advised_settings, None
+            log.info(
+                "settings_applied",
+                **{f"{k}_from": round(v, 4) for k, v in asdict(old).items()},
+                **{k: round(v, 4) for k, v in asdict(self.settings).items()},
+            )
+        st = self.settings
+        stsrc: StateSource = self._one(StateSource)
+        first = await self._call(
+            stsrc.set_class_probabilities, st.p_signal, st.p_decoy, st.p_basis_z
+        )
+        # No block may mix states drawn with different probabilities.
+        self.key_slots.key_states_from(int(first))
         await self._call(laser.set_wavelength_nm, src.wavelength_nm)
         await self.set_light(True)
         self._progress("calibration", step="modulator_transfer", status="started")
@@ -354,8 +378,8 @@ class ExchangeSession:
             voa,
             meter,
             mod,
-            mu_signal=src.mu_signal,
-            mu_decoy=src.mu_decoy,
+            mu_signal=st.mu_signal,
+            mu_decoy=st.mu_decoy,
             slot_rate_hz=src.slot_rate_hz,
             cfg=MeanPhotonConfig(
                 tap_to_output_db=cal.tap_to_output_db,
@@ -674,17 +698,17 @@ class ExchangeSession:
         and needs the intensities for nothing."""
         from qkdnode.postproc.params import PostprocParams
 
-        src, proto = self.cfg.source, self.cfg.protocol
+        proto, st = self.cfg.protocol, self.settings
         common = {
             "eps_sec": proto.eps_sec,
             "eps_cor": proto.eps_cor,
             "qber_abort": proto.qber_abort,
-            "p_signal": src.p_signal,
-            "p_decoy": src.p_decoy,
-            "p_basis_z": src.p_basis_z,
+            "p_signal": st.p_signal,
+            "p_decoy": st.p_decoy,
+            "p_basis_z": st.p_basis_z,
         }
         if self.role == "receiver":
-            return PostprocParams(mu_signal=src.mu_signal, mu_decoy=src.mu_decoy, **common)
+            return PostprocParams(mu_signal=st.mu_signal, mu_decoy=st.mu_decoy, **common)
         m = self.intensities
         if m is None or m.signal.mu is None or m.decoy.mu is None:
             raise LinkError("the intensities are not measured: calibrate first")
@@ -830,14 +854,14 @@ class ExchangeSession:
         per_class = block.get("detections_per_class")
         if m is None or not isinstance(per_class, list) or len(per_class) != 3:
             return
-        src = self.cfg.source
+        src, st = self.cfg.source, self.settings
         try:
             link = fit_link(
                 BlockObservation(
                     pulses=pulses,
                     detections_per_class=(int(per_class[0]), int(per_class[1]), int(per_class[2])),
                     mu=(m.signal.mu_or_upper, m.decoy.mu_or_upper, m.vacuum.mu_or_upper),
-                    p_class=(src.p_signal, src.p_decoy, 1.0 - src.p_signal - src.p_decoy),
+                    p_class=(st.p_signal, st.p_decoy, st.p_vacuum),
                     qber_z=float(block.get("qber_z") or block.get("qber_x") or 0.0),
                     rx_basis_z_fraction=float(block.get("rx_basis_z_fraction") or 0.5),
                     slot_rate_hz=src.slot_rate_hz,
@@ -860,17 +884,39 @@ class ExchangeSession:
         self._advice_task = asyncio.get_running_loop().create_task(self._advice_for(link))
 
     async def _advice_for(self, link: Any) -> None:
-        from qkdnode.postproc.optimize import OptimizeError, required_block
+        """Transmitter, in a thread: the block size the bound needs on ``link`` (sent to the
+        receiver, capped at ``protocol.block_detections``) and the settings that maximise
+        the finite-key rate of that block (applied at the next calibration with
+        ``protocol.settings = "auto"``)."""
+        from qkdnode.postproc.finitekey import Interval
+        from qkdnode.postproc.optimize import (
+            Detections,
+            OptimizeError,
+            SourceModel,
+            expected_key,
+            optimize_settings,
+            required_block,
+        )
 
         proto = self.cfg.protocol
+        m = self.intensities
+        vacuum = Interval(m.vacuum.lower, m.vacuum.upper) if m is not None else Interval.point(0.0)
+        source = SourceModel(mu_vacuum=vacuum)
         try:
-            advice = await asyncio.to_thread(required_block, link, fraction=0.9)
+            advice = await asyncio.to_thread(required_block, link, fraction=0.9, source=source)
+            block = Detections(min(advice.detections, proto.block_detections))
+            best = await asyncio.to_thread(
+                optimize_settings, link, block, source=source, start=self.settings
+            )
+            now = await asyncio.to_thread(expected_key, link, self.settings, block, source=source)
         except (OptimizeError, ValueError, ArithmeticError) as exc:
-            # Advice only: the receiver keeps its block size.
+            # Advice only: the receiver keeps its block size, the settings stay.
             log.warning("block_advice_failed", error=f"{type(exc).__name__}: {exc}")
             return
-        self._advised_block = int(min(advice.detections, proto.block_detections))
-        st = advice.optimum.settings
+        self._advised_block = int(block.count)
+        st = best.settings
+        if best.bits_per_pulse > 1.02 * now.bits_per_pulse:
+            self._advised_settings = st
         log.info(
             "link_measured",
             transmittance=link.transmittance,
@@ -883,6 +929,10 @@ class ExchangeSession:
             advised_p_signal=round(st.p_signal, 4),
             advised_p_decoy=round(st.p_decoy, 4),
             advised_p_basis_z=round(st.p_basis_z, 4),
+            expected_bits_per_pulse_advised=best.bits_per_pulse,
+            expected_bits_per_pulse_now=now.bits_per_pulse,
+            applied_at_next_calibration=self._advised_settings is not None
+            and proto.settings == "auto",
             seconds=round(advice.seconds, 3),
         )
 
@@ -1145,7 +1195,11 @@ class ExchangeSession:
             reply = await self.node.link.request(step, 60.0, block_id=block_id)
         except LinkError as exc:
             log.warning("block_commit_unconfirmed", block_id=block_id, error=str(exc))
-            return  # stays PENDING here; key-ID sync decides after reconnect
+            # Stays PENDING here, perhaps committed there: no key is served on either node
+            # until the key-ID sync (retried every few seconds) has settled the block.
+            if self.keys is not None:
+                self.keys.out_of_step(f"block {block_id} commit unconfirmed")
+            return
         if stored and reply.get("committed"):
             await asyncio.to_thread(self.keystore.commit_block, block_id)
             self.node.keyflow.block_committed()
@@ -1294,8 +1348,8 @@ class ExchangeSession:
         m = self.intensities
         if m is None:
             return
-        src = self.cfg.source
-        expected = m.mix_power_w(src.p_signal, src.p_decoy, 1.0 - src.p_signal - src.p_decoy)
+        st = self.settings
+        expected = m.mix_power_w(st.p_signal, st.p_decoy, st.p_vacuum)
         from qkdnode.procedures.modulator import read_power
 
         meter: OpticalPowerMeter = self._one(OpticalPowerMeter)
@@ -1336,8 +1390,18 @@ class ExchangeSession:
         return max(1.0, 0.05 * self._locked_rate_hz)
 
     async def _light_gone(self) -> bool:
-        rates = [await self._call(d.count_rate_hz) for d in self._detectors()]
-        return bool(sum(rates) < self._no_light_threshold_hz())
+        """Receiver, when the slot tracking lost the clock: is the light gone (FAULT), or
+        only the lock (synchronise again)? Gone only if every reading of the detectors'
+        count rates for ``ZERO_RATE_FAULT_S`` (one a second) stays below the threshold: a
+        moment without counts (a busy host, a stalled reader) is not a fiber cut."""
+        deadline = time.monotonic() + ZERO_RATE_FAULT_S
+        while True:
+            rates = [await self._call(d.count_rate_hz) for d in self._detectors()]
+            if sum(rates) >= self._no_light_threshold_hz():
+                return False
+            if time.monotonic() >= deadline:
+                return True
+            await asyncio.sleep(1.0)
 
     async def _fault(self, cause: str, message: str) -> None:
         self._fault_cause = cause

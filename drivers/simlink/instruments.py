@@ -12,6 +12,7 @@ instance of the class's ``options_model`` (validated by the driver registry).
 
 from __future__ import annotations
 
+import math
 import time
 from enum import IntEnum
 from typing import Any, ClassVar
@@ -361,6 +362,26 @@ class SimStateSource(_SimBase, StateSource):
 
     def set_sync_pattern(self, public_seed: int | None) -> int:
         return self._tx("set_sync_pattern").set_sync_pattern(public_seed)
+
+    def class_probabilities(self) -> tuple[float, float, float]:
+        return self._tx("class_probabilities").class_probabilities()
+
+    def set_class_probabilities(self, p_signal: float, p_decoy: float, p_basis_z: float) -> int:
+        values = (float(p_signal), float(p_decoy), float(p_basis_z))
+        if not (
+            all(math.isfinite(v) for v in values)
+            and values[0] > 0
+            and values[1] >= 0
+            and values[0] + values[1] <= 1
+            and 0 < values[2] < 1
+        ):
+            raise OutOfRangeError(
+                self.name,
+                "set_class_probabilities",
+                f"need 0 < p_signal, 0 <= p_decoy, p_signal + p_decoy <= 1, 0 < p_basis_z < 1;"
+                f" got {values}",
+            )
+        return self._tx("set_class_probabilities").set_class_probabilities(*values)
 
     def next_slot(self) -> int:
         return self._tx("next_slot").next_slot

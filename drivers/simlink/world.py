@@ -205,8 +205,11 @@ class TransmitterWorld:
         self.lock = threading.RLock()
         self.chunk_index = 0
         self.faults: dict[str, dict[str, Any]] = {}
-        # (first slot, sync seed or None) in force from that slot on
-        self._sync_history: list[tuple[int, int | None]] = [(0, None)]
+        # (first slot, sync seed or None, (p_signal, p_decoy, p_basis_z)) in force from
+        # that slot on
+        self._sync_history: list[tuple[int, int | None, tuple[float, float, float]]] = [
+            (0, None, (self.source.p_signal, self.source.p_decoy, self.source.p_basis_z))
+        ]
         self.eve_known_slots: list[npt.NDArray[np.int64]] = []
         self.photons_sent = 0
         self.chunks_dropped = 0
@@ -234,19 +237,33 @@ class TransmitterWorld:
     def slot_rate_hz(self) -> float:
         return self.source.slot_rate_hz
 
+    def _regime_from_next_slot(self, seed: int | None, probs: tuple[float, float, float]) -> int:
+        start = self.next_slot
+        if self._sync_history[-1][0] == start:
+            self._sync_history[-1] = (start, seed, probs)
+        else:
+            self._sync_history.append((start, seed, probs))
+        return start
+
     def set_sync_pattern(self, public_seed: int | None) -> int:
         """Switch to/from the public sync pattern from the next chunk on; returns its first slot."""
         with self.lock:
-            start = self.next_slot
-            if self._sync_history[-1][0] == start:
-                self._sync_history[-1] = (start, public_seed)
-            else:
-                self._sync_history.append((start, public_seed))
-            return start
+            return self._regime_from_next_slot(public_seed, self._sync_history[-1][2])
+
+    def class_probabilities(self) -> tuple[float, float, float]:
+        with self.lock:
+            return self._sync_history[-1][2]
+
+    def set_class_probabilities(self, p_signal: float, p_decoy: float, p_basis_z: float) -> int:
+        """New class and basis probabilities from the next chunk on; returns its first slot."""
+        with self.lock:
+            return self._regime_from_next_slot(
+                self._sync_history[-1][1], (float(p_signal), float(p_decoy), float(p_basis_z))
+            )
 
     def sync_seed_at(self, slot: int) -> int | None:
         with self.lock:
-            for first, seed in reversed(self._sync_history):
+            for first, seed, _ in reversed(self._sync_history):
                 if slot >= first:
                     return seed
         return None
@@ -261,15 +278,15 @@ class TransmitterWorld:
         intensity = np.empty(slots.shape, np.uint8)
         firsts = np.array([h[0] for h in history], dtype=np.int64)
         regime = np.searchsorted(firsts, slots, side="right") - 1
-        for r, (_, seed) in enumerate(history):
+        for r, (_, seed, (p_signal, p_decoy, p_basis_z)) in enumerate(history):
             sel = regime == r
             if sel.any():
                 b, t, i = slot_choices(
                     self._key,
                     slots[sel],
-                    p_signal=self.source.p_signal,
-                    p_decoy=self.source.p_decoy,
-                    p_basis_z=self.source.p_basis_z,
+                    p_signal=p_signal,
+                    p_decoy=p_decoy,
+                    p_basis_z=p_basis_z,
                     sync_seed=seed,
                 )
                 basis[sel], bit[sel], intensity[sel] = b, t, i
@@ -290,9 +307,9 @@ class TransmitterWorld:
             fraction = float(eve.get("fraction", 1.0)) if eve else self._eve_fraction
             return EmissionSettings(
                 mu_per_class=self.optics.mu_per_class(self.hardware, self.source.slot_rate_hz),
-                p_signal=self.source.p_signal,
-                p_decoy=self.source.p_decoy,
-                p_basis_z=self.source.p_basis_z,
+                p_signal=self._sync_history[-1][2][0],
+                p_decoy=self._sync_history[-1][2][1],
+                p_basis_z=self._sync_history[-1][2][2],
                 transmittance=transmittance,
                 state_angle_rad=(
                     angles[0] + step,
@@ -307,7 +324,8 @@ class TransmitterWorld:
 
     def power_meter_w(self, rng: np.random.Generator) -> float:
         with self.lock:
-            p_class = (self.source.p_signal, self.source.p_decoy, self.source.p_vacuum)
+            p_s, p_d, _ = self._sync_history[-1][2]
+            p_class = (p_s, p_d, max(0.0, 1.0 - p_s - p_d))
             true_w = self.optics.meter_power_w(self.hardware, p_class)
         return true_w + float(rng.normal(0.0, self.hardware.power_meter_noise_w))
 

@@ -228,6 +228,13 @@ class ProtocolSection(Section):
         "(the transmitter advises, the receiver clamps to block_detections); fixed: always "
         "block_detections",
     )
+    settings: Literal["auto", "fixed"] = Field(
+        "auto",
+        description="transmitter: auto: after a block has measured the link, the settings "
+        "that maximise the finite-key rate of the next block size (signal and decoy mean "
+        "photon numbers, class and basis probabilities) replace [source]'s at the next "
+        "calibration; fixed: always [source]'s",
+    )
     max_block_seconds: float = Field(
         300.0,
         gt=0,

@@ -106,6 +106,12 @@ class KeyService:
 
     def peer_lost(self, reason: str) -> None:
         """The peer went away or restarted: refuse key requests until the next sync."""
+        self.out_of_step(reason)
+
+    def out_of_step(self, reason: str) -> None:
+        """The two stores may disagree (peer lost, a block commit not confirmed): refuse key
+        requests and activations until the next key-ID sync (the transmitter retries it
+        every few seconds) has made them agree again."""
         if self._in_step:
             log.info("keyservice.out_of_step", reason=reason)
         self._in_step = False

@@ -28,6 +28,7 @@ from typing import IO, Any
 
 import structlog
 
+from drivers.simlink.params import LinkParams
 from qkdnode.demo.compare import link_theory
 from qkdnode.demo.config import DemoConfig
 from qkdnode.demo.nodeconfig import CurveKeys, NodeFiles, write_node_configs
@@ -410,8 +411,38 @@ class DemoRunner:
             timeout,
         )
         wall, stats = self._exchange()
+        # The stores are compared as a consumer would use them: once the key-ID sync has
+        # settled any block whose commit was not confirmed (until then neither node
+        # serves a key). A pair that never gets there is compared anyway, and differs.
+        self.report.step("waiting for the key-ID sync")
+        try:
+            self._wait(
+                "key-ID sync",
+                lambda a, b: (
+                    a.get("delivery_in_step") is True and b.get("delivery_in_step") is True
+                ),
+                timeout,
+            )
+        except DemoError as exc:
+            self.report.step(f"comparing the stores anyway: {exc}")
         digests = {d.name: d.call("keys.digest", timeout_s=timeout) for d in (tx, rx)}
         return wall, stats, digests
+
+    def _link_as_run(self) -> LinkParams:
+        """The simulated link with the settings the transmitter had in force at the end
+        (its status ``settings``: the optimiser's, once a calibration applied them), so
+        that theory describes the protocol that ran."""
+        link = self.cfg.link
+        used = (self.last.get("alice") or {}).get("settings")
+        if not isinstance(used, dict):
+            return link
+        update = {
+            k: float(v)
+            for k, v in used.items()
+            if k in ("mu_signal", "mu_decoy", "p_signal", "p_decoy", "p_basis_z")
+            and isinstance(v, int | float)
+        }
+        return link.model_copy(update={"source": link.source.model_copy(update=update)})
 
     def run(self) -> DemoSummary:
         """Run the demo and return its summary (failures are in ``summary.failure``).
@@ -448,7 +479,7 @@ class DemoRunner:
                 exit_codes[d.name] = d.terminate()
         if failure is not None:
             self.report.step(f"failed: {failure}")
-        theory = link_theory(cfg.link, cfg.protocol)
+        theory = link_theory(self._link_as_run(), cfg.protocol)
         eve = cfg.link.eve
         return build_summary(
             stats=stats,

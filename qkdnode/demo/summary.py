@@ -87,9 +87,20 @@ class DemoSummary(BaseModel):
     key_count: dict[str, int]
     blocks_ok: int
     blocks_aborted: int
-    theory_secret_bits_per_pulse: float | None
+    theory_secret_bits_per_pulse: float | None = Field(
+        description="asymptotic decoy-state rate with infinitely many decoys (GLLP), the "
+        "link's truths and the run's settings"
+    )
+    theory_three_intensity_bits_per_pulse: float | None = Field(
+        None,
+        description="asymptotic rate of the protocol the nodes run: the same three "
+        "intensities, bounded by the same decoy analysis with exact counts",
+    )
     plob_bits_per_pulse: float | None
-    ratio_to_theory: float | None
+    ratio_to_theory: float | None = Field(description="secret bits per pulse over the GLLP rate")
+    ratio_to_protocol: float | None = Field(
+        None, description="secret bits per pulse over the three-intensity asymptotic rate"
+    )
     below_plob: bool | None
     transmittance: float | None
     eve: str | None
@@ -156,6 +167,7 @@ def build_summary(
     shas = {str(d.get("sha256", "")) for d in digests.values()}
     keys_identical = len(digests) == 2 and len(shas) == 1 and len(set(counts.values())) == 1
     theory_rate = theory.get("secret_bits_per_pulse")
+    three = theory.get("three_intensity_bits_per_pulse")
     plob = theory.get("plob_bits_per_pulse")
     ratio = per_pulse / theory_rate if theory_rate else None
     below_plob = per_pulse <= plob if plob is not None else None
@@ -189,8 +201,10 @@ def build_summary(
         blocks_ok=stats.blocks_ok,
         blocks_aborted=stats.blocks_aborted,
         theory_secret_bits_per_pulse=theory_rate,
+        theory_three_intensity_bits_per_pulse=three,
         plob_bits_per_pulse=plob,
         ratio_to_theory=ratio,
+        ratio_to_protocol=per_pulse / three if three else None,
         below_plob=below_plob,
         transmittance=theory.get("transmittance"),
         eve=eve,
@@ -265,6 +279,12 @@ def format_summary(s: DemoSummary) -> str:
         )
     else:
         lines.append("  theory (GLLP)     " + (s.theory_note or "unavailable"))
+    if s.theory_three_intensity_bits_per_pulse is not None:
+        lines.append(
+            f"  same protocol     {s.theory_three_intensity_bits_per_pulse:>16.3e}   ratio "
+            + ("-" if s.ratio_to_protocol is None else f"{s.ratio_to_protocol:.2f}")
+            + "   (three intensities, infinite blocks)"
+        )
     if s.plob_bits_per_pulse is not None:
         lines.append(
             f"  PLOB bound        {s.plob_bits_per_pulse:>16.3e}   "

@@ -31,6 +31,8 @@ CSV_COLUMNS: tuple[str, ...] = (
     "secret_bits_per_pulse",
     "theory_secret_bits_per_pulse",
     "ratio_to_theory",
+    "theory_three_intensity_bits_per_pulse",
+    "ratio_to_protocol",
     "plob_bits_per_pulse",
     "blocks_ok",
     "blocks_aborted",

@@ -177,7 +177,8 @@ class KeySlotFloor:
     it learns over the pair-coordination channel, which is not authenticated
     information-theoretically; this floor is kept by the transmitter from its own state
     source and checked against every announcement, so a forged start slot can only make
-    a block abort. The floor only moves up.
+    a block abort. The floor only moves up. Slots disclosed while key flows around them
+    (drift-tracking windows, :meth:`withhold`) are refused wherever they lie.
     """
 
     def __init__(self, first_key_slot: int = 0) -> None:

@@ -59,6 +59,7 @@ def _summary(**over: Any) -> DemoSummary:
         },
         "theory": {
             "secret_bits_per_pulse": 2.0e-3,
+            "three_intensity_bits_per_pulse": 1.6e-3,
             "plob_bits_per_pulse": 0.4,
             "transmittance": 0.25,
         },
@@ -101,6 +102,7 @@ def test_rates_are_computed_from_the_measured_wall_time() -> None:
     assert s.detection_rate_hz == pytest.approx(3_100_000 / 30.0)
     assert s.secret_bits_per_pulse == pytest.approx(900_000 / 750_000_000)
     assert s.ratio_to_theory == pytest.approx((900_000 / 750_000_000) / 2.0e-3)
+    assert s.ratio_to_protocol == pytest.approx((900_000 / 750_000_000) / 1.6e-3)
     assert s.below_plob is True
     assert s.keys_identical and s.ok and s.failure is None
 

@@ -200,3 +200,29 @@ def test_state_source_answers_any_slot_and_follows_sync_pattern(
     assert np.array_equal(src.prepared(slots[:3]).bit, a.bit[:3])  # history kept
     with pytest.raises(OutOfRangeError):
         src.prepared(np.array([-1]))
+
+
+def test_state_source_class_probabilities_change_from_the_returned_slot(
+    tx_world: TransmitterWorld,
+) -> None:
+    from drivers.interfaces import IntensityClass
+
+    src = _connected(si.SimStateSource, "states")
+    before = np.arange(0, 200_000, dtype=np.int64)
+    old = src.prepared(before)
+    tx_world.step()
+    first = src.set_class_probabilities(0.9, 0.05, 0.95)
+    assert first == tx_world.next_slot
+    assert src.class_probabilities() == (0.9, 0.05, 0.95)
+    tx_world.step()
+    after = np.arange(first, first + 200_000, dtype=np.int64)
+    new = src.prepared(after)
+    assert np.mean(new.intensity == IntensityClass.SIGNAL) == pytest.approx(0.9, abs=0.005)
+    assert np.mean(new.intensity == IntensityClass.VACUUM) == pytest.approx(0.05, abs=0.003)
+    assert np.mean(new.basis == 0) == pytest.approx(0.95, abs=0.003)
+    again = src.prepared(before)  # earlier slots keep the probabilities they were drawn with
+    assert np.array_equal(again.intensity, old.intensity)
+    assert np.mean(again.intensity == IntensityClass.SIGNAL) == pytest.approx(0.6, abs=0.005)
+    for bad in ((0.0, 0.1, 0.5), (0.7, 0.4, 0.5), (0.6, 0.2, 1.0), (float("nan"), 0.2, 0.5)):
+        with pytest.raises(OutOfRangeError, match="states: set_class_probabilities"):
+            src.set_class_probabilities(*bad)

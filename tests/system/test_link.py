@@ -233,6 +233,34 @@ def test_fiber_cut_faults_the_receiver_and_the_pair_recovers(live: Pair) -> None
     assert_no_key_from_bad_blocks(p)
 
 
+def test_optimised_settings_are_applied_at_the_next_calibration(live: Pair) -> None:
+    """protocol.settings = "auto": after a block has measured the link, the transmitter's
+    optimiser advises better settings for the block size in use; the next calibration (here
+    forced by a fiber cut) applies them to the intensity targets and the state source, the
+    status shows them, and key flows with them."""
+    p = live
+    wait_new_ok_block(p)
+    advice = [r for r in p.tx.events("link_measured") if r.get("applied_at_next_calibration")]
+    assert advice, p.tx.events("link_measured")
+    mark = log_mark(p.tx)
+    inject(p.tx, "fiber_cut")
+    wait_log(p.rx, log_mark(p.rx), "alarm", DETECT_TIMEOUT_S, alarm="no_light")
+    time.sleep(HOLD_S)
+    clear(p.tx, "fiber_cut")
+    a = wait_new_ok_block(p)
+    applied = new_events(p.tx, mark, "settings_applied")
+    assert applied, "no settings_applied after the recalibration"
+    st = a["settings"]
+    assert st is not None
+    last = applied[-1]
+    for k in ("mu_signal", "mu_decoy", "p_signal", "p_decoy", "p_basis_z"):
+        assert st[k] == pytest.approx(last[k], abs=1e-4), (k, st, last)
+    assert (st["p_signal"], st["p_basis_z"]) != (0.6, 0.8)  # configs/*.sim.toml [source]
+    calibrated = new_events(p.tx, mark, "transmitter_calibrated")
+    assert calibrated and calibrated[-1]["mu_signal"] == pytest.approx(st["mu_signal"], rel=0.05)
+    assert_no_key_from_bad_blocks(p)
+
+
 def test_bright_light_faults_the_receiver_and_the_pair_recovers(live: Pair) -> None:
     p = live
     mark = log_mark(p.rx)
