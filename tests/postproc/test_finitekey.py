@@ -77,6 +77,257 @@ def test_chernoff_is_tighter_than_hoeffding_for_the_decoy_classes() -> None:
     assert hf.phi_z_upper > ch.phi_z_upper > asym.phi_z_upper
 
 
+# --- one Chernoff event per decoy combination ------------------------------------------------
+def _upper(counts: tuple[float, float, float], eps: float) -> tuple[float, float, float]:
+    up = [fk.expectation_upper(c, eps) for c in counts]
+    return up[0], up[1], up[2]
+
+
+@pytest.mark.parametrize("x", [0.0, 2.0, 150.0, 4e4, 1e8])
+def test_combination_without_nuisance_is_the_single_class_bound(x: float) -> None:
+    comb = fk.Combination((0.0, 2.5, 0.0))
+    counts = (7.0, x, 3.0)
+    assert fk.combination_lower(comb, counts, EPS, (0, 0, 0)) == 2.5 * fk.expectation_lower(x, EPS)
+
+
+def test_combination_refuses_bad_input() -> None:
+    with pytest.raises(fk.FiniteKeyError, match="exactly one"):
+        fk.Combination((1.0, 2.0, -1.0))
+    comb = fk.Combination((-1.0, 2.0, -1.0))
+    with pytest.raises(fk.FiniteKeyError, match="eps"):
+        fk.combination_lower(comb, (1.0, 1.0, 1.0), 0.0, (2, 2, 2))
+    with pytest.raises(fk.FiniteKeyError, match="counts"):
+        fk.combination_lower(comb, (1.0, -1.0, 1.0), EPS, (2, 2, 2))
+    with pytest.raises(fk.FiniteKeyError, match="nuisance"):
+        fk.combination_lower(comb, (1.0, 1.0, 1.0), EPS, (math.nan, 2, 2))
+
+
+def test_combination_takes_the_best_lambda() -> None:
+    """The bound holds for every lambda > 0 (module docstring); the one returned is the
+    largest of them: scanning lambda finds nothing better."""
+    weights = (-1.3, 2.6, -5.5)
+    counts = (9e4, 4.7e4, 1.5e3)
+    up = _upper(counts, EPS)
+    best = fk.combination_lower(fk.Combination(weights), counts, EPS, up)
+    beta = math.log(1 / EPS)
+    w_obs = sum(w * c for w, c in zip(weights, counts, strict=True))
+    scanned = []
+    for lam in np.geomspace(1e-5, 1e-1, 400):
+        num = lam * w_obs - beta - up[0] * math.expm1(-lam * 1.3) - up[2] * math.expm1(-lam * 5.5)
+        scanned.append(2.6 * max(0.0, num / math.expm1(lam * 2.6)) - 1.3 * up[0] - 5.5 * up[2])
+    assert max(scanned) <= best + 1e-9 * abs(best)
+    assert max(scanned) >= best - 1e-4 * abs(best)  # and the scan does come close
+
+
+def test_combinations_are_lims_bounds_for_exact_counts() -> None:
+    """With exact counts of a channel (gain Y0 + 1 - e^(-eta mu)) the combinations give Lim
+    et al.'s (A4)-(A6) as the per-class code evaluates them (point intensities, vacuum class
+    dark or leaking)."""
+    rng = np.random.default_rng(4)
+    for _ in range(50):
+        mu3 = float(rng.choice([0.0, rng.uniform(1e-4, 0.01)]))
+        mu2 = float(rng.uniform(0.05, 0.3))
+        mu1 = float(rng.uniform(mu2 + mu3 + 0.05, 0.9))
+        p1, p2 = float(rng.uniform(0.2, 0.6)), float(rng.uniform(0.1, 0.3))
+        src = fk.DecoySource.exact((mu1, mu2, mu3), (p1, p2, 1 - p1 - p2))
+        eta, y0 = 10 ** float(rng.uniform(-4, -1)), 10 ** float(rng.uniform(-7, -4))
+        counts = tuple(
+            1e10 * p * theory.gain(m, eta, y0)
+            for m, p in zip((mu1, mu2, mu3), (p1, p2, 1 - p1 - p2), strict=True)
+        )
+        comb = fk.DecoyCombinations.of(src)
+        s0, s1 = fk._s0_s1(counts, src, EPS, fk.Statistics.NONE)  # type: ignore[arg-type]
+        vacuum = src.tau0_min() * comb.vacuum.observed(counts) / comb.vacuum_den  # type: ignore[arg-type]
+        single = src.tau1_min() * comb.single.observed(counts) / comb.single_den  # type: ignore[arg-type]
+        if vacuum > 0:
+            assert vacuum == pytest.approx(s0, rel=1e-9)
+        if single > 0 and vacuum > 0:
+            assert single == pytest.approx(s1, rel=1e-9)
+
+
+def test_box_weights_are_never_better_than_the_weights_at_the_truth() -> None:
+    """What makes the interval bound valid: at every true point of the box (corners and
+    random points) each weight of the box's combinations is no larger than the true one
+    (the counts are non-negative, so each combination is no larger), each denominator of
+    the lower bounds no smaller, that of the error bound no larger, and the tau's likewise."""
+    rng = np.random.default_rng(5)
+    box = _box(0.04, 3e-3)
+    wide = fk.DecoyCombinations.of(box)
+    corners = [
+        tuple(iv.upper if (c >> k) & 1 else iv.lower for k, iv in enumerate(box.mu))
+        for c in range(8)
+    ]
+    randoms = [tuple(float(rng.uniform(iv.lower, iv.upper)) for iv in box.mu) for _ in range(200)]
+    for mus in corners + randoms:
+        truth = fk.DecoySource.exact(mus, PROBS)  # type: ignore[arg-type]
+        at = fk.DecoyCombinations.of(truth)
+        for name in ("vacuum", "single", "errors"):
+            w_box, w_at = getattr(wide, name).weights, getattr(at, name).weights
+            assert all(b <= a + 1e-12 * abs(a) for b, a in zip(w_box, w_at, strict=True)), name
+        assert wide.vacuum_den >= at.vacuum_den
+        assert wide.single_den >= at.single_den
+        assert wide.errors_den <= at.errors_den
+        assert box.tau0_min() <= truth.tau0_min()
+        assert box.tau1_min() <= truth.tau1_min()
+        assert box.tau1_max() >= truth.tau1_max()
+
+
+# Conditional class probabilities q_k(n) of the decoy analysis and a population of detected
+# pulses with known photon numbers (a long-distance-like mix: many vacuum detections).
+MC_MUS, MC_PROBS = (0.5, 0.22, 0.0), (0.4, 0.45, 0.15)
+MC_PHOTONS = np.array([600, 2500, 450, 70, 10])
+
+
+def _class_given_photons(mus: tuple[float, ...], probs: tuple[float, ...]) -> np.ndarray:
+    n = np.arange(len(MC_PHOTONS))
+    fact = np.array([math.factorial(int(k)) for k in n], dtype=float)
+    joint = np.array([p * np.exp(-m) * m**n / fact for m, p in zip(mus, probs, strict=True)])
+    return joint / joint.sum(axis=0)  # [class, photon number]
+
+
+def test_combination_bounds_hold_for_sampled_class_labels() -> None:
+    """Monte Carlo: photon numbers fixed, class labels drawn independently (the model of the
+    bound), eps = 2 %. The combination's own event, with the nuisance classes at their true
+    expectations, fails in at most eps of the trials (measured: eps / 11 for the
+    single-photon combination, eps / 20 for the errors; with ln(1/eps) halved, more than
+    eps); as used, with the nuisance classes' upper bounds, in at most eps per event. The
+    plug-in value (observed counts, no fluctuation term) fails about half the time."""
+    eps, trials = 0.02, 4000
+    rng = np.random.default_rng(2014)
+    q = _class_given_photons(MC_MUS, MC_PROBS)
+    expected = q @ MC_PHOTONS  # n*_k given the photon numbers
+    truth_counts = (float(expected[0]), float(expected[1]), float(expected[2]))
+    comb = fk.DecoyCombinations.of(fk.DecoySource.exact(MC_MUS, MC_PROBS))
+    names = ("single", "errors")
+    alone = dict.fromkeys(names, 0)
+    as_used = dict.fromkeys(names, 0)
+    plugin = dict.fromkeys(names, 0)
+    for _ in range(trials):
+        labels = sum(rng.multinomial(int(s), q[:, n]) for n, s in enumerate(MC_PHOTONS))
+        counts = (float(labels[0]), float(labels[1]), float(labels[2]))
+        up = _upper(counts, eps)
+        for name in names:
+            c = getattr(comb, name)
+            truth = c.observed(truth_counts)
+            alone[name] += fk.combination_lower(c, counts, eps, truth_counts) > truth
+            as_used[name] += fk.combination_lower(c, counts, eps, up) > truth
+            plugin[name] += c.observed(counts) > truth
+    for name in names:
+        assert alone[name] / trials <= eps, name
+        assert as_used[name] / trials <= (1 + len(getattr(comb, name).nuisance)) * eps, name
+        assert plugin[name] / trials > 0.3, name
+
+
+def _per_class_single_photons(counts: tuple[float, float, float], eps: float) -> float:
+    """The same bound with one Chernoff limit per class (the previous analysis)."""
+    (mu1, mu2, _), (p1, p2, p3) = MC_MUS, MC_PROBS
+    a1 = math.exp(mu1) * fk.expectation_upper(counts[0], eps) / p1
+    a2 = math.exp(mu2) * fk.expectation_lower(counts[1], eps) / p2
+    a3_hi = fk.expectation_upper(counts[2], eps) / p3
+    a3_lo = fk.expectation_lower(counts[2], eps) / p3
+    c = mu2**2 / mu1**2
+    return (a2 - a3_hi - c * (a1 - a3_lo)) / (mu2 * (1 - mu2 / mu1))
+
+
+def test_one_event_per_combination_is_tighter_than_one_per_class() -> None:
+    q = _class_given_photons(MC_MUS, MC_PROBS)
+    expected = q @ (40 * MC_PHOTONS)
+    counts = (float(expected[0]), float(expected[1]), float(expected[2]))
+    comb = fk.DecoyCombinations.of(fk.DecoySource.exact(MC_MUS, MC_PROBS))
+    joint = fk.combination_lower(comb.single, counts, EPS, _upper(counts, EPS)) / comb.single_den
+    per_class = _per_class_single_photons(counts, EPS)
+    exact = comb.single.observed(counts) / comb.single_den
+    assert per_class < joint < exact
+    assert joint - per_class > 0.25 * (exact - per_class)  # a quarter of the gap, at least
+
+
+# --- phase error: random sampling of the single-photon events ---------------------------------
+@pytest.mark.parametrize(("key", "test", "errors"), [(5e4, 5e4, 3.4e3), (2e5, 4e4, 900.0)])
+def test_phase_error_bound_is_tighter_than_lims_gamma(
+    key: float, test: float, errors: float
+) -> None:
+    lam = errors / test
+    ours = fk.phase_error_upper(key, test, errors, 1e-10 / 21)
+    lim = lam + fk.gamma(1e-10, lam, key, test)
+    assert lam < ours < lim
+
+
+def test_phase_error_bound_solves_its_equation_and_is_monotone() -> None:
+    beta = math.log(1 / EPS)
+    phi = fk.phase_error_upper(6e4, 5e4, 3e3, EPS)
+    assert fk._sampling_exponent(phi, 6e4, 5e4, 3e3) == pytest.approx(beta, rel=1e-6)
+    assert fk.phase_error_upper(7e4, 5e4, 3e3, EPS) < phi  # more key events: tighter
+    assert fk.phase_error_upper(6e4, 6e4, 3e3 * 1.2, EPS) < phi  # same rate, more tests
+    assert fk.phase_error_upper(6e4, 5e4, 3.1e3, EPS) > phi  # more errors: looser
+    assert fk.phase_error_upper(6e4, 5e4, 0.0, EPS) > 0
+    assert fk.phase_error_upper(0.0, 5e4, 3e3, EPS) == 0.5
+    assert fk.phase_error_upper(6e4, 5e4, 2.6e4, EPS) == 0.5
+
+
+@pytest.mark.parametrize(("key", "test"), [(300, 200), (1000, 1000), (400, 2500)])
+def test_phase_error_bound_holds_under_random_sampling(key: int, test: int) -> None:
+    """Exact check: N = key + test events of which E carry a phase error, the key events a
+    uniformly random subset (Lim et al.'s sampling). For each E the probability that the
+    key events' error rate exceeds the bound computed from the test events is summed over
+    the hypergeometric law: it stays below eps for every E (at eps = 1e-3)."""
+    eps, total = 1e-3, key + test
+    worst = 0.0
+    for errors in range(0, total // 3, max(1, total // 300)):
+        x = np.arange(max(0, errors - test), min(errors, key) + 1)
+        pmf = stats.hypergeom.pmf(x, total, key, errors)
+        bound = np.array([fk.phase_error_upper(key, test, float(errors - xi), eps) for xi in x])
+        worst = max(worst, float(pmf[x / key > bound].sum()))
+    assert worst <= eps
+    assert worst > eps / 100  # not vacuous: the bound is close to the true tail
+
+
+def test_decoy_bounds_hold_for_sampled_blocks() -> None:
+    """Monte Carlo of whole blocks at the true intensities: per (basis, class, photon number)
+    Poisson detection counts, X errors with e_0 = 1/2, the Z phase errors of the single
+    photons drawn with the single-photon error rate. At eps_sec = 0.4 (each event 0.019)
+    no bound fails in more than its share of eps_sec; the asymptotic estimate of the vacuum
+    detections (observed counts as expectations, exact in expectation when mu3 = 0) fails in
+    about half of the blocks, so the check does see a bound without its fluctuation term."""
+    rng = np.random.default_rng(22307)
+    mus, probs = MC_MUS, MC_PROBS
+    eta, y0, e_d, n_max = 0.02, 2e-4, 0.01, 9
+    n = np.arange(n_max)
+    fact = np.array([math.factorial(int(k)) for k in n], dtype=float)
+    photons = np.array([p * np.exp(-m) * m**n / fact for m, p in zip(mus, probs, strict=True)])
+    yields = 1 - (1 - y0) * (1 - eta) ** n
+    errors = np.where(n == 0, 0.5, (y0 / 2 + e_d * (yields - y0)) / yields)
+    e1 = errors[1]
+    pulses = {"z": 6e7, "x": 3e7}
+    eps_sec, trials = 0.4, 600
+    src = fk.DecoySource.exact(mus, probs)
+    fails = dict.fromkeys(("s_z0", "s_z1", "s_x1", "v_x1", "phi"), 0)
+    plugin_fails = 0
+    for _ in range(trials):
+        cells = {b: rng.poisson(pulses[b] * photons * yields) for b in pulses}
+        errs = rng.binomial(cells["x"], errors)
+        counts = fk.DecoyCounts(
+            tuple(float(c) for c in cells["z"].sum(axis=1)),  # type: ignore[arg-type]
+            tuple(float(c) for c in cells["x"].sum(axis=1)),  # type: ignore[arg-type]
+            tuple(float(c) for c in errs.sum(axis=1)),  # type: ignore[arg-type]
+        )
+        s_z0, s_z1 = cells["z"][:, 0].sum(), cells["z"][:, 1].sum()
+        s_x1, v_x1 = cells["x"][:, 1].sum(), errs[:, 1].sum()
+        phase = rng.binomial(s_z1, e1) / s_z1
+        est = fk.decoy_bounds(counts, src, eps_sec)
+        fails["s_z0"] += est.s_z0_lower > s_z0
+        fails["s_z1"] += est.s_z1_lower > s_z1
+        fails["s_x1"] += est.s_x1_lower > s_x1
+        fails["v_x1"] += est.v_x1_upper < v_x1
+        fails["phi"] += est.phi_z_upper < phase
+        plug = fk.decoy_bounds(counts, src, eps_sec, statistics=fk.Statistics.NONE)
+        plugin_fails += plug.s_z0_lower > s_z0
+    share = eps_sec / fk.EPS_TERMS
+    events = {"s_z0": 1, "s_z1": 3, "s_x1": 3, "v_x1": 2, "phi": 9}
+    for name, count in fails.items():
+        assert count / trials <= events[name] * share, name
+    assert plugin_fails / trials > 0.3
+
+
 # --- intensity intervals ---------------------------------------------------------------------
 NOMINAL = (0.5, 0.1, 0.0)
 PROBS = (0.6, 0.2, 0.2)

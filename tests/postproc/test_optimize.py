@@ -104,14 +104,17 @@ def test_required_block_reaches_the_fraction() -> None:
 def test_one_hour_blocks_reach_close_to_the_asymptotic_distance() -> None:
     """Expected counts of a 1-hour block (9e10 pulses at 25 MHz) on the default link,
     settings optimised at each distance, against infinitely large blocks of the same
-    three-intensity protocol (optimised too).
+    three-intensity protocol (optimised too): the aim is a reach within 10 %.
 
-    Measured: 225.4 km against 253.5 km, i.e. 11.1 % short; the aim of 10 % is not reached.
-    Nearly all of the gap is the statistics of the decoy and vacuum classes (with exact
-    counts the 1-hour reach would be 250 km; dropping the phase-error sampling term gains
-    only 2 km): at 225 km an hour gives about 4.5e5 detections."""
+    Measured (bisection to 1 km, as here): 228.1 km against 250.8 km, 9.0 % short (to
+    0.1 km: 228.7 against 251.2 km, 8.9 %). With one Chernoff limit per class and Lim et
+    al.'s phase-error term the same block reached 224.2 km (10.6 % short). The gain is
+    the one-event-per-combination decoy bound (+4.2 km; the single-photon combination alone
+    +2.9 km) and the phase-error sampling bound (+0.3 km); docs/finite-key.md, section
+    "Reach", has the numbers of every candidate. What remains is the count statistics of
+    the decoy and vacuum classes: with exact counts the reach would be 248.6 km."""
     asymptotic = opt.reach_km(default_link, None, tolerance_km=1.0)
     one_hour = opt.reach_km(default_link, opt.Pulses(25e6 * 3600), tolerance_km=1.0)
     assert 240.0 < asymptotic < 265.0
-    assert one_hour >= 0.87 * asymptotic
+    assert one_hour >= 0.90 * asymptotic
     assert one_hour < asymptotic
