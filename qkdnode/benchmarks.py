@@ -402,6 +402,11 @@ def text_table(report: BenchReport) -> str:
     return "\n".join(lines)
 
 
+#: Everything from this line on in docs/performance.md is hand-written (measurements that
+#: take longer than a benchmark run) and is kept when ``--write-docs`` rewrites the page.
+KEPT_MARKER = "<!-- kept by qkdnode bench --write-docs: hand-written from here on -->"
+
+
 def _md_escape(text: str) -> str:
     return text.replace("|", "\\|")
 

@@ -651,6 +651,8 @@ class ExchangeSession:
         except TimeoutError:
             acc.abandon(done)
             raise LinkError("no detections past the tracking window in 90 s") from None
+        except TrackingError as exc:
+            raise LinkError(str(exc)) from exc
         limit = (self.cfg.bus.max_control_frame_bytes - 1024) // BYTES_PER_DETECTION
         try:
             return encode_probe(slots[:limit], chans[:limit])
@@ -1041,6 +1043,7 @@ class ExchangeSession:
                         await out.put(full)
         finally:
             self._accumulator = None
+            acc.close("the receiver stopped collecting detections")
 
     def _first_block_target(self) -> int:
         """Receiver: detections of the first block: ``protocol.block_detections``, but no

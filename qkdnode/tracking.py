@@ -271,6 +271,14 @@ class DetectionAccumulator:
             self._complete_locked()
         return pending.done
 
+    def close(self, reason: str) -> None:
+        """The exchange ended: every window still waiting fails with ``reason``."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for p in pending:
+            if not p.done.done():
+                p.done.set_exception(TrackingError(reason))
+
     def abandon(self, future: asyncio.Future[tuple[I64, I8]]) -> None:
         """The requester gave up: the window stays excluded from blocks, nothing is sent."""
         with self._lock:

@@ -51,7 +51,14 @@ def register(sub: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from qkdnode.benchmarks import BENCH_MODULES, command_line, markdown, run_all, text_table
+    from qkdnode.benchmarks import (
+        BENCH_MODULES,
+        KEPT_MARKER,
+        command_line,
+        markdown,
+        run_all,
+        text_table,
+    )
     from qkdnode.log import configure_logging
 
     configure_logging("warning", json=False)
@@ -78,7 +85,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.write_docs is not None:
         docs: Path = args.write_docs
         docs.parent.mkdir(parents=True, exist_ok=True)
-        docs.write_text(markdown(report), "utf-8")
+        kept = ""
+        if docs.exists():  # hand-written sections below the marker survive a rewrite
+            old_text = docs.read_text("utf-8")
+            at = old_text.find(KEPT_MARKER)
+            kept = "\n" + old_text[at:] if at >= 0 else ""
+        docs.write_text(markdown(report) + kept, "utf-8")
         print(f"docs: {docs}")
     if report.failed:
         return EXIT_FAILURE

@@ -164,3 +164,14 @@ def test_transmitter_refuses_a_block_announcing_a_window_slot() -> None:
     floor.withhold(800, 900)
     with pytest.raises(SiftingError, match="tracking window"):
         floor.claim(np.array([800], dtype=np.int64))
+
+
+def test_windows_waiting_when_collection_stops_fail_at_once() -> None:
+    async def run() -> None:
+        acc = DetectionAccumulator()
+        done = acc.open_window(TrackingWindow(100, 200))
+        acc.close("stopped")
+        with pytest.raises(TrackingError, match="stopped"):
+            await done
+
+    asyncio.run(run())

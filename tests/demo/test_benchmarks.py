@@ -104,8 +104,12 @@ def test_run_all_collects_skips_and_failures(bench_pkg: str, tmp_path: Path) -> 
 
 
 def test_bench_command_writes_json_and_docs(bench_pkg: str, tmp_path: Path) -> None:
+    from qkdnode.benchmarks import KEPT_MARKER
+
     out_json = tmp_path / "b.json"
     docs = tmp_path / "perf.md"
+    kept = f"{KEPT_MARKER}\n\n## Measured by hand\n\n| a | b |\n"
+    docs.write_text("# stale table\n\n| old | row |\n\n" + kept)
     code = main(
         [
             "bench",
@@ -126,7 +130,9 @@ def test_bench_command_writes_json_and_docs(bench_pkg: str, tmp_path: Path) -> N
     assert [r["name"] for r in data["results"]] == ["sum", "impossible"]
     assert data["quick"] is True
     assert "--quick" in data["command"] or data["command"].startswith("qkdnode")
-    assert "impossible" in docs.read_text()
+    text = docs.read_text()
+    assert "impossible" in text
+    assert "stale table" not in text and text.endswith(kept)  # the hand-written part stays
     # a missed target fails only with --strict; a failing module always fails
     strict = [
         "bench",

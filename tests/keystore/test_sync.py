@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import uuid
 from pathlib import Path
@@ -412,6 +413,50 @@ def test_key_services_release_or_sync_away_an_unconfirmed_activation(tmp_path: P
             assert p.tx.store.digest() == p.rx.store.digest()
             keys = await p.tx.service.issue(M, [S], 1, 256)
             assert part not in {k.key_id for k in keys}
+            got = await p.rx.service.claim(M, S, [k.key_id for k in keys])
+            assert [g.key for g in got] == [k.key for k in keys]
+        finally:
+            await p.tx.service.close()
+            await p.rx.service.close()
+            p.close()
+
+    asyncio.run(main())
+
+
+def test_a_fault_between_the_two_block_commits_blocks_delivery_until_the_stores_agree(
+    tmp_path: Path,
+) -> None:
+    """The receiver committed block 1 and its reply was lost: the transmitter holds the
+    block pending. The transmitter's session then puts its key service out of step (what
+    it does on an unconfirmed commit); no key is served on either node, the receiver's
+    half of block 1 included, until the key-ID sync commits the block on the transmitter
+    too, after which both stores are identical and serve block 1's keys."""
+    from qkdnode.delivery.keyservice import NotInStepError, PeerUnavailableError
+    from qkdnode.keystore.ids import ID_SEED_BYTES
+    from tests.delivery.kme_pair import KmePair
+
+    async def main() -> None:
+        p = KmePair(tmp_path, activation_timeout_s=0.5)
+        try:
+            p.add_blocks(1, keys_per_block=16)
+            await p.sync()
+            block = p.next_block
+            p.next_block += 1
+            data = os.urandom(ID_SEED_BYTES + 16 * 256 // 8)
+            for kme in (p.tx, p.rx):
+                kme.store.add_block(block, data, 256, PROV)
+            p.rx.store.commit_block(block)  # the receiver commits first ...
+            p.tx.service.out_of_step(f"block {block} commit unconfirmed")  # ... reply lost
+            assert p.tx.store.digest() != p.rx.store.digest()
+            with pytest.raises(NotInStepError):
+                await p.tx.service.issue(M, [S], 1, 256)
+            # the receiver is in step but cannot activate anything at the transmitter
+            with pytest.raises(PeerUnavailableError, match="synchronising"):
+                await p.rx.service.issue(S, [M], 1, 256)
+            await p.sync()
+            assert p.tx.store.digest() == p.rx.store.digest()
+            assert p.tx.service.in_step and p.rx.service.in_step
+            keys = await p.tx.service.issue(M, [S], 16, 256)
             got = await p.rx.service.claim(M, S, [k.key_id for k in keys])
             assert [g.key for g in got] == [k.key for k in keys]
         finally:
