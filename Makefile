@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-system soak lint typecheck unit bench venv clean
+.PHONY: demo test test-system soak test-faults lint typecheck unit bench venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,17 @@ SOAK_S ?= 3600
 SOAK_FAULT_S ?= 300
 soak: $(STAMP)
 	$(BIN)/python -m tests.soak.soak --duration $(SOAK_S) --fault-interval $(SOAK_FAULT_S)
+
+# Fault campaign (not part of `make test`): a pair of daemons with ETSI 014 delivery takes
+# FAULTS faults at random moments (schedule from FAULTS_SEED): kills, fiber cut, detector
+# disconnect, frozen peer, disk write errors; checks recovery, key stores and deliveries.
+# Report: table + JSON (last line), also in FAULTS_OUT/report.json (default: a temp dir).
+FAULTS ?= 100
+FAULTS_SEED ?= 1
+FAULTS_OUT ?=
+test-faults: $(STAMP)
+	$(BIN)/python -m tests.faults.campaign --faults $(FAULTS) --seed $(FAULTS_SEED) \
+		$(if $(FAULTS_OUT),--out $(FAULTS_OUT))
 
 bench: $(STAMP)
 	$(BIN)/qkdnode bench

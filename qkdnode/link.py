@@ -85,7 +85,12 @@ class LinkCoordinator:
         fut: asyncio.Future[LinkReply] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
         try:
-            await self._send("link.req", LinkRequest(rid=rid, step=step, args=args).model_dump())
+            try:
+                await self._send(
+                    "link.req", LinkRequest(rid=rid, step=step, args=args).model_dump()
+                )
+            except Exception as exc:  # a peer channel that is down (PeerDisconnected), ...
+                raise LinkError(f"cannot send {step!r} to the peer: {exc}") from exc
             reply = await asyncio.wait_for(fut, timeout_s)
         except TimeoutError:
             raise LinkError(f"peer did not complete {step!r} within {timeout_s:g} s") from None

@@ -482,6 +482,11 @@ class Node(DaemonBase):
             return
         state = reply.get("state")
         producing = reply.get("producing")
+        keys = self.session.keys if self.session is not None else None
+        if self.role == "transmitter" and reply.get("in_step") is False and keys is not None:
+            # The receiver's key service went out of step (a release it could not send,
+            # say): the key-ID sync that the transmitter runs brings both back.
+            keys.out_of_step("the peer's key service is out of step")
         self.keyflow.peer_status(
             str(state) if state is not None else None,
             bool(producing) if isinstance(producing, bool) else None,

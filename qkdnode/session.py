@@ -236,7 +236,11 @@ class ExchangeSession:
         sm = self.node.sm
         step = req.step
         if step == "state":
-            return {"state": sm.state.value, "producing": self.node.auto}
+            return {
+                "state": sm.state.value,
+                "producing": self.node.auto,
+                "in_step": bool(self.keys is not None and self.keys.in_step),
+            }
         if step == "stop":
             if sm.state not in (S.IDLE, S.FAULT, S.SHUTDOWN, S.CONNECTING, S.OFFLINE):
                 await self.node.trigger(Event.STOP, "peer asked to stop")
@@ -786,8 +790,12 @@ class ExchangeSession:
                         detections_per_slot=self._detections_per_slot,
                         lead_slots=int(lead_s * slot_rate),
                     )
-            except (LinkError, TrackingError) as exc:
-                log.warning("drift_tracking_step_failed", error=str(exc)[:200])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # instrument, link or tracking: never ends the exchange
+                log.warning(
+                    "drift_tracking_step_failed", error=f"{type(exc).__name__}: {str(exc)[:200]}"
+                )
                 if "already cut" in str(exc):
                     lead_s = min(2 * lead_s, 2.0)
                 continue

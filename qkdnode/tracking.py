@@ -173,14 +173,22 @@ async def lock_in_step(
             requests.append((window, asyncio.ensure_future(request_window(window))))
             while int(await asyncio.to_thread(source.next_slot)) < window.stop_slot:
                 await asyncio.sleep(poll_s)
+    except BaseException:
+        for _, task in requests:
+            task.cancel()
+        await asyncio.gather(*(task for _, task in requests), return_exceptions=True)
+        raise
     finally:
         await asyncio.to_thread(encoder.set_bias_v, bias_v)
-        if len(requests) < 2:
-            for _, task in requests:
-                task.cancel()
+    # Every request is awaited, even when one fails (no exception left unretrieved).
+    answers = await asyncio.gather(*(task for _, task in requests), return_exceptions=True)
+    for answer in answers:
+        if isinstance(answer, BaseException):
+            raise answer
     rates: list[tuple[float, int]] = []
-    for window, task in requests:
-        slots, channels = await task
+    for (window, _), answer in zip(requests, answers, strict=True):
+        assert not isinstance(answer, BaseException)
+        slots, channels = answer
         inside = (slots >= window.start_slot) & (slots < window.stop_slot)
         if not bool(np.all(inside)):
             raise TrackingError("the receiver's window holds slots outside the window asked for")

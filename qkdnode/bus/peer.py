@@ -370,12 +370,12 @@ class PeerChannel:
         return item
 
     async def _read_loop(self, sock: zmq.asyncio.Socket) -> None:
-        limit = self._bus.max_control_frame_bytes
+        limit = self._bus.max_peer_header_bytes
         while True:
             frames = await sock.recv_multipart()
             identity = frames.pop(0) if self.role == "transmitter" else None
             if not frames or len(frames[0]) > limit:
-                self._bad("header frame missing or over bus.max_control_frame_bytes")
+                self._bad("header frame missing or over bus.max_peer_header_bytes")
                 continue
             try:
                 head = PeerHeader.model_validate_json(frames[0])

@@ -171,6 +171,12 @@ class BusSection(Section):
     clients: list[CurveClient] = Field(default_factory=list)
     max_frame_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     max_control_frame_bytes: int = Field(256 * 1024, ge=1024)
+    max_peer_header_bytes: int = Field(
+        32 * 1024 * 1024,
+        ge=1024,
+        description="largest JSON header frame accepted from the peer node (authenticated "
+        "by CURVE); the key-ID sync summary of a store of a few million keys needs megabytes",
+    )
     client_rate_limit_per_s: float = Field(5000.0, gt=0)
     heartbeat_interval_s: float = Field(1.0, gt=0, le=60)
     heartbeat_liveness: int = Field(

@@ -197,7 +197,12 @@ class KeyService:
         try:
             await self._request("release", 10.0, release=req.model_dump(mode="json"))
         except LinkError as exc:
+            # The peer still reserves keys we erased: the stores disagree until a key-ID
+            # sync, which being out of step makes the transmitter run within seconds
+            # (a fault that keeps the peer connected, a disk error, would otherwise leave
+            # them apart until the next reconnection).
             log.info("keyservice.release_deferred_to_sync", error=str(exc)[:200])
+            self.out_of_step("a release did not reach the peer")
 
     # -- peer side (dec_keys) ---------------------------------------------------------------
     async def claim(

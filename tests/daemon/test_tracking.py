@@ -175,3 +175,23 @@ def test_windows_waiting_when_collection_stops_fail_at_once() -> None:
             await done
 
     asyncio.run(run())
+
+
+def test_a_peer_channel_that_cannot_send_is_a_link_error() -> None:
+    """Callers of the pair coordination handle LinkError (abandon an activation, skip a
+    tracking step); a channel that raises its own error when the peer is gone must not
+    slip past them."""
+    from qkdnode.link import LinkCoordinator, LinkError
+
+    class Gone(RuntimeError):
+        pass
+
+    async def send(kind: str, header: dict[str, object]) -> None:
+        raise Gone("no live peer connection")
+
+    async def run() -> None:
+        link = LinkCoordinator(send)
+        with pytest.raises(LinkError, match="no live peer connection"):
+            await link.request("track", 1.0, start_slot=1, stop_slot=2)
+
+    asyncio.run(run())
