@@ -46,6 +46,7 @@ from qkdnode.tracking import (
     TrackingError,
     TrackingWindow,
     lock_in_step,
+    step_interval_s,
 )
 
 if TYPE_CHECKING:
@@ -769,7 +770,8 @@ class ExchangeSession:
                 raise LinkError(str(exc)) from exc
 
         while True:
-            await asyncio.sleep(cfg.interval_s)
+            rate_hz = self._detections_per_slot * slot_rate
+            await asyncio.sleep(step_interval_s(cfg, rate_hz))
             if self._detections_per_slot <= 0:
                 continue
             v_pi = (

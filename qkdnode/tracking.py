@@ -55,6 +55,7 @@ __all__ = [
     "lock_in_step",
     "merge_sorted",
     "next_bias_v",
+    "step_interval_s",
 ]
 
 I64 = npt.NDArray[np.int64]
@@ -129,6 +130,16 @@ def next_bias_v(
     offset = bias_offset_v(q_plus, q_minus, dither_v=dither_v, v_pi_v=v_pi_v, amplitude=amplitude)
     step = max(-max_step_v, min(max_step_v, -gain * offset))
     return offset, bias_v + step
+
+
+def step_interval_s(cfg: TrackingSection, detections_per_s: float) -> float:
+    """Seconds between lock-in steps: ``cfg.interval_s``, or longer where two windows of
+    ``cfg.window_detections`` would be more than ``cfg.max_disclosed_fraction`` of the
+    detections of one interval (a slow link drifts no faster, it only has fewer counts)."""
+    if detections_per_s <= 0:
+        return cfg.interval_s
+    by_share = 2 * cfg.window_detections / (cfg.max_disclosed_fraction * detections_per_s)
+    return max(cfg.interval_s, by_share)
 
 
 #: Fewer sifted detections than this in a window: no step (the estimate would be noise).

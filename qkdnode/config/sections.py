@@ -277,6 +277,13 @@ class TrackingSection(Section):
         le=200_000,
         description="detections disclosed per window (two windows per step); they never carry key",
     )
+    max_disclosed_fraction: float = Field(
+        0.02,
+        gt=0,
+        le=0.5,
+        description="at most this share of the detections goes to windows: on a slow link the "
+        "steps are spaced further apart than interval_s",
+    )
     dither_fraction: float = Field(
         0.03, gt=0, le=0.2, description="bias dither during a window, as a fraction of V_pi"
     )

@@ -169,10 +169,11 @@ def _classes(inputs: TheoryInputs) -> list[tuple[float, float]]:
     ]
 
 
-# The three calls below are the only places that know the theory module's API.
-def _rate_exact_decoy(theory: Any, inputs: TheoryInputs) -> float:
+# The calls below are the only places that know the theory module's API.
+def _rate(theory: Any, inputs: TheoryInputs, formula: str) -> float:
+    """``theory.<formula>`` (a decoy-state rate) on the link and settings of ``inputs``."""
     return float(
-        theory.rate_decoy_biased(
+        getattr(theory, formula)(
             inputs.transmittance,
             inputs.y0,
             inputs.e_d,
@@ -182,20 +183,14 @@ def _rate_exact_decoy(theory: Any, inputs: TheoryInputs) -> float:
             f=inputs.ec_efficiency,
         )
     )
+
+
+def _rate_exact_decoy(theory: Any, inputs: TheoryInputs) -> float:
+    return _rate(theory, inputs, "rate_decoy_biased")
 
 
 def _rate_three_intensity(theory: Any, inputs: TheoryInputs) -> float:
-    return float(
-        theory.rate_decoy_three_intensity(
-            inputs.transmittance,
-            inputs.y0,
-            inputs.e_d,
-            _classes(inputs),
-            p_z_tx=inputs.p_basis_z_tx,
-            p_z_rx=inputs.p_basis_z_rx,
-            f=inputs.ec_efficiency,
-        )
-    )
+    return _rate(theory, inputs, "rate_decoy_three_intensity")
 
 
 def _plob(theory: Any, inputs: TheoryInputs) -> float:

@@ -195,3 +195,16 @@ def test_a_peer_channel_that_cannot_send_is_a_link_error() -> None:
             await link.request("track", 1.0, start_slot=1, stop_slot=2)
 
     asyncio.run(run())
+
+
+def test_steps_are_spaced_so_windows_stay_a_small_share_of_the_detections() -> None:
+    from qkdnode.config.sections import TrackingSection
+    from qkdnode.tracking import step_interval_s
+
+    cfg = TrackingSection()  # 10 s, 2 x 20 000 detections, at most 2 %
+    assert step_interval_s(cfg, 1.2e6) == 10.0  # 25 km: 0.3 % of the detections
+    assert step_interval_s(cfg, 36e3) == pytest.approx(40_000 / (0.02 * 36e3))  # 100 km
+    assert step_interval_s(cfg, 0.0) == 10.0
+    for rate in (1e4, 3e4, 1e5, 1e6, 1e7):
+        seconds = step_interval_s(cfg, rate)
+        assert 2 * cfg.window_detections <= 0.02 * rate * seconds * (1 + 1e-12)
