@@ -13,10 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
+import os
 import signal
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +40,101 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 
 
+#: After the safe shutdown, how long worker threads (instrument calls, computations) may
+#: take to finish before the process exits without them (seconds).
+WORKER_EXIT_GRACE_S = 10.0
+
+
 def run_daemon(cfg: NodeConfig, config_path: str) -> int:
-    """Run the node until it is told to stop. Returns the process exit code."""
+    """Run the node until it is told to stop. Returns the process exit code.
+
+    The event loop's worker threads get :data:`WORKER_EXIT_GRACE_S` to finish once the
+    safe shutdown is done; a thread still blocked then (an instrument call that never
+    returns, a wait on a peer that is gone) is logged with its stack
+    (``worker_threads_stuck``) and the process exits without it, so a stop never hangs.
+    The hardware is already safe at that point: the safe state does not wait for them.
+    """
     from qkdnode.node import Node
 
     node = Node(cfg, config_path)
+    workers = ThreadPoolExecutor(thread_name_prefix="qkdnode-worker")
+    loop = asyncio.new_event_loop()
+    loop.set_default_executor(workers)
     try:
-        return asyncio.run(node.main())
+        code = loop.run_until_complete(node.main())
     except KeyboardInterrupt:  # a second Ctrl-C during shutdown
-        return EXIT_FAILURE
+        code = EXIT_FAILURE
+    finally:
+        _cancel_leftovers(loop)
+        loop.close()
+    workers.shutdown(wait=False, cancel_futures=True)
+    stuck = _join_workers(WORKER_EXIT_GRACE_S)
+    if stuck:
+        log.error(
+            "worker_threads_stuck",
+            seconds=WORKER_EXIT_GRACE_S,
+            threads=stuck,
+            note="the process exits without them; the hardware was made safe before",
+        )
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+#: How long one step of the shutdown (cancelled tasks ending, a service closing) may take
+#: before the shutdown goes on without it (seconds).
+STOP_STEP_TIMEOUT_S = 10.0
+
+
+async def settle_cancelled(tasks: list[asyncio.Task[Any]], timeout_s: float, what: str) -> None:
+    """Wait up to ``timeout_s`` for cancelled ``tasks`` to end; the ones that do not are
+    logged with their stacks (``tasks_stuck``) and left behind. Never raises."""
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=timeout_s)
+    for task in tasks:
+        if task.done() and not task.cancelled():
+            task.exception()  # retrieved: a failure at shutdown is not news
+    if pending:
+        stacks = {}
+        for task in pending:
+            out = io.StringIO()
+            task.print_stack(limit=8, file=out)
+            stacks[task.get_name()] = out.getvalue()[-1500:]
+        log.error("tasks_stuck", what=what, seconds=timeout_s, tasks=stacks)
+
+
+def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel tasks still pending after ``main`` (as :func:`asyncio.run` does)."""
+    pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    for task in pending:
+        task.cancel()
+    if pending:
+        with contextlib.suppress(Exception):
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    with contextlib.suppress(Exception):
+        loop.run_until_complete(loop.shutdown_asyncgens())
+
+
+def _join_workers(grace_s: float) -> dict[str, str]:
+    """Wait up to ``grace_s`` for the non-daemon threads; the ones still alive, by name,
+    with the innermost frames of their stacks."""
+    deadline = time.monotonic() + grace_s
+    main = threading.main_thread()
+    for t in threading.enumerate():
+        if t is not main and not t.daemon:
+            t.join(max(0.0, deadline - time.monotonic()))
+    frames = sys._current_frames()
+    stuck: dict[str, str] = {}
+    for t in threading.enumerate():
+        if t is main or t.daemon or not t.is_alive() or t.ident is None:
+            continue
+        frame = frames.get(t.ident)
+        where = traceback.format_stack(frame)[-4:] if frame is not None else []
+        stuck[t.name] = "".join(where).strip()
+    return stuck
 
 
 class DaemonBase:

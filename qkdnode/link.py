@@ -91,7 +91,8 @@ class LinkCoordinator:
                 )
             except Exception as exc:  # a peer channel that is down (PeerDisconnected), ...
                 raise LinkError(f"cannot send {step!r} to the peer: {exc}") from exc
-            reply = await asyncio.wait_for(fut, timeout_s)
+            async with asyncio.timeout(timeout_s):
+                reply = await fut
         except TimeoutError:
             raise LinkError(f"peer did not complete {step!r} within {timeout_s:g} s") from None
         finally:

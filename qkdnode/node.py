@@ -27,7 +27,7 @@ from qkdnode.bus.keys import resolve_server_secret
 from qkdnode.bus.peer import PeerChannel
 from qkdnode.bus.telemetry import TelemetryPublisher
 from qkdnode.config import NodeConfig
-from qkdnode.daemon import DaemonBase
+from qkdnode.daemon import STOP_STEP_TIMEOUT_S, DaemonBase, settle_cancelled
 from qkdnode.keyflow import KeyFlow, Resources
 from qkdnode.link import LINK_PREFIX, PP_PREFIX, LinkCoordinator, LinkError, LinkRequest
 from qkdnode.postproc.transport import Buffer, TransportError, TransportTimeoutError
@@ -225,9 +225,13 @@ class Node(DaemonBase):
     async def stop_services(self) -> None:
         for t in self._bg:
             t.cancel()
-        await asyncio.gather(*self._bg, return_exceptions=True)
+        await settle_cancelled(self._bg, STOP_STEP_TIMEOUT_S, "background")
         if self.session is not None:
-            await self.session.close()
+            try:
+                async with asyncio.timeout(STOP_STEP_TIMEOUT_S):
+                    await self.session.close()
+            except Exception as exc:
+                log.error("session_close_failed", error=f"{type(exc).__name__}: {exc}")
         for comp in (self.control, self.peer, self.telemetry):
             if comp is not None:
                 with contextlib.suppress(Exception):

@@ -652,7 +652,8 @@ class ExchangeSession:
         except TrackingError as exc:
             raise LinkError(str(exc)) from exc
         try:
-            slots, chans = await asyncio.wait_for(asyncio.shield(done), 90.0)
+            async with asyncio.timeout(90.0):
+                slots, chans = await asyncio.shield(done)
         except TimeoutError:
             acc.abandon(done)
             raise LinkError("no detections past the tracking window in 90 s") from None
@@ -1222,7 +1223,8 @@ class ExchangeSession:
 
     async def _peer_commit(self, step: str, block_id: int) -> dict[str, Any]:
         """Receiver: commit or discard ``block_id`` once our side of it has finished."""
-        await asyncio.wait_for(self._block_event(block_id).wait(), 60.0)
+        async with asyncio.timeout(60.0):
+            await self._block_event(block_id).wait()
         info = await asyncio.to_thread(self.keystore.block_provenance, block_id)
         if info is None:
             return {"committed": False}
@@ -1368,10 +1370,8 @@ class ExchangeSession:
         meter: OpticalPowerMeter = self._one(OpticalPowerMeter)
         readings = 20
         try:
-            reading = (
-                float(await asyncio.wait_for(read_power(meter, readings, 0.0), DRIFT_CHECK_S))
-                - m.zero_w
-            )
+            async with asyncio.timeout(DRIFT_CHECK_S):
+                reading = float(await read_power(meter, readings, 0.0)) - m.zero_w
         except Exception as exc:
             log.warning("intensity_check_failed", error=str(exc))
             return

@@ -244,7 +244,11 @@ class StateMachine:
                 await cond.wait_for(lambda: self.state in states)
                 return self.state
 
-        return await asyncio.wait_for(_wait(), timeout_s)
+        # asyncio.timeout, not asyncio.wait_for: on Python 3.11 wait_for swallows a
+        # cancellation that arrives as the wait completes, and the caller (a supervisor
+        # loop being stopped) would run on.
+        async with asyncio.timeout(timeout_s):
+            return await _wait()
 
     async def close(self) -> None:
         await self._cancel_owned()

@@ -260,7 +260,8 @@ class PeerChannel:
 
     async def wait_connected(self, timeout_s: float) -> None:
         try:
-            await asyncio.wait_for(self._connected.wait(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await self._connected.wait()
         except TimeoutError:
             raise PeerTimeout(f"peer not connected within {timeout_s:g} s") from None
 

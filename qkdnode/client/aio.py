@@ -188,7 +188,8 @@ class AsyncClient:
         timeout = self.timeout_s if timeout_s is None else timeout_s
         try:
             await self._sock.send_multipart([b"", request_bytes(msg_id, command, content, mtype)])
-            return await asyncio.wait_for(fut, timeout)
+            async with asyncio.timeout(timeout):
+                return await fut
         except TimeoutError:
             raise BusTimeout(
                 f"no reply to {command or mtype!r} from {self.endpoint} within {timeout:g} s"

@@ -250,7 +250,8 @@ class KeyService:
     # -- key-ID synchronisation ---------------------------------------------------------------
     async def _drain(self) -> None:
         try:
-            await asyncio.wait_for(self._idle.wait(), DRAIN_TIMEOUT_S)
+            async with asyncio.timeout(DRAIN_TIMEOUT_S):
+                await self._idle.wait()
         except TimeoutError:
             raise LinkError("activations still under way; key-ID sync postponed") from None
 

@@ -142,3 +142,31 @@ def test_an_activity_that_ignores_cancellation_cannot_hold_the_machine(
         await sm.close()
 
     asyncio.run(go())
+
+
+@pytest.mark.parametrize("spins", range(8))
+def test_a_waiter_cancelled_as_its_state_arrives_is_cancelled(spins: int) -> None:
+    """A supervisor loop waits for a state and is cancelled (the daemon stopping) in the
+    same instant the state arrives: the cancellation must end it, whatever the interleaving
+    (``asyncio.wait_for`` on Python 3.11 returned the result and swallowed it, and the
+    daemon never exited)."""
+
+    async def go() -> None:
+        sm = _machine_in(State.CALIBRATING)
+
+        async def supervisor() -> None:
+            while True:  # like the node's supervisor: wait, then go round again
+                await sm.wait_for(State.IDLE, State.SHUTDOWN, timeout_s=60)
+                await asyncio.sleep(0.01)
+
+        task = asyncio.create_task(supervisor())
+        await asyncio.sleep(0)
+        await sm.trigger(Event.SHUTDOWN, "test")
+        for _ in range(spins):
+            await asyncio.sleep(0)
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=2)
+        assert done, "the cancelled waiter is still running"
+        assert task.cancelled()
+
+    asyncio.run(go())
