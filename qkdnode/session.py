@@ -35,6 +35,7 @@ from drivers.interfaces import (
 )
 from qkdnode.delivery.keyservice import KeyService
 from qkdnode.keystore.ids import ID_SEED_BYTES
+from qkdnode.lightloss import LightWatch, Verdict
 from qkdnode.link import LinkError, LinkRequest
 from qkdnode.log import bound_context
 from qkdnode.postproc.optimize import Settings
@@ -57,7 +58,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 S = State
 
-ZERO_RATE_FAULT_S = 3.0
 #: seconds between two checks of the transmitter's output power against its calibration
 DRIFT_CHECK_S = 10.0
 #: the smallest block the node forms (below it the finite-key terms leave nothing)
@@ -110,7 +110,11 @@ class ExchangeSession:
         #: receiver: the block being filled, minus drift-tracking windows (while exchanging)
         self._accumulator: DetectionAccumulator | None = None
         self._store_full = False  # the last block found the key store full
-        self._zero_rate_since: float | None = None
+        #: receiver: clicks per second with the transmitter's light off (calibration)
+        self.dark_rate_hz = 0.0
+        #: receiver: the light-loss test on the tagger stream (while exchanging)
+        self.light_watch: LightWatch | None = None
+        self._warned_insensitive = False
         self._fault_cause: str | None = None
         self.etsi: Any = None
         self._blocks_done: dict[int, asyncio.Event] = {}
@@ -427,7 +431,30 @@ class ExchangeSession:
             publish=self.node.publish,
             wait_integration=self._integration_wait(tagger),
         )
-        self._rx_calibration_summary = {"detector_timing_ok": bool(timing.ok)}
+        self.dark_rate_hz = await self._measure_dark_rate()
+        self._rx_calibration_summary = {
+            "detector_timing_ok": bool(timing.ok),
+            "dark_rate_hz": self.dark_rate_hz,
+        }
+
+    async def _measure_dark_rate(self) -> float:
+        """Receiver, while the transmitter calibrates: the detectors' total click rate
+        with the transmitter's light off (the dark-count floor of the light-loss test).
+        The light is switched on again whatever happens."""
+        seconds = self.cfg.calibration.integration_time_s
+        readings: list[float] = []
+        try:
+            await self.node.link.request("light", 30.0, on=False)
+            # light still in flight (fiber, buffers) must not count as dark
+            await asyncio.sleep(max(1.0, 4 * seconds))
+            for _ in range(5):
+                await asyncio.sleep(seconds)
+                readings.append(sum([await self._call(d.count_rate_hz) for d in self._detectors()]))
+        finally:
+            await self.node.link.request("light", 30.0, on=True)
+        dark = float(np.median(readings))
+        log.info("dark_rate_measured", dark_rate_hz=round(dark, 3))
+        return dark
 
     async def _check_not_latched(self) -> None:
         """Receiver: a detector latched by bright light is a fault, not a failed step."""
@@ -1009,17 +1036,23 @@ class ExchangeSession:
         """Receiver: tags -> (slot, channel) with tracking; hands out full blocks. Detections
         of drift-tracking windows are diverted on the way (:class:`DetectionAccumulator`)."""
         acc = self._accumulator = DetectionAccumulator()
+        watch = self.light_watch = self._new_light_watch()
         last_progress = 0.0
         try:
             while True:
                 block = await asyncio.to_thread(tagger.read_block, 0.5)
-                if block is None or len(block) == 0:
+                if block is None:
+                    continue
+                if watch.add_block(len(block), block.start_ps, block.stop_ps) is Verdict.GONE:
+                    # Not awaited: the fault cancels the exchange task that owns this one.
+                    self._detached(self._fault("no_light", watch.explain()))
+                    return
+                if len(block) == 0:
                     continue
                 mapped, status = await asyncio.to_thread(self.tracker.update, block.tags)
                 if status.lost:
-                    if await self._light_gone():
-                        # Not awaited: the fault cancels the exchange task that owns this one.
-                        self._detached(self._fault("no_light", "count rate collapsed: fiber cut?"))
+                    if await self._light_gone(tagger, watch):
+                        self._detached(self._fault("no_light", watch.explain()))
                         return
                     self.node.alarm(
                         "lock_lost", "timing lock lost", in_window=status.in_window_fraction
@@ -1339,20 +1372,26 @@ class ExchangeSession:
             except Exception as exc:
                 await self._fault("instrument", f"detector unreachable: {exc}")
                 return
-            self.node.publish("rates", {"detector_count_rate_hz": rates})
+            light: dict[str, Any] = {}
+            test = self.light_watch.test() if self.light_watch is not None else None
+            if test is not None:
+                light = {
+                    "reference_rate_hz": test.reference_rate_hz,
+                    "floor_rate_hz": test.floor_rate_hz(),
+                    "dark_rate_hz": test.dark_rate_hz,
+                    "window_s": test.decision_window_s(),
+                    "sensitive": test.sensitive,
+                }
+                if not test.sensitive and not self._warned_insensitive:
+                    self._warned_insensitive = True
+                    log.warning("light_loss_insensitive", **light)
+            self.node.publish("rates", {"detector_count_rate_hz": rates, "light_loss": light})
             if self.node.metrics is not None:
                 names = [n for n, i in self.node.hardware.instruments.items() if i in dets]
                 self.node.metrics.set_detector_rates(dict(zip(names, rates, strict=True)))
             if any(s is DetectorStatus.LATCHED for s in statuses):
                 await self._fault("bright_light", "detector latched: bright light (blinding?)")
                 return
-            if sum(rates) < self._no_light_threshold_hz():
-                now = time.monotonic()
-                self._zero_rate_since = self._zero_rate_since or now
-                if now - self._zero_rate_since > ZERO_RATE_FAULT_S:
-                    await self._fault("no_light", "count rate fell to zero: fiber cut?")
-            else:
-                self._zero_rate_since = None
 
     async def _check_intensity_drift(self) -> None:
         """Transmitter, while exchanging: the power-meter tap sees the key mixture; its
@@ -1397,24 +1436,40 @@ class ExchangeSession:
         """Receiver: total click rate when the exchange started (0 if unknown)."""
         return self._locked_rate_hz
 
-    def _no_light_threshold_hz(self) -> float:
-        """Total click rate below which the light is considered gone: 5 % of the rate
-        when the exchange started (dark counts stay above 1 Hz, so never compare to 0)."""
-        return max(1.0, 0.05 * self._locked_rate_hz)
+    def _new_light_watch(self) -> LightWatch:
+        a = self.cfg.alarms
+        return LightWatch(
+            reference_rate_hz=self._locked_rate_hz,
+            dark_rate_hz=self.dark_rate_hz,
+            fade_floor=a.no_light_fade_floor,
+            false_alarm_probability=a.no_light_false_alarm_probability,
+            window_s=a.no_light_window_s,
+            confirm_windows=a.no_light_confirm_windows,
+        )
 
-    async def _light_gone(self) -> bool:
+    async def _light_gone(self, tagger: TimeTagger, watch: LightWatch) -> bool:
         """Receiver, when the slot tracking lost the clock: is the light gone (FAULT), or
-        only the lock (synchronise again)? Gone only if every reading of the detectors'
-        count rates for ``ZERO_RATE_FAULT_S`` (one a second) stays below the threshold: a
-        moment without counts (a busy host, a stalled reader) is not a fiber cut."""
-        deadline = time.monotonic() + ZERO_RATE_FAULT_S
-        while True:
-            rates = [await self._call(d.count_rate_hz) for d in self._detectors()]
-            if sum(rates) >= self._no_light_threshold_hz():
-                return False
-            if time.monotonic() >= deadline:
+        only the lock (synchronise again)? The tagger stream goes on being counted until
+        the light-loss test confirms the light gone (True) or decides a window with
+        light in it (False). A test still learning its reference rate, or a stream that
+        delivers nothing for the confirmation time, means the lock only: counts that do
+        not arrive are not counted as dark."""
+        test = watch.test()
+        if test is None:
+            return False
+        window_s = test.decision_window_s()
+        deadline = time.monotonic() + window_s * (watch.confirm_windows + 2) + 5.0
+        watch.restart_window()
+        decided = watch.windows_decided
+        while time.monotonic() < deadline:
+            block = await asyncio.to_thread(tagger.read_block, 0.5)
+            if block is None:
+                continue
+            if watch.add_block(len(block), block.start_ps, block.stop_ps) is Verdict.GONE:
                 return True
-            await asyncio.sleep(1.0)
+            if watch.windows_decided > decided and watch.dark_windows == 0:
+                return False
+        return False
 
     async def _fault(self, cause: str, message: str) -> None:
         self._fault_cause = cause
@@ -1478,7 +1533,6 @@ class ExchangeSession:
             except Exception as exc:
                 log.error("recover_failed", instrument=name, error=str(exc))
                 raise LinkError(f"{name} still failing: {exc}") from None
-        self._zero_rate_since = None
         await self.node.sm.trigger(Event.RECOVER, reason)
 
     # ------------------------------------------------------------------ keys

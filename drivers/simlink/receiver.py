@@ -135,6 +135,10 @@ class ReceiverClock:
         self._tagger_frac = adv - whole
         self._true_ps = true_ps
 
+    def step(self, step_ps: int) -> None:
+        """A clock step: tagger time jumps by ``step_ps`` (either sign) from now on."""
+        self._tagger_ps += int(step_ps)
+
     def chunk_mapping(self, chunk_t0_ps: int) -> tuple[float, float, int]:
         """(scale, fraction, base) of the chunk starting at ``chunk_t0_ps``: the tagger
         time of true time ``chunk_t0_ps + rel`` is ``base + floor(rel * scale +

@@ -28,8 +28,10 @@ views of it.
 
 Faults (``inject(fault, **kw)`` / ``clear(fault)``): ``fiber_cut``, ``encoding_drift``
 (``angle_rad``: step of the polarisation reference), ``eve`` (``fraction``, ``mode``),
-``bright_light`` (receiver: detectors latch) and ``detector_disconnect`` (receiver:
-detector drivers raise ConnectionLostError).
+``bright_light`` (receiver: detectors latch), ``detector_disconnect`` (receiver:
+detector drivers raise ConnectionLostError) and ``clock_step`` (receiver, one-shot: the
+time tagger's clock jumps by ``step_ps`` picoseconds, default one microsecond, as when its
+reference clock glitches or is switched; clearing it does nothing).
 """
 
 from __future__ import annotations
@@ -88,7 +90,16 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FAULTS = ("fiber_cut", "encoding_drift", "eve", "bright_light", "detector_disconnect")
+FAULTS = (
+    "fiber_cut",
+    "encoding_drift",
+    "eve",
+    "bright_light",
+    "detector_disconnect",
+    "clock_step",
+)
+#: a clock step without ``step_ps``: one microsecond forward
+DEFAULT_CLOCK_STEP_PS = 1_000_000
 FIBER_PROTOCOL_VERSION = 2
 #: The keys of a fiber batch's header: everything the receiver learns besides the photons.
 FIBER_HEADER_KEYS = frozenset(
@@ -540,6 +551,7 @@ class ReceiverWorld:
         self._blocks: collections.deque[TagBlock] = collections.deque()
         self._buffered = 0
         self._missed = 0
+        self._tag_span_end_ps = 0  # tagger time where the last queued block's span ended
         self._blocks_ready = threading.Condition(self.lock)
         self._ctx = context
         self._own_ctx = context is None
@@ -602,7 +614,10 @@ class ReceiverWorld:
         if fault not in FAULTS:
             raise ValueError(f"receiver world: unknown fault {fault!r} (known: {FAULTS})")
         with self.lock:
-            self.faults[fault] = dict(kw)
+            if fault == "clock_step":
+                self.model.clock.step(int(kw.get("step_ps", DEFAULT_CLOCK_STEP_PS)))
+            else:
+                self.faults[fault] = dict(kw)
             if fault == "bright_light":
                 self.detectors.latched |= self.detectors.armed
         log.warning("simlink fault injected: %s %s", fault, kw)
@@ -660,10 +675,12 @@ class ReceiverWorld:
             self.last_counts = self.model.last_counts
             self.last_duration_s = duration_s
             if self.streaming:
-                self._queue(records)
+                self._queue(records, chunk_t0, self._true_end_ps - chunk_t0)
         return records
 
-    def _queue(self, records: DetectionRecords) -> None:
+    def _queue(self, records: DetectionRecords, chunk_t0_ps: int, duration_ps: int) -> None:
+        """Queue the chunk's tags as one block spanning the chunk's whole duration on the
+        tagger's clock (empty chunks too: a block of no tags over a known span is news)."""
         n = len(records)
         if self._buffered + n > self.max_buffered_tags:
             self._missed += n
@@ -671,8 +688,12 @@ class ReceiverWorld:
         tags = np.empty(n, dtype=TAG_DTYPE)
         tags["channel"] = records.channel
         tags["time_ps"] = records.time_ps
-        start = int(records.time_ps[0]) if n else 0
-        stop = int(records.time_ps[-1]) if n else 0
+        if n:  # the tagger time of the chunk's start: the first tag less its delay in it
+            start = int(records.time_ps[0]) - int(records.true_time_ps[0] - chunk_t0_ps)
+        else:
+            start = self._tag_span_end_ps
+        stop = start + int(duration_ps)
+        self._tag_span_end_ps = stop
         block = TagBlock(
             tags=tags,
             overflow=self._missed > 0,

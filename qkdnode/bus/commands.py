@@ -136,7 +136,9 @@ class KeysGetContent(Content):
 
 
 #: Faults of the simulated link (the same list as ``drivers.simlink.world.FAULTS``).
-SimFault = Literal["fiber_cut", "encoding_drift", "eve", "bright_light", "detector_disconnect"]
+SimFault = Literal[
+    "fiber_cut", "encoding_drift", "eve", "bright_light", "detector_disconnect", "clock_step"
+]
 
 
 class SimInjectContent(Content):
@@ -170,6 +172,13 @@ class SimInjectContent(Content):
     mode: Literal["intercept-resend", "beam-splitting"] | None = Field(
         None, description="eve only: the attack (default intercept-resend)"
     )
+    step_ps: int | None = Field(
+        None,
+        ge=-(10**12),
+        le=10**12,
+        description="clock_step only: jump of the receiver's tagger clock, picoseconds "
+        "(default 1 000 000)",
+    )
 
     @field_validator("angle_rad")
     @classmethod
@@ -183,9 +192,20 @@ class SimInjectContent(Content):
         _only_for(v, info, "eve")
         return v
 
+    @field_validator("step_ps")
+    @classmethod
+    def _step_for_clock(cls, v: int | None, info: ValidationInfo) -> int | None:
+        _only_for(v, info, "clock_step")
+        return v
+
     def fault_parameters(self) -> dict[str, Any]:
         """The parameters given for the fault (those that are not null)."""
-        values = {"angle_rad": self.angle_rad, "fraction": self.fraction, "mode": self.mode}
+        values = {
+            "angle_rad": self.angle_rad,
+            "fraction": self.fraction,
+            "mode": self.mode,
+            "step_ps": self.step_ps,
+        }
         return {k: v for k, v in values.items() if v is not None}
 
 

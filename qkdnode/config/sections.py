@@ -406,6 +406,30 @@ class AlarmsSection(Section):
     calibration_max_age_s: float = Field(
         7 * 86400.0, gt=0, description="calibration_stale: after this long"
     )
+    no_light_fade_floor: float = Field(
+        0.2,
+        gt=0,
+        lt=1,
+        description="no_light: a link whose light falls to this share of its starting click "
+        "rate (dark counts apart) is faded, not cut",
+    )
+    no_light_false_alarm_probability: float = Field(
+        1e-9,
+        ge=1e-15,
+        le=1e-3,
+        description="no_light: probability that one window of a link at its fade floor is "
+        "called dark",
+    )
+    no_light_window_s: float = Field(
+        1.0,
+        ge=0.1,
+        le=10,
+        description="no_light: shortest window of tagger time (lengthened on slow links "
+        "until a cut is seen with probability 1 - 1e-6)",
+    )
+    no_light_confirm_windows: int = Field(
+        2, ge=0, le=10, description="no_light: dark windows in a row after the first"
+    )
 
 
 class MetricsSection(Section):

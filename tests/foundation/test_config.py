@@ -27,6 +27,17 @@ def test_example_configs_validate(path: Path) -> None:
     assert cfg.node.role in ("transmitter", "receiver")
 
 
+@pytest.mark.parametrize(
+    "path",
+    [p for p in EXAMPLES if "demo" in tomllib.loads(p.read_text())],
+    ids=lambda p: p.name,
+)
+def test_example_demo_configs_validate(path: Path) -> None:
+    from qkdnode.demo.config import load_demo_config
+
+    assert load_demo_config(path).link.fiber.length_km > 0
+
+
 def test_error_names_file_key_path_and_value(tmp_path: Path) -> None:
     p = tmp_path / "tx.toml"
     p.write_text(

@@ -169,6 +169,26 @@ def test_detector_delay_gate_faults_and_latch() -> None:
         assert chunk_counts().sum() < 10  # dark counts only
         world.clear("fiber_cut")
 
+        # blocks tile tagger time: each spans its whole chunk, the next starts where it ends
+        while tagger.read_block(0.0) is not None:
+            pass
+        chunk_counts()
+        chunk_counts()
+        first, second = tagger.read_block(1.0), tagger.read_block(1.0)
+        assert first is not None and second is not None
+        chunk_ps = params.chunk_slots / 25e6 * 1e12
+        assert first.stop_ps - first.start_ps == pytest.approx(chunk_ps, rel=1e-3)
+        assert abs(second.start_ps - first.stop_ps) < 1e-3 * chunk_ps
+        assert first.start_ps <= int(first.tags["time_ps"][0])
+        assert int(first.tags["time_ps"][-1]) <= first.stop_ps
+        # a clock step: tagger time jumps by step_ps, once
+        world.inject("clock_step", step_ps=5_000_000)
+        chunk_counts()
+        stepped = tagger.read_block(1.0)
+        assert stepped is not None
+        assert stepped.start_ps - second.stop_ps == pytest.approx(5_000_000, abs=1e-3 * chunk_ps)
+        world.clear("clock_step")  # nothing to end
+
         world.inject("detector_disconnect")
         with pytest.raises(ConnectionLostError, match="spd_h: delay_ps"):
             det.delay_ps()
