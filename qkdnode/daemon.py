@@ -45,8 +45,9 @@ EXIT_FAILURE = 1
 WORKER_EXIT_GRACE_S = 10.0
 
 
-def run_daemon(cfg: NodeConfig, config_path: str) -> int:
-    """Run the node until it is told to stop. Returns the process exit code.
+def run_daemon(daemon: DaemonBase) -> int:
+    """Run ``daemon`` (the node runtime) until it is told to stop. Returns the process
+    exit code.
 
     The event loop's worker threads get :data:`WORKER_EXIT_GRACE_S` to finish once the
     safe shutdown is done; a thread still blocked then (an instrument call that never
@@ -54,14 +55,11 @@ def run_daemon(cfg: NodeConfig, config_path: str) -> int:
     (``worker_threads_stuck``) and the process exits without it, so a stop never hangs.
     The hardware is already safe at that point: the safe state does not wait for them.
     """
-    from qkdnode.node import Node
-
-    node = Node(cfg, config_path)
     workers = ThreadPoolExecutor(thread_name_prefix="qkdnode-worker")
     loop = asyncio.new_event_loop()
     loop.set_default_executor(workers)
     try:
-        code = loop.run_until_complete(node.main())
+        code = loop.run_until_complete(daemon.main())
     except KeyboardInterrupt:  # a second Ctrl-C during shutdown
         code = EXIT_FAILURE
     finally:

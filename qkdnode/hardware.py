@@ -9,8 +9,6 @@ closed). It is called on every exit path of the daemon.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
 from typing import Any, TypeVar
 
 import structlog
@@ -84,10 +82,6 @@ class InstrumentSet:
             log.info(
                 "instrument_connected", instrument=name, driver=sec.driver, identity=inst.identify()
             )
-
-    async def call(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run a blocking driver call in a worker thread."""
-        return await asyncio.to_thread(fn, *args)
 
     def of_type(self, cls: type[InstT]) -> dict[str, InstT]:
         return {n: i for n, i in self.instruments.items() if isinstance(i, cls)}

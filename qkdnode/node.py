@@ -11,8 +11,6 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import structlog
@@ -27,99 +25,20 @@ from qkdnode.bus.keys import resolve_server_secret
 from qkdnode.bus.peer import PeerChannel
 from qkdnode.bus.telemetry import TelemetryPublisher
 from qkdnode.config import NodeConfig
+from qkdnode.context import NodeStats
 from qkdnode.daemon import STOP_STEP_TIMEOUT_S, DaemonBase, settle_cancelled
 from qkdnode.keyflow import KeyFlow, Resources
 from qkdnode.link import LINK_PREFIX, PP_PREFIX, LinkCoordinator, LinkError, LinkRequest
-from qkdnode.postproc.transport import Buffer, TransportError, TransportTimeoutError
-from qkdnode.postproc.transport import PeerMessage as PPMessage
 from qkdnode.statemachine import Event, State, StateMachine, TransitionRecord, TransitionRefused
 
 log = structlog.get_logger(__name__)
 
 S = State
-PAIR_TIMEOUT_S = 120.0
 #: seconds between attempts at a key-ID sync that failed (transmitter)
 KEY_SYNC_RETRY_S = 2.0
 #: seconds between instrument health checks, and between probes of the peer's state
 HEALTH_CHECK_S = 5.0
 PEER_PROBE_S = 5.0
-
-
-@dataclass
-class NodeStats:
-    """Counters of the current exchange session (reset by ``start``)."""
-
-    pulses: int = 0  # slots spanned by the processed blocks
-    detections: int = 0  # detections processed in key blocks
-    detections_read: int = 0  # receiver: detections mapped to slots (incl. not yet processed)
-    block_detections: int = 0  # receiver: detections per block of the running exchange
-    sifted_bits: int = 0
-    qber: float | None = None
-    secret_bits: int = 0
-    blocks_ok: int = 0
-    blocks_aborted: int = 0
-    blocks_dropped: int = 0  # successful blocks whose key the full key store could not take
-    exchange_seconds: float = 0.0
-    #: monotonic time the running exchange started (None when not exchanging)
-    exchange_started_at: float | None = None
-    synchronized: bool = False
-    calibrated: bool = False
-    failures: int = 0
-    last_failure: str = ""
-    auth_key_balance_bits: int = 0
-    last_block: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def exchange_seconds_total(self) -> float:
-        """Seconds spent exchanging key, the running exchange included."""
-        running = 0.0
-        if self.exchange_started_at is not None:
-            running = time.monotonic() - self.exchange_started_at
-        return self.exchange_seconds + running
-
-    @property
-    def secret_key_rate_bps(self) -> float:
-        """Secret bits committed per second of key exchange, live from the first second."""
-        total = self.exchange_seconds_total
-        return self.secret_bits / total if total > 0 else 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("exchange_started_at")
-        d["exchange_seconds"] = self.exchange_seconds_total
-        d["secret_key_rate_bps"] = self.secret_key_rate_bps
-        return d
-
-
-class PostprocTransport:
-    """The ``pp.`` sub-channel of the peer link, for the post-processing protocol.
-
-    Implements :class:`qkdnode.postproc.transport.PeerTransport`; bus errors (peer gone,
-    restarted) become the post-processing layer's :class:`TransportError`.
-    """
-
-    def __init__(self, peer: PeerChannel, inbox: asyncio.Queue[Any]) -> None:
-        self._peer = peer
-        self._inbox = inbox
-
-    async def send(self, kind: str, header: dict[str, Any], buffers: Sequence[Buffer]) -> None:
-        try:
-            await self._peer.send(PP_PREFIX + kind, header, buffers)
-        except PeerDisconnected as exc:
-            raise TransportError(f"peer link: {exc}") from None
-
-    async def recv(self, timeout_s: float) -> PPMessage:
-        try:
-            if self._inbox.empty():
-                async with asyncio.timeout(timeout_s):
-                    item = await self._inbox.get()
-            else:
-                item = self._inbox.get_nowait()
-        except TimeoutError:
-            raise TransportTimeoutError(f"no peer message within {timeout_s:g} s") from None
-        if isinstance(item, PeerDisconnected):
-            raise TransportError(f"peer link: {item}")
-        return PPMessage(item.kind.removeprefix(PP_PREFIX), item.header, list(item.buffers))
 
 
 class Node(DaemonBase):
@@ -160,7 +79,6 @@ class Node(DaemonBase):
         self._peer_probe: asyncio.Task[None] | None = None
         self._heal: asyncio.Task[bool] | None = None
         self._last_peer_probe = 0.0
-        self.auto_resume: State | None = None
         self.metrics: Any = None
 
     # ------------------------------------------------------------------ services

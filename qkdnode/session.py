@@ -14,7 +14,8 @@ import contextlib
 import secrets
 import sqlite3
 import time
-from dataclasses import asdict
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -33,6 +34,7 @@ from drivers.interfaces import (
     TimeTagger,
     VariableAttenuator,
 )
+from qkdnode.context import NodeContext, PostprocTransport
 from qkdnode.delivery.keyservice import KeyService
 from qkdnode.keystore.ids import ID_SEED_BYTES
 from qkdnode.lightloss import LightWatch, Verdict
@@ -51,12 +53,21 @@ from qkdnode.tracking import (
 )
 
 if TYPE_CHECKING:
-    from qkdnode.node import Node
     from qkdnode.procedures.encoder_v_pi import EncoderVPiResult, StateErrors
     from qkdnode.procedures.mean_photon_number import MeanPhotonResult
 
 log = structlog.get_logger(__name__)
 S = State
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """One link step a node answers: its handler (request args -> reply result) and the
+    roles that serve it."""
+
+    handler: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+    roles: tuple[str, ...]
+
 
 #: seconds between two checks of the transmitter's output power against its calibration
 DRIFT_CHECK_S = 10.0
@@ -67,8 +78,9 @@ MIN_BLOCK_DETECTIONS = 10_000
 class ExchangeSession:
     """State activities and the key store of one node."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: NodeContext) -> None:
         self.node = node
+        self._steps = self._step_table()
         self.cfg = node.cfg
         self.role = node.cfg.node.role
         self.keystore: Any = None
@@ -115,7 +127,6 @@ class ExchangeSession:
         #: receiver: the light-loss test on the tagger stream (while exchanging)
         self.light_watch: LightWatch | None = None
         self._warned_insensitive = False
-        self._fault_cause: str | None = None
         self.etsi: Any = None
         self._blocks_done: dict[int, asyncio.Event] = {}
         self._tx_transport: Any = None
@@ -236,90 +247,116 @@ class ExchangeSession:
         await self._call(voa.set_shutter, on)
 
     # ------------------------------------------------------------------ link requests
+    def _step_table(self) -> dict[str, StepSpec]:
+        """The link steps this node answers (docs/protocol.md, "Link steps"): handler and
+        the roles that serve it."""
+        both = ("transmitter", "receiver")
+        rx = ("receiver",)
+        return {
+            "state": StepSpec(self._step_state, both),
+            "stop": StepSpec(self._step_stop, both),
+            "halt": StepSpec(self._step_halt, both),
+            "light": StepSpec(self._step_light, ("transmitter",)),
+            "activate": StepSpec(lambda a: self._key_service().serve_activate(a), both),
+            "release": StepSpec(lambda a: self._key_service().serve_release(a), both),
+            "notice": StepSpec(lambda a: self._key_service().serve_notice(a), both),
+            "keysync": StepSpec(self._step_keysync, both),
+            "block": StepSpec(
+                lambda a: self._serve_block(int(a["block_id"]), int(a.get("pulses", 0))), both
+            ),
+            "probe": StepSpec(lambda a: self._serve_probe(int(a["n"]), int(a["from_slot"])), both),
+            "track": StepSpec(
+                lambda a: self._serve_track(int(a["start_slot"]), int(a["stop_slot"])), both
+            ),
+            "commit": StepSpec(lambda a: self._peer_commit("commit", int(a["block_id"])), both),
+            "discard": StepSpec(lambda a: self._peer_commit("discard", int(a["block_id"])), both),
+            "calibrate": StepSpec(self._step_calibrate, rx),
+            "sync": StepSpec(self._step_sync, rx),
+            "sync_end": StepSpec(self._step_sync_end, rx),
+            "exchange": StepSpec(self._step_exchange, rx),
+        }
+
     async def serve(self, req: LinkRequest) -> dict[str, Any]:
-        """Receiver (and, for ``block`` bookkeeping, transmitter) side of a request."""
-        sm = self.node.sm
-        step = req.step
-        if step == "state":
-            return {
-                "state": sm.state.value,
-                "producing": self.node.auto,
-                "in_step": bool(self.keys is not None and self.keys.in_step),
-            }
-        if step == "stop":
-            if sm.state not in (S.IDLE, S.FAULT, S.SHUTDOWN, S.CONNECTING, S.OFFLINE):
-                await self.node.trigger(Event.STOP, "peer asked to stop")
-            return {"state": sm.state.value}
-        if step == "halt":
-            # The receiver stopped (fault, lost lock): the pair must synchronize again.
-            self.node.stats.synchronized = False
-            if sm.state in (S.CALIBRATING, S.SYNCHRONIZING, S.EXCHANGING):
-                await self.node.trigger(Event.STOP, f"peer halted: {req.args.get('reason', '')}")
-            return {"state": sm.state.value}
-        if step == "light":
-            # Only while we calibrate (the receiver's dark-count measurement needs our
-            # light off, then on again); at any other time the laser is ours alone.
-            if self.role != "transmitter" or sm.state is not S.CALIBRATING:
-                raise LinkError(f"'light' only while the transmitter calibrates ({sm.state.value})")
-            await self.set_light(bool(req.args.get("on", True)))
-            return {}
-        if step in ("activate", "release", "notice", "keysync") and self.keys is None:
+        """Answer the peer's link request ``req`` from the step table; LinkError for a
+        step this role does not serve (the peer gets the message)."""
+        spec = self._steps.get(req.step)
+        if spec is None:
+            raise LinkError(f"unknown step {req.step!r}")
+        if self.role not in spec.roles:
+            raise LinkError(f"{req.step!r} is a {' or '.join(spec.roles)} step")
+        return dict(await spec.handler(req.args))
+
+    def _key_service(self) -> KeyService:
+        if self.keys is None:
             raise LinkError("key store not open")
-        if step == "activate":
-            assert self.keys is not None
-            return await self.keys.serve_activate(req.args)
-        if step == "release":
-            assert self.keys is not None
-            return await self.keys.serve_release(req.args)
-        if step == "notice":
-            assert self.keys is not None
-            return await self.keys.serve_notice(req.args)
-        if step == "keysync":
-            assert self.keys is not None
-            mine = await self.keys.serve_sync(req.args)
-            return {
-                "summary": mine.model_dump(mode="json"),
-                "next_block_id": self.keystore.last_block_id() + 1,
-            }
-        if step == "block":
-            return await self._serve_block(
-                int(req.args["block_id"]), int(req.args.get("pulses", 0))
-            )
-        if step == "probe":
-            return await self._serve_probe(int(req.args["n"]), int(req.args["from_slot"]))
-        if step == "track":
-            return await self._serve_track(int(req.args["start_slot"]), int(req.args["stop_slot"]))
-        if step in ("commit", "discard"):
-            return await self._peer_commit(step, int(req.args["block_id"]))
-        if self.role != "receiver":
-            raise LinkError(f"{step!r} is a receiver step")
-        if step == "calibrate":
-            await sm.trigger(Event.CALIBRATE, "transmitter asked")
-            await sm.wait_for(S.IDLE, S.FAULT, S.PAUSED, timeout_s=300)
-            if not self.node.stats.calibrated:
-                raise LinkError("receiver calibration failed")
-            return self._rx_calibration_summary
-        if step == "sync":
-            self._sync_request = req.args
-            await sm.trigger(Event.SYNC, "transmitter asked")
-            await sm.wait_for(S.IDLE, S.FAULT, S.PAUSED, timeout_s=120)
-            if self.tracker is None:
-                raise LinkError(self._sync_error or "no lock")
-            return self._sync_summary
-        if step == "sync_end":
-            self.exchange_from_slot = int(req.args["exchange_from_slot"])
-            self.node.stats.synchronized = True
-            self.node.keyflow.synchronized()
-            return {}
-        if step == "exchange":
-            self.next_block_id = max(self.next_block_id, int(req.args.get("next_block_id", 0)))
-            # Slots the transmitter disclosed since the synchronisation (probes) carry no key.
-            self.exchange_from_slot = max(
-                self.exchange_from_slot, int(req.args.get("first_slot", 0))
-            )
-            await sm.trigger(Event.EXCHANGE, "transmitter asked")
-            return {"state": sm.state.value}
-        raise LinkError(f"unknown step {step!r}")
+        return self.keys
+
+    async def _step_state(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "state": self.node.sm.state.value,
+            "producing": self.node.auto,
+            "in_step": bool(self.keys is not None and self.keys.in_step),
+        }
+
+    async def _step_stop(self, args: dict[str, Any]) -> dict[str, Any]:
+        sm = self.node.sm
+        if sm.state not in (S.IDLE, S.FAULT, S.SHUTDOWN, S.CONNECTING, S.OFFLINE):
+            await self.node.trigger(Event.STOP, "peer asked to stop")
+        return {"state": sm.state.value}
+
+    async def _step_halt(self, args: dict[str, Any]) -> dict[str, Any]:
+        # The receiver stopped (fault, lost lock): the pair must synchronize again.
+        sm = self.node.sm
+        self.node.stats.synchronized = False
+        if sm.state in (S.CALIBRATING, S.SYNCHRONIZING, S.EXCHANGING):
+            await self.node.trigger(Event.STOP, f"peer halted: {args.get('reason', '')}")
+        return {"state": sm.state.value}
+
+    async def _step_light(self, args: dict[str, Any]) -> dict[str, Any]:
+        # Only while we calibrate (the receiver's dark-count measurement needs our
+        # light off, then on again); at any other time the laser is ours alone.
+        state = self.node.sm.state
+        if state is not S.CALIBRATING:
+            raise LinkError(f"'light' only while the transmitter calibrates ({state.value})")
+        await self.set_light(bool(args.get("on", True)))
+        return {}
+
+    async def _step_keysync(self, args: dict[str, Any]) -> dict[str, Any]:
+        mine = await self._key_service().serve_sync(args)
+        return {
+            "summary": mine.model_dump(mode="json"),
+            "next_block_id": self.keystore.last_block_id() + 1,
+        }
+
+    async def _step_calibrate(self, args: dict[str, Any]) -> dict[str, Any]:
+        sm = self.node.sm
+        await sm.trigger(Event.CALIBRATE, "transmitter asked")
+        await sm.wait_for(S.IDLE, S.FAULT, S.PAUSED, timeout_s=300)
+        if not self.node.stats.calibrated:
+            raise LinkError("receiver calibration failed")
+        return self._rx_calibration_summary
+
+    async def _step_sync(self, args: dict[str, Any]) -> dict[str, Any]:
+        sm = self.node.sm
+        self._sync_request = args
+        await sm.trigger(Event.SYNC, "transmitter asked")
+        await sm.wait_for(S.IDLE, S.FAULT, S.PAUSED, timeout_s=120)
+        if self.tracker is None:
+            raise LinkError(self._sync_error or "no lock")
+        return self._sync_summary
+
+    async def _step_sync_end(self, args: dict[str, Any]) -> dict[str, Any]:
+        self.exchange_from_slot = int(args["exchange_from_slot"])
+        self.node.stats.synchronized = True
+        self.node.keyflow.synchronized()
+        return {}
+
+    async def _step_exchange(self, args: dict[str, Any]) -> dict[str, Any]:
+        self.next_block_id = max(self.next_block_id, int(args.get("next_block_id", 0)))
+        # Slots the transmitter disclosed since the synchronisation (probes) carry no key.
+        self.exchange_from_slot = max(self.exchange_from_slot, int(args.get("first_slot", 0)))
+        await self.node.sm.trigger(Event.EXCHANGE, "transmitter asked")
+        return {"state": self.node.sm.state.value}
 
     def _progress(self, what: str, **fields: Any) -> None:
         """Telemetry topic ``progress``: a calibration step started, or how full the
@@ -720,8 +757,6 @@ class ExchangeSession:
             stats.exchange_started_at = None
 
     def _pp_transport(self) -> Any:
-        from qkdnode.node import PostprocTransport
-
         assert self.node.peer is not None
         return PostprocTransport(self.node.peer, self.node.pp_inbox)
 
@@ -1119,7 +1154,7 @@ class ExchangeSession:
         from qkdnode.keystore.models import Provenance
 
         stats = self.node.stats
-        summary = result.stats_dict() if hasattr(result, "stats_dict") else dict(result.stats)
+        summary = dict(result.stats)
         stats.sifted_bits += int(summary.get("sifted_z", 0)) + int(summary.get("sifted_x", 0))
         stats.pulses += pulses
         summary["pulses"] = pulses
@@ -1472,7 +1507,6 @@ class ExchangeSession:
         return False
 
     async def _fault(self, cause: str, message: str) -> None:
-        self._fault_cause = cause
         self.node.alarm(cause, message)
         self._halt_peer(message)
         await self.node.trigger(Event.FAULT, message)

@@ -41,13 +41,8 @@ from qkdnode.bus.envelope import (
 )
 from qkdnode.bus.errors import CommandError, ErrorCode
 from qkdnode.bus.ratelimit import TokenBuckets
-from qkdnode.bus.sockets import (
-    allowlist,
-    bound_endpoint,
-    secure_and_bind,
-    set_heartbeat,
-)
-from qkdnode.bus.zap import ZapHandler
+from qkdnode.bus.sockets import bound_endpoint, set_heartbeat
+from qkdnode.bus.zap import ZapHandler, allowlist, secure_and_bind
 from qkdnode.config.sections import BusSection
 
 log = structlog.get_logger(__name__)

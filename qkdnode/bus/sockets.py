@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import structlog
 import zmq
-
-from qkdnode.bus.errors import BusError
-
-if TYPE_CHECKING:
-    from qkdnode.bus.zap import Identity, ZapHandler
-    from qkdnode.config.sections import BusSection
 
 log = structlog.get_logger(__name__)
 
@@ -51,60 +45,6 @@ def warn_plaintext(component: str, endpoint: str) -> None:
         endpoint=endpoint,
         note="CURVE disabled by bus.allow_plaintext; for local tests only",
     )
-
-
-def allowlist(bus: BusSection, roles: frozenset[str]) -> dict[bytes, Identity]:
-    """ZAP allowlist ``{public key: identity}`` of the configured clients with ``roles``."""
-    from qkdnode.bus.zap import Identity  # zap imports this module
-
-    return {
-        c.public_key.encode("ascii"): Identity(c.name, c.role)
-        for c in bus.clients
-        if c.role in roles
-    }
-
-
-def secure_and_bind(
-    sock: zmq.Socket[Any],
-    ctx: zmq.Context[Any],
-    *,
-    component: str,
-    endpoint: str,
-    endpoint_key: str,
-    plaintext: bool,
-    secret_key: bytes | None,
-    missing_key_error: str,
-    domain: str,
-    allow: dict[bytes, Identity],
-) -> ZapHandler | None:
-    """Make ``sock`` a CURVE server on ZAP ``domain`` (or warn when ``plaintext``), then
-    bind it to ``endpoint``.
-
-    Returns the acquired ZAP handler (None in plaintext); the caller releases it when it
-    closes the socket. On failure the socket is closed, the handler released, and
-    :class:`BusError` raised: ``missing_key_error`` when no secret key is given,
-    ``"<endpoint_key>: cannot bind ..."`` when the bind fails.
-    """
-    from qkdnode.bus.zap import ZapHandler  # zap imports this module
-
-    zap: ZapHandler | None = None
-    if plaintext:
-        warn_plaintext(component, endpoint)
-    else:
-        if secret_key is None:
-            sock.close(linger=0)
-            raise BusError(missing_key_error)
-        zap = ZapHandler.acquire(ctx)
-        zap.set_domain(domain, allow)
-        make_curve_server(sock, secret_key, domain)
-    try:
-        sock.bind(endpoint)
-    except zmq.ZMQError as exc:
-        sock.close(linger=0)
-        if zap is not None:
-            zap.release()
-        raise BusError(f"{endpoint_key}: cannot bind {endpoint}: {exc}") from None
-    return zap
 
 
 def bound_endpoint(sock: zmq.Socket[Any]) -> str:

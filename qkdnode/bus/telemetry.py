@@ -23,8 +23,8 @@ import zmq
 
 from qkdnode.bus.commands import CallerInfo, CommandSpec
 from qkdnode.bus.envelope import PROTOCOL_VERSION
-from qkdnode.bus.sockets import allowlist, bound_endpoint, secure_and_bind
-from qkdnode.bus.zap import ZapHandler
+from qkdnode.bus.sockets import bound_endpoint
+from qkdnode.bus.zap import ZapHandler, allowlist, secure_and_bind
 from qkdnode.config.sections import BusSection
 
 log = structlog.get_logger(__name__)

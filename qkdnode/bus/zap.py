@@ -13,13 +13,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import structlog
 import zmq
 from zmq.utils import z85
 
-from qkdnode.bus.sockets import events
+from qkdnode.bus.errors import BusError
+from qkdnode.bus.sockets import events, make_curve_server, warn_plaintext
+
+if TYPE_CHECKING:
+    from qkdnode.config.sections import BusSection
 
 log = structlog.get_logger(__name__)
 
@@ -138,3 +142,53 @@ class ZapHandler:
             "bus.zap.accepted", domain=domain, address=address, client=ident.name, role=ident.role
         )
         return reply(b"200", b"OK", public_z85)
+
+
+def allowlist(bus: BusSection, roles: frozenset[str]) -> dict[bytes, Identity]:
+    """ZAP allowlist ``{public key: identity}`` of the configured clients with ``roles``."""
+    return {
+        c.public_key.encode("ascii"): Identity(c.name, c.role)
+        for c in bus.clients
+        if c.role in roles
+    }
+
+
+def secure_and_bind(
+    sock: zmq.Socket[Any],
+    ctx: zmq.Context[Any],
+    *,
+    component: str,
+    endpoint: str,
+    endpoint_key: str,
+    plaintext: bool,
+    secret_key: bytes | None,
+    missing_key_error: str,
+    domain: str,
+    allow: dict[bytes, Identity],
+) -> ZapHandler | None:
+    """Make ``sock`` a CURVE server on ZAP ``domain`` (or warn when ``plaintext``), then
+    bind it to ``endpoint``.
+
+    Returns the acquired ZAP handler (None in plaintext); the caller releases it when it
+    closes the socket. On failure the socket is closed, the handler released, and
+    :class:`BusError` raised: ``missing_key_error`` when no secret key is given,
+    ``"<endpoint_key>: cannot bind ..."`` when the bind fails.
+    """
+    zap: ZapHandler | None = None
+    if plaintext:
+        warn_plaintext(component, endpoint)
+    else:
+        if secret_key is None:
+            sock.close(linger=0)
+            raise BusError(missing_key_error)
+        zap = ZapHandler.acquire(ctx)
+        zap.set_domain(domain, allow)
+        make_curve_server(sock, secret_key, domain)
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as exc:
+        sock.close(linger=0)
+        if zap is not None:
+            zap.release()
+        raise BusError(f"{endpoint_key}: cannot bind {endpoint}: {exc}") from None
+    return zap

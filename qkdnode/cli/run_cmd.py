@@ -50,5 +50,6 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     configure_logging(args.log_level or cfg.node.log_level, json=True if args.log_json else None)
     from qkdnode.daemon import run_daemon
+    from qkdnode.node import Node
 
-    return run_daemon(cfg, str(path))
+    return run_daemon(Node(cfg, str(path)))

@@ -6,7 +6,6 @@ setting. Physical quantities carry their unit in the field name.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -121,16 +120,6 @@ class InstrumentSection(Section):
     )
     timeout_s: float = Field(2.0, gt=0, le=120)
     options: dict[str, Any] = Field(default_factory=dict)
-
-
-def _is_loopback_or_explicit(endpoint: str) -> bool:
-    host = endpoint.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
-    if host in ("localhost", "*"):
-        return host == "localhost"
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _check_z85(v: str) -> None:
