@@ -21,6 +21,12 @@ from qkdnode.config.sections import (
 )
 from qkdnode.procedures.sync import SyncConfig
 
+#: Bytes of a key-ID sync summary per stored key (its index in a JSON list, at most 8
+#: characters and a comma) and the room kept for the rest (blocks, activations, the keys
+#: delivered since the last sync).
+SYNC_SUMMARY_BYTES_PER_KEY = 9
+SYNC_SUMMARY_RESERVE = 4 * 1024 * 1024
+
 
 class NodeConfig(Section):
     """A whole node: ``qkdnode config schema`` prints this model's JSON Schema."""
@@ -58,5 +64,15 @@ class NodeConfig(Section):
             raise ValueError(
                 "delivery.enabled = true needs an authenticated peer channel (key activations "
                 "travel on it): set bus.allow_plaintext = false and configure CURVE keys"
+            )
+        need = SYNC_SUMMARY_BYTES_PER_KEY * self.keystore.max_key_count + SYNC_SUMMARY_RESERVE
+        if need > self.bus.max_peer_header_bytes:
+            raise ValueError(
+                f"keystore.max_key_count = {self.keystore.max_key_count}: the key-ID sync "
+                f"summary of a full store takes up to {need} bytes, more than "
+                f"bus.max_peer_header_bytes = {self.bus.max_peer_header_bytes} (the peer would "
+                f"refuse it and the nodes could never get in step): raise "
+                f"bus.max_peer_header_bytes to at least {need} on both nodes, or lower "
+                f"keystore.max_key_count"
             )
         return self

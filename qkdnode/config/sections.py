@@ -161,10 +161,11 @@ class BusSection(Section):
     max_frame_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     max_control_frame_bytes: int = Field(256 * 1024, ge=1024)
     max_peer_header_bytes: int = Field(
-        32 * 1024 * 1024,
+        64 * 1024 * 1024,
         ge=1024,
         description="largest JSON header frame accepted from the peer node (authenticated "
-        "by CURVE); the key-ID sync summary of a store of a few million keys needs megabytes",
+        "by CURVE); the key-ID sync summary takes up to 9 bytes per stored key plus 4 MiB "
+        "(checked against keystore.max_key_count)",
     )
     client_rate_limit_per_s: float = Field(5000.0, gt=0)
     heartbeat_interval_s: float = Field(1.0, gt=0, le=60)

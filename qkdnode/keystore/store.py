@@ -88,6 +88,11 @@ SCHEMA_VERSION = 3  # 3: secret-seeded key IDs, activation, key parts
 _SIDE_PARITY: dict[str, int] = {"transmitter": 0, "receiver": 1}
 #: most bound parameters in one statement (SQLite's smallest default limit is 999)
 _SQL_CHUNK = 500
+#: A key-ID sync summary names the keys delivered since the last completed sync, and
+#: those of this many seconds before it (seconds). A key delivered earlier is gone on both
+#: nodes: the sync erased it wherever it was left (as delivered, or, should one node have
+#: missed that sync, as uncertain: either way it is never served again).
+FETCHED_AFTER_SYNC_S = 600.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -795,10 +800,16 @@ class KeyStore:
                         "SELECT key_id FROM keys WHERE pair_master IS NOT NULL AND via IS NULL"
                     )
                 ]
+                # Tombstones of keys delivered before the last completed sync are gone on
+                # both nodes (the sync erased them wherever they were left): only the
+                # recent ones go out, so the summary does not grow with every delivery.
+                row = cur.execute("SELECT value FROM meta WHERE name='last_sync_at'").fetchone()
+                since = float(row[0]) - FETCHED_AFTER_SYNC_S if row else float("-inf")
                 fetched = [
                     uuid.UUID(bytes=r[0])
                     for r in cur.execute(
-                        "SELECT key_id FROM erased WHERE reason=?", (EraseReason.DELIVERED.value,)
+                        "SELECT key_id FROM erased WHERE reason=? AND erased_at>=?",
+                        (EraseReason.DELIVERED.value, since),
                     )
                 ]
                 cur.execute("COMMIT")
@@ -842,6 +853,11 @@ class KeyStore:
             ]
             discarded = self._erase(cur, ids, EraseReason.DISCARDED)
             self._drop_empty_blocks(cur)
+            cur.execute(
+                "INSERT INTO meta (name, value) VALUES ('last_sync_at', ?) "
+                "ON CONFLICT(name) DO UPDATE SET value=excluded.value",
+                (repr(self._clock()),),
+            )
         log.info(
             "keystore.reconciled",
             committed=len(actions.commit_blocks),

@@ -227,3 +227,17 @@ def test_random_source_values(key: str, value: object) -> None:
         parse_config(doc)
     except ConfigError as exc:
         assert any(p.startswith("source") for p in exc.problems)
+
+
+def test_a_store_whose_sync_summary_cannot_reach_the_peer_is_refused(tmp_path: Path) -> None:
+    p = tmp_path / "tx.toml"
+    p.write_text(
+        '[node]\nid = "a"\nrole = "transmitter"\npeer_id = "b"\n'
+        "[keystore]\nmax_key_count = 10000000\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(p)
+    text = str(info.value)
+    assert "keystore.max_key_count = 10000000" in text and "bus.max_peer_header_bytes" in text
+    p.write_text(p.read_text() + "[bus]\nmax_peer_header_bytes = 100000000\n")
+    assert load_config(p).keystore.max_key_count == 10_000_000

@@ -465,3 +465,48 @@ def test_a_fault_between_the_two_block_commits_blocks_delivery_until_the_stores_
             p.close()
 
     asyncio.run(main())
+
+
+def test_the_summary_names_only_deliveries_since_the_last_sync(pair: StorePair) -> None:
+    """Tombstones of delivered keys are kept for days, but a summary naming all of them
+    would grow with every delivery (a long-running link could no longer synchronise)."""
+    from qkdnode.keystore.store import FETCHED_AFTER_SYNC_S
+
+    pair.add_committed(1, n_keys=8)
+    old = pair.issue(pair.rx, 2, 256)
+    pair.claim(pair.tx, [k.key_id for k in old], notify=False)  # notice lost
+    pair.sync()  # the receiver erases them as delivered
+    assert_in_step(pair)
+    assert set(pair.tx.summary().fetched) == {k.key_id for k in old}  # still: recent
+    pair.clock.now += 2 * FETCHED_AFTER_SYNC_S
+    pair.sync()  # a later sync: the old deliveries are long settled
+    new = pair.issue(pair.rx, 1, 256)
+    pair.claim(pair.tx, [k.key_id for k in new], notify=False)
+    assert set(pair.tx.summary().fetched) == {new[0].key_id}
+    pair.sync()
+    assert pair.rx.erase_reason(new[0].key_id) is EraseReason.DELIVERED
+    assert_in_step(pair)
+
+
+def test_a_node_that_missed_the_last_sync_still_never_serves_a_delivered_key(
+    pair: StorePair,
+) -> None:
+    """The receiver issued a key, the transmitter's slave fetched it (notice lost); the
+    transmitter applied two syncs the receiver never did (it crashed in both), far enough
+    apart that the transmitter's summary no longer names the key: the receiver erases it
+    as uncertain."""
+    from qkdnode.keystore.store import FETCHED_AFTER_SYNC_S
+
+    pair.add_committed(1, n_keys=8)
+    (k,) = pair.issue(pair.rx, 1, 256)
+    pair.claim(pair.tx, [k.key_id], notify=False)
+    for _ in range(2):
+        assert k.key_id in pair.tx.summary().fetched
+        pair.tx.apply_reconcile(reconcile(pair.tx.summary(), pair.rx.summary()))  # rx crashed
+        pair.clock.now += 2 * FETCHED_AFTER_SYNC_S
+    assert k.key_id not in pair.tx.summary().fetched
+    pair.sync()
+    assert pair.rx.erase_reason(k.key_id) is EraseReason.UNCERTAIN
+    with pytest.raises((KeysUnavailableError, UnknownKeyError)):
+        pair.rx.claim_keys(M, S, [k.key_id])
+    assert_in_step(pair)
