@@ -69,6 +69,10 @@ ALARMS: dict[str, tuple[Severity, str]] = {
     "bright_light": (Severity.MAJOR, "a detector latched on bright light (blinding?): FAULT"),
     "instrument": (Severity.MAJOR, "an instrument failed during the exchange: FAULT"),
     "crl_reload_failed": (Severity.WARNING, "the delivery CRL could not be reloaded"),
+    "internal_error": (
+        Severity.MAJOR,
+        "a background loop of the daemon failed and was restarted (the log has the trace)",
+    ),
 }
 
 

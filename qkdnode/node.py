@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -39,6 +40,8 @@ KEY_SYNC_RETRY_S = 2.0
 #: seconds between instrument health checks, and between probes of the peer's state
 HEALTH_CHECK_S = 5.0
 PEER_PROBE_S = 5.0
+#: seconds a restarted background loop must run before internal_error clears
+INTERNAL_ERROR_CLEAR_S = 60.0
 
 
 class Node(DaemonBase):
@@ -122,10 +125,14 @@ class Node(DaemonBase):
                 self.session.keystore_counts(), self.cfg.keystore.max_key_count
             )
             self.metrics.set_session(0.0, 0.0)
-        self._bg.append(asyncio.create_task(self._peer_reader(), name="peer-reader"))
-        self._bg.append(asyncio.create_task(self._monitor(), name="monitor"))
+        self._bg.append(
+            asyncio.create_task(self._keep_running(self._peer_reader), name="peer-reader")
+        )
+        self._bg.append(asyncio.create_task(self._keep_running(self._monitor), name="monitor"))
         if self.role == "transmitter":
-            self._bg.append(asyncio.create_task(self._supervise(), name="supervisor"))
+            self._bg.append(
+                asyncio.create_task(self._keep_running(self._supervise), name="supervisor")
+            )
         self.sm.on_enter(S.CONNECTING, self._enter_connecting)
         await self.sm.trigger(Event.START, "daemon started")
 
@@ -159,6 +166,31 @@ class Node(DaemonBase):
                 await self.metrics.stop()
         if self.zctx is not None:
             self.zctx.destroy(linger=0)
+
+    async def _keep_running(self, loop: Callable[[], Awaitable[None]]) -> None:
+        """Run a background loop for the daemon's life: should it ever end on an error
+        (a failure nobody foresaw must not silently stop the peer watch, the key-ID sync
+        retries or the supervisor), log it, raise ``internal_error`` and start it again
+        a second later. Cancellation ends it."""
+        name = getattr(loop, "__name__", "loop").lstrip("_")
+        clear: asyncio.TimerHandle | None = None
+        while True:
+            try:
+                await loop()
+                log.error("background_loop_ended", loop=name)
+            except Exception as exc:
+                log.exception("background_loop_failed", loop=name, error=str(exc))
+                self.alarm("internal_error", f"{name} failed and was restarted: {exc}")
+                if clear is not None:
+                    clear.cancel()
+                # cleared once the restarted loop has run a minute without failing
+                clear = asyncio.get_running_loop().call_later(
+                    INTERNAL_ERROR_CLEAR_S,
+                    self.alarms.clear,
+                    "internal_error",
+                    f"{name} ran {INTERNAL_ERROR_CLEAR_S:g} s since its restart",
+                )
+            await asyncio.sleep(1.0)
 
     async def cancel_activities(self) -> None:
         with contextlib.suppress(TransitionRefused):

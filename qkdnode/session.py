@@ -1590,10 +1590,13 @@ class ExchangeSession:
 
     # ------------------------------------------------------------------ key-ID sync
     async def key_sync_safely(self) -> None:
+        """:meth:`key_sync`, any failure logged (``key_sync_failed``): the peer gone, a
+        summary refused, a store that cannot be written (disk full or failing). Delivery
+        stays out of step and the node retries."""
         try:
             await self.key_sync()
-        except (LinkError, ValueError) as exc:
-            log.warning("key_sync_failed", error=str(exc))
+        except Exception as exc:
+            log.warning("key_sync_failed", error=f"{type(exc).__name__}: {exc}")
 
     async def key_sync(self) -> None:
         """Transmitter, on every (re)connect: exchange summaries, apply the reconciliation."""
