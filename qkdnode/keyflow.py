@@ -17,7 +17,13 @@ from pathlib import Path
 
 from qkdnode.alarms import AlarmBoard
 from qkdnode.config.sections import AlarmsSection
-from qkdnode.watch import Snapshot, evaluate, expected_block_s, states_inconsistent
+from qkdnode.watch import (
+    DEFAULT_BLOCK_S,
+    Snapshot,
+    evaluate,
+    expected_block_s,
+    states_inconsistent,
+)
 
 #: alarms raised with the cause of a FAULT (``session._fault``): cleared when it ends
 FAULT_CAUSES = ("no_light", "bright_light", "instrument")
@@ -44,6 +50,7 @@ class KeyFlow:
         role: str,
         block_detections: int,
         qber_warning: float,
+        max_block_s: float = DEFAULT_BLOCK_S,
         state_dir: Path,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -51,6 +58,7 @@ class KeyFlow:
         self.cfg = cfg
         self.role = role
         self.block_detections = block_detections
+        self.max_block_s = max_block_s
         self.qber_warning = qber_warning
         self.state_dir = state_dir
         self._clock = clock
@@ -172,6 +180,7 @@ class KeyFlow:
             last_commit_at=self.last_commit_at,
             block_intervals_s=list(self.intervals),
             block_detections=self.block_detections,
+            max_block_s=self.max_block_s,
             detection_rate_hz=res.detection_rate_hz,
             consecutive_aborts=self.consecutive_aborts,
             last_abort_reason=self.last_abort_reason,

@@ -31,6 +31,7 @@ from qkdnode.daemon import STOP_STEP_TIMEOUT_S, DaemonBase, settle_cancelled
 from qkdnode.keyflow import KeyFlow, Resources
 from qkdnode.link import LINK_PREFIX, PP_PREFIX, LinkCoordinator, LinkError, LinkRequest
 from qkdnode.statemachine import Event, State, StateMachine, TransitionRecord, TransitionRefused
+from qkdnode.watch import DEFAULT_BLOCK_S
 
 log = structlog.get_logger(__name__)
 
@@ -74,6 +75,11 @@ class Node(DaemonBase):
             role=self.role,
             block_detections=cfg.protocol.block_detections,
             qber_warning=cfg.protocol.qber_warning,
+            max_block_s=(
+                cfg.protocol.max_block_seconds
+                if cfg.protocol.block_size == "auto"
+                else DEFAULT_BLOCK_S
+            ),
             state_dir=self.state_dir,
         )
         self._auto = False

@@ -1468,7 +1468,10 @@ class ExchangeSession:
         await self.node.trigger(Event.STOP, f"intensities drifted: {message}")
 
     def detection_rate_hz(self) -> float:
-        """Receiver: total click rate when the exchange started (0 if unknown)."""
+        """Total click rate at the receiver (0 if unknown): the receiver's reading when
+        the exchange started; the transmitter's estimate from the probes and blocks."""
+        if self.role == "transmitter":
+            return self._detections_per_slot * self.cfg.source.slot_rate_hz
         return self._locked_rate_hz
 
     def _new_light_watch(self) -> LightWatch:

@@ -52,16 +52,20 @@ class Snapshot:
     qber_warning: float
     calibrated_at: float | None
     cfg: AlarmsSection = field(default_factory=AlarmsSection)
+    #: the longest a block of light takes by design (protocol.max_block_seconds with
+    #: adaptive blocks; DEFAULT_BLOCK_S when there is no such bound)
+    max_block_s: float = DEFAULT_BLOCK_S
 
 
 def expected_block_s(s: Snapshot) -> float:
     """How long a block should take: the median of recent intervals between commits, else
-    block size over the detection rate, else :data:`DEFAULT_BLOCK_S`."""
+    block size over the detection rate (at most ``max_block_s``), else ``max_block_s``
+    (a slow link's first block takes that long by design: it is no reason for alarm)."""
     if s.block_intervals_s:
         return float(statistics.median(s.block_intervals_s))
     if s.detection_rate_hz > 0:
-        return s.block_detections / s.detection_rate_hz
-    return DEFAULT_BLOCK_S
+        return min(s.block_detections / s.detection_rate_hz, s.max_block_s)
+    return s.max_block_s
 
 
 def evaluate(s: Snapshot) -> dict[str, tuple[bool, str]]:

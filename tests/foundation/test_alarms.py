@@ -218,3 +218,20 @@ def test_grace_restarts_when_exchange_stops_and_fault_causes_clear(tmp_path: Pat
     clock.t += 60
     flow.evaluate(dataclasses.replace(res, state="IDLE"))
     assert b.is_active("no_key")  # 110 s without exchanging
+
+
+def test_a_slow_links_first_block_raises_no_key_only_past_its_design_length() -> None:
+    # 90 k detections/s, 48 M per block, blocks of at most 300 s of light: the first
+    # block takes 300 s (the transmitter may not know the rate: the bound alone says so)
+    for rate in (90_000.0, 0.0):
+        s = snap(
+            last_commit_at=None,
+            block_intervals_s=[],
+            block_detections=48_000_000,
+            detection_rate_hz=rate,
+            max_block_s=300.0,
+            exchanging_since=10_000.0 - 310,
+        )
+        assert expected_block_s(s) == 300.0
+        assert "no_key" not in active(s)
+        assert "no_key" in active(dataclasses.replace(s, exchanging_since=10_000.0 - 1201))
