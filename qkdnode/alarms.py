@@ -63,7 +63,11 @@ ALARMS: dict[str, tuple[Severity, str]] = {
     ),
     "sync_failed": (Severity.MAJOR, "the last synchronisation failed"),
     "exchange_failed": (Severity.MAJOR, "key exchange stopped on an error"),
-    "lock_lost": (Severity.MAJOR, "the receiver lost the timing lock"),
+    "lock_lost": (
+        Severity.MAJOR,
+        "the receiver lost the timing lock, or (transmitter) a block's bits came out random: "
+        "the slot alignment slipped",
+    ),
     "fault": (Severity.CRITICAL, "the node is in FAULT (instrument or light fault)"),
     "no_light": (Severity.MAJOR, "the receiver's count rate collapsed (fiber cut?): FAULT"),
     "bright_light": (Severity.MAJOR, "a detector latched on bright light (blinding?): FAULT"),

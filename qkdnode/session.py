@@ -1174,6 +1174,17 @@ class ExchangeSession:
             float(qber) if qber is not None else None,
             auth_bits or None,
         )
+        if not result.ok and self.role == "transmitter" and _slot_slip(summary):
+            # Bits as random as coin flips: the slot clock slipped by whole slots (a clock
+            # step of the receiver's tagger): every later block would abort the same way.
+            message = (
+                f"X-basis error rate {float(summary['qber_x']):.3f} on "
+                f"{int(summary['sifted_x'])} bits: the slot alignment slipped (clock step?)"
+            )
+            log.warning("slot_alignment_lost", block_id=block_id, message=message)
+            self.node.alarm("lock_lost", message)
+            self.node.stats.synchronized = False
+            self._detached(self._resynchronise(message))
         stored = False
         if result.ok:
             key = result.key_bytes
@@ -1514,6 +1525,13 @@ class ExchangeSession:
         self._halt_peer(message)
         await self.node.trigger(Event.FAULT, message)
 
+    async def _resynchronise(self, reason: str) -> None:
+        """Transmitter: stop both nodes so that the supervisor synchronises the pair again
+        (the receiver first; a stop it does not get leaves it to the pair watch)."""
+        with contextlib.suppress(Exception):
+            await self.node.link.request("stop", 10.0)
+        await self.node.trigger(Event.STOP, reason)
+
     def _halt_peer(self, reason: str) -> None:
         """Receiver: tell the transmitter we stopped (best effort, not awaited)."""
         if self.role != "receiver":
@@ -1611,6 +1629,20 @@ class ExchangeSession:
             self.keys.peer_next_block_id,
         )
         log.info("key_sync_done", **self.keystore_counts())
+
+
+#: A block whose X-basis error rate is at least this, on at least SLOT_SLIP_MIN_BITS bits,
+#: has lost the slot alignment (random bits give 1/2; a full intercept-resend attack 1/4).
+SLOT_SLIP_QBER = 0.35
+SLOT_SLIP_MIN_BITS = 1000
+
+
+def _slot_slip(summary: dict[str, Any]) -> bool:
+    """Whether an aborted block's statistics say the slot alignment slipped."""
+    qber_x, sifted_x = summary.get("qber_x"), summary.get("sifted_x")
+    if not isinstance(qber_x, int | float) or not isinstance(sifted_x, int):
+        return False
+    return qber_x >= SLOT_SLIP_QBER and sifted_x >= SLOT_SLIP_MIN_BITS
 
 
 async def _settle(task: asyncio.Task[Any]) -> None:
