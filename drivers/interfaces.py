@@ -18,6 +18,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -27,6 +28,7 @@ __all__ = [
     "BB84State",
     "DetectorStatus",
     "Encoder",
+    "FaultInjector",
     "HealthLevel",
     "Instrument",
     "InstrumentHealth",
@@ -41,6 +43,7 @@ __all__ = [
     "TagBlock",
     "TimeTagger",
     "VariableAttenuator",
+    "SimulatedBackend",
 ]
 
 
@@ -413,3 +416,46 @@ class StateSource(Instrument):
 
         The pattern is defined by :mod:`drivers.syncpattern` so that both nodes can
         compute it; slots emitted while it runs carry no key."""
+
+
+# --- Simulated backends ----------------------------------------------------------
+
+
+class FaultInjector(abc.ABC):
+    """Starts and ends faults of a simulated backend (tests, commissioning drills).
+
+    Fault names and their parameters are the backend's (the simulated link lists them in
+    :mod:`drivers.simlink.world`)."""
+
+    @abc.abstractmethod
+    def inject(self, fault: str, **params: Any) -> None:
+        """Start ``fault``. ValueError when this side of the backend does not model it,
+        TypeError on parameters it does not take."""
+
+    @abc.abstractmethod
+    def clear(self, fault: str) -> None:
+        """End ``fault`` (a fault that is not active, or a one-shot one: nothing)."""
+
+
+class SimulatedBackend(abc.ABC):
+    """The simulated physics that a process's simulated instruments are views of (one per
+    process). The node runtime drives its life cycle: warm up (compile, before the node
+    reports ready), start, stop; and injects faults through :attr:`faults`."""
+
+    @abc.abstractmethod
+    def warm_up(self) -> None:
+        """Compile or load whatever the first start would otherwise compile (may take
+        tens of seconds on a fresh install; touches no shared state)."""
+
+    @abc.abstractmethod
+    def start(self) -> None:
+        """Create and start the simulation. RuntimeError if one already runs here."""
+
+    @abc.abstractmethod
+    def stop(self) -> None:
+        """Stop it. Idempotent."""
+
+    @property
+    @abc.abstractmethod
+    def faults(self) -> FaultInjector:
+        """The running simulation's fault injector (RuntimeError when not started)."""

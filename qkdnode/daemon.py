@@ -27,6 +27,8 @@ from typing import Any
 
 import structlog
 
+from drivers.interfaces import SimulatedBackend
+from drivers.simulation import open_backend
 from qkdnode.config import NodeConfig
 from qkdnode.hardware import InstrumentSet
 from qkdnode.log import bind_context
@@ -146,7 +148,11 @@ class DaemonBase:
         self.hardware = InstrumentSet(dict(cfg.instruments))
         self.stop_requested = asyncio.Event()
         self.stop_reason = ""
-        self._world_started = False
+        sim = cfg.simulation
+        #: this node's side of the simulated link, when the config asks for one
+        self.backend: SimulatedBackend | None = None
+        if sim is not None and sim.enabled:
+            self.backend = open_backend(cfg.node.role, sim.side(), sim.fiber_endpoint)
 
     # --- hooks for the node runtime -------------------------------------------------
     async def start_services(self) -> None:
@@ -169,14 +175,9 @@ class DaemonBase:
             self.stop_requested.set()
 
     def _start_world(self) -> None:
-        sim = self.cfg.simulation
-        if sim is None or not sim.enabled:
-            return
-        from drivers.simlink.world import start_world
-
-        # this node's side only: a receiver process holds nothing of the transmitter
-        start_world(self.cfg.node.role, sim.side(), sim.fiber_endpoint)
-        self._world_started = True
+        if self.backend is not None:
+            # this node's side only: a receiver process holds nothing of the transmitter
+            self.backend.start()
 
     def _warm_up(self) -> None:
         """Compile (or load from numba's disk cache) the post-processing kernels and, with
@@ -198,14 +199,11 @@ class DaemonBase:
         cascade.warm_up()
         track_kernel.warm_up()
         log.info("kernels_ready", seconds=round(time.monotonic() - t0, 2))
-        sim = self.cfg.simulation
-        if sim is None or not sim.enabled:
+        if self.backend is None:
             return
-        from drivers.simlink.world import warm_up
-
         t1 = time.monotonic()
         log.info("simulated_link_warming_up")
-        warm_up(sim.side())  # this side's kernels (a receiver uses a made-up photon batch)
+        self.backend.warm_up()  # this side's kernels (a receiver uses a made-up batch)
         log.info("simulated_link_ready", seconds=round(time.monotonic() - t1, 2))
 
     async def _unless_stopped(self, fn: Callable[[], None], what: str) -> bool:
@@ -251,11 +249,8 @@ class DaemonBase:
         log.info("reload_requested")
 
     def _stop_world(self) -> None:
-        if self._world_started:
-            from drivers.simlink.world import stop_world
-
-            stop_world()
-            self._world_started = False
+        if self.backend is not None:
+            self.backend.stop()
 
     async def main(self) -> int:
         bind_context(node_id=self.cfg.node.id, role=self.cfg.node.role)

@@ -685,16 +685,17 @@ class Node(DaemonBase):
     async def _cmd_inject(self, content: dict[str, Any], caller: CallerInfo) -> dict[str, Any]:
         if self.cfg.simulation is None or not self.cfg.simulation.enabled:
             raise CommandError("sim.inject needs a simulated link", code="not_simulated")
-        from drivers.simlink.world import get_world
         from qkdnode.bus.commands import SimInjectContent
 
         req = SimInjectContent.model_validate(content)
-        world = get_world()
+        if self.backend is None:
+            raise CommandError("sim.inject needs a simulated link", code="not_simulated")
+        faults = self.backend.faults
         try:
             if req.clear:
-                world.clear(req.fault)
+                faults.clear(req.fault)
             else:
-                world.inject(req.fault, **req.fault_parameters())
+                faults.inject(req.fault, **req.fault_parameters())
         except (TypeError, ValueError) as exc:  # e.g. a receiver fault sent to the transmitter
             raise CommandError(
                 str(exc), code="invalid_content", details={"field": "content.fault"}

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from drivers.simlink.params import ReceiverSimParams, TransmitterSimParams
+from drivers.simulation import ReceiverSimParams, TransmitterSimParams
 
 Role = Literal["transmitter", "receiver"]
 

@@ -210,6 +210,10 @@ def test_sim_inject_contract(client: Client) -> None:
     # a receiver-side fault: the transmitter's world does not model it
     err = refusal(client, "sim.inject", {"fault": "bright_light"})
     assert (err.code, err.details["field"]) == ("invalid_content", "content.fault")
+    err = refusal(client, "sim.inject", {"fault": "clock_step"})  # the receiver's tagger
+    assert (err.code, err.details["field"]) == ("invalid_content", "content.fault")
+    err = refusal(client, "sim.inject", {"fault": "fiber_cut", "step_ps": 5})
+    assert (err.code, err.details["field"]) == ("invalid_content", "content.step_ps")
     assert client.call("sim.inject", fault="encoding_drift", angle_rad=0.2) == {
         "fault": "encoding_drift",
         "cleared": False,

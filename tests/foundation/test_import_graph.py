@@ -97,3 +97,25 @@ def test_no_import_circle_in_the_package() -> None:
 
 def test_the_check_finds_a_circle() -> None:
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+#: modules of qkdnode/ that may use the simulated link's internals: the demo (it builds
+#: both sides' configs), the benchmarks, and the procedures' in-process harness that the
+#: benchmarks and the procedure tests run on
+SIMLINK_ALLOWED = ("qkdnode.demo", "qkdnode.benchmarks", "qkdnode.procedures.simharness")
+
+
+def test_the_runtime_reaches_the_simulator_only_through_its_public_face() -> None:
+    offenders = []
+    for path in ROOT.rglob("*.py"):
+        mod = _module_name(path)
+        if mod.startswith(SIMLINK_ALLOWED) or mod.endswith(".bench"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [f"{mod}: {n}" for n in names if n.startswith("drivers.simlink")]
+    assert not offenders, offenders
