@@ -1,0 +1,177 @@
+"""Calibration of both sides: the transmitter's modulators and intensities, the
+receiver's detector timing and dark counts."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import structlog
+
+from drivers.interfaces import (
+    DetectorStatus,
+    IntensityModulator,
+    Laser,
+    OpticalPowerMeter,
+    StateSource,
+    TimeTagger,
+    VariableAttenuator,
+)
+from qkdnode.link import LinkError
+from qkdnode.pair.core import SessionCore
+from qkdnode.statemachine import Event, StateMachine, TransitionRecord
+
+log = structlog.get_logger(__name__)
+
+
+class CalibrationMixin(SessionCore):
+    """Calibration of both sides: the transmitter's modulators and intensities, the
+    receiver's detector timing and dark counts."""
+
+    # ------------------------------------------------------------------ calibration
+    async def _enter_calibrating(self, sm: StateMachine, rec: TransitionRecord) -> None:
+        self.node.stats.synchronized = False  # new detector delays: the lock must be redone
+        try:
+            if self.role == "transmitter":
+                await self._calibrate_transmitter()
+            else:
+                await self._calibrate_receiver()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.node.stats.calibrated = False
+            log.error("calibration_failed", error=str(exc))
+            self.node.alarm("calibration_failed", str(exc))
+            await self.node.trigger(Event.FAILED, f"calibration failed: {exc}")
+            return
+        self.node.stats.calibrated = True
+        self.node.keyflow.calibrated()
+        await self.node.trigger(Event.CALIBRATED, "calibration complete")
+
+    async def _calibrate_transmitter(self) -> None:
+        from qkdnode.procedures.mean_photon_number import (
+            IntensityUncertainty,
+            MeanPhotonConfig,
+            calibrate_mean_photon_number,
+        )
+        from qkdnode.procedures.modulator import calibrate_modulator
+
+        src, cal = self.cfg.source, self.cfg.calibration
+        laser: Laser = self._one(Laser)
+        im: IntensityModulator = self._one(IntensityModulator)
+        voa: VariableAttenuator = self._one(VariableAttenuator)
+        meter: OpticalPowerMeter = self._one(OpticalPowerMeter)
+        if self._advised_settings is not None and self.cfg.protocol.settings == "auto":
+            old = self.settings
+            self.settings, self._advised_settings = self._advised_settings, None
+            log.info(
+                "settings_applied",
+                **{f"{k}_from": round(v, 4) for k, v in asdict(old).items()},
+                **{k: round(v, 4) for k, v in asdict(self.settings).items()},
+            )
+        st = self.settings
+        stsrc: StateSource = self._one(StateSource)
+        first = await self._call(
+            stsrc.set_class_probabilities, st.p_signal, st.p_decoy, st.p_basis_z
+        )
+        # No block may mix states drawn with different probabilities.
+        self.key_slots.key_states_from(int(first))
+        await self._call(laser.set_wavelength_nm, src.wavelength_nm)
+        await self.set_light(True)
+        self._progress("calibration", step="modulator_transfer", status="started")
+        mod = await calibrate_modulator(
+            im, meter, state_dir=self.node.state_dir, publish=self.node.publish
+        )
+        self._progress("calibration", step="mean_photon_number", status="started")
+        mu = await calibrate_mean_photon_number(
+            laser,
+            im,
+            voa,
+            meter,
+            mod,
+            mu_signal=st.mu_signal,
+            mu_decoy=st.mu_decoy,
+            slot_rate_hz=src.slot_rate_hz,
+            cfg=MeanPhotonConfig(
+                tap_to_output_db=cal.tap_to_output_db,
+                uncertainty=IntensityUncertainty(
+                    tap_to_output_uncertainty_db=cal.tap_to_output_uncertainty_db,
+                    meter_uncertainty=cal.power_meter_uncertainty,
+                    drift_allowance=cal.intensity_drift_allowance,
+                ),
+            ),
+            state_dir=self.node.state_dir,
+            publish=self.node.publish,
+        )
+        self.intensities = mu
+        self.encoder_v_pi = None  # measured again once the pair is locked
+        log.info(
+            "transmitter_calibrated",
+            im_v_pi=mod.drive_fit.v_pi_v,
+            mu_signal=mu.signal.mu,
+            mu_decoy=mu.decoy.mu,
+            mu_vacuum_upper=mu.vacuum.upper,
+        )
+        # The receiver calibrates its detectors with our light on.
+        await self.set_light(True)
+        self._progress("calibration", step="receiver_detector_timing", status="started")
+        self._rx_calibration_summary = await self.node.link.request("calibrate", 300.0)
+
+    async def _calibrate_receiver(self) -> None:
+        from qkdnode.procedures.detector_timing import calibrate_detector_timing
+
+        dets = self._detectors()
+        for d in dets:
+            await self._call(d.arm)
+        await self._check_not_latched()
+        tagger: TimeTagger = self._one(TimeTagger)
+        self._progress("calibration", step="detector_timing", status="started")
+        timing = await calibrate_detector_timing(
+            dets,
+            self.cfg.source.slot_rate_hz,
+            state_dir=self.node.state_dir,
+            publish=self.node.publish,
+            wait_integration=self._integration_wait(tagger),
+        )
+        self.dark_rate_hz = await self._measure_dark_rate()
+        self._rx_calibration_summary = {
+            "detector_timing_ok": bool(timing.ok),
+            "dark_rate_hz": self.dark_rate_hz,
+        }
+
+    async def _measure_dark_rate(self) -> float:
+        """Receiver, while the transmitter calibrates: the detectors' total click rate
+        with the transmitter's light off (the dark-count floor of the light-loss test).
+        The light is switched on again whatever happens."""
+        seconds = self.cfg.calibration.integration_time_s
+        readings: list[float] = []
+        try:
+            await self.node.link.request("light", 30.0, on=False)
+            # light still in flight (fiber, buffers) must not count as dark
+            await asyncio.sleep(max(1.0, 4 * seconds))
+            for _ in range(5):
+                await asyncio.sleep(seconds)
+                readings.append(sum([await self._call(d.count_rate_hz) for d in self._detectors()]))
+        finally:
+            await self.node.link.request("light", 30.0, on=True)
+        dark = float(np.median(readings))
+        log.info("dark_rate_measured", dark_rate_hz=round(dark, 3))
+        return dark
+
+    async def _check_not_latched(self) -> None:
+        """Receiver: a detector latched by bright light is a fault, not a failed step."""
+
+        for d in self._detectors():
+            if await self._call(d.status) is DetectorStatus.LATCHED:
+                await self._fault("bright_light", f"{d.name} latched: bright light (blinding?)")
+                raise LinkError(f"{d.name} latched by bright light")
+
+    def _integration_wait(self, tagger: TimeTagger) -> Any:
+        seconds = self.cfg.calibration.integration_time_s
+
+        async def wait() -> None:
+            await asyncio.sleep(seconds)
+
+        return wait

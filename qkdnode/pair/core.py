@@ -1,0 +1,400 @@
+"""The state and services every pair activity shares: key store and key service, the
+authentication pool, instruments, faults and recovery, key delivery calls."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from drivers.interfaces import (
+    DetectorStatus,
+    Encoder,
+    IntensityModulator,
+    Laser,
+    SinglePhotonDetector,
+    TimeTagger,
+    VariableAttenuator,
+)
+from qkdnode.context import NodeContext
+from qkdnode.delivery.keyservice import KeyService
+from qkdnode.lightloss import LightWatch
+from qkdnode.link import LinkError
+from qkdnode.postproc.optimize import Settings
+from qkdnode.postproc.sifting import KeySlotFloor
+from qkdnode.statemachine import Event, State, StateMachine, TransitionRecord
+from qkdnode.tracking import (
+    DetectionAccumulator,
+)
+
+if TYPE_CHECKING:
+    from qkdnode.procedures.encoder_v_pi import EncoderVPiResult
+    from qkdnode.procedures.mean_photon_number import MeanPhotonResult
+
+log = structlog.get_logger(__name__)
+S = State
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """One link step a node answers: its handler (request args -> reply result) and the
+    roles that serve it."""
+
+    handler: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+    roles: tuple[str, ...]
+
+
+#: seconds between two checks of the transmitter's output power against its calibration
+DRIFT_CHECK_S = 10.0
+#: the smallest block the node forms (below it the finite-key terms leave nothing)
+MIN_BLOCK_DETECTIONS = 10_000
+
+
+class SessionCore:
+    """State and services of one node's pair activities (see :mod:`qkdnode.pair`)."""
+
+    def __init__(self, node: NodeContext) -> None:
+        self.node = node
+        self._steps = self._step_table()
+        self.cfg = node.cfg
+        self.role = node.cfg.node.role
+        self.keystore: Any = None
+        self.keys: KeyService | None = None
+        self.auth_pool: Any = None
+        self.tracker: Any = None  # receiver: procedures.sync.SlotTracker once locked
+        self.exchange_from_slot = 0
+        #: transmitter: the first slot a block may use, kept from our own state source
+        self.key_slots = KeySlotFloor()
+        self.next_block_id = 0
+        #: Z- over X-basis error rate of the last good block (sizes the Cascade blocks)
+        self.z_over_x_error_ratio: float | None = None
+        self.qber_reference: float | None = None
+        self._last_drift_check = 0.0
+        self._drift_check: asyncio.Task[None] | None = None
+        #: receiver: detections of the block being filled
+        self._block_target = self.cfg.protocol.block_detections
+        #: transmitter: block size advised to the receiver (None: nothing measured yet)
+        self._advised_block: int | None = None
+        self._advice_link: Any = None
+        self._advice_task: asyncio.Task[None] | None = None
+        #: transmitter: the intensities measured by the last calibration (with intervals)
+        self.intensities: MeanPhotonResult | None = None
+        #: transmitter: targets and probabilities in force (from [source] until the
+        #: optimiser's advice is applied at a calibration, protocol.settings = "auto")
+        src = self.cfg.source
+        self.settings = Settings(
+            src.mu_signal, src.mu_decoy, src.p_signal, src.p_decoy, src.p_basis_z
+        )
+        self._advised_settings: Settings | None = None
+        #: transmitter: the encoder's measured V_pi (None until measured after lock)
+        self.encoder_v_pi: EncoderVPiResult | None = None
+        self._block_results: asyncio.Queue[dict[str, Any]] = asyncio.Queue(64)
+        self._compensating: asyncio.Task[Any] | None = None
+        #: transmitter: the encoder bias is being moved (compensation or drift tracking)
+        self._bias_lock = asyncio.Lock()
+        #: transmitter: detections per slot the receiver sees (from probes and blocks)
+        self._detections_per_slot = 0.0
+        #: receiver: the block being filled, minus drift-tracking windows (while exchanging)
+        self._accumulator: DetectionAccumulator | None = None
+        self._store_full = False  # the last block found the key store full
+        #: receiver: clicks per second with the transmitter's light off (calibration)
+        self.dark_rate_hz = 0.0
+        #: receiver: the light-loss test on the tagger stream (while exchanging)
+        self.light_watch: LightWatch | None = None
+        self._warned_insensitive = False
+        self.etsi: Any = None
+        self._blocks_done: dict[int, asyncio.Event] = {}
+        self._tx_transport: Any = None
+        self._halts: set[asyncio.Future[None]] = set()
+        self._locked_rate_hz = 0.0
+        # Receiver: what the transmitter asked for and what we answered (link requests).
+        self._rx_calibration_summary: dict[str, Any] = {}
+        self._sync_request: dict[str, Any] = {}
+        self._sync_summary: dict[str, Any] = {}
+        self._sync_error = ""
+        self._exchange_started = time.monotonic()
+        self._last_erase = 0.0
+        sm: StateMachine = node.sm
+        sm.on_enter(S.CALIBRATING, self._enter_calibrating)
+        sm.on_enter(S.SYNCHRONIZING, self._enter_synchronizing)
+        sm.on_enter(S.EXCHANGING, self._enter_exchanging)
+        sm.on_enter(S.FAULT, self._enter_fault)
+        sm.on_enter(S.IDLE, self._enter_idle)
+
+    # ------------------------------------------------------------------ life cycle
+    async def open(self) -> None:
+        from qkdnode.keystore.ids import link_id_for
+        from qkdnode.keystore.store import KeyStore
+        from qkdnode.postproc.auth import AuthKeyPool
+
+        c = self.cfg
+        state_dir = self.node.state_dir
+        path = c.keystore.path if c.keystore.path.is_absolute() else state_dir / c.keystore.path
+        self.keystore = await asyncio.to_thread(
+            lambda: KeyStore.open(
+                path,
+                link_id=link_id_for(c.node.id, c.node.peer_id),
+                side=self.role,
+                key_ttl_s=c.keystore.key_ttl_s,
+                max_key_count=c.keystore.max_key_count,
+                compact_interval_s=c.keystore.compact_interval_s,
+            )
+        )
+        self.next_block_id = self.keystore.last_block_id() + 1
+        node = self.node
+        self.keys = KeyService(
+            self.keystore,
+            node.link.request,
+            lambda: node.peer is not None and node.peer.connected,
+        )
+        if c.delivery.enabled:
+            from qkdnode.delivery.etsi import start_etsi_server
+
+            self.etsi = await start_etsi_server(
+                self.keys, c.delivery, key_size_bits=c.keystore.key_size_bits
+            )
+        pool_path = state_dir / "auth_pool.json"
+        if pool_path.exists():
+            self.auth_pool = await asyncio.to_thread(AuthKeyPool.load, pool_path)
+        else:
+            self.auth_pool = await asyncio.to_thread(
+                AuthKeyPool.bootstrap,
+                pool_path,
+                self._auth_psk(),
+                source=str(self.cfg.protocol.auth_psk_file or "the auth.psk credential"),
+            )
+        self.node.stats.auth_key_balance_bits = self._auth_balance_bits()
+
+    def _auth_balance_bits(self) -> int:
+        pool = self.auth_pool
+        return int(8 * min(pool.available_bytes("t2r"), pool.available_bytes("r2t")))
+
+    def _auth_psk(self) -> bytes:
+        from qkdnode.paths import read_credential
+
+        psk_file = self.cfg.protocol.auth_psk_file
+        if psk_file is None and (self.cfg.simulation is not None and self.cfg.simulation.enabled):
+            # A simulated link without a configured secret derives a PUBLIC one from the
+            # link's node ids: fine for a simulation, worthless for security. Real nodes
+            # must configure protocol.auth_psk_file or the auth.psk credential.
+            import hashlib
+
+            link = "~".join(sorted([self.cfg.node.id, self.cfg.node.peer_id]))
+            log.warning("auth_psk_public_simulation_default", link=link)
+            out = b""
+            for i in range(1024):  # 64 KiB: enough one-time key for the first blocks
+                out += hashlib.sha512(f"qkdnode-sim-psk:{link}:{i}".encode()).digest()
+            return out
+        return read_credential("auth.psk", psk_file)
+
+    async def close(self) -> None:
+        if self.etsi is not None:
+            with contextlib.suppress(Exception):
+                await self.etsi.stop()
+        if self.keys is not None:
+            await self.keys.close()
+        if self.keystore is not None:
+            await asyncio.to_thread(self.keystore.close)
+
+    def keystore_counts(self) -> dict[str, int]:
+        if self.keystore is None:
+            return {}
+        return dict(self.keystore.counts())
+
+    # ------------------------------------------------------------------ instruments
+    def _one(self, cls: type[Any]) -> Any:
+        return self.node.hardware.one(cls)
+
+    def _detectors(self) -> list[SinglePhotonDetector]:
+        insts = self.node.hardware.instruments.values()
+        return [i for i in insts if isinstance(i, SinglePhotonDetector)]
+
+    async def _call(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.to_thread(fn, *args)
+
+    async def set_light(self, on: bool) -> None:
+        """Transmitter: laser emission, modulator outputs and shutter together."""
+        laser: Laser = self._one(Laser)
+        voa: VariableAttenuator = self._one(VariableAttenuator)
+        await self._call(laser.set_emission, on)
+        for cls in (IntensityModulator, Encoder):
+            await self._call(self._one(cls).set_output, on)
+        await self._call(voa.set_shutter, on)
+
+    def _progress(self, what: str, **fields: Any) -> None:
+        """Telemetry topic ``progress``: a calibration step started, or how full the
+        block being collected is (receiver, once a second)."""
+        self.node.publish("progress", {"what": what, **fields})
+
+    async def _fault(self, cause: str, message: str) -> None:
+        self.node.alarm(cause, message)
+        self._halt_peer(message)
+        await self.node.trigger(Event.FAULT, message)
+
+    async def _resynchronise(self, reason: str) -> None:
+        """Transmitter: stop both nodes so that the supervisor synchronises the pair again
+        (the receiver first; a stop it does not get leaves it to the pair watch)."""
+        with contextlib.suppress(Exception):
+            await self.node.link.request("stop", 10.0)
+        await self.node.trigger(Event.STOP, reason)
+
+    def _halt_peer(self, reason: str) -> None:
+        """Receiver: tell the transmitter we stopped (best effort, not awaited)."""
+        if self.role != "receiver":
+            return
+
+        async def halt() -> None:
+            with contextlib.suppress(Exception):
+                await self.node.link.request("halt", 10.0, reason=reason)
+
+        self._detached(halt())
+
+    def _detached(self, coro: Any) -> None:
+        """Run ``coro`` as its own task, kept referenced until done (not owned by a state)."""
+        task = asyncio.ensure_future(coro)
+        self._halts.add(task)
+        task.add_done_callback(self._halts.discard)
+
+    async def _enter_fault(self, sm: StateMachine, rec: TransitionRecord) -> None:
+        """Safe state now; then retry the instruments until the cause is gone."""
+        self.node.stats.synchronized = False
+        self.node.stats.calibrated = False
+        self.tracker = None
+        await asyncio.to_thread(self.node.hardware.make_safe)
+        backoff_s = 2.0
+        while True:
+            await asyncio.sleep(backoff_s)
+            try:
+                await self.recover("automatic recovery")
+                return
+            except LinkError as exc:
+                log.info("fault_persists", error=str(exc), retry_s=backoff_s)
+                backoff_s = min(backoff_s * 2, 60.0)
+
+    async def _enter_idle(self, sm: StateMachine, rec: TransitionRecord) -> None:
+        if rec.old is S.CONNECTING and self.role == "transmitter":
+            await self.key_sync_safely()
+        if rec.old is S.EXCHANGING and self.role == "transmitter":
+            with contextlib.suppress(LinkError):
+                await self.node.link.request("stop", 10.0)
+
+    async def recover(self, reason: str) -> None:
+        """FAULT -> reconnect every instrument, clear latches -> CONNECTING (-> IDLE)."""
+        for name, inst in self.node.hardware.instruments.items():
+            try:
+                await self._call(inst.close)
+                await self._call(inst.connect)
+                if isinstance(inst, SinglePhotonDetector):
+                    await self._call(inst.reset_latch)
+                    await self._call(inst.arm)
+                    status = await self._call(inst.status)
+                    await self._call(inst.disarm)
+                    if status is not DetectorStatus.ARMED:
+                        raise LinkError(f"detector {status.name} after reset (light still on?)")
+            except Exception as exc:
+                log.error("recover_failed", instrument=name, error=str(exc))
+                raise LinkError(f"{name} still failing: {exc}") from None
+        await self.node.sm.trigger(Event.RECOVER, reason)
+
+    # ------------------------------------------------------------------ keys
+    async def fetch_keys(self, number: int, size_bits: int, caller: str) -> dict[str, Any]:
+        """Operator delivery (``keys.get``): keys issued to ``ctl:<caller>`` through the same
+        activation as ETSI enc_keys (the peer reserves them for ``ctl:<peer id>``)."""
+        import base64
+
+        assert self.keys is not None
+        keys = await self.keys.issue(
+            f"ctl:{caller}", [f"ctl:{self.cfg.node.peer_id}"], number, size_bits
+        )
+        return {
+            "keys": [
+                {"key_ID": str(k.key_id), "key": base64.b64encode(k.key).decode()} for k in keys
+            ]
+        }
+
+    async def keys_digest(self) -> dict[str, Any]:
+        return dict(await asyncio.to_thread(self.keystore.digest))
+
+    # ------------------------------------------------------------------ key-ID sync
+    async def key_sync_safely(self) -> None:
+        """:meth:`key_sync`, any failure logged (``key_sync_failed``): the peer gone, a
+        summary refused, a store that cannot be written (disk full or failing). Delivery
+        stays out of step and the node retries."""
+        try:
+            await self.key_sync()
+        except Exception as exc:
+            log.warning("key_sync_failed", error=f"{type(exc).__name__}: {exc}")
+
+    async def key_sync(self) -> None:
+        """Transmitter, on every (re)connect: exchange summaries, apply the reconciliation."""
+        assert self.keys is not None
+        await self.keys.sync()
+        self.next_block_id = max(
+            self.next_block_id,
+            self.keystore.last_block_id() + 1,
+            self.keys.peer_next_block_id,
+        )
+        log.info("key_sync_done", **self.keystore_counts())
+
+    if TYPE_CHECKING:  # defined by the activity mixins that ExchangeSession combines
+
+        async def _check_not_latched(self) -> None: ...
+        async def _compensate(self, measure_qber: Any | None = None) -> None: ...
+        async def _enter_calibrating(self, sm: StateMachine, rec: TransitionRecord) -> None: ...
+        async def _enter_exchanging(self, sm: StateMachine, rec: TransitionRecord) -> None: ...
+        async def _enter_synchronizing(self, sm: StateMachine, rec: TransitionRecord) -> None: ...
+        async def _finish_block(
+            self, block_id: int, result: Any, started: float, pulses: int
+        ) -> None: ...
+        async def _light_gone(self, tagger: TimeTagger, watch: LightWatch) -> bool: ...
+        def _new_light_watch(self) -> LightWatch: ...
+        async def _peer_commit(self, step: str, block_id: int) -> dict[str, Any]: ...
+        async def _serve_block(self, block_id: int, pulses: int) -> dict[str, Any]: ...
+        async def _serve_probe(self, n: int, from_slot: int) -> dict[str, Any]: ...
+        async def _serve_track(self, start_slot: int, stop_slot: int) -> dict[str, Any]: ...
+        def _step_table(self) -> dict[str, StepSpec]: ...
+        async def _watch_qber(self, qber: float) -> None: ...
+
+
+#: A block whose X-basis error rate is at least this, on at least SLOT_SLIP_MIN_BITS bits,
+#: has lost the slot alignment (random bits give 1/2; a full intercept-resend attack 1/4).
+SLOT_SLIP_QBER = 0.35
+SLOT_SLIP_MIN_BITS = 1000
+
+
+def _slot_slip(summary: dict[str, Any]) -> bool:
+    """Whether an aborted block's statistics say the slot alignment slipped."""
+    qber_x, sifted_x = summary.get("qber_x"), summary.get("sifted_x")
+    if not isinstance(qber_x, int | float) or not isinstance(sifted_x, int):
+        return False
+    return qber_x >= SLOT_SLIP_QBER and sifted_x >= SLOT_SLIP_MIN_BITS
+
+
+async def _settle(task: asyncio.Task[Any]) -> None:
+    """Wait for ``task`` to end, ignoring its outcome, but never swallow a cancellation of
+    the caller itself (a state leaving must be able to stop the loop that calls this)."""
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
+    except Exception:
+        pass
+
+
+def _scalars(d: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, bool | int | float | str) or v is None:
+            out[k] = v
+        elif isinstance(v, dict):
+            for k2, v2 in v.items():
+                if isinstance(v2, bool | int | float | str):
+                    out[f"{k}_{k2}"] = v2
+    return out

@@ -1,0 +1,456 @@
+"""Key exchange: block pacing on the receiver, the transmitter's answers, settings advice,
+drift tracking and the post-processing parameters of each block."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import structlog
+
+from drivers.interfaces import (
+    Encoder,
+    StateSource,
+    TimeTagger,
+)
+from qkdnode.context import PostprocTransport
+from qkdnode.lightloss import Verdict
+from qkdnode.link import LinkError
+from qkdnode.log import bound_context
+from qkdnode.pair.core import MIN_BLOCK_DETECTIONS, S, SessionCore, _settle
+from qkdnode.probe_wire import BYTES_PER_DETECTION, ProbeWireError, decode_probe
+from qkdnode.statemachine import Event, StateMachine, TransitionRecord
+from qkdnode.tracking import (
+    DetectionAccumulator,
+    TrackingWindow,
+    lock_in_step,
+    step_interval_s,
+)
+
+log = structlog.get_logger(__name__)
+
+
+class ExchangeMixin(SessionCore):
+    """Key exchange: block pacing on the receiver, the transmitter's answers, settings
+    advice, drift tracking and the post-processing parameters of each block."""
+
+    # ------------------------------------------------------------------ key exchange
+    async def _enter_exchanging(self, sm: StateMachine, rec: TransitionRecord) -> None:
+        stats = self.node.stats
+        started = time.monotonic()
+        stats.exchange_started_at = started
+        try:
+            if self.role == "transmitter":
+                await self.node.link.request(
+                    "exchange",
+                    30.0,
+                    next_block_id=self.next_block_id,
+                    first_slot=self.key_slots.floor,
+                )
+                await self._exchange_transmitter(started)
+            else:
+                await self._exchange_receiver(started)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.node.stats.synchronized = False
+            log.exception("exchange_failed", error=str(exc))
+            self.node.alarm("exchange_failed", str(exc))
+            await self.node.trigger(Event.FAILED, f"exchange failed: {exc}")
+        finally:
+            stats.exchange_seconds += time.monotonic() - started
+            stats.exchange_started_at = None
+
+    def _pp_transport(self) -> Any:
+        assert self.node.peer is not None
+        return PostprocTransport(self.node.peer, self.node.pp_inbox)
+
+    def _pp_params(self) -> Any:
+        """Post-processing parameters of the next block. The transmitter, which computes
+        the key length, uses the intensities its calibration measured, each as an interval
+        (the finite-key bound takes the worst case within it); never the targets. The
+        receiver takes the key length from the transmitter's authenticated ``pa`` message
+        and needs the intensities for nothing."""
+        from qkdnode.postproc.params import PostprocParams
+
+        proto, st = self.cfg.protocol, self.settings
+        common = {
+            "eps_sec": proto.eps_sec,
+            "eps_cor": proto.eps_cor,
+            "qber_abort": proto.qber_abort,
+            "p_signal": st.p_signal,
+            "p_decoy": st.p_decoy,
+            "p_basis_z": st.p_basis_z,
+        }
+        if self.role == "receiver":
+            return PostprocParams(mu_signal=st.mu_signal, mu_decoy=st.mu_decoy, **common)
+        m = self.intensities
+        if m is None or m.signal.mu is None or m.decoy.mu is None:
+            raise LinkError("the intensities are not measured: calibrate first")
+        (sl, su), (dl, du), (vl, vu) = m.class_bounds()
+        c_lo, c_hi = m.common_scale()
+        return PostprocParams(
+            mu_signal=m.signal.mu,
+            mu_decoy=m.decoy.mu,
+            mu_vacuum=m.vacuum.mu_or_upper,
+            mu_signal_lower=sl,
+            mu_signal_upper=su,
+            mu_decoy_lower=dl,
+            mu_decoy_upper=du,
+            mu_vacuum_lower=vl,
+            mu_vacuum_upper=vu,
+            mu_scale_lower=c_lo,
+            mu_scale_upper=c_hi,
+            **common,
+        )
+
+    async def _exchange_transmitter(self, started: float) -> None:
+        """Transmitter: blocks are started by the receiver's ``block`` requests (served by
+        :meth:`_serve_block`); this activity only keeps the state's lifetime."""
+        from qkdnode.postproc.auth import AuthenticatedTransport
+
+        self._tx_transport = AuthenticatedTransport(
+            self._pp_transport(), self.auth_pool, "transmitter"
+        )
+        self._exchange_started = started
+        await self._track_drift()
+
+    async def _track_drift(self) -> None:
+        """Transmitter, while exchanging: the lock-in of :mod:`qkdnode.tracking`, one step
+        every ``tracking.interval_s`` (never returns; with 0 it only waits). A failed step
+        is logged and the next one tried: tracking never stops key exchange."""
+        cfg = self.cfg.tracking
+        if cfg.interval_s <= 0:
+            await asyncio.Event().wait()
+        lead_s = 0.01
+        slot_rate = self.cfg.source.slot_rate_hz
+        max_n = (self.cfg.bus.max_control_frame_bytes - 1024) // BYTES_PER_DETECTION
+
+        async def window(w: TrackingWindow) -> tuple[Any, Any]:
+            # Withheld before the receiver is asked: no block may carry these slots.
+            self.key_slots.withhold(w.start_slot, w.stop_slot)
+            reply = await self.node.link.request(
+                "track", 120.0, start_slot=w.start_slot, stop_slot=w.stop_slot
+            )
+            try:
+                return decode_probe(reply, max_n)
+            except ProbeWireError as exc:
+                raise LinkError(str(exc)) from exc
+
+        while True:
+            rate_hz = self._detections_per_slot * slot_rate
+            await asyncio.sleep(step_interval_s(cfg, rate_hz))
+            if self._detections_per_slot <= 0:
+                continue
+            v_pi = (
+                self.encoder_v_pi.bias_v_pi_v
+                if self.encoder_v_pi is not None
+                else self.cfg.calibration.encoder_v_pi_v
+            )
+            amp = self.encoder_v_pi.fit.amp if self.encoder_v_pi is not None else 1.0
+            try:
+                async with self._bias_lock:
+                    step = await lock_in_step(
+                        self._one(Encoder),
+                        self._one(StateSource),
+                        window,
+                        cfg,
+                        v_pi_v=v_pi,
+                        amplitude=amp,
+                        detections_per_slot=self._detections_per_slot,
+                        lead_slots=int(lead_s * slot_rate),
+                    )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # instrument, link or tracking: never ends the exchange
+                log.warning(
+                    "drift_tracking_step_failed", error=f"{type(exc).__name__}: {str(exc)[:200]}"
+                )
+                if "already cut" in str(exc):
+                    lead_s = min(2 * lead_s, 2.0)
+                continue
+            if step is None:
+                log.info("drift_tracking_skipped", reason="too few detections in a window")
+                continue
+            n_det = step.n_plus + step.n_minus
+            fields = {
+                "bias_v": round(step.bias_v, 5),
+                "new_bias_v": round(step.new_bias_v, 5),
+                "offset_v": round(step.offset_v, 5),
+                "qber_plus": round(step.q_plus, 5),
+                "qber_minus": round(step.q_minus, 5),
+                "sifted": n_det,
+            }
+            log.info("drift_tracked", **fields)
+            self.node.publish("tracking", fields)
+
+    async def _serve_block(self, block_id: int, pulses: int) -> dict[str, Any]:
+        """Transmitter: run block ``block_id`` that the receiver is starting now."""
+        if self.node.sm.state is not S.EXCHANGING or self._tx_transport is None:
+            raise LinkError(f"not exchanging (state {self.node.sm.state.value})")
+        if block_id < self.next_block_id:
+            raise LinkError(f"block {block_id} already used; next is {self.next_block_id}")
+        self.next_block_id = block_id + 1
+        task = self.node.sm.spawn(self._tx_block(block_id, pulses), f"block-{block_id}")
+        ok: bool = await task
+        reply: dict[str, Any] = {"ok": ok}
+        if self._advised_block is not None:
+            reply["next_block_detections"] = self._advised_block
+        return reply
+
+    async def _tx_block(self, block_id: int, pulses: int) -> bool:
+        from qkdnode.postproc.pipeline import run_block_transmitter
+
+        src: StateSource = self._one(StateSource)
+        with bound_context(block_id=block_id):
+            result = await run_block_transmitter(
+                self._tx_transport,
+                block_id,
+                src.prepared,
+                self._pp_params(),
+                z_over_x_error_ratio=self.z_over_x_error_ratio,
+                key_slots=self.key_slots,
+            )
+            qz, qx = result.stats.get("qber_z"), result.stats.get("qber_x")
+            detections = result.stats.get("detections")
+            if isinstance(detections, int) and detections > 0 and pulses > 0:
+                self._detections_per_slot = detections / pulses
+            if result.ok and qz is not None and qx:
+                self.z_over_x_error_ratio = float(qz) / float(qx)
+            await self._finish_block(block_id, result, self._exchange_started, pulses)
+            if result.ok and self.cfg.protocol.block_size == "auto":
+                self._advise(result.stats, pulses)
+        return bool(result.ok)
+
+    def _advise(self, block: dict[str, Any], pulses: int) -> None:
+        """Transmitter: fit the link to the block just committed and, when it moved by more
+        than 10 % (or on the first block), work out in a thread the block size the
+        finite-key bound needs there and the settings that would serve it best. The size
+        goes to the receiver with the next block's reply; the settings are logged and
+        published as advice (applied at the next calibration)."""
+        from qkdnode.postproc.linkfit import BlockObservation, LinkFitError, fit_link
+
+        m = self.intensities
+        per_class = block.get("detections_per_class")
+        if m is None or not isinstance(per_class, list) or len(per_class) != 3:
+            return
+        src, st = self.cfg.source, self.settings
+        try:
+            link = fit_link(
+                BlockObservation(
+                    pulses=pulses,
+                    detections_per_class=(int(per_class[0]), int(per_class[1]), int(per_class[2])),
+                    mu=(m.signal.mu_or_upper, m.decoy.mu_or_upper, m.vacuum.mu_or_upper),
+                    p_class=(st.p_signal, st.p_decoy, st.p_vacuum),
+                    qber_z=float(block.get("qber_z") or block.get("qber_x") or 0.0),
+                    rx_basis_z_fraction=float(block.get("rx_basis_z_fraction") or 0.5),
+                    slot_rate_hz=src.slot_rate_hz,
+                    ec_inefficiency=block.get("ec_efficiency"),
+                )
+            )
+        except (LinkFitError, ValueError) as exc:
+            log.warning("link_fit_failed", error=str(exc))
+            return
+        old = self._advice_link
+        if (
+            old is not None
+            and abs(link.transmittance / old.transmittance - 1) < 0.1
+            and abs(link.optical_error - old.optical_error) < 0.1 * max(old.optical_error, 1e-3)
+        ):
+            return
+        if self._advice_task is not None and not self._advice_task.done():
+            return
+        self._advice_link = link
+        self._advice_task = asyncio.get_running_loop().create_task(self._advice_for(link))
+
+    async def _advice_for(self, link: Any) -> None:
+        """Transmitter, in a thread: the block size the bound needs on ``link`` (sent to the
+        receiver, capped at ``protocol.block_detections``) and the settings that maximise
+        the finite-key rate of that block (applied at the next calibration with
+        ``protocol.settings = "auto"``)."""
+        from qkdnode.postproc.finitekey import Interval
+        from qkdnode.postproc.optimize import (
+            Detections,
+            OptimizeError,
+            SourceModel,
+            expected_key,
+            optimize_settings,
+            required_block,
+        )
+
+        proto = self.cfg.protocol
+        m = self.intensities
+        vacuum = Interval(m.vacuum.lower, m.vacuum.upper) if m is not None else Interval.point(0.0)
+        source = SourceModel(mu_vacuum=vacuum)
+        try:
+            advice = await asyncio.to_thread(required_block, link, fraction=0.9, source=source)
+            block = Detections(min(advice.detections, proto.block_detections))
+            best = await asyncio.to_thread(
+                optimize_settings, link, block, source=source, start=self.settings
+            )
+            now = await asyncio.to_thread(expected_key, link, self.settings, block, source=source)
+        except (OptimizeError, ValueError, ArithmeticError) as exc:
+            # Advice only: the receiver keeps its block size, the settings stay.
+            log.warning("block_advice_failed", error=f"{type(exc).__name__}: {exc}")
+            return
+        self._advised_block = int(block.count)
+        st = best.settings
+        if best.bits_per_pulse > 1.02 * now.bits_per_pulse:
+            self._advised_settings = st
+        log.info(
+            "link_measured",
+            transmittance=link.transmittance,
+            background_per_pulse=link.background_per_pulse,
+            optical_error=link.optical_error,
+            needed_block_detections=int(advice.detections),
+            advised_block_detections=self._advised_block,
+            advised_mu_signal=round(st.mu_signal, 4),
+            advised_mu_decoy=round(st.mu_decoy, 4),
+            advised_p_signal=round(st.p_signal, 4),
+            advised_p_decoy=round(st.p_decoy, 4),
+            advised_p_basis_z=round(st.p_basis_z, 4),
+            expected_bits_per_pulse_advised=best.bits_per_pulse,
+            expected_bits_per_pulse_now=now.bits_per_pulse,
+            applied_at_next_calibration=self._advised_settings is not None
+            and proto.settings == "auto",
+            seconds=round(advice.seconds, 3),
+        )
+
+    async def _exchange_receiver(self, started: float) -> None:
+        from qkdnode.postproc.auth import AuthenticatedTransport
+        from qkdnode.postproc.pipeline import run_block_receiver
+
+        if self.tracker is None:
+            raise LinkError("not synchronized")
+        tagger: TimeTagger = self._one(TimeTagger)
+        params = self._pp_params()
+        transport = AuthenticatedTransport(self._pp_transport(), self.auth_pool, "receiver")
+        # One block waits while one is processed: blocks are large (memory), and a block
+        # queued longer than that would only grow stale.
+        queue: asyncio.Queue[tuple[npt.NDArray[np.int64], npt.NDArray[np.int8]]] = asyncio.Queue(1)
+        self._locked_rate_hz = sum([await self._call(d.count_rate_hz) for d in self._detectors()])
+        self._set_block_target(self._first_block_target())
+        reader = asyncio.create_task(self._read_detections(tagger, queue))
+        try:
+            while True:
+                slots, channels = await queue.get()
+                block_id = self.next_block_id
+                self.next_block_id = block_id + 1
+                with bound_context(block_id=block_id):
+                    # The transmitter learns of the block first; both number it the same.
+                    pulses = int(slots[-1] - slots[0] + 1)
+                    announce = asyncio.create_task(
+                        self.node.link.request(
+                            "block",
+                            params.recv_timeout_s * 60,
+                            block_id=block_id,
+                            pulses=pulses,
+                        )
+                    )
+                    try:
+                        result = await run_block_receiver(
+                            transport, block_id, slots, channels, params
+                        )
+                        await self._finish_block(block_id, result, started, pulses)
+                        reply = await announce
+                        advised = reply.get("next_block_detections") if reply else None
+                        if isinstance(advised, int) and not isinstance(advised, bool):
+                            self._set_block_target(advised)
+                    except LinkError as exc:
+                        log.warning("block_not_served", error=str(exc))
+                        self.node.pp_drain()
+                    finally:
+                        if not announce.done():
+                            announce.cancel()
+                        await _settle(announce)
+        finally:
+            reader.cancel()
+            with contextlib.suppress(BaseException):
+                await reader
+
+    async def _read_detections(
+        self,
+        tagger: TimeTagger,
+        out: asyncio.Queue[tuple[npt.NDArray[np.int64], npt.NDArray[np.int8]]],
+    ) -> None:
+        """Receiver: tags -> (slot, channel) with tracking; hands out full blocks. Detections
+        of drift-tracking windows are diverted on the way (:class:`DetectionAccumulator`)."""
+        acc = self._accumulator = DetectionAccumulator()
+        watch = self.light_watch = self._new_light_watch()
+        last_progress = 0.0
+        try:
+            while True:
+                block = await asyncio.to_thread(tagger.read_block, 0.5)
+                if block is None:
+                    continue
+                if watch.add_block(len(block), block.start_ps, block.stop_ps) is Verdict.GONE:
+                    # Not awaited: the fault cancels the exchange task that owns this one.
+                    self._detached(self._fault("no_light", watch.explain()))
+                    return
+                if len(block) == 0:
+                    continue
+                mapped, status = await asyncio.to_thread(self.tracker.update, block.tags)
+                if status.lost:
+                    if await self._light_gone(tagger, watch):
+                        self._detached(self._fault("no_light", watch.explain()))
+                        return
+                    self.node.alarm(
+                        "lock_lost", "timing lock lost", in_window=status.in_window_fraction
+                    )
+                    self.tracker = None
+                    self.node.stats.synchronized = False
+                    self._halt_peer("lock lost")
+                    self._detached(
+                        self.node.trigger(Event.LOCK_LOST, "tracking lost the slot clock")
+                    )
+                    return
+                keep = mapped.slot_index >= self.exchange_from_slot
+                s = mapped.slot_index[keep]
+                if s.size == 0:
+                    continue
+                acc.add(s.astype(np.int64), mapped.channel[keep])
+                self.node.stats.detections_read += int(s.size)
+                now = time.monotonic()
+                if now - last_progress >= 1.0:
+                    last_progress = now
+                    self._progress(
+                        "block",
+                        block_id=self.next_block_id,
+                        done=acc.have,
+                        total=self._block_target,
+                    )
+                if acc.have >= self._block_target:
+                    # Cut between slots: the clicks of one slot belong to one block (the
+                    # transmitter refuses a slot that an earlier block announced).
+                    full = await asyncio.to_thread(acc.cut, self._block_target)
+                    if full is not None:
+                        await out.put(full)
+        finally:
+            self._accumulator = None
+            acc.close("the receiver stopped collecting detections")
+
+    def _first_block_target(self) -> int:
+        """Receiver: detections of the first block: ``protocol.block_detections``, but no
+        more than ``protocol.max_block_seconds`` of light at the rate seen at the start.
+        Later blocks follow the transmitter's advice (what the finite-key bound needs on
+        the link the last block measured), within the same limits."""
+        proto = self.cfg.protocol
+        by_time = self._locked_rate_hz * proto.max_block_seconds
+        return int(min(proto.block_detections, by_time)) if by_time > 0 else proto.block_detections
+
+    def _set_block_target(self, detections: int) -> None:
+        """Receiver: the size of the block being filled, clamped to our own limits."""
+        proto = self.cfg.protocol
+        by_time = self._locked_rate_hz * proto.max_block_seconds
+        upper = min(proto.block_detections, by_time) if by_time > 0 else proto.block_detections
+        target = int(max(MIN_BLOCK_DETECTIONS, min(int(detections), upper)))
+        if proto.block_size == "fixed":
+            target = proto.block_detections
+        if target != self._block_target:
+            log.info("block_size", detections=target, advised=int(detections))
+        self._block_target = target
+        self.node.stats.block_detections = target
