@@ -19,6 +19,7 @@ import zmq
 import zmq.asyncio
 
 from qkdnode.alarms import Alarm, AlarmBoard
+from qkdnode.backoff import Backoff
 from qkdnode.bus.commands import CallerInfo, CommandSpec, CommandTable
 from qkdnode.bus.control import ControlServer
 from qkdnode.bus.errors import CommandError, PeerDisconnected, PeerTimeout
@@ -459,7 +460,7 @@ class Node(DaemonBase):
         synchronize if it is not synchronized, else start the exchange. Failed attempts
         back off from 2 s to 15 s.
         """
-        backoff_s = 2.0
+        backoff = Backoff(2.0, 15.0)
         while True:
             await asyncio.sleep(1.0)
             if not self.auto or self.sm.state is not S.IDLE:
@@ -467,11 +468,11 @@ class Node(DaemonBase):
             if self.peer is None or not self.peer.connected:
                 continue
             if await self._auto_step():
-                backoff_s = 2.0
+                backoff.reset()
             else:
-                log.info("autostart_backoff", seconds=backoff_s)
-                await asyncio.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, 15.0)
+                delay = backoff.next()
+                log.info("autostart_backoff", seconds=delay)
+                await asyncio.sleep(delay)
 
     async def _auto_step(self) -> bool:
         st = self.stats

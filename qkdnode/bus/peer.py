@@ -38,6 +38,7 @@ import zmq
 import zmq.asyncio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from qkdnode.backoff import Backoff
 from qkdnode.bus.envelope import PROTOCOL_VERSION
 from qkdnode.bus.errors import BusError, PeerDisconnected, PeerTimeout
 from qkdnode.bus.keys import public_from_secret
@@ -450,7 +451,7 @@ class PeerChannel:
     # ---------------------------------------------------------------- liveness
     async def _heartbeat_loop(self) -> None:
         interval = self._bus.heartbeat_interval_s
-        backoff = interval
+        backoff = Backoff(interval, max(interval, self._bus.reconnect_max_s))
         while True:
             await asyncio.sleep(interval)
             self._send_control_nowait(HEARTBEAT)
@@ -464,10 +465,9 @@ class PeerChannel:
             if self.role == "receiver":
                 # Paranoid Pirate: new socket, after an exponentially growing pause
                 await self._close_socket()
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self._bus.reconnect_max_s)
+                await asyncio.sleep(backoff.next())
                 self.reconnects += 1
                 self._open_socket()
             self.liveness = self._bus.heartbeat_liveness
             if self.connected:
-                backoff = interval
+                backoff.reset()

@@ -11,6 +11,7 @@ import structlog
 import zmq
 import zmq.asyncio
 
+from qkdnode.backoff import Backoff
 from qkdnode.bus.envelope import IdMaker, ReplyEnvelope, parse_reply, request_bytes
 from qkdnode.bus.errors import BusError, BusTimeout, RemoteError
 from qkdnode.client._common import (
@@ -131,25 +132,25 @@ class AsyncClient:
 
     async def _heartbeat_loop(self) -> None:
         assert self._hb_s is not None
-        backoff = self._hb_s
+        backoff = Backoff(self._hb_s, max(self._hb_s, self._reconnect_max_s))
         while not self._closed:
             await asyncio.sleep(self._hb_s)
             if time.monotonic() - self._last_rx < self._hb_s:
                 continue  # traffic seen recently: that is a heartbeat
             try:
                 await self._exchange("heartbeat", None, {}, self._hb_s)
-                backoff = self._hb_s
+                backoff.reset()
             except (BusTimeout, BusError):
                 self.liveness -= 1
                 if self.liveness > 0:
                     continue
                 self.connected = False
+                delay = backoff.next()
                 log.warning(
-                    "bus.client.server_lost", endpoint=self.endpoint, retry_in_s=round(backoff, 3)
+                    "bus.client.server_lost", endpoint=self.endpoint, retry_in_s=round(delay, 3)
                 )
                 await self._close_socket("lost (no heartbeat)")
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self._reconnect_max_s)
+                await asyncio.sleep(delay)
                 self.reconnects += 1
                 self.liveness = self.liveness_max
                 self._open_socket()

@@ -21,6 +21,7 @@ from drivers.interfaces import (
     TimeTagger,
     VariableAttenuator,
 )
+from qkdnode.backoff import Backoff
 from qkdnode.context import NodeContext
 from qkdnode.delivery.keyservice import KeyService
 from qkdnode.lightloss import LightWatch
@@ -266,15 +267,14 @@ class SessionCore:
         self.node.stats.calibrated = False
         self.tracker = None
         await asyncio.to_thread(self.node.hardware.make_safe)
-        backoff_s = 2.0
+        backoff = Backoff(2.0, 60.0)
         while True:
-            await asyncio.sleep(backoff_s)
+            await asyncio.sleep(backoff.next())
             try:
                 await self.recover("automatic recovery")
                 return
             except LinkError as exc:
-                log.info("fault_persists", error=str(exc), retry_s=backoff_s)
-                backoff_s = min(backoff_s * 2, 60.0)
+                log.info("fault_persists", error=str(exc), retry_s=backoff.current_s)
 
     async def _enter_idle(self, sm: StateMachine, rec: TransitionRecord) -> None:
         if rec.old is S.CONNECTING and self.role == "transmitter":
