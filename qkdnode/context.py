@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from qkdnode.bus.errors import PeerDisconnected
+from qkdnode.bus.errors import PeerDisconnected, PeerTimeout
+from qkdnode.bus.peer import next_message
 from qkdnode.link import PP_PREFIX
 from qkdnode.postproc.transport import Buffer, TransportError, TransportTimeoutError
 from qkdnode.postproc.transport import PeerMessage as PPMessage
@@ -97,15 +98,11 @@ class PostprocTransport:
 
     async def recv(self, timeout_s: float) -> PPMessage:
         try:
-            if self._inbox.empty():
-                async with asyncio.timeout(timeout_s):
-                    item = await self._inbox.get()
-            else:
-                item = self._inbox.get_nowait()
-        except TimeoutError:
+            item = await next_message(self._inbox, timeout_s)
+        except PeerTimeout:
             raise TransportTimeoutError(f"no peer message within {timeout_s:g} s") from None
-        if isinstance(item, PeerDisconnected):
-            raise TransportError(f"peer link: {item}")
+        except PeerDisconnected as exc:
+            raise TransportError(f"peer link: {exc}") from None
         return PPMessage(item.kind.removeprefix(PP_PREFIX), item.header, list(item.buffers))
 
 

@@ -106,6 +106,23 @@ class PeerLink(Protocol):
     async def recv(self, timeout_s: float) -> PeerMessage: ...
 
 
+async def next_message(inbox: asyncio.Queue[Any], timeout_s: float) -> PeerMessage:
+    """The next message of a peer inbox (messages and link events, in arrival order):
+    PeerTimeout after ``timeout_s``, a link event (PeerDisconnected) raised."""
+    try:
+        if inbox.empty():
+            async with asyncio.timeout(timeout_s):
+                item = await inbox.get()
+        else:
+            item = inbox.get_nowait()
+    except TimeoutError:
+        raise PeerTimeout(f"no peer message within {timeout_s:g} s") from None
+    if isinstance(item, PeerDisconnected):
+        raise item
+    assert isinstance(item, PeerMessage)
+    return item
+
+
 def _retrieve(fut: asyncio.Future[Any]) -> None:
     if not fut.cancelled():
         fut.exception()
@@ -359,17 +376,7 @@ class PeerChannel:
     # ---------------------------------------------------------------- receiving
     async def recv(self, timeout_s: float) -> PeerMessage:
         """Next data message; raises PeerTimeout, or PeerDisconnected for a link event."""
-        try:
-            if self._inbox.empty():
-                async with asyncio.timeout(timeout_s):
-                    item = await self._inbox.get()
-            else:
-                item = self._inbox.get_nowait()
-        except TimeoutError:
-            raise PeerTimeout(f"no peer message within {timeout_s:g} s") from None
-        if isinstance(item, PeerDisconnected):
-            raise item
-        return item
+        return await next_message(self._inbox, timeout_s)
 
     async def _read_loop(self, sock: zmq.asyncio.Socket) -> None:
         limit = self._bus.max_peer_header_bytes
