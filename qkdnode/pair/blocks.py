@@ -11,6 +11,7 @@ import structlog
 from qkdnode.keystore.ids import ID_SEED_BYTES
 from qkdnode.link import LinkError
 from qkdnode.pair.core import SessionCore, _scalars, _slot_slip
+from qkdnode.postproc.pipeline import BlockResult
 
 log = structlog.get_logger(__name__)
 
@@ -19,7 +20,9 @@ class BlocksMixin(SessionCore):
     """Book-keeping of finished blocks: statistics, key store, the two-phase commit,
     QBER."""
 
-    async def _finish_block(self, block_id: int, result: Any, started: float, pulses: int) -> None:
+    async def _finish_block(
+        self, block_id: int, result: BlockResult, started: float, pulses: int
+    ) -> None:
         """Book-keeping of one finished block: statistics, key store, telemetry, QBER watch.
 
         ``pulses`` is the number of slots the block's detections span (both nodes count
@@ -27,32 +30,25 @@ class BlocksMixin(SessionCore):
         from qkdnode.keystore.models import Provenance
 
         stats = self.node.stats
-        summary = dict(result.stats)
-        stats.sifted_bits += int(summary.get("sifted_z", 0)) + int(summary.get("sifted_x", 0))
+        block = result.stats
+        block.pulses = pulses
+        stats.sifted_bits += block.sifted_z + (block.sifted_x or 0)
         stats.pulses += pulses
-        summary["pulses"] = pulses
-        stats.detections += int(summary.get("detections", 0))
-        qber = summary.get("qber_z")
-        if qber is None:
-            qber = summary.get("qber_x")
+        stats.detections += block.detections
+        qber = block.qber_z if block.qber_z is not None else block.qber_x
         if qber is not None:
-            stats.qber = float(qber)
-        stats.last_block = summary
-        auth_bits = max(
-            int(summary.get("auth_bits_sent", 0)), int(summary.get("auth_bits_received", 0))
-        )
+            stats.qber = qber
+        stats.last_block = block.as_dict()
+        auth_bits = max(block.auth_bits_sent, block.auth_bits_received)
         self.node.keyflow.block_finished(
-            bool(result.ok),
-            result.abort_reason,
-            float(qber) if qber is not None else None,
-            auth_bits or None,
+            bool(result.ok), result.abort_reason, qber, auth_bits or None
         )
-        if not result.ok and self.role == "transmitter" and _slot_slip(summary):
+        if not result.ok and self.role == "transmitter" and _slot_slip(block):
             # Bits as random as coin flips: the slot clock slipped by whole slots (a clock
             # step of the receiver's tagger): every later block would abort the same way.
             message = (
-                f"X-basis error rate {float(summary['qber_x']):.3f} on "
-                f"{int(summary['sifted_x'])} bits: the slot alignment slipped (clock step?)"
+                f"X-basis error rate {block.qber_x or 0.0:.3f} on {block.sifted_x or 0} "
+                "bits: the slot alignment slipped (clock step?)"
             )
             log.warning("slot_alignment_lost", block_id=block_id, message=message)
             self.node.alarm("lock_lost", message)
@@ -64,7 +60,7 @@ class BlocksMixin(SessionCore):
             size = self.cfg.keystore.key_size_bits
             if len(key) >= ID_SEED_BYTES + size // 8:
                 prov = Provenance(
-                    qber=float(qber or 0.0),
+                    qber=qber or 0.0,
                     eps_sec=self.cfg.protocol.eps_sec,
                     eps_cor=self.cfg.protocol.eps_cor,
                 )
@@ -75,42 +71,36 @@ class BlocksMixin(SessionCore):
             await self._commit_pair(block_id, stored)
         if result.ok:
             stats.blocks_ok += 1
-            stats.secret_bits += int(summary.get("final_key_bits", 0))
+            stats.secret_bits += block.final_key_bits
         else:
             stats.blocks_aborted += 1
         stats.auth_key_balance_bits = self._auth_balance_bits()
         metrics = self.node.metrics
         if metrics is not None:
             qb: dict[str, float] = {}
-            if summary.get("qber_z") is not None:
-                qb["Z"] = float(summary["qber_z"])
-            if summary.get("qber_x") is not None:
-                qb["X"] = float(summary["qber_x"])
-            seconds = summary.get("seconds")
-            stages = {
-                str(k): float(v)
-                for k, v in (seconds.items() if isinstance(seconds, dict) else ())
-                if isinstance(v, int | float)
-            }
+            if block.qber_z is not None:
+                qb["Z"] = block.qber_z
+            if block.qber_x is not None:
+                qb["X"] = block.qber_x
+            stages = dict(block.seconds)
             metrics.observe_block(
                 {
                     "outcome": "ok" if result.ok else "aborted",
                     "qber": qb or None,
-                    "sifted_bits": int(summary.get("sifted_z", 0))
-                    + int(summary.get("sifted_x", 0)),
-                    "secret_bits": int(summary.get("final_key_bits", 0)),
-                    "disclosed_bits": int(summary.get("ec_disclosed_bits", 0)),
+                    "sifted_bits": block.sifted_z + (block.sifted_x or 0),
+                    "secret_bits": block.final_key_bits,
+                    "disclosed_bits": block.ec_disclosed_bits,
                     "duration_s": sum(stages.values()) or None,
-                    "ec_efficiency": summary.get("ec_efficiency"),
+                    "ec_efficiency": block.ec_efficiency,
                     "stage_durations_s": stages,
                 }
             )
             metrics.set_auth_balance_bits(stats.auth_key_balance_bits)
-        fields = {k: v for k, v in _scalars(summary).items() if k != "block_id"}
+        fields = {k: v for k, v in _scalars(block.as_dict()).items() if k != "block_id"}
         log.info("block_summary", ok=bool(result.ok), reason=result.abort_reason, **fields)
         self.node.publish("block", {"block_id": block_id, "ok": bool(result.ok), **fields})
         if self.role == "transmitter" and qber is not None:
-            await self._watch_qber(float(qber))
+            await self._watch_qber(qber)
 
     def _block_event(self, block_id: int) -> asyncio.Event:
         ev = self._blocks_done.get(block_id)

@@ -26,6 +26,7 @@ from qkdnode.context import NodeContext
 from qkdnode.delivery.keyservice import KeyService
 from qkdnode.lightloss import LightWatch
 from qkdnode.link import LinkError
+from qkdnode.postproc.blockstats import BlockStats
 from qkdnode.postproc.optimize import Settings
 from qkdnode.postproc.sifting import KeySlotFloor
 from qkdnode.statemachine import Event, State, StateMachine, TransitionRecord
@@ -34,6 +35,7 @@ from qkdnode.tracking import (
 )
 
 if TYPE_CHECKING:
+    from qkdnode.postproc.pipeline import BlockResult
     from qkdnode.procedures.encoder_v_pi import EncoderVPiResult
     from qkdnode.procedures.mean_photon_number import MeanPhotonResult
 
@@ -349,7 +351,7 @@ class SessionCore:
         async def _enter_exchanging(self, sm: StateMachine, rec: TransitionRecord) -> None: ...
         async def _enter_synchronizing(self, sm: StateMachine, rec: TransitionRecord) -> None: ...
         async def _finish_block(
-            self, block_id: int, result: Any, started: float, pulses: int
+            self, block_id: int, result: BlockResult, started: float, pulses: int
         ) -> None: ...
         async def _light_gone(self, tagger: TimeTagger, watch: LightWatch) -> bool: ...
         def _new_light_watch(self) -> LightWatch: ...
@@ -367,12 +369,11 @@ SLOT_SLIP_QBER = 0.35
 SLOT_SLIP_MIN_BITS = 1000
 
 
-def _slot_slip(summary: dict[str, Any]) -> bool:
+def _slot_slip(block: BlockStats) -> bool:
     """Whether an aborted block's statistics say the slot alignment slipped."""
-    qber_x, sifted_x = summary.get("qber_x"), summary.get("sifted_x")
-    if not isinstance(qber_x, int | float) or not isinstance(sifted_x, int):
+    if block.qber_x is None or block.sifted_x is None:
         return False
-    return qber_x >= SLOT_SLIP_QBER and sifted_x >= SLOT_SLIP_MIN_BITS
+    return block.qber_x >= SLOT_SLIP_QBER and block.sifted_x >= SLOT_SLIP_MIN_BITS
 
 
 async def _settle(task: asyncio.Task[Any]) -> None:

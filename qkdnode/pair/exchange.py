@@ -22,6 +22,7 @@ from qkdnode.lightloss import Verdict
 from qkdnode.link import LinkError
 from qkdnode.log import bound_context
 from qkdnode.pair.core import MIN_BLOCK_DETECTIONS, S, SessionCore, _settle
+from qkdnode.postproc.blockstats import BlockStats
 from qkdnode.probe_wire import BYTES_PER_DETECTION, ProbeWireError, decode_probe
 from qkdnode.statemachine import Event, StateMachine, TransitionRecord
 from qkdnode.tracking import (
@@ -215,18 +216,18 @@ class ExchangeMixin(SessionCore):
                 z_over_x_error_ratio=self.z_over_x_error_ratio,
                 key_slots=self.key_slots,
             )
-            qz, qx = result.stats.get("qber_z"), result.stats.get("qber_x")
-            detections = result.stats.get("detections")
-            if isinstance(detections, int) and detections > 0 and pulses > 0:
+            qz, qx = result.stats.qber_z, result.stats.qber_x
+            detections = result.stats.detections
+            if detections > 0 and pulses > 0:
                 self._detections_per_slot = detections / pulses
             if result.ok and qz is not None and qx:
-                self.z_over_x_error_ratio = float(qz) / float(qx)
+                self.z_over_x_error_ratio = qz / qx
             await self._finish_block(block_id, result, self._exchange_started, pulses)
             if result.ok and self.cfg.protocol.block_size == "auto":
                 self._advise(result.stats, pulses)
         return bool(result.ok)
 
-    def _advise(self, block: dict[str, Any], pulses: int) -> None:
+    def _advise(self, block: BlockStats, pulses: int) -> None:
         """Transmitter: fit the link to the block just committed and, when it moved by more
         than 10 % (or on the first block), work out in a thread the block size the
         finite-key bound needs there and the settings that would serve it best. The size
@@ -235,8 +236,8 @@ class ExchangeMixin(SessionCore):
         from qkdnode.postproc.linkfit import BlockObservation, LinkFitError, fit_link
 
         m = self.intensities
-        per_class = block.get("detections_per_class")
-        if m is None or not isinstance(per_class, list) or len(per_class) != 3:
+        per_class = block.detections_per_class
+        if m is None or per_class is None or len(per_class) != 3:
             return
         src, st = self.cfg.source, self.settings
         try:
@@ -246,10 +247,10 @@ class ExchangeMixin(SessionCore):
                     detections_per_class=(int(per_class[0]), int(per_class[1]), int(per_class[2])),
                     mu=(m.signal.mu_or_upper, m.decoy.mu_or_upper, m.vacuum.mu_or_upper),
                     p_class=(st.p_signal, st.p_decoy, st.p_vacuum),
-                    qber_z=float(block.get("qber_z") or block.get("qber_x") or 0.0),
-                    rx_basis_z_fraction=float(block.get("rx_basis_z_fraction") or 0.5),
+                    qber_z=float(block.qber_z or block.qber_x or 0.0),
+                    rx_basis_z_fraction=float(block.rx_basis_z_fraction or 0.5),
                     slot_rate_hz=src.slot_rate_hz,
-                    ec_inefficiency=block.get("ec_efficiency"),
+                    ec_inefficiency=block.ec_efficiency,
                 )
             )
         except (LinkFitError, ValueError) as exc:

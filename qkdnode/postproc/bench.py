@@ -337,7 +337,7 @@ def bench_auth_key_per_block(n: int | None = None) -> dict[str, object]:
         "bits/direction",
         "<= 4096",
         f"{n:g} detections{' (default block)' if n == default_block_detections() else ''}, "
-        f"QBER {r_res.stats['qber_z']:.3f}: "
+        f"QBER {r_res.stats.qber_z or 0.0:.3f}: "
         f"T->R {t2r} bits / {a_tx.tags_sent} tags, R->T {r2t} bits / {a_rx.tags_sent} tags, "
         f"{a_tx.messages_sent + a_rx.messages_sent} messages",
     )

@@ -52,6 +52,7 @@ import structlog
 from drivers.interfaces import PreparedStates
 from qkdnode.postproc import cascade, finitekey, sifting, toeplitz, verify
 from qkdnode.postproc.auth import AuthenticatedTransport, AuthError
+from qkdnode.postproc.blockstats import BlockStats
 from qkdnode.postproc.leak import BlockLeak, integer_bits
 from qkdnode.postproc.params import PostprocParams
 from qkdnode.postproc.transport import PeerMessage, PeerTransport, TransportError
@@ -78,7 +79,7 @@ class BlockResult:
     block_id: int
     abort_reason: str = ""
     key: U8 | None = field(default=None, repr=False)
-    stats: dict[str, Any] = field(default_factory=dict)
+    stats: BlockStats = field(default_factory=lambda: BlockStats(block_id=-1))
 
     @property
     def key_bytes(self) -> bytes:
@@ -259,7 +260,7 @@ def _error_count(done: dict[str, Any], n_bits: int) -> int:
 
 
 async def _finish(
-    t: AuthenticatedTransport, block_id: int, exc: BaseException, stats: dict[str, Any]
+    t: AuthenticatedTransport, block_id: int, exc: BaseException, stats: BlockStats
 ) -> BlockResult:
     reason = f"{type(exc).__name__}: {exc}"
     log.warning("postproc_block_abort", block_id=block_id, reason=reason)
@@ -270,19 +271,17 @@ async def _finish(
             await t.send("abort", {"reason": reason[:200]}, [])
         except Exception:
             pass
-    stats.update(_auth_stats(t))
+    _record_auth(stats, t)
     t.pool.save()
     return BlockResult(False, block_id, reason, None, stats)
 
 
-def _auth_stats(t: AuthenticatedTransport) -> dict[str, Any]:
-    return {
-        "auth_bits_sent": t.sent_pad_bits,
-        "auth_bits_received": t.recv_pad_bits,
-        "auth_tags_sent": t.tags_sent,
-        "auth_tags_verified": t.tags_verified,
-        "auth_forgery_bound": t.forgery_bound,
-    }
+def _record_auth(stats: BlockStats, t: AuthenticatedTransport) -> None:
+    stats.auth_bits_sent = t.sent_pad_bits
+    stats.auth_bits_received = t.recv_pad_bits
+    stats.auth_tags_sent = t.tags_sent
+    stats.auth_tags_verified = t.tags_verified
+    stats.auth_forgery_bound = t.forgery_bound
 
 
 def _split_key(final: U8, reserve_bits: int) -> tuple[U8, bytes, bytes]:
@@ -298,17 +297,15 @@ def _succeed(
     *,
     ell: int,
     reserve: int,
-    stats: dict[str, Any],
+    stats: BlockStats,
 ) -> BlockResult:
     """Both sides, after privacy amplification: refill the auth pool, record, return."""
     key, t2r, r2t = _split_key(final, reserve)
     t.pool.add_segment(block_id, t2r, r2t)
-    stats.update(
-        final_key_bits=int(key.shape[0]),
-        secret_bits=ell,
-        auth_reserve_bits=reserve,
-        **_auth_stats(t),
-    )
+    stats.final_key_bits = int(key.shape[0])
+    stats.secret_bits = ell
+    stats.auth_reserve_bits = reserve
+    _record_auth(stats, t)
     log.info("postproc_block_ok", block_id=block_id, final_key_bits=int(key.shape[0]))
     return BlockResult(True, block_id, "", key, stats)
 
@@ -344,7 +341,7 @@ async def run_block_transmitter(
     t = transport
     t.begin_block(block_id)
     clock = _Clock()
-    stats: dict[str, Any] = {"block_id": block_id, "seconds": clock.seconds}
+    stats = BlockStats(block_id=block_id, seconds=clock.seconds)
     try:
         msg = await _expect(t, "sift", params)
         slots = await asyncio.to_thread(sifting.decode_slots, msg.header["slots"], msg.buffers[:2])
@@ -364,16 +361,14 @@ async def run_block_transmitter(
         basis_m = states.basis[match]
         bits_m = states.bit[match]
         is_z = basis_m == 0
-        stats.update(
-            detections=n,
-            sifted_z=int(is_z.sum()),
-            sifted_x=int((~is_z).sum()),
-            # kept here (never sent): what the link fit for the next blocks takes
-            detections_per_class=[
-                int(c) for c in np.bincount(states.intensity.astype(np.int64), minlength=3)[:3]
-            ],
-            rx_basis_z_fraction=float(np.mean(bob_basis == 0)) if n else 0.0,
-        )
+        stats.detections = n
+        stats.sifted_z = int(is_z.sum())
+        stats.sifted_x = int((~is_z).sum())
+        # kept here (never sent): what the link fit for the next blocks takes
+        stats.detections_per_class = [
+            int(c) for c in np.bincount(states.intensity.astype(np.int64), minlength=3)[:3]
+        ]
+        stats.rx_basis_z_fraction = float(np.mean(bob_basis == 0)) if n else 0.0
         clock.lap("sifting")
 
         msg = await _expect(t, "pe", params, tagged=True)  # checkpoint: sifting + X bits
@@ -388,11 +383,11 @@ async def run_block_transmitter(
         est = finitekey.estimate_from_params(counts, params)
         n_x = max(1, x_err.shape[0])
         qber_x = float(x_err.sum()) / n_x
-        stats.update(
-            qber_x=qber_x,
-            qber_x_per_class=[m / max(1.0, c) for m, c in zip(counts.m_x, counts.n_x, strict=True)],
-            decoy=est.as_dict(),
-        )
+        stats.qber_x = qber_x
+        stats.qber_x_per_class = [
+            m / max(1.0, c) for m, c in zip(counts.m_x, counts.n_x, strict=True)
+        ]
+        stats.decoy = est.as_dict()
         key_a = bits_m[is_z].astype(np.uint8)
         optimistic = finitekey.secret_key_length(
             est, key_a.shape[0] * cascade.binary_entropy(qber_x), params.eps_sec, params.eps_cor
@@ -411,7 +406,7 @@ async def run_block_transmitter(
         frames = cascade.frame_count(key_a.shape[0], params.cascade)
         shortest = key_a.shape[0] // frames
         levels = cascade.schedule(shortest, qber_x * ratio, params.cascade)
-        stats.update(ec_levels=levels, ec_frames=frames)
+        stats.ec_levels, stats.ec_frames = levels, frames
         await t.send(
             "pe_reply",
             {"ec_seed": ec_seed, "levels": levels, "frames": frames, "qber_x": qber_x},
@@ -427,10 +422,10 @@ async def run_block_transmitter(
         n_z = int(key_a.shape[0])
         z_err = _error_count(done, n_z)
         leak_ec = sum(r.disclosed_bits for r in responders)
-        stats.update(
-            ec_disclosed_bits=leak_ec,
-            qber_z=z_err / max(1, n_z),
-            ec_efficiency=leak_ec / max(1e-12, n_z * cascade.binary_entropy(z_err / max(1, n_z))),
+        stats.ec_disclosed_bits = leak_ec
+        stats.qber_z = z_err / max(1, n_z)
+        stats.ec_efficiency = leak_ec / max(
+            1e-12, n_z * cascade.binary_entropy(z_err / max(1, n_z))
         )
         clock.lap("error_correction")
 
@@ -448,7 +443,8 @@ async def run_block_transmitter(
             error_count_bits=integer_bits(n_z),
             vacuum_credit_bits=est.s_z0_lower,
         )
-        stats.update(verification_bits=verify.TAG_BITS, leak=leak.as_dict())
+        stats.verification_bits = verify.TAG_BITS
+        stats.leak = leak.as_dict()
         clock.lap("verification")
 
         ell = finitekey.secret_key_length(
@@ -484,7 +480,7 @@ async def run_block_receiver(
     t = transport
     t.begin_block(block_id)
     clock = _Clock()
-    stats: dict[str, Any] = {"block_id": block_id, "seconds": clock.seconds}
+    stats = BlockStats(block_id=block_id, seconds=clock.seconds)
     rng = rng or np.random.default_rng()
     try:
         slots, basis, bits = await asyncio.to_thread(sifting.squash, slot_index, channel, rng)
@@ -497,7 +493,8 @@ async def run_block_receiver(
         cls = sifting.unpack_trits(msg.buffers[1], n_m)
         basis_m, bits_m = basis[match], bits[match]
         is_z = basis_m == 0
-        stats.update(detections=int(slot_index.shape[0]), sifted_z=int(is_z.sum()))
+        stats.detections = int(slot_index.shape[0])
+        stats.sifted_z = int(is_z.sum())
         clock.lap("sifting")
 
         await t.send("pe", {}, [sifting.pack_bits(bits_m[~is_z])], tag=True)
@@ -507,7 +504,7 @@ async def run_block_receiver(
         frames = int(msg.header["frames"])
         key_b = bits_m[is_z].astype(np.uint8)
         cascade.frame_bounds(key_b.shape[0], frames)  # the peer's frame count, checked
-        stats["qber_x"] = float(msg.header["qber_x"])
+        stats.qber_x = float(msg.header["qber_x"])
         clock.lap("estimation")
 
         build = functools.partial(cascade.frame_corrector, key_b, levels, ec_seed, frames)
@@ -516,12 +513,10 @@ async def run_block_receiver(
         z_err = _counts((key_c ^ key_b).astype(np.uint8), cls[is_z])  # per class: not sent
         await t.send("ec_q", {"done": True, "z_error_count": sum(z_err)}, [])
         n_z_class = np.bincount(cls[is_z], minlength=3)[:3]
-        stats.update(
-            ec_disclosed_bits=sum(c.stats.disclosed_bits for c in correctors),
-            ec_rounds=max(c.stats.rounds for c in correctors),
-            qber_z=sum(z_err) / max(1, key_b.shape[0]),
-            qber_z_per_class=[e / max(1, int(c)) for e, c in zip(z_err, n_z_class, strict=True)],
-        )
+        stats.ec_disclosed_bits = sum(c.stats.disclosed_bits for c in correctors)
+        stats.ec_rounds = max(c.stats.rounds for c in correctors)
+        stats.qber_z = sum(z_err) / max(1, key_b.shape[0])
+        stats.qber_z_per_class = [e / max(1, int(c)) for e, c in zip(z_err, n_z_class, strict=True)]
         clock.lap("error_correction")
 
         msg = await _expect(t, "verify", params)
@@ -532,7 +527,7 @@ async def run_block_receiver(
         await t.send("verify_reply", {"ok": ok}, [])
         if not ok:
             raise ProtocolAbortError("verification hash mismatch: block discarded")
-        stats["verification_bits"] = verify.TAG_BITS
+        stats.verification_bits = verify.TAG_BITS
         clock.lap("verification")
 
         msg = await _expect(t, "pa", params, tagged=True)  # the whole transcript so far

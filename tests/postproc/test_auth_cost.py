@@ -44,11 +44,11 @@ def test_block_costs_at_most_4096_bits_per_direction_and_refills_the_pool(
         assert a_tx.messages_sent + a_rx.messages_sent > 100  # Cascade round trips
         for res, t, stream in ((t_res, a_tx, "t2r"), (r_res, a_rx, "r2t")):
             assert t.tags_sent == t.tags_verified == TAGS_PER_BLOCK
-            assert res.stats["auth_bits_sent"] == res.stats["auth_bits_received"]
-            assert res.stats["auth_bits_sent"] == 8 * REGION_BYTES <= TARGET_BITS
-            assert 0 < res.stats["auth_forgery_bound"] < 1e-20
-            assert res.stats["auth_reserve_bits"] > 2 * res.stats["auth_bits_sent"]
-            spent[stream] += res.stats["auth_bits_sent"]
+            assert res.stats.auth_bits_sent == res.stats.auth_bits_received
+            assert res.stats.auth_bits_sent == 8 * REGION_BYTES <= TARGET_BITS
+            assert 0 < res.stats.auth_forgery_bound < 1e-20
+            assert res.stats.auth_reserve_bits > 2 * res.stats.auth_bits_sent
+            spent[stream] += res.stats.auth_bits_sent
     a_tx, a_rx = out[-1][2], out[-1][3]
     # what the pools themselves counted, and where their cursors stand
     assert a_tx.pool.spent_bits == spent["t2r"] == 2 * 8 * REGION_BYTES
@@ -60,7 +60,7 @@ def test_block_costs_at_most_4096_bits_per_direction_and_refills_the_pool(
     assert tx.segments() == rx.segments() == [-1, 0, 1]
     for stream in ("t2r", "r2t"):
         assert tx.stream_digest(stream) == rx.stream_digest(stream)  # type: ignore[arg-type]
-    refill = [r.stats["auth_reserve_bits"] // 8 // 2 for r, *_ in out]  # bytes per stream
+    refill = [r.stats.auth_reserve_bits // 8 // 2 for r, *_ in out]  # bytes per stream
     assert refill[0] * 8 > 4 * 8 * REGION_BYTES  # a block gives back more than it spent
     tx.peer_has |= {0, 1}
     whole_regions = sum(n // REGION_BYTES * REGION_BYTES for n in [*refill, len(psk) // 2])

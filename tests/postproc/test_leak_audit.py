@@ -266,11 +266,11 @@ def test_the_leak_a_block_pays_for_covers_everything_on_the_wire(
     assert tagged == [("rx", "pe"), ("tx", "pe_reply"), ("tx", "pa"), ("rx", "done")]
 
     bound = leak_bound_from_wire(block.wire, PARAMS)
-    assert bound.ec_parity_bits == block.tx.stats["ec_disclosed_bits"] > 0
+    assert bound.ec_parity_bits == block.tx.stats.ec_disclosed_bits > 0
     assert bound.verification_bits == 128
-    assert bound.error_count_bits == integer_bits(block.tx.stats["sifted_z"]) > 0
+    assert bound.error_count_bits == integer_bits(block.tx.stats.sifted_z) > 0
 
-    accounted = block.tx.stats["leak"]
+    accounted = block.tx.stats.leak
     assert accounted["total_bits"] >= bound.total_bits
     for item in ("ec_parity_bits", "verification_bits", "error_count_bits"):
         assert accounted[item] >= getattr(bound, item), item
@@ -284,7 +284,7 @@ def test_the_leak_a_block_pays_for_covers_everything_on_the_wire(
     assert final, "the final length was not computed by finitekey.secret_key_length"
     leak_ec_bits, _ = final[-1]
     assert leak_ec_bits + math.log2(2 / PARAMS.eps_cor) >= bound.total_bits - 1e-6
-    assert block.tx.stats["secret_bits"] == pa.header["m"]
+    assert block.tx.stats.secret_bits == pa.header["m"]
 
 
 def test_an_unclassified_field_fails_the_audit() -> None:

@@ -68,7 +68,7 @@ def _tx_process(endpoint_q: Any, result_q: Any, pool_path: str, seed: int, block
         for b in range(blocks):
             synth = generate(N_PULSES, PARAMS, seed + b, eta=0.5)
             res = await run_block_transmitter(auth, b, synth.prepared, PARAMS)
-            result_q.put((res.ok, res.abort_reason, res.key_bytes, res.stats.get("final_key_bits")))
+            result_q.put((res.ok, res.abort_reason, res.key_bytes, res.stats.final_key_bits))
         tr.close()
         ctx.term()
 
@@ -104,10 +104,10 @@ def test_two_processes_produce_identical_keys(tmp_path: Path) -> None:
             ok, reason, key_bytes, bits = result_q.get(timeout=30)
             assert res.ok, res.abort_reason
             assert ok, reason
-            assert bits == res.stats["final_key_bits"] > 1000
+            assert bits == res.stats.final_key_bits > 1000
             assert key_bytes == res.key_bytes
-            assert res.stats["ec_disclosed_bits"] > 0
-            assert res.stats["seconds"]["error_correction"] > 0
+            assert res.stats.ec_disclosed_bits > 0
+            assert res.stats.seconds["error_correction"] > 0
     finally:
         proc.join(timeout=30)
         if proc.is_alive():
@@ -163,21 +163,21 @@ def test_cascade_block_sizes_follow_the_z_over_x_error_ratio(tmp_path: Path) -> 
                 run_block_receiver(rx_auth, block_id, synth.slot_index, synth.channel, PARAMS),
             )
             out.append((t_res, r_res))
-            ratio = t_res.stats["qber_z"] / t_res.stats["qber_x"]
+            ratio = t_res.stats.qber_z / t_res.stats.qber_x
         tx.close(), rx.close(), ctx.term()
         return out
 
     (t0, r0), (t1, r1) = asyncio.run(main())
     assert t0.ok and r0.ok and t1.ok and r1.ok
     assert np.array_equal(t0.key, r0.key) and np.array_equal(t1.key, r1.key)
-    n, qx = t0.stats["sifted_z"] // t0.stats["ec_frames"], t0.stats["qber_x"]
-    assert t0.stats["ec_frames"] == 2 == cascade.frame_count(t0.stats["sifted_z"], PARAMS.cascade)
-    assert t0.stats["ec_levels"] == cascade.schedule(n, qx, PARAMS.cascade)
-    ratio = t0.stats["qber_z"] / qx
+    n, qx = t0.stats.sifted_z // t0.stats.ec_frames, t0.stats.qber_x
+    assert t0.stats.ec_frames == 2 == cascade.frame_count(t0.stats.sifted_z, PARAMS.cascade)
+    assert t0.stats.ec_levels == cascade.schedule(n, qx, PARAMS.cascade)
+    ratio = t0.stats.qber_z / qx
     assert ratio < 0.5
-    assert t1.stats["ec_levels"] == cascade.schedule(n, qx * ratio, PARAMS.cascade)
-    assert t1.stats["ec_levels"][0] > t0.stats["ec_levels"][0]
-    assert t1.stats["ec_efficiency"] < t0.stats["ec_efficiency"]
+    assert t1.stats.ec_levels == cascade.schedule(n, qx * ratio, PARAMS.cascade)
+    assert t1.stats.ec_levels[0] > t0.stats.ec_levels[0]
+    assert t1.stats.ec_efficiency < t0.stats.ec_efficiency
 
 
 def test_intercept_resend_yields_no_key(tmp_path: Path) -> None:
@@ -199,7 +199,7 @@ def test_intercept_resend_yields_no_key(tmp_path: Path) -> None:
     assert not t_res.ok and not r_res.ok
     assert t_res.key is None and r_res.key is None
     assert "error rate" in t_res.abort_reason
-    assert 0.2 < t_res.stats["qber_x"] < 0.3
+    assert 0.2 < t_res.stats.qber_x < 0.3
 
 
 class Mitm:
@@ -439,7 +439,7 @@ def test_mitm_changing_any_message_of_any_phase_keeps_no_key(
     t_res, r_res, mitm = asyncio.run(main())
     a, b = AuthKeyPool.load(tmp_path / "tx.pool"), AuthKeyPool.load(tmp_path / "rx.pool")
     for res in (t_res, r_res):
-        assert res.stats["auth_bits_sent"] <= 8 * REGION_BYTES
+        assert res.stats.auth_bits_sent <= 8 * REGION_BYTES
     if action == "none":
         assert t_res.ok and r_res.ok and t_res.key_bytes == r_res.key_bytes
         assert a.segments() == b.segments() == [-1, 0]
