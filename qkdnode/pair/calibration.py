@@ -42,9 +42,7 @@ class CalibrationMixin(SessionCore):
             raise
         except Exception as exc:
             self.node.stats.calibrated = False
-            log.error("calibration_failed", error=str(exc))
-            self.node.alarm("calibration_failed", str(exc))
-            await self.node.trigger(Event.FAILED, f"calibration failed: {exc}")
+            await self._activity_failed("calibration_failed", "calibration", exc)
             return
         self.node.stats.calibrated = True
         self.node.keyflow.calibrated()

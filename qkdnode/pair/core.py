@@ -234,6 +234,15 @@ class SessionCore:
         block being collected is (receiver, once a second)."""
         self.node.publish("progress", {"what": what, **fields})
 
+    async def _activity_failed(
+        self, alarm: str, what: str, exc: Exception, *, trace: bool = False
+    ) -> None:
+        """A state's activity ended on ``exc``: log it (event and alarm ``alarm``, with the
+        traceback when ``trace``) and leave the state (``FAILED``)."""
+        (log.exception if trace else log.error)(alarm, error=str(exc))
+        self.node.alarm(alarm, str(exc))
+        await self.node.trigger(Event.FAILED, f"{what} failed: {exc}")
+
     async def _fault(self, cause: str, message: str) -> None:
         self.node.alarm(cause, message)
         self._halt_peer(message)

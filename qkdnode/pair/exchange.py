@@ -59,9 +59,7 @@ class ExchangeMixin(SessionCore):
             raise
         except Exception as exc:
             self.node.stats.synchronized = False
-            log.exception("exchange_failed", error=str(exc))
-            self.node.alarm("exchange_failed", str(exc))
-            await self.node.trigger(Event.FAILED, f"exchange failed: {exc}")
+            await self._activity_failed("exchange_failed", "exchange", exc, trace=True)
         finally:
             stats.exchange_seconds += time.monotonic() - started
             stats.exchange_started_at = None

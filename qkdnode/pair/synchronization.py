@@ -47,9 +47,7 @@ class SynchronizationMixin(SessionCore):
         except Exception as exc:
             self._sync_error = str(exc)
             self.node.stats.synchronized = False
-            log.error("sync_failed", error=str(exc))
-            self.node.alarm("sync_failed", str(exc))
-            await self.node.trigger(Event.FAILED, f"synchronization failed: {exc}")
+            await self._activity_failed("sync_failed", "synchronization", exc)
             return
         await self.node.trigger(Event.LOCKED, "clock locked")
 
