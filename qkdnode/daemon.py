@@ -174,7 +174,7 @@ class DaemonBase:
             log.info("stop_requested", reason=reason)
             self.stop_requested.set()
 
-    def _start_world(self) -> None:
+    def _start_backend(self) -> None:
         if self.backend is not None:
             # this node's side only: a receiver process holds nothing of the transmitter
             self.backend.start()
@@ -248,7 +248,7 @@ class DaemonBase:
         are logged and the previous state kept; the daemon never dies of a reload."""
         log.info("reload_requested")
 
-    def _stop_world(self) -> None:
+    def _stop_backend(self) -> None:
         if self.backend is not None:
             self.backend.stop()
 
@@ -265,7 +265,7 @@ class DaemonBase:
             log.info("daemon_starting", config=self.config_path, state_dir=str(self.state_dir))
             if not await self._unless_stopped(self._warm_up, "numba-warm-up"):
                 return code
-            await asyncio.to_thread(self._start_world)
+            await asyncio.to_thread(self._start_backend)
             log.info("instruments_opening", instruments=sorted(self.hardware.up))
             await asyncio.to_thread(self.hardware.open_all)
             log.info("services_starting")
@@ -292,7 +292,7 @@ class DaemonBase:
             with contextlib.suppress(Exception):
                 await self.stop_services()
             await asyncio.to_thread(self.hardware.close_all)
-            await asyncio.to_thread(self._stop_world)
+            await asyncio.to_thread(self._stop_backend)
             self.notifier.close()
             log.info("daemon_stopped", exit_code=code)
         return code

@@ -684,13 +684,11 @@ class Node(DaemonBase):
         return dict(await self.session.keys_digest())
 
     async def _cmd_inject(self, content: dict[str, Any], caller: CallerInfo) -> dict[str, Any]:
-        if self.cfg.simulation is None or not self.cfg.simulation.enabled:
+        if self.backend is None:  # no [simulation], or not enabled
             raise CommandError("sim.inject needs a simulated link", code="not_simulated")
         from qkdnode.bus.commands import SimInjectContent
 
         req = SimInjectContent.model_validate(content)
-        if self.backend is None:
-            raise CommandError("sim.inject needs a simulated link", code="not_simulated")
         faults = self.backend.faults
         try:
             if req.clear:

@@ -77,9 +77,9 @@ class BlockResult:
 
     ok: bool
     block_id: int
+    stats: BlockStats
     abort_reason: str = ""
     key: U8 | None = field(default=None, repr=False)
-    stats: BlockStats = field(default_factory=lambda: BlockStats(block_id=-1))
 
     @property
     def key_bytes(self) -> bytes:
@@ -273,7 +273,7 @@ async def _finish(
             pass
     _record_auth(stats, t)
     t.pool.save()
-    return BlockResult(False, block_id, reason, None, stats)
+    return BlockResult(False, block_id, stats, abort_reason=reason)
 
 
 def _record_auth(stats: BlockStats, t: AuthenticatedTransport) -> None:
@@ -307,7 +307,7 @@ def _succeed(
     stats.auth_reserve_bits = reserve
     _record_auth(stats, t)
     log.info("postproc_block_ok", block_id=block_id, final_key_bits=int(key.shape[0]))
-    return BlockResult(True, block_id, "", key, stats)
+    return BlockResult(True, block_id, stats, key=key)
 
 
 def _reserve_bits(params: PostprocParams, spent_bits: int) -> int:

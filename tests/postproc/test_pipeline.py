@@ -25,6 +25,7 @@ from qkdnode.postproc.auth import (
     message_digest,
     message_mac_key,
 )
+from qkdnode.postproc.blockstats import BlockStats
 from qkdnode.postproc.params import CascadeParams, PostprocParams
 from qkdnode.postproc.pipeline import (
     BlockResult,
@@ -463,7 +464,7 @@ def test_mitm_changing_any_message_of_any_phase_keeps_no_key(
 
 def test_block_result_repr_hides_key() -> None:
     key = np.ones(64, dtype=np.uint8)
-    res = BlockResult(True, 3, "", key, {"final_key_bits": 64})
+    res = BlockResult(True, 3, BlockStats(block_id=3, final_key_bits=64), key=key)
     assert "key=" not in repr(res) and "1, 1" not in str(res)
     assert res.key_bytes == b"\xff" * 8
     assert os.environ is not None

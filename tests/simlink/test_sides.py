@@ -122,7 +122,7 @@ def test_a_receiver_process_cannot_build_the_transmitters_world(
     daemon = DaemonBase(cfg, "receiver.toml")
     try:
         daemon._warm_up()
-        daemon._start_world()
+        daemon._start_backend()
         assert isinstance(world_module.get_world(), ReceiverWorld)
     finally:
         stop_world()
