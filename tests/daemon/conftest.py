@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -31,16 +32,19 @@ def node_config(tmp: Path, role: str, ports: dict[str, int], extra: str = "") ->
     me = "alice" if role == "transmitter" else "bob"
     text = text.replace(f'state_dir = "state/{me}"', f'state_dir = "{tmp / me}"')
     defaults = (
-        {"control": 5550, "telemetry": 5551}
+        {5550: "control", 5551: "telemetry"}
         if role == "transmitter"
-        else {"control": 5553, "telemetry": 5554}
+        else {5553: "control", 5554: "telemetry"}
     )
-    for name, default in defaults.items():
-        text = text.replace(
-            f"tcp://127.0.0.1:{default}", f"tcp://127.0.0.1:{ports[f'{role}_{name}']}"
-        )
-    text = text.replace("tcp://127.0.0.1:5552", f"tcp://127.0.0.1:{ports['peer']}")
-    text = text.replace("tcp://127.0.0.1:5560", f"tcp://127.0.0.1:{ports['fiber']}")
+    chosen = {port: ports[f"{role}_{name}"] for port, name in defaults.items()}
+    chosen |= {5552: ports["peer"], 5560: ports["fiber"]}
+
+    def swap(m: re.Match[str]) -> str:
+        return f"tcp://127.0.0.1:{chosen.get(int(m.group(1)), m.group(1))}"
+
+    # One pass over whole port numbers: replacing one endpoint after another would let a
+    # free port chosen earlier (say 55523) be rewritten again by a later default (5552).
+    text = re.sub(r"tcp://127\.0\.0\.1:(\d+)\b", swap, text)
     path = tmp / f"{me}.toml"
     path.write_text(text + "\n" + extra)
     return path

@@ -488,9 +488,7 @@ def _set(text: str, pattern: str, line: str) -> str:
 
 
 def tune_config(config: Path, tuning: Tuning) -> None:
-    """Apply ``tuning`` to a node config and check that the daemon will read it so. (The
-    block size must be set here: make_pair's own replacement looks for
-    ``block_detections = 4000000``, which configs/*.sim.toml no longer contain.)"""
+    """Apply ``tuning`` to a node config and check that the daemon will read it so."""
     text = config.read_text()
     text = _set(text, r"^block_detections = \d+$", f"block_detections = {tuning.block_detections}")
     text = _set(text, r"^key_size_bits = \d+$", f"key_size_bits = {tuning.key_size_bits}")

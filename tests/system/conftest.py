@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import json
 import os
+import re
 import signal
 import ssl
 import subprocess
@@ -393,9 +394,13 @@ def make_pair(
         if pki is not None and etsi_port is not None:
             add += delivery_toml(pki, me, etsi_port)
         path = node_config(tmp, role, ports, add)
-        text = path.read_text().replace(
-            "block_detections = 4000000", f"block_detections = {block_detections}"
+        text, n = re.subn(
+            r"^block_detections = \d+",
+            f"block_detections = {block_detections}",
+            path.read_text(),
+            flags=re.MULTILINE,
         )
+        assert n == 1, f"{path}: expected one protocol.block_detections line, found {n}"
         if curve is not None:
             text = text.replace(PLAINTEXT_LINE, curve_bus_toml(curve, me))
         if role == "transmitter" and autostart:
