@@ -29,9 +29,10 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# The two-daemon fault scenarios (~11 min; not part of `make test`, see README).
+# The multi-daemon scenarios (tests/system and tests marked `system`; ~13 min; not part
+# of `make test`, see README).
 test-system: $(STAMP)
-	QKDNODE_SYSTEM_TESTS=1 $(BIN)/python -m pytest -q tests/system
+	QKDNODE_SYSTEM_TESTS=1 $(BIN)/python -m pytest -q -m system tests
 
 # A pair of daemons for SOAK_S seconds (default 1 h) with drift and a fault every
 # SOAK_FAULT_S seconds; prints a JSON report (RSS, blocks, alarms, keys identical).

@@ -20,10 +20,15 @@ __all__ = ["ReceiverSimParams", "SideParams", "TransmitterSimParams", "open_back
 
 
 def open_backend(
-    role: Literal["transmitter", "receiver"], params: SideParams, fiber_endpoint: str | None
+    role: Literal["transmitter", "receiver"],
+    params: SideParams,
+    fiber_endpoint: str | None,
+    name: str = "",
 ) -> SimulatedBackend:
     """This process's side of the simulated link (not started: call ``warm_up`` and
-    ``start``). ``fiber_endpoint``: where the two sides' processes meet (None: none)."""
+    ``start``). ``fiber_endpoint``: where the two sides' processes meet (None: none).
+    ``name``: the link's name when the process takes part in several simulated links
+    (its simulated instruments give it as their ``resource``); "" for the only one."""
     from drivers.simlink.backend import SimLinkBackend
 
-    return SimLinkBackend(role, params, fiber_endpoint)
+    return SimLinkBackend(role, params, fiber_endpoint, name)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import io
 import os
 import signal
@@ -20,10 +21,10 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -38,6 +39,8 @@ from qkdnode.sdnotify import SystemdNotifier, run_watchdog
 
 log = structlog.get_logger(__name__)
 
+T = TypeVar("T")
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 
@@ -47,9 +50,9 @@ EXIT_FAILURE = 1
 WORKER_EXIT_GRACE_S = 10.0
 
 
-def run_daemon(daemon: DaemonBase) -> int:
-    """Run ``daemon`` (the node runtime) until it is told to stop. Returns the process
-    exit code.
+def run_daemon(daemon: DaemonBase | Daemon) -> int:
+    """Run ``daemon`` (a node runtime's link, or a :class:`Daemon` of several) until it is
+    told to stop. Returns the process exit code.
 
     The event loop's worker threads get :data:`WORKER_EXIT_GRACE_S` to finish once the
     safe shutdown is done; a thread still blocked then (an instrument call that never
@@ -137,22 +140,86 @@ def _join_workers(grace_s: float) -> dict[str, str]:
     return stuck
 
 
-class DaemonBase:
-    """Signals, systemd notification, instruments and the safe shutdown."""
+class ProcessControl:
+    """What the links of one daemon process share: the systemd notifier and the request
+    to stop (a signal, a fatal error)."""
 
-    def __init__(self, cfg: NodeConfig, config_path: str) -> None:
-        self.cfg = cfg
-        self.config_path = config_path
-        self.state_dir: Path = resolve_state_dir(cfg.node.state_dir)
+    def __init__(self) -> None:
         self.notifier = SystemdNotifier()
-        self.hardware = InstrumentSet(dict(cfg.instruments))
         self.stop_requested = asyncio.Event()
         self.stop_reason = ""
+
+    def request_stop(self, reason: str) -> None:
+        if not self.stop_requested.is_set():
+            self.stop_reason = reason
+            log.info("stop_requested", reason=reason)
+            self.stop_requested.set()
+
+
+def warm_up_kernels() -> None:
+    """Compile (or load from numba's disk cache) the post-processing kernels, so no compile
+    runs in the middle of a session."""
+    from qkdnode import jit
+    from qkdnode.postproc import cascade
+    from qkdnode.procedures import track_kernel
+
+    t0 = time.monotonic()
+    if jit.JIT:
+        log.info(
+            "kernels_loading",
+            jit=True,
+            note="compiled on the first start after an install (about a minute), "
+            "loaded from numba's cache afterwards",
+        )
+    else:
+        log.warning("kernels_numpy_twins", jit=False, reason=jit.WHY_NOT)
+    cascade.warm_up()
+    track_kernel.warm_up()
+    log.info("kernels_ready", seconds=round(time.monotonic() - t0, 2))
+
+
+class DaemonBase:
+    """One link of the daemon: its instruments, its side of a simulated link, and the
+    hooks the node runtime fills (services, activities, health). :class:`Daemon` runs one
+    or several of them in one process.
+
+    ``link_id``: the link's name in a node with several links ("" for a one-link node);
+    it names the link's simulated world too.
+    """
+
+    def __init__(
+        self,
+        cfg: NodeConfig,
+        config_path: str,
+        process: ProcessControl | None = None,
+        link_id: str = "",
+    ) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.link_id = link_id
+        self.process = process if process is not None else ProcessControl()
+        self.state_dir: Path = resolve_state_dir(cfg.node.state_dir)
+        self.hardware = InstrumentSet(dict(cfg.instruments))
         sim = cfg.simulation
         #: this node's side of the simulated link, when the config asks for one
         self.backend: SimulatedBackend | None = None
         if sim is not None and sim.enabled:
-            self.backend = open_backend(cfg.node.role, sim.side(), sim.fiber_endpoint)
+            self.backend = open_backend(cfg.node.role, sim.side(), sim.fiber_endpoint, link_id)
+
+    @property
+    def notifier(self) -> SystemdNotifier:
+        return self.process.notifier
+
+    @property
+    def stop_reason(self) -> str:
+        return self.process.stop_reason
+
+    @property
+    def stop_requested(self) -> asyncio.Event:
+        return self.process.stop_requested
+
+    def request_stop(self, reason: str) -> None:
+        self.process.request_stop(reason)
 
     # --- hooks for the node runtime -------------------------------------------------
     async def start_services(self) -> None:
@@ -167,44 +234,186 @@ class DaemonBase:
     def healthy(self) -> bool:
         return True
 
-    # --- life cycle -------------------------------------------------------------------
-    def request_stop(self, reason: str) -> None:
-        if not self.stop_requested.is_set():
-            self.stop_reason = reason
-            log.info("stop_requested", reason=reason)
-            self.stop_requested.set()
+    def reload(self) -> None:
+        """SIGHUP: re-read what can change without a restart (the delivery CRL). Failures
+        are logged and the previous state kept; the daemon never dies of a reload."""
+        log.info("reload_requested")
 
-    def _start_backend(self) -> None:
-        if self.backend is not None:
-            # this node's side only: a receiver process holds nothing of the transmitter
-            self.backend.start()
-
-    def _warm_up(self) -> None:
-        """Compile (or load from numba's disk cache) the post-processing kernels and, with
-        simulated hardware, the link model, so no compile runs in the middle of a session."""
-        from qkdnode import jit
-        from qkdnode.postproc import cascade
-        from qkdnode.procedures import track_kernel
-
-        t0 = time.monotonic()
-        if jit.JIT:
-            log.info(
-                "kernels_loading",
-                jit=True,
-                note="compiled on the first start after an install (about a minute), "
-                "loaded from numba's cache afterwards",
-            )
-        else:
-            log.warning("kernels_numpy_twins", jit=False, reason=jit.WHY_NOT)
-        cascade.warm_up()
-        track_kernel.warm_up()
-        log.info("kernels_ready", seconds=round(time.monotonic() - t0, 2))
+    # --- this link's part of the daemon's life cycle ------------------------------------
+    def _warm_up_backend(self) -> None:
         if self.backend is None:
             return
         t1 = time.monotonic()
         log.info("simulated_link_warming_up")
         self.backend.warm_up()  # this side's kernels (a receiver uses a made-up batch)
         log.info("simulated_link_ready", seconds=round(time.monotonic() - t1, 2))
+
+    def _warm_up(self) -> None:
+        """The kernels and, with simulated hardware, this side of the link model."""
+        warm_up_kernels()
+        self._warm_up_backend()
+
+    def _start_backend(self) -> None:
+        if self.backend is not None:
+            # this node's side only: a receiver process holds nothing of the transmitter
+            self.backend.start()
+
+    def _stop_backend(self) -> None:
+        if self.backend is not None:
+            self.backend.stop()
+
+    async def start_link(self) -> None:
+        """Simulated world, instruments (in worker threads), services. Raises on failure
+        (the caller makes the link safe)."""
+        await asyncio.to_thread(self._start_backend)
+        log.info("instruments_opening", instruments=sorted(self.hardware.up))
+        await asyncio.to_thread(self.hardware.open_all)
+        log.info("services_starting")
+        await self.start_services()
+
+    async def make_link_safe(self) -> bool:
+        """Cancel the activities, then the safe state on every instrument (read back and
+        logged). True when every instrument reads back safe."""
+        with contextlib.suppress(Exception):
+            await self.cancel_activities()
+        report = await asyncio.to_thread(self.hardware.make_safe)
+        if not all(r.get("safe") for r in report.values()):
+            log.error("unsafe_at_exit", report=report)
+            return False
+        return True
+
+    async def close_link(self) -> None:
+        """Services, instruments, simulated world. Never raises."""
+        with contextlib.suppress(Exception):
+            await self.stop_services()
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(self.hardware.close_all)
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(self._stop_backend)
+
+    async def main(self) -> int:
+        """This link alone as a daemon process (see :class:`Daemon`)."""
+        return await Daemon([self], self.cfg.node.id, self.process).main()
+
+
+class Daemon:
+    """The daemon process: signals, systemd notification and the safe shutdown, around
+    one or several links (:class:`DaemonBase`).
+
+    Links are started one after the other. With several links, one that fails to start
+    is logged (``link_failed``), made safe and closed, and the others run: a fault on one
+    link never stops another (the process fails only when no link starts). Each link's
+    log lines carry its name (``link``) and its role; a one-link node logs as before.
+    """
+
+    def __init__(
+        self, links: Sequence[DaemonBase], node_id: str, process: ProcessControl | None = None
+    ) -> None:
+        if not links:
+            raise ValueError("a daemon runs at least one link")
+        self.links = list(links)
+        self.node_id = node_id
+        self.process = process if process is not None else links[0].process
+        for link in links:
+            link.process = self.process
+        self.multi = any(link.link_id for link in links)
+        self._contexts: dict[int, contextvars.Context] = {}
+
+    def _context(self, link: DaemonBase) -> contextvars.Context:
+        ctx = self._contexts.get(id(link))
+        if ctx is None:
+            ctx = contextvars.copy_context()
+            if self.multi:
+                ctx.run(bind_context, link=link.link_id, role=link.cfg.node.role)
+            self._contexts[id(link)] = ctx
+        return ctx
+
+    async def _in(self, link: DaemonBase, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` in ``link``'s logging context (tasks it starts inherit it)."""
+        return await asyncio.create_task(coro, context=self._context(link))
+
+    def _warm_up(self) -> None:
+        warm_up_kernels()
+        for link in self.links:
+            self._context(link).run(link._warm_up_backend)
+
+    def _reload(self) -> None:
+        for link in self.links:
+            self._context(link).run(link.reload)
+
+    async def main(self) -> int:
+        if self.multi:
+            bind_context(node_id=self.node_id)
+        else:
+            bind_context(node_id=self.node_id, role=self.links[0].cfg.node.role)
+        for link in self.links:
+            self._context(link)  # each link's logging context, from the node's
+        process = self.process
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, process.request_stop, signal.Signals(sig).name)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
+        code = EXIT_OK
+        watchdog: asyncio.Task[None] | None = None
+        running: list[DaemonBase] = []
+        try:
+            for link in self.links:
+                private_dir(link.state_dir)
+            log.info(
+                "daemon_starting",
+                config=self.links[0].config_path,
+                state_dir=str(self.links[0].state_dir),
+                **({"links": [link.link_id for link in self.links]} if self.multi else {}),
+            )
+            if not await self._unless_stopped(self._warm_up, "numba-warm-up"):
+                return code
+            for link in self.links:
+                running.append(link)  # made safe and closed whatever happens next
+                if not self.multi:
+                    await link.start_link()
+                    continue
+                try:
+                    await self._in(link, link.start_link())
+                except Exception as exc:
+                    self._context(link).run(
+                        log.exception, "link_failed", error=f"{type(exc).__name__}: {exc}"
+                    )
+                    running.remove(link)
+                    await self._in(link, self._stop_link(link))
+                if process.stop_requested.is_set():
+                    break
+            if not running:
+                raise RuntimeError("no link started")
+            process.notifier.ready(status="ready")
+            log.info("daemon_ready")
+
+            def healthy() -> bool:
+                return all(link.healthy() for link in running)
+
+            watchdog = asyncio.create_task(run_watchdog(process.notifier, healthy=healthy))
+            await process.stop_requested.wait()
+        except Exception as exc:
+            log.exception("daemon_failed", error=str(exc))
+            code = EXIT_FAILURE
+        finally:
+            process.notifier.stopping(status=f"stopping: {process.stop_reason or 'failure'}")
+            if watchdog is not None:
+                watchdog.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watchdog
+            for link in running:
+                if not await self._in(link, self._stop_link(link)):
+                    code = EXIT_FAILURE
+            process.notifier.close()
+            log.info("daemon_stopped", exit_code=code)
+        return code
+
+    @staticmethod
+    async def _stop_link(link: DaemonBase) -> bool:
+        """Safe state, then close; True when the hardware read back safe."""
+        safe = await link.make_link_safe()
+        await link.close_link()
+        return safe
 
     async def _unless_stopped(self, fn: Callable[[], None], what: str) -> bool:
         """Run ``fn`` in a daemon thread until it returns (True) or a stop is requested
@@ -231,7 +440,7 @@ class DaemonBase:
                 loop.call_soon_threadsafe(settle, exc)
 
         threading.Thread(target=work, name=what, daemon=True).start()
-        stop: asyncio.Future[Any] = asyncio.ensure_future(self.stop_requested.wait())
+        stop: asyncio.Future[Any] = asyncio.ensure_future(self.process.stop_requested.wait())
         waiters: list[asyncio.Future[Any]] = [done, stop]
         try:
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
@@ -240,59 +449,5 @@ class DaemonBase:
         if done.done():
             done.result()
             return True
-        log.info("startup_abandoned", step=what, reason=self.stop_reason)
+        log.info("startup_abandoned", step=what, reason=self.process.stop_reason)
         return False
-
-    def reload(self) -> None:
-        """SIGHUP: re-read what can change without a restart (the delivery CRL). Failures
-        are logged and the previous state kept; the daemon never dies of a reload."""
-        log.info("reload_requested")
-
-    def _stop_backend(self) -> None:
-        if self.backend is not None:
-            self.backend.stop()
-
-    async def main(self) -> int:
-        bind_context(node_id=self.cfg.node.id, role=self.cfg.node.role)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.request_stop, signal.Signals(sig).name)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
-        code = EXIT_OK
-        watchdog: asyncio.Task[None] | None = None
-        try:
-            private_dir(self.state_dir)
-            log.info("daemon_starting", config=self.config_path, state_dir=str(self.state_dir))
-            if not await self._unless_stopped(self._warm_up, "numba-warm-up"):
-                return code
-            await asyncio.to_thread(self._start_backend)
-            log.info("instruments_opening", instruments=sorted(self.hardware.up))
-            await asyncio.to_thread(self.hardware.open_all)
-            log.info("services_starting")
-            await self.start_services()
-            self.notifier.ready(status="ready")
-            log.info("daemon_ready")
-            watchdog = asyncio.create_task(run_watchdog(self.notifier, healthy=self.healthy))
-            await self.stop_requested.wait()
-        except Exception as exc:
-            log.exception("daemon_failed", error=str(exc))
-            code = EXIT_FAILURE
-        finally:
-            self.notifier.stopping(status=f"stopping: {self.stop_reason or 'failure'}")
-            if watchdog is not None:
-                watchdog.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watchdog
-            with contextlib.suppress(Exception):
-                await self.cancel_activities()
-            report = await asyncio.to_thread(self.hardware.make_safe)
-            if not all(r.get("safe") for r in report.values()):
-                log.error("unsafe_at_exit", report=report)
-                code = EXIT_FAILURE
-            with contextlib.suppress(Exception):
-                await self.stop_services()
-            await asyncio.to_thread(self.hardware.close_all)
-            await asyncio.to_thread(self._stop_backend)
-            self.notifier.close()
-            log.info("daemon_stopped", exit_code=code)
-        return code

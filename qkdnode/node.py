@@ -28,7 +28,7 @@ from qkdnode.bus.peer import PeerChannel
 from qkdnode.bus.telemetry import TelemetryPublisher
 from qkdnode.config import NodeConfig
 from qkdnode.context import NodeStats
-from qkdnode.daemon import STOP_STEP_TIMEOUT_S, DaemonBase, settle_cancelled
+from qkdnode.daemon import STOP_STEP_TIMEOUT_S, DaemonBase, ProcessControl, settle_cancelled
 from qkdnode.keyflow import KeyFlow, Resources
 from qkdnode.link import LINK_PREFIX, PP_PREFIX, LinkCoordinator, LinkError, LinkRequest
 from qkdnode.statemachine import Event, State, StateMachine, TransitionRecord, TransitionRefused
@@ -47,8 +47,18 @@ INTERNAL_ERROR_CLEAR_S = 60.0
 
 
 class Node(DaemonBase):
-    def __init__(self, cfg: NodeConfig, config_path: str) -> None:
-        super().__init__(cfg, config_path)
+    """One link of the node: this side's state machine, activities, peer channel, key
+    store and control, telemetry and metrics endpoints (see :class:`DaemonBase` for
+    ``process`` and ``link_id``)."""
+
+    def __init__(
+        self,
+        cfg: NodeConfig,
+        config_path: str,
+        process: ProcessControl | None = None,
+        link_id: str = "",
+    ) -> None:
+        super().__init__(cfg, config_path, process, link_id)
         self.role = cfg.node.role
         self.sm = StateMachine()
         self.sm.guards = {
@@ -269,7 +279,8 @@ class Node(DaemonBase):
             self.metrics.set_healthy(self.healthy())
 
     def _on_transition(self, rec: TransitionRecord) -> None:
-        self.notifier.status(f"{rec.new.value} ({rec.event.value})")
+        prefix = f"{self.link_id}: " if self.link_id else ""
+        self.notifier.status(f"{prefix}{rec.new.value} ({rec.event.value})")
         self.keyflow.state_changed(rec.new.value)
         if rec.event is Event.FAILED:
             self.stats.failures += 1

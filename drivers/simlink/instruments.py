@@ -7,7 +7,9 @@ the true detector delay) are never exposed. ``connect`` fails with ConnectionLos
 when no world of the right role runs in the process (:func:`drivers.simlink.world.start_world`).
 
 Constructor: ``Cls(name, resource="", timeout_s=2.0, options=None)``; ``options`` is an
-instance of the class's ``options_model`` (validated by the driver registry).
+instance of the class's ``options_model`` (validated by the driver registry). ``resource``
+names the simulated link the instrument is on when the process takes part in several
+(a node hosting several links: the link's ``id``); "" is the process's only one.
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ class _SimBase:
         if self._world is not None:
             return
         try:
-            world = get_world()
+            world = get_world(self.resource)
         except RuntimeError as exc:
             raise ConnectionLostError(self.name, "connect", str(exc)) from None
         if world.role != self.world_role:

@@ -22,9 +22,10 @@ Both worlds advance in chunks of ``chunk_slots`` slots with counter-based seeds
 paced: with wall-clock time (:meth:`start`, for the daemons) or as fast as possible
 (:meth:`TransmitterWorld.run_for`, for tests and benchmarks).
 
-A process holds at most one world: :func:`start_world`, :func:`get_world`,
+A process holds one world per simulated link it takes part in, each under the link's
+name (``""`` for a process on one link): :func:`start_world`, :func:`get_world`,
 :func:`stop_world`. The simulated instruments (:mod:`drivers.simlink.instruments`) are
-views of it.
+views of one of them (their ``resource`` names it).
 
 Faults (``inject(fault, **kw)`` / ``clear(fault)``): ``fiber_cut``, ``encoding_drift``
 (``angle_rad``: step of the polarisation reference), ``eve`` (``fraction``, ``mode``),
@@ -789,7 +790,8 @@ class ReceiverWorld:
 
 World = TransmitterWorld | ReceiverWorld
 
-_world: World | None = None
+#: the worlds this process runs, by simulated link name ("" for a process on one link)
+_worlds: dict[str, World] = {}
 _world_lock = threading.Lock()
 
 
@@ -861,18 +863,19 @@ def start_world(
     params: SideParams,
     fiber_endpoint: str | None,
     realtime: bool = True,
+    name: str = "",
 ) -> World:
     """Create this process's world for ``role`` from that side's parameters and start it
     in real time.
 
     ``fiber_endpoint`` None: no fiber (tests step the world by hand); ``realtime`` False:
-    the world is registered but not paced by a background thread.
+    the world is registered but not paced by a background thread. ``name``: the simulated
+    link's name, for a process that takes part in several (``""``: its only one).
 
-    Raises RuntimeError if a world already runs, ValueError on an unknown role, TypeError
-    when ``params`` are not ``role``'s side, and zmq.ZMQError if the fiber endpoint cannot
-    be bound (transmitter) or connected.
+    Raises RuntimeError if a world of that name already runs, ValueError on an unknown
+    role, TypeError when ``params`` are not ``role``'s side, and zmq.ZMQError if the fiber
+    endpoint cannot be bound (transmitter) or connected.
     """
-    global _world
     if role not in ("transmitter", "receiver"):
         raise ValueError(f"start_world: role must be transmitter or receiver, got {role!r}")
     want = TransmitterSimParams if role == "transmitter" else ReceiverSimParams
@@ -881,8 +884,11 @@ def start_world(
             f"start_world: the {role}'s world needs {want.__name__}, got {type(params).__name__}"
         )
     with _world_lock:
-        if _world is not None:
-            raise RuntimeError(f"a simulated {_world.role} world already runs in this process")
+        running = _worlds.get(name)
+        if running is not None:
+            raise RuntimeError(
+                f"a simulated {running.role} world{_named(name)} already runs in this process"
+            )
         world: World
         warm_up(params)
         if isinstance(params, TransmitterSimParams):
@@ -891,24 +897,48 @@ def start_world(
             world = ReceiverWorld(params, fiber_endpoint)
         if realtime:
             world.start()
-        _world = world
-        log.info("simlink %s world started on %s", role, fiber_endpoint)
+        _worlds[name] = world
+        log.info("simlink %s world%s started on %s", role, _named(name), fiber_endpoint)
         return world
 
 
-def get_world() -> World:
-    """This process's world; RuntimeError if none was started."""
-    world = _world
-    if world is None:
-        raise RuntimeError("no simulated link world runs in this process (start_world)")
-    return world
+def _named(name: str) -> str:
+    return f" {name!r}" if name else ""
 
 
-def stop_world() -> None:
-    """Stop and forget this process's world. Idempotent."""
-    global _world
+def get_world(name: str = "") -> World:
+    """The world of simulated link ``name``; ``""``: the process's only world.
+
+    Raises RuntimeError naming what runs when there is no such world, or when ``name`` is
+    ``""`` and the process runs several (the instrument must name its link).
+    """
     with _world_lock:
-        world, _world = _world, None
-    if world is not None:
+        worlds = dict(_worlds)
+    if name in worlds:
+        return worlds[name]
+    if not name and len(worlds) == 1:
+        return next(iter(worlds.values()))
+    if not worlds:
+        raise RuntimeError("no simulated link world runs in this process (start_world)")
+    names = ", ".join(repr(n) for n in sorted(worlds))
+    if not name:
+        raise RuntimeError(
+            f"this process runs several simulated links ({names}): name one as the "
+            f"instrument's resource"
+        )
+    raise RuntimeError(f"no simulated link {name!r} runs in this process (it runs {names})")
+
+
+def stop_world(name: str | None = None) -> None:
+    """Stop and forget the world of simulated link ``name`` (None: every world).
+    Idempotent."""
+    with _world_lock:
+        if name is None:
+            stopping = list(_worlds.values())
+            _worlds.clear()
+        else:
+            world = _worlds.pop(name, None)
+            stopping = [] if world is None else [world]
+    for world in stopping:
         world.close()
         log.info("simlink %s world stopped", world.role)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from qkdnode.cli import EXIT_OK, EXIT_USAGE
-from qkdnode.config import ConfigError, NodeConfig, load_config
+from qkdnode.config import ConfigError, NodeConfig, SiteConfig, load_site
 
 
 def register(sub: Any) -> None:
@@ -34,22 +34,41 @@ def register(sub: Any) -> None:
 
 def _check(args: argparse.Namespace) -> int:
     try:
-        cfg = load_config(args.file)
+        site = load_site(args.file)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_USAGE
-    problems = runtime_problems(cfg, root=args.root)
+    problems = site_problems(site, root=args.root)
     if problems:
         for problem in problems:
             print(f"{args.file}: {problem}", file=sys.stderr)
         return EXIT_USAGE
     if args.json:
-        print(cfg.model_dump_json(indent=2))
-    else:
+        if site.multi:
+            links = {link.id: link.cfg.model_dump(mode="json") for link in site.links}
+            print(json.dumps({"node": site.id, "links": links}, indent=2))
+        else:
+            print(site.links[0].cfg.model_dump_json(indent=2))
+        return EXIT_OK
+    for link in site.links:
+        cfg = link.cfg
+        name = f"link {link.id!r}: " if site.multi else ""
+        peer = f" with {cfg.node.peer_id!r}" if site.multi else ""
         print(
-            f"{args.file}: ok ({cfg.node.role} {cfg.node.id!r}, {len(cfg.instruments)} instruments)"
+            f"{args.file}: ok ({name}{cfg.node.role} {cfg.node.id!r}{peer}, "
+            f"{len(cfg.instruments)} instruments)"
         )
     return EXIT_OK
+
+
+def site_problems(site: SiteConfig, *, root: Path | None = None) -> list[str]:
+    """:func:`runtime_problems` of every link, named ``links[N].<key>`` in a node with
+    several links."""
+    out: list[str] = []
+    for i, link in enumerate(site.links):
+        prefix = f"links[{i}]." if site.multi else ""
+        out.extend(prefix + p for p in runtime_problems(link.cfg, root=root))
+    return out
 
 
 def runtime_problems(cfg: NodeConfig, *, root: Path | None = None) -> list[str]:

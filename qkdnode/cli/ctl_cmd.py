@@ -36,7 +36,7 @@ from qkdnode.bus.errors import BusError, BusTimeout, KeyFileError, RemoteError
 from qkdnode.bus.keys import find_client_key
 from qkdnode.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from qkdnode.client import Client, Subscription, TelemetryEvent
-from qkdnode.config import ConfigError, load_config
+from qkdnode.config import ConfigError, load_site
 
 DEFAULT_CONTROL = "tcp://127.0.0.1:5550"
 DEFAULT_TELEMETRY = "tcp://127.0.0.1:5551"
@@ -262,19 +262,26 @@ def _nodes(args: argparse.Namespace) -> list[NodeAddr]:
         if len(configs) == 1 and len(controls) > 1:
             raise UsageError("one --config with several --endpoint: which is which?")
         for path in configs:
-            cfg = load_config(path)
-            bus = cfg.bus
-            control = controls[0] if controls else bus.control_endpoint
-            tel = telemetries[0] if telemetries else bus.telemetry_endpoint
-            nodes.append(
-                NodeAddr(
-                    check_endpoint(control, "--endpoint"),
-                    check_endpoint(tel, "--telemetry-endpoint"),
-                    cfg.node.id,
-                    cfg.keystore.max_key_count,
-                    cfg.protocol.block_detections,
+            site = load_site(path)
+            if len(site.links) > 1 and (controls or telemetries):
+                raise UsageError(
+                    f"{path} names {len(site.links)} links: drop --endpoint (every link is "
+                    f"addressed), or give the one link's --endpoint without --config"
                 )
-            )
+            for link in site.links:
+                cfg = link.cfg
+                bus = cfg.bus
+                control = controls[0] if controls else bus.control_endpoint
+                tel = telemetries[0] if telemetries else bus.telemetry_endpoint
+                nodes.append(
+                    NodeAddr(
+                        check_endpoint(control, "--endpoint"),
+                        check_endpoint(tel, "--telemetry-endpoint"),
+                        f"{cfg.node.id}/{link.id}" if link.id else cfg.node.id,
+                        cfg.keystore.max_key_count,
+                        cfg.protocol.block_detections,
+                    )
+                )
         return nodes
     for i, control in enumerate(controls or [DEFAULT_CONTROL]):
         check_endpoint(control, "--endpoint")

@@ -6,6 +6,7 @@ Examples::
     qkdnode demo --distance-km 50 --duration 60 --json
     qkdnode demo --eve intercept-resend:0.5   # the error rate shows the attack; no key
     qkdnode demo --sweep 0,25,50,75,100 --duration 20
+    qkdnode demo --topology line              # alpha - bravo - charlie, bravo on two links
 
 Exit codes: 0 keys identical and at least one block distilled (with ``--eve``: or no key
 at all), 1 otherwise, 2 bad options or configuration.
@@ -43,7 +44,61 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--sweep", default=None, metavar="KM,KM,...", help="one run per distance")
     p.add_argument("--json", action="store_true", help="last stdout line: one JSON object")
+    p.add_argument(
+        "--topology",
+        choices=["pair", "line"],
+        default="pair",
+        help="pair (default): one link; line: three sites alpha - bravo - charlie from "
+        "configs/line, bravo one daemon on two links; alpha is killed and restarted "
+        "mid-run (--no-fault: not)",
+    )
+    p.add_argument(
+        "--config-dir",
+        type=Path,
+        default=None,
+        help="--topology line: directory of alpha.toml, bravo.toml, charlie.toml "
+        "(default: configs/line of the source tree)",
+    )
+    p.add_argument("--no-fault", action="store_true", help="--topology line: no kill")
     p.set_defaults(func=_run)
+
+
+def _line(args: argparse.Namespace) -> int:
+    from qkdnode.demo.line import run_line
+    from qkdnode.demo.runner import DemoError
+
+    if args.duration is not None and not args.duration > 0:
+        print("qkdnode demo: --duration must be > 0 seconds", file=sys.stderr)
+        return EXIT_USAGE
+    others = [
+        f"--{n.replace('_', '-')}"
+        for n in ("config", "distance_km", "eve", "seed", "sweep")
+        if getattr(args, n) is not None
+    ]
+    if others:
+        print(f"qkdnode demo: --topology line takes no {', '.join(others)}", file=sys.stderr)
+        return EXIT_USAGE
+    config_dir = args.config_dir or Path(__file__).resolve().parents[2] / "configs" / "line"
+    from qkdnode.log import configure_logging
+
+    configure_logging("warning", json=False)
+    report = _reporter(args.json)
+    try:
+        summary = run_line(
+            config_dir,
+            args.out or Path("demo-out") / "line",
+            30.0 if args.duration is None else args.duration,
+            not args.no_fault,
+            report,
+        )
+    except DemoError as exc:
+        print(f"qkdnode demo: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.json:
+        print(summary.to_json_line(), flush=True)
+    else:
+        print("ok" if summary.ok else f"FAILED: {summary.failure}", flush=True)
+    return EXIT_OK if summary.ok else EXIT_FAILURE
 
 
 def _reporter(json_mode: bool) -> Any:
@@ -55,6 +110,11 @@ def _reporter(json_mode: bool) -> Any:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.topology == "line":
+        return _line(args)
+    if args.config_dir is not None or args.no_fault:
+        print("qkdnode demo: --config-dir and --no-fault go with --topology line", file=sys.stderr)
+        return EXIT_USAGE
     from qkdnode.config import ConfigError
     from qkdnode.demo.config import apply_overrides, load_demo_config, parse_eve
 

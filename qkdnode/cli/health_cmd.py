@@ -9,7 +9,9 @@ Two ways to ask:
 
 ``--config FILE`` takes both addresses from a node config: the control endpoint first
 (when the node allows plaintext, or with ``--server-key``/``--client-key`` for CURVE),
-then the metrics endpoint (when enabled) if the control socket does not answer.
+then the metrics endpoint (when enabled) if the control socket does not answer. A node
+with several links (``[[links]]``) is asked link by link and the worst link is reported
+(its name as ``link=NAME`` in the line).
 A node's ``status`` reply without a ``healthy`` field is judged by its state.
 
 Output is one Nagios-style line, ``QKDNODE OK - state=running healthy=yes | perfdata``, or
@@ -260,36 +262,49 @@ def register(sub: Any) -> None:
     p.set_defaults(func=_health)
 
 
-def _targets(args: argparse.Namespace) -> tuple[list[tuple[str, str]], str | None]:
-    """``[(kind, target), ...]`` to try in order, or an error message."""
-    targets: list[tuple[str, str]] = []
+#: Severity order for a node with several links: the worst link decides.
+_SEVERITY = {OK: 0, WARNING: 1, UNKNOWN: 2, CRITICAL: 3}
+
+Targets = list[tuple[str, str]]
+
+
+def _targets(args: argparse.Namespace) -> tuple[list[tuple[str, Targets]], str | None]:
+    """One ``(link, [(kind, target), ...])`` per link to judge (the targets of a link are
+    tried in order; link "" for a one-link node), or an error message."""
+    targets: Targets = []
     if args.endpoint:
         targets.append(("control", args.endpoint))
     if args.metrics_url:
         targets.append(("metrics", args.metrics_url))
     if targets:
-        return targets, None
+        return [("", targets)], None
     if not args.config:
         return [], "give --endpoint, --metrics-url or --config"
-    from qkdnode.config import ConfigError, load_config
+    from qkdnode.config import ConfigError, load_site
     from qkdnode.paths import PathResolutionError, config_path
 
     try:
-        cfg = load_config(config_path(args.config))
+        site = load_site(config_path(args.config))
     except (ConfigError, PathResolutionError) as exc:
         return [], str(exc)
-    if cfg.bus.allow_plaintext or args.server_key:
-        targets.append(("control", cfg.bus.control_endpoint))
-    if cfg.metrics.enabled:
-        host = cfg.metrics.listen_host
-        host = f"[{host}]" if ":" in host else host
-        targets.append(("metrics", f"http://{host}:{cfg.metrics.listen_port}/metrics"))
-    if not targets:
-        return [], (
-            "the node uses CURVE (give --server-key and --client-key) and its metrics "
-            "endpoint is disabled"
-        )
-    return targets, None
+    groups: list[tuple[str, Targets]] = []
+    for link in site.links:  # a node with several links is healthy when every link is
+        cfg = link.cfg
+        targets = []
+        if cfg.bus.allow_plaintext or args.server_key:
+            targets.append(("control", cfg.bus.control_endpoint))
+        if cfg.metrics.enabled:
+            host = cfg.metrics.listen_host
+            host = f"[{host}]" if ":" in host else host
+            targets.append(("metrics", f"http://{host}:{cfg.metrics.listen_port}/metrics"))
+        if not targets:
+            where = f"link {link.id!r} of " if link.id else ""
+            return [], (
+                f"{where}the node uses CURVE (give --server-key and --client-key) and its "
+                "metrics endpoint is disabled"
+            )
+        groups.append((link.id, targets))
+    return groups, None
 
 
 def _health(args: argparse.Namespace) -> int:
@@ -297,19 +312,26 @@ def _health(args: argparse.Namespace) -> int:
         return _emit(
             args, HealthResult(UNKNOWN, "", "", detail="--timeout must be > 0"), usage=True
         )
-    targets, error = _targets(args)
+    groups, error = _targets(args)
     if error is not None:
         return _emit(args, HealthResult(UNKNOWN, "", "", detail=error), usage=True)
-    result: HealthResult | None = None
-    for kind, target in targets:
-        if kind == "control":
-            result = check_control(target, args.timeout, args.server_key, args.client_key)
-        else:
-            result = check_metrics(target, args.timeout)
-        if result.state is not None:
-            break  # an answer (good or bad) settles it; no answer tries the next target
-    assert result is not None
-    return _emit(args, result)
+    worst: HealthResult | None = None
+    for link, targets in groups:
+        result: HealthResult | None = None
+        for kind, target in targets:
+            if kind == "control":
+                result = check_control(target, args.timeout, args.server_key, args.client_key)
+            else:
+                result = check_metrics(target, args.timeout)
+            if result.state is not None:
+                break  # an answer (good or bad) settles it; no answer tries the next target
+        assert result is not None
+        if link:
+            result.detail = f"link={link}" + (f" {result.detail}" if result.detail else "")
+        if worst is None or _SEVERITY[result.status] > _SEVERITY[worst.status]:
+            worst = result
+    assert worst is not None
+    return _emit(args, worst)
 
 
 def _emit(args: argparse.Namespace, result: HealthResult, *, usage: bool = False) -> int:

@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from qkdnode.cli import EXIT_USAGE
-from qkdnode.config import ConfigError, load_config
+from qkdnode.config import ConfigError, load_site
 
 
 def register(sub: Any) -> None:
@@ -37,19 +37,21 @@ def _run(args: argparse.Namespace) -> int:
         print(f"qkdnode run: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        cfg = load_config(path)
+        site = load_site(path)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_USAGE
-    from qkdnode.cli.config_cmd import runtime_problems
+    from qkdnode.cli.config_cmd import site_problems
 
-    problems = runtime_problems(cfg)
+    problems = site_problems(site)
     if problems:  # the same checks as `qkdnode config check`, before anything starts
         for problem in problems:
             print(f"{path}: {problem}", file=sys.stderr)
         return EXIT_USAGE
-    configure_logging(args.log_level or cfg.node.log_level, json=True if args.log_json else None)
-    from qkdnode.daemon import run_daemon
+    configure_logging(args.log_level or site.log_level, json=True if args.log_json else None)
+    from qkdnode.daemon import Daemon, ProcessControl, run_daemon
     from qkdnode.node import Node
 
-    return run_daemon(Node(cfg, str(path)))
+    process = ProcessControl()
+    links = [Node(link.cfg, str(path), process, link.id) for link in site.links]
+    return run_daemon(Daemon(links, site.id, process))

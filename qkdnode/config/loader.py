@@ -75,17 +75,32 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> NodeConfig:
         raise ConfigError(source, format_validation_error(exc)) from None
 
 
-def load_config(path: str | Path) -> NodeConfig:
-    """Read and validate ``path``. Raises :class:`ConfigError` on any problem."""
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """The parsed TOML of ``path``. Raises :class:`ConfigError` when it cannot be read."""
     p = Path(path)
     try:
         raw = p.read_bytes()
     except OSError as exc:
         raise ConfigError(str(path), [f"cannot read file: {exc.strerror or exc}"]) from None
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
+        return tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise ConfigError(str(path), [f"not UTF-8 text: {exc.reason}"]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), [f"invalid TOML: {exc}"]) from None
+
+
+def load_config(path: str | Path) -> NodeConfig:
+    """Read and validate the one-link config ``path``. Raises :class:`ConfigError` on any
+    problem, and for a node with several links (``[[links]]``: see
+    :func:`qkdnode.config.site.load_site`)."""
+    data = read_toml(path)
+    if "links" in data:
+        raise ConfigError(
+            str(path),
+            [
+                "links: this node hosts several links; this tool takes one link's config "
+                "(or the link's own endpoints)"
+            ],
+        )
     return parse_config(data, str(path))

@@ -58,8 +58,10 @@ async def pair(
     finally:
         await rx.stop()
         await tx.stop()
-        ctx_t.term()
-        ctx_r.term()
+        # destroy, not term: a frame still queued (the over-limit one the receiver
+        # dropped) would hold term() for as long as the socket lingers
+        ctx_t.destroy(linger=0)
+        ctx_r.destroy(linger=0)
 
 
 def run(coro: Awaitable[Any]) -> Any:

@@ -87,7 +87,7 @@ def test_demo_json_keys_identical(tmp_path: Path) -> None:
     assert not any(_alive(p) for p in _pids(tmp_path))
 
 
-@pytest.mark.slow
+@pytest.mark.system
 def test_demo_with_full_intercept_resend_gives_no_key(tmp_path: Path) -> None:
     # Blocks that yield key without Eve (see above), several attempted within the run.
     proc = _demo(
@@ -194,7 +194,7 @@ def test_killed_demo_leaves_no_daemon_behind(tmp_path: Path) -> None:
         assert '"daemon_stopped"' in (tmp_path / f"{name}.log").read_text(), name
 
 
-@pytest.mark.slow
+@pytest.mark.system
 def test_full_key_store_drops_blocks_and_the_exchange_goes_on(tmp_path: Path) -> None:
     """Consumers not taking keys: a store that cannot take a block's keys drops the block
     on both nodes (identical stores), raises one alarm, and key exchange continues."""
@@ -219,3 +219,31 @@ def test_full_key_store_drops_blocks_and_the_exchange_goes_on(tmp_path: Path) ->
         assert "block_dropped_keystore_full" in events, name
         assert events.count("alarm") >= 1
         assert "exchange_failed" not in events, name
+
+
+def test_line_demo_refuses_pair_options_and_a_missing_config_dir(tmp_path: Path) -> None:
+    bad = _demo("--topology", "line", "--eve", "intercept-resend:1", timeout_s=60)
+    assert bad.returncode == 2 and "--topology line takes no --eve" in bad.stderr
+    missing = tmp_path / "nowhere"
+    res = _demo(
+        "--topology", "line", "--config-dir", str(missing), "--out", str(tmp_path), timeout_s=60
+    )
+    assert res.returncode == 2 and f"cannot read {missing / 'alpha.toml'}" in res.stderr
+    pair = _demo("--no-fault", "--duration", "1", timeout_s=60)
+    assert pair.returncode == 2 and "go with --topology line" in pair.stderr
+
+
+@pytest.mark.system
+def test_line_demo_shows_a_fault_on_one_link_sparing_the_other(tmp_path: Path) -> None:
+    proc = _demo(
+        "--topology", "line", "--duration", "5", "--json", "--out", str(tmp_path), timeout_s=1500
+    )
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["ok"] is True, (result, proc.stderr[-3000:])
+    assert proc.returncode == 0
+    assert result["keys_committed_while_alpha_down"] > 0
+    assert result["seconds_to_recover"] is not None
+    for link in ("alpha-bravo", "bravo-charlie"):
+        assert result["links"][link]["identical"] is True
+        assert result["links"][link]["states"] == ["EXCHANGING", "EXCHANGING"]
+    assert result["exit_codes"] == {"alpha": 0, "bravo": 0, "charlie": 0}

@@ -246,3 +246,42 @@ def test_state_source_class_probabilities_change_from_the_returned_slot(
     for bad in ((0.0, 0.1, 0.5), (0.7, 0.4, 0.5), (0.6, 0.2, 1.0), (float("nan"), 0.2, 0.5)):
         with pytest.raises(OutOfRangeError, match="states: set_class_probabilities"):
             src.set_class_probabilities(*bad)
+
+
+def test_a_process_on_two_simulated_links_keeps_them_apart() -> None:
+    """A node in the middle of a line transmits on one simulated link and receives on
+    another: each instrument is a view of the link its resource names, faults go to the
+    named link only, and an instrument that names none is refused with the choices."""
+    from drivers.simulation import open_backend
+
+    ab = link(transmitter_seed=1).receiver_side()
+    bc = link(transmitter_seed=2).transmitter_side()
+    rx = open_backend("receiver", ab, None, "alpha-bravo")
+    tx = open_backend("transmitter", bc, None, "bravo-charlie")
+    rx.start()
+    tx.start()
+    try:
+        laser = si.SimLaser("laser", resource="bravo-charlie")
+        laser.connect()  # the transmitter's world, by name
+        wrong = si.SimLaser("laser", resource="alpha-bravo")
+        with pytest.raises(ConnectionLostError, match="simulates the receiver"):
+            wrong.connect()
+        unnamed = si.SimLaser("laser")
+        with pytest.raises(ConnectionLostError, match="several simulated links"):
+            unnamed.connect()
+        missing = si.SimLaser("laser", resource="charlie-delta")
+        with pytest.raises(ConnectionLostError, match="no simulated link 'charlie-delta'"):
+            missing.connect()
+        # a receiver's fault reaches the receiving link's world, and is refused by the
+        # transmitting link's world (so each injector talks to its own link)
+        rx.faults.inject("bright_light")
+        rx.faults.clear("bright_light")
+        with pytest.raises(ValueError):
+            tx.faults.inject("bright_light")
+        with pytest.raises(RuntimeError, match="'alpha-bravo' already runs"):
+            open_backend("receiver", ab, None, "alpha-bravo").start()
+    finally:
+        tx.stop()
+        rx.stop()
+    with pytest.raises(ConnectionLostError, match="no simulated link world"):
+        si.SimLaser("laser", resource="bravo-charlie").connect()

@@ -432,16 +432,3 @@ def pair_factory(tmp_path: Path) -> Iterator[Callable[..., Pair]]:
     yield factory
     for p in made:
         p.kill_all()
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The two-daemon scenarios take ~11 min on a 2-core machine, over `make test`'s
-    budget; they run with QKDNODE_SYSTEM_TESTS=1 (`make test-system`), not by default."""
-    import os
-
-    if os.environ.get("QKDNODE_SYSTEM_TESTS") == "1":
-        return
-    skip = pytest.mark.skip(reason="two-daemon scenarios: run with `make test-system`")
-    for item in items:
-        if "tests/system" in str(item.fspath):
-            item.add_marker(skip)

@@ -1,0 +1,137 @@
+"""A node with several links: the ``[[links]]`` config form, as a clumsy operator writes it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qkdnode.config import ConfigError, load_config, load_site, parse_site
+
+ROOT = Path(__file__).resolve().parents[2]
+BRAVO = ROOT / "configs" / "line" / "bravo.toml"
+
+
+def bravo() -> dict[str, Any]:
+    return tomllib.loads(BRAVO.read_text())
+
+
+def problems(data: dict[str, Any]) -> list[str]:
+    with pytest.raises(ConfigError) as err:
+        parse_site(data, "bravo.toml")
+    return err.value.problems
+
+
+def test_the_shipped_line_configs_load_as_one_node_with_two_links() -> None:
+    site = load_site(BRAVO)
+    assert site.multi and site.id == "bravo"
+    ab, bc = site.links
+    assert (ab.id, ab.cfg.node.role, ab.cfg.node.peer_id) == ("alpha-bravo", "receiver", "alpha")
+    assert (bc.id, bc.cfg.node.role, bc.cfg.node.peer_id) == (
+        "bravo-charlie",
+        "transmitter",
+        "charlie",
+    )
+    # each link keeps its state apart, under the node's state directory
+    assert ab.cfg.node.state_dir == Path("state/line/bravo/alpha-bravo")
+    assert bc.cfg.node.state_dir == Path("state/line/bravo/bravo-charlie")
+    assert ab.cfg.node.id == bc.cfg.node.id == "bravo"
+    assert not ab.cfg.node.autostart and bc.cfg.node.autostart
+    # each side holds its own side of its simulated link only
+    assert ab.cfg.simulation is not None and ab.cfg.simulation.transmitter is None
+    assert bc.cfg.simulation is not None and bc.cfg.simulation.receiver is None
+    for name in ("alpha", "charlie"):
+        one = load_site(ROOT / "configs" / "line" / f"{name}.toml")
+        assert not one.multi and [link.id for link in one.links] == [""]
+
+
+def test_a_one_link_config_is_a_node_with_one_link_as_before() -> None:
+    path = ROOT / "configs" / "transmitter.sim.toml"
+    site = load_site(path)
+    assert not site.multi
+    assert site.links[0].cfg == load_config(path)
+
+
+def test_tools_that_take_one_link_refuse_a_node_with_several_and_say_why() -> None:
+    with pytest.raises(ConfigError, match="several links"):
+        load_config(BRAVO)
+
+
+def test_errors_name_the_link_and_the_key() -> None:
+    data = bravo()
+    data["links"][1]["source"]["mu_signal"] = -1
+    data["links"][0]["bus"]["control_endpoint"] = "tcp://127.0.0.1"
+    data["links"][0]["role"] = "relay"
+    got = problems(data)
+    assert any(p.startswith("links[1].source.mu_signal: must be > 0") for p in got), got
+    assert any(p.startswith("links[0].bus.control_endpoint:") for p in got), got
+    assert any(p.startswith("links[0].role:") for p in got), got
+
+
+def test_link_sections_at_the_top_level_are_refused() -> None:
+    data = bravo()
+    data["bus"] = {"control_endpoint": "tcp://127.0.0.1:6000"}
+    got = problems(data)
+    assert any(p.startswith("bus: a node with [[links]] takes each link's sections") for p in got)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expect"),
+    [
+        (lambda d: d["links"][1].update(id="alpha-bravo"), "links[1].id: link 'alpha-bravo'"),
+        (
+            lambda d: d["links"][1]["bus"].update(
+                control_endpoint=d["links"][0]["bus"]["control_endpoint"]
+            ),
+            "links[1].bus.control_endpoint: tcp://127.0.0.1:5574 is also links[0].bus",
+        ),
+        (
+            lambda d: d["links"][1]["bus"].update(telemetry_endpoint="tcp://127.0.0.1:5574"),
+            "links[1].bus.telemetry_endpoint: tcp://127.0.0.1:5574 is also links[0].bus."
+            "control_endpoint",
+        ),
+        (
+            lambda d: d["links"][1]["simulation"].update(fiber_endpoint="tcp://127.0.0.1:5573"),
+            "links[1].simulation.fiber_endpoint",
+        ),
+        (
+            lambda d: d["links"][0]["instruments"]["spd_h"].pop("resource"),
+            "links[0].instruments.spd_h.resource: this node simulates several links",
+        ),
+        (lambda d: d["links"][0].pop("id"), "links[0].id: required key is missing"),
+        (lambda d: d["links"][0].update(id="a b"), "links[0].id: letters, digits"),
+        (lambda d: d["links"][0].update(state_dir="x"), "links[0].state_dir: unknown key"),
+        (lambda d: d["links"][0].update(peer_id="bravo"), "node.id and node.peer_id must differ"),
+        (lambda d: d.update(links=[]), "links: needs one or more [[links]] tables"),
+        (lambda d: d["node"].update(role="receiver"), "node.role: unknown key"),
+    ],
+)
+def test_clumsy_multi_link_configs_are_refused_naming_the_key(mutate: Any, expect: str) -> None:
+    data = bravo()
+    mutate(data)
+    got = problems(data)
+    assert any(expect in p for p in got), got
+
+
+def test_config_check_lists_every_link_and_exits_2_on_a_clash(tmp_path: Path) -> None:
+    def check(path: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "qkdnode", "config", "check", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    ok = check(BRAVO)
+    assert ok.returncode == 0, ok.stderr
+    assert "link 'alpha-bravo': receiver 'bravo' with 'alpha'" in ok.stdout
+    assert "link 'bravo-charlie': transmitter 'bravo' with 'charlie'" in ok.stdout
+    bad = tmp_path / "bravo.toml"
+    bad.write_text(BRAVO.read_text().replace("5576", "5574"))
+    res = check(bad)
+    assert res.returncode == 2
+    assert f"{bad}: links[1].bus.control_endpoint: tcp://127.0.0.1:5574 is also" in res.stderr
