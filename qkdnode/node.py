@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -20,9 +19,8 @@ import zmq.asyncio
 
 from qkdnode.alarms import Alarm, AlarmBoard
 from qkdnode.backoff import Backoff
-from qkdnode.bus.commands import CallerInfo, CommandSpec, CommandTable
 from qkdnode.bus.control import ControlServer
-from qkdnode.bus.errors import CommandError, PeerDisconnected, PeerTimeout
+from qkdnode.bus.errors import PeerDisconnected, PeerTimeout
 from qkdnode.bus.keys import resolve_server_secret
 from qkdnode.bus.peer import PeerChannel
 from qkdnode.bus.telemetry import TelemetryPublisher
@@ -31,6 +29,7 @@ from qkdnode.context import NodeStats
 from qkdnode.daemon import STOP_STEP_TIMEOUT_S, DaemonBase, ProcessControl, settle_cancelled
 from qkdnode.keyflow import KeyFlow, Resources
 from qkdnode.link import LINK_PREFIX, PP_PREFIX, LinkCoordinator, LinkError, LinkRequest
+from qkdnode.node_commands import NodeCommands
 from qkdnode.statemachine import Event, State, StateMachine, TransitionRecord, TransitionRefused
 from qkdnode.watch import DEFAULT_BLOCK_S
 
@@ -113,7 +112,7 @@ class Node(DaemonBase):
         self.control = ControlServer(
             self.zctx,
             bus,
-            self._commands(),
+            NodeCommands(self).table(),
             lambda: self.sm.state.value,
             secret,
             telemetry=self.telemetry,
@@ -503,212 +502,3 @@ class Node(DaemonBase):
     async def _serve_link(self, req: LinkRequest) -> dict[str, Any]:
         assert self.session is not None
         return dict(await self.session.serve(req))
-
-    # ------------------------------------------------------------------ commands
-    def _commands(self) -> CommandTable:
-        """The daemon's control commands (docs/protocol.md, section 2 "Commands")."""
-        from qkdnode.bus.commands import KeysGetContent, NoContent, SimInjectContent
-        from qkdnode.bus.errors import ErrorCode as E
-
-        live = frozenset(s.value for s in State if s not in (S.SHUTDOWN,))
-        pair_errors = (E.WRONG_NODE, E.REFUSED)
-        return CommandTable(
-            [
-                CommandSpec(
-                    "status",
-                    self._cmd_status,
-                    None,
-                    "monitor",
-                    NoContent,
-                    "state, health and session statistics",
-                ),
-                CommandSpec(
-                    "alarms",
-                    self._cmd_alarms,
-                    None,
-                    "monitor",
-                    NoContent,
-                    "active alarms and the recent raise/clear events",
-                ),
-                CommandSpec(
-                    "calibrate",
-                    self._cmd_pair(Event.CALIBRATE),
-                    frozenset({"IDLE", "EXCHANGING"}),
-                    "operator",
-                    NoContent,
-                    "calibrate both nodes of the link",
-                    pair_errors,
-                ),
-                CommandSpec(
-                    "sync",
-                    self._cmd_pair(Event.SYNC),
-                    frozenset({"IDLE"}),
-                    "operator",
-                    NoContent,
-                    "acquire clock lock between the nodes",
-                    pair_errors,
-                ),
-                CommandSpec(
-                    "start",
-                    self._cmd_pair(Event.EXCHANGE),
-                    frozenset({"IDLE"}),
-                    "operator",
-                    NoContent,
-                    "start continuous key exchange",
-                    pair_errors,
-                ),
-                CommandSpec(
-                    "stop",
-                    self._cmd_stop,
-                    frozenset({"CALIBRATING", "SYNCHRONIZING", "EXCHANGING", "PAUSED", "IDLE"}),
-                    "operator",
-                    NoContent,
-                    "stop the current activity on both nodes",
-                ),
-                CommandSpec(
-                    "recover",
-                    self._cmd_recover,
-                    frozenset({"FAULT"}),
-                    "operator",
-                    NoContent,
-                    "clear a fault: reconnect instruments and return to IDLE",
-                    (E.NOT_READY, E.REFUSED, E.COMMAND_FAILED),
-                ),
-                CommandSpec(
-                    "keys.get",
-                    self._cmd_keys_get,
-                    live,
-                    "operator",
-                    KeysGetContent,
-                    "fetch keys from the key store (operator delivery)",
-                    (E.NO_KEY, E.INVALID_CONTENT),
-                ),
-                CommandSpec(
-                    "keys.digest",
-                    self._cmd_keys_digest,
-                    live,
-                    "operator",
-                    NoContent,
-                    "count and SHA-256 digest of the committed keys",
-                    (E.NOT_READY,),
-                ),
-                CommandSpec(
-                    "sim.inject",
-                    self._cmd_inject,
-                    live,
-                    "operator",
-                    SimInjectContent,
-                    "inject or clear a simulated fault (simulation only)",
-                    (E.NOT_SIMULATED, E.INVALID_CONTENT),
-                ),
-            ]
-        )
-
-    async def _cmd_status(self, content: dict[str, Any], caller: CallerInfo) -> dict[str, Any]:
-        return {
-            "state": self.sm.state.value,
-            "role": self.role,
-            "node_id": self.cfg.node.id,
-            "peer_id": self.cfg.node.peer_id,
-            "healthy": self.healthy(),
-            "peer_connected": bool(self.peer and self.peer.connected),
-            "instruments": {n: up for n, up in self.hardware.up.items()},
-            "stats": self.stats.as_dict(),
-            "keystore": self.session.keystore_counts() if self.session else {},
-            **self.key_flow_status(),
-            "settings": (
-                dataclasses.asdict(self.session.settings)
-                if self.session is not None and self.role == "transmitter"
-                else None
-            ),
-        }
-
-    async def _cmd_alarms(self, content: dict[str, Any], caller: CallerInfo) -> dict[str, Any]:
-        return {
-            "active": [a.as_dict() for a in self.alarms.active()],
-            "events": self.alarms.events(),
-        }
-
-    def _cmd_pair(self, event: Event) -> Any:
-        async def handler(content: dict[str, Any], caller: CallerInfo) -> dict[str, Any]:
-            if self.role != "transmitter":
-                raise CommandError(
-                    f"pair commands are coordinated by the transmitter "
-                    f"({self.cfg.node.peer_id!r}); send {event.value!r} to it",
-                    code="wrong_node",
-                    details={"field": "command", "role": self.role},
-                )
-            if event is Event.EXCHANGE:
-                self.auto = True  # from now on the pair returns to key exchange by itself
-            try:
-                rec = await self.sm.trigger(event, f"operator {caller.name}")
-            except TransitionRefused as exc:
-                raise CommandError(
-                    str(exc), code="refused", details={"state": self.sm.state.value}
-                ) from None
-            return {"state": rec.new.value}
-
-        return handler
-
-    async def _cmd_stop(self, content: dict[str, Any], caller: CallerInfo) -> dict[str, Any]:
-        self.auto = False
-        if self.sm.state is not S.IDLE:
-            await self.trigger(Event.STOP, f"operator {caller.name}")
-        if self.role == "transmitter" and self.peer is not None and self.peer.connected:
-            with contextlib.suppress(LinkError):
-                await self.link.request("stop", 10.0)
-        return {"state": self.sm.state.value}
-
-    async def _cmd_recover(self, content: dict[str, Any], caller: CallerInfo) -> dict[str, Any]:
-        if self.session is None:
-            raise CommandError("the node is still starting", code="not_ready")
-        try:
-            await self.session.recover(f"operator {caller.name}")
-        except TransitionRefused as exc:
-            raise CommandError(
-                str(exc), code="refused", details={"state": self.sm.state.value}
-            ) from None
-        except LinkError as exc:  # an instrument still fails: the fault stays
-            raise CommandError(str(exc), code="command_failed") from None
-        return {"state": self.sm.state.value}
-
-    async def _cmd_keys_get(self, content: dict[str, Any], caller: CallerInfo) -> dict[str, Any]:
-        from qkdnode.keystore.errors import KeyRequestError, KeyStoreError
-
-        if self.session is None or self.session.keys is None:
-            raise CommandError("no key available: the key store is not open yet", code="no_key")
-        number = int(content["number"])
-        size = content.get("size_bits")
-        size_bits = int(size) if size is not None else self.cfg.keystore.key_size_bits
-        try:
-            return dict(await self.session.fetch_keys(number, size_bits, caller.name))
-        except KeyRequestError as exc:
-            raise CommandError(
-                str(exc), code="invalid_content", details={"field": "content.size_bits"}
-            ) from None
-        except KeyStoreError as exc:  # none available, peer not in step or unreachable
-            raise CommandError(str(exc), code="no_key") from None
-
-    async def _cmd_keys_digest(self, content: dict[str, Any], caller: CallerInfo) -> dict[str, Any]:
-        if self.session is None or self.session.keystore is None:
-            raise CommandError("the key store is not open yet", code="not_ready")
-        return dict(await self.session.keys_digest())
-
-    async def _cmd_inject(self, content: dict[str, Any], caller: CallerInfo) -> dict[str, Any]:
-        if self.backend is None:  # no [simulation], or not enabled
-            raise CommandError("sim.inject needs a simulated link", code="not_simulated")
-        from qkdnode.bus.commands import SimInjectContent
-
-        req = SimInjectContent.model_validate(content)
-        faults = self.backend.faults
-        try:
-            if req.clear:
-                faults.clear(req.fault)
-            else:
-                faults.inject(req.fault, **req.fault_parameters())
-        except (TypeError, ValueError) as exc:  # e.g. a receiver fault sent to the transmitter
-            raise CommandError(
-                str(exc), code="invalid_content", details={"field": "content.fault"}
-            ) from None
-        log.warning("sim_fault", fault=req.fault, cleared=req.clear)
-        return {"fault": req.fault, "cleared": req.clear}

@@ -25,6 +25,7 @@ from qkdnode.bus.devserver import DevNode
 from qkdnode.bus.keys import generate_keypair
 from qkdnode.bus.telemetry import TelemetryPublisher
 from qkdnode.config.sections import BusSection, CurveClient
+from qkdnode.node_commands import NodeCommands
 
 LOOP = "tcp://127.0.0.1:0"
 
@@ -208,7 +209,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def sim_node(state_dir: Path, role: str = "transmitter") -> Any:
     """A daemon ``Node`` built from ``configs/<role>.sim.toml`` (not started): its
-    ``_commands()`` is the daemon's real command table."""
+    ``NodeCommands(node).table()`` is the daemon's real command table."""
     from qkdnode.config import load_config
     from qkdnode.node import Node
 
@@ -227,7 +228,7 @@ def daemon_specs(state_dir: Path) -> list[Any]:
         server = ControlServer(
             ctx,
             bus,
-            node._commands(),
+            NodeCommands(node).table(),
             lambda: "IDLE",
             None,
             telemetry=TelemetryPublisher(ctx, bus, None),

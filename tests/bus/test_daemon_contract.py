@@ -23,6 +23,7 @@ from qkdnode.bus.commands import KEYS_GET_MAX_NUMBER, KEYS_GET_MAX_SIZE_BITS
 from qkdnode.bus.errors import ErrorCode
 from qkdnode.client import Client, RemoteError
 from qkdnode.config.sections import BusSection
+from qkdnode.node_commands import NodeCommands
 from tests.bus.conftest import daemon_specs, sim_node, spawn_devserver
 from tests.daemon.conftest import Daemon, free_port, node_config, start_daemon
 
@@ -243,7 +244,7 @@ def test_sim_faults_match_the_simulated_world() -> None:
 def test_plaintext_role_defaults_to_monitor(start_inproc: Any, tmp_path: Path) -> None:
     assert BusSection().plaintext_role == "monitor"
     node = sim_node(tmp_path)
-    srv = start_inproc(table=node._commands(), plaintext_role=BusSection().plaintext_role)
+    srv = start_inproc(table=NodeCommands(node).table(), plaintext_role=BusSection().plaintext_role)
     with Client(srv.endpoint, timeout_s=3) as c:
         assert c.call("ping")["caller"] == {"name": "plaintext", "role": "monitor"}
         listed = {x["name"]: x["callable"] for x in c.call("commands")["commands"]}

@@ -16,6 +16,7 @@ from qkdnode.bus.commands import CallerInfo, CommandSpec
 from qkdnode.bus.errors import ErrorCode
 from qkdnode.bus.telemetry import HEARTBEAT_TOPIC
 from qkdnode.keystore.models import KeyState
+from qkdnode.node_commands import NodeCommands
 from qkdnode.statemachine import State
 from tests.bus.conftest import REPO, daemon_specs, sim_node
 
@@ -153,7 +154,9 @@ def test_peer_channel_kinds_are_referenced() -> None:
 
 def test_every_status_field_is_documented(tmp_path: Path) -> None:
     node = sim_node(tmp_path)
-    reply: dict[str, Any] = asyncio.run(node._cmd_status({}, CallerInfo("doc", "monitor")))
+    reply: dict[str, Any] = asyncio.run(
+        NodeCommands(node)._cmd_status({}, CallerInfo("doc", "monitor"))
+    )
     text = section(doc(), "## 6. The `status` reply")
     assert "`stats`:" in text, "the stats table must follow a '`stats`:' line"
     stats = text[text.index("`stats`:") :]
