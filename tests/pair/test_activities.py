@@ -1,0 +1,80 @@
+"""The pair activities (calibration, synchronisation, key exchange) with both halves in
+one process (tests/pair/harness.py), including their failure paths."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from qkdnode.statemachine import Event, State
+from tests.pair.harness import in_process_pair
+
+
+def test_calibrate_sync_exchange_commit_identical_keys(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with in_process_pair(tmp_path) as p:
+            assert await p.drive(Event.CALIBRATE) is State.IDLE
+            assert p.tx.stats.calibrated and p.rx.stats.calibrated
+            assert await p.drive(Event.SYNC) is State.IDLE
+            assert p.tx.stats.synchronized and p.rx.stats.synchronized
+            await p.drive(Event.EXCHANGE)
+            await p.wait_until("a committed block", lambda: min(p.committed()) > 0)
+            await p.tx.sm.trigger(Event.STOP, "test")
+            await p.wait_until("both idle", lambda: p.rx.sm.state is State.IDLE)
+            digests = [await n.session.keys_digest() for n in p.nodes]
+            assert digests[0] == digests[1] and digests[0]["count"] > 0
+
+    asyncio.run(go())
+
+
+def test_calibration_fails_cleanly_when_the_receivers_detectors_are_gone(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with in_process_pair(tmp_path) as p:
+            assert p.rx.backend is not None
+            p.rx.backend.faults.inject("detector_disconnect")
+            end = await p.drive(Event.CALIBRATE)
+            assert end in (State.IDLE, State.FAULT)
+            assert not p.tx.stats.calibrated
+            await p.wait_until(
+                "the receiver to give up", lambda: p.rx.sm.state in (State.IDLE, State.FAULT)
+            )
+            assert not p.rx.stats.calibrated
+            # the transmitter's light is off again: the failed step left nothing on
+            assert p.tx.sm.state is not State.CALIBRATING
+            assert p.tx.stats.failures + p.rx.stats.failures >= 1
+
+    asyncio.run(go())
+
+
+def test_synchronisation_without_light_fails_and_says_why(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with in_process_pair(tmp_path) as p:
+            assert await p.drive(Event.CALIBRATE) is State.IDLE
+            assert p.tx.backend is not None
+            p.tx.backend.faults.inject("fiber_cut")
+            end = await p.drive(Event.SYNC)
+            assert end in (State.IDLE, State.FAULT)
+            assert not p.tx.stats.synchronized and not p.rx.stats.synchronized
+            assert p.tx.stats.last_failure or p.rx.stats.last_failure
+
+    asyncio.run(go())
+
+
+def test_exchange_under_full_intercept_resend_aborts_every_block(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with in_process_pair(tmp_path) as p:
+            assert await p.drive(Event.CALIBRATE) is State.IDLE
+            assert await p.drive(Event.SYNC) is State.IDLE
+            assert p.tx.backend is not None
+            p.tx.backend.faults.inject("eve", fraction=1.0, mode="intercept-resend")
+            await p.drive(Event.EXCHANGE)
+            await p.wait_until(
+                "an aborted block on both sides",
+                lambda: p.tx.stats.blocks_aborted >= 1 and p.rx.stats.blocks_aborted >= 1,
+            )
+            assert p.tx.stats.blocks_ok == 0 and p.rx.stats.blocks_ok == 0
+            assert p.committed() == (0, 0)
+            assert p.tx.stats.qber > 0.2  # the attack shows in the error rate
+            await p.tx.sm.trigger(Event.STOP, "test")
+
+    asyncio.run(go())
