@@ -2,6 +2,8 @@
 
 Each module in :data:`COMMAND_MODULES` defines ``register(subparsers)`` which adds its
 subcommand and sets ``func`` (``args -> int`` exit code) with ``set_defaults``.
+A subcommand too large for one module keeps its parts beside it: ``ctl_cmd`` registers
+``qkdnode ctl``, whose actions live in the ``ctl_*`` modules.
 
 Exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error.
 """

@@ -24,7 +24,7 @@ from qkdnode.bus.keys import (
     resolve_server_secret,
     write_keypair,
 )
-from qkdnode.cli.ctl_cmd import render_view
+from qkdnode.cli.ctl_render import render_view
 from qkdnode.client import TelemetryEvent
 from tests.bus.conftest import DevProc
 

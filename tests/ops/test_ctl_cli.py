@@ -37,6 +37,8 @@ from qkdnode.bus.control import ControlServer
 from qkdnode.bus.errors import CommandError
 from qkdnode.bus.telemetry import TelemetryPublisher
 from qkdnode.cli import ctl_cmd
+from qkdnode.cli.ctl_nodes import NodeAddr
+from qkdnode.cli.ctl_render import NodeScreen, render_node
 from qkdnode.client import TelemetryEvent
 from qkdnode.config.sections import BusSection
 from tests.daemon.conftest import Daemon, free_port, node_config, start_daemon
@@ -472,9 +474,9 @@ def test_watch_draws_one_screen_per_node(
 # ---------------------------------------------------------------- the screen of one node
 def _screen(status: dict[str, Any], **kw: Any) -> list[str]:
     now = 1_800_000_000.0
-    addr = kw.pop("addr", ctl_cmd.NodeAddr("tcp://h:5550", "tcp://h:5551", "tcp://h:5550"))
-    sc = ctl_cmd.NodeScreen(addr, status=status, status_at=now - 1, connected=True, **kw)
-    return ctl_cmd.render_node(sc, now)
+    addr = kw.pop("addr", NodeAddr("tcp://h:5550", "tcp://h:5551", "tcp://h:5550"))
+    sc = NodeScreen(addr, status=status, status_at=now - 1, connected=True, **kw)
+    return render_node(sc, now)
 
 
 def test_node_screen_shows_what_the_status_reports() -> None:
@@ -508,7 +510,7 @@ def test_node_screen_shows_what_the_status_reports() -> None:
             },
         ],
     }
-    addr = ctl_cmd.NodeAddr("tcp://h:5553", "tcp://h:5554", "bob", 100_000, 8_000_000)
+    addr = NodeAddr("tcp://h:5553", "tcp://h:5554", "bob", 100_000, 8_000_000)
     text = "\n".join(_screen(status, addr=addr))
     assert "== bob (receiver)" in text
     assert "state        EXCHANGING for 2m05s" in text and "UNHEALTHY" in text
@@ -545,10 +547,10 @@ def test_node_screen_progress_of_a_calibration() -> None:
 
 def test_node_screen_of_an_unreachable_node() -> None:
     now = 1_800_000_000.0
-    addr = ctl_cmd.NodeAddr("tcp://h:5550", "tcp://h:5551", "alice")
-    sc = ctl_cmd.NodeScreen(addr, connected=False, down_since=now - 12, down_reason="no answer")
+    addr = NodeAddr("tcp://h:5550", "tcp://h:5551", "alice")
+    sc = NodeScreen(addr, connected=False, down_since=now - 12, down_reason="no answer")
     sc.notices.append("node restarted at 12:00:01")
-    text = "\n".join(ctl_cmd.render_node(sc, now))
+    text = "\n".join(render_node(sc, now))
     assert "UNREACHABLE for 12.0 s: no answer; waiting for it to come back" in text
     assert "node restarted at 12:00:01" in text
 
