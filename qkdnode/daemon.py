@@ -317,6 +317,8 @@ class Daemon:
         for link in links:
             link.process = self.process
         self.multi = any(link.link_id for link in links)
+        #: the links that started (made safe and closed at the end)
+        self.running: list[DaemonBase] = []
         self._contexts: dict[int, contextvars.Context] = {}
 
     def _context(self, link: DaemonBase) -> contextvars.Context:
@@ -355,7 +357,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self._reload)
         code = EXIT_OK
         watchdog: asyncio.Task[None] | None = None
-        running: list[DaemonBase] = []
+        running = self.running
         try:
             for link in self.links:
                 private_dir(link.state_dir)
@@ -387,10 +389,7 @@ class Daemon:
             process.notifier.ready(status="ready")
             log.info("daemon_ready")
 
-            def healthy() -> bool:
-                return all(link.healthy() for link in running)
-
-            watchdog = asyncio.create_task(run_watchdog(process.notifier, healthy=healthy))
+            watchdog = asyncio.create_task(run_watchdog(process.notifier, healthy=self.healthy))
             await process.stop_requested.wait()
         except Exception as exc:
             log.exception("daemon_failed", error=str(exc))
@@ -407,6 +406,12 @@ class Daemon:
             process.notifier.close()
             log.info("daemon_stopped", exit_code=code)
         return code
+
+    def healthy(self) -> bool:
+        """What feeds the systemd watchdog: some running link is healthy. A restart would
+        stop that link's key for the sake of another's (whose peer is down, say); with
+        every link unhealthy a restart may help (a one-link node: its link's health)."""
+        return any(link.healthy() for link in self.running)
 
     @staticmethod
     async def _stop_link(link: DaemonBase) -> bool:

@@ -3,9 +3,9 @@
 For tests and benchmarks of the procedures: the transmitter world PUSHes each chunk of
 photons over an inproc ZeroMQ "fiber" and the receiver world pulls and processes it at
 once, deterministic and as fast as the physics. Instruments are the real simulated
-drivers, each connected to the world of its role (the daemon has one world per process;
+drivers, each connected to the world of its role (a daemon has one world per link;
 here both live together, so connection briefly points the drivers' world lookup at the
-right one).
+right one, whatever link name the instrument gives).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ _ids = itertools.count()
 @contextlib.contextmanager
 def _world_lookup(world: TransmitterWorld | ReceiverWorld) -> Iterator[None]:
     saved = sim.__dict__["get_world"]
-    setattr(sim, "get_world", lambda: world)  # noqa: B010
+    setattr(sim, "get_world", lambda name="": world)  # noqa: B010
     try:
         yield
     finally:

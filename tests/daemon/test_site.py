@@ -112,3 +112,32 @@ def _kill(d: Daemon) -> None:
     if d.proc.poll() is None:
         d.proc.kill()
         d.proc.wait(30)
+
+
+def test_the_watchdog_is_fed_while_some_link_is_healthy() -> None:
+    """A link whose peer is down must not get the node restarted (that would stop the
+    other links' key); every link unhealthy: a restart may help, as for a one-link node."""
+    from qkdnode.config import load_site
+    from qkdnode.daemon import Daemon, DaemonBase, ProcessControl
+
+    class Link(DaemonBase):
+        ok = True
+
+        def healthy(self) -> bool:
+            return self.ok
+
+    site = load_site(ROOT / "configs" / "line" / "bravo.toml")
+    process = ProcessControl()
+    ab, bc = (Link(link.cfg, "bravo.toml", process, link.id) for link in site.links)
+    daemon = Daemon([ab, bc], site.id, process)
+    daemon.running = [ab, bc]
+    assert daemon.healthy()
+    ab.ok = False
+    assert daemon.healthy()  # bravo-charlie still produces key
+    bc.ok = False
+    assert not daemon.healthy()
+    one = Daemon([Link(site.links[0].cfg, "x.toml", ProcessControl())], "bravo")
+    one.running = list(one.links)
+    assert one.healthy()
+    one.links[0].ok = False  # type: ignore[attr-defined]
+    assert not one.healthy()

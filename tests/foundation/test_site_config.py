@@ -135,3 +135,20 @@ def test_config_check_lists_every_link_and_exits_2_on_a_clash(tmp_path: Path) ->
     res = check(bad)
     assert res.returncode == 2
     assert f"{bad}: links[1].bus.control_endpoint: tcp://127.0.0.1:5574 is also" in res.stderr
+
+
+def test_ctl_addresses_every_link_of_a_node_and_refuses_one_endpoint_for_several() -> None:
+    import argparse
+
+    from qkdnode.cli.ctl_errors import UsageError
+    from qkdnode.cli.ctl_nodes import node_addrs
+
+    args = argparse.Namespace(config=[str(BRAVO)], endpoint=[], telemetry_endpoint=[])
+    addrs = node_addrs(args)
+    assert [(a.label, a.control) for a in addrs] == [
+        ("bravo/alpha-bravo", "tcp://127.0.0.1:5574"),
+        ("bravo/bravo-charlie", "tcp://127.0.0.1:5576"),
+    ]
+    args.endpoint = ["tcp://127.0.0.1:5574"]
+    with pytest.raises(UsageError, match="names 2 links"):
+        node_addrs(args)
