@@ -3,8 +3,9 @@
 The transmitter drives the pair. Its state activities ask the receiver to follow with
 :class:`qkdnode.link.LinkCoordinator` requests; the receiver's :meth:`ExchangeSession.serve`
 moves its own state machine and runs its part. During key exchange the receiver paces the
-blocks: it accumulates mapped detections and starts a block when it has enough; the
-transmitter's exchange loop answers block after block.
+blocks: it accumulates mapped detections and starts a block when it has enough (its first
+post-processing message announces it); the transmitter's exchange loop answers block
+after block, and each block's keys are committed within its last round trip.
 
 The activities live in :mod:`qkdnode.pair`, one module per concern, over one shared state
 (:class:`qkdnode.pair.core.SessionCore`); this class combines them.
@@ -12,7 +13,8 @@ The activities live in :mod:`qkdnode.pair`, one module per concern, over one sha
 
 from __future__ import annotations
 
-from qkdnode.pair.blocks import BlocksMixin
+from qkdnode.context import NodeContext
+from qkdnode.pair.blocks import BlocksMixin, PairLanding
 from qkdnode.pair.calibration import CalibrationMixin
 from qkdnode.pair.core import DRIFT_CHECK_S, MIN_BLOCK_DETECTIONS, StepSpec
 from qkdnode.pair.exchange import ExchangeMixin
@@ -30,6 +32,10 @@ class ExchangeSession(
     MonitoringMixin,
 ):
     """State activities and the key store of one node."""
+
+    def __init__(self, node: NodeContext) -> None:
+        super().__init__(node)
+        self._landing = PairLanding(self)
 
 
 __all__ = ["DRIFT_CHECK_S", "MIN_BLOCK_DETECTIONS", "ExchangeSession", "StepSpec"]

@@ -1,19 +1,62 @@
-"""Book-keeping of finished blocks: statistics, key store, the two-phase commit, QBER."""
+"""Book-keeping of finished blocks: statistics, the key store's landing of each block's
+keys (the two-phase commit inside the block), QBER."""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
-from typing import Any, Literal
+from typing import Any
 
+import numpy as np
 import structlog
 
 from qkdnode.keystore.ids import ID_SEED_BYTES
-from qkdnode.link import LinkError
 from qkdnode.pair.core import SessionCore, _scalars, _slot_slip
-from qkdnode.postproc.pipeline import BlockResult
+from qkdnode.postproc.blockstats import BlockStats
+from qkdnode.postproc.pipeline import U8, BlockResult, KeyLanding
 
 log = structlog.get_logger(__name__)
+
+
+class PairLanding(KeyLanding):
+    """Where this node's blocks' keys go (:class:`qkdnode.postproc.pipeline.KeyLanding`):
+    the key store, pending, then committed or discarded within the block's last round
+    trip. Keys become AVAILABLE on a node only once both nodes hold them durably: the
+    receiver commits only when the transmitter said it stored them and its own copy is
+    on disk; the transmitter commits on the receiver's word. A crash or a lost message in
+    between leaves a pending copy that the key-ID sync settles (no key is served meanwhile).
+    """
+
+    def __init__(self, session: BlocksMixin) -> None:
+        self.session = session
+
+    async def store(self, block_id: int, key: U8, stats: BlockStats) -> bool:
+        from qkdnode.keystore.models import Provenance
+
+        s = self.session
+        key_bytes = np.packbits(key).tobytes()
+        size = s.cfg.keystore.key_size_bits
+        if len(key_bytes) < ID_SEED_BYTES + size // 8:
+            return False  # too short for one key and its ID seed: both sides agree
+        qber = stats.qber_z if stats.qber_z is not None else stats.qber_x
+        prov = Provenance(
+            qber=qber or 0.0, eps_sec=s.cfg.protocol.eps_sec, eps_cor=s.cfg.protocol.eps_cor
+        )
+        return await s._store_block(block_id, key_bytes, size, prov)
+
+    async def commit(self, block_id: int) -> None:
+        s = self.session
+        await asyncio.to_thread(s.keystore.commit_block, block_id)
+        s.node.keyflow.block_committed()
+
+    async def discard(self, block_id: int) -> None:
+        await asyncio.to_thread(self.session.keystore.discard_block, block_id)
+
+    async def unconfirmed(self, block_id: int, why: str) -> None:
+        log.warning("block_commit_unconfirmed", block_id=block_id, error=why[:200])
+        keys = self.session.keys
+        if keys is not None:
+            keys.out_of_step(f"block {block_id} commit unconfirmed")
 
 
 class BlocksMixin(SessionCore):
@@ -23,12 +66,11 @@ class BlocksMixin(SessionCore):
     async def _finish_block(
         self, block_id: int, result: BlockResult, started: float, pulses: int
     ) -> None:
-        """Book-keeping of one finished block: statistics, key store, telemetry, QBER watch.
+        """Book-keeping of one finished block: statistics, telemetry, QBER watch (its keys
+        went to the key store within the block, through :class:`PairLanding`).
 
         ``pulses`` is the number of slots the block's detections span (both nodes count
         the same: the receiver measures it and announces it with the block)."""
-        from qkdnode.keystore.models import Provenance
-
         stats = self.node.stats
         block = result.stats
         block.pulses = pulses
@@ -54,21 +96,6 @@ class BlocksMixin(SessionCore):
             self.node.alarm("lock_lost", message)
             self.node.stats.synchronized = False
             self._detached(self._resynchronise(message))
-        stored = False
-        if result.ok:
-            key = result.key_bytes
-            size = self.cfg.keystore.key_size_bits
-            if len(key) >= ID_SEED_BYTES + size // 8:
-                prov = Provenance(
-                    qber=qber or 0.0,
-                    eps_sec=self.cfg.protocol.eps_sec,
-                    eps_cor=self.cfg.protocol.eps_cor,
-                )
-                stored = await self._store_block(block_id, key, size, prov)
-        if self.role == "receiver":
-            self._block_event(block_id).set()
-        else:
-            await self._commit_pair(block_id, stored)
         if result.ok:
             stats.blocks_ok += 1
             stats.secret_bits += block.final_key_bits
@@ -102,14 +129,6 @@ class BlocksMixin(SessionCore):
         if self.role == "transmitter" and qber is not None:
             await self._watch_qber(qber)
 
-    def _block_event(self, block_id: int) -> asyncio.Event:
-        ev = self._blocks_done.get(block_id)
-        if ev is None:
-            ev = self._blocks_done[block_id] = asyncio.Event()
-            for old in [b for b in self._blocks_done if b < block_id - 16]:
-                del self._blocks_done[old]
-        return ev
-
     async def _store_block(self, block_id: int, key: bytes, size: int, prov: Any) -> bool:
         """Add a block's keys as PENDING; False (block dropped, exchange goes on) when the
         store is full because consumers are not taking keys, or cannot be written (disk
@@ -138,41 +157,3 @@ class BlocksMixin(SessionCore):
         self.node.alarms.clear("keystore_full", "a block was stored")
         self.node.alarms.clear("keystore_write_error", "a block was stored")
         return True
-
-    async def _commit_pair(self, block_id: int, stored: bool) -> None:
-        """Transmitter: two-phase commit of a block's keys with the receiver.
-
-        Keys become AVAILABLE on a node only once both nodes hold them durably: the
-        receiver commits first (it answers only after its own copy is on disk), then we
-        do. A crash in between is repaired by the key-ID sync on reconnect.
-        """
-        step: Literal["commit", "discard"] = "commit" if stored else "discard"
-        try:
-            reply = await self.node.link.request(step, 60.0, block_id=block_id)
-        except LinkError as exc:
-            log.warning("block_commit_unconfirmed", block_id=block_id, error=str(exc))
-            # Stays PENDING here, perhaps committed there: no key is served on either node
-            # until the key-ID sync (retried every few seconds) has settled the block.
-            if self.keys is not None:
-                self.keys.out_of_step(f"block {block_id} commit unconfirmed")
-            return
-        if stored and reply.get("committed"):
-            await asyncio.to_thread(self.keystore.commit_block, block_id)
-            self.node.keyflow.block_committed()
-        elif stored:
-            await asyncio.to_thread(self.keystore.discard_block, block_id)
-            log.warning("block_discarded_peer_has_no_key", block_id=block_id)
-
-    async def _peer_commit(self, step: str, block_id: int) -> dict[str, Any]:
-        """Receiver: commit or discard ``block_id`` once our side of it has finished."""
-        async with asyncio.timeout(60.0):
-            await self._block_event(block_id).wait()
-        info = await asyncio.to_thread(self.keystore.block_provenance, block_id)
-        if info is None:
-            return {"committed": False}
-        if step == "commit":
-            await asyncio.to_thread(self.keystore.commit_block, block_id)
-            self.node.keyflow.block_committed()
-            return {"committed": True}
-        await asyncio.to_thread(self.keystore.discard_block, block_id)
-        return {"committed": False}

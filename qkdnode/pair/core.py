@@ -35,7 +35,7 @@ from qkdnode.tracking import (
 )
 
 if TYPE_CHECKING:
-    from qkdnode.postproc.pipeline import BlockResult
+    from qkdnode.postproc.pipeline import BlockResult, KeyLanding
     from qkdnode.procedures.encoder_v_pi import EncoderVPiResult
     from qkdnode.procedures.mean_photon_number import MeanPhotonResult
 
@@ -111,8 +111,9 @@ class SessionCore:
         self.light_watch: LightWatch | None = None
         self._warned_insensitive = False
         self.etsi: Any = None
-        self._blocks_done: dict[int, asyncio.Event] = {}
         self._tx_transport: Any = None
+        #: where each block's keys go (set by the combined session: the key store)
+        self._landing: KeyLanding | None = None
         self._halts: set[asyncio.Future[None]] = set()
         self._locked_rate_hz = 0.0
         # Receiver: what the transmitter asked for and what we answered (link requests).
@@ -364,8 +365,6 @@ class SessionCore:
         ) -> None: ...
         async def _light_gone(self, tagger: TimeTagger, watch: LightWatch) -> bool: ...
         def _new_light_watch(self) -> LightWatch: ...
-        async def _peer_commit(self, step: str, block_id: int) -> dict[str, Any]: ...
-        async def _serve_block(self, block_id: int, pulses: int) -> dict[str, Any]: ...
         async def _serve_probe(self, n: int, from_slot: int) -> dict[str, Any]: ...
         async def _serve_track(self, start_slot: int, stop_slot: int) -> dict[str, Any]: ...
         def _step_table(self) -> dict[str, StepSpec]: ...

@@ -21,7 +21,7 @@ from qkdnode.context import PostprocTransport
 from qkdnode.lightloss import Verdict
 from qkdnode.link import LinkError
 from qkdnode.log import bound_context
-from qkdnode.pair.core import MIN_BLOCK_DETECTIONS, S, SessionCore, _settle
+from qkdnode.pair.core import MIN_BLOCK_DETECTIONS, SessionCore, _settle
 from qkdnode.postproc.blockstats import BlockStats
 from qkdnode.probe_wire import BYTES_PER_DETECTION, ProbeWireError, decode_probe
 from qkdnode.statemachine import Event, StateMachine, TransitionRecord
@@ -46,6 +46,9 @@ class ExchangeMixin(SessionCore):
         stats.exchange_started_at = started
         try:
             if self.role == "transmitter":
+                # Leftovers of an earlier exchange must not start a block: the receiver's
+                # next block is the first one read from here on.
+                self.node.pp_drain()
                 await self.node.link.request(
                     "exchange",
                     30.0,
@@ -108,15 +111,62 @@ class ExchangeMixin(SessionCore):
         )
 
     async def _exchange_transmitter(self, started: float) -> None:
-        """Transmitter: blocks are started by the receiver's ``block`` requests (served by
-        :meth:`_serve_block`); this activity only keeps the state's lifetime."""
+        """Transmitter: serve the blocks the receiver starts (each announced by its first
+        post-processing message) and track the encoder's drift, until the state ends;
+        either failing ends the exchange."""
         from qkdnode.postproc.auth import AuthenticatedTransport
 
         self._tx_transport = AuthenticatedTransport(
             self._pp_transport(), self.auth_pool, "transmitter"
         )
         self._exchange_started = started
-        await self._track_drift()
+        tasks = [
+            asyncio.create_task(self._serve_blocks(), name="blocks"),
+            asyncio.create_task(self._track_drift(), name="drift-tracking"),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # a failure ends the exchange
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                await _settle(task)
+
+    async def _serve_blocks(self) -> None:
+        """Transmitter: each block begins with the receiver's ``sift`` (its block id in
+        the authentication field, the slots it spans in ``pulses``); anything else that
+        is not part of a block in progress is a leftover and dropped."""
+        from qkdnode.postproc.transport import TransportError
+
+        inbox = self._pp_transport()
+        while True:
+            try:
+                msg = await inbox.recv(60.0)
+            except TransportError:  # nothing yet, or the peer link blinked: keep waiting
+                continue
+            auth = msg.header.get("_auth")
+            block_id = auth.get("b") if isinstance(auth, dict) else None
+            pulses = msg.header.get("pulses", 0)
+            if (
+                msg.kind != "sift"
+                or not isinstance(block_id, int)
+                or isinstance(block_id, bool)
+                or block_id < self.next_block_id
+                or not isinstance(pulses, int)
+                or isinstance(pulses, bool)
+                or pulses < 0
+            ):
+                log.info(
+                    "pp_leftover_dropped",
+                    kind=msg.kind,
+                    block_id=block_id,
+                    next_block_id=self.next_block_id,
+                )
+                continue
+            self.next_block_id = block_id + 1
+            await self._tx_block(block_id, pulses, msg)
 
     async def _track_drift(self) -> None:
         """Transmitter, while exchanging: the lock-in of :mod:`qkdnode.tracking`, one step
@@ -187,21 +237,7 @@ class ExchangeMixin(SessionCore):
             log.info("drift_tracked", **fields)
             self.node.publish("tracking", fields)
 
-    async def _serve_block(self, block_id: int, pulses: int) -> dict[str, Any]:
-        """Transmitter: run block ``block_id`` that the receiver is starting now."""
-        if self.node.sm.state is not S.EXCHANGING or self._tx_transport is None:
-            raise LinkError(f"not exchanging (state {self.node.sm.state.value})")
-        if block_id < self.next_block_id:
-            raise LinkError(f"block {block_id} already used; next is {self.next_block_id}")
-        self.next_block_id = block_id + 1
-        task = self.node.sm.spawn(self._tx_block(block_id, pulses), f"block-{block_id}")
-        ok: bool = await task
-        reply: dict[str, Any] = {"ok": ok}
-        if self._advised_block is not None:
-            reply["next_block_detections"] = self._advised_block
-        return reply
-
-    async def _tx_block(self, block_id: int, pulses: int) -> bool:
+    async def _tx_block(self, block_id: int, pulses: int, first: Any) -> bool:
         from qkdnode.postproc.pipeline import run_block_transmitter
 
         src: StateSource = self._one(StateSource)
@@ -213,6 +249,9 @@ class ExchangeMixin(SessionCore):
                 self._pp_params(),
                 z_over_x_error_ratio=self.z_over_x_error_ratio,
                 key_slots=self.key_slots,
+                first=first,
+                landing=self._landing,
+                advice=self._advised_block,
             )
             qz, qx = result.stats.qber_z, result.stats.qber_x
             detections = result.stats.detections
@@ -340,32 +379,23 @@ class ExchangeMixin(SessionCore):
                 block_id = self.next_block_id
                 self.next_block_id = block_id + 1
                 with bound_context(block_id=block_id):
-                    # The transmitter learns of the block first; both number it the same.
+                    # The block's first message tells the transmitter of it (its id, the
+                    # slots it spans); its keys are committed within its last round trip.
                     pulses = int(slots[-1] - slots[0] + 1)
-                    announce = asyncio.create_task(
-                        self.node.link.request(
-                            "block",
-                            params.recv_timeout_s * 60,
-                            block_id=block_id,
-                            pulses=pulses,
-                        )
+                    result = await run_block_receiver(
+                        transport,
+                        block_id,
+                        slots,
+                        channels,
+                        params,
+                        pulses=pulses,
+                        landing=self._landing,
                     )
-                    try:
-                        result = await run_block_receiver(
-                            transport, block_id, slots, channels, params
-                        )
-                        await self._finish_block(block_id, result, started, pulses)
-                        reply = await announce
-                        advised = reply.get("next_block_detections") if reply else None
-                        if isinstance(advised, int) and not isinstance(advised, bool):
-                            self._set_block_target(advised)
-                    except LinkError as exc:
-                        log.warning("block_not_served", error=str(exc))
-                        self.node.pp_drain()
-                    finally:
-                        if not announce.done():
-                            announce.cancel()
-                        await _settle(announce)
+                    await self._finish_block(block_id, result, started, pulses)
+                    if result.advised_block_detections is not None:
+                        self._set_block_target(result.advised_block_detections)
+                    if not result.ok:
+                        self.node.pp_drain()  # what is left of the aborted block
         finally:
             reader.cancel()
             with contextlib.suppress(BaseException):

@@ -33,15 +33,10 @@ class StepsMixin(SessionCore):
             "release": StepSpec(lambda a: self._key_service().serve_release(a), both),
             "notice": StepSpec(lambda a: self._key_service().serve_notice(a), both),
             "keysync": StepSpec(self._step_keysync, both),
-            "block": StepSpec(
-                lambda a: self._serve_block(int(a["block_id"]), int(a.get("pulses", 0))), both
-            ),
             "probe": StepSpec(lambda a: self._serve_probe(int(a["n"]), int(a["from_slot"])), both),
             "track": StepSpec(
                 lambda a: self._serve_track(int(a["start_slot"]), int(a["stop_slot"])), both
             ),
-            "commit": StepSpec(lambda a: self._peer_commit("commit", int(a["block_id"])), both),
-            "discard": StepSpec(lambda a: self._peer_commit("discard", int(a["block_id"])), both),
             "calibrate": StepSpec(self._step_calibrate, rx),
             "sync": StepSpec(self._step_sync, rx),
             "sync_end": StepSpec(self._step_sync_end, rx),

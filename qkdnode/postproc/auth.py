@@ -432,6 +432,7 @@ class AuthenticatedTransport:
         self._send_stream: Stream = "t2r" if role == "transmitter" else "r2t"
         self._recv_stream: Stream = "r2t" if role == "transmitter" else "t2r"
         self.block_id: int | None = None
+        self._first: PeerMessage | None = None
         self.begin_block_stats()
 
     def begin_block_stats(self) -> None:
@@ -443,8 +444,12 @@ class AuthenticatedTransport:
         self.messages_received = 0
         self.forgery_bound = 0.0  # sum over this side's verifications of the bound
 
-    def begin_block(self, block_id: int) -> None:
+    def begin_block(self, block_id: int, first: PeerMessage | None = None) -> None:
+        """Start block ``block_id``. ``first``: its first message, already read from the
+        transport (the transmitter learns of a block from it); the next :meth:`recv`
+        returns it, checked like any other."""
         self.block_id = block_id
+        self._first = first
         self._send_seq = 0
         self._recv_seq = 0
         self._send_region: _Region | None = None
@@ -506,7 +511,8 @@ class AuthenticatedTransport:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while True:
-            msg = await self._t.recv(max(0.0, deadline - loop.time()))
+            first, self._first = self._first, None
+            msg = first or await self._t.recv(max(0.0, deadline - loop.time()))
             b = msg.header.get("_auth", {}).get("b") if isinstance(msg.header, dict) else None
             if isinstance(b, int) and b < self.block_id:
                 log.info("auth_stale_message_dropped", kind=msg.kind, block_id=b)

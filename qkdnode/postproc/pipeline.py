@@ -12,8 +12,18 @@ carries the sender's j-th tag over everything both sides sent and received so fa
                      queries per round (frames interleaved, one query each in flight)
     R->T ec_q done   the total number of Z errors corrected
     T->R verify      public hash key + transmitter's tag;  R->T verify_reply ok flag
-    T->R pa [tag 2]  final length + Toeplitz seed;         R->T done [tag 2]
+    T->R pa [tag 2]  final length + Toeplitz seed, whether T holds the block's key
+                     (stored, pending) and its advice on the next block's size
+    R->T done [tag 2]  whether R committed the key (T stored it and so did R)
     either           abort (reason) at any point (not authenticated: it only ends a block)
+
+One block is one conversation: the receiver's ``sift`` starts it (the transmitter learns
+of the block from it, with the number of slots it spans), and the two-phase commit of the
+block's keys rides on its last round trip. Each side hands the key to its
+:class:`KeyLanding`: the transmitter stores it (pending) before ``pa``, the receiver
+stores it and, when both hold it, commits it before ``done``; the transmitter commits on
+``done``. A lost ``done`` leaves the transmitter's copy pending and the landing told
+(``unconfirmed``): the pair's key-ID sync settles the block, no key is served meanwhile.
 
 Checkpoints: the transmitter estimates only after verifying the receiver's tag 1 (sifting
 and its X bits are authentic), the receiver runs Cascade only after verifying the
@@ -29,8 +39,8 @@ What each message discloses about the key, and how the final length pays for it,
 
 Any failure (authentication, ordering, timeout, estimation, verification) aborts the block
 on both sides: no key, and the auth pool stays consistent (see :mod:`.auth`). The last
-message (``done``) cannot be confirmed: if it is lost or tampered with, the receiver holds
-a key that the transmitter does not, and the pair's two-phase commit discards it.
+message (``done``) cannot be confirmed: if it is lost or tampered with, the receiver may
+hold a committed key that the transmitter holds pending, and the key-ID sync settles it.
 """
 
 from __future__ import annotations
@@ -43,7 +53,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -71,15 +81,40 @@ class PeerAbortError(ProtocolAbortError):
     """The peer announced that it aborted the block (no abort notice is sent back)."""
 
 
+class KeyLanding(Protocol):
+    """Where a block's key goes, on one side: the two-phase commit inside the block.
+
+    ``store`` keeps the key pending (never served) and says whether it could (a full or
+    failing store drops the block: False); ``commit`` makes it available, ``discard``
+    drops it; ``unconfirmed``: the outcome on the other side is unknown (the block stays
+    pending until the pair's key-ID sync settles it). ``key`` is the 0/1 array of the
+    block's final key (after the authentication reserve).
+    """
+
+    async def store(self, block_id: int, key: U8, stats: BlockStats) -> bool: ...
+
+    async def commit(self, block_id: int) -> None: ...
+
+    async def discard(self, block_id: int) -> None: ...
+
+    async def unconfirmed(self, block_id: int, why: str) -> None: ...
+
+
 @dataclass
 class BlockResult:
-    """Outcome of one block. ``key`` (0/1 uint8 array) is never shown by repr/str."""
+    """Outcome of one block. ``key`` (0/1 uint8 array) is never shown by repr/str.
+
+    ``committed``: the block's keys were committed on this side through its
+    :class:`KeyLanding`. ``advised_block_detections`` (receiver): the transmitter's advice
+    on the size of the next block (None: none given)."""
 
     ok: bool
     block_id: int
     stats: BlockStats
     abort_reason: str = ""
     key: U8 | None = field(default=None, repr=False)
+    committed: bool = False
+    advised_block_detections: int | None = None
 
     @property
     def key_bytes(self) -> bytes:
@@ -302,12 +337,16 @@ def _succeed(
     """Both sides, after privacy amplification: refill the auth pool, record, return."""
     key, t2r, r2t = _split_key(final, reserve)
     t.pool.add_segment(block_id, t2r, r2t)
-    stats.final_key_bits = int(key.shape[0])
-    stats.secret_bits = ell
-    stats.auth_reserve_bits = reserve
+    _record_key(stats, key, ell, reserve)
     _record_auth(stats, t)
     log.info("postproc_block_ok", block_id=block_id, final_key_bits=int(key.shape[0]))
     return BlockResult(True, block_id, stats, key=key)
+
+
+def _record_key(stats: BlockStats, key: U8, ell: int, reserve: int) -> None:
+    stats.final_key_bits = int(key.shape[0])
+    stats.secret_bits = ell
+    stats.auth_reserve_bits = reserve
 
 
 def _reserve_bits(params: PostprocParams, spent_bits: int) -> int:
@@ -324,8 +363,15 @@ async def run_block_transmitter(
     *,
     z_over_x_error_ratio: float | None = None,
     key_slots: sifting.KeySlotFloor | None = None,
+    first: PeerMessage | None = None,
+    landing: KeyLanding | None = None,
+    advice: int | None = None,
 ) -> BlockResult:
     """Transmitter side of one block. Never raises for protocol failures: returns ok=False.
+
+    ``first``: the block's ``sift``, already read (the exchange learns of a new block from
+    it). ``landing``: where the key goes (None: kept in the result only, nothing stored or
+    committed). ``advice``: the next block's size to advise the receiver (detections).
 
     ``key_slots``: the transmitter's own floor of usable slots (see
     :class:`.sifting.KeySlotFloor`); the announced slots are claimed from it before any
@@ -339,9 +385,10 @@ async def run_block_transmitter(
     so a wrong guess costs efficiency or round trips, never security.
     """
     t = transport
-    t.begin_block(block_id)
+    t.begin_block(block_id, first)
     clock = _Clock()
     stats = BlockStats(block_id=block_id, seconds=clock.seconds)
+    stored = False
     try:
         msg = await _expect(t, "sift", params)
         slots = await asyncio.to_thread(sifting.decode_slots, msg.header["slots"], msg.buffers[:2])
@@ -458,12 +505,32 @@ async def run_block_transmitter(
         n_seed = toeplitz.pa_seed_bits(key_a.shape[0], ell)
         seed = np.frombuffer(secrets.token_bytes((n_seed + 7) // 8), np.uint8)
         seed_bits = np.unpackbits(seed, count=n_seed)
-        await t.send("pa", {"m": ell, "reserve": reserve}, [sifting.pack_bits(seed_bits)], tag=True)
+        # The key first, stored pending: the receiver commits only if we hold it.
         final = await asyncio.to_thread(toeplitz.pa_hash, key_a, seed_bits, ell)
-        await _expect(t, "done", params, tagged=True)  # the receiver verified everything
+        key = final[reserve:]
+        _record_key(stats, key, ell, reserve)
+        if landing is not None:
+            stored = await landing.store(block_id, key, stats)
+        pa: dict[str, Any] = {"m": ell, "reserve": reserve, "stored": stored}
+        if advice is not None:
+            pa["next_block_detections"] = int(advice)
+        await t.send("pa", pa, [sifting.pack_bits(seed_bits)], tag=True)
+        msg = await _expect(t, "done", params, tagged=True)  # the receiver verified everything
         clock.lap("privacy_amplification")
-        return _succeed(t, block_id, final, ell=ell, reserve=reserve, stats=stats)
+        committed = msg.header.get("committed") is True
+        if stored:
+            if committed:
+                await landing.commit(block_id)  # type: ignore[union-attr]
+            else:
+                await landing.discard(block_id)  # type: ignore[union-attr]
+                log.warning("block_discarded_peer_has_no_key", block_id=block_id)
+        result = _succeed(t, block_id, final, ell=ell, reserve=reserve, stats=stats)
+        result.committed = stored and committed
+        return result
     except (ProtocolAbortError, AuthError, TransportError, ValueError, KeyError, IndexError) as exc:
+        if stored and landing is not None:
+            # Stored here, perhaps committed there: pending until the key-ID sync.
+            await landing.unconfirmed(block_id, f"{type(exc).__name__}: {exc}")
         return await _finish(t, block_id, exc, stats)
 
 
@@ -475,8 +542,13 @@ async def run_block_receiver(
     params: PostprocParams,
     *,
     rng: np.random.Generator | None = None,
+    pulses: int = 0,
+    landing: KeyLanding | None = None,
 ) -> BlockResult:
-    """Receiver side of one block. ``rng`` resolves multi-click slots (default: OS entropy)."""
+    """Receiver side of one block. ``rng`` resolves multi-click slots (default: OS entropy).
+
+    ``pulses``: the slots the block's detections span, announced with ``sift``.
+    ``landing``: where the key goes (None: kept in the result only)."""
     t = transport
     t.begin_block(block_id)
     clock = _Clock()
@@ -485,7 +557,11 @@ async def run_block_receiver(
     try:
         slots, basis, bits = await asyncio.to_thread(sifting.squash, slot_index, channel, rng)
         slot_header, slot_bufs = await asyncio.to_thread(sifting.encode_slots, slots)
-        await t.send("sift", {"slots": slot_header}, [*slot_bufs, sifting.pack_bits(basis)])
+        await t.send(
+            "sift",
+            {"slots": slot_header, "pulses": int(pulses)},
+            [*slot_bufs, sifting.pack_bits(basis)],
+        )
         msg = await _expect(t, "sift_reply", params)
         n = int(slots.shape[0])
         match = sifting.unpack_bits(msg.buffers[0], n).astype(np.bool_)
@@ -532,11 +608,32 @@ async def run_block_receiver(
 
         msg = await _expect(t, "pa", params, tagged=True)  # the whole transcript so far
         ell, reserve = int(msg.header["m"]), int(msg.header["reserve"])
+        peer_stored = msg.header.get("stored") is True
+        advised = msg.header.get("next_block_detections")
         n_seed = toeplitz.pa_seed_bits(key_c.shape[0], ell)
         seed_bits = sifting.unpack_bits(msg.buffers[0], n_seed)
         final = await asyncio.to_thread(toeplitz.pa_hash, key_c, seed_bits, ell)
-        await t.send("done", {}, [], tag=True)
+        key = final[reserve:]
+        _record_key(stats, key, ell, reserve)
+        committed = False
+        # Both hold it durably once ours is stored: commit before we say so.
+        if landing is not None and await landing.store(block_id, key, stats):
+            if peer_stored:
+                await landing.commit(block_id)
+                committed = True
+            else:
+                await landing.discard(block_id)
+        try:
+            await t.send("done", {"committed": committed}, [], tag=True)
+        except TransportError as exc:
+            if committed:  # ours is committed; the transmitter's stays pending
+                await landing.unconfirmed(block_id, f"'done' not sent: {exc}")  # type: ignore[union-attr]
+            raise
         clock.lap("privacy_amplification")
-        return _succeed(t, block_id, final, ell=ell, reserve=reserve, stats=stats)
+        result = _succeed(t, block_id, final, ell=ell, reserve=reserve, stats=stats)
+        result.committed = committed
+        if isinstance(advised, int) and not isinstance(advised, bool) and advised > 0:
+            result.advised_block_detections = advised
+        return result
     except (ProtocolAbortError, AuthError, TransportError, ValueError, KeyError, IndexError) as exc:
         return await _finish(t, block_id, exc, stats)

@@ -49,10 +49,14 @@ TAG = "verification tag"  # its bits
 COUNT = "error count"  # an integer in 0..n_z: bit_length(n_z)
 ERROR_PATTERN = "receiver, error pattern"  # paid for by withdrawing the vacuum credit s_Z0
 OUTCOME = "outcome"  # the same on every block that produces key
+#: whether a node could store the block's keys: its store's room and health and the public
+#: final length decide, never the key's value (the two-phase commit inside the block)
+STORE = "key store outcome"
 
 #: (kind, field) -> class; a header field by name, a buffer by its index.
 FIELDS: dict[tuple[str, str | int], str] = {
     ("sift", "slots"): PUBLIC,
+    ("sift", "pulses"): PUBLIC,  # slots the detections span: their times are public
     ("sift", 0): PUBLIC,  # slot gaps
     ("sift", 1): PUBLIC,  # escaped gaps
     ("sift", 2): PUBLIC,  # receiver's bases
@@ -78,8 +82,10 @@ FIELDS: dict[tuple[str, str | int], str] = {
     ("verify_reply", "ok"): OUTCOME,
     ("pa", "m"): DERIVED,  # the final length: public counts and counted leak
     ("pa", "reserve"): DERIVED,  # authentication key spent
+    ("pa", "stored"): STORE,
+    ("pa", "next_block_detections"): DERIVED,  # the link fitted to earlier blocks' counts
     ("pa", 0): RANDOM,  # Toeplitz seed
-    # done: no content, its transcript tag only
+    ("done", "committed"): STORE,
 }
 AUTH_FIELDS = ("_auth", "_mac", "_tag")
 
@@ -153,6 +159,8 @@ def leak_bound_from_wire(wire: list[Wire], params: PostprocParams) -> BlockLeak:
         count += integer_bits(n_z)
     for w, f in by_class.get(OUTCOME, []):
         assert _value(w, f) is True  # a block that produced key: always the same value
+    for w, f in by_class.get(STORE, []):
+        assert isinstance(_value(w, f), bool)  # whether a store took the block, not its value
     vacuum = 0.0
     if by_class.get(ERROR_PATTERN):
         vacuum = finitekey.estimate_from_params(counts, params).s_z0_lower
