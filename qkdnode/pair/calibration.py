@@ -20,7 +20,7 @@ from drivers.interfaces import (
     VariableAttenuator,
 )
 from qkdnode.link import LinkError
-from qkdnode.pair.core import SessionCore
+from qkdnode.pair.core import S, SessionCore, StepSpec
 from qkdnode.statemachine import Event, StateMachine, TransitionRecord
 
 log = structlog.get_logger(__name__)
@@ -173,3 +173,29 @@ class CalibrationMixin(SessionCore):
             await asyncio.sleep(seconds)
 
         return wait
+
+    # ------------------------------------------------------------------ link steps
+    def _calibration_steps(self) -> dict[str, StepSpec]:
+        """The calibration's link steps: ``light`` (the transmitter's laser while it
+        calibrates) and ``calibrate`` (the receiver's half)."""
+        return {
+            "light": StepSpec(self._step_light, ("transmitter",)),
+            "calibrate": StepSpec(self._step_calibrate, ("receiver",)),
+        }
+
+    async def _step_light(self, args: dict[str, Any]) -> dict[str, Any]:
+        # Only while we calibrate (the receiver's dark-count measurement needs our
+        # light off, then on again); at any other time the laser is ours alone.
+        state = self.node.sm.state
+        if state is not S.CALIBRATING:
+            raise LinkError(f"'light' only while the transmitter calibrates ({state.value})")
+        await self.set_light(bool(args.get("on", True)))
+        return {}
+
+    async def _step_calibrate(self, args: dict[str, Any]) -> dict[str, Any]:
+        sm = self.node.sm
+        await sm.trigger(Event.CALIBRATE, "transmitter asked")
+        await sm.wait_for(S.IDLE, S.FAULT, S.PAUSED, timeout_s=300)
+        if not self.node.stats.calibrated:
+            raise LinkError("receiver calibration failed")
+        return self._rx_calibration_summary

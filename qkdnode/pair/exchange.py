@@ -21,7 +21,7 @@ from qkdnode.context import PostprocTransport
 from qkdnode.lightloss import Verdict
 from qkdnode.link import LinkError
 from qkdnode.log import bound_context
-from qkdnode.pair.core import MIN_BLOCK_DETECTIONS, SessionCore, _settle
+from qkdnode.pair.core import MIN_BLOCK_DETECTIONS, SessionCore, StepSpec, _settle
 from qkdnode.postproc.blockstats import BlockStats
 from qkdnode.probe_wire import BYTES_PER_DETECTION, ProbeWireError, decode_probe
 from qkdnode.statemachine import Event, StateMachine, TransitionRecord
@@ -483,3 +483,16 @@ class ExchangeMixin(SessionCore):
             log.info("block_size", detections=target, advised=int(detections))
         self._block_target = target
         self.node.stats.block_detections = target
+
+    # ------------------------------------------------------------------ link steps
+    def _exchange_steps(self) -> dict[str, StepSpec]:
+        """The key exchange's link step: ``exchange`` (the receiver's half). The blocks
+        themselves are one post-processing conversation each, not link steps."""
+        return {"exchange": StepSpec(self._step_exchange, ("receiver",))}
+
+    async def _step_exchange(self, args: dict[str, Any]) -> dict[str, Any]:
+        self.next_block_id = max(self.next_block_id, int(args.get("next_block_id", 0)))
+        # Slots the transmitter disclosed since the synchronisation (probes) carry no key.
+        self.exchange_from_slot = max(self.exchange_from_slot, int(args.get("first_slot", 0)))
+        await self.node.sm.trigger(Event.EXCHANGE, "transmitter asked")
+        return {"state": self.node.sm.state.value}

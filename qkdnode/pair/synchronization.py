@@ -27,7 +27,7 @@ from qkdnode.tracking import (
 if TYPE_CHECKING:
     from qkdnode.procedures.encoder_v_pi import StateErrors
 
-from qkdnode.pair.core import S, SessionCore
+from qkdnode.pair.core import S, SessionCore, StepSpec
 
 log = structlog.get_logger(__name__)
 
@@ -251,3 +251,33 @@ class SynchronizationMixin(SessionCore):
             return encode_probe(slots[:limit], chans[:limit])
         except ProbeWireError as exc:
             raise LinkError(str(exc)) from exc
+
+    # ------------------------------------------------------------------ link steps
+    def _synchronization_steps(self) -> dict[str, StepSpec]:
+        """The synchronisation's link steps: ``sync`` and ``sync_end`` (the receiver's
+        half), ``probe`` and ``track`` (detections disclosed for compensation and drift
+        tracking)."""
+        both = ("transmitter", "receiver")
+        return {
+            "sync": StepSpec(self._step_sync, ("receiver",)),
+            "sync_end": StepSpec(self._step_sync_end, ("receiver",)),
+            "probe": StepSpec(lambda a: self._serve_probe(int(a["n"]), int(a["from_slot"])), both),
+            "track": StepSpec(
+                lambda a: self._serve_track(int(a["start_slot"]), int(a["stop_slot"])), both
+            ),
+        }
+
+    async def _step_sync(self, args: dict[str, Any]) -> dict[str, Any]:
+        sm = self.node.sm
+        self._sync_request = args
+        await sm.trigger(Event.SYNC, "transmitter asked")
+        await sm.wait_for(S.IDLE, S.FAULT, S.PAUSED, timeout_s=120)
+        if self.tracker is None:
+            raise LinkError(self._sync_error or "no lock")
+        return self._sync_summary
+
+    async def _step_sync_end(self, args: dict[str, Any]) -> dict[str, Any]:
+        self.exchange_from_slot = int(args["exchange_from_slot"])
+        self.node.stats.synchronized = True
+        self.node.keyflow.synchronized()
+        return {}
