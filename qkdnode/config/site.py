@@ -24,6 +24,12 @@ daemon for all its links. Its config names the node once and each link in a
     autostart = true
     ...
 
+Sections of a one-link config other than ``[instruments]`` and ``[simulation]`` may also
+stand at the top level (``[bus]``, ``[protocol]``, ``[keystore]``, ``[metrics]``,
+``[delivery]``, ``[alarms]``, ...): they are defaults for every link, and a link's own
+table overrides them key by key (so the node's CURVE keys, clients and limits are written
+once, each link giving its own endpoints).
+
 Each link is checked as a whole one-link config (errors name ``links[N].<key>``), then
 the links against each other: no two links may bind the same endpoint or port, or share a
 simulated fiber. A one-link config (``[node]`` with ``role`` and ``peer_id``, no
@@ -44,6 +50,24 @@ from qkdnode.config.model import NodeConfig
 from qkdnode.config.sections import Section
 
 _NAME = r"^[A-Za-z0-9_.-]+$"
+#: one-link sections that may stand at the top level of a node with links: defaults for
+#: every link (a link's own table overrides them key by key)
+SHARED_SECTIONS = frozenset(
+    {
+        "bus",
+        "protocol",
+        "calibration",
+        "sync",
+        "keystore",
+        "delivery",
+        "metrics",
+        "alarms",
+        "tracking",
+        "source",
+    }
+)
+#: sections that belong to one link only (its hardware and its simulated side)
+PER_LINK_ONLY = frozenset({"instruments", "simulation"})
 #: keys of a ``[[links]]`` entry that go to the link's ``[node]`` section
 _LINK_NODE_KEYS = ("role", "peer_id", "autostart")
 
@@ -94,12 +118,22 @@ def parse_site(data: dict[str, Any], source: str = "<config>") -> SiteConfig:
     if not is_site(data):
         return SiteConfig.single(parse_config(data, source))
     problems: list[str] = []
-    rest = {k: v for k, v in data.items() if k not in ("node", "links")}
-    for key in sorted(rest):
-        problems.append(
-            f"{key}: a node with [[links]] takes each link's sections inside its entry "
-            f"([links.{key}]), not at the top level"
-        )
+    shared: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in ("node", "links"):
+            continue
+        if key in PER_LINK_ONLY:
+            problems.append(
+                f"{key}: belongs to one link: put it in that link's entry ([links.{key}])"
+            )
+        elif key not in SHARED_SECTIONS:
+            problems.append(
+                f"{key}: unknown key (not part of the schema; see `qkdnode config schema`)"
+            )
+        elif not isinstance(value, dict):
+            problems.append(f"{key}: must be a table")
+        else:
+            shared[key] = value
     try:
         node = SiteNodeSection.model_validate(data.get("node", {}))
     except ValidationError as exc:
@@ -115,7 +149,7 @@ def parse_site(data: dict[str, Any], source: str = "<config>") -> SiteConfig:
         if not isinstance(entry, dict):
             problems.append(f"{where}: must be a table ([[links]])")
             continue
-        link = _parse_link(node, entry, where, problems)
+        link = _parse_link(node, _with_defaults(shared, entry), where, problems)
         if link is not None:
             links.append(link)
     if not problems:
@@ -123,6 +157,23 @@ def parse_site(data: dict[str, Any], source: str = "<config>") -> SiteConfig:
     if problems:
         raise ConfigError(source, problems)
     return SiteConfig(node.id, node.log_level, tuple(links), multi=True)
+
+
+def _with_defaults(shared: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
+    """``entry`` over the node's shared sections: the link's own keys win, table by table
+    (a link's ``[links.bus]`` keeps the shared ``[bus]`` keys it does not set)."""
+    out = dict(entry)
+    for key, defaults in shared.items():
+        own = entry.get(key)
+        out[key] = _merged(defaults, own) if isinstance(own, dict) else own or dict(defaults)
+    return out
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _parse_link(

@@ -72,11 +72,33 @@ def test_errors_name_the_link_and_the_key() -> None:
     assert any(p.startswith("links[0].role:") for p in got), got
 
 
-def test_link_sections_at_the_top_level_are_refused() -> None:
+def test_top_level_sections_are_every_links_defaults_and_a_link_overrides_them() -> None:
     data = bravo()
-    data["bus"] = {"control_endpoint": "tcp://127.0.0.1:6000"}
+    data["bus"]["max_control_frame_bytes"] = 2_000_000
+    data["links"][1]["bus"]["max_control_frame_bytes"] = 3_000_000
+    data["keystore"]["key_size_bits"] = 512
+    ab, bc = parse_site(data, "bravo.toml").links
+    assert ab.cfg.bus.max_control_frame_bytes == 2_000_000  # the node's
+    assert bc.cfg.bus.max_control_frame_bytes == 3_000_000  # the link's own
+    assert ab.cfg.bus.allow_plaintext and bc.cfg.bus.allow_plaintext  # shared, kept
+    assert ab.cfg.bus.control_endpoint != bc.cfg.bus.control_endpoint  # each link's own
+    assert ab.cfg.keystore.key_size_bits == bc.cfg.keystore.key_size_bits == 512
+    # a shared value that is wrong is named in every link that takes it
+    data["protocol"]["eps_sec"] = -1
     got = problems(data)
-    assert any(p.startswith("bus: a node with [[links]] takes each link's sections") for p in got)
+    assert any(p.startswith("links[0].protocol.eps_sec:") for p in got), got
+    assert any(p.startswith("links[1].protocol.eps_sec:") for p in got), got
+
+
+def test_hardware_at_the_top_level_and_unknown_sections_are_refused() -> None:
+    data = bravo()
+    data["instruments"] = {"laser": {"driver": "sim_laser"}}
+    data["simulation"] = {"fiber_endpoint": "tcp://127.0.0.1:6000"}
+    data["buss"] = {}
+    got = problems(data)
+    assert any(p.startswith("instruments: belongs to one link: put it in") for p in got), got
+    assert any(p.startswith("simulation: belongs to one link: put it in") for p in got), got
+    assert any(p.startswith("buss: unknown key") for p in got), got
 
 
 @pytest.mark.parametrize(
