@@ -310,7 +310,7 @@ class ExchangeMixin(SessionCore):
         receiver, capped at ``protocol.block_detections``) and the settings that maximise
         the finite-key rate of that block (applied at the next calibration with
         ``protocol.settings = "auto"``)."""
-        from qkdnode.postproc.finitekey import Interval
+        from qkdnode.postproc.finitekey_model import Interval
         from qkdnode.postproc.optimize import (
             Detections,
             OptimizeError,

@@ -33,7 +33,7 @@ class BlockStats:
     qber_z: float | None = None
     #: receiver: error rate of the Z bits per intensity class (signal, decoy, vacuum)
     qber_z_per_class: list[float] | None = None
-    #: transmitter: the decoy-state estimate (finitekey.DecoyEstimate.as_dict())
+    #: transmitter: the decoy-state estimate (finitekey_model.DecoyEstimates.as_dict())
     decoy: dict[str, float] | None = None
     ec_levels: list[int] | None = None
     ec_frames: int | None = None

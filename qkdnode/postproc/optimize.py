@@ -38,9 +38,9 @@ import numpy.typing as npt
 from scipy.optimize import minimize
 from scipy.stats import qmc
 
-from qkdnode.postproc import finitekey, theory
+from qkdnode.postproc import finitekey, finitekey_decoy, theory
 from qkdnode.postproc.cascade import binary_entropy
-from qkdnode.postproc.finitekey import DecoyEstimates, Interval, Statistics
+from qkdnode.postproc.finitekey_model import DecoyEstimates, DecoySource, Interval, Statistics
 
 
 class OptimizeError(ValueError):
@@ -266,12 +266,14 @@ def expected_key(
         p_z_rx=_p_rx(link, settings),
         pulses=pulses,
     )
-    decoy_source = finitekey.DecoySource(
+    decoy_source = DecoySource(
         source.intervals(settings.mu_signal, settings.mu_decoy),
         (settings.p_signal, settings.p_decoy, settings.p_vacuum),
     )
     statistics = Statistics.NONE if asymptotic else security.statistics
-    est = finitekey.decoy_bounds(exp.counts, decoy_source, security.eps_sec, statistics=statistics)
+    est = finitekey_decoy.decoy_bounds(
+        exp.counts, decoy_source, security.eps_sec, statistics=statistics
+    )
     qber = exp.qber_z
     leak = link.f_ec(qber) * sum(exp.counts.n_z) * binary_entropy(qber)
     if asymptotic:

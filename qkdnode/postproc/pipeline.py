@@ -60,7 +60,7 @@ import numpy.typing as npt
 import structlog
 
 from drivers.interfaces import PreparedStates
-from qkdnode.postproc import cascade, finitekey, sifting, toeplitz, verify
+from qkdnode.postproc import cascade, finitekey, finitekey_model, sifting, toeplitz, verify
 from qkdnode.postproc.auth import AuthenticatedTransport, AuthError
 from qkdnode.postproc.blockstats import BlockStats
 from qkdnode.postproc.leak import BlockLeak, integer_bits
@@ -422,7 +422,7 @@ async def run_block_transmitter(
         x_bits_bob = sifting.unpack_bits(msg.buffers[0], int((~is_z).sum()))
         x_err = (bits_m[~is_z] ^ x_bits_bob).astype(np.uint8)
         cls_x, cls_z = cls[~is_z], cls[is_z]
-        counts = finitekey.DecoyCounts(
+        counts = finitekey_model.DecoyCounts(
             n_z=tuple(float(c) for c in np.bincount(cls_z, minlength=3)[:3]),  # type: ignore[arg-type]
             n_x=tuple(float(c) for c in np.bincount(cls_x, minlength=3)[:3]),  # type: ignore[arg-type]
             m_x=tuple(float(c) for c in _counts(x_err, cls_x)),  # type: ignore[arg-type]

@@ -26,7 +26,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from qkdnode.postproc import finitekey
+from qkdnode.postproc import finitekey_decoy, finitekey_model
 from qkdnode.postproc.cascade import binary_entropy
 
 
@@ -140,7 +140,7 @@ def rate_decoy_biased(
 class ExpectedBlock:
     """Expected counts of a block of ``pulses`` pulses (floats; per pulse when pulses = 1)."""
 
-    counts: finitekey.DecoyCounts
+    counts: finitekey_model.DecoyCounts
     z_errors: float
     pulses: float
 
@@ -176,7 +176,7 @@ def expected_block(
     err = [p * gain(mu, eta, y0) * qber(mu, eta, y0, e_d) for p, mu in classes]
     zz = pulses * p_z_tx * p_z_rx
     xx = pulses * (1.0 - p_z_tx) * (1.0 - p_z_rx)
-    counts = finitekey.DecoyCounts(
+    counts = finitekey_model.DecoyCounts(
         n_z=(zz * q[0], zz * q[1], zz * q[2]),
         n_x=(xx * q[0], xx * q[1], xx * q[2]),
         m_x=(xx * err[0], xx * err[1], xx * err[2]),
@@ -200,8 +200,10 @@ def rate_decoy_three_intensity(
     :func:`rate_decoy_biased` (the decoy estimators are bounds on the exact Y0, Y1, e1)."""
     block = expected_block(eta, y0, e_d, classes, p_z_tx=p_z_tx, p_z_rx=p_z_rx)
     (p1, mu1), (p2, mu2), (p3, mu3) = classes
-    source = finitekey.DecoySource.exact((mu1, mu2, mu3), (p1, p2, p3))
-    est = finitekey.decoy_bounds(block.counts, source, 1e-10, statistics=finitekey.Statistics.NONE)
+    source = finitekey_model.DecoySource.exact((mu1, mu2, mu3), (p1, p2, p3))
+    est = finitekey_decoy.decoy_bounds(
+        block.counts, source, 1e-10, statistics=finitekey_model.Statistics.NONE
+    )
     n_z = sum(block.counts.n_z)
     rate = (
         est.s_z0_lower

@@ -10,7 +10,7 @@ import pytest
 from scipy import stats
 
 from qkdnode.postproc import finitekey as fk
-from qkdnode.postproc import optimize, theory
+from qkdnode.postproc import finitekey_decoy, finitekey_tails, optimize, theory
 from qkdnode.postproc.cascade import binary_entropy
 from qkdnode.postproc.params import PostprocParams
 from tests.postproc.synth import generate
@@ -136,7 +136,7 @@ def test_combinations_are_lims_bounds_for_exact_counts() -> None:
             for m, p in zip((mu1, mu2, mu3), (p1, p2, 1 - p1 - p2), strict=True)
         )
         comb = fk.DecoyCombinations.of(src)
-        s0, s1 = fk._s0_s1(counts, src, EPS, fk.Statistics.NONE)  # type: ignore[arg-type]
+        s0, s1 = finitekey_decoy._s0_s1(counts, src, EPS, fk.Statistics.NONE)  # type: ignore[arg-type]
         vacuum = src.tau0_min() * comb.vacuum.observed(counts) / comb.vacuum_den  # type: ignore[arg-type]
         single = src.tau1_min() * comb.single.observed(counts) / comb.single_den  # type: ignore[arg-type]
         if vacuum > 0:
@@ -255,7 +255,7 @@ def test_phase_error_bound_is_tighter_than_lims_gamma(
 def test_phase_error_bound_solves_its_equation_and_is_monotone() -> None:
     beta = math.log(1 / EPS)
     phi = fk.phase_error_upper(6e4, 5e4, 3e3, EPS)
-    assert fk._sampling_exponent(phi, 6e4, 5e4, 3e3) == pytest.approx(beta, rel=1e-6)
+    assert finitekey_tails._sampling_exponent(phi, 6e4, 5e4, 3e3) == pytest.approx(beta, rel=1e-6)
     assert fk.phase_error_upper(7e4, 5e4, 3e3, EPS) < phi  # more key events: tighter
     assert fk.phase_error_upper(6e4, 6e4, 3e3 * 1.2, EPS) < phi  # same rate, more tests
     assert fk.phase_error_upper(6e4, 5e4, 3.1e3, EPS) > phi  # more errors: looser
