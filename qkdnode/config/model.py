@@ -19,7 +19,7 @@ from qkdnode.config.sections import (
     SourceSection,
     TrackingSection,
 )
-from qkdnode.procedures.sync import SyncConfig
+from qkdnode.procedures.sync_model import SyncConfig
 
 #: Bytes of a key-ID sync summary per stored key (its index in a JSON list, at most 8
 #: characters and a comma) and the room kept for the rest (blocks, activations, the keys

@@ -69,7 +69,7 @@ class SessionCore:
         self.keystore: Any = None
         self.keys: KeyService | None = None
         self.auth_pool: Any = None
-        self.tracker: Any = None  # receiver: procedures.sync.SlotTracker once locked
+        self.tracker: Any = None  # receiver: procedures.sync_tracking.SlotTracker once locked
         self.exchange_from_slot = 0
         #: transmitter: the first slot a block may use, kept from our own state source
         self.key_slots = KeySlotFloor()

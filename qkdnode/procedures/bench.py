@@ -28,13 +28,10 @@ from qkdnode.procedures.encoding_compensation import compensate_encoding, qber_f
 from qkdnode.procedures.mean_photon_number import MeanPhotonConfig, calibrate_mean_photon_number
 from qkdnode.procedures.modulator import calibrate_modulator
 from qkdnode.procedures.simharness import SimLink, drain
-from qkdnode.procedures.sync import (
-    SlotTracker,
-    SyncConfig,
-    acquire,
-    acquire_lock,
-    map_tags_to_slots,
-)
+from qkdnode.procedures.sync import acquire_lock
+from qkdnode.procedures.sync_model import SyncConfig, map_tags_to_slots
+from qkdnode.procedures.sync_search import acquire
+from qkdnode.procedures.sync_tracking import SlotTracker
 from qkdnode.procedures.synthetic import synthetic_tags
 
 __all__ = ["run_benchmarks"]

@@ -1,9 +1,9 @@
-"""The slot-clock tracking loop of :class:`qkdnode.procedures.sync.SlotTracker`, compiled.
+"""The slot-clock tracking loop of :class:`qkdnode.procedures.sync_tracking.SlotTracker`, compiled.
 
 The loop runs once per ``track_segment_s`` (2 ms) of tags, each segment's correction
 feeding the next, so it cannot be vectorised across segments; in numpy its per-segment
 overhead (medians, masks, temporaries) cost ~0.4 of a core at 3.3 M tags/s. Arithmetic is
-that of :func:`qkdnode.procedures.sync._slot_residuals` (integer parts kept in int64 so runs
+that of :func:`qkdnode.procedures.sync_model._slot_residuals` (integer parts kept in int64 so runs
 of days lose no precision). Lock bookkeeping stays in Python: it never feeds back into
 the clock model.
 """
@@ -245,7 +245,7 @@ def track(
     rate_gain: float,
 ) -> TrackResult:
     """Run the tracking loop over ``times_ps`` (in arrival order) in segments of
-    ``segment_ps``; see :class:`qkdnode.procedures.sync.SlotTracker`."""
+    ``segment_ps``; see :class:`qkdnode.procedures.sync_tracking.SlotTracker`."""
     times = np.ascontiguousarray(times_ps, dtype=np.int64)
     size = times.shape[0]
     n_out = np.empty(size, np.int64)

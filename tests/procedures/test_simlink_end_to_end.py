@@ -50,9 +50,9 @@ from qkdnode.procedures.sync import (
     SlotTracker,
     SyncConfig,
     SyncResult,
-    _slot_residuals,
     acquire_lock,
 )
+from qkdnode.procedures.sync_model import _slot_residuals
 
 SEED = 4242
 CHUNK = 1 << 18  # 10.5 ms at 25 MHz: one detector integration period
