@@ -24,13 +24,9 @@ import zmq.asyncio
 
 from drivers.interfaces import PreparedStates
 from qkdnode.postproc import auth, cascade, sifting, toeplitz
+from qkdnode.postproc.block_wire import run_cascade, serve_cascade
 from qkdnode.postproc.params import CascadeParams, PostprocParams
-from qkdnode.postproc.pipeline import (
-    run_block_receiver,
-    run_block_transmitter,
-    run_cascade,
-    serve_cascade,
-)
+from qkdnode.postproc.pipeline import run_block_receiver, run_block_transmitter
 from qkdnode.postproc.transport import ZmqPairTransport
 
 

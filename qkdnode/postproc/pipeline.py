@@ -46,14 +46,13 @@ hold a committed key that the transmitter holds pending, and the key-ID sync set
 from __future__ import annotations
 
 import asyncio
-import collections
 import functools
 import math
 import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -62,23 +61,22 @@ import structlog
 from drivers.interfaces import PreparedStates
 from qkdnode.postproc import cascade, finitekey, finitekey_model, sifting, toeplitz, verify
 from qkdnode.postproc.auth import AuthenticatedTransport, AuthError
+from qkdnode.postproc.block_wire import (
+    PeerAbortError,
+    ProtocolAbortError,
+    expect,
+    run_cascade,
+    serve_cascade,
+)
 from qkdnode.postproc.blockstats import BlockStats
 from qkdnode.postproc.leak import BlockLeak, integer_bits
 from qkdnode.postproc.params import PostprocParams
-from qkdnode.postproc.transport import PeerMessage, PeerTransport, TransportError
+from qkdnode.postproc.transport import PeerMessage, TransportError
 
 log = structlog.get_logger(__name__)
 _T = TypeVar("_T")
 
 U8 = npt.NDArray[np.uint8]
-
-
-class ProtocolAbortError(Exception):
-    """The block cannot produce key (reason is safe to log)."""
-
-
-class PeerAbortError(ProtocolAbortError):
-    """The peer announced that it aborted the block (no abort notice is sent back)."""
 
 
 class KeyLanding(Protocol):
@@ -133,152 +131,6 @@ class _Clock:
         now = time.perf_counter()
         self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self._t
         self._t = now
-
-
-async def _expect(
-    t: PeerTransport, kind: str, params: PostprocParams | float, *, tagged: bool = False
-) -> PeerMessage:
-    """The next message, which must be ``kind``; ``tagged``: and must carry a verified
-    transcript tag (``t`` is then an :class:`AuthenticatedTransport`)."""
-    timeout_s = params if isinstance(params, float) else params.recv_timeout_s
-    if tagged:
-        if not isinstance(t, AuthenticatedTransport):
-            raise ProtocolAbortError(f"{kind!r} needs an authenticated transport")
-        msg = await t.recv(timeout_s, tagged=True)
-    else:
-        msg = await t.recv(timeout_s)
-    if msg.kind == "abort":
-        raise PeerAbortError(f"peer aborted: {str(msg.header.get('reason', ''))[:200]}")
-    if msg.kind != kind:
-        raise ProtocolAbortError(f"expected message {kind!r}, got {msg.kind!r}")
-    return msg
-
-
-def _frame_of(msg: PeerMessage, frames: int) -> int:
-    k = msg.header.get("frame")
-    if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k < frames:
-        raise ProtocolAbortError(f"{msg.kind} frame {k!r} is not one of 0..{frames - 1}")
-    return k
-
-
-class FrameBuilds(Generic[_T]):
-    """Frames ``0 .. count - 1`` built one after the other in a worker thread (the numba
-    kernels release the GIL), so that Cascade on the first frames runs while the next are
-    built. :meth:`get` waits for one; :meth:`cancel` drops those not built yet."""
-
-    def __init__(self, build: Callable[[int], _T], count: int) -> None:
-        loop = asyncio.get_running_loop()
-        self._futures: list[asyncio.Future[_T]] = [loop.create_future() for _ in range(count)]
-        self._task = asyncio.create_task(self._run(build))
-
-    async def _run(self, build: Callable[[int], _T]) -> None:
-        for k, fut in enumerate(self._futures):
-            try:
-                obj = await asyncio.to_thread(build, k)
-            except Exception as exc:  # handed to whoever waits for this or a later frame
-                for later in self._futures[k:]:
-                    if not later.done():
-                        later.set_exception(exc)
-                return
-            if not fut.done():
-                fut.set_result(obj)
-
-    def ready(self, k: int) -> bool:
-        return self._futures[k].done()
-
-    async def get(self, k: int) -> _T:
-        return await self._futures[k]
-
-    def cancel(self) -> None:
-        self._task.cancel()
-        for fut in self._futures:
-            if fut.done() and not fut.cancelled():
-                fut.exception()  # retrieved: no "never retrieved" warning for unused frames
-            fut.cancel()
-
-
-async def serve_cascade(
-    t: PeerTransport,
-    build: Callable[[int], cascade.CascadeResponder],
-    frames: int,
-    timeout_s: float,
-) -> tuple[dict[str, Any], list[cascade.CascadeResponder]]:
-    """Transmitter's Cascade loop over the ``frames`` frames of a key (``build(k)`` sets up
-    frame ``k``, in a worker thread): answer ``ec_q`` until the ``done`` one. Returns its
-    header and the responders of the frames that were asked about.
-
-    ``ec_q {"frame": k, "blocks": true}`` asks for the top-level block parities of all passes
-    of frame ``k``; ``ec_q {"frame": k, "n": m}`` carries ``m`` node ids of frame ``k`` (one
-    buffer, ``layout.wire_dtype``). Each answer is ``ec_a {"frame": k, "n": m}`` with the
-    parities as packed bits, in the order of the queries. A malformed query raises
-    :class:`ProtocolAbortError` or :class:`cascade.CascadeError` (a ValueError).
-    """
-    builds = FrameBuilds(build, frames)
-    used: dict[int, cascade.CascadeResponder] = {}
-    try:
-        while True:
-            msg = await _expect(t, "ec_q", timeout_s)
-            if msg.header.get("done"):
-                return msg.header, list(used.values())
-            k = _frame_of(msg, frames)
-            if k not in used:
-                used[k] = await builds.get(k)
-            if msg.header.get("blocks"):
-                par = used[k].block_parities()
-            else:
-                count = msg.header.get("n")
-                if not isinstance(count, int) or isinstance(count, bool) or len(msg.buffers) != 1:
-                    raise ProtocolAbortError("ec_q needs a node count and one node-id buffer")
-                par = used[k].answer(msg.buffers[0], count)
-            await t.send("ec_a", {"frame": k, "n": int(par.shape[0])}, [sifting.pack_bits(par)])
-    finally:
-        builds.cancel()
-
-
-async def run_cascade(
-    t: PeerTransport,
-    build: Callable[[int], cascade.CascadeCorrector],
-    frames: int,
-    timeout_s: float,
-) -> list[cascade.CascadeCorrector]:
-    """Receiver's Cascade loop over the ``frames`` frames of a key (``build(k)`` sets up
-    frame ``k``, in a worker thread); returns the frames' correctors, in order (the caller
-    sends the final ``done``).
-
-    Every started frame has one query in flight: its block parities first, then a batch of
-    node queries per round. Bob works on one frame's answers while the other frames'
-    queries travel and are answered, and a frame starts as soon as it is built, so the
-    round trips of one frame and the set-up of the next overlap the work on the others.
-    """
-    builds = FrameBuilds(build, frames)
-    started: list[cascade.CascadeCorrector] = []
-    in_flight: collections.deque[tuple[int, int]] = collections.deque()  # (frame, count)
-    try:
-        while in_flight or len(started) < frames:
-            k = len(started)
-            if k < frames and (not in_flight or builds.ready(k)):
-                corr = await builds.get(k)
-                started.append(corr)
-                await t.send("ec_q", {"frame": k, "blocks": True}, [])
-                in_flight.append((k, int(corr.layout.block_offsets[-1])))
-                continue
-            msg = await _expect(t, "ec_a", timeout_s)
-            k, count = in_flight.popleft()
-            if _frame_of(msg, frames) != k or len(msg.buffers) != 1:
-                raise ProtocolAbortError(f"ec_a out of order or malformed (expected frame {k})")
-            corr = started[k]
-            parities = sifting.unpack_bits(msg.buffers[0], count)
-            if corr.stats.rounds == 0:
-                corr.set_block_parities(parities)
-            else:
-                corr.give_answers(parities)
-            q = corr.next_queries()
-            if q is not None:
-                await t.send("ec_q", {"frame": k, "n": int(q.shape[0])}, [corr.layout.encode(q)])
-                in_flight.append((k, int(q.shape[0])))
-        return started
-    finally:
-        builds.cancel()
 
 
 def _counts(values: U8, classes: U8) -> list[int]:
@@ -390,7 +242,7 @@ async def run_block_transmitter(
     stats = BlockStats(block_id=block_id, seconds=clock.seconds)
     stored = False
     try:
-        msg = await _expect(t, "sift", params)
+        msg = await expect(t, "sift", params)
         slots = await asyncio.to_thread(sifting.decode_slots, msg.header["slots"], msg.buffers[:2])
         (key_slots or sifting.KeySlotFloor()).claim(slots)
         n = int(slots.shape[0])
@@ -418,7 +270,7 @@ async def run_block_transmitter(
         stats.rx_basis_z_fraction = float(np.mean(bob_basis == 0)) if n else 0.0
         clock.lap("sifting")
 
-        msg = await _expect(t, "pe", params, tagged=True)  # checkpoint: sifting + X bits
+        msg = await expect(t, "pe", params, tagged=True)  # checkpoint: sifting + X bits
         x_bits_bob = sifting.unpack_bits(msg.buffers[0], int((~is_z).sum()))
         x_err = (bits_m[~is_z] ^ x_bits_bob).astype(np.uint8)
         cls_x, cls_z = cls[~is_z], cls[is_z]
@@ -481,7 +333,7 @@ async def run_block_transmitter(
         hash_key = secrets.token_bytes(verify.HASH_KEY_BYTES)
         tag = await asyncio.to_thread(verify.key_tag, key_a, hash_key)
         await t.send("verify", {"hash_key": hash_key.hex(), "tag": tag.hex()}, [])
-        msg = await _expect(t, "verify_reply", params)
+        msg = await expect(t, "verify_reply", params)
         if not msg.header.get("ok"):
             raise ProtocolAbortError("verification hash mismatch: block discarded")
         leak = BlockLeak(
@@ -515,7 +367,7 @@ async def run_block_transmitter(
         if advice is not None:
             pa["next_block_detections"] = int(advice)
         await t.send("pa", pa, [sifting.pack_bits(seed_bits)], tag=True)
-        msg = await _expect(t, "done", params, tagged=True)  # the receiver verified everything
+        msg = await expect(t, "done", params, tagged=True)  # the receiver verified everything
         clock.lap("privacy_amplification")
         committed = msg.header.get("committed") is True
         if stored:
@@ -562,7 +414,7 @@ async def run_block_receiver(
             {"slots": slot_header, "pulses": int(pulses)},
             [*slot_bufs, sifting.pack_bits(basis)],
         )
-        msg = await _expect(t, "sift_reply", params)
+        msg = await expect(t, "sift_reply", params)
         n = int(slots.shape[0])
         match = sifting.unpack_bits(msg.buffers[0], n).astype(np.bool_)
         n_m = int(match.sum())
@@ -574,7 +426,7 @@ async def run_block_receiver(
         clock.lap("sifting")
 
         await t.send("pe", {}, [sifting.pack_bits(bits_m[~is_z])], tag=True)
-        msg = await _expect(t, "pe_reply", params, tagged=True)
+        msg = await expect(t, "pe_reply", params, tagged=True)
         levels = [int(x) for x in msg.header["levels"]]
         ec_seed = int(msg.header["ec_seed"])
         frames = int(msg.header["frames"])
@@ -595,7 +447,7 @@ async def run_block_receiver(
         stats.qber_z_per_class = [e / max(1, int(c)) for e, c in zip(z_err, n_z_class, strict=True)]
         clock.lap("error_correction")
 
-        msg = await _expect(t, "verify", params)
+        msg = await expect(t, "verify", params)
         tag = await asyncio.to_thread(
             verify.key_tag, key_c, bytes.fromhex(str(msg.header["hash_key"]))
         )
@@ -606,7 +458,7 @@ async def run_block_receiver(
         stats.verification_bits = verify.TAG_BITS
         clock.lap("verification")
 
-        msg = await _expect(t, "pa", params, tagged=True)  # the whole transcript so far
+        msg = await expect(t, "pa", params, tagged=True)  # the whole transcript so far
         ell, reserve = int(msg.header["m"]), int(msg.header["reserve"])
         peer_stored = msg.header.get("stored") is True
         advised = msg.header.get("next_block_detections")

@@ -25,17 +25,15 @@ from qkdnode.postproc.auth import (
     message_digest,
     message_mac_key,
 )
-from qkdnode.postproc.blockstats import BlockStats
-from qkdnode.postproc.params import CascadeParams, PostprocParams
-from qkdnode.postproc.pipeline import (
-    BlockResult,
+from qkdnode.postproc.block_wire import (
     FrameBuilds,
     ProtocolAbortError,
-    run_block_receiver,
-    run_block_transmitter,
     run_cascade,
     serve_cascade,
 )
+from qkdnode.postproc.blockstats import BlockStats
+from qkdnode.postproc.params import CascadeParams, PostprocParams
+from qkdnode.postproc.pipeline import BlockResult, run_block_receiver, run_block_transmitter
 from qkdnode.postproc.transport import ZmqPairTransport, decode_frames
 from tests.postproc.synth import generate
 
