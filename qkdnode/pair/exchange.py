@@ -165,8 +165,11 @@ class ExchangeMixin(SessionCore):
                     next_block_id=self.next_block_id,
                 )
                 continue
-            self.next_block_id = block_id + 1
+            before, self.next_block_id = self.next_block_id, block_id + 1
             await self._tx_block(block_id, pulses, msg)
+            if self._tx_transport.messages_received == 0:
+                # Its first message failed its check: a forged block id moves nothing.
+                self.next_block_id = before
 
     async def _track_drift(self) -> None:
         """Transmitter, while exchanging: the lock-in of :mod:`qkdnode.tracking`, one step

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from qkdnode.bus.peer import PeerMessage
 from qkdnode.statemachine import Event, State
 from tests.pair.harness import in_process_pair
 
@@ -19,6 +20,17 @@ def test_calibrate_sync_exchange_commit_identical_keys(tmp_path: Path) -> None:
             assert p.tx.stats.synchronized and p.rx.stats.synchronized
             await p.drive(Event.EXCHANGE)
             await p.wait_until("a committed block", lambda: min(p.committed()) > 0)
+            # A forged block announcement (a huge block id, no valid check) must not move
+            # the transmitter's block counter: the receiver's next blocks still commit.
+            first = p.committed()
+            forged = PeerMessage(
+                "pp.sift",
+                {"slots": {}, "pulses": 1, "_auth": {"b": 10**9, "q": 0, "p": [0, 0]}},
+                [],
+            )
+            p.tx.pp_inbox.put_nowait(forged)
+            await p.wait_until("another committed block", lambda: min(p.committed()) > max(first))
+            assert p.tx.session.next_block_id < 10**9
             await p.tx.sm.trigger(Event.STOP, "test")
             await p.wait_until("both idle", lambda: p.rx.sm.state is State.IDLE)
             digests = [await n.session.keys_digest() for n in p.nodes]
