@@ -44,19 +44,37 @@ class PairLanding(KeyLanding):
         )
         return await s._store_block(block_id, key_bytes, size, prov)
 
-    async def commit(self, block_id: int) -> None:
+    async def commit(self, block_id: int) -> bool:
         s = self.session
-        await asyncio.to_thread(s.keystore.commit_block, block_id)
+        try:
+            await asyncio.to_thread(s.keystore.commit_block, block_id)
+        except (sqlite3.Error, OSError) as exc:
+            self._store_failed(block_id, "commit", exc)
+            return False
         s.node.keyflow.block_committed()
+        return True
 
     async def discard(self, block_id: int) -> None:
-        await asyncio.to_thread(self.session.keystore.discard_block, block_id)
+        try:
+            await asyncio.to_thread(self.session.keystore.discard_block, block_id)
+        except (sqlite3.Error, OSError) as exc:
+            self._store_failed(block_id, "discard", exc)
 
     async def unconfirmed(self, block_id: int, why: str) -> None:
         log.warning("block_commit_unconfirmed", block_id=block_id, error=why[:200])
         keys = self.session.keys
         if keys is not None:
             keys.out_of_step(f"block {block_id} commit unconfirmed")
+
+    def _store_failed(self, block_id: int, step: str, exc: BaseException) -> None:
+        """A commit or discard the disk refused (full, I/O error): the block stays pending
+        here, whatever the peer did; the key service goes out of step, so no key is served
+        until the key-ID sync (retried every few seconds) has settled the block."""
+        log.error(f"block_{step}_failed", block_id=block_id, error=str(exc)[:200])
+        s = self.session
+        s.node.alarm("keystore_write_error", f"block {block_id} {step} failed: {str(exc)[:200]}")
+        if s.keys is not None:
+            s.keys.out_of_step(f"block {block_id} {step} failed")
 
 
 class BlocksMixin(SessionCore):

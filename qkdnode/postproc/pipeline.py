@@ -83,15 +83,18 @@ class KeyLanding(Protocol):
     """Where a block's key goes, on one side: the two-phase commit inside the block.
 
     ``store`` keeps the key pending (never served) and says whether it could (a full or
-    failing store drops the block: False); ``commit`` makes it available, ``discard``
-    drops it; ``unconfirmed``: the outcome on the other side is unknown (the block stays
-    pending until the pair's key-ID sync settles it). ``key`` is the 0/1 array of the
-    block's final key (after the authentication reserve).
+    failing store drops the block: False); ``commit`` makes it available and says whether
+    it could (False: the block stays pending here and the landing has put the pair out of
+    step, so the key-ID sync settles it); ``discard`` drops it; ``unconfirmed``: the
+    outcome on the other side is unknown (the block stays pending until the pair's key-ID
+    sync settles it). ``key`` is the 0/1 array of the block's final key (after the
+    authentication reserve). None of them raises: a store's failure is the landing's to
+    report.
     """
 
     async def store(self, block_id: int, key: U8, stats: BlockStats) -> bool: ...
 
-    async def commit(self, block_id: int) -> None: ...
+    async def commit(self, block_id: int) -> bool: ...
 
     async def discard(self, block_id: int) -> None: ...
 
@@ -369,15 +372,17 @@ async def run_block_transmitter(
         await t.send("pa", pa, [sifting.pack_bits(seed_bits)], tag=True)
         msg = await expect(t, "done", params, tagged=True)  # the receiver verified everything
         clock.lap("privacy_amplification")
-        committed = msg.header.get("committed") is True
+        peer_committed = msg.header.get("committed") is True
+        committed = False
         if stored:
-            if committed:
-                await landing.commit(block_id)  # type: ignore[union-attr]
+            if peer_committed:
+                # False: pending here, the pair out of step until the key-ID sync
+                committed = await landing.commit(block_id)  # type: ignore[union-attr]
             else:
                 await landing.discard(block_id)  # type: ignore[union-attr]
                 log.warning("block_discarded_peer_has_no_key", block_id=block_id)
         result = _succeed(t, block_id, final, ell=ell, reserve=reserve, stats=stats)
-        result.committed = stored and committed
+        result.committed = committed
         return result
     except (ProtocolAbortError, AuthError, TransportError, ValueError, KeyError, IndexError) as exc:
         if stored and landing is not None:
@@ -471,8 +476,7 @@ async def run_block_receiver(
         # Both hold it durably once ours is stored: commit before we say so.
         if landing is not None and await landing.store(block_id, key, stats):
             if peer_stored:
-                await landing.commit(block_id)
-                committed = True
+                committed = await landing.commit(block_id)
             else:
                 await landing.discard(block_id)
         try:

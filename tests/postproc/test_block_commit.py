@@ -26,6 +26,8 @@ class Landing:
     """A key store stand-in that records what the block did to it."""
 
     can_store: bool = True
+    #: False: the disk refuses the commit (the real landing then puts the pair out of step)
+    can_commit: bool = True
     events: list[tuple[str, int]] = field(default_factory=list)
     keys: dict[int, bytes] = field(default_factory=dict)
 
@@ -35,8 +37,9 @@ class Landing:
             self.keys[block_id] = np.packbits(key).tobytes()
         return self.can_store
 
-    async def commit(self, block_id: int) -> None:
+    async def commit(self, block_id: int) -> bool:
         self.events.append(("commit", block_id))
+        return self.can_commit
 
     async def discard(self, block_id: int) -> None:
         self.events.append(("discard", block_id))
@@ -141,3 +144,21 @@ def test_a_lost_done_leaves_the_transmitter_pending_and_says_so(tmp_path: Path) 
     # stored, never committed nor discarded: pending until the key-ID sync settles it
     assert tx.events == [("store", 3), ("unconfirmed", 3)]
     assert tx.keys[3] == rx.keys[3]
+
+
+def test_a_receiver_whose_disk_refuses_the_commit_says_so_and_nobody_serves(
+    tmp_path: Path,
+) -> None:
+    tx, rx = Landing(), Landing(can_commit=False)
+    t, r = _block(tmp_path, tx, rx)
+    assert not r.committed and not t.committed
+    assert rx.events == [("store", 3), ("commit", 3)]  # pending there, out of step
+    assert tx.events == [("store", 3), ("discard", 3)]  # the receiver said "not committed"
+
+
+def test_a_transmitter_whose_disk_refuses_the_commit_stays_pending(tmp_path: Path) -> None:
+    tx, rx = Landing(can_commit=False), Landing()
+    t, r = _block(tmp_path, tx, rx)
+    assert r.committed  # the receiver holds it; the key-ID sync commits it here later
+    assert tx.events == [("store", 3), ("commit", 3)]
+    assert not t.committed
