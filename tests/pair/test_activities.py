@@ -4,6 +4,7 @@ one process (tests/pair/harness.py), including their failure paths."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from pathlib import Path
 
 from qkdnode.bus.peer import PeerMessage
@@ -31,6 +32,33 @@ def test_calibrate_sync_exchange_commit_identical_keys(tmp_path: Path) -> None:
             p.tx.pp_inbox.put_nowait(forged)
             await p.wait_until("another committed block", lambda: min(p.committed()) > max(first))
             assert p.tx.session.next_block_id < 10**9
+            # The transmitter's disk refuses one commit (the receiver has committed): its
+            # copy stays pending, the alarm is raised, and the key-ID sync makes the two
+            # stores the same again while the exchange goes on.
+            store = p.tx.session.keystore
+            real_commit = store.commit_block
+            refused: list[int] = []
+
+            def commit_once_refused(block_id: int) -> None:
+                if not refused:
+                    refused.append(block_id)
+                    raise sqlite3.OperationalError("disk I/O error")
+                real_commit(block_id)
+
+            store.commit_block = commit_once_refused
+            await p.wait_until("a refused commit", lambda: bool(refused))
+            assert p.tx.alarms.is_active("keystore_write_error")
+
+            async def in_step() -> bool:
+                a, b = [await n.session.keys_digest() for n in p.nodes]
+                pending = p.tx.session.keystore_counts().get("pending", 0)
+                return bool(a == b and a["count"] > 0 and pending == 0)
+
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 120
+            while not await in_step():
+                assert loop.time() < deadline, "the stores did not come back in step"
+                await asyncio.sleep(0.5)
             await p.tx.sm.trigger(Event.STOP, "test")
             await p.wait_until("both idle", lambda: p.rx.sm.state is State.IDLE)
             digests = [await n.session.keys_digest() for n in p.nodes]
