@@ -7,6 +7,8 @@ import asyncio
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from qkdnode.bus.peer import PeerMessage
 from qkdnode.statemachine import Event, State
 from tests.pair.harness import in_process_pair
@@ -86,6 +88,7 @@ def test_calibration_fails_cleanly_when_the_receivers_detectors_are_gone(tmp_pat
     asyncio.run(go())
 
 
+@pytest.mark.system  # ~20 s: `make test` keeps its budget
 def test_synchronisation_without_light_fails_and_says_why(tmp_path: Path) -> None:
     async def go() -> None:
         async with in_process_pair(tmp_path) as p:
@@ -100,6 +103,7 @@ def test_synchronisation_without_light_fails_and_says_why(tmp_path: Path) -> Non
     asyncio.run(go())
 
 
+@pytest.mark.system  # ~20 s: `make test` keeps its budget
 def test_exchange_under_full_intercept_resend_aborts_every_block(tmp_path: Path) -> None:
     async def go() -> None:
         async with in_process_pair(tmp_path) as p:
