@@ -165,7 +165,11 @@ def _with_defaults(shared: dict[str, Any], entry: dict[str, Any]) -> dict[str, A
     out = dict(entry)
     for key, defaults in shared.items():
         own = entry.get(key)
-        out[key] = _merged(defaults, own) if isinstance(own, dict) else own or dict(defaults)
+        if isinstance(own, dict):
+            out[key] = _merged(defaults, own)
+        elif own is None:
+            out[key] = dict(defaults)
+        # else: the link's own (invalid) value stays, for validation to name
     return out
 
 

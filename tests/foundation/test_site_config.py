@@ -130,6 +130,7 @@ def test_hardware_at_the_top_level_and_unknown_sections_are_refused() -> None:
         (lambda d: d["links"][0].update(peer_id="bravo"), "node.id and node.peer_id must differ"),
         (lambda d: d.update(links=[]), "links: needs one or more [[links]] tables"),
         (lambda d: d["node"].update(role="receiver"), "node.role: unknown key"),
+        (lambda d: d["links"][0].update(bus=False), "links[0].bus:"),
     ],
 )
 def test_clumsy_multi_link_configs_are_refused_naming_the_key(mutate: Any, expect: str) -> None:
