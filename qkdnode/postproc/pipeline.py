@@ -374,12 +374,12 @@ async def run_block_transmitter(
         clock.lap("privacy_amplification")
         peer_committed = msg.header.get("committed") is True
         committed = False
-        if stored:
+        if stored and landing is not None:
             if peer_committed:
                 # False: pending here, the pair out of step until the key-ID sync
-                committed = await landing.commit(block_id)  # type: ignore[union-attr]
+                committed = await landing.commit(block_id)
             else:
-                await landing.discard(block_id)  # type: ignore[union-attr]
+                await landing.discard(block_id)
                 log.warning("block_discarded_peer_has_no_key", block_id=block_id)
         result = _succeed(t, block_id, final, ell=ell, reserve=reserve, stats=stats)
         result.committed = committed
@@ -482,8 +482,8 @@ async def run_block_receiver(
         try:
             await t.send("done", {"committed": committed}, [], tag=True)
         except TransportError as exc:
-            if committed:  # ours is committed; the transmitter's stays pending
-                await landing.unconfirmed(block_id, f"'done' not sent: {exc}")  # type: ignore[union-attr]
+            if committed and landing is not None:  # ours committed, the transmitter's pending
+                await landing.unconfirmed(block_id, f"'done' not sent: {exc}")
             raise
         clock.lap("privacy_amplification")
         result = _succeed(t, block_id, final, ell=ell, reserve=reserve, stats=stats)

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
-import socket
+import tomllib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 
 from qkdnode.config import parse_config
 from qkdnode.daemon import ProcessControl, warm_up_kernels
+from qkdnode.demo.line import rewrite_for_run
 from qkdnode.node import Node
 from qkdnode.paths import private_dir
 from qkdnode.statemachine import Event, State
@@ -29,24 +29,10 @@ ROOT = Path(__file__).resolve().parents[2]
 BLOCK_DETECTIONS = 2_000_000
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _config(role: str, tmp: Path, ports: dict[int, int], extra: dict[str, Any]) -> Any:
-    import tomllib
-
     base = "transmitter" if role == "transmitter" else "receiver"
     text = (ROOT / "configs" / f"{base}.sim.toml").read_text()
-    text = re.sub(
-        r"tcp://127\.0\.0\.1:(\d+)\b",
-        lambda m: f"tcp://127.0.0.1:{ports.setdefault(int(m.group(1)), _free_port())}",
-        text,
-    )
-    data = tomllib.loads(text)
-    data["node"]["state_dir"] = str(tmp / role)
+    data = tomllib.loads(rewrite_for_run(text, ports, tmp / role))  # free ports, own state
     data["protocol"]["block_detections"] = BLOCK_DETECTIONS
     for inst in data["instruments"].values():
         inst["resource"] = role  # two simulated worlds in this process: name each one
