@@ -188,8 +188,12 @@ class AsyncClient:
         self._pending[msg_id] = fut
         timeout = self.timeout_s if timeout_s is None else timeout_s
         try:
-            await self._sock.send_multipart([b"", request_bytes(msg_id, command, content, mtype)])
             async with asyncio.timeout(timeout):
+                # the send is inside the deadline too: a DEALER whose server refused
+                # the handshake has no peer to queue on and would wait forever
+                await self._sock.send_multipart(
+                    [b"", request_bytes(msg_id, command, content, mtype)]
+                )
                 return await fut
         except TimeoutError:
             raise BusTimeout(

@@ -121,15 +121,25 @@ class Client:
             raise BusError("client is closed")
         msg_id = self._ids()
         sock = self._sock
-        sock.send_multipart([b"", request_bytes(msg_id, command, content, mtype)])
-        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        wait_s = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + wait_s
+        # a DEALER whose server refused the handshake has no peer to queue on:
+        # without a send timeout the request would block forever
+        sock.sndtimeo = max(1, int(wait_s * 1000))
+        try:
+            sock.send_multipart([b"", request_bytes(msg_id, command, content, mtype)])
+        except zmq.Again:
+            self._reopen()
+            raise BusTimeout(
+                f"no reply to {command or mtype!r} from {self.endpoint} within {wait_s:g} s "
+                "(the request could not even be queued: no server accepted the connection)"
+            ) from None
         while True:
             remaining_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
             if not sock.poll(remaining_ms, zmq.POLLIN):
                 self._reopen()  # a late reply must not be mistaken for the next one
                 raise BusTimeout(
-                    f"no reply to {command or mtype!r} from {self.endpoint} "
-                    f"within {self.timeout_s if timeout_s is None else timeout_s:g} s"
+                    f"no reply to {command or mtype!r} from {self.endpoint} within {wait_s:g} s"
                 )
             frames = sock.recv_multipart()
             if len(frames) != 2 or frames[0] != b"":

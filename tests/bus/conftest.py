@@ -184,9 +184,14 @@ def devserver() -> Iterator[Callable[..., DevProc]]:
 def raw_dealer(
     endpoint: str, curve: tuple[bytes, tuple[bytes, bytes]] | None = None
 ) -> zmq.Socket[bytes]:
-    """A bare DEALER for sending hand-made (malformed) frames."""
+    """A bare DEALER for sending hand-made (malformed) frames.
+
+    Sends give up after 2 s (``zmq.Again``) instead of blocking: a DEALER whose
+    only peer refused its handshake has no pipe left to queue on.
+    """
     sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
     sock.linger = 0
+    sock.sndtimeo = 2000
     if curve is not None:
         server_pub, (pub, sec) = curve
         sock.curve_serverkey = server_pub

@@ -52,16 +52,60 @@ def test_unlisted_key_gets_nothing(start_inproc: Any, keys: Keys) -> None:
 def test_plaintext_client_gets_nothing_from_curve_server(start_inproc: Any) -> None:
     srv = start_inproc(curve=True)
     sock = raw_dealer(srv.endpoint)
-    sock.send_multipart(
-        [
-            b"",
-            json.dumps(
-                {"v": 1, "id": "x", "type": "request", "ts": 0.0, "command": "ping"}
-            ).encode(),
-        ]
-    )
-    assert not sock.poll(500)
+    request = json.dumps(
+        {"v": 1, "id": "x", "type": "request", "ts": 0.0, "command": "ping"}
+    ).encode()
+    try:
+        sock.send_multipart([b"", request])
+    except zmq.Again:
+        # the server refused the handshake before the request was queued: the
+        # DEALER has no peer left to send to, which is "nothing" as well
+        pass
+    else:
+        assert not sock.poll(500)
     sock.close()
+
+
+@pytest.mark.timeout(60)
+def test_client_refused_by_curve_server_times_out_every_time(start_inproc: Any) -> None:
+    """A plaintext client against a CURVE server: every call ends in BusTimeout.
+
+    When the server refuses the handshake, libzmq may drop the client's only pipe;
+    a send then has nowhere to queue and, without its own deadline, blocks forever
+    (seen in CI as a hung ``qkdnode ctl``). Repeated because the drop is a race.
+    """
+    srv = start_inproc(curve=True)
+    for attempt in range(8):
+        with Client(srv.endpoint, None, None, timeout_s=0.3) as c:
+            time.sleep(0.05 * (attempt % 4))  # let the refusal land before the send, sometimes
+            t0 = time.monotonic()
+            with pytest.raises(BusTimeout):
+                c.call("ping")
+            assert time.monotonic() - t0 < 2.0
+
+
+@pytest.mark.timeout(60)
+def test_async_client_refused_by_curve_server_times_out_every_time(start_inproc: Any) -> None:
+    import asyncio
+
+    from qkdnode.client import AsyncClient
+
+    srv = start_inproc(curve=True)
+
+    async def go() -> None:
+        for attempt in range(8):
+            client = AsyncClient(srv.endpoint, None, None, timeout_s=0.3)
+            await client.open()
+            try:
+                await asyncio.sleep(0.05 * (attempt % 4))
+                t0 = time.monotonic()
+                with pytest.raises(BusTimeout):
+                    await client.call("ping")
+                assert time.monotonic() - t0 < 2.0
+            finally:
+                await client.close()
+
+    asyncio.run(go())
 
 
 def test_wrong_server_key_gets_nothing(start_inproc: Any, keys: Keys) -> None:
