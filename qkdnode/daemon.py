@@ -24,7 +24,7 @@ import traceback
 from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import structlog
 
@@ -296,6 +296,14 @@ class DaemonBase:
         return await Daemon([self], self.cfg.node.id, self.process).main()
 
 
+class SiteService(Protocol):
+    """A service of the whole site over its running links (the key manager)."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
 class Daemon:
     """The daemon process: signals, systemd notification and the safe shutdown, around
     one or several links (:class:`DaemonBase`).
@@ -307,11 +315,18 @@ class Daemon:
     """
 
     def __init__(
-        self, links: Sequence[DaemonBase], node_id: str, process: ProcessControl | None = None
+        self,
+        links: Sequence[DaemonBase],
+        node_id: str,
+        process: ProcessControl | None = None,
+        services: Sequence[SiteService] = (),
     ) -> None:
         if not links:
             raise ValueError("a daemon runs at least one link")
         self.links = list(links)
+        #: site services over the running links (the key manager): started after the
+        #: links, stopped before them
+        self.services = list(services)
         self.node_id = node_id
         self.process = process if process is not None else links[0].process
         for link in links:
@@ -358,6 +373,7 @@ class Daemon:
         code = EXIT_OK
         watchdog: asyncio.Task[None] | None = None
         running = self.running
+        started: list[SiteService] = []
         try:
             for link in self.links:
                 private_dir(link.state_dir)
@@ -386,6 +402,9 @@ class Daemon:
                     break
             if not running:
                 raise RuntimeError("no link started")
+            for service in self.services:
+                await service.start()
+                started.append(service)
             process.notifier.ready(status="ready")
             log.info("daemon_ready")
 
@@ -400,6 +419,12 @@ class Daemon:
                 watchdog.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await watchdog
+            for service in reversed(started):
+                try:
+                    async with asyncio.timeout(STOP_STEP_TIMEOUT_S):
+                        await service.stop()
+                except Exception as exc:
+                    log.error("service_stop_failed", error=f"{type(exc).__name__}: {exc}")
             for link in running:
                 if not await self._in(link, self._stop_link(link)):
                     code = EXIT_FAILURE

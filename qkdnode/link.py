@@ -22,6 +22,8 @@ log = structlog.get_logger(__name__)
 
 LINK_PREFIX = "link."
 PP_PREFIX = "pp."
+#: messages between the key managers of two sites (qkdnode.kms)
+KMS_PREFIX = "kms."
 
 Step = Literal[
     "calibrate",

@@ -28,7 +28,14 @@ from qkdnode.config import NodeConfig
 from qkdnode.context import NodeStats
 from qkdnode.daemon import STOP_STEP_TIMEOUT_S, DaemonBase, ProcessControl, settle_cancelled
 from qkdnode.keyflow import KeyFlow, Resources
-from qkdnode.link import LINK_PREFIX, PP_PREFIX, LinkCoordinator, LinkError, LinkRequest
+from qkdnode.link import (
+    KMS_PREFIX,
+    LINK_PREFIX,
+    PP_PREFIX,
+    LinkCoordinator,
+    LinkError,
+    LinkRequest,
+)
 from qkdnode.node_commands import NodeCommands
 from qkdnode.statemachine import Event, State, StateMachine, TransitionRecord, TransitionRefused
 from qkdnode.watch import DEFAULT_BLOCK_S
@@ -73,6 +80,10 @@ class Node(DaemonBase):
         self.link = LinkCoordinator(self._link_send)
         self.link.handler = self._serve_link
         self.pp_inbox: asyncio.Queue[Any] = asyncio.Queue(256)
+        #: the site's key manager's ears on this link (set by ``node_port.NodeLinkPort``):
+        #: ``kms.*`` messages, and the peer channel's losses
+        self.kms_sink: Callable[[str, dict[str, Any], list[bytes]], None] | None = None
+        self.kms_lost: Callable[[str], None] | None = None
         self.session: Any = None  # qkdnode.session.ExchangeSession, created on demand
         self._bg: list[asyncio.Task[Any]] = []
         self._was_connected = False
@@ -333,9 +344,19 @@ class Node(DaemonBase):
                 self.link.fail_pending(f"peer disconnected: {exc}")
                 with contextlib.suppress(asyncio.QueueFull):
                     self.pp_inbox.put_nowait(exc)
+                if self.kms_lost is not None:
+                    self.kms_lost(f"peer disconnected: {exc}")
                 continue
             if msg.kind.startswith(LINK_PREFIX):
                 self.link.on_message(msg.kind, msg.header)
+            elif msg.kind.startswith(KMS_PREFIX):
+                if self.kms_sink is None:
+                    log.debug("kms_message_without_key_manager", kind=msg.kind)
+                else:
+                    try:
+                        self.kms_sink(msg.kind, msg.header, msg.buffers)
+                    except Exception as exc:  # the peer's message must not stop the reader
+                        log.exception("kms_message_failed", kind=msg.kind, error=str(exc))
             elif msg.kind.startswith(PP_PREFIX):
                 try:
                     self.pp_inbox.put_nowait(msg)

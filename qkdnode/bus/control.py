@@ -232,6 +232,13 @@ class ControlServer:
     def running(self) -> bool:
         return self._sock is not None
 
+    def add_command(self, spec: CommandSpec) -> None:
+        """Serve one more command (a site service's, such as the key manager's
+        ``network``); ValueError if the name is taken."""
+        if spec.name in self._builtins or spec.name in self._commands:
+            raise ValueError(f"command {spec.name!r} is already served")
+        self._commands.add(spec)
+
     # ----------------------------------------------------------------- receiving
     def _on_readable(self) -> None:
         self._recheck_scheduled = False

@@ -54,4 +54,13 @@ def _run(args: argparse.Namespace) -> int:
 
     process = ProcessControl()
     links = [Node(link.cfg, str(path), process, link.id) for link in site.links]
-    return run_daemon(Daemon(links, site.id, process))
+    daemon = Daemon(links, site.id, process)
+    if site.network is not None:
+        from qkdnode.kms.service import NetworkService
+        from qkdnode.node_port import NodeLinkPort
+
+        def ports() -> list[NodeLinkPort]:
+            return [NodeLinkPort(node) for node in links if node in daemon.running]
+
+        daemon.services.append(NetworkService(site.id, site.network, site.state_dir, ports))
+    return run_daemon(daemon)

@@ -47,6 +47,7 @@ from pydantic import Field, ValidationError
 
 from qkdnode.config.loader import ConfigError, format_validation_error, parse_config, read_toml
 from qkdnode.config.model import NodeConfig
+from qkdnode.config.network import NetworkSection
 from qkdnode.config.sections import Section
 
 _NAME = r"^[A-Za-z0-9_.-]+$"
@@ -101,10 +102,19 @@ class SiteConfig:
     log_level: str
     links: tuple[LinkConfig, ...]
     multi: bool
+    #: the key management network the site belongs to (``[network]``), if any
+    network: NetworkSection | None = None
+    state_dir: Path = Path("state")
 
     @classmethod
     def single(cls, cfg: NodeConfig) -> SiteConfig:
-        return cls(cfg.node.id, cfg.node.log_level, (LinkConfig("", cfg),), multi=False)
+        return cls(
+            cfg.node.id,
+            cfg.node.log_level,
+            (LinkConfig("", cfg),),
+            multi=False,
+            state_dir=cfg.node.state_dir,
+        )
 
 
 def is_site(data: dict[str, Any]) -> bool:
@@ -116,11 +126,23 @@ def parse_site(data: dict[str, Any], source: str = "<config>") -> SiteConfig:
     """Validate a config in either form. Raises :class:`ConfigError` naming each
     problem's key path (``links[1].bus.control_endpoint: ...``)."""
     if not is_site(data):
+        if "network" in data:
+            raise ConfigError(
+                source,
+                [
+                    "network: a site of a key management network names its links: "
+                    "write its link as a [[links]] entry"
+                ],
+            )
         return SiteConfig.single(parse_config(data, source))
     problems: list[str] = []
     shared: dict[str, Any] = {}
+    network: NetworkSection | None = None
     for key, value in data.items():
         if key in ("node", "links"):
+            continue
+        if key == "network":
+            network = _parse_network(value, problems)
             continue
         if key in PER_LINK_ONLY:
             problems.append(
@@ -153,10 +175,64 @@ def parse_site(data: dict[str, Any], source: str = "<config>") -> SiteConfig:
         if link is not None:
             links.append(link)
     if not problems:
-        problems.extend(_clashes(links))
+        problems.extend(_clashes(links, network))
+    if not problems and network is not None and network.enabled:
+        problems.extend(_network_fit(node.id, links, network))
     if problems:
         raise ConfigError(source, problems)
-    return SiteConfig(node.id, node.log_level, tuple(links), multi=True)
+    return SiteConfig(
+        node.id,
+        node.log_level,
+        tuple(links),
+        multi=True,
+        network=network if network is not None and network.enabled else None,
+        state_dir=node.state_dir,
+    )
+
+
+def _parse_network(value: Any, problems: list[str]) -> NetworkSection | None:
+    if not isinstance(value, dict):
+        problems.append("network: must be a table")
+        return None
+    try:
+        return NetworkSection.model_validate(value)
+    except ValidationError as exc:
+        for line in format_validation_error(exc):
+            if line.startswith("(top level): "):
+                problems.extend(
+                    f"network.{p}" for p in line.removeprefix("(top level): ").split("; ")
+                )
+            else:
+                problems.append(f"network.{line}")
+        return None
+
+
+def _network_fit(site: str, links: list[LinkConfig], net: NetworkSection) -> list[str]:
+    """The site's place in the map: it is one of the sites, its links are links of the
+    map with the peers the map names, its SAEs are placed at it."""
+    out: list[str] = []
+    if site not in net.sites:
+        out.append(f"network.sites: this node {site!r} is not one of the sites")
+    by_id = {link.id: link for link in net.links}
+    for i, link in enumerate(links):
+        entry = by_id.get(link.id)
+        if entry is None:
+            out.append(f"links[{i}].id: link {link.id!r} is not in network.links")
+            continue
+        ends = {entry.a, entry.b}
+        if ends != {site, link.cfg.node.peer_id}:
+            out.append(
+                f"links[{i}]: network.links names {link.id!r} between {entry.a!r} and "
+                f"{entry.b!r}, this entry joins {site!r} and {link.cfg.node.peer_id!r}"
+            )
+    for i, sae in enumerate(net.delivery.saes):
+        placed = net.site_of(sae.sae_id)
+        if placed != site:
+            out.append(
+                f"network.delivery.saes[{i}]: SAE {sae.sae_id!r} is registered here but the "
+                f"directory places it at {placed!r}"
+            )
+    return out
 
 
 def _with_defaults(shared: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
@@ -224,7 +300,7 @@ def _name_ok(name: str) -> bool:
     return re.fullmatch(_NAME, name) is not None
 
 
-def _clashes(links: list[LinkConfig]) -> list[str]:
+def _clashes(links: list[LinkConfig], network: NetworkSection | None = None) -> list[str]:
     """What two links of one node may not share: a link name, an endpoint or port either
     binds, a simulated fiber, a simulated instrument left without its link's name."""
     out: list[str] = []
@@ -251,6 +327,8 @@ def _clashes(links: list[LinkConfig]) -> list[str]:
         sim = cfg.simulation
         if sim is not None and sim.enabled:
             claim(sim.fiber_endpoint, f"{w}.simulation.fiber_endpoint")
+    if network is not None and network.enabled and network.delivery.enabled:
+        claim(f"port {network.delivery.listen_port}", "network.delivery.listen_port")
     simulated = [(i, link) for i, link in enumerate(links) if _simulated(link.cfg)]
     if len(simulated) > 1:
         for i, link in simulated:

@@ -18,11 +18,11 @@ key container of a successful response.
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import structlog
 from aiohttp import web
@@ -31,7 +31,6 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, Validat
 from qkdnode.config.sections import DeliverySection
 from qkdnode.delivery.keyservice import (
     RETRY_AFTER_S,
-    KeyService,
     NotInStepError,
     PeerUnavailableError,
 )
@@ -99,19 +98,47 @@ class KeyIdsBody(BaseModel):
     key_IDs: list[KeyIdEntry] = Field(min_length=1)
 
 
+class KeySource(Protocol):
+    """Where an ETSI 014 server's keys come from: a link's :class:`KeyService` (keys of
+    one link) or the site's key manager (end-to-end keys relayed across the network).
+    Errors as :meth:`KeyService.issue` and :meth:`KeyService.claim` raise them."""
+
+    @property
+    def in_step(self) -> bool: ...
+
+    @property
+    def max_key_count(self) -> int: ...
+
+    async def issue(
+        self, master: str, slaves: Sequence[str], number: int, size_bits: int
+    ) -> list[DeliveredKey]: ...
+
+    async def claim(
+        self, master: str, slave: str, key_ids: Sequence[uuid.UUID]
+    ) -> list[DeliveredKey]: ...
+
+    async def stored_key_count(self, slave: str, size_bits: int) -> int:
+        """Keys of ``size_bits`` that enc_keys for ``slave`` could hand out now."""
+        ...
+
+    def target_kme_id(self, slave: str) -> str:
+        """The KME where ``slave`` fetches its keys (ETSI status ``target_KME_ID``);
+        "" for the configured ``peer_kme_id``."""
+        ...
+
+
 class EtsiApi:
     """Request handling, independent of how the server is started."""
 
     def __init__(
         self,
-        service: KeyService,
+        service: KeySource,
         cfg: DeliverySection,
         *,
         key_size_bits: int,
         revocation: RevocationChecker | None = None,
     ) -> None:
         self.service = service
-        self.store = service.store
         self.cfg = cfg
         self.default_size_bits = key_size_bits
         self.max_size_bits = min(cfg.max_key_size_bits, MAX_PARTS_PER_KEY * key_size_bits)
@@ -167,16 +194,16 @@ class EtsiApi:
     async def status(self, request: web.Request) -> web.Response:
         pair = self._pair(request, "master", request.match_info["slave_SAE_ID"])
         self._in_step()
-        stored = await asyncio.to_thread(self.store.available_for_enc, self.default_size_bits)
+        stored = await self.service.stored_key_count(pair.slave, self.default_size_bits)
         return web.json_response(
             {
                 "source_KME_ID": self.cfg.kme_id,
-                "target_KME_ID": self.cfg.peer_kme_id,
+                "target_KME_ID": self.service.target_kme_id(pair.slave) or self.cfg.peer_kme_id,
                 "master_SAE_ID": pair.master,
                 "slave_SAE_ID": pair.slave,
                 "key_size": self.default_size_bits,
                 "stored_key_count": stored,
-                "max_key_count": self.store.max_key_count,
+                "max_key_count": self.service.max_key_count,
                 "max_key_per_request": self.cfg.max_key_per_request,
                 "max_key_size": self.max_size_bits,
                 "min_key_size": self.min_size_bits,
@@ -264,6 +291,17 @@ class EtsiApi:
         keys = await self._service_call(self.service.claim(pair.master, pair.slave, ids))
         log.info("etsi.dec_keys", master=pair.master, slave=pair.slave, keys=len(keys))
         return web.json_response(key_container(keys))
+
+    def client_certified(self, request: web.Request) -> None:
+        """The caller showed a certificate of the client CA (the TLS layer checked it)
+        that is not revoked; it need not be a registered SAE (401 otherwise)."""
+        transport = request.transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if der is None:
+            raise EtsiError(401, "a client certificate is required")
+        if self.revocation.is_revoked(der):
+            raise EtsiError(401, "client certificate is revoked")
 
     async def openapi(self, request: web.Request) -> web.Response:
         self.caller(request)
@@ -361,7 +399,11 @@ async def _errors(
         return _error_response(503, "the KME cannot serve this request now; retry later")
 
 
-def build_app(api: EtsiApi) -> web.Application:
+#: more read-only resources a server may offer: (path, handler(api, request))
+ExtraRoute = tuple[str, Callable[[EtsiApi, web.Request], Awaitable[web.StreamResponse]]]
+
+
+def build_app(api: EtsiApi, extra_routes: Sequence[ExtraRoute] = ()) -> web.Application:
     app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY_BYTES)
     keys = f"{API_PREFIX}/keys"
     app.router.add_get(f"{keys}/{{slave_SAE_ID}}/status", api.status)
@@ -370,6 +412,8 @@ def build_app(api: EtsiApi) -> web.Application:
     app.router.add_get(f"{keys}/{{master_SAE_ID}}/dec_keys", api.dec_keys)
     app.router.add_post(f"{keys}/{{master_SAE_ID}}/dec_keys", api.dec_keys)
     app.router.add_get(OPENAPI_PATH, api.openapi)
+    for path, handler in extra_routes:
+        app.router.add_get(path, functools.partial(handler, api))
     return app
 
 
@@ -392,7 +436,7 @@ class EtsiServer:
 
 
 async def start_etsi_server(
-    service: KeyService,
+    service: KeySource,
     cfg: DeliverySection,
     *,
     key_size_bits: int,
@@ -400,6 +444,7 @@ async def start_etsi_server(
     revocation: RevocationChecker | None = None,
     host: str | None = None,
     port: int | None = None,
+    extra_routes: Sequence[ExtraRoute] = (),
 ) -> EtsiServer:
     """Start the HTTPS server (mutual TLS). ``ssl_context`` defaults to one built from
     ``cfg.tls_cert_file``/``tls_key_file``/``client_ca_file`` (ValueError if unset);
@@ -417,7 +462,7 @@ async def start_etsi_server(
     if revocation is None:
         revocation = RevocationChecker.from_file(cfg.crl_file, ca_file=cfg.client_ca_file)
     api = EtsiApi(service, cfg, key_size_bits=key_size_bits, revocation=revocation)
-    runner = web.AppRunner(build_app(api), access_log=None)
+    runner = web.AppRunner(build_app(api, extra_routes), access_log=None)
     await runner.setup()
     bind_host = cfg.listen_host if host is None else host
     site = web.TCPSite(

@@ -83,8 +83,11 @@ class KeyService:
         connected: Callable[[], bool],
         *,
         activation_timeout_s: float = ACTIVATION_TIMEOUT_S,
+        peer_kme_id: str = "",
     ) -> None:
         self.store = store
+        #: the peer's KME ID (ETSI status ``target_KME_ID``)
+        self.peer_kme_id = peer_kme_id
         self._request = request
         self._connected = connected
         self.activation_timeout_s = activation_timeout_s
@@ -103,6 +106,18 @@ class KeyService:
     def in_step(self) -> bool:
         """True once a key-ID sync with the peer completed and the peer was not lost since."""
         return self._in_step
+
+    @property
+    def max_key_count(self) -> int:
+        return self.store.max_key_count
+
+    async def stored_key_count(self, slave: str, size_bits: int) -> int:
+        """Stored keys of at least ``size_bits`` this node may hand out (any slave: all
+        are at the peer)."""
+        return await asyncio.to_thread(self.store.available_for_enc, size_bits)
+
+    def target_kme_id(self, slave: str) -> str:
+        return self.peer_kme_id
 
     def peer_lost(self, reason: str) -> None:
         """The peer went away or restarted: refuse key requests until the next sync."""

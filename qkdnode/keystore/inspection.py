@@ -32,6 +32,16 @@ def available_for_enc(db: Database, enc_parity: int, min_size_bits: int) -> int:
     return int(row[0])
 
 
+def available_bits(db: Database, enc_parity: int) -> int:
+    with db.lock:
+        row = db.conn.execute(
+            "SELECT COALESCE(SUM(size_bits), 0) FROM keys WHERE state=? AND enc_parity=? "
+            "AND expires_at>?",
+            (KeyState.AVAILABLE.value, enc_parity, db.clock()),
+        ).fetchone()
+    return int(row[0])
+
+
 def max_stored_key_size_bits(db: Database, enc_parity: int) -> int | None:
     with db.lock:
         row = db.conn.execute(

@@ -171,6 +171,10 @@ class Issuer:
                 self._inflight.difference_update(parts)
         return n
 
+    def inflight_parts(self) -> set[bytes]:
+        """The parts in flight (the live set: read it under the database lock)."""
+        return self._inflight
+
     def inflight_count(self) -> int:
         with self._db.lock:
             return len(self._inflight)

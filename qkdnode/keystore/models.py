@@ -43,6 +43,8 @@ class EraseReason(enum.StrEnum):
     EXPIRED = "expired"  # time to live ended
     DISCARDED = "discarded"  # not held by both nodes (crash recovery, aborted block)
     UNCERTAIN = "uncertain"  # an activation whose outcome is unknown (never served)
+    RELAYED = "relayed"  # consumed by the site's key manager: a relayed key or its pad
+    AUTHENTICATION = "authentication"  # consumed as a one-time key of a relay message's tag
 
 
 class Provenance(BaseModel):

@@ -54,10 +54,18 @@ from pathlib import Path
 
 import structlog
 
-from qkdnode.keystore import blocks, inspection, maintenance, reservations, syncstate
+from qkdnode.keystore import (
+    blocks,
+    consumption,
+    inspection,
+    maintenance,
+    reservations,
+    syncstate,
+)
 from qkdnode.keystore.database import Database
 from qkdnode.keystore.issuer import IssuedKey, Issuer
 from qkdnode.keystore.models import (
+    MAX_PARTS_PER_KEY,
     ActivationReply,
     ActivationRequest,
     DeliveredKey,
@@ -247,6 +255,41 @@ class KeyStore:
     def inflight_count(self) -> int:
         """Parts held by activations under way."""
         return self._issuer.inflight_count()
+
+    # -- consumption by the site's key manager (relay) -------------------------------------
+
+    def consume_own(
+        self, size_bits: int, reason: EraseReason, *, max_parts: int = MAX_PARTS_PER_KEY
+    ) -> list[tuple[uuid.UUID, bytes]]:
+        """Draw and erase (as ``reason``: relayed or authentication) stored keys of this
+        node's parity holding at least ``size_bits``; returns ``[(ID, bytes), ...]``. The
+        peer erases the same keys when the message naming them arrives
+        (:meth:`consume_named`). Raises ``KeysUnavailableError`` (nothing changes) when
+        the link holds too little. See :mod:`qkdnode.keystore.consumption`."""
+        return consumption.consume_own(
+            self._db,
+            enc_parity=self._enc_parity,
+            size_bits=size_bits,
+            reason=reason,
+            inflight=self._issuer.inflight_parts(),
+            max_parts=max_parts,
+        )
+
+    def consume_named(self, key_ids: Sequence[uuid.UUID], reason: EraseReason) -> bytes:
+        """Erase the peer-drawn stored keys ``key_ids`` (as ``reason``) and return their
+        bytes in order; ``KeysUnavailableError`` (nothing changes) if any is not held,
+        of this node's own parity, reserved or expired."""
+        return consumption.consume_named(
+            self._db, peer_parity=1 - self._enc_parity, key_ids=key_ids, reason=reason
+        )
+
+    def consumed_counts(self) -> dict[str, int]:
+        """Tombstones of keys consumed by the key manager, by reason."""
+        return consumption.consumed_counts(self._db)
+
+    def available_bits(self) -> int:
+        """Bits of AVAILABLE, unexpired key of this node's parity: what it can draw."""
+        return inspection.available_bits(self._db, self._enc_parity)
 
     def release_request(self, issued: Sequence[IssuedKey]) -> ReleaseRequest:
         """The message that asks the peer to erase the parts of an abandoned activation."""

@@ -155,6 +155,7 @@ class SessionCore:
             self.keystore,
             node.link.request,
             lambda: node.peer is not None and node.peer.connected,
+            peer_kme_id=c.delivery.peer_kme_id,
         )
         if c.delivery.enabled:
             from qkdnode.delivery.etsi import start_etsi_server

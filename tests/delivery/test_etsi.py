@@ -831,7 +831,7 @@ def test_key_bytes_do_not_reach_logs_or_errors(pki: Pki, tmp_path: Path) -> None
         assert any(e["event"] == "etsi.enc_keys" for e in logs)
         assert any(e["event"] == "keyservice.activation_unconfirmed" for e in logs)
         assert [st for st, _ in errors] == [400, 400, 503, 503, 503]
-        text = repr(logs) + json.dumps(errors) + repr(k.a) + repr(k.a.api.store) + repr(k.pair.tx)
+        text = repr(logs) + json.dumps(errors) + repr(k.a) + repr(k.a.api.service) + repr(k.pair.tx)
         data = k.data[0]
         for i in range(0, len(data), 8):
             chunk = data[i : i + 8]

@@ -626,7 +626,21 @@ def test_every_erase_reason_is_recorded(pair: StorePair, clock: Clock) -> None:
     clock.now += 3601
     pair.tx.erase_due()
     assert pair.tx.erase_reason(ids[6]) is EraseReason.EXPIRED
-    assert {r.value for r in EraseReason} == {"delivered", "expired", "discarded", "uncertain"}
+    pair.add_committed(2, n_keys=4)
+    ((relayed, _),) = pair.rx.consume_own(256, EraseReason.RELAYED)
+    assert pair.rx.erase_reason(relayed) is EraseReason.RELAYED
+    pair.tx.consume_named([relayed], EraseReason.RELAYED)
+    assert pair.tx.erase_reason(relayed) is EraseReason.RELAYED
+    ((tag_key, _),) = pair.tx.consume_own(256, EraseReason.AUTHENTICATION)
+    assert pair.tx.erase_reason(tag_key) is EraseReason.AUTHENTICATION
+    assert {r.value for r in EraseReason} == {
+        "delivered",
+        "expired",
+        "discarded",
+        "uncertain",
+        "relayed",
+        "authentication",
+    }
 
 
 def test_release_erases_only_unfetched_keys_of_the_peer(pair: StorePair) -> None:

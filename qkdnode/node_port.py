@@ -1,0 +1,74 @@
+"""One link of a node as the site's key manager sees it (``qkdnode.kms.ports.LinkPort``).
+
+Kept apart from :mod:`qkdnode.node` so that the node runtime does not know the key
+manager: this adapter only reads the node and sets its two ``kms_*`` hooks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from qkdnode.bus.commands import CommandSpec
+from qkdnode.keystore.store import KeyStore
+from qkdnode.node import Node
+
+
+class NodeLinkPort:
+    """The key manager's view of ``node``: its store, its health, its peer channel."""
+
+    def __init__(self, node: Node) -> None:
+        self._node = node
+
+    @property
+    def link_id(self) -> str:
+        return self._node.link_id
+
+    @property
+    def peer_site(self) -> str:
+        return self._node.cfg.node.peer_id
+
+    @property
+    def role(self) -> str:
+        return self._node.cfg.node.role
+
+    def store(self) -> KeyStore | None:
+        session = self._node.session
+        keys = session.keys if session is not None else None
+        return keys.store if keys is not None else None
+
+    def usable(self) -> bool:
+        node = self._node
+        session = node.session
+        keys = session.keys if session is not None else None
+        return bool(
+            node.peer is not None and node.peer.connected and keys is not None and keys.in_step
+        )
+
+    def rate_bps(self) -> float:
+        return float(self._node.stats.secret_key_rate_bps)
+
+    def state(self) -> str:
+        return self._node.sm.state.value
+
+    async def send(self, kind: str, header: dict[str, Any], buffers: Sequence[bytes]) -> None:
+        peer = self._node.peer
+        if peer is None:
+            raise ConnectionError(f"link {self.link_id}: peer channel not started")
+        await peer.send(kind, header, list(buffers))
+
+    def add_command(self, spec: CommandSpec) -> None:
+        """Serve ``spec`` on the link's control socket as well."""
+        if self._node.control is not None:
+            self._node.control.add_command(spec)
+
+    def publish(self, topic: str, payload: dict[str, Any]) -> None:
+        self._node.publish(topic, payload)
+
+    def attach(
+        self,
+        on_message: Callable[[str, dict[str, Any], list[bytes]], None],
+        on_lost: Callable[[str], None],
+    ) -> None:
+        self._node.kms_sink = on_message
+        self._node.kms_lost = on_lost
