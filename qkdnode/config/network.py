@@ -50,6 +50,27 @@ class SaeLocation(Section):
     site: str = Field(min_length=1, max_length=64, pattern=_NAME)
 
 
+class NetworkDeliverySection(DeliverySection):
+    """``[network.delivery]``: a link's ``[delivery]`` for end-to-end keys. ``saes`` are
+    the SAEs registered at this site (by certificate); ``pairs`` may name SAEs anywhere in
+    the network (the directory says where)."""
+
+    @model_validator(mode="after")
+    def _check_saes(self) -> NetworkDeliverySection:
+        ids = [s.sae_id for s in self.saes]
+        cns = [s.certificate_cn for s in self.saes]
+        for what, values in (("sae_id", ids), ("certificate_cn", cns)):
+            dup = sorted({v for v in values if values.count(v) > 1})
+            if dup:
+                raise ValueError(f"saes: duplicate {what} {dup}")
+        for i, (master, slave) in enumerate(self.pairs):
+            if master == slave:
+                raise ValueError(f"pairs[{i}]: master and slave are both {master!r}")
+        if self.min_key_size_bits > self.max_key_size_bits:
+            raise ValueError("min_key_size_bits must not exceed max_key_size_bits")
+        return self
+
+
 class NetworkSection(Section):
     """The network map and this site's key manager (docs/network.md)."""
 
@@ -57,7 +78,7 @@ class NetworkSection(Section):
     sites: list[str] = Field(min_length=2, max_length=256)
     links: list[NetworkLink] = Field(min_length=1, max_length=1024)
     directory: list[SaeLocation] = Field(default_factory=list)
-    delivery: DeliverySection = Field(default_factory=DeliverySection)
+    delivery: NetworkDeliverySection = Field(default_factory=NetworkDeliverySection)
     store_path: Path = Field(
         Path("network.sqlite"), description="end-to-end key store, relative to node.state_dir"
     )

@@ -274,16 +274,40 @@ def _toml_key(key: str) -> str:
     return key if bare else _toml_string(key)
 
 
-def _toml_table(prefix: list[str], table: Mapping[str, Any], out: list[str]) -> None:
-    scalars = {k: v for k, v in table.items() if v is not None and not isinstance(v, Mapping)}
+def _is_table_array(value: Any) -> bool:
+    return (
+        isinstance(value, list | tuple)
+        and bool(value)
+        and all(
+            isinstance(v, Mapping) and any(isinstance(x, Mapping) for x in v.values())
+            for v in value
+        )
+    )
+
+
+def _toml_table(
+    prefix: list[str], table: Mapping[str, Any], out: list[str], *, array: bool = False
+) -> None:
+    """``table`` under ``prefix`` (``[[prefix]]`` when ``array``). Lists of tables that
+    hold tables themselves (``[[links]]`` entries) are written as arrays of tables."""
+    scalars = {
+        k: v
+        for k, v in table.items()
+        if v is not None and not isinstance(v, Mapping) and not _is_table_array(v)
+    }
     tables = {k: v for k, v in table.items() if isinstance(v, Mapping)}
-    if prefix and (scalars or not tables):
+    arrays = {k: v for k, v in table.items() if _is_table_array(v)}
+    if prefix and (scalars or array or not (tables or arrays)):
         out.append("")
-        out.append("[" + ".".join(_toml_key(p) for p in prefix) + "]")
+        head = ".".join(_toml_key(p) for p in prefix)
+        out.append(f"[[{head}]]" if array else f"[{head}]")
     for k, v in scalars.items():
         out.append(f"{_toml_key(k)} = {_toml_value(v)}")
     for k, v in tables.items():
         _toml_table([*prefix, k], v, out)
+    for k, v in arrays.items():
+        for entry in v:
+            _toml_table([*prefix, k], entry, out, array=True)
 
 
 def to_toml(data: Mapping[str, Any]) -> str:
