@@ -2,7 +2,7 @@
 
 ``qkdnode ctl [--endpoint E] [--server-key FILE] [--client-key NAME] ACTION [--json]``
 with ACTION one of ``status``, ``watch``, ``calibrate``, ``sync``, ``start``, ``stop``,
-``keys``, ``ping``, ``commands``, ``call``.
+``keys``, ``network``, ``ping``, ``commands``, ``call``.
 
 A node is named by its control endpoint (``--endpoint``, default tcp://127.0.0.1:5550) or
 by its config (``--config``, endpoints from the [bus] section). Its telemetry endpoint is
@@ -23,6 +23,7 @@ import argparse
 from typing import Any
 
 from qkdnode.cli.ctl_errors import Handler, guarded
+from qkdnode.cli.ctl_network import network_action
 from qkdnode.cli.ctl_nodes import DEFAULT_CONTROL, DEFAULT_TELEMETRY
 from qkdnode.cli.ctl_requests import call_action, keys_action, simple_action
 from qkdnode.cli.ctl_wait import procedure_action
@@ -85,6 +86,12 @@ def register(sub: Any) -> None:
             default=wait_s,
             help=f"give up after s (default {wait_s:g})",
         )
+    action(
+        "network",
+        "the key management network as this site sees it (links, levels, routes)",
+        network_action,
+        10.0,
+    )
     action("start", "start key generation", simple_action, 30.0)
     action("stop", "stop key generation", simple_action, 30.0)
     keys = action(

@@ -90,6 +90,8 @@ class RelayStats:
     relayed_bits: int = 0
     last_reroute_s: float | None = None
     hop_seconds: list[float] = field(default_factory=list)
+    #: bits of end-to-end key this site originated and had stored, by link crossed
+    bits_by_link: dict[str, int] = field(default_factory=dict)
 
 
 class KeyManager:
@@ -116,6 +118,9 @@ class KeyManager:
         #: the relays of recently issued keys (key ID -> relay ID, route), to cancel them
         #: should their master never get them
         self._issued: OrderedDict[uuid.UUID, tuple[uuid.UUID, Route]] = OrderedDict()
+        #: links an operator took out of the key management network at this site
+        #: (ETSI 015 ``qkdl_enable`` false): advertised down, never used for a relay
+        self.disabled: set[str] = set()
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -145,12 +150,30 @@ class KeyManager:
                 AdvertisedLink(
                     link_id=hop.link_id,
                     peer=hop.peer,
-                    up=hop.port.usable(),
+                    up=self.link_up(hop),
                     level_bits=level,
                     rate_bps=max(0.0, hop.port.rate_bps()),
                 )
             )
         return Advert(origin=self.me, seq=self._seq, links=links)
+
+    def link_up(self, hop: HopChannel) -> bool:
+        """The link carries relays from this site: usable and not disabled here."""
+        return hop.link_id not in self.disabled and hop.port.usable()
+
+    async def set_enabled(self, link_id: str, enabled: bool) -> None:
+        """Take a link of this site out of the key management network, or back in; the
+        change is advertised at once. KeyError if the site has no such link."""
+        if link_id not in self.hops:
+            raise KeyError(link_id)
+        if enabled:
+            self.disabled.discard(link_id)
+        else:
+            self.disabled.add(link_id)
+        log.info("kms.link_enabled" if enabled else "kms.link_disabled", link=link_id)
+        advert = await asyncio.to_thread(self.own_advert)
+        self.views[self.me] = SiteView(advert, time.monotonic())
+        await self._flood(advert, None)
 
     async def _advertise_loop(self) -> None:
         while True:
@@ -360,6 +383,10 @@ class KeyManager:
             result = await self._ask(hop, req, [], budget_s)
             if result.stored:
                 outcome = "stored"
+                for link_id in route.links:
+                    self.stats.bits_by_link[link_id] = (
+                        self.stats.bits_by_link.get(link_id, 0) + bits
+                    )
                 for kid in key_ids:
                     self._issued[kid] = (relay_id, route)
                 while len(self._issued) > ISSUED_REMEMBERED:
@@ -455,6 +482,8 @@ class KeyManager:
     async def _serve_relay(
         self, hop: HopChannel, req: RelayRequest, buffers: list[bytes]
     ) -> RelayResult:
+        if hop.link_id in self.disabled:
+            raise HopError("link_down", f"link {hop.link_id} is disabled at site {self.me}")
         store = hop.port.store()
         bits = sum(k.size_bits for k in req.keys)
         nbytes = bits // 8
@@ -524,10 +553,10 @@ class KeyManager:
 
     def _next_hop(self, site: str) -> HopChannel | None:
         for hop in self.hops.values():
-            if hop.peer == site and hop.port.usable():
+            if hop.peer == site and self.link_up(hop):
                 return hop
         for hop in self.hops.values():
-            if hop.peer == site:
+            if hop.peer == site and hop.link_id not in self.disabled:
                 return hop
         return None
 

@@ -21,8 +21,10 @@ from typing import Any, Protocol
 
 import structlog
 from aiohttp import web
+from pydantic import Field
 
-from qkdnode.bus.commands import CallerInfo, CommandSpec, NoContent
+from qkdnode.bus.commands import CallerInfo, CommandSpec, Content, NoContent
+from qkdnode.bus.errors import CommandError, ErrorCode
 from qkdnode.config.network import NetworkSection
 from qkdnode.delivery.etsi import EtsiApi, EtsiServer, start_etsi_server
 from qkdnode.keystore.models import DeliveredKey
@@ -49,6 +51,13 @@ class ServedLinkPort(LinkPort, Protocol):
     def add_command(self, spec: CommandSpec) -> None: ...
 
     def publish(self, topic: str, payload: dict[str, Any]) -> None: ...
+
+
+class LinkEnableContent(Content):
+    """Content of ``network.link``."""
+
+    link_id: str = Field(min_length=1, max_length=64)
+    enabled: bool
 
 
 class NetworkKeySource:
@@ -135,9 +144,19 @@ class NetworkService:
             NoContent,
             "the key management network as this site sees it (links, levels, routes, relays)",
         )
+        toggle = CommandSpec(
+            "network.link",
+            self._cmd_link,
+            None,
+            "operator",
+            LinkEnableContent,
+            "take one of this site's links out of the key management network, or back in",
+            (ErrorCode.INVALID_CONTENT,),
+        )
         for port in ports:
-            with contextlib.suppress(ValueError):
-                port.add_command(spec)
+            for command in (spec, toggle):
+                with contextlib.suppress(ValueError):
+                    port.add_command(command)
         if self.cfg.delivery.enabled:
             self.etsi = await start_etsi_server(
                 NetworkKeySource(self.kms),
@@ -164,6 +183,19 @@ class NetworkService:
 
     async def _cmd_network(self, content: dict[str, Any], caller: CallerInfo) -> dict[str, Any]:
         return await self.view()
+
+    async def _cmd_link(self, content: dict[str, Any], caller: CallerInfo) -> dict[str, Any]:
+        assert self.kms is not None
+        link_id = str(content["link_id"])
+        try:
+            await self.kms.set_enabled(link_id, bool(content["enabled"]))
+        except KeyError:
+            raise CommandError(
+                f"link_id: this site has no link {link_id!r} (it has {sorted(self.kms.hops)})",
+                code=ErrorCode.INVALID_CONTENT,
+            ) from None
+        log.info("kms.link_toggled", link=link_id, enabled=content["enabled"], by=caller.name)
+        return {"link_id": link_id, "enabled": content["enabled"]}
 
     async def _http_status(self, api: EtsiApi, request: web.Request) -> web.Response:
         api.client_certified(request)

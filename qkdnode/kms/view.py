@@ -80,6 +80,7 @@ class RelayCounters(_View):
     last_reroute_s: float | None
     median_hop_ms: float | None
     store: dict[str, int]
+    bits_by_link: dict[str, int]  # end-to-end key originated here, by link crossed
 
 
 class NetworkView(_View):
@@ -186,5 +187,6 @@ def network_view(kms: KeyManager) -> NetworkView:
             last_reroute_s=st.last_reroute_s,
             median_hop_ms=1000 * hops[len(hops) // 2] if hops else None,
             store=kms.store.counts(),
+            bits_by_link=dict(st.bits_by_link),
         ),
     )

@@ -11,24 +11,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import zmq.asyncio
 
+from qkdnode.bus.commands import CommandSpec
 from qkdnode.bus.errors import PeerDisconnected, PeerTimeout
 from qkdnode.bus.peer import PeerChannel
-from qkdnode.config.network import NetworkSection
+from qkdnode.config.network import NetworkDeliverySection, NetworkSection
 from qkdnode.config.sections import BusSection
 from qkdnode.keystore.models import Provenance, Side
 from qkdnode.keystore.store import KeyStore
 from qkdnode.kms.manager import KeyManager
 from qkdnode.kms.netstore import NetworkKeyStore
 from qkdnode.kms.ports import LostSink, MessageSink
+from qkdnode.kms.service import NetworkService
 
 PROV = Provenance(qber=0.02, eps_sec=1e-10, eps_cor=1e-15)
 KEY_SIZE_BITS = 256
@@ -43,7 +46,13 @@ def free_port() -> int:
 class ChannelPort:
     """A link end: a started :class:`PeerChannel` and the link's store on this side."""
 
-    def __init__(self, link_id: str, peer_site: str, channel: PeerChannel, store: KeyStore):
+    def __init__(
+        self, link_id: str, peer_site: str, channel: PeerChannel, store: KeyStore, role: str
+    ):
+        self.role = role
+        #: what a site service added to this link's control socket, and published on it
+        self.commands: dict[str, CommandSpec] = {}
+        self.published: list[tuple[str, dict[str, Any]]] = []
         self._link_id = link_id
         self._peer_site = peer_site
         self.channel = channel
@@ -76,6 +85,12 @@ class ChannelPort:
 
     async def send(self, kind: str, header: dict[str, Any], buffers: Sequence[bytes]) -> None:
         await self.channel.send(kind, header, list(buffers))
+
+    def add_command(self, spec: CommandSpec) -> None:
+        self.commands[spec.name] = spec
+
+    def publish(self, topic: str, payload: dict[str, Any]) -> None:
+        self.published.append((topic, payload))
 
     def attach(self, on_message: MessageSink, on_lost: LostSink) -> None:
         self._sink, self._lost = on_message, on_lost
@@ -128,6 +143,15 @@ class Net:
     ctx: zmq.asyncio.Context
     tmp: Path
     blocks: dict[str, int] = field(default_factory=dict)
+    services: dict[str, NetworkService] = field(default_factory=dict)
+
+    def ports_of(self, site: str) -> list[ChannelPort]:
+        return [
+            p
+            for link in self.links.values()
+            for p, end in ((link.port_a, link.a), (link.port_b, link.b))
+            if end == site
+        ]
 
     def store(self, link_id: str, site: str) -> KeyStore:
         return self.stores[(link_id, site)]
@@ -150,8 +174,11 @@ class Net:
                 await asyncio.sleep(0.05)
 
     async def close(self) -> None:
-        for k in self.kms.values():
-            await k.stop()
+        for service in self.services.values():
+            await service.stop()
+        for site, k in self.kms.items():
+            if site not in self.services:
+                await k.stop()
         for link in self.links.values():
             for p in link.ports():
                 await p.close()
@@ -190,6 +217,7 @@ async def build(
     directory: dict[str, str],
     *,
     keys_per_link: int = 200,
+    services: Callable[[str], NetworkDeliverySection] | None = None,
     **overrides: Any,
 ) -> Net:
     """Start a network: per link a peer channel pair (``a`` binds) and two filled stores."""
@@ -218,8 +246,8 @@ async def build(
             link_id,
             a,
             b,
-            ChannelPort(link_id, b, ch_a, stores[(link_id, a)]),
-            ChannelPort(link_id, a, ch_b, stores[(link_id, b)]),
+            ChannelPort(link_id, b, ch_a, stores[(link_id, a)], "transmitter"),
+            ChannelPort(link_id, a, ch_b, stores[(link_id, b)], "receiver"),
         )
     for link in built.values():
         for p in link.ports():
@@ -229,12 +257,15 @@ async def build(
         if keys_per_link:
             net.fill(link_id, keys_per_link)
     for site in sites:
-        ports = [
-            p
-            for link in built.values()
-            for p, end in ((link.port_a, link.a), (link.port_b, link.b))
-            if end == site
-        ]
+        ports = net.ports_of(site)
+        if services is not None:
+            site_cfg = cfg.model_copy(update={"delivery": services(site)})
+            service = NetworkService(site, site_cfg, tmp / site, functools.partial(list, ports))
+            await service.start()
+            net.services[site] = service
+            assert service.kms is not None
+            net.kms[site] = service.kms
+            continue
         store = NetworkKeyStore.open(tmp / site / "network.sqlite")
         net.kms[site] = KeyManager(site, cfg, ports, store)
         await net.kms[site].start()
