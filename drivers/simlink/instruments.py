@@ -488,7 +488,10 @@ class SimDetector(_SimBase, SinglePhotonDetector):
             w.detectors.armed[self.channel] = False
 
     def count_rate_hz(self) -> float:
-        return float(self._det("count_rate_hz").count_rates_hz()[self.channel])
+        """Over the last integration period; after a setting change, one that began with
+        it (waiting up to ``timeout_s`` for it, see ``ReceiverWorld.count_rates_hz``)."""
+        w = self._det("count_rate_hz")
+        return float(w.count_rates_hz(fresh_within_s=self.timeout_s)[self.channel])
 
     def health(self) -> InstrumentHealth:
         w = self._world
@@ -564,7 +567,7 @@ class SimTimeTagger(_SimBase, TimeTagger):
         self._rx("stop_stream").stop_stream()
 
     def count_rates_hz(self) -> dict[int, float]:
-        rates = self._rx("count_rates_hz").count_rates_hz()
+        rates = self._rx("count_rates_hz").count_rates_hz(fresh_within_s=self.timeout_s)
         return {ch: float(rates[ch]) for ch in range(4)}
 
     def safe_state(self) -> None:

@@ -547,6 +547,8 @@ class ReceiverWorld:
         self.detections = 0
         self.last_counts = np.zeros(N_CHANNELS, np.int64)
         self.last_duration_s = 0.0
+        #: :meth:`_reading_key` of the batch ``last_counts`` counted (None: no batch yet)
+        self._counts_key: tuple[object, ...] | None = None
         self.streaming = False
         self.max_buffered_tags = max_buffered_tags
         self._blocks: collections.deque[TagBlock] = collections.deque()
@@ -554,6 +556,7 @@ class ReceiverWorld:
         self._missed = 0
         self._tag_span_end_ps = 0  # tagger time where the last queued block's span ended
         self._blocks_ready = threading.Condition(self.lock)
+        self._counts_ready = threading.Condition(self.lock)
         self._ctx = context
         self._own_ctx = context is None
         self._sock: zmq.Socket[Any] | None = None
@@ -591,11 +594,11 @@ class ReceiverWorld:
                 tagger_delay_ps=self.tagger_delay_ps.copy(),
             )
 
-    def _current_settings(self) -> DetectorSettings:
-        """:meth:`detector_settings`, recomputed only when a front panel or a fault that
-        enters it changed (the model then reuses the arrays it derived from them)."""
+    def _settings_key(self) -> tuple[object, ...]:
+        """What :meth:`detector_settings` depends on: the front panels, the tagger's
+        input delays and the faults that enter the settings."""
         d = self.detectors
-        key = (
+        return (
             d.armed.tobytes(),
             d.latched.tobytes(),
             d.efficiency_pct.tobytes(),
@@ -605,6 +608,17 @@ class ReceiverWorld:
             self.tagger_delay_ps.tobytes(),
             "detector_disconnect" in self.faults,
         )
+
+    def _reading_key(self) -> tuple[object, ...]:
+        """What a count-rate reading on this side depends on: the settings and every
+        fault in force (the transmitter's light is the other process's)."""
+        faults = tuple(sorted((name, repr(sorted(kw.items()))) for name, kw in self.faults.items()))
+        return (self._settings_key(), faults)
+
+    def _current_settings(self) -> DetectorSettings:
+        """:meth:`detector_settings`, recomputed only when a front panel or a fault that
+        enters it changed (the model then reuses the arrays it derived from them)."""
+        key = self._settings_key()
         if self._settings_cache is None or self._settings_cache[0] != key:
             self._settings_cache = (key, self.detector_settings())
         return self._settings_cache[1]
@@ -645,6 +659,7 @@ class ReceiverWorld:
             if "bright_light" in self.faults:
                 self.detectors.latched |= self.detectors.armed
             settings = self._current_settings()
+            reading_key = self._reading_key()
             rotation = float(self.faults.get("encoding_drift", {}).get("angle_rad", 0.0))
             cut = "fiber_cut" in self.faults
             eve = self.faults.get("eve")
@@ -675,6 +690,8 @@ class ReceiverWorld:
             self.detections += len(records)
             self.last_counts = self.model.last_counts
             self.last_duration_s = duration_s
+            self._counts_key = reading_key
+            self._counts_ready.notify_all()
             if self.streaming:
                 self._queue(records, chunk_t0, self._true_end_ps - chunk_t0)
         return records
@@ -754,8 +771,25 @@ class ReceiverWorld:
             self._buffered -= len(block)
             return block
 
-    def count_rates_hz(self) -> npt.NDArray[np.float64]:
-        with self.lock:
+    def count_rates_hz(self, fresh_within_s: float = 0.0) -> npt.NDArray[np.float64]:
+        """Click rate per channel over the last batch: the detectors' integration period.
+
+        A batch is simulated with the settings in force when it arrives, and lasts
+        ``chunk_slots`` slots (0.2 s at 5 MHz): longer than a scan's wait after a setting
+        change, so the last batch may have been counted with the settings before it. With
+        ``fresh_within_s`` and the world paced in real time, the reading waits (up to that
+        long) for a batch counted with the settings and faults now in force, as a counter
+        that restarts its integration when a setting changes; past that (nothing on the
+        fiber) it is the last batch's. A world stepped by hand answers at once.
+        """
+        with self._counts_ready:
+            if fresh_within_s > 0 and self._thread is not None:
+                deadline = time.monotonic() + fresh_within_s
+                while self._counts_key != self._reading_key():
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._counts_ready.wait(remaining)
             if self.last_duration_s <= 0:
                 return np.zeros(N_CHANNELS)
             return self.last_counts / self.last_duration_s

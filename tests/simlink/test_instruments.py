@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -200,6 +201,38 @@ def test_detector_delay_gate_faults_and_latch() -> None:
     finally:
         stop_world()
         tx.close()
+
+
+def test_a_reading_after_a_setting_change_is_made_with_the_new_setting() -> None:
+    """The worlds paced in real time over a fiber, as in the daemons: a detector's count
+    rate read right after its delay changed is the rate at the new delay, not the last
+    batch's at the old one. (A batch lasts longer than a calibration's integration wait
+    at low pulse rates; a stale reading made the detector-timing scan skip the one delay
+    inside the gate, and the detectors stayed off the pulse.)"""
+    params = link(fiber={"drift_rad_per_sqrt_s": 0.0}, chunk_slots=1 << 20)  # 42 ms
+    tx = start_world("transmitter", params.transmitter_side(), "tcp://127.0.0.1:*", name="t")
+    try:
+        rx = start_world("receiver", params.receiver_side(), tx.fiber_endpoint, name="r")
+        assert isinstance(rx, ReceiverWorld)
+        det = si.SimDetector("spd_h", "r", options=si.SimDetectorOptions(channel=0))
+        tagger = si.SimTimeTagger("tagger", "r")
+        det.connect()
+        tagger.connect()
+        in_gate = params.receiver.true_delay_ps
+        deadline = time.monotonic() + 10.0
+        while rx.chunk_index < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        on = det.count_rate_hz()
+        assert on > 1e4, "no light through the fiber"
+        for _ in range(3):
+            det.set_delay_ps(in_gate + 2000.0)  # gate off the pulse: dark counts only
+            assert det.count_rate_hz() < on / 100
+            assert tagger.count_rates_hz()[0] < on / 100
+            det.set_delay_ps(in_gate)
+            assert det.count_rate_hz() > on / 2
+            assert tagger.count_rates_hz()[0] > on / 2
+    finally:
+        stop_world()
 
 
 def test_state_source_answers_any_slot_and_follows_sync_pattern(
