@@ -86,6 +86,13 @@ class NetworkSection(Section):
     relay_timeout_s: float = Field(
         10.0, gt=0, le=300, description="how long enc_keys tries to relay (all paths)"
     )
+    hop_timeout_s: float = Field(
+        1.5,
+        gt=0,
+        le=60,
+        description="a relay may take this long per hop still to go before the hop that "
+        "sent it gives up (then another path is tried)",
+    )
     hop_margin_s: float = Field(
         0.5, gt=0, le=10, description="each hop answers this much before its caller gives up"
     )

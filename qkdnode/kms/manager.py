@@ -358,6 +358,8 @@ class KeyManager:
             raise HopError("no_key", f"link {route.links[0]}: {exc}") from None
         material = b"".join(k for _, k in parts)
         hop.account.relay_out += len(material) * 8
+        # a relay that stalls on a hop fails in time for another path to be tried
+        budget_s = min(budget_s, self.cfg.hop_timeout_s * route.hops)
         key_ids = [uuid.uuid4() for _ in range(number)]
         size = size_bits // 8
         delivered = [
@@ -591,7 +593,10 @@ class KeyManager:
         hop.account.relay_out += len(pad_bytes) * 8
         cipher = hopauth.xor(plain, pad_bytes[: len(plain)])
         del pad_bytes, plain
-        budget = float(req.budget_s) - (time.monotonic() - t0)
+        hops_left = len(req.path) - 1 - req.hop
+        budget = min(
+            float(req.budget_s) - (time.monotonic() - t0), self.cfg.hop_timeout_s * hops_left
+        )
         nxt = req.model_copy(
             update={
                 "hop": req.hop + 1,
