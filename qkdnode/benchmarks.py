@@ -36,6 +36,7 @@ BENCH_MODULES: tuple[str, ...] = (
     "qkdnode.postproc.bench",
     "qkdnode.bus.bench",
     "qkdnode.keystore.bench",
+    "qkdnode.kms.bench",
     "qkdnode.procedures.bench",
 )
 E2E_STAGE = "end-to-end"

@@ -55,10 +55,13 @@ def consume_own(
     with db.tx() as cur:
         taken: list[tuple[bytes, bytes]] = []
         bits = 0
+        # stored keys are 64 bits or more: this many rows always suffice (the index
+        # keys_pick serves them in order, without reading the rest of the store)
+        limit = size_bits // 64 + 1 + len(inflight)
         for kid, stored_bits, key in cur.execute(
             "SELECT key_id, size_bits, key FROM keys WHERE state=? AND enc_parity=? "
-            "AND expires_at>? ORDER BY block_id, idx",
-            (KeyState.AVAILABLE.value, enc_parity, now),
+            "AND expires_at>? ORDER BY block_id, idx LIMIT ?",
+            (KeyState.AVAILABLE.value, enc_parity, now, limit),
         ).fetchall():
             if kid in inflight:
                 continue

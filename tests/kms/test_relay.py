@@ -127,7 +127,7 @@ def test_cut_link_relays_move_to_the_bypass(tmp_path: Path) -> None:
     """C-D is cut: the next relays go A-B-D-E; nothing is half delivered."""
 
     async def go() -> None:
-        net = await build(tmp_path, LINE5, BYPASS, SAES, avoid_failed_s=30.0)
+        net = await build(tmp_path, LINE5, BYPASS, SAES, costs={"B-D": 3.0}, avoid_failed_s=30.0)
         try:
             await net.wait_routes()
             route = net.kms["A"].route_to("E", 256)
