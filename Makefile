@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-system soak test-faults lint typecheck unit bench venv clean
+.PHONY: demo demo-network test test-system soak test-faults lint typecheck unit bench venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,11 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/qkdnode demo
+
+# Five sites relaying keys end to end (docs/network.md); network namespaces when run as
+# root, loopback otherwise.
+demo-network: $(STAMP)
+	$(BIN)/qkdnode demo --network configs/network.toml
 
 test: $(STAMP) lint typecheck unit
 

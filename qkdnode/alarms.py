@@ -73,6 +73,11 @@ ALARMS: dict[str, tuple[Severity, str]] = {
     "bright_light": (Severity.MAJOR, "a detector latched on bright light (blinding?): FAULT"),
     "instrument": (Severity.MAJOR, "an instrument failed during the exchange: FAULT"),
     "crl_reload_failed": (Severity.WARNING, "the delivery CRL could not be reloaded"),
+    "network_unreachable": (
+        Severity.MAJOR,
+        "the site's key manager has had no route to another site of the network for "
+        "network.unreachable_alarm_s: end-to-end keys to it fail",
+    ),
     "internal_error": (
         Severity.MAJOR,
         "a background loop of the daemon failed and was restarted (the log has the trace)",

@@ -65,6 +65,9 @@ class NodeLinkPort:
     def publish(self, topic: str, payload: dict[str, Any]) -> None:
         self._node.publish(topic, payload)
 
+    def set_alarm(self, name: str, on: bool, cause: str = "") -> None:
+        self._node.alarms.set(name, on, cause)
+
     def attach(
         self,
         on_message: Callable[[str, dict[str, Any], list[bytes]], None],

@@ -104,6 +104,12 @@ class NetworkSection(Section):
     avoid_failed_s: float = Field(
         10.0, ge=0, le=600, description="a link a relay could not cross is avoided this long"
     )
+    unreachable_alarm_s: float = Field(
+        30.0,
+        gt=0,
+        le=86400,
+        description="network_unreachable: raised when a site has had no route this long",
+    )
     status_interval_s: float = Field(
         5.0, gt=0, le=600, description="period of the network status on telemetry"
     )

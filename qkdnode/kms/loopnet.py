@@ -55,6 +55,7 @@ class ChannelPort:
         #: what a site service added to this link's control socket, and published on it
         self.commands: dict[str, CommandSpec] = {}
         self.published: list[tuple[str, dict[str, Any]]] = []
+        self.alarms: dict[str, str] = {}
         self._link_id = link_id
         self._peer_site = peer_site
         self.channel = channel
@@ -93,6 +94,12 @@ class ChannelPort:
 
     def publish(self, topic: str, payload: dict[str, Any]) -> None:
         self.published.append((topic, payload))
+
+    def set_alarm(self, name: str, on: bool, cause: str = "") -> None:
+        if on:
+            self.alarms[name] = cause
+        else:
+            self.alarms.pop(name, None)
 
     def attach(self, on_message: MessageSink, on_lost: LostSink) -> None:
         self._sink, self._lost = on_message, on_lost

@@ -269,6 +269,12 @@ class KeyManager:
             max_hops=self.cfg.max_hops,
         )
 
+    def unreachable_sites(self) -> list[str]:
+        """The sites of the map no relay could reach now (not even an empty one)."""
+        return [
+            site for site in self.cfg.sites if site != self.me and self.route_to(site, 0) is None
+        ]
+
     def capacity_keys(self, dest: str, size_bits: int) -> int:
         """How many keys of ``size_bits`` one relay to ``dest`` could carry now (the
         least level along the route, less the tags)."""

@@ -52,6 +52,10 @@ class ServedLinkPort(LinkPort, Protocol):
 
     def publish(self, topic: str, payload: dict[str, Any]) -> None: ...
 
+    def set_alarm(self, name: str, on: bool, cause: str = "") -> None:
+        """Raise (``on``) or clear a named alarm on the link's alarm board."""
+        ...
+
 
 class LinkEnableContent(Content):
     """Content of ``network.link``."""
@@ -165,6 +169,7 @@ class NetworkService:
                 extra_routes=[(STATUS_PATH, self._http_status), (VIEW_PATH, self._http_view)],
             )
         self._tasks.append(asyncio.create_task(self._publish_loop(ports), name="kms-status"))
+        self._tasks.append(asyncio.create_task(self._watch_loop(ports), name="kms-watch"))
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -206,6 +211,29 @@ class NetworkService:
     async def _http_view(self, api: EtsiApi, request: web.Request) -> web.Response:
         api.client_certified(request)
         return web.json_response(await self.view())
+
+    async def _watch_loop(self, ports: Sequence[ServedLinkPort]) -> None:
+        """``network_unreachable`` on every link of the site while some site of the map
+        has had no route for ``unreachable_alarm_s``."""
+        assert self.kms is not None
+        since: dict[str, float] = {}
+        active = False
+        while True:
+            await asyncio.sleep(self.cfg.advert_interval_s)
+            now = time.monotonic()
+            try:
+                lost = await asyncio.to_thread(self.kms.unreachable_sites)
+            except Exception as exc:
+                log.warning("kms.watch_failed", error=str(exc)[:200])
+                continue
+            since = {site: since.get(site, now) for site in lost}
+            overdue = sorted(s for s, t in since.items() if now - t >= self.cfg.unreachable_alarm_s)
+            if overdue or active:
+                cause = f"no route to site(s) {', '.join(overdue)}" if overdue else ""
+                for port in ports:
+                    with contextlib.suppress(Exception):
+                        port.set_alarm("network_unreachable", bool(overdue), cause)
+                active = bool(overdue)
 
     async def _publish_loop(self, ports: Sequence[ServedLinkPort]) -> None:
         while True:

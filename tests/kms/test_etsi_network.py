@@ -62,10 +62,12 @@ def _client(net: Net, pki: Path, site: str, sae: str) -> EtsiClient:
     )
 
 
-def _run(tmp: Path, body: Callable[[Net, Path], Coroutine[Any, Any, None]]) -> None:
+def _run(
+    tmp: Path, body: Callable[[Net, Path], Coroutine[Any, Any, None]], **overrides: Any
+) -> None:
     async def go() -> None:
         pki = _pki(tmp)
-        net = await build(tmp, SITES, LINKS, DIRECTORY, services=_delivery(pki))
+        net = await build(tmp, SITES, LINKS, DIRECTORY, services=_delivery(pki), **overrides)
         try:
             await net.wait_routes()
             await body(net, pki)
@@ -222,3 +224,20 @@ def test_network_command_and_link_toggle_on_the_control_socket(tmp_path: Path) -
             await toggle.handler({"link_id": "X-Y", "enabled": False}, op)
 
     _run(tmp_path, body)
+
+
+def test_a_site_without_a_route_raises_network_unreachable(tmp_path: Path) -> None:
+    async def body(net: Net, pki: Path) -> None:
+        a_ports = net.ports_of("A")
+        await asyncio.sleep(1.5)
+        assert all("network_unreachable" not in p.alarms for p in a_ports)
+        await net.kms["B"].set_enabled("B-C", False)
+        await asyncio.sleep(2.5)
+        causes = [p.alarms.get("network_unreachable") for p in a_ports]
+        assert causes == ["no route to site(s) C"], causes
+        assert "network_unreachable" in net.ports_of("C")[0].alarms  # C lost A and B
+        await net.kms["B"].set_enabled("B-C", True)
+        await asyncio.sleep(1.5)
+        assert all("network_unreachable" not in p.alarms for p in a_ports)
+
+    _run(tmp_path, body, unreachable_alarm_s=1.0)
