@@ -83,6 +83,16 @@ class NetworkSection(Section):
         Path("network.sqlite"), description="end-to-end key store, relative to node.state_dir"
     )
     key_ttl_s: float = Field(3600.0, gt=0, description="time to live of a relayed key")
+    reserve_auth_bits: int = Field(
+        16384,
+        ge=0,
+        description="key of each link relays leave for the tags of the relay messages",
+    )
+    reserve_local_bits: int = Field(
+        0,
+        ge=0,
+        description="key of each link relays leave for the link's own ETSI 014 pairs",
+    )
     relay_timeout_s: float = Field(
         10.0, gt=0, le=300, description="how long enc_keys tries to relay (all paths)"
     )

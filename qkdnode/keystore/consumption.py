@@ -39,10 +39,12 @@ def consume_own(
     reason: EraseReason,
     inflight: set[bytes],
     max_parts: int = MAX_PARTS_PER_KEY,
+    keep_bits: int = 0,
 ) -> list[tuple[uuid.UUID, bytes]]:
     """Take AVAILABLE, unexpired keys of this node's parity (oldest first, skipping the
     parts ``inflight`` in an enc_keys activation) until they hold ``size_bits``, erase
     them durably as ``reason`` and return ``[(stored key ID, bytes), ...]`` in order.
+    ``keep_bits``: at least this much must be left after them (a reserve for other uses).
 
     Raises :class:`KeysUnavailableError` when the store holds too little (nothing
     changes), :class:`KeyRequestError` for a size that is not a positive multiple of 8 or
@@ -57,7 +59,8 @@ def consume_own(
         bits = 0
         # stored keys are 64 bits or more: this many rows always suffice (the index
         # keys_pick serves them in order, without reading the rest of the store)
-        limit = size_bits // 64 + 1 + len(inflight)
+        limit = (size_bits + keep_bits) // 64 + 2 + len(inflight)
+        left = 0
         for kid, stored_bits, key in cur.execute(
             "SELECT key_id, size_bits, key FROM keys WHERE state=? AND enc_parity=? "
             "AND expires_at>? ORDER BY block_id, idx LIMIT ?",
@@ -65,13 +68,18 @@ def consume_own(
         ).fetchall():
             if kid in inflight:
                 continue
-            taken.append((kid, bytes(key)))
-            bits += stored_bits
-            if bits >= size_bits:
-                break
-        if bits < size_bits:
+            if bits < size_bits:
+                taken.append((kid, bytes(key)))
+                bits += stored_bits
+            else:
+                left += stored_bits
+                if left >= keep_bits:
+                    break
+        if bits < size_bits or left < keep_bits:
             raise KeysUnavailableError(
-                f"{size_bits} bits of key requested, {bits} available on this link"
+                f"{size_bits} bits of key requested"
+                + (f" beyond a reserve of {keep_bits}" if keep_bits else "")
+                + f", {bits + left} available on this link"
             )
         if len(taken) > max_parts:
             raise KeyRequestError(f"{size_bits} bits need more than {max_parts} stored keys")

@@ -259,13 +259,19 @@ class KeyStore:
     # -- consumption by the site's key manager (relay) -------------------------------------
 
     def consume_own(
-        self, size_bits: int, reason: EraseReason, *, max_parts: int = MAX_PARTS_PER_KEY
+        self,
+        size_bits: int,
+        reason: EraseReason,
+        *,
+        max_parts: int = MAX_PARTS_PER_KEY,
+        keep_bits: int = 0,
     ) -> list[tuple[uuid.UUID, bytes]]:
         """Draw and erase (as ``reason``: relayed or authentication) stored keys of this
         node's parity holding at least ``size_bits``; returns ``[(ID, bytes), ...]``. The
         peer erases the same keys when the message naming them arrives
-        (:meth:`consume_named`). Raises ``KeysUnavailableError`` (nothing changes) when
-        the link holds too little. See :mod:`qkdnode.keystore.consumption`."""
+        (:meth:`consume_named`). ``keep_bits`` must be left after them. Raises
+        ``KeysUnavailableError`` (nothing changes) when the link holds too little.
+        See :mod:`qkdnode.keystore.consumption`."""
         return consumption.consume_own(
             self._db,
             enc_parity=self._enc_parity,
@@ -273,6 +279,7 @@ class KeyStore:
             reason=reason,
             inflight=self._issuer.inflight_parts(),
             max_parts=max_parts,
+            keep_bits=keep_bits,
         )
 
     def consume_named(self, key_ids: Sequence[uuid.UUID], reason: EraseReason) -> bytes:

@@ -145,7 +145,8 @@ class KeyManager:
         links = []
         for hop in self.hops.values():
             store = hop.port.store()
-            level = store.available_bits() if store is not None else 0
+            held = store.available_bits() if store is not None else 0
+            level = max(0, held - self.reserve_bits)  # what relays may draw
             links.append(
                 AdvertisedLink(
                     link_id=hop.link_id,
@@ -156,6 +157,12 @@ class KeyManager:
                 )
             )
         return Advert(origin=self.me, seq=self._seq, links=links)
+
+    @property
+    def reserve_bits(self) -> int:
+        """Key of each link a relay leaves behind: for tags, and for the link's own
+        ETSI 014 pairs."""
+        return self.cfg.reserve_auth_bits + self.cfg.reserve_local_bits
 
     def link_up(self, hop: HopChannel) -> bool:
         """The link carries relays from this site: usable and not disabled here."""
@@ -357,7 +364,11 @@ class KeyManager:
         relay_id = uuid.uuid4()
         try:
             parts = await asyncio.to_thread(
-                store.consume_own, bits, EraseReason.RELAYED, max_parts=MAX_PARTS
+                store.consume_own,
+                bits,
+                EraseReason.RELAYED,
+                max_parts=MAX_PARTS,
+                keep_bits=self.reserve_bits,
             )
         except KeyStoreError as exc:
             self._fail_link(route.links[0])
@@ -584,7 +595,11 @@ class KeyManager:
             if store is None:
                 raise KeysUnavailableError("key store not open")
             pad = await asyncio.to_thread(
-                store.consume_own, len(plain) * 8, EraseReason.RELAYED, max_parts=MAX_PARTS
+                store.consume_own,
+                len(plain) * 8,
+                EraseReason.RELAYED,
+                max_parts=MAX_PARTS,
+                keep_bits=self.reserve_bits,
             )
         except KeyStoreError as exc:
             self._fail_link(hop.link_id)

@@ -94,3 +94,13 @@ def test_only_relay_and_authentication_are_consumption_reasons(pair: StorePair) 
     pair.add_committed(1, n_keys=2)
     with pytest.raises(ValueError, match="relayed or authentication"):
         pair.tx.consume_own(256, EraseReason.DELIVERED)
+
+
+def test_a_reserve_is_left_for_other_uses(pair: StorePair) -> None:
+    pair.add_committed(1, n_keys=8)  # 4 keys of 256 bits on each side
+    with pytest.raises(KeysUnavailableError, match="beyond a reserve of 512"):
+        pair.tx.consume_own(3 * 256, R, keep_bits=512)
+    assert pair.tx.available_bits() == 4 * 256  # nothing taken
+    assert len(pair.tx.consume_own(2 * 256, R, keep_bits=512)) == 2
+    # the reserve is there for what may use it (here: tags)
+    assert len(pair.tx.consume_own(512, EraseReason.AUTHENTICATION)) == 2
