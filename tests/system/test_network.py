@@ -171,6 +171,45 @@ def test_no_path_left_is_a_clean_503(net: NetworkDemo) -> None:
     _relay(net, "sae-a", "sae-e")
 
 
+def test_dry_link_on_the_only_path_is_a_clean_503(net: NetworkDemo) -> None:
+    """D-E stops producing key and is drained by relays: enc_keys for sae-e then answers
+    503 before anything is spent; the keys delivered until then were all identical."""
+    assert net.files is not None
+    d_site, d_endpoint = net.files.links["D-E"].tx
+    assert net._client(d_site, d_endpoint).call("stop")["state"] in ("IDLE", "PAUSED")
+    origin, dest = net._sae("sae-a"), net._sae("sae-e")
+    delivered = 0
+    try:
+        for _ in range(200):
+            try:
+                keys = origin.enc_keys("sae-e", 64, 256)
+            except EtsiClientError as exc:
+                assert exc.status == 503, exc
+                assert "no path to site E" in exc.message
+                break
+            got = dest.dec_keys("sae-a", [k.key_id for k in keys])
+            assert [g.key for g in got] == [k.key for k in keys]
+            delivered += len(keys)
+        else:
+            pytest.fail("D-E never ran dry")
+        view = net._view("D")
+        assert view is not None
+        d_e = next(lk for lk in view["local_links"] if lk["link_id"] == "D-E")
+        assert d_e["level_bits"] < 64 * 256 + 512
+        # smaller requests still fit while D-E holds enough for them
+    finally:
+        net._client(d_site, d_endpoint).call("start")
+    assert delivered > 0
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline:
+        try:
+            _relay(net, "sae-a", "sae-e", 64)
+            return
+        except EtsiClientError:
+            time.sleep(3)
+    pytest.fail("D-E did not come back")
+
+
 def test_demo_network_end_to_end(tmp_path: Path) -> None:
     """`qkdnode demo --network`: relays A -> E, C-D cut mid-run, relays move to B-D."""
     spec = (ROOT / "configs" / "network.toml").read_text()
