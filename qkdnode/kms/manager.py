@@ -30,6 +30,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 from pydantic import BaseModel
@@ -62,6 +63,8 @@ TAGS_PER_HOP = 2
 CANCEL_TIMEOUT_S = 2.0
 #: keys whose relay is remembered for a later cancel
 ISSUED_REMEMBERED = 10_000
+#: paths one enc_keys request tries at most (each failed attempt may have spent key)
+MAX_ATTEMPTS = 4
 
 
 class RelayFailed(KeysUnavailableError):
@@ -203,8 +206,10 @@ class KeyManager:
         if advert.origin == self.me or advert.origin not in self.cfg.sites:
             return
         known = self.views.get(advert.origin)
-        if known is not None and known.advert.seq >= advert.seq:
-            return
+        fresh = known is not None and time.monotonic() - known.heard_at <= self.cfg.advert_ttl_s
+        if known is not None and fresh and known.advert.seq >= advert.seq:
+            return  # seen already (or older); a site whose clock stepped back is heard
+            # again once its last advert has aged out
         self.views[advert.origin] = SiteView(advert, time.monotonic())
         task = asyncio.create_task(self._flood(advert, hop.link_id))
         self._tasks.append(task)
@@ -318,11 +323,11 @@ class KeyManager:
                 why = "; ".join(failures[-3:]) or "no link is up with enough key on every hop"
                 raise RelayFailed(f"no path to site {dest} can carry {bits} bits now ({why})")
             budget = deadline - time.monotonic()
-            if budget <= 0:
+            if budget <= 0 or len(failures) >= MAX_ATTEMPTS:
                 self.stats.failed += 1
                 raise RelayFailed(
-                    f"relay to site {dest} did not complete in {self.cfg.relay_timeout_s:g} s"
-                    f" ({'; '.join(failures[-3:])})"
+                    f"relay to site {dest} failed on {len(failures)} paths in "
+                    f"{self.cfg.relay_timeout_s - budget:.1f} s ({'; '.join(failures[-3:])})"
                 )
             try:
                 keys = await self._originate(
@@ -431,8 +436,7 @@ class KeyManager:
                 # "stored"): cancel them there, and no master ever sees their IDs
                 del delivered, material
                 self._spawn_cancel(relay_id, route, key_ids)
-            await asyncio.to_thread(
-                self.store.record_relay,
+            await self._record(
                 relay_id,
                 role="origin",
                 peer_site=route.sites[-1],
@@ -442,6 +446,14 @@ class KeyManager:
                 path=route.sites,
                 outcome=outcome,
             )
+
+    async def _record(self, relay_id: uuid.UUID, **fields: Any) -> None:
+        """Record a relay's outcome; a record the disk refuses is logged, never fatal
+        (the relay's keys are already where they belong)."""
+        try:
+            await asyncio.to_thread(self.store.record_relay, relay_id, **fields)
+        except Exception as exc:
+            log.error("kms.record_failed", relay_id=str(relay_id), error=str(exc)[:200])
 
     async def _ask(
         self, hop: HopChannel, req: RelayRequest, buffers: list[bytes], budget_s: float
@@ -528,6 +540,14 @@ class KeyManager:
         return await self._forward(req, plain)
 
     async def _land(self, req: RelayRequest, plain: bytes) -> RelayResult:
+        elsewhere = [s for s in req.slaves if self.cfg.site_of(s) != self.me]
+        if elsewhere:
+            return RelayResult(
+                relay_id=req.relay_id,
+                stored=False,
+                failure="refused",
+                message=f"slave SAE {elsewhere[0]!r} is not registered at site {self.me}",
+            )
         keys = []
         at = 0
         for k in req.keys:
@@ -557,8 +577,7 @@ class KeyManager:
             keys=len(keys),
             bits=len(plain) * 8,
         )
-        await asyncio.to_thread(
-            self.store.record_relay,
+        await self._record(
             req.relay_id,
             role="destination",
             peer_site=req.origin,
@@ -628,8 +647,7 @@ class KeyManager:
         )
         self.stats.forwarded += 1
         result = await self._ask(hop, nxt, [cipher], max(budget, 0.1))
-        await asyncio.to_thread(
-            self.store.record_relay,
+        await self._record(
             req.relay_id,
             role="hop",
             peer_site=req.destination,

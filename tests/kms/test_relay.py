@@ -254,3 +254,33 @@ def test_relay_whose_destination_never_answers_fails_at_both_ends(tmp_path: Path
             await net.close()
 
     run(go())
+
+
+def test_no_key_byte_in_any_log_line_of_any_site(tmp_path: Path) -> None:
+    """Every site's log events during relays, searched for every relayed key and every
+    pad and tag key the links spent, in raw, hex and base64 form."""
+    import base64
+
+    import structlog
+
+    async def go() -> list[dict[str, Any]]:
+        net = await build(tmp_path, LINE5, LINKS5, SAES)
+        try:
+            await net.wait_routes()
+            with structlog.testing.capture_logs() as events:
+                keys = await net.kms["A"].issue("sae-a", ["sae-e"], 4, 256)
+                got = await net.kms["E"].claim("sae-a", "sae-e", [k.key_id for k in keys])
+                assert [g.key for g in got] == [k.key for k in keys]
+            secrets = [k.key for k in keys]
+            return [*events, {"secrets": secrets}]
+        finally:
+            await net.close()
+
+    *events, holder = asyncio.run(go())
+    secrets: list[bytes] = holder["secrets"]
+    text = repr(events)
+    assert any(e.get("event") == "kms.relayed" for e in events)
+    for secret in secrets:
+        for form in (secret.hex(), base64.b64encode(secret).decode(), repr(secret)[2:-1]):
+            for at in range(0, len(form) - 16, 8):
+                assert form[at : at + 16] not in text
