@@ -341,3 +341,16 @@ def bound_context(**values: Any) -> Iterator[None]:
 def redacted_dict(values: MutableMapping[str, Any]) -> dict[str, Any]:
     """Redact a dict destined for telemetry or an error reply (same rules as logs)."""
     return {k: redact_value(v, k) for k, v in values.items()}
+
+
+@contextmanager
+def quiet_logs() -> Iterator[None]:
+    """Info-level structlog calls become no-ops while the block runs (warnings and errors
+    still go through; the previous configuration is restored): for benchmarks, whose
+    figures are those of the code measured, not of its log output."""
+    saved = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    try:
+        yield
+    finally:
+        structlog.configure(**saved)

@@ -28,6 +28,7 @@ The site's own ``[[links]]`` must be links of the map, with the peer the map nam
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 from pydantic import Field, model_validator
 
@@ -55,20 +56,7 @@ class NetworkDeliverySection(DeliverySection):
     the SAEs registered at this site (by certificate); ``pairs`` may name SAEs anywhere in
     the network (the directory says where)."""
 
-    @model_validator(mode="after")
-    def _check_saes(self) -> NetworkDeliverySection:
-        ids = [s.sae_id for s in self.saes]
-        cns = [s.certificate_cn for s in self.saes]
-        for what, values in (("sae_id", ids), ("certificate_cn", cns)):
-            dup = sorted({v for v in values if values.count(v) > 1})
-            if dup:
-                raise ValueError(f"saes: duplicate {what} {dup}")
-        for i, (master, slave) in enumerate(self.pairs):
-            if master == slave:
-                raise ValueError(f"pairs[{i}]: master and slave are both {master!r}")
-        if self.min_key_size_bits > self.max_key_size_bits:
-            raise ValueError("min_key_size_bits must not exceed max_key_size_bits")
-        return self
+    pairs_listed_here: ClassVar[bool] = False
 
 
 class NetworkSection(Section):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -348,6 +348,10 @@ class DeliverySection(Section):
                     )
         return data
 
+    #: every SAE of ``pairs`` must be listed in ``saes`` (a link's KME knows both ends of
+    #: its pairs; a network KME's pairs may name SAEs registered at other sites)
+    pairs_listed_here: ClassVar[bool] = True
+
     @model_validator(mode="after")
     def _check_saes(self) -> DeliverySection:
         ids = [s.sae_id for s in self.saes]
@@ -360,7 +364,7 @@ class DeliverySection(Section):
             if master == slave:
                 raise ValueError(f"pairs[{i}]: master and slave are both {master!r}")
             unknown = [x for x in (master, slave) if x not in ids]
-            if unknown:
+            if unknown and self.pairs_listed_here:
                 raise ValueError(f"pairs[{i}]: SAE ID {unknown[0]!r} is not listed in saes")
         if self.min_key_size_bits > self.max_key_size_bits:
             raise ValueError("min_key_size_bits must not exceed max_key_size_bits")

@@ -64,12 +64,17 @@ def control_endpoints(config: Path) -> list[str]:
 
 @dataclass
 class Site:
+    """One site's daemon (``qkdnode run --config``), restartable; each start logs to its
+    own file. ``wrap`` turns the command line into the one to run (inside a network
+    namespace, say)."""
+
     name: str
     config: Path
     log_dir: Path
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
     _log: IO[bytes] | None = None
+    wrap: Callable[[list[str]], list[str]] | None = None
 
     @property
     def log_path(self) -> Path:
@@ -78,8 +83,9 @@ class Site:
     def start(self) -> None:
         self.starts += 1
         self._log = self.log_path.open("wb")
+        argv = [sys.executable, "-m", "qkdnode", "run", "--config", str(self.config)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "qkdnode", "run", "--config", str(self.config)],
+            self.wrap(argv) if self.wrap is not None else argv,
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -90,7 +96,7 @@ class Site:
     def check_alive(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:
             raise DemoError(
-                f"{self.name} exited with code {self.proc.returncode} (see {self.log_path})"
+                f"site {self.name} exited with code {self.proc.returncode} (see {self.log_path})"
             )
 
     def kill(self) -> None:

@@ -19,64 +19,21 @@ deleted. The last line of ``--json`` output is the summary.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
-import signal
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from qkdnode.delivery.sae_client import EtsiClient, EtsiClientError
+from qkdnode.demo.line import Site
 from qkdnode.demo.network_configs import Addressing, NetworkFiles, write_network_configs
 from qkdnode.demo.network_spec import NetworkDemoSpec
-from qkdnode.demo.runner import DemoError, Reporter, _stop_with_parent
+from qkdnode.demo.runner import DemoError, Reporter
 
 POLL_S = 1.0
-TERMINATE_TIMEOUT_S = 30.0
-
-
-@dataclass
-class SiteProcess:
-    name: str
-    argv: list[str]
-    log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
-    _log: IO[bytes] | None = None
-
-    def start(self) -> None:
-        self._log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            self.argv,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=_stop_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
-        )
-
-    def check_alive(self) -> None:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise DemoError(
-                f"site {self.name} exited with code {self.proc.returncode} (see {self.log_path})"
-            )
-
-    def terminate(self) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(TERMINATE_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self._log is not None:
-            self._log.close()
-        return self.proc.returncode
 
 
 @dataclass
@@ -131,7 +88,7 @@ class NetworkDemo:
         self.mode_wanted = mode or spec.run.mode
         self.topology: Any = None
         self.files: NetworkFiles | None = None
-        self.sites: dict[str, SiteProcess] = {}
+        self.sites: dict[str, Site] = {}
         self.clients: dict[str, Any] = {}
 
     # --- setting up -----------------------------------------------------------------------
@@ -172,17 +129,10 @@ class NetworkDemo:
             addr = Addressing.loopback()
         self.files = write_network_configs(spec, self.out, addr)
         for site in spec.sites:
-            argv = [
-                sys.executable,
-                "-m",
-                "qkdnode",
-                "run",
-                "--config",
-                str(self.files.configs[site]),
-            ]
-            if self.topology is not None:
-                argv = self.topology.wrap(site, argv)
-            self.sites[site] = SiteProcess(site, argv, self.out / f"{site}.log")
+            wrap = (
+                functools.partial(self.topology.wrap, site) if self.topology is not None else None
+            )
+            self.sites[site] = Site(site, self.files.configs[site], self.out, wrap=wrap)
 
     # --- looking --------------------------------------------------------------------------
     def _client(self, site: str, endpoint: str) -> Any:

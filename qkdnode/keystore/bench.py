@@ -18,21 +18,19 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import logging
 import os
 import statistics
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import structlog
-
 from qkdnode.keystore.ids import ID_SEED_BYTES, link_id_for
 from qkdnode.keystore.models import KeyState, Provenance
 from qkdnode.keystore.store import KeyStore
+from qkdnode.log import quiet_logs
 
 if TYPE_CHECKING:
     import aiohttp
@@ -74,17 +72,6 @@ def _fill(stores: Sequence[KeyStore], keys: int) -> None:
             s.commit_block(block)
         keys -= n
         block += 1
-
-
-@contextlib.contextmanager
-def _quiet_logs() -> Iterator[None]:
-    """Info-level structlog calls become no-ops (the previous configuration is restored)."""
-    saved = structlog.get_config()
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    try:
-        yield
-    finally:
-        structlog.configure(**saved)
 
 
 # -- key store ------------------------------------------------------------------------------
@@ -421,7 +408,7 @@ def run_benchmarks(quick: bool = False) -> list[dict[str, object]]:
     enc: list[float] = []
     rt: list[float] = []
     compact: list[float] = []
-    with _quiet_logs(), tempfile.TemporaryDirectory(prefix="qkdnode-bench-") as tmp:
+    with quiet_logs(), tempfile.TemporaryDirectory(prefix="qkdnode-bench-") as tmp:
         d = Path(tmp)
         pki = _make_pki(d)
         for _ in range(repeats):

@@ -14,31 +14,17 @@ same run: the added latency per hop is the difference of their medians over thre
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import structlog
-
 from qkdnode.kms.loopnet import LoopNet, build
+from qkdnode.log import quiet_logs
 
 SITES = ["A", "B", "C", "D", "E"]
 LINKS = [("A-B", "A", "B"), ("B-C", "B", "C"), ("C-D", "C", "D"), ("D-E", "D", "E")]
 SAES = {"sae-a": "A", "sae-b": "B", "sae-e": "E"}
-
-
-@contextlib.contextmanager
-def _quiet_logs() -> Iterator[None]:
-    saved = structlog.get_config()
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    try:
-        yield
-    finally:
-        structlog.configure(**saved)
 
 
 async def _latencies(net: LoopNet, slave: str, n: int, number: int) -> list[float]:
@@ -90,7 +76,7 @@ def run_benchmarks(quick: bool = False) -> list[dict[str, object]]:
     repeats = 1 if quick else 3
     n = 40 if quick else 200
     runs: list[dict[str, float]] = []
-    with _quiet_logs(), tempfile.TemporaryDirectory(prefix="qkdnode-bench-kms-") as tmp:
+    with quiet_logs(), tempfile.TemporaryDirectory(prefix="qkdnode-bench-kms-") as tmp:
         for i in range(repeats):
             runs.append(asyncio.run(_run_once(Path(tmp) / str(i), n)))
 

@@ -38,6 +38,7 @@ from pydantic import BaseModel
 from qkdnode.config.network import NetworkSection
 from qkdnode.keystore.errors import KeyRequestError, KeyStoreError, KeysUnavailableError
 from qkdnode.keystore.models import DeliveredKey, EraseReason
+from qkdnode.keystore.store import KeyStore
 from qkdnode.kms import hopauth
 from qkdnode.kms.hops import HopChannel, HopError
 from qkdnode.kms.netstore import LandedKey, NetworkKeyStore
@@ -368,13 +369,7 @@ class KeyManager:
         bits = number * size_bits
         relay_id = uuid.uuid4()
         try:
-            parts = await asyncio.to_thread(
-                store.consume_own,
-                bits,
-                EraseReason.RELAYED,
-                max_parts=MAX_PARTS,
-                keep_bits=self.reserve_bits,
-            )
+            parts = await self._draw(store, bits)
         except KeyStoreError as exc:
             self._fail_link(route.links[0])
             raise HopError("no_key", f"link {route.links[0]}: {exc}") from None
@@ -446,6 +441,17 @@ class KeyManager:
                 path=route.sites,
                 outcome=outcome,
             )
+
+    async def _draw(self, store: KeyStore, bits: int) -> list[tuple[uuid.UUID, bytes]]:
+        """Draw and erase ``bits`` of this site's side of a link for a relay, above the
+        reserves; ``KeyStoreError`` when the link holds too little."""
+        return await asyncio.to_thread(
+            store.consume_own,
+            bits,
+            EraseReason.RELAYED,
+            max_parts=MAX_PARTS,
+            keep_bits=self.reserve_bits,
+        )
 
     async def _record(self, relay_id: uuid.UUID, **fields: Any) -> None:
         """Record a relay's outcome; a record the disk refuses is logged, never fatal
@@ -613,13 +619,7 @@ class KeyManager:
         try:
             if store is None:
                 raise KeysUnavailableError("key store not open")
-            pad = await asyncio.to_thread(
-                store.consume_own,
-                len(plain) * 8,
-                EraseReason.RELAYED,
-                max_parts=MAX_PARTS,
-                keep_bits=self.reserve_bits,
-            )
+            pad = await self._draw(store, len(plain) * 8)
         except KeyStoreError as exc:
             self._fail_link(hop.link_id)
             return RelayResult(

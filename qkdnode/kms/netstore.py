@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qkdnode.keystore.database import Database
 from qkdnode.keystore.errors import KeyRequestError, KeyStoreError, UnknownKeyError
 from qkdnode.keystore.models import DeliveredKey
 from qkdnode.paths import private_dir
@@ -83,10 +82,12 @@ class NetworkKeyStore:
     transaction, durable on return. Raises :class:`KeyStoreError` subclasses."""
 
     def __init__(self, conn: sqlite3.Connection, path: Path, clock: Callable[[], float]) -> None:
+        self._db = Database(conn, clock)
         self._conn = conn
         self.path = path
         self._clock = clock
-        self._lock = threading.RLock()
+        self._lock = self._db.lock
+        self._tx = self._db.tx
 
     @classmethod
     def open(cls, path: str | Path, *, clock: Callable[[], float] = time.time) -> NetworkKeyStore:
@@ -106,21 +107,6 @@ class NetworkKeyStore:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Cursor]:
-        with self._lock:
-            cur = self._conn.cursor()
-            cur.execute("BEGIN IMMEDIATE")
-            try:
-                yield cur
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
-            else:
-                cur.execute("COMMIT")
-            finally:
-                cur.close()
 
     def _erase(self, cur: sqlite3.Cursor, ids: Sequence[bytes], reason: str) -> int:
         now = self._clock()
