@@ -28,7 +28,7 @@ import contextlib
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,7 +118,7 @@ class KeyManager:
         self.stats = RelayStats()
         self._seq = time.time_ns() // 1_000_000
         self._avoid: dict[str, float] = {}
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
         #: the relays of recently issued keys (key ID -> relay ID, route), to cancel them
         #: should their master never get them
         self._issued: OrderedDict[uuid.UUID, tuple[uuid.UUID, Route]] = OrderedDict()
@@ -129,18 +129,24 @@ class KeyManager:
     # -- life cycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._tasks.append(asyncio.create_task(self._advertise_loop(), name="kms-adverts"))
-        self._tasks.append(asyncio.create_task(self._expire_loop(), name="kms-expiry"))
+        self._spawn(self._advertise_loop(), "kms-adverts")
+        self._spawn(self._expire_loop(), "kms-expiry")
         log.info("kms.started", site=self.me, links=sorted(self.hops))
 
     async def stop(self) -> None:
-        for t in self._tasks:
+        for t in list(self._tasks):
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*list(self._tasks), return_exceptions=True)
         for hop in self.hops.values():
             await hop.close()
         self.store.close()
         log.info("kms.stopped", site=self.me)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """Run ``coro`` in the background until it ends or the manager stops."""
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # -- adverts and the graph ---------------------------------------------------------------
 
@@ -212,9 +218,7 @@ class KeyManager:
             return  # seen already (or older); a site whose clock stepped back is heard
             # again once its last advert has aged out
         self.views[advert.origin] = SiteView(advert, time.monotonic())
-        task = asyncio.create_task(self._flood(advert, hop.link_id))
-        self._tasks.append(task)
-        task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+        self._spawn(self._flood(advert, hop.link_id), "kms-flood")
 
     def fresh_adverts(self) -> dict[str, Advert]:
         now = time.monotonic()
@@ -683,9 +687,7 @@ class KeyManager:
             key_IDs=key_ids,
         )
         self.stats.cancels_sent += 1
-        task = asyncio.create_task(self._send_cancel(req), name="kms-cancel")
-        self._tasks.append(task)
-        task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+        self._spawn(self._send_cancel(req), "kms-cancel")
 
     async def _send_cancel(self, req: CancelRequest) -> None:
         hop = self._next_hop(req.path[req.hop])
