@@ -127,4 +127,10 @@ def load_network_spec(path: str | Path) -> NetworkDemoSpec:
     try:
         return NetworkDemoSpec.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(str(p), format_validation_error(exc)) from None
+        problems: list[str] = []
+        for line in format_validation_error(exc):
+            if line.startswith("(top level): "):  # the cross-checks: one problem a line
+                problems.extend(line.removeprefix("(top level): ").split("; "))
+            else:
+                problems.append(line)
+        raise ConfigError(str(p), problems) from None
