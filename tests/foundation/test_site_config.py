@@ -175,3 +175,77 @@ def test_ctl_addresses_every_link_of_a_node_and_refuses_one_endpoint_for_several
     args.endpoint = ["tcp://127.0.0.1:5574"]
     with pytest.raises(UsageError, match="names 2 links"):
         node_addrs(args)
+
+
+# --- [network]: the map a site of a key management network carries ------------------------
+
+
+def _network(**changes: Any) -> dict[str, Any]:
+    net: dict[str, Any] = {
+        "sites": ["alpha", "bravo", "charlie"],
+        "links": [
+            {"id": "alpha-bravo", "a": "alpha", "b": "bravo"},
+            {"id": "bravo-charlie", "a": "bravo", "b": "charlie"},
+        ],
+        "directory": [
+            {"sae_id": "sae-b", "site": "bravo"},
+            {"sae_id": "sae-c", "site": "charlie"},
+        ],
+        "delivery": {
+            "enabled": True,
+            "listen_port": 9443,
+            "saes": [{"sae_id": "sae-b", "certificate_cn": "sae-b"}],
+            "pairs": [["sae-b", "sae-c"]],
+        },
+    }
+    net.update(changes)
+    return net
+
+
+def test_a_site_in_a_network_carries_the_map_and_its_kme() -> None:
+    data = bravo()
+    data["network"] = _network()
+    site = parse_site(data, "bravo.toml")
+    assert site.network is not None and site.network.site_of("sae-c") == "charlie"
+    # a pair may name an SAE registered elsewhere (the directory says where)
+    assert site.network.delivery.pairs == [("sae-b", "sae-c")]
+
+
+def test_a_map_that_does_not_fit_the_site_is_refused_naming_each_key() -> None:
+    data = bravo()
+    data["network"] = _network(
+        links=[
+            {"id": "alpha-bravo", "a": "alpha", "b": "charlie"},  # not bravo's peer
+            {"id": "bravo-delta", "a": "bravo", "b": "delta"},  # delta is no site
+        ],
+        directory=[{"sae_id": "sae-b", "site": "alpha"}, {"sae_id": "sae-c", "site": "charlie"}],
+    )
+    got = problems(data)
+    assert "network.links[1].b: site 'delta' is not in sites" in got
+    data["network"]["links"][1] = {"id": "bravo-charlie", "a": "bravo", "b": "charlie"}
+    got = problems(data)
+    assert any(
+        p.startswith("links[0]: network.links names 'alpha-bravo' between 'alpha' and 'charlie'")
+        for p in got
+    ), got
+    assert (
+        "network.delivery.saes[0]: SAE 'sae-b' is registered here but the directory places "
+        "it at 'alpha'"
+    ) in got
+
+
+def test_network_port_clash_and_one_link_form_are_refused() -> None:
+    data = bravo()
+    data["network"] = _network()
+    data["links"][0]["metrics"] = {"enabled": True, "listen_port": 9443}
+    assert (
+        "network.delivery.listen_port: port 9443 is also links[0].metrics.listen_port"
+        in problems(data)
+    )
+    one = tomllib.loads((ROOT / "configs" / "line" / "alpha.toml").read_text())
+    one["network"] = _network()
+    with pytest.raises(ConfigError, match=r"network: .*\[\[links\]\] entry"):
+        parse_site(one, "alpha.toml")
+    data = bravo()
+    data["network"] = _network(delivery={"pairs": [["sae-b", "nobody"]]})
+    assert "network.delivery.pairs[0]: slave SAE 'nobody' is not in the directory" in problems(data)
