@@ -1,13 +1,33 @@
 """Swabian Instruments Time Tagger (20 / Ultra / X) through the vendor's Python package.
 
 The ``TimeTagger`` module ships with Swabian's installer (it is not on PyPI); when it is
-missing, :meth:`SwabianTimeTagger.connect` raises :class:`DriverUnavailableError`. Vendor
-calls used: ``createTimeTagger(serial)``, ``freeTimeTagger``, ``getSerial``, ``getModel``,
-``getChannelList``, ``setInputDelay``/``getInputDelay``, ``setTriggerLevel``/
-``getTriggerLevel``, ``TimeTagStream(tagger, n_max_events, channels)`` with ``getData()``
-(``getTimestamps``, ``getChannels``, ``getEventTypes``, ``getMissedEvents``,
-``getTStart``, ``getTGet``...), and ``Countrate(tagger, channels).getData()``.
-Tag times are already in picoseconds.
+missing, :meth:`SwabianTimeTagger.connect` raises :class:`DriverUnavailableError`.
+
+Vendor API this driver relies on (Swabian's C++ headers ``TimeTagger.h``/``Iterators.h``,
+which the Python module wraps, and the Time Tagger API manual at swabianinstruments.com,
+pages "Time-tag streaming", "Event counting" and "Common methods"):
+
+- ``createTimeTagger(serial)``, ``freeTimeTagger(tagger)``; on the tagger ``getSerial``,
+  ``getModel``, ``setInputDelay``/``getInputDelay`` (ps), ``setTriggerLevel``/
+  ``getTriggerLevel`` (V).
+- ``TimeTagStream(tagger, n_max_events, channels)``; ``getData()`` "fetches all stored tags
+  and clears the internal state" and returns a ``TimeTagStreamBuffer``. That class has the
+  methods ``getTimestamps`` (ps), ``getChannels``, ``getEventTypes``, ``getMissedEvents``
+  and the public *data members* ``size``, ``hasOverflows``, ``tStart``, ``tGetData`` (ps):
+  in Python these are attributes, not methods. Event types: 0 time tag, 1 error,
+  2 overflow begin, 3 overflow end, 4 missed events.
+- ``Countrate(tagger, channels)``: ``getData()`` is the *average* rate "starting from the very
+  first tag arriving after the instantiation or last call to clear()" and
+  ``getCountsTotal()`` the counts since then, so neither is a current rate on its own.
+- Every measurement (``IteratorBase``) runs from its creation and has ``clear``, ``start``,
+  ``stop``, ``isRunning``, ``startFor(capture_duration_ps, clear=True)`` (stops itself after
+  the duration) and ``waitUntilFinished(timeout_ms)`` (False on timeout).
+
+So :meth:`SwabianTimeTagger.count_rates_hz` restarts the Countrate for
+``options.countrate_window_s`` with ``startFor``, waits with ``waitUntilFinished`` and reads
+``getData``: the rate over the last window, not since connect. Vendor calls raise Python
+exceptions (``RuntimeError``, ``ValueError``...); every one, and any surprise in what a call
+returns, leaves the public methods as a typed :class:`InstrumentError`.
 """
 
 from __future__ import annotations
@@ -15,6 +35,8 @@ from __future__ import annotations
 import importlib
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from types import ModuleType
 from typing import Any
 
@@ -22,7 +44,13 @@ import numpy as np
 from pydantic import Field
 
 from drivers.common import DriverOptions, health_check
-from drivers.errors import DriverUnavailableError, InstrumentError, NotConnectedError, ProtocolError
+from drivers.errors import (
+    DriverUnavailableError,
+    InstrumentError,
+    InstrumentTimeoutError,
+    NotConnectedError,
+    ProtocolError,
+)
 from drivers.interfaces import TAG_DTYPE, HealthLevel, InstrumentHealth, TagBlock, TimeTagger
 
 #: Event type 0 is a normal time tag; others (error, overflow begin/end, missed) are flags.
@@ -45,7 +73,9 @@ def load_vendor_module() -> ModuleType:
 class SwabianOptions(DriverOptions):
     channels: list[int] = Field(default_factory=lambda: [1, 2, 3, 4])
     buffer_events: int = Field(10_000_000, ge=1000, description="TimeTagStream buffer size")
-    countrate_window_s: float = Field(0.1, gt=0, le=10)
+    countrate_window_s: float = Field(
+        0.1, gt=0, le=10, description="count_rates_hz averages over this window (and blocks)"
+    )
 
 
 class SwabianTimeTagger(TimeTagger):
@@ -70,15 +100,21 @@ class SwabianTimeTagger(TimeTagger):
         self._stream: Any = None
         self._countrate: Any = None
 
+    @contextmanager
+    def _vendor(self, command: str) -> Iterator[None]:
+        """Vendor exceptions, and surprises in what a call returned, as ProtocolError."""
+        try:
+            yield
+        except InstrumentError:
+            raise
+        except Exception as exc:  # the vendor raises RuntimeError/ValueError for device faults
+            raise ProtocolError(self.name, command, f"vendor API: {exc!r}") from exc
+
     def _vendor_call(self, command: str, fn: Any, *args: Any) -> Any:
         if self._tagger is None:
             raise NotConnectedError(self.name, command, "not connected")
-        try:
+        with self._vendor(command):
             return fn(*args)
-        except InstrumentError:
-            raise
-        except Exception as exc:  # vendor raises RuntimeError/ValueError for device faults
-            raise ProtocolError(self.name, command, f"vendor API: {exc}") from exc
 
     def connect(self) -> None:
         with self._lock:
@@ -89,18 +125,23 @@ class SwabianTimeTagger(TimeTagger):
                 self._tagger = tt.createTimeTagger(self.serial)
             except Exception as exc:
                 raise DriverUnavailableError(self.name, "createTimeTagger", str(exc)) from exc
+            try:
+                with self._vendor("Countrate"):
+                    self._countrate = tt.Countrate(self._tagger, self.options.channels)
+            except InstrumentError:
+                tagger, self._tagger = self._tagger, None
+                with suppress(Exception):
+                    tt.freeTimeTagger(tagger)
+                raise
             self._tt = tt
-            self._countrate = tt.Countrate(self._tagger, self.options.channels)
 
     def close(self) -> None:
         with self._lock:
             tagger, self._tagger = self._tagger, None
             self._stream = self._countrate = None
             if tagger is not None and self._tt is not None:
-                try:
+                with suppress(Exception):  # closing must not fail; the handle is gone
                     self._tt.freeTimeTagger(tagger)
-                except Exception:
-                    pass
 
     def identify(self) -> str:
         t = self._tagger
@@ -165,30 +206,53 @@ class SwabianTimeTagger(TimeTagger):
             )
 
     def read_block(self, timeout_s: float) -> TagBlock | None:
+        """Poll the stream until events arrive or ``timeout_s`` passes.
+
+        Polls that came back empty still count: the block starts at the first poll's
+        ``tStart`` and carries any overflow they reported. Overflow records (error, overflow
+        begin/end, missed events) are not tags; they set ``overflow`` and ``missed_events``.
+        """
         stream = self._stream
         if stream is None:
             raise NotConnectedError(self.name, "read_block", "stream not started")
         deadline = time.monotonic() + timeout_s
-        while True:
-            buf = self._vendor_call("TimeTagStream.getData", stream.getData)
-            ts = np.asarray(buf.getTimestamps(), dtype=np.int64)
-            if len(ts) or time.monotonic() >= deadline:
-                break
-            time.sleep(0.005)
-        if not len(ts):
-            return None
-        types = np.asarray(buf.getEventTypes())
+        start_ps: int | None = None
+        overflow = False
+        with self._vendor("TimeTagStream.getData"):
+            while True:
+                buf = stream.getData()
+                ts = np.asarray(buf.getTimestamps(), dtype=np.int64)
+                overflow |= bool(buf.hasOverflows)
+                if start_ps is None:
+                    start_ps = int(buf.tStart)
+                if len(ts) or time.monotonic() >= deadline:
+                    break
+                time.sleep(0.005)
+            stop_ps = int(buf.tGetData)
+            if not len(ts):
+                if not overflow:
+                    return None
+                return TagBlock(np.empty(0, dtype=TAG_DTYPE), True, 0, start_ps, stop_ps)
+            types = np.asarray(buf.getEventTypes())
+            channels = np.asarray(buf.getChannels())
+            missed = np.asarray(buf.getMissedEvents(), dtype=np.int64)
+            if not (len(types) == len(channels) == len(missed) == len(ts)):
+                raise ProtocolError(
+                    self.name,
+                    "TimeTagStream.getData",
+                    f"buffer arrays differ in length ({len(ts)} timestamps, {len(types)} types, "
+                    f"{len(channels)} channels, {len(missed)} missed counts)",
+                )
         keep = types == _EVENT_TIMETAG
         tags = np.empty(int(keep.sum()), dtype=TAG_DTYPE)
-        tags["channel"] = np.asarray(buf.getChannels())[keep]
+        tags["channel"] = channels[keep]
         tags["time_ps"] = ts[keep]
-        missed = int(np.asarray(buf.getMissedEvents()).sum())
         return TagBlock(
             tags,
-            overflow=bool(buf.hasOverflows()) or bool((~keep).any()),
-            missed_events=missed,
-            start_ps=int(buf.getTStart()),
-            stop_ps=int(buf.getTGetData()),
+            overflow=overflow or bool((~keep).any()),
+            missed_events=int(missed.sum()),
+            start_ps=start_ps,
+            stop_ps=stop_ps,
         )
 
     def stop_stream(self) -> None:
@@ -198,7 +262,36 @@ class SwabianTimeTagger(TimeTagger):
                 self._vendor_call("TimeTagStream.stop", stream.stop)
 
     def count_rates_hz(self) -> dict[int, float]:
-        rates = self._vendor_call(
-            "Countrate.getData", self._countrate.getData if self._countrate else None
-        )
-        return {c: float(r) for c, r in zip(self.options.channels, rates, strict=False)}
+        """Rate on each channel over the next ``options.countrate_window_s`` (blocks that long).
+
+        ``Countrate.getData`` alone is the average since connect; restarting the measurement
+        with ``startFor`` (which clears it) makes it the average over one window.
+        """
+        with self._lock:
+            countrate = self._countrate
+            if self._tagger is None or countrate is None:
+                raise NotConnectedError(self.name, "count_rates_hz", "not connected")
+            window_s = self.options.countrate_window_s
+            with self._vendor("Countrate.startFor"):
+                countrate.startFor(round(window_s * 1e12), True)
+            with self._vendor("Countrate.waitUntilFinished"):
+                finished = bool(
+                    countrate.waitUntilFinished(round((window_s + self.timeout_s) * 1e3))
+                )
+            if not finished:
+                raise InstrumentTimeoutError(
+                    self.name,
+                    "Countrate.waitUntilFinished",
+                    f"a {window_s} s count-rate window did not end within a further "
+                    f"{self.timeout_s} s",
+                )
+            with self._vendor("Countrate.getData"):
+                rates = np.asarray(countrate.getData(), dtype=np.float64).ravel()
+        channels = self.options.channels
+        if len(rates) != len(channels):
+            raise ProtocolError(
+                self.name,
+                "Countrate.getData",
+                f"{len(rates)} rates for {len(channels)} channels {channels}",
+            )
+        return {c: float(r) for c, r in zip(channels, rates, strict=True)}
