@@ -19,6 +19,20 @@ OPSL 0x50, OPSH 0x51, LFL1 0x52, LFL2 0x53, LFH1 0x54, LFH2 0x55.
 Limits (power, frequency) are read from the module at connect. The module refuses to
 retune while the output is enabled (NOP error CIE): :meth:`set_wavelength_nm` then raises
 :class:`InstrumentReportedError`.
+
+Pending operations (OIF-ITLA-MSA-01.3 reply status field and NOP register; the wording
+here follows Pure Photonics' reference host code, which after a CP status polls NOP
+until ``NOP & 0xFF00`` is 0, and the status and NOP error tables of the ``itla`` Python
+package): a command the module cannot finish within its reply time is answered with
+status CP ("command not complete, pending") and a bit of NOP's pending-operation field
+(15:8) stays set until the operation ends; a command refused meanwhile fails with XE and
+NOP error CIP ("command ignored, operation pending"). CP is therefore never "done":
+after a CP reply, and after every write that starts an operation (Channel: tune to the
+channel; ResEna: laser on/off), the driver polls NOP until bits 15:8 are clear, for at
+most ``options.pending_timeout_s`` (then :class:`InstrumentTimeoutError` naming the
+instrument, the command and NOP), and reports a non-zero NOP error field at the end as
+:class:`InstrumentReportedError`. A read answered CP is read again once the flags clear.
+The transport lock is held throughout, so no other thread's command lands mid-operation.
 """
 
 from __future__ import annotations
@@ -93,6 +107,12 @@ NOP_ERRORS = {
 SENA = 0x08
 STATUS_F_FATAL = 1 << 13
 FRAME_LEN = 4
+#: NOP fields: pending-operation flags, module ready, error code of the last command.
+NOP_PENDING_MASK = 0xFF00
+NOP_MRDY = 0x0010
+NOP_ERROR_MASK = 0x000F
+#: Writes that start an operation the module may still be executing after its reply.
+STARTS_PENDING = frozenset({Reg.CHANNEL, Reg.RES_ENA})
 
 
 def bip4(frame: bytes) -> int:
@@ -157,6 +177,12 @@ class OifItlaOptions(DriverOptions):
     resync_gap_s: float = Field(
         0.05, ge=0, le=1, description="silence after an error so the module drops a partial frame"
     )
+    pending_timeout_s: float = Field(
+        60.0, gt=0, le=600, description="longest wait for NOP's pending flags to clear"
+    )
+    pending_poll_s: float = Field(
+        0.05, gt=0, le=5, description="interval between NOP reads while an operation is pending"
+    )
 
 
 class OifItlaLaser(Laser):
@@ -183,14 +209,18 @@ class OifItlaLaser(Laser):
 
     # --- register access --------------------------------------------------------
 
-    def _exchange(self, register: int, data: int = 0, write: bool = False) -> Reply:
+    @staticmethod
+    def _describe(register: int, data: int, write: bool) -> str:
         try:
             reg_name = Reg(register).name
         except ValueError:
             reg_name = f"{register:#04x}"
-        command = f"{'write' if write else 'read'} {reg_name}"
         if write:
-            command += f" {data:#06x}"
+            return f"write {reg_name} {data:#06x}"
+        return f"read {reg_name}"
+
+    def _transact(self, register: int, data: int, write: bool, command: str) -> Reply:
+        """One checked frame exchange (checksum, CE, register echo); status not interpreted."""
 
         def read(reader: ReplyReader) -> bytes:
             return reader.exact(FRAME_LEN)
@@ -213,20 +243,51 @@ class OifItlaLaser(Laser):
             except (ProtocolError, InstrumentTimeoutError):
                 self._resync()
                 raise
-            if reply.status == Status.XE:
-                nop = self._raw_read(Reg.NOP, command)
-                reason = NOP_ERRORS.get(nop & 0x0F, f"error {nop & 0x0F:#x}")
-                raise InstrumentReportedError(self.name, command, f"execution error: {reason}")
             return reply
 
-    def _raw_read(self, register: int, command: str) -> int:
-        raw = self.transport.exchange(
-            command + " (NOP)", encode_request(register), lambda r: r.exact(FRAME_LEN)
-        )
-        try:
-            return decode_reply(raw).data
-        except ValueError as exc:
-            raise ChecksumError(self.name, command, f"NOP reply {raw.hex()}: {exc}") from None
+    def _exchange(self, register: int, data: int = 0, write: bool = False) -> Reply:
+        command = self._describe(register, data, write)
+        with self.transport.lock:
+            reply = self._transact(register, data, write, command)
+            if reply.status == Status.XE:
+                nop = self._transact(Reg.NOP, 0, False, command + " (NOP)").data
+                reason = NOP_ERRORS.get(nop & NOP_ERROR_MASK, f"error {nop & NOP_ERROR_MASK:#x}")
+                raise InstrumentReportedError(self.name, command, f"execution error: {reason}")
+            if reply.status == Status.CP or (write and register in STARTS_PENDING):
+                self.wait_not_pending(command)
+                if reply.status == Status.CP and not write:
+                    reply = self._transact(register, data, write, command)
+            return reply
+
+    def operation_pending(self) -> bool:
+        """True while NOP's pending-operation flags (15:8) are set (or NOP answers CP)."""
+        nop = self._transact(Reg.NOP, 0, False, "read NOP")
+        return bool(nop.data & NOP_PENDING_MASK) or nop.status == Status.CP
+
+    def wait_not_pending(self, command: str) -> None:
+        """Poll NOP until no operation is pending; ``command`` started it (named in errors)."""
+        timeout_s = self.options.pending_timeout_s
+        deadline = time.monotonic() + timeout_s
+        with self.transport.lock:
+            while True:
+                nop = self._transact(Reg.NOP, 0, False, command + " (NOP)")
+                flags = (nop.data & NOP_PENDING_MASK) >> 8
+                if not flags and nop.status != Status.CP:
+                    error = nop.data & NOP_ERROR_MASK
+                    if error:
+                        reason = NOP_ERRORS.get(error, f"error {error:#x}")
+                        raise InstrumentReportedError(
+                            self.name, command, f"pending operation failed: NOP error {reason}"
+                        )
+                    return
+                if time.monotonic() >= deadline:
+                    raise InstrumentTimeoutError(
+                        self.name,
+                        command,
+                        f"register NOP (0x00) still reports pending operation flags "
+                        f"{flags:#04x} after {timeout_s:g} s",
+                    )
+                time.sleep(self.options.pending_poll_s)
 
     def _resync(self) -> None:
         time.sleep(self.options.resync_gap_s)
@@ -345,5 +406,5 @@ class OifItlaLaser(Laser):
                 return LaserStatus.FAULT
             if not self.emission_on():
                 return LaserStatus.OFF
-            pending = self.read_register(Reg.NOP) >> 8
+            pending = self.operation_pending()
         return LaserStatus.WARMING_UP if pending else LaserStatus.LOCKED

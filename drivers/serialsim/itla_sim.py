@@ -1,11 +1,17 @@
 """Simulated OIF-ITLA tunable laser speaking the MSA 4-byte register protocol.
 
 Behaviour: registers of :mod:`drivers.oif_itla`; AEA strings for DevTyp/MFGR/Model/SerNo;
-enabling the output (ResEna SENA) starts a tuning period of ``tune_time_s`` during which
-NOP reports a pending flag; retuning (FCF1/FCF2/Channel) while the output is enabled
-fails with XE and NOP error CIE; an unknown register fails with XE/RNI; a request with a
-bad checksum is answered with the CE flag. A partial frame is dropped after 50 ms of
-silence (the MSA's resynchronisation).
+an unknown register fails with XE/RNI; a request with a bad checksum is answered with the
+CE flag. A partial frame is dropped after 50 ms of silence (the MSA's resynchronisation).
+
+Pending operations, as the MSA describes them: enabling the output (ResEna SENA) and
+tuning to a channel (a Channel write) are answered with status CP, not OK, and set a NOP
+pending-operation flag (bit 8) for ``tune_time_s``. While it is set the laser frequency
+(LF1/LF2) still reads the old channel and OOP reads no light; the new frequency appears
+when the flag clears. A write to Channel or FCF1/FCF2, or enabling the output, during
+the operation fails with XE and NOP error CIP (command ignored, operation pending);
+disabling the output is always accepted and abandons an enable in progress. Retuning (FCF1/FCF2/
+Channel) while the output is enabled fails with XE and NOP error CIE.
 
 Run standalone: ``python -m drivers.serialsim.itla_sim --port 5025`` (TCP on 127.0.0.1)
 or ``--pty /tmp/itla0`` (symlink to a pty slave).
@@ -30,7 +36,8 @@ from drivers.oif_itla import (
 )
 from drivers.serialsim.server import ProtocolHandler, SimServer
 
-_ERR_RNI, _ERR_RNW, _ERR_RVE, _ERR_CIE = 0x1, 0x2, 0x3, 0x9
+_ERR_RNI, _ERR_RNW, _ERR_RVE, _ERR_CIP, _ERR_CIE = 0x1, 0x2, 0x3, 0x4, 0x9
+_PENDING_FLAG = 0x0100
 _READ_ONLY = {
     Reg.NOP,
     Reg.DEV_TYP,
@@ -50,7 +57,7 @@ _READ_ONLY = {
     Reg.LFH2,
 }
 _TUNING = {Reg.FCF1, Reg.FCF2, Reg.CHANNEL}
-assert _ERR_CIE in NOP_ERRORS
+assert _ERR_CIE in NOP_ERRORS and _ERR_CIP in NOP_ERRORS
 
 
 class ItlaSimulator(ProtocolHandler):
@@ -73,7 +80,9 @@ class ItlaSimulator(ProtocolHandler):
         self._buf = bytearray()
         self._aea = b""
         self._error = 0
-        self._enabled_at: float | None = None
+        self._pending_until = 0.0
+        self._pending_register = -1  # the write that started the operation
+        self._on_done: list[tuple[int, int]] = []  # register writes applied when it ends
         lo_f1, lo_f2 = frequency_to_fcf(frequency_limits_thz[0])
         hi_f1, hi_f2 = frequency_to_fcf(frequency_limits_thz[1])
         f1, f2 = frequency_to_fcf(C_NM_THZ / 1550.0)
@@ -118,9 +127,18 @@ class ItlaSimulator(ProtocolHandler):
     # --- instrument ------------------------------------------------------------------
 
     def _pending(self) -> bool:
-        return (
-            self._enabled_at is not None and time.monotonic() - self._enabled_at < self.tune_time_s
-        )
+        if time.monotonic() < self._pending_until:
+            return True
+        for register, value in self._on_done:
+            self.regs[register] = value
+        self._on_done.clear()
+        return False
+
+    def _start_pending(self, register: int, data: int, on_done: list[tuple[int, int]]) -> bytes:
+        self._pending_until = time.monotonic() + self.tune_time_s
+        self._pending_register = register
+        self._on_done = on_done
+        return encode_reply(Status.CP, register, data)
 
     def set_fatal(self, fatal: bool) -> None:
         """Test hook: raise or clear the StatusF FATAL bit."""
@@ -134,6 +152,7 @@ class ItlaSimulator(ProtocolHandler):
         return encode_reply(Status.XE, register, 0)
 
     def _handle(self, frame: bytes) -> bytes:
+        self._pending()  # an operation that has ended takes effect before this request
         register = frame[1]
         if frame[0] >> 4 != bip4(frame):
             return encode_reply(Status.XE, register, 0, ce=True)
@@ -145,7 +164,7 @@ class ItlaSimulator(ProtocolHandler):
 
     def _read(self, register: int) -> bytes:
         if register == Reg.NOP:
-            value = (0x0100 if self._pending() else 0) | 0x0010 | self._error
+            value = (_PENDING_FLAG if self._pending() else 0) | 0x0010 | self._error
             self._error = 0
             return encode_reply(Status.OK, register, value)
         if register in self.strings:
@@ -170,6 +189,9 @@ class ItlaSimulator(ProtocolHandler):
             return self._xe(register, _ERR_RNW)
         if register not in self.regs:
             return self._xe(register, _ERR_RNI)
+        starts = register in _TUNING or (register == Reg.RES_ENA and bool(data & SENA))
+        if starts and self._pending():
+            return self._xe(register, _ERR_CIP)
         if register in _TUNING and self.regs[Reg.RES_ENA] & SENA:
             return self._xe(register, _ERR_CIE)
         if register == Reg.PWR:
@@ -177,11 +199,16 @@ class ItlaSimulator(ProtocolHandler):
             if not _signed(self.regs[Reg.OPSL]) <= p <= _signed(self.regs[Reg.OPSH]):
                 return self._xe(register, _ERR_RVE)
         self.regs[register] = data
-        if register == Reg.RES_ENA:
-            self._enabled_at = time.monotonic() if data & SENA else None
+        if register == Reg.RES_ENA and data & SENA:
+            return self._start_pending(register, data, [])
+        if register == Reg.RES_ENA and self._pending_register == Reg.RES_ENA:
+            self._pending_until = 0.0  # output disabled: an enable in progress is abandoned
         if register == Reg.CHANNEL:
-            self.regs[Reg.LF1] = self.regs[Reg.FCF1]
-            self.regs[Reg.LF2] = self.regs[Reg.FCF2]
+            tuned: list[tuple[int, int]] = [
+                (Reg.LF1, self.regs[Reg.FCF1]),
+                (Reg.LF2, self.regs[Reg.FCF2]),
+            ]
+            return self._start_pending(register, data, tuned)
         return encode_reply(Status.OK, register, data)
 
 

@@ -38,6 +38,8 @@ from drivers.keysight_33500 import (
     Keysight33500IntensityModulator,
 )
 from drivers.oif_itla import OifItlaLaser, OifItlaOptions
+from drivers.scpisim import ScpiModelTransport
+from drivers.scpisim.keysight_816x import Keysight816xModel
 from drivers.serialsim.itla_sim import ItlaSimulator
 from drivers.serialsim.server import SimServer
 from drivers.serialsim.spd_sim import SpdSimulator
@@ -72,6 +74,11 @@ def _serial(cls: type, options_cls: type, handler: Callable[[], object], mode: s
     return make
 
 
+def _816x_model(tmp: Path) -> tuple[Instrument, Callable[[], int]]:
+    model = Keysight816xModel(settle_time_s=0.05)
+    return Keysight816xLaser("dut", "unused", transport=ScpiModelTransport("dut", model)), _no_count
+
+
 def _tagfile(tmp: Path) -> tuple[Instrument, Callable[[], int]]:
     path = tmp / "rec.qkdtags"
     with TagFileWriter(path, [1, 2]) as w:
@@ -89,6 +96,7 @@ PAIRS: dict[str, Factory] = {
     "keysight_816x": _visa(
         Keysight816xLaser, Keysight816xOptions, "keysight_816x.yaml", "GPIB0::20::INSTR"
     ),
+    "keysight_816x_model": _816x_model,
     "keysight_8157x": _visa(
         Keysight8157xAttenuator, Keysight8157xOptions, "keysight_8157x.yaml", "GPIB0::21::INSTR"
     ),

@@ -35,7 +35,11 @@ def test_816x_messages() -> None:
             (":SYST:ERR?", '-222,"Data out of range"'),
             (":SYST:ERR?", OK_816X),
             (":SOUR2:POW:STAT?", "1"),
-            ("*OPC?", "1"),
+            (":STAT2:QUES:COND?", "+16"),  # bit 4: module has not settled
+            (":SOUR2:POW:STAT?", "1"),
+            (":STAT2:QUES:COND?", "+0"),
+            (":SOUR2:POW:STAT?", "1"),
+            (":STAT2:QUES:COND?", "+8"),  # bit 3: laser protection on
             (":SOUR2:POW:STAT 0", None),
             (":SYST:ERR?", OK_816X),
         ]
@@ -49,7 +53,9 @@ def test_816x_messages() -> None:
     assert laser.wavelength_nm() == pytest.approx(1550.12)
     with pytest.raises(InstrumentReportedError, match=r":SOUR2:POW:STAT 1.*-222"):
         laser.set_emission(True)
+    assert laser.status().name == "WARMING_UP"
     assert laser.status().name == "LOCKED"
+    assert laser.status().name == "FAULT"
     laser.safe_state()
     t.assert_done()
 
@@ -125,7 +131,10 @@ def test_33500_level_upload() -> None:
 
     zeros = ",".join(["0.000000"] * 12)
     upload = ",".join(["1.000000"] * 4 + ["-0.600000"] * 4 + ["-1.000000"] * 4)
-    script = [("*IDN?", "Agilent Technologies,33522B,MY3,4.00"), ("SYST:ERR?", ok)]
+    script: list[tuple[str, str | None]] = [
+        ("*IDN?", "Agilent Technologies,33522B,MY3,4.00"),
+        ("SYST:ERR?", ok),
+    ]
     for cmd in [
         "SOUR1:DATA:VOL:CLE",
         f"SOUR1:DATA:ARB QKDIM,{zeros}",
@@ -185,8 +194,11 @@ def test_itla_bytes_on_pty() -> None:
     script += [
         # set power 10.00 dBm = 1000 = 0x03E8
         (encode_request(Reg.PWR, 1000, write=True), encode_reply(Status.OK, Reg.PWR, 1000)),
-        # emission on: ResEna SENA; hand-computed frame 81 32 00 08
-        (bytes([0x81, 0x32, 0x00, 0x08]), encode_reply(Status.OK, Reg.RES_ENA, 8)),
+        # emission on: ResEna SENA; hand-computed frame 81 32 00 08; the module answers
+        # CP (pending) and the driver polls NOP until the pending flags (15:8) clear
+        (bytes([0x81, 0x32, 0x00, 0x08]), encode_reply(Status.CP, Reg.RES_ENA, 8)),
+        (encode_request(Reg.NOP), encode_reply(Status.OK, Reg.NOP, 0x0110)),
+        (encode_request(Reg.NOP), encode_reply(Status.OK, Reg.NOP, 0x0010)),
         # retune while on: XE, then NOP says CIE (9)
         (encode_request(Reg.FCF1, 193, write=True), encode_reply(Status.XE, Reg.FCF1, 0)),
         (encode_request(Reg.NOP), encode_reply(Status.OK, Reg.NOP, 0x0019)),
