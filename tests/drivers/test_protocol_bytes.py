@@ -130,46 +130,50 @@ def test_33500_level_upload() -> None:
         return [(cmd, None), ("SYST:ERR?", ok)]
 
     zeros = ",".join(["0.000000"] * 12)
-    upload = ",".join(["1.000000"] * 4 + ["-0.600000"] * 4 + ["-1.000000"] * 4)
     script: list[tuple[str, str | None]] = [
         ("*IDN?", "Agilent Technologies,33522B,MY3,4.00"),
         ("SYST:ERR?", ok),
     ]
+    # expected loads: high impedance on both channels, read back as the instrument answers
+    script += setting("OUTP1:LOAD INF") + [("OUTP1:LOAD?", "+9.900000000000000E+37")]
+    script += setting("OUTP2:LOAD INF") + [("OUTP2:LOAD?", "+9.900000000000000E+37")]
+    script += [("SOUR1:VOLT:HIGH?", "+5.0E-02"), ("SOUR1:VOLT:LOW?", "-5.0E-02")]
     for cmd in [
         "SOUR1:DATA:VOL:CLE",
-        f"SOUR1:DATA:ARB QKDIM,{zeros}",
-        "SOUR1:FUNC:ARB QKDIM",
+        f"SOUR1:DATA:ARB QKDIM1,{zeros}",
+        "SOUR1:FUNC:ARB QKDIM1",
         "SOUR1:FUNC ARB",
-        "SOUR1:VOLT:OFFS 0.000000",
-        "SOUR1:VOLT 0.002000",
-        "SOUR1:VOLT:OFFS 0.000000",
+        "SOUR1:FUNC:ARB:SRAT 4000000",  # 1 MHz slots x 4 samples per level
+        "SOUR1:VOLT:HIGH 0.001000",
+        "SOUR1:VOLT:LOW -0.001000",
+        "TRIG1:SOUR EXT",
+        "TRIG1:SLOP POS",
+        "SOUR1:BURS:MODE TRIG",
+        "SOUR1:BURS:NCYC 1",
+        "SOUR1:BURS:STAT 1",
         "SOUR2:FUNC DC",
     ]:
         script += setting(cmd)
-    # signal 2.0 V, others 0 V -> then decoy 0.4 V
+    # signal 2.0 V, others 0 V: new points under a fresh name, then the high level
     for cmd in [
-        "SOUR1:DATA:VOL:CLE",
-        "SOUR1:DATA:ARB QKDIM," + ",".join(["1.000000"] * 4 + ["-1.000000"] * 8),
-        "SOUR1:FUNC:ARB QKDIM",
-        "SOUR1:FUNC ARB",
-        "SOUR1:VOLT:OFFS 0.000000",
-        "SOUR1:VOLT 2.000000",
-        "SOUR1:VOLT:OFFS 1.000000",
+        "SOUR1:DATA:ARB QKDIM2," + ",".join(["1.000000"] * 4 + ["-1.000000"] * 8),
+        "SOUR1:FUNC:ARB QKDIM2",
+        "SOUR1:FUNC:ARB:SRAT 4000000",
+        "SOUR1:VOLT:HIGH 2.000000",
+        "SOUR1:VOLT:LOW 0.000000",
     ]:
         script += setting(cmd)
+    # then decoy 0.4 V: an interior level, the high and low levels stay
+    upload = ",".join(["1.000000"] * 4 + ["-0.600000"] * 4 + ["-1.000000"] * 4)
     for cmd in [
-        "SOUR1:DATA:VOL:CLE",
-        f"SOUR1:DATA:ARB QKDIM,{upload}",
-        "SOUR1:FUNC:ARB QKDIM",
-        "SOUR1:FUNC ARB",
-        "SOUR1:VOLT:OFFS 0.000000",
-        "SOUR1:VOLT 2.000000",
-        "SOUR1:VOLT:OFFS 1.000000",
+        f"SOUR1:DATA:ARB QKDIM3,{upload}",
+        "SOUR1:FUNC:ARB QKDIM3",
+        "SOUR1:FUNC:ARB:SRAT 4000000",
     ]:
         script += setting(cmd)
     script += [
-        ("SOUR1:VOLT?", "+2.00000000000000E+00"),
-        ("SOUR1:VOLT:OFFS?", "+1.00000000000000E+00"),
+        ("SOUR1:VOLT:HIGH?", "+2.00000000000000E+00"),
+        ("SOUR1:VOLT:LOW?", "+0.00000000000000E+00"),
     ]
     t = ExpectedProtocolTransport(script)
     im = Keysight33500IntensityModulator("im", "unused", transport=t)
