@@ -65,10 +65,11 @@ Commands (33500 series SCPI)::
 
 Level changes (the choice made here, rather than switching the output off around each
 change, which would click the output relay at every step of a calibration sweep): a
-level change leaves the output on and does not send ``DATA:VOL:CLE``. The new points go into volatile memory under a fresh name
-while the old waveform keeps playing, then ``FUNC:ARB`` switches to them and
-``FUNC:ARB:SRAT`` restates the sample rate; ``VOLT:HIGH``/``VOLT:LOW`` follow only when
-the highest or lowest level changed, in the order that keeps ``high > low``. At most
+level change leaves the output on and does not send ``DATA:VOL:CLE``. The new points go
+into volatile memory under a fresh name while the old waveform keeps playing, then
+``FUNC:ARB`` switches to them and ``FUNC:ARB:SRAT`` restates the sample rate;
+``VOLT:HIGH``/``VOLT:LOW`` follow only when the highest or lowest level changed, in the
+order that keeps ``high > low``. At most
 ``MAX_LEVEL_CHANGE_SETTINGS`` settings, and after every one of them each point of the
 playing waveform lies inside the union of the old and new tables' ranges, hence inside
 ``drive_range_v`` (the old driver sent 7 settings, among them ``VOLT:OFFS 0`` and a new
