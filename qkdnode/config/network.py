@@ -71,6 +71,13 @@ class NetworkSection(Section):
         Path("network.sqlite"), description="end-to-end key store, relative to node.state_dir"
     )
     key_ttl_s: float = Field(3600.0, gt=0, description="time to live of a relayed key")
+    key_size_bits: int = Field(
+        256,
+        ge=8,
+        le=65536,
+        multiple_of=8,
+        description="size of an end-to-end key when enc_keys names none (ETSI key_size)",
+    )
     reserve_auth_bits: int = Field(
         16384,
         ge=0,

@@ -221,10 +221,12 @@ class KeyManager:
         self._spawn(self._flood(advert, hop.link_id), "kms-flood")
 
     def fresh_adverts(self) -> dict[str, Advert]:
+        """The adverts heard within ``advert_ttl_s``. Safe from a worker thread: it reads
+        a snapshot (``list`` of a dict's items is taken whole under the GIL)."""
         now = time.monotonic()
         return {
             site: v.advert
-            for site, v in self.views.items()
+            for site, v in list(self.views.items())
             if now - v.heard_at <= self.cfg.advert_ttl_s
         }
 
@@ -257,7 +259,7 @@ class KeyManager:
 
     def avoided_links(self) -> frozenset[str]:
         now = time.monotonic()
-        return frozenset(link for link, until in self._avoid.items() if until > now)
+        return frozenset(link for link, until in list(self._avoid.items()) if until > now)
 
     # -- origin ---------------------------------------------------------------------------------
 

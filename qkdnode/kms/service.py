@@ -165,7 +165,7 @@ class NetworkService:
             self.etsi = await start_etsi_server(
                 NetworkKeySource(self.kms),
                 self.cfg.delivery,
-                key_size_bits=256,
+                key_size_bits=self.cfg.key_size_bits,
                 extra_routes=[(STATUS_PATH, self._http_status), (VIEW_PATH, self._http_view)],
             )
         self._tasks.append(asyncio.create_task(self._publish_loop(ports), name="kms-status"))

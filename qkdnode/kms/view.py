@@ -165,7 +165,7 @@ def network_view(kms: KeyManager) -> NetworkView:
         for loc in kms.cfg.directory
     ]
     st = kms.stats
-    hops = sorted(st.hop_seconds)
+    hops = sorted(st.hop_seconds)  # sorted() copies the list whole under the GIL
     return NetworkView(
         site=kms.me,
         at_unix_s=time.time(),
@@ -187,6 +187,6 @@ def network_view(kms: KeyManager) -> NetworkView:
             last_reroute_s=st.last_reroute_s,
             median_hop_ms=1000 * hops[len(hops) // 2] if hops else None,
             store=kms.store.counts(),
-            bits_by_link=dict(st.bits_by_link),
+            bits_by_link=dict(st.bits_by_link),  # copied whole under the GIL
         ),
     )
