@@ -45,11 +45,16 @@ def render_network(view: dict[str, Any]) -> list[str]:
         out.append("  none")
     for route in view["routes"]:
         out.append(f"  to {route['destination']:<8} {' > '.join(route['path'])}")
-    out += ["", "this site's links (bits the key manager drew / erased):"]
+    out += [
+        "",
+        "this site's links (level: what relays may draw, above the reserves; bits the key "
+        "manager drew / erased):",
+    ]
     for local in view["local_links"]:
         out.append(
             f"  {local['link_id']:<12} peer {local['peer']:<8} {local['state']:<13} "
-            f"level {_kbit(local['level_bits']):<12} relay {local['relay_out_bits']}/"
+            f"level {_kbit(local['level_bits']):<12} (held {_kbit(local['held_bits'])}) "
+            f"relay {local['relay_out_bits']}/"
             f"{local['relay_in_bits']}  tags {local['auth_out_bits']}/{local['auth_in_bits']}"
             + (f"  refused tags {local['tags_refused']}" if local["tags_refused"] else "")
         )

@@ -46,7 +46,8 @@ class LocalLinkView(_View):
     peer: str
     state: str
     usable: bool
-    level_bits: int
+    level_bits: int  # what relays may draw here (as advertised): held less the reserves
+    held_bits: int  # all available key of this site's side of the link
     rate_bps: float
     relay_out_bits: int
     relay_in_bits: int
@@ -129,13 +130,15 @@ def network_view(kms: KeyManager) -> NetworkView:
     for hop in kms.hops.values():
         store = hop.port.store()
         acc = hop.account
+        held = store.available_bits() if store is not None else 0
         local.append(
             LocalLinkView(
                 link_id=hop.link_id,
                 peer=hop.peer,
                 state=hop.port.state(),
                 usable=hop.port.usable(),
-                level_bits=store.available_bits() if store is not None else 0,
+                level_bits=max(0, held - kms.reserve_bits),
+                held_bits=held,
                 rate_bps=hop.port.rate_bps(),
                 relay_out_bits=acc.relay_out,
                 relay_in_bits=acc.relay_in,

@@ -195,7 +195,11 @@ def test_dry_link_on_the_only_path_is_a_clean_503(net: NetworkDemo) -> None:
         view = net._view("D")
         assert view is not None
         d_e = next(lk for lk in view["local_links"] if lk["link_id"] == "D-E")
+        # what relays may draw (the level: held less the 16384-bit tag reserve) is below
+        # one request and its tags; relays left the reserve (tags may have used some)
         assert d_e["level_bits"] < 64 * 256 + 512
+        assert d_e["level_bits"] == max(0, d_e["held_bits"] - 16384)
+        assert d_e["held_bits"] > 16384 - 64 * 256
         # smaller requests still fit while D-E holds enough for them
     finally:
         net._client(d_site, d_endpoint).call("start")
