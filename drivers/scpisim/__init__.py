@@ -3,7 +3,7 @@
 pyvisa-sim (``drivers/sim/*.yaml``) pins command formats and the error queue, but its
 properties are independent and it has no clock. A model here keeps state that changes
 with time or couples settings (a laser that settles for a while after it is switched on)
-and answers through :class:`ScpiModelTransport`, a :class:`MessageTransport`: the driver
+and answers through :class:`ScpiModelTransport`, a message transport: the driver
 sends the same strings as to a real instrument.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 
 from drivers.errors import InstrumentTimeoutError, NotConnectedError
-from drivers.transports.base import MessageTransport
+from drivers.transports.base import InProcessTransport
 
 
 class ScpiModel(abc.ABC):
@@ -24,7 +24,7 @@ class ScpiModel(abc.ABC):
         instrument does not understand goes to its error queue and returns None."""
 
 
-class ScpiModelTransport(MessageTransport):
+class ScpiModelTransport(InProcessTransport):
     """Messages to a :class:`ScpiModel`. A query the model leaves unanswered raises
     :class:`InstrumentTimeoutError` at once, as a real instrument's silence would."""
 
@@ -32,17 +32,6 @@ class ScpiModelTransport(MessageTransport):
         super().__init__()
         self.instrument = instrument
         self.model = model
-        self._open = False
-
-    @property
-    def is_open(self) -> bool:
-        return self._open
-
-    def open(self) -> None:
-        self._open = True
-
-    def close(self) -> None:
-        self._open = False
 
     def _send(self, command: str) -> str | None:
         with self.lock:

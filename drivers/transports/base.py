@@ -81,3 +81,22 @@ class MessageTransport(abc.ABC):
     @abc.abstractmethod
     def query(self, command: str) -> str:
         """Send ``command`` and return the reply without its termination."""
+
+
+class InProcessTransport(MessageTransport):
+    """A transport to something in this process (an instrument model, a pinned exchange):
+    open and close only flip a flag."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._open = False
+
+    @property
+    def is_open(self) -> bool:
+        return self._open
+
+    def open(self) -> None:
+        self._open = True
+
+    def close(self) -> None:
+        self._open = False

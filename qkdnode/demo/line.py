@@ -120,6 +120,14 @@ class Site:
         return self.proc.returncode
 
 
+def stop_sites(sites: dict[str, Site], clients: dict[str, Any]) -> dict[str, int | None]:
+    """Close the control clients, stop every site (SIGTERM, then SIGKILL); exit codes."""
+    for client in clients.values():
+        with contextlib.suppress(Exception):
+            client.close()
+    return {name: site.terminate() for name, site in sites.items()}
+
+
 @dataclass
 class LinkView:
     """What both ends of a link say: states and committed keys (count, digest)."""
@@ -241,11 +249,7 @@ class LineDemo:
             summary.failure = str(exc)
             self.report.step(f"FAILED: {exc}")
         finally:
-            for client in self.clients.values():
-                with contextlib.suppress(Exception):
-                    client.close()
-            for name in ("alpha", "bravo", "charlie"):
-                summary.exit_codes[name] = self.sites[name].terminate()
+            summary.exit_codes = stop_sites(self.sites, self.clients)
             if any(code not in (0, None) for code in summary.exit_codes.values()):
                 summary.ok = False
         return summary

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from qkdnode.delivery.sae_client import EtsiClient, EtsiClientError
-from qkdnode.demo.line import Site
+from qkdnode.demo.line import Site, stop_sites
 from qkdnode.demo.network_configs import Addressing, NetworkFiles, write_network_configs
 from qkdnode.demo.network_spec import NetworkDemoSpec
 from qkdnode.demo.runner import DemoError, Reporter
@@ -315,11 +315,7 @@ class NetworkDemo:
             summary.failure = str(exc)
             self.report.step(f"FAILED: {exc}")
         finally:
-            for client in self.clients.values():
-                with contextlib.suppress(Exception):
-                    client.close()
-            for name, site in self.sites.items():
-                summary.exit_codes[name] = site.terminate()
+            summary.exit_codes = stop_sites(self.sites, self.clients)
             if self.topology is not None:
                 self.topology.close()
             if any(code not in (0, None) for code in summary.exit_codes.values()):

@@ -10,7 +10,7 @@ import time
 import tty
 from pathlib import Path
 
-from drivers.transports.base import MessageTransport
+from drivers.transports.base import InProcessTransport
 from drivers.transports.visa import SIM_DIR
 
 
@@ -21,24 +21,13 @@ def sim_copy(tmp_path: Path, yaml_name: str) -> str:
     return f"{dst}@sim"
 
 
-class ExpectedProtocolTransport(MessageTransport):
+class ExpectedProtocolTransport(InProcessTransport):
     """PyMeasure-style pinned exchange: each entry is (sent message, reply or None)."""
 
     def __init__(self, pairs: list[tuple[str, str | None]]) -> None:
         super().__init__()
         self.instrument = "expected"
         self._pairs = list(pairs)
-        self._open = False
-
-    @property
-    def is_open(self) -> bool:
-        return self._open
-
-    def open(self) -> None:
-        self._open = True
-
-    def close(self) -> None:
-        self._open = False
 
     def _next(self, command: str) -> str | None:
         assert self._pairs, f"unexpected extra message {command!r}"
