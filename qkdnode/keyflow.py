@@ -80,6 +80,9 @@ class KeyFlow:
         self.calibrated_at: float | None = None
         self._state = "OFFLINE"
         self.left_exchanging_at = now
+        #: a link with pass windows: why its last pass gave no key (None: it gave key, or
+        #: no pass has ended yet)
+        self.pass_no_key: str | None = None
 
     # -- events ---------------------------------------------------------------------------
     def block_finished(
@@ -101,6 +104,14 @@ class KeyFlow:
             self.intervals.append(now - self.last_commit_at)
         self.last_commit_at = now
         self.alarms.clear("exchange_failed", "a block was committed")
+
+    def pass_started(self) -> None:
+        """A pass window opened: the grace to start exchanging counts from now."""
+        self.producing_since = self._clock()
+
+    def pass_closed(self, secret_bits: int, why: str) -> None:
+        """A pass ended with ``secret_bits`` of key; ``why`` says why when there is none."""
+        self.pass_no_key = None if secret_bits > 0 else why
 
     def calibrated(self) -> None:
         self.calibrated_at = self._clock()
@@ -193,6 +204,7 @@ class KeyFlow:
             qber_warning=self.qber_warning,
             calibrated_at=self.calibrated_at,
             cfg=self.cfg,
+            pass_no_key=self.pass_no_key,
         )
 
     def evaluate(self, res: Resources) -> Snapshot:

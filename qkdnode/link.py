@@ -40,6 +40,7 @@ Step = Literal[
     "track",
     "halt",
     "state",
+    "pass_end",
 ]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -160,6 +161,10 @@ class Node(DaemonBase):
             self._bg.append(
                 asyncio.create_task(self._keep_running(self._supervise), name="supervisor")
             )
+        if self.cfg.passes is not None:
+            self._bg.append(
+                asyncio.create_task(self._keep_running(self._watch_passes), name="passes")
+            )
         self.sm.on_enter(S.CONNECTING, self._enter_connecting)
         await self.sm.trigger(Event.START, "daemon started")
 
@@ -272,8 +277,14 @@ class Node(DaemonBase):
 
     # ------------------------------------------------------------------ telemetry
     def publish(self, topic: str, payload: dict[str, Any]) -> None:
+        """Publish on telemetry; a value that is not a finite number (NaN: not measured)
+        goes out as null."""
         if self.telemetry is not None:
             try:
+                payload = {
+                    k: None if isinstance(v, float) and not math.isfinite(v) else v
+                    for k, v in payload.items()
+                }
                 self.telemetry.publish(topic, payload)
             except Exception as exc:
                 log.warning("telemetry_publish_failed", topic=topic, error=str(exc))
@@ -484,6 +495,45 @@ class Node(DaemonBase):
             bool(producing) if isinstance(producing, bool) else None,
         )
 
+    async def _watch_passes(self) -> None:
+        """A link with pass windows (``[passes]``): between windows the node waits in
+        AWAITING_PASS; at a rise it goes to IDLE (the transmitter's supervisor then
+        synchronises and starts the exchange, calibrating first if it never did). At a set,
+        a node not exchanging leaves at once; an exchanging receiver closes the pass's
+        block itself (:mod:`qkdnode.pair.exchange`) and tells the transmitter, which
+        otherwise leaves ``passes.close_timeout_s`` after the set."""
+        cfg = self.cfg.passes
+        assert cfg is not None
+        leaving = (S.IDLE, S.CALIBRATING, S.SYNCHRONIZING)
+        while True:
+            await asyncio.sleep(0.25)
+            now = time.time()
+            window = cfg.window_at(now)
+            state = self.sm.state
+            if window is not None:
+                if state is S.AWAITING_PASS:
+                    self.keyflow.pass_started()
+                    await self.trigger(
+                        Event.PASS_START,
+                        f"pass rises (sets in {window.set_unix_s - now:.0f} s)",
+                    )
+                continue
+            if state in leaving:
+                nxt = cfg.next_after(now)
+                when = f"next pass in {nxt.rise_unix_s - now:.0f} s" if nxt else "no pass ahead"
+                await self.trigger(Event.PASS_END, f"outside a pass window ({when})")
+            elif state is S.EXCHANGING and self.role == "transmitter":
+                last = max((w.set_unix_s for w in cfg.windows if w.set_unix_s <= now), default=0)
+                if now - last > cfg.close_timeout_s:
+                    await self.trigger(
+                        Event.PASS_END,
+                        f"the pass set {now - last:.0f} s ago and its last block is not done",
+                    )
+
+    def in_pass_window(self) -> bool:
+        """False only for a link with pass windows outside them."""
+        return self.cfg.passes is None or self.cfg.passes.window_at(time.time()) is not None
+
     async def _supervise(self) -> None:
         """Transmitter with autostart (or after ``start``): keep the pair exchanging key.
 
@@ -494,7 +544,7 @@ class Node(DaemonBase):
         backoff = Backoff(2.0, 15.0)
         while True:
             await asyncio.sleep(1.0)
-            if not self.auto or self.sm.state is not S.IDLE:
+            if not self.auto or self.sm.state is not S.IDLE or not self.in_pass_window():
                 continue
             if self.peer is None or not self.peer.connected:
                 continue
@@ -517,7 +567,9 @@ class Node(DaemonBase):
             return False
         if event is Event.EXCHANGE:
             return True
-        await self.sm.wait_for(S.IDLE, S.FAULT, S.PAUSED, S.SHUTDOWN, timeout_s=900)
+        await self.sm.wait_for(
+            S.IDLE, S.FAULT, S.PAUSED, S.AWAITING_PASS, S.SHUTDOWN, timeout_s=900
+        )
         return st.calibrated if event is Event.CALIBRATE else st.synchronized
 
     async def _serve_link(self, req: LinkRequest) -> dict[str, Any]:

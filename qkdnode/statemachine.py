@@ -33,6 +33,7 @@ class State(StrEnum):
     SYNCHRONIZING = "SYNCHRONIZING"
     EXCHANGING = "EXCHANGING"
     PAUSED = "PAUSED"
+    AWAITING_PASS = "AWAITING_PASS"  # a satellite link between passes: no light expected
     FAULT = "FAULT"
     SHUTDOWN = "SHUTDOWN"
 
@@ -54,6 +55,8 @@ class Event(StrEnum):
     FAULT = "fault"  # alarm: fiber cut, blinding, instrument lost...
     RECOVER = "recover"  # fault cause gone: reconnect and start over
     SHUTDOWN = "shutdown"
+    PASS_START = "pass_start"  # a predicted pass rises above the minimum elevation
+    PASS_END = "pass_end"  # the pass set (or its block is closed): wait for the next one
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,14 @@ TRANSITIONS: dict[tuple[State, Event], Transition] = {
     (S.PAUSED, E.PEER_BACK): Transition(S.IDLE),
     (S.PAUSED, E.STOP): Transition(S.IDLE),
     (S.FAULT, E.RECOVER): Transition(S.CONNECTING),
+    # Links that carry light only in pass windows ([passes]): outside a window the pair
+    # waits, calibration kept; the receiver closes the pass's block before PASS_END.
+    (S.IDLE, E.PASS_END): Transition(S.AWAITING_PASS),
+    (S.CALIBRATING, E.PASS_END): Transition(S.AWAITING_PASS),
+    (S.SYNCHRONIZING, E.PASS_END): Transition(S.AWAITING_PASS),
+    (S.EXCHANGING, E.PASS_END): Transition(S.AWAITING_PASS),
+    (S.AWAITING_PASS, E.PASS_START): Transition(S.IDLE),
+    (S.AWAITING_PASS, E.PEER_LOST): Transition(S.PAUSED),
 }
 
 #: Events accepted in every state (except SHUTDOWN, which is final).

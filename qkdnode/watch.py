@@ -55,6 +55,8 @@ class Snapshot:
     #: the longest a block of light takes by design (protocol.max_block_seconds with
     #: adaptive blocks; DEFAULT_BLOCK_S when there is no such bound)
     max_block_s: float = DEFAULT_BLOCK_S
+    #: a link with pass windows: why the last pass gave no key (None: it gave key)
+    pass_no_key: str | None = None
 
 
 def expected_block_s(s: Snapshot) -> float:
@@ -75,7 +77,12 @@ def evaluate(s: Snapshot) -> dict[str, tuple[bool, str]]:
 
     # -- key flow ------------------------------------------------------------------------
     no_key, why = False, ""
-    if s.should_produce:
+    if s.state == "AWAITING_PASS":
+        # Between passes no key is expected; a pass that gave none stays an alarm until
+        # one gives key.
+        if s.pass_no_key is not None:
+            no_key, why = True, f"the last pass gave no key: {s.pass_no_key}"
+    elif s.should_produce:
         if s.state == "EXCHANGING" and s.exchanging_since is not None:
             limit = max(c.no_key_min_s, c.no_key_block_factor * expected_block_s(s))
             since = max(x for x in (s.exchanging_since, s.last_commit_at) if x is not None)

@@ -36,6 +36,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from drivers.simlink.satellite_channel import SatelliteChannelParams
+
 __all__ = [
     "ClockParams",
     "EveParams",
@@ -236,7 +238,7 @@ class TransmitterHardwareParams(_Strict):
 
 
 #: Keys of one side that never belong in the other side's parameters.
-_TRANSMITTER_ONLY = ("transmitter_seed", "source", "fiber", "eve", "transmitter")
+_TRANSMITTER_ONLY = ("transmitter_seed", "source", "fiber", "eve", "transmitter", "satellite")
 _RECEIVER_ONLY = ("receiver_seed", "clock", "receiver")
 _WHAT = {
     "transmitter": "its secret seed, source, fiber, eavesdropper and hardware truths",
@@ -278,6 +280,9 @@ class TransmitterSimParams(_Strict):
     fiber: FiberParams = FiberParams()
     eve: EveParams = EveParams()
     hardware: TransmitterHardwareParams = TransmitterHardwareParams()
+    satellite: SatelliteChannelParams | None = Field(
+        None, description="satellite passes in place of the fiber's loss and delay"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -326,6 +331,7 @@ class LinkParams(_Strict):
     clock: ClockParams = ClockParams()
     eve: EveParams = EveParams()
     transmitter: TransmitterHardwareParams = TransmitterHardwareParams()
+    satellite: SatelliteChannelParams | None = None
 
     def transmitter_side(self) -> TransmitterSimParams:
         """The transmitter's process's part: seed, source, fiber, eve, its hardware."""
@@ -337,6 +343,7 @@ class LinkParams(_Strict):
             fiber=self.fiber,
             eve=self.eve,
             hardware=self.transmitter,
+            satellite=self.satellite,
         )
 
     def receiver_side(self) -> ReceiverSimParams:

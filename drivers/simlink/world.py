@@ -63,6 +63,7 @@ from drivers.simlink.receiver import (
     copy_photons,
     span_ps,
 )
+from drivers.simlink.satellite_channel import BatchChannel, SatelliteChannel
 from drivers.simlink.source import (
     PHOTON_DTYPE,
     EmissionSettings,
@@ -161,6 +162,10 @@ class ChunkStreams:
         return self._generator
 
 
+#: Overlap (ps) of consecutive batches still taken as joined (rounding of their times).
+_JOIN_PS = 4
+
+
 @functools.lru_cache(maxsize=64)
 def _slot_period_ps(slot_rate_hz: float) -> Fraction:
     return Fraction(10**12) / Fraction(slot_rate_hz)
@@ -207,6 +212,13 @@ class TransmitterWorld:
         self.hardware = params.hardware
         self.chunk_slots = params.chunk_slots
         self._fiber_delay_ps = round(params.fiber.delay_s * 1e12)
+        # Satellite passes in place of the fiber's fixed loss and delay; their wall-clock
+        # times map to slots through epoch_unix_s, the Unix time of slot 0 (set again when
+        # the world starts pacing).
+        self.satellite = (
+            SatelliteChannel(params.satellite) if params.satellite is not None else None
+        )
+        self.epoch_unix_s = time.time()
         self._fiber_drift_rad = 0.0
         self._eve_mode = params.eve.mode
         self._eve_fraction = params.eve.fraction
@@ -311,7 +323,12 @@ class TransmitterWorld:
     def emission_settings(self) -> EmissionSettings:
         """What the next chunk emits, from the instruments' settings and the faults."""
         with self.lock:
-            transmittance = 0.0 if "fiber_cut" in self.faults else self.fiber.transmittance
+            if "fiber_cut" in self.faults:
+                transmittance = 0.0
+            elif self.satellite is not None:
+                transmittance = self._batch_channel(self.chunk_index).transmittance
+            else:
+                transmittance = self.fiber.transmittance
             angles = self.optics.state_angles_rad(self.hardware)
             step = float(self.faults.get("encoding_drift", {}).get("angle_rad", 0.0))
             eve = self.faults.get("eve")
@@ -403,6 +420,13 @@ class TransmitterWorld:
         self._send(index, chunk)
         return chunk
 
+    def _batch_channel(self, index: int) -> BatchChannel:
+        """The satellite channel over batch ``index`` (only with ``satellite`` set)."""
+        assert self.satellite is not None
+        rate = self.source.slot_rate_hz
+        start = self.epoch_unix_s + index * self.chunk_slots / rate
+        return self.satellite.batch(start, start + self.chunk_slots / rate)
+
     def fiber_header(self, index: int, chunk: PhotonChunk) -> dict[str, Any]:
         """The public header of a fiber batch: what the light itself tells the receiver.
 
@@ -411,14 +435,23 @@ class TransmitterWorld:
         at the fiber's end on the transmitter's slot clock (emission plus propagation);
         ``run`` changes when the transmitter restarts, ``chunk`` numbers the batches."""
         period = _slot_period_ps(self.source.slot_rate_hz)
+        delay_ps, arrival_rate_hz = self._fiber_delay_ps, self.source.slot_rate_hz
+        if self.satellite is not None:
+            # The time of flight changes along the batch: its pulses arrive at the rate
+            # the Doppler effect gives (linear between the batch's ends).
+            ch = self._batch_channel(index)
+            n = chunk.slot_stop - chunk.slot_start
+            delay_ps = round(ch.tof_start_s * 1e12)
+            span_ps = float(n * period) + (ch.tof_stop_s - ch.tof_start_s) * 1e12
+            arrival_rate_hz = n * 1e12 / span_ps
         return {
             "v": FIBER_PROTOCOL_VERSION,
             "run": self._run_id,
             "chunk": index,
             "slot_start": chunk.slot_start,
             "slot_stop": chunk.slot_stop,
-            "slot_rate_hz": self.source.slot_rate_hz,
-            "t0_ps": round(chunk.slot_start * period) + self._fiber_delay_ps,
+            "slot_rate_hz": arrival_rate_hz,
+            "t0_ps": round(chunk.slot_start * period) + delay_ps,
         }
 
     def _send(self, index: int, chunk: PhotonChunk, block: bool = False) -> None:
@@ -456,6 +489,7 @@ class TransmitterWorld:
         if self._thread is not None:
             return
         self._stop.clear()
+        self.epoch_unix_s = time.time() - self.next_slot / self.source.slot_rate_hz
         self._thread = threading.Thread(target=self._pace, name="simlink-tx", daemon=True)
         self._thread.start()
 
@@ -651,11 +685,14 @@ class ReceiverWorld:
         run = int(header["run"])
         tx_t0 = int(header["t0_ps"])
         with self.lock:
-            if run != self._run or self._anchor_ps + tx_t0 < self._true_end_ps:
+            # (A satellite's batches join to within the picosecond rounding of their
+            # times of flight: not a jump back.)
+            if run != self._run or self._anchor_ps + tx_t0 < self._true_end_ps - _JOIN_PS:
                 # New transmitter run (or a jump back): continue the receiver's time line.
                 self._anchor_ps = self._true_end_ps - tx_t0 if self._run is not None else 0
                 self._run = run
-            chunk_t0 = self._anchor_ps + tx_t0
+            # joined within rounding: the batch starts where the last one ended
+            chunk_t0 = max(self._anchor_ps + tx_t0, self._true_end_ps)
             if "bright_light" in self.faults:
                 self.detectors.latched |= self.detectors.armed
             settings = self._current_settings()

@@ -8,6 +8,7 @@ Examples::
     qkdnode demo --sweep 0,25,50,75,100 --duration 20
     qkdnode demo --topology line              # alpha - bravo - charlie, bravo on two links
     qkdnode demo --network configs/network.toml --json   # five sites, relay, a cut link
+    qkdnode demo --satellite configs/satellite.toml --json  # satellite downlink passes
 
 Exit codes: 0 keys identical and at least one block distilled (with ``--eve``: or no key
 at all), 1 otherwise, 2 bad options or configuration.
@@ -69,6 +70,15 @@ def register(sub: Any) -> None:
         help="a trusted-node network (configs/network.toml): one daemon per site, each in "
         "its own network namespace where the host allows it, end-to-end keys over ETSI "
         "014, a link cut mid-run",
+    )
+    p.add_argument(
+        "--satellite",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="satellite downlink passes (configs/satellite.toml): a satellite transmitter "
+        "and a ground-station receiver, one finite-key block per pass, per-pass figures "
+        "beside the node's theory",
     )
     p.add_argument(
         "--network-mode",
@@ -166,7 +176,59 @@ def _reporter(json_mode: bool) -> Any:
     return LiveTerminal(sys.stdout, live_updates=sys.stdout.isatty())
 
 
+def _satellite(args: argparse.Namespace) -> int:
+    """``--satellite FILE``: the passes of the file, two daemons."""
+    from qkdnode.config import ConfigError
+    from qkdnode.demo.satellite_run import format_summary, load_satellite_config, run_satellite
+
+    extra = [
+        name
+        for name, value in (
+            ("--distance-km", args.distance_km),
+            ("--duration", args.duration),
+            ("--eve", args.eve),
+            ("--seed", args.seed),
+            ("--sweep", args.sweep),
+            ("--network", args.network),
+            ("--network-mode", args.network_mode),
+            ("--config", args.config),
+            ("--config-dir", args.config_dir),
+        )
+        if value is not None
+    ]
+    if extra or args.topology != "pair" or args.no_fault:
+        print(
+            "qkdnode demo: --satellite takes only --out, --plaintext and --json "
+            f"(got {', '.join(extra) or '--topology/--no-fault'})",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    try:
+        cfg = load_satellite_config(args.satellite, args.out)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_USAGE
+    if args.plaintext:
+        cfg = cfg.model_copy(update={"demo": cfg.demo.model_copy(update={"security": "plaintext"})})
+    from qkdnode.log import configure_logging
+
+    configure_logging("warning", json=False)
+    summary = run_satellite(cfg, _reporter(args.json))
+    out = cfg.demo.out_dir.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(summary.to_json_line() + "\n", "utf-8")
+    if args.json:
+        if sys.stderr.isatty():
+            print(format_summary(summary), file=sys.stderr)
+        print(summary.to_json_line(), flush=True)
+    else:
+        print(format_summary(summary), flush=True)
+    return EXIT_OK if summary.ok else EXIT_FAILURE
+
+
 def _run(args: argparse.Namespace) -> int:
+    if args.satellite is not None:
+        return _satellite(args)
     if args.network is not None:
         return _network(args)
     if args.network_mode is not None:

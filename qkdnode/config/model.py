@@ -13,6 +13,7 @@ from qkdnode.config.sections import (
     KeystoreSection,
     MetricsSection,
     NodeSection,
+    PassesSection,
     ProtocolSection,
     Section,
     SimulationSection,
@@ -43,6 +44,7 @@ class NodeConfig(Section):
     metrics: MetricsSection = MetricsSection()
     alarms: AlarmsSection = AlarmsSection()
     tracking: TrackingSection = TrackingSection()
+    passes: PassesSection | None = None
     simulation: SimulationSection | None = None
 
     @field_validator("simulation")

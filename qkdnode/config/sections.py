@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from drivers.satellite_pass import SatellitePassParams
 from drivers.simulation import ReceiverSimParams, TransmitterSimParams
 
 Role = Literal["transmitter", "receiver"]
@@ -281,6 +282,80 @@ class TrackingSection(Section):
     max_step_fraction: float = Field(
         0.05, gt=0, le=0.5, description="largest bias move per step, as a fraction of V_pi"
     )
+
+
+class PassWindow(Section):
+    """One predicted pass: the satellite above the ground station's minimum elevation."""
+
+    rise_unix_s: float = Field(ge=0, description="rise above the minimum elevation (Unix s)")
+    set_unix_s: float = Field(ge=0, description="set below it (Unix s)")
+
+    @model_validator(mode="after")
+    def _order(self) -> PassWindow:
+        if self.set_unix_s <= self.rise_unix_s:
+            raise ValueError(
+                f"set_unix_s ({self.set_unix_s}) must be after rise_unix_s ({self.rise_unix_s})"
+            )
+        return self
+
+
+class PassesSection(Section):
+    """A link that carries light only in windows: a satellite downlink's passes (both
+    nodes, from the pass predictions). Outside a window the node waits in AWAITING_PASS,
+    keeping its calibration; at a rise it acquires the clock and exchanges key; at the set
+    (or when the light goes during the pass, a cloud) the receiver ends its block with what
+    it holds and the pair returns to AWAITING_PASS. See docs/satellite.md."""
+
+    windows: list[PassWindow] = Field(default_factory=list, description="predicted passes")
+    block_per_pass: bool = Field(
+        True,
+        description="one finite-key block per pass (the whole pass's statistics); false: "
+        "blocks of protocol.block_detections as on a fiber",
+    )
+    orbit: SatellitePassParams | None = Field(
+        None,
+        description="the predicted pass geometry (drivers/satellite_pass.py): the ground "
+        "station removes the predicted time of flight from its tags before synchronising; "
+        "None: no pre-compensation",
+    )
+    time_scale: float = Field(
+        1.0,
+        ge=1.0,
+        le=100.0,
+        description="passes compressed this many times (simulated demonstrations only; 1 "
+        "for a real satellite)",
+    )
+    close_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        le=7200,
+        description="after a set, how long the transmitter serves the pass's last block "
+        "before it leaves the exchange anyway",
+    )
+
+    @model_validator(mode="after")
+    def _in_order(self) -> PassesSection:
+        for a, b in zip(self.windows, self.windows[1:], strict=False):
+            if b.rise_unix_s < a.set_unix_s:
+                raise ValueError(
+                    f"windows: a pass rising at {b.rise_unix_s} overlaps the one setting at "
+                    f"{a.set_unix_s} (windows must be in order and disjoint)"
+                )
+        return self
+
+    def window_at(self, unix_s: float) -> PassWindow | None:
+        """The window holding ``unix_s``, or None between passes."""
+        for w in self.windows:
+            if w.rise_unix_s <= unix_s < w.set_unix_s:
+                return w
+        return None
+
+    def next_after(self, unix_s: float) -> PassWindow | None:
+        """The first window rising after ``unix_s``."""
+        for w in self.windows:
+            if w.rise_unix_s > unix_s:
+                return w
+        return None
 
 
 class KeystoreSection(Section):

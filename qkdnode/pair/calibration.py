@@ -195,7 +195,7 @@ class CalibrationMixin(SessionCore):
     async def _step_calibrate(self, args: dict[str, Any]) -> dict[str, Any]:
         sm = self.node.sm
         await sm.trigger(Event.CALIBRATE, "transmitter asked")
-        await sm.wait_for(S.IDLE, S.FAULT, S.PAUSED, timeout_s=300)
+        await sm.wait_for(S.IDLE, S.FAULT, S.PAUSED, S.AWAITING_PASS, timeout_s=300)
         if not self.node.stats.calibrated:
             raise LinkError("receiver calibration failed")
         return self._rx_calibration_summary

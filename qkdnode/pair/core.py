@@ -24,8 +24,10 @@ from drivers.interfaces import (
 from qkdnode.backoff import Backoff
 from qkdnode.context import NodeContext
 from qkdnode.delivery.keyservice import KeyService
+from qkdnode.doppler import DopplerCorrectedTagger, TofPrediction
 from qkdnode.lightloss import LightWatch
 from qkdnode.link import LinkError
+from qkdnode.pair.passes import PassTally
 from qkdnode.postproc.blockstats import BlockStats
 from qkdnode.postproc.optimize import Settings
 from qkdnode.postproc.sifting import KeySlotFloor
@@ -81,6 +83,11 @@ class SessionCore:
         self._drift_check: asyncio.Task[None] | None = None
         #: receiver: detections of the block being filled
         self._block_target = self.cfg.protocol.block_detections
+        # receiver, a link with pass windows: the blocks of the pass being exchanged
+        self._pass: PassTally | None = None
+        self._pass_dropped: str | None = None
+        self._tof_prediction = _tof_prediction(self.cfg) if self.role == "receiver" else None
+        self._doppler_tagger: DopplerCorrectedTagger | None = None
         #: transmitter: block size advised to the receiver (None: nothing measured yet)
         self._advised_block: int | None = None
         self._advice_link: Any = None
@@ -213,7 +220,13 @@ class SessionCore:
 
     # ------------------------------------------------------------------ instruments
     def _one(self, cls: type[Any]) -> Any:
-        return self.node.hardware.one(cls)
+        inst = self.node.hardware.one(cls)
+        if cls is TimeTagger and self._tof_prediction is not None:
+            # a satellite's ground station: the predicted time of flight removed
+            if self._doppler_tagger is None or self._doppler_tagger._tagger is not inst:
+                self._doppler_tagger = DopplerCorrectedTagger(inst, self._tof_prediction)
+            return self._doppler_tagger
+        return inst
 
     def _detectors(self) -> list[SinglePhotonDetector]:
         insts = self.node.hardware.instruments.values()
@@ -411,3 +424,11 @@ def _scalars(d: dict[str, Any]) -> dict[str, Any]:
                 if isinstance(v2, bool | int | float | str):
                     out[f"{k}_{k2}"] = v2
     return out
+
+
+def _tof_prediction(cfg: Any) -> TofPrediction | None:
+    """The ground station's predicted time of flight (``[passes]`` with an ``orbit``)."""
+    passes = cfg.passes
+    if passes is None or passes.orbit is None or not passes.windows:
+        return None
+    return TofPrediction(passes.orbit, [w.rise_unix_s for w in passes.windows], passes.time_scale)

@@ -22,6 +22,7 @@ from qkdnode.lightloss import Verdict
 from qkdnode.link import LinkError
 from qkdnode.log import bound_context
 from qkdnode.pair.core import MIN_BLOCK_DETECTIONS, SessionCore, StepSpec, _settle
+from qkdnode.pair.passes import PassClose, PassRecord, PassTally, append_record
 from qkdnode.postproc.blockstats import BlockStats
 from qkdnode.probe_wire import BYTES_PER_DETECTION, ProbeWireError, decode_probe
 from qkdnode.statemachine import Event, StateMachine, TransitionRecord
@@ -33,6 +34,10 @@ from qkdnode.tracking import (
 )
 
 log = structlog.get_logger(__name__)
+
+#: What the receiver's detection reader hands its block loop: a block's (slots, channels),
+#: or the close of a pass.
+_BlockOrClose = tuple[npt.NDArray[np.int64], npt.NDArray[np.int8]] | PassClose
 
 
 class ExchangeMixin(SessionCore):
@@ -372,13 +377,19 @@ class ExchangeMixin(SessionCore):
         transport = AuthenticatedTransport(self._pp_transport(), self.auth_pool, "receiver")
         # One block waits while one is processed: blocks are large (memory), and a block
         # queued longer than that would only grow stale.
-        queue: asyncio.Queue[tuple[npt.NDArray[np.int64], npt.NDArray[np.int8]]] = asyncio.Queue(1)
+        queue: asyncio.Queue[_BlockOrClose] = asyncio.Queue(1)
         self._locked_rate_hz = sum([await self._call(d.count_rate_hz) for d in self._detectors()])
+        window = self.cfg.passes.window_at(time.time()) if self.cfg.passes is not None else None
+        self._pass = None if window is None else PassTally(window.rise_unix_s, window.set_unix_s)
         self._set_block_target(self._first_block_target())
         reader = asyncio.create_task(self._read_detections(tagger, queue))
         try:
             while True:
-                slots, channels = await queue.get()
+                item = await queue.get()
+                if isinstance(item, PassClose):
+                    self._close_pass(item)
+                    return
+                slots, channels = item
                 block_id = self.next_block_id
                 self.next_block_id = block_id + 1
                 with bound_context(block_id=block_id):
@@ -395,6 +406,19 @@ class ExchangeMixin(SessionCore):
                         landing=self._landing,
                     )
                     await self._finish_block(block_id, result, started, pulses)
+                    if self._pass is not None:
+                        b = result.stats
+                        self._pass.add_block(
+                            bool(result.ok),
+                            result.abort_reason,
+                            detections=b.detections,
+                            sifted_z=b.sifted_z,
+                            secret_bits=b.final_key_bits,
+                            qber_z=b.qber_z,
+                            qber_x=b.qber_x,
+                            pulses=pulses,
+                            disclosed_bits=b.ec_disclosed_bits,
+                        )
                     if result.advised_block_detections is not None:
                         self._set_block_target(result.advised_block_detections)
                     if not result.ok:
@@ -407,25 +431,51 @@ class ExchangeMixin(SessionCore):
     async def _read_detections(
         self,
         tagger: TimeTagger,
-        out: asyncio.Queue[tuple[npt.NDArray[np.int64], npt.NDArray[np.int8]]],
+        out: asyncio.Queue[_BlockOrClose],
     ) -> None:
         """Receiver: tags -> (slot, channel) with tracking; hands out full blocks. Detections
         of drift-tracking windows are diverted on the way (:class:`DetectionAccumulator`)."""
         acc = self._accumulator = DetectionAccumulator()
         watch = self.light_watch = self._new_light_watch()
         last_progress = 0.0
+
+        async def close_pass(reason: str, at_set: bool) -> None:
+            # The pass's block: everything collected until now (the light is gone or the
+            # satellite set: nothing later may join it).
+            self._pass_dropped = None
+            if acc.have >= MIN_BLOCK_DETECTIONS:
+                full = await asyncio.to_thread(acc.cut, acc.have)
+                if full is not None:
+                    await out.put(full)
+            elif acc.have:
+                self._pass_dropped = (
+                    f"{acc.have} detections at the close, fewer than a block needs "
+                    f"({MIN_BLOCK_DETECTIONS})"
+                )
+            await out.put(PassClose(reason, at_set))
+
         try:
             while True:
+                if self._pass is not None and time.time() >= self._pass.set_unix_s:
+                    await close_pass("the satellite set below the minimum elevation", True)
+                    return
                 block = await asyncio.to_thread(tagger.read_block, 0.5)
                 if block is None:
                     continue
                 if watch.add_block(len(block), block.start_ps, block.stop_ps) is Verdict.GONE:
+                    if self._pass is not None:
+                        why = f"the light went during the pass: {watch.explain()}"
+                        await close_pass(why, False)
+                        return
                     # Not awaited: the fault cancels the exchange task that owns this one.
                     self._detached(self._fault("no_light", watch.explain()))
                     return
                 if len(block) == 0:
                     continue
                 mapped, status = await asyncio.to_thread(self.tracker.update, block.tags)
+                if status.lost and self._pass is not None:
+                    await close_pass("the light went during the pass: timing lock lost", False)
+                    return
                 if status.lost:
                     if await self._light_gone(tagger, watch):
                         self._detached(self._fault("no_light", watch.explain()))
@@ -465,14 +515,63 @@ class ExchangeMixin(SessionCore):
             self._accumulator = None
             acc.close("the receiver stopped collecting detections")
 
+    def _close_pass(self, closing: PassClose) -> None:
+        """Receiver: the pass's last block is done. Record the pass, then leave the
+        exchange: to AWAITING_PASS at the set (and tell the transmitter), through
+        LOCK_LOST when the light went mid-pass (the supervisor synchronises again when it
+        comes back, within the same pass)."""
+        tally = self._pass
+        assert tally is not None
+        record = PassRecord.close(tally, closing, self._pass_dropped)
+        append_record(self.node.state_dir, record)
+        fields = record.as_dict()
+        log.info("pass_closed", **fields)
+        self.node.publish("pass", fields)
+        why = record.no_key_reason or ""
+        self.node.keyflow.pass_closed(record.secret_bits, why)
+        self._pass = None
+        self.tracker = None
+        self.node.stats.synchronized = False
+        if closing.at_set:
+
+            async def tell() -> None:
+                with contextlib.suppress(Exception):
+                    await self.node.link.request(
+                        "pass_end", 10.0, secret_bits=record.secret_bits, reason=why[:500]
+                    )
+
+            self._detached(tell())
+            self._detached(self.node.trigger(Event.PASS_END, closing.reason))
+            return
+        self.node.alarm("lock_lost", closing.reason)
+        self._halt_peer(closing.reason)
+        self._detached(self.node.trigger(Event.LOCK_LOST, closing.reason))
+
+    async def _step_pass_end(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Transmitter: the receiver closed the pass (its last block is done)."""
+        bits = args.get("secret_bits", 0)
+        reason = args.get("reason", "")
+        self.node.keyflow.pass_closed(
+            bits if isinstance(bits, int) and not isinstance(bits, bool) else 0,
+            str(reason)[:500],
+        )
+        await self.node.trigger(Event.PASS_END, "the receiver closed the pass")
+        return {"state": self.node.sm.state.value}
+
     def _first_block_target(self) -> int:
         """Receiver: detections of the first block: ``protocol.block_detections``, but no
         more than ``protocol.max_block_seconds`` of light at the rate seen at the start.
         Later blocks follow the transmitter's advice (what the finite-key bound needs on
         the link the last block measured), within the same limits."""
         proto = self.cfg.protocol
+        if self._pass is not None and self._pass_blocks():
+            return proto.block_detections  # the pass ends the block, not its size
         by_time = self._locked_rate_hz * proto.max_block_seconds
         return int(min(proto.block_detections, by_time)) if by_time > 0 else proto.block_detections
+
+    def _pass_blocks(self) -> bool:
+        """One block per pass (``passes.block_per_pass``)."""
+        return self.cfg.passes is not None and self.cfg.passes.block_per_pass
 
     def _set_block_target(self, detections: int) -> None:
         """Receiver: the size of the block being filled, clamped to our own limits."""
@@ -480,7 +579,7 @@ class ExchangeMixin(SessionCore):
         by_time = self._locked_rate_hz * proto.max_block_seconds
         upper = min(proto.block_detections, by_time) if by_time > 0 else proto.block_detections
         target = int(max(MIN_BLOCK_DETECTIONS, min(int(detections), upper)))
-        if proto.block_size == "fixed":
+        if proto.block_size == "fixed" or (self._pass is not None and self._pass_blocks()):
             target = proto.block_detections
         if target != self._block_target:
             log.info("block_size", detections=target, advised=int(detections))
@@ -491,7 +590,10 @@ class ExchangeMixin(SessionCore):
     def _exchange_steps(self) -> dict[str, StepSpec]:
         """The key exchange's link step: ``exchange`` (the receiver's half). The blocks
         themselves are one post-processing conversation each, not link steps."""
-        return {"exchange": StepSpec(self._step_exchange, ("receiver",))}
+        return {
+            "exchange": StepSpec(self._step_exchange, ("receiver",)),
+            "pass_end": StepSpec(self._step_pass_end, ("transmitter",)),
+        }
 
     async def _step_exchange(self, args: dict[str, Any]) -> dict[str, Any]:
         self.next_block_id = max(self.next_block_id, int(args.get("next_block_id", 0)))

@@ -271,7 +271,7 @@ class SynchronizationMixin(SessionCore):
         sm = self.node.sm
         self._sync_request = args
         await sm.trigger(Event.SYNC, "transmitter asked")
-        await sm.wait_for(S.IDLE, S.FAULT, S.PAUSED, timeout_s=120)
+        await sm.wait_for(S.IDLE, S.FAULT, S.PAUSED, S.AWAITING_PASS, timeout_s=120)
         if self.tracker is None:
             raise LinkError(self._sync_error or "no lock")
         return self._sync_summary

@@ -1,7 +1,7 @@
 """Secret key per satellite pass for decoy-state BB84 (three intensities, biased bases).
 
 Input: the link transmittance of each time slot of a pass (for instance
-``drivers.simlink.satellite.pass_profile(...).transmittance`` over the samples above the
+``drivers.satellite_pass.pass_profile(...).transmittance`` over the samples above the
 minimum elevation); the source, detector and security settings. Output: the expected
 counts of the pass, and the secret key length of one pass under a finite-key bound, with an
 optimiser over the protocol settings.

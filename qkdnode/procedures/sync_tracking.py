@@ -76,7 +76,7 @@ class SlotTracker:
         period = slot_period_ps(self.slot_rate_hz)
         out = track(
             times,
-            segment_ps=max(int(self.cfg.track_segment_s * 1e12), 1),
+            segment_ps=self._segment_ps(times),
             offset_ps=self.model.offset_ps,
             rate=self.model.rate,
             period_ps=period,
@@ -110,6 +110,18 @@ class SlotTracker:
         if len(self.history) > self.max_history:
             del self.history[: len(self.history) - self.max_history]
         return mapped, status
+
+    def _segment_ps(self, times: I64) -> int:
+        """Length of the loop's segments: ``cfg.track_segment_s``, stretched at low count
+        rates (a satellite pass, a long fiber) so that a segment holds about four times
+        ``cfg.min_fit_tags`` tags (a segment with fewer is not fitted and counts as bad)."""
+        segment = self.cfg.track_segment_s * 1e12
+        if times.size >= 2:
+            span = float(times[-1] - times[0])
+            if span > 0:
+                per_tag = span / (times.size - 1)
+                segment = max(segment, 4.0 * self.cfg.min_fit_tags * per_tag)
+        return max(int(segment), 1)
 
     def _judge_segment(
         self, err: float, sig: float, n_in: float, n_all: int, period: float

@@ -27,15 +27,27 @@ def test_example_configs_validate(path: Path) -> None:
     assert cfg.node.role in ("transmitter", "receiver")
 
 
+def _is_satellite(path: Path) -> bool:
+    return "satellite" in tomllib.loads(path.read_text())
+
+
 @pytest.mark.parametrize(
     "path",
-    [p for p in EXAMPLES if "demo" in tomllib.loads(p.read_text())],
+    [p for p in EXAMPLES if "demo" in tomllib.loads(p.read_text()) and not _is_satellite(p)],
     ids=lambda p: p.name,
 )
 def test_example_demo_configs_validate(path: Path) -> None:
     from qkdnode.demo.config import load_demo_config
 
     assert load_demo_config(path).link.fiber.length_km > 0
+
+
+@pytest.mark.parametrize("path", [p for p in EXAMPLES if _is_satellite(p)], ids=lambda p: p.name)
+def test_example_satellite_configs_validate(path: Path) -> None:
+    from qkdnode.demo.satellite_run import load_satellite_config
+
+    cfg = load_satellite_config(path)
+    assert cfg.satellite.passes >= 1 and cfg.link.source.slot_rate_hz > 0
 
 
 def test_error_names_file_key_path_and_value(tmp_path: Path) -> None:

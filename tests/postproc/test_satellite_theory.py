@@ -11,7 +11,7 @@ total system loss 26.99 / 30.99 / 34.99 / 38.99 dB -> SKL 4.8613e7 / 1.9135e7 / 
 Pec = 1e-8, QBER_I = 1e-3, Pap = 1e-3, eps_c = 1e-15, eps_s = 1e-9, Px = 0.7611,
 pk1 = 0.7501, pk2 = 0.1749, mu1 = 0.7921, mu2 = 0.1707, mu3 = 0.
 
-Our pass: 500 km zenith pass from :mod:`drivers.simlink.satellite` with far-field optics
+Our pass: 500 km zenith pass from :mod:`drivers.satellite_pass` with far-field optics
 (785 nm, 4 cm transmitter waist and aperture radius, 35 cm receiver radius, no pointing
 jitter) and no elevation-dependent atmosphere (zenith transmittance 1): SatQuMA's loss file
 is within 0.41 dB of a pure far-field 1/L^2 law above 10 deg, so the whole zenith loss goes
@@ -27,7 +27,7 @@ import time
 import numpy as np
 import pytest
 
-from drivers.simlink.satellite import SatellitePassParams, pass_profile, with_zenith_loss_db
+from drivers.satellite_pass import SatellitePassParams, pass_profile, with_zenith_loss_db
 from qkdnode.postproc.satellite_theory import (
     Bound,
     ProtocolSettings,

@@ -1,4 +1,4 @@
-"""Satellite pass geometry and link loss (drivers.simlink.satellite)."""
+"""Satellite pass geometry and link loss (drivers.satellite_pass)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from drivers.simlink.satellite import (
+from drivers.satellite_pass import (
     SatellitePassParams,
     atmospheric_transmittance,
     gaussian_collection,

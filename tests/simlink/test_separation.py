@@ -54,6 +54,9 @@ def test_qkdnode_uses_only_the_simulator_front_door() -> None:
         # the simulated instruments are the simulator's front door (the same classes the
         # driver registry opens); the procedures' test harness drives them directly
         "drivers.simlink.instruments",
+        # the simulated sky of a satellite link (passes, clouds): part of the simulation's
+        # parameters, which the satellite demo writes and computes its theory on
+        "drivers.simlink.satellite_channel",
     }
     for path in sorted((ROOT / "qkdnode").rglob("*.py")):
         used = {m for m in _imports(path) if m.startswith("drivers.simlink")}
