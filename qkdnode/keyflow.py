@@ -83,6 +83,8 @@ class KeyFlow:
         #: a link with pass windows: why its last pass gave no key (None: it gave key, or
         #: no pass has ended yet)
         self.pass_no_key: str | None = None
+        self._pass_bits = 0
+        self._pass_reasons: list[str] = []
 
     # -- events ---------------------------------------------------------------------------
     def block_finished(
@@ -108,10 +110,17 @@ class KeyFlow:
     def pass_started(self) -> None:
         """A pass window opened: the grace to start exchanging counts from now."""
         self.producing_since = self._clock()
+        self._pass_bits = 0
+        self._pass_reasons = []
 
     def pass_closed(self, secret_bits: int, why: str) -> None:
-        """A pass ended with ``secret_bits`` of key; ``why`` says why when there is none."""
-        self.pass_no_key = None if secret_bits > 0 else why
+        """A block or the whole of a pass ended with ``secret_bits`` of key (``why`` says
+        why there is none); a pass that gave key in any of its blocks gave key."""
+        self._pass_bits += max(0, secret_bits)
+        if secret_bits <= 0 and why:
+            self._pass_reasons.append(why)
+        reasons = self._pass_reasons
+        self.pass_no_key = None if self._pass_bits > 0 else ("; ".join(reasons) or "no key")
 
     def calibrated(self) -> None:
         self.calibrated_at = self._clock()

@@ -505,6 +505,7 @@ class Node(DaemonBase):
         cfg = self.cfg.passes
         assert cfg is not None
         leaving = (S.IDLE, S.CALIBRATING, S.SYNCHRONIZING)
+        current = None  # the window the node last started
         while True:
             await asyncio.sleep(0.25)
             now = time.time()
@@ -513,6 +514,7 @@ class Node(DaemonBase):
             if window is not None:
                 if state is S.AWAITING_PASS:
                     self.keyflow.pass_started()
+                    current = window
                     await self.trigger(
                         Event.PASS_START,
                         f"pass rises (sets in {window.set_unix_s - now:.0f} s)",
@@ -521,7 +523,12 @@ class Node(DaemonBase):
             if state in leaving:
                 nxt = cfg.next_after(now)
                 when = f"next pass in {nxt.rise_unix_s - now:.0f} s" if nxt else "no pass ahead"
-                await self.trigger(Event.PASS_END, f"outside a pass window ({when})")
+                ended = await self.trigger(Event.PASS_END, f"outside a pass window ({when})")
+                if ended and current is not None and self.session is not None:
+                    self.session.pass_set_without_exchange(
+                        current.rise_unix_s, current.set_unix_s, state.value
+                    )
+                current = None
             elif state is S.EXCHANGING and self.role == "transmitter":
                 last = max((w.set_unix_s for w in cfg.windows if w.set_unix_s <= now), default=0)
                 if now - last > cfg.close_timeout_s:

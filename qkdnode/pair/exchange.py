@@ -547,6 +547,21 @@ class ExchangeMixin(SessionCore):
         self._halt_peer(closing.reason)
         self._detached(self.node.trigger(Event.LOCK_LOST, closing.reason))
 
+    def pass_set_without_exchange(self, rise_unix_s: float, set_unix_s: float, state: str) -> None:
+        """A pass set while the node was not exchanging (still calibrating or
+        synchronising, or never started): it gave no key. The receiver records it like a
+        closed pass; both nodes keep the reason for the key-flow alarm."""
+        why = f"the pass set while the node was {state}: no key was exchanged"
+        self.node.keyflow.pass_closed(0, why)
+        if self.role != "receiver":
+            return
+        tally = PassTally(rise_unix_s, set_unix_s)
+        record = PassRecord.close(tally, PassClose(why, True), None)
+        append_record(self.node.state_dir, record)
+        fields = record.as_dict()
+        log.info("pass_closed", **fields)
+        self.node.publish("pass", fields)
+
     async def _step_pass_end(self, args: dict[str, Any]) -> dict[str, Any]:
         """Transmitter: the receiver closed the pass (its last block is done)."""
         bits = args.get("secret_bits", 0)

@@ -37,12 +37,13 @@ class MonitoringMixin(SessionCore):
             self.node.alarm("qber_high", f"error rate {qber:.4f} above warning {p.qber_warning}")
             self._compensating = self.node.sm.spawn(self._compensate(), "encoding-compensation")
 
-    async def _compensate(self, measure_qber: Any | None = None) -> None:
+    async def _compensate(self, measure_qber: Any | None = None) -> Any:
         """Transmitter: move the encoder bias to the error-rate minimum.
 
         ``measure_qber`` defaults to the error rate of the next complete key block
         (compensation during key exchange); before exchange, a disclosed probe is used.
-        The drift tracking waits while this runs (one bias lock).
+        The drift tracking waits while this runs (one bias lock). Returns the
+        compensation's result (its ``final_qber``).
         """
         if measure_qber is None:
             while not self._block_results.empty():
@@ -69,6 +70,7 @@ class MonitoringMixin(SessionCore):
         ):
             self.node.stats.calibrated = False
             await self.node.trigger(Event.QBER_HIGH, "compensation did not restore the QBER")
+        return result
 
     async def _compensate_locked(self, measure_qber: Any) -> Any:
         from qkdnode.procedures.encoding_compensation import (

@@ -27,7 +27,7 @@ from qkdnode.tracking import (
 if TYPE_CHECKING:
     from qkdnode.procedures.encoder_v_pi import StateErrors
 
-from qkdnode.pair.core import S, SessionCore, StepSpec
+from qkdnode.pair.core import SLOT_SLIP_QBER, S, SessionCore, StepSpec
 
 log = structlog.get_logger(__name__)
 
@@ -99,7 +99,15 @@ class SynchronizationMixin(SessionCore):
                     error=str(exc),
                     using_v=self.cfg.calibration.encoder_v_pi_v,
                 )
-        await self._compensate(self._probe_qber)
+        result = await self._compensate(self._probe_qber)
+        if result.final_qber >= SLOT_SLIP_QBER:
+            # Bits as random as coin flips: the acquisition locked onto the wrong slots
+            # (a false lock); key exchange on it would only abort block after block.
+            self.node.stats.synchronized = False
+            raise LinkError(
+                f"error rate {result.final_qber:.3f} after the encoding compensation: the slot "
+                "alignment is wrong (false lock)"
+            )
 
     async def _probe_qber(self) -> float:
         """Transmitter: error rate of a disclosed sample of fresh detections (no key use)."""

@@ -151,12 +151,19 @@ async def acquire_lock(
     )
     tracker = SlotTracker(result.model, slot_rate_hz, result.window_ps, cfg)
     tracker.update(tags)
-    for _ in range(cfg.confirm_blocks):
+    # Confirm on blocks the loop fits (at low rates it holds small blocks back and
+    # tracks them with the next ones): cfg.confirm_blocks of them, within a bounded time.
+    confirmed = 0
+    deadline = time.monotonic() + max(2.0, 4 * cfg.confirm_blocks * cfg.read_timeout_s)
+    while confirmed < cfg.confirm_blocks and time.monotonic() < deadline:
         block = await asyncio.to_thread(tagger.read_block, cfg.read_timeout_s)
         if block is not None and len(block):
-            tracker.update(block.tags)
+            _, status = tracker.update(block.tags)
+            confirmed += status.n_tags > 0
     last = tracker.history[-1]
-    locked = result.locked and tracker.locked and not tracker.lost
+    locked = (
+        result.locked and tracker.locked and not tracker.lost and confirmed >= cfg.confirm_blocks
+    )
     result = result.model_copy(
         update={
             "locked": locked,

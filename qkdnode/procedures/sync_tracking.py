@@ -68,10 +68,34 @@ class SlotTracker:
     bad_segments: int = 0
     history: list[TrackStatus] = field(default_factory=list)
     max_history: int = 10_000
+    _held: npt.NDArray[np.void] | None = field(default=None, repr=False)
 
     def update(self, tags: npt.NDArray[np.void]) -> tuple[MappedTags, TrackStatus]:
+        """Track ``tags`` (a block, in arrival order) and map them to slots.
+
+        At low count rates (a satellite pass) a block may hold fewer tags than one fitted
+        segment needs (``4 * cfg.min_fit_tags``): they are held back and tracked with the
+        next block's (the returned mapping is then empty and ``n_tags`` 0), so that the
+        loop fits every segment instead of coasting on the model."""
         if self.cfg.channels is not None and tags.size:
             tags = tags[np.isin(tags["channel"], self.cfg.channels)]
+        if self._held is not None:
+            tags = np.concatenate([self._held, tags])
+            self._held = None
+        if 0 < tags.size < 4 * self.cfg.min_fit_tags:
+            self._held = tags
+            return MappedTags(
+                np.zeros(0, np.int64), np.zeros(0, np.int8), np.zeros(0, np.float64)
+            ), TrackStatus(
+                n_tags=0,
+                n_in_window=0,
+                in_window_fraction=0.0,
+                timing_error_ps=math.nan,
+                residual_sigma_ps=math.nan,
+                ppm=self.model.ppm,
+                locked=self.locked,
+                lost=self.lost,
+            )
         times = np.asarray(tags["time_ps"], dtype=np.int64)
         period = slot_period_ps(self.slot_rate_hz)
         out = track(

@@ -235,3 +235,22 @@ def test_a_slow_links_first_block_raises_no_key_only_past_its_design_length() ->
         assert expected_block_s(s) == 300.0
         assert "no_key" not in active(s)
         assert "no_key" in active(dataclasses.replace(s, exchanging_since=10_000.0 - 1201))
+
+
+def test_between_passes_no_key_is_expected_unless_the_last_pass_gave_none() -> None:
+    """A satellite link waits between passes: not producing then is no alarm (whereas a
+    fibre link IDLE that long is), but a pass that gave no key stays one, with its reason,
+    until a pass gives key."""
+    idle_fibre = evaluate(snap(state="IDLE", exchanging_since=None, producing_since=0.0))
+    assert idle_fibre["no_key"][0]
+    waiting = evaluate(snap(state="AWAITING_PASS", exchanging_since=None, producing_since=0.0))
+    assert not waiting["no_key"][0]
+    failed = evaluate(
+        snap(
+            state="AWAITING_PASS",
+            exchanging_since=None,
+            pass_no_key="the pass set while the node was SYNCHRONIZING",
+        )
+    )
+    active, cause = failed["no_key"]
+    assert active and "SYNCHRONIZING" in cause
