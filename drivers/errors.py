@@ -45,6 +45,12 @@ class NotConnectedError(InstrumentError):
     """A command on an instrument that was never connected or was closed."""
 
 
+class NotSupportedError(InstrumentError):
+    """The instrument, or this driver of it, has no such setting or reading (an SNSPD has no
+    gate frequency, a tagger without an external clock input has no reference-clock choice).
+    Nothing was sent."""
+
+
 class DriverUnavailableError(InstrumentError):
     """The driver's vendor package or backend is not installed on this machine."""
 

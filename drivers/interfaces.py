@@ -23,10 +23,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from drivers.errors import NotSupportedError
+
 __all__ = [
     "TAG_DTYPE",
     "BB84State",
+    "DetectorMode",
     "DetectorStatus",
+    "Edge",
     "Encoder",
     "FaultInjector",
     "HealthLevel",
@@ -38,6 +42,7 @@ __all__ = [
     "LaserStatus",
     "OpticalPowerMeter",
     "PreparedStates",
+    "ReferenceClock",
     "SinglePhotonDetector",
     "StateSource",
     "TagBlock",
@@ -59,6 +64,13 @@ class InstrumentHealth:
 
     level: HealthLevel
     message: str = ""
+
+
+def not_supported(instrument: Instrument, command: str, what: str) -> NotSupportedError:
+    """The error an optional member raises on an instrument that lacks ``what``."""
+    return NotSupportedError(
+        instrument.name, command, f"{type(instrument).__name__} has no {what}"
+    )
 
 
 class Instrument(abc.ABC):
@@ -246,8 +258,37 @@ class OpticalPowerMeter(Instrument):
     def power_w(self) -> float:
         """Measured optical power in watts (may be negative noise near zero)."""
 
+    # Optional members: a meter without them raises NotSupportedError (nothing sent).
+
+    def set_range_w(self, range_w: float | None) -> None:
+        """Full-scale range in watts (the meter picks the range that holds it); None selects
+        auto-ranging."""
+        raise not_supported(self, "set_range_w", "range setting")
+
+    def range_w(self) -> float | None:
+        """Full-scale range in watts, or None when auto-ranging."""
+        raise not_supported(self, "range_w", "range setting")
+
+    def set_averaging(self, count: int) -> None:
+        """Number of samples averaged into one reading (>= 1)."""
+        raise not_supported(self, "set_averaging", "averaging setting")
+
+    def averaging(self) -> int:
+        raise not_supported(self, "averaging", "averaging setting")
+
+    def zero(self) -> None:
+        """Dark (zero) adjustment; the input must be dark. Blocks until it is done."""
+        raise not_supported(self, "zero", "zero adjustment")
+
 
 # --- Single-photon detector -------------------------------------------------------
+
+
+class DetectorMode(IntEnum):
+    """How an avalanche detector is biased: in gates on the slot clock, or continuously."""
+
+    GATED = 0
+    FREE_RUNNING = 1
 
 
 class DetectorStatus(IntEnum):
@@ -307,6 +348,42 @@ class SinglePhotonDetector(Instrument):
     def count_rate_hz(self) -> float:
         """Click rate over the last integration period, in Hz."""
 
+    # Optional members: a detector without the setting raises NotSupportedError (nothing is
+    # sent). Gated InGaAs detectors have gate frequency, width and mode; SNSPDs have a bias
+    # current; most report a temperature.
+
+    def set_bias_current_ua(self, bias_current_ua: float) -> None:
+        """Bias current of a superconducting nanowire, in microamperes."""
+        raise not_supported(self, "set_bias_current_ua", "bias current setting")
+
+    def bias_current_ua(self) -> float:
+        raise not_supported(self, "bias_current_ua", "bias current setting")
+
+    def set_gate_frequency_hz(self, gate_frequency_hz: float) -> None:
+        """Gate repetition rate of a gated detector (internal gate generator), in Hz."""
+        raise not_supported(self, "set_gate_frequency_hz", "gate frequency setting")
+
+    def gate_frequency_hz(self) -> float:
+        raise not_supported(self, "gate_frequency_hz", "gate frequency setting")
+
+    def set_gate_width_ns(self, gate_width_ns: float) -> None:
+        """Effective gate width of a gated detector, in ns."""
+        raise not_supported(self, "set_gate_width_ns", "gate width setting")
+
+    def gate_width_ns(self) -> float:
+        raise not_supported(self, "gate_width_ns", "gate width setting")
+
+    def set_mode(self, mode: DetectorMode) -> None:
+        """Gated or free-running operation."""
+        raise not_supported(self, "set_mode", "choice of gated/free-running mode")
+
+    def mode(self) -> DetectorMode:
+        raise not_supported(self, "mode", "choice of gated/free-running mode")
+
+    def temperature_k(self) -> float:
+        """Temperature of the sensing element (APD or nanowire stage), in kelvin."""
+        raise not_supported(self, "temperature_k", "temperature reading")
+
 
 # --- Time tagger ------------------------------------------------------------------
 
@@ -332,8 +409,26 @@ class TagBlock:
         return int(self.tags.shape[0])
 
 
+class Edge(IntEnum):
+    """Which edge of an input pulse is time-tagged."""
+
+    RISING = 0
+    FALLING = 1
+
+
+class ReferenceClock(IntEnum):
+    """The tagger's time base: its own oscillator or an external reference (10 MHz)."""
+
+    INTERNAL = 0
+    EXTERNAL = 1
+
+
 class TimeTagger(Instrument):
-    """Multi-channel time-to-digital converter streaming (channel, time_ps) records."""
+    """Multi-channel time-to-digital converter streaming (channel, time_ps) records.
+
+    Input settings beyond delay and level (edge, dead time), the time base and the
+    resolution are optional members: a tagger without them raises NotSupportedError.
+    """
 
     @abc.abstractmethod
     def channels(self) -> list[int]: ...
@@ -362,6 +457,31 @@ class TimeTagger(Instrument):
 
     @abc.abstractmethod
     def count_rates_hz(self) -> dict[int, float]: ...
+
+    def set_edge(self, channel: int, edge: Edge) -> None:
+        """Tag the rising or the falling edge on ``channel``."""
+        raise not_supported(self, "set_edge", "edge selection")
+
+    def edge(self, channel: int) -> Edge:
+        raise not_supported(self, "edge", "edge selection")
+
+    def set_dead_time_ps(self, channel: int, dead_time_ps: int) -> None:
+        """Minimum time between two tags on ``channel`` (later pulses are ignored), in ps."""
+        raise not_supported(self, "set_dead_time_ps", "dead-time setting")
+
+    def dead_time_ps(self, channel: int) -> int:
+        raise not_supported(self, "dead_time_ps", "dead-time setting")
+
+    def set_reference_clock(self, source: ReferenceClock) -> None:
+        """Run the time base from the internal oscillator or an external reference."""
+        raise not_supported(self, "set_reference_clock", "reference-clock choice")
+
+    def reference_clock(self) -> ReferenceClock:
+        raise not_supported(self, "reference_clock", "reference-clock choice")
+
+    def resolution_ps(self) -> float:
+        """Time bin (least significant bit) of the tags, in ps."""
+        raise not_supported(self, "resolution_ps", "resolution reading")
 
 
 # --- Transmitter state record -----------------------------------------------------

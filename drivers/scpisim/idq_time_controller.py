@@ -1,0 +1,408 @@
+"""Simulated ID Quantique Time Controller (ID1000) and its Data Link Target, over ZeroMQ.
+
+:class:`IdqTimeControllerSim` serves, on loopback, what the driver
+(:mod:`drivers.idq_time_controller`) talks to on real hardware:
+
+* the controller's SCPI endpoint, a ZeroMQ REP socket answering every message (an empty
+  message for an accepted setting, the value for a query, ``Error: ...`` otherwise);
+* the Data Link Target service, a REP socket taking ``start-stream``/``stop`` command lines
+  and answering JSON;
+* the streams: while ``REC`` plays and ``RAW<n>:SEND`` is on, the DLT connects to the
+  client's PAIR socket and sends that input's events as ``uint64`` ``(timestamp_ps,
+  ref_index)`` pairs every ``chunk_s`` of wall time.
+
+Physics kept to what the settings change: each input sees pulses at ``rate_hz`` (a test
+hook, :meth:`IdqTimeControllerSim.set_rate`) evenly spaced from the start of the
+acquisition, ``pulse_amplitude_v`` high and ``pulse_width_ps`` wide; a threshold above the
+amplitude sees nothing, the falling edge comes one pulse width later, the delay block adds
+its delay, pulses closer than the dead time are lost, and tags are rounded to the bin width.
+Counters count the same pulses over their cycle. Not modelled: coupling, the START input,
+generators, histograms, combiners, more than one client.
+
+Faults (:meth:`IdqTimeControllerSim.inject`): ``garble`` (the next reply is not UTF-8),
+``no_reply`` (the next request is swallowed), ``down``/``up`` (the controller stops
+answering; the driver sees a timeout).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shlex
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zmq
+
+IDN = "ID Quantique,ID1000,SIM00042,2.0.0 (simulated)"
+_SET_RE = re.compile(r"^([A-Z*]+)(\d*)((?::[A-Z]+)*)(\?)?(?:\s+(.*))?$")
+_ABBREV = {
+    "INPUT": "INPU",
+    "ENABLE": "ENAB",
+    "THRESHOLD": "THRE",
+    "DEADTIME": "DEAD",
+    "COUNTER": "COUN",
+    "INTEGRATION": "INTE",
+    "DELAY": "DELA",
+    "VALUE": "VALU",
+    "DEVICE": "DEVI",
+    "RESOLUTION": "RES",
+    "SYNCHRONIZATION": "SYNC",
+    "RECORD": "REC",
+}
+
+
+@dataclass
+class _Input:
+    enabled: bool = False
+    threshold_v: float = 0.1
+    edge: str = "RISING"
+    dead_ps: int = 0
+    rate_hz: float = 0.0
+    count_mode: str = "CYCL"
+    integration_ms: int = 1000
+
+
+class IdqTimeControllerSim:
+    """Controller and data link on ``tcp://127.0.0.1`` (random ports); a thread serves both."""
+
+    def __init__(
+        self,
+        reference_period_ps: int = 100_000_000,
+        bin_width_ps: int = 1,
+        chunk_s: float = 0.01,
+        pulse_amplitude_v: float = 0.8,
+        pulse_width_ps: int = 1000,
+    ) -> None:
+        self.reference_period_ps = reference_period_ps
+        self.bin_width_ps = bin_width_ps
+        self.chunk_s = chunk_s
+        self.pulse_amplitude_v = pulse_amplitude_v
+        self.pulse_width_ps = pulse_width_ps
+        self.inputs = {n: _Input() for n in range(1, 5)}
+        self.delays_ps = dict.fromkeys(range(1, 9), 0)
+        self.sync = "INTERNAL"
+        self.raw_send = dict.fromkeys(range(1, 5), False)
+        self.playing_since: float | None = None
+        self.requests_seen = 0
+        self._ctx = zmq.Context.instance()
+        self._faults: dict[str, int] = {}
+        self._down = False
+        self._lock = threading.RLock()
+        self._streams: dict[int, tuple[int, zmq.Socket[Any]]] = {}  # id -> (channel, socket)
+        self._sent_until_ps: dict[int, int] = {}
+        self._next_id = 1
+        self._stop = threading.Event()
+        self._tc = self._bind(zmq.REP)
+        self._dlt = self._bind(zmq.REP)
+        self.endpoint = self._tc.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.dlt_endpoint = self._dlt.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._thread = threading.Thread(target=self._run, name="idq-tc-sim", daemon=True)
+
+    def _bind(self, kind: int, endpoint: str = "tcp://127.0.0.1:0") -> zmq.Socket[Any]:
+        sock = self._ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(endpoint)
+        return sock
+
+    # --- life cycle and test hooks -------------------------------------------------------
+
+    def start(self) -> IdqTimeControllerSim:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=2)
+        with self._lock:
+            for _, sock in self._streams.values():
+                sock.close(0)
+            self._streams.clear()
+        self._tc.close(0)
+        self._dlt.close(0)
+
+    def __enter__(self) -> IdqTimeControllerSim:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def set_rate(self, channel: int, rate_hz: float) -> None:
+        """Pulses per second arriving at input ``channel``."""
+        with self._lock:
+            self.inputs[channel].rate_hz = rate_hz
+
+    def inject(self, fault: str, count: int = 1) -> None:
+        """``garble`` or ``no_reply`` for the next ``count`` requests; ``down``/``up``."""
+        with self._lock:
+            if fault == "down":
+                self._down = True
+            elif fault == "up":
+                self._down = False
+            elif fault in ("garble", "no_reply"):
+                self._faults[fault] = count
+            else:
+                raise ValueError(f"unknown fault {fault!r}")
+
+    # --- server loop ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._tc, zmq.POLLIN)
+        poller.register(self._dlt, zmq.POLLIN)
+        next_chunk = time.monotonic()
+        while not self._stop.is_set():
+            events = dict(poller.poll(5))
+            if self._tc in events:
+                message = self._tc.recv()
+                self._serve_controller(message, poller)
+            if self._dlt in events:
+                self._dlt.send_string(self._handle_dlt(self._dlt.recv().decode("utf-8", "replace")))
+            if time.monotonic() >= next_chunk:
+                next_chunk = time.monotonic() + self.chunk_s
+                self._send_chunks()
+
+    def _serve_controller(self, message: bytes, poller: zmq.Poller) -> None:
+        with self._lock:
+            self.requests_seen += 1
+            down = self._down
+            fault = next((f for f, n in self._faults.items() if n > 0), None)
+            if fault:
+                self._faults[fault] -= 1
+        if down or fault == "no_reply":
+            # A REP socket must answer before it can receive again: a silent device is a
+            # fresh socket on the same endpoint (the request is lost, as on a dead device).
+            poller.unregister(self._tc)
+            self._tc.close(0)
+            self._tc = self._bind(zmq.REP, self.endpoint)
+            poller.register(self._tc, zmq.POLLIN)
+            return
+        if fault == "garble":
+            self._tc.send(b"\xff\xfe\x00garbage\x80")
+            return
+        try:
+            text = message.decode("utf-8")
+        except UnicodeDecodeError:
+            self._tc.send_string("Error: not text")
+            return
+        replies = [self.handle(part.strip()) for part in text.split(";:")]
+        self._tc.send_string("\n".join(r for r in replies if r))
+
+    # --- the controller's commands ------------------------------------------------------
+
+    def handle(self, message: str) -> str:
+        """One message (possibly ``;``-joined settings of one block); '' for accepted
+        settings, the value for a query, ``Error: ...`` otherwise."""
+        with self._lock:
+            parts = message.split(";")
+            head = parts[0]
+            block = head.split(":")[0]
+            replies = [self._one(head)]
+            for extra in parts[1:]:  # "INPU1:COUN:MODE CYCL;INTE 100" keeps the parent path
+                parent = head.rsplit(":", 1)[0] if ":" in head else block
+                replies.append(self._one(f"{parent}:{extra.strip()}"))
+            errors = [r for r in replies if r.startswith("Error")]
+            return errors[0] if errors else "\n".join(r for r in replies if r)
+
+    def _one(self, command: str) -> str:  # noqa: PLR0911, PLR0912 - one branch per command
+        m = _SET_RE.match(command.strip().upper())
+        if m is None:
+            return f"Error: syntax '{command}'"
+        block, index_s, path, query, arg = m.groups()
+        block = _ABBREV.get(block, block)
+        keys = [_ABBREV.get(k, k) for k in path.split(":") if k]
+        index = int(index_s) if index_s else 0
+        arg = (arg or "").strip()
+        if block == "*IDN" and query:
+            return IDN
+        if block == "INPU" and index in self.inputs:
+            return self._input(self.inputs[index], index, keys, bool(query), arg)
+        if block == "DELA" and index in self.delays_ps and keys == ["VALU"]:
+            if query:
+                return str(self.delays_ps[index])
+            value = _int(arg)
+            if value is None or not 0 <= value <= 1_000_000_000:
+                return f"Error: value out of range '{command}'"
+            self.delays_ps[index] = value
+            return ""
+        if block == "DEVI" and keys == ["RES", "BWID"] and query:
+            return str(self.bin_width_ps)
+        if block == "DEVI" and keys == ["SYNC"]:
+            if query:
+                return self.sync
+            word = {"INT": "INTERNAL", "INTERNAL": "INTERNAL", "EXT": "EXTERNAL"}.get(arg)
+            word = word or {"EXTERNAL": "EXTERNAL"}.get(arg)
+            if word is None:
+                return f"Error: invalid value '{command}'"
+            self.sync = word
+            return ""
+        if block == "RAW" and index in self.raw_send and keys == ["SEND"] and not query:
+            if arg not in ("ON", "OFF"):
+                return f"Error: invalid value '{command}'"
+            self.raw_send[index] = arg == "ON"
+            return ""
+        if block == "REC" and not query:
+            if keys == ["PLAY"]:
+                if self.playing_since is None:
+                    self.playing_since = time.monotonic()
+                    self._sent_until_ps = {}
+                return ""
+            if keys == ["STOP"]:
+                self.playing_since = None
+                return ""
+            if keys in (["ENAB"], ["NUM"]):
+                return ""
+        return f"Error: undefined header '{command}'"
+
+    def _input(self, inp: _Input, index: int, keys: list[str], query: bool, arg: str) -> str:  # noqa: PLR0911
+        name = f"INPU{index}:{':'.join(keys)}"
+        if keys == ["ENAB"]:
+            if query:
+                return "ON" if inp.enabled else "OFF"
+            if arg not in ("ON", "OFF", ""):
+                return f"Error: invalid value '{name}'"
+            inp.enabled = arg != "OFF"
+            return ""
+        if keys == ["THRE"]:
+            if query:
+                return f"{inp.threshold_v:.4f}V"
+            value = _float(arg.removesuffix("V"))
+            if value is None or not -2.0 <= value <= 2.0:
+                return f"Error: value out of range '{name}'"
+            inp.threshold_v = value
+            return ""
+        if keys == ["EDGE"]:
+            if query:
+                return inp.edge
+            word = {"RISI": "RISING", "RISING": "RISING", "FALL": "FALLING"}.get(arg)
+            word = word or {"FALLING": "FALLING"}.get(arg)
+            if word is None:
+                return f"Error: invalid value '{name}'"
+            inp.edge = word
+            return ""
+        if keys == ["DEAD"]:
+            if query:
+                return str(inp.dead_ps)
+            value = _int(arg)
+            if value is None or not 0 <= value <= 1_000_000_000:
+                return f"Error: value out of range '{name}'"
+            inp.dead_ps = value
+            return ""
+        if keys == ["COUN", "MODE"] and not query and arg in ("CYCL", "ACCU"):
+            inp.count_mode = arg
+            return ""
+        if keys in (["COUN", "INTE"], ["INTE"]) and not query:
+            value = _int(arg)
+            if value is None or not 1 <= value <= 100_000:
+                return f"Error: value out of range '{name}'"
+            inp.integration_ms = value
+            return ""
+        if keys == ["COUN"] and query:
+            period = self._period_ps(inp)
+            if period is None:
+                return "0"
+            return str(math.floor(inp.integration_ms * 1e9 / period))
+        return f"Error: undefined header '{name}'"
+
+    # --- events ------------------------------------------------------------------------------
+
+    def _period_ps(self, inp: _Input) -> int | None:
+        """Spacing of the tagged pulses, or None when the input sees none."""
+        if not inp.enabled or inp.rate_hz <= 0 or inp.threshold_v >= self.pulse_amplitude_v:
+            return None
+        period = round(1e12 / inp.rate_hz)
+        if period < inp.dead_ps:  # every other pulse (or more) falls in the dead time
+            period *= math.ceil(inp.dead_ps / period)
+        return max(period, 1)
+
+    def _events(self, channel: int, start_ps: int, stop_ps: int) -> np.ndarray[Any, Any]:
+        """Tag times in [start_ps, stop_ps) of ``channel`` since the acquisition started."""
+        inp = self.inputs[channel]
+        period = self._period_ps(inp)
+        if period is None:
+            return np.zeros(0, np.int64)
+        offset = self.delays_ps[channel] + (self.pulse_width_ps if inp.edge == "FALLING" else 0)
+        first = max(0, math.ceil((start_ps - offset) / period))
+        last = math.ceil((stop_ps - offset) / period)
+        t = offset + np.arange(first, max(first, last), dtype=np.int64) * period
+        return (t // self.bin_width_ps) * self.bin_width_ps
+
+    def _send_chunks(self) -> None:
+        with self._lock:
+            if self.playing_since is None:
+                return
+            now_ps = int((time.monotonic() - self.playing_since) * 1e12)
+            for stream_id, (channel, sock) in list(self._streams.items()):
+                if not self.raw_send[channel]:
+                    continue
+                since = self._sent_until_ps.get(stream_id, 0)
+                t = self._events(channel, since, now_ps)
+                self._sent_until_ps[stream_id] = now_ps
+                if not len(t):
+                    continue
+                rec = np.empty(len(t), dtype=[("ts", "<u8"), ("ref", "<u8")])
+                rec["ref"] = t // self.reference_period_ps
+                rec["ts"] = t % self.reference_period_ps
+                try:
+                    sock.send(rec.tobytes(), zmq.NOBLOCK)
+                except zmq.Again:
+                    pass  # the client is not there (yet): the data link drops the chunk
+
+    # --- the data link service -----------------------------------------------------------
+
+    def _handle_dlt(self, line: str) -> str:
+        try:
+            words = shlex.split(line)
+        except ValueError:
+            return json.dumps({"error": "cannot parse command"})
+        if not words:
+            return json.dumps({"error": "empty command"})
+        opts = {
+            words[i][2:]: (words[i + 1] if i + 1 < len(words) else "")
+            for i in range(1, len(words))
+            if words[i].startswith("--")
+        }
+        with self._lock:
+            if words[0] == "start-stream":
+                try:
+                    channel = int(opts["channel"])
+                    port = int(opts["stream-port"])
+                except (KeyError, ValueError):
+                    return json.dumps({"error": "start-stream needs --channel and --stream-port"})
+                if channel not in self.inputs:
+                    return json.dumps({"error": f"no channel {channel}"})
+                sock = self._ctx.socket(zmq.PAIR)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.connect(f"tcp://127.0.0.1:{port}")
+                stream_id = self._next_id
+                self._next_id += 1
+                self._streams[stream_id] = (channel, sock)
+                return json.dumps({"id": stream_id})
+            if words[0] == "stop":
+                try:
+                    _, sock = self._streams.pop(int(opts["id"]))
+                except (KeyError, ValueError):
+                    return json.dumps({"error": f"no acquisition {opts.get('id')!r}"})
+                sock.close(0)
+                return json.dumps({})
+        return json.dumps({"error": f"unknown command {words[0]!r}"})
+
+
+def _int(text: str) -> int | None:
+    try:
+        return int(float(text))
+    except ValueError:
+        return None
+
+
+def _float(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
