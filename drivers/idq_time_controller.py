@@ -130,7 +130,6 @@ class IdqTimeController(TimeTagger):
         self._lock = threading.RLock()
         self._streams: dict[int, tuple[str, zmq.Socket[Any]]] = {}
         self._dlt: ZmqReqTransport | None = None
-        self._pending = b""
 
     # --- SCPI helpers ------------------------------------------------------------
 
@@ -300,7 +299,7 @@ class IdqTimeController(TimeTagger):
                 self.name, self.options.dlt_endpoint, timeout_s=self.timeout_s
             )
             self._dlt.open()
-            context = zmq.Context.instance()
+            context: zmq.Context[Any] = zmq.Context.instance()
             try:
                 for ch in self.options.channels:
                     sock = context.socket(zmq.PAIR)

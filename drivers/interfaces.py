@@ -68,9 +68,7 @@ class InstrumentHealth:
 
 def not_supported(instrument: Instrument, command: str, what: str) -> NotSupportedError:
     """The error an optional member raises on an instrument that lacks ``what``."""
-    return NotSupportedError(
-        instrument.name, command, f"{type(instrument).__name__} has no {what}"
-    )
+    return NotSupportedError(instrument.name, command, f"{type(instrument).__name__} has no {what}")
 
 
 class Instrument(abc.ABC):

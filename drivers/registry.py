@@ -75,7 +75,23 @@ DRIVERS: dict[str, DriverEntry] = {
         "SinglePhotonDetector",
         "single-photon detector, qkdnode SPD-ASCII v1 line protocol (serial)",
     ),
+    # --- real drivers: network ---------------------------------------------------------
+    "single_quantum_snspd": DriverEntry(
+        "drivers.single_quantum:SingleQuantumSnspd",
+        "SinglePhotonDetector",
+        "Single Quantum SNSPD controller, one detector (JSON over TCP 12000, counts on 12345)",
+    ),
     # --- time taggers -----------------------------------------------------------------
+    "idq_time_controller": DriverEntry(
+        "drivers.idq_time_controller:IdqTimeController",
+        "TimeTagger",
+        "ID Quantique ID900/ID1000 Time Controller (SCPI over ZeroMQ 5555, data link streams)",
+    ),
+    "qutag": DriverEntry(
+        "drivers.qutag:QutagTimeTagger",
+        "TimeTagger",
+        "qutools quTAG through the vendor's QuTAG wrapper of tdcbase (resource unused)",
+    ),
     "swabian_time_tagger": DriverEntry(
         "drivers.swabian:SwabianTimeTagger",
         "TimeTagger",
@@ -204,8 +220,19 @@ def probe(resource: str, timeout_s: float = 2.0, visa_library: str = "") -> dict
 
     VISA resources (``GPIB0::20::INSTR``, optionally ``...@sim`` or with ``visa_library``)
     are asked ``*IDN?``. Serial URLs are tried as OIF-ITLA (NOP and AEA strings) and then
-    as SPD-ASCII (``IDN?``). Raises an :class:`InstrumentError` when nothing answers.
+    as SPD-ASCII (``IDN?``). ``tcp://HOST:PORT`` is tried as a Single Quantum SNSPD
+    controller (JSON labels) and then as a ZeroMQ SCPI endpoint (``*IDN?``, the ID Quantique
+    Time Controller). ``qutag:`` (or ``qutag:MODULE``) loads qutools' wrapper and asks the
+    device. Raises an :class:`InstrumentError` when nothing answers.
     """
+    if resource.startswith("tcp://"):
+        from drivers.probe_network import probe_tcp
+
+        return probe_tcp(resource, timeout_s)
+    if resource.startswith("qutag:"):
+        from drivers.probe_network import probe_qutag
+
+        return probe_qutag(resource, timeout_s)
     if _is_visa(resource):
         return _probe_visa(resource, timeout_s, visa_library)
     return _probe_serial(resource, timeout_s)

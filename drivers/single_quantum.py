@@ -300,7 +300,12 @@ class SingleQuantumSnspd(SinglePhotonDetector):
     def set_threshold_v(self, threshold_v: float) -> None:
         lo, hi = self.options.trigger_level_range_mv
         v = check_range(
-            self.name, "SetAllTriggerLevels", "trigger level", threshold_v, (lo / 1e3, hi / 1e3), "V"
+            self.name,
+            "SetAllTriggerLevels",
+            "trigger level",
+            threshold_v,
+            (lo / 1e3, hi / 1e3),
+            "V",
         )
         self._set_list("SetAllTriggerLevels", "TriggerLevel", "mV", v * 1e3)
 

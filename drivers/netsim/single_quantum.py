@@ -264,11 +264,15 @@ class SingleQuantumSim:
             "InptMeasurementPeriod": st.period_ms,
         }
 
-    def _handle(self, message: Any) -> list[bytes]:  # noqa: PLR0911 - one branch per message
+    def _handle(self, message: Any) -> list[bytes]:
         if not isinstance(message, dict):
             return [self._label("ErrorMessage", "message is not an object")]
         st = self.state
-        request, command, value = message.get("request"), message.get("command"), message.get("value")
+        request, command, value = (
+            message.get("request"),
+            message.get("command"),
+            message.get("value"),
+        )
         if request == "labelProps":
             return [self._label(k, v, props=True) for k, v in self._all_labels().items()]
         if request == "BiasVoltage":

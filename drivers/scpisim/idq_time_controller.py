@@ -3,8 +3,9 @@
 :class:`IdqTimeControllerSim` serves, on loopback, what the driver
 (:mod:`drivers.idq_time_controller`) talks to on real hardware:
 
-* the controller's SCPI endpoint, a ZeroMQ REP socket answering every message (an empty
-  message for an accepted setting, the value for a query, ``Error: ...`` otherwise);
+* the controller's SCPI endpoint answering every message (an empty message for an accepted
+  setting, the value for a query, ``Error: ...`` otherwise); it is a ROUTER socket, which a
+  REQ client cannot tell from the device's REP but which may leave a request unanswered;
 * the Data Link Target service, a REP socket taking ``start-stream``/``stop`` command lines
   and answering JSON;
 * the streams: while ``REC`` plays and ``RAW<n>:SEND`` is on, the DLT connects to the
@@ -89,7 +90,7 @@ class IdqTimeControllerSim:
         self.raw_send = dict.fromkeys(range(1, 5), False)
         self.playing_since: float | None = None
         self.requests_seen = 0
-        self._ctx = zmq.Context.instance()
+        self._ctx: zmq.Context[Any] = zmq.Context.instance()
         self._faults: dict[str, int] = {}
         self._down = False
         self._lock = threading.RLock()
@@ -97,14 +98,14 @@ class IdqTimeControllerSim:
         self._sent_until_ps: dict[int, int] = {}
         self._next_id = 1
         self._stop = threading.Event()
-        self._tc = self._bind(zmq.REP)
+        self._tc = self._bind(zmq.ROUTER)
         self._dlt = self._bind(zmq.REP)
         self.endpoint = self._tc.getsockopt_string(zmq.LAST_ENDPOINT)
         self.dlt_endpoint = self._dlt.getsockopt_string(zmq.LAST_ENDPOINT)
         self._thread = threading.Thread(target=self._run, name="idq-tc-sim", daemon=True)
 
     def _bind(self, kind: int, endpoint: str = "tcp://127.0.0.1:0") -> zmq.Socket[Any]:
-        sock = self._ctx.socket(kind)
+        sock: zmq.Socket[Any] = self._ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
         sock.bind(endpoint)
         return sock
@@ -159,15 +160,16 @@ class IdqTimeControllerSim:
         while not self._stop.is_set():
             events = dict(poller.poll(5))
             if self._tc in events:
-                message = self._tc.recv()
-                self._serve_controller(message, poller)
+                frames = self._tc.recv_multipart()
+                if len(frames) == 3 and frames[1] == b"":  # [peer, delimiter, message]
+                    self._serve_controller(frames[0], frames[2])
             if self._dlt in events:
                 self._dlt.send_string(self._handle_dlt(self._dlt.recv().decode("utf-8", "replace")))
             if time.monotonic() >= next_chunk:
                 next_chunk = time.monotonic() + self.chunk_s
                 self._send_chunks()
 
-    def _serve_controller(self, message: bytes, poller: zmq.Poller) -> None:
+    def _serve_controller(self, peer: bytes, message: bytes) -> None:
         with self._lock:
             self.requests_seen += 1
             down = self._down
@@ -175,23 +177,17 @@ class IdqTimeControllerSim:
             if fault:
                 self._faults[fault] -= 1
         if down or fault == "no_reply":
-            # A REP socket must answer before it can receive again: a silent device is a
-            # fresh socket on the same endpoint (the request is lost, as on a dead device).
-            poller.unregister(self._tc)
-            self._tc.close(0)
-            self._tc = self._bind(zmq.REP, self.endpoint)
-            poller.register(self._tc, zmq.POLLIN)
-            return
+            return  # the request is lost, as on a dead device
         if fault == "garble":
-            self._tc.send(b"\xff\xfe\x00garbage\x80")
-            return
-        try:
-            text = message.decode("utf-8")
-        except UnicodeDecodeError:
-            self._tc.send_string("Error: not text")
-            return
-        replies = [self.handle(part.strip()) for part in text.split(";:")]
-        self._tc.send_string("\n".join(r for r in replies if r))
+            reply = b"\xff\xfe\x00garbage\x80"
+        else:
+            try:
+                text = message.decode("utf-8")
+            except UnicodeDecodeError:
+                text = ""
+            replies = [self.handle(part.strip()) for part in text.split(";:")] if text else []
+            reply = ("\n".join(r for r in replies if r) if text else "Error: not text").encode()
+        self._tc.send_multipart([peer, b"", reply])
 
     # --- the controller's commands ------------------------------------------------------
 
@@ -209,7 +205,7 @@ class IdqTimeControllerSim:
             errors = [r for r in replies if r.startswith("Error")]
             return errors[0] if errors else "\n".join(r for r in replies if r)
 
-    def _one(self, command: str) -> str:  # noqa: PLR0911, PLR0912 - one branch per command
+    def _one(self, command: str) -> str:
         m = _SET_RE.match(command.strip().upper())
         if m is None:
             return f"Error: syntax '{command}'"
@@ -259,7 +255,7 @@ class IdqTimeControllerSim:
                 return ""
         return f"Error: undefined header '{command}'"
 
-    def _input(self, inp: _Input, index: int, keys: list[str], query: bool, arg: str) -> str:  # noqa: PLR0911
+    def _input(self, inp: _Input, index: int, keys: list[str], query: bool, arg: str) -> str:
         name = f"INPU{index}:{':'.join(keys)}"
         if keys == ["ENAB"]:
             if query:

@@ -52,7 +52,7 @@ class ZmqReqTransport(MessageTransport):
                 self._socket = self._new_socket()
 
     def _new_socket(self) -> zmq.Socket[Any]:
-        sock = self._context.socket(zmq.REQ)
+        sock: zmq.Socket[Any] = self._context.socket(zmq.REQ)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_REPLY_BYTES)
         try:

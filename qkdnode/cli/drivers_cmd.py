@@ -18,8 +18,13 @@ def register(sub: Any) -> None:
     lst = dsub.add_parser("list", help="table of known drivers")
     lst.add_argument("--json", action="store_true", help="print JSON instead of a table")
     lst.set_defaults(func=_list)
-    prb = dsub.add_parser("probe", help="open a VISA resource or serial URL and identify it")
-    prb.add_argument("resource", help="VISA resource (GPIB0::20::INSTR) or serial URL/path")
+    prb = dsub.add_parser(
+        "probe", help="open a VISA resource, serial URL, tcp:// endpoint or qutag: and identify it"
+    )
+    prb.add_argument(
+        "resource",
+        help="VISA resource (GPIB0::20::INSTR), serial URL/path, tcp://HOST:PORT or qutag[:MODULE]",
+    )
     prb.add_argument("--visa-library", default="", help="pyvisa backend, e.g. PATH.yaml@sim")
     prb.add_argument("--timeout-s", type=float, default=2.0, help="per-attempt timeout, seconds")
     prb.add_argument("--json", action="store_true", help="print JSON")
