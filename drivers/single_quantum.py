@@ -10,7 +10,8 @@ manual's chapter "Remote control" describes the same messages). What it specifie
 * ``{"request": "labelProps", "value": "None"}`` makes the controller send every label as
   ``{"label": L, "value": {"value": V, ...}}``; afterwards each change of a label is
   broadcast as ``{"label": L, "value": V}``. A label containing ``Error`` carries an error
-  text.
+  text. This driver asks afresh before every read (and before every read-modify-write of
+  a per-detector list) and waits for the broadcast that confirms each setting.
 * Settings (one value per detector, lists indexed by detector)::
 
       {"command": "SetAllBiasCurrents", "label": "BiasCurrent", "value": [uA, ...]}
@@ -126,13 +127,26 @@ class SingleQuantumSnspd(SinglePhotonDetector):
         self._counts_rx = b""
         self._labels: dict[str, Any] = {}
         self._detectors = 0
+        self._wanted = False  # connect() was called and close() was not
 
     # --- wire ---------------------------------------------------------------------------
 
     def _sock(self, command: str) -> socket.socket:
+        """The control connection; reopened once per call after it was lost."""
         if self._control is None:
-            raise NotConnectedError(self.name, command, "not connected")
+            if not self._wanted:
+                raise NotConnectedError(self.name, command, "not connected")
+            self._open_control(command)
+            assert self._control is not None
         return self._control
+
+    def _open_control(self, command: str) -> None:
+        try:
+            self._control = socket.create_connection((self.host, self.port), self.timeout_s)
+        except OSError as exc:
+            raise ConnectionLostError(
+                self.name, command, f"cannot reach {self.host}:{self.port}: {exc}"
+            ) from None
 
     def _send(self, message: dict[str, Any]) -> None:
         command = str(message.get("command") or message.get("request"))
@@ -195,12 +209,10 @@ class SingleQuantumSnspd(SinglePhotonDetector):
             self._pump(command, remaining)
 
     def _label(self, label: str) -> Any:
-        """Current value of ``label``: broadcasts drained first, then asked for if unseen."""
+        """Current value of ``label``, asked for afresh (``labelProps``): a value cached from
+        broadcasts may be stale when another client or the front panel changed it and the
+        broadcast was missed, and settings written as whole lists must not undo that."""
         with self._lock:
-            while self._pump(label, 0):
-                pass
-            if label in self._labels:
-                return self._labels[label]
             self._send({"request": "labelProps", "value": "None"})
             return self._await_label(label, label)
 
@@ -235,12 +247,7 @@ class SingleQuantumSnspd(SinglePhotonDetector):
         with self._lock:
             if self._control is not None:
                 return
-            try:
-                self._control = socket.create_connection((self.host, self.port), self.timeout_s)
-            except OSError as exc:
-                raise ConnectionLostError(
-                    self.name, "connect", f"cannot reach {self.host}:{self.port}: {exc}"
-                ) from None
+            self._open_control("connect")
             try:
                 self._send({"request": "labelProps", "value": "None"})
                 n = self._await_label("labelProps", "NumberOfDetectors")
@@ -262,9 +269,11 @@ class SingleQuantumSnspd(SinglePhotonDetector):
             except InstrumentError:
                 self._drop()
                 raise
+            self._wanted = True
 
     def close(self) -> None:
         with self._lock:
+            self._wanted = False
             self._drop()
 
     def identify(self) -> str:
@@ -272,9 +281,10 @@ class SingleQuantumSnspd(SinglePhotonDetector):
         return f"Single Quantum,SNSPD controller,{self.host}:{self.port},{n} detectors"
 
     def safe_state(self) -> None:
-        """Bias off (DetectorEnable false): nothing counts, nothing latches. Not connected
-        means nothing was ever enabled by us: nothing to do."""
-        if self._control is not None:
+        """Bias off (DetectorEnable false): nothing counts, nothing latches. Never connected
+        (or closed) means nothing to do; a lost connection is reopened for it, and raises
+        when the controller cannot be reached (the bias may still be on)."""
+        if self._wanted:
             self.disarm()
 
     def health(self) -> InstrumentHealth:

@@ -143,3 +143,26 @@ def test_simlink_entries_are_listed_when_present() -> None:
         "sim_time_tagger",
         "sim_state_source",
     }
+
+
+def test_cli_lists_and_probes_the_network_instruments(capsys: pytest.CaptureFixture[str]) -> None:
+    from drivers.netsim.single_quantum import SingleQuantumSim
+    from drivers.scpisim.idq_time_controller import IdqTimeControllerSim
+
+    assert main(["drivers", "list", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["idq_time_controller"]["interface"] == "TimeTagger"
+    assert rows["qutag"]["interface"] == "TimeTagger"
+    assert rows["single_quantum_snspd"]["interface"] == "SinglePhotonDetector"
+    with SingleQuantumSim() as sq, IdqTimeControllerSim() as tc:
+        assert main(["drivers", "probe", sq.url, "--timeout-s", "1", "--json"]) == 0
+        found = json.loads(capsys.readouterr().out)
+        assert found["suggested_drivers"] == ["single_quantum_snspd"]
+        assert "4 detectors" in found["identity"]
+        assert main(["drivers", "probe", tc.endpoint, "--timeout-s", "1", "--json"]) == 0
+        found = json.loads(capsys.readouterr().out)
+        assert found["suggested_drivers"] == ["idq_time_controller"]
+        assert found["identity"].startswith("ID Quantique,ID1000")
+        url = tc.endpoint
+    assert main(["drivers", "probe", url, "--timeout-s", "0.2"]) == 1  # nothing there now
+    assert "no known protocol" in capsys.readouterr().err
