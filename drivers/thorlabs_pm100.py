@@ -5,7 +5,17 @@ Command set (Thorlabs PM100 SCPI reference)::
     SENS:POW:UNIT W             report power in watts
     SENS:CORR:WAV 1550.0        correction wavelength in nm;  SENS:CORR:WAV? -> nm
     MEAS:POW?                   one measurement -> 1.234560E-06 (W)
+    SENS:POW:RANG:AUTO 0|1      auto-ranging;  SENS:POW:RANG:AUTO? -> 0|1
+    SENS:POW:RANG 1.0E-03       full-scale range in W (the meter picks the range that
+                                holds it);  SENS:POW:RANG? -> W
+    SENS:AVER:COUN 100          samples averaged per reading (about 3 ms each)
+    SENS:CORR:COLL:ZERO:INIT    start the dark (zero) adjustment
+    SENS:CORR:COLL:ZERO:STAT?   1 while the zero adjustment runs, 0 when done
     SYST:ERR?                   error queue, 0,"No error" when empty
+
+(PM100D/PM100USB operation manual, "SCPI Commands": ``SENSe:POWer:DC:RANGe[:UPPer]``,
+``SENSe:POWer:DC:RANGe:AUTO``, ``SENSe:AVERage[:COUNt]``, ``SENSe:CORRection:COLLect:ZERO``;
+the short forms above drop the optional nodes.)
 
 The wavelength limits are the sensor's (``options.wavelength_range_nm``; default S122C
 InGaAs head, 700-1800 nm). Simulation: ``resource="USB0::0x1313::0x8078::P0000001::INSTR@sim"``.
@@ -13,7 +23,12 @@ InGaAs head, 700-1800 nm). Simulation: ``resource="USB0::0x1313::0x8078::P000000
 
 from __future__ import annotations
 
+import time
+
+from pydantic import Field
+
 from drivers.common import check_range
+from drivers.errors import InstrumentTimeoutError, OutOfRangeError, ProtocolError
 from drivers.interfaces import OpticalPowerMeter
 from drivers.scpi import ScpiInstrument, VisaOptions
 from drivers.transports.base import MessageTransport
@@ -21,6 +36,9 @@ from drivers.transports.base import MessageTransport
 
 class ThorlabsPM100Options(VisaOptions):
     wavelength_range_nm: tuple[float, float] = (700.0, 1800.0)
+    power_range_limits_w: tuple[float, float] = (1e-9, 0.04)
+    """Full-scale ranges the sensor offers (default S122C: up to 40 mW)."""
+    zero_timeout_s: float = Field(30.0, ge=0, le=600, description="longest zero adjustment")
 
 
 class ThorlabsPM100(ScpiInstrument, OpticalPowerMeter):
@@ -59,3 +77,52 @@ class ThorlabsPM100(ScpiInstrument, OpticalPowerMeter):
 
     def power_w(self) -> float:
         return self._query_float("MEAS:POW?")
+
+    def set_range_w(self, range_w: float | None) -> None:
+        with self.transport.lock:
+            if range_w is None:
+                self._set("SENS:POW:RANG:AUTO 1")
+                return
+            w = check_range(
+                self.name,
+                "SENS:POW:RANG",
+                "range",
+                range_w,
+                self.options.power_range_limits_w,
+                "W",
+            )
+            self._set("SENS:POW:RANG:AUTO 0")
+            self._set(f"SENS:POW:RANG {w:.6E}")
+
+    def range_w(self) -> float | None:
+        with self.transport.lock:
+            if self._query_bool("SENS:POW:RANG:AUTO?"):
+                return None
+            return self._query_float("SENS:POW:RANG?")
+
+    def set_averaging(self, count: int) -> None:
+        n = check_range(self.name, "SENS:AVER:COUN", "averaging", count, (1, 100_000), "samples")
+        if n != int(n):
+            raise OutOfRangeError(self.name, "SENS:AVER:COUN", f"averaging {n} is not whole")
+        self._set(f"SENS:AVER:COUN {int(n)}")
+
+    def averaging(self) -> int:
+        value = self._query_float("SENS:AVER:COUN?")
+        if value != int(value) or value < 1:
+            raise ProtocolError(self.name, "SENS:AVER:COUN?", f"averaging {value}")
+        return int(value)
+
+    def zero(self) -> None:
+        """Start the zero adjustment and wait until ``SENS:CORR:COLL:ZERO:STAT?`` reads 0
+        (InstrumentTimeoutError after ``options.zero_timeout_s``)."""
+        with self.transport.lock:
+            self._set("SENS:CORR:COLL:ZERO:INIT")
+            deadline = time.monotonic() + self.options.zero_timeout_s
+            while self._query_bool("SENS:CORR:COLL:ZERO:STAT?"):
+                if time.monotonic() >= deadline:
+                    raise InstrumentTimeoutError(
+                        self.name,
+                        "SENS:CORR:COLL:ZERO:STAT?",
+                        f"zero adjustment still running after {self.options.zero_timeout_s:g} s",
+                    )
+                time.sleep(0.05)
