@@ -64,6 +64,7 @@ from drivers.interfaces import (
     SinglePhotonDetector,
     not_supported,
 )
+from drivers.transports.base import reopen_with_backoff
 
 ETB = b"\x17"
 MAX_BUFFER_BYTES = 1 << 20
@@ -132,11 +133,17 @@ class SingleQuantumSnspd(SinglePhotonDetector):
     # --- wire ---------------------------------------------------------------------------
 
     def _sock(self, command: str) -> socket.socket:
-        """The control connection; reopened once per call after it was lost."""
+        """The control connection; after it was lost, reopened with backoff for at most
+        ``options.reconnect_timeout_s`` (then ConnectionLostError)."""
         if self._control is None:
             if not self._wanted:
                 raise NotConnectedError(self.name, command, "not connected")
-            self._open_control(command)
+            reopen_with_backoff(
+                self.name,
+                command,
+                lambda: self._open_control(command),
+                self.options.reconnect_timeout_s,
+            )
             assert self._control is not None
         return self._control
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -166,3 +167,10 @@ def test_cli_lists_and_probes_the_network_instruments(capsys: pytest.CaptureFixt
         url = tc.endpoint
     assert main(["drivers", "probe", url, "--timeout-s", "0.2"]) == 1  # nothing there now
     assert "no known protocol" in capsys.readouterr().err
+
+
+def test_drivers_doc_describes_every_registered_driver() -> None:
+    text = (Path(drivers.__file__).parent.parent / "docs" / "drivers.md").read_text()
+    described = set(re.findall(r"^###\s+(.+?)\s+—", text, re.MULTILINE))
+    names = {n.strip("`") for heading in described for n in heading.split(", ")}
+    assert set(registry.known_drivers()) <= names, sorted(set(registry.known_drivers()) - names)

@@ -31,9 +31,14 @@ def sim() -> Iterator[SingleQuantumSim]:
         yield s
 
 
-def _snspd(sim: SingleQuantumSim, channel: int = 2, timeout_s: float = 0.3) -> SingleQuantumSnspd:
+def _snspd(
+    sim: SingleQuantumSim, channel: int = 2, timeout_s: float = 0.3, reconnect_s: float = 0.2
+) -> SingleQuantumSnspd:
     opts = SingleQuantumOptions(
-        channel=channel, counts_port=sim.counts_port, measurement_period_ms=20
+        channel=channel,
+        counts_port=sim.counts_port,
+        measurement_period_ms=20,
+        reconnect_timeout_s=reconnect_s,
     )
     return SingleQuantumSnspd("snspd0", sim.url, timeout_s, opts)
 
@@ -203,7 +208,7 @@ def test_unreachable_and_closed(sim: SingleQuantumSim) -> None:
 def test_controller_gone_mid_session_every_public_method_raises_typed(
     sim: SingleQuantumSim,
 ) -> None:
-    det = _snspd(sim, timeout_s=0.1)
+    det = _snspd(sim, timeout_s=0.1, reconnect_s=0.02)
     det.connect()
     sim.stop()
     calls: list[Callable[[], object]] = [
