@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from enum import Enum
+from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -42,6 +44,19 @@ def check_range(  # noqa: PLR0917 - mirrors the wording of the error it builds
             f"{quantity} {v:g} {unit} outside the limits [{lo:g}, {hi:g}] {unit}",
         )
     return v
+
+
+E = TypeVar("E", bound=Enum)
+
+
+def check_choice(instrument: str, command: str, choices: type[E], value: object) -> E:
+    """``value`` as a member of the enum ``choices`` (by value or member), or
+    :class:`OutOfRangeError` naming the allowed members."""
+    try:
+        return choices(value)
+    except ValueError:
+        allowed = ", ".join(m.name for m in choices)
+        raise OutOfRangeError(instrument, command, f"{value!r} is not one of {allowed}") from None
 
 
 def health_check(instrument: str, probe: Callable[[], InstrumentHealth]) -> InstrumentHealth:

@@ -46,6 +46,7 @@ silent controller is an :class:`InstrumentTimeoutError`, a garbled reply a
 from __future__ import annotations
 
 import json
+import math
 import re
 import shlex
 import threading
@@ -57,7 +58,7 @@ import numpy.typing as npt
 import zmq
 from pydantic import Field
 
-from drivers.common import DriverOptions, check_range, health_check
+from drivers.common import DriverOptions, check_choice, check_range, health_check
 from drivers.errors import (
     InstrumentError,
     InstrumentReportedError,
@@ -97,7 +98,10 @@ class IdqTimeControllerOptions(DriverOptions):
         "127.0.0.1", description="address the DLT reaches this host's stream sockets at"
     )
     reference_period_ps: int = Field(
-        100_000_000, gt=0, description="period of the reference pulses the tags count from"
+        100_000_000,
+        gt=0,
+        le=10**12,
+        description="period of the reference pulses the tags count from",
     )
     delay_block_offset: int = Field(0, ge=0, le=16, description="DELA<n + offset> delays INPU<n>")
     counter_integration_ms: int = Field(100, ge=1, le=100_000)
@@ -141,7 +145,7 @@ class IdqTimeController(TimeTagger):
     def _number(self, command: str) -> float:
         reply = self.transport.query(command)
         m = _NUMBER_RE.match(reply)
-        if m is None:
+        if m is None or not math.isfinite(float(m.group(1))):
             raise ProtocolError(self.name, command, f"expected a number, got {reply!r}")
         return float(m.group(1))
 
@@ -229,7 +233,9 @@ class IdqTimeController(TimeTagger):
 
     def set_edge(self, channel: int, edge: Edge) -> None:
         ch = self._channel("INPU:EDGE", channel)
-        word = {Edge.RISING: "RISI", Edge.FALLING: "FALL"}[Edge(edge)]
+        word = {Edge.RISING: "RISI", Edge.FALLING: "FALL"}[
+            check_choice(self.name, f"INPU{ch}:EDGE", Edge, edge)
+        ]
         self._set(f"INPU{ch}:EDGE {word}")
 
     def edge(self, channel: int) -> Edge:
@@ -248,7 +254,7 @@ class IdqTimeController(TimeTagger):
 
     def set_reference_clock(self, source: ReferenceClock) -> None:
         word = {ReferenceClock.INTERNAL: "INT", ReferenceClock.EXTERNAL: "EXT"}[
-            ReferenceClock(source)
+            check_choice(self.name, "DEVI:SYNC", ReferenceClock, source)
         ]
         self._set(f"DEVI:SYNC {word}")
 
@@ -373,7 +379,8 @@ class IdqTimeController(TimeTagger):
                 )
             rec = np.frombuffer(data, dtype=STREAM_DTYPE)
             if len(rec) and (
-                int(rec["timestamp_ps"].max()) >= period or int(rec["ref_index"].max()) >= 2**40
+                int(rec["timestamp_ps"].max()) >= period
+                or (int(rec["ref_index"].max()) + 1) * period >= 2**62
             ):
                 raise ProtocolError(
                     self.name,

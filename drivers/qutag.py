@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from drivers.common import DriverOptions, check_range, health_check
+from drivers.common import DriverOptions, check_choice, check_range, health_check
 from drivers.errors import (
     DriverUnavailableError,
     InstrumentError,
@@ -69,7 +69,6 @@ from drivers.interfaces import (
 
 SCOND_MISC = 3
 DEVTYPE_NONE = 1
-FIRST_MARKER_CHANNEL = 100
 
 
 def load_vendor_module(module: str) -> ModuleType:
@@ -223,17 +222,15 @@ class QutagTimeTagger(TimeTagger):
 
     def input_delay_ps(self, channel: int) -> int:
         value = self._call("getChannelDelay", self._channel("getChannelDelay", channel))
-        if not isinstance(value, int | np.integer):
+        if not isinstance(value, int | np.integer) or isinstance(value, bool):
             raise ProtocolError(self.name, "getChannelDelay", f"got {value!r}")
         return int(value)
 
     def _conditioning(self, channel: int) -> tuple[bool, float]:
         value = self._call("getSignalConditioning", channel)
-        try:
+        with self._vendor("getSignalConditioning"):
             rising, threshold = value
             threshold_v = float(threshold)
-        except (TypeError, ValueError):
-            raise ProtocolError(self.name, "getSignalConditioning", f"got {value!r}") from None
         if not math.isfinite(threshold_v):
             raise ProtocolError(self.name, "getSignalConditioning", f"threshold {threshold_v}")
         return bool(rising), threshold_v
@@ -256,23 +253,23 @@ class QutagTimeTagger(TimeTagger):
 
     def set_edge(self, channel: int, edge: Edge) -> None:
         ch = self._channel("setSignalConditioning", channel)
+        rising = check_choice(self.name, "setSignalConditioning", Edge, edge) is Edge.RISING
         _, threshold_v = self._conditioning(ch)
-        self._check("setSignalConditioning", ch, SCOND_MISC, Edge(edge) is Edge.RISING, threshold_v)
+        self._check("setSignalConditioning", ch, SCOND_MISC, rising, threshold_v)
 
     def edge(self, channel: int) -> Edge:
         rising, _ = self._conditioning(self._channel("getSignalConditioning", channel))
         return Edge.RISING if rising else Edge.FALLING
 
     def set_reference_clock(self, source: ReferenceClock) -> None:
-        self._check("enableExternalClock", ReferenceClock(source) is ReferenceClock.EXTERNAL)
+        external = check_choice(self.name, "enableExternalClock", ReferenceClock, source)
+        self._check("enableExternalClock", external is ReferenceClock.EXTERNAL)
 
     def reference_clock(self) -> ReferenceClock:
         """EXTERNAL while the quTAG reports itself locked to an external clock."""
         value = self._call("getClockState")
-        try:
+        with self._vendor("getClockState"):
             locked, _uplink = value
-        except (TypeError, ValueError):
-            raise ProtocolError(self.name, "getClockState", f"got {value!r}") from None
         return ReferenceClock.EXTERNAL if locked else ReferenceClock.INTERNAL
 
     def resolution_ps(self) -> float:
@@ -283,10 +280,8 @@ class QutagTimeTagger(TimeTagger):
     def count_rates_hz(self) -> dict[int, float]:
         """Counts of the last exposure period (``options.exposure_ms``) per second."""
         value = self._call("getCoincCounters")
-        try:
+        with self._vendor("getCoincCounters"):
             counts = np.asarray(value[0], dtype=np.float64)
-        except (TypeError, ValueError, IndexError):
-            raise ProtocolError(self.name, "getCoincCounters", f"got {value!r:.60}") from None
         if counts.ndim != 1 or len(counts) <= max(self.options.channels):
             raise ProtocolError(self.name, "getCoincCounters", f"{counts.shape} counters")
         window_s = self.options.exposure_ms / 1000
@@ -309,15 +304,11 @@ class QutagTimeTagger(TimeTagger):
         while True:
             with self._lock:
                 value = self._call("getLastTimestamps", True)
-                try:
+                with self._vendor("getLastTimestamps"):
                     stamps, chans, valid = value
                     valid = int(valid)
-                    stamps = np.asarray(stamps)[:valid]
-                    chans = np.asarray(chans)[:valid]
-                except (TypeError, ValueError):
-                    raise ProtocolError(
-                        self.name, "getLastTimestamps", f"got {value!r:.60}"
-                    ) from None
+                    stamps = np.asarray(stamps, dtype=np.int64)[:valid]
+                    chans = np.asarray(chans, dtype=np.int64)[:valid]
                 if len(stamps) != valid or len(chans) != valid or valid < 0:
                     raise ProtocolError(
                         self.name, "getLastTimestamps", f"{valid} valid of {len(stamps)} stamps"

@@ -20,6 +20,7 @@ from drivers.idq_time_controller import IdqTimeController, IdqTimeControllerOpti
 from drivers.interfaces import TAG_DTYPE, Edge, HealthLevel, ReferenceClock, TagBlock
 from drivers.scpisim.idq_time_controller import IdqTimeControllerSim
 from drivers.transports.zmq_req import ZmqReqTransport
+from tests.drivers.helpers import ExpectedProtocolTransport
 
 PERIOD_PS = 10_000_000  # 100 kHz reference
 
@@ -214,3 +215,37 @@ def test_wrong_identity_refused(sim: IdqTimeControllerSim, monkeypatch: pytest.M
     with pytest.raises(ProtocolError, match="not an ID900/ID1000"):
         dev.connect()
     assert not dev.transport.is_open
+
+
+def test_pinned_messages_and_unparseable_numbers() -> None:
+    """The exact messages of connect and a few settings; replies a parser could choke on
+    (an infinite count, a threshold without digits) and a wrong edge are typed errors."""
+    t = ExpectedProtocolTransport(
+        [
+            ("*IDN?", "ID Quantique,ID900,1234,1.0"),
+            ("INPU3:ENAB ON", ""),
+            ("INPU3:COUN:MODE CYCL;INTE 250", ""),
+            ("INPU3:THRE -0.1500V", ""),
+            ("DELA5:VALU 42", ""),
+            ("INPU3:COUN?", "1e999"),
+            ("INPU3:THRE?", "V"),
+            ("DEVI:SYNC?", "GPS"),
+            ("INPU3:EDGE RISI", "Error: settings conflict"),
+        ]
+    )
+    opts = IdqTimeControllerOptions(channels=[3], counter_integration_ms=250, delay_block_offset=2)
+    dev = IdqTimeController("tc0", "unused", transport=t, options=opts)
+    dev.connect()
+    dev.set_trigger_level_v(3, -0.15)
+    dev.set_input_delay_ps(3, 42)
+    with pytest.raises(ProtocolError):
+        dev.count_rates_hz()
+    with pytest.raises(ProtocolError):
+        dev.trigger_level_v(3)
+    with pytest.raises(ProtocolError):
+        dev.reference_clock()
+    with pytest.raises(OutOfRangeError, match="RISING, FALLING"):
+        dev.set_edge(3, "UP")  # type: ignore[arg-type]
+    with pytest.raises(InstrumentReportedError, match="settings conflict"):
+        dev.set_edge(3, Edge.RISING)
+    t.assert_done()

@@ -167,3 +167,25 @@ def test_probe_identifies_through_the_wrapper(device: SimDevice) -> None:
     assert found["suggested_drivers"] == ["qutag"] and "quTAG" in found["identity"]
     with pytest.raises(DriverConfigError):
         registry.probe("qutag:not a module", 1.0)
+
+
+def test_odd_shapes_from_the_wrapper_are_protocol_errors(
+    device: SimDevice, tagger: QutagTimeTagger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dev = tagger._dev
+    monkeypatch.setattr(dev, "getCoincCounters", lambda: {"counts": 3})
+    monkeypatch.setattr(dev, "getClockState", lambda: 7)
+    monkeypatch.setattr(dev, "getChannelDelay", lambda channel: True)
+    monkeypatch.setattr(dev, "getLastTimestamps", lambda reset: (5, None, float("inf")))
+    for call in (
+        tagger.count_rates_hz,
+        tagger.reference_clock,
+        lambda: tagger.input_delay_ps(1),
+        lambda: (tagger.start_stream(), tagger.read_block(0.01)),
+    ):
+        with pytest.raises(ProtocolError):
+            call()
+    with pytest.raises(OutOfRangeError):
+        tagger.set_edge(1, 3)  # type: ignore[arg-type]
+    with pytest.raises(OutOfRangeError):
+        tagger.set_reference_clock("external")  # type: ignore[arg-type]
