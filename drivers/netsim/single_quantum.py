@@ -14,10 +14,14 @@ Counts are Poisson-distributed (seeded). The cold stage sits at ``stage_temperat
 Faults (:meth:`SingleQuantumSim.inject`): ``garble`` (the next reply is not JSON),
 ``no_reply`` (the next request is ignored), ``error`` (the next command is answered with
 an ``Error`` label), ``drop`` (both connections are closed).
+
+Run standalone: ``python -m drivers.netsim.single_quantum`` prints the control URL and the
+counts port, e.g. for ``qkdnode drivers probe tcp://127.0.0.1:PORT``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import select
@@ -309,3 +313,20 @@ class SingleQuantumSim:
             st.period_ms = value
             return [self._label("InptMeasurementPeriod", st.period_ms)]
         return [self._label("ErrorMessage", f"cannot handle {message!r}")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Simulated Single Quantum SNSPD controller")
+    parser.add_argument("--detectors", type=int, default=4, help="number of detectors")
+    args = parser.parse_args(argv)
+    with SingleQuantumSim(detectors=args.detectors) as sim:
+        print(f"{sim.url} counts_port={sim.counts_port}", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

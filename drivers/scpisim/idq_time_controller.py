@@ -23,10 +23,14 @@ generators, histograms, combiners, more than one client.
 Faults (:meth:`IdqTimeControllerSim.inject`): ``garble`` (the next reply is not UTF-8),
 ``no_reply`` (the next request is swallowed), ``down``/``up`` (the controller stops
 answering; the driver sees a timeout).
+
+Run standalone: ``python -m drivers.scpisim.idq_time_controller --rate-hz 10000`` prints
+the controller endpoint and the data link's, e.g. for ``qkdnode drivers probe``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import re
@@ -402,3 +406,23 @@ def _float(text: str) -> float | None:
     except ValueError:
         return None
     return value if math.isfinite(value) else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Simulated ID Quantique Time Controller")
+    parser.add_argument("--rate-hz", type=float, default=0.0, help="pulse rate on inputs 1-4")
+    parser.add_argument("--reference-period-ps", type=int, default=100_000_000)
+    args = parser.parse_args(argv)
+    with IdqTimeControllerSim(reference_period_ps=args.reference_period_ps) as sim:
+        for channel in range(1, 5):
+            sim.set_rate(channel, args.rate_hz)
+        print(f"{sim.endpoint} dlt_endpoint={sim.dlt_endpoint}", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
