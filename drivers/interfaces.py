@@ -8,6 +8,11 @@ Calls are blocking; the runtime runs them in worker threads. Every method may ra
 subclass of :class:`drivers.errors.InstrumentError` naming the instrument, the command
 and the reason; nothing else escapes a driver.
 
+Members without ``abc.abstractmethod`` are optional settings (an SNSPD's bias current, a
+gated detector's gate width, a tagger's edge, a power meter's range): their default raises
+:class:`drivers.errors.NotSupportedError` before anything is sent, and a driver whose
+instrument has the setting overrides them.
+
 Hardware safety: :meth:`Instrument.safe_state` must be callable at any time, from any
 state, and must leave the instrument harmless (laser emission off, detector disarmed,
 modulator outputs off). It is called on every exit path of the daemon.
@@ -49,6 +54,7 @@ __all__ = [
     "TimeTagger",
     "VariableAttenuator",
     "SimulatedBackend",
+    "not_supported",
 ]
 
 
