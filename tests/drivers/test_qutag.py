@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable, Iterator
 
@@ -21,6 +22,7 @@ from drivers.errors import (
 )
 from drivers.interfaces import Edge, HealthLevel, ReferenceClock
 from drivers.qutag import QutagOptions, QutagTimeTagger
+from qkdnode.cli import main
 from tests.drivers import qutag_standin
 from tests.drivers.qutag_standin import SimDevice
 
@@ -162,11 +164,18 @@ def test_no_device_and_no_library(device: SimDevice, monkeypatch: pytest.MonkeyP
         QutagTimeTagger("qt0", options=QutagOptions(vendor_module="QuTAG_absent")).connect()
 
 
-def test_probe_identifies_through_the_wrapper(device: SimDevice) -> None:
+def test_probe_identifies_through_the_wrapper(
+    device: SimDevice, capsys: pytest.CaptureFixture[str]
+) -> None:
     found = registry.probe("qutag:QuTAG_MC", 1.0)
     assert found["suggested_drivers"] == ["qutag"] and "quTAG" in found["identity"]
     with pytest.raises(DriverConfigError):
         registry.probe("qutag:not a module", 1.0)
+    assert main(["drivers", "probe", "qutag:", "--json"]) == 0  # the default module name
+    assert json.loads(capsys.readouterr().out)["suggested_drivers"] == ["qutag"]
+    device.present = False
+    assert main(["drivers", "probe", "qutag:"]) == 1
+    assert "no quTAG found" in capsys.readouterr().err
 
 
 def test_odd_shapes_from_the_wrapper_are_protocol_errors(
