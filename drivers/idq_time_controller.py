@@ -1,10 +1,12 @@
 """ID Quantique Time Controller (ID900 / ID1000) as a time tagger, over ZeroMQ.
 
-Sources: the ID1000 Time Controller user manual, chapter "Remote control" (SCPI-style
-commands, one per ZeroMQ message, REQ/REP on TCP port 5555) and the Python examples
-IDQ ships with it (``Examples/Python``: ``utils/common.py`` ``zmq_exec``,
-``Inputs_status``, ``Coincidence_counters_acquisition``, ``Timestamp_acquisition_stream``).
-The ID900 answers the same command set.
+Sources: the ID1000 Time Controller's remote interface as its user manual describes it
+(SCPI-style commands, one per ZeroMQ message, REQ/REP on TCP port 5555), read through the
+Python examples IDQ ships with the instrument (``Examples/Python``: ``utils/common.py``
+``zmq_exec``, ``Inputs_status``, ``Coincidence_counters_acquisition``,
+``Timestamp_acquisition``, ``Timestamp_acquisition_stream``) and a lab's ID900 driver built
+on the same commands (``INPU<n>:THRE``, ``INPU<n>:COUN?``, ``GEN``/``TSCO``/``OUTP``
+blocks). The manual's own pages were not read here. The ID900 answers the same commands.
 
 Commands this driver sends (``n`` is the input 1-4; numbers in the units shown)::
 
@@ -21,8 +23,10 @@ Commands this driver sends (``n`` is the input 1-4; numbers in the units shown):
     RAW<n>:SEND ON|OFF                     send input n's timestamps to the data link
     REC:ENAB ON;NUM INF    REC:PLAY        REC:STOP     the acquisition window
 
-``DEVI:SYNC`` and ``INPU<n>:DEAD`` come from the manual's command summary and are not used
-by the vendor's examples; docs/drivers.md lists them as the least certain commands here.
+``DEVI:SYNC`` and ``INPU<n>:DEAD`` appear in no source read here: they follow the command
+set's naming (block, then four-letter nodes) for settings the instrument has (reference
+input, input dead time) and must be checked against the manual before use;
+docs/drivers.md lists them with the other uncertain points.
 Every message gets one reply: a setting is answered with an empty message, a query with
 its value; any other answer to a setting is the instrument refusing it
 (:class:`InstrumentReportedError` with its text).

@@ -2,8 +2,8 @@
 
 qutools ships, with the quTAG's DLL ``tdcbase``, a Python wrapper module (``QuTAG_MC.py``
 or ``QuTAG_HR.py`` depending on the model; the module name is ``options.vendor_module``)
-holding a class ``QuTAG`` around the DLL's C API (``tdcbase.h``, ``tdcmultidev.h``, in the
-quTAG user manual's chapter "Programming library"). It is not on PyPI; when it is missing
+holding a class ``QuTAG`` around the DLL's C API (``tdcbase.h``, ``tdcmultidev.h``; the
+wrapper, read here, declares every function it wraps). It is not on PyPI; when it is missing
 :meth:`QutagTimeTagger.connect` raises :class:`DriverUnavailableError`, and the module is
 imported only then (never when listing drivers).
 

@@ -1,8 +1,9 @@
 """Single Quantum SNSPD driver (Eos/Atlas controller) over its TCP JSON protocol.
 
 Source: Single Quantum's Python control library for the SNSPD driver, ``WebSQControl.py``
-(published by Single Quantum B.V. under the MIT licence with the controller's manual; the
-manual's chapter "Remote control" describes the same messages). What it specifies:
+(Single Quantum B.V., MIT licence; the library the vendor distributes for remote control of
+the controller, whose docstring says it implements "many functions that can be found in the
+SNSPD manual"). The manual itself was not read here. What the library specifies:
 
 * Control on TCP port 12000. The client sends JSON objects back to back, no terminator;
   the controller sends JSON objects each followed by ``\\x17`` (ETB), several may arrive

@@ -13,9 +13,11 @@ Command set (Thorlabs PM100 SCPI reference)::
     SENS:CORR:COLL:ZERO:STAT?   1 while the zero adjustment runs, 0 when done
     SYST:ERR?                   error queue, 0,"No error" when empty
 
-(PM100D/PM100USB operation manual, "SCPI Commands": ``SENSe:POWer:DC:RANGe[:UPPer]``,
-``SENSe:POWer:DC:RANGe:AUTO``, ``SENSe:AVERage[:COUNt]``, ``SENSe:CORRection:COLLect:ZERO``;
-the short forms above drop the optional nodes.)
+(The PM100D/PM100USB operation manual's SCPI command list, whose long forms
+``SENSe:POWer:DC:RANGe[:UPPer]``, ``SENSe:POWer:DC:RANGe:AUTO``, ``SENSe:AVERage[:COUNt]``
+and ``SENSe:CORRection:COLLect:ZERO`` the short forms above abbreviate; the short forms,
+and the zero state reading 1 while the adjustment runs, as several published PM100
+drivers use them. The manual's pages were not read here.)
 
 The wavelength limits are the sensor's (``options.wavelength_range_nm``; default S122C
 InGaAs head, 700-1800 nm). Simulation: ``resource="USB0::0x1313::0x8078::P0000001::INSTR@sim"``.
