@@ -229,17 +229,31 @@ class SingleQuantumSnspd(SinglePhotonDetector):
         if (
             not isinstance(value, list)
             or len(value) < self._detectors
-            or not all(isinstance(v, int | float) and math.isfinite(v) for v in value)
+            or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+                for v in value
+            )
         ):
             raise ProtocolError(self.name, label, f"expected {self._detectors} numbers in {unit}")
         return [float(v) for v in value]
 
     def _set_list(self, command: str, label: str, unit: str, value: float) -> None:
+        """Write the whole list with this detector's entry changed; the broadcast that
+        confirms it must carry the new value (InstrumentReportedError otherwise)."""
         with self._lock:
             values = self._list(label, unit)
-            values[self.options.channel - 1] = value
+            k = self.options.channel - 1
+            values[k] = value
             self._send({"command": command, "label": label, "value": values})
-            self._await_label(command, label)
+            echoed = self._await_label(command, label)
+            try:
+                got = float(echoed[k])
+            except (TypeError, ValueError, IndexError, KeyError):
+                raise ProtocolError(self.name, command, f"{label} echoed {echoed!r:.60}") from None
+            if not abs(got - value) <= 1e-6 * max(1.0, abs(value)):
+                raise InstrumentReportedError(
+                    self.name, command, f"controller set {label} to {got:g} {unit}, not {value:g}"
+                )
 
     def _drop(self) -> None:
         for sock in (self._control, self._counts):

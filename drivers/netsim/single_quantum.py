@@ -74,6 +74,7 @@ class SingleQuantumSim:
         )
         self.physics = [SnspdPhysics() for _ in range(detectors)]
         self.stage_temperature_k = stage_temperature_k
+        self.bias_limit_ua = 90.9  # a controller limited further clamps the bias here
         self.requests_seen = 0
         self._rng = np.random.default_rng(seed)
         self._faults: dict[str, int] = {}
@@ -300,7 +301,7 @@ class SingleQuantumSim:
             ):
                 return [self._label("ErrorMessage", f"{command}: bad value {value!r}")]
             if command == "SetAllBiasCurrents":
-                st.bias_ua = [float(v) for v in value]
+                st.bias_ua = [min(float(v), self.bias_limit_ua) for v in value]
                 self._update_latches()
                 return [self._label("BiasCurrent", st.bias_ua)]
             st.trigger_mv = [float(v) for v in value]

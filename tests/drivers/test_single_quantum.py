@@ -76,6 +76,15 @@ def test_settings_change_only_this_detector(sim: SingleQuantumSim, det: SingleQu
     assert det.threshold_v() == pytest.approx(0.08)
 
 
+def test_a_setting_the_controller_did_not_take_is_reported(
+    sim: SingleQuantumSim, det: SingleQuantumSnspd
+) -> None:
+    sim.bias_limit_ua = 20.0
+    with pytest.raises(InstrumentReportedError, match="to 20 uA, not 25"):
+        det.set_bias_current_ua(25.0)
+    det.set_bias_current_ua(19.0)
+
+
 def test_bias_sets_efficiency_and_overbias_latches(
     sim: SingleQuantumSim, det: SingleQuantumSnspd
 ) -> None:
