@@ -335,6 +335,7 @@ class IdqTimeController(TimeTagger):
                 self._set("REC:ENAB ON;NUM INF")
                 self._set("REC:PLAY")
             except (InstrumentError, zmq.ZMQError) as exc:
+                self._stop_data_link()
                 self._close_streams()
                 if isinstance(exc, InstrumentError):
                     raise
@@ -419,15 +420,23 @@ class IdqTimeController(TimeTagger):
                     first_error = first_error or exc
                     if isinstance(exc, InstrumentTimeoutError | NotConnectedError):
                         break
-            for stream_id, _ in self._streams.values():
-                if stream_id and self._dlt is not None and first_error is None:
-                    try:
-                        self._dlt_query(shlex.join(["stop", "--id", stream_id]))
-                    except InstrumentError as exc:
-                        first_error = first_error or exc
+            link_error = self._stop_data_link()
+            first_error = first_error or link_error
             self._close_streams()
             if first_error is not None:
                 raise first_error
+
+    def _stop_data_link(self) -> InstrumentError | None:
+        """Tell the data link to stop every stream it started (it is a separate service: it
+        may answer when the controller does not); the first error, if any."""
+        for stream_id, _ in self._streams.values():
+            if not stream_id or self._dlt is None:
+                continue
+            try:
+                self._dlt_query(shlex.join(["stop", "--id", stream_id]))
+            except InstrumentError as exc:
+                return exc  # a silent data link would make every further stop wait too
+        return None
 
     def _close_streams(self) -> None:
         streams, self._streams = self._streams, {}

@@ -194,9 +194,25 @@ def test_unplugged_controller_every_public_method_raises_typed(
         with pytest.raises(InstrumentError):
             call()
     assert tc.health().level is HealthLevel.FAULT
+    assert not sim._streams  # the failed start told the data link to stop what it began
     tc.safe_state()  # nothing streaming: nothing to stop, no error
     sim.inject("up")
     assert "ID1000" in tc.identify()
+
+
+def test_stop_reaches_the_data_link_when_the_controller_is_gone(
+    sim: IdqTimeControllerSim, tc: IdqTimeController
+) -> None:
+    tc.start_stream()
+    assert len(sim._streams) == 2
+    assert isinstance(tc.transport, ZmqReqTransport)
+    tc.transport.timeout_s = 0.05
+    sim.inject("down")
+    with pytest.raises(InstrumentTimeoutError):
+        tc.safe_state()
+    assert not sim._streams  # the data link answered and stopped both streams
+    with pytest.raises(NotConnectedError):
+        tc.read_block(0.01)  # the local sockets are closed all the same
 
 
 def test_closed_driver_raises_not_connected(tc: IdqTimeController) -> None:
