@@ -174,3 +174,35 @@ def test_drivers_doc_describes_every_registered_driver() -> None:
     described = set(re.findall(r"^###\s+(.+?)\s+—", text, re.MULTILINE))
     names = {n.strip("`") for heading in described for n in heading.split(", ")}
     assert set(registry.known_drivers()) <= names, sorted(set(registry.known_drivers()) - names)
+
+
+def test_standalone_simulators_are_probed_as_the_doc_shows(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``python -m`` starts each network simulator in its own process; the endpoint it
+    prints is what ``qkdnode drivers probe`` identifies."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(drivers.__file__).parent.parent)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", module],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for module in ("drivers.scpisim.idq_time_controller", "drivers.netsim.single_quantum")
+    ]
+    try:
+        endpoints = [p.stdout.readline().split()[0] for p in procs if p.stdout is not None]
+        found = []
+        for endpoint in endpoints:
+            assert main(["drivers", "probe", endpoint, "--timeout-s", "2", "--json"]) == 0
+            found += json.loads(capsys.readouterr().out)["suggested_drivers"]
+        assert found == ["idq_time_controller", "single_quantum_snspd"]
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(timeout=5)
