@@ -55,7 +55,7 @@ import re
 import shlex
 import threading
 import time
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -94,7 +94,9 @@ STREAM_DTYPE = np.dtype([("timestamp_ps", "<u8"), ("ref_index", "<u8")])
 
 
 class IdqTimeControllerOptions(DriverOptions):
-    channels: list[int] = Field(default_factory=lambda: [1, 2, 3, 4], min_length=1)
+    channels: list[Annotated[int, Field(ge=1, le=4)]] = Field(
+        default_factory=lambda: [1, 2, 3, 4], min_length=1, description="inputs 1-4 to use"
+    )
     dlt_endpoint: str = Field(
         "tcp://127.0.0.1:6060", description="the vendor's Data Link Target service (REQ/REP)"
     )
