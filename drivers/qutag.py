@@ -29,7 +29,10 @@ What this driver relies on, as the wrapper defines it:
   are markers, not tags.
 * ``enableExternalClock(enable)`` and ``getClockState()`` -> ``(locked, uplink)``.
 
-The wrapper has no dead-time setting: :meth:`set_dead_time_ps` raises NotSupportedError.
+Not stated in the wrapper and taken from the C header's conventions as remembered, to be
+checked on a device: the delay unit (ps) and the counter order (0 the start input, 1..N the
+channels). The wrapper has no dead-time setting: :meth:`set_dead_time_ps` raises
+NotSupportedError.
 Every vendor exception or surprising value leaves the public methods as a typed
 :class:`InstrumentError`.
 """
