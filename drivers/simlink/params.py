@@ -128,6 +128,12 @@ class ReceiverParams(_Strict):
         100.0, gt=0, le=1e6, description="mean trap release time after the dead time"
     )
     dead_time_ns: float = Field(50.0, ge=0, le=1e5)
+    counter_integration_s: float = Field(
+        0.0,
+        ge=0,
+        le=10,
+        description="the detectors' count-rate integration period (0: one simulated batch)",
+    )
     jitter_ps: float = Field(30.0, ge=0, le=1e5, description="timing jitter, one sigma")
     gate_width_ps: float = Field(1000.0, gt=0, description="detection window per slot")
     true_delay_ps: float = Field(

@@ -583,6 +583,12 @@ class ReceiverWorld:
         self.last_duration_s = 0.0
         #: :meth:`_reading_key` of the batch ``last_counts`` counted (None: no batch yet)
         self._counts_key: tuple[object, ...] | None = None
+        #: (reading key, counts, seconds) of recent batches: the counters integrate over
+        #: ``hardware.counter_integration_s`` of batches counted with the same settings
+        self._count_history: collections.deque[
+            tuple[tuple[object, ...], npt.NDArray[np.int64], float]
+        ] = collections.deque(maxlen=4096)
+        self._counter_integration_s = params.hardware.counter_integration_s
         self.streaming = False
         self.max_buffered_tags = max_buffered_tags
         self._blocks: collections.deque[TagBlock] = collections.deque()
@@ -728,6 +734,7 @@ class ReceiverWorld:
             self.last_counts = self.model.last_counts
             self.last_duration_s = duration_s
             self._counts_key = reading_key
+            self._count_history.append((reading_key, self.last_counts.copy(), duration_s))
             self._counts_ready.notify_all()
             if self.streaming:
                 self._queue(records, chunk_t0, self._true_end_ps - chunk_t0)
@@ -809,7 +816,10 @@ class ReceiverWorld:
             return block
 
     def count_rates_hz(self, fresh_within_s: float = 0.0) -> npt.NDArray[np.float64]:
-        """Click rate per channel over the last batch: the detectors' integration period.
+        """Click rate per channel over the detectors' integration period: the last batch,
+        or the most recent batches counted with the settings now in force up to
+        ``counter_integration_s`` (the receiver's hardware parameter; a slow link's counters
+        must integrate longer than a batch to count anything).
 
         A batch is simulated with the settings in force when it arrives, and lasts
         ``chunk_slots`` slots (0.2 s at 5 MHz): longer than a scan's wait after a setting
@@ -829,7 +839,19 @@ class ReceiverWorld:
                     self._counts_ready.wait(remaining)
             if self.last_duration_s <= 0:
                 return np.zeros(N_CHANNELS)
-            return self.last_counts / self.last_duration_s
+            counts = self.last_counts.astype(np.float64)
+            seconds = self.last_duration_s
+            if self._counter_integration_s > seconds:
+                # the most recent batches counted with the same settings, up to the
+                # counters' integration period
+                key = self._counts_key
+                counts, seconds = np.zeros(N_CHANNELS), 0.0
+                for k, c, d in reversed(self._count_history):
+                    if k != key or seconds >= self._counter_integration_s:
+                        break
+                    counts += c
+                    seconds += d
+            return counts / seconds
 
     # --- real-time pacing ---------------------------------------------------------------
     def start(self) -> None:

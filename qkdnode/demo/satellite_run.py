@@ -216,6 +216,9 @@ class PassFigures:
     theory_detections: float
     ratio_to_theory: float | None
     theory_whole_pass_bits: int
+    #: the bound on the same interval cut into four blocks of equal time: what one block
+    #: per pass gains over blocks of a fixed size
+    theory_four_blocks_bits: int
 
 
 @dataclass
@@ -457,6 +460,13 @@ def _figures(
             theory_det += th.detections
             exchanged += span
         whole = pass_theory(cfg, channel, rise, set_, settings).secret_bits
+        quarter = (set_ - rise) / 4
+        four = sum(
+            pass_theory(
+                cfg, channel, rise + q * quarter, rise + (q + 1) * quarter, settings
+            ).secret_bits
+            for q in range(4)
+        )
         reasons = [str(r["no_key_reason"]) for r in recs if r.get("no_key_reason")]
         out.append(
             PassFigures(
@@ -475,6 +485,7 @@ def _figures(
                 theory_detections=round(theory_det, 1),
                 ratio_to_theory=round(bits / theory_bits, 4) if theory_bits > 0 else None,
                 theory_whole_pass_bits=whole,
+                theory_four_blocks_bits=four,
             )
         )
     return out
@@ -495,6 +506,10 @@ def format_summary(s: SatelliteDemoSummary) -> str:
         lines.append(
             f"{p.index:>4} {p.duration_above_min_elevation_s:>16.1f} {p.exchanged_s:>13.1f} "
             f"{p.detections:>11} {q:>7} {p.secret_bits:>11} {p.theory_secret_bits:>9} {r:>6}"
+        )
+        lines.append(
+            f"     theory for the whole pass: {p.theory_whole_pass_bits} bits in one block, "
+            f"{p.theory_four_blocks_bits} in four"
         )
         if p.no_key_reason:
             lines.append(f"     no key: {p.no_key_reason}")

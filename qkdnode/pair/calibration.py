@@ -133,6 +133,11 @@ class CalibrationMixin(SessionCore):
             publish=self.node.publish,
             wait_integration=self._integration_wait(tagger),
         )
+        if not timing.ok:
+            # A detector whose gate is not on the pulses clicks on dark counts only (on a
+            # satellite pass at its rise, say, with too few counts to fit): exchanging
+            # with it would lose its basis. Calibration fails and is tried again.
+            raise LinkError(f"detector timing: {timing.message}")
         self.dark_rate_hz = await self._measure_dark_rate()
         self._rx_calibration_summary = {
             "detector_timing_ok": bool(timing.ok),

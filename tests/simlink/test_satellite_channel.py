@@ -159,3 +159,39 @@ def test_receiver_takes_every_batch_of_a_pass() -> None:
     assert rx.chunk_index == 200 and detections > 0
     tx.close()
     rx.close()
+
+
+def test_counters_integrate_over_their_period_and_restart_on_a_setting_change() -> None:
+    """A slow link's detector counters integrate over ``counter_integration_s`` (many
+    batches), counting only batches made with the settings now in force."""
+    from drivers.simlink.params import ReceiverSimParams
+    from drivers.simlink.world import ReceiverWorld
+
+    tx = TransmitterWorld(
+        TransmitterSimParams.model_validate(
+            {"start_calibrated": True, "chunk_slots": 1 << 16, "source": {"slot_rate_hz": 100e6}}
+        )
+    )
+    rx = ReceiverWorld(
+        ReceiverSimParams.model_validate(
+            {"start_calibrated": True, "hardware": {"counter_integration_s": 0.02}}
+        )
+    )
+    per_batch = []
+    for _ in range(60):
+        index, chunk = tx._next_chunk()
+        rx.process(tx.fiber_header(index, chunk), chunk.photons)
+        per_batch.append(rx.last_counts.sum())
+    seconds = (1 << 16) / 100e6
+    n = int(np.ceil(0.02 / seconds))  # batches in one integration period
+    total = float(rx.count_rates_hz().sum())
+    assert total == pytest.approx(sum(per_batch[-n:]) / (n * seconds), rel=1e-9)
+    # after a setting change only the batches counted since then count
+    rx.detectors.armed[0] = False
+    index, chunk = tx._next_chunk()
+    rx.process(tx.fiber_header(index, chunk), chunk.photons)
+    assert float(rx.count_rates_hz().sum()) == pytest.approx(
+        rx.last_counts.sum() / seconds, rel=1e-9
+    )
+    tx.close()
+    rx.close()
