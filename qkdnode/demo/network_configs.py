@@ -16,14 +16,16 @@ site's management address).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from drivers.simlink.satellite_channel import SatelliteChannel, SatelliteChannelParams
 from qkdnode.config.site import SiteConfig, parse_site
 from qkdnode.demo.config import DemoConfig, RunSection
-from qkdnode.demo.network_spec import NetworkDemoSpec
+from qkdnode.demo.network_spec import LinkPasses, NetworkDemoSpec
 from qkdnode.demo.nodeconfig import (
     RECEIVER_INSTRUMENTS,
     TRANSMITTER_INSTRUMENTS,
@@ -104,13 +106,21 @@ class NetworkFiles:
         return self.pki / "ca.crt", self.pki / f"{sae_id}.crt", self.pki / f"{sae_id}.key"
 
 
-def _link_demo(spec: NetworkDemoSpec, index: int, length_km: float) -> DemoConfig:
-    """One link's physics: the shared [link], its own length and protocol seeds."""
-    link = spec.link.model_copy(
+def _link_demo(
+    spec: NetworkDemoSpec,
+    index: int,
+    length_km: float,
+    satellite: SatelliteChannelParams | None = None,
+) -> DemoConfig:
+    """One link's physics: the shared [link] (``satellite_link`` for a satellite link),
+    its own length (or passes) and protocol seeds."""
+    base = spec.satellite_link if satellite is not None and spec.satellite_link else spec.link
+    link = base.model_copy(
         update={
             "transmitter_seed": 1000 + 2 * index,
             "receiver_seed": 1001 + 2 * index,
-            "fiber": spec.link.fiber.model_copy(update={"length_km": length_km}),
+            "fiber": base.fiber.model_copy(update={"length_km": length_km}),
+            "satellite": satellite,
         }
     )
     return DemoConfig(
@@ -119,6 +129,17 @@ def _link_demo(spec: NetworkDemoSpec, index: int, length_km: float) -> DemoConfi
         protocol=spec.protocol,
         keystore=spec.keystore,
     )
+
+
+def _passes(sat: LinkPasses, now: float) -> SatelliteChannelParams:
+    """The link's passes on the wall clock: ``passes`` of them, the first
+    ``first_rise_after_s`` after ``now``, ``gap_s`` apart."""
+    probe = SatelliteChannelParams(orbit=sat.orbit, time_scale=sat.time_scale)
+    rises = tuple(
+        now + sat.first_rise_after_s + k * (probe.pass_duration_s + sat.gap_s)
+        for k in range(sat.passes)
+    )
+    return SatelliteChannelParams(orbit=sat.orbit, rises_unix_s=rises, time_scale=sat.time_scale)
 
 
 def _instruments(role: str, link_id: str) -> dict[str, Any]:
@@ -150,8 +171,10 @@ def write_network_configs(spec: NetworkDemoSpec, out: Path, addr: Addressing) ->
         issue_cert(pki, sae.sae_id)
 
     entries: dict[str, list[dict[str, Any]]] = {s: [] for s in spec.sites}
+    now = time.time()
     for i, link in enumerate(spec.links):
-        demo = _link_demo(spec, i, link.length_km)
+        channel = _passes(link.satellite, now) if link.satellite is not None else None
+        demo = _link_demo(spec, i, link.length_km, channel)
         host = addr.link_host(link.id)
         ep = Endpoints(
             tx_control=f"tcp://{addr.mgmt_host(link.a)}:{addr.port(f'{link.a}/{link.id}/c')}",
@@ -188,6 +211,22 @@ def write_network_configs(spec: NetworkDemoSpec, out: Path, addr: Addressing) ->
                 entry["autostart"] = True
                 entry["source"] = _source_targets(demo)
                 entry["calibration"] = _commissioning(demo)
+            if channel is not None and link.satellite is not None:
+                entry["passes"] = {
+                    "windows": [
+                        {"rise_unix_s": r, "set_unix_s": e}
+                        for r, e in SatelliteChannel(channel).windows_unix_s()
+                    ],
+                    "orbit": link.satellite.orbit.model_dump(mode="json"),
+                    "time_scale": link.satellite.time_scale,
+                }
+                entry["sync"] = spec.satellite_sync.model_dump(mode="json", exclude_none=True)
+                entry["calibration"] = {
+                    **spec.satellite_calibration.model_dump(mode="json", exclude_unset=True),
+                    **entry.get("calibration", {}),
+                }
+                if tx:
+                    entry["source"] = _source_targets(demo)
             entries[site].append(entry)
 
     for site in spec.sites:

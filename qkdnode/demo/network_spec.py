@@ -5,7 +5,8 @@ Layout::
 
     [run]        mode (auto | netns | loopback), durations, the link to cut, SAE traffic
     sites        the site names
-    [[links]]    id, a (transmitter), b (receiver), length_km, cost (routing)
+    [[links]]    id, a (transmitter), b (receiver), length_km, cost (routing); a
+                 satellite link has ``satellite`` (its passes, :class:`LinkPasses`)
     [[saes]]     sae_id, site
     pairs        [master, slave] SAE pairs served end to end (both ways are listed)
     [link]       drivers.simlink.params.LinkParams for every link (seeds are derived per
@@ -24,9 +25,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from drivers.satellite_pass import SatellitePassParams
 from drivers.simlink.params import LinkParams
 from qkdnode.config.loader import ConfigError, format_validation_error
-from qkdnode.config.sections import KeystoreSection, ProtocolSection
+from qkdnode.config.sections import CalibrationSection, KeystoreSection, ProtocolSection
+from qkdnode.procedures.sync_model import SyncConfig
 
 _NAME = r"^[A-Za-z0-9_.-]+$"
 
@@ -61,6 +64,22 @@ class NetworkDemoLink(_Strict):
     b: str = Field(min_length=1, max_length=64, pattern=_NAME, description="receiver site")
     length_km: float = Field(10.0, ge=0, le=300)
     cost: float = Field(1.0, gt=0, le=1000)
+    satellite: LinkPasses | None = Field(
+        None, description="a satellite downlink: passes instead of a fibre of length_km"
+    )
+
+
+class LinkPasses(_Strict):
+    """A satellite link of the network: light only in passes (docs/satellite.md). The
+    link's transmitter site is the satellite, its receiver site a ground station."""
+
+    orbit: SatellitePassParams = SatellitePassParams()
+    passes: int = Field(1, ge=1, le=20)
+    first_rise_after_s: float = Field(
+        60.0, ge=5, le=86_400, description="after the configs are written"
+    )
+    gap_s: float = Field(20.0, ge=1, le=86_400, description="from one set to the next rise")
+    time_scale: float = Field(1.0, ge=1.0, le=100.0, description="pass compression")
 
 
 class NetworkDemoSae(_Strict):
@@ -81,6 +100,11 @@ class NetworkDemoSpec(_Strict):
     pairs: list[tuple[str, str]] = Field(default_factory=list)
     link: LinkParams = Field(default_factory=_default_link)
     protocol: ProtocolSection = ProtocolSection(block_detections=1_000_000)
+    #: the physics, clock sync and calibration of the satellite links (configs/satellite.toml
+    #: has the values for a Micius-like downlink)
+    satellite_link: LinkParams | None = None
+    satellite_sync: SyncConfig = SyncConfig()
+    satellite_calibration: CalibrationSection = CalibrationSection()
     keystore: KeystoreSection = KeystoreSection(max_key_count=1_000_000)
 
     @model_validator(mode="after")

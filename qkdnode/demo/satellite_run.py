@@ -54,12 +54,14 @@ from qkdnode.demo.nodeconfig import (
     to_toml,
 )
 from qkdnode.demo.runner import Daemon, DemoError, Reporter
+from qkdnode.procedures.mean_photon_number import MeanPhotonResult
 from qkdnode.procedures.sync_model import SyncConfig
 
 __all__ = [
     "PassFigures",
     "SatelliteDemoConfig",
     "SatelliteDemoSummary",
+    "load_intensities",
     "load_satellite_config",
     "pass_theory",
     "run_satellite",
@@ -137,12 +139,18 @@ def pass_theory(
     start_unix_s: float,
     stop_unix_s: float,
     settings: dict[str, float] | None = None,
+    *,
+    intensities: MeanPhotonResult | None = None,
 ) -> PassTheory:
     """The secret key qkdnode's own bound gives for the interval ``[start, stop)`` of a
     pass (wall clock), from the transmittance the channel had (clouds included) times the
     receiver's detector efficiency (its drawn truths), the dark counts and the optical
     error of the simulated boxes, and the protocol settings the nodes ran (``settings``:
-    the transmitter's ``mu_*`` / ``p_*``; default the link's)."""
+    the transmitter's ``mu_*`` / ``p_*``; default the link's).
+
+    ``intensities``: the transmitter's calibration of its mean photon numbers; the bound
+    then takes them as the node does, each within its calibrated interval (the worst case
+    inside it), instead of exactly known."""
     from qkdnode.demo.compare import TheoryInputs
     from qkdnode.postproc.satellite_theory import (
         Bound,
@@ -185,6 +193,8 @@ def pass_theory(
     try:
         key = pass_key(eta, proto, sat_link, security, bound=Bound.QKDNODE)
         bits, counts = key.key_bits, key.counts
+        if intensities is not None:
+            bits = _bits_with_intervals(counts, intensities, src, cfg.protocol)
         detections = (sum(counts.n_key) + sum(counts.n_test)) / (
             src.p_basis_z**2 + (1 - src.p_basis_z) ** 2
         )
@@ -192,6 +202,58 @@ def pass_theory(
     except SatelliteKeyError:
         bits, detections, qber = 0, 0.0, math.nan
     return PassTheory(stop_unix_s - start_unix_s, bits, detections, qber)
+
+
+def _bits_with_intervals(
+    counts: Any, m: MeanPhotonResult, src: Any, protocol: ProtocolSection
+) -> int:
+    """qkdnode's bound on ``counts`` with the calibrated intensity intervals, as the
+    transmitter's pipeline applies it (:meth:`ExchangeMixin._pp_params`)."""
+    from qkdnode.postproc.finitekey import (
+        DecoyCounts,
+        FiniteKeyError,
+        estimate_from_params,
+        key_length_raw,
+    )
+    from qkdnode.postproc.params import PostprocParams
+    from qkdnode.postproc.satellite_theory import leak_ec_bits
+
+    (sl, su), (dl, du), (vl, vu) = m.class_bounds()
+    c_lo, c_hi = m.common_scale()
+    params = PostprocParams(
+        eps_sec=protocol.eps_sec,
+        eps_cor=protocol.eps_cor,
+        mu_signal=m.signal.mu,
+        mu_decoy=m.decoy.mu,
+        mu_vacuum=m.vacuum.mu_or_upper,
+        mu_signal_lower=sl,
+        mu_signal_upper=su,
+        mu_decoy_lower=dl,
+        mu_decoy_upper=du,
+        mu_vacuum_lower=vl,
+        mu_vacuum_upper=vu,
+        mu_scale_lower=c_lo,
+        mu_scale_upper=c_hi,
+        p_signal=src.p_signal,
+        p_decoy=src.p_decoy,
+        p_basis_z=src.p_basis_z,
+    )
+    decoy = DecoyCounts(n_z=counts.n_key, n_x=counts.n_test, m_x=counts.m_test)
+    try:
+        est = estimate_from_params(decoy, params)
+    except FiniteKeyError:
+        return 0
+    leak = leak_ec_bits(sum(counts.n_key), counts.qber_key, protocol.eps_cor)
+    return max(0, math.floor(key_length_raw(est, leak, protocol.eps_sec, protocol.eps_cor)))
+
+
+def load_intensities(state_dir: Path) -> MeanPhotonResult | None:
+    """The transmitter's last calibration of its mean photon numbers, if it saved one."""
+    path = state_dir / "calibration" / "mean_photon_number.json"
+    try:
+        return MeanPhotonResult.model_validate_json(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 # --- the run ------------------------------------------------------------------------------
@@ -215,6 +277,8 @@ class PassFigures:
     theory_secret_bits: int
     theory_detections: float
     ratio_to_theory: float | None
+    #: the same bound with the intensities known exactly (no calibration uncertainty)
+    theory_exact_mu_bits: int
     theory_whole_pass_bits: int
     #: the bound on the same interval cut into four blocks of equal time: what one block
     #: per pass gains over blocks of a fixed size
@@ -405,7 +469,8 @@ def run_satellite(
             d.request_stop()
         for d in (tx, rx):
             summary.daemon_exit_codes[d.name] = d.terminate()
-    summary.passes = _figures(cfg, channel, windows, records, settings)
+    intensities = load_intensities(tx_files.config.node.state_dir)
+    summary.passes = _figures(cfg, channel, windows, records, settings, intensities=intensities)
     key_passes = [p for p in summary.passes if p.secret_bits > 0]
     summary.ok = (
         summary.failure is None
@@ -436,6 +501,8 @@ def _figures(
     windows: list[tuple[float, float]],
     records: list[dict[str, Any]],
     settings: dict[str, float],
+    *,
+    intensities: MeanPhotonResult | None = None,
 ) -> list[PassFigures]:
     rate = cfg.link.source.slot_rate_hz
     out = []
@@ -448,6 +515,7 @@ def _figures(
         bits = sum(int(r.get("secret_bits", 0)) for r in recs)
         qbers = [r.get("qber_z") for r in recs if isinstance(r.get("qber_z"), float)]
         theory_bits = 0
+        exact_bits = 0
         theory_det = 0.0
         exchanged = 0.0
         for r in recs:
@@ -455,8 +523,10 @@ def _figures(
             if span <= 0:
                 continue
             stop = min(float(r.get("closed_unix_s", set_)), set_)
-            th = pass_theory(cfg, channel, stop - span, stop, settings)
+            th = pass_theory(cfg, channel, stop - span, stop, settings, intensities=intensities)
+            exact = pass_theory(cfg, channel, stop - span, stop, settings)
             theory_bits += th.secret_bits
+            exact_bits += exact.secret_bits
             theory_det += th.detections
             exchanged += span
         whole = pass_theory(cfg, channel, rise, set_, settings).secret_bits
@@ -484,6 +554,7 @@ def _figures(
                 theory_secret_bits=theory_bits,
                 theory_detections=round(theory_det, 1),
                 ratio_to_theory=round(bits / theory_bits, 4) if theory_bits > 0 else None,
+                theory_exact_mu_bits=exact_bits,
                 theory_whole_pass_bits=whole,
                 theory_four_blocks_bits=four,
             )
@@ -508,7 +579,8 @@ def format_summary(s: SatelliteDemoSummary) -> str:
             f"{p.detections:>11} {q:>7} {p.secret_bits:>11} {p.theory_secret_bits:>9} {r:>6}"
         )
         lines.append(
-            f"     theory for the whole pass: {p.theory_whole_pass_bits} bits in one block, "
+            f"     theory with the intensities known exactly: {p.theory_exact_mu_bits} bits; "
+            f"for the whole pass: {p.theory_whole_pass_bits} bits in one block, "
             f"{p.theory_four_blocks_bits} in four"
         )
         if p.no_key_reason:
