@@ -382,6 +382,15 @@ class ExchangeMixin(SessionCore):
         window = self.cfg.passes.window_at(time.time()) if self.cfg.passes is not None else None
         self._pass = None if window is None else PassTally(window.rise_unix_s, window.set_unix_s)
         self._set_block_target(self._first_block_target())
+        if self._pass is not None:
+            log.info(
+                "pass_exchange",
+                sets_in_s=round(self._pass.set_unix_s - time.time(), 1),
+                blocks="one for the pass (passes.block_per_pass: the finite-key bound on "
+                "the whole pass's statistics)"
+                if self._pass_blocks()
+                else f"of {self._block_target} detections",
+            )
         reader = asyncio.create_task(self._read_detections(tagger, queue))
         try:
             while True:
