@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from qkdnode.bus.commands import CommandSpec
+from qkdnode.bus.commands import CallerInfo, CommandSpec
+from qkdnode.bus.telemetry import TelemetryListener
 from qkdnode.keystore.store import KeyStore
 from qkdnode.node import Node
 
@@ -23,6 +24,12 @@ class NodeLinkPort:
     @property
     def link_id(self) -> str:
         return self._node.link_id
+
+    @property
+    def name(self) -> str:
+        """The link's name, or ``<node>-<peer>`` for a one-link node (the console's)."""
+        cfg = self._node.cfg.node
+        return self._node.link_id or f"{cfg.id}-{cfg.peer_id}"
 
     @property
     def peer_site(self) -> str:
@@ -75,3 +82,26 @@ class NodeLinkPort:
     ) -> None:
         self._node.kms_sink = on_message
         self._node.kms_lost = on_lost
+
+    async def call(self, command: str, caller: CallerInfo) -> dict[str, Any]:
+        """Run control command ``command`` (content ``{}``) as ``caller``, with the checks
+        of the control socket; ``CommandError`` when refused or not started."""
+        control = self._node.control
+        if control is None:
+            from qkdnode.bus.errors import CommandError
+
+            raise CommandError(f"link {self.name}: control not started", code="not_ready")
+        return await control.invoke(command, {}, caller)
+
+    def listen(self, listener: TelemetryListener) -> Callable[[], None]:
+        """Hear every telemetry message the link publishes; returns the unsubscribe."""
+        telemetry = self._node.telemetry
+        if telemetry is None:
+            return lambda: None
+        telemetry.listeners.append(listener)
+
+        def stop() -> None:
+            if listener in telemetry.listeners:
+                telemetry.listeners.remove(listener)
+
+        return stop

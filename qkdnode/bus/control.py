@@ -232,6 +232,48 @@ class ControlServer:
     def running(self) -> bool:
         return self._sock is not None
 
+    async def invoke(
+        self, name: str, content: dict[str, Any], caller: CallerInfo
+    ) -> dict[str, Any]:
+        """Run command ``name`` in-process for ``caller`` (the site's web console), with
+        the checks a request on the socket gets: allowlist, role, content model, node
+        state. Raises :class:`CommandError` with the same codes as an error reply."""
+        spec = self._builtins.get(name) or self._commands.get(name)
+        if spec is None:
+            raise CommandError(
+                f"unknown command {name!r}",
+                code=ErrorCode.UNKNOWN_COMMAND,
+                details={"field": "command"},
+            )
+        if not spec.role_allows(caller.role):
+            raise CommandError(
+                f"command {name!r} requires role {spec.role!r}; "
+                f"client {caller.name!r} has role {caller.role!r}",
+                code=ErrorCode.FORBIDDEN,
+                details={"field": "command", "required_role": spec.role, "role": caller.role},
+            )
+        try:
+            checked = spec.content_model.model_validate(content).model_dump()
+        except ValidationError as exc:
+            errors = field_errors(exc, "content.")
+            raise CommandError(
+                "invalid content field(s): " + ", ".join(e["field"] for e in errors),
+                code=ErrorCode.INVALID_CONTENT,
+                details={"field": errors[0]["field"], "errors": errors},
+            ) from None
+        if spec.allowed_states is not None:
+            state = self._current_state()
+            if state not in spec.allowed_states:
+                allowed = sorted(spec.allowed_states)
+                raise CommandError(
+                    f"command {name!r} is not allowed in state {state!r} "
+                    f"(allowed: {', '.join(allowed)})",
+                    code=ErrorCode.NOT_ALLOWED_IN_STATE,
+                    details={"field": "command", "state": state, "allowed_states": allowed},
+                )
+        self.stats["requests"] += 1
+        return await spec.handler(checked, caller)
+
     def add_command(self, spec: CommandSpec) -> None:
         """Serve one more command (a site service's, such as the key manager's
         ``network``); ValueError if the name is taken."""

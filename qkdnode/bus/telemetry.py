@@ -16,6 +16,7 @@ import contextlib
 import json
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -45,6 +46,10 @@ STANDARD_TOPICS = (
 )
 
 
+#: An in-process listener of every published delta: ``(topic, seq, ts, payload)``.
+TelemetryListener = Callable[[str, int, float, dict[str, Any]], None]
+
+
 class TelemetryPublisher:
     """Publish ``(topic, payload)`` deltas; answer ``snapshot`` for late joiners.
 
@@ -71,6 +76,9 @@ class TelemetryPublisher:
         self._last: dict[str, dict[str, Any]] = {}
         self.endpoint: str = bus_config.telemetry_endpoint
         self.sent = 0
+        #: in-process listeners (the site's web console); one that raises is logged and
+        #: does not stop the others or the publication
+        self.listeners: list[TelemetryListener] = []
 
     async def start(self) -> None:
         if self._sock is not None:
@@ -125,6 +133,11 @@ class TelemetryPublisher:
         self.seq = seq
         self._last[topic] = {"seq": seq, "ts": ts, "payload": payload}
         self._send([topic.encode(), body])
+        for listener in list(self.listeners):
+            try:
+                listener(topic, seq, ts, payload)
+            except Exception as exc:
+                log.warning("telemetry_listener_failed", topic=topic, error=str(exc))
         return seq
 
     def snapshot(self) -> dict[str, Any]:

@@ -63,4 +63,20 @@ def _run(args: argparse.Namespace) -> int:
             return [NodeLinkPort(node) for node in links if node in daemon.running]
 
         daemon.services.append(NetworkService(site.id, site.network, site.state_dir, ports))
+    if site.console.enabled:  # after the key manager: its `network` command is then served
+        from qkdnode.console.service import ConsoleService
+        from qkdnode.node_port import NodeLinkPort
+
+        def console_ports() -> list[NodeLinkPort]:
+            return [NodeLinkPort(node) for node in links if node in daemon.running]
+
+        daemon.services.append(
+            ConsoleService(
+                site.id,
+                site.console,
+                site.state_dir,
+                console_ports,
+                network=site.network is not None,
+            )
+        )
     return run_daemon(daemon)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from qkdnode.config.console import ConsoleSection
 from qkdnode.config.sections import (
     AlarmsSection,
     BusSection,
@@ -45,6 +46,7 @@ class NodeConfig(Section):
     alarms: AlarmsSection = AlarmsSection()
     tracking: TrackingSection = TrackingSection()
     passes: PassesSection | None = None
+    console: ConsoleSection = ConsoleSection()
     simulation: SimulationSection | None = None
 
     @field_validator("simulation")

@@ -39,12 +39,13 @@ simulated fiber. A one-link config (``[node]`` with ``role`` and ``peer_id``, no
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
+from qkdnode.config.console import ConsoleSection
 from qkdnode.config.loader import ConfigError, format_validation_error, parse_config, read_toml
 from qkdnode.config.model import NodeConfig
 from qkdnode.config.network import NetworkSection
@@ -105,6 +106,8 @@ class SiteConfig:
     #: the key management network the site belongs to (``[network]``), if any
     network: NetworkSection | None = None
     state_dir: Path = Path("state")
+    #: the site's web console (``[console]``; off unless it names a listen_host)
+    console: ConsoleSection = field(default_factory=ConsoleSection)
 
     @classmethod
     def single(cls, cfg: NodeConfig) -> SiteConfig:
@@ -114,6 +117,7 @@ class SiteConfig:
             (LinkConfig("", cfg),),
             multi=False,
             state_dir=cfg.node.state_dir,
+            console=cfg.console,
         )
 
 
@@ -138,11 +142,15 @@ def parse_site(data: dict[str, Any], source: str = "<config>") -> SiteConfig:
     problems: list[str] = []
     shared: dict[str, Any] = {}
     network: NetworkSection | None = None
+    console = ConsoleSection()
     for key, value in data.items():
         if key in ("node", "links"):
             continue
         if key == "network":
             network = _parse_network(value, problems)
+            continue
+        if key == "console":
+            console = _parse_console(value, problems)
             continue
         if key in PER_LINK_ONLY:
             problems.append(
@@ -175,7 +183,7 @@ def parse_site(data: dict[str, Any], source: str = "<config>") -> SiteConfig:
         if link is not None:
             links.append(link)
     if not problems:
-        problems.extend(_clashes(links, network))
+        problems.extend(_clashes(links, network, console))
     if not problems and network is not None and network.enabled:
         problems.extend(_network_fit(node.id, links, network))
     if problems:
@@ -187,7 +195,19 @@ def parse_site(data: dict[str, Any], source: str = "<config>") -> SiteConfig:
         multi=True,
         network=network if network is not None and network.enabled else None,
         state_dir=node.state_dir,
+        console=console,
     )
+
+
+def _parse_console(value: Any, problems: list[str]) -> ConsoleSection:
+    if not isinstance(value, dict):
+        problems.append("console: must be a table")
+        return ConsoleSection()
+    try:
+        return ConsoleSection.model_validate(value)
+    except ValidationError as exc:
+        problems.extend(f"console.{p}" for p in format_validation_error(exc))
+        return ConsoleSection()
 
 
 def _parse_network(value: Any, problems: list[str]) -> NetworkSection | None:
@@ -271,6 +291,9 @@ def _parse_link(
             f"{where}.node: a link takes role, peer_id and autostart directly in its entry"
         )
         return None
+    if "console" in entry:
+        problems.append(f"{where}.console: the console is the node's: write [console] once")
+        return None
     node_keys = {k: entry[k] for k in _LINK_NODE_KEYS if k in entry}
     body = {k: v for k, v in entry.items() if k != "id" and k not in _LINK_NODE_KEYS}
     data = {
@@ -300,7 +323,11 @@ def _name_ok(name: str) -> bool:
     return re.fullmatch(_NAME, name) is not None
 
 
-def _clashes(links: list[LinkConfig], network: NetworkSection | None = None) -> list[str]:
+def _clashes(
+    links: list[LinkConfig],
+    network: NetworkSection | None = None,
+    console: ConsoleSection | None = None,
+) -> list[str]:
     """What two links of one node may not share: a link name, an endpoint or port either
     binds, a simulated fiber, a simulated instrument left without its link's name."""
     out: list[str] = []
@@ -327,6 +354,8 @@ def _clashes(links: list[LinkConfig], network: NetworkSection | None = None) -> 
         sim = cfg.simulation
         if sim is not None and sim.enabled:
             claim(sim.fiber_endpoint, f"{w}.simulation.fiber_endpoint")
+    if console is not None and console.enabled:
+        claim(f"port {console.listen_port}", "console.listen_port")
     if network is not None and network.enabled and network.delivery.enabled:
         claim(f"port {network.delivery.listen_port}", "network.delivery.listen_port")
     simulated = [(i, link) for i, link in enumerate(links) if _simulated(link.cfg)]
