@@ -30,7 +30,7 @@ class ConsoleSection(Section):
         description="address to bind (None: no console). Without TLS files it must be a "
         "loopback address; wildcards (0.0.0.0, ::) are refused",
     )
-    listen_port: int = Field(8080, ge=1, le=65535)
+    listen_port: int = Field(8080, ge=0, le=65535, description="port (0: any free port)")
     tls_cert_file: Path | None = Field(None, description="server certificate (PEM)")
     tls_key_file: Path | None = Field(None, description="server private key (PEM)")
     client_ca_file: Path | None = Field(

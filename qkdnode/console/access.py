@@ -17,7 +17,6 @@ from __future__ import annotations
 import hmac
 import secrets
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from aiohttp import web
 
@@ -26,7 +25,6 @@ from qkdnode.console.models import Role
 from qkdnode.delivery.tls import peer_common_names
 
 TOKEN_HEADER = "X-Console-Token"
-ROLE_KEY = "qkdnode_console_role"
 
 #: headers on every answer
 SECURITY_HEADERS = {
@@ -62,6 +60,10 @@ class Access:
                 return role
         return None
 
+    def role(self, request: web.Request) -> Role:
+        """The role of a client the middleware let through (monitor if none)."""
+        return self.role_of(request) or "monitor"
+
     def action_refusal(self, request: web.Request, role: Role) -> str | None:
         """Why the POST ``request`` may not act (None: it may)."""
         if role != "operator":
@@ -88,7 +90,6 @@ class Access:
         role = self.role_of(request)
         if role is None:
             return _secured(web.Response(status=403))
-        request[ROLE_KEY] = role
         try:
             response = await handler(request)
         except web.HTTPException as exc:
@@ -101,8 +102,3 @@ def _secured(response: web.StreamResponse) -> web.StreamResponse:
         for name, value in SECURITY_HEADERS.items():
             response.headers.setdefault(name, value)
     return response
-
-
-def role(request: web.Request) -> Role:
-    value: Any = request[ROLE_KEY]
-    return "operator" if value == "operator" else "monitor"

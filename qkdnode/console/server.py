@@ -37,7 +37,7 @@ from aiohttp import web
 
 from qkdnode.bus.commands import CallerInfo
 from qkdnode.bus.errors import CommandError, ErrorCode
-from qkdnode.console.access import TOKEN_HEADER, Access, role
+from qkdnode.console.access import TOKEN_HEADER, Access
 from qkdnode.console.history import DEFAULT_MAX_POINTS, TABLES, HistoryStore
 from qkdnode.console.live import KEEPALIVE_S, TooManySubscribers, sse_frame
 from qkdnode.delivery.tls import server_context
@@ -129,13 +129,14 @@ class ConsoleApp:
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="console-token" content="{e(self.access.token)}">
 <title>{e(title)} · {e(svc.site)} · qkdnode</title>
+<link rel="icon" href="data:,">
 <link rel="stylesheet" href="/static/uPlot.min.css">
 <link rel="stylesheet" href="/static/console.css">
 </head><body data-page="{e(page)}" data-link="{e(link)}" data-site="{e(svc.site)}"
- data-role="{e(role(request))}" data-stale-after-s="{svc.cfg.stale_after_s:g}">
+ data-role="{e(self.access.role(request))}" data-stale-after-s="{svc.cfg.stale_after_s:g}">
 <header><span class="site">qkdnode · {e(svc.site)}</span><nav>{links}</nav>
 <span id="live" class="live" role="status" aria-live="polite">connecting…</span>
-<span class="role">role: {e(role(request))}</span></header>
+<span class="role">role: {e(self.access.role(request))}</span></header>
 <main id="app"><h1>{e(title)}</h1><p class="muted">loading…</p></main>
 <script src="/static/uPlot.iife.min.js"></script>
 <script src="/static/console.js"></script>
@@ -173,7 +174,9 @@ class ConsoleApp:
     async def overview(self, request: web.Request) -> web.Response:
         if not self.service.rows:
             await self.service.refresh()
-        return web.json_response(self.service.overview(role(request)).model_dump(mode="json"))
+        return web.json_response(
+            self.service.overview(self.access.role(request)).model_dump(mode="json")
+        )
 
     async def series(self, request: web.Request) -> web.Response:
         link = self._link(request)
@@ -263,7 +266,7 @@ class ConsoleApp:
         )
         try:
             await response.prepare(request)
-            hello = self.service.overview(role(request)).model_dump(mode="json")
+            hello = self.service.overview(self.access.role(request)).model_dump(mode="json")
             await response.write(b"retry: 2000\n" + sse_frame("overview", hello))
             while True:
                 frame = await sub.next(KEEPALIVE_S)
@@ -283,7 +286,7 @@ class ConsoleApp:
         name = request.match_info["action"]
         if name not in ACTIONS:
             return _error(404, f"no action {name[:40]!r} (actions: {', '.join(ACTIONS)})")
-        who = role(request)
+        who = self.access.role(request)
         refusal = self.access.action_refusal(request, who)
         if refusal is not None:
             log.warning("console.action_refused", link=link, action=name, reason=refusal)
