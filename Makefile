@@ -4,7 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-network test test-system soak test-faults lint typecheck unit bench venv clean
+.PHONY: demo demo-network test test-system soak test-faults lint typecheck unit bench venv clean \
+	browser console-screenshots
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,8 +37,22 @@ unit: $(STAMP)
 
 # The multi-daemon scenarios (tests/system and tests marked `system`; ~17 min; not part
 # of `make test`, see README).
-test-system: $(STAMP)
+test-system: $(STAMP) browser
 	QKDNODE_SYSTEM_TESTS=1 $(BIN)/python -m pytest -q -m system tests
+
+# Debian's chromium and chromedriver for the web console's browser tests, screenshots and
+# page-load bench: installed with apt when missing and run as root; otherwise those tests
+# are skipped and say why.
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			chromium chromium-driver >/dev/null; \
+	else echo "chromium/chromedriver missing and not root: browser tests will be skipped"; fi
+
+# The console's screenshots in docs/img, from the five-site network (a few minutes).
+console-screenshots: $(STAMP) browser
+	$(BIN)/python -m tests.console.screenshots docs/img
 
 # A pair of daemons for SOAK_S seconds (default 1 h) with drift and a fault every
 # SOAK_FAULT_S seconds; prints a JSON report (RSS, blocks, alarms, keys identical).

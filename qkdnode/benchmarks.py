@@ -38,6 +38,7 @@ BENCH_MODULES: tuple[str, ...] = (
     "qkdnode.keystore.bench",
     "qkdnode.kms.bench",
     "qkdnode.procedures.bench",
+    "qkdnode.console.bench",
 )
 E2E_STAGE = "end-to-end"
 MODULE_TIMEOUT_S = 900.0

@@ -242,16 +242,19 @@
   function drawBlocks() {
     const s = linkState;
     const head = el("tr", {}, ...["block", "time", "result", "QBER Z", "QBER X", "detections", "sifted Z",
-      "disclosed", "final key", "ε (sec)", "post-proc."].map((h) => el("th", { scope: "col", text: h })));
+      "disclosed", "leak (λ_EC)", "f (EC)", "final key", "forgery ≤", "post-proc."].map((h) => el("th", { scope: "col", text: h })));
     const rows = s.blocks.slice().reverse().slice(0, 200).map((b) => {
-      const eps = b.stats.eps_sec ?? b.stats.finite_eps_sec ?? b.stats.epsilon_sec;
+      const st = b.stats;
+      const forgery = typeof st.auth_forgery_bound === "number" ? st.auth_forgery_bound.toExponential(1) : "–";
       return el("tr", { "data-block": b.block_id, class: b.ok ? "" : "aborted" },
         el("td", { text: "#" + b.block_id }), el("td", { text: fmtTime(b.ts_s) }),
         el("td", {}, b.ok ? el("span", { class: "badge ok", text: "✔ ok" }) : el("span", { class: "badge bad", text: "✖ aborted" })),
         el("td", { text: fmtPct(b.qber_z) }), el("td", { text: fmtPct(b.qber_x) }),
         el("td", { text: b.detections.toLocaleString() }), el("td", { text: b.sifted_z.toLocaleString() }),
-        el("td", { text: fmtBits(b.ec_disclosed_bits) }), el("td", { text: fmtBits(b.final_key_bits) }),
-        el("td", { text: eps === undefined || eps === null ? "–" : Number(eps).toExponential(1) }),
+        el("td", { text: fmtBits(b.ec_disclosed_bits) }),
+        el("td", { text: typeof st.leak_total_bits === "number" ? fmtBits(st.leak_total_bits) : "–" }),
+        el("td", { text: typeof st.ec_efficiency === "number" ? st.ec_efficiency.toFixed(3) : "–" }),
+        el("td", { text: fmtBits(b.final_key_bits) }), el("td", { text: forgery }),
         el("td", { text: b.block_seconds.toFixed(2) + " s" }));
     });
     s.blockTable.replaceChildren(el("thead", {}, head), el("tbody", {}, ...rows));
