@@ -30,20 +30,20 @@ import html
 import time
 from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import structlog
 from aiohttp import web
 
 from qkdnode.bus.commands import CallerInfo
 from qkdnode.bus.errors import CommandError, ErrorCode
+from qkdnode.config.console import ConsoleSection
 from qkdnode.console.access import TOKEN_HEADER, Access
 from qkdnode.console.history import DEFAULT_MAX_POINTS, TABLES, HistoryStore
-from qkdnode.console.live import KEEPALIVE_S, TooManySubscribers, sse_frame
+from qkdnode.console.live import KEEPALIVE_S, LiveHub, TooManySubscribers, sse_frame
+from qkdnode.console.models import LinkRow, Overview, Role
+from qkdnode.console.ports import ConsoleLink
 from qkdnode.delivery.tls import server_context
-
-if TYPE_CHECKING:
-    from qkdnode.console.service import ConsoleService
 
 log = structlog.get_logger(__name__)
 
@@ -58,6 +58,26 @@ STATIC: dict[str, str] = {
 }
 PAGES = ("overview", "link", "alarms", "network")
 MAX_HOURS = 24.0 * 3650
+
+
+class ConsoleService(Protocol):
+    """What the server reads of the console (``qkdnode.console.service.ConsoleService``)."""
+
+    site: str
+    cfg: ConsoleSection
+    network: bool
+    links: dict[str, ConsoleLink]
+    rows: dict[str, LinkRow]
+    hub: LiveHub
+    history: HistoryStore | None
+
+    def overview(self, role: Role) -> Overview: ...
+
+    async def refresh(self) -> list[LinkRow]: ...
+
+    async def act(self, link: str, action: str, caller: CallerInfo) -> dict[str, Any]: ...
+
+    async def network_now(self) -> dict[str, Any] | None: ...
 
 
 @dataclass
