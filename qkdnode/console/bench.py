@@ -91,23 +91,23 @@ def fill_day(path: Path, now_s: float) -> None:
         )
         for i in range(n)
     )
-    for j in range(int(DAY_S / BLOCK_S)):
-        store.add_block(
-            BlockRecord(
-                link=LINK,
-                ts_s=t0 + j * BLOCK_S,
-                block_id=j,
-                ok=True,
-                qber_z=0.0134,
-                qber_x=0.025,
-                detections=3_950_000,
-                sifted_z=2_550_000,
-                ec_disclosed_bits=290_000,
-                final_key_bits=850_000,
-                block_seconds=1.7,
-                stats={"ec_efficiency": 1.12, "leak_total_bits": 300_000},
-            )
+    store.add_blocks(
+        BlockRecord(
+            link=LINK,
+            ts_s=t0 + j * BLOCK_S,
+            block_id=j,
+            ok=True,
+            qber_z=0.0134,
+            qber_x=0.025,
+            detections=3_950_000,
+            sifted_z=2_550_000,
+            ec_disclosed_bits=290_000,
+            final_key_bits=850_000,
+            block_seconds=1.7,
+            stats={"ec_efficiency": 1.12, "leak_total_bits": 300_000},
         )
+        for j in range(int(DAY_S / BLOCK_S))
+    )
     store.close()
 
 

@@ -81,7 +81,7 @@ class LiveHub:
     def subscribers(self) -> int:
         return len(self._subs)
 
-    def publish(self, event: str, data: Any) -> None:
+    def push(self, event: str, data: Any) -> None:
         """Send ``data`` (JSON-able) as SSE event ``event`` to every page."""
         if not self._subs:
             return

@@ -89,6 +89,12 @@ class Series(Record):
     keys_available: list[float | None]
     auth_balance_bits: list[float | None]
     detector_rates_hz: list[list[float | None]]
+    #: the key blocks in the same span, averaged over buckets of ``bucket_s`` when they
+    #: outnumber the points (block time, QBER per basis, final key bits)
+    block_ts_s: list[float] = Field(default_factory=list)
+    qber_z: list[float | None] = Field(default_factory=list)
+    qber_x: list[float | None] = Field(default_factory=list)
+    final_key_bits: list[float | None] = Field(default_factory=list)
 
 
 class LinkRow(Record):

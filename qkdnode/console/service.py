@@ -177,23 +177,23 @@ class ConsoleService:
         if topic == "block":
             block = block_record(link, ts, payload)
             self._keep(block)
-            self.hub.publish("block", block.model_dump(mode="json"))
+            self.hub.push("block", block.model_dump(mode="json"))
         elif topic == "alarm":
             alarm = alarm_record(link, ts, payload)
             if alarm is not None:
                 self._keep(alarm)
-                self.hub.publish("alarm", alarm.model_dump(mode="json"))
+                self.hub.push("alarm", alarm.model_dump(mode="json"))
         elif topic == "rates":
             rates = _numbers(payload.get("detector_count_rate_hz"))
             self._rates[link] = (ts, rates)
-            self.hub.publish("rates", {"link": link, "ts_s": ts, "detector_rates_hz": rates})
+            self.hub.push("rates", {"link": link, "ts_s": ts, "detector_rates_hz": rates})
         elif topic == "network":
             self.network_view = payload
-            self.hub.publish("network", payload)
+            self.hub.push("network", payload)
         elif topic in KEPT_TOPICS or topic.startswith(KEPT_PREFIXES):
             event = EventRecord(link=link, ts_s=ts, topic=topic, payload=payload)
             self._keep(event)
-            self.hub.publish("event", event.model_dump(mode="json"))
+            self.hub.push("event", event.model_dump(mode="json"))
 
     def _keep(self, record: Written) -> None:
         try:
@@ -209,7 +209,7 @@ class ConsoleService:
         rows = await asyncio.gather(*(self._row(n, p, now) for n, p in self.links.items()))
         for row in rows:
             self.rows[row.link] = row
-        self.hub.publish("overview", self.overview("monitor").model_dump(mode="json"))
+        self.hub.push("overview", self.overview("monitor").model_dump(mode="json"))
         return list(rows)
 
     async def _row(self, name: str, port: ConsoleLink, now: float) -> LinkRow:
@@ -296,10 +296,9 @@ class ConsoleService:
 
 def _write_batch(store: HistoryStore, batch: list[Written]) -> None:
     store.add_samples(r for r in batch if isinstance(r, Sample))
+    store.add_blocks(r for r in batch if isinstance(r, BlockRecord))
     for record in batch:
-        if isinstance(record, BlockRecord):
-            store.add_block(record)
-        elif isinstance(record, AlarmRecord):
+        if isinstance(record, AlarmRecord):
             store.add_alarm(record)
         elif isinstance(record, EventRecord):
             store.add_event(record)

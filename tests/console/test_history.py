@@ -76,6 +76,16 @@ def test_a_day_of_samples_comes_back_at_the_page_resolution(tmp_path: Path) -> N
     # averages of alternating 0/1 over whole buckets
     assert all(0.3 <= r <= 0.7 for r in series.key_rate_bps if r is not None)
     assert series.detector_rates_hz[0][:3] == [1.0, 1.0, 1.0]
+    store.add_blocks(  # a block every 28.8 s, alternating error rates
+        BlockRecord(link="ab", ts_s=t0 + 28.8 * j, block_id=j, ok=True, qber_z=0.01 * (j % 2))
+        for j in range(3000)
+    )
+    series = store.series("ab", t0, t0 + DAY_S, max_points=500)
+    assert 450 <= len(series.block_ts_s) <= 501
+    assert all(0.003 <= q <= 0.007 for q in series.qber_z if q is not None)
+    assert series.qber_x == [None] * len(series.block_ts_s)
+    raw = store.series("ab", t0, t0 + 288.0, max_points=500)
+    assert raw.qber_z == [0.0, 0.01] * 5 + [0.0]
     with pytest.raises(ValueError, match="max_points"):
         store.series("ab", t0, t0 + 1, max_points=1)
     with pytest.raises(ValueError, match="until_s"):

@@ -29,17 +29,27 @@
     }
     return e;
   }
+  function fixed(x) {
+    const a = Math.abs(x);
+    return x.toFixed(a >= 100 || a === 0 ? 0 : a >= 10 ? 1 : 2);
+  }
   function fmtRate(bps) {
     if (bps === null || bps === undefined) return "–";
-    const units = [["Mb/s", 1e6], ["kb/s", 1e3], ["b/s", 1]];
-    for (const [u, f] of units) if (Math.abs(bps) >= f || f === 1) return (bps / f).toFixed(bps / f >= 100 ? 0 : 2) + " " + u;
-    return "–";
+    const a = Math.abs(bps);
+    if (a >= 1e6) return fixed(bps / 1e6) + " Mb/s";
+    if (a >= 1e3) return fixed(bps / 1e3) + " kb/s";
+    return fixed(bps) + " b/s";
   }
   function fmtHz(hz) {
     if (hz === null || hz === undefined) return "–";
     if (hz >= 1e6) return (hz / 1e6).toFixed(2) + " MHz";
     if (hz >= 1e3) return (hz / 1e3).toFixed(1) + " kHz";
     return hz.toFixed(0) + " Hz";
+  }
+  function fmtPs(ps) {
+    const a = Math.abs(ps);
+    const [f, u] = a >= 1e12 ? [1e12, " s"] : a >= 1e9 ? [1e9, " ms"] : a >= 1e6 ? [1e6, " µs"] : a >= 1e3 ? [1e3, " ns"] : [1, " ps"];
+    return +(ps / f).toPrecision(10) + u;
   }
   function fmtPct(x, digits) {
     if (x === null || x === undefined) return "–";
@@ -165,17 +175,27 @@
   // ---- charts -----------------------------------------------------------------------
   const PALETTE = ["#0b6bcb", "#d9480f", "#2b8a3e", "#862e9c", "#e67700", "#1098ad"];
   const DASH = [[], [6, 3], [2, 2], [8, 2, 2, 2]];
+  // x range of the link page's plots: from the oldest point shown to now (sparse series,
+  // such as sync events, then share the time axis of the dense ones)
+  let X0 = null;
   function chart(container, title, labels, data, opts) {
+    opts = opts || {};
     const width = Math.max(280, container.clientWidth - 4);
     const series = [{}].concat(labels.map((l, i) => ({
       label: l, stroke: PALETTE[i % PALETTE.length], width: 1.5, dash: DASH[i % DASH.length],
-      points: { show: (opts && opts.points) || false, size: 5 }, spanGaps: false,
+      points: { show: opts.points || false, size: 5 }, spanGaps: false,
+      scale: opts.scales ? opts.scales[i] : "y",
     })));
+    const fmt = (v) => (opts.fmt ? opts.fmt(v) : fixed(v));
+    const axes = [{}, { scale: opts.scales ? opts.scales[0] : "y", values: (u, vals) => vals.map(fmt), size: opts.axisSize || 80 }];
+    if (opts.scales && opts.scales.length > 1) {
+      axes.push({ scale: opts.scales[1], side: 1, grid: { show: false }, size: 60,
+        values: (u, vals) => vals.map((v) => fixed(v)) });
+    }
     const u = new uPlot({
       title: title, width: width, height: 200, series: series,
-      scales: { x: { time: true } },
-      axes: [{}, { values: (u, vals) => vals.map((v) => (opts && opts.fmt ? opts.fmt(v) : v)), size: 70 }],
-      legend: { live: true },
+      scales: { x: { time: true, range: (u, min, max) => [X0 === null ? min : Math.min(min, X0), Math.max(max, now())] } },
+      axes: axes, legend: { live: true },
     }, data, container);
     container.dataset.points = String(data[0].length);
     return u;
@@ -224,19 +244,24 @@
     const p = s.plots;
     for (const k of Object.keys(p)) p[k].destroy();
     const sr = s.series;
+    const firsts = [sr.ts_s[0], s.blocks.length ? s.blocks[0].ts_s : undefined, s.events.length ? s.events[0].ts_s : undefined]
+      .filter((x) => x !== undefined);
+    X0 = firsts.length ? Math.min(...firsts) : null;
     p.rate = chart(s.panels.rate, "Secret key rate (b/s)", ["key rate"], [sr.ts_s, sr.key_rate_bps], { fmt: (v) => fmtRate(v) });
-    const bx = s.blocks.map((b) => b.ts_s);
-    p.qber = chart(s.panels.qber, "QBER per basis (%) by block", ["Z", "X"],
-      [bx, s.blocks.map((b) => (b.qber_z === null ? null : 100 * b.qber_z)), s.blocks.map((b) => (b.qber_x === null ? null : 100 * b.qber_x))],
-      { points: true });
+    p.qber = chart(s.panels.qber, "QBER per basis (%) by block", ["Z", "X"], qberData(sr), { points: sr.block_ts_s.length < 300 });
     p.fill = chart(s.panels.fill, "Key store fill (%)", ["fill"], [sr.ts_s, sr.fill_ratio.map((x) => (x === null ? null : 100 * x))]);
     const det = sr.detector_rates_hz;
     p.detectors = chart(s.panels.detectors, "Detection rate per detector (Hz)",
       det.length ? det.map((_, i) => "D" + i) : ["(no detectors)"],
       [sr.ts_s].concat(det.length ? det : [sr.ts_s.map(() => null)]), { fmt: (v) => fmtHz(v) });
     const sync = s.events.filter((e) => e.topic === "sync" || e.topic === "sync.acquired");
-    p.sync = chart(s.panels.sync, "Sync offset (ps) and frequency (ppm)", ["offset ps", "ppm"],
-      [sync.map((e) => e.ts_s), sync.map((e) => num(e.payload.offset_ps)), sync.map((e) => num(e.payload.ppm))], { points: true });
+    p.sync = chart(s.panels.sync, "Sync: clock offset (ps, left) and frequency (ppm, right)", ["offset ps", "ppm"],
+      [sync.map((e) => e.ts_s), sync.map((e) => num(e.payload.offset_ps)), sync.map((e) => num(e.payload.ppm))],
+      { points: true, scales: ["ps", "ppm"], fmt: fmtPs, axisSize: 100 });
+  }
+  function pct(x) { return x === null ? null : 100 * x; }
+  function qberData(sr) {
+    return [sr.block_ts_s, sr.qber_z.map(pct), sr.qber_x.map(pct)];
   }
   function num(x) { return typeof x === "number" && isFinite(x) ? x : null; }
   function drawBlocks() {
@@ -390,10 +415,10 @@
           if (b.link !== LINK || !linkState) return;
           linkState.blocks.push(b);
           drawBlocks();
-          const bl = linkState.blocks;
-          linkState.plots.qber.setData([bl.map((x) => x.ts_s), bl.map((x) => (x.qber_z === null ? null : 100 * x.qber_z)),
-            bl.map((x) => (x.qber_x === null ? null : 100 * x.qber_x))]);
-          linkState.panels.qber.dataset.points = String(bl.length);
+          const sr = linkState.series;
+          sr.block_ts_s.push(b.ts_s); sr.qber_z.push(b.qber_z); sr.qber_x.push(b.qber_x); sr.final_key_bits.push(b.final_key_bits);
+          linkState.plots.qber.setData(qberData(sr));
+          linkState.panels.qber.dataset.points = String(sr.block_ts_s.length);
         });
         on("event", (e) => {
           if (e.link !== LINK || !linkState) return;
