@@ -256,8 +256,14 @@
       [sr.ts_s].concat(det.length ? det : [sr.ts_s.map(() => null)]), { fmt: (v) => fmtHz(v) });
     const sync = s.events.filter((e) => e.topic === "sync" || e.topic === "sync.acquired");
     p.sync = chart(s.panels.sync, "Sync: clock offset (ps, left) and frequency (ppm, right)", ["offset ps", "ppm"],
-      [sync.map((e) => e.ts_s), sync.map((e) => num(e.payload.offset_ps)), sync.map((e) => num(e.payload.ppm))],
+      anchored([sync.map((e) => e.ts_s), sync.map((e) => num(e.payload.offset_ps)), sync.map((e) => num(e.payload.ppm))]),
       { points: true, scales: ["ps", "ppm"], fmt: fmtPs, axisSize: 100 });
+  }
+  // a sparse series between empty points at the page's start and now, so that its time
+  // axis is the other plots' even with one point
+  function anchored(data) {
+    if (X0 === null) return data;
+    return data.map((col, i) => (i === 0 ? [Math.min(X0, col[0] ?? X0)].concat(col, [now()]) : [null].concat(col, [null])));
   }
   function pct(x) { return x === null ? null : 100 * x; }
   function qberData(sr) {
