@@ -7,6 +7,7 @@ manager: this adapter only reads the node and sets its two ``kms_*`` hooks.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from qkdnode.bus.commands import CallerInfo, CommandSpec
@@ -92,6 +93,10 @@ class NodeLinkPort:
 
             raise CommandError(f"link {self.name}: control not started", code="not_ready")
         return await control.invoke(command, {}, caller)
+
+    def calibration_dir(self) -> Path | None:
+        """The link's calibration results (``procedures.common.save_result``)."""
+        return Path(self._node.state_dir) / "calibration"
 
     def listen(self, listener: TelemetryListener) -> Callable[[], None]:
         """Hear every telemetry message the link publishes; returns the unsubscribe."""

@@ -67,6 +67,9 @@ class _FixedLink:
             "alarms": [],
         }
 
+    def calibration_dir(self) -> Path | None:
+        return None
+
     def listen(self, listener: TelemetryListener) -> Callable[[], None]:
         return lambda: None
 

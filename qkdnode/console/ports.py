@@ -8,6 +8,7 @@ listens to its telemetry in-process.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 from qkdnode.bus.commands import CallerInfo
@@ -32,6 +33,11 @@ class ConsoleLink(Protocol):
     async def call(self, command: str, caller: CallerInfo) -> dict[str, Any]:
         """Run control command ``command`` (content ``{}``) as ``caller``; raises
         ``qkdnode.bus.errors.CommandError`` when refused."""
+        ...
+
+    def calibration_dir(self) -> Path | None:
+        """Where the link's calibration procedures save their latest result and plot
+        (``<procedure>.json`` / ``.png``); None when it has none."""
         ...
 
     def listen(self, listener: TelemetryListener) -> Callable[[], None]:

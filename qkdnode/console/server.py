@@ -12,6 +12,8 @@ Routes (every one behind :class:`~qkdnode.console.access.Access`):
 ``GET /api/links/{link}/series``      ``hours`` (24), ``max_points`` (2000): a Series
 ``GET /api/links/{link}/blocks``      ``limit`` (200): the last blocks with provenance
 ``GET /api/links/{link}/events``      calibration results and sync locks
+``GET /api/links/{link}/plots``       the procedures with a saved calibration plot
+``GET /api/links/{link}/plots/{p}.png``  the latest plot of procedure ``p``
 ``GET /api/links/{link}/export.csv``  ``table`` (samples, blocks, alarms, events), ``hours``
 ``GET /api/alarms``                   ``hours`` (168): alarm events, newest first
 ``GET /api/network``                  the key management network view (404 without one)
@@ -27,9 +29,11 @@ from __future__ import annotations
 
 import asyncio
 import html
+import re
 import time
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
@@ -57,6 +61,7 @@ STATIC: dict[str, str] = {
     "LICENSE.uPlot.txt": "text/plain",
 }
 PAGES = ("overview", "link", "alarms", "network")
+PROCEDURE_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 MAX_HOURS = 24.0 * 3650
 
 
@@ -228,6 +233,32 @@ class ConsoleApp:
         )
         return web.json_response({"events": [e.model_dump(mode="json") for e in rows]})
 
+    def _plots(self, link: str) -> dict[str, Path]:
+        folder = self.service.links[link].calibration_dir()
+        if folder is None or not folder.is_dir():
+            return {}
+        return {
+            p.stem: p
+            for p in sorted(folder.glob("*.png"))
+            if PROCEDURE_RE.match(p.stem) and not p.stem.endswith("tmp")
+        }
+
+    async def plots(self, request: web.Request) -> web.Response:
+        link = self._link(request)
+        found = await asyncio.to_thread(self._plots, link)
+        return web.json_response(
+            {"plots": [{"procedure": p, "mtime_s": f.stat().st_mtime} for p, f in found.items()]}
+        )
+
+    async def plot(self, request: web.Request) -> web.Response:
+        link = self._link(request)
+        name = request.match_info["procedure"]
+        path = (await asyncio.to_thread(self._plots, link)).get(name)
+        if path is None:
+            return _error(404, f"no saved plot of {name[:64]!r}")
+        data = await asyncio.to_thread(path.read_bytes)
+        return web.Response(body=data, content_type="image/png")
+
     async def export_csv(self, request: web.Request) -> web.Response:
         link = self._link(request)
         table = request.query.get("table", "samples")
@@ -338,6 +369,8 @@ def build_console_app(service: ConsoleService, access: Access) -> web.Applicatio
     r.add_get("/api/links/{link}/blocks", h.blocks)
     r.add_get("/api/links/{link}/events", h.events)
     r.add_get("/api/links/{link}/export.csv", h.export_csv)
+    r.add_get("/api/links/{link}/plots", h.plots)
+    r.add_get("/api/links/{link}/plots/{procedure}.png", h.plot)
     r.add_get("/api/alarms", h.alarms)
     r.add_get("/api/network", h.network)
     r.add_get("/api/events", h.live)

@@ -35,6 +35,7 @@ class BusLink:
     actions: list[tuple[str, str]] = field(default_factory=list)
     role: str = "transmitter"
     peer_site: str = "bob"
+    plots: Path | None = None
 
     @property
     def link_id(self) -> str:
@@ -42,6 +43,9 @@ class BusLink:
 
     async def call(self, command: str, caller: CallerInfo) -> dict[str, Any]:
         return await self.control.invoke(command, {}, caller)
+
+    def calibration_dir(self) -> Path | None:
+        return self.plots
 
     def listen(self, listener: TelemetryListener) -> Callable[[], None]:
         self.telemetry.listeners.append(listener)

@@ -11,9 +11,11 @@ Takes a few minutes (five daemons calibrate on the machine's cores).
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,7 @@ def _console_toml(port: int) -> str:
     )
 
 
-def _ready(driver: Any, timeout_s: float = 30.0) -> None:
+def ready(driver: Any, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while driver.execute_script("return document.body.dataset.ready") != "1":
         if time.monotonic() > deadline:
@@ -46,14 +48,12 @@ def _ready(driver: Any, timeout_s: float = 30.0) -> None:
         time.sleep(0.1)
 
 
-def shoot(out: Path) -> list[Path]:
-    missing = browser_missing()
-    if missing is not None:
-        raise SystemExit(f"console screenshots: {missing}")
-    out.mkdir(parents=True, exist_ok=True)
+@contextlib.contextmanager
+def network_console() -> Iterator[tuple[NetworkDemo, str]]:
+    """The five-site network on loopback with a console on site B, every link holding
+    key; yields the demo and the console's URL. Stops every site at exit."""
     spec = load_network_spec(ROOT / "configs" / "network.toml")
-    written: list[Path] = []
-    with tempfile.TemporaryDirectory(prefix="qkdnode-shots-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="qkdnode-console-net-") as tmp:
         demo = NetworkDemo(spec, Path(tmp), Reporter(), mode="loopback")
         try:
             demo._setup(NetworkSummary())
@@ -61,29 +61,40 @@ def shoot(out: Path) -> list[Path]:
             port = free_port()
             config = demo.files.configs[SITE]
             config.write_text(config.read_text() + _console_toml(port))
-            url = f"http://127.0.0.1:{port}"
             for site in demo.sites.values():
                 site.start()
             demo._wait("every link up with key", WARMUP_S)
-            time.sleep(HISTORY_S)
-            pages = [
-                ("console-overview.png", "/", (1280, 800)),
-                ("console-link.png", f"/links/{LINK}", (1280, 1400)),
-                ("console-network.png", "/network", (1280, 900)),
-                ("console-alarms.png", "/alarms", (1280, 800)),
-                ("console-phone.png", "/", (390, 844)),
-            ]
-            for name, path, (w, h) in pages:
-                with chromium(w, h) as driver:
-                    driver.get(url + path)
-                    _ready(driver)
-                    time.sleep(3.0)  # one live update drawn
-                    driver.save_screenshot(str(out / name))
-                    written.append(out / name)
-                    print(f"wrote {out / name}", flush=True)
+            yield demo, f"http://127.0.0.1:{port}"
         finally:
+            for client in demo.clients.values():
+                client.close()
             for site in demo.sites.values():
                 site.terminate()
+
+
+def shoot(out: Path) -> list[Path]:
+    missing = browser_missing()
+    if missing is not None:
+        raise SystemExit(f"console screenshots: {missing}")
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    with network_console() as (_demo, url):
+        time.sleep(HISTORY_S)
+        pages = [
+            ("console-overview.png", "/", (1280, 800)),
+            ("console-link.png", f"/links/{LINK}", (1280, 1400)),
+            ("console-network.png", "/network", (1280, 900)),
+            ("console-alarms.png", "/alarms", (1280, 800)),
+            ("console-phone.png", "/", (390, 844)),
+        ]
+        for name, path, (w, h) in pages:
+            with chromium(w, h) as driver:
+                driver.get(url + path)
+                ready(driver)
+                time.sleep(3.0)  # one live update drawn
+                driver.save_screenshot(str(out / name))
+                written.append(out / name)
+                print(f"wrote {out / name}", flush=True)
     return written
 
 

@@ -253,3 +253,42 @@ def test_a_monitor_certificate_cannot_act_and_no_certificate_gets_nothing(site: 
     assert code == 403, body
     code, body = _request(site.tx_url + "/api/overview", operator)
     assert code == 200 and json.loads(body)["role"] == "operator"
+
+
+@pytest.mark.timeout(1800)
+def test_the_network_map_of_a_site_follows_the_network() -> None:
+    """Site B of the five-site network: the map draws every site and link, B's own links
+    and routes; a link taken out of the network turns on the map without a reload."""
+    from selenium.webdriver.common.by import By
+
+    from tests.console.screenshots import network_console, ready
+
+    with network_console() as (demo, url), chromium() as driver:
+        driver.get(url + "/network")
+        ready(driver)
+        lines = driver.find_elements(By.CSS_SELECTOR, "#network-map line.net-link")
+        assert sorted(x.get_attribute("data-link") for x in lines) == [
+            "A-B",
+            "B-C",
+            "B-D",
+            "C-D",
+            "D-E",
+        ]
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#network-map circle.net-site")) == 5
+        rows = driver.find_elements(By.CSS_SELECTOR, "#local-links tr[data-link]")
+        assert sorted(r.get_attribute("data-link") for r in rows) == ["A-B", "B-C", "B-D"]
+        routes = driver.find_element(By.ID, "routes").text
+        for site in ("A", "C", "D", "E"):
+            assert f"{site}:" in routes, routes
+
+        def bd_class() -> str:
+            found = driver.find_elements(By.CSS_SELECTOR, '#network-map line[data-link="B-D"]')
+            return found[0].get_attribute("class") if found else ""
+
+        assert " ok" in bd_class(), bd_class()
+        assert demo.call("B", "network.link", link_id="B-D", enabled=False) is not None
+        try:
+            wait_until("B-D drawn as down", lambda: " bad" in bd_class(), 60, poll_s=0.5)
+        finally:
+            demo.call("B", "network.link", link_id="B-D", enabled=True)
+        wait_until("B-D drawn as up again", lambda: " ok" in bd_class(), 120, poll_s=0.5)

@@ -216,3 +216,30 @@ def test_the_history_survives_a_console_restart(tmp_path: Path) -> None:
             assert [b["block_id"] for b in blocks] == [1]
 
     asyncio.run(scenario())
+
+
+def test_saved_calibration_plots_are_served_and_nothing_else(tmp_path: Path) -> None:
+    plots = tmp_path / "state" / "calibration"
+    plots.mkdir(parents=True)
+    png = b"\x89PNG\r\n\x1a\n" + b"0" * 64
+    (plots / "modulator.png").write_bytes(png)
+    (plots / "modulator.json").write_text("{}")
+    (tmp_path / "secret.png").write_bytes(b"not for the console")
+
+    async def scenario() -> None:
+        async with console_env(tmp_path) as (svc, links), aiohttp.ClientSession() as s:
+            assert svc.url is not None
+            links[0].plots = plots
+            base = svc.url + "/api/links/alice-bob/plots"
+            async with s.get(base) as r:
+                assert [p["procedure"] for p in (await r.json())["plots"]] == ["modulator"]
+            async with s.get(base + "/modulator.png") as r:
+                assert r.status == 200 and r.content_type == "image/png"
+                assert await r.read() == png
+            for name in ("..%2Fsecret", "..%2F..%2Fsecret", "Modulator", "modulator.json"):
+                async with s.get(f"{base}/{name}.png") as r:
+                    assert r.status == 404, name
+            async with s.get(svc.url + "/api/links/alice-carol/plots") as r:
+                assert (await r.json())["plots"] == []  # no calibration folder
+
+    asyncio.run(scenario())

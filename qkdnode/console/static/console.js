@@ -204,11 +204,12 @@
   // ---- link page --------------------------------------------------------------------
   let linkState = null;
   async function renderLink() {
-    const [ov, series, blocks, events] = await Promise.all([
+    const [ov, series, blocks, events, plots] = await Promise.all([
       getJSON("/api/overview"),
       getJSON("/api/links/" + encodeURIComponent(LINK) + "/series?hours=24"),
       getJSON("/api/links/" + encodeURIComponent(LINK) + "/blocks?limit=200"),
       getJSON("/api/links/" + encodeURIComponent(LINK) + "/events"),
+      getJSON("/api/links/" + encodeURIComponent(LINK) + "/plots"),
     ]);
     const row = ov.links.find((r) => r.link === LINK);
     const summary = el("div", { id: "summary" }, row ? linkCard(row, false) : el("p", { text: "no status yet" }));
@@ -232,7 +233,11 @@
     app.replaceChildren(el("h1", { text: "Link " + LINK }), summary,
       el("div", { class: "toolbar" }, actions, actionMsg), charts,
       el("h2", { text: "Key blocks" }), el("div", { class: "scroll" }, blockTable),
-      el("h2", { text: "Calibration and synchronisation" }), el("div", { class: "scroll" }, calTable), csv);
+      el("h2", { text: "Calibration and synchronisation" }), el("div", { class: "scroll" }, calTable),
+      el("div", { class: "plots", id: "calibration-plots" }, ...plots.plots.map((p) =>
+        el("figure", {}, el("img", { src: "/api/links/" + encodeURIComponent(LINK) + "/plots/" + p.procedure + ".png?t=" + Math.round(p.mtime_s),
+          alt: "latest " + p.procedure + " calibration plot", loading: "lazy" }),
+          el("figcaption", { text: p.procedure + " · " + fmtTime(p.mtime_s) })))), csv);
 
     linkState = { series, blocks: blocks.blocks, events: events.events, panels, blockTable, calTable, summary, plots: {} };
     drawLinkCharts();
