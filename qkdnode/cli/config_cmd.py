@@ -68,6 +68,19 @@ def site_problems(site: SiteConfig, *, root: Path | None = None) -> list[str]:
     for i, link in enumerate(site.links):
         prefix = f"links[{i}]." if site.multi else ""
         out.extend(prefix + p for p in runtime_problems(link.cfg, root=root))
+    console = site.console
+    for key, path in (
+        ("console.tls_cert_file", console.tls_cert_file),
+        ("console.tls_key_file", console.tls_key_file),
+        ("console.client_ca_file", console.client_ca_file),
+    ):
+        if path is None or not console.enabled:
+            continue
+        real = root / path.relative_to(path.anchor) if root and path.is_absolute() else path
+        if not real.is_file():
+            out.append(f"{key}: {path} does not exist")
+        elif not os.access(real, os.R_OK):
+            out.append(f"{key}: {path} is not readable by this user")
     return out
 
 

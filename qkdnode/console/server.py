@@ -47,7 +47,7 @@ from qkdnode.console.history import DEFAULT_MAX_POINTS, TABLES, HistoryStore
 from qkdnode.console.live import KEEPALIVE_S, LiveHub, TooManySubscribers, sse_frame
 from qkdnode.console.models import LinkRow, Overview, Role
 from qkdnode.console.ports import ConsoleLink
-from qkdnode.delivery.tls import server_context
+from qkdnode.delivery.tls import peer_common_names, server_context
 
 log = structlog.get_logger(__name__)
 
@@ -270,7 +270,7 @@ class ConsoleApp:
         text = await asyncio.to_thread(
             store.export_csv,
             table,  # type: ignore[arg-type]
-            None if table == "alarms" and link == "*" else link,
+            link,
             now - hours * 3600.0,
             now,
         )
@@ -343,8 +343,6 @@ class ConsoleApp:
             log.warning("console.action_refused", link=link, action=name, reason=refusal)
             return _error(403, refusal)
         peer = request.transport.get_extra_info("peercert") if request.transport else None
-        from qkdnode.delivery.tls import peer_common_names
-
         names = peer_common_names(peer)
         caller = CallerInfo(f"console:{names[0] if names else 'local'}", who)
         try:

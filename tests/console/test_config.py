@@ -80,3 +80,18 @@ def test_a_site_has_one_console_for_all_its_links(tmp_path: Path) -> None:
         parse_site(_site('[links.console]\nlisten_host = "127.0.0.1"\n'))
     with pytest.raises(ConfigError, match=r"console\.listen_host.*loopback"):
         parse_site(_site('[console]\nlisten_host = "10.1.2.3"\n'))
+
+
+def test_config_check_names_a_missing_console_certificate(tmp_path: Path) -> None:
+    from qkdnode.cli.config_cmd import site_problems
+
+    ca = tmp_path / "ca.crt"
+    ca.write_text("x")
+    site = parse_site(
+        _site(
+            f'[console]\nlisten_host = "127.0.0.1"\ntls_cert_file = "{tmp_path / "no.crt"}"\n'
+            f'tls_key_file = "{ca}"\nclient_ca_file = "{ca}"\nmonitors = ["noc"]\n'
+        )
+    )
+    problems = [p for p in site_problems(site) if p.startswith("console.")]
+    assert problems == [f"console.tls_cert_file: {tmp_path / 'no.crt'} does not exist"]
