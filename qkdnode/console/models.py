@@ -130,9 +130,11 @@ class ActiveAlarm(Record):
 
 
 class Overview(Record):
+    """The overview; ``role`` is the asking client's (None in the pushes to every page)."""
+
     site: str
     ts_s: float
-    role: Role
+    role: Role | None
     stale_after_s: float
     links: list[LinkRow]
     network: bool = False

@@ -132,7 +132,7 @@ class ConsoleService:
 
     # -- what the pages read ------------------------------------------------------------
 
-    def overview(self, role: Role) -> Overview:
+    def overview(self, role: Role | None) -> Overview:
         return Overview(
             site=self.site,
             ts_s=time.time(),
@@ -209,7 +209,7 @@ class ConsoleService:
         rows = await asyncio.gather(*(self._row(n, p, now) for n, p in self.links.items()))
         for row in rows:
             self.rows[row.link] = row
-        self.hub.push("overview", self.overview("monitor").model_dump(mode="json"))
+        self.hub.push("overview", self.overview(None).model_dump(mode="json"))
         return list(rows)
 
     async def _row(self, name: str, port: ConsoleLink, now: float) -> LinkRow:
