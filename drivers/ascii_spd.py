@@ -35,6 +35,7 @@ from pydantic import Field
 from drivers.common import DriverOptions, check_range, health_check
 from drivers.errors import ChecksumError, InstrumentReportedError, ProtocolError
 from drivers.interfaces import DetectorStatus, HealthLevel, InstrumentHealth, SinglePhotonDetector
+from drivers.restore import SettingsMemory
 from drivers.transports.serial import ReplyReader, SerialTransport
 
 _LINE_RE = re.compile(rb"^([\x20-\x29\x2b-\x7e]*)\*([0-9A-F]{2})\r?\n$")
@@ -90,6 +91,9 @@ class AsciiSpd(SinglePhotonDetector):
         self.delay_range_ps = (0.0, 1e6)
         self.threshold_range_v = (-10.0, 10.0)
         self._connected = False
+        #: settings made through this driver, put back after a power cycle
+        self.memory = SettingsMemory(name)
+        self.transport.after_reopen.callback = self.check_settings
 
     def command(self, payload: str) -> str:
         """Send one command; return the text after ``OK`` (raises on ERR or a bad line)."""
@@ -122,22 +126,31 @@ class AsciiSpd(SinglePhotonDetector):
     # --- Instrument -------------------------------------------------------------------
 
     def connect(self) -> None:
+        """Open, read the limits and, after a close (the node's recovery), put back the
+        settings made before if the detector lost them (:mod:`drivers.restore`)."""
         with self.transport.lock:
             if self._connected:
                 return
             with self.transport.opened_for_setup():
-                limits = dict(
-                    (k, (float(lo), float(hi)))
-                    for k, lo, hi in _LIM_RE.findall(self.command("LIM?"))
-                )
-                missing = {"EFF", "DEAD", "DELAY", "THR"} - limits.keys()
-                if missing:
-                    raise ProtocolError(self.name, "LIM?", f"limits missing for {sorted(missing)}")
-            self.efficiency_range_pct = limits["EFF"]
-            self.dead_time_range_ns = limits["DEAD"]
-            self.delay_range_ps = limits["DELAY"]
-            self.threshold_range_v = limits["THR"]
+                self._read_limits()
+                self.check_settings()
             self._connected = True
+
+    def _read_limits(self) -> None:
+        limits = {k: (float(lo), float(hi)) for k, lo, hi in _LIM_RE.findall(self.command("LIM?"))}
+        missing = {"EFF", "DEAD", "DELAY", "THR"} - limits.keys()
+        if missing:
+            raise ProtocolError(self.name, "LIM?", f"limits missing for {sorted(missing)}")
+        self.efficiency_range_pct = limits["EFF"]
+        self.dead_time_range_ns = limits["DEAD"]
+        self.delay_range_ps = limits["DELAY"]
+        self.threshold_range_v = limits["THR"]
+
+    def check_settings(self) -> None:
+        """Read back the settings made through this driver; put them back if the
+        detector lost them (a power cycle). Raises SettingsLostError if that fails."""
+        with self.transport.lock:
+            self.memory.restore(self._read_limits)
 
     def close(self) -> None:
         self._connected = False
@@ -147,10 +160,11 @@ class AsciiSpd(SinglePhotonDetector):
         return self.command("IDN?")
 
     def safe_state(self) -> None:
-        self.command("DISARM")
+        self.disarm()
 
     def health(self) -> InstrumentHealth:
         def probe() -> InstrumentHealth:
+            self.check_settings()
             status = self.status()
             if status is DetectorStatus.FAULT:
                 return InstrumentHealth(HealthLevel.FAULT, "detector reports FAULT")
@@ -158,7 +172,7 @@ class AsciiSpd(SinglePhotonDetector):
                 return InstrumentHealth(HealthLevel.DEGRADED, "latched after bright light")
             return InstrumentHealth(HealthLevel.OK, status.name)
 
-        return health_check(self.name, probe)
+        return self.memory.report(health_check(self.name, probe))
 
     # --- SinglePhotonDetector -------------------------------------------------------
 
@@ -167,6 +181,13 @@ class AsciiSpd(SinglePhotonDetector):
             self.name, "EFF", "efficiency", efficiency_pct, self.efficiency_range_pct, "%"
         )
         self.command(f"EFF {v:.3f}")
+        self.memory.remember(
+            "efficiency_pct",
+            v,
+            lambda: self.set_efficiency_pct(v),
+            self.efficiency_pct,
+            tolerance=1e-3,
+        )
 
     def efficiency_pct(self) -> float:
         return self._float("EFF?")
@@ -174,6 +195,9 @@ class AsciiSpd(SinglePhotonDetector):
     def set_dead_time_ns(self, dead_time_ns: float) -> None:
         v = check_range(self.name, "DEAD", "dead time", dead_time_ns, self.dead_time_range_ns, "ns")
         self.command(f"DEAD {v:.3f}")
+        self.memory.remember(
+            "dead_time_ns", v, lambda: self.set_dead_time_ns(v), self.dead_time_ns, tolerance=1e-3
+        )
 
     def dead_time_ns(self) -> float:
         return self._float("DEAD?")
@@ -181,6 +205,9 @@ class AsciiSpd(SinglePhotonDetector):
     def set_delay_ps(self, delay_ps: float) -> None:
         v = check_range(self.name, "DELAY", "delay", delay_ps, self.delay_range_ps, "ps")
         self.command(f"DELAY {v:.1f}")
+        self.memory.remember(
+            "delay_ps", v, lambda: self.set_delay_ps(v), self.delay_ps, tolerance=0.05
+        )
 
     def delay_ps(self) -> float:
         return self._float("DELAY?")
@@ -188,15 +215,30 @@ class AsciiSpd(SinglePhotonDetector):
     def set_threshold_v(self, threshold_v: float) -> None:
         v = check_range(self.name, "THR", "threshold", threshold_v, self.threshold_range_v, "V")
         self.command(f"THR {v:.4f}")
+        self.memory.remember(
+            "threshold_v", v, lambda: self.set_threshold_v(v), self.threshold_v, tolerance=1e-4
+        )
 
     def threshold_v(self) -> float:
         return self._float("THR?")
 
     def arm(self) -> None:
         self.command("ARM")
+        self._remember_armed(True)
 
     def disarm(self) -> None:
         self.command("DISARM")
+        self._remember_armed(False)
+
+    def _remember_armed(self, armed: bool) -> None:
+        # A latched detector was armed (light latched it): that is not a lost setting.
+        self.memory.remember(
+            "armed",
+            armed,
+            self.arm if armed else self.disarm,
+            lambda: self.status() in (DetectorStatus.ARMED, DetectorStatus.LATCHED),
+            enables=True,
+        )
 
     def status(self) -> DetectorStatus:
         text = self.command("STATE?")
@@ -207,6 +249,7 @@ class AsciiSpd(SinglePhotonDetector):
 
     def reset_latch(self) -> None:
         self.command("RESET")
+        self._remember_armed(False)
 
     def count_rate_hz(self) -> float:
         return self._float("RATE?")

@@ -60,3 +60,8 @@ class DriverConfigError(InstrumentError, ValueError):
 
     ``command`` holds the config location (``options.slot``, ``driver``, ``resource``).
     """
+
+
+class SettingsLostError(InstrumentError):
+    """The instrument lost settings the driver made (it was power-cycled, or changed from
+    its front panel) and putting them back did not take: its read-back still differs."""

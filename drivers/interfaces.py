@@ -66,10 +66,16 @@ class HealthLevel(IntEnum):
 
 @dataclass(frozen=True)
 class InstrumentHealth:
-    """Result of a health check: a level and a short human-readable reason."""
+    """Result of a health check: a level and a short human-readable reason.
+
+    ``restored`` lists the settings the driver found lost since the previous check (a
+    power-cycled instrument comes back at its defaults) and put back, one
+    ``"name: found -> restored"`` line each; such a check reports at least DEGRADED.
+    """
 
     level: HealthLevel
     message: str = ""
+    restored: tuple[str, ...] = ()
 
 
 def not_supported(instrument: Instrument, command: str, what: str) -> NotSupportedError:

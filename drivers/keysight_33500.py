@@ -317,6 +317,13 @@ class _Awg33500Levels(ScpiInstrument):
             raise ProtocolError(
                 self.name, f"OUTP{channel}:LOAD?", f"load reads back {got!r}, set {load!r}"
             )
+        # a power-cycled generator is back at 50 ohm: levels off by 2x into a high impedance
+        self.memory.remember(
+            f"load_ohm_ch{channel}",
+            load,
+            lambda: self._set_load(channel, load),
+            lambda: self.output_load(channel),
+        )
 
     def _safe_commands(self) -> list[str]:
         return ["OUTP1 0", "OUTP2 0"]
@@ -377,13 +384,20 @@ class _Awg33500Levels(ScpiInstrument):
             levels[index] = v
             if self._arb_count < VOLATILE_ARB_NAMES:
                 self._switch(levels)
-                return
-            was_on = self._query_bool("OUTP1?")
-            if was_on:
-                self._set("OUTP1 0")
-            self._reload(levels)
-            if was_on:
-                self._set("OUTP1 1")
+            else:
+                was_on = self._query_bool("OUTP1?")
+                if was_on:
+                    self._set("OUTP1 0")
+                self._reload(levels)
+                if was_on:
+                    self._set("OUTP1 1")
+            self.memory.remember(
+                f"{what.lower()}_level_v",
+                v,
+                lambda: self._set_level(index, v, what),
+                lambda: self._level(index),
+                tolerance=1e-5,
+            )
 
     # --- read-back -------------------------------------------------------------
 
@@ -422,6 +436,7 @@ class _Awg33500Levels(ScpiInstrument):
     def set_bias_v(self, bias_v: float) -> None:
         b = check_range(self.name, "SOUR2:VOLT:OFFS", "bias", bias_v, self.bias_range_v, "V")
         self._set(f"SOUR2:VOLT:OFFS {b:.6f}")
+        self.memory.remember("bias_v", b, lambda: self.set_bias_v(b), self.bias_v, tolerance=1e-6)
 
     def bias_v(self) -> float:
         return self._query_float("SOUR2:VOLT:OFFS?")
@@ -430,6 +445,9 @@ class _Awg33500Levels(ScpiInstrument):
         with self.transport.lock:
             self._set(f"OUTP1 {int(on)}")
             self._set(f"OUTP2 {int(on)}")
+            self.memory.remember(
+                "output_on", on, lambda: self.set_output(on), self.output_on, enables=True
+            )
 
     def output_on(self) -> bool:
         with self.transport.lock:

@@ -50,18 +50,31 @@ class Keysight8157xAttenuator(ScpiInstrument, VariableAttenuator):
     def _safe_commands(self) -> list[str]:
         return [f":OUTP{self._slot}:STAT 0"]
 
+    def safe_state(self) -> None:
+        self.set_shutter(False)
+
     def set_attenuation_db(self, attenuation_db: float) -> None:
         cmd = f":INP{self._slot}:ATT"
         a = check_range(
             self.name, cmd, "attenuation", attenuation_db, self.attenuation_range_db, "dB"
         )
         self._set(f"{cmd} {a:.3f}")
+        self.memory.remember(
+            "attenuation_db",
+            a,
+            lambda: self.set_attenuation_db(a),
+            self.attenuation_db,
+            tolerance=5e-4,
+        )
 
     def attenuation_db(self) -> float:
         return self._query_float(f":INP{self._slot}:ATT?")
 
     def set_shutter(self, open_: bool) -> None:
         self._set(f":OUTP{self._slot}:STAT {1 if open_ else 0}")
+        self.memory.remember(
+            "shutter_open", open_, lambda: self.set_shutter(open_), self.shutter_open, enables=True
+        )
 
     def shutter_open(self) -> bool:
         return self._query_bool(f":OUTP{self._slot}:STAT?")

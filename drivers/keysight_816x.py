@@ -91,8 +91,14 @@ class Keysight816xLaser(ScpiInstrument, Laser):
     def _safe_commands(self) -> list[str]:
         return [f"{self._src}:POW:STAT 0"]
 
+    def safe_state(self) -> None:
+        self.set_emission(False)
+
     def set_emission(self, on: bool) -> None:
         self._set(f"{self._src}:POW:STAT {1 if on else 0}")
+        self.memory.remember(
+            "emission_on", on, lambda: self.set_emission(on), self.emission_on, enables=True
+        )
 
     def emission_on(self) -> bool:
         return self._query_bool(f"{self._src}:POW:STAT?")
@@ -101,6 +107,9 @@ class Keysight816xLaser(ScpiInstrument, Laser):
         cmd = f"{self._src}:POW"
         p = check_range(self.name, cmd, "power", power_dbm, self.power_range_dbm, "dBm")
         self._set(f"{cmd} {p:.3f}DBM")
+        self.memory.remember(
+            "power_dbm", p, lambda: self.set_power_dbm(p), self.power_dbm, tolerance=5e-4
+        )
 
     def power_dbm(self) -> float:
         return self._query_float(f"{self._src}:POW?")
@@ -111,6 +120,13 @@ class Keysight816xLaser(ScpiInstrument, Laser):
             self.name, cmd, "wavelength", wavelength_nm, self.wavelength_range_nm, "nm"
         )
         self._set(f"{cmd} {wl * 1e-9:.8E}")
+        self.memory.remember(
+            "wavelength_nm",
+            wl,
+            lambda: self.set_wavelength_nm(wl),
+            self.wavelength_nm,
+            tolerance=1e-4,
+        )
 
     def wavelength_nm(self) -> float:
         return self._query_float(f"{self._src}:WAV?") * 1e9

@@ -51,6 +51,7 @@ from drivers.errors import (
     ProtocolError,
 )
 from drivers.interfaces import HealthLevel, InstrumentHealth, Laser, LaserStatus
+from drivers.restore import SettingsMemory
 from drivers.transports.serial import ReplyReader, SerialTransport
 
 #: Speed of light in nm * THz.
@@ -206,6 +207,9 @@ class OifItlaLaser(Laser):
         self.power_range_dbm = (-100.0, 100.0)
         self.wavelength_range_nm = (0.0, 1e6)
         self._connected = False
+        #: settings made through this driver, put back after a power cycle
+        self.memory = SettingsMemory(name)
+        self.transport.after_reopen.callback = self.check_settings
 
     # --- register access --------------------------------------------------------
 
@@ -320,19 +324,30 @@ class OifItlaLaser(Laser):
                 return
             with self.transport.opened_for_setup():
                 self.read_register(Reg.NOP)
-                pmin = to_signed16(self.read_register(Reg.OPSL)) / 100
-                pmax = to_signed16(self.read_register(Reg.OPSH)) / 100
-                fmin = self.read_register(Reg.LFL1) + self.read_register(Reg.LFL2) / 10_000
-                fmax = self.read_register(Reg.LFH1) + self.read_register(Reg.LFH2) / 10_000
-                if not (pmin < pmax and 0 < fmin < fmax):
-                    raise ProtocolError(
-                        self.name,
-                        "read limits",
-                        f"implausible limits P {pmin}..{pmax} F {fmin}..{fmax}",
-                    )
-            self.power_range_dbm = (pmin, pmax)
-            self.wavelength_range_nm = (C_NM_THZ / fmax, C_NM_THZ / fmin)
+                self._read_limits()
+                self.check_settings()
             self._connected = True
+
+    def _read_limits(self) -> None:
+        with self.transport.lock:
+            pmin = to_signed16(self.read_register(Reg.OPSL)) / 100
+            pmax = to_signed16(self.read_register(Reg.OPSH)) / 100
+            fmin = self.read_register(Reg.LFL1) + self.read_register(Reg.LFL2) / 10_000
+            fmax = self.read_register(Reg.LFH1) + self.read_register(Reg.LFH2) / 10_000
+        if not (pmin < pmax and 0 < fmin < fmax):
+            raise ProtocolError(
+                self.name,
+                "read limits",
+                f"implausible limits P {pmin}..{pmax} F {fmin}..{fmax}",
+            )
+        self.power_range_dbm = (pmin, pmax)
+        self.wavelength_range_nm = (C_NM_THZ / fmax, C_NM_THZ / fmin)
+
+    def check_settings(self) -> None:
+        """Read back the settings made through this driver; put them back if the module
+        lost them (a power cycle). Raises SettingsLostError if that fails."""
+        with self.transport.lock:
+            self.memory.restore(self._read_limits)
 
     def close(self) -> None:
         self._connected = False
@@ -344,21 +359,25 @@ class OifItlaLaser(Laser):
         return ",".join(parts)
 
     def safe_state(self) -> None:
-        self.write_register(Reg.RES_ENA, 0)
+        self.set_emission(False)
 
     def health(self) -> InstrumentHealth:
         def probe() -> InstrumentHealth:
+            self.check_settings()
             status_f = self.read_register(Reg.STATUS_F)
             if status_f & STATUS_F_FATAL:
                 return InstrumentHealth(HealthLevel.FAULT, f"StatusF {status_f:#06x}: fatal")
             return InstrumentHealth(HealthLevel.OK, f"StatusF {status_f:#06x}")
 
-        return health_check(self.name, probe)
+        return self.memory.report(health_check(self.name, probe))
 
     # --- Laser ---------------------------------------------------------------------
 
     def set_emission(self, on: bool) -> None:
         self.write_register(Reg.RES_ENA, SENA if on else 0)
+        self.memory.remember(
+            "emission_on", on, lambda: self.set_emission(on), self.emission_on, enables=True
+        )
 
     def emission_on(self) -> bool:
         return bool(self.read_register(Reg.RES_ENA) & SENA)
@@ -366,6 +385,9 @@ class OifItlaLaser(Laser):
     def set_power_dbm(self, power_dbm: float) -> None:
         p = check_range(self.name, "write PWR", "power", power_dbm, self.power_range_dbm, "dBm")
         self.write_register(Reg.PWR, to_unsigned16(round(p * 100)))
+        self.memory.remember(
+            "power_dbm", p, lambda: self.set_power_dbm(p), self.power_dbm, tolerance=0.005
+        )
 
     def power_dbm(self) -> float:
         """Power setpoint (PWR) in dBm; :meth:`output_power_dbm` reads the measured OOP."""
@@ -389,6 +411,14 @@ class OifItlaLaser(Laser):
             self.write_register(Reg.FCF1, fcf1)
             self.write_register(Reg.FCF2, fcf2)
             self.write_register(Reg.CHANNEL, 1)
+        # FCF resolution is 0.1 GHz: under 1 pm at 1550 nm
+        self.memory.remember(
+            "wavelength_nm",
+            wl,
+            lambda: self.set_wavelength_nm(wl),
+            self.wavelength_nm,
+            tolerance=0.002,
+        )
 
     def wavelength_nm(self) -> float:
         with self.transport.lock:

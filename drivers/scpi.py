@@ -14,6 +14,7 @@ import re
 from drivers.common import DriverOptions, health_check
 from drivers.errors import InstrumentReportedError, ProtocolError
 from drivers.interfaces import HealthLevel, InstrumentHealth
+from drivers.restore import SettingsMemory
 from drivers.transports.base import MessageTransport
 from drivers.transports.visa import VisaTransport, resolve_visa
 
@@ -69,6 +70,9 @@ class ScpiInstrument:
             )
         self.transport = transport
         self._identity = ""
+        #: settings made through this driver, put back after a power cycle
+        self.memory = SettingsMemory(name)
+        self.transport.after_reopen.callback = self.check_settings
 
     # --- life cycle ------------------------------------------------------------
 
@@ -88,8 +92,22 @@ class ScpiInstrument:
                     f"identity {identity!r} is not a {self.IDN_PATTERN!r} instrument",
                 )
             self._identity = identity
+            reconnecting = len(self.memory) > 0  # settings made before a close
             self._drain_errors()
             self._configure()
+            if reconnecting:
+                self.check_settings()
+
+    def check_settings(self) -> None:
+        """Read back the settings made through this driver; if the instrument lost them
+        (a power cycle), make the connect-time settings and those again
+        (:mod:`drivers.restore`). Raises SettingsLostError if that fails."""
+        with self.transport.lock:
+            self.memory.restore(self._reconfigure)
+
+    def _reconfigure(self) -> None:
+        self._drain_errors()
+        self._configure()
 
     def close(self) -> None:
         self._identity = ""
@@ -100,17 +118,19 @@ class ScpiInstrument:
 
     def safe_state(self) -> None:
         with self.transport.lock:
+            self.memory.made_safe()
             for command in self._safe_commands():
                 self._set(command)
 
     def health(self) -> InstrumentHealth:
         def probe() -> InstrumentHealth:
             with self.transport.lock:
+                self.check_settings()
                 self.transport.query("*IDN?")
                 self._check_errors("*IDN?")
             return InstrumentHealth(HealthLevel.OK, "answers *IDN?, error queue empty")
 
-        return health_check(self.name, probe)
+        return self.memory.report(health_check(self.name, probe))
 
     # --- subclass hooks --------------------------------------------------------
 

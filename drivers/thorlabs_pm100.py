@@ -72,6 +72,13 @@ class ThorlabsPM100(ScpiInstrument, OpticalPowerMeter):
             self.name, "SENS:CORR:WAV", "wavelength", wavelength_nm, self.wavelength_range_nm, "nm"
         )
         self._set(f"SENS:CORR:WAV {wl:.1f}")
+        self.memory.remember(
+            "wavelength_nm",
+            wl,
+            lambda: self.set_wavelength_nm(wl),
+            self.wavelength_nm,
+            tolerance=0.05,
+        )
 
     def wavelength_nm(self) -> float:
         """Correction wavelength currently set, in nm (an addition to the interface)."""

@@ -83,10 +83,24 @@ class ItlaSimulator(ProtocolHandler):
         self._pending_until = 0.0
         self._pending_register = -1  # the write that started the operation
         self._on_done: list[tuple[int, int]] = []  # register writes applied when it ends
+        self.power_limits_dbm = power_limits_dbm
+        self.frequency_limits_thz = frequency_limits_thz
+        self.regs: dict[int, int] = {}
+        self.factory_reset()
+
+    def factory_reset(self) -> None:
+        """Power-on registers: output off, 10 dBm setpoint, 1550 nm, no operation pending."""
+        power_limits_dbm, frequency_limits_thz = self.power_limits_dbm, self.frequency_limits_thz
+        self._buf.clear()
+        self._aea = b""
+        self._error = 0
+        self._pending_until = 0.0
+        self._pending_register = -1
+        self._on_done = []
         lo_f1, lo_f2 = frequency_to_fcf(frequency_limits_thz[0])
         hi_f1, hi_f2 = frequency_to_fcf(frequency_limits_thz[1])
         f1, f2 = frequency_to_fcf(C_NM_THZ / 1550.0)
-        self.regs: dict[int, int] = {
+        self.regs = {
             Reg.STATUS_F: 0,
             Reg.CHANNEL: 1,
             Reg.PWR: to_unsigned16(1000),

@@ -11,6 +11,8 @@ Faults (:meth:`SimServer.inject`) act on the next replies: ``GARBLE`` (well-fram
 connection instead of replying; the device stays plugged). :meth:`unplug` closes the
 connection and refuses new ones (TCP listener closed, pty symlink removed) until
 :meth:`replug`. Instrument state survives unplugging, as on a USB-serial cable pull.
+:meth:`power_cycle` switches the instrument off and on: the connection drops and the
+instrument comes back at its factory defaults (:meth:`ProtocolHandler.factory_reset`).
 """
 
 from __future__ import annotations
@@ -61,6 +63,10 @@ class ProtocolHandler(abc.ABC):
     @abc.abstractmethod
     def corrupt_checksum(self, reply: bytes) -> bytes:
         """``reply`` with a wrong checksum."""
+
+    def factory_reset(self) -> None:
+        """Return every setting to its power-on default (:meth:`SimServer.power_cycle`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not model a power cycle")
 
 
 class SimServer:
@@ -129,6 +135,18 @@ class SimServer:
     def replug(self) -> None:
         with self._lock:
             self._plug()
+
+    def power_cycle(self, off_s: float = 0.0) -> None:
+        """Switch the instrument off for ``off_s`` and on again: the connection drops
+        (as :meth:`unplug`), pending faults are forgotten and every setting returns to
+        its factory default."""
+        self.unplug()
+        with self._lock:
+            self._faults.clear()
+            self.handler.factory_reset()
+        if off_s > 0:
+            time.sleep(off_s)
+        self.replug()
 
     def __enter__(self) -> SimServer:
         return self.start()

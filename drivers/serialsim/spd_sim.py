@@ -25,13 +25,16 @@ LIMITS = {
     "THR": (0.0, 3.0),
 }
 
+#: Settings at power-on.
+FACTORY_DEFAULTS = {"EFF": 10.0, "DEAD": 10_000.0, "DELAY": 0.0, "THR": 1.0}
+
 
 class SpdSimulator(ProtocolHandler):
     def __init__(self, dark_count_rate_hz: float = 500.0, seed: int = 1) -> None:
         self.dark_count_rate_hz = dark_count_rate_hz
         self.photon_rate_hz = 0.0
         self.latch_photon_rate_hz = 1e9
-        self.values = {"EFF": 10.0, "DEAD": 10_000.0, "DELAY": 0.0, "THR": 1.0}
+        self.values = dict(FACTORY_DEFAULTS)
         self.state = DetectorStatus.DISARMED
         self._buf = bytearray()
         self._rng = random.Random(seed)
@@ -55,6 +58,12 @@ class SpdSimulator(ProtocolHandler):
             line, self._buf = bytes(self._buf[: idx + 1]), self._buf[idx + 1 :]
             replies.append(self._handle(line))
         return replies
+
+    def factory_reset(self) -> None:
+        """Power-on state: default settings, DISARMED (the light falling on it stays)."""
+        self.values = dict(FACTORY_DEFAULTS)
+        self.state = DetectorStatus.DISARMED
+        self._buf.clear()
 
     def garble(self, reply: bytes) -> bytes:
         return b"#~?@ NOISE \x7f\n"

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 
 from drivers.errors import ConnectionLostError
+from drivers.transports.reconnect import ReopenHook
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,9 @@ class MessageTransport(abc.ABC):
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
+        #: run after a lost connection was reopened (a transport that never reopens
+        #: never runs it)
+        self.after_reopen = ReopenHook()
 
     @abc.abstractmethod
     def open(self) -> None:

@@ -52,3 +52,31 @@ def close_quietly(log: logging.Logger, instrument: str, handle: Any) -> None:
             handle.close()
         except Exception:
             log.debug("%s: close failed", instrument, exc_info=True)
+
+
+class ReopenHook:
+    """What a driver runs after its transport reopened a lost connection and before the
+    interrupted message is sent again: the driver checks whether the instrument lost its
+    settings (it was power-cycled) and puts them back (:mod:`drivers.restore`).
+
+    The transport calls :meth:`run` with its lock held. A hook started from inside the
+    hook (the connection dropped again while it ran) does nothing. If the hook raises,
+    ``drop`` closes the connection so that the next message reopens and checks again,
+    and the error propagates to the caller of the interrupted message.
+    """
+
+    def __init__(self) -> None:
+        self.callback: Callable[[], None] | None = None
+        self._running = False
+
+    def run(self, drop: Callable[[], None]) -> None:
+        if self.callback is None or self._running:
+            return
+        self._running = True
+        try:
+            self.callback()
+        except BaseException:
+            drop()
+            raise
+        finally:
+            self._running = False

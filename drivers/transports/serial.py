@@ -22,7 +22,11 @@ from drivers.errors import (
     ProtocolError,
 )
 from drivers.transports.base import reopen_with_backoff
-from drivers.transports.reconnect import close_quietly, retry_once_after_reconnect
+from drivers.transports.reconnect import (
+    ReopenHook,
+    close_quietly,
+    retry_once_after_reconnect,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +105,8 @@ class SerialTransport:
         self.lock = threading.RLock()
         self._port: Any = None
         self._wanted = False  # open() was called and close() was not: reconnect when lost
+        #: run after a lost port was reopened, before the interrupted exchange is resent
+        self.after_reopen = ReopenHook()
 
     @classmethod
     def for_driver(
@@ -210,3 +216,4 @@ class SerialTransport:
     def _reconnect(self, command: str) -> None:
         self._drop()
         reopen_with_backoff(self.instrument, command, self._open_once, self.reconnect_timeout_s)
+        self.after_reopen.run(self._drop)

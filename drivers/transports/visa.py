@@ -24,7 +24,10 @@ from drivers.errors import (
     ProtocolError,
 )
 from drivers.transports.base import MessageTransport, reopen_with_backoff
-from drivers.transports.reconnect import close_quietly, retry_once_after_reconnect
+from drivers.transports.reconnect import (
+    close_quietly,
+    retry_once_after_reconnect,
+)
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +150,7 @@ class VisaTransport(MessageTransport):
     def _reconnect(self, command: str) -> None:
         self._drop()
         reopen_with_backoff(self.instrument, command, self._open_once, self.reconnect_timeout_s)
+        self.after_reopen.run(self._drop)
 
     def _call(self, command: str, fn: Callable[[Any], T]) -> T:
         with self.lock:
