@@ -347,7 +347,7 @@ class OifItlaLaser(Laser):
         """Read back the settings made through this driver; put them back if the module
         lost them (a power cycle). Raises SettingsLostError if that fails."""
         with self.transport.lock:
-            self.memory.restore(self._read_limits)
+            self.memory.restore(self._read_limits, self.transport.drop_connection)
 
     def close(self) -> None:
         self._connected = False

@@ -151,42 +151,53 @@ class SettingsMemory:
                 changes.append(SettingChange(name, found, entry.value))
         return changes
 
-    def restore(self, reconfigure: Callable[[], None]) -> RestoreRecord | None:
+    def restore(
+        self, reconfigure: Callable[[], None], drop_connection: Callable[[], None]
+    ) -> RestoreRecord | None:
         """Check and, when settings were lost, put everything back (see the module).
 
         Returns what was put back, or None when nothing was lost (or a check is already
         running). Raises :class:`SettingsLostError` when the read-back still differs.
+        On any failure ``drop_connection`` is called first (the transport's), so that
+        the next message reopens the connection and checks again: nothing is used from
+        an instrument that is not in the state the driver configured.
         """
         if self._restoring or not self._settings:
             return None
         self._restoring = True
         try:
-            changes = self.lost()
-            if not changes:
-                return None
-            log.warning(
-                "%s: settings lost (power cycle?): %s; putting them back",
-                self.instrument,
-                "; ".join(str(c) for c in changes),
-            )
-            reconfigure()
-            entries = list(self._settings.values())
-            for entry in sorted(entries, key=lambda e: e.enables):  # stable: order kept
-                entry.apply()
-            still = self.lost()
-            if still:
-                raise SettingsLostError(
-                    self.instrument,
-                    "restore settings",
-                    "read-back differs after re-applying: " + "; ".join(str(c) for c in still),
-                )
-            record = RestoreRecord(time.time(), tuple(changes))
-            with self._lock:
-                self._records.append(record)
-            log.warning("%s: settings restored: %s", self.instrument, "; ".join(record.lines()))
-            return record
+            return self._restore(reconfigure)
+        except BaseException:
+            drop_connection()
+            raise
         finally:
             self._restoring = False
+
+    def _restore(self, reconfigure: Callable[[], None]) -> RestoreRecord | None:
+        changes = self.lost()
+        if not changes:
+            return None
+        log.warning(
+            "%s: settings lost (power cycle?): %s; putting them back",
+            self.instrument,
+            "; ".join(str(c) for c in changes),
+        )
+        reconfigure()
+        entries = list(self._settings.values())
+        for entry in sorted(entries, key=lambda e: e.enables):  # stable: order kept
+            entry.apply()
+        still = self.lost()
+        if still:
+            raise SettingsLostError(
+                self.instrument,
+                "restore settings",
+                "read-back differs after re-applying: " + "; ".join(str(c) for c in still),
+            )
+        record = RestoreRecord(time.time(), tuple(changes))
+        with self._lock:
+            self._records.append(record)
+        log.warning("%s: settings restored: %s", self.instrument, "; ".join(record.lines()))
+        return record
 
     def take_records(self) -> list[RestoreRecord]:
         """The restorations since the last call (each is reported once)."""

@@ -103,7 +103,7 @@ class ScpiInstrument:
         (a power cycle), make the connect-time settings and those again
         (:mod:`drivers.restore`). Raises SettingsLostError if that fails."""
         with self.transport.lock:
-            self.memory.restore(self._reconfigure)
+            self.memory.restore(self._reconfigure, self.transport.drop_connection)
 
     def _reconfigure(self) -> None:
         self._drain_errors()

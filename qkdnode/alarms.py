@@ -53,6 +53,11 @@ ALARMS: dict[str, tuple[Severity, str]] = {
     ),
     "peer_down": (Severity.CRITICAL, "the peer node is not reachable"),
     "instrument_down": (Severity.CRITICAL, "an instrument does not answer"),
+    "instrument_restored": (
+        Severity.WARNING,
+        "an instrument lost the settings its driver made (power cycle?) and the driver put "
+        "them back",
+    ),
     "qber_high": (Severity.MAJOR, "the error rate is above protocol.qber_warning"),
     "calibration_stale": (Severity.WARNING, "the last calibration is older than allowed"),
     "calibration_failed": (Severity.MAJOR, "the last calibration failed"),

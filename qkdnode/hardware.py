@@ -95,11 +95,17 @@ class InstrumentSet:
         return next(iter(found.values()))
 
     def health(self) -> dict[str, InstrumentHealth]:
+        """Each instrument's health check (blocking). A driver that found its instrument
+        power-cycled and put its settings back says so in ``restored`` (logged here)."""
         out: dict[str, InstrumentHealth] = {}
         for name, inst in self.instruments.items():
             h = inst.health()
             out[name] = h
             self.up[name] = h.level is not HealthLevel.FAULT
+            if h.restored:
+                log.warning(
+                    "instrument_settings_restored", instrument=name, restored=list(h.restored)
+                )
         return out
 
     def make_safe(self) -> dict[str, dict[str, Any]]:

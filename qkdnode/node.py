@@ -18,6 +18,7 @@ import structlog
 import zmq
 import zmq.asyncio
 
+from drivers.interfaces import InstrumentHealth
 from qkdnode.alarms import Alarm, AlarmBoard
 from qkdnode.backoff import Backoff
 from qkdnode.bus.control import ControlServer
@@ -51,6 +52,8 @@ HEALTH_CHECK_S = 5.0
 PEER_PROBE_S = 5.0
 #: seconds a restarted background loop must run before internal_error clears
 INTERNAL_ERROR_CLEAR_S = 60.0
+#: seconds instrument_restored stays active after the last restoration
+INSTRUMENT_RESTORED_ALARM_S = 600.0
 
 
 class Node(DaemonBase):
@@ -110,6 +113,7 @@ class Node(DaemonBase):
         self._peer_probe: asyncio.Task[None] | None = None
         self._heal: asyncio.Task[bool] | None = None
         self._last_peer_probe = 0.0
+        self._restored_clear: asyncio.TimerHandle | None = None
         self.metrics: Any = None
 
     # ------------------------------------------------------------------ services
@@ -443,7 +447,7 @@ class Node(DaemonBase):
         now = time.monotonic()
         if now - self._last_health_check >= HEALTH_CHECK_S:
             self._last_health_check = now
-            await asyncio.to_thread(self.hardware.health)
+            self.note_restored(await asyncio.to_thread(self.hardware.health))
             if self.metrics is not None:
                 for name, up in self.hardware.up.items():
                     self.metrics.set_instrument_up(name, up)
@@ -477,6 +481,27 @@ class Node(DaemonBase):
             )
             self.metrics.set_auth_balance_bits(self.stats.auth_key_balance_bits)
             self.metrics.set_healthy(self.healthy())
+
+    def note_restored(self, healths: dict[str, InstrumentHealth]) -> None:
+        """Alarm ``instrument_restored`` when a health check says a driver put back the
+        settings of a power-cycled instrument; it clears INSTRUMENT_RESTORED_ALARM_S after
+        the last such report (the instrument is usable: this asks for a look, not a stop)."""
+        restored = {name: h.restored for name, h in healths.items() if h.restored}
+        if not restored:
+            return
+        cause = "settings lost (power cycle?) and restored: " + "; ".join(
+            f"{name}: {', '.join(lines)}" for name, lines in sorted(restored.items())
+        )
+        self.alarms.clear("instrument_restored", "a newer restoration")
+        self.alarm("instrument_restored", cause, instruments=sorted(restored))
+        if self._restored_clear is not None:
+            self._restored_clear.cancel()
+        self._restored_clear = asyncio.get_running_loop().call_later(
+            INSTRUMENT_RESTORED_ALARM_S,
+            self.alarms.clear,
+            "instrument_restored",
+            f"no instrument lost its settings for {INSTRUMENT_RESTORED_ALARM_S:g} s",
+        )
 
     async def _probe_peer_state(self) -> None:
         try:

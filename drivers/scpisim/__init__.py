@@ -37,6 +37,7 @@ class ScpiModelTransport(InProcessTransport):
         with self.lock:
             if not self._open:
                 raise NotConnectedError(self.instrument, command, "not connected")
+            self.reopen_if_dropped()
             return self.model.handle(command)
 
     def write(self, command: str) -> None:

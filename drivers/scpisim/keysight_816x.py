@@ -10,6 +10,9 @@ long form), with the status registers of the programming guide ("The Status Mode
   is switched on" while the laser is on;
 * :meth:`set_laser_protection` (test hook) sets bit 3 "Laser protection on";
 * ``*OPC?`` answers 1: every command here completes before the next is read;
+* :meth:`power_cycle` (test hook) switches the mainframe off and on: every setting back
+  at its default, laser off, error queue empty. A GPIB instrument does this without the
+  bus noticing, so the message transport stays up;
 * errors go to the queue read by ``:SYST:ERR?``: -113 "Undefined header" (unknown
   command or another slot), -222 "Data out of range" (a setting outside the module's
   limits, which are narrower than the driver's family-wide defaults, as in the YAML).
@@ -88,6 +91,15 @@ class Keysight816xModel(ScpiModel):
 
     def set_laser_protection(self, on: bool) -> None:
         self.laser_protection = on
+
+    def power_cycle(self) -> None:
+        """Off and on again: power-on defaults (0 dBm, 1550 nm, laser off, dBm unit)."""
+        self.power_unit = 0
+        self.power_dbm = 0.0
+        self.wavelength_m = 1.55e-6
+        self.laser_on = False
+        self._settled_at = 0.0
+        self._errors.clear()
 
     # --- registers -----------------------------------------------------------------
 

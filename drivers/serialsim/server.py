@@ -165,7 +165,18 @@ class SimServer:
         if self.mode == "tcp":
             lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            lst.bind(("127.0.0.1", self._port))
+            # The old listener is released only when the server thread's select() on it
+            # returns (at most 20 ms): a replug right after an unplug waits for that.
+            deadline = time.monotonic() + 1.0
+            while True:
+                try:
+                    lst.bind(("127.0.0.1", self._port))
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        lst.close()
+                        raise
+                    time.sleep(0.01)
             lst.listen(1)
             self._port = lst.getsockname()[1]
             self._listener = lst

@@ -78,6 +78,16 @@ class MessageTransport(abc.ABC):
     @abc.abstractmethod
     def is_open(self) -> bool: ...
 
+    def drop_connection(self) -> None:
+        """Close the connection but keep wanting it: the next message reopens it and
+        runs :attr:`after_reopen` first (a driver whose instrument is not in the state
+        it configured uses this so that nothing is sent before it checks again).
+
+        This default closes the transport for good (the next message raises
+        NotConnectedError until the driver connects again); a transport that reopens
+        by itself overrides it."""
+        self.close()
+
     @abc.abstractmethod
     def write(self, command: str) -> None:
         """Send ``command`` (termination added by the transport)."""
@@ -94,6 +104,7 @@ class InProcessTransport(MessageTransport):
     def __init__(self) -> None:
         super().__init__()
         self._open = False
+        self._dropped = False
 
     @property
     def is_open(self) -> bool:
@@ -101,6 +112,20 @@ class InProcessTransport(MessageTransport):
 
     def open(self) -> None:
         self._open = True
+        self._dropped = False
 
     def close(self) -> None:
         self._open = False
+        self._dropped = False
+
+    def drop_connection(self) -> None:
+        with self.lock:
+            self._dropped = self._open
+
+    def reopen_if_dropped(self) -> None:
+        """Call before each message: after :meth:`drop_connection`, run
+        :attr:`after_reopen` (there is no connection to reopen in this process)."""
+        with self.lock:
+            if self._dropped:
+                self._dropped = False
+                self.after_reopen.run(self.drop_connection)

@@ -162,6 +162,11 @@ class SerialTransport:
             self._wanted = False
             self._drop()
 
+    def drop_connection(self) -> None:
+        """Close the port but keep wanting it: the next exchange reopens it and runs
+        :attr:`after_reopen` first."""
+        self._drop()
+
     def _drop(self) -> None:
         with self.lock:
             port, self._port = self._port, None

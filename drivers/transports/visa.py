@@ -142,6 +142,9 @@ class VisaTransport(MessageTransport):
             self._wanted = False
             self._drop()
 
+    def drop_connection(self) -> None:
+        self._drop()
+
     def _drop(self) -> None:
         with self.lock:
             res, self._res = self._res, None
