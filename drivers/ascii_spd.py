@@ -28,6 +28,7 @@ Commands (values in the units of the interface)::
 
 from __future__ import annotations
 
+import math
 import re
 
 from pydantic import Field
@@ -39,7 +40,8 @@ from drivers.restore import SettingsMemory
 from drivers.transports.serial import ReplyReader, SerialTransport
 
 _LINE_RE = re.compile(rb"^([\x20-\x29\x2b-\x7e]*)\*([0-9A-F]{2})\r?\n$")
-_LIM_RE = re.compile(r"(EFF|DEAD|DELAY|THR)=(-?[\d.eE+-]+):(-?[\d.eE+-]+)")
+_NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+_LIM_RE = re.compile(rf"(EFF|DEAD|DELAY|THR)=({_NUM}):({_NUM})(?=\s|$)")
 
 
 def checksum(payload: bytes) -> int:
@@ -137,10 +139,16 @@ class AsciiSpd(SinglePhotonDetector):
             self._connected = True
 
     def _read_limits(self) -> None:
-        limits = {k: (float(lo), float(hi)) for k, lo, hi in _LIM_RE.findall(self.command("LIM?"))}
+        reply = self.command("LIM?")
+        limits = {k: (float(lo), float(hi)) for k, lo, hi in _LIM_RE.findall(reply)}
         missing = {"EFF", "DEAD", "DELAY", "THR"} - limits.keys()
         if missing:
-            raise ProtocolError(self.name, "LIM?", f"limits missing for {sorted(missing)}")
+            raise ProtocolError(
+                self.name, "LIM?", f"limits missing for {sorted(missing)} in {reply!r}"
+            )
+        bad = [k for k, (lo, hi) in limits.items() if not math.isfinite(lo + hi) or lo > hi]
+        if bad:
+            raise ProtocolError(self.name, "LIM?", f"implausible limits for {bad} in {reply!r}")
         self.efficiency_range_pct = limits["EFF"]
         self.dead_time_range_ns = limits["DEAD"]
         self.delay_range_ps = limits["DELAY"]

@@ -112,6 +112,9 @@ FRAME_LEN = 4
 NOP_PENDING_MASK = 0xFF00
 NOP_MRDY = 0x0010
 NOP_ERROR_MASK = 0x000F
+#: Longest identity string (DevTyp, MFGR, Model, SerNo) read through AEA: the MSA's
+#: strings are a few tens of bytes; more is a corrupted length.
+MAX_AEA_STRING_BYTES = 256
 #: Writes that start an operation the module may still be executing after its reply.
 STARTS_PENDING = frozenset({Reg.CHANNEL, Reg.RES_ENA})
 
@@ -304,12 +307,20 @@ class OifItlaLaser(Laser):
         self._exchange(register, data, write=True)
 
     def read_string(self, register: int) -> str:
-        """An AEA string register (DevTyp, MFGR, Model, SerNo)."""
+        """An AEA string register (DevTyp, MFGR, Model, SerNo). A length above
+        MAX_AEA_STRING_BYTES raises ProtocolError (a corrupted length would otherwise
+        keep the port busy for up to 32768 reads)."""
         with self.transport.lock:
             reply = self._exchange(register)
             if reply.status != Status.AEA:
                 return ""
             n = reply.data
+            if n > MAX_AEA_STRING_BYTES:
+                raise ProtocolError(
+                    self.name,
+                    self._describe(register, 0, False),
+                    f"AEA string of {n} bytes (more than {MAX_AEA_STRING_BYTES})",
+                )
             out = bytearray()
             while len(out) < n:
                 word = self._exchange(Reg.AEA_EAR).data

@@ -190,7 +190,7 @@ class SingleQuantumSnspd(SinglePhotonDetector):
     def _absorb(self, command: str, frame: bytes) -> None:
         try:
             objects = parse_objects(frame.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):  # nesting too deep to parse
             raise ProtocolError(self.name, command, f"not JSON: {frame[:60]!r}") from None
         for obj in objects:
             if not isinstance(obj, dict) or not isinstance(obj.get("label"), str):

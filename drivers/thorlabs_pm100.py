@@ -25,6 +25,7 @@ InGaAs head, 700-1800 nm). Simulation: ``resource="USB0::0x1313::0x8078::P000000
 
 from __future__ import annotations
 
+import math
 import time
 
 from pydantic import Field
@@ -117,7 +118,7 @@ class ThorlabsPM100(ScpiInstrument, OpticalPowerMeter):
 
     def averaging(self) -> int:
         value = self._query_float("SENS:AVER:COUN?")
-        if value != int(value) or value < 1:
+        if not math.isfinite(value) or value != int(value) or value < 1:
             raise ProtocolError(self.name, "SENS:AVER:COUN?", f"averaging {value}")
         return int(value)
 

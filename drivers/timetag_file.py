@@ -19,6 +19,7 @@ A file cut short (recorder killed) is read up to its last complete block.
 from __future__ import annotations
 
 import json
+import math
 import struct
 import threading
 import time
@@ -31,7 +32,7 @@ import numpy.typing as npt
 from pydantic import Field
 
 from drivers.common import DriverOptions, health_check
-from drivers.errors import DriverConfigError, NotConnectedError, ProtocolError
+from drivers.errors import DriverConfigError, NotConnectedError, OutOfRangeError, ProtocolError
 from drivers.interfaces import TAG_DTYPE, HealthLevel, InstrumentHealth, TagBlock, TimeTagger
 
 MAGIC = b"QKDTAGS1"
@@ -77,24 +78,57 @@ class TagFileWriter:
         self.close()
 
 
+#: Longest JSON header a reader accepts (a corrupted length must not allocate gigabytes).
+MAX_HEADER_BYTES = 1 << 20
+
+
 def read_header(fh: BinaryIO, source: str) -> dict[str, Any]:
+    """The JSON header after the magic; :class:`ProtocolError` names what is wrong with a
+    file that is not a tag file, is cut inside its header, or has a header that is not
+    ``{"version": 1, "channels": [int, ...], ...}``."""
     magic = fh.read(len(MAGIC))
     if magic != MAGIC:
         raise ProtocolError(source, "read header", f"not a tag file (magic {magic!r})")
-    (hlen,) = struct.unpack("<I", fh.read(4))
-    header: dict[str, Any] = json.loads(fh.read(hlen).decode())
+    raw_len = fh.read(4)
+    if len(raw_len) < 4:
+        raise ProtocolError(source, "read header", "file ends inside the header length")
+    (hlen,) = struct.unpack("<I", raw_len)
+    if hlen > MAX_HEADER_BYTES:
+        raise ProtocolError(
+            source, "read header", f"header length {hlen} bytes above {MAX_HEADER_BYTES}"
+        )
+    raw = fh.read(hlen)
+    if len(raw) < hlen:
+        raise ProtocolError(source, "read header", f"file ends inside the {hlen}-byte header")
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(source, "read header", f"header is not UTF-8 JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(source, "read header", f"header is not an object: {header!r:.60}")
     if header.get("version") != 1:
         raise ProtocolError(source, "read header", f"unsupported version {header.get('version')!r}")
+    channels = header.get("channels")
+    if not isinstance(channels, list) or not all(
+        isinstance(c, int) and not isinstance(c, bool) for c in channels
+    ):
+        raise ProtocolError(source, "read header", f"channels {channels!r:.60} not a list of int")
     return header
 
 
 def iter_blocks(fh: BinaryIO) -> Iterator[TagBlock]:
-    """Blocks from the current position to the last complete one."""
+    """Blocks from the current position to the last complete one (a block whose tag count
+    runs past the end of the file ends the stream: the file was cut short)."""
+    pos = fh.tell()
+    end = fh.seek(0, 2)
+    fh.seek(pos)
     while True:
         head = fh.read(_BLOCK_HEAD.size)
         if len(head) < _BLOCK_HEAD.size:
             return
         n, overflow, missed, start_ps, stop_ps = _BLOCK_HEAD.unpack(head)
+        if n * FILE_TAG_DTYPE.itemsize > end - fh.tell():
+            return
         raw = fh.read(n * FILE_TAG_DTYPE.itemsize)
         if len(raw) < n * FILE_TAG_DTYPE.itemsize:
             return
@@ -232,6 +266,10 @@ class TagFileReplayTagger(TimeTagger):
         self._streaming = False
 
     def read_block(self, timeout_s: float) -> TagBlock | None:
+        """Next block; a ``timeout_s`` below zero waits not at all (NaN is refused)."""
+        if math.isnan(timeout_s):
+            raise OutOfRangeError(self.name, "read_block", "timeout_s is NaN")
+        timeout_s = max(0.0, float(timeout_s))
         with self._lock:
             self._require("read_block")
             if not self._streaming or not self._blocks:

@@ -87,7 +87,7 @@ class SimServer:
         self.mode = mode
         self.link_path = link_path
         self._port = port
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a handler may inject a fault from feed()
         self._faults: deque[Fault] = deque()
         self._stop = threading.Event()
         self._plugged = threading.Event()

@@ -44,7 +44,7 @@ def test_power_cycled_detector_raises_instrument_restored_then_clears(
     monkeypatch.setattr(node_mod, "INSTRUMENT_RESTORED_ALARM_S", 0.5)
     monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path))
     node = Node(load_config(CONFIG), str(CONFIG))
-    srv = SimServer(SpdSimulator(), mode="tcp").start()
+    srv = SimServer(SpdSimulator(), mode="pty", link_path=_link()).start()
     hw = _detector_set(srv)
     try:
         det = hw.one(SinglePhotonDetector)

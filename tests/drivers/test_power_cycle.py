@@ -74,6 +74,24 @@ def test_detector_power_cycle_is_restored_before_the_next_reading(
     assert det.health().level is HealthLevel.OK  # reported once
 
 
+def test_without_the_memory_a_power_cycle_goes_unnoticed(
+    spd: tuple[AsciiSpd, SimServer, SpdSimulator],
+) -> None:
+    """What the driver did before it kept a memory (and what one that forgets does): the
+    detector silently runs at its defaults, and health() says OK."""
+    det, srv, sim = spd
+    det.memory = SettingsMemory("spd0")  # remembers nothing from here on
+    det.transport.after_reopen.callback = None
+    sim.illuminate(100_000.0)
+    det.set_efficiency_pct(20.0)
+    det.arm()
+    det.memory = SettingsMemory("spd0")
+    srv.power_cycle()
+    assert det.count_rate_hz() == 0.0
+    assert det.efficiency_pct() == 10.0 and det.status() is DetectorStatus.DISARMED
+    assert det.health().level is HealthLevel.OK
+
+
 def test_a_silent_power_cycle_is_found_by_the_next_health_check() -> None:
     """A link that does not drop (GPIB, a serial server that stays up): the health check
     reads the settings back and restores them."""
@@ -124,7 +142,7 @@ def test_laser_power_cycle_restores_wavelength_before_emission(mode: str) -> Non
 
 def test_a_safe_instrument_is_not_switched_on_by_a_restore() -> None:
     sim = SpdSimulator()
-    srv = _server(sim, "tcp")
+    srv = _server(sim, "pty")
     det = AsciiSpd("spd0", srv.url, 0.5, AsciiSpdOptions(reconnect_timeout_s=2.0))
     try:
         det.connect()
@@ -151,7 +169,7 @@ class _BrokenAfterPowerCycle(SpdSimulator):
 
 def test_a_restore_that_fails_raises_a_typed_error_and_health_reports_fault() -> None:
     sim = _BrokenAfterPowerCycle()
-    srv = _server(sim, "tcp")
+    srv = _server(sim, "pty")
     det = AsciiSpd("spd0", srv.url, 0.5, AsciiSpdOptions(reconnect_timeout_s=2.0))
     try:
         det.connect()
