@@ -46,6 +46,13 @@ class Keysight8157xAttenuator(ScpiInstrument, VariableAttenuator):
 
     def _configure(self) -> None:
         self._set(f":INP{self._slot}:WAV {self.options.wavelength_nm * 1e-9:.8E}")
+        self.memory.remember(
+            "calibration_wavelength_nm",
+            self.options.wavelength_nm,
+            self._configure,
+            lambda: self._query_float(f":INP{self._slot}:WAV?") * 1e9,
+            tolerance=1e-3,
+        )
 
     def _safe_commands(self) -> list[str]:
         return [f":OUTP{self._slot}:STAT 0"]

@@ -52,6 +52,7 @@ from drivers.errors import (
     ProtocolError,
 )
 from drivers.interfaces import TAG_DTYPE, HealthLevel, InstrumentHealth, TagBlock, TimeTagger
+from drivers.restore import SettingsMemory
 
 #: Event type 0 is a normal time tag; others (error, overflow begin/end, missed) are flags.
 _EVENT_TIMETAG = 0
@@ -99,6 +100,8 @@ class SwabianTimeTagger(TimeTagger):
         self._tagger: Any = None
         self._stream: Any = None
         self._countrate: Any = None
+        #: settings made through this driver, put back when the tagger lost them
+        self.memory = SettingsMemory(name)
 
     @contextmanager
     def _vendor(self, command: str) -> Iterator[None]:
@@ -134,6 +137,14 @@ class SwabianTimeTagger(TimeTagger):
                     tt.freeTimeTagger(tagger)
                 raise
             self._tt = tt
+            self.check_settings()  # after a close: the tagger may have been power-cycled
+
+    def check_settings(self) -> None:
+        """Read back the input delays and trigger levels set through this driver; put them
+        back if the tagger lost them (power-cycled, or replaced). On failure the tagger is
+        released (NotConnectedError until the next connect)."""
+        with self._lock:
+            self.memory.restore(lambda: None, self.close)
 
     def close(self) -> None:
         with self._lock:
@@ -154,10 +165,11 @@ class SwabianTimeTagger(TimeTagger):
 
     def health(self) -> InstrumentHealth:
         def probe() -> InstrumentHealth:
+            self.check_settings()
             self.identify()
             return InstrumentHealth(HealthLevel.OK, "vendor API answers")
 
-        return health_check(self.name, probe)
+        return self.memory.report(health_check(self.name, probe))
 
     def channels(self) -> list[int]:
         return list(self.options.channels)
@@ -168,6 +180,13 @@ class SwabianTimeTagger(TimeTagger):
             self._tagger.setInputDelay if self._tagger else None,
             channel,
             int(delay_ps),
+        )
+        delay = int(delay_ps)
+        self.memory.remember(
+            f"input_delay_ps[{channel}]",
+            float(delay),
+            lambda: self.set_input_delay_ps(channel, delay),
+            lambda: float(self.input_delay_ps(channel)),
         )
 
     def input_delay_ps(self, channel: int) -> int:
@@ -183,6 +202,14 @@ class SwabianTimeTagger(TimeTagger):
             self._tagger.setTriggerLevel if self._tagger else None,
             channel,
             float(level_v),
+        )
+        level = float(level_v)
+        self.memory.remember(
+            f"trigger_level_v[{channel}]",
+            level,
+            lambda: self.set_trigger_level_v(channel, level),
+            lambda: self.trigger_level_v(channel),
+            tolerance=1e-3,
         )
 
     def trigger_level_v(self, channel: int) -> float:

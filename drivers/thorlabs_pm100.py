@@ -64,6 +64,13 @@ class ThorlabsPM100(ScpiInstrument, OpticalPowerMeter):
 
     def _configure(self) -> None:
         self._set("SENS:POW:UNIT W")
+        # a power-cycled meter may come back reporting dBm: power_w() would be wrong
+        self.memory.remember(
+            "power_unit",
+            "W",
+            lambda: self._set("SENS:POW:UNIT W"),
+            lambda: self.transport.query("SENS:POW:UNIT?").strip().upper(),
+        )
 
     def _safe_commands(self) -> list[str]:
         return []  # a power meter emits nothing

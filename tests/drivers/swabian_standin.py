@@ -97,6 +97,11 @@ class SimDevice:
     def set_rate(self, channel: int, rate_hz: float) -> None:
         self.rates_hz[channel] = rate_hz
 
+    def power_cycle(self) -> None:
+        """Off and on: input delays and trigger levels back at their defaults."""
+        self.input_delay_ps = {c: 0 for c in self.channels}
+        self.trigger_level_v = {c: 0.5 for c in self.channels}
+
     def fail(self, call: str, exc: Exception) -> None:
         """Make the vendor call ``call`` (e.g. ``"Countrate.getData"``) raise ``exc``."""
         self.faults[call] = exc

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -26,6 +27,8 @@ from drivers.scpisim.keysight_816x import Keysight816xModel
 from drivers.serialsim.itla_sim import ItlaSimulator
 from drivers.serialsim.server import SimServer
 from drivers.serialsim.spd_sim import SpdSimulator
+from drivers.thorlabs_pm100 import ThorlabsPM100, ThorlabsPM100Options
+from tests.drivers.helpers import sim_copy
 
 
 def _server(handler: SpdSimulator | ItlaSimulator, mode: str) -> SimServer:
@@ -214,3 +217,21 @@ def test_memory_reapplies_in_order_with_enables_last_and_verifies() -> None:
     with pytest.raises(SettingsLostError) as info:
         stuck.restore(lambda: None, lambda: None)
     assert "x: 0 -> 3" in info.value.reason and info.value.instrument == "dut"
+
+
+def test_a_power_meter_switched_to_dbm_behind_the_drivers_back_reads_watts_again(
+    tmp_path: Path,
+) -> None:
+    """Connect-time settings are remembered too: a meter that came back reporting dBm
+    would have power_w() return dBm numbers."""
+    opts = ThorlabsPM100Options(visa_library=sim_copy(tmp_path, "thorlabs_pm100.yaml"))
+    meter = ThorlabsPM100("pm", "USB0::0x1313::0x8078::P0000001::INSTR", 1.0, opts)
+    meter.connect()
+    meter.set_wavelength_nm(1310.0)
+    meter.transport.write("SENS:POW:UNIT DBM")  # the front panel, or a power cycle
+    meter.transport.write("SENS:CORR:WAV 1550")
+    health = meter.health()
+    assert set(health.restored) == {"power_unit: DBM -> W", "wavelength_nm: 1550 -> 1310"}
+    assert meter.transport.query("SENS:POW:UNIT?") == "W"
+    assert meter.wavelength_nm() == 1310.0
+    meter.close()

@@ -277,3 +277,21 @@ def test_no_untyped_exception_escapes_any_public_method(device: SimDevice) -> No
         _typed_or_ok(action)
     assert tt.health().level is HealthLevel.FAULT
     tt.close()
+
+
+def test_power_cycled_tagger_gets_its_delays_and_levels_back(
+    device: SimDevice, tagger: SwabianTimeTagger
+) -> None:
+    tagger.set_input_delay_ps(1, 50)
+    tagger.set_trigger_level_v(2, 0.25)
+    device.power_cycle()
+    health = tagger.health()
+    assert health.level is HealthLevel.DEGRADED
+    assert set(health.restored) == {"input_delay_ps[1]: 0 -> 50", "trigger_level_v[2]: 0.5 -> 0.25"}
+    assert device.input_delay_ps[1] == 50 and device.trigger_level_v[2] == 0.25
+    assert tagger.health().level is HealthLevel.OK
+    # and after the node's recovery (close, connect) of a tagger that came back at defaults
+    tagger.close()
+    device.power_cycle()
+    tagger.connect()
+    assert tagger.input_delay_ps(1) == 50 and tagger.trigger_level_v(2) == 0.25
