@@ -128,19 +128,11 @@ class SettingsMemory:
         self._settings.pop(name, None)
         self._settings[name] = _Remembered(value, apply, read, tolerance, enables)
 
-    def forget(self, name: str) -> None:
-        self._settings.pop(name, None)
-
     def made_safe(self) -> None:
         """The instrument was put in its safe state: forget every setting that switched
         something on, so that a check never switches it on again."""
         for name in [n for n, e in self._settings.items() if e.enables]:
             del self._settings[name]
-
-    def wanted(self, name: str) -> Value | None:
-        """The remembered value of ``name`` (None: never set through the driver)."""
-        entry = self._settings.get(name)
-        return None if entry is None else entry.value
 
     def lost(self) -> list[SettingChange]:
         """Read back every remembered setting; those that differ."""
