@@ -65,6 +65,7 @@ from drivers.interfaces import (
     SinglePhotonDetector,
     not_supported,
 )
+from drivers.restore import SettingsMemory
 from drivers.transports.base import reopen_with_backoff
 
 ETB = b"\x17"
@@ -95,6 +96,13 @@ def parse_objects(text: str) -> list[Any]:
         while i < len(text) and text[i].isspace():
             i += 1
     return out
+
+
+def _number(instrument: str, label: str, value: Any) -> float:
+    """A label's value as a number (ProtocolError otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ProtocolError(instrument, label, f"expected a number, got {value!r:.60}")
+    return float(value)
 
 
 class SingleQuantumSnspd(SinglePhotonDetector):
@@ -130,6 +138,8 @@ class SingleQuantumSnspd(SinglePhotonDetector):
         self._labels: dict[str, Any] = {}
         self._detectors = 0
         self._wanted = False  # connect() was called and close() was not
+        #: settings made through this driver, put back after a power cycle
+        self.memory = SettingsMemory(name)
 
     # --- wire ---------------------------------------------------------------------------
 
@@ -145,8 +155,18 @@ class SingleQuantumSnspd(SinglePhotonDetector):
                 lambda: self._open_control(command),
                 self.options.reconnect_timeout_s,
             )
-            assert self._control is not None
+            self.check_settings()  # a controller that was switched off is back at defaults
+            if self._control is None:
+                raise ConnectionLostError(self.name, command, "connection lost again")
         return self._control
+
+    def check_settings(self) -> None:
+        """Read back the settings made through this driver; put them back if the
+        controller lost them (a power cycle). Raises SettingsLostError (or the error of
+        the setting it refused) if that fails, and drops the connection so that the next
+        call checks again."""
+        with self._lock:
+            self.memory.restore(lambda: None, self._drop)
 
     def _open_control(self, command: str) -> None:
         try:
@@ -280,18 +300,33 @@ class SingleQuantumSnspd(SinglePhotonDetector):
                         self.name, "options.channel", f"controller has {n} detectors"
                     )
                 self._detectors = n
-                self._send(
-                    {
-                        "command": "SetMeasurementPeriod",
-                        "label": "InptMeasurementPeriod",
-                        "value": self.options.measurement_period_ms,
-                    }
-                )
-                self._await_label("SetMeasurementPeriod", "InptMeasurementPeriod")
+                self._set_measurement_period()
             except InstrumentError:
                 self._drop()
                 raise
             self._wanted = True
+            self.check_settings()  # after a close: the controller may have restarted
+
+    def _set_measurement_period(self) -> None:
+        """``options.measurement_period_ms``: count_rate_hz divides the counts by it."""
+        period = self.options.measurement_period_ms
+        with self._lock:
+            self._send(
+                {
+                    "command": "SetMeasurementPeriod",
+                    "label": "InptMeasurementPeriod",
+                    "value": period,
+                }
+            )
+            self._await_label("SetMeasurementPeriod", "InptMeasurementPeriod")
+        self.memory.remember(
+            "measurement_period_ms",
+            float(period),
+            self._set_measurement_period,
+            lambda: _number(
+                self.name, "InptMeasurementPeriod", self._label("InptMeasurementPeriod")
+            ),
+        )
 
     def close(self) -> None:
         with self._lock:
@@ -311,12 +346,13 @@ class SingleQuantumSnspd(SinglePhotonDetector):
 
     def health(self) -> InstrumentHealth:
         def probe() -> InstrumentHealth:
+            self.check_settings()
             status = self.status()
             if status is DetectorStatus.LATCHED:
                 return InstrumentHealth(HealthLevel.DEGRADED, "nanowire latched")
             return InstrumentHealth(HealthLevel.OK, status.name)
 
-        return health_check(self.name, probe)
+        return self.memory.report(health_check(self.name, probe))
 
     # --- SNSPD settings -----------------------------------------------------------------
 
@@ -325,6 +361,13 @@ class SingleQuantumSnspd(SinglePhotonDetector):
             self.name, "SetAllBiasCurrents", "bias current", bias_current_ua, BIAS_RANGE_UA, "uA"
         )
         self._set_list("SetAllBiasCurrents", "BiasCurrent", "uA", v)
+        self.memory.remember(
+            "bias_current_ua",
+            v,
+            lambda: self.set_bias_current_ua(v),
+            self.bias_current_ua,
+            tolerance=1e-3,
+        )
 
     def bias_current_ua(self) -> float:
         return self._list("BiasCurrent", "uA")[self.options.channel - 1]
@@ -340,6 +383,9 @@ class SingleQuantumSnspd(SinglePhotonDetector):
             "V",
         )
         self._set_list("SetAllTriggerLevels", "TriggerLevel", "mV", v * 1e3)
+        self.memory.remember(
+            "threshold_v", v, lambda: self.set_threshold_v(v), self.threshold_v, tolerance=1e-6
+        )
 
     def threshold_v(self) -> float:
         return self._list("TriggerLevel", "mV")[self.options.channel - 1] / 1e3
@@ -348,6 +394,13 @@ class SingleQuantumSnspd(SinglePhotonDetector):
         with self._lock:
             self._send({"command": "DetectorEnable", "label": "DetectorEnable", "value": on})
             self._await_label("DetectorEnable", "DetectorEnable", lambda v: v is on)
+        self.memory.remember(
+            "armed",
+            on,
+            lambda: self._enable(on),
+            lambda: self._label("DetectorEnable") is True,
+            enables=True,
+        )
 
     def arm(self) -> None:
         """Enable the bias of all detectors of the controller (the protocol has one switch)."""

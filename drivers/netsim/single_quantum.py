@@ -88,6 +88,8 @@ class SingleQuantumSim:
         self._counts_clients: list[socket.socket] = []
         self._rx: dict[socket.socket, bytes] = {}
         self._thread = threading.Thread(target=self._run, name="sq-snspd-sim", daemon=True)
+        self._cycle = threading.Event()
+        self._cycled = threading.Event()
 
     @staticmethod
     def _listener() -> socket.socket:
@@ -124,6 +126,25 @@ class SingleQuantumSim:
         """Photons per second reaching ``detector`` (1-based)."""
         with self._lock:
             self.physics[detector - 1].photon_rate_hz = photon_rate_hz
+
+    def power_cycle(self) -> None:
+        """Off and on: every connection dropped, every setting back at its power-on
+        default (bias 0 uA, trigger 100 mV, disabled, nothing latched). Done by the
+        server thread between two selects (it owns the sockets); returns when done."""
+        if not self._thread.is_alive():
+            self._power_on()
+            return
+        self._cycled.clear()
+        self._cycle.set()
+        if not self._cycled.wait(2.0):
+            raise RuntimeError("the simulator's server thread did not power-cycle")
+
+    def _power_on(self) -> None:
+        with self._lock:
+            self._close_all()
+            n = self.state.detectors
+            self.state = _State(n, [0.0] * n, [100.0] * n, False, [False] * n)
+            self._faults.clear()
 
     def inject(self, fault: str, count: int = 1) -> None:
         if fault not in ("garble", "no_reply", "error", "drop"):
@@ -174,6 +195,10 @@ class SingleQuantumSim:
     def _run(self) -> None:
         next_counts = time.monotonic()
         while not self._stop.is_set():
+            if self._cycle.is_set():
+                self._power_on()
+                self._cycle.clear()
+                self._cycled.set()
             socks = [self._listen, self._listen_counts, *self._clients, *self._counts_clients]
             ready, _, _ = select.select(socks, [], [], 0.005)
             for s in ready:

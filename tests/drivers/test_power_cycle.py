@@ -9,6 +9,7 @@ back dark, and health() said OK throughout.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -17,9 +18,15 @@ from pathlib import Path
 import pytest
 
 from drivers.ascii_spd import AsciiSpd, AsciiSpdOptions
-from drivers.errors import InstrumentError, InstrumentReportedError, SettingsLostError
+from drivers.errors import (
+    ConnectionLostError,
+    InstrumentError,
+    InstrumentReportedError,
+    SettingsLostError,
+)
 from drivers.interfaces import DetectorStatus, HealthLevel, LaserStatus
 from drivers.keysight_816x import Keysight816xLaser
+from drivers.netsim.single_quantum import SingleQuantumSim
 from drivers.oif_itla import OifItlaLaser, OifItlaOptions
 from drivers.restore import SettingsMemory
 from drivers.scpisim import ScpiModelTransport
@@ -27,6 +34,7 @@ from drivers.scpisim.keysight_816x import Keysight816xModel
 from drivers.serialsim.itla_sim import ItlaSimulator
 from drivers.serialsim.server import SimServer
 from drivers.serialsim.spd_sim import SpdSimulator
+from drivers.single_quantum import SingleQuantumOptions, SingleQuantumSnspd
 from drivers.thorlabs_pm100 import ThorlabsPM100, ThorlabsPM100Options
 from tests.drivers.helpers import sim_copy
 
@@ -235,3 +243,33 @@ def test_a_power_meter_switched_to_dbm_behind_the_drivers_back_reads_watts_again
     assert meter.transport.query("SENS:POW:UNIT?") == "W"
     assert meter.wavelength_nm() == 1310.0
     meter.close()
+
+
+def test_snspd_controller_power_cycle_is_restored_before_the_next_reading() -> None:
+    with SingleQuantumSim(detectors=4) as sim:
+        opts = SingleQuantumOptions(
+            channel=2, counts_port=sim.counts_port, measurement_period_ms=20, reconnect_timeout_s=1
+        )
+        det = SingleQuantumSnspd("snspd0", sim.url, 0.5, opts)
+        det.connect()
+        det.set_bias_current_ua(11.5)
+        det.set_threshold_v(0.08)
+        det.arm()
+        sim.power_cycle()
+        assert sim.state.enabled is False and sim.state.period_ms == 100
+
+        # This driver does not resend after a loss: the call that finds the connection
+        # gone fails (typed); the next one reopens, finds the defaults and restores first.
+        with contextlib.suppress(ConnectionLostError):
+            det.status()
+        assert det.status() is DetectorStatus.ARMED
+        assert sim.state.bias_ua[1] == 11.5 and sim.state.trigger_mv[1] == pytest.approx(80.0)
+        assert sim.state.period_ms == 20  # count_rate_hz divides by it
+        health = det.health()
+        assert health.level is HealthLevel.DEGRADED
+        assert {
+            "bias_current_ua: 0 -> 11.5",
+            "armed: False -> True",
+            "measurement_period_ms: 100 -> 20",
+        } <= set(health.restored)
+        det.close()
