@@ -49,6 +49,7 @@ silent controller is an :class:`InstrumentTimeoutError`, a garbled reply a
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -80,6 +81,7 @@ from drivers.interfaces import (
     TagBlock,
     TimeTagger,
 )
+from drivers.restore import SettingsMemory
 from drivers.transports.base import MessageTransport
 from drivers.transports.zmq_req import ZmqReqTransport
 
@@ -88,6 +90,7 @@ _NUMBER_RE = re.compile(r"^\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*([a-
 _EDGES = {"RISI": Edge.RISING, "RISING": Edge.RISING, "FALL": Edge.FALLING, "FALLING": Edge.FALLING}
 _SYNC = {"INT": ReferenceClock.INTERNAL, "INTERNAL": ReferenceClock.INTERNAL}
 _SYNC |= {"EXT": ReferenceClock.EXTERNAL, "EXTERNAL": ReferenceClock.EXTERNAL}
+_ON_OFF = {"ON": True, "OFF": False, "1": True, "0": False}
 
 #: Record of the data link: (timestamp since the last reference, reference index).
 STREAM_DTYPE = np.dtype([("timestamp_ps", "<u8"), ("ref_index", "<u8")])
@@ -140,6 +143,9 @@ class IdqTimeController(TimeTagger):
         self._lock = threading.RLock()
         self._streams: dict[int, tuple[str, zmq.Socket[Any]]] = {}
         self._dlt: ZmqReqTransport | None = None
+        #: settings made through this driver, put back after the controller restarted
+        self.memory = SettingsMemory(name)
+        self.transport.after_reopen.callback = self.check_settings
 
     # --- SCPI helpers ------------------------------------------------------------
 
@@ -181,14 +187,36 @@ class IdqTimeController(TimeTagger):
                     raise ProtocolError(
                         self.name, "*IDN?", f"{identity!r} is not an ID900/ID1000 Time Controller"
                     )
-                integration = self.options.counter_integration_ms
-                for ch in self.options.channels:
-                    self._set(f"INPU{ch}:ENAB ON")
-                    self._set(f"INPU{ch}:COUN:MODE CYCL;INTE {integration}")
+                reconnecting = len(self.memory) > 0  # settings made before a close
+                self._enable_inputs()
+                if reconnecting:
+                    self.check_settings()
             except InstrumentError:
                 self.transport.close()
                 raise
             self._identity = identity
+
+    def _enable_inputs(self) -> None:
+        """Connect-time setup: every input of ``options.channels`` on, counting."""
+        integration = self.options.counter_integration_ms
+        for ch in self.options.channels:
+            self._set(f"INPU{ch}:ENAB ON")
+            self._set(f"INPU{ch}:COUN:MODE CYCL;INTE {integration}")
+            self.memory.remember(
+                f"input_enabled[{ch}]",
+                True,
+                self._enable_inputs,
+                functools.partial(self._input_enabled, ch),
+            )
+
+    def _input_enabled(self, channel: int) -> bool:
+        return bool(self._word(f"INPU{channel}:ENAB?", _ON_OFF))
+
+    def check_settings(self) -> None:
+        """Read back the settings made through this driver; put them back if the
+        controller lost them (it restarted). Raises SettingsLostError if that fails."""
+        with self._lock:
+            self.memory.restore(self._enable_inputs, self.transport.drop_connection)
 
     def close(self) -> None:
         with self._lock:
@@ -205,10 +233,11 @@ class IdqTimeController(TimeTagger):
 
     def health(self) -> InstrumentHealth:
         def probe() -> InstrumentHealth:
+            self.check_settings()
             self.identify()
             return InstrumentHealth(HealthLevel.OK, "answers *IDN?")
 
-        return health_check(self.name, probe)
+        return self.memory.report(health_check(self.name, probe))
 
     # --- TimeTagger settings -----------------------------------------------------
 
@@ -221,6 +250,12 @@ class IdqTimeController(TimeTagger):
         lo, hi = self.options.delay_range_ps
         v = check_range(self.name, f"DELA{k}:VALU", "delay", delay_ps, (lo, hi), "ps")
         self._set(f"DELA{k}:VALU {round(v)}")
+        self.memory.remember(
+            f"input_delay_ps[{ch}]",
+            float(round(v)),
+            lambda: self.set_input_delay_ps(ch, round(v)),
+            lambda: float(self.input_delay_ps(ch)),
+        )
 
     def input_delay_ps(self, channel: int) -> int:
         k = self._channel("DELA:VALU?", channel) + self.options.delay_block_offset
@@ -232,6 +267,13 @@ class IdqTimeController(TimeTagger):
             self.name, f"INPU{ch}:THRE", "threshold", level_v, self.options.threshold_range_v, "V"
         )
         self._set(f"INPU{ch}:THRE {v:.4f}V")
+        self.memory.remember(
+            f"trigger_level_v[{ch}]",
+            v,
+            lambda: self.set_trigger_level_v(ch, v),
+            lambda: self.trigger_level_v(ch),
+            tolerance=5e-5,
+        )
 
     def trigger_level_v(self, channel: int) -> float:
         ch = self._channel("INPU:THRE?", channel)
@@ -243,6 +285,13 @@ class IdqTimeController(TimeTagger):
             check_choice(self.name, f"INPU{ch}:EDGE", Edge, edge)
         ]
         self._set(f"INPU{ch}:EDGE {word}")
+        chosen = Edge(edge)
+        self.memory.remember(
+            f"edge[{ch}]",
+            chosen.name,
+            lambda: self.set_edge(ch, chosen),
+            lambda: self.edge(ch).name,
+        )
 
     def edge(self, channel: int) -> Edge:
         ch = self._channel("INPU:EDGE?", channel)
@@ -253,6 +302,12 @@ class IdqTimeController(TimeTagger):
         lo, hi = self.options.dead_time_range_ps
         v = check_range(self.name, f"INPU{ch}:DEAD", "dead time", dead_time_ps, (lo, hi), "ps")
         self._set(f"INPU{ch}:DEAD {round(v)}")
+        self.memory.remember(
+            f"dead_time_ps[{ch}]",
+            float(round(v)),
+            lambda: self.set_dead_time_ps(ch, round(v)),
+            lambda: float(self.dead_time_ps(ch)),
+        )
 
     def dead_time_ps(self, channel: int) -> int:
         ch = self._channel("INPU:DEAD?", channel)
@@ -263,6 +318,13 @@ class IdqTimeController(TimeTagger):
             check_choice(self.name, "DEVI:SYNC", ReferenceClock, source)
         ]
         self._set(f"DEVI:SYNC {word}")
+        clock = ReferenceClock(source)
+        self.memory.remember(
+            "reference_clock",
+            clock.name,
+            lambda: self.set_reference_clock(clock),
+            lambda: self.reference_clock().name,
+        )
 
     def reference_clock(self) -> ReferenceClock:
         return ReferenceClock(self._word("DEVI:SYNC?", _SYNC))

@@ -142,6 +142,17 @@ class IdqTimeControllerSim:
         with self._lock:
             self.inputs[channel].rate_hz = rate_hz
 
+    def power_cycle(self) -> None:
+        """Off and on: every input, delay and the reference back at power-on defaults,
+        nothing recording. ZeroMQ hides the restart from the client (it reconnects)."""
+        with self._lock:
+            self.inputs = {n: _Input() for n in range(1, 5)}
+            self.delays_ps = dict.fromkeys(range(1, 9), 0)
+            self.sync = "INTERNAL"
+            self.raw_send = dict.fromkeys(range(1, 5), False)
+            self.playing_since = None
+            self._faults.clear()
+
     def inject(self, fault: str, count: int = 1) -> None:
         """``garble`` or ``no_reply`` for the next ``count`` requests; ``down``/``up``."""
         with self._lock:

@@ -5,7 +5,9 @@ message on a REP socket and answer every message with one message. A REQ socket 
 strictly send-then-receive: after a request goes unanswered it cannot send again, so on a
 timeout the socket is closed and a fresh one connected (the "lazy pirate" pattern of the
 ZeroMQ guide) before the next command. ZeroMQ reconnects by itself when the peer comes
-back; a peer that is gone shows as a timeout, never as an exception.
+back; a peer that is gone shows as a timeout, never as an exception. The instrument may
+have restarted in between, so the first message after a replaced socket runs
+:attr:`after_reopen` first (the driver's settings check).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class ZmqReqTransport(MessageTransport):
         self.timeout_s = timeout_s
         self._context = context or zmq.Context.instance()
         self._socket: zmq.Socket[Any] | None = None
+        self._check_pending = False  # the socket was replaced: run after_reopen first
 
     @property
     def is_open(self) -> bool:
@@ -75,6 +78,13 @@ class ZmqReqTransport(MessageTransport):
         if self._socket is not None:
             self._socket.close(0)
         self._socket = self._new_socket()
+        self._check_pending = True
+
+    def drop_connection(self) -> None:
+        """Run :attr:`after_reopen` again before the next message (ZeroMQ reconnects by
+        itself: there is nothing to close)."""
+        with self.lock:
+            self._check_pending = True
 
     def write(self, command: str) -> None:
         """Send ``command`` and discard its reply (every REQ gets one)."""
@@ -87,6 +97,9 @@ class ZmqReqTransport(MessageTransport):
         replaced); ProtocolError for a reply that is not UTF-8 text or comes in several parts.
         """
         with self.lock:
+            if self._socket is not None and self._check_pending:
+                self._check_pending = False
+                self.after_reopen.run(self.drop_connection)
             sock = self._socket
             if sock is None:
                 raise NotConnectedError(self.instrument, command, "not connected")

@@ -22,14 +22,17 @@ from drivers.errors import (
     ConnectionLostError,
     InstrumentError,
     InstrumentReportedError,
+    InstrumentTimeoutError,
     SettingsLostError,
 )
-from drivers.interfaces import DetectorStatus, HealthLevel, LaserStatus
+from drivers.idq_time_controller import IdqTimeController, IdqTimeControllerOptions
+from drivers.interfaces import DetectorStatus, Edge, HealthLevel, LaserStatus
 from drivers.keysight_816x import Keysight816xLaser
 from drivers.netsim.single_quantum import SingleQuantumSim
 from drivers.oif_itla import OifItlaLaser, OifItlaOptions
 from drivers.restore import SettingsMemory
 from drivers.scpisim import ScpiModelTransport
+from drivers.scpisim.idq_time_controller import IdqTimeControllerSim
 from drivers.scpisim.keysight_816x import Keysight816xModel
 from drivers.serialsim.itla_sim import ItlaSimulator
 from drivers.serialsim.server import SimServer
@@ -273,3 +276,24 @@ def test_snspd_controller_power_cycle_is_restored_before_the_next_reading() -> N
             "measurement_period_ms: 100 -> 20",
         } <= set(health.restored)
         det.close()
+
+
+def test_time_controller_restart_is_restored_at_the_first_command_after_the_outage() -> None:
+    with IdqTimeControllerSim() as sim:
+        opts = IdqTimeControllerOptions(dlt_endpoint=sim.dlt_endpoint, channels=[1, 2])
+        tc = IdqTimeController("tc0", sim.endpoint, 0.2, opts)
+        tc.connect()
+        tc.set_input_delay_ps(2, 120)
+        tc.set_trigger_level_v(1, 0.25)
+        tc.set_edge(2, Edge.FALLING)
+        sim.inject("down")  # switched off: the next command times out
+        with pytest.raises(InstrumentTimeoutError):
+            tc.trigger_level_v(1)
+        sim.power_cycle()
+        sim.inject("up")
+        assert tc.trigger_level_v(1) == pytest.approx(0.25)  # restored before it is read
+        assert sim.inputs[1].enabled and sim.inputs[2].enabled and sim.inputs[2].edge == "FALLING"
+        assert tc.input_delay_ps(2) == 120
+        lines = set(tc.health().restored)
+        assert {"trigger_level_v[1]: 0.1 -> 0.25", "input_enabled[1]: False -> True"} <= lines
+        tc.close()
