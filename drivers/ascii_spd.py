@@ -235,6 +235,7 @@ class AsciiSpd(SinglePhotonDetector):
         self._remember_armed(True)
 
     def disarm(self) -> None:
+        self.memory.switching_off("armed")
         self.command("DISARM")
         self._remember_armed(False)
 
@@ -256,6 +257,7 @@ class AsciiSpd(SinglePhotonDetector):
             raise ProtocolError(self.name, "STATE?", f"unknown state {text!r}") from None
 
     def reset_latch(self) -> None:
+        self.memory.switching_off("armed")
         self.command("RESET")
         self._remember_armed(False)
 

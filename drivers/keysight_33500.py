@@ -442,6 +442,8 @@ class _Awg33500Levels(ScpiInstrument):
         return self._query_float("SOUR2:VOLT:OFFS?")
 
     def set_output(self, on: bool) -> None:
+        if not on:
+            self.memory.switching_off("output_on")
         with self.transport.lock:
             self._set(f"OUTP1 {int(on)}")
             self._set(f"OUTP2 {int(on)}")

@@ -78,6 +78,8 @@ class Keysight8157xAttenuator(ScpiInstrument, VariableAttenuator):
         return self._query_float(f":INP{self._slot}:ATT?")
 
     def set_shutter(self, open_: bool) -> None:
+        if not open_:
+            self.memory.switching_off("shutter_open")
         self._set(f":OUTP{self._slot}:STAT {1 if open_ else 0}")
         self.memory.remember(
             "shutter_open", open_, lambda: self.set_shutter(open_), self.shutter_open, enables=True

@@ -95,6 +95,8 @@ class Keysight816xLaser(ScpiInstrument, Laser):
         self.set_emission(False)
 
     def set_emission(self, on: bool) -> None:
+        if not on:
+            self.memory.switching_off("emission_on")
         self._set(f"{self._src}:POW:STAT {1 if on else 0}")
         self.memory.remember(
             "emission_on", on, lambda: self.set_emission(on), self.emission_on, enables=True

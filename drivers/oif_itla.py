@@ -385,6 +385,8 @@ class OifItlaLaser(Laser):
     # --- Laser ---------------------------------------------------------------------
 
     def set_emission(self, on: bool) -> None:
+        if not on:
+            self.memory.switching_off("emission_on")
         self.write_register(Reg.RES_ENA, SENA if on else 0)
         self.memory.remember(
             "emission_on", on, lambda: self.set_emission(on), self.emission_on, enables=True

@@ -128,6 +128,14 @@ class SettingsMemory:
         self._settings.pop(name, None)
         self._settings[name] = _Remembered(value, apply, read, tolerance, enables)
 
+    def switching_off(self, name: str) -> None:
+        """Setting ``name`` (one that switches something on) is about to be switched off:
+        forget it first, so that a check that runs meanwhile (the connection reopened for
+        the switch-off command itself) does not switch it on again."""
+        entry = self._settings.get(name)
+        if entry is not None and entry.enables:
+            del self._settings[name]
+
     def made_safe(self) -> None:
         """The instrument was put in its safe state: forget every setting that switched
         something on, so that a check never switches it on again."""

@@ -391,6 +391,8 @@ class SingleQuantumSnspd(SinglePhotonDetector):
         return self._list("TriggerLevel", "mV")[self.options.channel - 1] / 1e3
 
     def _enable(self, on: bool) -> None:
+        if not on:
+            self.memory.switching_off("armed")
         with self._lock:
             self._send({"command": "DetectorEnable", "label": "DetectorEnable", "value": on})
             self._await_label("DetectorEnable", "DetectorEnable", lambda v: v is on)

@@ -29,7 +29,7 @@ from drivers.idq_time_controller import IdqTimeController, IdqTimeControllerOpti
 from drivers.interfaces import DetectorStatus, Edge, HealthLevel, LaserStatus
 from drivers.keysight_816x import Keysight816xLaser
 from drivers.netsim.single_quantum import SingleQuantumSim
-from drivers.oif_itla import OifItlaLaser, OifItlaOptions
+from drivers.oif_itla import SENA, OifItlaLaser, OifItlaOptions, Reg
 from drivers.restore import SettingsMemory
 from drivers.scpisim import ScpiModelTransport
 from drivers.scpisim.idq_time_controller import IdqTimeControllerSim
@@ -297,3 +297,39 @@ def test_time_controller_restart_is_restored_at_the_first_command_after_the_outa
         lines = set(tc.health().restored)
         assert {"trigger_level_v[1]: 0.1 -> 0.25", "input_enabled[1]: False -> True"} <= lines
         tc.close()
+
+
+class _ItlaRecordingEnables(ItlaSimulator):
+    """Counts the writes that switch the output on."""
+
+    def __init__(self) -> None:
+        super().__init__(tune_time_s=0.02)
+        self.enables = 0
+
+    def _write(self, register: int, data: int) -> bytes:
+        if register == Reg.RES_ENA and data & SENA:
+            self.enables += 1
+        return super()._write(register, data)
+
+
+@pytest.mark.parametrize("mode", ["tcp", "pty"])
+def test_safe_state_after_a_power_cycle_never_switches_the_laser_on(mode: str) -> None:
+    """The switch-off reopens the connection; the check that runs then must not put the
+    emission back on before the switch-off is sent (exit paths leave lasers dark)."""
+    sim = _ItlaRecordingEnables()
+    srv = _server(sim, mode)
+    opts = OifItlaOptions(reconnect_timeout_s=2.0, pending_poll_s=0.01)
+    laser = OifItlaLaser("laser", srv.url, 0.5, opts)
+    try:
+        laser.connect()
+        laser.set_power_dbm(12.0)
+        laser.set_emission(True)
+        srv.power_cycle()
+        sim.enables = 0
+        laser.safe_state()
+        assert sim.enables == 0
+        assert laser.emission_on() is False
+        assert sim.regs[Reg.PWR] == 1200  # the other settings were put back
+    finally:
+        laser.close()
+        srv.stop()
