@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from drivers.satellite_pass import SatellitePassParams
@@ -54,6 +55,7 @@ from qkdnode.demo.nodeconfig import (
     to_toml,
 )
 from qkdnode.demo.runner import Daemon, DemoError, Reporter
+from qkdnode.postproc.satellite_theory import SatelliteLink
 from qkdnode.procedures.mean_photon_number import MeanPhotonResult
 from qkdnode.procedures.sync_model import SyncConfig
 
@@ -62,6 +64,7 @@ __all__ = [
     "SatelliteDemoConfig",
     "SatelliteDemoSummary",
     "load_intensities",
+    "optimise_for_pass",
     "load_satellite_config",
     "pass_theory",
     "run_satellite",
@@ -86,6 +89,12 @@ class PassesRunSection(BaseModel):
     time_scale: float = Field(1.0, ge=1.0, le=100.0, description="pass compression factor")
     clouds: tuple[CloudParams, ...] = ()
     block_per_pass: bool = True
+    optimise_settings: bool = Field(
+        False,
+        description="run with the settings that maximise the node's bound on the predicted "
+        "pass instead of the link's (both parties' basis bias, class probabilities, "
+        "intensities)",
+    )
 
 
 class SatelliteDemoConfig(BaseModel):
@@ -151,32 +160,19 @@ def pass_theory(
     ``intensities``: the transmitter's calibration of its mean photon numbers; the bound
     then takes them as the node does, each within its calibrated interval (the worst case
     inside it), instead of exactly known."""
-    from qkdnode.demo.compare import TheoryInputs
     from qkdnode.postproc.satellite_theory import (
         Bound,
         ProtocolSettings,
         SatelliteKeyError,
-        SatelliteLink,
         SatelliteSecurity,
         pass_key,
     )
 
     link = resolve_truths(cfg.link)
-    th = TheoryInputs.from_link(link, cfg.protocol)
     src = link.source.model_copy(update=settings or {})
-    dt = 0.05
-    n = max(1, int((stop_unix_s - start_unix_s) / dt))
-    times = start_unix_s + (np.arange(n) + 0.5) * (stop_unix_s - start_unix_s) / n
-    eta = np.array([channel.transmittance_at(float(t)) for t in times]) * th.detector_efficiency
-    dark_per_slot = th.y0 / 4.0
-    sat_link = SatelliteLink(
-        source_rate_hz=src.slot_rate_hz,
-        slot_duration_s=(stop_unix_s - start_unix_s) / n,
-        p_extraneous=dark_per_slot,
-        p_afterpulse=link.receiver.afterpulse_probability,
-        qber_intrinsic=link.fiber.misalignment,
-    )
-    if abs(src.p_basis_z - link.receiver.p_basis_z) > 1e-9:
+    eta, sat_link = _pass_inputs(cfg, channel, start_unix_s, stop_unix_s)
+    rx_basis_z = (settings or {}).get("p_basis_z", link.receiver.p_basis_z)
+    if abs(src.p_basis_z - rx_basis_z) > 1e-9:
         raise ConfigError(
             "<satellite demo>",
             ["link.source.p_basis_z and link.receiver.p_basis_z must be equal for the pass theory"],
@@ -202,6 +198,67 @@ def pass_theory(
     except SatelliteKeyError:
         bits, detections, qber = 0, 0.0, math.nan
     return PassTheory(stop_unix_s - start_unix_s, bits, detections, qber)
+
+
+def _pass_inputs(
+    cfg: SatelliteDemoConfig, channel: SatelliteChannel, start_unix_s: float, stop_unix_s: float
+) -> tuple[npt.NDArray[np.float64], SatelliteLink]:
+    """The transmittance (channel times detector efficiency) of each 50 ms of the interval,
+    and the source and receiver figures of the simulated boxes (drawn truths)."""
+    from qkdnode.demo.compare import TheoryInputs
+
+    link = resolve_truths(cfg.link)
+    th = TheoryInputs.from_link(link, cfg.protocol)
+    n = max(1, int((stop_unix_s - start_unix_s) / 0.05))
+    times = start_unix_s + (np.arange(n) + 0.5) * (stop_unix_s - start_unix_s) / n
+    eta = np.array([channel.transmittance_at(float(t)) for t in times]) * th.detector_efficiency
+    sat_link = SatelliteLink(
+        source_rate_hz=link.source.slot_rate_hz,
+        slot_duration_s=(stop_unix_s - start_unix_s) / n,
+        p_extraneous=th.y0 / 4.0,  # per detector and slot
+        p_afterpulse=link.receiver.afterpulse_probability,
+        qber_intrinsic=link.fiber.misalignment,
+    )
+    return eta, sat_link
+
+
+def optimise_for_pass(
+    cfg: SatelliteDemoConfig, channel: SatelliteChannel, start_unix_s: float, stop_unix_s: float
+) -> dict[str, float]:
+    """The settings (basis bias, class probabilities, intensities) that maximise
+    qkdnode's bound on the predicted pass, searched over SatQuMA's box
+    (:func:`qkdnode.postproc.satellite_theory.optimise_pass`), from the link's own."""
+    from qkdnode.postproc.satellite_theory import (
+        Bound,
+        ProtocolSettings,
+        SatelliteSecurity,
+        optimise_pass,
+    )
+
+    src = cfg.link.source
+    eta, sat_link = _pass_inputs(cfg, channel, start_unix_s, stop_unix_s)
+    best = optimise_pass(
+        eta,
+        sat_link,
+        SatelliteSecurity(eps_cor=cfg.protocol.eps_cor, eps_sec=cfg.protocol.eps_sec),
+        bound=Bound.QKDNODE,
+        start=ProtocolSettings(
+            p_key_basis=src.p_basis_z,
+            p_signal=src.p_signal,
+            p_decoy=src.p_decoy,
+            mu_signal=src.mu_signal,
+            mu_decoy=src.mu_decoy,
+            mu_vacuum=src.mu_vacuum,
+        ),
+        mu_vacuum=src.mu_vacuum,
+    ).settings
+    return {
+        "p_basis_z": round(best.p_key_basis, 4),
+        "p_signal": round(best.p_signal, 4),
+        "p_decoy": round(best.p_decoy, 4),
+        "mu_signal": round(best.mu_signal, 4),
+        "mu_decoy": round(best.mu_decoy, 4),
+    }
 
 
 def _bits_with_intervals(
@@ -283,6 +340,10 @@ class PassFigures:
     #: the bound on the same interval cut into four blocks of equal time: what one block
     #: per pass gains over blocks of a fixed size
     theory_four_blocks_bits: int
+    #: the whole pass with the settings that maximise the bound on it (both parties'
+    #: basis bias, class probabilities, intensities: ``optimised_settings``)
+    theory_optimised_whole_pass_bits: int
+    optimised_settings: dict[str, float]
 
 
 @dataclass
@@ -295,6 +356,8 @@ class SatelliteDemoSummary:
     daemon_exit_codes: dict[str, int | None] = field(default_factory=dict)
     time_scale: float = 1.0
     out_dir: str = ""
+    #: the settings optimised for the pass (empty: the link's own, as configured)
+    settings_optimised: dict[str, float] = field(default_factory=dict)
 
     def to_json_line(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, allow_nan=False, default=str)
@@ -406,12 +469,31 @@ def run_satellite(
     """Run the passes; the summary carries the failure, if any (daemons always stopped)."""
     report = reporter or Reporter()
     out_dir = cfg.demo.out_dir.resolve()
+    optimised: dict[str, float] = {}
+    if cfg.satellite.optimise_settings:
+        probe = SatelliteChannel(
+            SatelliteChannelParams(
+                orbit=cfg.satellite.orbit, rises_unix_s=(0.0,), time_scale=cfg.satellite.time_scale
+            )
+        )
+        optimised = optimise_for_pass(cfg, probe, 0.0, probe.duration_s)
+        report.step(f"settings optimised for the pass: {optimised}")
+        link = cfg.link.model_copy(
+            update={
+                "source": cfg.link.source.model_copy(update=optimised),
+                "receiver": cfg.link.receiver.model_copy(
+                    update={"p_basis_z": optimised["p_basis_z"]}
+                ),
+            }
+        )
+        cfg = cfg.model_copy(update={"link": link})
     tx_files, rx_files, keys, channel_params = write_configs(cfg, out_dir, time.time())
     channel = SatelliteChannel(channel_params)
     windows = channel.windows_unix_s()
     tx = Daemon(tx_files, keys, keys.tx_public if keys else None)
     rx = Daemon(rx_files, keys, keys.rx_public if keys else None)
     summary = SatelliteDemoSummary(ok=False, failure=None, time_scale=cfg.satellite.time_scale)
+    summary.settings_optimised = optimised
     summary.out_dir = str(out_dir)
     records: list[dict[str, Any]] = []
     settings: dict[str, float] = {}
@@ -537,6 +619,8 @@ def _figures(
             ).secret_bits
             for q in range(4)
         )
+        best = optimise_for_pass(cfg, channel, rise, set_)
+        best_bits = pass_theory(cfg, channel, rise, set_, best).secret_bits
         reasons = [str(r["no_key_reason"]) for r in recs if r.get("no_key_reason")]
         out.append(
             PassFigures(
@@ -557,6 +641,8 @@ def _figures(
                 theory_exact_mu_bits=exact_bits,
                 theory_whole_pass_bits=whole,
                 theory_four_blocks_bits=four,
+                theory_optimised_whole_pass_bits=best_bits,
+                optimised_settings=best,
             )
         )
     return out
@@ -581,7 +667,8 @@ def format_summary(s: SatelliteDemoSummary) -> str:
         lines.append(
             f"     theory with the intensities known exactly: {p.theory_exact_mu_bits} bits; "
             f"for the whole pass: {p.theory_whole_pass_bits} bits in one block, "
-            f"{p.theory_four_blocks_bits} in four"
+            f"{p.theory_four_blocks_bits} in four; {p.theory_optimised_whole_pass_bits} with "
+            f"settings optimised for it {p.optimised_settings}"
         )
         if p.no_key_reason:
             lines.append(f"     no key: {p.no_key_reason}")
