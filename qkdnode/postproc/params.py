@@ -12,14 +12,35 @@ class _Strict(BaseModel):
 
 
 class CascadeParams(_Strict):
-    """Cascade schedule. Block sizes are powers of two (so that sub-block parities form a
-    dyadic tree that later passes reuse without disclosing anything new)."""
+    """Cascade schedule (:func:`qkdnode.postproc.cascade.schedule`). Block sizes are powers
+    of two (so that sub-block parities form a dyadic tree that later passes reuse without
+    disclosing anything new). Pass 1 and 2 correct nearly every error, an optional middle
+    pass the few left over, and the check passes, each cutting the frame into 3-4 blocks of
+    a fresh permutation, find the last ones (Martinez-Mateo, Pacher, Peev et al.,
+    "Demystifying the information reconciliation protocol Cascade", QIC 15 (2015): few
+    small-block passes, then many passes of about half the frame)."""
 
     first_block_factor: float = Field(
-        1.4, gt=0, le=8, description="pass-1 block size ~ factor / QBER (rounded to 2^k)"
+        0.8, gt=0, le=8, description="pass-1 block size ~ factor / QBER (rounded to 2^k)"
     )
-    growth_factor: int = Field(2, ge=2, le=8, description="block size ratio between passes")
-    passes: int = Field(4, ge=1, le=16, description="maximum number of passes")
+    growth_factor: int = Field(
+        4, ge=2, le=64, description="block size ratio of pass 2 to pass 1 (rounded to 2^k)"
+    )
+    middle_block_bits: int = Field(
+        4096,
+        ge=0,
+        le=1 << 30,
+        description="block size of pass 3 (rounded to 2^k), run when it lies between pass "
+        "2's blocks and the check passes' blocks; 0: no middle pass",
+    )
+    check_passes: int = Field(
+        7,
+        ge=0,
+        le=12,
+        description="passes whose blocks are a quarter to a half of the frame (2^(c-2) for "
+        "frames of 2^(c-1) to 2^c bits): each catches what the earlier passes left with "
+        "probability >= 1/2; 7 gave no residual error in 1000 frames of 1e4 bits at 1-10 %",
+    )
     qber_floor: float = Field(0.005, gt=0, lt=0.5, description="QBER assumed at least this")
     frames: int = Field(
         2,
@@ -32,7 +53,7 @@ class CascadeParams(_Strict):
         1_000_000,
         ge=1000,
         description="fewer frames when frames would be shorter than this (below ~1e6 bits "
-        "a frame's ~270 round trips, not the work, set the pace: frames add messages only)",
+        "a frame's 100-200 round trips, not the work, set the pace: frames add messages only)",
     )
 
 

@@ -108,6 +108,38 @@ def test_cascade_disclosed_bits_counted_by_both_sides() -> None:
     assert np.array_equal(bob.corrected(), a)
 
 
+@pytest.mark.parametrize(("qber", "f_max"), [(0.05, 1.08), (0.10, 1.10)])
+def test_cascade_short_frames_beat_published_variants(qber: float, f_max: float) -> None:
+    """1e4-bit frames: median f (against each frame's own error rate) below the best
+    published Cascade variants (1.077-1.093 at 5 %, 1.092-1.111 at 10 %), every frame
+    corrected, in fewer round trips than the 4-pass doubling schedule needed (~130)."""
+    n = 10_000
+    fs, rounds = [], []
+    for seed in range(40):
+        rng = np.random.default_rng(500 + seed)
+        alice = rng.integers(0, 2, n, dtype=np.uint8)
+        errors = (rng.random(n) < qber).astype(np.uint8)
+        got, st = cascade.reconcile_local(alice, alice ^ errors, qber, CascadeParams(), seed)
+        assert np.array_equal(got, alice)
+        fs.append(st.disclosed_bits / (n * cascade.binary_entropy(float(errors.mean()))))
+        rounds.append(st.rounds)
+    assert float(np.median(fs)) <= f_max
+    assert float(np.median(rounds)) < 120
+
+
+def test_cascade_schedule_shape() -> None:
+    """Two small-block passes, the 4096-bit middle pass, then check passes of 3-4 blocks;
+    levels stay inside the frame's tree however small the frame or high the error rate."""
+    p = CascadeParams()
+    assert cascade.schedule(1_000_000, 0.03, p) == [5, 7, 12] + [18] * p.check_passes
+    assert cascade.schedule(10_000, 0.05, p) == [4, 6] + [12] * p.check_passes  # no middle
+    for n in (1, 2, 3, 100, 5000, 1 << 20, (1 << 20) + 1):
+        for q in (0.0, 0.001, 0.02, 0.2, 0.45):
+            levels = cascade.schedule(n, q, p)
+            cascade.TreeLayout(n, levels)  # raises on a level outside [1, ceil(log2 n)]
+            assert len(levels) >= 2 + p.check_passes
+
+
 def test_cascade_matches_reference_parities() -> None:
     """Node ids address the dyadic trees of the permuted key (checked against a direct sum)."""
     rng = np.random.default_rng(4)
@@ -157,7 +189,7 @@ def test_cascade_early_pass_start_cuts_round_trips_not_efficiency(
         assert st_early.disclosed_bits < 1.01 * st_classic.disclosed_bits
         early_rounds.append(st_early.rounds)
         classic_rounds.append(st_classic.rounds)
-    assert sum(early_rounds) < 0.85 * sum(classic_rounds)
+    assert sum(early_rounds) < 0.9 * sum(classic_rounds)
 
 
 def test_cascade_rejects_queries_outside_tree() -> None:
