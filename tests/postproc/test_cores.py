@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -324,6 +325,74 @@ def test_tile_bits_fit_the_chunks_with_a_fast_fft_length() -> None:
         assert b >= 1
         assert sfft.next_fast_len(2 * b, real=True) == 2 * b
         assert -(-n // b) * b - n < b and -(-m // b) * b - m < b
+
+
+@pytest.mark.parametrize(
+    ("n", "m", "tile", "budget"),
+    [(500_000, 500_000, None, 512 << 20), (9_001, 4_700, 512, 40_000), (5000, 13, 64, 1)],
+)
+def test_toeplitz_transforms_list_the_hash_ffts(
+    n: int, m: int, tile: int | None, budget: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The benchmark's FFT floor times exactly the transforms the hash makes."""
+    seen: list[toeplitz.Transform] = []
+    fwd, inv = toeplitz.real_fft, toeplitz.inverse_real_fft
+
+    def rec_fwd(a, out, workers):  # type: ignore[no-untyped-def]
+        seen.append(toeplitz.Transform(False, a.shape[0], a.shape[1]))
+        return fwd(a, out, workers)
+
+    def rec_inv(a, length, out, workers):  # type: ignore[no-untyped-def]
+        seen.append(toeplitz.Transform(True, a.shape[0], length))
+        return inv(a, length, out, workers)
+
+    monkeypatch.setattr(toeplitz, "real_fft", rec_fwd)
+    monkeypatch.setattr(toeplitz, "inverse_real_fft", rec_inv)
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 2, n, dtype=np.uint8)
+    seed = rng.integers(0, 2, n + m - 1, dtype=np.uint8)
+    toeplitz.toeplitz_hash(x, seed, m, tile, max_spectra_bytes=budget)
+    assert seen == toeplitz.transforms(n, m, tile, max_spectra_bytes=budget)
+    assert toeplitz.pa_transforms(2 * n, n) == toeplitz.transforms(n, n)
+
+
+@pytest.mark.parametrize("offset", [0.3, -0.3, 0.49])
+def test_toeplitz_refuses_inexact_sums(offset: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A transform whose sums are off by more than 0.25 raises instead of rounding."""
+    inv = toeplitz.inverse_real_fft
+
+    def off(a, length, out, workers):  # type: ignore[no-untyped-def]
+        got = inv(a, length, out, workers)
+        got[0, -2] += offset  # inside the slice the hash reads
+        return got
+
+    monkeypatch.setattr(toeplitz, "inverse_real_fft", off)
+    x = np.ones(100, dtype=np.uint8)
+    with pytest.raises(toeplitz.ToeplitzError, match="round-off"):
+        toeplitz.toeplitz_hash(x, np.ones(149, dtype=np.uint8), 50)
+
+
+def test_toeplitz_reused_work_arrays_carry_nothing_over() -> None:
+    """Hashes of different sizes one after the other, and in two threads at once, each
+    equal the direct product: the kept work arrays leak nothing between calls."""
+    rng = np.random.default_rng(8)
+    cases = []
+    for n, m in [(20_011, 9_973), (3001, 1499), (20_011, 9_973), (777, 300)]:
+        x = rng.integers(0, 2, n, dtype=np.uint8)
+        seed = rng.integers(0, 2, n + m - 1, dtype=np.uint8)
+        cases.append((x, seed, m, toeplitz.toeplitz_hash_direct(x, seed, m)))
+    for x, seed, m, want in cases:
+        assert np.array_equal(toeplitz.toeplitz_hash(x, seed, m, 1024), want)
+
+    def hash_all(k: int) -> bool:
+        return all(
+            np.array_equal(toeplitz.toeplitz_hash(x, seed, m, 512 << (k % 2)), want)
+            for _ in range(3)
+            for x, seed, m, want in cases
+        )
+
+    with ThreadPoolExecutor(2) as pool:
+        assert all(pool.map(hash_all, range(4)))
 
 
 def test_toeplitz_is_linear_and_checks_sizes() -> None:
