@@ -285,7 +285,15 @@ def locate(leaf: I64, perms: list[shuffle.KeyedPermutation], args: Any) -> I64:
 
 @njit
 def _flip_all_passes(  # noqa: PLR0917  # pragma: no cover
-    state: Any, pbase: Any, tops: Any, found: Any, c: Any, keys: Any, inv_mults: Any, out: Any
+    state: Any,
+    pbase: Any,
+    tops: Any,
+    found: Any,
+    c: Any,
+    keys: Any,
+    inv_mults: Any,
+    out: Any,
+    built: int,
 ) -> None:
     n = c[0]
     for q in range(out.shape[0]):
@@ -302,6 +310,8 @@ def _flip_all_passes(  # noqa: PLR0917  # pragma: no cover
                     y = shuffle._rounds_inv(y, c, k, m)
                 x = np.int64(y)
             out[q, i] = x
+            if q >= built:
+                continue
             block, h = _leaf_slot(pbase[q], t, x)
             while h:
                 _toggle(state, block + h)
@@ -309,18 +319,27 @@ def _flip_all_passes(  # noqa: PLR0917  # pragma: no cover
 
 
 def flip_all_passes(  # noqa: PLR0917
-    state: U8, pbase: I64, tops: I64, found: I64, perms: list[shuffle.KeyedPermutation], args: Any
+    state: U8,
+    pbase: I64,
+    tops: I64,
+    found: I64,
+    perms: list[shuffle.KeyedPermutation],
+    args: Any,
+    built: int,
 ) -> I64:
-    """Toggle every ancestor, in every pass, of the flipped key positions ``found``
-    (distinct); returns where they sit in each pass's order (row ``q``: pass ``q``)."""
+    """Toggle every ancestor, in passes ``0 .. built - 1`` (the trees built so far), of the
+    flipped key positions ``found`` (distinct); returns where they sit in every pass's
+    order (row ``q``: pass ``q``)."""
     if not JIT:
         rows = [found] + [p.backward(found, check=False) for p in perms]
         permuted = np.stack(rows)
-        _toggle_ancestors_np(state, pbase, tops, permuted)
+        if built:
+            _toggle_ancestors_np(state, pbase, tops, permuted[:built])
         return permuted
     out = np.empty((len(perms) + 1, found.shape[0]), dtype=np.int64)
     c, keys, _, inv_mults = args
-    _flip_all_passes(state, pbase, tops, np.ascontiguousarray(found), c, keys, inv_mults, out)
+    found = np.ascontiguousarray(found)
+    _flip_all_passes(state, pbase, tops, found, c, keys, inv_mults, out, built)
     return out
 
 

@@ -214,10 +214,14 @@ def test_locate_and_flip_kernels_match_the_permutations() -> None:
 
     found = np.unique(rng.integers(0, n, 900))
     state = rng.integers(0, 256, ck.state_bytes(lay.total)).astype(np.uint8)
-    a, b = state.copy(), state.copy()
-    rows = ck.flip_all_passes(a, lay.pass_base, lay.tops, found, perms, args)
-    assert np.array_equal(rows[0], found)
-    for q in range(1, 4):
-        assert np.array_equal(perms[q - 1].forward(rows[q]), found)
-    ck._toggle_ancestors_np(b, lay.pass_base, lay.tops, rows)
-    assert np.array_equal(a, b)
+    for built in (4, 2, 0):  # only the trees built so far are walked
+        a, b = state.copy(), state.copy()
+        rows = ck.flip_all_passes(a, lay.pass_base, lay.tops, found, perms, args, built)
+        assert np.array_equal(rows[0], found)
+        for q in range(1, 4):
+            assert np.array_equal(perms[q - 1].forward(rows[q]), found)
+        if built:
+            ck._toggle_ancestors_np(b, lay.pass_base, lay.tops, rows[:built])
+        assert np.array_equal(a, b)
+        untouched = int(lay.pass_base[built]) // 4 if built < 4 else a.shape[0]
+        assert np.array_equal(a[untouched + 1 :], state[untouched + 1 :])
