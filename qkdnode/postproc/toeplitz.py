@@ -59,6 +59,11 @@ C128 = npt.NDArray[np.complex128]
 _FREQ_CHUNK = 8192
 
 
+#: FFT threads of a hash (-1: every core). One: on the 2-core reference machine, shared
+#: with the node's other processes, a second thread cost more than it gave (1 Mbit hash,
+#: medians of 21 under load: 29 ms with one thread, 41 ms with two).
+DEFAULT_WORKERS = 1
+
 #: Work arrays up to this many bytes in all are kept per thread between calls (see
 #: :class:`_Workspace`); larger hashes allocate theirs afresh.
 _KEEP_BYTES = 256 << 20
@@ -273,7 +278,7 @@ def toeplitz_hash(
     m: int,
     tile_bits: int | None = None,
     *,
-    workers: int = -1,
+    workers: int = DEFAULT_WORKERS,
     max_spectra_bytes: int = 512 << 20,
 ) -> U8:
     """``y = T x`` over GF(2) (see module doc), as a uint8 0/1 array of length ``m``.
