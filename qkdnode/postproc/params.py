@@ -38,17 +38,9 @@ class CascadeParams(_Strict):
         ge=0,
         le=12,
         description="passes whose blocks are a quarter to a half of the frame (2^(c-2) for "
-        "frames of 2^(c-1) to 2^c bits), when there is no middle pass: each catches an error "
-        "pair the earlier passes left with probability >= 2/3; 7 left no residual error in "
-        "1000 frames of 1e4 bits at 1, 2, 5 or 10 %",
-    )
-    check_passes_after_middle: int = Field(
-        4,
-        ge=0,
-        le=12,
-        description="check passes when the middle pass runs (frames of ~2^15 bits and more): "
-        "after it 0-2 % of 1e5-bit frames and none of 80 1e6-bit frames kept an error (a "
-        "pair); each check pass costs both sides a pass over the frame",
+        "frames of 2^(c-1) to 2^c bits): each catches an error pair the earlier passes left "
+        "with probability >= 2/3; 7 left no residual error in 1000 frames of 1e4 bits at 1, "
+        "2, 5 or 10 % nor of 1e5 bits at 5 % (4 left 2 of those 1000 with an error)",
     )
     qber_floor: float = Field(0.005, gt=0, lt=0.5, description="QBER assumed at least this")
     frames: int = Field(
