@@ -73,14 +73,16 @@ def schedule(n_bits: int, qber: float, params: CascadeParams) -> list[int]:
 
     Pass 1: blocks of ``first_block_factor / qber`` bits, pass 2: ``growth_factor`` times
     larger, then a middle pass of ``middle_block_bits`` if that lies strictly between pass
-    2's blocks and the check passes' ones, then ``check_passes`` passes of blocks
-    ``2**(c - 2)`` for a frame of up to ``2**c`` bits (3-4 blocks), every level clipped to
-    ``[1, c]``. Measured on random frames (f against each frame's own error rate, medians;
-    the 4-pass doubling schedule of before on the same frames in brackets): 1e6 bits at
-    1 / 2 / 3 / 5 / 10 %: f 1.049 / 1.055 / 1.045 / 1.056 / 1.077 (1.072 / 1.084 / 1.075 /
-    1.096 / 1.128) in 120 / 100 / 194 / 123 / 103 round trips (175 / 152 / 270 / 186 /
-    152); 1000 frames of 1e4 bits at 1 / 2 / 5 / 10 %: f 1.079 / 1.072 / 1.065 / 1.081
-    (1.080 / 1.089 / 1.098 / 1.128), none left with an error (5 of the 4000 before).
+    2's blocks and the check passes' ones, then check passes: ``check_passes`` of blocks
+    ``2**(c - 2)`` for a frame of up to ``2**c`` bits (3-4 blocks), or, when a middle pass
+    ran and ``2**(c - 4)`` is larger still, ``check_passes_after_middle`` of blocks
+    ``2**(c - 4)`` (8-16 blocks); every level clipped to ``[1, c]``. Measured on random
+    frames (f against each frame's own error rate, medians; the 4-pass doubling schedule
+    of before on the same frames in brackets): 1e6 bits at 1 / 2 / 3 / 5 / 10 %: f 1.049
+    / 1.055 / 1.045 / 1.056 / 1.077 (1.072 / 1.084 / 1.075 / 1.096 / 1.128) in 120 / 100 /
+    194 / 123 / 103 round trips (175 / 152 / 270 / 186 / 152); 1000 frames of 1e4 bits at
+    1 / 2 / 5 / 10 %: f 1.079 / 1.072 / 1.065 / 1.081 (1.080 / 1.089 / 1.098 / 1.128),
+    none left with an error (5 of the 4000 before).
     Raises CascadeError for an empty frame."""
     if n_bits <= 0:
         raise CascadeError(f"key length must be > 0, got {n_bits}")
@@ -92,6 +94,8 @@ def schedule(n_bits: int, qber: float, params: CascadeParams) -> list[int]:
     if params.middle_block_bits:
         middle = round(math.log2(params.middle_block_bits))
         if second < middle < check:
+            if cap - 4 > middle:  # frames of more than 2**16 bits: 9-16 blocks a pass
+                return [first, second, middle] + [cap - 4] * params.check_passes_after_middle
             return [first, second, middle] + [check] * params.check_passes
     return [first, second] + [check] * params.check_passes
 

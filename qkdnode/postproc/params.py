@@ -37,10 +37,20 @@ class CascadeParams(_Strict):
         7,
         ge=0,
         le=12,
-        description="passes whose blocks are a quarter to a half of the frame (2^(c-2) for "
-        "frames of 2^(c-1) to 2^c bits): each catches an error pair the earlier passes left "
-        "with probability >= 2/3; 7 left no residual error in 1000 frames of 1e4 bits at 1, "
-        "2, 5 or 10 % nor of 1e5 bits at 5 % (4 left 2 of those 1000 with an error)",
+        description="check passes on frames up to 2^16 bits: blocks of a quarter to a half of "
+        "the frame (2^(c-2) for frames of 2^(c-1) to 2^c bits), each catching an error pair "
+        "the earlier passes left with probability >= 2/3; 7 left no residual error in 1000 "
+        "frames of 1e4 bits at 1, 2, 5 or 10 %",
+    )
+    check_passes_after_middle: int = Field(
+        4,
+        ge=0,
+        le=12,
+        description="check passes after the middle pass on frames of more than 2^16 bits: "
+        "blocks of 2^(c-4) (8-16 blocks), each catching a pair with probability >= 7/8; 4 "
+        "left no residual error in 1000 frames of 1e5 bits at 1, 2, 5 or 10 % (4 passes of "
+        "3-4 blocks left 2 at 5 %, 7 none). Each check pass costs both sides a pass over "
+        "the frame",
     )
     qber_floor: float = Field(0.005, gt=0, lt=0.5, description="QBER assumed at least this")
     frames: int = Field(

@@ -129,16 +129,18 @@ def test_cascade_short_frames_beat_published_variants(qber: float, f_max: float)
 
 
 def test_cascade_schedule_shape() -> None:
-    """Two small-block passes, the 4096-bit middle pass, then check passes of 3-4 blocks;
+    """Two small-block passes, then check passes of 3-4 blocks, or after the 4096-bit middle
+    pass of 9-16 blocks;
     levels stay inside the frame's tree however small the frame or high the error rate."""
     p = CascadeParams()
-    assert cascade.schedule(1_000_000, 0.03, p) == [5, 7, 12] + [18] * p.check_passes
+    assert cascade.schedule(1_000_000, 0.03, p) == [5, 7, 12] + [16] * p.check_passes_after_middle
     assert cascade.schedule(10_000, 0.05, p) == [4, 6] + [12] * p.check_passes  # no middle
+    assert cascade.schedule(30_000, 0.05, p) == [4, 6, 12] + [13] * p.check_passes
     for n in (1, 2, 3, 100, 5000, 1 << 20, (1 << 20) + 1):
         for q in (0.0, 0.001, 0.02, 0.2, 0.45):
             levels = cascade.schedule(n, q, p)
             cascade.TreeLayout(n, levels)  # raises on a level outside [1, ceil(log2 n)]
-            assert len(levels) >= 2 + p.check_passes
+            assert len(levels) >= 2 + min(p.check_passes, p.check_passes_after_middle)
 
 
 def test_cascade_matches_reference_parities() -> None:
