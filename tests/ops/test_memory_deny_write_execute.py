@@ -81,6 +81,10 @@ CHILD = textwrap.dedent(
     noisy[::50] ^= 1
     fixed, _ = qkdnode.postproc.cascade.reconcile_local(key, noisy, 0.02, CascadeParams(), 3)
     assert (fixed == key).all()
+    # privacy amplification's FFTs (ducc0, compiled ahead of time)
+    from qkdnode.postproc import toeplitz
+    x, seed = key[:3000], key[5000:7999]
+    assert (toeplitz.pa_hash(x, seed, 1000) == toeplitz.pa_hash_direct(x, seed, 1000)).all()
     from drivers.interfaces import TAG_DTYPE
     from qkdnode.procedures.sync import ClockModel, SlotTracker
     tags = np.zeros(2000, TAG_DTYPE)
