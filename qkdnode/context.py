@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -72,11 +72,19 @@ class NodeStats:
         return self.secret_bits / total if total > 0 else 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("exchange_started_at")
+        """The counters as the ``status`` reply shows them (``exchange_seconds`` includes
+        the running exchange). Built field by field: ``dataclasses.asdict`` deep-copies and
+        cost most of a ``status`` request. ``last_block`` is shared, not copied: it is
+        replaced whole after each block, never changed in place."""
+        d = {name: getattr(self, name) for name in _STATS_FIELDS}
         d["exchange_seconds"] = self.exchange_seconds_total
         d["secret_key_rate_bps"] = self.secret_key_rate_bps
         return d
+
+
+_STATS_FIELDS: tuple[str, ...] = tuple(
+    f.name for f in fields(NodeStats) if f.name != "exchange_started_at"
+)
 
 
 class PostprocTransport:

@@ -50,6 +50,12 @@ class CommandHost(Protocol):
     async def trigger(self, event: Event, reason: str = "") -> bool: ...
 
 
+def _flat_fields(obj: Any) -> dict[str, Any]:
+    """A dataclass of plain values as a dict (``dataclasses.asdict`` without its deep copy,
+    which costs more than the rest of a ``status`` request)."""
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+
+
 class NodeCommands:
     """The handlers of one link's control commands."""
 
@@ -168,7 +174,7 @@ class NodeCommands:
             "keystore": self.node.session.keystore_counts() if self.node.session else {},
             **self.node.key_flow_status(),
             "settings": (
-                dataclasses.asdict(self.node.session.settings)
+                _flat_fields(self.node.session.settings)
                 if self.node.session is not None and self.node.role == "transmitter"
                 else None
             ),

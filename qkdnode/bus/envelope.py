@@ -264,9 +264,13 @@ class IdMaker:
         return f"{self._prefix}{next(self._count)}"
 
 
+#: one encoder for every message (``json.dumps`` with options builds a new one per call)
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
 def dumps(obj: dict[str, Any]) -> bytes:
     """Compact JSON (raises TypeError/ValueError for non-JSON values, NaN included)."""
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+    return _ENCODER.encode(obj).encode()
 
 
 def reply_bytes(

@@ -135,13 +135,16 @@ class Client:
                 "(the request could not even be queued: no server accepted the connection)"
             ) from None
         while True:
-            remaining_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
-            if not sock.poll(remaining_ms, zmq.POLLIN):
+            # a receive timeout, not sock.poll(): poll builds a Poller per call, which cost
+            # more than the rest of the client's work per request
+            sock.rcvtimeo = int(max(0.0, deadline - time.monotonic()) * 1000)
+            try:
+                frames = sock.recv_multipart()
+            except zmq.Again:
                 self._reopen()  # a late reply must not be mistaken for the next one
                 raise BusTimeout(
                     f"no reply to {command or mtype!r} from {self.endpoint} within {wait_s:g} s"
-                )
-            frames = sock.recv_multipart()
+                ) from None
             if len(frames) != 2 or frames[0] != b"":
                 continue  # not a control reply; ignore
             try:
