@@ -14,6 +14,7 @@ A target is a string ``OP NUMBER [UNIT] [(comment)]`` with OP one of ``>= <= > <
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
@@ -24,8 +25,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,15 @@ BENCH_MODULES: tuple[str, ...] = (
     "qkdnode.kms.bench",
     "qkdnode.procedures.bench",
     "qkdnode.console.bench",
+    "qkdnode.startbench",
 )
+#: The environment of the production configuration: the hardened systemd unit forbids
+#: writable+executable memory, so numba cannot load there and every kernel runs as its
+#: numpy twin (:mod:`qkdnode.jit`).
+PRODUCTION_ENV: dict[str, str] = {"QKDNODE_NO_JIT": "1"}
+#: Bench modules run a second time in :data:`PRODUCTION_ENV` (their kernels differ).
+PRODUCTION_MODULES: tuple[str, ...] = ("qkdnode.postproc.bench",)
+PRODUCTION_TAG = " (production)"
 E2E_STAGE = "end-to-end"
 MODULE_TIMEOUT_S = 900.0
 
@@ -177,16 +186,21 @@ def _child(module_name: str, quick: bool, result_path: Path) -> int:
 
 
 def run_module_isolated(
-    module_name: str, quick: bool, timeout_s: float = MODULE_TIMEOUT_S
+    module_name: str,
+    quick: bool,
+    timeout_s: float = MODULE_TIMEOUT_S,
+    extra_env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Run a bench module in a fresh interpreter (no shared logging, signal or thread
-    state between stages; a crash or hang costs only that stage)."""
+    state between stages; a crash or hang costs only that stage), with ``extra_env``
+    added to the environment."""
     with tempfile.TemporaryDirectory(prefix="qkdnode-bench-") as tmp:
         result_path = Path(tmp) / "result.json"
         cmd = [sys.executable, "-m", "qkdnode.benchmarks", module_name, str(result_path)]
         if quick:
             cmd.append("--quick")
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        env.update(extra_env or {})
         try:
             proc = subprocess.run(
                 cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, timeout=timeout_s
@@ -208,22 +222,52 @@ def run_stage_modules(
     quick: bool,
     modules: Sequence[str] = BENCH_MODULES,
     progress: Callable[[str], None] = lambda _m: None,
+    production: Sequence[str] = PRODUCTION_MODULES,
 ) -> None:
-    for name in modules:
-        progress(f"{name}: running")
+    """Every module of ``modules``, then those of ``production`` among them again in the
+    production configuration (stage tagged :data:`PRODUCTION_TAG`, each row's note
+    naming the same run's JIT value and the ratio)."""
+    runs: list[tuple[str, dict[str, str] | None]] = [(name, None) for name in modules]
+    runs += [(name, PRODUCTION_ENV) for name in production if name in modules]
+    for name, env in runs:
+        label = name + (PRODUCTION_TAG if env else "")
+        progress(f"{label}: running")
         t0 = time.perf_counter()
-        outcome = run_module_isolated(name, quick)
+        outcome = run_module_isolated(name, quick, extra_env=env)
         status = outcome.get("status")
         if status == "skipped":
-            report.skipped.append({"module": name, "reason": str(outcome.get("reason"))})
-            progress(f"{name}: skipped ({outcome.get('reason')})")
+            report.skipped.append({"module": label, "reason": str(outcome.get("reason"))})
+            progress(f"{label}: skipped ({outcome.get('reason')})")
         elif status == "ok":
             items = outcome.get("rows", [])
-            report.rows.extend(_rows_from(name.removesuffix(".bench"), items))
-            progress(f"{name}: {len(items)} results in {time.perf_counter() - t0:.1f} s")
+            stage = name.removesuffix(".bench")
+            rows = _rows_from(stage, items)
+            if env:
+                rows = _beside_jit(rows, report.rows, stage)
+            report.rows.extend(rows)
+            progress(f"{label}: {len(items)} results in {time.perf_counter() - t0:.1f} s")
         else:
-            report.failed.append({"module": name, "error": str(outcome.get("error"))})
-            progress(f"{name}: FAILED ({outcome.get('error')})")
+            report.failed.append({"module": label, "error": str(outcome.get("error"))})
+            progress(f"{label}: FAILED ({outcome.get('error')})")
+
+
+def _beside_jit(rows: list[BenchRow], earlier: Sequence[BenchRow], stage: str) -> list[BenchRow]:
+    """Production ``rows`` of ``stage``, tagged, each note naming the JIT row of the same
+    name and unit measured earlier in the run, and production / JIT."""
+    jit = {(r.name, r.unit): r for r in earlier if r.stage == stage}
+    out = []
+    for row in rows:
+        ref = jit.get((row.name, row.unit))
+        note = row.note
+        if ref is not None and math.isfinite(ref.value) and ref.value != 0:
+            note = (
+                f"QKDNODE_NO_JIT=1; JIT in the same run {fmt_value(ref.value)} "
+                f"(production / JIT {row.value / ref.value:.2f}); {note}"
+            )
+        else:
+            note = f"QKDNODE_NO_JIT=1; {note}"
+        out.append(replace(row, stage=row.stage + PRODUCTION_TAG, note=note))
+    return out
 
 
 def offered_detection_rate_hz(cfg: Any) -> float:
@@ -245,18 +289,33 @@ def offered_detection_rate_hz(cfg: Any) -> float:
 E2E_SUSTAINED_KM = 10.0
 
 
-def run_end_to_end(
-    report: BenchReport, quick: bool, out_dir: Path, progress: Callable[[str], None]
-) -> None:
-    """Demo runs: the rate the whole pipeline sustains, and the 25 km key rate.
+@contextlib.contextmanager
+def _environment(extra: dict[str, str]) -> Iterator[None]:
+    """``extra`` in ``os.environ`` (inherited by the daemons a demo starts) for the block."""
+    saved = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
-    Sustained rate: a link of :data:`E2E_SUSTAINED_KM` (it offers just over the 2 M
-    detections/s target) with the demo's own block size (``[protocol] block_detections``,
-    16 M detections; ``auto_block_size`` off so that a run holds several blocks); the rate is the
-    detections committed between the first and the last block commit over the time between
-    them, so start-up and the first block's accumulation do not count. The pipeline keeps
-    up in real time if that rate matches what the link offers.
-    """
+
+def _sustained_run(
+    report: BenchReport,
+    quick: bool,
+    out_dir: Path,
+    progress: Callable[[str], None],
+    env: dict[str, str] | None,
+    *,
+    jit_rate: float | None = None,
+) -> float | None:
+    """One sustained-rate demo run (daemons in ``env`` if given); appends its row and
+    returns the rate (None if the run failed). ``jit_rate``: the same run's JIT rate,
+    named in the note with the ratio."""
     from qkdnode.demo.config import apply_overrides, load_demo_config
     from qkdnode.demo.runner import Reporter, run_demo
 
@@ -265,26 +324,34 @@ def run_end_to_end(
     data = base.model_dump(mode="python")
     data["demo"]["auto_block_size"] = False
     block = int(data["protocol"]["block_detections"])
+    tag = PRODUCTION_TAG if env else ""
     cfg = apply_overrides(
         type(base).model_validate(data),
         distance_km=E2E_SUSTAINED_KM,
         duration_s=duration,
         seed=1,
-        out_dir=out_dir / "bench-demo-sustained",
+        out_dir=out_dir / ("bench-demo-sustained" + ("-production" if env else "")),
     )
     offered = offered_detection_rate_hz(cfg)
     progress(
-        f"{E2E_STAGE}: demo run of {duration:g} s at {E2E_SUSTAINED_KM:g} km "
+        f"{E2E_STAGE}{tag}: demo run of {duration:g} s at {E2E_SUSTAINED_KM:g} km "
         f"(offers {offered / 1e6:.2f} M/s)"
     )
-    summary = run_demo(cfg, Reporter(step=lambda m: progress(f"  demo: {m}")))
+    with _environment(env or {}):
+        summary = run_demo(cfg, Reporter(step=lambda m: progress(f"  demo: {m}")))
     if not summary.ok and summary.detections == 0:
-        report.failed.append({"module": E2E_STAGE, "error": summary.failure or "demo failed"})
-        return
+        report.failed.append({"module": E2E_STAGE + tag, "error": summary.failure or "demo failed"})
+        return None
     sustained = summary.steady_detection_rate_hz
+    prefix = "QKDNODE_NO_JIT=1 in both daemons; " if env else ""
+    if env and jit_rate and sustained is not None:
+        prefix += (
+            f"JIT in the same run {fmt_value(jit_rate)} "
+            f"(production / JIT {sustained / jit_rate:.2f}); "
+        )
     report.rows.extend(
         _rows_from(
-            E2E_STAGE,
+            E2E_STAGE + tag,
             [
                 {
                     "name": f"sustained detection rate ({E2E_SUSTAINED_KM:g} km)",
@@ -292,16 +359,41 @@ def run_end_to_end(
                     "unit": "detections/s",
                     "target": ">= 2e6 detections/s",
                     "note": (
-                        f"{summary.duration_s:.0f} s run, blocks of {block:.2g} detections, "
-                        f"{summary.blocks_ok} ok, link offers {offered / 1e6:.2f} M/s "
-                        f"(kept up: {(sustained or 0.0) / offered:.0%}), keys "
-                        f"{'identical' if summary.keys_identical else 'DIFFERENT'}; committed "
-                        "between first and last block commit"
+                        f"{prefix}{summary.duration_s:.0f} s run, blocks of {block:.2g} "
+                        f"detections, {summary.blocks_ok} ok, link offers "
+                        f"{offered / 1e6:.2f} M/s (kept up: {(sustained or 0.0) / offered:.0%}), "
+                        f"keys {'identical' if summary.keys_identical else 'DIFFERENT'}; "
+                        "committed between first and last block commit"
                     ),
                 },
             ],
         )
     )
+    return sustained
+
+
+def run_end_to_end(
+    report: BenchReport, quick: bool, out_dir: Path, progress: Callable[[str], None]
+) -> None:
+    """Demo runs: the rate the whole pipeline sustains (with JIT kernels, then in the
+    production configuration), and the 25 km key rate.
+
+    Sustained rate: a link of :data:`E2E_SUSTAINED_KM` (it offers just over the 2 M
+    detections/s target) with the demo's own block size (``[protocol] block_detections``,
+    16 M detections; ``auto_block_size`` off so that a run holds several blocks); the rate is the
+    detections committed between the first and the last block commit over the time between
+    them, so start-up and the first block's accumulation do not count. The pipeline keeps
+    up in real time if that rate matches what the link offers. The production run sets
+    :data:`PRODUCTION_ENV` for both daemons (the simulated link still uses numba).
+    """
+    from qkdnode.demo.config import apply_overrides, load_demo_config
+    from qkdnode.demo.runner import Reporter, run_demo
+
+    jit_rate = _sustained_run(report, quick, out_dir, progress, None)
+    if jit_rate is None:
+        return
+    _sustained_run(report, quick, out_dir, progress, PRODUCTION_ENV, jit_rate=jit_rate)
+    duration = 20.0 if quick else 60.0
     cfg25 = apply_overrides(
         load_demo_config(None), duration_s=duration, seed=1, out_dir=out_dir / "bench-demo"
     )
@@ -355,12 +447,13 @@ def run_all(
     out_dir: Path,
     end_to_end: bool = True,
     modules: Sequence[str] = BENCH_MODULES,
+    production: Sequence[str] = PRODUCTION_MODULES,
     command: str = "",
     progress: Callable[[str], None] = lambda _m: None,
 ) -> BenchReport:
     t0 = time.perf_counter()
     report = BenchReport(machine=machine_info(), command=command, quick=quick)
-    run_stage_modules(report, quick, modules, progress)
+    run_stage_modules(report, quick, modules, progress, production)
     if end_to_end:
         try:
             run_end_to_end(report, quick, out_dir, progress)

@@ -2,9 +2,10 @@
 
 ``run_benchmarks(quick)`` returns ``{"name", "value", "unit", "target", "note"}`` dicts,
 each value the median over repeated runs. Servers and clients run in separate processes
-(``python -m qkdnode.bus.bench WORKER ...``) as in production. A raw pyzmq echo round
-trip is reported too: it is the floor set by the machine (ZeroMQ I/O threads, loopback),
-below which no Python control server can go.
+(``python -m qkdnode.bus.bench WORKER ...``) as in production. The control rows are the
+real daemon's (:mod:`qkdnode.bus.daemonbench`: CURVE, ``status``, beside bare ZeroMQ
+echoes of the same run); :func:`bench_control` measures the development server
+(plaintext, ``ping``) for client developers.
 """
 
 from __future__ import annotations
@@ -206,7 +207,9 @@ def run_benchmarks(quick: bool = False) -> list[dict[str, Any]]:
     from qkdnode.log import configure_logging
 
     configure_logging("warning")
-    results = bench_control(quick)
+    from qkdnode.bus.daemonbench import bench_daemon_control
+
+    results = bench_daemon_control(quick)
     results.append(bench_peer(quick, curve=False))
     results.append(bench_peer(quick, curve=True))
     return results

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from qkdnode.benchmarks import (
+    PRODUCTION_TAG,
     BenchReport,
     judge,
     markdown,
@@ -79,6 +80,20 @@ def bench_pkg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     (pkg / "bad" / "bench.py").write_text(
         "def run_benchmarks(quick=False):\n    raise RuntimeError('boom')\n"
     )
+    (pkg / "kernels").mkdir()
+    (pkg / "kernels" / "__init__.py").write_text("")
+    (pkg / "kernels" / "bench.py").write_text(
+        textwrap.dedent(
+            """
+            from qkdnode import jit
+
+            def run_benchmarks(quick=False):
+                # the numpy twins of this fake stage are four times slower
+                return [{"name": "kernel", "value": 4.0 if jit.JIT else 1.0, "unit": "Mbit/s",
+                         "target": ">= 2", "note": jit.WHY_NOT or "jit"}]
+            """
+        )
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     return "fakebenchpkg"
 
@@ -101,6 +116,27 @@ def test_run_all_collects_skips_and_failures(bench_pkg: str, tmp_path: Path) -> 
     md = markdown(report)
     assert "| sum |" in md.replace(f"| {bench_pkg}.good ", "")
     assert report.machine["cpu"] in md
+
+
+def test_production_rows_run_without_jit_beside_the_jit_rows(
+    bench_pkg: str, tmp_path: Path
+) -> None:
+    """A production module runs twice: as usual, then with QKDNODE_NO_JIT=1 (what the
+    hardened unit leaves), its rows tagged and set beside the same run's JIT value."""
+    from qkdnode import jit
+
+    name = f"{bench_pkg}.kernels.bench"
+    report = run_all(
+        quick=True, out_dir=tmp_path, end_to_end=False, modules=[name], production=[name]
+    )
+    assert not report.failed
+    first, prod = report.rows
+    assert first.stage == f"{bench_pkg}.kernels" and first.value == (4.0 if jit.JIT else 1.0)
+    assert prod.stage == f"{bench_pkg}.kernels{PRODUCTION_TAG}"
+    assert prod.value == 1.0 and prod.passed is False
+    assert "QKDNODE_NO_JIT is set" in prod.note
+    assert f"production / JIT {1.0 / first.value:.2f}" in prod.note
+    assert f"| {bench_pkg}.kernels{PRODUCTION_TAG} | kernel |" in markdown(report)
 
 
 def test_bench_command_writes_json_and_docs(bench_pkg: str, tmp_path: Path) -> None:

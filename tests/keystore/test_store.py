@@ -868,3 +868,52 @@ def test_concurrent_issues_from_threads_never_duplicate(pair: StorePair) -> None
     assert len(flat) == len(set(flat)) == 200
     assert pair.rx.counts()[KeyState.RESERVED] == 200
     assert pair.tx.inflight_count() == 0
+
+
+def _counted(store: KeyStore) -> dict[str, int]:
+    """The counts straight from the file, through a connection of its own."""
+    with sqlite3.connect(store.path) as conn:
+        got = dict(conn.execute("SELECT state, COUNT(*) FROM keys GROUP BY state").fetchall())
+    return {s.value: got.get(s.value, 0) for s in KeyState}
+
+
+def test_counts_follow_every_change_but_do_not_recount_an_unchanged_store(
+    pair: StorePair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``status`` asks for the counts on every request: an unchanged store must not be
+    scanned again, yet every change through the store shows at once."""
+    import qkdnode.keystore.store as store_module
+
+    monkeypatch.setattr(store_module, "COUNTS_MAX_AGE_S", 3600.0)
+    tx = pair.tx
+    statements: list[str] = []
+    tx._conn.set_trace_callback(statements.append)
+    assert tx.counts() == _counted(tx)
+    tx.add_block(0, final_key(8), 256, PROV)
+    assert tx.counts()["pending"] == 8 and tx.counts() == _counted(tx)
+    tx.commit_block(0)
+    assert tx.counts()["available"] == 8 and tx.counts() == _counted(tx)
+    statements.clear()
+    for _ in range(20):
+        assert tx.counts()["available"] == 8
+    assert not [s for s in statements if "COUNT" in s.upper()]
+    counts = tx.counts()
+    counts["available"] = -1  # the caller's copy, not the store's
+    assert tx.counts()["available"] == 8
+
+
+def test_a_write_by_another_process_shows_in_the_counts_within_their_max_age(
+    pair: StorePair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    import qkdnode.keystore.store as store_module
+
+    monkeypatch.setattr(store_module, "COUNTS_MAX_AGE_S", 0.05)
+    tx = pair.tx
+    pair.add_committed(0, n_keys=6)
+    assert tx.counts()["available"] == 6
+    with sqlite3.connect(tx.path) as other:  # not through the store
+        other.execute("DELETE FROM keys WHERE idx < 2")
+    time.sleep(0.06)
+    assert tx.counts()["available"] == 4 == _counted(tx)["available"]
