@@ -73,9 +73,9 @@ class NodeStats:
 
     def as_dict(self) -> dict[str, Any]:
         """The counters as the ``status`` reply shows them (``exchange_seconds`` includes
-        the running exchange). Built field by field: ``dataclasses.asdict`` deep-copies and
-        cost most of a ``status`` request. ``last_block`` is shared, not copied: it is
-        replaced whole after each block, never changed in place."""
+        the running exchange). Built field by field: ``dataclasses.asdict`` deep-copies, a
+        large share of what each ``status`` request cost. ``last_block`` is shared, not
+        copied: it is replaced whole after each block, never changed in place."""
         d = {name: getattr(self, name) for name in _STATS_FIELDS}
         d["exchange_seconds"] = self.exchange_seconds_total
         d["secret_key_rate_bps"] = self.secret_key_rate_bps

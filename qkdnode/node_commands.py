@@ -51,8 +51,8 @@ class CommandHost(Protocol):
 
 
 def _flat_fields(obj: Any) -> dict[str, Any]:
-    """A dataclass of plain values as a dict (``dataclasses.asdict`` without its deep copy,
-    which costs more than the rest of a ``status`` request)."""
+    """A dataclass of plain values as a dict: ``dataclasses.asdict`` without its deep copy,
+    paid on every ``status`` request."""
     return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
 
 
