@@ -314,8 +314,8 @@ def _sustained_run(
     jit_rate: float | None = None,
 ) -> float | None:
     """One sustained-rate demo run (daemons in ``env`` if given); appends its row and
-    returns the rate (None if the run failed). ``jit_rate``: the same run's JIT rate,
-    named in the note with the ratio."""
+    returns the rate (NaN if fewer than two blocks committed, None if the run failed).
+    ``jit_rate``: the same run's JIT rate, named in the note with the ratio."""
     from qkdnode.demo.config import apply_overrides, load_demo_config
     from qkdnode.demo.runner import Reporter, run_demo
 
@@ -344,7 +344,7 @@ def _sustained_run(
         return None
     sustained = summary.steady_detection_rate_hz
     prefix = "QKDNODE_NO_JIT=1 in both daemons; " if env else ""
-    if env and jit_rate and sustained is not None:
+    if env and jit_rate and math.isfinite(jit_rate) and sustained is not None:
         prefix += (
             f"JIT in the same run {fmt_value(jit_rate)} "
             f"(production / JIT {sustained / jit_rate:.2f}); "
@@ -369,7 +369,7 @@ def _sustained_run(
             ],
         )
     )
-    return sustained
+    return float("nan") if sustained is None else sustained
 
 
 def run_end_to_end(
