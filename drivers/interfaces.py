@@ -46,6 +46,7 @@ __all__ = [
     "Laser",
     "LaserStatus",
     "OpticalPowerMeter",
+    "PolarizationController",
     "PreparedStates",
     "ReferenceClock",
     "SinglePhotonDetector",
@@ -589,3 +590,38 @@ class SimulatedBackend(abc.ABC):
     @abc.abstractmethod
     def faults(self) -> FaultInjector:
         """The running simulation's fault injector (RuntimeError when not started)."""
+
+
+# --- Polarisation controller ---------------------------------------------------------
+
+
+class PolarizationController(Instrument):
+    """Electronic polarisation controller: a row of variable retarders (piezo fiber
+    squeezers or liquid-crystal/lithium-niobate waveplates) in front of the receiver's
+    analysers.
+
+    Retarder ``i`` has its fast axis at ``axes_deg[i]`` degrees (real space; 0 and 45 are
+    rotations of the Poincaré sphere about ``S1`` and ``S2``), light crosses retarder 0
+    first, and its retardance is set in radians within ``retardance_range_rad``. A driver
+    whose instrument takes voltages maps them with its configured half-wave voltages (the
+    drive that gives a retardance of pi); the retardance a driver reports is the one it
+    set, not a measurement.
+
+    Safe state: nothing to make safe (no light, no high voltage reachable from the
+    fiber); :meth:`safe_state` leaves the retardances where they are, so the link keeps
+    its compensation across a restart of the node.
+    """
+
+    axes_deg: tuple[float, ...]
+    retardance_range_rad: tuple[float, float]
+
+    @abc.abstractmethod
+    def set_retardances_rad(self, retardances_rad: tuple[float, ...]) -> None:
+        """Set every retarder at once (one value per retarder, in order).
+
+        ValueError (before anything is sent) for a wrong count, a value that is not
+        finite or one outside ``retardance_range_rad``."""
+
+    @abc.abstractmethod
+    def retardances_rad(self) -> tuple[float, ...]:
+        """The retardances in force, as read back from the instrument."""

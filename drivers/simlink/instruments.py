@@ -35,6 +35,7 @@ from drivers.interfaces import (
     Laser,
     LaserStatus,
     OpticalPowerMeter,
+    PolarizationController,
     PreparedStates,
     SinglePhotonDetector,
     StateSource,
@@ -53,6 +54,7 @@ __all__ = [
     "SimIntensityModulator",
     "SimLaser",
     "SimOptions",
+    "SimPolarizationController",
     "SimPowerMeter",
     "SimStateSource",
     "SimTimeTagger",
@@ -573,3 +575,34 @@ class SimTimeTagger(_SimBase, TimeTagger):
     def safe_state(self) -> None:
         if isinstance(self._world, ReceiverWorld):
             self._world.stop_stream()
+
+
+class SimPolarizationController(_SimBase, PolarizationController):
+    """The receiver's polarisation controller: four fiber squeezers at 0, 45, 0 and 45
+    degrees in front of the analysers (:class:`drivers.simlink.polarization.
+    ControllerModel`). A retardance set here is the one the light sees (a real controller's
+    voltage-to-retardance calibration is its driver's)."""
+
+    world_role = "receiver"
+    axes_deg = (0.0, 45.0, 0.0, 45.0)
+    retardance_range_rad = (-4.0 * math.pi, 4.0 * math.pi)
+
+    def set_retardances_rad(self, retardances_rad: tuple[float, ...]) -> None:
+        command = "set_retardances_rad"
+        values = [float(v) for v in retardances_rad]
+        if len(values) != len(self.axes_deg):
+            raise OutOfRangeError(
+                self.name, command, f"{len(self.axes_deg)} retardances needed, got {len(values)}"
+            )
+        checked = [_check_range(self.name, command, v, self.retardance_range_rad) for v in values]
+        w = self._rx(command)
+        with w.lock:
+            w.polarization_controller.retardances_rad = checked
+
+    def retardances_rad(self) -> tuple[float, ...]:
+        w = self._rx("retardances_rad")
+        with w.lock:
+            return tuple(w.polarization_controller.retardances_rad)
+
+    def safe_state(self) -> None:
+        """Nothing to make safe: the retardances stay (see the interface)."""

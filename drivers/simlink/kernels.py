@@ -354,25 +354,31 @@ def _memo_fill(
     bits: np.uint32,
     angle: float,
     memo: tuple[npt.NDArray[np.uint32], npt.NDArray[np.float64], npt.NDArray[np.uint64]],
-    rotation_rad: float,
+    analysis: npt.NDArray[np.float64],
     misalignment: float,
     p_basis_z: float,
     efficiency: npt.NDArray[np.float64],
 ) -> None:
     """Fill memo entry ``h`` for a pulse at ``angle`` (float32 bit pattern ``bits``).
 
-    Per arm ``a`` (analyser at 0 or 45 degrees), ``p1[h, a]`` is p(port 1) =
-    ``e_d + sin^2(angle + rotation - analyser) (1 - 2 e_d)``; ``threshold[h]`` is the
-    cumulative distribution over the channel that clicks for a single photon (arm Z
-    with ``p_basis_z``, then the port, then the detector's efficiency) on a 53-bit
-    uniform, so the channel is one draw against four thresholds, 4 meaning no click.
+    The pulse's Stokes vector ``(cos 2 angle, sin 2 angle, 0)`` is turned by the rotation
+    between the fiber's end and the analysers, of which only the 2x2 block ``analysis``
+    = ``(r00, r01, r10, r11)`` matters (:func:`drivers.simlink.polarization.
+    analysis_block`): ``s1``, ``s2`` after it. Per arm (Z measures ``S1``, X ``S2``),
+    ``p1[h, a]`` is p(port 1) = ``e_d + (1 - s_a) / 2 (1 - 2 e_d)`` (with the identity,
+    ``sin^2(angle - analyser)``); ``threshold[h]`` is the cumulative distribution over
+    the channel that clicks for a single photon (arm Z with ``p_basis_z``, then the port,
+    then the detector's efficiency) on a 53-bit uniform, so the channel is one draw
+    against four thresholds, 4 meaning no click.
     """
     memo_bits, p1, threshold = memo
     e_d = misalignment
-    s0 = math.sin(angle + rotation_rad)
-    s1 = math.sin(angle + rotation_rad - math.pi / 4)
-    p1_z = e_d + s0 * s0 * (1.0 - 2.0 * e_d)
-    p1_x = e_d + s1 * s1 * (1.0 - 2.0 * e_d)
+    c2 = math.cos(2.0 * angle)
+    s2 = math.sin(2.0 * angle)
+    stokes_1 = analysis[0] * c2 + analysis[1] * s2
+    stokes_2 = analysis[2] * c2 + analysis[3] * s2
+    p1_z = e_d + 0.5 * (1.0 - stokes_1) * (1.0 - 2.0 * e_d)
+    p1_x = e_d + 0.5 * (1.0 - stokes_2) * (1.0 - 2.0 * e_d)
     memo_bits[h] = bits
     p1[h, 0] = p1_z
     p1[h, 1] = p1_x
@@ -400,7 +406,7 @@ def _clicked_arms(
     p_basis_z: float,
     passive: bool,
     efficiency: npt.NDArray[np.float64],
-    rotation_rad: float,
+    analysis: npt.NDArray[np.float64],
     misalignment: float,
 ) -> tuple[int, np.uint64]:
     """Basis, port and click of the photons of pulses ``first`` .. ``stop - 1``: writes
@@ -427,7 +433,7 @@ def _clicked_arms(
         h = int((np.uint64(bits) * _GOLDEN) >> _S56)
         if memo_bits[h] != bits:  # a chunk holds a handful of angles: rarely taken
             angle = float(photons[first + b].angle_rad)
-            _memo_fill(h, bits, angle, memo, rotation_rad, misalignment, p_basis_z, efficiency)
+            _memo_fill(h, bits, angle, memo, analysis, misalignment, p_basis_z, efficiency)
         x = draw[b]
         if n == 1:
             u53 = x >> _S11
@@ -750,7 +756,7 @@ def receiver_events(
     chunk_t0_ps: int,
     chunk_end_ps: int,
     period_ps: float,
-    rotation_rad: float,
+    analysis: npt.NDArray[np.float64],
     misalignment: float,
     p_basis_z: float,
     passive: bool,
@@ -824,7 +830,7 @@ def receiver_events(
             p_basis_z,
             passive,
             efficiency,
-            rotation_rad,
+            analysis,
             misalignment,
         )
         n_ph, last_t, counter = _click_times(

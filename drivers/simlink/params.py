@@ -32,6 +32,7 @@ error probability ``sin(delta)**2`` in both bases.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -43,6 +44,7 @@ __all__ = [
     "EveParams",
     "FiberParams",
     "LinkParams",
+    "PolarizationDriftParams",
     "ReceiverParams",
     "ReceiverSimParams",
     "SourceParams",
@@ -83,8 +85,45 @@ class SourceParams(_Strict):
         return max(0.0, 1.0 - self.p_signal - self.p_decoy)
 
 
+class PolarizationDriftParams(_Strict):
+    """The fiber's full SU(2) polarisation drift (:mod:`drivers.simlink.polarization`).
+
+    Rotations are on the Poincaré sphere (a rotation by ``phi`` there turns a linear
+    polarisation by up to ``phi / 2`` in real space). The default, 0.01 rad/sqrt(s) per
+    axis, is a buried metro fiber: the state wanders about a radian in three hours, and
+    without compensation the error rate of each basis rises by ``0.01**2 * t / 2``, 0.3 %
+    after one minute and 3 % after ten (on average; the walk is random).
+    """
+
+    drift_rad_per_sqrt_s: float = Field(
+        0.01, ge=0, le=10, description="random walk on SO(3): standard deviation per axis"
+    )
+    jump_times_s: tuple[float, ...] = Field(
+        (), description="link times (s since the world started) of jumps (fiber touched)"
+    )
+    jump_rate_per_hour: float = Field(0.0, ge=0, le=3600, description="Poisson rate of jumps")
+    jump_angle_rad: float = Field(
+        1.0, ge=0, le=math.pi, description="rotation of one jump, about a random axis"
+    )
+    initial_rotation_rad: tuple[float, float, float] | None = Field(
+        None, description="rotation vector of the fiber at start (None: identity)"
+    )
+
+    @field_validator("jump_times_s")
+    @classmethod
+    def _times(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not (math.isfinite(t) and t >= 0) for t in v):
+            raise ValueError(f"jump_times_s must be finite and >= 0, got {v}")
+        return tuple(sorted(v))
+
+
 class FiberParams(_Strict):
-    """The channel between the boxes (simulated in the transmitter's process)."""
+    """The channel between the boxes (simulated in the transmitter's process).
+
+    ``drift_rad_per_sqrt_s`` turns every state about ``S3`` only (the reference angle: one
+    degree of freedom, what the encoder bias undoes); ``polarization`` adds the fiber's
+    full SU(2) rotation, which needs the receiver's polarisation controller.
+    """
 
     length_km: float = Field(25.0, ge=0, le=500)
     loss_db_per_km: float = Field(0.2, ge=0, le=2)
@@ -93,6 +132,9 @@ class FiberParams(_Strict):
     misalignment: float = Field(0.01, ge=0, le=0.5, description="optical error probability e_d")
     drift_rad_per_sqrt_s: float = Field(
         0.002, ge=0, le=10, description="random-walk drift of the polarisation reference"
+    )
+    polarization: PolarizationDriftParams | None = Field(
+        None, description="full SU(2) drift and jumps of the fiber; None: none"
     )
 
     @property

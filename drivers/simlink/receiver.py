@@ -12,6 +12,9 @@ Physics, per pulse that reached the receiver with ``n`` photons at angle ``theta
 * in each basis arm (analyser at 0 or 45 degrees) the pulse leaves by the orthogonal port
   with probability ``p = sin^2(theta + rotation - analyser)`` (``theta`` as it left the
   fiber, which applied its misalignment and drift; ``rotation`` a receiver-side fault);
+  with a full SU(2) rotation ``R`` between the fiber's end and the analysers (the fiber's
+  drift and the polarisation controller, :mod:`drivers.simlink.polarization`), ``p =
+  (1 - (R s)_a) / 2`` for the pulse's Stokes vector ``s`` and the arm's axis ``a``;
 * the detector on that port clicks with ``1 - (1 - eff)^n_arm`` if the jittered arrival
   falls inside its gate (gate centred on the detector's delay setting, slot-locked);
 * dark counts: Poisson in each gate with ``dark_rate_hz * gate_width``;
@@ -296,10 +299,16 @@ class ReceiverModel:
         settings: DetectorSettings,
         rng: np.random.Generator,
         extra_rotation_rad: float = 0.0,
+        rotation: npt.NDArray[np.float64] | None = None,
     ) -> DetectionRecords:
         """Detections caused by ``photons`` (slots in ``[slot_start, slot_stop)``) and by
         the detectors themselves in that span. ``chunk_t0_ps`` is the true time of slot
-        ``slot_start``'s edge at the receiver; ``period_ps`` the exact slot period."""
+        ``slot_start``'s edge at the receiver; ``period_ps`` the exact slot period.
+
+        ``rotation`` (3x3, Poincaré sphere; None: identity) turns the photons' states
+        between the batch's angles and the analysers (the fiber's SU(2) rotation and the
+        polarisation controller); ``extra_rotation_rad`` then turns them by that angle in
+        real space (a receiver-side step of the reference, about ``S3``)."""
         rx = self.rx
         n_slots = slot_stop - slot_start
         period_f = float(period_ps)
@@ -338,7 +347,7 @@ class ReceiverModel:
             chunk_t0_ps,
             chunk_t0_ps + duration_ps,
             period_f,
-            extra_rotation_rad,
+            _analysis(rotation, extra_rotation_rad),
             0.0,  # the fiber's misalignment arrives in the photons' polarisation
             rx.p_basis_z,
             rx.basis_choice == "passive",
@@ -368,6 +377,18 @@ class ReceiverModel:
                 slot[order],
             )
         return DetectionRecords(channel, tagger_ps, time_ps, slot)
+
+
+def _analysis(
+    rotation: npt.NDArray[np.float64] | None, extra_rotation_rad: float
+) -> npt.NDArray[np.float64]:
+    """The kernel's 2x2 analysis block of ``Rz(2 extra) @ rotation``."""
+    c, s = math.cos(2.0 * extra_rotation_rad), math.sin(2.0 * extra_rotation_rad)
+    turn = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+    total = turn if rotation is None else turn @ np.asarray(rotation, dtype=np.float64)
+    return np.ascontiguousarray(
+        [total[0, 0], total[0, 1], total[1, 0], total[1, 1]], dtype=np.float64
+    )
 
 
 def copy_photons(photons: npt.NDArray[np.void]) -> npt.NDArray[np.void]:

@@ -53,4 +53,10 @@ ENTRIES: list[tuple[str, str, str, str]] = [
         "StateSource",
         "simulated transmitter pattern memory (counter-based secret choices)",
     ),
+    (
+        "sim_polarization_controller",
+        f"{_MODULE}:SimPolarizationController",
+        "PolarizationController",
+        "simulated four-squeezer polarisation controller in front of the receiver's analysers",
+    ),
 ]

@@ -14,7 +14,10 @@ truths (:mod:`drivers.simlink.truths`). The receiver learns about the transmitte
 only through the photons, and a fiber batch carries only what light carries: per pulse
 its slot (the public slot numbering, i.e. its timing), its polarisation angle and its
 photon number (:data:`~drivers.simlink.source.PHOTON_DTYPE`); the batch header gives the
-pulse rate and the arrival time of its first slot (:meth:`TransmitterWorld.fiber_header`).
+pulse rate, the arrival time of its first slot and the fiber's polarisation rotation
+over the batch (:meth:`TransmitterWorld.fiber_header`): a pulse's polarisation at the
+fiber's end is its angle turned by that rotation, so angle and rotation together are
+its state, which is what the light carries.
 No basis, bit or intensity label, no seed, no transmitter truth.
 
 Both worlds advance in chunks of ``chunk_slots`` slots with counter-based seeds
@@ -28,7 +31,9 @@ name (``""`` for a process on one link): :func:`start_world`, :func:`get_world`,
 views of one of them (their ``resource`` names it).
 
 Faults (``inject(fault, **kw)`` / ``clear(fault)``): ``fiber_cut``, ``encoding_drift``
-(``angle_rad``: step of the polarisation reference), ``eve`` (``fraction``, ``mode``),
+(``angle_rad``: step of the polarisation reference), ``polarization_jump``
+(transmitter, one-shot: the fiber is touched, its SU(2) rotation jumps by ``angle_rad``,
+default 1 rad on the Poincaré sphere, about a random axis), ``eve`` (``fraction``, ``mode``),
 ``bright_light`` (receiver: detectors latch), ``detector_disconnect`` (receiver:
 detector drivers raise ConnectionLostError) and ``clock_step`` (receiver, one-shot: the
 time tagger's clock jumps by ``step_ps`` picoseconds, default one microsecond, as when its
@@ -53,8 +58,14 @@ import numpy.typing as npt
 import zmq
 
 from drivers.interfaces import TAG_DTYPE, PreparedStates, TagBlock
+from drivers.poincare import rotation_about
 from drivers.simlink.optics import TxOptics
-from drivers.simlink.params import ReceiverSimParams, TransmitterSimParams
+from drivers.simlink.params import (
+    PolarizationDriftParams,
+    ReceiverSimParams,
+    TransmitterSimParams,
+)
+from drivers.simlink.polarization import ControllerModel, FiberPolarization
 from drivers.simlink.receiver import (
     N_CHANNELS,
     DetectionRecords,
@@ -99,22 +110,42 @@ FAULTS = (
     "bright_light",
     "detector_disconnect",
     "clock_step",
+    "polarization_jump",
 )
 #: a clock step without ``step_ps``: one microsecond forward
 DEFAULT_CLOCK_STEP_PS = 1_000_000
-FIBER_PROTOCOL_VERSION = 2
+FIBER_PROTOCOL_VERSION = 3
 #: The keys of a fiber batch's header: everything the receiver learns besides the photons.
 FIBER_HEADER_KEYS = frozenset(
-    {"v", "run", "chunk", "slot_start", "slot_stop", "slot_rate_hz", "t0_ps"}
+    {"v", "run", "chunk", "slot_start", "slot_stop", "slot_rate_hz", "t0_ps", "rotation"}
 )
+#: how far from orthogonal a header's rotation may be (float round-off of the sender)
+_ROTATION_TOLERANCE = 1e-6
+_IDENTITY9 = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 _STREAM_TX_PHYSICS = 1
 _STREAM_RX_PHYSICS = 2
 _STREAM_RX_EVE = 3
 _STREAM_TX_EVE = 4
 _STREAM_TX_FIBER = 5
+_STREAM_TX_POLARIZATION = 6
 _MASK64 = (1 << 64) - 1
 _GOLDEN64 = 0x9E3779B97F4A7C15
 _STREAMS_DOMAIN = 0x7369_6D6C_696E_6B31  # "simlink1"
+
+
+def _is_rotation(value: Any) -> bool:
+    """Whether ``value`` is nine finite numbers forming a 3x3 rotation (row-major)."""
+    if not isinstance(value, list) or len(value) != 9:
+        return False
+    if not all(isinstance(x, int | float) and not isinstance(x, bool) for x in value):
+        return False
+    m = np.asarray(value, dtype=np.float64).reshape(3, 3)
+    if not np.all(np.isfinite(m)):
+        return False
+    return bool(
+        np.max(np.abs(m @ m.T - np.eye(3))) < _ROTATION_TOLERANCE
+        and abs(float(np.linalg.det(m)) - 1.0) < _ROTATION_TOLERANCE
+    )
 
 
 def _splitmix64(z: int) -> int:
@@ -220,6 +251,15 @@ class TransmitterWorld:
         )
         self.epoch_unix_s = time.time()
         self._fiber_drift_rad = 0.0
+        #: the fiber's SU(2) rotation (None: the fiber turns states about S3 only)
+        self.polarization = (
+            FiberPolarization(params.fiber.polarization)
+            if params.fiber.polarization is not None
+            else None
+        )
+        self._pending_jumps: list[float] = []
+        #: the rotation of each chunk not yet sent (its header carries it)
+        self._chunk_rotation: dict[int, tuple[float, ...]] = {}
         self._eve_mode = params.eve.mode
         self._eve_fraction = params.eve.fraction
         self._seed = params.transmitter_seed
@@ -361,10 +401,14 @@ class TransmitterWorld:
     # --- faults -----------------------------------------------------------------------
     def inject(self, fault: str, **kw: Any) -> None:
         """Start a fault (see the module docstring); receiver-only faults are refused."""
-        if fault not in ("fiber_cut", "encoding_drift", "eve"):
+        if fault not in ("fiber_cut", "encoding_drift", "eve", "polarization_jump"):
             raise ValueError(f"transmitter world: unknown or receiver-side fault {fault!r}")
         with self.lock:
-            self.faults[fault] = dict(kw)
+            if fault == "polarization_jump":
+                angle = kw.get("angle_rad")
+                self._pending_jumps.append(1.0 if angle is None else float(angle))
+            else:
+                self.faults[fault] = dict(kw)
         log.warning("simlink fault injected: %s %s", fault, kw)
 
     def clear(self, fault: str) -> None:
@@ -400,9 +444,11 @@ class TransmitterWorld:
         degrees, which flips its outcome in both bases."""
         fiber = self.fiber
         rng = self._streams.generator(_STREAM_TX_FIBER, index)
+        dt_s = (chunk.slot_stop - chunk.slot_start) / self.source.slot_rate_hz
         if fiber.drift_rad_per_sqrt_s > 0:
-            dt_s = (chunk.slot_stop - chunk.slot_start) / self.source.slot_rate_hz
             self._fiber_drift_rad += rng.normal(0.0, fiber.drift_rad_per_sqrt_s * math.sqrt(dt_s))
+        self._chunk_rotation[index] = self._advance_polarization(index, dt_s)
+        self._chunk_rotation.pop(index - 64, None)  # headers are built right after
         photons = chunk.photons
         if photons.shape[0] == 0:
             return
@@ -412,6 +458,26 @@ class TransmitterWorld:
         if fiber.misalignment > 0:
             turned = _bernoulli_indices(rng, photons.shape[0], fiber.misalignment)
             angle[turned] += np.float32(math.pi / 2)
+
+    def _advance_polarization(self, index: int, dt_s: float) -> tuple[float, ...]:
+        """The fiber's SU(2) rotation over chunk ``index`` (row-major 3x3): the state at
+        the chunk's start, then advanced by its duration (drift, scheduled jumps) and by
+        any injected jump."""
+        with self.lock:
+            jumps, self._pending_jumps = self._pending_jumps, []
+        if self.polarization is None and not jumps:
+            return _IDENTITY9
+        if self.polarization is None:
+            # an injected jump on a fiber without a drift model: a frozen SU(2) fiber
+            self.polarization = FiberPolarization(PolarizationDriftParams(drift_rad_per_sqrt_s=0.0))
+        pol = self.polarization
+        rotation = tuple(float(x) for x in pol.matrix.reshape(9))
+        rng = self._streams.generator(_STREAM_TX_POLARIZATION, index)
+        pol.advance(dt_s, rng)
+        for angle in jumps:
+            pol.matrix = rotation_about(rng.normal(size=3), angle) @ pol.matrix
+            pol.jumps += 1
+        return rotation
 
     def step(self) -> PhotonChunk:
         """Simulate the next chunk and send it down the fiber without blocking (a chunk
@@ -452,6 +518,7 @@ class TransmitterWorld:
             "slot_stop": chunk.slot_stop,
             "slot_rate_hz": arrival_rate_hz,
             "t0_ps": round(chunk.slot_start * period) + delay_ps,
+            "rotation": list(self._chunk_rotation.get(index, _IDENTITY9)),
         }
 
     def _send(self, index: int, chunk: PhotonChunk, block: bool = False) -> None:
@@ -571,6 +638,11 @@ class ReceiverWorld:
             threshold_v=np.full(N_CHANNELS, mid_threshold),
         )
         self.tagger_delay_ps = np.zeros(N_CHANNELS, np.int64)
+        #: the receiver's polarisation controller, in front of the analysers (its driver
+        #: sets the retardances; at power-on all zero, i.e. no rotation)
+        self.polarization_controller = ControllerModel()
+        #: the fiber's rotation in the last batch (simulation truth, for tests)
+        self.last_fiber_rotation = np.eye(3)
         self._settings_cache: tuple[tuple[object, ...], DetectorSettings] | None = None
         self.lock = threading.RLock()
         self.faults: dict[str, dict[str, Any]] = {}
@@ -668,6 +740,8 @@ class ReceiverWorld:
         """Start a fault (see the module docstring)."""
         if fault not in FAULTS:
             raise ValueError(f"receiver world: unknown fault {fault!r} (known: {FAULTS})")
+        if fault == "polarization_jump":
+            raise ValueError("polarization_jump is the fiber's: inject it on the transmitter")
         with self.lock:
             if fault == "clock_step":
                 self.model.clock.step(int(kw.get("step_ps", DEFAULT_CLOCK_STEP_PS)))
@@ -704,6 +778,9 @@ class ReceiverWorld:
             settings = self._current_settings()
             reading_key = self._reading_key()
             rotation = float(self.faults.get("encoding_drift", {}).get("angle_rad", 0.0))
+            fiber = np.asarray(header.get("rotation", _IDENTITY9), dtype=np.float64).reshape(3, 3)
+            self.last_fiber_rotation = fiber
+            to_analysers = self.polarization_controller.matrix() @ fiber
             cut = "fiber_cut" in self.faults
             eve = self.faults.get("eve")
             index = self.chunk_index
@@ -726,6 +803,7 @@ class ReceiverWorld:
             settings=settings,
             rng=rng,
             extra_rotation_rad=rotation,
+            rotation=to_analysers,
         )
         duration_s = float((slot_stop - slot_start) * period) * 1e-12
         with self.lock:
@@ -786,6 +864,10 @@ class ReceiverWorld:
         if set(header) != FIBER_HEADER_KEYS or len(frames[1]) % PHOTON_DTYPE.itemsize:
             # a fiber carries light and its timing, nothing else
             log.warning("fiber: dropped a batch with header keys %s", sorted(header))
+            return None
+        if not _is_rotation(header["rotation"]):
+            # a lossless fiber is unitary: anything else is not light
+            log.warning("fiber: dropped a batch whose polarisation rotation is not one")
             return None
         photons = np.frombuffer(frames[1], dtype=PHOTON_DTYPE)
         return self.process(header, photons)
@@ -923,6 +1005,7 @@ def synthetic_batch(n_slots: int = _WARM_UP_SLOTS) -> tuple[dict[str, Any], npt.
         "slot_stop": n_slots,
         "slot_rate_hz": 25e6,
         "t0_ps": 0,
+        "rotation": list(_IDENTITY9),
     }
     return header, np.frombuffer(photons.tobytes(), dtype=PHOTON_DTYPE)
 

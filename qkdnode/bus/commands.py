@@ -137,14 +137,21 @@ class KeysGetContent(Content):
 
 #: Faults of the simulated link (the same list as ``drivers.simlink.world.FAULTS``).
 SimFault = Literal[
-    "fiber_cut", "encoding_drift", "eve", "bright_light", "detector_disconnect", "clock_step"
+    "fiber_cut",
+    "encoding_drift",
+    "eve",
+    "bright_light",
+    "detector_disconnect",
+    "clock_step",
+    "polarization_jump",
 ]
 
 
 class SimInjectContent(Content):
     """Content of ``sim.inject``: start (or, with ``clear``, end) a simulated fault.
 
-    ``angle_rad`` belongs to ``encoding_drift``; ``fraction`` and ``mode`` to ``eve``.
+    ``angle_rad`` belongs to ``encoding_drift`` and ``polarization_jump``; ``fraction``
+    and ``mode`` to ``eve``.
     """
 
     model_config = ConfigDict(
@@ -164,7 +171,9 @@ class SimInjectContent(Content):
         None,
         ge=-math.pi,
         le=math.pi,
-        description="encoding_drift only: step of the polarisation reference, radians",
+        description="encoding_drift: step of the polarisation reference (radians, real "
+        "space); polarization_jump: the fiber's SU(2) jump (radians on the Poincaré sphere, "
+        "default 1)",
     )
     fraction: float | None = Field(
         None, ge=0.0, le=1.0, description="eve only: share of the pulses attacked (default 1)"
@@ -183,7 +192,7 @@ class SimInjectContent(Content):
     @field_validator("angle_rad")
     @classmethod
     def _angle_for_drift(cls, v: float | None, info: ValidationInfo) -> float | None:
-        _only_for(v, info, "encoding_drift")
+        _only_for(v, info, "encoding_drift", "polarization_jump")
         return v
 
     @field_validator("fraction", "mode")
@@ -209,7 +218,7 @@ class SimInjectContent(Content):
         return {k: v for k, v in values.items() if v is not None}
 
 
-def _only_for(value: Any, info: ValidationInfo, fault: str) -> None:
+def _only_for(value: Any, info: ValidationInfo, *faults: str) -> None:
     given = info.data.get("fault")
-    if value is not None and given is not None and given != fault:
-        raise ValueError(f"only allowed with fault {fault!r}")
+    if value is not None and given is not None and given not in faults:
+        raise ValueError(f"only allowed with fault {' or '.join(map(repr, faults))}")

@@ -97,6 +97,9 @@ class SimLink:
             tagger = sim.SimTimeTagger("tagger")
             tagger.connect()
             out["tagger"] = tagger
+            controller = sim.SimPolarizationController("polarization")
+            controller.connect()
+            out["polarization"] = controller
         return out
 
     def close(self) -> None:

@@ -138,6 +138,8 @@ def test_the_fiber_carries_only_light() -> None:
         chunk = tx.step()
         header = tx.fiber_header(index, chunk)
         assert set(header) == FIBER_HEADER_KEYS
+        rotation = header.pop("rotation")  # the fiber's polarisation rotation: 3x3 numbers
+        assert len(rotation) == 9 and all(isinstance(v, float) for v in rotation)
         assert all(isinstance(v, int | float) for v in header.values())
         assert 0xC0FFEE not in header.values()
         photons = chunk.photons
@@ -175,6 +177,11 @@ def test_the_receiver_drops_a_batch_that_carries_more_than_light() -> None:
         assert rx.receive(5.0) is None
         push.send_multipart([json.dumps(tx.fiber_header(2, chunk)).encode(), b"\x00" * 7])
         assert rx.receive(5.0) is None
+        # a polarisation "rotation" that is no rotation (a hidden polariser, a label)
+        for bad in ([2.0, 0, 0, 0, 1, 0, 0, 0, 1], [1.0] * 9, [1, 0, 0], "eye"):
+            header = {**tx.fiber_header(3, chunk), "rotation": bad}
+            push.send_multipart([json.dumps(header).encode(), chunk.photons.tobytes()])
+            assert rx.receive(5.0) is None
     finally:
         rx.close()
         tx.close()
