@@ -25,8 +25,10 @@ windows with the controller's last retarder dithered by ``+/- delta``: only one 
 candidates is related by the known dither (:func:`estimate_fiber_rotation`).
 
 The step (:func:`next_retardances`): the controller is set so that ``C' F`` moves a
-fraction ``gain`` of the way to the identity (``gain`` 1 undoes the estimate at once,
-which recovers from a jump in one step; below 1 it averages the estimates' noise), with
+fraction ``gain`` of the way to the identity (below 1 it averages the estimates' noise
+while the fiber drifts slowly); an error above ``jump_rad`` is a jump, not drift: the
+step undoes the whole estimate and the next one follows at once, which brings the link
+back within two or three steps (:class:`CompensationSettings`), with
 the retardances solved in closed form (Euler angles of the retarders' axes) and each
 chosen nearest its present value within the controller's range (:func:`solve_retardances`).
 The windows' detections never carry key, so the dither costs no key; it only sets how
@@ -151,7 +153,7 @@ def rotation_candidates(block: F64) -> tuple[float, F64, F64]:
     v = float(np.linalg.svd(b, compute_uv=False)[0])
     if v <= 1e-9:
         return 0.0, np.eye(3), np.eye(3)
-    b = b / min(v, 1.0) if v <= 1.0 else b / v
+    b = b / v  # noise may put v above 1: the block is scaled to a rotation's all the same
     x = math.sqrt(max(0.0, 1.0 - b[0, 0] ** 2 - b[0, 1] ** 2))
     y = math.sqrt(max(0.0, 1.0 - b[1, 0] ** 2 - b[1, 1] ** 2))
     # rows orthogonal: b00 b10 + b01 b11 + x y = 0 fixes the relative sign of x and y
@@ -337,6 +339,9 @@ class CompensationSettings:
     #: below this estimated error (rad on the sphere) the controller is left alone: the
     #: estimate's noise would only shake it
     deadband_rad: float = 0.02
+    #: above this estimated error (a jump, not drift) the step undoes the whole estimate
+    #: (gain 1) and asks for the next step at once
+    jump_rad: float = 0.2
 
 
 @dataclass(frozen=True)
@@ -350,6 +355,8 @@ class CompensationStep:
     detections: int
     estimate: RotationEstimate
     moved: bool
+    #: the error was a jump's (above ``jump_rad``): take the next step at once
+    again: bool
 
 
 WindowRequest = Callable[[], Awaitable[WindowCounts]]
@@ -388,7 +395,9 @@ async def compensation_step(
             retarder_rotation(axes, base),
         )
         moved = estimate.error_rad > settings.deadband_rad
-        new = next_retardances(base, estimate.fiber, axes, limits, settings.gain) if moved else base
+        again = estimate.error_rad > settings.jump_rad
+        gain = 1.0 if again else settings.gain
+        new = next_retardances(base, estimate.fiber, axes, limits, gain) if moved else base
         await asyncio.to_thread(controller.set_retardances_rad, new)
         restored = True
     finally:
@@ -404,4 +413,5 @@ async def compensation_step(
         detections=int(total.sum()),
         estimate=estimate,
         moved=moved,
+        again=again,
     )
