@@ -38,6 +38,8 @@ Step = Literal[
     "release",
     "probe",
     "track",
+    "polarization_window",
+    "polarization_states",
     "halt",
     "state",
     "pass_end",

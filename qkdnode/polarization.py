@@ -20,15 +20,20 @@ the rotation about ``S3``. That block fixes ``v`` (its largest singular value: a
 block of a rotation has one singular value equal to 1) and ``E`` up to one reflection:
 ``E`` and ``D E D`` with ``D = diag(1, 1, -1)`` have the same block
 (:func:`rotation_candidates`), the rotation vector's ``S1`` and ``S2`` components
-changing sign together. No Z/X measurement can tell them apart, so the loop takes two
-windows with the controller's last retarder dithered by ``+/- delta``: only one pair of
-candidates is related by the known dither (:func:`estimate_fiber_rotation`).
+changing sign together, and near the identity those two parts enter the error rates
+only quadratically (ill-conditioned). So a step takes two windows with the controller
+moved by a small ``dither`` about two different axes (its last two retarders): each
+window then sees one of the two parts to first order, and a weighted least-squares fit
+of the model ``v (C_w F)[:2, :2]`` to both windows' blocks gives ``F``, the mirror image
+fitting worse (:func:`estimate_fiber_rotation`).
 
 The step (:func:`next_retardances`): the controller is set so that ``C' F`` moves a
 fraction ``gain`` of the way to the identity (below 1 it averages the estimates' noise
-while the fiber drifts slowly); an error above ``jump_rad`` is a jump, not drift: the
+while the fiber drifts slowly). An estimate more than ``jump_rad`` from the previous one
+moves nothing until the next step, taken at once, confirms it (one bad pair of windows
+must not throw the controller); an error above ``jump_rad`` is a jump, not drift: the
 step undoes the whole estimate and the next one follows at once, which brings the link
-back within two or three steps (:class:`CompensationSettings`), with
+back within three or four steps (:class:`CompensationSettings`), with
 the retardances solved in closed form (Euler angles of the retarders' axes) and each
 chosen nearest its present value within the controller's range (:func:`solve_retardances`).
 The windows' detections never carry key, so the dither costs no key; it only sets how
@@ -132,17 +137,23 @@ def measured_block(window: WindowCounts) -> tuple[F64, int]:
     """``v E[:2, :2]`` as measured (2x2) and the fewest detections behind one of its four
     entries. Entry ``[a, b]`` is ``<S_a>`` for a prepared ``+S_b`` state (H for
     ``S1``, D for ``S2``), the orthogonal state counting with the opposite sign."""
+    block, totals = _block_and_totals(window)
+    return block, int(totals.min())
+
+
+def _block_and_totals(window: WindowCounts) -> tuple[F64, F64]:
+    """The measured block and the detections behind each of its entries."""
     c = window.counts.astype(np.float64)
     block = np.zeros((2, 2))
-    fewest = None
+    totals = np.zeros((2, 2))
     for b in range(2):  # prepared basis: +S_b is state 2b, -S_b is 2b+1
         for a in range(2):  # measured arm: channel 2a (+S_a) or 2a+1 (-S_a)
             plus, minus = c[2 * b], c[2 * b + 1]
             signed = (plus[2 * a] - plus[2 * a + 1]) - (minus[2 * a] - minus[2 * a + 1])
             total = plus[2 * a] + plus[2 * a + 1] + minus[2 * a] + minus[2 * a + 1]
-            fewest = int(total) if fewest is None else min(fewest, int(total))
+            totals[a, b] = total
             block[a, b] = signed / total if total > 0 else 0.0
-    return block, int(fewest or 0)
+    return block, totals
 
 
 def rotation_candidates(block: F64) -> tuple[float, F64, F64]:
@@ -169,65 +180,128 @@ def rotation_candidates(block: F64) -> tuple[float, F64, F64]:
 
 @dataclass(frozen=True)
 class RotationEstimate:
-    """The fiber's rotation as estimated from a pair of dithered windows.
+    """The fiber's rotation as estimated from a step's windows.
 
     ``fiber``: the rotation ``F`` (3x3); ``visibility``: ``v``; ``error_rad``: the
     rotation angle of ``E = C F`` at the controller's setting before the step (0 at the
-    floor); ``mismatch``: how far the chosen pair of candidates is from the dither's
-    relation (Frobenius norm; small when the windows agree); ``margin``: how much worse
-    the other choice was (near 0 when the rotation is about ``S3`` only, where both
-    choices are the same rotation)."""
+    floor); ``mismatch``: the fit's weighted squared residual per block entry (about 1
+    when the model explains the windows: larger when the fiber moved during them or the
+    windows mixed settings); ``margin``: how much worse (same units) the best fit of the
+    mirror image was (near 0 when the two are the same rotation: no ambiguity left);
+    ``continuous``: the fit is within ``jump_rad`` of the previous estimate (drift, not a
+    jump)."""
 
     fiber: F64
     visibility: float
     error_rad: float
     mismatch: float
     margin: float
+    continuous: bool = False
+
+
+@dataclass(frozen=True)
+class _Observed:
+    block: F64
+    weight: F64
+    controller: F64
+
+
+def _residuals(f: F64, v: float, observed: Sequence[_Observed]) -> F64:
+    out = [
+        (np.sqrt(o.weight) * (v * (o.controller @ f)[:2, :2] - o.block)).ravel() for o in observed
+    ]
+    return np.concatenate(out)
+
+
+def _fit(start: F64, v0: float, observed: Sequence[_Observed]) -> tuple[F64, float, float]:
+    """Weighted least squares of ``v (C_w F)[:2, :2]`` to every window's block over the
+    rotation ``F`` (a left perturbation ``exp([phi]x) F``) and ``v``, from ``start``:
+    ``(F, v, cost)`` with cost the mean squared weighted residual."""
+    f, v = start.copy(), v0
+    r = _residuals(f, v, observed)
+    cost = float(r @ r)
+    damping = 1e-3
+    for _ in range(30):
+        jac = np.empty((r.shape[0], 4))
+        eps = 1e-6
+        for k in range(3):
+            d = np.zeros(3)
+            d[k] = eps
+            jac[:, k] = (_residuals(rotation_matrix(d) @ f, v, observed) - r) / eps
+        jac[:, 3] = (_residuals(f, v + eps, observed) - r) / eps
+        jtj = jac.T @ jac
+        g = jac.T @ r
+        improved = False
+        for _ in range(8):
+            step = -np.linalg.solve(jtj + damping * np.diag(np.diag(jtj) + 1e-12), g)
+            f_new = rotation_matrix(step[:3]) @ f
+            v_new = min(1.0, max(0.0, v + float(step[3])))
+            r_new = _residuals(f_new, v_new, observed)
+            cost_new = float(r_new @ r_new)
+            if cost_new < cost:
+                f, v, r, cost = nearest_rotation(f_new), v_new, r_new, cost_new
+                damping = max(damping / 10.0, 1e-9)
+                improved = True
+                break
+            damping *= 10.0
+        if not improved or float(np.linalg.norm(step)) < 1e-9:
+            break
+    return f, v, cost / r.shape[0]
 
 
 def estimate_fiber_rotation(
-    plus: WindowCounts,
-    minus: WindowCounts,
-    controller_plus: F64,
-    controller_minus: F64,
-    controller_base: F64 | None = None,
+    windows: Sequence[tuple[WindowCounts, F64]],
+    controller_base: F64,
+    previous: F64 | None = None,
+    jump_rad: float = 0.2,
 ) -> RotationEstimate:
-    """The fiber's rotation from two windows taken with the controller at the rotations
-    ``controller_plus`` and ``controller_minus`` (module docstring).
+    """The fiber's rotation from windows taken with the controller at the given rotations
+    (module docstring): a weighted least-squares fit of the model ``v (C_w F)[:2, :2]`` to
+    every window's measured block, over ``F`` and ``v``.
+
+    The fit starts from each window's two candidates (the rotation and its mirror image)
+    and from ``previous``, and keeps the best. Windows taken with the controller dithered
+    about two different axes make the mirror image fit worse (the dither gives each of
+    the rotation's ``S1`` and ``S2`` parts a first-order effect); without a dither near
+    the controller's target they would be ill-conditioned (the error rate is quadratic
+    there).
 
     Raises :class:`PolarizationError` when a window has fewer than
     :data:`MIN_WINDOW_DETECTIONS` detections behind an entry of its block, or when its
     visibility is zero (no correlation at all: no light, or the wrong slots)."""
-    cands = []
-    visibility = []
-    for window in (plus, minus):
-        block, fewest = measured_block(window)
-        if fewest < MIN_WINDOW_DETECTIONS:
+    observed: list[_Observed] = []
+    starts: list[F64] = []
+    visibility: list[float] = []
+    for window, controller in windows:
+        block, totals = _block_and_totals(window)
+        if totals.min() < MIN_WINDOW_DETECTIONS:
             raise PolarizationError(
-                f"a window holds {fewest} detections for one basis pair, fewer than "
-                f"{MIN_WINDOW_DETECTIONS}"
+                f"a window holds {int(totals.min())} detections for one basis pair, fewer "
+                f"than {MIN_WINDOW_DETECTIONS}"
             )
         v, e_a, e_b = rotation_candidates(block)
         if v <= 0.05:
             raise PolarizationError(f"no correlation in a window (visibility {v:.3f})")
         visibility.append(v)
-        cands.append((e_a, e_b))
-    known = controller_plus @ controller_minus.T
-    scores = sorted(
-        (float(np.linalg.norm(ep @ em.T - known)), i, j)
-        for i, ep in enumerate(cands[0])
-        for j, em in enumerate(cands[1])
-    )
-    best, i, j = scores[0]
-    other = min(s for s, a, b in scores[1:] if (a, b) != (i, j))
-    fiber = nearest_rotation(controller_plus.T @ cands[0][i] + controller_minus.T @ cands[1][j])
-    base = controller_base if controller_base is not None else controller_plus
+        # binomial variance of each entry, floored where the entry is near +/-1
+        variance = np.maximum(1.0 - block**2, 0.02) / totals
+        observed.append(_Observed(block, 1.0 / variance, controller))
+        starts += [controller.T @ e_a, controller.T @ e_b]
+    if previous is not None:
+        starts.append(np.asarray(previous, dtype=np.float64))
+    v0 = float(np.mean(visibility))
+    fits = sorted((_fit(start, v0, observed) for start in starts), key=lambda fit: fit[2])
+    fiber, v, cost = fits[0]
+    mirror_costs = [c for f, _, c in fits[1:] if rotation_angle_rad(f @ fiber.T) > 0.05]
+    margin = (min(mirror_costs) - cost) if mirror_costs else 0.0
+    continuous = previous is not None and rotation_angle_rad(fiber @ previous.T) < jump_rad
     return RotationEstimate(
         fiber=fiber,
-        visibility=float(np.mean(visibility)),
-        error_rad=rotation_angle_rad(base @ fiber),
-        mismatch=best,
-        margin=other - best,
+        visibility=v,
+        error_rad=rotation_angle_rad(controller_base @ fiber),
+        mismatch=cost,
+        margin=margin,
+        continuous=continuous,
     )
 
 
@@ -334,7 +408,7 @@ def next_retardances(
 class CompensationSettings:
     """What one step needs (the node's ``[polarization]`` section carries them)."""
 
-    dither_rad: float = 0.4
+    dither_rad: float = 0.15
     gain: float = 0.7
     #: below this estimated error (rad on the sphere) the controller is left alone: the
     #: estimate's noise would only shake it
@@ -355,7 +429,8 @@ class CompensationStep:
     detections: int
     estimate: RotationEstimate
     moved: bool
-    #: the error was a jump's (above ``jump_rad``): take the next step at once
+    #: the error was a jump's (above ``jump_rad``), or the estimate is far from the
+    #: previous one and waits for confirmation: take the next step at once
     again: bool
 
 
@@ -366,36 +441,42 @@ async def compensation_step(
     controller: PolarizationController,
     request_window: WindowRequest,
     settings: CompensationSettings,
+    previous: F64 | None = None,
 ) -> CompensationStep:
     """Receiver: one step of the compensation (module docstring).
 
     ``request_window()`` must collect one disclosed window with the controller as it is
-    when called and return its counts. The last retarder sits at ``+/- dither`` only for
-    the two windows; on any failure the controller goes back to where it was and the
-    error propagates. :class:`PolarizationError` when a window is too thin to steer by.
+    when called and return its counts. ``previous`` is the last step's estimate of the
+    fiber (:attr:`CompensationStep.estimate`; None at the first step or after a failed
+    one). The last and the second-last retarder each sit at ``+dither`` for one window
+    (rotations about two different axes, see :func:`estimate_fiber_rotation`); on any
+    failure the controller goes back to where it was and the error propagates.
+    :class:`PolarizationError` when a window is too thin to steer by.
     """
     axes = tuple(controller.axes_deg)
     limits = controller.retardance_range_rad
     base = tuple(await asyncio.to_thread(controller.retardances_rad))
-    windows: list[WindowCounts] = []
-    settings_used: list[tuple[float, ...]] = []
+    if len(base) < 2:
+        raise PolarizationError("the compensation needs a controller of two retarders or more")
+    windows: list[tuple[WindowCounts, F64]] = []
     restored = False
     try:
-        for sign in (1.0, -1.0):
+        for which in (-1, -2):  # the last two retarders: two different axes
             dithered = list(base)
-            dithered[-1] = _nearest_turn(base[-1] + sign * settings.dither_rad, base[-1], limits)
+            dithered[which] = _nearest_turn(base[which] + settings.dither_rad, base[which], limits)
             await asyncio.to_thread(controller.set_retardances_rad, tuple(dithered))
-            settings_used.append(tuple(dithered))
-            windows.append(await request_window())
+            windows.append((await request_window(), retarder_rotation(axes, dithered)))
         estimate = estimate_fiber_rotation(
-            windows[0],
-            windows[1],
-            retarder_rotation(axes, settings_used[0]),
-            retarder_rotation(axes, settings_used[1]),
+            windows,
             retarder_rotation(axes, base),
+            previous=previous,
+            jump_rad=settings.jump_rad,
         )
-        moved = estimate.error_rad > settings.deadband_rad
-        again = estimate.error_rad > settings.jump_rad
+        # An estimate far from the previous one is a jump, or a bad pair of windows: it
+        # moves nothing until the next step, at once, confirms it.
+        confirmed = previous is None or estimate.continuous
+        moved = confirmed and estimate.error_rad > settings.deadband_rad
+        again = estimate.error_rad > settings.jump_rad or not confirmed
         gain = 1.0 if again else settings.gain
         new = next_retardances(base, estimate.fiber, axes, limits, gain) if moved else base
         await asyncio.to_thread(controller.set_retardances_rad, new)
@@ -403,7 +484,7 @@ async def compensation_step(
     finally:
         if not restored:
             await asyncio.to_thread(controller.set_retardances_rad, base)
-    total = windows[0].counts + windows[1].counts
+    total = windows[0][0].counts + windows[1][0].counts
     qz, qx = WindowCounts(total).qber()
     return CompensationStep(
         retardances_rad=base,

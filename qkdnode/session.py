@@ -19,6 +19,7 @@ from qkdnode.pair.calibration import CalibrationMixin
 from qkdnode.pair.core import DRIFT_CHECK_S, MIN_BLOCK_DETECTIONS, StepSpec
 from qkdnode.pair.exchange import ExchangeMixin
 from qkdnode.pair.monitoring import MonitoringMixin
+from qkdnode.pair.polarization import PolarizationMixin
 from qkdnode.pair.steps import StepsMixin
 from qkdnode.pair.synchronization import SynchronizationMixin
 
@@ -30,6 +31,7 @@ class ExchangeSession(
     ExchangeMixin,
     BlocksMixin,
     MonitoringMixin,
+    PolarizationMixin,
 ):
     """State activities and the key store of one node."""
 

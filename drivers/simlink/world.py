@@ -295,6 +295,12 @@ class TransmitterWorld:
 
     # --- state the instruments see ---------------------------------------------------
     @property
+    def reference_angle_rad(self) -> float:
+        """Simulation truth (tests): how far the fiber has turned every state about
+        ``S3`` (``drift_rad_per_sqrt_s``, real space), on top of its SU(2) rotation."""
+        return self._fiber_drift_rad
+
+    @property
     def next_slot(self) -> int:
         return self.chunk_index * self.chunk_slots
 

@@ -15,6 +15,7 @@ from qkdnode.config.sections import (
     MetricsSection,
     NodeSection,
     PassesSection,
+    PolarizationSection,
     ProtocolSection,
     Section,
     SimulationSection,
@@ -47,6 +48,7 @@ class NodeConfig(Section):
     tracking: TrackingSection = TrackingSection()
     passes: PassesSection | None = None
     console: ConsoleSection = ConsoleSection()
+    polarization: PolarizationSection = PolarizationSection()
     simulation: SimulationSection | None = None
 
     @field_validator("simulation")

@@ -358,6 +358,68 @@ class PassesSection(Section):
         return None
 
 
+class PolarizationSection(Section):
+    """Receiver: compensation of the fiber's SU(2) polarisation drift with the receiver's
+    polarisation controller, while key flows (qkdnode.polarization; docs/polarization.md).
+    Runs when the node has a PolarizationController instrument and ``interval_s`` > 0."""
+
+    interval_s: float = Field(
+        2.0,
+        ge=0,
+        le=3600,
+        description="one step (two dithered windows) this often; 0: off. A jump is corrected "
+        "at the next step and its follow-up at once",
+    )
+    window_detections: int = Field(
+        20_000,
+        ge=2_000,
+        le=30_000,
+        description="detections disclosed per window (two windows per step); they never carry "
+        "key (30 000 fit one control frame of the default size)",
+    )
+    max_disclosed_fraction: float = Field(
+        0.03,
+        gt=0,
+        le=0.5,
+        description="at most this share of the detections goes to windows: on a slow link "
+        "the steps are spaced further apart than interval_s",
+    )
+    dither_rad: float = Field(
+        0.15,
+        gt=0,
+        le=1.5,
+        description="dither of the controller's last retarder during a window (radians): it "
+        "only tells the rotation from its mirror image, and the detections between the "
+        "controller's move and the window (lead_s) are key that sees it: sin^2(dither/2), "
+        "0.56 % in Z, for about a quarter of the time at the defaults",
+    )
+    gain: float = Field(
+        0.7, gt=0, le=1, description="fraction of the estimated rotation undone per step"
+    )
+    deadband_rad: float = Field(
+        0.02,
+        ge=0,
+        le=0.5,
+        description="estimated error (radians on the Poincaré sphere) below which the "
+        "controller is left alone",
+    )
+    jump_rad: float = Field(
+        0.2,
+        gt=0,
+        le=3.2,
+        description="estimated error above which a step is a jump's: gain 1, next step at once",
+    )
+    lead_s: float = Field(
+        0.1,
+        gt=0,
+        le=10,
+        description="a window starts this long after the light's present slot (estimated "
+        "from the detections read; covers the controller's settling and the time tagger's "
+        "buffering): every detection in it comes after the controller moved. The key "
+        "detections of the lead see the dither",
+    )
+
+
 class KeystoreSection(Section):
     path: Path = Field(Path("keys.sqlite"), description="relative to node.state_dir")
     key_size_bits: int = Field(256, ge=64, le=65536, multiple_of=8)

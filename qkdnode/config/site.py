@@ -65,6 +65,7 @@ SHARED_SECTIONS = frozenset(
         "metrics",
         "alarms",
         "tracking",
+        "polarization",
         "source",
     }
 )

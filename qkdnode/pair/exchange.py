@@ -392,6 +392,9 @@ class ExchangeMixin(SessionCore):
                 else f"of {self._block_target} detections",
             )
         reader = asyncio.create_task(self._read_detections(tagger, queue))
+        polarization = asyncio.create_task(
+            self._compensate_polarization(), name="polarization-compensation"
+        )
         try:
             while True:
                 item = await queue.get()
@@ -433,7 +436,10 @@ class ExchangeMixin(SessionCore):
                     if not result.ok:
                         self.node.pp_drain()  # what is left of the aborted block
         finally:
+            polarization.cancel()
             reader.cancel()
+            with contextlib.suppress(BaseException):
+                await polarization
             with contextlib.suppress(BaseException):
                 await reader
 

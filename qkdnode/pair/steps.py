@@ -41,6 +41,7 @@ class StepsMixin(SessionCore):
             self._calibration_steps(),
             self._synchronization_steps(),
             self._exchange_steps(),
+            self._polarization_steps(),
         ):
             clash = set(table) & set(steps)
             if clash:  # a programming error: one step, one handler

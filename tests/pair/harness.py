@@ -36,9 +36,17 @@ def _config(role: str, tmp: Path, ports: dict[int, int], extra: dict[str, Any]) 
     data["protocol"]["block_detections"] = BLOCK_DETECTIONS
     for inst in data["instruments"].values():
         inst["resource"] = role  # two simulated worlds in this process: name each one
-    for section, values in extra.items():
-        data.setdefault(section, {}).update(values)
+    _merge(data, extra)
     return parse_config(data, f"{base}.sim.toml")
+
+
+def _merge(into: dict[str, Any], extra: dict[str, Any]) -> None:
+    """``extra`` merged into ``into`` table by table (nested tables too)."""
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
 
 
 @dataclass

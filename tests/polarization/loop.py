@@ -59,6 +59,7 @@ class CompensatedLink:
         self.settings = settings or CompensationSettings()
         self.interval_s = interval_s
         self.t_s = 0.0
+        self.fiber: np.ndarray | None = None  # the last step's estimate (continuity)
 
     def close(self) -> None:
         self.link.close()
@@ -91,7 +92,10 @@ class CompensatedLink:
         bin_start = self.t_s
         while self.t_s < end:
             if self.t_s >= next_step and self.interval_s is not None:
-                step = asyncio.run(compensation_step(self.controller, window, self.settings))
+                step = asyncio.run(
+                    compensation_step(self.controller, window, self.settings, self.fiber)
+                )
+                self.fiber = step.estimate.fiber
                 out.steps.append((self.t_s, step))
                 next_step = self.t_s if step.again else next_step + self.interval_s
                 continue

@@ -53,9 +53,10 @@ def test_a_touched_fiber_is_back_at_the_floor_within_five_seconds() -> None:
     # the jump was seen as one (gain 1, the next step at once)
     jump_steps = [step for t, step in run.steps if t > JUMP_AT_S and step.again]
     assert jump_steps and jump_steps[0].estimate.error_rad > 1.5
-    # what the compensation disclosed: two windows every 2 s, about 2 % of the detections
+    # what the compensation disclosed: two windows every 2 s, about 2 % of the detections,
+    # and the jump's confirmation and follow-up steps
     share = run.disclosed_chunks / (run.disclosed_chunks + run.key_chunks)
-    assert share < 0.03
+    assert share < 0.035
 
 
 def test_without_compensation_the_jump_stays() -> None:
