@@ -16,6 +16,7 @@ from tests.pair.harness import in_process_pair
 
 BAND = 0.005
 RECOVERY_S = 10.0
+QBER_LIMITS = {"qber_warning": 0.45, "qber_abort": 0.49}
 
 
 def _excess_qber(rx: ReceiverWorld, tx: TransmitterWorld) -> tuple[float, float]:
@@ -38,11 +39,16 @@ def test_the_receiver_holds_the_drift_and_undoes_a_touched_fiber(tmp_path: Path)
             # the controller undoes every rotation: the encoder's lock-in would only
             # share the one about S3 with it (docs/polarization.md)
             "tracking": {"interval_s": 0},
+            # this pair's blocks are 2 s of light: the jump spoils a whole block, and the
+            # block-fed encoder compensation (above qber_warning) or a recalibration
+            # (above qber_abort) would take over; what is under test is the controller
+            "protocol": QBER_LIMITS,
         }
         extra_rx = {
             "instruments": {
                 "polarization": {"driver": "sim_polarization_controller", "resource": "receiver"}
-            }
+            },
+            "protocol": QBER_LIMITS,
         }
         async with in_process_pair(tmp_path, extra_tx=extra_tx, extra_rx=extra_rx) as p:
             assert await p.drive(Event.CALIBRATE) is State.IDLE
