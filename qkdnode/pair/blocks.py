@@ -143,7 +143,18 @@ class BlocksMixin(SessionCore):
             metrics.set_auth_balance_bits(stats.auth_key_balance_bits)
         fields = {k: v for k, v in _scalars(block.as_dict()).items() if k != "block_id"}
         log.info("block_summary", ok=bool(result.ok), reason=result.abort_reason, **fields)
-        self.node.publish("block", {"block_id": block_id, "ok": bool(result.ok), **fields})
+        proto = self.cfg.protocol
+        self.node.publish(
+            "block",
+            {
+                "block_id": block_id,
+                "ok": bool(result.ok),
+                **fields,
+                # the security parameters the block's keys carry as provenance
+                "eps_sec": proto.eps_sec,
+                "eps_cor": proto.eps_cor,
+            },
+        )
         if self.role == "transmitter" and qber is not None:
             await self._watch_qber(qber)
 

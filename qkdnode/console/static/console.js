@@ -278,7 +278,7 @@
   function drawBlocks() {
     const s = linkState;
     const head = el("tr", {}, ...["block", "time", "result", "QBER Z", "QBER X", "detections", "sifted Z",
-      "disclosed", "leak (λ_EC)", "f (EC)", "final key", "forgery ≤", "post-proc."].map((h) => el("th", { scope: "col", text: h })));
+      "disclosed", "leak (λ_EC)", "f (EC)", "final key", "ε_sec / ε_cor", "forgery ≤", "post-proc."].map((h) => el("th", { scope: "col", text: h })));
     const rows = s.blocks.slice().reverse().slice(0, 200).map((b) => {
       const st = b.stats;
       const forgery = typeof st.auth_forgery_bound === "number" ? st.auth_forgery_bound.toExponential(1) : "–";
@@ -290,7 +290,10 @@
         el("td", { text: fmtBits(b.ec_disclosed_bits) }),
         el("td", { text: typeof st.leak_total_bits === "number" ? fmtBits(st.leak_total_bits) : "–" }),
         el("td", { text: typeof st.ec_efficiency === "number" ? st.ec_efficiency.toFixed(3) : "–" }),
-        el("td", { text: fmtBits(b.final_key_bits) }), el("td", { text: forgery }),
+        el("td", { text: fmtBits(b.final_key_bits) }),
+        el("td", { text: typeof st.eps_sec === "number" && typeof st.eps_cor === "number"
+          ? st.eps_sec.toExponential(0) + " / " + st.eps_cor.toExponential(0) : "–" }),
+        el("td", { text: forgery }),
         el("td", { text: b.block_seconds.toFixed(2) + " s" }));
     });
     s.blockTable.replaceChildren(el("thead", {}, head), el("tbody", {}, ...rows));
