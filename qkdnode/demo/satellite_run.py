@@ -275,22 +275,10 @@ def _bits_with_intervals(
     from qkdnode.postproc.params import PostprocParams
     from qkdnode.postproc.satellite_theory import leak_ec_bits
 
-    (sl, su), (dl, du), (vl, vu) = m.class_bounds()
-    c_lo, c_hi = m.common_scale()
     params = PostprocParams(
+        **m.bound_fields(),
         eps_sec=protocol.eps_sec,
         eps_cor=protocol.eps_cor,
-        mu_signal=m.signal.mu,
-        mu_decoy=m.decoy.mu,
-        mu_vacuum=m.vacuum.mu_or_upper,
-        mu_signal_lower=sl,
-        mu_signal_upper=su,
-        mu_decoy_lower=dl,
-        mu_decoy_upper=du,
-        mu_vacuum_lower=vl,
-        mu_vacuum_upper=vu,
-        mu_scale_lower=c_lo,
-        mu_scale_upper=c_hi,
         p_signal=src.p_signal,
         p_decoy=src.p_decoy,
         p_basis_z=src.p_basis_z,

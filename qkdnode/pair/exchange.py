@@ -98,22 +98,7 @@ class ExchangeMixin(SessionCore):
         m = self.intensities
         if m is None or m.signal.mu is None or m.decoy.mu is None:
             raise LinkError("the intensities are not measured: calibrate first")
-        (sl, su), (dl, du), (vl, vu) = m.class_bounds()
-        c_lo, c_hi = m.common_scale()
-        return PostprocParams(
-            mu_signal=m.signal.mu,
-            mu_decoy=m.decoy.mu,
-            mu_vacuum=m.vacuum.mu_or_upper,
-            mu_signal_lower=sl,
-            mu_signal_upper=su,
-            mu_decoy_lower=dl,
-            mu_decoy_upper=du,
-            mu_vacuum_lower=vl,
-            mu_vacuum_upper=vu,
-            mu_scale_lower=c_lo,
-            mu_scale_upper=c_hi,
-            **common,
-        )
+        return PostprocParams(**m.bound_fields(), **common)
 
     async def _exchange_transmitter(self, started: float) -> None:
         """Transmitter: serve the blocks the receiver starts (each announced by its first

@@ -283,6 +283,28 @@ class MeanPhotonResult(CalibrationResult):
         """The range of the factor common to the three classes (see :meth:`class_bounds`)."""
         return self.uncertainty.lower_factor, self.uncertainty.upper_factor
 
+    def bound_fields(self) -> dict[str, float]:
+        """The intensity fields of :class:`qkdnode.postproc.params.PostprocParams` (values,
+        per-class intervals, common scale): how the finite-key bound takes this
+        calibration. Raises ``ValueError`` if the signal or decoy was not measured."""
+        if self.signal.mu is None or self.decoy.mu is None:
+            raise ValueError("the signal and decoy intensities are not measured")
+        (sl, su), (dl, du), (vl, vu) = self.class_bounds()
+        c_lo, c_hi = self.common_scale()
+        return {
+            "mu_signal": self.signal.mu,
+            "mu_decoy": self.decoy.mu,
+            "mu_vacuum": self.vacuum.mu_or_upper,
+            "mu_signal_lower": sl,
+            "mu_signal_upper": su,
+            "mu_decoy_lower": dl,
+            "mu_decoy_upper": du,
+            "mu_vacuum_lower": vl,
+            "mu_vacuum_upper": vu,
+            "mu_scale_lower": c_lo,
+            "mu_scale_upper": c_hi,
+        }
+
     def mix_power_w(self, p_signal: float, p_decoy: float, p_vacuum: float) -> float:
         """Tap power (zero subtracted) expected while the key mix is sent: a reading off by
         more than ``uncertainty.drift_allowance`` means the intensities left their intervals."""
