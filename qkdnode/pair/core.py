@@ -86,6 +86,8 @@ class SessionCore:
         # receiver, a link with pass windows: the blocks of the pass being exchanged
         self._pass: PassTally | None = None
         self._pass_dropped: str | None = None
+        #: held by the transmitter while it serves a block
+        self._tx_block_lock = asyncio.Lock()
         self._tof_prediction = _tof_prediction(self.cfg) if self.role == "receiver" else None
         self._doppler_tagger: DopplerCorrectedTagger | None = None
         #: transmitter: block size advised to the receiver (None: nothing measured yet)

@@ -35,6 +35,9 @@ from qkdnode.tracking import (
 
 log = structlog.get_logger(__name__)
 
+#: Seconds the transmitter waits, at a pass's end, for the block it is finishing.
+PASS_END_BLOCK_WAIT_S = 120.0
+
 #: What the receiver's detection reader hands its block loop: a block's (slots, channels),
 #: or the close of a pass.
 _BlockOrClose = tuple[npt.NDArray[np.int64], npt.NDArray[np.int8]] | PassClose
@@ -156,7 +159,8 @@ class ExchangeMixin(SessionCore):
                 )
                 continue
             before, self.next_block_id = self.next_block_id, block_id + 1
-            await self._tx_block(block_id, pulses, msg)
+            async with self._tx_block_lock:  # a pass's end waits for the block's commit
+                await self._tx_block(block_id, pulses, msg)
             if self._tx_transport.messages_received == 0:
                 # Its first message failed its check: a forged block id moves nothing.
                 self.next_block_id = before
@@ -551,7 +555,7 @@ class ExchangeMixin(SessionCore):
         """A pass set while the node was not exchanging (still calibrating or
         synchronising, or never started): it gave no key. The receiver records it like a
         closed pass; both nodes keep the reason for the key-flow alarm."""
-        why = f"the pass set while the node was {state}: no key was exchanged"
+        why = f"the pass set while the node was {state}: nothing (more) was exchanged"
         self.node.keyflow.pass_closed(0, why)
         if self.role != "receiver":
             return
@@ -570,6 +574,15 @@ class ExchangeMixin(SessionCore):
             bits if isinstance(bits, int) and not isinstance(bits, bool) else 0,
             str(reason)[:500],
         )
+        # The receiver has finished its last block; ours may still be in its last round
+        # trip (its commit comes on the receiver's word, on the post-processing channel,
+        # which this step may overtake): leaving EXCHANGING now would cancel it and leave
+        # its keys pending here while the receiver serves them.
+        try:
+            async with asyncio.timeout(PASS_END_BLOCK_WAIT_S), self._tx_block_lock:
+                pass
+        except TimeoutError:
+            log.warning("pass_end_block_unfinished", waited_s=PASS_END_BLOCK_WAIT_S)
         await self.node.trigger(Event.PASS_END, "the receiver closed the pass")
         return {"state": self.node.sm.state.value}
 
