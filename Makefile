@@ -35,7 +35,7 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# The multi-daemon scenarios (tests/system and tests marked `system`; ~17 min; not part
+# The multi-daemon scenarios (tests/system and tests marked `system`; ~45 min; not part
 # of `make test`, see README).
 test-system: $(STAMP) browser
 	QKDNODE_SYSTEM_TESTS=1 $(BIN)/python -m pytest -q -m system tests
