@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 .PHONY: demo demo-network test test-system soak test-faults lint typecheck unit bench venv clean \
 	browser console-screenshots
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py $(wildcard qkdnode/native/*.pyx qkdnode/native/*.pxd qkdnode/native/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
