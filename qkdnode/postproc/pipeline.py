@@ -389,6 +389,12 @@ async def run_block_transmitter(
             # Stored here, perhaps committed there: pending until the key-ID sync.
             await landing.unconfirmed(block_id, f"{type(exc).__name__}: {exc}")
         return await _finish(t, block_id, exc, stats)
+    except asyncio.CancelledError:
+        # Cancelled by a state change (an operator's stop, a pass's end...) with the key
+        # stored here, perhaps committed there: the same as a lost message.
+        if stored and landing is not None:
+            await landing.unconfirmed(block_id, "block cancelled")
+        raise
 
 
 async def run_block_receiver(
@@ -411,6 +417,7 @@ async def run_block_receiver(
     clock = _Clock()
     stats = BlockStats(block_id=block_id, seconds=clock.seconds)
     rng = rng or np.random.default_rng()
+    stored = False
     try:
         slots, basis, bits = await asyncio.to_thread(sifting.squash, slot_index, channel, rng)
         slot_header, slot_bufs = await asyncio.to_thread(sifting.encode_slots, slots)
@@ -475,6 +482,7 @@ async def run_block_receiver(
         committed = False
         # Both hold it durably once ours is stored: commit before we say so.
         if landing is not None and await landing.store(block_id, key, stats):
+            stored = True
             if peer_stored:
                 committed = await landing.commit(block_id)
             else:
@@ -493,3 +501,9 @@ async def run_block_receiver(
         return result
     except (ProtocolAbortError, AuthError, TransportError, ValueError, KeyError, IndexError) as exc:
         return await _finish(t, block_id, exc, stats)
+    except asyncio.CancelledError:
+        # Cancelled once our copy was stored (a commit in its worker thread may even
+        # finish after this): whatever the transmitter holds, the key-ID sync settles it.
+        if stored and landing is not None:
+            await landing.unconfirmed(block_id, "block cancelled")
+        raise

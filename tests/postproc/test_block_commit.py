@@ -162,3 +162,88 @@ def test_a_transmitter_whose_disk_refuses_the_commit_stays_pending(tmp_path: Pat
     assert r.committed  # the receiver holds it; the key-ID sync commits it here later
     assert tx.events == [("store", 3), ("commit", 3)]
     assert not t.committed
+
+
+@dataclass
+class SlowCommit(Landing):
+    """A landing whose commit hangs (a stalled disk) until the block is cancelled."""
+
+    commit_started: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def commit(self, block_id: int) -> bool:
+        self.events.append(("commit", block_id))
+        self.commit_started.set()
+        await asyncio.Event().wait()
+        return True
+
+
+def _cancelled_block(
+    tmp_path: Path, tx_landing: Landing, rx_landing: Landing, *, cancel: str
+) -> tuple[BaseException | BlockResult, BaseException | BlockResult]:
+    """One block in which the ``cancel`` side's task is cancelled (as a state change
+    cancels it): the transmitter once the receiver has finished (it waits for a ``done``
+    that is dropped), the receiver while its commit is in progress."""
+    params = PARAMS.model_copy(update={"recv_timeout_s": 4.0})
+
+    async def main() -> tuple[BaseException | BlockResult, BaseException | BlockResult]:
+        ctx = zmq.asyncio.Context()
+        pools = [AuthKeyPool.bootstrap(tmp_path / f"{n}.pool", PSK) for n in ("tx", "rx")]
+        tx = ZmqPairTransport.bind_random(ctx)
+        mitm = DropDone(ctx)
+        mitm.back.connect(tx.endpoint)
+        rx = ZmqPairTransport.connect(ctx, mitm.endpoint)
+        pumps = [
+            asyncio.create_task(mitm.pump(mitm.front, mitm.back)),
+            asyncio.create_task(mitm.pump(mitm.back, mitm.front)),
+        ]
+        synth = generate(N_PULSES, params, 5, eta=0.5)
+        a_tx = AuthenticatedTransport(tx, pools[0], "transmitter")
+        a_rx = AuthenticatedTransport(rx, pools[1], "receiver")
+        t_task = asyncio.create_task(
+            run_block_transmitter(a_tx, 3, synth.prepared, params, landing=tx_landing)
+        )
+        r_task = asyncio.create_task(
+            run_block_receiver(
+                a_rx, 3, synth.slot_index, synth.channel, params, pulses=777, landing=rx_landing
+            )
+        )
+        if cancel == "transmitter":
+            await r_task
+            await asyncio.sleep(0.2)
+            t_task.cancel()
+        else:
+            assert isinstance(rx_landing, SlowCommit)
+            await asyncio.wait_for(rx_landing.commit_started.wait(), 30)
+            r_task.cancel()
+        out = await asyncio.gather(t_task, r_task, return_exceptions=True)
+        for p in pumps:
+            p.cancel()
+        tx.close()
+        rx.close()
+        ctx.destroy(linger=0)
+        return out[0], out[1]
+
+    return asyncio.run(main())
+
+
+def test_a_transmitter_cancelled_with_its_key_pending_puts_the_pair_out_of_step(
+    tmp_path: Path,
+) -> None:
+    tx, rx = Landing(), Landing()
+    t, r = _cancelled_block(tmp_path, tx, rx, cancel="transmitter")
+    assert isinstance(t, asyncio.CancelledError)  # the cancellation is not swallowed
+    assert isinstance(r, BlockResult) and r.committed
+    # pending here while the receiver serves: the landing must hear of it (the real
+    # landing then puts the key service out of step until the key-ID sync settles it)
+    assert tx.events == [("store", 3), ("unconfirmed", 3)]
+
+
+def test_a_receiver_cancelled_during_its_commit_puts_the_pair_out_of_step(
+    tmp_path: Path,
+) -> None:
+    tx, rx = Landing(), SlowCommit()
+    t, r = _cancelled_block(tmp_path, tx, rx, cancel="receiver")
+    assert isinstance(r, asyncio.CancelledError)
+    assert rx.events == [("store", 3), ("commit", 3), ("unconfirmed", 3)]
+    assert isinstance(t, BlockResult) and not t.committed  # no 'done': pending there too
+    assert tx.events == [("store", 3), ("unconfirmed", 3)]
