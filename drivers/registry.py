@@ -75,6 +75,11 @@ DRIVERS: dict[str, DriverEntry] = {
         "SinglePhotonDetector",
         "single-photon detector, qkdnode SPD-ASCII v1 line protocol (serial)",
     ),
+    "ozoptics_epc": DriverEntry(
+        "drivers.ozoptics_epc:OzOpticsEpc",
+        "PolarizationController",
+        "OZ Optics EPC-400 polarisation controller on its EPC driver (4 squeezers, serial)",
+    ),
     # --- real drivers: network ---------------------------------------------------------
     "single_quantum_snspd": DriverEntry(
         "drivers.single_quantum:SingleQuantumSnspd",
@@ -219,11 +224,12 @@ def probe(resource: str, timeout_s: float = 2.0, visa_library: str = "") -> dict
     """Open ``resource``, identify what answers and return what was found.
 
     VISA resources (``GPIB0::20::INSTR``, optionally ``...@sim`` or with ``visa_library``)
-    are asked ``*IDN?``. Serial URLs are tried as OIF-ITLA (NOP and AEA strings) and then
-    as SPD-ASCII (``IDN?``). ``tcp://HOST:PORT`` is tried as a Single Quantum SNSPD
-    controller (JSON labels) and then as a ZeroMQ SCPI endpoint (``*IDN?``, the ID Quantique
-    Time Controller). ``qutag:`` (or ``qutag:MODULE``) loads qutools' wrapper and asks the
-    device. Raises an :class:`InstrumentError` when nothing answers.
+    are asked ``*IDN?``. Serial URLs are tried as OIF-ITLA (NOP and AEA strings), then
+    as SPD-ASCII (``IDN?``), then as an OZ Optics EPC driver (``V?``). ``tcp://HOST:PORT``
+    is tried as a Single Quantum SNSPD controller (JSON labels) and then as a ZeroMQ SCPI
+    endpoint (``*IDN?``, the ID Quantique Time Controller). ``qutag:`` (or
+    ``qutag:MODULE``) loads qutools' wrapper and asks the device. Raises an
+    :class:`InstrumentError` when nothing answers.
     """
     if resource.startswith("tcp://"):
         from drivers.probe_network import probe_tcp
@@ -270,6 +276,7 @@ def _probe_visa(resource: str, timeout_s: float, visa_library: str) -> dict[str,
 def _probe_serial(resource: str, timeout_s: float) -> dict[str, Any]:
     from drivers.ascii_spd import AsciiSpd
     from drivers.oif_itla import OifItlaLaser, OifItlaOptions, Reg
+    from drivers.ozoptics_epc import OzOpticsEpc, OzOpticsEpcOptions
 
     attempt_s = max(timeout_s / 2, 0.1)
     errors: list[str] = []
@@ -306,8 +313,23 @@ def _probe_serial(resource: str, timeout_s: float) -> dict[str, Any]:
         }
     except InstrumentError as exc:
         errors.append(f"spd-ascii: {exc.reason}")
+    finally:
+        spd.transport.close()
+    epc = OzOpticsEpc("probe", resource, attempt_s, OzOpticsEpcOptions(reconnect_timeout_s=0))
+    try:
+        epc.transport.open()
+        identity = epc.identify()
+        return {
+            "resource": resource,
+            "transport": "serial",
+            "protocol": "ozoptics-epc",
+            "identity": identity,
+            "suggested_drivers": ["ozoptics_epc"],
+        }
+    except InstrumentError as exc:
+        errors.append(f"ozoptics-epc: {exc.reason}")
         raise ProtocolError(
             "probe", resource, "no known protocol answered: " + "; ".join(errors)
         ) from exc
     finally:
-        spd.transport.close()
+        epc.transport.close()

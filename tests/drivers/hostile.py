@@ -105,6 +105,30 @@ _JSON_VALUES: list[Any] = [
 ]
 
 
+_EPC = re.compile(rb"^(?:V\?|M\?|MDC|MAC|V[1-4],[+-]?\d+)\r\n$")
+
+
+def _epc_reply(rng: random.Random, request: bytes) -> bytes:
+    """OZ Optics EPC framing (text lines closed by ``Done``) around nonsense: voltage
+    reports with channels missing, repeated or out of range, modes that are not modes,
+    refusals, an echo, or lines that never reach ``Done``."""
+    kind = rng.randrange(6)
+    if kind == 0:
+        chans = [rng.choice([1, 2, 3, 4, 5, 9]) for _ in range(rng.choice([3, 4, 4, 5]))]
+        values = [rng.choice(["+0", "-5000", "+99999", "nan", "+", "1e3", "+2500"]) for _ in chans]
+        body = "Voltage(mV): " + " ".join(f"CH{c} {v}" for c, v in zip(chans, values, strict=True))
+    elif kind == 1:
+        body = "Work Mode: " + rng.choice(["DC", "AC(Sine)", "XC", "", "dc", "AC"])
+    elif kind == 2:
+        return b"Error!\r\n"
+    elif kind == 3:
+        return b"".join(rng.choice(TRICKY_TEXT).encode("utf-8") + b"\r\n" for _ in range(8))
+    else:
+        body = rng.choice(TRICKY_TEXT)
+    reply = body.encode("utf-8", errors="replace") + b"\r\nDone\r\n"
+    return request + reply if rng.random() < 0.2 else reply
+
+
 def _json_reply(rng: random.Random) -> bytes:
     """One or more label messages each ended by ETB (0x17), or something that is not."""
     kind = rng.randrange(6)
@@ -163,7 +187,8 @@ class HostilePeer(ProtocolHandler):
     def _framed(self, request: bytes) -> bytes | None:
         """A reply that passes the framing and checksum of the request's protocol, with
         a meaningless content (so the driver's parsing behind the framing is reached):
-        NMEA-style ``payload*CS`` lines, and OIF-ITLA frames for the register asked."""
+        NMEA-style ``payload*CS`` lines, OIF-ITLA frames for the register asked, and
+        OZ Optics EPC replies closed by ``Done``."""
         rng = self.rng
         line = _NMEA.match(request)
         if line is not None and int(line.group(2), 16) == ascii_checksum(line.group(1)):
@@ -173,6 +198,8 @@ class HostilePeer(ProtocolHandler):
             return raw + f"*{ascii_checksum(raw):02X}\n".encode()
         if request.lstrip().startswith(b"{"):
             return _json_reply(rng)
+        if _EPC.match(request):
+            return _epc_reply(rng, request)
         if len(request) == FRAME_LEN and request[0] >> 4 == bip4(request):
             register = request[1] if rng.random() < 0.9 else rng.randrange(256)
             return encode_reply(
@@ -267,8 +294,22 @@ def _in_range(inst: object, param: str, rng: random.Random) -> float:
 
 
 def _value(inst: object, param: str, hint: Any, rng: random.Random) -> Any:
-    options = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-    hint = options[0]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+        hint = options[0]
+    if typing.get_origin(hint) is tuple:
+        # ``tuple[X, ...]``: one value per element the instrument has (``axes_deg`` of a
+        # polarisation controller), sometimes one too many; ``retardances_rad`` items are
+        # drawn inside ``retardance_range_rad``
+        item, *rest = typing.get_args(hint) or (Any,)
+        if rest != [Ellipsis]:
+            raise Unsupported(f"{param}: {hint!r}")
+        count = len(getattr(inst, "axes_deg", ())) or rng.randrange(1, 5)
+        count += rng.random() < 0.1
+        quantity, _, unit = param.rpartition("_")
+        singular = f"{quantity.removesuffix('s')}_{unit}"
+        return tuple(_value(inst, singular, item, rng) for _ in range(count))
+    hint = (typing.get_args(hint) or (hint,))[0]  # other generics: a lone item
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         return rng.choice(list(hint))
     if hint is bool:
