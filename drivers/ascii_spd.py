@@ -36,7 +36,7 @@ from pydantic import Field
 from drivers.common import DriverOptions, check_range, health_check
 from drivers.errors import ChecksumError, InstrumentReportedError, ProtocolError
 from drivers.interfaces import DetectorStatus, HealthLevel, InstrumentHealth, SinglePhotonDetector
-from drivers.restore import SettingsMemory
+from drivers.restore import SettingsMemory, identity_fields
 from drivers.transports.serial import ReplyReader, SerialTransport
 
 _LINE_RE = re.compile(rb"^([\x20-\x29\x2b-\x7e]*)\*([0-9A-F]{2})\r?\n$")
@@ -134,6 +134,10 @@ class AsciiSpd(SinglePhotonDetector):
             if self._connected:
                 return
             with self.transport.opened_for_setup():
+                identity = identity_fields(self.identify())
+                # another detector on this port since the first connect: refuse it
+                self.memory.check_identity(identity)
+                self.memory.remember_identity(identity, lambda: identity_fields(self.identify()))
                 self._read_limits()
                 self.check_settings()
             self._connected = True

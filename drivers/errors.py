@@ -65,3 +65,22 @@ class DriverConfigError(InstrumentError, ValueError):
 class SettingsLostError(InstrumentError):
     """The instrument lost settings the driver made (it was power-cycled, or changed from
     its front panel) and putting them back did not take: its read-back still differs."""
+
+
+class InstrumentChangedError(InstrumentError):
+    """A different instrument answers where the driver's instrument was (another serial
+    number on the same port or address after a reconnect). Nothing is set on it; the
+    connection is dropped and every later call checks again. ``expected_identity`` and
+    ``found_identity`` hold both identities."""
+
+    def __init__(
+        self, instrument: str, command: str, expected_identity: str, found_identity: str
+    ) -> None:
+        self.expected_identity = expected_identity
+        self.found_identity = found_identity
+        super().__init__(
+            instrument,
+            command,
+            f"another instrument answers: expected {expected_identity!r}, found "
+            f"{found_identity!r}; it is not driven (restart the node to accept it)",
+        )

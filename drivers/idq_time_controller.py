@@ -81,7 +81,7 @@ from drivers.interfaces import (
     TagBlock,
     TimeTagger,
 )
-from drivers.restore import SettingsMemory
+from drivers.restore import SettingsMemory, identity_fields
 from drivers.transports.base import MessageTransport
 from drivers.transports.zmq_req import ZmqReqTransport
 
@@ -187,6 +187,12 @@ class IdqTimeController(TimeTagger):
                     raise ProtocolError(
                         self.name, "*IDN?", f"{identity!r} is not an ID900/ID1000 Time Controller"
                     )
+                # another controller at this address since the first connect: refuse it
+                self.memory.check_identity(identity_fields(identity))
+                self.memory.remember_identity(
+                    identity_fields(identity),
+                    lambda: identity_fields(self.transport.query("*IDN?")),
+                )
                 reconnecting = len(self.memory) > 0  # settings made before a close
                 self._enable_inputs()
                 if reconnecting:

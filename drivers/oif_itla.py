@@ -335,6 +335,10 @@ class OifItlaLaser(Laser):
                 return
             with self.transport.opened_for_setup():
                 self.read_register(Reg.NOP)
+                serial_number = self.read_string(Reg.SER_NO)
+                # another module on this port since the first connect: refuse it
+                self.memory.check_identity(serial_number)
+                self.memory.remember_identity(serial_number, lambda: self.read_string(Reg.SER_NO))
                 self._read_limits()
                 self.check_settings()
             self._connected = True

@@ -69,6 +69,7 @@ from drivers.interfaces import (
     TagBlock,
     TimeTagger,
 )
+from drivers.restore import SettingsMemory
 
 SCOND_MISC = 3
 DEVTYPE_NONE = 1
@@ -115,6 +116,8 @@ class QutagTimeTagger(TimeTagger):
         self._dev: Any = None
         self._timebase_ps = 0.0
         self._streaming = False
+        #: settings made through this driver, put back when the quTAG lost them
+        self.memory = SettingsMemory(name)
 
     # --- vendor calls ---------------------------------------------------------------
 
@@ -174,15 +177,28 @@ class QutagTimeTagger(TimeTagger):
                 if not 1e-15 <= timebase_s <= 1e-9:
                     raise ProtocolError(self.name, "getTimebase", f"time base {timebase_s} s")
                 self._timebase_ps = timebase_s * 1e12
-                bits = "".join(
-                    "1" if c in self.options.channels else "0"
-                    for c in range(max(self.options.channels), 0, -1)
-                )
-                self._check("enableChannels", False, bits)
-                self._check("setExposureTime", self.options.exposure_ms)
+                self._configure()
+                self.check_settings()  # after a close: the quTAG may have been power-cycled
             except InstrumentError:
                 self._release()
                 raise
+
+    def _configure(self) -> None:
+        """Connect-time setup: the channels enabled and the counters' exposure (the
+        wrapper reads neither back, so they are made again whenever a restore runs)."""
+        bits = "".join(
+            "1" if c in self.options.channels else "0"
+            for c in range(max(self.options.channels), 0, -1)
+        )
+        self._check("enableChannels", False, bits)
+        self._check("setExposureTime", self.options.exposure_ms)
+
+    def check_settings(self) -> None:
+        """Read back the delays, thresholds, edges and clock source set through this
+        driver; put them back (after the connect-time setup) if the quTAG lost them.
+        On failure the library is released: NotConnectedError until the next connect."""
+        with self._lock:
+            self.memory.restore(self._configure, self._release)
 
     def _release(self) -> None:
         dev, self._dev = self._dev, None
@@ -208,9 +224,10 @@ class QutagTimeTagger(TimeTagger):
         def probe() -> InstrumentHealth:
             if self._call("getDeviceType") == DEVTYPE_NONE:
                 return InstrumentHealth(HealthLevel.FAULT, "no quTAG connected")
+            self.check_settings()
             return InstrumentHealth(HealthLevel.OK, "vendor library answers")
 
-        return health_check(self.name, probe)
+        return self.memory.report(health_check(self.name, probe))
 
     # --- settings --------------------------------------------------------------------------
 
@@ -221,7 +238,14 @@ class QutagTimeTagger(TimeTagger):
         ch = self._channel("setChannelDelay", channel)
         lo, hi = self.options.delay_range_ps
         v = check_range(self.name, "setChannelDelay", "delay", delay_ps, (lo, hi), "ps")
-        self._check("setChannelDelay", ch, round(v))
+        delay = round(v)
+        self._check("setChannelDelay", ch, delay)
+        self.memory.remember(
+            f"input_delay_ps[{ch}]",
+            float(delay),
+            lambda: self.set_input_delay_ps(ch, delay),
+            lambda: float(self.input_delay_ps(ch)),
+        )
 
     def input_delay_ps(self, channel: int) -> int:
         value = self._call("getChannelDelay", self._channel("getChannelDelay", channel))
@@ -250,23 +274,43 @@ class QutagTimeTagger(TimeTagger):
         )
         rising, _ = self._conditioning(ch)
         self._check("setSignalConditioning", ch, SCOND_MISC, rising, v)
+        self.memory.remember(
+            f"trigger_level_v[{ch}]",
+            v,
+            lambda: self.set_trigger_level_v(ch, v),
+            lambda: self.trigger_level_v(ch),
+            tolerance=1e-3,
+        )
 
     def trigger_level_v(self, channel: int) -> float:
         return self._conditioning(self._channel("getSignalConditioning", channel))[1]
 
     def set_edge(self, channel: int, edge: Edge) -> None:
         ch = self._channel("setSignalConditioning", channel)
-        rising = check_choice(self.name, "setSignalConditioning", Edge, edge) is Edge.RISING
+        chosen = check_choice(self.name, "setSignalConditioning", Edge, edge)
         _, threshold_v = self._conditioning(ch)
-        self._check("setSignalConditioning", ch, SCOND_MISC, rising, threshold_v)
+        self._check("setSignalConditioning", ch, SCOND_MISC, chosen is Edge.RISING, threshold_v)
+        self.memory.remember(
+            f"edge[{ch}]",
+            chosen.name,
+            lambda: self.set_edge(ch, chosen),
+            lambda: self.edge(ch).name,
+        )
 
     def edge(self, channel: int) -> Edge:
         rising, _ = self._conditioning(self._channel("getSignalConditioning", channel))
         return Edge.RISING if rising else Edge.FALLING
 
     def set_reference_clock(self, source: ReferenceClock) -> None:
-        external = check_choice(self.name, "enableExternalClock", ReferenceClock, source)
-        self._check("enableExternalClock", external is ReferenceClock.EXTERNAL)
+        chosen = check_choice(self.name, "enableExternalClock", ReferenceClock, source)
+        self._check("enableExternalClock", chosen is ReferenceClock.EXTERNAL)
+        # read back as the lock state: an external clock that is set but absent is lost
+        self.memory.remember(
+            "reference_clock",
+            chosen.name,
+            lambda: self.set_reference_clock(chosen),
+            lambda: self.reference_clock().name,
+        )
 
     def reference_clock(self) -> ReferenceClock:
         """EXTERNAL while the quTAG reports itself locked to an external clock."""

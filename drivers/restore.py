@@ -15,14 +15,20 @@ When the memory is checked (:meth:`SettingsMemory.restore`):
 * every :meth:`~drivers.interfaces.Instrument.health` (a power cycle the link does not
   notice, as on GPIB, is found at the next health check).
 
-Every remembered setting is read back; if one differs, the driver's connect-time setup
-runs again (``reconfigure``), every remembered setting is applied again in the order it
-was made, those that switch something on (``enables``: emission, arming, outputs,
-shutter) last, and all are read back once more. What was found and put back is recorded
-(:class:`RestoreRecord`); the next health check reports it (``InstrumentHealth.restored``,
-level at least DEGRADED). A setting whose read-back still differs raises
-:class:`~drivers.errors.SettingsLostError`; the errors of the instrument calls themselves
-propagate unchanged (all :class:`~drivers.errors.InstrumentError`).
+Before anything is read back, the instrument's identity (manufacturer, model, serial
+number, as the driver reads it) is compared with the one found at the first connect
+(:meth:`SettingsMemory.remember_identity`): another instrument on the same port or
+address (swapped, or a second unit answering) raises
+:class:`~drivers.errors.InstrumentChangedError` naming both identities, and nothing is
+set on it. Every remembered setting is then read back; if one differs, the driver's
+connect-time setup runs again (``reconfigure``), every remembered setting is applied
+again in the order it was made, those that switch something on (``enables``: emission,
+arming, outputs, shutter) last, and all are read back once more. What was found and put
+back is recorded (:class:`RestoreRecord`); the next health check reports it
+(``InstrumentHealth.restored``, level at least DEGRADED). A setting whose read-back
+still differs raises :class:`~drivers.errors.SettingsLostError`; the errors of the
+instrument calls themselves propagate unchanged (all
+:class:`~drivers.errors.InstrumentError`).
 
 The memory holds what the driver was told, so a setting changed on purpose through the
 driver is never "restored" away; only a change behind the driver's back is.
@@ -37,7 +43,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from drivers.errors import SettingsLostError
+from drivers.errors import InstrumentChangedError, SettingsLostError
 from drivers.interfaces import HealthLevel, InstrumentHealth
 
 log = logging.getLogger(__name__)
@@ -78,6 +84,13 @@ class _Remembered:
     enables: bool
 
 
+def identity_fields(identity: str, fields: int = 3) -> str:
+    """The first ``fields`` comma-separated fields of an identity string (``*IDN?``:
+    manufacturer, model, serial number; the firmware version is left out, so that an
+    update of it is not taken for another instrument)."""
+    return ",".join(part.strip() for part in identity.split(",")[:fields])
+
+
 def _show(v: Value) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
@@ -102,6 +115,10 @@ class SettingsMemory:
         self.instrument = instrument
         self._settings: dict[str, _Remembered] = {}
         self._records: list[RestoreRecord] = []
+        self._identity: tuple[str, Callable[[], str]] | None = None
+        #: the identity was just read and compared (at connect): the check that follows
+        #: does not read it again
+        self._identity_fresh = False
         self._restoring = False
         self._lock = threading.Lock()
 
@@ -127,6 +144,36 @@ class SettingsMemory:
         """
         self._settings.pop(name, None)
         self._settings[name] = _Remembered(value, apply, read, tolerance, enables)
+
+    def remember_identity(self, identity: str, read: Callable[[], str]) -> None:
+        """The instrument answering at the first connect is ``identity``; ``read`` reads
+        it again (the same fields, e.g. manufacturer, model and serial number). Kept for
+        the driver's life: a later identity is compared with it, never replaces it."""
+        if self._identity is None:
+            self._identity = (identity, read)
+            self._identity_fresh = True
+
+    @property
+    def identity(self) -> str | None:
+        """The identity remembered at the first connect (None: none known)."""
+        return None if self._identity is None else self._identity[0]
+
+    def check_identity(self, found: str | None = None) -> None:
+        """Compare the identity now answering (``found``, or read) with the remembered
+        one; :class:`InstrumentChangedError` naming both when they differ."""
+        if self._identity is None:
+            return
+        expected, read = self._identity
+        now = read() if found is None else found
+        self._identity_fresh = found is not None and now == expected
+        if now != expected:
+            log.error(
+                "%s: another instrument answers: expected %r, found %r",
+                self.instrument,
+                expected,
+                now,
+            )
+            raise InstrumentChangedError(self.instrument, "identity", expected, now)
 
     def switching_off(self, name: str) -> None:
         """Setting ``name`` (one that switches something on) is about to be switched off:
@@ -157,12 +204,13 @@ class SettingsMemory:
         """Check and, when settings were lost, put everything back (see the module).
 
         Returns what was put back, or None when nothing was lost (or a check is already
-        running). Raises :class:`SettingsLostError` when the read-back still differs.
+        running). Raises :class:`InstrumentChangedError` when another instrument answers,
+        :class:`SettingsLostError` when the read-back still differs.
         On any failure ``drop_connection`` is called first (the transport's), so that
         the next message reopens the connection and checks again: nothing is used from
         an instrument that is not in the state the driver configured.
         """
-        if self._restoring or not self._settings:
+        if self._restoring or (not self._settings and self._identity is None):
             return None
         self._restoring = True
         try:
@@ -174,6 +222,9 @@ class SettingsMemory:
             self._restoring = False
 
     def _restore(self, reconfigure: Callable[[], None]) -> RestoreRecord | None:
+        if not self._identity_fresh:
+            self.check_identity()
+        self._identity_fresh = False
         changes = self.lost()
         if not changes:
             return None

@@ -12,9 +12,9 @@ import logging
 import re
 
 from drivers.common import DriverOptions, health_check
-from drivers.errors import InstrumentReportedError, ProtocolError
+from drivers.errors import InstrumentChangedError, InstrumentReportedError, ProtocolError
 from drivers.interfaces import HealthLevel, InstrumentHealth
-from drivers.restore import SettingsMemory
+from drivers.restore import SettingsMemory, identity_fields
 from drivers.transports.base import MessageTransport
 from drivers.transports.visa import VisaTransport, resolve_visa
 
@@ -91,6 +91,13 @@ class ScpiInstrument:
                     "*IDN?",
                     f"identity {identity!r} is not a {self.IDN_PATTERN!r} instrument",
                 )
+            try:
+                # another instrument at this address since the first connect: refuse it
+                self.memory.check_identity(identity_fields(identity))
+            except InstrumentChangedError:
+                self.transport.close()
+                raise
+            self.memory.remember_identity(identity_fields(identity), self._identity_now)
             self._identity = identity
             reconnecting = len(self.memory) > 0  # settings made before a close
             self._drain_errors()
@@ -104,6 +111,9 @@ class ScpiInstrument:
         (:mod:`drivers.restore`). Raises SettingsLostError if that fails."""
         with self.transport.lock:
             self.memory.restore(self._reconfigure, self.transport.drop_connection)
+
+    def _identity_now(self) -> str:
+        return identity_fields(self.transport.query("*IDN?"))
 
     def _reconfigure(self) -> None:
         self._drain_errors()

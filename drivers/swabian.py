@@ -137,6 +137,14 @@ class SwabianTimeTagger(TimeTagger):
                     tt.freeTimeTagger(tagger)
                 raise
             self._tt = tt
+            try:
+                # another tagger than at the first connect (resource "" takes the first
+                # one found): refuse it
+                self.memory.check_identity(self.identify())
+            except InstrumentError:
+                self.close()
+                raise
+            self.memory.remember_identity(self.identify(), self.identify)
             self.check_settings()  # after a close: the tagger may have been power-cycled
 
     def check_settings(self) -> None:

@@ -96,9 +96,12 @@ class ThorlabsPM100(ScpiInstrument, OpticalPowerMeter):
         return self._query_float("MEAS:POW?")
 
     def set_range_w(self, range_w: float | None) -> None:
+        """Full-scale range in W (None: auto-ranging). The meter picks the range that
+        holds the value; what it picked is read back and remembered (power cycles)."""
         with self.transport.lock:
             if range_w is None:
                 self._set("SENS:POW:RANG:AUTO 1")
+                self._remember_range()
                 return
             w = check_range(
                 self.name,
@@ -110,6 +113,20 @@ class ThorlabsPM100(ScpiInstrument, OpticalPowerMeter):
             )
             self._set("SENS:POW:RANG:AUTO 0")
             self._set(f"SENS:POW:RANG {w:.6E}")
+            self._remember_range()
+
+    def _range_setting(self) -> float | str:
+        found = self.range_w()
+        return "auto" if found is None else found
+
+    def _remember_range(self) -> None:
+        picked = self._range_setting()
+        self.memory.remember(
+            "range_w",
+            picked,
+            lambda: self.set_range_w(None if isinstance(picked, str) else picked),
+            self._range_setting,
+        )
 
     def range_w(self) -> float | None:
         with self.transport.lock:
@@ -122,6 +139,13 @@ class ThorlabsPM100(ScpiInstrument, OpticalPowerMeter):
         if n != int(n):
             raise OutOfRangeError(self.name, "SENS:AVER:COUN", f"averaging {n} is not whole")
         self._set(f"SENS:AVER:COUN {int(n)}")
+        count = int(n)
+        self.memory.remember(
+            "averaging", float(count), lambda: self.set_averaging(count), self._averaging_float
+        )
+
+    def _averaging_float(self) -> float:
+        return float(self.averaging())
 
     def averaging(self) -> int:
         value = self._query_float("SENS:AVER:COUN?")

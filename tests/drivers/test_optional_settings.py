@@ -29,8 +29,10 @@ def test_pm100_range_averaging_zero_messages() -> None:
             ("SYST:ERR?", OK),
             ("SENS:POW:RANG 1.000000E-04", None),
             ("SYST:ERR?", OK),
-            ("SENS:POW:RANG:AUTO?", "0"),
+            ("SENS:POW:RANG:AUTO?", "0"),  # what the meter picked, remembered
             ("SENS:POW:RANG?", "1.100000E-04"),  # the meter rounds up to its range
+            ("SENS:POW:RANG:AUTO?", "0"),
+            ("SENS:POW:RANG?", "1.100000E-04"),
             ("SENS:AVER:COUN 300", None),
             ("SYST:ERR?", OK),
             ("SENS:CORR:COLL:ZERO:INIT", None),

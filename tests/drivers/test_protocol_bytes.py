@@ -194,6 +194,10 @@ def test_itla_bytes_on_pty() -> None:
         (Reg.LFH2, 2500),
     ]
     script = [(bytes([0x00, 0x00, 0x00, 0x00]), encode_reply(Status.OK, 0x00, 0x0010))]
+    script += [  # the serial number, remembered to tell another module on this port
+        (encode_request(Reg.SER_NO), encode_reply(Status.AEA, Reg.SER_NO, 2)),
+        (encode_request(Reg.AEA_EAR), encode_reply(Status.OK, Reg.AEA_EAR, 0x3037)),
+    ]
     script += [(encode_request(r), encode_reply(Status.OK, r, d)) for r, d in limits]
     script += [
         # set power 10.00 dBm = 1000 = 0x03E8
@@ -229,6 +233,7 @@ def test_spd_bytes_on_pty() -> None:
     # checksums by hand: L^I^M^? = 0x4C^0x49^0x4D^0x3F = 0x77; O^K = 0x04; A^R^M = 0x5E
     lim_reply = encode_line("OK EFF=5:30 DEAD=1000:100000 DELAY=0:100000 THR=0:3")
     script = [
+        (encode_line("IDN?"), encode_line("OK ACME,SPD-1,SN42,1.0")),  # remembered identity
         (b"LIM?*77\n", lim_reply),
         (encode_line("EFF 12.500"), b"OK*04\n"),
         (b"ARM*5E\n", encode_line("ERR 4 STATE LATCHED")),
