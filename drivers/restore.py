@@ -116,9 +116,6 @@ class SettingsMemory:
         self._settings: dict[str, _Remembered] = {}
         self._records: list[RestoreRecord] = []
         self._identity: tuple[str, Callable[[], str]] | None = None
-        #: the identity was just read and compared (at connect): the check that follows
-        #: does not read it again
-        self._identity_fresh = False
         self._restoring = False
         self._lock = threading.Lock()
 
@@ -151,7 +148,6 @@ class SettingsMemory:
         the driver's life: a later identity is compared with it, never replaces it."""
         if self._identity is None:
             self._identity = (identity, read)
-            self._identity_fresh = True
 
     @property
     def identity(self) -> str | None:
@@ -165,7 +161,6 @@ class SettingsMemory:
             return
         expected, read = self._identity
         now = read() if found is None else found
-        self._identity_fresh = found is not None and now == expected
         if now != expected:
             log.error(
                 "%s: another instrument answers: expected %r, found %r",
@@ -222,9 +217,7 @@ class SettingsMemory:
             self._restoring = False
 
     def _restore(self, reconfigure: Callable[[], None]) -> RestoreRecord | None:
-        if not self._identity_fresh:
-            self.check_identity()
-        self._identity_fresh = False
+        self.check_identity()
         changes = self.lost()
         if not changes:
             return None

@@ -36,6 +36,8 @@ class SpdSimulator(ProtocolHandler):
         self.latch_photon_rate_hz = 1e9
         self.values = dict(FACTORY_DEFAULTS)
         self.state = DetectorStatus.DISARMED
+        #: the ``IDN?`` answer (another unit on the same port: change the serial number)
+        self.identity = "QKDNODE-SIM,SPD-ASCII-1,SN000007,1.0"
         self._buf = bytearray()
         self._rng = random.Random(seed)
 
@@ -83,7 +85,7 @@ class SpdSimulator(ProtocolHandler):
             return encode_line("ERR 5 SYNTAX")
         cmd, _, arg = text.partition(" ")
         if cmd == "IDN?":
-            return encode_line("OK QKDNODE-SIM,SPD-ASCII-1,SN000007,1.0")
+            return encode_line(f"OK {self.identity}")
         if cmd == "LIM?":
             return encode_line(
                 "OK " + " ".join(f"{k}={lo:g}:{hi:g}" for k, (lo, hi) in LIMITS.items())

@@ -43,6 +43,15 @@ class SimDevice:
     raise_next: bool = False
     calls: list[str] = field(default_factory=list)
 
+    def power_cycle(self) -> None:
+        """Off and on: delays, signal conditioning, enabled channels, exposure and clock
+        source back at their power-on defaults (the tags already read stay read)."""
+        self.delays_ps = {}
+        self.conditioning = {}
+        self.enabled_mask = 0
+        self.exposure_ms = 100
+        self.external_clock = False
+
     def advance_s(self, seconds: float) -> None:
         self.now_ps += round(seconds * 1e12)
 

@@ -199,6 +199,10 @@ def test_itla_bytes_on_pty() -> None:
         (encode_request(Reg.AEA_EAR), encode_reply(Status.OK, Reg.AEA_EAR, 0x3037)),
     ]
     script += [(encode_request(r), encode_reply(Status.OK, r, d)) for r, d in limits]
+    script += [  # the settings check at connect compares it again
+        (encode_request(Reg.SER_NO), encode_reply(Status.AEA, Reg.SER_NO, 2)),
+        (encode_request(Reg.AEA_EAR), encode_reply(Status.OK, Reg.AEA_EAR, 0x3037)),
+    ]
     script += [
         # set power 10.00 dBm = 1000 = 0x03E8
         (encode_request(Reg.PWR, 1000, write=True), encode_reply(Status.OK, Reg.PWR, 1000)),
@@ -235,6 +239,7 @@ def test_spd_bytes_on_pty() -> None:
     script = [
         (encode_line("IDN?"), encode_line("OK ACME,SPD-1,SN42,1.0")),  # remembered identity
         (b"LIM?*77\n", lim_reply),
+        (encode_line("IDN?"), encode_line("OK ACME,SPD-1,SN42,1.1")),  # compared at the check
         (encode_line("EFF 12.500"), b"OK*04\n"),
         (b"ARM*5E\n", encode_line("ERR 4 STATE LATCHED")),
         (encode_line("STATE?"), encode_line("OK LATCHED")),
