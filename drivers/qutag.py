@@ -35,6 +35,11 @@ channels). The wrapper has no dead-time setting: :meth:`set_dead_time_ps` raises
 NotSupportedError.
 Every vendor exception or surprising value leaves the public methods as a typed
 :class:`InstrumentError`.
+
+Power cycles (:mod:`drivers.restore`): the delays, thresholds, edges and clock source set
+through this driver are read back at every :meth:`health` and at a connect after a close;
+lost ones are put back after the connect-time setup (channels enabled, exposure) is made
+again. The wrapper offers no serial number, so a swapped quTAG is not told apart.
 """
 
 from __future__ import annotations
