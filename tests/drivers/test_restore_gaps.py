@@ -196,3 +196,47 @@ def test_another_laser_module_on_the_port_is_refused_at_connect() -> None:
     finally:
         laser.close()
         srv.stop()
+
+
+def test_another_time_controller_at_the_endpoint_is_found_by_health(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from drivers.idq_time_controller import IdqTimeController, IdqTimeControllerOptions
+    from drivers.scpisim import idq_time_controller as tc_sim
+    from drivers.scpisim.idq_time_controller import IdqTimeControllerSim
+
+    with IdqTimeControllerSim() as sim:
+        opts = IdqTimeControllerOptions(dlt_endpoint=sim.dlt_endpoint, channels=[1, 2])
+        tc = IdqTimeController("tc0", sim.endpoint, 0.5, opts)
+        tc.connect()
+        tc.set_input_delay_ps(2, 120)
+        assert tc.health().level is HealthLevel.OK
+        monkeypatch.setattr(tc_sim, "IDN", "ID Quantique,ID1000,SIM00077,2.0.0 (simulated)")
+        health = tc.health()
+        assert health.level is HealthLevel.FAULT
+        assert "SIM00042" in health.message and "SIM00077" in health.message
+        tc.close()
+
+
+def test_another_swabian_tagger_found_at_connect_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Resource "" takes the first tagger found: after a close, another one may be it."""
+    from drivers.swabian import SwabianOptions, SwabianTimeTagger
+    from tests.drivers.swabian_standin import SimDevice as SwabianDevice
+    from tests.drivers.swabian_standin import make_module
+
+    first = SwabianDevice(serial="2138000ABC", channels=(1, 2, 3, 4))
+    monkeypatch.setitem(sys.modules, "TimeTagger", make_module(first))
+    tt = SwabianTimeTagger("tt0", "", 1.0, SwabianOptions(channels=[1, 2]))
+    tt.connect()
+    tt.set_input_delay_ps(1, 250)
+    tt.close()
+    other = SwabianDevice(serial="2138000XYZ", channels=(1, 2, 3, 4))
+    monkeypatch.setitem(sys.modules, "TimeTagger", make_module(other))
+    with pytest.raises(InstrumentChangedError) as info:
+        tt.connect()
+    assert "2138000ABC" in info.value.expected_identity
+    assert "2138000XYZ" in info.value.found_identity
+    assert other.input_delay_ps.get(1, 0) == 0, "nothing may be set on another tagger"
+    tt.close()
