@@ -25,6 +25,7 @@ from drivers.interfaces import (
     Laser,
     LaserStatus,
     OpticalPowerMeter,
+    PolarizationController,
     SinglePhotonDetector,
     TagBlock,
     TimeTagger,
@@ -38,8 +39,10 @@ from drivers.keysight_33500 import (
     Keysight33500IntensityModulator,
 )
 from drivers.oif_itla import OifItlaLaser, OifItlaOptions
+from drivers.ozoptics_epc import OzOpticsEpc, OzOpticsEpcOptions
 from drivers.scpisim import ScpiModelTransport
 from drivers.scpisim.keysight_816x import Keysight816xModel
+from drivers.serialsim.epc_sim import EpcSimulator
 from drivers.serialsim.itla_sim import ItlaSimulator
 from drivers.serialsim.server import SimServer
 from drivers.serialsim.spd_sim import SpdSimulator
@@ -126,6 +129,8 @@ PAIRS: dict[str, Factory] = {
     ),
     "ascii_spd_tcp": _serial(AsciiSpd, type(AsciiSpd.Options()), SpdSimulator, "tcp"),
     "ascii_spd_pty": _serial(AsciiSpd, type(AsciiSpd.Options()), SpdSimulator, "pty"),
+    "ozoptics_epc_tcp": _serial(OzOpticsEpc, OzOpticsEpcOptions, EpcSimulator, "tcp"),
+    "ozoptics_epc_pty": _serial(OzOpticsEpc, OzOpticsEpcOptions, EpcSimulator, "pty"),
     "timetag_file": _tagfile,
 }
 
@@ -265,5 +270,16 @@ def test_class_contract(dut: tuple[Instrument, Callable[[], int]]) -> None:
         assert set(rates) == {1, 2} and rates[1] == pytest.approx(2 / 1e-9)
         inst.safe_state()
         assert inst.read_block(0.01) is None
+    elif isinstance(inst, PolarizationController):
+        _check_limits(inst.retardance_range_rad)
+        n = len(inst.axes_deg)
+        lo, hi = inst.retardance_range_rad
+        wanted = tuple(lo + (hi - lo) * (k + 1) / (n + 1) for k in range(n))
+        inst.set_retardances_rad(wanted)
+        assert inst.retardances_rad() == pytest.approx(wanted, abs=0.01)
+        _assert_refused_before_sending(count, lambda: inst.set_retardances_rad((hi + 0.1,) * n))
+        _assert_refused_before_sending(count, lambda: inst.set_retardances_rad((0.0,) * (n + 1)))
+        inst.safe_state()  # nothing to make safe: the compensation stays
+        assert inst.retardances_rad() == pytest.approx(wanted, abs=0.01)
     else:  # pragma: no cover
         pytest.fail(f"no contract for {type(inst)}")
