@@ -1,6 +1,6 @@
-"""Identifying what answers on a TCP endpoint, or which quTAG a vendor library sees.
+"""Identifying what answers on a TCP endpoint, or what a vendor library sees.
 
-Used by :func:`drivers.registry.probe` for ``tcp://`` and ``qutag:`` resources. Each
+Used by :func:`drivers.registry.probe` for ``tcp://``, ``qutag:`` and ``aurea:`` resources. Each
 attempt runs the real driver's connect, so a probe that succeeds means the driver works.
 """
 
@@ -78,4 +78,29 @@ def probe_qutag(resource: str, timeout_s: float) -> dict[str, Any]:
         "protocol": module,
         "identity": identity,
         "suggested_drivers": ["qutag"],
+    }
+
+
+def probe_aurea(resource: str, timeout_s: float) -> dict[str, Any]:
+    """``aurea:`` or ``aurea:MODULE``: open the first detector through Aurea's wrapper and
+    identify it (nothing is set on it)."""
+    from drivers.aurea_spd import AureaSpd, AureaSpdOptions
+
+    module = resource.partition(":")[2] or AureaSpdOptions().vendor_module
+    try:
+        options = AureaSpdOptions(vendor_module=module)
+    except ValidationError:
+        raise DriverConfigError("probe", "resource", f"{module!r} is not a module name") from None
+    detector = AureaSpd("probe", "", timeout_s, options)
+    try:
+        detector.connect()
+        identity = detector.identify()
+    finally:
+        detector.close()
+    return {
+        "resource": resource,
+        "transport": "vendor library",
+        "protocol": module,
+        "identity": identity,
+        "suggested_drivers": ["aurea_spd"],
     }

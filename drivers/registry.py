@@ -86,6 +86,13 @@ DRIVERS: dict[str, DriverEntry] = {
         "SinglePhotonDetector",
         "Single Quantum SNSPD controller, one detector (JSON over TCP 12000, counts on 12345)",
     ),
+    # --- real drivers: vendor libraries ---------------------------------------------------
+    "aurea_spd": DriverEntry(
+        "drivers.aurea_spd:AureaSpd",
+        "SinglePhotonDetector",
+        "Aurea Technology gated InGaAs detector (SPD OEM) through the vendor's SPD_OEM wrapper "
+        "(resource: device name or '')",
+    ),
     # --- time taggers -----------------------------------------------------------------
     "idq_time_controller": DriverEntry(
         "drivers.idq_time_controller:IdqTimeController",
@@ -228,7 +235,8 @@ def probe(resource: str, timeout_s: float = 2.0, visa_library: str = "") -> dict
     as SPD-ASCII (``IDN?``), then as an OZ Optics EPC driver (``V?``). ``tcp://HOST:PORT``
     is tried as a Single Quantum SNSPD controller (JSON labels) and then as a ZeroMQ SCPI
     endpoint (``*IDN?``, the ID Quantique Time Controller). ``qutag:`` (or
-    ``qutag:MODULE``) loads qutools' wrapper and asks the device. Raises an
+    ``qutag:MODULE``) loads qutools' wrapper and asks the device; ``aurea:`` (or
+    ``aurea:MODULE``) loads Aurea's SPD_OEM wrapper and asks the first detector. Raises an
     :class:`InstrumentError` when nothing answers.
     """
     if resource.startswith("tcp://"):
@@ -239,6 +247,10 @@ def probe(resource: str, timeout_s: float = 2.0, visa_library: str = "") -> dict
         from drivers.probe_network import probe_qutag
 
         return probe_qutag(resource, timeout_s)
+    if resource.startswith("aurea:"):
+        from drivers.probe_network import probe_aurea
+
+        return probe_aurea(resource, timeout_s)
     if _is_visa(resource):
         return _probe_visa(resource, timeout_s, visa_library)
     return _probe_serial(resource, timeout_s)
