@@ -53,7 +53,9 @@ current. The detector has no latch: :meth:`AureaSpd.reset_latch` only disarms.
 
 The library cannot be opened again at once after a close: the receiver's control code
 measured a crash on an immediate re-open and spaces them by 0.5 s; :meth:`AureaSpd.connect`
-waits out ``options.reopen_gap_s`` since this driver's last close.
+waits out ``options.reopen_gap_s`` since this driver's last close. The same code found the
+library aborting the process when several processes open the device in turn, so one
+process (the node) should own the detector; this driver does not guard against others.
 
 Power cycles (:mod:`drivers.restore`): the identity (system version) is compared and the
 efficiency, dead time, mode and output state set through this driver are read back at
@@ -164,11 +166,13 @@ class AureaSpd(SinglePhotonDetector):
             raise ProtocolError(self.name, command, f"vendor library: {exc!r}") from exc
 
     def _raw(self, command: str, *args: Any) -> Any:
-        lib = self._lib
-        if lib is None:
-            raise NotConnectedError(self.name, command, "not connected")
-        with self._vendor(command):
-            return getattr(lib, command)(self._dev, *args)
+        """One library call at a time (the receiver's code serialises them too)."""
+        with self._lock:
+            lib = self._lib
+            if lib is None:
+                raise NotConnectedError(self.name, command, "not connected")
+            with self._vendor(command):
+                return getattr(lib, command)(self._dev, *args)
 
     def _code(self, command: str, ret: Any) -> None:
         if not isinstance(ret, int) or isinstance(ret, bool):

@@ -53,6 +53,22 @@ def spd(device: SimDevice) -> Iterator[AureaSpd]:
 # --- the wrapper's facts ---------------------------------------------------------------
 
 
+def test_life_cycle_and_health(device: SimDevice, spd: AureaSpd) -> None:
+    spd.connect()  # idempotent: no second open
+    assert device.calls.count("openDevice") == 1
+    assert spd.health().level is HealthLevel.OK
+    spd.safe_state()
+    spd.safe_state()  # already safe: must not raise
+    spd.close()
+    spd.close()
+    assert not device.is_open
+    health = spd.health()  # never raises, reports the fault
+    assert health.level is HealthLevel.FAULT and "spd0" in health.message
+    with pytest.raises(NotConnectedError):
+        spd.identify()
+    spd.safe_state()  # not connected: nothing to do, no error
+
+
 def test_connect_reads_the_offered_efficiencies_and_dead_time_bounds(
     device: SimDevice, spd: AureaSpd
 ) -> None:
@@ -177,7 +193,9 @@ def test_gated_counts_follow_light_efficiency_temperature_and_dead_time(
     assert 0 < dark < lit
     warm_dark = _rate(spd, device, photons_per_gate=0.0, body_temp_c=35.0)
     assert warm_dark == pytest.approx(2 * dark, rel=0.01)  # dark counts double per 10 C
-    device.body_temp_c = 25.0
+    wide_dark = _rate(spd, device, body_temp_c=25.0, gate_width_ns=2.0)
+    assert wide_dark == pytest.approx(2 * dark, rel=0.01)  # dark probability per gate width
+    device.gate_width_ns = 1.0
     spd.set_efficiency_pct(20)
     assert _rate(spd, device, photons_per_gate=0.1) > lit
     spd.set_dead_time_ns(50_000)  # more gates lost after each click
