@@ -6,6 +6,7 @@ library shows, power cycles, and the CLI."""
 from __future__ import annotations
 
 import json
+import random
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -370,3 +371,65 @@ def test_registered_and_probed(device: SimDevice, capsys: pytest.CaptureFixture[
     device.names = []
     assert main(["drivers", "probe", "aurea:"]) == 1
     assert "no Aurea detector" in capsys.readouterr().err
+
+
+# --- a hostile library: every public method, random junk from every call ------------------
+
+JUNK: list[Any] = [
+    None,
+    -1,
+    -32768,
+    True,
+    "garbage",
+    b"\x00\xff",
+    (),
+    (0,),
+    (-1, 0),
+    ("0", 5),
+    (0, float("nan")),
+    (0, float("inf"), 1.0),
+    (0, 1e300),
+    (0, True),
+    (0, -5),
+    (0, "", ""),
+    (0, None, None),
+    (0, [1, 2]),
+    ([], "2"),
+    (["SPD_OEM_0042"], 3),
+]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_hostile_library_lets_only_typed_errors_escape(
+    device: SimDevice, monkeypatch: pytest.MonkeyPatch, seed: int
+) -> None:
+    from tests.drivers.test_hostile_transport import exercise
+
+    rng = random.Random(seed)
+    names = [n for n in dir(aurea_standin) if n[:1].islower() and n[:3] in ("get", "set", "ope")]
+    names += ["listDevices", "closeDevice"]
+
+    def hostile(real: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any) -> Any:
+            roll = rng.random()
+            if roll < 0.15:
+                raise OSError("exception: access violation")
+            if roll < 0.45:
+                return rng.choice(JUNK)
+            return real(*args)
+
+        return call
+
+    for name in set(names):
+        monkeypatch.setattr(aurea_standin, name, hostile(getattr(aurea_standin, name)))
+    spd = AureaSpd("dut", "", 0.5, FAST)
+
+    def reconnect() -> None:
+        try:
+            spd.connect()
+        except InstrumentError:
+            pass
+
+    reconnect()
+    found = exercise(spd, reconnect, rng, 300)
+    found.check()
