@@ -56,6 +56,9 @@ measured a crash on an immediate re-open and spaces them by 0.5 s; :meth:`AureaS
 waits out ``options.reopen_gap_s`` since this driver's last close. The same code found the
 library aborting the process when several processes open the device in turn, so one
 process (the node) should own the detector; this driver does not guard against others.
+That code also lets the detector settle after a mode change (it sleeps about 0.5 s); no
+source gives a settling time, and this driver does not wait: counts read at once after
+:meth:`AureaSpd.set_mode` may belong to the old mode.
 
 Power cycles (:mod:`drivers.restore`): the identity (system version) is compared and the
 efficiency, dead time, mode and output state set through this driver are read back at
