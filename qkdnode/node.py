@@ -135,6 +135,8 @@ class Node(DaemonBase):
             server_name=self.cfg.node.id,
         )
         await self.control.start()
+        control = self.control
+        self.sm.add_listener(lambda _record: control.monitor_changed())
         self.peer = PeerChannel(self.zctx, bus, self.role, secret)
         await self.peer.start()
         if self.cfg.metrics.enabled:

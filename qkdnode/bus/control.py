@@ -11,6 +11,11 @@ The socket is read edge-triggered from the event loop (``add_reader`` on the Zer
 draining queued messages in batches; handlers that finish without awaiting are run
 inline (see :mod:`qkdnode.bus.eager`), others as tasks, so a slow command never blocks
 the others.
+
+With ``bus.monitor_endpoint`` set, the server also runs the monitor endpoint
+(:mod:`qkdnode.bus.monitor`): a second socket whose thread answers ``status`` and
+``alarms`` from snapshots this server re-takes on the loop (periodically, after every
+operator command, and when :meth:`ControlServer.monitor_changed` is called).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from qkdnode.bus.envelope import (
     reply_bytes,
 )
 from qkdnode.bus.errors import CommandError, ErrorCode
+from qkdnode.bus.monitor import REFRESHES_PER_MAX_AGE, SNAPSHOT_COMMANDS, MonitorServer
 from qkdnode.bus.ratelimit import TokenBuckets
 from qkdnode.bus.sockets import bound_endpoint, set_heartbeat
 from qkdnode.bus.zap import ZapHandler, allowlist, secure_and_bind
@@ -173,6 +179,11 @@ class ControlServer:
             spec = telemetry.command_spec()
             self._builtins[spec.name] = spec
         self.endpoint: str = bus_config.control_endpoint
+        self._monitor: MonitorServer | None = None
+        self._monitor_zap: ZapHandler | None = None
+        self._monitor_task: asyncio.Task[None] | None = None
+        #: The monitor endpoint actually bound (None when ``bus.monitor_endpoint`` is unset).
+        self.monitor_endpoint: str | None = None
 
     # ----------------------------------------------------------------- life cycle
     async def start(self) -> None:
@@ -210,8 +221,71 @@ class ControlServer:
             curve=not self._plaintext,
             commands=len(self._commands),
         )
+        if self._bus.monitor_endpoint is not None:
+            try:
+                self._start_monitor(self._bus.monitor_endpoint)
+            except BaseException:
+                await self.stop()
+                raise
+
+    def _start_monitor(self, endpoint: str) -> None:
+        sock: zmq.Socket[bytes] = zmq.Socket(self._ctx, zmq.ROUTER)
+        sock.linger = 0
+        sock.setsockopt(zmq.MAXMSGSIZE, self._bus.max_control_frame_bytes)
+        sock.sndhwm = 100_000
+        sock.rcvhwm = 100_000
+        set_heartbeat(sock, self._bus.heartbeat_interval_s, self._bus.heartbeat_liveness)
+        self._monitor_zap = secure_and_bind(
+            sock,
+            self._ctx,
+            component="monitor",
+            endpoint=endpoint,
+            endpoint_key="bus.monitor_endpoint",
+            plaintext=self._plaintext,
+            secret_key=self._secret,
+            missing_key_error=(
+                "bus.server_secret_key_file: a CURVE secret key is required "
+                "unless bus.allow_plaintext is true"
+            ),
+            domain=CONTROL_DOMAIN,
+            allow=allowlist(self._bus, frozenset({"monitor", "operator"})),
+        )
+        self.monitor_endpoint = bound_endpoint(sock)
+        monitor = MonitorServer(
+            sock,
+            [spec for n in SNAPSHOT_COMMANDS if (spec := self._commands.get(n)) is not None],
+            max_age_s=self._bus.monitor_max_age_s,
+            max_frame_bytes=self._bus.max_control_frame_bytes,
+            limits=self._limits,
+            caller_of=self._caller,
+            plaintext=self._plaintext,
+        )
+        monitor.refresh()
+        monitor.start()
+        self._monitor = monitor
+        self._monitor_task = asyncio.create_task(self._refresh_monitor(), name="monitor-refresh")
+        log.info(
+            "bus.monitor.listening",
+            endpoint=self.monitor_endpoint,
+            curve=not self._plaintext,
+            commands=monitor.commands,
+            max_age_s=monitor.max_age_s,
+        )
+
+    async def _refresh_monitor(self) -> None:
+        interval_s = self._bus.monitor_max_age_s / REFRESHES_PER_MAX_AGE
+        while self._monitor is not None:
+            await asyncio.sleep(interval_s)
+            self.monitor_changed()
+
+    def monitor_changed(self) -> None:
+        """Re-take the monitor endpoint's snapshots now (something they show changed);
+        no-op without a monitor endpoint. Event loop thread only."""
+        if self._monitor is not None:
+            self._monitor.refresh()
 
     async def stop(self) -> None:
+        await self._stop_monitor()
         sock, self._sock = self._sock, None
         if sock is None:
             return
@@ -227,6 +301,20 @@ class ControlServer:
             self._zap.release()
             self._zap = None
         log.info("bus.control.stopped", endpoint=self.endpoint)
+
+    async def _stop_monitor(self) -> None:
+        monitor, self._monitor = self._monitor, None
+        task, self._monitor_task = self._monitor_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if monitor is not None:
+            await asyncio.to_thread(monitor.stop)
+            log.info("bus.monitor.stopped", endpoint=self.monitor_endpoint)
+        if self._monitor_zap is not None:
+            self._monitor_zap.release()
+            self._monitor_zap = None
 
     @property
     def running(self) -> bool:
@@ -521,6 +609,7 @@ class ControlServer:
         self._schedule_recheck()
 
     def _handler_failed(self, origin: _Origin, env: RequestEnvelope, exc: BaseException) -> None:
+        self._after_command(env)
         if isinstance(exc, CommandError):
             self._refuse(origin, env.id, env.command, exc.code, exc.message, exc.details)
             return
@@ -541,7 +630,16 @@ class ControlServer:
             {"field": "command"},
         )
 
+    def _after_command(self, env: RequestEnvelope) -> None:
+        """An operator command may have changed what the monitor snapshots show: re-take
+        them before its answer leaves, so its caller never reads an older one."""
+        if self._monitor is not None:
+            spec = self._commands.get(env.command or "")
+            if spec is not None and spec.role == "operator":
+                self.monitor_changed()
+
     def _reply(self, origin: _Origin, env: RequestEnvelope, result: Any) -> None:
+        self._after_command(env)
         if not isinstance(result, dict):
             self._refuse(
                 origin,

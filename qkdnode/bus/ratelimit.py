@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 
@@ -10,7 +11,8 @@ class TokenBuckets:
 
     :meth:`take` returns 1 (serve), 0 (refuse with an error reply) or -1 (drop silently:
     the client keeps flooding after being refused, answering would only feed the flood).
-    Idle buckets are forgotten so that memory stays bounded.
+    Idle buckets are forgotten so that memory stays bounded. Thread-safe: the control
+    socket (event loop) and the monitor endpoint (its own thread) share one instance.
     """
 
     def __init__(self, rate_per_s: float, burst: float | None = None, max_keys: int = 10_000):
@@ -20,9 +22,13 @@ class TokenBuckets:
         self._buckets: dict[bytes, list[float]] = {}
         self.refused = 0
         self.dropped = 0
+        self._lock = threading.Lock()
 
     def take(self, key: bytes, now: float | None = None) -> int:
-        t = time.monotonic() if now is None else now
+        with self._lock:
+            return self._take(key, time.monotonic() if now is None else now)
+
+    def _take(self, key: bytes, t: float) -> int:
         bucket = self._buckets.get(key)
         if bucket is None:
             if len(self._buckets) >= self.max_keys:

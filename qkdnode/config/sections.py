@@ -188,10 +188,26 @@ class BusSection(Section):
     max_inflight_requests: int = Field(
         1024, ge=1, description="control requests being handled at once; more get 'busy'"
     )
+    monitor_endpoint: str | None = Field(
+        None,
+        description="a second control socket, for monitoring: 'status' and 'alarms' "
+        "answered by a thread of their own from a snapshot at most monitor_max_age_s old "
+        "(same keys, roles and rate limit as control_endpoint; nothing else is served); "
+        "off when unset",
+    )
+    monitor_max_age_s: float = Field(
+        0.5,
+        ge=0.01,
+        le=60,
+        description="oldest snapshot the monitor endpoint serves (s); the event loop "
+        "re-takes it five times as often, and on every state change",
+    )
 
-    @field_validator("control_endpoint", "telemetry_endpoint", "peer_endpoint")
+    @field_validator("control_endpoint", "telemetry_endpoint", "peer_endpoint", "monitor_endpoint")
     @classmethod
-    def _endpoint(cls, v: str) -> str:
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
         if not (v.startswith("tcp://") or v.startswith("ipc://")):
             raise ValueError(f"must start with tcp:// or ipc://, got {v!r}")
         if v.startswith("tcp://") and "*" in v:

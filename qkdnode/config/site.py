@@ -346,6 +346,8 @@ def _clashes(
         claim(f"link {link.id!r}", f"{w}.id")
         claim(cfg.bus.control_endpoint, f"{w}.bus.control_endpoint")
         claim(cfg.bus.telemetry_endpoint, f"{w}.bus.telemetry_endpoint")
+        if cfg.bus.monitor_endpoint is not None:
+            claim(cfg.bus.monitor_endpoint, f"{w}.bus.monitor_endpoint")
         if cfg.node.role == "transmitter":  # the transmitter binds the peer endpoint
             claim(cfg.bus.peer_endpoint, f"{w}.bus.peer_endpoint")
         if cfg.metrics.enabled:
