@@ -5,14 +5,16 @@ CURVE on, its telemetry publisher running and five monitor clients listed with k
 their own, waits for ``daemon_ready``, then alternates, repetition by repetition:
 
 - ``status`` round trips from the blocking :class:`~qkdnode.client.Client` (CURVE), at
-  most 4000 per second (below the default per-client rate limit);
+  most 4000 per second (below the default per-client rate limit), on the control socket
+  (the event loop's path) and on the monitor endpoint (``bus.monitor_endpoint``: a
+  thread answering from a snapshot at most ``bus.monitor_max_age_s`` old);
 - bare pyzmq DEALER -> ROUTER echoes (100-byte frame, a Python echo loop in another
   process, paced alike), plaintext and CURVE: the floor set by ZeroMQ, loopback and one Python call
   per message at each end;
 - ``status`` throughput from 4 client processes, each with its own key (the per-client
   rate limit of the configuration applies to each), 64 requests in flight each; only
   ``reply`` answers count, an ``error`` answer (or a request left unanswered, as the
-  rate limit does to a flood) makes the row fail.
+  rate limit does to a flood) makes the row fail; on each of the two sockets.
 
 Rows are medians over the repetitions; the ratio rows are medians of the per-repetition
 ratios, so slow phases of a shared machine hit both sides of a ratio alike.
@@ -57,6 +59,7 @@ class BenchDaemon:
     proc: subprocess.Popen[bytes]
     log_path: Path
     endpoint: str
+    monitor_endpoint: str
     server_public: bytes
     client_keys: tuple[tuple[bytes, bytes], ...]
     ready_s: float
@@ -73,13 +76,21 @@ def start_daemon(
     :data:`READY_TIMEOUT_S`; the process is killed then.
     """
     from qkdnode.demo.config import apply_overrides, load_demo_config
-    from qkdnode.demo.nodeconfig import CurveKeys, Endpoints, node_config_dict, to_toml
+    from qkdnode.demo.nodeconfig import (
+        CurveKeys,
+        Endpoints,
+        free_tcp_ports,
+        node_config_dict,
+        to_toml,
+    )
 
     cfg = apply_overrides(load_demo_config(None), security="curve", out_dir=out_dir)
     ep = Endpoints.allocate()
     keys = CurveKeys.generate(out_dir / "keys")
     data = node_config_dict(cfg, "transmitter", out_dir, ep, keys)
     data["node"]["log_level"] = "info"
+    monitor_endpoint = f"tcp://127.0.0.1:{free_tcp_ports(1)[0]}"
+    data["bus"]["monitor_endpoint"] = monitor_endpoint
     pairs = tuple(generate_keypair() for _ in range(clients))
     data["bus"]["clients"] += [
         {"name": f"bench{i}", "public_key": pub.decode(), "role": "monitor"}
@@ -107,6 +118,7 @@ def start_daemon(
         proc,
         log_path,
         ep.tx_control,
+        monitor_endpoint,
         keys.tx_public.encode(),
         pairs,
         time.perf_counter() - t0,
@@ -169,9 +181,11 @@ def _paced(exchange: Any, n: int) -> list[float]:
     return out
 
 
-def status_rtts_s(daemon: BenchDaemon, n: int) -> list[float]:
-    """``n`` sequential ``status`` round trips (seconds) after a warm-up, CURVE."""
-    with Client(daemon.endpoint, daemon.server_public, daemon.client_keys[0], 10.0) as c:
+def status_rtts_s(daemon: BenchDaemon, n: int, monitor: bool = False) -> list[float]:
+    """``n`` sequential ``status`` round trips (seconds) after a warm-up, CURVE, on the
+    control socket or (``monitor``) the monitor endpoint."""
+    endpoint = daemon.monitor_endpoint if monitor else daemon.endpoint
+    with Client(endpoint, daemon.server_public, daemon.client_keys[0], 10.0) as c:
         return _paced(lambda: c.request("status"), n)
 
 
@@ -216,13 +230,16 @@ def echo_rtts_s(n: int, curve: bool) -> list[float]:
         proc.wait(10)
 
 
-def status_throughput(daemon: BenchDaemon, seconds: float) -> tuple[float, int]:
+def status_throughput(
+    daemon: BenchDaemon, seconds: float, monitor: bool = False
+) -> tuple[float, int]:
     """(``status`` replies per second summed over :data:`LOAD_CLIENTS` processes, error
-    answers). Each process uses its own key (``client_keys[1:]``)."""
+    answers). Each process uses its own key (``client_keys[1:]``); control socket or
+    (``monitor``) monitor endpoint."""
     procs = [
         _spawn(
             "load",
-            daemon.endpoint,
+            daemon.monitor_endpoint if monitor else daemon.endpoint,
             daemon.server_public.decode(),
             pub.decode(),
             sec.decode(),
@@ -245,39 +262,51 @@ def status_throughput(daemon: BenchDaemon, seconds: float) -> tuple[float, int]:
 def bench_daemon_control(quick: bool) -> list[dict[str, Any]]:
     """The rows described in the module docstring."""
     n, reps, seconds = (300, 1, 0.5) if quick else (3000, 5, 3.0)
-    p50, p99, plain, curve, ratio_curve, ratio_plain, tput, errors = (
-        [],
-        [],
-        [],
-        [],
-        [],
-        [],
-        [],
-        [],
-    )
+    p50: list[float] = []
+    p99: list[float] = []
+    m50: list[float] = []
+    m99: list[float] = []
+    plain: list[float] = []
+    curve: list[float] = []
+    ratio_curve: list[float] = []
+    ratio_plain: list[float] = []
+    ratio_monitor: list[float] = []
+    tput: list[float] = []
+    mtput: list[float] = []
+    errors: list[int] = []
     with tempfile.TemporaryDirectory(prefix="qkdnode-busbench-") as tmp:
         daemon = start_daemon(Path(tmp))
         try:
             for _ in range(reps):
                 st = status_rtts_s(daemon, n)
-                ep = _pct(echo_rtts_s(n, curve=False), 0.5) * 1e6
                 ec = _pct(echo_rtts_s(n, curve=True), 0.5) * 1e6
+                mt = status_rtts_s(daemon, n, monitor=True)
+                ep = _pct(echo_rtts_s(n, curve=False), 0.5) * 1e6
                 s50 = _pct(st, 0.5) * 1e6
+                ms50 = _pct(mt, 0.5) * 1e6
                 p50.append(s50)
                 p99.append(_pct(st, 0.99) * 1e6)
+                m50.append(ms50)
+                m99.append(_pct(mt, 0.99) * 1e6)
                 plain.append(ep)
                 curve.append(ec)
                 ratio_curve.append(s50 / ec)
                 ratio_plain.append(s50 / ep)
+                ratio_monitor.append(ms50 / ec)
                 rate, errs = status_throughput(daemon, seconds)
                 tput.append(rate)
-                errors.append(errs)
+                mrate, merrs = status_throughput(daemon, seconds, monitor=True)
+                mtput.append(mrate)
+                errors.append(errs + merrs)
         finally:
             stop_daemon(daemon)
     med = statistics.median
     where = (
         f"real daemon (simulated transmitter, CURVE, telemetry publisher on), "
         f"command 'status', blocking client; median of {reps} x {n}"
+    )
+    mwhere = (
+        f"as above on bus.monitor_endpoint (thread, snapshot <= 0.5 s old); median of {reps} x {n}"
     )
     return [
         {
@@ -293,6 +322,20 @@ def bench_daemon_control(quick: bool) -> list[dict[str, Any]]:
             "unit": "us",
             "target": "<= 1000",
             "note": where,
+        },
+        {
+            "name": "bus.daemon_status_monitor_rtt_p50",
+            "value": round(med(m50), 1),
+            "unit": "us",
+            "target": "-",
+            "note": mwhere,
+        },
+        {
+            "name": "bus.daemon_status_monitor_rtt_p99",
+            "value": round(med(m99), 1),
+            "unit": "us",
+            "target": "<= 1000",
+            "note": mwhere,
         },
         {
             "name": "bus.echo_rtt_p50_plaintext",
@@ -313,8 +356,17 @@ def bench_daemon_control(quick: bool) -> list[dict[str, Any]]:
             "name": "bus.daemon_status_over_echo_curve",
             "value": round(med(ratio_curve), 2),
             "unit": "x",
+            "target": "-",
+            "note": "daemon status p50 (control socket) / bare CURVE echo p50, median of "
+            "per-repetition ratios",
+        },
+        {
+            "name": "bus.daemon_status_monitor_over_echo_curve",
+            "value": round(med(ratio_monitor), 2),
+            "unit": "x",
             "target": "<= 1.3",
-            "note": "daemon status p50 / bare CURVE echo p50, median of per-repetition ratios",
+            "note": "daemon status p50 (monitor endpoint) / bare CURVE echo p50, median of "
+            "per-repetition ratios",
         },
         {
             "name": "bus.daemon_status_over_echo_plaintext",
@@ -330,7 +382,14 @@ def bench_daemon_control(quick: bool) -> list[dict[str, Any]]:
             "target": ">= 10000" if sum(errors) == 0 else "error answers",
             "note": f"{LOAD_CLIENTS} client processes with distinct CURVE keys, "
             f"{LOAD_WINDOW} requests in flight each, {seconds:g} s per repetition; "
-            f"error answers: {sum(errors)}",
+            f"error answers (both sockets): {sum(errors)}",
+        },
+        {
+            "name": "bus.daemon_status_monitor_throughput",
+            "value": round(med(mtput)),
+            "unit": "req/s",
+            "target": ">= 10000" if sum(errors) == 0 else "error answers",
+            "note": "as above on bus.monitor_endpoint",
         },
     ]
 

@@ -21,8 +21,9 @@ import itertools
 import json
 import math
 import os
+import re
 import time
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -251,6 +252,42 @@ def parse_request(body: bytes) -> RequestEnvelope:
             parent_id,
         )
     return env
+
+
+class CanonicalRequest(NamedTuple):
+    """The fields of a request in the canonical form (see :func:`parse_canonical`)."""
+
+    id: str
+    type: str
+    command: str | None
+
+
+#: A request exactly as :func:`request_bytes` writes it with empty content: compact
+#: separators, keys in order, an id of letters, digits and ``_.:-``, a plain decimal
+#: ``ts`` of at most 16 integer digits (always finite), optional command and ``{}``.
+_CANONICAL_REQUEST = re.compile(
+    rb'\{"v":%d,"id":"([A-Za-z0-9_.:-]{1,%d})","type":"(request|heartbeat)",'
+    rb'"ts":-?(?:0|[1-9][0-9]{0,15})(?:\.[0-9]{1,20})?'
+    rb'(?:,"command":"([a-z][a-z0-9_.]{0,63})","content":\{\})?\}'
+    % (PROTOCOL_VERSION, MAX_ID_LENGTH)
+)
+
+
+def parse_canonical(body: bytes) -> CanonicalRequest | None:
+    """The request in ``body`` if it is in the canonical form, else None (then
+    :func:`parse_request` decides). Every body this accepts is one that
+    :func:`parse_request` accepts with the same id, type and command and empty content;
+    it only skips the general parser's cost (a few microseconds) for the common case."""
+    m = _CANONICAL_REQUEST.fullmatch(body)
+    if m is None:
+        return None
+    mtype = m.group(2).decode()
+    raw_cmd = m.group(3)
+    if raw_cmd is None and mtype == "request":
+        return None  # the general parser names the missing field
+    return CanonicalRequest(
+        m.group(1).decode(), mtype, raw_cmd.decode() if raw_cmd is not None else None
+    )
 
 
 class IdMaker:

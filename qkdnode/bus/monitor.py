@@ -38,6 +38,7 @@ from qkdnode.bus.envelope import (
     dumps,
     error_bytes,
     field_errors,
+    parse_canonical,
     parse_request,
     reply_bytes,
 )
@@ -243,16 +244,24 @@ class MonitorServer:
                 {"field": "frames[1]", "bytes": len(body), "limit": self._max_frame},
             )
             return
-        try:
-            env = parse_request(body)
-        except EnvelopeError as exc:
-            self._refuse(identity, exc.parent_id, exc.command, exc.code, exc.message, exc.details)
-            return
+        canonical = parse_canonical(body)
+        content: dict[str, Any] = {}
+        if canonical is not None:
+            parent_id, mtype, command = canonical
+        else:
+            try:
+                env = parse_request(body)
+            except EnvelopeError as exc:
+                self._refuse(
+                    identity, exc.parent_id, exc.command, exc.code, exc.message, exc.details
+                )
+                return
+            parent_id, mtype, command, content = env.id, env.type, env.command, env.content
         if verdict == 0:
             self._refuse(
                 identity,
-                env.id,
-                env.command,
+                parent_id,
+                command,
                 ErrorCode.RATE_LIMITED,
                 "too many requests; slow down",
                 {"limit_per_s": self._limits.rate},
@@ -262,21 +271,27 @@ class MonitorServer:
         if caller is None:
             self._refuse(
                 identity,
-                env.id,
-                env.command,
+                parent_id,
+                command,
                 ErrorCode.FORBIDDEN,
                 "caller is not authenticated",
                 {"field": "(connection)"},
             )
             return
-        if env.type == "heartbeat":
+        if mtype == "heartbeat":
             self.stats["heartbeats"] += 1
-            self._send(identity, reply_bytes(self._ids(), env.id, None, {}, "heartbeat"))
+            self._send(identity, reply_bytes(self._ids(), parent_id, None, {}, "heartbeat"))
             return
-        self._answer(identity, env.id, env.command or "", env.content, caller)
+        self._answer(identity, parent_id, command or "", content, caller, canonical is not None)
 
-    def _answer(
-        self, identity: bytes, parent_id: str, name: str, content: Any, caller: CallerInfo
+    def _answer(  # noqa: PLR0917
+        self,
+        identity: bytes,
+        parent_id: str,
+        name: str,
+        content: dict[str, Any],
+        caller: CallerInfo,
+        canonical: bool,
     ) -> None:
         spec = self._specs.get(name)
         if spec is None:
@@ -330,23 +345,32 @@ class MonitorServer:
             )
             return
         self.stats["requests"] += 1
-        head = dumps(
-            {
-                "v": PROTOCOL_VERSION,
-                "id": self._ids(),
-                "type": "reply",
-                "ts": time.time(),
-                "parent_id": parent_id,
-                "command": name,
-            }
-        )
+        if canonical:  # the id and the command hold no character JSON escapes
+            head = b'{"v":%d,"id":"%s","type":"reply","ts":%r,"parent_id":"%s","command":"%s"' % (
+                PROTOCOL_VERSION,
+                self._ids().encode(),
+                time.time(),
+                parent_id.encode(),
+                name.encode(),
+            )
+        else:
+            head = dumps(
+                {
+                    "v": PROTOCOL_VERSION,
+                    "id": self._ids(),
+                    "type": "reply",
+                    "ts": time.time(),
+                    "parent_id": parent_id,
+                    "command": name,
+                }
+            )[:-1]
         stamp = b'{"snapshot":{"taken_ts":%r,"age_s":%.6f,"max_age_s":%s}' % (
             snap.taken_ts,
             age_s,
             self._max_age_text,
         )
         sep = b"," if snap.body else b""
-        self._send(identity, b"".join((head[:-1], b',"content":', stamp, sep, snap.body, b"}}")))
+        self._send(identity, b"".join((head, b',"content":', stamp, sep, snap.body, b"}}")))
 
     def _refuse(  # noqa: PLR0917
         self,
