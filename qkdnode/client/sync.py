@@ -19,6 +19,10 @@ from qkdnode.client._common import (
 )
 
 DEFAULT_TIMEOUT_S = 5.0
+# plain ints, set only when they change: ``sock.rcvtimeo = x`` goes through pyzmq's
+# attribute look-up, which cost more per request than the rest of the client's work
+_SNDTIMEO = int(zmq.SNDTIMEO)
+_RCVTIMEO = int(zmq.RCVTIMEO)
 
 
 class Client:
@@ -51,6 +55,7 @@ class Client:
         self._reconnect_max_s = reconnect_max_s
         self._ids = IdMaker("c")
         self._sock: zmq.Socket[bytes] | None = None
+        self._timeo_ms: dict[int, int] = {}  # the socket's send/receive timeouts as set
         self.reconnects = 0
         try:
             self._open()
@@ -64,6 +69,12 @@ class Client:
         configure(sock, self._server_key, self._keys, self._max_reply, self._reconnect_max_s)
         connect(sock, self.endpoint)
         self._sock = sock
+        self._timeo_ms = {}
+
+    def _set_timeout(self, sock: zmq.Socket[bytes], option: int, ms: int) -> None:
+        if self._timeo_ms.get(option) != ms:
+            sock.setsockopt(option, ms)
+            self._timeo_ms[option] = ms
 
     def _reopen(self) -> None:
         if self._sock is not None:
@@ -125,7 +136,7 @@ class Client:
         deadline = time.monotonic() + wait_s
         # a DEALER whose server refused the handshake has no peer to queue on:
         # without a send timeout the request would block forever
-        sock.sndtimeo = max(1, int(wait_s * 1000))
+        self._set_timeout(sock, _SNDTIMEO, max(1, int(wait_s * 1000)))
         try:
             sock.send_multipart([b"", request_bytes(msg_id, command, content, mtype)])
         except zmq.Again:
@@ -137,7 +148,7 @@ class Client:
         while True:
             # a receive timeout, not sock.poll(): poll builds a Poller per call, which cost
             # more than the rest of the client's work per request
-            sock.rcvtimeo = int(max(0.0, deadline - time.monotonic()) * 1000)
+            self._set_timeout(sock, _RCVTIMEO, int(max(0.0, deadline - time.monotonic()) * 1000))
             try:
                 frames = sock.recv_multipart()
             except zmq.Again:
