@@ -100,8 +100,11 @@ def test_garbage_gets_structured_errors_and_the_thread_survives(
             ([b"x", b"{}"], "bad_frames"),
             ([b"", b"{}", b"{}"], "bad_frames"),
             (
-                [b"", b'{"v":1,"id":"a","type":"request","ts":0,"command":"status",'
-                 b'"content":{"x":1}}'],
+                [
+                    b"",
+                    b'{"v":1,"id":"a","type":"request","ts":0,"command":"status",'
+                    b'"content":{"x":1}}',
+                ],
                 "invalid_content",
             ),
         ]

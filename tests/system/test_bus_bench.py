@@ -3,6 +3,7 @@ and an error answer is not counted as a served request."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,10 +41,16 @@ def test_the_bench_daemon_is_curve_only_and_its_load_clients_have_keys_of_their_
         pytest.raises(BusTimeout, match="no reply"),
     ):
         stranger.request("status")
-    rtts = daemonbench.status_rtts_s(daemon, 50)
-    assert len(rtts) == 50 and all(0 < t < 1 for t in rtts)
-    rate, errors = daemonbench.status_throughput(daemon, 0.5)
-    assert rate > 100 and errors == 0
+    with (
+        Client(daemon.monitor_endpoint, daemon.server_public, None, 1.0) as stranger,
+        pytest.raises(BusTimeout, match="no reply"),
+    ):
+        stranger.request("status")
+    for monitor in (False, True):
+        rtts = daemonbench.status_rtts_s(daemon, 50, monitor=monitor)
+        assert len(rtts) == 50 and all(0 < t < 1 for t in rtts)
+        rate, errors = daemonbench.status_throughput(daemon, 0.5, monitor=monitor)
+        assert rate > 100 and errors == 0
     assert _accepted_clients(daemon) == {f"bench{i}" for i in range(daemonbench.LOAD_CLIENTS + 1)}
 
 
@@ -52,13 +59,8 @@ def test_refused_requests_are_counted_as_errors_not_as_throughput(
 ) -> None:
     """One key shared by all load clients exceeds its rate limit: the refusals show."""
     shared = daemon.client_keys[1]
-    flood = daemonbench.BenchDaemon(
-        daemon.proc,
-        daemon.log_path,
-        daemon.endpoint,
-        daemon.server_public,
-        (daemon.client_keys[0],) + (shared,) * daemonbench.LOAD_CLIENTS,
-        daemon.ready_s,
+    flood = dataclasses.replace(
+        daemon, client_keys=(daemon.client_keys[0],) + (shared,) * daemonbench.LOAD_CLIENTS
     )
     _, errors = daemonbench.status_throughput(flood, 2.0)
     assert errors > 0
@@ -77,6 +79,9 @@ def test_quick_bench_rows(tmp_path: Path) -> None:
         "bus.echo_rtt_p50_curve",
         "bus.daemon_status_over_echo_curve",
         "bus.daemon_status_throughput",
+        "bus.daemon_status_monitor_rtt_p50",
+        "bus.daemon_status_monitor_over_echo_curve",
+        "bus.daemon_status_monitor_throughput",
     ):
         assert rows[name]["value"] > 0, name
     ratio = rows["bus.daemon_status_over_echo_curve"]["value"]
@@ -85,3 +90,4 @@ def test_quick_bench_rows(tmp_path: Path) -> None:
         rel=0.05,
     )
     assert rows["bus.daemon_status_throughput"]["target"] == ">= 10000"
+    assert rows["bus.daemon_status_monitor_throughput"]["target"] == ">= 10000"
