@@ -117,6 +117,15 @@ def test_hardware_at_the_top_level_and_unknown_sections_are_refused() -> None:
             "control_endpoint",
         ),
         (
+            lambda d: d["links"][1]["bus"].update(monitor_endpoint="tcp://127.0.0.1:5574"),
+            "links[1].bus.monitor_endpoint: tcp://127.0.0.1:5574 is also links[0].bus."
+            "control_endpoint",
+        ),
+        (
+            lambda d: d["links"][1]["bus"].update(monitor_endpoint="udp://127.0.0.1:5599"),
+            "links[1].bus.monitor_endpoint: must start with tcp:// or ipc://",
+        ),
+        (
             lambda d: d["links"][1]["simulation"].update(fiber_endpoint="tcp://127.0.0.1:5573"),
             "links[1].simulation.fiber_endpoint",
         ),
