@@ -354,9 +354,31 @@ def error_bytes(  # noqa: PLR0917
         return dumps(body)
 
 
+_PLAIN_ID = re.compile(rf"[A-Za-z0-9_.:-]{{1,{MAX_ID_LENGTH}}}")
+_PLAIN_COMMAND = re.compile(r"[a-z][a-z0-9_.]{0,63}")
+
+
 def request_bytes(
     msg_id: str, command: str | None, content: dict[str, Any], mtype: str = "request"
 ) -> bytes:
+    """A request (or heartbeat) frame. Requests without content whose id and command need
+    no JSON escaping (every id our clients make) are formatted directly, in the canonical
+    form (:func:`parse_canonical`): the same bytes as the general encoder, in a fraction
+    of its time."""
+    if (
+        not content
+        and mtype in REQUEST_TYPES
+        and _PLAIN_ID.fullmatch(msg_id)
+        and (command is None or _PLAIN_COMMAND.fullmatch(command))
+    ):
+        tail = b"}" if command is None else b',"command":"%s","content":{}}' % command.encode()
+        return b'{"v":%d,"id":"%s","type":"%s","ts":%r%s' % (
+            PROTOCOL_VERSION,
+            msg_id.encode(),
+            mtype.encode(),
+            time.time(),
+            tail,
+        )
     body: dict[str, Any] = {"v": PROTOCOL_VERSION, "id": msg_id, "type": mtype, "ts": time.time()}
     if command is not None:
         body["command"] = command

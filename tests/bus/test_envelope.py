@@ -9,7 +9,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qkdnode.bus.envelope import EnvelopeError, parse_canonical, parse_request, request_bytes
+from qkdnode.bus.envelope import (
+    EnvelopeError,
+    dumps,
+    parse_canonical,
+    parse_request,
+    request_bytes,
+)
 from qkdnode.bus.ratelimit import TokenBuckets
 
 json_values = st.recursive(
@@ -138,3 +144,26 @@ def test_mutated_canonical_requests_never_disagree_with_the_general_parser() -> 
         except EnvelopeError as exc:  # pragma: no cover - the failure shown
             pytest.fail(f"fast parse accepted what the protocol refuses: {bytes(body)!r}: {exc}")
     assert matched > 100  # the edits that keep the form (digits of ts or id) were tried
+
+
+@pytest.mark.parametrize(
+    ("msg_id", "command", "content", "mtype"),
+    [
+        ("c1a2b3c4-1", "status", {}, "request"),
+        ("c1a2b3c4-2", None, {}, "heartbeat"),
+        ('quote"d', "status", {}, "request"),
+        ("c1-3", "status\n", {}, "request"),
+        ("c1-4", "Status", {}, "request"),
+        ("c1-5", "keys.get", {"number": 1}, "request"),
+        ("é", "status", {}, "request"),
+    ],
+)
+def test_request_bytes_are_what_the_general_encoder_writes(
+    msg_id: str, command: str | None, content: dict[str, object], mtype: str
+) -> None:
+    body = request_bytes(msg_id, command, content, mtype)
+    data = json.loads(body)
+    expected: dict[str, object] = {"v": 1, "id": msg_id, "type": mtype, "ts": data["ts"]}
+    if command is not None:
+        expected |= {"command": command, "content": content}
+    assert body == dumps(expected)
