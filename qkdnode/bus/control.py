@@ -310,6 +310,7 @@ class ControlServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if monitor is not None:
+            monitor.request_stop()  # even if this coroutine is cancelled while it waits
             await asyncio.to_thread(monitor.stop)
             log.info("bus.monitor.stopped", endpoint=self.monitor_endpoint)
         if self._monitor_zap is not None:

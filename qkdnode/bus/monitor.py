@@ -165,10 +165,14 @@ class MonitorServer:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self, timeout_s: float = 5.0) -> None:
-        """Stop the thread (it closes the socket). Returns within about
-        :data:`STOP_POLL_MS` ms unless a reply is being sent."""
+    def request_stop(self) -> None:
+        """Ask the thread to stop (it closes the socket within about
+        :data:`STOP_POLL_MS` ms); does not wait."""
         self._stopping.set()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop the thread and wait for it (at most ``timeout_s``)."""
+        self.request_stop()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
 
