@@ -47,15 +47,26 @@ import math
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import ducc0
 import numpy as np
 import numpy.typing as npt
 import scipy.fft as sfft
 
+try:
+    from qkdnode.native import gf2 as _gf2
+except ImportError:  # the extension was not built (no compiler at install): FFT only
+    _gf2 = None  # type: ignore[assignment]
+
 U8 = npt.NDArray[np.uint8]
+U64 = npt.NDArray[np.uint64]
 C128 = npt.NDArray[np.complex128]
+
+#: How a hash is computed: ``"clmul"`` carry-less products with PCLMULQDQ (native
+#: extension, CPU checked at run time), ``"portable"`` the same products without it,
+#: ``"fft"`` blocked float FFT convolutions. Exact all three: the bits never depend on it.
+Backend = Literal["clmul", "portable", "fft"]
 _FREQ_CHUNK = 8192
 
 
@@ -145,16 +156,17 @@ def pa_seed_bits(n: int, m: int) -> int:
     return n - 1
 
 
-def pa_hash(x: U8, seed: U8, m: int) -> U8:
+def pa_hash(x: U8, seed: U8, m: int, *, backend: Backend | None = None) -> U8:
     """``(I | T) x`` over GF(2): ``x[:m] XOR toeplitz_hash(x[m:], seed, m)``.
 
-    ``seed`` has :func:`pa_seed_bits` = n - 1 bits. Raises :class:`ToeplitzError` unless
-    0 < m < n and the seed has that length.
+    ``seed`` has :func:`pa_seed_bits` = n - 1 bits. ``backend`` as :func:`toeplitz_hash`
+    (the result is the same whichever runs). Raises :class:`ToeplitzError` unless 0 < m < n
+    and the seed has that length, or when the backend asked for is not available here.
     """
     n = int(x.shape[0])
     if seed.shape[0] != pa_seed_bits(n, m):
         raise ToeplitzError(f"seed must have n - 1 = {n - 1} bits, got {seed.shape[0]}")
-    y = toeplitz_hash(x[m:], seed, m)
+    y = toeplitz_hash(x[m:], seed, m, backend=backend)
     y ^= x[:m]
     return y
 
@@ -272,7 +284,26 @@ def pa_transforms(n: int, m: int) -> list[Transform]:
     return transforms(n - m, m)
 
 
-def toeplitz_hash(
+def toeplitz_hash(x: U8, seed: U8, m: int, *, backend: Backend | None = None) -> U8:
+    """``y = T x`` over GF(2) (see module doc), as a uint8 0/1 array of length ``m``.
+
+    ``x`` and ``seed`` are uint8 arrays of 0/1 bits. ``backend`` None runs
+    :func:`default_backend`; ``"clmul"`` and ``"portable"`` the carry-less product
+    (:func:`toeplitz_hash_clmul`), ``"fft"`` :func:`toeplitz_hash_fft`. All are exact: the
+    same inputs give the same bits whichever runs. Raises :class:`ToeplitzError` on
+    inconsistent sizes or a backend that is not available here.
+    """
+    which = backend or default_backend()
+    if which == "fft":
+        return toeplitz_hash_fft(x, seed, m)
+    if which not in available_backends():
+        raise ToeplitzError(
+            f"backend {which!r} is not available here (available: {available_backends()})"
+        )
+    return toeplitz_hash_clmul(x, seed, m, clmul=which == "clmul")
+
+
+def toeplitz_hash_fft(
     x: U8,
     seed: U8,
     m: int,
@@ -281,7 +312,8 @@ def toeplitz_hash(
     workers: int = DEFAULT_WORKERS,
     max_spectra_bytes: int = 512 << 20,
 ) -> U8:
-    """``y = T x`` over GF(2) (see module doc), as a uint8 0/1 array of length ``m``.
+    """``y = T x`` over GF(2) by blocked FFT convolution (see module doc), as a uint8 0/1
+    array of length ``m``.
 
     The tile grid is walked in rectangles of ``rows`` output chunks x ``cols`` input
     chunks whose spectra (cols x chunks, rows + cols - 1 seed diagonals) take at most
@@ -368,3 +400,83 @@ def toeplitz_hash(
                 low &= 1
                 out[g0 * b : g1 * b] ^= low.reshape(-1)
     return out[:m]
+
+
+# --- carry-less products ---------------------------------------------------------------
+
+
+def available_backends() -> tuple[Backend, ...]:
+    """The backends this process can run: ``"fft"`` always, ``"portable"`` when the native
+    extension is built, ``"clmul"`` when it is and the CPU has PCLMULQDQ."""
+    if _gf2 is None:
+        return ("fft",)
+    return ("clmul", "portable", "fft") if _gf2.have_clmul() else ("portable", "fft")
+
+
+def default_backend() -> Backend:
+    """``"clmul"`` where available, else ``"fft"``.
+
+    Measured on the reference machine, one thread, 1 Mbit at compression 0.5: the
+    PCLMULQDQ product is several times faster than the FFT (docs/performance.md); the
+    portable word product is about 14x slower than PCLMULQDQ and slower than the FFT, so
+    a CPU without PCLMULQDQ runs the FFT. The result is the same bits either way.
+    """
+    return "clmul" if "clmul" in available_backends() else "fft"
+
+
+def _pack_words(bits: U8, words: int) -> U64:
+    """0/1 bits packed little-endian into ``words`` uint64 words (bit j in bit j % 64 of
+    word j // 64), zero beyond the bits."""
+    buf = np.zeros(words * 8, dtype=np.uint8)
+    packed = np.packbits(bits, bitorder="little")
+    buf[: packed.shape[0]] = packed
+    return buf.view(np.uint64)
+
+
+def _chunk_words(seed_words: int, x_words: int, w0: int, w1: int) -> int:
+    """Chunk length (words) of the chunk products for the product words ``[w0, w1)``.
+
+    A product of two L-word chunks costs about L**log2(3) (Karatsuba); only the chunk
+    pairs reaching ``[w0, w1)`` are computed. Tries L = the shorter operand, halved up to
+    ten times, and keeps the cheapest.
+    """
+    best, best_cost = 1, math.inf
+    top = max(1, min(seed_words, x_words))
+    for k in range(11):
+        size = -(-top // (1 << k))
+        n_s, n_x = -(-seed_words // size), -(-x_words // size)
+        t = np.arange(max(0, w0 // size - 1), (w1 - 1) // size + 1)
+        pairs = int(np.clip(np.minimum(t, n_s - 1) - np.maximum(0, t - n_x + 1) + 1, 0, None).sum())
+        cost = pairs * max(size, 16) ** math.log2(3)
+        if cost < best_cost:
+            best, best_cost = size, cost
+        if size == 1:
+            break
+    return best
+
+
+def toeplitz_hash_clmul(x: U8, seed: U8, m: int, *, clmul: bool = True) -> U8:
+    """``y = T x`` over GF(2) as the product of binary polynomials, bit-packed.
+
+    With ``S(z) = sum seed[k] z^k`` and ``X(z) = sum x[j] z^j``, ``y[i]`` is the
+    coefficient of ``z^(i + n - 1)`` of ``S X``. Seed and input are packed 64 bits to a
+    word and cut into chunks; the chunk products (Karatsuba over carry-less word products:
+    PCLMULQDQ with ``clmul``, else a portable word product) that reach those coefficients
+    are added up. Needs the native extension. Raises :class:`ToeplitzError` on
+    inconsistent sizes, or when the extension or (with ``clmul``) PCLMULQDQ is missing.
+    """
+    n = _check(x, seed, m)
+    if _gf2 is None:
+        raise ToeplitzError("the native GF(2) extension is not built here")
+    if clmul and not _gf2.have_clmul():
+        raise ToeplitzError("this CPU has no PCLMULQDQ")
+    seed_words, x_words = -(-(n + m - 1) // 64), -(-n // 64)
+    w0, w1 = (n - 1) // 64, -(-(n + m - 1) // 64)  # the words of coefficients n-1 .. n+m-2
+    size = _chunk_words(seed_words, x_words, w0, w1)
+    s_pad, x_pad = -(-seed_words // size) * size, -(-x_words // size) * size
+    out = np.zeros(s_pad + x_pad, dtype=np.uint64)
+    _gf2.window_product(_pack_words(seed, s_pad), _pack_words(x, x_pad), size, w0, w1, out, clmul)
+    first = n - 1 - 64 * w0  # bit of coefficient n - 1 in word w0
+    nbytes = -(-(first + m) // 8)
+    bits = np.unpackbits(out[w0:w1].view(np.uint8)[:nbytes], bitorder="little")
+    return bits[first : first + m].copy()

@@ -269,7 +269,7 @@ def test_toeplitz_fft_matches_direct(n: int, m: int, tile: int | None) -> None:
     x = rng.integers(0, 2, n, dtype=np.uint8)
     seed = rng.integers(0, 2, n + m - 1, dtype=np.uint8)
     assert np.array_equal(
-        toeplitz.toeplitz_hash(x, seed, m, tile), toeplitz.toeplitz_hash_direct(x, seed, m)
+        toeplitz.toeplitz_hash_fft(x, seed, m, tile), toeplitz.toeplitz_hash_direct(x, seed, m)
     )
 
 
@@ -279,7 +279,7 @@ def test_toeplitz_memory_bounded_rectangles_match_direct(budget: int) -> None:
     n, m = 9_001, 4_700
     x = rng.integers(0, 2, n, dtype=np.uint8)
     seed = rng.integers(0, 2, n + m - 1, dtype=np.uint8)
-    got = toeplitz.toeplitz_hash(x, seed, m, 512, max_spectra_bytes=budget)
+    got = toeplitz.toeplitz_hash_fft(x, seed, m, 512, max_spectra_bytes=budget)
     assert np.array_equal(got, toeplitz.toeplitz_hash_direct(x, seed, m))
 
 
@@ -353,7 +353,7 @@ def test_toeplitz_transforms_list_the_hash_ffts(
     rng = np.random.default_rng(3)
     x = rng.integers(0, 2, n, dtype=np.uint8)
     seed = rng.integers(0, 2, n + m - 1, dtype=np.uint8)
-    toeplitz.toeplitz_hash(x, seed, m, tile, max_spectra_bytes=budget)
+    toeplitz.toeplitz_hash_fft(x, seed, m, tile, max_spectra_bytes=budget)
     assert seen == toeplitz.transforms(n, m, tile, max_spectra_bytes=budget)
     assert toeplitz.pa_transforms(2 * n, n) == toeplitz.transforms(n, n)
 
@@ -371,7 +371,7 @@ def test_toeplitz_refuses_inexact_sums(offset: float, monkeypatch: pytest.Monkey
     monkeypatch.setattr(toeplitz, "inverse_real_fft", off)
     x = np.ones(100, dtype=np.uint8)
     with pytest.raises(toeplitz.ToeplitzError, match="round-off"):
-        toeplitz.toeplitz_hash(x, np.ones(149, dtype=np.uint8), 50)
+        toeplitz.toeplitz_hash_fft(x, np.ones(149, dtype=np.uint8), 50)
 
 
 def test_toeplitz_reused_work_arrays_carry_nothing_over() -> None:
@@ -384,11 +384,11 @@ def test_toeplitz_reused_work_arrays_carry_nothing_over() -> None:
         seed = rng.integers(0, 2, n + m - 1, dtype=np.uint8)
         cases.append((x, seed, m, toeplitz.toeplitz_hash_direct(x, seed, m)))
     for x, seed, m, want in cases:
-        assert np.array_equal(toeplitz.toeplitz_hash(x, seed, m, 1024), want)
+        assert np.array_equal(toeplitz.toeplitz_hash_fft(x, seed, m, 1024), want)
 
     def hash_all(k: int) -> bool:
         return all(
-            np.array_equal(toeplitz.toeplitz_hash(x, seed, m, 512 << (k % 2)), want)
+            np.array_equal(toeplitz.toeplitz_hash_fft(x, seed, m, 512 << (k % 2)), want)
             for _ in range(3)
             for x, seed, m, want in cases
         )
