@@ -285,45 +285,89 @@ def _bare_transforms(n: int, m: int) -> Callable[[], None]:
     return run
 
 
-def bench_toeplitz(n: int, repeats: int, with_plain: bool = True) -> list[dict[str, object]]:
-    """Privacy amplification as the nodes run it, (I | T) x, beside its FFT floor (the same
-    transforms, bare, timed alternately with the hash) and a plain m x n Toeplitz."""
+def bench_toeplitz(
+    n: int, repeats: int, with_plain: bool = True, with_fft: bool = True
+) -> list[dict[str, object]]:
+    """Privacy amplification as the nodes run it, (I | T) x with :func:`toeplitz.pa_hash`'s
+    default backend, beside the FFT path (``backend="fft"``, what ran before the carry-less
+    product) and its FFT floor (the FFT path's transforms, bare), all three timed
+    alternately in the same run, one thread; and a plain m x n Toeplitz. ``with_fft``
+    False leaves the FFT path out (at 1e8 bits it alone takes most of a minute)."""
     rng = np.random.default_rng(0)
     m = n // 2
     x = rng.integers(0, 2, n, dtype=np.uint8)
     seed = rng.integers(0, 2, n + m - 1, dtype=np.uint8)
     pa_seed = seed[: toeplitz.pa_seed_bits(n, m)]
-    floor = _bare_transforms(n, m)
-    toeplitz.pa_hash(x, pa_seed, m)  # work arrays allocated once, as in a running node
-    floor()
-    t_pa: list[float] = []
-    t_floor: list[float] = []
+    backend = toeplitz.default_backend()
+    runs: dict[str, Callable[[], object]] = {
+        "pa": lambda: toeplitz.pa_hash(x, pa_seed, m),
+        "floor": _bare_transforms(n, m),
+    }
+    if with_fft and backend != "fft":
+        runs["fft"] = lambda: toeplitz.pa_hash(x, pa_seed, m, backend="fft")
+        # the backends are exact: a difference here is a defect, not noise
+        if not np.array_equal(runs["pa"](), runs["fft"]()):
+            raise RuntimeError(f"pa_hash: the {backend} and fft backends differ at n={n}")
+    for run in runs.values():  # work arrays allocated once, as in a running node
+        run()
+    times: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(repeats):
-        t_pa.append(_median_s(lambda: toeplitz.pa_hash(x, pa_seed, m), 1))
-        t_floor.append(_median_s(floor, 1))
-    pa_s, floor_s = statistics.median(t_pa), statistics.median(t_floor)
+        for k, run in runs.items():
+            times[k].append(_median_s(run, 1))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    pa_s, floor_s = med["pa"], med["floor"]
+    fft_s = med.get("fft", pa_s if backend == "fft" else math.nan)
     calls = toeplitz.pa_transforms(n, m)
     lengths = sorted({c.length for c in calls})
     n_fft = sum(c.batch for c in calls)
+    how = {
+        "clmul": "carry-less products (Karatsuba over PCLMULQDQ, native)",
+        "portable": "carry-less products (portable, native)",
+        "fft": "exact FFT (ducc0)",
+    }[backend]
+    vs_fft = f", {fft_s / pa_s:.2f}x faster than the FFT path" if "fft" in med else ""
     rows = [
         _row(
             f"toeplitz_n{n:g}",
             n / pa_s / 1e6,
             "Mbit/s input",
-            ">= 50" if n <= 1_000_000 else "",  # the target is for 1 Mbit blocks
-            f"compression 0.5, (I|T) Toeplitz as the nodes hash, exact FFT (ducc0); "
-            f"{pa_s * 1e3:.1f} ms, {pa_s / floor_s:.2f}x its FFT floor (same run)",
+            ">= 50" if n == 1_000_000 else "",  # the target is for 1 Mbit blocks
+            f"compression 0.5, (I|T) Toeplitz as the nodes hash, backend {backend}: {how}, "
+            f"one thread; {pa_s * 1e3:.2f} ms, {floor_s / pa_s:.2f}x faster than its FFT "
+            f"floor{vs_fft} (same run, medians of {repeats} alternating)",
         ),
         _row(
             f"toeplitz_fft_floor_n{n:g}",
             n / floor_s / 1e6,
             "Mbit/s input",
             "floor",
-            f"the hash's {n_fft} real FFTs of {', '.join(str(v) for v in lengths)} points "
-            f"alone, bare, on preallocated arrays; {floor_s * 1e3:.1f} ms; median of "
-            f"{repeats} alternating with the hash",
+            f"the FFT path's {n_fft} real FFTs of {', '.join(str(v) for v in lengths)} "
+            f"points alone, bare, on preallocated arrays, one thread; {floor_s * 1e3:.2f} ms; "
+            f"median of {repeats} alternating with the hash",
         ),
     ]
+    rows.append(
+        _row(
+            f"toeplitz_vs_fft_floor_n{n:g}",
+            floor_s / pa_s,
+            "x",
+            "> 1" if backend != "fft" else "",
+            f"the FFT floor's time over the hash's (backend {backend}), same run: above 1 "
+            f"the hash beats any FFT path with these transforms",
+        )
+    )
+    if "fft" in med:
+        rows.append(
+            _row(
+                f"toeplitz_fft_n{n:g}",
+                n / fft_s / 1e6,
+                "Mbit/s input",
+                "",
+                f"the same hash by the FFT path (backend fft, the fallback without "
+                f"PCLMULQDQ or the native extension), one thread; {fft_s * 1e3:.2f} ms, "
+                f"{fft_s / floor_s:.2f}x its FFT floor; median of {repeats} alternating",
+            )
+        )
     if with_plain:
         t_plain = _median_s(lambda: toeplitz.toeplitz_hash(x, seed, m), repeats)
         rows.append(
@@ -332,7 +376,7 @@ def bench_toeplitz(n: int, repeats: int, with_plain: bool = True) -> list[dict[s
                 n / t_plain / 1e6,
                 "Mbit/s input",
                 "",
-                "compression 0.5, m x n Toeplitz, same run",
+                f"compression 0.5, m x n Toeplitz, backend {backend}, same run",
             )
         )
     return rows
@@ -498,9 +542,10 @@ def run_benchmarks(quick: bool = False) -> list[dict[str, object]]:
     for n in (1_000_000, 8_000_000):
         for frames in sorted({1, cascade.frame_count(n, CascadeParams())}):
             rows.append(bench_cascade_loopback(n, 0.03, 5, frames))
+    rows += bench_toeplitz(100_000, 21)
     rows += bench_toeplitz(1_000_000, 7)
     rows += bench_toeplitz(10_000_000, 3)
-    rows += bench_toeplitz(100_000_000, 1, with_plain=False)
+    rows += bench_toeplitz(100_000_000, 1, with_plain=False, with_fft=False)
     rows.append(bench_auth(256 << 20, 5))
     rows.append(bench_auth_key_per_block())
     return rows
