@@ -3,13 +3,11 @@ import numpy.typing as npt
 
 BASE_WORDS: int
 
-def have_clmul() -> bool: ...
-def window_product(
+def available_kernels() -> tuple[str, ...]: ...
+def product_words(
     s: npt.NDArray[np.uint64],
     x: npt.NDArray[np.uint64],
-    chunk_words: int,
     w0: int,
-    w1: int,
     out: npt.NDArray[np.uint64],
-    clmul: bool,
+    kernel: str,
 ) -> None: ...

@@ -1,61 +1,68 @@
 # cython: language_level=3
-"""Products of bit-packed binary polynomials (Karatsuba over PCLMULQDQ or a portable word
-product), the core of privacy amplification's Toeplitz hash (``qkdnode.postproc.toeplitz``).
+"""Products of bit-packed binary polynomials (middle products in Karatsuba form over
+carry-less word products), the core of privacy amplification's Toeplitz hash
+(``qkdnode.postproc.toeplitz``).
 
 Polynomials are uint64 arrays, the coefficient of z^j in bit j % 64 of word j // 64. The
-C code is in ``gf2_clmul.h``; whether the CPU has PCLMULQDQ is checked at run time, and
-both base cases compute the same exact product.
+C code is in ``gf2_clmul.h``. The word products have three kernels, all exact and giving
+the same bits: ``"vpclmul"`` (VPCLMULQDQ on AVX-512 registers, four products an
+instruction), ``"pclmul"`` (PCLMULQDQ) and ``"portable"`` (plain C); which of them the CPU
+runs is checked at run time (:func:`available_kernels`).
 """
 
 from libc.stdint cimport uint64_t
 
 
 cdef extern from "gf2_clmul.h" nogil:
-    int gf2_have_clmul()
-    int gf2_window_product(const uint64_t *s, size_t ns, const uint64_t *x, size_t nx,
-                           size_t L, size_t w0, size_t w1, uint64_t *out, int use_clmul)
+    int gf2_cpu_kernels()
+    int gf2_product_words(const uint64_t *s, size_t ws, const uint64_t *x, size_t wx,
+                          size_t w0, size_t nw, uint64_t *out, int kernel)
     int GF2_BASE_WORDS
+    int GF2_PORTABLE
+    int GF2_PCLMUL
+    int GF2_VPCLMUL
 
 
 #: Karatsuba's schoolbook base case, in words.
 BASE_WORDS = GF2_BASE_WORDS
 
-
-def have_clmul():
-    """True when this CPU has PCLMULQDQ (and SSE4.1), so :func:`window_product` can use it."""
-    return bool(gf2_have_clmul())
+_KERNEL_IDS = {"portable": GF2_PORTABLE, "pclmul": GF2_PCLMUL, "vpclmul": GF2_VPCLMUL}
 
 
-def window_product(const uint64_t[::1] s, const uint64_t[::1] x, size_t chunk_words,
-                   size_t w0, size_t w1, uint64_t[::1] out, bint clmul):
-    """Add the words ``[w0, w1)`` of the product ``s * x`` into ``out``.
+def available_kernels():
+    """The kernels this CPU runs, fastest first: ``"vpclmul"`` and ``"pclmul"`` where it
+    has those instructions, ``"portable"`` always."""
+    have = gf2_cpu_kernels()
+    out = []
+    if have & 2:
+        out.append("vpclmul")
+    if have & 1:
+        out.append("pclmul")
+    out.append("portable")
+    return tuple(out)
 
-    ``s`` and ``x`` are zero-padded to whole chunks of ``chunk_words`` words; ``out`` has
-    ``len(s) + len(x)`` words and must be zero on entry (words outside ``[w0, w1)`` are
-    left partial). ``clmul`` selects PCLMULQDQ (raises ValueError where the CPU lacks it)
-    or the portable base case. Raises ValueError on inconsistent sizes, MemoryError when
-    the scratch memory (about 6 ``chunk_words`` words) cannot be allocated. Runs without
-    the GIL.
+
+def product_words(const uint64_t[::1] s, const uint64_t[::1] x, size_t w0,
+                  uint64_t[::1] out, str kernel):
+    """Words ``[w0, w0 + len(out))`` of the product ``s * x`` into ``out``.
+
+    Computed as middle products (Karatsuba) of the words that reach them, so the cost is
+    that of one product of the shorter of ``x`` and ``out``. ``kernel`` is one of
+    :func:`available_kernels` (ValueError otherwise). Raises ValueError on empty arrays,
+    MemoryError when the working memory (about 12 words per word of the shorter of ``x``
+    and ``out``, plus 2 per word of ``out``) cannot be allocated. Runs without the GIL.
     """
-    cdef size_t L = chunk_words
-    if L == 0 or s.shape[0] == 0 or x.shape[0] == 0:
-        raise ValueError("window_product: chunk_words, s and x must be non-empty")
-    if s.shape[0] % L or x.shape[0] % L:
+    if s.shape[0] == 0 or x.shape[0] == 0 or out.shape[0] == 0:
+        raise ValueError("product_words: s, x and out must be non-empty")
+    if kernel not in available_kernels():
         raise ValueError(
-            f"window_product: s ({s.shape[0]} words) and x ({x.shape[0]} words) must be "
-            f"whole chunks of {L} words"
+            f"product_words: kernel {kernel!r} does not run here "
+            f"(available: {available_kernels()})"
         )
-    if <size_t>out.shape[0] != <size_t>(s.shape[0] + x.shape[0]) or not w0 <= w1 <= <size_t>out.shape[0]:
-        raise ValueError(
-            f"window_product: out must have {s.shape[0] + x.shape[0]} words and "
-            f"0 <= w0 <= w1 <= that, got {out.shape[0]}, w0={w0}, w1={w1}"
-        )
-    if clmul and not gf2_have_clmul():
-        raise ValueError("window_product: this CPU has no PCLMULQDQ")
-    cdef size_t ns = s.shape[0] // L, nx = x.shape[0] // L
-    cdef int use = 1 if clmul else 0
+    cdef int kid = _KERNEL_IDS[kernel]
     cdef int rc
     with nogil:
-        rc = gf2_window_product(&s[0], ns, &x[0], nx, L, w0, w1, &out[0], use)
+        rc = gf2_product_words(&s[0], s.shape[0], &x[0], x.shape[0], w0, out.shape[0],
+                               &out[0], kid)
     if rc != 0:
-        raise MemoryError(f"window_product: no scratch memory for chunks of {L} words")
+        raise MemoryError(f"product_words: no working memory for {out.shape[0]} words")

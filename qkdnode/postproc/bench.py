@@ -321,8 +321,10 @@ def bench_toeplitz(
     lengths = sorted({c.length for c in calls})
     n_fft = sum(c.batch for c in calls)
     how = {
-        "clmul": "carry-less products (Karatsuba over PCLMULQDQ, native)",
-        "portable": "carry-less products (portable, native)",
+        "vpclmul": "middle product of binary polynomials, Karatsuba over VPCLMULQDQ "
+        "(AVX-512), native",
+        "pclmul": "middle product of binary polynomials, Karatsuba over PCLMULQDQ, native",
+        "portable": "middle product of binary polynomials, Karatsuba, portable C, native",
         "fft": "exact FFT (ducc0)",
     }[backend]
     vs_fft = f", {fft_s / pa_s:.2f}x faster than the FFT path" if "fft" in med else ""

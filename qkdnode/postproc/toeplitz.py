@@ -47,7 +47,7 @@ import math
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import ducc0
 import numpy as np
@@ -63,10 +63,11 @@ U8 = npt.NDArray[np.uint8]
 U64 = npt.NDArray[np.uint64]
 C128 = npt.NDArray[np.complex128]
 
-#: How a hash is computed: ``"clmul"`` carry-less products with PCLMULQDQ (native
-#: extension, CPU checked at run time), ``"portable"`` the same products without it,
-#: ``"fft"`` blocked float FFT convolutions. Exact all three: the bits never depend on it.
-Backend = Literal["clmul", "portable", "fft"]
+#: How a hash is computed: carry-less products of the native extension (CPU checked at
+#: run time) with VPCLMULQDQ on AVX-512 registers (``"vpclmul"``), with PCLMULQDQ
+#: (``"pclmul"``) or in plain C (``"portable"``), or blocked float FFT convolutions
+#: (``"fft"``). Exact all four: the bits never depend on which runs.
+Backend = Literal["vpclmul", "pclmul", "portable", "fft"]
 _FREQ_CHUNK = 8192
 
 
@@ -288,8 +289,8 @@ def toeplitz_hash(x: U8, seed: U8, m: int, *, backend: Backend | None = None) ->
     """``y = T x`` over GF(2) (see module doc), as a uint8 0/1 array of length ``m``.
 
     ``x`` and ``seed`` are uint8 arrays of 0/1 bits. ``backend`` None runs
-    :func:`default_backend`; ``"clmul"`` and ``"portable"`` the carry-less product
-    (:func:`toeplitz_hash_clmul`), ``"fft"`` :func:`toeplitz_hash_fft`. All are exact: the
+    :func:`default_backend`; ``"fft"`` :func:`toeplitz_hash_fft`, the others the
+    carry-less product with that kernel (:func:`toeplitz_hash_clmul`). All are exact: the
     same inputs give the same bits whichever runs. Raises :class:`ToeplitzError` on
     inconsistent sizes or a backend that is not available here.
     """
@@ -300,7 +301,7 @@ def toeplitz_hash(x: U8, seed: U8, m: int, *, backend: Backend | None = None) ->
         raise ToeplitzError(
             f"backend {which!r} is not available here (available: {available_backends()})"
         )
-    return toeplitz_hash_clmul(x, seed, m, clmul=which == "clmul")
+    return toeplitz_hash_clmul(x, seed, m, kernel=which)
 
 
 def toeplitz_hash_fft(
@@ -406,77 +407,59 @@ def toeplitz_hash_fft(
 
 
 def available_backends() -> tuple[Backend, ...]:
-    """The backends this process can run: ``"fft"`` always, ``"portable"`` when the native
-    extension is built, ``"clmul"`` when it is and the CPU has PCLMULQDQ."""
+    """The backends this process can run, fastest first: the native extension's kernels
+    this CPU runs (:func:`qkdnode.native.gf2.available_kernels`) when it is built, then
+    ``"fft"`` always."""
     if _gf2 is None:
         return ("fft",)
-    return ("clmul", "portable", "fft") if _gf2.have_clmul() else ("portable", "fft")
+    native = tuple(cast(Backend, k) for k in _gf2.available_kernels())
+    return (*native, "fft")
 
 
 def default_backend() -> Backend:
-    """``"clmul"`` where available, else ``"fft"``.
+    """The fastest backend here: ``"vpclmul"``, else ``"pclmul"``, else ``"fft"``.
 
-    Measured on the reference machine, one thread, 1 Mbit at compression 0.5: the
-    PCLMULQDQ product is several times faster than the FFT (docs/performance.md); the
-    portable word product is about 14x slower than PCLMULQDQ and slower than the FFT, so
-    a CPU without PCLMULQDQ runs the FFT. The result is the same bits either way.
+    Measured on the reference machine, one thread, 1 Mbit at compression 0.5
+    (docs/performance.md): each of the two is several times faster than the FFT path;
+    the portable kernel is about 15x slower than PCLMULQDQ and slower than the FFT path,
+    so a CPU with neither instruction runs the FFT. The bits are the same either way.
     """
-    return "clmul" if "clmul" in available_backends() else "fft"
+    for backend in available_backends():
+        if backend != "portable":
+            return backend
+    return "fft"
 
 
-def _pack_words(bits: U8, words: int) -> U64:
-    """0/1 bits packed little-endian into ``words`` uint64 words (bit j in bit j % 64 of
-    word j // 64), zero beyond the bits."""
-    buf = np.zeros(words * 8, dtype=np.uint8)
+def _pack_words(bits: U8) -> U64:
+    """0/1 bits packed little-endian into uint64 words (bit j in bit j % 64 of word
+    j // 64), zero beyond the bits."""
+    buf = np.zeros(-(-bits.shape[0] // 64) * 8, dtype=np.uint8)
     packed = np.packbits(bits, bitorder="little")
     buf[: packed.shape[0]] = packed
     return buf.view(np.uint64)
 
 
-def _chunk_words(seed_words: int, x_words: int, w0: int, w1: int) -> int:
-    """Chunk length (words) of the chunk products for the product words ``[w0, w1)``.
-
-    A product of two L-word chunks costs about L**log2(3) (Karatsuba); only the chunk
-    pairs reaching ``[w0, w1)`` are computed. Tries L = the shorter operand, halved up to
-    ten times, and keeps the cheapest.
-    """
-    best, best_cost = 1, math.inf
-    top = max(1, min(seed_words, x_words))
-    for k in range(11):
-        size = -(-top // (1 << k))
-        n_s, n_x = -(-seed_words // size), -(-x_words // size)
-        t = np.arange(max(0, w0 // size - 1), (w1 - 1) // size + 1)
-        pairs = int(np.clip(np.minimum(t, n_s - 1) - np.maximum(0, t - n_x + 1) + 1, 0, None).sum())
-        cost = pairs * max(size, 16) ** math.log2(3)
-        if cost < best_cost:
-            best, best_cost = size, cost
-        if size == 1:
-            break
-    return best
-
-
-def toeplitz_hash_clmul(x: U8, seed: U8, m: int, *, clmul: bool = True) -> U8:
-    """``y = T x`` over GF(2) as the product of binary polynomials, bit-packed.
+def toeplitz_hash_clmul(x: U8, seed: U8, m: int, *, kernel: str | None = None) -> U8:
+    """``y = T x`` over GF(2) as the middle of a product of binary polynomials.
 
     With ``S(z) = sum seed[k] z^k`` and ``X(z) = sum x[j] z^j``, ``y[i]`` is the
     coefficient of ``z^(i + n - 1)`` of ``S X``. Seed and input are packed 64 bits to a
-    word and cut into chunks; the chunk products (Karatsuba over carry-less word products:
-    PCLMULQDQ with ``clmul``, else a portable word product) that reach those coefficients
-    are added up. Needs the native extension. Raises :class:`ToeplitzError` on
-    inconsistent sizes, or when the extension or (with ``clmul``) PCLMULQDQ is missing.
+    word; the words of those coefficients are computed as middle products (Karatsuba over
+    carry-less word products with ``kernel``, by default the fastest this CPU runs), which
+    cost one product of min(n, m) bits. Needs the native extension. Raises
+    :class:`ToeplitzError` on inconsistent sizes, or when the extension or the kernel is
+    missing here.
     """
     n = _check(x, seed, m)
     if _gf2 is None:
         raise ToeplitzError("the native GF(2) extension is not built here")
-    if clmul and not _gf2.have_clmul():
-        raise ToeplitzError("this CPU has no PCLMULQDQ")
-    seed_words, x_words = -(-(n + m - 1) // 64), -(-n // 64)
+    have = _gf2.available_kernels()
+    kernel = kernel or have[0]
+    if kernel not in have:
+        raise ToeplitzError(f"kernel {kernel!r} does not run on this CPU (available: {have})")
     w0, w1 = (n - 1) // 64, -(-(n + m - 1) // 64)  # the words of coefficients n-1 .. n+m-2
-    size = _chunk_words(seed_words, x_words, w0, w1)
-    s_pad, x_pad = -(-seed_words // size) * size, -(-x_words // size) * size
-    out = np.zeros(s_pad + x_pad, dtype=np.uint64)
-    _gf2.window_product(_pack_words(seed, s_pad), _pack_words(x, x_pad), size, w0, w1, out, clmul)
+    out = np.empty(w1 - w0, dtype=np.uint64)
+    _gf2.product_words(_pack_words(seed), _pack_words(x), w0, out, kernel)
     first = n - 1 - 64 * w0  # bit of coefficient n - 1 in word w0
-    nbytes = -(-(first + m) // 8)
-    bits = np.unpackbits(out[w0:w1].view(np.uint8)[:nbytes], bitorder="little")
+    bits = np.unpackbits(out.view(np.uint8)[: -(-(first + m) // 8)], bitorder="little")
     return bits[first : first + m].copy()
