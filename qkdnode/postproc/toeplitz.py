@@ -1,6 +1,7 @@
-"""Toeplitz-hash privacy amplification, computed exactly with blocked FFT convolutions.
+"""Toeplitz-hash privacy amplification, computed exactly: as the middle of a product of
+binary polynomials with carry-less multiplication, or with blocked FFT convolutions.
 
-Two functions, both bit-exact:
+Two functions, both bit-exact whichever backend computes them:
 
 * :func:`toeplitz_hash` — for input bits ``x`` (length n), seed bits ``s`` (length
   n + m - 1) and output length m,
@@ -17,28 +18,42 @@ Two functions, both bit-exact:
   compression 0.5 it does half the products of a plain Toeplitz hash and needs a shorter
   seed.
 
-The convolution is cut into tiles: x into column chunks of ``b`` bits, y into row chunks of
-``b`` bits; tile (r, c) needs the seed segment of diagonal ``d = r - c``. The tile grid is
-walked in rectangles of row and column chunks: spectra of the rectangle's x chunks and seed
-diagonals are computed with batched real FFTs of length 2b (ducc0; the seed diagonals are
-overlapping views of one staged stretch of the seed), the products accumulate per row chunk
-in the frequency domain, then one inverse FFT per row chunk gives the rectangle's
-contribution, which is rounded and added mod 2 into y. Sums stay below (columns per
-rectangle) x b and the float64 round-off below 0.25 (checked; an error is raised otherwise),
-so the result is bit-exact.
+Backends (:func:`available_backends`, :func:`default_backend`). Over GF(2), ``T x`` is
+the coefficients n - 1 .. n + m - 2 of the product ``S(z) X(z)`` of the seed's and the
+input's polynomials. :func:`toeplitz_hash_clmul` packs both 64 bits to a word and has the
+native extension (``qkdnode.native.gf2``, compiled ahead of time: no JIT, so it runs under
+the hardened unit) compute just those words, as middle products in Karatsuba form
+(Hanrot, Quercia and Zimmermann, AAECC 14 (2004)): the cost of one product of min(n, m)
+bits, O(min(n, m)^1.58) word products. The word products use VPCLMULQDQ on AVX-512
+registers (``"vpclmul"``), PCLMULQDQ (``"pclmul"``) or plain C (``"portable"``), by what
+the CPU has, checked at run time. Where neither instruction is there, or the extension was
+not built, :func:`toeplitz_hash_fft` runs instead (the portable kernel is slower than the
+FFT). All backends give the same bits, so two nodes agree whatever each runs.
 
-Where the time goes (1 Mbit in, 0.5 Mbit out, reference machine): 15 real FFTs of 250000
-points (4 x chunks, 7 seed diagonals, 4 inverse) are nearly all of it; the benchmark
-reports the hash beside those transforms run bare (:func:`pa_transforms`). Work arrays of
-hashes up to 256 MB of them are kept per thread and reused: allocated afresh, faulting
-their pages in from the kernel took half the CPU time of a 1 Mbit hash.
+FFT backend. The convolution is cut into tiles: x into column chunks of ``b`` bits, y into
+row chunks of ``b`` bits; tile (r, c) needs the seed segment of diagonal ``d = r - c``.
+The tile grid is walked in rectangles of row and column chunks: spectra of the rectangle's
+x chunks and seed diagonals are computed with batched real FFTs of length 2b (ducc0; the
+seed diagonals are overlapping views of one staged stretch of the seed), the products
+accumulate per row chunk in the frequency domain, then one inverse FFT per row chunk gives
+the rectangle's contribution, which is rounded and added mod 2 into y. Sums stay below
+(columns per rectangle) x b and the float64 round-off below 0.25 (checked; an error is
+raised otherwise), so the result is bit-exact.
 
-Memory: the spectra of one rectangle take at most ``max_spectra_bytes`` (512 MB by
-default), the float64 staging buffers about half of that again, the accumulated spectra of
-a group of output chunks and their inverse transforms up to 64 MB each, plus the inputs
-and output (n + (n + m - 1) + m bytes). Measured peak RSS of a whole process running
-:func:`pa_hash` at compression 0.5: 0.71 GB for 1e7 bits, 1.77 GB for 1e8 bits (before the
-seed views, which only lower it).
+Where the FFT backend's time goes (1 Mbit in, 0.5 Mbit out, reference machine): 15 real
+FFTs of 250000 points (4 x chunks, 7 seed diagonals, 4 inverse) are nearly all of it; the
+benchmark reports the hash beside those transforms run bare (:func:`pa_transforms`). Work
+arrays of hashes up to 256 MB of them are kept per thread and reused: allocated afresh,
+faulting their pages in from the kernel took half the CPU time of a 1 Mbit hash.
+
+Memory of the carry-less backend: the packed inputs, and about 12 words per word of min(n,
+m) plus 2 per output word (window, chunk, Karatsuba scratch, sums): about 1 MB for a 1
+Mbit hash. Memory of the FFT backend: the spectra of one rectangle take at most
+``max_spectra_bytes`` (512 MB by default), the float64 staging buffers about half of that
+again, the accumulated spectra of a group of output chunks and their inverse transforms up
+to 64 MB each, plus the inputs and output (n + (n + m - 1) + m bytes). Measured peak RSS
+of a whole process running :func:`pa_hash` at compression 0.5: 0.71 GB for 1e7 bits, 1.77
+GB for 1e8 bits (before the seed views, which only lower it).
 """
 
 from __future__ import annotations
@@ -262,8 +277,8 @@ def _plan(n: int, m: int, tile_bits: int | None, max_spectra_bytes: int) -> _Pla
 def transforms(
     n: int, m: int, tile_bits: int | None = None, max_spectra_bytes: int = 512 << 20
 ) -> list[Transform]:
-    """The FFT calls :func:`toeplitz_hash` makes for ``n`` input and ``m`` output bits, in
-    order (the benchmark times them bare: the floor of the hash)."""
+    """The FFT calls :func:`toeplitz_hash_fft` makes for ``n`` input and ``m`` output bits,
+    in order (the benchmark times them bare: the FFT floor of the hash)."""
     p = _plan(n, m, tile_bits, max_spectra_bytes)
     out = []
     for c0 in range(0, p.n_cols, p.cols):
