@@ -193,33 +193,44 @@ static size_t gf2_mp_scratch_words(size_t n)
     return total + 1;
 }
 
-static void gf2_mp(const uint64_t *a, const uint64_t *b, uint64_t *c, size_t n,
-                   uint64_t *scratch, gf2_mp_fn base)
-{
-    if (n <= GF2_BASE_WORDS || n % 2) {
-        base(a, b, c, n);
-        return;
+/* The recursion, defined twice: once for any x86-64 (SSE2 XORs) and once with AVX-512
+ * for the VPCLMULQDQ kernel, where the XOR loops (most of the instructions at 1e7 bits)
+ * take 8 words an instruction. */
+#define GF2_DEFINE_MP(NAME, ATTR)                                                          \
+    ATTR static void NAME(const uint64_t *a, const uint64_t *b, uint64_t *c, size_t n,     \
+                          uint64_t *scratch, gf2_mp_fn base)                               \
+    {                                                                                      \
+        if (n <= GF2_BASE_WORDS || n % 2) {                                                \
+            base(a, b, c, n);                                                              \
+            return;                                                                        \
+        }                                                                                  \
+        /* a's windows A0 = a, A1 = a + k, A2 = a + 2k (2k - 1 words each), b = b0 + Z^k   \
+         * b1:  low half  = MP(A0 + A1, b1) + MP(A1, b0 + b1)                              \
+         *      high half = MP(A1 + A2, b0) + MP(A1, b0 + b1)  */                          \
+        size_t k = n / 2;                                                                  \
+        uint64_t *s01 = scratch, *s12 = s01 + (2 * k - 1), *bs = s12 + (2 * k - 1);        \
+        uint64_t *beta = bs + k, *rest = beta + 2 * k;                                     \
+        for (size_t i = 0; i < 2 * k - 1; i++) {                                           \
+            s01[i] = a[i] ^ a[k + i];                                                      \
+            s12[i] = a[k + i] ^ a[2 * k + i];                                              \
+        }                                                                                  \
+        for (size_t i = 0; i < k; i++)                                                     \
+            bs[i] = b[i] ^ b[k + i];                                                       \
+        NAME(s01, b + k, c, k, rest, base);                                                \
+        NAME(s12, b, c + 2 * k, k, rest, base);                                            \
+        NAME(a + k, bs, beta, k, rest, base);                                              \
+        for (size_t i = 0; i < 2 * k; i++) {                                               \
+            c[i] ^= beta[i];                                                               \
+            c[2 * k + i] ^= beta[i];                                                       \
+        }                                                                                  \
     }
-    /* a's windows A0 = a, A1 = a + k, A2 = a + 2k (2k - 1 words each), b = b0 + Z^k b1:
-     *   low half  = MP(A0 + A1, b1) + MP(A1, b0 + b1)
-     *   high half = MP(A1 + A2, b0) + MP(A1, b0 + b1)                                   */
-    size_t k = n / 2;
-    uint64_t *s01 = scratch, *s12 = s01 + (2 * k - 1), *bs = s12 + (2 * k - 1);
-    uint64_t *beta = bs + k, *rest = beta + 2 * k;
-    for (size_t i = 0; i < 2 * k - 1; i++) {
-        s01[i] = a[i] ^ a[k + i];
-        s12[i] = a[k + i] ^ a[2 * k + i];
-    }
-    for (size_t i = 0; i < k; i++)
-        bs[i] = b[i] ^ b[k + i];
-    gf2_mp(s01, b + k, c, k, rest, base);
-    gf2_mp(s12, b, c + 2 * k, k, rest, base);
-    gf2_mp(a + k, bs, beta, k, rest, base);
-    for (size_t i = 0; i < 2 * k; i++) {
-        c[i] ^= beta[i];
-        c[2 * k + i] ^= beta[i];
-    }
-}
+
+GF2_DEFINE_MP(gf2_mp, )
+#if GF2_X86
+GF2_DEFINE_MP(gf2_mp_avx512, __attribute__((target("avx512f"))))
+#else
+#define gf2_mp_avx512 gf2_mp
+#endif
 
 /* Words [w0, w0 + nw) of the product s * x (s of ws words, x of wx words, both zero
  * beyond) into out.
@@ -262,7 +273,10 @@ static int gf2_product_words(const uint64_t *s, size_t ws, const uint64_t *x, si
                 continue; /* the window misses s: nothing to add */
             memset(win, 0, (2 * L - 1) * sizeof(uint64_t));
             memcpy(win + (a - lo), s + a, (size_t)(z - a) * sizeof(uint64_t));
-            gf2_mp(win, chunk, prod, L, scratch, base);
+            if (kernel == GF2_VPCLMUL)
+                gf2_mp_avx512(win, chunk, prod, L, scratch, base);
+            else
+                gf2_mp(win, chunk, prod, L, scratch, base);
             uint64_t *o = acc + 2 * p * L;
             for (size_t i = 0; i < 2 * L; i++)
                 o[i] ^= prod[i];
