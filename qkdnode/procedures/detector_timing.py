@@ -9,6 +9,18 @@ width centred on the pulse, blurred by the timing jitter, on top of the dark cou
 A coarse scan over one slot period (step about w/2) finds the plateau; a fine scan over
 its two edges is fitted with the model above (``p``, ``w``, ``s``, ``A``, ``B`` free); the
 delay is set to ``p``, the centre of the pulse.
+
+Uncertainty: each reading stands for ``reading_time_s`` of counting, so its standard
+deviation is ``sqrt(counts) / reading_time_s`` (Poisson). The fit is weighted by it, and
+the standard uncertainty of ``p`` is the fit covariance's, scaled by the square root of the
+reduced chi-square when the scan scatters more than counting explains (drift, a reading
+that straddled a setting). Without ``reading_time_s`` the scale of the weights is unknown
+and the scatter alone sets it (always scaled by the reduced chi-square). A detector's
+delay is refused (kept at its previous value, the result not ok, the message naming the
+detector and what was short) when the plateau holds fewer than ``min_peak_counts`` counts
+per reading, when the peak stands less than ``min_contrast`` standard deviations above the
+background, or when ``COVERAGE_FACTOR`` standard uncertainties of ``p`` exceed
+``max_delay_uncertainty_ps``.
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ from scipy.special import erf
 
 from drivers.interfaces import DetectorStatus, SinglePhotonDetector
 from qkdnode.procedures.common import (
+    COVERAGE_FACTOR,
     CalibrationError,
     CalibrationResult,
     Publisher,
@@ -56,6 +69,18 @@ class DetectorTimingConfig(BaseModel):
     fine_half_span_ps: float = Field(250.0, gt=0, description="around each edge")
     settle_s: float = Field(0.0, ge=0, description="wait after setting the delay")
     min_contrast: float = Field(5.0, gt=0, description="peak over background, in sigmas")
+    reading_time_s: float | None = Field(
+        None,
+        gt=0,
+        description="counting time behind each count-rate reading (the detectors' "
+        "integration period); None: unknown, the scan's scatter sets the weights",
+    )
+    min_peak_counts: int = Field(
+        100, ge=1, description="counts per reading on the plateau needed for a delay"
+    )
+    max_delay_uncertainty_ps: float = Field(
+        50.0, gt=0, description="refuse when COVERAGE_FACTOR standard uncertainties exceed it"
+    )
 
 
 def gate_model(  # noqa: PLR0917 (curve_fit passes parameters positionally)
@@ -71,11 +96,22 @@ class GateScanFit(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     pulse_delay_ps: float
-    pulse_delay_err_ps: float
+    pulse_delay_err_ps: float = Field(
+        description="standard uncertainty (fit covariance, scaled by sqrt(chi2/dof) when > 1)"
+    )
     gate_width_ps: float
     jitter_ps: float
     signal_rate_hz: float
     background_rate_hz: float
+    chi2_reduced: float = Field(1.0, description="of the fit (1 when the weights were unknown)")
+    dof: int = 0
+    coverage_factor: float = COVERAGE_FACTOR
+
+    @property
+    def pulse_delay_interval_ps(self) -> tuple[float, float]:
+        """``(lower, upper)``: the delay +/- ``coverage_factor`` standard uncertainties."""
+        half = self.coverage_factor * self.pulse_delay_err_ps
+        return self.pulse_delay_ps - half, self.pulse_delay_ps + half
 
 
 def _wrap(d: npt.NDArray[np.float64], center: float, period: float) -> npt.NDArray[np.float64]:
@@ -87,8 +123,12 @@ def fit_gate_scan(
     rates_hz: Sequence[float] | npt.NDArray[np.float64],
     gate_width_ps: float,
     period_ps: float | None = None,
+    reading_time_s: float | None = None,
 ) -> GateScanFit:
-    """Fit :func:`gate_model` to a delay scan (delays may wrap around ``period_ps``)."""
+    """Fit :func:`gate_model` to a delay scan (delays may wrap around ``period_ps``).
+
+    ``reading_time_s``: the counting time behind each rate (Poisson weights, module
+    docstring); None: weights of unknown scale, the uncertainty from the scatter."""
     d = np.asarray(delays_ps, dtype=np.float64)
     r = np.asarray(rates_hz, dtype=np.float64)
     if d.size < 5:
@@ -105,7 +145,10 @@ def fit_gate_scan(
         d = _wrap(d, p0, period_ps)
         above = r > b0 + a0 / 2
         p0 = float(np.mean(d[above])) if above.any() else p0
-    sigma = np.sqrt(np.maximum(r, 1.0))
+    if reading_time_s is None:
+        sigma = np.sqrt(np.maximum(r, 1.0))
+    else:  # Poisson: sqrt(counts) / t, at least one count's worth
+        sigma = np.sqrt(np.maximum(r * reading_time_s, 1.0)) / reading_time_s
     try:
         popt, pcov = curve_fit(
             gate_model,
@@ -113,11 +156,15 @@ def fit_gate_scan(
             r,
             p0=[p0, gate_width_ps, gate_width_ps / 20, a0, b0],
             sigma=sigma,
+            absolute_sigma=reading_time_s is not None,
             maxfev=20000,
         )
     except (RuntimeError, ValueError) as exc:
         raise CalibrationError(f"gate fit failed: {exc}") from exc
-    perr = np.sqrt(np.maximum(np.diag(pcov), 0.0))
+    dof = max(d.size - 5, 1)
+    chi2 = float(np.sum(((gate_model(d, *popt) - r) / sigma) ** 2)) / dof
+    scale = math.sqrt(max(chi2, 1.0)) if reading_time_s is not None else 1.0
+    perr = np.sqrt(np.maximum(np.diag(pcov), 0.0)) * scale
     p = float(popt[0])
     if period_ps is not None:
         p %= period_ps
@@ -128,16 +175,39 @@ def fit_gate_scan(
         jitter_ps=abs(float(popt[2])),
         signal_rate_hz=float(popt[3]),
         background_rate_hz=float(popt[4]),
+        chi2_reduced=chi2 if reading_time_s is not None else 1.0,
+        dof=dof,
     )
 
 
-def _check_fit(fit: GateScanFit, nominal_gate_ps: float) -> None:
-    """Refuse a fit to noise: a few stray dark counts can pass the coarse contrast test,
-    and curve_fit then returns a gate of any width with an undefined pulse position."""
+def _check_fit(fit: GateScanFit, cfg: DetectorTimingConfig) -> None:
+    """Refuse a fit to noise or one less precise than allowed: a few stray dark counts can
+    pass the coarse contrast test, and curve_fit then returns a gate of any width with an
+    undefined pulse position."""
+    nominal_gate_ps = cfg.gate_width_ps
+    if cfg.reading_time_s is not None:
+        peak = fit.signal_rate_hz * cfg.reading_time_s
+        if peak < cfg.min_peak_counts:
+            raise CalibrationError(
+                f"{peak:.0f} counts per reading on the plateau, fewer than the "
+                f"{cfg.min_peak_counts} needed: count longer or send more light"
+            )
+        background = max(fit.background_rate_hz * cfg.reading_time_s, 1.0)
+        contrast = peak / math.sqrt(background + peak)
+        if contrast < cfg.min_contrast:
+            raise CalibrationError(
+                f"pulse {contrast:.1f} standard deviations above the background, fewer "
+                f"than the {cfg.min_contrast:g} needed"
+            )
     err = fit.pulse_delay_err_ps
     if not math.isfinite(err) or err > nominal_gate_ps / 4:
         raise CalibrationError(
             f"pulse position undetermined (fit error {err:.3g} ps): too few counts?"
+        )
+    if COVERAGE_FACTOR * err > cfg.max_delay_uncertainty_ps:
+        raise CalibrationError(
+            f"delay known to +/-{COVERAGE_FACTOR * err:.0f} ps, worse than the "
+            f"{cfg.max_delay_uncertainty_ps:g} ps allowed: too few counts"
         )
     if not 0.5 <= fit.gate_width_ps / nominal_gate_ps <= 2.0:
         raise CalibrationError(
@@ -259,8 +329,14 @@ async def calibrate_detector_timing(
                 raise CalibrationError("no optical pulse in the coarse scan")
             d_arr = np.array(delays)
             near = np.abs(_wrap(d_arr, c, period) - c) <= cfg.gate_width_ps + step
-            fit = fit_gate_scan(d_arr[near], np.array(rate_list)[near], cfg.gate_width_ps, period)
-            _check_fit(fit, cfg.gate_width_ps)
+            fit = fit_gate_scan(
+                d_arr[near],
+                np.array(rate_list)[near],
+                cfg.gate_width_ps,
+                period,
+                cfg.reading_time_s,
+            )
+            _check_fit(fit, cfg)
             target = fit.pulse_delay_ps
             lo, hi = det.delay_range_ps
             if not lo <= target <= hi:

@@ -35,6 +35,7 @@ from drivers.interfaces import (
     VariableAttenuator,
 )
 from qkdnode.procedures.common import (
+    COVERAGE_FACTOR,
     CalibrationError,
     CalibrationResult,
     Publisher,
@@ -73,8 +74,20 @@ class TransferFit(BaseModel):
     p_max_w: float
     v0_v: float  # voltage of maximal transmission (nearest the sweep centre)
     v_pi_v: float
-    v0_err_v: float
-    v_pi_err_v: float
+    v0_err_v: float = Field(description="standard uncertainty of v0_v")
+    v_pi_err_v: float = Field(description="standard uncertainty of v_pi_v")
+    coverage_factor: float = COVERAGE_FACTOR
+
+    @property
+    def v_pi_interval_v(self) -> tuple[float, float]:
+        """``(lower, upper)`` of V_pi: +/- ``coverage_factor`` standard uncertainties."""
+        half = self.coverage_factor * self.v_pi_err_v
+        return self.v_pi_v - half, self.v_pi_v + half
+
+    @property
+    def v0_interval_v(self) -> tuple[float, float]:
+        half = self.coverage_factor * self.v0_err_v
+        return self.v0_v - half, self.v0_v + half
 
     @property
     def extinction_db(self) -> float:
@@ -146,7 +159,20 @@ def fit_transfer(volts: Sequence[float] | F64, power_w: Sequence[float] | F64) -
     floor = math.sqrt(float(np.mean((model[dim] - p[dim]) ** 2)))
     sigma = 0.01 * np.abs(p) + max(1e-6 * p_hi, floor)
     best = _best_fit(v, p, sigma, [list(first[1])]) or first
-    cost, popt, pcov = best
+    cost, popt, _ = best
+    # Position and period (V0, V_pi) and their uncertainties from a last fit with equal
+    # weights, started on the weighted one: the meter's noise is additive (it does not
+    # grow with the power), so the relative weights above, right for the extinction,
+    # would misstate them (by a factor 10 on simulated sweeps). The scatter of the
+    # residuals sets the scale of the covariance.
+    try:
+        popt_eq, pcov = curve_fit(
+            transfer, v, p, p0=list(popt), maxfev=20000, xtol=1e-14, ftol=1e-14, gtol=1e-14
+        )
+    except (RuntimeError, ValueError):
+        raise CalibrationError("transfer-function fit did not converge") from None
+    if np.sign(popt_eq[1] - popt_eq[0]) == np.sign(popt[1] - popt[0]):
+        popt = np.array([popt[0], popt_eq[1], popt_eq[2], popt_eq[3]])
     p_min, p_max, v0, v_pi = (float(x) for x in popt)
     rms = math.sqrt(float(np.mean((transfer(v, *popt) - p) ** 2)))
     if p_max < p_min:
@@ -168,6 +194,23 @@ def fit_transfer(volts: Sequence[float] | F64, power_w: Sequence[float] | F64) -
         v0_err_v=float(perr[2]),
         v_pi_err_v=float(perr[3]),
     )
+
+
+def _check_precision(sweep: str, fit: TransferFit, cfg: ModulatorConfig) -> None:
+    """Refuse a sweep that leaves V_pi or the transmission maximum less precise than
+    allowed (too little light at the meter, or a sweep too short for a period)."""
+    k = fit.coverage_factor
+    if k * fit.v_pi_err_v > cfg.max_v_pi_relative_uncertainty * fit.v_pi_v:
+        raise CalibrationError(
+            f"{sweep}: V_pi {fit.v_pi_v:.4f} +/- {k * fit.v_pi_err_v:.2g} V, less precise "
+            f"than the {cfg.max_v_pi_relative_uncertainty:.1%} allowed: more light or "
+            "more readings"
+        )
+    if k * fit.v0_err_v > cfg.max_bias_uncertainty_v:
+        raise CalibrationError(
+            f"{sweep}: transmission maximum at {fit.v0_v:.4f} +/- {k * fit.v0_err_v:.2g} V, "
+            f"less precise than the {cfg.max_bias_uncertainty_v:g} V allowed"
+        )
 
 
 def decoy_drive_v(fit: TransferFit, ratio: float, signal_v: float, vacuum_v: float) -> float:
@@ -197,6 +240,12 @@ class ModulatorConfig(BaseModel):
     decoy_ratio: float = Field(0.2, gt=0, lt=1, description="mu_decoy / mu_signal")
     sweep_attenuation_db: float = Field(
         30.0, ge=0, description="VOA setting during the sweeps (power at the tap vs output)"
+    )
+    max_v_pi_relative_uncertainty: float = Field(
+        0.01, gt=0, lt=1, description="refuse when COVERAGE_FACTOR sigma / V_pi is larger"
+    )
+    max_bias_uncertainty_v: float = Field(
+        0.05, gt=0, description="refuse when COVERAGE_FACTOR sigma of the bias is larger"
     )
 
 
@@ -257,6 +306,7 @@ async def calibrate_modulator(
         await call(im.set_bias_v, float(b))
         p_bias.append(await read_power(meter, cfg.averages, cfg.settle_s))
     bias_fit = fit_transfer(biases, p_bias)
+    _check_precision("bias sweep", bias_fit, cfg)
     bias_opt = bias_fit.v0_v
     if not b_lo <= bias_opt <= b_hi:
         bias_opt += -2 * bias_fit.v_pi_v if bias_opt > b_hi else 2 * bias_fit.v_pi_v
@@ -270,6 +320,7 @@ async def calibrate_modulator(
         await set_all_levels(im, float(d))
         p_drive.append(await read_power(meter, cfg.averages, cfg.settle_s))
     drive_fit = fit_transfer(drives, p_drive)
+    _check_precision("drive sweep", drive_fit, cfg)
     # signal at the maximum nearest 0 V drive, vacuum at the adjacent minimum in range
     sig_v = drive_fit.v0_v + 2 * drive_fit.v_pi_v * round(-drive_fit.v0_v / (2 * drive_fit.v_pi_v))
     if not d_lo <= sig_v <= d_hi:

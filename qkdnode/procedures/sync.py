@@ -45,9 +45,11 @@ from qkdnode.procedures.sync_model import (
     ClockModel,
     SyncConfig,
     SyncResult,
+    fit_clock,
     map_tags_to_slots,
     slot_period_ps,
 )
+from qkdnode.procedures.common import COVERAGE_FACTOR
 from qkdnode.procedures.sync_search import (
     PatternCheck,
     SlotClockEstimate,
@@ -164,12 +166,39 @@ async def acquire_lock(
     locked = (
         result.locked and tracker.locked and not tracker.lost and confirmed >= cfg.confirm_blocks
     )
+    # The clock as measured: one line through every acquisition tag (the loop's own model
+    # is fitted to the last segments and carries their noise), with its uncertainty;
+    # refused when it is too wide for the frequency to be trusted. First pass in the wide
+    # capture window around the tracked model, second in the acceptance window around
+    # the first fit.
+    period = slot_period_ps(slot_rate_hz)
+    message = result.message
+    try:
+        clock_model = tracker.model
+        for window in (period * cfg.max_window_fraction, result.window_ps):
+            slots, _, residuals = map_tags_to_slots(tags, clock_model, slot_rate_hz, window)
+            clock = fit_clock(
+                slots, residuals, clock_model, period, cfg.clock_wander_ppm_per_sqrt_s
+            )
+            clock_model = clock.model
+    except AcquisitionError as exc:
+        raise AcquisitionError(f"clock fit: {exc}") from None
+    if COVERAGE_FACTOR * clock.ppm_sigma > cfg.max_ppm_uncertainty:
+        locked = False
+        message = (
+            f"frequency offset known to +/-{COVERAGE_FACTOR * clock.ppm_sigma:.3g} ppm "
+            f"from {clock.n} tags over {result.span_s:.3g} s, worse than the "
+            f"{cfg.max_ppm_uncertainty:g} ppm allowed: acquire longer"
+        )
     result = result.model_copy(
         update={
             "locked": locked,
-            "offset_ps": tracker.model.offset_ps,
-            "rate": tracker.model.rate,
-            "ppm": tracker.model.ppm,
+            "message": message,
+            "offset_ps": clock.model.offset_ps,
+            "rate": clock.model.rate,
+            "ppm": clock.model.ppm,
+            "ppm_sigma": clock.ppm_sigma,
+            "offset_sigma_ps": clock.offset_sigma_ps,
             "timing_error_ps": last.timing_error_ps,
             "in_window_fraction": last.in_window_fraction,
             "duration_s": time.monotonic() - started,

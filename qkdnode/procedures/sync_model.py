@@ -16,11 +16,15 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
+from qkdnode.procedures.common import COVERAGE_FACTOR
+
 __all__ = [
     "AcquisitionError",
+    "ClockFit",
     "ClockModel",
     "SyncConfig",
     "SyncResult",
+    "fit_clock",
     "map_tags_to_slots",
     "slot_period_ps",
 ]
@@ -62,6 +66,18 @@ class SyncConfig(BaseModel):
     rate_gain: float = Field(0.5, gt=0, le=1)
     confirm_blocks: int = Field(2, ge=0, description="blocks tracked after acquisition")
     channels: list[int] | None = Field(None, description="tagger channels used (None = all)")
+    clock_wander_ppm_per_sqrt_s: float = Field(
+        0.01,
+        ge=0,
+        description="the tagger clock's frequency random walk (datasheet): part of the "
+        "frequency's uncertainty at the end of the acquisition",
+    )
+    max_ppm_uncertainty: float = Field(
+        0.05,
+        gt=0,
+        description="refuse the lock when COVERAGE_FACTOR standard uncertainties of the "
+        "frequency offset exceed this (ppm): too few tags or too short a span",
+    )
 
 
 def slot_period_ps(slot_rate_hz: float) -> float:
@@ -124,6 +140,69 @@ def map_tags_to_slots(
     return n[keep], tags["channel"][keep].astype(np.int8), res[keep]
 
 
+@dataclass(frozen=True)
+class ClockFit:
+    """A least-squares line through detections numbered by a model, with its uncertainty.
+
+    ``model``: the fitted clock; ``ppm_sigma``: standard uncertainty of its frequency
+    offset (ppm) at the end of the data: the fit's (timing scatter over the span) and the
+    clock's wander (a random walk of the frequency: the fitted slope is a parabolically
+    weighted mean of the frequency over the span, which differs from its value at the
+    end by ``wander * sqrt(13/35 * span)``);
+    ``offset_sigma_ps``: standard uncertainty of the model's time at the data's centre
+    slot ``centre_slot`` (the offset extrapolated to slot 0 is as good as that plus the
+    frequency's part times the distance); ``n``: detections fitted."""
+
+    model: ClockModel
+    ppm_sigma: float
+    offset_sigma_ps: float
+    centre_slot: float
+    n: int
+
+
+def fit_clock(
+    slot: I64,
+    residual_ps: F64,
+    model: ClockModel,
+    period_ps: float,
+    wander_ppm_per_sqrt_s: float = 0.0,
+) -> ClockFit:
+    """Refit ``model`` on detections it numbered (``slot``) with their timing residuals.
+
+    The residuals of a true line ``t = o + r * n * P`` against ``model`` grow linearly in
+    ``n``: a linear fit ``residual = a + b (n - mean n)`` gives the line. The scatter is
+    the robust (median absolute deviation) spread of the residuals about the fit, so that
+    a few afterpulses or dark counts in the window do not count as jitter. Raises
+    :class:`AcquisitionError` for fewer than 10 detections or a single slot."""
+    n = np.asarray(slot, dtype=np.float64)
+    r = np.asarray(residual_ps, dtype=np.float64)
+    if n.size < 10:
+        raise AcquisitionError(f"{n.size} detections: too few to fit the clock")
+    centre = float(n.mean())
+    x = n - centre
+    sxx = float(np.dot(x, x))
+    if sxx <= 0:
+        raise AcquisitionError("all detections in one slot: no span to fit the clock over")
+    a = float(r.mean())
+    b = float(np.dot(x, r - a) / sxx)
+    fitted = r - a - b * x
+    med = float(np.median(fitted))
+    sigma_ps = 1.4826 * float(np.median(np.abs(fitted - med)))
+    slope_sigma = sigma_ps / math.sqrt(sxx)  # ps per slot
+    span_s = float(n.max() - n.min()) * period_ps * 1e-12
+    ppm_fit = slope_sigma / (model.rate * period_ps) * 1e6
+    ppm_wander = wander_ppm_per_sqrt_s * math.sqrt(13.0 / 35.0 * span_s)
+    rate = model.rate + b / period_ps
+    offset = model.offset_ps + a - b * centre
+    return ClockFit(
+        model=ClockModel(offset, rate),
+        ppm_sigma=math.hypot(ppm_fit, ppm_wander),
+        offset_sigma_ps=sigma_ps / math.sqrt(n.size),
+        centre_slot=centre,
+        n=int(n.size),
+    )
+
+
 class SyncResult(BaseModel):
     """Outcome of an acquisition (published on telemetry as ``sync.acquired``)."""
 
@@ -147,6 +226,13 @@ class SyncResult(BaseModel):
     duration_s: float = 0.0
     message: str = ""
     pattern_z: float = 0.0  # pattern z-score of the final model's slots (see check_pattern)
+    ppm_sigma: float = Field(
+        0.0, ge=0, description="standard uncertainty of ppm (0: not computed, coarse only)"
+    )
+    offset_sigma_ps: float = Field(
+        0.0, ge=0, description="standard uncertainty of the timing at the tags' centre slot"
+    )
+    coverage_factor: float = COVERAGE_FACTOR
 
     @property
     def model(self) -> ClockModel:

@@ -140,10 +140,10 @@ def test_save_result_writes_json_and_png(tmp_path: Path) -> None:
 def test_gate_fit_to_stray_dark_counts_is_refused() -> None:
     """No light: a delay scan with a few single dark counts (one count per integration
     shows as 24 Hz) must not yield a gate delay."""
-    from qkdnode.procedures.detector_timing import _check_fit
+    from qkdnode.procedures.detector_timing import DetectorTimingConfig, _check_fit
 
     delays = np.arange(22_050.0, 24_450.0, 40.0)
     rates = np.zeros_like(delays)
     rates[[4, 8, 27, 30, 38, 41, 49]] = 24.0
     with pytest.raises(CalibrationError):
-        _check_fit(fit_gate_scan(delays, rates, 1000.0, 40_000.0), 1000.0)
+        _check_fit(fit_gate_scan(delays, rates, 1000.0, 40_000.0), DetectorTimingConfig())

@@ -1,0 +1,398 @@
+"""Calibration against the hidden truth: does every procedure claim no more than it measured?
+
+For a seed ``s`` the simulated link draws both boxes' hardware truths
+(:mod:`drivers.simlink.truths`, ``hardware_seed = s``), the calibration chain runs on it
+(:class:`~qkdnode.procedures.simharness.SimLink`, both halves in one process) in the order
+a link comes up:
+
+1. intensity modulator (V_pi and bias of maximal transmission, from the bias sweep);
+2. mean photon numbers (on the box's commissioning record, never on the simulator's truth);
+3. detector gate delays (the scan's fit);
+4. synchronization (the clock's frequency offset);
+5. encoder V_pi and bias, then the encoding compensation;
+6. dark counts and detector efficiencies, with the encoding compensated.
+
+Each estimate is compared with its truth and its *stated* uncertainty
+(:class:`TruthRow`): ``z = (estimate - truth) / u`` with ``u`` the procedure's standard
+uncertainty on the side of the truth. A procedure is honest when ``|z| <= k``
+(``k`` = :data:`~qkdnode.procedures.common.COVERAGE_FACTOR`, the intervals the procedures
+report) on every seed; a miss means the stated uncertainty is too small. Quantities given
+as a bound only (dark counts below their minimum counts) have no ``z``: their check is
+that the truth lies within ``[lower, upper]``.
+
+:func:`check_seed` runs one seed, :func:`check_seeds` several, :func:`summarize` gives the
+largest ``|z|`` per quantity (``qkdnode calibration truth`` prints it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from drivers.interfaces import LaserStatus
+from drivers.simlink.params import LinkParams, ReceiverParams, TransmitterHardwareParams
+from drivers.simlink.truths import commissioning_record
+from qkdnode.procedures.common import COVERAGE_FACTOR
+from qkdnode.procedures.dark_counts import DarkCountConfig, measure_dark_counts_and_efficiency
+from qkdnode.procedures.detector_timing import DetectorTimingConfig, calibrate_detector_timing
+from qkdnode.procedures.encoder_v_pi import (
+    EncoderVPiConfig,
+    StateErrors,
+    calibrate_encoder_v_pi,
+    count_state_errors,
+)
+from qkdnode.procedures.encoding_compensation import (
+    EncodingCompensationConfig,
+    compensate_encoding,
+    qber_from_detections,
+)
+from qkdnode.procedures.mean_photon_number import MeanPhotonConfig, calibrate_mean_photon_number
+from qkdnode.procedures.modulator import calibrate_modulator
+from qkdnode.procedures.simharness import SimLink, drain
+from qkdnode.procedures.sync import SlotTracker, SyncConfig, acquire_lock
+
+__all__ = [
+    "QuantitySummary",
+    "TruthRow",
+    "check_seed",
+    "check_seeds",
+    "summarize",
+    "truth_link",
+]
+
+#: Slots per simulated fiber batch (10.5 ms at 25 MHz): one detector reading.
+CHUNK_SLOTS = 1 << 18
+_SYNC_SEED = 4242
+
+
+class TruthRow(BaseModel):
+    """One calibrated quantity of one seed against its truth.
+
+    ``standard_uncertainty`` is the procedure's stated standard uncertainty on the side of
+    the truth (``(upper - estimate) / k`` when the truth lies above, ``(estimate - lower)
+    / k`` below, ``k`` = ``coverage_factor``); ``z`` the error in those units. Both are
+    None for a bound-only result (no point estimate)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seed: int
+    quantity: str
+    unit: str
+    estimate: float | None
+    lower: float
+    upper: float
+    truth: float
+    standard_uncertainty: float | None
+    z: float | None = Field(description="(estimate - truth) / standard_uncertainty")
+    coverage_factor: float
+
+    @property
+    def within(self) -> bool:
+        """The truth inside the stated interval."""
+        return self.lower <= self.truth <= self.upper
+
+
+class QuantitySummary(BaseModel):
+    """The worst of one quantity over the seeds."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    quantity: str
+    unit: str
+    rows: int
+    max_abs_z: float | None = Field(description="largest |error| / u (None: bounds only)")
+    max_abs_error: float | None
+    median_standard_uncertainty: float | None
+    misses: int = Field(description="rows whose truth lies outside the stated interval")
+
+
+def _row(
+    seed: int,
+    quantity: str,
+    unit: str,
+    estimate: float | None,
+    lower: float,
+    upper: float,
+    truth: float,
+    k: float = COVERAGE_FACTOR,
+) -> TruthRow:
+    u: float | None = None
+    z: float | None = None
+    if estimate is not None:
+        half = (upper - estimate) if truth >= estimate else (estimate - lower)
+        u = half / k
+        z = (estimate - truth) / u if u > 0 else math.copysign(math.inf, estimate - truth)
+    return TruthRow(
+        seed=seed,
+        quantity=quantity,
+        unit=unit,
+        estimate=estimate,
+        lower=lower,
+        upper=upper,
+        truth=truth,
+        standard_uncertainty=u,
+        z=z,
+        coverage_factor=k,
+    )
+
+
+def _sym(
+    seed: int, quantity: str, unit: str, estimate: float, sigma: float, truth: float
+) -> TruthRow:
+    k = COVERAGE_FACTOR
+    return _row(seed, quantity, unit, estimate, estimate - k * sigma, estimate + k * sigma, truth)
+
+
+def _nearest(value: float, truth: float, period: float) -> float:
+    """``value`` moved by whole periods to the copy nearest ``truth``."""
+    return value - period * round((value - truth) / period)
+
+
+def truth_link(seed: int) -> LinkParams:
+    """The link of seed ``seed``: both boxes' truths drawn from ``seed``, safe power-on."""
+    return LinkParams(
+        chunk_slots=CHUNK_SLOTS,
+        start_calibrated=False,
+        transmitter_seed=2 * seed + 1,
+        receiver_seed=2 * seed + 2,
+        transmitter=TransmitterHardwareParams(hardware_seed=seed, laser_warmup_s=0.0),
+        receiver=ReceiverParams(hardware_seed=seed),
+    )
+
+
+async def _chain(link: SimLink, inst: dict[str, Any], seed: int) -> list[TruthRow]:
+    params = link.params  # the truths (read for the comparison only)
+    hw = params.transmitter
+    rx = params.receiver
+    src = params.source
+    rows: list[TruthRow] = []
+
+    inst["laser"].set_emission(True)
+    if inst["laser"].status() != LaserStatus.LOCKED:
+        raise RuntimeError("the simulated laser did not lock")
+    mod = await calibrate_modulator(inst["im"], inst["meter"], voa=inst["voa"])
+    fit = mod.bias_fit
+    rows.append(_sym(seed, "im_v_pi", "V", fit.v_pi_v, fit.v_pi_err_v, hw.im_v_pi_v))
+    rows.append(
+        _sym(
+            seed,
+            "im_bias",
+            "V",
+            mod.bias_set_v,
+            fit.v0_err_v,
+            _nearest(hw.im_bias_opt_v, mod.bias_set_v, 2 * fit.v_pi_v),
+        )
+    )
+
+    record = commissioning_record(hw)  # what the box's configuration holds
+    mu = await calibrate_mean_photon_number(
+        inst["laser"],
+        inst["im"],
+        inst["voa"],
+        inst["meter"],
+        mod,
+        mu_signal=src.mu_signal,
+        mu_decoy=src.mu_decoy,
+        slot_rate_hz=src.slot_rate_hz,
+        cfg=MeanPhotonConfig(tap_to_output_db=record.tap_to_output_db),
+    )
+    true_mu = link.tx.mu_per_class()
+    for name, interval, truth in (
+        ("mu_signal", mu.signal, true_mu[0]),
+        ("mu_decoy", mu.decoy, true_mu[1]),
+    ):
+        rows.append(_row(seed, name, "", interval.mu, interval.lower, interval.upper, truth))
+
+    inst["encoder"].set_output(True)
+    timing = await calibrate_detector_timing(
+        inst["detectors"],
+        src.slot_rate_hz,
+        DetectorTimingConfig(reading_time_s=link.chunk_s),
+        wait_integration=lambda: link.step(1),
+    )
+    period_ps = timing.period_ps
+    for scan in timing.scans:
+        if scan.fit is None:
+            raise RuntimeError(f"{scan.detector}: {timing.message}")
+        est = scan.fit.pulse_delay_ps
+        rows.append(
+            _sym(
+                seed,
+                f"delay[{scan.detector}]",
+                "ps",
+                est,
+                scan.fit.pulse_delay_err_ps,
+                _nearest(rx.true_delay_ps, est, period_ps),
+            )
+        )
+
+    inst["source"].set_sync_pattern(_SYNC_SEED)
+    link.step(1)
+    inst["tagger"].start_stream()
+    # The clock wanders (a step per chunk, taken at the chunk's end): its true frequency
+    # offset during each chunk of the acquisition's light.
+    true_ppm: list[float] = []
+    for _ in range(round(0.1 / link.chunk_s)):
+        true_ppm.append(link.rx.model.clock.frequency_offset * 1e6)
+        link.step(1)
+    sync, tracker = await acquire_lock(
+        inst["tagger"], _SYNC_SEED, src.slot_rate_hz, SyncConfig(confirm_blocks=0)
+    )
+    if not sync.locked:
+        raise RuntimeError(f"synchronization failed: {sync.message}")
+    unread = 0  # blocks (one per chunk) the acquisition left in the queue
+    while inst["tagger"].read_block(0.0) is not None:
+        unread += 1
+    last_read = len(true_ppm) - 1 - unread  # the chunk of the acquisition's last tags
+    rows.append(_sym(seed, "clock_ppm", "ppm", sync.ppm, sync.ppm_sigma, true_ppm[last_read]))
+    inst["source"].set_sync_pattern(None)
+
+    v_pi = await calibrate_encoder_v_pi(
+        inst["encoder"],
+        _state_errors(link, inst, tracker),
+        EncoderVPiConfig(v_pi_guess_v=3.0),  # the datasheet value
+    )
+    rows.append(
+        _sym(seed, "encoder_v_pi", "V", v_pi.v_pi_v, v_pi.v_pi_sigma_v, hw.encoder_v_pi_v)
+    )
+    f = v_pi.fit
+    rows.append(
+        _sym(
+            seed,
+            "encoder_bias",
+            "V",
+            f.bias_opt_v,
+            f.bias_opt_sigma_v,
+            _nearest(hw.encoder_bias_opt_v, f.bias_opt_v, 2 * f.bias_v_pi_v),
+        )
+    )
+    measure_qber = _qber(link, inst, tracker)
+    encoding = await compensate_encoding(
+        inst["encoder"], measure_qber, None, EncodingCompensationConfig(v_pi_v=v_pi.bias_v_pi_v)
+    )
+
+    async def set_light(on: bool) -> None:
+        inst["voa"].set_shutter(on)
+
+    dark = await measure_dark_counts_and_efficiency(
+        inst["detectors"],
+        set_light,
+        src.slot_rate_hz,
+        [
+            (src.p_signal, mu.mu_signal),
+            (src.p_decoy, mu.mu_decoy),
+            (src.p_vacuum, mu.vacuum.mu_or_upper),
+        ],
+        DarkCountConfig(
+            reading_time_s=link.chunk_s,
+            rx_p_basis_z=rx.p_basis_z,
+            tx_p_basis_z=src.p_basis_z,
+            misalignment=encoding.final_qber,
+        ),
+        mu_bounds=mu.bounds(),
+        channel_transmittance=params.fiber.transmittance,  # the link budget
+        channel_transmittance_uncertainty_db=0.05,
+        wait_integration=lambda: link.step(4),
+    )
+    gate_s = rx.gate_width_ps * 1e-12
+    for d, eff, dark_hz in zip(
+        dark.detectors, rx.detector_efficiency, rx.dark_count_rates_hz, strict=True
+    ):
+        assert d.detector_efficiency_lower is not None and d.detector_efficiency_upper is not None
+        rows.append(
+            _row(
+                seed,
+                f"efficiency[{d.detector}]",
+                "",
+                d.detector_efficiency,
+                d.detector_efficiency_lower,
+                d.detector_efficiency_upper,
+                eff,
+            )
+        )
+        rows.append(
+            _row(
+                seed,
+                f"dark_rate[{d.detector}]",
+                "Hz",
+                d.dark_rate_hz,
+                d.dark_rate_lower_hz,
+                d.dark_rate_upper_hz,
+                dark_hz * gate_s * src.slot_rate_hz,  # counts in the gates
+            )
+        )
+    return rows
+
+
+def _state_errors(link: SimLink, inst: dict[str, Any], tracker: SlotTracker) -> Any:
+    async def measure() -> StateErrors:
+        drain(inst["tagger"])
+        link.advance(0.02)
+        mapped, _ = tracker.update(drain(inst["tagger"]))
+        prepared = inst["source"].prepared(mapped.slot_index)
+        return count_state_errors(mapped.channel, prepared.basis, prepared.bit)
+
+    return measure
+
+
+def _qber(link: SimLink, inst: dict[str, Any], tracker: SlotTracker) -> Any:
+    async def measure() -> float:
+        drain(inst["tagger"])
+        link.advance(0.05)
+        mapped, _ = tracker.update(drain(inst["tagger"]))
+        prepared = inst["source"].prepared(mapped.slot_index)
+        return qber_from_detections(mapped.channel, prepared.basis, prepared.bit).qber
+
+    return measure
+
+
+def check_seed(seed: int) -> list[TruthRow]:
+    """Run the calibration chain on the link of ``seed`` and compare it with the truth."""
+    link = SimLink(truth_link(seed))
+    try:
+        inst = link.connect()
+        return asyncio.run(_chain(link, inst, seed))
+    finally:
+        link.close()
+
+
+def check_seeds(seeds: Sequence[int]) -> list[TruthRow]:
+    out: list[TruthRow] = []
+    for s in seeds:
+        out += check_seed(s)
+    return out
+
+
+def _family(quantity: str) -> str:
+    """``delay[spd0]`` and ``delay[spd1]`` are one quantity: ``delay``."""
+    return quantity.split("[", 1)[0]
+
+
+def summarize(rows: Sequence[TruthRow]) -> list[QuantitySummary]:
+    """Per quantity (detectors together): the largest ``|z|`` and ``|error|``, the median
+    stated uncertainty and the number of truths outside their intervals."""
+    groups: dict[str, list[TruthRow]] = {}
+    for r in rows:
+        groups.setdefault(_family(r.quantity), []).append(r)
+    out = []
+    for name, group in groups.items():
+        zs = [abs(r.z) for r in group if r.z is not None]
+        errs = [abs(r.estimate - r.truth) for r in group if r.estimate is not None]
+        us = [r.standard_uncertainty for r in group if r.standard_uncertainty is not None]
+        out.append(
+            QuantitySummary(
+                quantity=name,
+                unit=group[0].unit,
+                rows=len(group),
+                max_abs_z=max(zs) if zs else None,
+                max_abs_error=max(errs) if errs else None,
+                median_standard_uncertainty=float(np.median(us)) if us else None,
+                misses=sum(not r.within for r in group),
+            )
+        )
+    return out
