@@ -140,26 +140,6 @@ async def _procedure_benchmarks(quick: bool) -> list[Row]:
             "4 detectors in parallel, 10 ms of link per point (simulated)",
         )
 
-        async def set_light(on: bool) -> None:
-            inst["voa"].set_shutter(on)
-
-        await timed(
-            "dark_counts",
-            measure_dark_counts_and_efficiency(
-                inst["detectors"],
-                set_light,
-                src.slot_rate_hz,
-                [
-                    (src.p_signal, mu.mu_signal),
-                    (src.p_decoy, mu.mu_decoy),
-                    (src.p_vacuum, mu.vacuum.mu_or_upper),
-                ],
-                # a simulated detector's reading counts over the last chunk of the link
-                DarkCountConfig(reading_time_s=link.chunk_s, max_efficiency_uncertainty=0.2),
-                mu_bounds=mu.bounds(),
-                wait_integration=lambda: link.step(2),
-            ),
-        )
         inst["source"].set_sync_pattern(5)
         link.step(1)
         inst["tagger"].start_stream()
@@ -222,6 +202,29 @@ async def _procedure_benchmarks(quick: bool) -> list[Row]:
                 f"<= {cfg.max_relative_uncertainty}",
                 f"V_pi {v_pi.v_pi_v:.3f} V from a guess of {v_pi.v_pi_guess_v} V",
             )
+        )
+        qber = await measure_qber()  # with the drives and bias of the V_pi step
+
+        async def set_light(on: bool) -> None:
+            inst["voa"].set_shutter(on)
+
+        await timed(
+            "dark_counts",
+            measure_dark_counts_and_efficiency(
+                inst["detectors"],
+                set_light,
+                src.slot_rate_hz,
+                [
+                    (src.p_signal, mu.mu_signal),
+                    (src.p_decoy, mu.mu_decoy),
+                    (src.p_vacuum, mu.vacuum.mu_or_upper),
+                ],
+                # a simulated detector's reading counts over the last chunk of the link
+                DarkCountConfig(reading_time_s=link.chunk_s, max_efficiency_uncertainty=0.2),
+                mu_bounds=mu.bounds(),
+                encoding_qber=qber,  # the encoding set by the V_pi step
+                wait_integration=lambda: link.step(2),
+            ),
         )
     finally:
         link.close()

@@ -23,6 +23,18 @@ Counts, not rates, set what can be claimed. Each count-rate reading stands for
   the intervals of the intensities (``mu_bounds``) and of the link budget. When the counts
   alone leave the efficiency less precise than ``max_efficiency_uncertainty`` (relative
   half-width), the procedure refuses: count longer.
+
+The efficiency needs the encoding compensated. The shares ``f_state`` above hold for
+states where they belong; with the encoder off its optimum (the bias at power-on, the
+drives of a datasheet V_pi) a detector's share of its arm's light is off by up to tens
+of percent, one detector of a pair up and the other down, and so is its efficiency (16 %
+was seen with the encoder at power-on). So the procedure takes the error rate measured
+with the encoding as it is (``encoding_qber``, after :mod:`encoder_v_pi` and
+:mod:`encoding_compensation`) and refuses without it or above ``max_encoding_qber``. That
+error rate is the misalignment of the model, and a relative ``encoding_qber`` widens the
+interval: a residual rotation common to all states cancels between the two states of a
+basis, one that differs between them (what is left of a V_pi error) shifts a detector's
+share by at most that much.
 """
 
 from __future__ import annotations
@@ -166,6 +178,13 @@ class DarkCountConfig(BaseModel):
     max_efficiency_uncertainty: float = Field(
         0.05, gt=0, lt=1, description="refuse when counting leaves a wider relative half-width"
     )
+    max_encoding_qber: float = Field(
+        0.05,
+        gt=0,
+        lt=0.5,
+        description="refuse the efficiency when the encoding's measured error rate is higher "
+        "(not compensated)",
+    )
 
 
 class DetectorCounts(BaseModel):
@@ -198,6 +217,7 @@ class DarkCountResult(CalibrationResult):
     confidence: float
     channel_transmittance: float | None
     channel_transmittance_uncertainty_db: float
+    encoding_qber: float = Field(description="error rate of the encoding during the light")
     class_mix: list[tuple[float, float]]
     mu_bounds: list[tuple[float, float]] | None
     detectors: list[DetectorCounts]
@@ -227,6 +247,7 @@ async def measure_dark_counts_and_efficiency(
     mu_bounds: Sequence[tuple[float, float]] | None = None,
     channel_transmittance: float | None = None,
     channel_transmittance_uncertainty_db: float = 0.5,
+    encoding_qber: float | None = None,
     wait_integration: Callable[[], object] | None = None,
     state_dir: Path | None = None,
     publish: Publisher | None = None,
@@ -238,10 +259,24 @@ async def measure_dark_counts_and_efficiency(
     ``[(0.5, mu_signal), (0.5, 0)]`` during the sync pattern) and ``mu_bounds`` the
     ``(lower, upper)`` of each mu (without them the intervals cover counting only).
     ``channel_transmittance`` is the link budget and its uncertainty (0.5 dB: connector
-    and splice losses of a measured link). The light is left on. Raises CalibrationError
-    when the counts do not give the efficiency to ``cfg.max_efficiency_uncertainty``.
+    and splice losses of a measured link). ``encoding_qber`` is the error rate measured with
+    the encoding as it stands, after its compensation (module docstring). The light is
+    left on. Raises CalibrationError without ``encoding_qber`` or above
+    ``cfg.max_encoding_qber`` (before switching anything), and when the counts do not give
+    the efficiency to ``cfg.max_efficiency_uncertainty``.
     """
     started = time.monotonic()
+    if encoding_qber is None:
+        raise CalibrationError(
+            "detector efficiency needs the encoding compensated: give encoding_qber, the "
+            "error rate measured after the encoder V_pi and encoding compensation"
+        )
+    if not 0 <= encoding_qber <= cfg.max_encoding_qber:
+        raise CalibrationError(
+            f"encoding error rate {encoding_qber:.2%} outside [0, {cfg.max_encoding_qber:.1%}]:"
+            " compensate the encoding before measuring the detector efficiency"
+        )
+    misalignment = max(cfg.misalignment, encoding_qber)
     wait = wait_integration or (lambda: None)
     if mu_bounds is not None and len(mu_bounds) != len(class_mix):
         raise ValueError("mu_bounds needs one (lower, upper) per class_mix entry")
@@ -283,8 +318,8 @@ async def measure_dark_counts_and_efficiency(
         basis = cfg.basis_of_detector[i] if i < len(cfg.basis_of_detector) else 0
         arm = cfg.rx_p_basis_z if basis == 0 else 1 - cfg.rx_p_basis_z
         same = cfg.tx_p_basis_z if basis == 0 else 1 - cfg.tx_p_basis_z
-        x = solve_system_efficiency(p_click, mix_point, arm, same, cfg.misalignment)
-        counting = efficiency_bounds(p_bounds, (mix_point, mix_point), arm, same, cfg.misalignment)
+        x = solve_system_efficiency(p_click, mix_point, arm, same, misalignment)
+        counting = efficiency_bounds(p_bounds, (mix_point, mix_point), arm, same, misalignment)
         precision = (counting[1] - counting[0]) / 2 / x
         if precision > cfg.max_efficiency_uncertainty:
             raise CalibrationError(
@@ -292,7 +327,8 @@ async def measure_dark_counts_and_efficiency(
                 f"+/-{precision:.1%} at {conf:.3%} confidence, worse than the "
                 f"{cfg.max_efficiency_uncertainty:.1%} required: count longer"
             )
-        x_lo, x_hi = efficiency_bounds(p_bounds, (mix_hi, mix_lo), arm, same, cfg.misalignment)
+        x_lo, x_hi = efficiency_bounds(p_bounds, (mix_hi, mix_lo), arm, same, misalignment)
+        x_lo, x_hi = x_lo * (1 - encoding_qber), min(x_hi * (1 + encoding_qber), 1.0)
         resolved = n_d >= cfg.min_dark_counts
         eta = channel_transmittance
         out.append(
@@ -321,6 +357,7 @@ async def measure_dark_counts_and_efficiency(
         confidence=conf,
         channel_transmittance=channel_transmittance,
         channel_transmittance_uncertainty_db=channel_transmittance_uncertainty_db,
+        encoding_qber=encoding_qber,
         class_mix=mix_point,
         mu_bounds=None if mu_bounds is None else [(float(a), float(b)) for a, b in mu_bounds],
         detectors=out,

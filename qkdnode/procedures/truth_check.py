@@ -257,9 +257,7 @@ async def _chain(link: SimLink, inst: dict[str, Any], seed: int) -> list[TruthRo
         _state_errors(link, inst, tracker),
         EncoderVPiConfig(v_pi_guess_v=3.0),  # the datasheet value
     )
-    rows.append(
-        _sym(seed, "encoder_v_pi", "V", v_pi.v_pi_v, v_pi.v_pi_sigma_v, hw.encoder_v_pi_v)
-    )
+    rows.append(_sym(seed, "encoder_v_pi", "V", v_pi.v_pi_v, v_pi.v_pi_sigma_v, hw.encoder_v_pi_v))
     f = v_pi.fit
     rows.append(
         _sym(
@@ -292,11 +290,11 @@ async def _chain(link: SimLink, inst: dict[str, Any], seed: int) -> list[TruthRo
             reading_time_s=link.chunk_s,
             rx_p_basis_z=rx.p_basis_z,
             tx_p_basis_z=src.p_basis_z,
-            misalignment=encoding.final_qber,
         ),
         mu_bounds=mu.bounds(),
         channel_transmittance=params.fiber.transmittance,  # the link budget
         channel_transmittance_uncertainty_db=0.05,
+        encoding_qber=encoding.final_qber,
         wait_integration=lambda: link.step(4),
     )
     gate_s = rx.gate_width_ps * 1e-12

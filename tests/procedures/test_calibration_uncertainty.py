@@ -327,6 +327,8 @@ def run_dark_counts(rx: ReceiverParams, **cfg: Any) -> tuple[Any, LinkParams]:
                 ),
                 mu_bounds=[(m * 0.95, m * 1.05) for m in truth],
                 channel_transmittance=link.params.fiber.transmittance,
+                # the link starts at its optimum: its error rate is the optical misalignment
+                encoding_qber=link.params.fiber.misalignment,
                 wait_integration=lambda: link.step(2),
             )
         )

@@ -139,29 +139,6 @@ async def run_sequence(link: SimLink, inst: dict[str, Any], state_dir: Path) -> 
         publish=publish,
     )
 
-    async def set_light(on: bool) -> None:
-        inst["voa"].set_shutter(on)
-
-    dark = await measure_dark_counts_and_efficiency(
-        inst["detectors"],
-        set_light,
-        src.slot_rate_hz,
-        [
-            (src.p_signal, mu.mu_signal),
-            (src.p_decoy, mu.mu_decoy),
-            (src.p_vacuum, mu.vacuum.mu_or_upper),
-        ],
-        DarkCountConfig(
-            reading_time_s=link.chunk_s,  # a simulated reading counts over the last chunk
-            rx_p_basis_z=link.params.receiver.p_basis_z,
-            tx_p_basis_z=src.p_basis_z,
-        ),
-        mu_bounds=mu.bounds(),
-        channel_transmittance=link.params.fiber.transmittance,  # link budget (known)
-        wait_integration=lambda: link.step(4),
-        state_dir=state_dir,
-        publish=publish,
-    )
     # synchronization: the transmitter switches to the pattern, the receiver locks
     inst["source"].set_sync_pattern(SEED)
     link.step(1)
@@ -183,6 +160,33 @@ async def run_sequence(link: SimLink, inst: dict[str, Any], state_dir: Path) -> 
         make_measure_qber(link, inst, tracker),
         None,
         EncodingCompensationConfig(v_pi_v=v_pi.bias_v_pi_v),
+        state_dir=state_dir,
+        publish=publish,
+    )
+
+    # the efficiencies rest on states where they belong: measured once the encoding is
+    # compensated (the tagger keeps streaming meanwhile; the tests drain it first)
+    async def set_light(on: bool) -> None:
+        inst["voa"].set_shutter(on)
+
+    dark = await measure_dark_counts_and_efficiency(
+        inst["detectors"],
+        set_light,
+        src.slot_rate_hz,
+        [
+            (src.p_signal, mu.mu_signal),
+            (src.p_decoy, mu.mu_decoy),
+            (src.p_vacuum, mu.vacuum.mu_or_upper),
+        ],
+        DarkCountConfig(
+            reading_time_s=link.chunk_s,  # a simulated reading counts over the last chunk
+            rx_p_basis_z=link.params.receiver.p_basis_z,
+            tx_p_basis_z=src.p_basis_z,
+        ),
+        mu_bounds=mu.bounds(),
+        channel_transmittance=link.params.fiber.transmittance,  # link budget (known)
+        encoding_qber=encoding.final_qber,  # measured with the encoding compensated
+        wait_integration=lambda: link.step(4),
         state_dir=state_dir,
         publish=publish,
     )
