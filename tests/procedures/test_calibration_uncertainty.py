@@ -373,6 +373,63 @@ def test_efficiency_refused_when_the_counts_cannot_give_the_precision() -> None:
         run_dark_counts(rx_hardware(), max_efficiency_uncertainty=0.002)
 
 
+def test_efficiency_with_the_encoding_at_power_on_is_refused_never_wrong() -> None:
+    """The clumsy operator: the detector efficiency measured before the encoder is
+    calibrated (bias at its power-on 0 V, 1.1 V from the optimum; drives of the datasheet
+    V_pi, 3.0 V, on an encoder of 2.85 V). The states' light then splits unevenly between
+    the two detectors of a basis: an efficiency from it is off by far more than its
+    interval (with a link budget known to 0.05 dB). The procedure must refuse, not
+    report it."""
+    hw = tx_hardware(encoder_v_pi_v=2.85, encoder_bias_opt_v=1.1)
+    link = SimLink(LinkParams(chunk_slots=CHUNK, start_calibrated=True, transmitter=hw))
+    rx = link.params.receiver
+    try:
+        inst = link.connect()
+        encoder = inst["encoder"]
+        encoder.set_bias_v(0.0)
+        for state, phase in zip(BB84State, STATE_PHASE, strict=True):
+            encoder.set_drive_v(state, float(phase * 3.0))
+        truth = link.tx.mu_per_class()
+        src = link.params.source
+
+        async def set_light(on: bool) -> None:
+            inst["voa"].set_shutter(on)
+
+        try:
+            result = asyncio.run(
+                measure_dark_counts_and_efficiency(
+                    inst["detectors"],
+                    set_light,
+                    src.slot_rate_hz,
+                    [(src.p_signal, truth[0]), (src.p_decoy, truth[1]), (src.p_vacuum, truth[2])],
+                    DarkCountConfig(
+                        reading_time_s=link.chunk_s,
+                        readings=20,
+                        rx_p_basis_z=rx.p_basis_z,
+                        tx_p_basis_z=src.p_basis_z,
+                    ),
+                    mu_bounds=[(m * 0.999, m * 1.001) for m in truth],
+                    channel_transmittance=link.params.fiber.transmittance,
+                    channel_transmittance_uncertainty_db=0.05,
+                    wait_integration=lambda: link.step(2),
+                )
+            )
+        except CalibrationError as exc:
+            assert "encoding" in str(exc)
+            assert inst["voa"].shutter_open()  # refused before switching the light off
+            return
+    finally:
+        link.close()
+    for d, eff in zip(result.detectors, rx.detector_efficiency, strict=True):
+        assert d.detector_efficiency_lower is not None
+        assert d.detector_efficiency_upper is not None
+        assert d.detector_efficiency_lower <= eff <= d.detector_efficiency_upper, (
+            d.detector,
+            d.detector_efficiency,
+            eff,
+        )
+
+
 def test_poisson_bounds() -> None:
     conf = one_sided_confidence(3.0)
     assert conf == pytest.approx(0.99865, abs=1e-5)
