@@ -31,6 +31,7 @@ COMMAND_MODULES: list[str] = [
     "qkdnode.cli.bench_cmd",
     "qkdnode.cli.ctl_cmd",
     "qkdnode.cli.keys_cmd",
+    "qkdnode.cli.calibration_cmd",
 ]
 
 

@@ -40,6 +40,7 @@ import numpy as np
 import numpy.typing as npt
 
 from drivers.interfaces import TAG_DTYPE, TimeTagger
+from qkdnode.procedures.common import COVERAGE_FACTOR
 from qkdnode.procedures.sync_model import (
     AcquisitionError,
     ClockModel,
@@ -49,7 +50,6 @@ from qkdnode.procedures.sync_model import (
     map_tags_to_slots,
     slot_period_ps,
 )
-from qkdnode.procedures.common import COVERAGE_FACTOR
 from qkdnode.procedures.sync_search import (
     PatternCheck,
     SlotClockEstimate,

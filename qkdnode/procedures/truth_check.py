@@ -115,6 +115,7 @@ def _row(
     seed: int,
     quantity: str,
     unit: str,
+    *,
     estimate: float | None,
     lower: float,
     upper: float,
@@ -142,10 +143,18 @@ def _row(
 
 
 def _sym(
-    seed: int, quantity: str, unit: str, estimate: float, sigma: float, truth: float
+    seed: int, quantity: str, unit: str, *, estimate: float, sigma: float, truth: float
 ) -> TruthRow:
     k = COVERAGE_FACTOR
-    return _row(seed, quantity, unit, estimate, estimate - k * sigma, estimate + k * sigma, truth)
+    return _row(
+        seed,
+        quantity,
+        unit,
+        estimate=estimate,
+        lower=estimate - k * sigma,
+        upper=estimate + k * sigma,
+        truth=truth,
+    )
 
 
 def _nearest(value: float, truth: float, period: float) -> float:
@@ -177,15 +186,29 @@ async def _chain(link: SimLink, inst: dict[str, Any], seed: int) -> list[TruthRo
         raise RuntimeError("the simulated laser did not lock")
     mod = await calibrate_modulator(inst["im"], inst["meter"], voa=inst["voa"])
     fit = mod.bias_fit
-    rows.append(_sym(seed, "im_v_pi", "V", fit.v_pi_v, fit.v_pi_err_v, hw.im_v_pi_v))
+    rows.append(
+        _sym(seed, "im_v_pi", "V", estimate=fit.v_pi_v, sigma=fit.v_pi_err_v, truth=hw.im_v_pi_v)
+    )
     rows.append(
         _sym(
             seed,
             "im_bias",
             "V",
-            mod.bias_set_v,
-            fit.v0_err_v,
-            _nearest(hw.im_bias_opt_v, mod.bias_set_v, 2 * fit.v_pi_v),
+            estimate=mod.bias_set_v,
+            sigma=fit.v0_err_v,
+            truth=_nearest(hw.im_bias_opt_v, mod.bias_set_v, 2 * fit.v_pi_v),
+        )
+    )
+
+    drive = mod.drive_fit
+    rows.append(
+        _sym(
+            seed,
+            "im_drive_v_pi",
+            "V",
+            estimate=drive.v_pi_v,
+            sigma=drive.v_pi_err_v,
+            truth=hw.im_v_pi_v,
         )
     )
 
@@ -206,7 +229,17 @@ async def _chain(link: SimLink, inst: dict[str, Any], seed: int) -> list[TruthRo
         ("mu_signal", mu.signal, true_mu[0]),
         ("mu_decoy", mu.decoy, true_mu[1]),
     ):
-        rows.append(_row(seed, name, "", interval.mu, interval.lower, interval.upper, truth))
+        rows.append(
+            _row(
+                seed,
+                name,
+                "",
+                estimate=interval.mu,
+                lower=interval.lower,
+                upper=interval.upper,
+                truth=truth,
+            )
+        )
 
     inst["encoder"].set_output(True)
     timing = await calibrate_detector_timing(
@@ -225,9 +258,9 @@ async def _chain(link: SimLink, inst: dict[str, Any], seed: int) -> list[TruthRo
                 seed,
                 f"delay[{scan.detector}]",
                 "ps",
-                est,
-                scan.fit.pulse_delay_err_ps,
-                _nearest(rx.true_delay_ps, est, period_ps),
+                estimate=est,
+                sigma=scan.fit.pulse_delay_err_ps,
+                truth=_nearest(rx.true_delay_ps, est, period_ps),
             )
         )
 
@@ -249,24 +282,50 @@ async def _chain(link: SimLink, inst: dict[str, Any], seed: int) -> list[TruthRo
     while inst["tagger"].read_block(0.0) is not None:
         unread += 1
     last_read = len(true_ppm) - 1 - unread  # the chunk of the acquisition's last tags
-    rows.append(_sym(seed, "clock_ppm", "ppm", sync.ppm, sync.ppm_sigma, true_ppm[last_read]))
+    rows.append(
+        _sym(
+            seed,
+            "clock_ppm",
+            "ppm",
+            estimate=sync.ppm,
+            sigma=sync.ppm_sigma,
+            truth=true_ppm[last_read],
+        )
+    )
     inst["source"].set_sync_pattern(None)
 
+    reference_rad: list[float] = []  # the fiber's drifting reference during each probe
     v_pi = await calibrate_encoder_v_pi(
         inst["encoder"],
-        _state_errors(link, inst, tracker),
+        _state_errors(link, inst, tracker, reference_rad),
         EncoderVPiConfig(v_pi_guess_v=3.0),  # the datasheet value
     )
-    rows.append(_sym(seed, "encoder_v_pi", "V", v_pi.v_pi_v, v_pi.v_pi_sigma_v, hw.encoder_v_pi_v))
+    rows.append(
+        _sym(
+            seed,
+            "encoder_v_pi",
+            "V",
+            estimate=v_pi.v_pi_v,
+            sigma=v_pi.v_pi_sigma_v,
+            truth=hw.encoder_v_pi_v,
+        )
+    )
     f = v_pi.fit
     rows.append(
         _sym(
             seed,
             "encoder_bias",
             "V",
-            f.bias_opt_v,
-            f.bias_opt_sigma_v,
-            _nearest(hw.encoder_bias_opt_v, f.bias_opt_v, 2 * f.bias_v_pi_v),
+            estimate=f.bias_opt_v,
+            sigma=f.bias_opt_sigma_v,
+            # where H arrives at 0 degrees: the encoder's optimum less the fiber's turn of
+            # the reference (a random walk), averaged over the sweep
+            truth=_nearest(
+                hw.encoder_bias_opt_v
+                - float(np.mean(reference_rad)) * 2 * hw.encoder_v_pi_v / math.pi,
+                f.bias_opt_v,
+                2 * f.bias_v_pi_v,
+            ),
         )
     )
     measure_qber = _qber(link, inst, tracker)
@@ -307,10 +366,10 @@ async def _chain(link: SimLink, inst: dict[str, Any], seed: int) -> list[TruthRo
                 seed,
                 f"efficiency[{d.detector}]",
                 "",
-                d.detector_efficiency,
-                d.detector_efficiency_lower,
-                d.detector_efficiency_upper,
-                eff,
+                estimate=d.detector_efficiency,
+                lower=d.detector_efficiency_lower,
+                upper=d.detector_efficiency_upper,
+                truth=eff,
             )
         )
         rows.append(
@@ -318,19 +377,23 @@ async def _chain(link: SimLink, inst: dict[str, Any], seed: int) -> list[TruthRo
                 seed,
                 f"dark_rate[{d.detector}]",
                 "Hz",
-                d.dark_rate_hz,
-                d.dark_rate_lower_hz,
-                d.dark_rate_upper_hz,
-                dark_hz * gate_s * src.slot_rate_hz,  # counts in the gates
+                estimate=d.dark_rate_hz,
+                lower=d.dark_rate_lower_hz,
+                upper=d.dark_rate_upper_hz,
+                truth=dark_hz * gate_s * src.slot_rate_hz,  # counts in the gates
             )
         )
     return rows
 
 
-def _state_errors(link: SimLink, inst: dict[str, Any], tracker: SlotTracker) -> Any:
+def _state_errors(
+    link: SimLink, inst: dict[str, Any], tracker: SlotTracker, reference_rad: list[float]
+) -> Any:
     async def measure() -> StateErrors:
         drain(inst["tagger"])
-        link.advance(0.02)
+        for _ in range(max(1, round(0.02 / link.chunk_s))):
+            link.step(1)
+            reference_rad.append(link.tx.reference_angle_rad)
         mapped, _ = tracker.update(drain(inst["tagger"]))
         prepared = inst["source"].prepared(mapped.slot_index)
         return count_state_errors(mapped.channel, prepared.basis, prepared.bit)
