@@ -189,7 +189,11 @@ class RotationEstimate:
     windows mixed settings); ``margin``: how much worse (same units) the best fit of the
     mirror image was (near 0 when the two are the same rotation: no ambiguity left);
     ``continuous``: the fit is within ``jump_rad`` of the previous estimate (drift, not a
-    jump)."""
+    jump); ``rotation_sigma_rad``: standard uncertainty of the estimate about ``S1``,
+    ``S2``, ``S3`` (the rotation vector of ``F_true F^T``, radians on the sphere), from the
+    fit's covariance (binomial weights of the block entries) scaled by the square root of
+    the mismatch per degree of freedom when it exceeds 1; ``visibility_sigma``: that of
+    ``v``."""
 
     fiber: F64
     visibility: float
@@ -197,6 +201,8 @@ class RotationEstimate:
     mismatch: float
     margin: float
     continuous: bool = False
+    rotation_sigma_rad: tuple[float, float, float] = (math.inf, math.inf, math.inf)
+    visibility_sigma: float = math.inf
 
 
 @dataclass(frozen=True)
@@ -213,6 +219,32 @@ def _residuals(f: F64, v: float, observed: Sequence[_Observed]) -> F64:
     return np.concatenate(out)
 
 
+def _jacobian(f: F64, v: float, r: F64, observed: Sequence[_Observed]) -> F64:
+    """Residuals' derivatives by the left perturbation ``phi`` of ``F`` and by ``v``."""
+    jac = np.empty((r.shape[0], 4))
+    eps = 1e-6
+    for k in range(3):
+        d = np.zeros(3)
+        d[k] = eps
+        jac[:, k] = (_residuals(rotation_matrix(d) @ f, v, observed) - r) / eps
+    jac[:, 3] = (_residuals(f, v + eps, observed) - r) / eps
+    return jac
+
+
+def _covariance(f: F64, v: float, observed: Sequence[_Observed]) -> F64:
+    """Covariance of ``(phi, v)`` at the fit: the inverse of ``J^T J`` (the residuals are
+    weighted by their standard deviations), scaled by the weighted squared residual per
+    degree of freedom when that exceeds 1 (the windows scatter more than counting)."""
+    r = _residuals(f, v, observed)
+    jac = _jacobian(f, v, r, observed)
+    dof = max(r.shape[0] - 4, 1)
+    scale = max(1.0, float(r @ r) / dof)
+    try:
+        return np.asarray(np.linalg.inv(jac.T @ jac) * scale)
+    except np.linalg.LinAlgError:
+        return np.full((4, 4), np.inf)
+
+
 def _fit(start: F64, v0: float, observed: Sequence[_Observed]) -> tuple[F64, float, float]:
     """Weighted least squares of ``v (C_w F)[:2, :2]`` to every window's block over the
     rotation ``F`` (a left perturbation ``exp([phi]x) F``) and ``v``, from ``start``:
@@ -222,13 +254,7 @@ def _fit(start: F64, v0: float, observed: Sequence[_Observed]) -> tuple[F64, flo
     cost = float(r @ r)
     damping = 1e-3
     for _ in range(30):
-        jac = np.empty((r.shape[0], 4))
-        eps = 1e-6
-        for k in range(3):
-            d = np.zeros(3)
-            d[k] = eps
-            jac[:, k] = (_residuals(rotation_matrix(d) @ f, v, observed) - r) / eps
-        jac[:, 3] = (_residuals(f, v + eps, observed) - r) / eps
+        jac = _jacobian(f, v, r, observed)
         jtj = jac.T @ jac
         g = jac.T @ r
         improved = False
@@ -295,6 +321,8 @@ def estimate_fiber_rotation(
     mirror_costs = [c for f, _, c in fits[1:] if rotation_angle_rad(f @ fiber.T) > 0.05]
     margin = (min(mirror_costs) - cost) if mirror_costs else 0.0
     continuous = previous is not None and rotation_angle_rad(fiber @ previous.T) < jump_rad
+    cov = _covariance(fiber, v, observed)
+    sigma = np.sqrt(np.maximum(np.diag(cov), 0.0))
     return RotationEstimate(
         fiber=fiber,
         visibility=v,
@@ -302,6 +330,8 @@ def estimate_fiber_rotation(
         mismatch=cost,
         margin=margin,
         continuous=continuous,
+        rotation_sigma_rad=(float(sigma[0]), float(sigma[1]), float(sigma[2])),
+        visibility_sigma=float(sigma[3]),
     )
 
 

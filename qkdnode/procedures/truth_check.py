@@ -34,9 +34,17 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from drivers.interfaces import LaserStatus
-from drivers.simlink.params import LinkParams, ReceiverParams, TransmitterHardwareParams
+from drivers.interfaces import IntensityClass, LaserStatus
+from drivers.poincare import rotation_vector
+from drivers.simlink.params import (
+    FiberParams,
+    LinkParams,
+    PolarizationDriftParams,
+    ReceiverParams,
+    TransmitterHardwareParams,
+)
 from drivers.simlink.truths import commissioning_record
+from qkdnode.polarization import CompensationSettings, WindowCounts, compensation_step
 from qkdnode.procedures.common import COVERAGE_FACTOR
 from qkdnode.procedures.dark_counts import DarkCountConfig, measure_dark_counts_and_efficiency
 from qkdnode.procedures.detector_timing import DetectorTimingConfig, calibrate_detector_timing
@@ -412,14 +420,81 @@ def _qber(link: SimLink, inst: dict[str, Any], tracker: SlotTracker) -> Any:
     return measure
 
 
+#: Chunks of detections per disclosed polarisation window (about 40 000 detections).
+_WINDOW_CHUNKS = 8
+_DOMAIN_FIBER = 0x66696272  # "fibr"
+
+
+def polarization_link(seed: int) -> LinkParams:
+    """The link of ``seed`` at its optimum, its fiber turned by a rotation drawn from the
+    seed (random axis, 0.2 to 1 rad on the sphere) and frozen there (no drift: the truth
+    the estimate is compared with is then one rotation)."""
+    rng = np.random.default_rng([seed, _DOMAIN_FIBER])
+    axis = rng.normal(size=3)
+    angle = float(rng.uniform(0.2, 1.0))
+    rotation = axis / float(np.linalg.norm(axis)) * angle
+    fiber = FiberParams(
+        drift_rad_per_sqrt_s=0.0,
+        polarization=PolarizationDriftParams(
+            drift_rad_per_sqrt_s=0.0,
+            initial_rotation_rad=(float(rotation[0]), float(rotation[1]), float(rotation[2])),
+        ),
+    )
+    return truth_link(seed).model_copy(update={"start_calibrated": True, "fiber": fiber})
+
+
+async def _polarization(link: SimLink, seed: int) -> list[TruthRow]:
+    """One compensation step's estimate of the fiber's rotation against the fiber's."""
+    controller = link.connect()["polarization"]
+
+    async def window() -> WindowCounts:
+        counts = np.zeros((4, 4), np.int64)
+        for _ in range(_WINDOW_CHUNKS):
+            link.tx.step()
+            rec = link.rx.receive(5.0)
+            if rec is None:
+                raise RuntimeError("simulated fiber lost a chunk")
+            prep = link.tx.prepared(rec.slot)  # the transmitter's disclosure
+            counts += WindowCounts.from_detections(
+                rec.channel, prep.basis, prep.bit, mask=prep.intensity != IntensityClass.VACUUM
+            ).counts
+        return WindowCounts(counts)
+
+    step = await compensation_step(controller, window, CompensationSettings())
+    est = step.estimate
+    truth = np.asarray(link.rx.last_fiber_rotation, dtype=np.float64)
+    # the truth as a rotation from the estimate: F_true = exp([phi]x) F_estimate
+    phi = rotation_vector(truth @ est.fiber.T)
+    return [
+        _sym(
+            seed,
+            f"polarization[{axis}]",
+            "rad",
+            estimate=0.0,
+            sigma=sigma,
+            truth=float(phi[k]),
+        )
+        for k, (axis, sigma) in enumerate(
+            zip(("S1", "S2", "S3"), est.rotation_sigma_rad, strict=True)
+        )
+    ]
+
+
 def check_seed(seed: int) -> list[TruthRow]:
-    """Run the calibration chain on the link of ``seed`` and compare it with the truth."""
+    """Run the calibration chain on the link of ``seed`` and compare it with the truth,
+    then the polarisation estimate on the same boxes behind a turned fiber."""
     link = SimLink(truth_link(seed))
     try:
         inst = link.connect()
-        return asyncio.run(_chain(link, inst, seed))
+        rows = asyncio.run(_chain(link, inst, seed))
     finally:
         link.close()
+    link = SimLink(polarization_link(seed))
+    try:
+        rows += asyncio.run(_polarization(link, seed))
+    finally:
+        link.close()
+    return rows
 
 
 def check_seeds(seeds: Sequence[int]) -> list[TruthRow]:

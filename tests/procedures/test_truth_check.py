@@ -29,6 +29,7 @@ QUANTITIES = {
     "encoder_bias": 1,
     "efficiency": 4,
     "dark_rate": 4,
+    "polarization": 3,  # about S1, S2, S3
 }
 
 
