@@ -161,6 +161,17 @@ def fit_gate_scan(
         )
     except (RuntimeError, ValueError) as exc:
         raise CalibrationError(f"gate fit failed: {exc}") from exc
+    if reading_time_s is not None:
+        # Poisson weights from the fitted model, not the observed counts (those favour
+        # the readings that fell low): refit once with them.
+        t = reading_time_s
+        sigma = np.sqrt(np.maximum(gate_model(d, *popt) * t, 1.0)) / t
+        try:
+            popt, pcov = curve_fit(
+                gate_model, d, r, p0=list(popt), sigma=sigma, absolute_sigma=True, maxfev=20000
+            )
+        except (RuntimeError, ValueError) as exc:
+            raise CalibrationError(f"gate fit failed: {exc}") from exc
     dof = max(d.size - 5, 1)
     chi2 = float(np.sum(((gate_model(d, *popt) - r) / sigma) ** 2)) / dof
     scale = math.sqrt(max(chi2, 1.0)) if reading_time_s is not None else 1.0
