@@ -73,7 +73,7 @@ class SyncConfig(BaseModel):
         "frequency's uncertainty at the end of the acquisition",
     )
     max_ppm_uncertainty: float = Field(
-        0.05,
+        0.5,
         gt=0,
         description="refuse the lock when COVERAGE_FACTOR standard uncertainties of the "
         "frequency offset exceed this (ppm): too few tags or too short a span",

@@ -101,8 +101,14 @@ def test_the_check_finds_a_circle() -> None:
 
 #: modules of qkdnode/ that may use the simulated link's internals: the demo (it builds
 #: both sides' configs), the benchmarks, and the procedures' in-process harness that the
-#: benchmarks and the procedure tests run on
-SIMLINK_ALLOWED = ("qkdnode.demo", "qkdnode.benchmarks", "qkdnode.procedures.simharness")
+#: benchmarks and the procedure tests run on, and the calibration truth check (it draws
+#: the simulated boxes' truths to judge the procedures against them)
+SIMLINK_ALLOWED = (
+    "qkdnode.demo",
+    "qkdnode.benchmarks",
+    "qkdnode.procedures.simharness",
+    "qkdnode.procedures.truth_check",
+)
 
 
 def test_the_runtime_reaches_the_simulator_only_through_its_public_face() -> None:
