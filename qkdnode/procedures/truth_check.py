@@ -10,7 +10,14 @@ a link comes up:
 3. detector gate delays (the scan's fit);
 4. synchronization (the clock's frequency offset);
 5. encoder V_pi and bias, then the encoding compensation;
-6. dark counts and detector efficiencies, with the encoding compensated.
+6. dark counts and detector efficiencies, with the encoding compensated (the link budget
+   is the simulated fiber's, stated to 0.05 dB);
+7. on the same boxes behind a fiber turned by a rotation drawn from the seed, one step of
+   the receiver's polarisation compensation (its estimate of the rotation).
+
+The truths are what the link had while it was measured: the clock's frequency offset in
+the last chunk the acquisition read (it wanders), the encoder's optimum less the fiber's
+drifting reference averaged over the sweep, the gated dark-count rate.
 
 Each estimate is compared with its truth and its *stated* uncertainty
 (:class:`TruthRow`): ``z = (estimate - truth) / u`` with ``u`` the procedure's standard
