@@ -180,11 +180,15 @@ def _ec_server(endpoint_q: Any, n: int, qber: float, blocks: int, frames: int) -
         endpoint_q.put(tr.endpoint)
         while (msg := await tr.recv(30.0)).kind == "ping":  # bare round trips first
             await tr.send("pong", {}, msg.buffers)
+        cpus = []
         for b in range(blocks):
             a, _ = _cascade_inputs(n, qber, b)
             levels = cascade.schedule(n // frames, qber, CascadeParams())
+            c0 = time.process_time()
             build = functools.partial(cascade.frame_responder, a, levels, b, frames)
             await serve_cascade(tr, build, frames, 30.0)
+            cpus.append(time.process_time() - c0)
+        endpoint_q.put(statistics.median(cpus))
         tr.close()
         ctx.term()
 
@@ -232,6 +236,7 @@ def bench_cascade_loopback(n: int, qber: float, blocks: int, frames: int) -> dic
 
     try:
         asyncio.run(client())
+        server_cpu_s = q.get(timeout=30)
     finally:
         proc.join(timeout=30)
         if proc.is_alive():
@@ -251,7 +256,8 @@ def bench_cascade_loopback(n: int, qber: float, blocks: int, frames: int) -> dic
         # round trips alone take longer than 0.04 s on a loopback round trip of >= 250 us.
         ">= 25" if frames == cascade.frame_count(n, CascadeParams()) and n >= 8_000_000 else "",
         f"n={n:g}, QBER {qber:g}, zmq PAIR tcp loopback, no auth, incl. set-up of both sides; "
-        f"{overlap}; {t_med:.2f} s per key, receiver CPU {statistics.median(cpus):.2f} s; "
+        f"{overlap}; {t_med:.2f} s per key, CPU receiver {statistics.median(cpus):.2f} s, "
+        f"transmitter {server_cpu_s:.2f} s (medians); "
         f"bare round trip {rtt * 1e6:.0f} us (same run)",
     )
 

@@ -56,6 +56,9 @@ I64 = npt.NDArray[np.int64]
 NodeIds = npt.NDArray[np.unsignedinteger]
 
 _UNKNOWN = np.uint8(2)  # bit 1 of Bob's node state: Alice's parity not known yet
+#: the first passes, whose trees both sides build whole (:class:`_LazyTrees`): at 3 % nearly
+#: every block of the first two passes is searched (86 % of the second's at 4e6 bits)
+WHOLE_PASSES = 2
 
 
 class CascadeError(ValueError):
@@ -167,7 +170,9 @@ class TreeLayout:
         self.total = int(sum(sizes))
         self.wire_dtype = np.dtype("<u4") if self.total < 1 << 32 else np.dtype("<u8")
         #: where the top-level blocks of each pass start in the all-blocks parity vector
-        self.block_offsets = np.cumsum([0] + [self.count(t) for t in self.top_levels])
+        self.block_offsets = np.cumsum(
+            [0] + [self.count(t) for t in self.top_levels], dtype=np.int64
+        )
 
     def count(self, level: int) -> int:
         """Number of nodes on ``level`` (of any pass)."""
@@ -232,6 +237,87 @@ def _sorted_unique(x: I64) -> I64:
     return x
 
 
+class _LazyTrees:
+    """The pass trees of one side, the later passes' built block by block when needed.
+
+    The first :data:`WHOLE_PASSES` passes' trees are built whole (their small blocks are
+    nearly all searched). Of every later pass only the top-level block parities are
+    computed when the pass is set up (one sweep of the key through the inverse
+    permutation, no tree); a block's subtree is built when a node inside it is first
+    needed: Alice's when she is asked about it, Bob's when a search starts in it. Most
+    blocks of the middle pass and nearly every block of the check passes never are (4e6
+    bits at 3 %: a third of the middle pass's blocks, none of the check passes', whose
+    blocks all agree by then). A block whose subtree is not built holds its root only;
+    :attr:`built` says which are (``built[layout.block_offsets[p] + b]`` for block ``b``
+    of pass ``p``).
+    """
+
+    def __init__(self, bits: U8, layout: TreeLayout, seed: int) -> None:
+        self.layout = layout
+        self.bits = bits
+        #: ``np.packbits(bits)``, kept current by whoever flips ``bits``
+        self.packed = np.packbits(bits)
+        self.perms = _pass_permutations(layout.n, layout.passes, seed)
+        self.state = np.empty(ck.state_bytes(layout.total), dtype=np.uint8)
+        self.built = np.zeros(int(layout.block_offsets[-1]), dtype=np.uint8)
+        #: node ids below this one lie in passes built whole
+        self.first_lazy_id = (
+            int(layout.pass_base[WHOLE_PASSES]) if layout.passes > WHOLE_PASSES else layout.total
+        )
+
+    def set_up(self, flag: np.uint8) -> None:
+        """Every pass from the current bits, every node OR ``flag``: the first
+        :data:`WHOLE_PASSES` trees whole, the later passes' block roots only."""
+        lay = self.layout
+        for p in range(lay.passes):
+            if p < WHOLE_PASSES:
+                self.whole_tree(p, flag)
+            else:
+                ck.put(self.state, lay.top_ids(p), self.block_parities(p) | flag)
+
+    def whole_tree(self, p: int, flag: np.uint8) -> None:
+        """Build pass ``p``'s tree from the current bits, every node OR ``flag``."""
+        lay = self.layout
+        top, base = lay.top_levels[p], int(lay.pass_base[p])
+        if p == 0:
+            ck.pass_tree(self.bits, top, self.state, base, flag)
+        else:
+            blocks = np.arange(lay.count(top), dtype=np.int64)
+            ck.permuted_blocks(
+                self.bits, self.packed, self.perms[p - 1], top, self.state, base, flag, blocks
+            )
+        self.built[int(lay.block_offsets[p]) : int(lay.block_offsets[p + 1])] = 1
+
+    def block_parities(self, p: int) -> U8:
+        """Parities of the top-level blocks of pass ``p >= 1`` of the current bits."""
+        return ck.block_parities(self.bits, self.perms[p - 1], self.layout.top_levels[p])
+
+    def ensure(self, ids: npt.NDArray[np.integer], flag: np.uint8, keep_root: bool) -> None:
+        """Build the blocks holding nodes ``ids`` (in range) that are not built yet, from the
+        current bits, every node OR ``flag``; ``keep_root``: the roots keep their state."""
+        lay = self.layout
+        need = ck.unbuilt_blocks(
+            ids, lay.pass_base, lay.tops, lay.block_offsets, self.built, self.first_lazy_id
+        )
+        if not need.shape[0]:
+            return
+        need = np.sort(need)
+        passes = np.searchsorted(lay.block_offsets, need, side="right") - 1
+        cuts = np.flatnonzero(np.diff(passes)) + 1
+        for group in np.split(need, cuts):
+            p = int(passes[np.searchsorted(need, group[0])])
+            top, base = lay.top_levels[p], int(lay.pass_base[p])
+            blocks = group - int(lay.block_offsets[p])
+            roots = base + (blocks << (top + 1)) + 1
+            saved = ck.get(self.state, roots) if keep_root else None
+            ck.permuted_blocks(
+                self.bits, self.packed, self.perms[p - 1], top, self.state, base, flag, blocks
+            )
+            if saved is not None:
+                ck.put(self.state, roots, saved)
+        self.built[need] = 1
+
+
 class CascadeResponder:
     """Alice's side: answers parity queries about her fixed key and counts what she
     discloses (:attr:`disclosed_bits`, one per parity returned)."""
@@ -241,20 +327,17 @@ class CascadeResponder:
         self.layout = TreeLayout(self.n, top_levels)
         self.top_levels = self.layout.top_levels
         bits = np.ascontiguousarray(key_bits, dtype=np.uint8)
-        perms = _pass_permutations(self.n, self.layout.passes, seed)
-        self._tree = np.empty(ck.state_bytes(self.layout.total), dtype=np.uint8)
-        for p in range(self.layout.passes):
-            base = int(self.layout.pass_base[p])
-            if p == 0:
-                ck.pass_tree(bits, self.top_levels[p], self._tree, base, 0)
-            else:
-                ck.permuted_pass_tree(bits, perms[p - 1], self.top_levels[p], self._tree, base, 0)
+        self._trees = _LazyTrees(bits, self.layout, seed)
+        self._tree = self._trees.state
+        self._trees.set_up(np.uint8(0))
         self.disclosed_bits = 0
 
     def block_parities(self) -> U8:
-        """Parities of the top-level blocks of all passes, pass after pass."""
+        """Parities of the top-level blocks of all passes, pass after pass (each a disclosed
+        bit)."""
         ids = np.concatenate([self.layout.top_ids(p) for p in range(self.layout.passes)])
-        return self.node_parities(ids)
+        self.disclosed_bits += int(ids.shape[0])
+        return ck.get(self._tree, ids)  # the roots are set up front: nothing to build
 
     def node_parities(self, ids: I64) -> U8:
         """Parities of the nodes with flat ids ``ids``; each is a disclosed bit. Raises
@@ -265,6 +348,7 @@ class CascadeResponder:
         if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.layout.total):
             raise CascadeError("parity query outside the Cascade tree")
         self.disclosed_bits += int(ids.shape[0])
+        self._trees.ensure(ids, np.uint8(0), keep_root=False)
         return ck.get(self._tree, ids)
 
     def answer(self, data: bytes | memoryview, count: int) -> U8:
@@ -272,6 +356,7 @@ class CascadeResponder:
         raises CascadeError as :meth:`TreeLayout.decode` does."""
         ids = self.layout.decode(data, count)
         self.disclosed_bits += count
+        self._trees.ensure(ids, np.uint8(0), keep_root=False)
         return ck.get(self._tree, ids)
 
     def parities(self, pass_index: I64, level: I64, node: I64) -> U8:
@@ -324,18 +409,18 @@ class CascadeCorrector:
         self.layout = lay = TreeLayout(n, top_levels)
         self.top_levels = lay.top_levels
         self._bits = np.array(key_bits, dtype=np.uint8)  # a copy: Bob's flips go here
-        self._perms = _pass_permutations(n, lay.passes, seed)
+        self._trees = _LazyTrees(self._bits, lay, seed)
+        self._perms = self._trees.perms
         self._perm_args = shuffle.stacked_kernel_args(self._perms)
-        self._state = np.empty(ck.state_bytes(lay.total), dtype=np.uint8)
-        # Pass 0's tree is built now (in a worker thread in the daemons, while Alice builds
-        # hers); every other pass's tree when the pass starts, from the bits as corrected
-        # by then (_build_tree), and from then on every flip keeps it current (_flip).
-        # Until a pass starts none of its parities is known, so the tree built late is the
-        # tree that flips would have kept current, without the flips: most errors are found
-        # before the later passes start, and a flip costs a walk up every started tree.
-        # (4e6 bits at 3 %, ten passes: the flips' share of Bob's work fell from 116 of 164
-        # ms to 7 ms, for the same queries.)
-        self._build_tree(0)
+        self._state = self._trees.state
+        # Set up as Alice's (in a worker thread in the daemons, while Alice sets up hers),
+        # every parity unknown: the first passes' trees whole, the later passes' block
+        # parities; a later block's subtree is built from the bits as corrected by then
+        # when a search first enters it, and from then on every flip keeps what is built
+        # current (_flip). Until a block holds a search none of its parities below the
+        # root is known, so the tree built late is the tree that flips would have kept
+        # current; most blocks of the later passes never hold one.
+        self._trees.set_up(_UNKNOWN)
         self._blocks: U8 | None = None
         self._started = 0
         self._pass_searches = 1  # searches the latest pass started with
@@ -361,21 +446,10 @@ class CascadeCorrector:
         self.stats.disclosed_bits += want
         self.stats.rounds += 1
 
-    def _build_tree(self, p: int) -> None:
-        """Pass ``p``'s tree of Bob's current bits, every parity unknown."""
-        top, base = self.top_levels[p], int(self.layout.pass_base[p])
-        if p == 0:
-            ck.pass_tree(self._bits, top, self._state, base, _UNKNOWN)
-        else:
-            perm = self._perms[p - 1]
-            ck.permuted_pass_tree(self._bits, perm, top, self._state, base, _UNKNOWN)
-
     def _begin_next_pass(self) -> None:
         assert self._blocks is not None
         p = self._started
         lay = self.layout
-        if p:
-            self._build_tree(p)
         top = self.top_levels[p]
         ids = lay.top_ids(p)
         off = lay.block_offsets
@@ -389,6 +463,7 @@ class CascadeCorrector:
         self._add_searches(new)
 
     def _add_searches(self, new: I64) -> None:
+        self._trees.ensure(new[0], _UNKNOWN, keep_root=True)
         self._set_active(np.concatenate([self._s, new], axis=1))
 
     def _set_active(self, s: I64) -> None:
@@ -410,10 +485,18 @@ class CascadeCorrector:
         per flip inside it), drop searches whose node turned even and queue the flips for
         back-tracking (:meth:`_start_cascades`) after ``defer_rounds`` rounds."""
         self._bits[found] ^= 1
+        ck.toggle_bits(self._trees.packed, found)
         self.stats.errors_corrected += int(found.shape[0])
-        lay, st = self.layout, self._state
+        lay, st, built = self.layout, self._state, self._trees.built
         permuted = ck.flip_all_passes(
-            st, lay.pass_base, lay.tops, found, self._perms, self._perm_args, self._started
+            st,
+            lay.pass_base,
+            lay.tops,
+            found,
+            self._perms,
+            self._perm_args,
+            lay.block_offsets,
+            built,
         )
         # searches whose node turned even are done (their error was found elsewhere)
         self._s = ck.odd_searches(st, self._s)
@@ -432,7 +515,9 @@ class CascadeCorrector:
             _, first = np.unique(found, return_index=True)
             permuted = permuted[:, first]
         lay = self.layout
-        rows = ck.smallest_odd(self._state, lay.pass_base, lay.tops, permuted)
+        rows = ck.smallest_odd(
+            self._state, lay.pass_base, lay.tops, permuted, lay.block_offsets, self._trees.built
+        )
         if rows.shape[1]:
             self._add_searches(rows)
         return True

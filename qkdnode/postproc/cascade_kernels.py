@@ -94,7 +94,9 @@ def put(state: U8, ids: I64, values: npt.ArrayLike) -> None:
 
 
 @njit
-def _smallest_odd(state: Any, pbase: Any, tops: Any, k: Any, out: Any) -> int:  # pragma: no cover
+def _smallest_odd(  # noqa: PLR0917  # pragma: no cover
+    state: Any, pbase: Any, tops: Any, k: Any, out: Any, boff: Any, built: Any
+) -> int:
     m = 0
     for q in range(k.shape[0]):
         t = tops[q]
@@ -102,6 +104,8 @@ def _smallest_odd(state: Any, pbase: Any, tops: Any, k: Any, out: Any) -> int:  
             x = k[q, i]
             block, h = _leaf_slot(pbase[q], t, x)
             lvl = 0
+            if not built[boff[q] + (x >> t)]:  # only the block's root is known there
+                h, lvl = 1, t
             while h:
                 if _get(state, block + h) == 1:
                     out[0, m] = block + h
@@ -151,6 +155,49 @@ def _descend(  # noqa: PLR0917  # pragma: no cover
                 kept += 1
                 break
     return kept, found
+
+
+@njit
+def _unbuilt_blocks(  # noqa: PLR0917  # pragma: no cover
+    ids: Any, pbase: Any, tops: Any, boff: Any, built: Any, first: int, out: Any
+) -> int:
+    m = 0
+    last = pbase.shape[0] - 1
+    for i in range(ids.shape[0]):
+        x = np.int64(ids[i])
+        if x < first:
+            continue
+        q = last
+        while pbase[q] > x:
+            q -= 1
+        g = boff[q] + ((x - pbase[q]) >> (tops[q] + 1))
+        if built[g] == 0:
+            built[g] = 2  # listed once
+            out[m] = g
+            m += 1
+    for i in range(m):
+        built[out[i]] = 0
+    return m
+
+
+def unbuilt_blocks(  # noqa: PLR0917
+    ids: npt.NDArray[np.integer[Any]], pbase: I64, tops: I64, boff: I64, built: U8, first: int
+) -> I64:
+    """Blocks (all-block index ``boff[q] + b`` of block ``b`` of pass ``q``) holding the
+    nodes ``ids`` (in range; those below ``first`` are known to be built) whose trees are
+    not built (``built[...] == 0``), each once, in the order of their first node."""
+    if not JIT:
+        x = np.asarray(ids, dtype=np.int64)
+        x = x[x >= first]
+        q = np.searchsorted(pbase, x, side="right") - 1
+        g = boff[q] + ((x - pbase[q]) >> (tops[q] + 1))
+        g = g[built[g] == 0]
+        order = np.unique(g, return_index=True)[1]
+        need: I64 = g[np.sort(order)]
+        return need
+    out = np.empty(ids.shape[0], dtype=np.int64)
+    m = _unbuilt_blocks(np.ascontiguousarray(ids), pbase, tops, boff, built, first, out)
+    return out[:m]
 
 
 @njit
@@ -293,7 +340,8 @@ def _flip_all_passes(  # noqa: PLR0917  # pragma: no cover
     keys: Any,
     inv_mults: Any,
     out: Any,
-    built: int,
+    boff: Any,
+    built: Any,
 ) -> None:
     n = c[0]
     for q in range(out.shape[0]):
@@ -310,9 +358,9 @@ def _flip_all_passes(  # noqa: PLR0917  # pragma: no cover
                     y = shuffle._rounds_inv(y, c, k, m)
                 x = np.int64(y)
             out[q, i] = x
-            if q >= built:
-                continue
             block, h = _leaf_slot(pbase[q], t, x)
+            if not built[boff[q] + (x >> t)]:
+                h = 1  # a block not built yet holds its root only
             while h:
                 _toggle(state, block + h)
                 h >>= 1
@@ -325,32 +373,36 @@ def flip_all_passes(  # noqa: PLR0917
     found: I64,
     perms: list[shuffle.KeyedPermutation],
     args: Any,
-    built: int,
+    boff: I64,
+    built: U8,
 ) -> I64:
-    """Toggle every ancestor, in passes ``0 .. built - 1`` (the trees built so far), of the
-    flipped key positions ``found`` (distinct); returns where they sit in every pass's
-    order (row ``q``: pass ``q``)."""
+    """Toggle, in every pass, each ancestor of the flipped key positions ``found``
+    (distinct) in a block built so far, or the block's root in a block not built
+    (``built[boff[q] + b]``: block ``b`` of pass ``q`` is built); returns where they sit
+    in every pass's order (row ``q``: pass ``q``)."""
     if not JIT:
         rows = [found] + [p.backward(found, check=False) for p in perms]
         permuted = np.stack(rows)
-        if built:
-            _toggle_ancestors_np(state, pbase, tops, permuted[:built])
+        _toggle_ancestors_np(state, pbase, tops, permuted, boff, built)
         return permuted
     out = np.empty((len(perms) + 1, found.shape[0]), dtype=np.int64)
     c, keys, _, inv_mults = args
     found = np.ascontiguousarray(found)
-    _flip_all_passes(state, pbase, tops, found, c, keys, inv_mults, out, built)
+    _flip_all_passes(state, pbase, tops, found, c, keys, inv_mults, out, boff, built)
     return out
 
 
-def smallest_odd(state: U8, pbase: I64, tops: I64, k: I64) -> I64:
+def smallest_odd(  # noqa: PLR0917
+    state: U8, pbase: I64, tops: I64, k: I64, boff: I64, built: U8
+) -> I64:
     """For each permuted position ``k[q, i]`` (pass ``q``), the smallest known odd node that
-    contains it, if any, as rows (node id, pass, level, node index)."""
+    contains it, if any, as rows (node id, pass, level, node index); in a block not built
+    (``built`` as for :func:`flip_all_passes`) only the root is looked at."""
     k = np.ascontiguousarray(k, dtype=np.int64)
     if not JIT:
-        return _smallest_odd_np(state, pbase, tops, k)
+        return _smallest_odd_np(state, pbase, tops, k, boff, built)
     out = np.empty((4, k.shape[0] * k.shape[1]), dtype=np.int64)
-    m = _smallest_odd(state, pbase, tops, k, out)
+    m = _smallest_odd(state, pbase, tops, k, out, boff, built)
     return out[:, :m]
 
 
@@ -401,33 +453,112 @@ def _pass_tree(leaves: Any, top: int, out: Any, pbase: int, flag: Any) -> None: 
 
 
 @njit
-def _permuted_pass_tree(  # noqa: PLR0917  # pragma: no cover
-    packed: Any, c: Any, keys: Any, mults: Any, top: int, out: Any, pbase: int, flag: Any
+def _permuted_blocks(  # noqa: PLR0917  # pragma: no cover
+    packed: Any,
+    c: Any,
+    keys: Any,
+    mults: Any,
+    top: int,
+    out: Any,
+    pbase: int,
+    flag: Any,
+    blocks: Any,
 ) -> None:
-    # shuffle._gather and _pass_tree in one sweep: the permuted bits of a few blocks at a
-    # time stay in cache instead of going through an n-byte array.
+    # shuffle._gather_batch and _block_trees one block at a time: the block's permuted
+    # bits stay in cache instead of going through an n-byte array.
     nn = np.int64(c[0])
     k, m = (keys[0], keys[1], keys[2], keys[3]), (mults[0], mults[1], mults[2], mults[3])
-    chunk = max(4096, 1 << top)
-    batch = np.empty(chunk, dtype=np.uint64)
-    leaves = np.empty(chunk, dtype=np.uint8)
-    buf = np.zeros(2 << top, dtype=np.uint8)
-    for i0 in range(0, nn, chunk):
-        size: Any = min(chunk, nn - i0)
-        shuffle._gather_batch(packed, c, k, m, i0, batch, leaves[:size])
-        _block_trees(leaves, size, i0, top, out, pbase, flag, buf)
+    size = np.int64(1) << top
+    batch = np.empty(size, dtype=np.uint64)
+    leaves = np.empty(size, dtype=np.uint8)
+    buf = np.zeros(2 * size, dtype=np.uint8)
+    for i in range(blocks.shape[0]):
+        start = blocks[i] << top
+        cnt = min(size, nn - start)
+        shuffle._gather_batch(packed, c, k, m, start, batch, leaves[:cnt])
+        _block_trees(leaves, cnt, start, top, out, pbase, flag, buf)
 
 
-def permuted_pass_tree(  # noqa: PLR0917
-    bits: U8, perm: shuffle.KeyedPermutation, top: int, out: U8, pbase: int, flag: int | np.uint8
+def permuted_blocks(  # noqa: PLR0917
+    bits: U8,
+    packed: U8,
+    perm: shuffle.KeyedPermutation,
+    top: int,
+    out: U8,
+    pbase: int,
+    flag: int | np.uint8,
+    blocks: I64,
 ) -> None:
-    """:func:`pass_tree` of ``perm.gather(bits)`` without building that array."""
+    """Write the trees (parities OR ``flag``) of blocks ``blocks`` (distinct indices) of the
+    pass ordered by ``perm`` with blocks of ``2**top`` bits, as :func:`pass_tree` would
+    write them for ``perm.gather(bits)``; ``packed`` is ``np.packbits(bits)``."""
+    blocks = np.ascontiguousarray(blocks, dtype=np.int64)
     if not JIT:
-        _pass_tree_np(perm.gather(bits), top, out, pbase, np.uint8(flag))
+        _permuted_blocks_np(bits, perm, top, out, pbase, np.uint8(flag), blocks)
         return
     consts, keys, mults = perm.kernel_args
-    packed = np.packbits(bits)
-    _permuted_pass_tree(packed, consts, keys, mults, top, out, pbase, np.uint8(flag))
+    _permuted_blocks(packed, consts, keys, mults, top, out, pbase, np.uint8(flag), blocks)
+
+
+@njit
+def _block_parities(  # noqa: PLR0917  # pragma: no cover
+    bits: Any, c: Any, keys: Any, inv_mults: Any, top: int, out: Any
+) -> None:
+    # One sweep in key order: each bit goes to the block its permuted position falls in
+    # (the inverse permutation, branch-free over a batch first, as shuffle._gather_batch),
+    # so the bits are read in order and only the parities are written at random: into
+    # one 64-bit word when there are at most 64 blocks (the check passes), else into out.
+    nn = np.int64(c[0])
+    k = (keys[0], keys[1], keys[2], keys[3])
+    m = (inv_mults[0], inv_mults[1], inv_mults[2], inv_mults[3])
+    size = 2048
+    batch = np.empty(size, dtype=np.uint64)
+    few = out.shape[0] <= 64
+    word = np.uint64(0)
+    shift = np.uint64(top)
+    for i0 in range(0, nn, size):
+        cnt: Any = min(size, nn - i0)
+        for j in range(cnt):
+            batch[j] = shuffle._rounds_inv(np.uint64(i0 + j), c, k, m)
+        shuffle._walk_batch(batch, cnt, c, k, m, True)
+        if few:
+            for j in range(cnt):
+                word ^= np.uint64(bits[i0 + j]) << (batch[j] >> shift)
+        else:
+            for j in range(cnt):
+                out[np.int64(batch[j] >> shift)] ^= bits[i0 + j]
+    if few:
+        for b in range(out.shape[0]):
+            out[b] = (word >> np.uint64(b)) & np.uint64(1)
+
+
+def block_parities(bits: U8, perm: shuffle.KeyedPermutation, top: int) -> U8:
+    """Parities of the blocks of ``2**top`` bits of ``perm.gather(bits)`` (0/1 bits), without
+    building the permuted key or its trees."""
+    bits = np.ascontiguousarray(bits, dtype=np.uint8)
+    count = -(-bits.shape[0] // (1 << top))
+    if not JIT:
+        ones = perm.backward(np.flatnonzero(bits), check=False)
+        return (np.bincount(ones >> top, minlength=count) & 1).astype(np.uint8)
+    out = np.zeros(count, dtype=np.uint8)
+    consts, keys, inv_mults = perm.inverse_kernel_args
+    _block_parities(bits, consts, keys, inv_mults, top, out)
+    return out
+
+
+@njit
+def _toggle_bits(packed: Any, pos: Any) -> None:  # pragma: no cover - jit
+    for i in range(pos.shape[0]):
+        x = pos[i]
+        packed[x >> 3] ^= np.uint8(0x80) >> (x & 7)
+
+
+def toggle_bits(packed: U8, pos: I64) -> None:
+    """Flip bits ``pos`` (distinct) of a np.packbits array."""
+    if not JIT:
+        np.bitwise_xor.at(packed, pos >> 3, (np.uint8(0x80) >> (pos & 7).astype(np.uint8)))
+        return
+    _toggle_bits(packed, np.ascontiguousarray(pos, dtype=np.int64))
 
 
 def pass_tree(leaves: U8, top: int, out: U8, pbase: int, flag: int | np.uint8) -> None:
@@ -455,16 +586,26 @@ def _ancestors(pbase: I64, tops: I64, k: I64, q: int) -> I64:
     return out
 
 
-def _toggle_ancestors_np(state: U8, pbase: I64, tops: I64, k: I64) -> None:
-    flat = np.concatenate([_ancestors(pbase, tops, k, q).ravel() for q in range(k.shape[0])])
+def _toggle_ancestors_np(  # noqa: PLR0917
+    state: U8, pbase: I64, tops: I64, k: I64, boff: I64, built: U8
+) -> None:
+    parts = []
+    for q in range(k.shape[0]):
+        anc = _ancestors(pbase, tops, k, q)
+        whole = built[boff[q] + (k[q] >> int(tops[q]))] != 0
+        parts += [anc[:, whole].ravel(), anc[-1, ~whole]]  # unbuilt: the root only
+    flat = np.concatenate(parts) if parts else np.zeros(0, np.int64)
     np.bitwise_xor.at(state, flat >> 2, (np.uint8(1) << ((flat & 3) << 1).astype(np.uint8)))
 
 
-def _smallest_odd_np(state: U8, pbase: I64, tops: I64, k: I64) -> I64:
+def _smallest_odd_np(  # noqa: PLR0917
+    state: U8, pbase: I64, tops: I64, k: I64, boff: I64, built: U8
+) -> I64:
     rows = []
     for q in range(k.shape[0]):
         m = _ancestors(pbase, tops, k, q)
         odd = get(state, m.ravel()).reshape(m.shape) == 1
+        odd[:-1, built[boff[q] + (k[q] >> int(tops[q]))] == 0] = False  # unbuilt: root only
         has = odd.any(axis=0)
         if not has.any():
             continue
@@ -512,17 +653,44 @@ def _descend_np(state: U8, pbase: I64, tops: I64, n: int, search: I64) -> tuple[
     return np.stack([g, p, lv, j]), leaves
 
 
+def _trees_np(cur: U8, top: int, flag: np.uint8) -> U8:
+    """The packed 2-bit trees (rows of ``2**top // 2`` bytes) of the blocks ``cur`` (rows of
+    ``2**top`` bits)."""
+    size = 1 << top
+    tree = np.zeros((cur.shape[0], 2 * size), dtype=np.uint8)
+    tree[:, size:] = cur
+    level: npt.NDArray[Any] = cur
+    for lvl in range(1, top + 1):
+        level = level[:, 0::2] ^ level[:, 1::2]
+        tree[:, size >> lvl : size >> (lvl - 1)] = level
+    four = (tree | flag).reshape(tree.shape[0], -1, 4)
+    packed = four[..., 0] | (four[..., 1] << 2) | (four[..., 2] << 4) | (four[..., 3] << 6)
+    return packed.astype(np.uint8, copy=False)
+
+
 def _pass_tree_np(leaves: U8, top: int, out: U8, pbase: int, flag: np.uint8) -> None:
     size = 1 << top
     blocks = -(-leaves.shape[0] // size)
     cur = np.zeros(blocks * size, dtype=np.uint8)
     cur[: leaves.shape[0]] = leaves
-    cur = cur.reshape(blocks, size)
-    tree = np.zeros((blocks, 2 * size), dtype=np.uint8)
-    tree[:, size:] = cur
-    for lvl in range(1, top + 1):
-        cur = cur[:, 0::2] ^ cur[:, 1::2]
-        tree[:, size >> lvl : size >> (lvl - 1)] = cur
-    four = (tree | flag).reshape(-1, 4)
-    packed = four[:, 0] | (four[:, 1] << 2) | (four[:, 2] << 4) | (four[:, 3] << 6)
+    packed = _trees_np(cur.reshape(blocks, size), top, flag).ravel()
     out[pbase >> 2 : (pbase >> 2) + packed.shape[0]] = packed
+
+
+def _permuted_blocks_np(  # noqa: PLR0917
+    bits: U8,
+    perm: shuffle.KeyedPermutation,
+    top: int,
+    out: U8,
+    pbase: int,
+    flag: np.uint8,
+    blocks: I64,
+) -> None:
+    size = 1 << top
+    pos = (blocks[:, None] << top) + np.arange(size, dtype=np.int64)[None, :]
+    inside = pos < bits.shape[0]
+    cur = np.zeros(pos.shape, dtype=np.uint8)
+    cur[inside] = bits[perm.forward(pos[inside], check=False)]
+    packed = _trees_np(cur, top, flag)
+    first = (pbase + (blocks << (top + 1))) >> 2
+    out[first[:, None] + np.arange(packed.shape[1], dtype=np.int64)[None, :]] = packed

@@ -82,6 +82,31 @@ def _backward(pos: Any, c: Any, keys: Any, inv_mults: Any, out: Any) -> None:  #
 
 
 @njit
+def _walk_batch(  # noqa: PLR0917
+    batch: Any, size: int, c: Any, k: Any, m: Any, inverse: bool
+) -> None:  # pragma: no cover
+    """Walk the values ``>= n`` among ``batch[:size]`` (one round evaluation each so far)
+    on along their cycles (:func:`_rounds`, or :func:`_rounds_inv` if ``inverse``) until
+    they fall inside ``[0, n)``.
+
+    The out-of-range values (under half, ~5 % for n just below a power of two) are listed
+    first by a branch-free pass, then walked: a branch per value on an unpredictable
+    condition cost as much as the vectorised round pass itself (measured)."""
+    n = c[0]
+    todo = np.empty(size, dtype=np.int64)
+    cnt = 0
+    for j in range(size):
+        todo[cnt] = j
+        cnt += batch[j] >= n
+    for t in range(cnt):
+        j = todo[t]
+        x = batch[j]
+        while x >= n:
+            x = _rounds_inv(x, c, k, m) if inverse else _rounds(x, c, k, m)
+        batch[j] = x
+
+
+@njit
 def _gather_batch(  # noqa: PLR0917  # pragma: no cover
     packed: Any, c: Any, k: Any, m: Any, i0: int, batch: Any, dest: Any
 ) -> None:
@@ -90,17 +115,15 @@ def _gather_batch(  # noqa: PLR0917  # pragma: no cover
     Reads from the bit-packed key (np.packbits order): a 1e7-bit key is 1.2 MB and stays
     in cache, where random reads from one byte per bit cost ~47 ns each (measured). One
     branch-free round pass over the batch first (independent iterations pipeline: ~3x
-    faster than walking each position's cycle in turn), then the few values >= n (under
-    half, ~5 % for n just below a power of two) walk on.
+    faster than walking each position's cycle in turn), then the few values >= n walk on
+    (:func:`_walk_batch`).
     """
-    n = c[0]
     size = dest.shape[0]
     for j in range(size):
         batch[j] = _rounds(np.uint64(i0 + j), c, k, m)
+    _walk_batch(batch, size, c, k, m, False)
     for j in range(size):
         x = batch[j]
-        while x >= n:
-            x = _rounds(x, c, k, m)
         dest[j] = (packed[x >> np.uint64(3)] >> (np.uint64(7) - (x & np.uint64(7)))) & 1
 
 
@@ -168,6 +191,9 @@ class KeyedPermutation:
         self._consts = (np.uint64(n), np.uint64((1 << k) - 1), np.uint64(k // 2 + 1))
         #: (constants, round keys, multipliers) for compiled callers of :func:`_rounds`
         self.kernel_args = (self._consts, self._keys, self._mults)
+        #: (constants, round keys, inverse multipliers) for compiled callers of
+        #: :func:`_rounds_inv`
+        self.inverse_kernel_args = (self._consts, self._keys, self._inv_mults)
 
     def _positions(self, x: npt.ArrayLike, check: bool = True) -> npt.NDArray[np.int64]:
         arr = np.ascontiguousarray(x, dtype=np.int64)

@@ -116,11 +116,21 @@ def test_numpy_twins_match_the_compiled_kernels() -> None:
     ck.put(state, np.arange(lay.total), nodes.astype(np.uint8))
     assert np.array_equal(ck.get(state, np.arange(lay.total)), nodes)
     k = np.stack([rng.choice(n, 500, replace=False) for _ in range(3)]).astype(np.int64)
-    ck._toggle_ancestors_np(state, lay.pass_base, tops, k)  # (compiled: flip_all_passes)
+    boff = lay.block_offsets
+    everything = np.ones(int(boff[-1]), np.uint8)
+    ck._toggle_ancestors_np(state, lay.pass_base, tops, k, boff, everything)
     a = state.copy()
     out = np.empty((4, k.size), np.int64)
-    m = ck._smallest_odd(a, lay.pass_base, tops, k, out)
-    assert np.array_equal(out[:, :m], ck._smallest_odd_np(a, lay.pass_base, tops, k))
+    m = ck._smallest_odd(a, lay.pass_base, tops, k, out, boff, everything)
+    assert np.array_equal(
+        out[:, :m], ck._smallest_odd_np(a, lay.pass_base, tops, k, boff, everything)
+    )
+    # blocks not built: only their roots are looked at, by both
+    some = (rng.random(int(boff[-1])) < 0.5).astype(np.uint8)
+    m2 = ck._smallest_odd(a, lay.pass_base, tops, k, out, boff, some)
+    assert np.array_equal(out[:, :m2], ck._smallest_odd_np(a, lay.pass_base, tops, k, boff, some))
+    unbuilt = some[boff[out[1, :m2]] + (out[3, :m2] >> (tops[out[1, :m2]] - out[2, :m2]))] == 0
+    assert unbuilt.any() and np.all(out[2, :m2][unbuilt] == tops[out[1, :m2][unbuilt]])
     odd = out[:, :m]
     a2, b2 = a.copy(), a.copy()
     keep = np.empty_like(odd)
@@ -145,14 +155,53 @@ def test_fused_kernels_match_their_parts_and_twins() -> None:
     n = 70_001
     lay = cascade.TreeLayout(n, [5, 7, 13])
     bits = rng.integers(0, 2, n, dtype=np.uint8)
+    packed = np.packbits(bits)
     for q, top in enumerate(lay.top_levels):
         perm = shuffle.KeyedPermutation(n, 4, q + 1)
         base = int(lay.pass_base[q])
         size = ck.state_bytes(lay.total)
         fused, parts = np.zeros(size, np.uint8), np.zeros(size, np.uint8)
-        ck.permuted_pass_tree(bits, perm, top, fused, base, 2)
+        every = np.arange(lay.count(top), dtype=np.int64)
+        ck.permuted_blocks(bits, packed, perm, top, fused, base, 2, every)
         ck._pass_tree_np(perm.gather(bits), top, parts, base, np.uint8(2))
         assert np.array_equal(fused, parts)
+        # some blocks only (the last, partial one among them): the same bytes, by both
+        chosen = np.unique(np.append(rng.choice(every, max(1, every.shape[0] // 3)), every[-1]))
+        jit, twin = np.zeros(size, np.uint8), np.zeros(size, np.uint8)
+        ck.permuted_blocks(bits, packed, perm, top, jit, base, 2, chosen)
+        ck._permuted_blocks_np(bits, perm, top, twin, base, np.uint8(2), chosen)
+        assert np.array_equal(jit, twin)
+        ids = np.concatenate([lay.top_ids(q)[chosen]])
+        assert np.array_equal(ck.get(jit, ids), ck.get(parts, ids))
+        # block parities without a tree: as the tree's roots, compiled and numpy alike
+        roots = ck.get(parts, lay.top_ids(q)) & 1
+        assert np.array_equal(ck.block_parities(bits, perm, top), roots)
+        ones = perm.backward(np.flatnonzero(bits))
+        assert np.array_equal(np.bincount(ones >> top, minlength=roots.shape[0]) & 1, roots)
+
+    # the blocks of nodes whose trees are not built, compiled and numpy alike
+    boff = lay.block_offsets
+    built = (rng.random(int(boff[-1])) < 0.7).astype(np.uint8)
+    ids = rng.integers(0, lay.total, 5000)
+    first = int(lay.pass_base[1])
+    got = ck.unbuilt_blocks(ids.astype("<u4"), lay.pass_base, lay.tops, boff, built, first)
+    q_of = np.searchsorted(lay.pass_base, ids, side="right") - 1
+    g = boff[q_of] + ((ids - lay.pass_base[q_of]) >> (lay.tops[q_of] + 1))
+    want = g[(built[g] == 0) & (ids >= first)]
+    assert np.array_equal(got, want[np.sort(np.unique(want, return_index=True)[1])])
+    assert np.array_equal(
+        ck.unbuilt_blocks(ids, lay.pass_base, lay.tops, boff, built, 0),
+        np.asarray(
+            [x for i, x in enumerate(g) if built[x] == 0 and x not in g[:i]], dtype=np.int64
+        ),
+    )
+    flips = np.unique(rng.integers(0, n, 300))
+    a, b = packed.copy(), packed.copy()
+    ck._toggle_bits(a, flips)
+    np.bitwise_xor.at(b, flips >> 3, (np.uint8(0x80) >> (flips & 7).astype(np.uint8)))
+    flipped = bits.copy()
+    flipped[flips] ^= 1
+    assert np.array_equal(a, b) and np.array_equal(a, np.packbits(flipped))
 
     state = rng.integers(0, 256, ck.state_bytes(lay.total)).astype(np.uint8)
     s = rng.integers(0, lay.total, (4, 3000)).astype(np.int64)
@@ -214,14 +263,24 @@ def test_locate_and_flip_kernels_match_the_permutations() -> None:
 
     found = np.unique(rng.integers(0, n, 900))
     state = rng.integers(0, 256, ck.state_bytes(lay.total)).astype(np.uint8)
-    for built in (4, 2, 0):  # only the trees built so far are walked
+    boff = lay.block_offsets
+    for share in (1.0, 0.5, 0.0):  # blocks not built: only their roots toggle
+        built = (rng.random(int(boff[-1])) < share).astype(np.uint8)
         a, b = state.copy(), state.copy()
-        rows = ck.flip_all_passes(a, lay.pass_base, lay.tops, found, perms, args, built)
+        rows = ck.flip_all_passes(a, lay.pass_base, lay.tops, found, perms, args, boff, built)
         assert np.array_equal(rows[0], found)
         for q in range(1, 4):
             assert np.array_equal(perms[q - 1].forward(rows[q]), found)
-        if built:
-            ck._toggle_ancestors_np(b, lay.pass_base, lay.tops, rows[:built])
+        ck._toggle_ancestors_np(b, lay.pass_base, lay.tops, rows, boff, built)
         assert np.array_equal(a, b)
-        untouched = int(lay.pass_base[built]) // 4 if built < 4 else a.shape[0]
-        assert np.array_equal(a[untouched + 1 :], state[untouched + 1 :])
+        for q in range(4):
+            t = int(lay.tops[q])
+            blk = rows[q] >> t
+            root = lay.pass_base[q] + (blk << (t + 1)) + 1
+            leaf = lay.pass_base[q] + (blk << (t + 1)) + (1 << t) + (rows[q] & ((1 << t) - 1))
+            odd_count = np.bincount(root, minlength=lay.total)[root] & 1
+            assert np.array_equal(ck.get(a, root) ^ ck.get(state, root), odd_count)
+            whole = built[boff[q] + blk] == 1
+            assert np.all((ck.get(a, leaf[whole]) ^ ck.get(state, leaf[whole])) == 1)
+            rest = ~whole & ~np.isin(leaf, root)
+            assert np.array_equal(ck.get(a, leaf[rest]), ck.get(state, leaf[rest]))
