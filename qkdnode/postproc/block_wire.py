@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -58,14 +59,22 @@ def _frame_of(msg: PeerMessage, frames: int) -> int:
 class FrameBuilds(Generic[_T]):
     """Frames ``0 .. count - 1`` built one after the other in a worker thread (the numba
     kernels release the GIL), so that Cascade on the first frames runs while the next are
-    built. :meth:`get` waits for one; :meth:`cancel` drops those not built yet."""
+    built; then, in the same thread, ``then(frame)`` for each frame in turn (work the
+    frames need only later). :meth:`get` waits for one; :meth:`cancel` drops those not
+    built yet and the ``then`` calls not begun."""
 
-    def __init__(self, build: Callable[[int], _T], count: int) -> None:
+    def __init__(
+        self,
+        build: Callable[[int], _T],
+        count: int,
+        then: Callable[[_T], object] | None = None,
+    ) -> None:
         loop = asyncio.get_running_loop()
         self._futures: list[asyncio.Future[_T]] = [loop.create_future() for _ in range(count)]
-        self._task = asyncio.create_task(self._run(build))
+        self._task = asyncio.create_task(self._run(build, then))
 
-    async def _run(self, build: Callable[[int], _T]) -> None:
+    async def _run(self, build: Callable[[int], _T], then: Callable[[_T], object] | None) -> None:
+        built: list[_T] = []
         for k, fut in enumerate(self._futures):
             try:
                 obj = await asyncio.to_thread(build, k)
@@ -74,8 +83,12 @@ class FrameBuilds(Generic[_T]):
                     if not later.done():
                         later.set_exception(exc)
                 return
+            built.append(obj)
             if not fut.done():
                 fut.set_result(obj)
+        if then is not None:
+            for obj in built:  # an error here is the frame's to meet when it needs the work
+                await asyncio.to_thread(_quietly, then, obj)
 
     def ready(self, k: int) -> bool:
         return self._futures[k].done()
@@ -89,6 +102,12 @@ class FrameBuilds(Generic[_T]):
             if fut.done() and not fut.cancelled():
                 fut.exception()  # retrieved: no "never retrieved" warning for unused frames
             fut.cancel()
+
+
+def _quietly(fn: Callable[[_T], object], obj: _T) -> None:
+    """``fn(obj)`` ahead of need: an error is met again, and raised, where the work is needed."""
+    with contextlib.suppress(Exception):
+        fn(obj)
 
 
 async def serve_cascade(
@@ -143,8 +162,11 @@ async def run_cascade(
     node queries per round. Bob works on one frame's answers while the other frames'
     queries travel and are answered, and a frame starts as soon as it is built, so the
     round trips of one frame and the set-up of the next overlap the work on the others.
+    Once every frame is built, the same worker thread computes what the frames' later
+    passes need (:meth:`cascade.CascadeCorrector.prepare_later_passes`) while the first
+    passes run.
     """
-    builds = FrameBuilds(build, frames)
+    builds = FrameBuilds(build, frames, then=cascade.CascadeCorrector.prepare_later_passes)
     started: list[cascade.CascadeCorrector] = []
     in_flight: collections.deque[tuple[int, int]] = collections.deque()  # (frame, count)
     try:

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -409,18 +410,26 @@ class CascadeCorrector:
         self.layout = lay = TreeLayout(n, top_levels)
         self.top_levels = lay.top_levels
         self._bits = np.array(key_bits, dtype=np.uint8)  # a copy: Bob's flips go here
+        self._original = self._bits.copy()  # for the later passes' block parities
         self._trees = _LazyTrees(self._bits, lay, seed)
         self._perms = self._trees.perms
         self._perm_args = shuffle.stacked_kernel_args(self._perms)
         self._state = self._trees.state
-        # Set up as Alice's (in a worker thread in the daemons, while Alice sets up hers),
-        # every parity unknown: the first passes' trees whole, the later passes' block
-        # parities; a later block's subtree is built from the bits as corrected by then
-        # when a search first enters it, and from then on every flip keeps what is built
-        # current (_flip). Until a block holds a search none of its parities below the
-        # root is known, so the tree built late is the tree that flips would have kept
-        # current; most blocks of the later passes never hold one.
-        self._trees.set_up(_UNKNOWN)
+        # Set up now (in a worker thread in the daemons, while Alice sets up hers): pass
+        # 0's tree, every parity unknown. Every other pass starts from its roots, whose
+        # bit 0 the flips toggle (_flip) until the pass starts: the parity of the flips
+        # in each block. A whole pass's tree is then built from the bits as corrected by
+        # then; a later pass's block parities are those of the original key
+        # (prepare_later_passes, in the background) XOR those flip parities, and a block's
+        # subtree is built when a search first enters it (_LazyTrees). Until a block holds
+        # a search none of its parities below the root is known, so the tree built late is
+        # the tree that flips would have kept current; most blocks of the later passes
+        # never hold one.
+        self._trees.whole_tree(0, _UNKNOWN)
+        for p in range(1, lay.passes):
+            ck.put(self._state, lay.top_ids(p), _UNKNOWN)
+        self._later: list[U8] | None = None  # original block parities of passes >= WHOLE_PASSES
+        self._later_lock = threading.Lock()
         self._blocks: U8 | None = None
         self._started = 0
         self._pass_searches = 1  # searches the latest pass started with
@@ -430,6 +439,19 @@ class CascadeCorrector:
         self._pending = False
         self._deferred: list[tuple[int, I64, I64]] = []  # (due round, flips, _permuted)
         self.stats = CascadeStats()
+
+    def prepare_later_passes(self) -> None:
+        """Compute the block parities of the original key in the passes after the first
+        :data:`WHOLE_PASSES` (one sweep of the key each), if not done yet. Safe to call
+        from another thread while Cascade runs (the daemons do, so that the sweeps run
+        beside the first passes' rounds); the pass that needs them waits for them, or
+        computes them itself if nobody has started."""
+        with self._later_lock:
+            if self._later is None:
+                self._later = [
+                    ck.block_parities(self._original, self._perms[p - 1], self.top_levels[p])
+                    for p in range(WHOLE_PASSES, self.layout.passes)
+                ]
 
     # --- driving ------------------------------------------------------------------
     def set_block_parities(self, parities: U8) -> None:
@@ -453,7 +475,15 @@ class CascadeCorrector:
         top = self.top_levels[p]
         ids = lay.top_ids(p)
         off = lay.block_offsets
-        known = (ck.get(self._state, ids) & 1) ^ self._blocks[off[p] : off[p + 1]]
+        mine = ck.get(self._state, ids) & 1  # the flips' parities (_flip)
+        if p >= WHOLE_PASSES:
+            self.prepare_later_passes()
+            assert self._later is not None
+            mine ^= self._later[p - WHOLE_PASSES]
+        elif p:
+            self._trees.whole_tree(p, _UNKNOWN)
+            mine = ck.get(self._state, ids) & 1
+        known = mine ^ self._blocks[off[p] : off[p + 1]]
         ck.put(self._state, ids, known)
         self._started += 1
         self.stats.passes += 1
