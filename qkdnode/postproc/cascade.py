@@ -274,7 +274,8 @@ class _LazyTrees:
             if p < WHOLE_PASSES:
                 self.whole_tree(p, flag)
             else:
-                ck.put(self.state, lay.top_ids(p), self.block_parities(p) | flag)
+                par = ck.block_parities(self.bits, self.perms[p - 1], lay.top_levels[p])
+                ck.put(self.state, lay.top_ids(p), par | flag)
 
     def whole_tree(self, p: int, flag: np.uint8) -> None:
         """Build pass ``p``'s tree from the current bits, every node OR ``flag``."""
@@ -288,10 +289,6 @@ class _LazyTrees:
                 self.bits, self.packed, self.perms[p - 1], top, self.state, base, flag, blocks
             )
         self.built[int(lay.block_offsets[p]) : int(lay.block_offsets[p + 1])] = 1
-
-    def block_parities(self, p: int) -> U8:
-        """Parities of the top-level blocks of pass ``p >= 1`` of the current bits."""
-        return ck.block_parities(self.bits, self.perms[p - 1], self.layout.top_levels[p])
 
     def ensure(self, ids: npt.NDArray[np.integer], flag: np.uint8, keep_root: bool) -> None:
         """Build the blocks holding nodes ``ids`` (in range) that are not built yet, from the

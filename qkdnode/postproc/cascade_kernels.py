@@ -504,32 +504,39 @@ def permuted_blocks(  # noqa: PLR0917
 def _block_parities(  # noqa: PLR0917  # pragma: no cover
     bits: Any, c: Any, keys: Any, inv_mults: Any, top: int, out: Any
 ) -> None:
-    # One sweep in key order: each bit goes to the block its permuted position falls in
-    # (the inverse permutation, branch-free over a batch first, as shuffle._gather_batch),
-    # so the bits are read in order and only the parities are written at random: into
-    # one 64-bit word when there are at most 64 blocks (the check passes), else into out.
+    # The key in batches: the positions of a batch's ones are listed branch-free, their
+    # permuted positions computed (the inverse permutation, branch-free first, as
+    # shuffle._gather_batch), and each toggles the parity of its block: half the
+    # evaluations of a sweep over every bit, the key read in order and only the parities
+    # written at random, into one 64-bit word when there are at most 64 blocks (the check
+    # passes), else into out.
     nn = np.int64(c[0])
     k = (keys[0], keys[1], keys[2], keys[3])
     m = (inv_mults[0], inv_mults[1], inv_mults[2], inv_mults[3])
-    size = 2048
+    size = 4096
     batch = np.empty(size, dtype=np.uint64)
     few = out.shape[0] <= 64
     word = np.uint64(0)
     shift = np.uint64(top)
+    one = np.uint64(1)
     for i0 in range(0, nn, size):
-        cnt: Any = min(size, nn - i0)
+        end: Any = min(size, nn - i0)
+        cnt = 0
+        for j in range(end):
+            batch[cnt] = np.uint64(i0 + j)
+            cnt += bits[i0 + j]
         for j in range(cnt):
-            batch[j] = shuffle._rounds_inv(np.uint64(i0 + j), c, k, m)
+            batch[j] = shuffle._rounds_inv(batch[j], c, k, m)
         shuffle._walk_batch(batch, cnt, c, k, m, True)
         if few:
             for j in range(cnt):
-                word ^= np.uint64(bits[i0 + j]) << (batch[j] >> shift)
+                word ^= one << (batch[j] >> shift)
         else:
             for j in range(cnt):
-                out[np.int64(batch[j] >> shift)] ^= bits[i0 + j]
+                out[np.int64(batch[j] >> shift)] ^= 1
     if few:
         for b in range(out.shape[0]):
-            out[b] = (word >> np.uint64(b)) & np.uint64(1)
+            out[b] = (word >> np.uint64(b)) & one
 
 
 def block_parities(bits: U8, perm: shuffle.KeyedPermutation, top: int) -> U8:
@@ -538,8 +545,8 @@ def block_parities(bits: U8, perm: shuffle.KeyedPermutation, top: int) -> U8:
     bits = np.ascontiguousarray(bits, dtype=np.uint8)
     count = -(-bits.shape[0] // (1 << top))
     if not JIT:
-        ones = perm.backward(np.flatnonzero(bits), check=False)
-        return (np.bincount(ones >> top, minlength=count) & 1).astype(np.uint8)
+        where = perm.backward(np.flatnonzero(bits), check=False)
+        return (np.bincount(where >> top, minlength=count) & 1).astype(np.uint8)
     out = np.zeros(count, dtype=np.uint8)
     consts, keys, inv_mults = perm.inverse_kernel_args
     _block_parities(bits, consts, keys, inv_mults, top, out)
