@@ -412,19 +412,23 @@ class CascadeCorrector:
         self._perms = self._trees.perms
         self._perm_args = shuffle.stacked_kernel_args(self._perms)
         self._state = self._trees.state
-        # Set up now (in a worker thread in the daemons, while Alice sets up hers): pass
-        # 0's tree, every parity unknown. Every other pass starts from its roots, whose
-        # bit 0 the flips toggle (_flip) until the pass starts: the parity of the flips
-        # in each block. A whole pass's tree is then built from the bits as corrected by
-        # then; a later pass's block parities are those of the original key
+        # Set up now (in a worker thread in the daemons, while Alice sets up hers): the
+        # first WHOLE_PASSES trees whole, every parity unknown; every flip keeps them
+        # current (_flip: at 4e6 bits and 3 % the second pass's tree is built in 12 ms,
+        # which on the receiver's loop stalled both frames, while the flips of the rounds
+        # before it starts walk it in a few). Every later pass starts from its roots, whose
+        # bit 0 the flips toggle until the pass starts: the parity of the flips in each
+        # block. Its block parities are then those of the original key
         # (prepare_later_passes, in the background) XOR those flip parities, and a block's
-        # subtree is built when a search first enters it (_LazyTrees). Until a block holds
-        # a search none of its parities below the root is known, so the tree built late is
-        # the tree that flips would have kept current; most blocks of the later passes
-        # never hold one.
-        self._trees.whole_tree(0, _UNKNOWN)
-        for p in range(1, lay.passes):
-            ck.put(self._state, lay.top_ids(p), _UNKNOWN)
+        # subtree is built from the bits as corrected by then when a search first enters
+        # it (_LazyTrees). Until a block holds a search none of its parities below the root
+        # is known, so the tree built late is the tree that flips would have kept current;
+        # most blocks of the later passes never hold one.
+        for p in range(lay.passes):
+            if p < WHOLE_PASSES:
+                self._trees.whole_tree(p, _UNKNOWN)
+            else:
+                ck.put(self._state, lay.top_ids(p), _UNKNOWN)
         self._later: list[U8] | None = None  # original block parities of passes >= WHOLE_PASSES
         self._later_lock = threading.Lock()
         self._blocks: U8 | None = None
@@ -472,14 +476,11 @@ class CascadeCorrector:
         top = self.top_levels[p]
         ids = lay.top_ids(p)
         off = lay.block_offsets
-        mine = ck.get(self._state, ids) & 1  # the flips' parities (_flip)
+        mine = ck.get(self._state, ids) & 1  # later passes: the flips' parities (_flip)
         if p >= WHOLE_PASSES:
             self.prepare_later_passes()
             assert self._later is not None
             mine ^= self._later[p - WHOLE_PASSES]
-        elif p:
-            self._trees.whole_tree(p, _UNKNOWN)
-            mine = ck.get(self._state, ids) & 1
         known = mine ^ self._blocks[off[p] : off[p + 1]]
         ck.put(self._state, ids, known)
         self._started += 1
