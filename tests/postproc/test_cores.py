@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -156,6 +157,69 @@ def test_cascade_matches_reference_parities() -> None:
             got = alice.parities(np.full(j.shape, p), np.full(j.shape, lvl), j)
             want = [int(key[perms[p][i << lvl : (i + 1) << lvl]].sum() & 1) for i in j]
             assert got.tolist() == want
+
+
+def test_cascade_lazily_built_passes_answer_as_the_permuted_key_says() -> None:
+    """Passes after the first two are built block by block when first asked about: every
+    node still has the parity of its bits in the pass's permuted order, and only the blocks
+    asked about below their roots get a tree."""
+    rng = np.random.default_rng(14)
+    n = 3001
+    key = rng.integers(0, 2, n, dtype=np.uint8)
+    levels = [3, 5, 7, 9, 10]
+    alice = cascade.CascadeResponder(key, levels, 21)
+    perms = cascade.permutations(n, len(levels), 21)
+
+    def want(p: int, lvl: int, j: np.ndarray) -> list[int]:
+        return [int(key[perms[p][i << lvl : (i + 1) << lvl]].sum() & 1) for i in j]
+
+    roots = alice.block_parities()  # every pass's blocks: no tree needed
+    b0 = alice.layout.block_offsets
+    for p, top in enumerate(levels):
+        assert roots[b0[p] : b0[p + 1]].tolist() == want(p, top, np.arange(b0[p + 1] - b0[p]))
+    built_before = alice._trees.built.copy()
+    assert built_before.sum() == b0[2]  # the two whole passes
+    for p, top in enumerate(levels):
+        block = 1 if p >= 2 else 0
+        for lvl in range(top + 1):
+            d = top - lvl
+            j = np.arange(block << d, min((block + 1) << d, -(-n // (1 << lvl))))
+            got = alice.parities(np.full(j.shape, p), np.full(j.shape, lvl), j)
+            assert got.tolist() == want(p, lvl, j)
+        if p >= 2:
+            assert np.flatnonzero(alice._trees.built[b0[p] : b0[p + 1]]).tolist() == [block]
+    last = int(b0[-1]) - 1  # the last block of the last pass, past the key's end
+    alice.node_parities(np.array([alice.layout.total - 1]))
+    assert alice._trees.built[last] == 1
+
+
+def test_cascade_later_passes_prepared_in_another_thread_change_nothing() -> None:
+    """The receiver's later-pass block parities computed in a worker thread while Cascade
+    runs (as the daemons do) give the same queries, disclosure and key as computed on
+    demand."""
+    rng = np.random.default_rng(15)
+    n, qber = 300_000, 0.04
+    a = rng.integers(0, 2, n, dtype=np.uint8)
+    b = a ^ (rng.random(n) < qber).astype(np.uint8)
+    levels = cascade.schedule(n, qber, CascadeParams())
+    runs = []
+    for background in (False, True):
+        alice = cascade.CascadeResponder(a, levels, 8)
+        bob = cascade.CascadeCorrector(b, levels, 8)
+        worker = threading.Thread(target=bob.prepare_later_passes)
+        if background:
+            worker.start()
+        bob.set_block_parities(alice.block_parities())
+        asked = []
+        while (q := bob.next_queries()) is not None:
+            asked.append(q.copy())
+            bob.give_answers(alice.node_parities(q))
+        if background:
+            worker.join()
+        assert np.array_equal(bob.corrected(), a)
+        runs.append((np.concatenate(asked), bob.stats.disclosed_bits, alice.disclosed_bits))
+    assert np.array_equal(runs[0][0], runs[1][0])
+    assert runs[0][1:] == runs[1][1:]
 
 
 @pytest.mark.parametrize("seed", range(6))
