@@ -20,8 +20,9 @@ Round structure:
    inferred), so one pass costs about ``top_level`` round trips plus the back-tracking
    below.
 3. A search that reaches a single bit has found an error: Bob flips it at once. The flip
-   changes the parity of every node containing it (in every pass tree: Bob builds them all
-   up front); searches whose node turned even are dropped. One round later
+   changes the parity of every node containing it (in every pass: in a block whose tree
+   is built, every ancestor; in one that is not, the root, see :class:`_LazyTrees`);
+   searches whose node turned even are dropped. One round later
    (``CascadeCorrector.defer_rounds``, so a search already under way can find the partner
    error first) the smallest known odd node
    containing the flipped bit in each started pass becomes a new search (the cascade effect)
@@ -32,6 +33,11 @@ Round structure:
 Invariant: every known node that is odd for Bob's current bits contains the node of an active
 search or a flipped bit queued for back-tracking, so when neither is left every known parity
 agrees; Cascade ends there once every pass has started.
+
+Trees: both sides build the first two passes' trees whole; of every later pass only the
+block parities are computed up front, and a block's tree is built when it is first asked
+about (Alice) or first holds a search (Bob): at 4e6 bits and 3 % a third of the middle
+pass's blocks and none of the check passes' (:class:`_LazyTrees`).
 
 Disclosed bits are counted exactly on both sides: one per parity Alice sends
 (:attr:`CascadeResponder.disclosed_bits` == :attr:`CascadeStats.disclosed_bits`).

@@ -464,19 +464,29 @@ def _permuted_blocks(  # noqa: PLR0917  # pragma: no cover
     flag: Any,
     blocks: Any,
 ) -> None:
-    # shuffle._gather_batch and _block_trees one block at a time: the block's permuted
-    # bits stay in cache instead of going through an n-byte array.
+    # shuffle._gather_batch and _block_trees a run of consecutive blocks (of at least 4096
+    # bits) at a time: the permuted bits stay in cache instead of going through an n-byte
+    # array, and small blocks share one batch.
     nn = np.int64(c[0])
     k, m = (keys[0], keys[1], keys[2], keys[3]), (mults[0], mults[1], mults[2], mults[3])
     size = np.int64(1) << top
-    batch = np.empty(size, dtype=np.uint64)
-    leaves = np.empty(size, dtype=np.uint8)
+    per_run = max(np.int64(1), np.int64(4096) >> top)
+    chunk = per_run * size
+    batch = np.empty(chunk, dtype=np.uint64)
+    todo = np.empty(chunk, dtype=np.int64)
+    leaves = np.empty(chunk, dtype=np.uint8)
     buf = np.zeros(2 * size, dtype=np.uint8)
-    for i in range(blocks.shape[0]):
-        start = blocks[i] << top
-        cnt = min(size, nn - start)
-        shuffle._gather_batch(packed, c, k, m, start, batch, leaves[:cnt])
+    i = 0
+    while i < blocks.shape[0]:
+        first = blocks[i]
+        run = 1
+        while run < per_run and i + run < blocks.shape[0] and blocks[i + run] == first + run:
+            run += 1
+        start = first << top
+        cnt = min(run * size, nn - start)
+        shuffle._gather_batch(packed, c, k, m, start, batch, leaves[:cnt], todo)
         _block_trees(leaves, cnt, start, top, out, pbase, flag, buf)
+        i += run
 
 
 def permuted_blocks(  # noqa: PLR0917
@@ -515,6 +525,7 @@ def _block_parities(  # noqa: PLR0917  # pragma: no cover
     m = (inv_mults[0], inv_mults[1], inv_mults[2], inv_mults[3])
     size = 4096
     batch = np.empty(size, dtype=np.uint64)
+    todo = np.empty(size, dtype=np.int64)
     few = out.shape[0] <= 64
     word = np.uint64(0)
     shift = np.uint64(top)
@@ -527,7 +538,7 @@ def _block_parities(  # noqa: PLR0917  # pragma: no cover
             cnt += bits[i0 + j]
         for j in range(cnt):
             batch[j] = shuffle._rounds_inv(batch[j], c, k, m)
-        shuffle._walk_batch(batch, cnt, c, k, m, True)
+        shuffle._walk_batch(batch, cnt, c, k, m, True, todo)
         if few:
             for j in range(cnt):
                 word ^= one << (batch[j] >> shift)

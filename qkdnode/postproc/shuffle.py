@@ -83,17 +83,16 @@ def _backward(pos: Any, c: Any, keys: Any, inv_mults: Any, out: Any) -> None:  #
 
 @njit
 def _walk_batch(  # noqa: PLR0917
-    batch: Any, size: int, c: Any, k: Any, m: Any, inverse: bool
+    batch: Any, size: int, c: Any, k: Any, m: Any, inverse: bool, todo: Any
 ) -> None:  # pragma: no cover
     """Walk the values ``>= n`` among ``batch[:size]`` (one round evaluation each so far)
     on along their cycles (:func:`_rounds`, or :func:`_rounds_inv` if ``inverse``) until
-    they fall inside ``[0, n)``.
+    they fall inside ``[0, n)``; ``todo`` is scratch space of ``size`` int64.
 
     The out-of-range values (under half, ~5 % for n just below a power of two) are listed
     first by a branch-free pass, then walked: a branch per value on an unpredictable
     condition cost as much as the vectorised round pass itself (measured)."""
     n = c[0]
-    todo = np.empty(size, dtype=np.int64)
     cnt = 0
     for j in range(size):
         todo[cnt] = j
@@ -108,9 +107,10 @@ def _walk_batch(  # noqa: PLR0917
 
 @njit
 def _gather_batch(  # noqa: PLR0917  # pragma: no cover
-    packed: Any, c: Any, k: Any, m: Any, i0: int, batch: Any, dest: Any
+    packed: Any, c: Any, k: Any, m: Any, i0: int, batch: Any, dest: Any, todo: Any
 ) -> None:
-    """``dest[j] = bits[perm[i0 + j]]`` for ``j < dest.shape[0] <= batch.shape[0]``.
+    """``dest[j] = bits[perm[i0 + j]]`` for ``j < dest.shape[0] <= batch.shape[0]``
+    (``todo``: scratch of as many int64).
 
     Reads from the bit-packed key (np.packbits order): a 1e7-bit key is 1.2 MB and stays
     in cache, where random reads from one byte per bit cost ~47 ns each (measured). One
@@ -121,7 +121,7 @@ def _gather_batch(  # noqa: PLR0917  # pragma: no cover
     size = dest.shape[0]
     for j in range(size):
         batch[j] = _rounds(np.uint64(i0 + j), c, k, m)
-    _walk_batch(batch, size, c, k, m, False)
+    _walk_batch(batch, size, c, k, m, False, todo)
     for j in range(size):
         x = batch[j]
         dest[j] = (packed[x >> np.uint64(3)] >> (np.uint64(7) - (x & np.uint64(7)))) & 1
@@ -131,9 +131,10 @@ def _gather_batch(  # noqa: PLR0917  # pragma: no cover
 def _gather(packed: Any, c: Any, keys: Any, mults: Any, out: Any) -> None:  # pragma: no cover
     k, m = (keys[0], keys[1], keys[2], keys[3]), (mults[0], mults[1], mults[2], mults[3])
     batch = np.empty(4096, dtype=np.uint64)
+    todo = np.empty(4096, dtype=np.int64)
     for i0 in range(0, out.shape[0], batch.shape[0]):
         size = min(batch.shape[0], out.shape[0] - i0)
-        _gather_batch(packed, c, k, m, i0, batch, out[i0 : i0 + size])
+        _gather_batch(packed, c, k, m, i0, batch, out[i0 : i0 + size], todo)
 
 
 def _walk_np(
