@@ -276,12 +276,14 @@ class _LazyTrees:
         """Every pass from the current bits, every node OR ``flag``: the first
         :data:`WHOLE_PASSES` trees whole, the later passes' block roots only."""
         lay = self.layout
-        for p in range(lay.passes):
-            if p < WHOLE_PASSES:
-                self.whole_tree(p, flag)
-            else:
-                par = ck.block_parities(self.bits, self.perms[p - 1], lay.top_levels[p])
-                ck.put(self.state, lay.top_ids(p), par | flag)
+        for p in range(min(WHOLE_PASSES, lay.passes)):
+            self.whole_tree(p, flag)
+        later = range(WHOLE_PASSES, lay.passes)
+        pars = ck.block_parities(
+            self.bits, self.perms[WHOLE_PASSES - 1 :], lay.top_levels[WHOLE_PASSES:]
+        )
+        for p, par in zip(later, pars, strict=True):
+            ck.put(self.state, lay.top_ids(p), par | flag)
 
     def whole_tree(self, p: int, flag: np.uint8) -> None:
         """Build pass ``p``'s tree from the current bits, every node OR ``flag``."""
@@ -455,10 +457,9 @@ class CascadeCorrector:
         computes them itself if nobody has started."""
         with self._later_lock:
             if self._later is None:
-                self._later = [
-                    ck.block_parities(self._original, self._perms[p - 1], self.top_levels[p])
-                    for p in range(WHOLE_PASSES, self.layout.passes)
-                ]
+                self._later = ck.block_parities(
+                    self._original, self._perms[WHOLE_PASSES - 1 :], self.top_levels[WHOLE_PASSES:]
+                )
 
     # --- driving ------------------------------------------------------------------
     def set_block_parities(self, parities: U8) -> None:

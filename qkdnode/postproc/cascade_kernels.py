@@ -18,6 +18,7 @@ trees take 8 MB instead of 32 MB at a byte per node, and the random accesses of 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -512,56 +513,67 @@ def permuted_blocks(  # noqa: PLR0917
 
 @njit
 def _block_parities(  # noqa: PLR0917  # pragma: no cover
-    bits: Any, c: Any, keys: Any, inv_mults: Any, top: int, out: Any
+    bits: Any, c: Any, keys: Any, inv_mults: Any, tops: Any, offs: Any, out: Any
 ) -> None:
-    # The key in batches: the positions of a batch's ones are listed branch-free, their
-    # permuted positions computed (the inverse permutation, branch-free first, as
-    # shuffle._gather_batch), and each toggles the parity of its block: half the
-    # evaluations of a sweep over every bit, the key read in order and only the parities
-    # written at random, into one 64-bit word when there are at most 64 blocks (the check
-    # passes), else into out.
+    # The key in batches: the positions of a batch's ones are listed branch-free once, and
+    # for each pass q their permuted positions are computed (the inverse permutation
+    # keys[q], inv_mults[q], branch-free first, as shuffle._gather_batch) and each toggles
+    # the parity of its block: half the evaluations of a sweep over every bit, the key
+    # read once and in order, and only the parities written at random, into one 64-bit
+    # word per pass when it has at most 64 blocks (the check passes), else into
+    # out[offs[q]:offs[q + 1]].
     nn = np.int64(c[0])
-    k = (keys[0], keys[1], keys[2], keys[3])
-    m = (inv_mults[0], inv_mults[1], inv_mults[2], inv_mults[3])
     size = 4096
+    ones = np.empty(size, dtype=np.uint64)
     batch = np.empty(size, dtype=np.uint64)
     todo = np.empty(size, dtype=np.int64)
-    few = out.shape[0] <= 64
-    word = np.uint64(0)
-    shift = np.uint64(top)
+    passes = tops.shape[0]
+    words = np.zeros(passes, dtype=np.uint64)
     one = np.uint64(1)
     for i0 in range(0, nn, size):
         end: Any = min(size, nn - i0)
         cnt = 0
         for j in range(end):
-            batch[cnt] = np.uint64(i0 + j)
+            ones[cnt] = np.uint64(i0 + j)
             cnt += bits[i0 + j]
-        for j in range(cnt):
-            batch[j] = shuffle._rounds_inv(batch[j], c, k, m)
-        shuffle._walk_batch(batch, cnt, c, k, m, True, todo)
-        if few:
+        for q in range(passes):
+            k = (keys[q, 0], keys[q, 1], keys[q, 2], keys[q, 3])
+            m = (inv_mults[q, 0], inv_mults[q, 1], inv_mults[q, 2], inv_mults[q, 3])
             for j in range(cnt):
-                word ^= one << (batch[j] >> shift)
-        else:
-            for j in range(cnt):
-                out[np.int64(batch[j] >> shift)] ^= 1
-    if few:
-        for b in range(out.shape[0]):
-            out[b] = (word >> np.uint64(b)) & one
+                batch[j] = shuffle._rounds_inv(ones[j], c, k, m)
+            shuffle._walk_batch(batch, cnt, c, k, m, True, todo)
+            shift = np.uint64(tops[q])
+            if offs[q + 1] - offs[q] <= 64:
+                word = words[q]
+                for j in range(cnt):
+                    word ^= one << (batch[j] >> shift)
+                words[q] = word
+            else:
+                base = offs[q]
+                for j in range(cnt):
+                    out[base + np.int64(batch[j] >> shift)] ^= 1
+    for q in range(passes):
+        if offs[q + 1] - offs[q] <= 64:
+            for b in range(offs[q + 1] - offs[q]):
+                out[offs[q] + b] = (words[q] >> np.uint64(b)) & one
 
 
-def block_parities(bits: U8, perm: shuffle.KeyedPermutation, top: int) -> U8:
-    """Parities of the blocks of ``2**top`` bits of ``perm.gather(bits)`` (0/1 bits), without
-    building the permuted key or its trees."""
+def block_parities(
+    bits: U8, perms: Sequence[shuffle.KeyedPermutation], tops: Sequence[int]
+) -> list[U8]:
+    """Parities of the blocks of ``2**tops[q]`` bits of ``perms[q].gather(bits)`` (0/1
+    bits) for each ``q``, without building the permuted keys or their trees."""
     bits = np.ascontiguousarray(bits, dtype=np.uint8)
-    count = -(-bits.shape[0] // (1 << top))
+    counts = [-(-bits.shape[0] // (1 << t)) for t in tops]
     if not JIT:
-        where = perm.backward(np.flatnonzero(bits), check=False)
-        return (np.bincount(where >> top, minlength=count) & 1).astype(np.uint8)
-    out = np.zeros(count, dtype=np.uint8)
-    consts, keys, inv_mults = perm.inverse_kernel_args
-    _block_parities(bits, consts, keys, inv_mults, top, out)
-    return out
+        return _block_parities_np(bits, perms, tops)
+    offs = np.cumsum([0, *counts], dtype=np.int64)
+    out = np.zeros(int(offs[-1]), dtype=np.uint8)
+    if counts:
+        consts, keys, _, inv_mults = shuffle.stacked_kernel_args(list(perms))
+        tops_arr = np.asarray(tops, dtype=np.int64)
+        _block_parities(bits, consts, keys, inv_mults, tops_arr, offs, out)
+    return [out[offs[q] : offs[q + 1]] for q in range(len(counts))]
 
 
 @njit
@@ -669,6 +681,18 @@ def _descend_np(state: U8, pbase: I64, tops: I64, n: int, search: I64) -> tuple[
         else np.zeros((2, 0), np.int64)
     )
     return np.stack([g, p, lv, j]), leaves
+
+
+def _block_parities_np(
+    bits: U8, perms: Sequence[shuffle.KeyedPermutation], tops: Sequence[int]
+) -> list[U8]:
+    ones = np.flatnonzero(bits)
+    return [
+        (np.bincount(p.backward(ones, check=False) >> t, minlength=-(-p.n >> t)) & 1).astype(
+            np.uint8
+        )
+        for p, t in zip(perms, tops, strict=True)
+    ]
 
 
 def _trees_np(cur: U8, top: int, flag: np.uint8) -> U8:

@@ -175,9 +175,23 @@ def test_fused_kernels_match_their_parts_and_twins() -> None:
         assert np.array_equal(ck.get(jit, ids), ck.get(parts, ids))
         # block parities without a tree: as the tree's roots, compiled and numpy alike
         roots = ck.get(parts, lay.top_ids(q)) & 1
-        assert np.array_equal(ck.block_parities(bits, perm, top), roots)
+        assert np.array_equal(ck.block_parities(bits, [perm], [top])[0], roots)
         ones = perm.backward(np.flatnonzero(bits))
         assert np.array_equal(np.bincount(ones >> top, minlength=roots.shape[0]) & 1, roots)
+
+    # several passes in one sweep (the check passes' words and a pass of more blocks)
+    perms = [shuffle.KeyedPermutation(n, 4, q + 1) for q in range(4)]
+    tops = [13, 7, 12, 16]
+    jit_pars = ck.block_parities(bits, perms, tops)
+    assert len(jit_pars) == 4
+    twins = ck._block_parities_np(bits, perms, tops)
+    for q, (got, twin) in enumerate(zip(jit_pars, twins, strict=True)):
+        direct = [
+            int(bits[perms[q].array()[b << tops[q] : (b + 1) << tops[q]]].sum() & 1)
+            for b in range(got.shape[0])
+        ]
+        assert got.tolist() == twin.tolist() == direct
+    assert ck.block_parities(bits, [], []) == []
 
     # the blocks of nodes whose trees are not built, compiled and numpy alike
     boff = lay.block_offsets
