@@ -654,3 +654,12 @@ def warm_up() -> None:
     bob = alice.copy()
     bob[::37] ^= 1
     reconcile_local(alice, bob, 0.03, CascadeParams(), 1)
+    # the daemons' path: node ids as they travel (uint32), later passes prepared apart
+    levels = schedule(4096, 0.03, CascadeParams())
+    responder = CascadeResponder(alice, levels, 2)
+    corrector = CascadeCorrector(bob, levels, 2)
+    corrector.prepare_later_passes()
+    corrector.set_block_parities(responder.block_parities())
+    while (q := corrector.next_queries()) is not None:
+        wire = corrector.layout.encode(q).tobytes()
+        corrector.give_answers(responder.answer(wire, q.shape[0]))

@@ -79,6 +79,15 @@ def test_cascade_warm_up_compiles_every_kernel_a_block_uses() -> None:
     a, b = bench._cascade_inputs(300_001, 0.04, 3)
     out, _ = cascade.reconcile_local(a, b, 0.04, CascadeParams(), 12)
     assert np.array_equal(out, a)
+    # as the daemons run it: node ids off the wire (uint32), later passes prepared apart
+    levels = cascade.schedule(300_001, 0.04, CascadeParams())
+    alice = cascade.CascadeResponder(a, levels, 13)
+    bob = cascade.CascadeCorrector(b, levels, 13)
+    bob.prepare_later_passes()
+    bob.set_block_parities(alice.block_parities())
+    while (q := bob.next_queries()) is not None:
+        bob.give_answers(alice.answer(bob.layout.encode(q).tobytes(), q.shape[0]))
+    assert np.array_equal(bob.corrected(), a)
     assert {k: len(k.signatures) for k in kernels} == before
 
 
