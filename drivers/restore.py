@@ -170,6 +170,13 @@ class SettingsMemory:
             )
             raise InstrumentChangedError(self.instrument, "identity", expected, now)
 
+    def snapshot(self) -> tuple[tuple[str, Value], ...]:
+        """Every remembered setting as ``(name, value)``, in the order they were made: what
+        the driver told the instrument (a calibration result records it beside the
+        instrument's identity, as a QCoDeS snapshot does). Reads nothing from the
+        instrument."""
+        return tuple((name, entry.value) for name, entry in self._settings.items())
+
     def switching_off(self, name: str) -> None:
         """Setting ``name`` (one that switches something on) is about to be switched off:
         forget it first, so that a check that runs meanwhile (the connection reopened for

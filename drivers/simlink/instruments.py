@@ -14,6 +14,7 @@ names the simulated link the instrument is on when the process takes part in sev
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from enum import IntEnum
@@ -43,6 +44,7 @@ from drivers.interfaces import (
     TimeTagger,
     VariableAttenuator,
 )
+from drivers.restore import SettingsMemory
 from drivers.simlink.optics import VOA_RANGE_DB
 from drivers.simlink.world import ReceiverWorld, TransmitterWorld, get_world
 
@@ -96,6 +98,9 @@ class _SimBase:
         self.timeout_s = timeout_s
         self.options = options if options is not None else self.options_model()
         self._world: TransmitterWorld | ReceiverWorld | None = None
+        #: every setting made through this driver, as a real driver remembers them (the
+        #: settings snapshot of a calibration result reads it)
+        self.memory = SettingsMemory(name)
 
     def connect(self) -> None:
         if self._world is not None:
@@ -151,6 +156,12 @@ class SimLaser(_SimBase, Laser):
             if on and not w.optics.emission_on:
                 w.optics.emission_since_s = time.monotonic()
             w.optics.emission_on = bool(on)
+        if on:
+            self.memory.remember(
+                "emission_on", True, lambda: self.set_emission(True), self.emission_on, enables=True
+            )
+        else:
+            self.memory.switching_off("emission_on")
 
     def emission_on(self) -> bool:
         return self._tx("emission_on").optics.emission_on
@@ -160,6 +171,9 @@ class SimLaser(_SimBase, Laser):
         value = _check_range(self.name, "set_power_dbm", power_dbm, self.power_range_dbm)
         with w.lock:
             w.optics.laser_power_dbm = value
+        self.memory.remember(
+            "power_dbm", value, lambda: self.set_power_dbm(value), self.power_dbm, tolerance=0.01
+        )
 
     def power_dbm(self) -> float:
         return self._tx("power_dbm").optics.laser_power_dbm
@@ -171,6 +185,9 @@ class SimLaser(_SimBase, Laser):
         )
         with w.lock:
             w.optics.wavelength_nm = value
+        self.memory.remember(
+            "wavelength_nm", value, lambda: self.set_wavelength_nm(value), self.wavelength_nm
+        )
 
     def wavelength_nm(self) -> float:
         return self._tx("wavelength_nm").optics.wavelength_nm
@@ -186,6 +203,7 @@ class SimLaser(_SimBase, Laser):
         return LaserStatus.LOCKED if w.optics.laser_warm(w.hardware) else LaserStatus.WARMING_UP
 
     def safe_state(self) -> None:
+        self.memory.made_safe()
         if isinstance(self._world, TransmitterWorld):
             with self._world.lock:
                 self._world.optics.emission_on = False
@@ -212,6 +230,13 @@ class _SimModulator(_SimBase):
         with w.lock:
             drives: list[float] = getattr(w.optics, self._drive_field)
             drives[int(self._drive_key(key))] = value
+        k = self._drive_key(key)
+        self.memory.remember(
+            f"{self._drive_field}[{k.name}]",
+            value,
+            lambda: self._set_drive(command, key, value),
+            lambda: self._drive(command, key),
+        )
 
     def _drive(self, command: str, key: int) -> float:
         drives: list[float] = getattr(self._tx(command).optics, self._drive_field)
@@ -222,6 +247,7 @@ class _SimModulator(_SimBase):
         value = _check_range(self.name, "set_bias_v", bias_v, self.bias_range_v)
         with w.lock:
             setattr(w.optics, self._bias_field, value)
+        self.memory.remember("bias_v", value, lambda: self.set_bias_v(value), self.bias_v)
 
     def bias_v(self) -> float:
         bias: float = getattr(self._tx("bias_v").optics, self._bias_field)
@@ -231,12 +257,19 @@ class _SimModulator(_SimBase):
         w = self._tx("set_output")
         with w.lock:
             setattr(w.optics, self._output_field, bool(on))
+        if on:
+            self.memory.remember(
+                "output_on", True, lambda: self.set_output(True), self.output_on, enables=True
+            )
+        else:
+            self.memory.switching_off("output_on")
 
     def output_on(self) -> bool:
         on: bool = getattr(self._tx("output_on").optics, self._output_field)
         return on
 
     def safe_state(self) -> None:
+        self.memory.made_safe()
         if isinstance(self._world, TransmitterWorld):
             with self._world.lock:
                 setattr(self._world.optics, self._output_field, False)
@@ -285,6 +318,9 @@ class SimAttenuator(_SimBase, VariableAttenuator):
         )
         with w.lock:
             w.optics.voa_db = value
+        self.memory.remember(
+            "attenuation_db", value, lambda: self.set_attenuation_db(value), self.attenuation_db
+        )
 
     def attenuation_db(self) -> float:
         return self._tx("attenuation_db").optics.voa_db
@@ -293,11 +329,22 @@ class SimAttenuator(_SimBase, VariableAttenuator):
         w = self._tx("set_shutter")
         with w.lock:
             w.optics.shutter_open = bool(open_)
+        if open_:
+            self.memory.remember(
+                "shutter_open",
+                True,
+                lambda: self.set_shutter(True),
+                self.shutter_open,
+                enables=True,
+            )
+        else:
+            self.memory.switching_off("shutter_open")
 
     def shutter_open(self) -> bool:
         return self._tx("shutter_open").optics.shutter_open
 
     def safe_state(self) -> None:
+        self.memory.made_safe()
         if isinstance(self._world, TransmitterWorld):
             with self._world.lock:
                 self._world.optics.shutter_open = False
@@ -337,6 +384,12 @@ class SimPowerMeter(_SimBase, OpticalPowerMeter):
         )
         with w.lock:
             w.optics.power_meter_wavelength_nm = value
+        self.memory.remember(
+            "wavelength_nm",
+            value,
+            lambda: self.set_wavelength_nm(value),
+            lambda: self._tx("wavelength_nm").optics.power_meter_wavelength_nm,
+        )
 
     def power_w(self) -> float:
         w = self._tx("power_w")
@@ -385,7 +438,17 @@ class SimStateSource(_SimBase, StateSource):
                 f"need 0 < p_signal, 0 <= p_decoy, p_signal + p_decoy <= 1, 0 < p_basis_z < 1;"
                 f" got {values}",
             )
-        return self._tx("set_class_probabilities").set_class_probabilities(*values)
+        first = self._tx("set_class_probabilities").set_class_probabilities(*values)
+
+        def again() -> None:
+            self.set_class_probabilities(*values)
+
+        for label, i in (("p_signal", 0), ("p_decoy", 1), ("p_basis_z", 2)):
+            self.memory.remember(label, values[i], again, functools.partial(self._probability, i))
+        return first
+
+    def _probability(self, i: int) -> float:
+        return float(self.class_probabilities()[i])
 
     def next_slot(self) -> int:
         return self._tx("next_slot").next_slot
@@ -426,6 +489,13 @@ class SimDetector(_SimBase, SinglePhotonDetector):
         w = self._det(command)
         with w.lock:
             getattr(w.detectors, field)[self.channel] = value
+        if field != "armed":
+            self.memory.remember(
+                field,
+                float(value),
+                lambda: self._set(command, field, value),
+                lambda: float(self._get(command, field)),
+            )
 
     def _get(self, command: str, field: str) -> Any:
         w = self._det(command)
@@ -468,11 +538,16 @@ class SimDetector(_SimBase, SinglePhotonDetector):
             if w.detectors.latched[self.channel]:
                 return
             w.detectors.armed[self.channel] = True
+            self.memory.remember("armed", True, self.arm, self._armed, enables=True)
             if "bright_light" in w.faults:
                 w.detectors.latched[self.channel] = True
 
     def disarm(self) -> None:
+        self.memory.switching_off("armed")
         self._set("disarm", "armed", False)
+
+    def _armed(self) -> bool:
+        return bool(self._get("armed", "armed"))
 
     def status(self) -> DetectorStatus:
         w = self._det("status")
@@ -506,6 +581,7 @@ class SimDetector(_SimBase, SinglePhotonDetector):
         return InstrumentHealth(HealthLevel.OK)
 
     def safe_state(self) -> None:
+        self.memory.made_safe()
         if isinstance(self._world, ReceiverWorld):
             with self._world.lock:
                 self._world.detectors.armed[self.channel] = False
@@ -543,6 +619,12 @@ class SimTimeTagger(_SimBase, TimeTagger):
         value = _check_range(self.name, "set_input_delay_ps", delay_ps, self.input_delay_range_ps)
         with w.lock:
             w.tagger_delay_ps[ch] = round(value)
+        self.memory.remember(
+            f"input_delay_ps[{ch}]",
+            float(round(value)),
+            lambda: self.set_input_delay_ps(ch, round(value)),
+            lambda: float(self.input_delay_ps(ch)),
+        )
 
     def input_delay_ps(self, channel: int) -> int:
         w = self._rx("input_delay_ps")
@@ -551,8 +633,13 @@ class SimTimeTagger(_SimBase, TimeTagger):
     def set_trigger_level_v(self, channel: int, level_v: float) -> None:
         self._rx("set_trigger_level_v")
         ch = self._check_channel("set_trigger_level_v", channel)
-        self._trigger_v[ch] = _check_range(
-            self.name, "set_trigger_level_v", level_v, self.trigger_range_v
+        value = _check_range(self.name, "set_trigger_level_v", level_v, self.trigger_range_v)
+        self._trigger_v[ch] = value
+        self.memory.remember(
+            f"trigger_level_v[{ch}]",
+            value,
+            lambda: self.set_trigger_level_v(ch, value),
+            lambda: self.trigger_level_v(ch),
         )
 
     def trigger_level_v(self, channel: int) -> float:
@@ -598,6 +685,17 @@ class SimPolarizationController(_SimBase, PolarizationController):
         w = self._rx(command)
         with w.lock:
             w.polarization_controller.retardances_rad = checked
+
+        def again() -> None:
+            self.set_retardances_rad(tuple(checked))
+
+        for i, v in enumerate(checked):
+            self.memory.remember(
+                f"retardance_rad[{i}]", v, again, functools.partial(self._retardance, i)
+            )
+
+    def _retardance(self, i: int) -> float:
+        return float(self.retardances_rad()[i])
 
     def retardances_rad(self) -> tuple[float, ...]:
         w = self._rx("retardances_rad")

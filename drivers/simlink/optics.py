@@ -5,7 +5,9 @@ live in :class:`drivers.simlink.params.TransmitterHardwareParams` (as drawn by
 :mod:`drivers.simlink.truths`); the simulated instruments only change the settings held in
 :class:`TxOptics`.
 
-* laser output: the set point plus the hidden ``laser_power_error_db``;
+* laser output: the set point plus the hidden ``laser_power_error_db`` (plus its drift);
+* drifts (:class:`~drivers.simlink.params.DriftParams`, off by default) move the IM's
+  bias optimum, the laser's true output and the meter's gain while the world runs;
 * mean photon number of class ``c`` at the transmitter output:
   ``mu_c = P_laser / (h c / lambda) / slot_rate * T_IM(V_c) * 10^(-(VOA + tap + tap_to_output)/10)``
   (zero with emission off or the shutter closed);
@@ -58,6 +60,12 @@ class TxOptics:
     voa_db: float = VOA_RANGE_DB[1]
     shutter_open: bool = False
     power_meter_wavelength_nm: float = 1550.0
+    #: hidden drifts since power-on (:class:`~drivers.simlink.params.DriftParams`): the
+    #: IM's bias optimum moved by this many volts, the laser's true output by this many
+    #: dB, the meter's gain by this fraction
+    im_bias_drift_v: float = 0.0
+    laser_drift_db: float = 0.0
+    meter_gain_drift: float = 0.0
 
     @classmethod
     def power_on(
@@ -93,7 +101,11 @@ class TxOptics:
 
     def true_laser_dbm(self, hw: TransmitterHardwareParams) -> float:
         """What the laser really emits: its set point plus the hidden error."""
-        return self.laser_power_dbm + hw.laser_power_error_db
+        return self.laser_power_dbm + hw.laser_power_error_db + self.laser_drift_db
+
+    def im_bias_opt_v(self, hw: TransmitterHardwareParams) -> float:
+        """Where the IM's bias of maximal transmission is now (its truth plus the drift)."""
+        return hw.im_bias_opt_v + self.im_bias_drift_v
 
     def im_transmission(self, hw: TransmitterHardwareParams) -> tuple[float, float, float]:
         """Intensity-modulator transmission for SIGNAL, DECOY, VACUUM (dimensionless)."""
@@ -102,7 +114,8 @@ class TxOptics:
         out = [
             t_min
             + (1.0 - t_min)
-            * math.cos(math.pi / 2 * (v + self.im_bias_v - hw.im_bias_opt_v) / hw.im_v_pi_v) ** 2
+            * math.cos(math.pi / 2 * (v + self.im_bias_v - self.im_bias_opt_v(hw)) / hw.im_v_pi_v)
+            ** 2
             for v in levels
         ]
         return out[0], out[1], out[2]
@@ -133,7 +146,8 @@ class TxOptics:
         t = self.im_transmission(hw)
         mean_t = sum(p * x for p, x in zip(p_class, t, strict=True))
         tap = 10.0 ** (-(self.voa_db + hw.tap_ratio_db) / 10.0)
-        return float(hw.power_meter_gain * dbm_to_w(self.true_laser_dbm(hw)) * mean_t * tap)
+        gain = hw.power_meter_gain * (1.0 + self.meter_gain_drift)
+        return float(gain * dbm_to_w(self.true_laser_dbm(hw)) * mean_t * tap)
 
     def laser_warm(self, hw: TransmitterHardwareParams) -> bool:
         return self.emission_on and time.monotonic() - self.emission_since_s >= hw.laser_warmup_s

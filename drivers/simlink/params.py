@@ -41,6 +41,7 @@ from drivers.simlink.satellite_channel import SatelliteChannelParams
 
 __all__ = [
     "ClockParams",
+    "DriftParams",
     "EveParams",
     "FiberParams",
     "LinkParams",
@@ -231,6 +232,59 @@ class EveParams(_Strict):
     fraction: float = Field(0.0, ge=0, le=1, description="fraction of pulses attacked")
 
 
+class DriftParams(_Strict):
+    """Slow drifts of the transmitter box while it runs (simulation truths, all off by
+    default: a link without a ``drift`` table is unchanged).
+
+    Each is a deterministic rate plus, for the bias, a random walk (stepped per fiber
+    batch from the world's own counter-based stream, so a run repeats exactly). They
+    start at power-on and act on the hidden truths, never on a setting: the instruments
+    read back what they were told while the physics moves under them.
+
+    Orders of magnitude (``configs/drift.toml`` turns them on at these rates):
+
+    * intensity-modulator bias: the DC drift of LiNbO3 Mach-Zehnder modulators moves the
+      operating point by volts over hours to days, faster when the temperature changes
+      (Salvestrini et al., "Analysis and control of the DC drift in LiNbO3-based
+      Mach-Zehnder modulators", J. Lightwave Technol. 29, 1522 (2011));
+    * laser power: a temperature-stabilised DFB laser wanders by hundredths to tenths
+      of a dB per hour (ageing and temperature of its driver);
+    * power-meter gain: InGaAs photodiode responsivity changes by about 0.1 % per kelvin
+      at 1550 nm (less below, more towards the band edge), so a 1 K/h room swing moves
+      the reading by about 1e-3 per hour.
+    """
+
+    im_bias_v_per_s: float = Field(
+        0.0, ge=-1.0, le=1.0, description="linear drift of the IM's bias optimum, V/s"
+    )
+    im_bias_walk_v_per_sqrt_s: float = Field(
+        0.0, ge=0.0, le=1.0, description="random walk of the IM's bias optimum, V/sqrt(s)"
+    )
+    laser_power_db_per_s: float = Field(
+        0.0, ge=-0.1, le=0.1, description="linear drift of the laser's true output, dB/s"
+    )
+    power_meter_gain_per_s: float = Field(
+        0.0,
+        ge=-0.01,
+        le=0.01,
+        description="linear drift of the power meter's gain (relative, 1/s): the reading "
+        "over the true power moves by this fraction per second",
+    )
+
+    @property
+    def any(self) -> bool:
+        """Whether any drift is on."""
+        return any(
+            v != 0.0
+            for v in (
+                self.im_bias_v_per_s,
+                self.im_bias_walk_v_per_sqrt_s,
+                self.laser_power_db_per_s,
+                self.power_meter_gain_per_s,
+            )
+        )
+
+
 class TransmitterHardwareParams(_Strict):
     """The transmitter box's instruments (nominal values; calibration finds the truths).
 
@@ -265,6 +319,9 @@ class TransmitterHardwareParams(_Strict):
     encoder_v_pi_v: float = Field(3.0, gt=0, le=20, description="drive for a 90 deg rotation")
     encoder_bias_opt_v: float = Field(0.8, ge=-10, le=10)
     power_meter_noise_w: float = Field(1e-12, ge=0, le=1e-6)
+    drift: DriftParams = Field(
+        DriftParams(), description="slow drifts while the box runs (off by default)"
+    )
 
     @model_validator(mode="before")
     @classmethod

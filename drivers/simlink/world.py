@@ -128,6 +128,7 @@ _STREAM_RX_EVE = 3
 _STREAM_TX_EVE = 4
 _STREAM_TX_FIBER = 5
 _STREAM_TX_POLARIZATION = 6
+_STREAM_TX_DRIFT = 7
 _MASK64 = (1 << 64) - 1
 _GOLDEN64 = 0x9E3779B97F4A7C15
 _STREAMS_DOMAIN = 0x7369_6D6C_696E_6B31  # "simlink1"
@@ -423,8 +424,23 @@ class TransmitterWorld:
         log.info("simlink fault cleared: %s", fault)
 
     # --- stepping -----------------------------------------------------------------------
+    def _advance_drift(self, index: int) -> None:
+        """The hardware drifts over chunk ``index`` (before it is emitted; lock held)."""
+        d = self.hardware.drift
+        if not d.any:
+            return
+        dt_s = self.chunk_slots / self.source.slot_rate_hz
+        o = self.optics
+        o.im_bias_drift_v += d.im_bias_v_per_s * dt_s
+        if d.im_bias_walk_v_per_sqrt_s > 0:
+            rng = self._streams.generator(_STREAM_TX_DRIFT, index)
+            o.im_bias_drift_v += float(rng.normal(0.0, d.im_bias_walk_v_per_sqrt_s * dt_s**0.5))
+        o.laser_drift_db += d.laser_power_db_per_s * dt_s
+        o.meter_gain_drift += d.power_meter_gain_per_s * dt_s
+
     def _next_chunk(self) -> tuple[int, PhotonChunk]:
         with self.lock:
+            self._advance_drift(self.chunk_index)
             settings = self.emission_settings()
             index = self.chunk_index
             self.chunk_index += 1

@@ -4,6 +4,13 @@ A procedure returns a pydantic result; :func:`save_result` writes it as JSON plu
 plot under ``state_dir/calibration/`` and :func:`publish_result` hands it to the
 telemetry publisher supplied by the runtime (a plain callable, so procedures do not
 depend on the bus).
+
+Every result carries a snapshot of the instruments it used (:class:`InstrumentSnapshot`,
+as QCoDeS snapshots do): each instrument's identity (``*IDN?`` or the vendor's
+equivalent) and every setting its driver made, from the driver's
+:class:`~drivers.restore.SettingsMemory`, so a result file says on what and with what it
+was measured. The plot helpers (:func:`data_and_residuals`) give every procedure's
+figure the same form: data with the fit over it, the residuals below, units on axes.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,16 +28,23 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from pydantic import BaseModel, ConfigDict, Field
 from scipy import stats
+
+from drivers.interfaces import Instrument
+from drivers.restore import SettingsMemory
 
 __all__ = [
     "COVERAGE_FACTOR",
     "CalibrationError",
     "CalibrationResult",
+    "InstrumentSetting",
+    "InstrumentSnapshot",
     "Publisher",
     "PlotFn",
+    "data_and_residuals",
     "finish",
     "one_sided_confidence",
     "poisson_lower",
@@ -38,6 +52,7 @@ __all__ = [
     "publish_result",
     "save_result",
     "settle",
+    "snapshot_instruments",
     "utc_now",
 ]
 
@@ -91,6 +106,63 @@ def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
+class InstrumentSetting(BaseModel):
+    """One setting a driver made, as it told the instrument (unit in ``name``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    value: float | bool | str
+
+
+class InstrumentSnapshot(BaseModel):
+    """An instrument as a procedure used it: its config name, driver class, identity
+    string and the settings its driver had made when the result was taken."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    driver: str
+    identity: str
+    settings: list[InstrumentSetting] = Field(default_factory=list)
+
+
+def snapshot_instruments(instruments: Sequence[Instrument]) -> list[InstrumentSnapshot]:
+    """The snapshot of each instrument (in order, once each).
+
+    The identity is asked of the instrument (one ``*IDN?``-like query); an instrument
+    that does not answer is recorded with ``identity`` starting ``unavailable:`` and the
+    error, never raising (a result is not lost for its snapshot). Settings come from the
+    driver's :class:`~drivers.restore.SettingsMemory` (attribute ``memory``); a driver
+    without one records none.
+    """
+    out: list[InstrumentSnapshot] = []
+    seen: set[int] = set()
+    for inst in instruments:
+        if id(inst) in seen:
+            continue
+        seen.add(id(inst))
+        try:
+            identity = str(inst.identify())
+        except Exception as exc:  # a snapshot never fails the procedure
+            identity = f"unavailable: {type(exc).__name__}: {str(exc)[:200]}"
+        memory = getattr(inst, "memory", None)
+        settings = (
+            [InstrumentSetting(name=n, value=v) for n, v in memory.snapshot()]
+            if isinstance(memory, SettingsMemory)
+            else []
+        )
+        out.append(
+            InstrumentSnapshot(
+                name=str(getattr(inst, "name", "")),
+                driver=f"{type(inst).__module__}.{type(inst).__qualname__}",
+                identity=identity,
+                settings=settings,
+            )
+        )
+    return out
+
+
 class CalibrationResult(BaseModel):
     """Fields common to every calibration result."""
 
@@ -101,6 +173,8 @@ class CalibrationResult(BaseModel):
     duration_s: float = 0.0
     ok: bool = True
     message: str = ""
+    #: the instruments the procedure used, as they were set when it finished
+    instruments: list[InstrumentSnapshot] = Field(default_factory=list)
 
 
 def save_result(result: CalibrationResult, state_dir: Path, plot_fn: PlotFn | None) -> Path:
@@ -119,13 +193,13 @@ def save_result(result: CalibrationResult, state_dir: Path, plot_fn: PlotFn | No
     stamp = result.timestamp_utc.replace(":", "").replace("-", "").replace("+0000", "Z")
     (out_dir / f"{result.procedure}-{stamp}.json").write_text(text, encoding="utf-8")
     if plot_fn is not None:
-        fig = plt.figure(figsize=(7.0, 4.5))
+        fig = plt.figure(figsize=(9.0, 6.0), layout="constrained")
         try:
             plot_fn(result, fig)
             fig.suptitle(f"{result.procedure}  {result.timestamp_utc}", fontsize=9)
             png = out_dir / f"{result.procedure}.png"
             tmp_png = out_dir / f"{result.procedure}.tmp.png"
-            fig.savefig(tmp_png, dpi=90)
+            fig.savefig(tmp_png, dpi=100)
             os.replace(tmp_png, png)
         finally:
             plt.close(fig)
@@ -146,13 +220,37 @@ def finish(
     state_dir: Path | None,
     plot_fn: PlotFn | None,
     publish: Publisher | None,
+    *,
+    instruments: Sequence[Instrument] = (),
 ) -> R:
-    """Stamp the duration, save and publish: the last step of every procedure."""
+    """Stamp the duration and the instruments' snapshot, save and publish: the last
+    step of every procedure."""
     result.duration_s = time.monotonic() - started
+    if instruments:
+        result.instruments = snapshot_instruments(instruments)
     if state_dir is not None:
         save_result(result, state_dir, plot_fn)
     publish_result(result, publish)
     return result
+
+
+def data_and_residuals(fig: Figure, spec: Any = None, *, residual_label: str) -> tuple[Axes, Axes]:
+    """A data panel over a residuals panel (3 : 1, shared x) in ``spec`` (a subplot spec
+    of ``fig``, or the whole figure). The residual panel has a zero line and its label;
+    the caller labels x on the residual axes (the data panel's x labels are hidden)."""
+    grid = (
+        spec.subgridspec(2, 1, height_ratios=(3, 1), hspace=0.05)
+        if spec is not None
+        else fig.add_gridspec(2, 1, height_ratios=(3, 1), hspace=0.05)
+    )
+    ax = fig.add_subplot(grid[0])
+    res = fig.add_subplot(grid[1], sharex=ax)
+    ax.tick_params(labelbottom=False)
+    res.axhline(0.0, color="0.4", lw=0.8)
+    res.set_ylabel(residual_label)
+    for a in (ax, res):
+        a.grid(True, alpha=0.3, lw=0.5)
+    return ax, res
 
 
 async def settle(seconds: float) -> None:

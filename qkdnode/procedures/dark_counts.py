@@ -362,7 +362,7 @@ async def measure_dark_counts_and_efficiency(
         mu_bounds=None if mu_bounds is None else [(float(a), float(b)) for a, b in mu_bounds],
         detectors=out,
     )
-    return finish(result, started, state_dir, plot_dark_counts, publish)
+    return finish(result, started, state_dir, plot_dark_counts, publish, instruments=detectors)
 
 
 def plot_dark_counts(result: DarkCountResult, fig: Figure) -> None:

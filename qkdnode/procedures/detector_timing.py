@@ -370,7 +370,7 @@ async def calibrate_detector_timing(
     result = DetectorTimingResult(
         period_ps=period, scans=scans, ok=not messages, message="; ".join(messages)
     )
-    return finish(result, started, state_dir, plot_detector_timing, publish)
+    return finish(result, started, state_dir, plot_detector_timing, publish, instruments=detectors)
 
 
 def plot_detector_timing(result: DetectorTimingResult, fig: Figure) -> None:

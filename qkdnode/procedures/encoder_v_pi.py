@@ -398,7 +398,7 @@ async def calibrate_encoder_v_pi(
         sweep_sifted=sifted,
         fit=fit,
     )
-    return finish(result, started, state_dir, plot_encoder_v_pi, publish)
+    return finish(result, started, state_dir, plot_encoder_v_pi, publish, instruments=[encoder])
 
 
 def plot_encoder_v_pi(result: EncoderVPiResult, fig: Figure) -> None:

@@ -221,7 +221,9 @@ async def compensate_encoding(
         v_pi_v=cfg.v_pi_v,
         ok=good(best_q, fit[0] if fit else None) or good(q0, None),
     )
-    return finish(result, started, state_dir, plot_encoding_compensation, publish)
+    return finish(
+        result, started, state_dir, plot_encoding_compensation, publish, instruments=[encoder]
+    )
 
 
 def plot_encoding_compensation(result: EncodingCompensationResult, fig: Figure) -> None:

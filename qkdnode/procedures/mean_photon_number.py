@@ -451,7 +451,14 @@ async def calibrate_mean_photon_number(
         ok=ok,
         message="" if ok else "targets not reached within tolerance",
     )
-    return finish(result, started, state_dir, plot_mean_photon_number, publish)
+    return finish(
+        result,
+        started,
+        state_dir,
+        plot_mean_photon_number,
+        publish,
+        instruments=[laser, im, voa, meter],
+    )
 
 
 async def _readings(meter: OpticalPowerMeter, n: int, settle_s: float) -> npt.NDArray[np.float64]:

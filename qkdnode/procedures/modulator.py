@@ -348,7 +348,14 @@ async def calibrate_modulator(
         extinction_db=drive_fit.extinction_db,
         decoy_ratio=cfg.decoy_ratio,
     )
-    return finish(result, started, state_dir, plot_modulator, publish)
+    return finish(
+        result,
+        started,
+        state_dir,
+        plot_modulator,
+        publish,
+        instruments=[im, meter] if voa is None else [im, meter, voa],
+    )
 
 
 def plot_modulator(result: ModulatorResult, fig: Figure) -> None:
