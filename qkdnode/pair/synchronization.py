@@ -183,6 +183,7 @@ class SynchronizationMixin(SessionCore):
             self.cfg.sync,
             publish=self.node.publish,
             offset_hint_ps=hint_ps,
+            state_dir=self.node.state_dir,
         )
         if not result.locked:
             raise LinkError(f"no lock: {result.message or 'timing error too large'}")

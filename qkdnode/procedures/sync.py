@@ -33,19 +33,28 @@ receiver-side procedure around these cores: it reads the tagger.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from matplotlib.figure import Figure
 
 from drivers.interfaces import TAG_DTYPE, TimeTagger
-from qkdnode.procedures.common import COVERAGE_FACTOR
+from qkdnode.procedures.common import (
+    COVERAGE_FACTOR,
+    CalibrationResult,
+    data_and_residuals,
+    finish,
+)
 from qkdnode.procedures.sync_model import (
     AcquisitionError,
     ClockModel,
     SyncConfig,
     SyncResult,
+    _slot_residuals,
     fit_clock,
     map_tags_to_slots,
     slot_period_ps,
@@ -69,6 +78,7 @@ __all__ = [
     "SlotClockEstimate",
     "SlotTracker",
     "SyncConfig",
+    "SyncRecord",
     "SyncResult",
     "TrackStatus",
     "acquire",
@@ -76,10 +86,136 @@ __all__ = [
     "check_pattern",
     "estimate_slot_clock",
     "map_tags_to_slots",
+    "plot_sync",
     "resolve_slot_index",
     "robust_sigma",
     "slot_period_ps",
 ]
+
+
+#: Bins of the folded timing histogram over one slot period.
+_PHASE_BINS = 200
+#: Segments of the residual-against-time panel.
+_TIME_SEGMENTS = 40
+
+
+class SyncRecord(CalibrationResult):
+    """The synchronisation's result file: the acquisition's outcome and what its plot
+    shows. ``phase_*``: the acquisition's tags folded on the final clock model, timing
+    residual (tag minus the predicted slot time, ps) histogrammed over one slot period;
+    ``segment_*``: the median residual of the in-window tags in consecutive segments of
+    the acquisition (seconds from its first tag), with its standard error (ps). A good
+    lock is a narrow peak at 0 on a flat dark-count floor, and segments flat at 0."""
+
+    procedure: str = "sync"
+    sync: SyncResult
+    phase_bin_edges_ps: list[float]
+    phase_counts: list[int]
+    segment_time_s: list[float]
+    segment_residual_ps: list[float]
+    segment_error_ps: list[float]
+
+
+def sync_record(tags: npt.NDArray[np.void], result: SyncResult) -> SyncRecord:
+    """The record of an acquisition from its tags and its (final) result."""
+    period = slot_period_ps(result.slot_rate_hz)
+    if tags.size:
+        _, res = _slot_residuals(tags["time_ps"], result.model, period)
+        t_s = (tags["time_ps"] - tags["time_ps"][0]).astype(np.float64) * 1e-12
+    else:
+        res = np.zeros(0)
+        t_s = np.zeros(0)
+    edges = np.linspace(-period / 2, period / 2, _PHASE_BINS + 1)
+    counts, _ = np.histogram(res, edges)
+    inside = np.abs(res) <= result.window_ps / 2
+    seg_t: list[float] = []
+    seg_r: list[float] = []
+    seg_e: list[float] = []
+    if inside.sum() >= 2 * _TIME_SEGMENTS:
+        ti, ri = t_s[inside], res[inside]
+        for part_t, part_r in zip(
+            np.array_split(ti, _TIME_SEGMENTS), np.array_split(ri, _TIME_SEGMENTS), strict=True
+        ):
+            seg_t.append(float(part_t.mean()))
+            seg_r.append(float(np.median(part_r)))
+            # standard error of a median: 1.2533 sigma / sqrt(n)
+            seg_e.append(float(1.2533 * part_r.std() / math.sqrt(part_r.size)))
+    return SyncRecord(
+        sync=result,
+        ok=result.locked,
+        message=result.message,
+        phase_bin_edges_ps=[float(x) for x in edges],
+        phase_counts=[int(c) for c in counts],
+        segment_time_s=seg_t,
+        segment_residual_ps=seg_r,
+        segment_error_ps=seg_e,
+    )
+
+
+def plot_sync(record: SyncRecord, fig: Figure) -> None:
+    """Left: the folded timing histogram near the peak (linear, the Gaussian of the
+    measured residual spread on the dark floor over it, residuals below), the whole slot
+    period as an inset on a log scale. Right: the residual against time (the clock
+    model is the zero line)."""
+    r = record.sync
+    edges = np.asarray(record.phase_bin_edges_ps)
+    counts = np.asarray(record.phase_counts, dtype=np.float64)
+    centres = (edges[:-1] + edges[1:]) / 2
+    width = float(edges[1] - edges[0])
+    outer = fig.add_gridspec(1, 2, width_ratios=(1.1, 1))
+    ax, res = data_and_residuals(fig, outer[0], residual_label="data - model (counts)")
+    sigma = max(r.residual_sigma_ps, width / 2)
+    far = np.abs(centres) > max(3 * r.window_ps, 6 * sigma)
+    floor = float(np.median(counts[far])) if far.any() else 0.0
+    peak_total = float(np.sum(counts - floor))
+    model = floor + peak_total * width * np.exp(-0.5 * (centres / sigma) ** 2) / (
+        sigma * math.sqrt(2 * math.pi)
+    )
+    zoom = np.abs(centres) <= max(2.5 * r.window_ps, 5 * sigma)
+    err = np.sqrt(np.maximum(counts, 1.0))
+    ax.errorbar(centres[zoom], counts[zoom], err[zoom], fmt=".", ms=3, lw=0.6, label="tags")
+    xf = np.linspace(centres[zoom].min(), centres[zoom].max(), 400)
+    mf = floor + peak_total * width * np.exp(-0.5 * (xf / sigma) ** 2) / (
+        sigma * math.sqrt(2 * math.pi)
+    )
+    ax.plot(xf, mf, lw=1.2, label=f"Gaussian, sigma {r.residual_sigma_ps:.0f} ps, + dark floor")
+    for x in (-r.window_ps / 2, r.window_ps / 2):
+        ax.axvline(x, ls="--", lw=0.8, color="C3")
+        res.axvline(x, ls="--", lw=0.8, color="C3")
+    ax.set_ylabel(f"tags per {width:.0f} ps bin")
+    ax.set_title(
+        f"{'locked' if r.locked else 'NOT locked'}: offset {r.offset_ps / 1e6:.3f} us, "
+        f"{r.ppm:+.3f} ppm, window {r.window_ps:.0f} ps (dashed)",
+        fontsize=9,
+    )
+    ax.legend(fontsize=7, loc="upper right")
+    res.errorbar(centres[zoom], (counts - model)[zoom], err[zoom], fmt=".", ms=3, lw=0.6)
+    res.set_xlabel("timing residual, tag - predicted slot time (ps)")
+    inset = ax.inset_axes((0.02, 0.55, 0.3, 0.4))
+    inset.step(centres, np.maximum(counts, 0.5), where="mid", lw=0.6)
+    inset.set_yscale("log")
+    inset.set_title("whole slot period", fontsize=6)
+    inset.tick_params(labelsize=5)
+    right = fig.add_subplot(outer[1])
+    if record.segment_time_s:
+        right.errorbar(
+            record.segment_time_s,
+            record.segment_residual_ps,
+            record.segment_error_ps,
+            fmt="o",
+            ms=3,
+            lw=0.8,
+            label="median residual per segment",
+        )
+    right.axhline(0.0, color="C1", lw=1.2, label="clock model")
+    right.set_xlabel("time from the first tag (s)")
+    right.set_ylabel("timing residual (ps)")
+    right.set_title(
+        f"{r.n_tags} tags over {r.span_s:.2f} s; timing error {r.timing_error_ps:.1f} ps",
+        fontsize=9,
+    )
+    right.grid(True, alpha=0.3, lw=0.5)
+    right.legend(fontsize=7)
 
 
 async def read_tags(
@@ -128,9 +264,13 @@ async def acquire_lock(
     *,
     publish: Any = None,
     offset_hint_ps: float = 0.0,
+    state_dir: Path | None = None,
 ) -> tuple[SyncResult, SlotTracker]:
     """Receiver side: read tags while the transmitter emits the pattern ``public_seed``,
     acquire, then track ``cfg.confirm_blocks`` blocks to confirm the lock.
+
+    The result is saved (``sync.json`` and ``sync.png`` under ``state_dir/calibration``,
+    :class:`SyncRecord`) and published on ``calibration.sync`` like every procedure's.
 
     The tag stream must be running (``tagger.start_stream()``) and the transmitter must
     already emit the pattern. Returns the result and a tracker ready for key exchange.
@@ -206,4 +346,6 @@ async def acquire_lock(
     )
     if publish is not None:
         publish("sync.acquired", result.model_dump())
+    record = await asyncio.to_thread(sync_record, tags, result)
+    finish(record, started, state_dir, plot_sync, publish, instruments=[tagger])
     return result, tracker

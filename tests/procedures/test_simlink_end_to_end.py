@@ -9,6 +9,7 @@ hidden truth (read here, in assertions only).
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -145,7 +146,12 @@ async def run_sequence(link: SimLink, inst: dict[str, Any], state_dir: Path) -> 
     inst["tagger"].start_stream()
     link.advance(0.1)
     sync, tracker = await acquire_lock(
-        inst["tagger"], SEED, src.slot_rate_hz, SyncConfig(confirm_blocks=0), publish=publish
+        inst["tagger"],
+        SEED,
+        src.slot_rate_hz,
+        SyncConfig(confirm_blocks=0),
+        publish=publish,
+        state_dir=state_dir,
     )
     inst["source"].set_sync_pattern(None)
     v_pi = await calibrate_encoder_v_pi(
@@ -277,20 +283,62 @@ def test_encoder_v_pi_and_bias_from_power_on(calibrated: Calibrated) -> None:
     assert enc.final_qber < 0.02
 
 
+#: each procedure and the instruments it used (config names of the simulated link)
+USED = {
+    "modulator": {"im", "meter", "voa"},
+    "mean_photon_number": {"laser", "im", "voa", "meter"},
+    "detector_timing": {"spd0", "spd1", "spd2", "spd3"},
+    "dark_counts": {"spd0", "spd1", "spd2", "spd3"},
+    "sync": {"tagger"},
+    "encoder_v_pi": {"encoder"},
+    "encoding_compensation": {"encoder"},
+}
+
+
 def test_results_saved_and_published(calibrated: Calibrated) -> None:
+    """Every procedure (sync included) saves JSON and PNG and publishes; each JSON holds
+    the snapshot of the instruments it used: their identity as the instrument gives it
+    and the settings the procedure left them at, read back from the instrument here."""
     topics = {t for t, _ in calibrated.published}
-    for name in (
-        "modulator",
-        "mean_photon_number",
-        "detector_timing",
-        "dark_counts",
-        "encoder_v_pi",
-        "encoding_compensation",
-    ):
+    for name, used in USED.items():
         assert f"calibration.{name}" in topics
-        assert (calibrated.state_dir / "calibration" / f"{name}.json").exists()
-        assert (calibrated.state_dir / "calibration" / f"{name}.png").stat().st_size > 1000
+        saved = json.loads((calibrated.state_dir / "calibration" / f"{name}.json").read_text())
+        png = calibrated.state_dir / "calibration" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+        snaps = {s["name"]: s for s in saved["instruments"]}
+        assert set(snaps) == used, name
+        for snap in snaps.values():
+            assert snap["identity"] and not snap["identity"].startswith("unavailable")
     assert "sync.acquired" in topics
+    inst = calibrated.inst
+    # the settings recorded are the instruments' own (asked of them now: nothing moved)
+    mod = {
+        s["name"]: s
+        for s in json.loads((calibrated.state_dir / "calibration" / "modulator.json").read_text())[
+            "instruments"
+        ]
+    }
+    im = {x["name"]: x["value"] for x in mod["im"]["settings"]}
+    assert im["bias_v"] == pytest.approx(calibrated.modulator.bias_set_v)
+    assert mod["im"]["identity"] == inst["im"].identify()
+    mu = {
+        s["name"]: s
+        for s in json.loads(
+            (calibrated.state_dir / "calibration" / "mean_photon_number.json").read_text()
+        )["instruments"]
+    }
+    voa = {x["name"]: x["value"] for x in mu["voa"]["settings"]}
+    assert voa["attenuation_db"] == pytest.approx(inst["voa"].attenuation_db())
+    assert voa["shutter_open"] is True
+    timing = {
+        s["name"]: s
+        for s in json.loads(
+            (calibrated.state_dir / "calibration" / "detector_timing.json").read_text()
+        )["instruments"]
+    }
+    for det in inst["detectors"]:
+        got = {x["name"]: x["value"] for x in timing[det.name]["settings"]}
+        assert got["delay_ps"] == pytest.approx(det.delay_ps())
 
 
 def test_encoding_drift_compensated_during_key_exchange(calibrated: Calibrated) -> None:
