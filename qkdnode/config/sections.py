@@ -110,6 +110,38 @@ class CalibrationSection(Section):
         description="transmitter: encoder half-wave voltage from the datasheet: the starting "
         "guess of its measurement after synchronization, which replaces it",
     )
+    bias_track_interval_s: float = Field(
+        60.0,
+        ge=0,
+        le=86_400,
+        description="transmitter, while exchanging: seconds between two steps of the "
+        "intensity modulator's bias tracking (a dithered reading of the tap power in a "
+        "window withheld from every block), each followed by the check of the mean photon "
+        "numbers; 0 = off (the 10 s tap-power check still stops the exchange on drift)",
+    )
+    bias_track_window_s: float = Field(
+        2.0,
+        gt=0,
+        le=60,
+        description="transmitter: seconds of slots withheld from the key for one tracking "
+        "step (extended if the step takes longer; the receiver drops their detections)",
+    )
+    intensity_remeasure_at: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="transmitter: fraction of intensity_drift_allowance at which a tracking "
+        "step measures the mean photon numbers again (inside a withheld window, key flowing "
+        "around it) instead of letting them drift out of their intervals",
+    )
+    dark_count_interval_s: float = Field(
+        600.0,
+        ge=0,
+        le=86_400,
+        description="receiver, while exchanging: seconds between two measurements of the "
+        "dark counts (the transmitter's shutter closed for a few seconds of slots withheld "
+        "from the key; Poisson intervals); 0 = off (measured at calibration only)",
+    )
 
 
 class InstrumentSection(Section):

@@ -423,6 +423,8 @@ class BiasTracker:
         self.settle_s = settle_s
         self.averages = averages
         self.history: list[tuple[float, float]] = []  # (monotonic time, bias)
+        #: the last step's readings: biases (V), tap powers (W) and the fitted offset (V)
+        self.last_readings: tuple[F64, F64, float] | None = None
 
     def _mean_rel(self, bias_offsets: F64) -> F64:
         """Relative mean transmission for bias offsets from the calibrated optimum."""
@@ -432,6 +434,18 @@ class BiasTracker:
         scale = fit.v_pi_v / self.cal.bias_fit.v_pi_v
         x = drives[None, :] + bias_offsets[:, None] * scale
         return np.asarray((fit.relative(x) * self.p[None, :]).sum(axis=1))
+
+    def model_w(self, biases: F64, delta: float, powers: F64) -> F64:
+        """The model of the tap power at ``biases`` with the optimum moved by ``delta``,
+        scaled (least squares) to ``powers`` read at the same biases, in W."""
+        m = self._mean_rel(np.asarray(biases, dtype=np.float64) - self.cal.bias_set_v - delta)
+        k = float(np.dot(m, powers) / max(float(np.dot(m, m)), 1e-300))
+        return np.asarray(k * m)
+
+    def relative_mean(self, biases: F64, delta: float) -> F64:
+        """The model's tap power at ``biases`` relative to its maximum (optimum moved by
+        ``delta``; dimensionless)."""
+        return self._mean_rel(np.asarray(biases, dtype=np.float64) - self.cal.bias_set_v - delta)
 
     def estimate_offset(self, biases: F64, powers: F64) -> float:
         """Offset ``delta`` (V) of the optimum from the calibrated bias, from readings."""
@@ -459,6 +473,7 @@ class BiasTracker:
             await call(self.im.set_bias_v, float(x))
             powers.append(await read_power(self.meter, self.averages, self.settle_s))
         delta = self.estimate_offset(biases, np.asarray(powers))
+        self.last_readings = (biases, np.asarray(powers, dtype=np.float64), delta)
         target = self.cal.bias_set_v + delta
         new = b + self.gain * (target - b)
         lo, hi = self.im.bias_range_v

@@ -1,0 +1,381 @@
+"""One step of the intensity modulator's bias tracking while key flows, and the check of
+the mean photon numbers that follows it.
+
+Transmitter side. The caller (the node, on its schedule) has withheld from every block
+the slots during which this runs, so the dither and any re-measurement touch no key.
+
+* **Bias**: :class:`~qkdnode.procedures.modulator.BiasTracker` reads the tap power at the
+  bias ``b - dither``, ``b + dither`` and ``b``, fits where the optimum has moved to
+  (``offset_v`` from the calibrated optimum, with the class mix of the key slots as the
+  model) and moves the bias towards it.
+* **Mean photon numbers**: at the corrected bias the tap power of the key mixture is read
+  again (``readings`` readings, the meter's zero subtracted) and compared with what the
+  last calibration predicts for that mixture. The finite-key bound takes each intensity
+  within its calibrated interval, which allows a relative drift of
+  ``intensity_drift_allowance``: a ratio within ``intensity_remeasure_at`` of that
+  allowance (plus three standard errors of the meter's noise) holds (``hold``); beyond,
+  but within the allowance, the mean photon numbers must be measured again before they
+  leave their intervals (``remeasure``); beyond the allowance they may already have left
+  them (``stop``: the exchange stops and the node calibrates again).
+
+:func:`remeasure_intensities` measures the three classes again at the node's settings
+(never brighter: the VOA moves by at most ``max_step_db`` towards the targets, so the
+receiver's armed detectors see single-photon levels throughout).
+
+A drift of the meter's own gain reads as a drift of the light: it makes the check
+re-measure (harmless) and the re-measurement set the light by a meter that is off
+(bounded only by ``power_meter_uncertainty``, which the intervals include).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from matplotlib.figure import Figure
+from pydantic import BaseModel, ConfigDict
+
+from drivers.interfaces import (
+    IntensityClass,
+    IntensityModulator,
+    OpticalPowerMeter,
+    VariableAttenuator,
+)
+from qkdnode.procedures.common import (
+    CalibrationError,
+    CalibrationResult,
+    Publisher,
+    call,
+    data_and_residuals,
+    finish,
+    utc_now,
+)
+from qkdnode.procedures.mean_photon_number import (
+    IntensityInterval,
+    MeanPhotonResult,
+    intensity_interval,
+    plot_mean_photon_number,
+)
+from qkdnode.procedures.modulator import BiasTracker, ModulatorResult, read_power, set_all_levels
+
+__all__ = [
+    "BiasTrackingPoint",
+    "BiasTrackingResult",
+    "IntensityAction",
+    "intensity_action",
+    "plot_bias_tracking",
+    "remeasure_intensities",
+    "track_bias",
+]
+
+#: What the check of the mean photon numbers asks for (module docstring).
+IntensityAction = Literal["hold", "remeasure", "stop"]
+
+#: Tap-power readings averaged for the check of the mean photon numbers.
+CHECK_READINGS = 20
+
+
+class BiasTrackingPoint(BaseModel):
+    """One earlier step, for the history panel (seconds since the tracking started)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    time_s: float
+    bias_v: float
+    offset_v: float
+    power_ratio: float | None
+
+
+class BiasTrackingResult(CalibrationResult):
+    procedure: str = "bias_tracking"
+    calibrated_bias_v: float
+    v_pi_v: float
+    dither_v: float
+    bias_before_v: float
+    bias_after_v: float
+    #: where the optimum has moved from the calibrated one (V)
+    offset_v: float
+    readings_bias_v: list[float]
+    readings_w: list[float]
+    #: the fitted model at the readings' biases (W)
+    model_w: list[float]
+    #: the fitted model over one V_pi around the optimum, for the plot
+    curve_bias_v: list[float]
+    curve_w: list[float]
+    #: the mixture's tap power after the correction, the meter's zero subtracted (W)
+    tap_power_w: float | None
+    expected_power_w: float | None
+    power_ratio: float | None
+    #: three standard errors of the meter's noise, relative to the expected power
+    noise: float | None
+    allowance: float
+    remeasure_at: float
+    action: IntensityAction
+    history: list[BiasTrackingPoint]
+
+
+def intensity_action(
+    ratio: float, noise: float, allowance: float, remeasure_at: float
+) -> IntensityAction:
+    """What a tap-power ``ratio`` (measured over predicted) asks for, given the meter's
+    ``noise`` (relative), the drift ``allowance`` the intervals include and the fraction
+    of it at which to re-measure (module docstring)."""
+    if not math.isfinite(ratio):
+        return "stop"
+    deviation = abs(ratio - 1.0) - noise
+    if deviation <= remeasure_at * allowance:
+        return "hold"
+    if deviation <= allowance:
+        return "remeasure"
+    return "stop"
+
+
+async def track_bias(
+    tracker: BiasTracker,
+    intensities: MeanPhotonResult | None,
+    class_probabilities: tuple[float, float, float],
+    *,
+    allowance: float,
+    remeasure_at: float,
+    history: list[BiasTrackingPoint],
+    started_at: float,
+    state_dir: Path | None = None,
+    publish: Publisher | None = None,
+) -> BiasTrackingResult:
+    """One tracking step and the intensity check (module docstring).
+
+    ``history`` (earlier steps, oldest first) is extended with this one; ``started_at``
+    is the ``time.monotonic()`` the tracking started. Instrument errors propagate (the
+    bias is where the tracker last set it). Saved and published as ``bias_tracking``.
+    """
+    started = time.monotonic()
+    im, meter = tracker.im, tracker.meter
+    before = float(await call(im.bias_v))
+    after = await tracker.step()
+    assert tracker.last_readings is not None
+    biases, powers, delta = tracker.last_readings
+    model = tracker.model_w(biases, delta, powers)
+    cal = tracker.cal
+    centre = cal.bias_set_v + delta
+    curve_b = np.linspace(centre - cal.bias_fit.v_pi_v / 2, centre + cal.bias_fit.v_pi_v / 2, 201)
+    scale = float(np.mean(model / np.maximum(tracker.relative_mean(biases, delta), 1e-300)))
+    curve = scale * tracker.relative_mean(curve_b, delta)
+    tap = expected = ratio = noise = None
+    action: IntensityAction = "hold"
+    if intensities is not None:
+        p_s, p_d, p_v = class_probabilities
+        tap = float(await read_power(meter, CHECK_READINGS, 0.0)) - intensities.zero_w
+        expected = intensities.mix_power_w(p_s, p_d, p_v)
+        if expected > 0:
+            ratio = tap / expected
+            sigma = max(
+                intensities.signal.tap_power_sigma_w,
+                intensities.zero_noise_w / math.sqrt(CHECK_READINGS),
+            )
+            noise = 3.0 * sigma / expected
+            action = intensity_action(ratio, noise, allowance, remeasure_at)
+    history.append(
+        BiasTrackingPoint(
+            time_s=time.monotonic() - started_at,
+            bias_v=after,
+            offset_v=delta,
+            power_ratio=ratio,
+        )
+    )
+    result = BiasTrackingResult(
+        calibrated_bias_v=cal.bias_set_v,
+        v_pi_v=cal.bias_fit.v_pi_v,
+        dither_v=tracker.dither_v,
+        bias_before_v=before,
+        bias_after_v=after,
+        offset_v=delta,
+        readings_bias_v=[float(x) for x in biases],
+        readings_w=[float(x) for x in powers],
+        model_w=[float(x) for x in model],
+        curve_bias_v=[float(x) for x in curve_b],
+        curve_w=[float(x) for x in curve],
+        tap_power_w=tap,
+        expected_power_w=expected,
+        power_ratio=ratio,
+        noise=noise,
+        allowance=allowance,
+        remeasure_at=remeasure_at,
+        action=action,
+        history=list(history[-500:]),
+        ok=action != "stop",
+        message={
+            "hold": "",
+            "remeasure": "tap power drifted: the mean photon numbers are measured again",
+            "stop": "tap power outside the drift allowance: the intensities may have left "
+            "their intervals",
+        }[action],
+    )
+    return finish(result, started, state_dir, plot_bias_tracking, publish, instruments=[im, meter])
+
+
+def plot_bias_tracking(result: BiasTrackingResult, fig: Figure) -> None:
+    """Left: the dithered readings on the fitted mean-power curve (zoomed on the dither,
+    the whole V_pi as an inset), residuals below. Right: the bias and the optimum's offset
+    over the run, and the tap power over its prediction with the allowance bands."""
+    outer = fig.add_gridspec(1, 2, width_ratios=(1, 1.1))
+    ax, res = data_and_residuals(fig, outer[0], residual_label="data - fit (nW)")
+    b = np.asarray(result.readings_bias_v)
+    p = np.asarray(result.readings_w)
+    m = np.asarray(result.model_w)
+    cb = np.asarray(result.curve_bias_v)
+    cw = np.asarray(result.curve_w)
+    half = 4 * result.dither_v
+    lo, hi = float(b.min()) - half, float(b.max()) + half
+    zoom = (cb >= lo) & (cb <= hi)
+    ax.plot(b, p * 1e6, "o", ms=5, label="tap power, dithered")
+    ax.plot(cb[zoom], cw[zoom] * 1e6, lw=1.2, label="model (class mix), fitted")
+    ax.axvline(result.bias_before_v, ls=":", color="0.4", lw=0.9, label="bias before")
+    ax.axvline(result.bias_after_v, ls="--", color="C3", lw=0.9, label="bias after")
+    ax.set_xlim(lo, hi)
+    ax.set_ylabel("tap power (uW)")
+    ax.set_title(
+        f"optimum moved {1e3 * result.offset_v:+.1f} mV from calibration "
+        f"({result.calibrated_bias_v:.3f} V); dither +/-{1e3 * result.dither_v:.0f} mV",
+        fontsize=9,
+    )
+    ax.legend(fontsize=7, loc="lower center")
+    inset = ax.inset_axes((0.02, 0.6, 0.28, 0.36))
+    inset.plot(cb, cw * 1e6, lw=0.8)
+    inset.plot(b, p * 1e6, "o", ms=2)
+    inset.set_title("one V_pi", fontsize=6)
+    inset.tick_params(labelsize=5)
+    res.plot(b, (p - m) * 1e9, "o", ms=5)
+    res.set_xlabel("IM bias (V)")
+    right = outer[1].subgridspec(2, 1, hspace=0.08)
+    top = fig.add_subplot(right[0])
+    bottom = fig.add_subplot(right[1], sharex=top)
+    t = np.asarray([h.time_s for h in result.history])
+    top.plot(t, [h.bias_v for h in result.history], "o-", ms=3, lw=0.8, label="bias set")
+    top.plot(
+        t,
+        [result.calibrated_bias_v + h.offset_v for h in result.history],
+        "s",
+        ms=3,
+        mfc="none",
+        label="optimum found",
+    )
+    top.set_ylabel("bias (V)")
+    top.tick_params(labelbottom=False)
+    top.legend(fontsize=7)
+    top.grid(True, alpha=0.3, lw=0.5)
+    ratios = [(h.time_s, h.power_ratio) for h in result.history if h.power_ratio is not None]
+    if ratios:
+        rt, rr = zip(*ratios, strict=True)
+        bottom.plot(rt, [100 * (r - 1) for r in rr], "o-", ms=3, lw=0.8, label="measured")
+    a = 100 * result.allowance
+    bottom.axhspan(-a, a, color="C2", alpha=0.12, label="allowance (intervals hold)")
+    bottom.axhspan(
+        -a * result.remeasure_at, a * result.remeasure_at, color="C2", alpha=0.15, label="hold"
+    )
+    bottom.axhline(0.0, color="0.4", lw=0.8)
+    bottom.set_ylabel("tap power vs calibration (%)")
+    bottom.set_xlabel("time since tracking started (s)")
+    bottom.legend(fontsize=7, loc="lower left")
+    bottom.grid(True, alpha=0.3, lw=0.5)
+
+
+async def _net(
+    meter: OpticalPowerMeter, n: int, zero: np.ndarray
+) -> tuple[float, float, list[float]]:
+    r = np.array([float(await call(meter.power_w)) for _ in range(n)])
+    sigma = math.sqrt(float(r.var(ddof=1)) / r.size + float(zero.var(ddof=1)) / zero.size)
+    return float(r.mean() - zero.mean()), sigma, [float(x) for x in r]
+
+
+async def remeasure_intensities(
+    im: IntensityModulator,
+    voa: VariableAttenuator,
+    meter: OpticalPowerMeter,
+    modulator: ModulatorResult,
+    current: MeanPhotonResult,
+    *,
+    readings: int = CHECK_READINGS,
+    max_step_db: float = 1.0,
+    state_dir: Path | None = None,
+    publish: Publisher | None = None,
+) -> MeanPhotonResult:
+    """Measure the mean photon numbers again at the current settings (module docstring).
+
+    The meter's zero (shutter closed), then each class alone (all three drives at its
+    level), ``readings`` readings each, the intervals with the uncertainty budget of
+    ``current``. When the signal is off its target by more than the tolerance the VOA
+    moves towards it by at most ``max_step_db`` and the classes are read there. The class
+    levels and the shutter are restored whatever happens. Raises
+    :class:`~qkdnode.procedures.common.CalibrationError` when the signal or decoy is
+    below the meter's resolution. Saved and published as ``mean_photon_number``.
+    """
+    started = time.monotonic()
+    levels = (modulator.signal_v, current.decoy_v, modulator.vacuum_v)
+    classes: dict[str, IntensityInterval] = {}
+    raw: list[list[float]] = []
+    att = float(await call(voa.attenuation_db))
+    history = [("signal", att, current.mu_signal)]
+
+    def interval(net: float, sigma: float) -> IntensityInterval:
+        return intensity_interval(
+            net,
+            sigma,
+            wavelength_nm=current.wavelength_nm,
+            slot_rate_hz=current.slot_rate_hz,
+            tap_to_output_db=current.tap_to_output_db,
+            budget=current.uncertainty,
+        )
+
+    try:
+        await call(voa.set_shutter, False)
+        zero = np.array([float(await call(meter.power_w)) for _ in range(readings)])
+        await call(voa.set_shutter, True)
+        await set_all_levels(im, levels[0])
+        net, sigma, _ = await _net(meter, readings, zero)
+        sig = interval(net, sigma)
+        if sig.mu is not None and abs(sig.mu / current.mu_signal_target - 1) > 0.01:
+            step = 10 * math.log10(sig.mu / current.mu_signal_target)
+            step = float(np.clip(step, -max_step_db, max_step_db))
+            lo, hi = voa.attenuation_range_db
+            att = float(np.clip(att + step, lo, hi))
+            await call(voa.set_attenuation_db, att)
+            att = float(await call(voa.attenuation_db))
+        for name, level in zip(("signal", "decoy", "vacuum"), levels, strict=True):
+            await set_all_levels(im, level)
+            net, sigma, r = await _net(meter, readings, zero)
+            classes[name] = interval(net, sigma)
+            raw.append(r)
+            history.append((name, att if name == "signal" else level, classes[name].mu_or_upper))
+    finally:
+        await call(voa.set_shutter, True)
+        await call(im.set_level_v, IntensityClass.SIGNAL, levels[0])
+        await call(im.set_level_v, IntensityClass.DECOY, levels[1])
+        await call(im.set_level_v, IntensityClass.VACUUM, levels[2])
+    for name in ("signal", "decoy"):
+        if not classes[name].resolved:
+            raise CalibrationError(f"the {name} class is below the power meter's resolution")
+    result = current.model_copy(
+        update={
+            "timestamp_utc": utc_now(),
+            "signal": classes["signal"],
+            "decoy": classes["decoy"],
+            "vacuum": classes["vacuum"],
+            "zero_w": float(zero.mean()),
+            "zero_noise_w": float(zero.std(ddof=1)),
+            "attenuation_db": att,
+            "history": history,
+            "ok": True,
+            "message": "measured again during key exchange",
+        }
+    )
+    return finish(
+        result,
+        started,
+        state_dir,
+        plot_mean_photon_number,
+        publish,
+        instruments=[im, voa, meter],
+    )

@@ -1,0 +1,141 @@
+"""The receiver's dark-count rates with exact Poisson intervals, light off.
+
+Receiver side; the caller has the transmitter's light off (its shutter closed) and has
+waited for the light in flight to pass. Each detector's count rate is read ``readings``
+times, each over one integration period of ``integration_s``; the counts (rate times
+period, summed) give the rate ``N / (n T)`` and its one-sided Garwood bounds at
+``confidence`` (zero counts bound the rate by ``-ln(1 - confidence) / (n T)``, never by
+0). Used at calibration and, on the node's schedule, during key exchange.
+
+Failure modes: instrument errors propagate; a negative or non-finite reading raises
+:class:`~qkdnode.procedures.common.CalibrationError` naming the detector.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+from pydantic import BaseModel, ConfigDict
+
+from drivers.interfaces import SinglePhotonDetector
+from qkdnode.procedures.common import (
+    COVERAGE_FACTOR,
+    CalibrationError,
+    CalibrationResult,
+    Publisher,
+    call,
+    data_and_residuals,
+    finish,
+    one_sided_confidence,
+    poisson_lower,
+    poisson_upper,
+)
+
+__all__ = ["DarkRate", "DarkRateResult", "measure_dark_rate", "plot_dark_rate"]
+
+
+class DarkRate(BaseModel):
+    """One detector's dark counts: readings (Hz), total counts, rate and bounds (Hz)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    detector: str
+    readings_hz: list[float]
+    counts: int
+    rate_hz: float
+    lower_hz: float
+    upper_hz: float
+
+
+class DarkRateResult(CalibrationResult):
+    procedure: str = "dark_rate"
+    integration_s: float
+    confidence: float
+    detectors: list[DarkRate]
+    #: the sum over detectors (the floor of the light-loss test), Hz
+    total_rate_hz: float
+    total_lower_hz: float
+    total_upper_hz: float
+
+
+async def measure_dark_rate(
+    detectors: Sequence[SinglePhotonDetector],
+    *,
+    integration_s: float,
+    readings: int = 5,
+    confidence: float | None = None,
+    state_dir: Path | None = None,
+    publish: Publisher | None = None,
+) -> DarkRateResult:
+    """Read every detector ``readings`` times, one integration period apart (module
+    docstring). Saved and published as ``dark_rate``."""
+    if integration_s <= 0 or readings < 1:
+        raise ValueError("need integration_s > 0 and readings >= 1")
+    conf = confidence if confidence is not None else one_sided_confidence(COVERAGE_FACTOR)
+    started = time.monotonic()
+    per_det: list[list[float]] = [[] for _ in detectors]
+    for _ in range(readings):
+        await asyncio.sleep(integration_s)
+        for i, d in enumerate(detectors):
+            rate = float(await call(d.count_rate_hz))
+            if not math.isfinite(rate) or rate < 0:
+                raise CalibrationError(f"{d.name}: count rate {rate!r} Hz is not a rate")
+            per_det[i].append(rate)
+    exposure_s = readings * integration_s
+    out = []
+    for d, rates in zip(detectors, per_det, strict=True):
+        n = int(sum(round(r * integration_s) for r in rates))
+        out.append(
+            DarkRate(
+                detector=d.name,
+                readings_hz=rates,
+                counts=n,
+                rate_hz=n / exposure_s,
+                lower_hz=poisson_lower(n, conf) / exposure_s,
+                upper_hz=poisson_upper(n, conf) / exposure_s,
+            )
+        )
+    total = sum(x.counts for x in out)
+    result = DarkRateResult(
+        integration_s=integration_s,
+        confidence=conf,
+        detectors=out,
+        total_rate_hz=total / exposure_s,
+        total_lower_hz=poisson_lower(total, conf) / exposure_s,
+        total_upper_hz=poisson_upper(total, conf) / exposure_s,
+    )
+    return finish(result, started, state_dir, plot_dark_rate, publish, instruments=detectors)
+
+
+def plot_dark_rate(result: DarkRateResult, fig: Figure) -> None:
+    """Each detector's readings (Poisson error bars) against time, the fitted constant
+    rate and its interval as a band; residuals in standard deviations below."""
+    ax, res = data_and_residuals(fig, residual_label="(reading - rate) / sigma")
+    t_s = result.integration_s
+    width = 0.8 * t_s / max(len(result.detectors), 1)
+    for k, d in enumerate(result.detectors):
+        r = np.asarray(d.readings_hz)
+        t = (np.arange(r.size) + 1) * t_s + (k - (len(result.detectors) - 1) / 2) * width
+        err = np.sqrt(np.maximum(r * t_s, 1.0)) / t_s
+        color = f"C{k}"
+        ax.errorbar(t, r, err, fmt="o", ms=4, color=color, capsize=2, label=d.detector)
+        ax.axhline(d.rate_hz, color=color, lw=1.0)
+        ax.axhspan(d.lower_hz, d.upper_hz, color=color, alpha=0.12)
+        sigma = math.sqrt(max(d.rate_hz * t_s, 1.0)) / t_s
+        res.plot(t, (r - d.rate_hz) / sigma, "o", ms=4, color=color)
+    ax.set_ylabel("dark count rate (Hz)")
+    ax.set_title(
+        f"total {result.total_rate_hz:.1f} Hz "
+        f"[{result.total_lower_hz:.1f}, {result.total_upper_hz:.1f}] "
+        f"at {result.confidence:.3%} one-sided; lines: rate, bands: bounds",
+        fontsize=9,
+    )
+    ax.legend(fontsize=7, ncol=len(result.detectors))
+    ax.set_ylim(bottom=0)
+    res.set_xlabel(f"time from the first reading (s), {1e3 * t_s:.0f} ms per reading")
