@@ -43,6 +43,8 @@ Step = Literal[
     "halt",
     "state",
     "pass_end",
+    "skip",
+    "dark",
 ]
 
 

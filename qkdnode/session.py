@@ -20,6 +20,7 @@ from qkdnode.pair.core import DRIFT_CHECK_S, MIN_BLOCK_DETECTIONS, StepSpec
 from qkdnode.pair.exchange import ExchangeMixin
 from qkdnode.pair.monitoring import MonitoringMixin
 from qkdnode.pair.polarization import PolarizationMixin
+from qkdnode.pair.scheduled import ScheduledMixin
 from qkdnode.pair.steps import StepsMixin
 from qkdnode.pair.synchronization import SynchronizationMixin
 
@@ -32,6 +33,7 @@ class ExchangeSession(
     BlocksMixin,
     MonitoringMixin,
     PolarizationMixin,
+    ScheduledMixin,
 ):
     """State activities and the key store of one node."""
 

@@ -7,7 +7,6 @@ import asyncio
 from dataclasses import asdict
 from typing import Any
 
-import numpy as np
 import structlog
 
 from drivers.interfaces import (
@@ -104,6 +103,7 @@ class CalibrationMixin(SessionCore):
             publish=self.node.publish,
         )
         self.intensities = mu
+        self.modulator = mod
         self.encoder_v_pi = None  # measured again once the pair is locked
         log.info(
             "transmitter_calibrated",
@@ -148,20 +148,24 @@ class CalibrationMixin(SessionCore):
         """Receiver, while the transmitter calibrates: the detectors' total click rate
         with the transmitter's light off (the dark-count floor of the light-loss test).
         The light is switched on again whatever happens."""
+        from qkdnode.procedures.dark_rate import measure_dark_rate
+
         seconds = self.cfg.calibration.integration_time_s
-        readings: list[float] = []
         try:
             await self.node.link.request("light", 30.0, on=False)
             # light still in flight (fiber, buffers) must not count as dark
             await asyncio.sleep(max(1.0, 4 * seconds))
-            for _ in range(5):
-                await asyncio.sleep(seconds)
-                readings.append(sum([await self._call(d.count_rate_hz) for d in self._detectors()]))
+            result = await measure_dark_rate(
+                self._detectors(),
+                integration_s=seconds,
+                readings=5,
+                state_dir=self.node.state_dir,
+                publish=self.node.publish,
+            )
         finally:
             await self.node.link.request("light", 30.0, on=True)
-        dark = float(np.median(readings))
-        log.info("dark_rate_measured", dark_rate_hz=round(dark, 3))
-        return dark
+        self._dark_measured(result.total_rate_hz, result.total_upper_hz)
+        return result.total_rate_hz
 
     async def _check_not_latched(self) -> None:
         """Receiver: a detector latched by bright light is a fault, not a failed step."""

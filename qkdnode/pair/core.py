@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from qkdnode.postproc.pipeline import BlockResult, KeyLanding
     from qkdnode.procedures.encoder_v_pi import EncoderVPiResult
     from qkdnode.procedures.mean_photon_number import MeanPhotonResult
+    from qkdnode.procedures.modulator import ModulatorResult
 
 log = structlog.get_logger(__name__)
 S = State
@@ -96,6 +97,15 @@ class SessionCore:
         self._advice_task: asyncio.Task[None] | None = None
         #: transmitter: the intensities measured by the last calibration (with intervals)
         self.intensities: MeanPhotonResult | None = None
+        #: transmitter: the intensity modulator's last calibration (its bias tracking's
+        #: model)
+        self.modulator: ModulatorResult | None = None
+        #: transmitter: held while the tap power is read or the light changed for a
+        #: measurement (bias tracking, re-measurement, dark window, tap-power check)
+        self._im_lock = asyncio.Lock()
+        #: receiver: monotonic time until which the transmitter's light is off for a
+        #: dark-count measurement (the light-loss test and slot tracking skip it)
+        self._dark_pause_until = 0.0
         #: transmitter: targets and probabilities in force (from [source] until the
         #: optimiser's advice is applied at a calibration, protocol.settings = "auto")
         src = self.cfg.source
@@ -388,6 +398,11 @@ class SessionCore:
         def _synchronization_steps(self) -> dict[str, StepSpec]: ...
         def _exchange_steps(self) -> dict[str, StepSpec]: ...
         def _polarization_steps(self) -> dict[str, StepSpec]: ...
+        def _scheduled_steps(self) -> dict[str, StepSpec]: ...
+        async def _scheduled_bias_tracking(self) -> None: ...
+        async def _scheduled_dark_counts(self) -> None: ...
+        def _dark_paused(self) -> bool: ...
+        def _dark_measured(self, rate_hz: float, upper_hz: float) -> None: ...
         async def _compensate_polarization(self) -> None: ...
         async def _watch_qber(self, qber: float) -> None: ...
 

@@ -169,8 +169,12 @@ class MonitoringMixin(SessionCore):
 
         meter: OpticalPowerMeter = self._one(OpticalPowerMeter)
         readings = 20
+        if self._im_lock.locked():
+            return  # the light is being measured or changed on purpose (bias tracking, dark)
         try:
-            async with asyncio.timeout(DRIFT_CHECK_S):
+            async with asyncio.timeout(DRIFT_CHECK_S), self._im_lock:
+                m = self.intensities or m  # as of now (a re-measurement replaces them)
+                expected = m.mix_power_w(st.p_signal, st.p_decoy, st.p_vacuum)
                 reading = float(await read_power(meter, readings, 0.0)) - m.zero_w
         except Exception as exc:
             log.warning("intensity_check_failed", error=str(exc))

@@ -42,6 +42,7 @@ class StepsMixin(SessionCore):
             self._synchronization_steps(),
             self._exchange_steps(),
             self._polarization_steps(),
+            self._scheduled_steps(),
         ):
             clash = set(table) & set(steps)
             if clash:  # a programming error: one step, one handler
