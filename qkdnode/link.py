@@ -44,7 +44,6 @@ Step = Literal[
     "state",
     "pass_end",
     "skip",
-    "dark",
 ]
 
 

@@ -134,14 +134,6 @@ class CalibrationSection(Section):
         "step measures the mean photon numbers again (inside a withheld window, key flowing "
         "around it) instead of letting them drift out of their intervals",
     )
-    dark_count_interval_s: float = Field(
-        600.0,
-        ge=0,
-        le=86_400,
-        description="receiver, while exchanging: seconds between two measurements of the "
-        "dark counts (the transmitter's shutter closed for a few seconds of slots withheld "
-        "from the key; Poisson intervals); 0 = off (measured at calibration only)",
-    )
 
 
 class InstrumentSection(Section):

@@ -385,7 +385,6 @@ class ExchangeMixin(SessionCore):
         polarization = asyncio.create_task(
             self._compensate_polarization(), name="polarization-compensation"
         )
-        dark = asyncio.create_task(self._scheduled_dark_counts(), name="dark-counts")
         try:
             while True:
                 item = await queue.get()
@@ -427,11 +426,8 @@ class ExchangeMixin(SessionCore):
                     if not result.ok:
                         self.node.pp_drain()  # what is left of the aborted block
         finally:
-            dark.cancel()
             polarization.cancel()
             reader.cancel()
-            with contextlib.suppress(BaseException):
-                await dark
             with contextlib.suppress(BaseException):
                 await polarization
             with contextlib.suppress(BaseException):
@@ -470,11 +466,6 @@ class ExchangeMixin(SessionCore):
                     return
                 block = await asyncio.to_thread(tagger.read_block, 0.5)
                 if block is None:
-                    continue
-                if self._dark_paused():
-                    # our dark-count measurement: the light is off on purpose; these tags
-                    # are dark counts in a window no block takes
-                    watch.restart_window()
                     continue
                 if watch.add_block(len(block), block.start_ps, block.stop_ps) is Verdict.GONE:
                     if self._pass is not None:

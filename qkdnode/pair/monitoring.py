@@ -170,7 +170,7 @@ class MonitoringMixin(SessionCore):
         meter: OpticalPowerMeter = self._one(OpticalPowerMeter)
         readings = 20
         if self._im_lock.locked():
-            return  # the light is being measured or changed on purpose (bias tracking, dark)
+            return  # the light is being measured or changed on purpose (bias tracking)
         try:
             async with asyncio.timeout(DRIFT_CHECK_S), self._im_lock:
                 m = self.intensities or m  # as of now (a re-measurement replaces them)

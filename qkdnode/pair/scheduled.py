@@ -1,24 +1,20 @@
 """Calibration on a schedule while key flows: the transmitter's intensity-modulator bias
-tracking with the check (and re-measurement) of its mean photon numbers, the receiver's
-dark counts.
+tracking with the check (and re-measurement) of its mean photon numbers.
 
-Both run in windows of slots withheld from every block, so key flows around them:
+Every ``calibration.bias_track_interval_s`` the transmitter picks a window of slots
+``[start, stop)`` ahead of its state source, asks the receiver to drop its detections
+there (link step ``skip``), withholds it from every block, waits for the window to
+begin, runs the tracking step (and the re-measurement when the check asks for it) and
+extends the window if it ran past its end: key flows around the window. A check that
+finds the intensities beyond their drift allowance stops the exchange (alarm
+``intensity_drift``; a new calibration follows). A block that announced a slot of a
+window anyway (an extension the receiver had already cut past) is refused by the
+transmitter's key-slot floor. Results are saved and published like every calibration's.
 
-* transmitter, every ``calibration.bias_track_interval_s``: it picks the window
-  ``[start, stop)`` ahead of its state source, withholds it, asks the receiver to drop
-  its detections there (link step ``skip``), waits for the window to begin, runs the
-  tracking step (and the re-measurement when the check asks for it) and extends the
-  window if it ran past its end. A check that finds the intensities beyond their drift
-  allowance stops the exchange (alarm ``intensity_drift``; a new calibration follows).
-* receiver, every ``calibration.dark_count_interval_s``: it asks the transmitter to
-  close its shutter (link step ``dark``); the transmitter withholds the slots it keeps
-  dark and answers with them; the receiver drops their detections, pauses its light-loss
-  test and its slot tracking while the light is off, reads the dark counts
-  (:func:`~qkdnode.procedures.dark_rate.measure_dark_rate`) and takes the new floor.
-
-A block that announced a slot of a window anyway (a window extended after the receiver
-had cut past it) is refused by the transmitter (its key-slot floor); the results are
-saved and published like every calibration's.
+The receiver's dark counts are measured at every calibration
+(:func:`~qkdnode.procedures.dark_rate.measure_dark_rate`, Poisson bounds), not while
+key flows: a dark window of the seconds a count-rate reading needs leaves the slot
+tracking without light for that long.
 """
 
 from __future__ import annotations
@@ -46,10 +42,8 @@ log = structlog.get_logger(__name__)
 
 #: seconds of slots between the state source's next slot and a window's first slot
 WINDOW_LEAD_S = 0.05
-#: the light in flight (fiber, tagger buffers) must pass before the dark is counted
-DARK_SETTLE_S = 1.0
-#: dark-count readings per scheduled measurement
-DARK_READINGS = 5
+#: seconds before a refused window is asked for again
+WINDOW_RETRY_S = 0.5
 
 
 class ScheduledMixin(SessionCore):
@@ -67,8 +61,10 @@ class ScheduledMixin(SessionCore):
         lead = max(1, int(WINDOW_LEAD_S * rate))
         start = int(await self._call(src.next_slot)) + lead
         stop = start + max(1, int(seconds * rate))
-        self.key_slots.withhold(start, stop)
+        # Asked first: a refused window is not withheld (no block loses its slots). The
+        # slots are still ahead of the state source: no block can hold them yet.
         await self.node.link.request("skip", 30.0, start_slot=start, stop_slot=stop)
+        self.key_slots.withhold(start, stop)
         while int(await self._call(src.next_slot)) < start:
             await asyncio.sleep(0.005)
         try:
@@ -110,13 +106,14 @@ class ScheduledMixin(SessionCore):
         tracker = BiasTracker(im, meter, self.modulator, probs)
         history: list[BiasTrackingPoint] = []
         started = time.monotonic()
+        # the first step at once: the bias may have drifted since the calibration
+        wait_s = min(cal.bias_track_interval_s, WINDOW_RETRY_S)
         while True:
-            await asyncio.sleep(cal.bias_track_interval_s)
+            await asyncio.sleep(wait_s)
+            wait_s = cal.bias_track_interval_s
             try:
-                # one window at a time (the encoder's tracking windows too), and no
-                # tap-power check while the bias is dithered
+                # no tap-power check while the bias is dithered
                 async with (
-                    self._bias_lock,
                     self._im_lock,
                     self._withheld_window(cal.bias_track_window_s) as window,
                 ):
@@ -136,7 +133,13 @@ class ScheduledMixin(SessionCore):
                         )
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # instrument, link, fit: never ends the exchange
+            except LinkError as exc:
+                # the receiver refused the window (it overlaps another activity's, the
+                # encoder's tracking or the polarisation compensation): soon again
+                log.info("bias_tracking_window_refused", error=str(exc)[:200])
+                wait_s = min(cal.bias_track_interval_s, WINDOW_RETRY_S)
+                continue
+            except Exception as exc:  # instrument, fit: never ends the exchange
                 log.warning(
                     "bias_tracking_step_failed", error=f"{type(exc).__name__}: {str(exc)[:200]}"
                 )
@@ -175,44 +178,6 @@ class ScheduledMixin(SessionCore):
                 await self.node.trigger(Event.STOP, f"intensities drifted: {message}")
                 return
 
-    async def _step_dark(self, args: dict[str, Any]) -> dict[str, Any]:
-        """Transmitter, while exchanging: close the shutter for ``seconds`` (at most 30)
-        of slots withheld from every block; answers at once with the window
-        ``{"start_slot", "stop_slot"}`` and opens the shutter again at its end (whatever
-        happens: a cancelled exchange leaves it closed, the safe side)."""
-        if self.node.sm.state is not S.EXCHANGING:
-            raise LinkError(f"'dark' only while exchanging ({self.node.sm.state.value})")
-        seconds = float(args.get("seconds", 0.0))
-        if not 0 < seconds <= 30:
-            raise LinkError(f"dark for {seconds!r} s: need 0 < seconds <= 30")
-        src: StateSource = self._one(StateSource)
-        voa: VariableAttenuator = self._one(VariableAttenuator)
-        rate = self.cfg.source.slot_rate_hz
-        lead = max(1, int(WINDOW_LEAD_S * rate))
-        await self._im_lock.acquire()  # no tap-power check while dark
-        try:
-            start = int(await self._call(src.next_slot))
-            stop = start + int((seconds + 2 * WINDOW_LEAD_S) * rate)
-            self.key_slots.withhold(start - lead, stop + lead)
-            await self._call(voa.set_shutter, False)
-        except BaseException:
-            self._im_lock.release()
-            raise
-
-        async def reopen() -> None:
-            try:
-                while int(await self._call(src.next_slot)) < stop - lead:
-                    await asyncio.sleep(0.01)
-                # only into an exchange: any other state has made the light safe or
-                # switches it on itself (calibration, synchronisation)
-                if self.node.sm.state is S.EXCHANGING:
-                    await self._call(voa.set_shutter, True)
-            finally:
-                self._im_lock.release()
-
-        self._detached(reopen())
-        return {"start_slot": start - lead, "stop_slot": stop + lead}
-
     # ------------------------------------------------------------------ receiver
     async def _step_skip(self, args: dict[str, Any]) -> dict[str, Any]:
         """Receiver, while exchanging: drop our detections in ``[start_slot, stop_slot)``
@@ -237,66 +202,12 @@ class ScheduledMixin(SessionCore):
         except TrackingError as exc:
             raise LinkError(str(exc)) from exc
 
-    async def _scheduled_dark_counts(self) -> None:
-        """Receiver, while exchanging: the dark counts every
-        ``calibration.dark_count_interval_s`` (never returns; off: only waits). A failed
-        measurement is logged and the next one tried."""
-        cal = self.cfg.calibration
-        if cal.dark_count_interval_s <= 0:
-            await asyncio.Event().wait()
-        while True:
-            await asyncio.sleep(cal.dark_count_interval_s)
-            try:
-                await self._dark_counts_in_window()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning(
-                    "dark_count_measurement_failed",
-                    error=f"{type(exc).__name__}: {str(exc)[:200]}",
-                )
-
-    async def _dark_counts_in_window(self) -> None:
-        from qkdnode.procedures.dark_rate import measure_dark_rate
-
-        seconds_per_reading = self.cfg.calibration.integration_time_s
-        dark_s = DARK_SETTLE_S + (DARK_READINGS + 1) * seconds_per_reading + 0.5
-        self._dark_pause_until = time.monotonic() + dark_s + 30.0  # until the answer
-        try:
-            reply = await self.node.link.request("dark", 30.0, seconds=dark_s)
-            self._dark_pause_until = time.monotonic() + dark_s + DARK_SETTLE_S
-            with contextlib.suppress(LinkError):  # a block already cut into it: refused there
-                self._drop_window(int(reply["start_slot"]), int(reply["stop_slot"]))
-            await asyncio.sleep(DARK_SETTLE_S)
-            result = await measure_dark_rate(
-                self._detectors(),
-                integration_s=seconds_per_reading,
-                readings=DARK_READINGS,
-                state_dir=self.node.state_dir,
-                publish=self.node.publish,
-            )
-        finally:
-            # the light-loss test and the tracking resume once the light is back
-            self._dark_pause_until = min(
-                self._dark_pause_until, time.monotonic() + DARK_SETTLE_S + 0.5
-            )
-        self._dark_measured(result.total_rate_hz, result.total_upper_hz)
-
     def _dark_measured(self, rate_hz: float, upper_hz: float) -> None:
         """Receiver: a new dark-count floor (total over the detectors, Hz)."""
         self.dark_rate_hz = rate_hz
         log.info("dark_rate_measured", dark_rate_hz=round(rate_hz, 3), upper_hz=round(upper_hz, 3))
 
-    def _dark_paused(self) -> bool:
-        """Receiver: the transmitter's light is off for a dark-count measurement (the
-        light-loss test and the slot tracking skip these tags)."""
-        return time.monotonic() < self._dark_pause_until
-
     # ------------------------------------------------------------------ link steps
     def _scheduled_steps(self) -> dict[str, StepSpec]:
-        """``skip`` (the receiver drops a window's detections) and ``dark`` (the
-        transmitter's shutter closed for a window)."""
-        return {
-            "skip": StepSpec(self._step_skip, ("receiver",)),
-            "dark": StepSpec(self._step_dark, ("transmitter",)),
-        }
+        """``skip``: the receiver drops a window's detections."""
+        return {"skip": StepSpec(self._step_skip, ("receiver",))}
