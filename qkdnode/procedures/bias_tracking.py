@@ -242,7 +242,7 @@ def plot_bias_tracking(result: BiasTrackingResult, fig: Figure) -> None:
         fontsize=9,
     )
     ax.legend(fontsize=7, loc="lower center")
-    inset = ax.inset_axes((0.02, 0.6, 0.28, 0.36))
+    inset = ax.inset_axes((0.14, 0.6, 0.28, 0.34))
     inset.plot(cb, cw * 1e6, lw=0.8)
     inset.plot(b, p * 1e6, "o", ms=2)
     inset.set_title("one V_pi", fontsize=6)
@@ -367,6 +367,7 @@ async def remeasure_intensities(
             "zero_noise_w": float(zero.std(ddof=1)),
             "attenuation_db": att,
             "history": history,
+            "class_readings_w": [[float(x) for x in zero], *raw],
             "ok": True,
             "message": "measured again during key exchange",
         }

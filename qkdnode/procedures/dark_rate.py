@@ -114,28 +114,38 @@ async def measure_dark_rate(
 
 
 def plot_dark_rate(result: DarkRateResult, fig: Figure) -> None:
-    """Each detector's readings (Poisson error bars) against time, the fitted constant
-    rate and its interval as a band; residuals in standard deviations below."""
-    ax, res = data_and_residuals(fig, residual_label="(reading - rate) / sigma")
+    """Each detector's counts accumulated over the readings against the exposure time,
+    the fitted constant rate (a line through the origin) and its Poisson bounds as a
+    band; residuals (counts minus the line) below. Counts stay readable at a few per
+    reading, where per-reading rates would be all error bar."""
+    ax, res = data_and_residuals(fig, residual_label="counts - rate x t")
     t_s = result.integration_s
-    width = 0.8 * t_s / max(len(result.detectors), 1)
     for k, d in enumerate(result.detectors):
-        r = np.asarray(d.readings_hz)
-        t = (np.arange(r.size) + 1) * t_s + (k - (len(result.detectors) - 1) / 2) * width
-        err = np.sqrt(np.maximum(r * t_s, 1.0)) / t_s
+        per = np.asarray([round(r * t_s) for r in d.readings_hz], dtype=np.float64)
+        n = np.cumsum(per)
+        t = (np.arange(per.size) + 1) * t_s
         color = f"C{k}"
-        ax.errorbar(t, r, err, fmt="o", ms=4, color=color, capsize=2, label=d.detector)
-        ax.axhline(d.rate_hz, color=color, lw=1.0)
-        ax.axhspan(d.lower_hz, d.upper_hz, color=color, alpha=0.12)
-        sigma = math.sqrt(max(d.rate_hz * t_s, 1.0)) / t_s
-        res.plot(t, (r - d.rate_hz) / sigma, "o", ms=4, color=color)
-    ax.set_ylabel("dark count rate (Hz)")
+        tt = np.concatenate([[0.0], t])
+        ax.step(t, n, where="post", color=color, lw=0.8)
+        ax.plot(
+            t,
+            n,
+            "o",
+            ms=4,
+            color=color,
+            label=f"{d.detector}: {d.rate_hz:.3g} Hz [{d.lower_hz:.3g}, {d.upper_hz:.3g}]",
+        )
+        ax.plot(tt, d.rate_hz * tt, color=color, lw=1.0)
+        ax.fill_between(tt, d.lower_hz * tt, d.upper_hz * tt, color=color, alpha=0.1)
+        res.plot(t, n - d.rate_hz * t, "o", ms=4, color=color)
+    ax.set_ylabel("dark counts, accumulated")
     ax.set_title(
-        f"total {result.total_rate_hz:.1f} Hz "
-        f"[{result.total_lower_hz:.1f}, {result.total_upper_hz:.1f}] "
-        f"at {result.confidence:.3%} one-sided; lines: rate, bands: bounds",
-        fontsize=9,
+        f"total {result.total_rate_hz:.3g} Hz [{result.total_lower_hz:.3g}, "
+        f"{result.total_upper_hz:.3g}] Hz, bounds at {result.confidence:.3%} one-sided; "
+        "lines: rate, bands: bounds",
+        fontsize=8,
     )
-    ax.legend(fontsize=7, ncol=len(result.detectors))
+    ax.legend(fontsize=7)
+    ax.set_xlim(left=0)
     ax.set_ylim(bottom=0)
-    res.set_xlabel(f"time from the first reading (s), {1e3 * t_s:.0f} ms per reading")
+    res.set_xlabel(f"exposure (s), {1e3 * t_s:.0f} ms per reading")

@@ -44,6 +44,7 @@ from qkdnode.procedures.common import (
     CalibrationResult,
     Publisher,
     call,
+    data_and_residuals,
     finish,
     maybe_await,
     settle,
@@ -374,33 +375,69 @@ async def calibrate_detector_timing(
 
 
 def plot_detector_timing(result: DetectorTimingResult, fig: Figure) -> None:
-    ax = fig.add_subplot(1, 1, 1)
-    for scan in result.scans:
-        d = np.array(scan.delays_ps)
-        order = np.argsort(d)
-        (line,) = ax.plot(
-            d[order] / 1e3, np.array(scan.rates_hz)[order], ".", ms=3, label=scan.detector
+    """One column per detector: the scan around the fitted gate, linear (both edges,
+    where the fit decides the delay), the fit over it and the delay set (dashed);
+    residuals in percent of the plateau below; the whole scan as an inset (log)."""
+    scans = result.scans
+    outer = fig.add_gridspec(1, max(len(scans), 1), wspace=0.35)
+    for i, scan in enumerate(scans):
+        ax, res = data_and_residuals(
+            fig, outer[i], residual_label="data - fit (% of plateau)" if i == 0 else ""
         )
-        if scan.fit is not None:
-            f = scan.fit
-            x = np.linspace(
-                f.pulse_delay_ps - f.gate_width_ps, f.pulse_delay_ps + f.gate_width_ps, 400
+        d = np.asarray(scan.delays_ps, dtype=np.float64)
+        r = np.asarray(scan.rates_hz, dtype=np.float64)
+        f = scan.fit
+        ax.set_title(scan.detector, fontsize=9)
+        if f is None:
+            ax.plot(d / 1e3, r / 1e3, ".", ms=3)
+            ax.text(0.5, 0.5, "no fit", transform=ax.transAxes, ha="center")
+            res.set_xlabel("gate delay (ns)")
+            continue
+        w = _wrap(d, f.pulse_delay_ps, result.period_ps)
+        order = np.argsort(w)
+        w, r = w[order], r[order]
+        half = f.gate_width_ps / 2 + max(6 * f.jitter_ps, 150.0)
+        near = np.abs(w - f.pulse_delay_ps) <= half
+        model = gate_model(
+            w,
+            f.pulse_delay_ps,
+            f.gate_width_ps,
+            f.jitter_ps,
+            f.signal_rate_hz,
+            f.background_rate_hz,
+        )
+        x = (w - f.pulse_delay_ps) / 1e3
+        ax.plot(x[near], r[near] / 1e3, "o", ms=3)
+        xf = np.linspace(-half, half, 600)
+        ax.plot(
+            xf / 1e3,
+            gate_model(
+                xf + f.pulse_delay_ps,
+                f.pulse_delay_ps,
+                f.gate_width_ps,
+                f.jitter_ps,
+                f.signal_rate_hz,
+                f.background_rate_hz,
             )
-            ax.plot(
-                x / 1e3,
-                gate_model(
-                    x,
-                    f.pulse_delay_ps,
-                    f.gate_width_ps,
-                    f.jitter_ps,
-                    f.signal_rate_hz,
-                    f.background_rate_hz,
-                ),
-                color=line.get_color(),
-                lw=1,
-            )
-            ax.axvline(f.pulse_delay_ps / 1e3, color=line.get_color(), ls=":", lw=0.8)
-    ax.set_xlabel("gate delay (ns)")
-    ax.set_ylabel("count rate (Hz)")
-    ax.set_yscale("symlog", linthresh=10)
-    ax.legend(fontsize=7)
+            / 1e3,
+            lw=1.2,
+        )
+        if scan.delay_set_ps is not None:
+            off = _wrap(np.asarray([scan.delay_set_ps]), f.pulse_delay_ps, result.period_ps)
+            ax.axvline(float(off[0] - f.pulse_delay_ps) / 1e3, ls="--", color="C3", lw=0.8)
+        ax.set_xlim(-half / 1e3, half / 1e3)
+        if i == 0:
+            ax.set_ylabel("count rate (kHz)")
+        ax.set_title(
+            f"{scan.detector}: pulse at {f.pulse_delay_ps / 1e3:.4f} ns "
+            f"+/- {f.pulse_delay_err_ps:.1f} ps\ngate {f.gate_width_ps:.0f} ps, "
+            f"jitter {f.jitter_ps:.0f} ps",
+            fontsize=8,
+        )
+        res.plot(x[near], (r[near] - model[near]) / f.signal_rate_hz * 100, "o", ms=3)
+        res.set_xlabel("delay - pulse (ns)")
+        inset = ax.inset_axes((0.3, 0.08, 0.4, 0.3))
+        inset.plot(w / 1e3, np.maximum(r, 0.5), lw=0.6)
+        inset.set_yscale("log")
+        inset.tick_params(labelsize=5)
+        inset.set_title("whole scan (ns, Hz)", fontsize=5)

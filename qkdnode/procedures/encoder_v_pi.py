@@ -45,6 +45,7 @@ from qkdnode.procedures.common import (
     CalibrationResult,
     Publisher,
     call,
+    data_and_residuals,
     finish,
     maybe_await,
     settle,
@@ -402,30 +403,59 @@ async def calibrate_encoder_v_pi(
 
 
 def plot_encoder_v_pi(result: EncoderVPiResult, fig: Figure) -> None:
-    ax = fig.add_subplot(1, 1, 1)
+    """Left: each state's error rate over the bias sweep (binomial error bars) with the
+    fitted model, pulls below. Right: the minimum zoomed (the error floor ``e0`` and
+    where each state's minimum sits), with the bias set."""
     b = np.asarray(result.sweep_bias_v)
     k = np.asarray(result.sweep_errors, dtype=np.float64)
     n = np.asarray(result.sweep_sifted, dtype=np.float64)
-    xs = np.linspace(b.min(), b.max(), 400)
     f = result.fit
-    curves = state_error_model(
-        xs,
-        result.sweep_drives_v,
-        bias_opt_v=f.bias_opt_v,
-        v_pi_v=f.v_pi_v,
-        e0=f.e0,
-        amp=f.amp,
-        bias_v_pi_v=f.bias_v_pi_v,
-    )
+
+    def model(x: F64) -> F64:
+        return state_error_model(
+            x,
+            result.sweep_drives_v,
+            bias_opt_v=f.bias_opt_v,
+            v_pi_v=f.v_pi_v,
+            e0=f.e0,
+            amp=f.amp,
+            bias_v_pi_v=f.bias_v_pi_v,
+        )
+
+    outer = fig.add_gridspec(1, 2, width_ratios=(1.4, 1))
+    ax, res = data_and_residuals(fig, outer[0], residual_label="pull (sigma)")
+    zoom = fig.add_subplot(outer[1])
+    xs = np.linspace(b.min(), b.max(), 400)
+    curves = model(xs)
+    at_data = model(b)
     for s in range(4):
         ok = n[:, s] > 0
-        (line,) = ax.plot(b[ok], k[ok, s] / n[ok, s] * 100, "o", ms=4, label=_STATES[s].name)
-        ax.plot(xs, curves[:, s] * 100, lw=1, color=line.get_color())
-    ax.set_xlabel("encoder bias (V), drives of the guess")
+        p = k[ok, s] / n[ok, s]
+        # binomial standard error, with the model's rate (never 0 for an empty count)
+        sig = np.sqrt(np.clip(at_data[ok, s], 1e-4, 1) * (1 - at_data[ok, s]) / n[ok, s])
+        color = f"C{s}"
+        ax.errorbar(b[ok], p * 100, sig * 100, fmt="o", ms=3, color=color, label=_STATES[s].name)
+        ax.plot(xs, curves[:, s] * 100, lw=1, color=color)
+        res.plot(b[ok], (p - at_data[ok, s]) / sig, "o", ms=3, color=color)
+        zoom.errorbar(b[ok], p * 100, sig * 100, fmt="o", ms=4, color=color, capsize=2)
+        zoom.plot(xs, curves[:, s] * 100, lw=1, color=color)
     ax.set_ylabel("error rate of the state (%)")
     ax.set_title(
         f"V_pi {result.v_pi_v:.3f} +/- {result.v_pi_sigma_v:.3f} V (guess "
-        f"{result.v_pi_guess_v:g} V), chi2/dof {f.chi2_reduced:.2f}",
-        fontsize=8,
+        f"{result.v_pi_guess_v:g} V), chi2/dof {f.chi2_reduced:.2f} ({f.dof} dof)",
+        fontsize=9,
     )
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, ncol=4)
+    res.set_xlabel("encoder bias (V), drives of the guess")
+    half = max(0.25 * result.bias_v_pi_v, 2 * float(np.min(np.diff(np.sort(b)))))
+    zoom.set_xlim(result.bias_set_v - half, result.bias_set_v + half)
+    near = (xs >= result.bias_set_v - half) & (xs <= result.bias_set_v + half)
+    top = float(curves[near].max()) * 100 if near.any() else 100.0
+    zoom.set_ylim(0, min(100.0, 1.1 * top))
+    zoom.axvline(result.bias_set_v, ls="--", color="k", lw=0.8, label="bias set")
+    zoom.axhline(f.e0 * 100, ls=":", color="0.4", lw=0.8, label=f"floor e0 {100 * f.e0:.2f} %")
+    zoom.set_xlabel("encoder bias (V)")
+    zoom.set_ylabel("error rate (%)")
+    zoom.set_title("the minimum", fontsize=9)
+    zoom.legend(fontsize=7)
+    zoom.grid(True, alpha=0.3, lw=0.5)

@@ -33,7 +33,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from scipy.optimize import OptimizeWarning, curve_fit
 
 from drivers.interfaces import Encoder
-from qkdnode.procedures.common import CalibrationResult, Publisher, call, finish, maybe_await
+from qkdnode.procedures.common import (
+    CalibrationResult,
+    Publisher,
+    call,
+    data_and_residuals,
+    finish,
+    maybe_await,
+)
 
 __all__ = [
     "EncodingCompensationConfig",
@@ -227,18 +234,34 @@ async def compensate_encoding(
 
 
 def plot_encoding_compensation(result: EncodingCompensationResult, fig: Figure) -> None:
-    ax = fig.add_subplot(1, 1, 1)
+    """The error rate measured at each bias tried (numbered in order) with the fitted
+    ``e0 + amp sin^2`` curve, zoomed on the samples; the residuals below (percentage
+    points); the bias it started from and the one it set."""
+    ax, res = data_and_residuals(fig, residual_label="data - fit (pp)")
     b = np.array([s[0] for s in result.samples])
     q = np.array([s[1] for s in result.samples])
-    ax.plot(b, q * 100, "o", label="measured")
+    ax.plot(b, q * 100, "o", ms=6, label="measured (number: order)")
     for i, (x, y) in enumerate(zip(b, q, strict=True)):
-        ax.annotate(str(i), (x, y * 100), fontsize=7)
+        ax.annotate(str(i), (x, y * 100), xytext=(4, 4), textcoords="offset points", fontsize=7)
+    span = float(b.max() - b.min()) if b.size > 1 else 0.2
+    lo, hi = float(b.min()) - 0.15 * span - 0.02, float(b.max()) + 0.15 * span + 0.02
     if result.fit is not None:
         e0, amp, bs = result.fit
-        xs = np.linspace(min(b.min(), bs) - 0.2, max(b.max(), bs) + 0.2, 300)
-        ax.plot(xs, qber_curve(xs, e0, amp, bs, result.v_pi_v) * 100, lw=1, label="fit")
+        xs = np.linspace(min(lo, bs), max(hi, bs), 300)
+        ax.plot(xs, qber_curve(xs, e0, amp, bs, result.v_pi_v) * 100, lw=1.2, label="fit")
+        ax.axvline(bs, ls=":", color="C1", lw=0.8)
+        res.plot(b, (q - qber_curve(b, e0, amp, bs, result.v_pi_v)) * 100, "o", ms=6)
+        title = f"fit: minimum {100 * e0:.2f} % at {bs:.3f} V (V_pi {result.v_pi_v:.3f} V)"
+    else:
+        title = "no fit (too few samples)"
+    ax.axvline(result.initial_bias_v, ls=":", color="0.4", lw=0.9, label="bias before")
+    ax.axvline(result.final_bias_v, ls="--", color="C3", lw=0.9, label="bias set")
     if result.reference_qber is not None:
         ax.axhline(result.reference_qber * 100, ls=":", color="k", lw=0.8, label="reference")
-    ax.set_xlabel("encoder bias (V)")
     ax.set_ylabel("QBER (%)")
-    ax.legend(fontsize=8)
+    ax.set_title(
+        f"{title}; QBER {100 * result.initial_qber:.2f} -> {100 * result.final_qber:.2f} %",
+        fontsize=9,
+    )
+    ax.legend(fontsize=7)
+    res.set_xlabel("encoder bias (V)")

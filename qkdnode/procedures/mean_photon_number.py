@@ -244,6 +244,11 @@ class MeanPhotonResult(CalibrationResult):
     history: list[tuple[str, float, float]] = Field(
         default_factory=list, description="(what, setting, measured mu) per step"
     )
+    class_readings_w: list[list[float]] = Field(
+        default_factory=list,
+        description="the raw meter readings behind the reported values (W): the zero "
+        "(shutter closed), then signal, decoy, vacuum",
+    )
 
     @property
     def mu_signal(self) -> float:
@@ -406,6 +411,7 @@ async def calibrate_mean_photon_number(
         ratio_model = float(np.clip(ratio_model * ratio_target / ratio_meas, 1e-4, 0.999))
     # the reported values: every class read afresh at its final setting
     classes: dict[str, IntensityInterval] = {}
+    raw: list[list[float]] = [[float(x) for x in zero]]
     for name, level in (
         ("signal", modulator.signal_v),
         ("decoy", dec_v),
@@ -413,6 +419,7 @@ async def calibrate_mean_photon_number(
     ):
         await set_all_levels(im, level)
         r = await _readings(meter, cfg.final_readings, cfg.settle_s)
+        raw.append([float(x) for x in r])
         sigma = math.sqrt(float(r.var(ddof=1)) / r.size + float(zero.var(ddof=1)) / zero.size)
         classes[name] = intensity_interval(
             float(r.mean()) - zero_w,
@@ -448,6 +455,7 @@ async def calibrate_mean_photon_number(
         attenuation_db=att,
         decoy_v=dec_v,
         history=history,
+        class_readings_w=raw,
         ok=ok,
         message="" if ok else "targets not reached within tolerance",
     )
@@ -467,37 +475,99 @@ async def _readings(meter: OpticalPowerMeter, n: int, settle_s: float) -> npt.ND
 
 
 def plot_mean_photon_number(result: MeanPhotonResult, fig: Figure) -> None:
-    ax = fig.add_subplot(1, 2, 1)
-    for name, target in (("signal", result.mu_signal_target), ("decoy", result.mu_decoy_target)):
-        ys = [m for w, _, m in result.history if w == name]
-        (line,) = ax.plot(range(len(ys)), ys, "o-", label=name)
-        ax.axhline(target, color=line.get_color(), ls=":", lw=0.8)
-    ax.set_yscale("log")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("mean photon number")
-    ax.set_title(
-        f"VOA {result.attenuation_db:.2f} dB, tap {result.tap_to_output_db} dB", fontsize=8
-    )
-    ax.legend(fontsize=8)
-    ax2 = fig.add_subplot(1, 2, 2)
-    for i, iv in enumerate((result.signal, result.decoy, result.vacuum)):
+    """Left: the meter's readings of each class (zero subtracted, nW at the tap) with
+    their mean and the statistical interval (coverage factor times the standard error),
+    the zero below. Right: each class's mean photon number at the output with the
+    interval the finite-key bound takes (statistics, meter, tap-to-output, drift) and
+    its statistical part, beside the target."""
+    outer = fig.add_gridspec(1, 2, width_ratios=(1.2, 1), wspace=0.3)
+    names = ("signal", "decoy", "vacuum")
+    ivs = (result.signal, result.decoy, result.vacuum)
+    k = result.uncertainty.coverage_factor
+    raw = result.class_readings_w
+    left = outer[0].subgridspec(4, 1, hspace=0.15)
+    zero = np.asarray(raw[0]) if raw else np.zeros(0)
+    first = None
+    for row, (name, iv) in enumerate(zip(names, ivs, strict=True)):
+        ax = (
+            fig.add_subplot(left[row], sharex=first)
+            if first is not None
+            else fig.add_subplot(left[row])
+        )
+        first = first or ax
+        if len(raw) > row + 1:
+            r = (np.asarray(raw[row + 1]) - result.zero_w) * 1e9
+            ax.plot(np.arange(r.size), r, "o", ms=3, color=f"C{row}")
+        ax.axhline(iv.tap_power_w * 1e9, color=f"C{row}", lw=1.0)
+        ax.axhspan(
+            (iv.tap_power_w - k * iv.tap_power_sigma_w) * 1e9,
+            (iv.tap_power_w + k * iv.tap_power_sigma_w) * 1e9,
+            color=f"C{row}",
+            alpha=0.15,
+        )
+        ax.set_ylabel(f"{name}\n(nW)", fontsize=8)
+        ax.ticklabel_format(axis="y", useOffset=False)
+        ax.tick_params(labelbottom=False, labelsize=7)
+        ax.grid(True, alpha=0.3, lw=0.5)
+    axz = fig.add_subplot(left[3], sharex=first)
+    if zero.size:
+        axz.plot(np.arange(zero.size), (zero - result.zero_w) * 1e12, "o", ms=3, color="0.3")
+    axz.axhline(0.0, color="0.3", lw=1.0)
+    axz.set_ylabel("zero\n(pW)", fontsize=8)
+    axz.set_xlabel("reading")
+    axz.tick_params(labelsize=7)
+    axz.grid(True, alpha=0.3, lw=0.5)
+    if first is not None:
+        first.set_title(
+            f"tap readings, zero subtracted; band: +/-{k:g} standard errors", fontsize=8
+        )
+    ax2 = fig.add_subplot(outer[1])
+    stat = result.class_bounds()
+    targets = (result.mu_signal_target, result.mu_decoy_target, None)
+    for i, iv in enumerate(ivs):
+        color = f"C{i}"
+        lo_s, hi_s = stat[i]
         if iv.mu is not None:
             ax2.errorbar(
-                [i], [iv.mu], yerr=[[iv.mu - iv.lower], [iv.upper - iv.mu]], fmt="o", capsize=4
+                [i],
+                [iv.mu],
+                yerr=[[iv.mu - iv.lower], [iv.upper - iv.mu]],
+                fmt="o",
+                capsize=6,
+                color=color,
+                label="bound's interval" if i == 0 else None,
             )
-            label = f"{iv.mu:.3g}\n[{iv.lower:.3g}, {iv.upper:.3g}]"
+            ax2.errorbar(
+                [i + 0.12],
+                [iv.mu],
+                yerr=[[max(iv.mu - lo_s, 0.0)], [max(hi_s - iv.mu, 0.0)]],
+                fmt="none",
+                capsize=3,
+                color="k",
+                lw=1.5,
+                label="statistical part" if i == 0 else None,
+            )
+            label = f"{iv.mu:.4g}\n[{iv.lower:.3g}, {iv.upper:.3g}]"
         else:
-            ax2.plot([i], [iv.upper], "v", color="tab:red")
-            label = f"< {iv.upper:.3g}"
-        ax2.annotate(label, (i, iv.upper), fontsize=7, ha="center", va="bottom")
+            ax2.plot([i], [iv.upper], "v", color=color, ms=8)
+            label = f"< {iv.upper:.3g}\n(below resolution)"
+        ax2.annotate(
+            label, (i, iv.upper), xytext=(0, 6), textcoords="offset points", fontsize=7, ha="center"
+        )
+        t = targets[i]
+        if t is not None:
+            ax2.plot([i - 0.3, i + 0.3], [t, t], color=color, ls=":", lw=1.5)
     ax2.set_yscale("log")
-    ax2.set_xticks(range(3), ["signal", "decoy", "vacuum"])
-    ax2.set_xlim(-0.5, 2.5)
+    ax2.set_ylim(top=4 * max(iv.upper for iv in ivs))
+    ax2.set_xticks(range(3), list(names))
+    ax2.set_xlim(-0.5, 2.6)
     ax2.set_ylabel("mean photon number at the output")
+    ax2.legend(fontsize=7, loc="lower left")
+    ax2.grid(True, alpha=0.3, lw=0.5, which="both")
     ax2.set_title(
-        f"intervals: {result.uncertainty.coverage_factor:g} sigma, meter "
-        f"{result.uncertainty.meter_uncertainty:.0%}, tap "
-        f"{result.uncertainty.tap_to_output_uncertainty_db:g} dB, drift "
+        f"VOA {result.attenuation_db:.2f} dB, tap-to-output {result.tap_to_output_db:.3f} dB;"
+        f" dotted: targets\nintervals: meter {result.uncertainty.meter_uncertainty:.0%}, "
+        f"tap {result.uncertainty.tap_to_output_uncertainty_db:g} dB, drift "
         f"{result.uncertainty.drift_allowance:.0%}",
-        fontsize=8,
+        fontsize=7,
     )

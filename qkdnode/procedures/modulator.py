@@ -40,6 +40,7 @@ from qkdnode.procedures.common import (
     CalibrationResult,
     Publisher,
     call,
+    data_and_residuals,
     finish,
     settle,
 )
@@ -359,37 +360,51 @@ async def calibrate_modulator(
 
 
 def plot_modulator(result: ModulatorResult, fig: Figure) -> None:
-    for i, (name, xs, ys, fit, marks) in enumerate(
-        [
-            (
-                "bias",
-                result.bias_sweep_v,
-                result.bias_sweep_w,
-                result.bias_fit,
-                [result.bias_set_v],
-            ),
-            (
-                "drive",
-                result.drive_sweep_v,
-                result.drive_sweep_w,
-                result.drive_fit,
-                [result.signal_v, result.decoy_v, result.vacuum_v],
-            ),
-        ]
-    ):
-        ax = fig.add_subplot(1, 2, i + 1)
+    """The bias sweep (left) and the drive sweep (right): tap power on a log axis, so
+    that the extinction floor shows, with the fitted cos^2 over it and the settings
+    made (bias; signal, decoy, vacuum drives); relative residuals below."""
+    outer = fig.add_gridspec(1, 2, wspace=0.3)
+    panels = [
+        (
+            "IM bias (V)",
+            result.bias_sweep_v,
+            result.bias_sweep_w,
+            result.bias_fit,
+            [("bias set", result.bias_set_v)],
+        ),
+        (
+            "IM drive, all classes (V)",
+            result.drive_sweep_v,
+            result.drive_sweep_w,
+            result.drive_fit,
+            [("signal", result.signal_v), ("decoy", result.decoy_v), ("vacuum", result.vacuum_v)],
+        ),
+    ]
+    for i, (xlabel, xs, ys, fit, marks) in enumerate(panels):
+        ax, res = data_and_residuals(
+            fig, outer[i], residual_label="(data - fit) / fit (%)" if i == 0 else ""
+        )
         x = np.asarray(xs)
-        ax.plot(x, np.asarray(ys) * 1e3, ".", ms=4)
-        xf = np.linspace(x.min(), x.max(), 400)
-        ax.plot(xf, fit.power(xf) * 1e3, lw=1)
-        for m in marks:
-            ax.axvline(m, ls=":", lw=0.8, color="k")
-        ax.set_xlabel(f"{name} (V)")
-        ax.set_ylabel("power at tap (mW)")
+        y = np.asarray(ys)
+        floor = max(fit.p_min_w, fit.p_max_w * 1e-9)
+        ax.semilogy(x, np.maximum(y, floor / 10) * 1e6, "o", ms=3, label="tap power")
+        xf = np.linspace(x.min(), x.max(), 800)
+        ax.semilogy(xf, np.maximum(fit.power(xf), floor / 10) * 1e6, lw=1.1, label="cos^2 fit")
+        ax.axhline(fit.p_min_w * 1e6, ls=":", color="0.4", lw=0.8, label="fitted floor")
+        for k, (name, v) in enumerate(marks):
+            ax.axvline(v, ls="--", lw=0.8, color=f"C{k + 2}", label=f"{name} {v:.3f} V")
+        ax.set_ylim(floor / 3 * 1e6, fit.p_max_w * 2 * 1e6)
+        if i == 0:
+            ax.set_ylabel("power at the tap (uW)")
         ax.set_title(
-            f"V_pi {fit.v_pi_v:.3f} V, V0 {fit.v0_v:.3f} V, ER {fit.extinction_db:.1f} dB",
+            f"V_pi {fit.v_pi_v:.4f} +/- {fit.v_pi_err_v:.1g} V, V0 {fit.v0_v:.3f} V, "
+            f"extinction {fit.extinction_db:.1f} dB",
             fontsize=8,
         )
+        ax.legend(fontsize=6, loc="lower left")
+        model = fit.power(x)
+        res.plot(x, (y - model) / np.maximum(model, floor) * 100, "o", ms=3)
+        res.set_xlabel(xlabel)
 
 
 class BiasTracker:

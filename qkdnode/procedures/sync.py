@@ -111,6 +111,10 @@ class SyncRecord(CalibrationResult):
     sync: SyncResult
     phase_bin_edges_ps: list[float]
     phase_counts: list[int]
+    #: the same residuals in fine bins around the peak (the acceptance window and at
+    #: least six standard deviations either side)
+    peak_bin_edges_ps: list[float]
+    peak_counts: list[int]
     segment_time_s: list[float]
     segment_residual_ps: list[float]
     segment_error_ps: list[float]
@@ -127,6 +131,9 @@ def sync_record(tags: npt.NDArray[np.void], result: SyncResult) -> SyncRecord:
         t_s = np.zeros(0)
     edges = np.linspace(-period / 2, period / 2, _PHASE_BINS + 1)
     counts, _ = np.histogram(res, edges)
+    reach = min(max(6 * result.residual_sigma_ps, 0.75 * result.window_ps), period / 2)
+    fine = np.linspace(-reach, reach, 61)
+    fine_counts, _ = np.histogram(res, fine)
     inside = np.abs(res) <= result.window_ps / 2
     seg_t: list[float] = []
     seg_r: list[float] = []
@@ -146,6 +153,8 @@ def sync_record(tags: npt.NDArray[np.void], result: SyncResult) -> SyncRecord:
         message=result.message,
         phase_bin_edges_ps=[float(x) for x in edges],
         phase_counts=[int(c) for c in counts],
+        peak_bin_edges_ps=[float(x) for x in fine],
+        peak_counts=[int(c) for c in fine_counts],
         segment_time_s=seg_t,
         segment_residual_ps=seg_r,
         segment_error_ps=seg_e,
@@ -153,69 +162,70 @@ def sync_record(tags: npt.NDArray[np.void], result: SyncResult) -> SyncRecord:
 
 
 def plot_sync(record: SyncRecord, fig: Figure) -> None:
-    """Left: the folded timing histogram near the peak (linear, the Gaussian of the
-    measured residual spread on the dark floor over it, residuals below), the whole slot
-    period as an inset on a log scale. Right: the residual against time (the clock
-    model is the zero line)."""
+    """Left: the timing residuals of the acquisition's tags against the final clock
+    model near the peak (linear, fine bins), a Gaussian of the measured spread on the
+    dark floor over it, the acceptance window dashed, residuals below; the whole slot
+    period as an inset (log). Right: the median residual in segments of the acquisition
+    against time, with a straight line fitted (its slope: the rate left between those
+    tags and the final model, which tracking removed), residuals below."""
     r = record.sync
-    edges = np.asarray(record.phase_bin_edges_ps)
-    counts = np.asarray(record.phase_counts, dtype=np.float64)
+    outer = fig.add_gridspec(1, 2, width_ratios=(1.1, 1), wspace=0.3)
+    ax, res = data_and_residuals(fig, outer[0], residual_label="data - model (tags)")
+    edges = np.asarray(record.peak_bin_edges_ps)
+    counts = np.asarray(record.peak_counts, dtype=np.float64)
     centres = (edges[:-1] + edges[1:]) / 2
     width = float(edges[1] - edges[0])
-    outer = fig.add_gridspec(1, 2, width_ratios=(1.1, 1))
-    ax, res = data_and_residuals(fig, outer[0], residual_label="data - model (counts)")
-    sigma = max(r.residual_sigma_ps, width / 2)
-    far = np.abs(centres) > max(3 * r.window_ps, 6 * sigma)
-    floor = float(np.median(counts[far])) if far.any() else 0.0
-    peak_total = float(np.sum(counts - floor))
-    model = floor + peak_total * width * np.exp(-0.5 * (centres / sigma) ** 2) / (
-        sigma * math.sqrt(2 * math.pi)
-    )
-    zoom = np.abs(centres) <= max(2.5 * r.window_ps, 5 * sigma)
+    coarse_edges = np.asarray(record.phase_bin_edges_ps)
+    coarse = np.asarray(record.phase_counts, dtype=np.float64)
+    coarse_c = (coarse_edges[:-1] + coarse_edges[1:]) / 2
+    coarse_w = float(coarse_edges[1] - coarse_edges[0])
+    far = np.abs(coarse_c) > 4 * r.window_ps
+    floor = float(np.median(coarse[far])) / coarse_w * width if far.any() else 0.0
+    sigma = max(r.residual_sigma_ps, width / 4)
+    total = float(np.sum(counts) - floor * counts.size)
+
+    def model(x: np.ndarray) -> np.ndarray:
+        g = np.exp(-0.5 * (x / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
+        return np.asarray(floor + total * width * g)
+
     err = np.sqrt(np.maximum(counts, 1.0))
-    ax.errorbar(centres[zoom], counts[zoom], err[zoom], fmt=".", ms=3, lw=0.6, label="tags")
-    xf = np.linspace(centres[zoom].min(), centres[zoom].max(), 400)
-    mf = floor + peak_total * width * np.exp(-0.5 * (xf / sigma) ** 2) / (
-        sigma * math.sqrt(2 * math.pi)
-    )
-    ax.plot(xf, mf, lw=1.2, label=f"Gaussian, sigma {r.residual_sigma_ps:.0f} ps, + dark floor")
+    ax.errorbar(centres, counts, err, fmt="o", ms=3, lw=0.6, label="tags")
+    xf = np.linspace(edges[0], edges[-1], 600)
+    ax.plot(xf, model(xf), lw=1.2, label=f"Gaussian, sigma {r.residual_sigma_ps:.1f} ps")
     for x in (-r.window_ps / 2, r.window_ps / 2):
         ax.axvline(x, ls="--", lw=0.8, color="C3")
         res.axvline(x, ls="--", lw=0.8, color="C3")
-    ax.set_ylabel(f"tags per {width:.0f} ps bin")
+    ax.set_ylabel(f"tags per {width:.1f} ps")
     ax.set_title(
-        f"{'locked' if r.locked else 'NOT locked'}: offset {r.offset_ps / 1e6:.3f} us, "
-        f"{r.ppm:+.3f} ppm, window {r.window_ps:.0f} ps (dashed)",
-        fontsize=9,
+        f"{'locked' if r.locked else 'NOT locked'}: {r.ppm:+.3f} ppm, acceptance window "
+        f"{r.window_ps:.0f} ps (dashed), in window {100 * r.in_window_fraction:.1f} %",
+        fontsize=8,
     )
     ax.legend(fontsize=7, loc="upper right")
-    res.errorbar(centres[zoom], (counts - model)[zoom], err[zoom], fmt=".", ms=3, lw=0.6)
-    res.set_xlabel("timing residual, tag - predicted slot time (ps)")
-    inset = ax.inset_axes((0.02, 0.55, 0.3, 0.4))
-    inset.step(centres, np.maximum(counts, 0.5), where="mid", lw=0.6)
+    res.errorbar(centres, counts - model(centres), err, fmt="o", ms=3, lw=0.6)
+    res.set_xlabel("timing residual: tag - predicted slot time (ps)")
+    inset = ax.inset_axes((0.02, 0.55, 0.28, 0.4))
+    inset.step(coarse_c / 1e3, np.maximum(coarse, 0.5), where="mid", lw=0.6)
     inset.set_yscale("log")
-    inset.set_title("whole slot period", fontsize=6)
+    inset.set_title("whole slot (ns)", fontsize=6)
     inset.tick_params(labelsize=5)
-    right = fig.add_subplot(outer[1])
-    if record.segment_time_s:
-        right.errorbar(
-            record.segment_time_s,
-            record.segment_residual_ps,
-            record.segment_error_ps,
-            fmt="o",
-            ms=3,
-            lw=0.8,
-            label="median residual per segment",
-        )
-    right.axhline(0.0, color="C1", lw=1.2, label="clock model")
-    right.set_xlabel("time from the first tag (s)")
+    right, rres = data_and_residuals(fig, outer[1], residual_label="data - line (ps)")
+    t = np.asarray(record.segment_time_s)
+    y = np.asarray(record.segment_residual_ps)
+    e = np.maximum(np.asarray(record.segment_error_ps), 1e-3)
+    if t.size >= 2:
+        slope, icpt = np.polyfit(t, y, 1, w=1 / e)
+        right.errorbar(t, y, e, fmt="o", ms=3, lw=0.8, label="median per segment")
+        right.plot(t, icpt + slope * t, lw=1.2, label=f"line: {slope * 1e-6:+.2e} ppm")
+        rres.errorbar(t, y - (icpt + slope * t), e, fmt="o", ms=3, lw=0.8)
+    right.axhline(0.0, color="0.4", lw=0.8)
     right.set_ylabel("timing residual (ps)")
     right.set_title(
-        f"{r.n_tags} tags over {r.span_s:.2f} s; timing error {r.timing_error_ps:.1f} ps",
-        fontsize=9,
+        f"{r.n_tags} tags over {r.span_s:.3f} s; offset {r.offset_ps / 1e6:.3f} us",
+        fontsize=8,
     )
-    right.grid(True, alpha=0.3, lw=0.5)
     right.legend(fontsize=7)
+    rres.set_xlabel("time from the first tag (s)")
 
 
 async def read_tags(
