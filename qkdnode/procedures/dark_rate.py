@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,7 @@ from qkdnode.procedures.common import (
     call,
     data_and_residuals,
     finish,
+    maybe_await,
     one_sided_confidence,
     poisson_lower,
     poisson_upper,
@@ -70,18 +71,23 @@ async def measure_dark_rate(
     integration_s: float,
     readings: int = 5,
     confidence: float | None = None,
+    wait_integration: Callable[[], object] | None = None,
     state_dir: Path | None = None,
     publish: Publisher | None = None,
 ) -> DarkRateResult:
     """Read every detector ``readings`` times, one integration period apart (module
-    docstring). Saved and published as ``dark_rate``."""
+    docstring); ``wait_integration()`` (may be a coroutine) waits for the next period
+    (default: sleeps ``integration_s``). Saved and published as ``dark_rate``."""
     if integration_s <= 0 or readings < 1:
         raise ValueError("need integration_s > 0 and readings >= 1")
     conf = confidence if confidence is not None else one_sided_confidence(COVERAGE_FACTOR)
     started = time.monotonic()
     per_det: list[list[float]] = [[] for _ in detectors]
     for _ in range(readings):
-        await asyncio.sleep(integration_s)
+        if wait_integration is None:
+            await asyncio.sleep(integration_s)
+        else:
+            await maybe_await(wait_integration())
         for i, d in enumerate(detectors):
             rate = float(await call(d.count_rate_hz))
             if not math.isfinite(rate) or rate < 0:

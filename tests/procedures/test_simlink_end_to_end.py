@@ -21,11 +21,13 @@ import pytest
 
 from drivers.interfaces import DetectorStatus
 from drivers.simlink.params import ClockParams, LinkParams, ReceiverParams
+from qkdnode.procedures.bias_tracking import track_bias
 from qkdnode.procedures.dark_counts import (
     DarkCountConfig,
     DarkCountResult,
     measure_dark_counts_and_efficiency,
 )
+from qkdnode.procedures.dark_rate import measure_dark_rate
 from qkdnode.procedures.detector_timing import DetectorTimingResult, calibrate_detector_timing
 from qkdnode.procedures.encoder_v_pi import (
     EncoderVPiConfig,
@@ -45,7 +47,7 @@ from qkdnode.procedures.mean_photon_number import (
     MeanPhotonResult,
     calibrate_mean_photon_number,
 )
-from qkdnode.procedures.modulator import ModulatorResult, calibrate_modulator
+from qkdnode.procedures.modulator import BiasTracker, ModulatorResult, calibrate_modulator
 from qkdnode.procedures.simharness import SimLink, drain
 from qkdnode.procedures.sync import (
     SlotTracker,
@@ -140,6 +142,18 @@ async def run_sequence(link: SimLink, inst: dict[str, Any], state_dir: Path) -> 
         publish=publish,
     )
 
+    # the receiver's dark-count rates, light off (what the node measures at calibration)
+    inst["voa"].set_shutter(False)
+    link.step(2)
+    await measure_dark_rate(
+        inst["detectors"],
+        integration_s=link.chunk_s,
+        readings=5,
+        wait_integration=lambda: link.step(2),
+        state_dir=state_dir,
+        publish=publish,
+    )
+    inst["voa"].set_shutter(True)
     # synchronization: the transmitter switches to the pattern, the receiver locks
     inst["source"].set_sync_pattern(SEED)
     link.step(1)
@@ -193,6 +207,21 @@ async def run_sequence(link: SimLink, inst: dict[str, Any], state_dir: Path) -> 
         channel_transmittance=link.params.fiber.transmittance,  # link budget (known)
         encoding_qber=encoding.final_qber,  # measured with the encoding compensated
         wait_integration=lambda: link.step(4),
+        state_dir=state_dir,
+        publish=publish,
+    )
+    # one step of the bias tracking the node runs while key flows
+    bias_tracker = BiasTracker(
+        inst["im"], inst["meter"], modulator, (src.p_signal, src.p_decoy, src.p_vacuum)
+    )
+    await track_bias(
+        bias_tracker,
+        mu,
+        (src.p_signal, src.p_decoy, src.p_vacuum),
+        allowance=0.05,
+        remeasure_at=0.5,
+        history=[],
+        started_at=time.monotonic(),
         state_dir=state_dir,
         publish=publish,
     )
@@ -289,6 +318,8 @@ USED = {
     "mean_photon_number": {"laser", "im", "voa", "meter"},
     "detector_timing": {"spd0", "spd1", "spd2", "spd3"},
     "dark_counts": {"spd0", "spd1", "spd2", "spd3"},
+    "dark_rate": {"spd0", "spd1", "spd2", "spd3"},
+    "bias_tracking": {"im", "meter"},
     "sync": {"tagger"},
     "encoder_v_pi": {"encoder"},
     "encoding_compensation": {"encoder"},
