@@ -366,41 +366,69 @@ async def measure_dark_counts_and_efficiency(
 
 
 def plot_dark_counts(result: DarkCountResult, fig: Figure) -> None:
+    """Left: each detector's dark-count rate (dead-time corrected) with its one-sided
+    bounds, the counts behind it annotated (a rate from too few counts shows its upper
+    bound only, an arrow down). Right: each detector's efficiency (or the system's,
+    without the channel's transmittance) with its interval. Log scale for the rates."""
     dets = result.detectors
     names = [d.detector for d in dets]
     x = np.arange(len(names))
     ax1 = fig.add_subplot(1, 2, 1)
+    # a lower bound of 0 runs to the bottom of the (log) axis
+    positive = [d.dark_rate_lower_hz for d in dets if d.dark_rate_lower_hz > 0]
+    bottom = min([*positive, *(d.dark_rate_upper_hz for d in dets)]) / 30
     for i, d in enumerate(dets):
+        lo = max(d.dark_rate_lower_hz, bottom)
+        ax1.vlines(i, lo, d.dark_rate_upper_hz, color="C0", lw=2, alpha=0.5)
         if d.dark_rate_hz is not None:
-            ax1.errorbar(
-                [i],
-                [d.dark_rate_hz],
-                yerr=[
-                    [d.dark_rate_hz - d.dark_rate_lower_hz],
-                    [d.dark_rate_upper_hz - d.dark_rate_hz],
-                ],
-                fmt="o",
-                color="tab:blue",
-                capsize=4,
-            )
+            ax1.plot([i], [d.dark_rate_hz], "o", color="C0")
         else:  # too few counts: the upper bound only
-            ax1.plot([i], [d.dark_rate_upper_hz], "v", color="tab:red")
+            ax1.plot([i], [d.dark_rate_upper_hz], "v", color="C3", ms=8)
+        ax1.annotate(
+            f"{d.dark_counts} counts\nin {d.counting_time_s:.2g} s",
+            (i, d.dark_rate_upper_hz),
+            xytext=(0, 6),
+            textcoords="offset points",
+            ha="center",
+            fontsize=7,
+        )
+    ax1.set_yscale("log")
+    ax1.set_ylim(bottom, 5 * max(d.dark_rate_upper_hz for d in dets))
     ax1.set_xticks(x, names)
-    ax1.set_ylabel(f"dark count rate (Hz), {result.confidence:.2%} bounds")
+    ax1.set_xlim(-0.6, len(names) - 0.4)
+    ax1.set_ylabel("dark count rate (Hz), dead-time corrected")
+    ax1.set_title(
+        f"bars: {result.confidence:.3%} one-sided bounds; v: upper bound only", fontsize=8
+    )
+    ax1.grid(True, alpha=0.3, lw=0.5, which="both")
     ax2 = fig.add_subplot(1, 2, 2)
     det_eff = result.channel_transmittance is not None
     for i, d in enumerate(dets):
         if det_eff and d.detector_efficiency is not None:
-            mid, lo, hi = (
+            mid, lo2, hi2 = (
                 d.detector_efficiency,
                 d.detector_efficiency_lower,
                 d.detector_efficiency_upper,
             )
         else:
-            mid, lo, hi = d.system_efficiency, d.system_efficiency_lower, d.system_efficiency_upper
-        assert lo is not None and hi is not None
-        ax2.errorbar(
-            [i], [mid], yerr=[[mid - lo], [hi - mid]], fmt="o", color="tab:orange", capsize=4
+            mid, lo2, hi2 = (
+                d.system_efficiency,
+                d.system_efficiency_lower,
+                d.system_efficiency_upper,
+            )
+        assert lo2 is not None and hi2 is not None
+        ax2.errorbar([i], [mid], yerr=[[mid - lo2], [hi2 - mid]], fmt="o", color="C1", capsize=5)
+        ax2.annotate(
+            f"{mid:.3f}\n[{lo2:.3f}, {hi2:.3f}]",
+            (i, hi2),
+            xytext=(0, 6),
+            textcoords="offset points",
+            ha="center",
+            fontsize=7,
         )
     ax2.set_xticks(x, names)
-    ax2.set_ylabel("detector efficiency" if det_eff else "system efficiency")
+    ax2.set_xlim(-0.6, len(names) - 0.4)
+    ax2.set_ylabel("detector efficiency" if det_eff else "system efficiency (channel included)")
+    ax2.set_title("light-on minus light-off clicks over the photons sent", fontsize=8)
+    ax2.margins(y=0.15)
+    ax2.grid(True, alpha=0.3, lw=0.5)
