@@ -241,8 +241,8 @@ def plot_bias_tracking(result: BiasTrackingResult, fig: Figure) -> None:
         f"({result.calibrated_bias_v:.3f} V); dither +/-{1e3 * result.dither_v:.0f} mV",
         fontsize=9,
     )
-    ax.legend(fontsize=7, loc="lower center")
-    inset = ax.inset_axes((0.14, 0.6, 0.28, 0.34))
+    ax.legend(fontsize=7, loc="upper left")
+    inset = ax.inset_axes((0.66, 0.08, 0.3, 0.3))
     inset.plot(cb, cw * 1e6, lw=0.8)
     inset.plot(b, p * 1e6, "o", ms=2)
     inset.set_title("one V_pi", fontsize=6)
