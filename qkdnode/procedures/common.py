@@ -24,11 +24,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from pydantic import BaseModel, ConfigDict, Field
 from scipy import stats
@@ -193,16 +190,15 @@ def save_result(result: CalibrationResult, state_dir: Path, plot_fn: PlotFn | No
     stamp = result.timestamp_utc.replace(":", "").replace("-", "").replace("+0000", "Z")
     (out_dir / f"{result.procedure}-{stamp}.json").write_text(text, encoding="utf-8")
     if plot_fn is not None:
-        fig = plt.figure(figsize=(9.0, 6.0), layout="constrained")
-        try:
-            plot_fn(result, fig)
-            fig.suptitle(f"{result.procedure}  {result.timestamp_utc}", fontsize=9)
-            png = out_dir / f"{result.procedure}.png"
-            tmp_png = out_dir / f"{result.procedure}.tmp.png"
-            fig.savefig(tmp_png, dpi=100)
-            os.replace(tmp_png, png)
-        finally:
-            plt.close(fig)
+        # a Figure of its own (no pyplot state): two nodes of one process may save at once
+        fig = Figure(figsize=(9.0, 6.0), layout="constrained")
+        FigureCanvasAgg(fig)
+        plot_fn(result, fig)
+        fig.suptitle(f"{result.procedure}  {result.timestamp_utc}", fontsize=9)
+        png = out_dir / f"{result.procedure}.png"
+        tmp_png = out_dir / f"{result.procedure}.tmp.png"
+        fig.savefig(tmp_png, dpi=100)
+        os.replace(tmp_png, png)
     return json_path
 
 

@@ -357,5 +357,8 @@ async def acquire_lock(
     if publish is not None:
         publish("sync.acquired", result.model_dump())
     record = await asyncio.to_thread(sync_record, tags, result)
-    finish(record, started, state_dir, plot_sync, publish, instruments=[tagger])
+    # the plot in a thread: the tags keep coming while it renders
+    await asyncio.to_thread(
+        finish, record, started, state_dir, plot_sync, publish, instruments=[tagger]
+    )
     return result, tracker
