@@ -308,7 +308,8 @@ async def remeasure_intensities(
     level), ``readings`` readings each, the intervals with the uncertainty budget of
     ``current``. When the signal is off its target by more than the tolerance the VOA
     moves towards it by at most ``max_step_db`` and the classes are read there. The class
-    levels and the shutter are restored whatever happens. Raises
+    levels are restored whatever happens; a failure after the zero reading leaves the
+    shutter closed (the safe side; the node stops and calibrates again). Raises
     :class:`~qkdnode.procedures.common.CalibrationError` when the signal or decoy is
     below the meter's resolution. Saved and published as ``mean_photon_number``.
     """
@@ -350,7 +351,8 @@ async def remeasure_intensities(
             raw.append(r)
             history.append((name, att if name == "signal" else level, classes[name].mu_or_upper))
     finally:
-        await call(voa.set_shutter, True)
+        # the class levels back whatever happened; the shutter is opened again on the
+        # normal path only (after the zero): a failure leaves it closed, the safe side
         await call(im.set_level_v, IntensityClass.SIGNAL, levels[0])
         await call(im.set_level_v, IntensityClass.DECOY, levels[1])
         await call(im.set_level_v, IntensityClass.VACUUM, levels[2])
