@@ -127,10 +127,16 @@ class ScheduledMixin(SessionCore):
                         started_at=started,
                     )
                     remeasured = None
+                    remeasure_error: Exception | None = None
                     if result.action == "remeasure" and self.intensities is not None:
-                        remeasured = await remeasure_intensities(
-                            im, voa, meter, self.modulator, self.intensities
-                        )
+                        try:
+                            remeasured = await remeasure_intensities(
+                                im, voa, meter, self.modulator, self.intensities
+                            )
+                        except asyncio.CancelledError:
+                            raise
+                        except Exception as exc:  # the light may be off: stop, below
+                            remeasure_error = exc
             except asyncio.CancelledError:
                 raise
             except LinkError as exc:
@@ -168,6 +174,15 @@ class ScheduledMixin(SessionCore):
                     mu_decoy=remeasured.decoy.mu,
                     attenuation_db=round(remeasured.attenuation_db, 3),
                 )
+            if remeasure_error is not None:
+                message = (
+                    "the intensities drifted and could not be measured again: "
+                    f"{type(remeasure_error).__name__}: {str(remeasure_error)[:200]}"
+                )
+                self.node.alarm("intensity_drift", message)
+                self.node.stats.calibrated = False
+                await self.node.trigger(Event.STOP, message)
+                return
             if result.action == "stop":
                 message = result.message + (
                     f" (tap power {100 * ((result.power_ratio or 0) - 1):+.1f} % from the "
