@@ -30,7 +30,11 @@ def _tx_extra(interval_s: float) -> dict[str, Any]:
 
 def _decoy_holds(p: InProcessPair) -> bool:
     """The world's true decoy intensity within the interval the bound uses (truth read
-    in the test only)."""
+    in the test only). Not while the transmitter dithers its bias or measures: those
+    slots are withheld from every block (checked without an await in between: no dither
+    starts meanwhile)."""
+    if p.tx.session._im_lock.locked():
+        return True
     assert p.tx.backend is not None
     world: Any = get_world(p.tx.backend.name)
     m = p.tx.session.intensities
