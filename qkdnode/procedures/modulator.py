@@ -440,11 +440,17 @@ class BiasTracker:
         self.history: list[tuple[float, float]] = []  # (monotonic time, bias)
         #: the last step's readings: biases (V), tap powers (W) and the fitted offset (V)
         self.last_readings: tuple[F64, F64, float] | None = None
+        #: the signal, decoy and vacuum drives (V) the model uses: read from the modulator
+        #: at every step (the mean-photon-number calibration and its re-measurements set
+        #: the decoy drive again after the modulator's calibration chose one)
+        self.drives_v = np.array(
+            [calibration.signal_v, calibration.decoy_v, calibration.vacuum_v], dtype=np.float64
+        )
 
     def _mean_rel(self, bias_offsets: F64) -> F64:
         """Relative mean transmission for bias offsets from the calibrated optimum."""
         fit = self.cal.drive_fit
-        drives = np.array([self.cal.signal_v, self.cal.decoy_v, self.cal.vacuum_v])
+        drives = self.drives_v
         # a bias offset shifts the curve like a drive offset, scaled by the V_pi ratio
         scale = fit.v_pi_v / self.cal.bias_fit.v_pi_v
         x = drives[None, :] + bias_offsets[:, None] * scale
@@ -482,6 +488,9 @@ class BiasTracker:
     async def step(self) -> float:
         """One dithered measurement and correction; returns the new bias."""
         b = float(await call(self.im.bias_v))
+        self.drives_v = np.array(
+            [float(await call(self.im.level_v, c)) for c in CLASSES], dtype=np.float64
+        )
         biases = np.array([b - self.dither_v, b + self.dither_v, b])
         powers = []
         for x in biases:

@@ -23,6 +23,7 @@ from drivers.simlink.params import (
     DriftParams,
     FiberParams,
     LinkParams,
+    SourceParams,
     TransmitterHardwareParams,
 )
 from qkdnode.procedures.bias_tracking import (
@@ -51,13 +52,14 @@ class Box:
     mu: MeanPhotonResult
 
 
-def make_box(drift: DriftParams) -> Box:
+def make_box(drift: DriftParams, source: SourceParams | None = None) -> Box:
     # a long fiber: few detections to simulate, the transmitter's physics unchanged
     link = SimLink(
         LinkParams(
             chunk_slots=1 << 20,
             transmitter=TransmitterHardwareParams(drift=drift),
             fiber=FiberParams(length_km=150.0),
+            **({} if source is None else {"source": source}),
         )
     )
     inst = link.connect()
@@ -216,3 +218,33 @@ def test_laser_drift_remeasured_in_time_with_the_schedule(boxes: list[Box]) -> N
     asyncio.run(run())
     assert remeasured >= 2
     assert inst["voa"].attenuation_db() < voa_before  # less attenuation for a dimmer laser
+
+
+def test_tracking_without_drift_keeps_the_bias_whatever_decoy_drive_is_in_use(
+    boxes: list[Box],
+) -> None:
+    """A decoy/signal ratio other than the modulator calibration's default (here 1/8, as on
+    the satellite link) makes the mean-photon-number calibration choose another decoy
+    drive. The tracker models the drives in use: with nothing drifting it leaves the bias
+    and the intensities where they are (with the modulator's own drives in its model it
+    walked the bias 0.4 V off in four steps and the decoy to a quarter)."""
+    box = make_box(
+        DriftParams(),
+        SourceParams(slot_rate_hz=100e6, mu_signal=0.8, mu_decoy=0.1, p_signal=0.5, p_decoy=0.25),
+    )
+    boxes.append(box)
+    tracker = BiasTracker(box.inst["im"], box.inst["meter"], box.modulator, probabilities(box))
+    before = box.link.tx.mu_per_class()
+
+    async def steps() -> list[float]:
+        out = []
+        for _ in range(4):
+            out.append(await tracker.step())
+            box.link.step(1)
+        return out
+
+    biases = asyncio.run(steps())
+    assert max(abs(b - box.modulator.bias_set_v) for b in biases) < 0.01
+    after = box.link.tx.mu_per_class()
+    assert after[1] == pytest.approx(before[1], rel=0.01)
+    assert holds(box, box.mu)
