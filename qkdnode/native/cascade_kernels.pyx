@@ -14,7 +14,7 @@ from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy, memset
 
-from qkdnode.native.shuffle cimport Consts, consts_of, gather_batch, rounds, rounds_inv
+from qkdnode.native.shuffle cimport Consts, Keyed, consts_of, gather_batch, keyed, rounds, rounds_inv
 
 
 # --- 2-bit node states, four per byte ------------------------------------------------------
@@ -203,6 +203,7 @@ def _locate(const int64_t[:, :] leaf, c, const uint64_t[:, ::1] keys,
     cdef Consts cc = consts_of(c)
     cdef int64_t q, j, r
     cdef uint64_t x
+    cdef Keyed f
     cdef Py_ssize_t i
     with nogil:
         for i in range(leaf.shape[1]):
@@ -211,9 +212,10 @@ def _locate(const int64_t[:, :] leaf, c, const uint64_t[:, ::1] keys,
                 out[i] = j
                 continue
             r = q - 1
-            x = rounds(<uint64_t>j, cc, &keys[r, 0], &mults[r, 0])
-            while x >= cc.n:
-                x = rounds(x, cc, &keys[r, 0], &mults[r, 0])
+            f = keyed(cc, &keys[r, 0], &mults[r, 0])
+            x = rounds(<uint64_t>j, f)
+            while x >= f.n:
+                x = rounds(x, f)
             out[i] = <int64_t>x
 
 
@@ -224,18 +226,20 @@ def _flip_all_passes(uint8_t[::1] state, const int64_t[:] pbase, const int64_t[:
     cdef Consts cc = consts_of(c)
     cdef int64_t t, x, r = 0, block, h
     cdef uint64_t y
+    cdef Keyed f
     cdef Py_ssize_t q, i
     with nogil:
         for q in range(out.shape[0]):
             t = tops[q]
             if q:
                 r = q - 1
+                f = keyed(cc, &keys[r, 0], &inv_mults[r, 0])
             for i in range(found.shape[0]):
                 x = found[i]
                 if q:
-                    y = rounds_inv(<uint64_t>x, cc, &keys[r, 0], &inv_mults[r, 0])
-                    while y >= cc.n:
-                        y = rounds_inv(y, cc, &keys[r, 0], &inv_mults[r, 0])
+                    y = rounds_inv(<uint64_t>x, f)
+                    while y >= f.n:
+                        y = rounds_inv(y, f)
                     x = <int64_t>y
                 out[q, i] = x
                 if q >= built:
@@ -303,8 +307,8 @@ def _permuted_pass_tree(const uint8_t[::1] packed, c, const uint64_t[::1] keys,
                         int64_t pbase, uint8_t flag):
     # shuffle._gather and _pass_tree in one sweep: the permuted bits of a few blocks at a
     # time stay in cache instead of going through an n-byte array.
-    cdef Consts cc = consts_of(c)
-    cdef int64_t nn = <int64_t>cc.n, chunk = max(4096, 1 << top), i0, size
+    cdef Keyed f = keyed(consts_of(c), &keys[0], &mults[0])
+    cdef int64_t nn = <int64_t>f.n, chunk = max(4096, 1 << top), i0, size
     cdef uint64_t* batch = <uint64_t*>malloc(chunk * sizeof(uint64_t))
     cdef uint8_t* leaves = <uint8_t*>malloc(chunk)
     cdef uint8_t* buf = <uint8_t*>calloc(2 << top, 1)
@@ -317,7 +321,7 @@ def _permuted_pass_tree(const uint8_t[::1] packed, c, const uint64_t[::1] keys,
         i0 = 0
         while i0 < nn:
             size = min(chunk, nn - i0)
-            gather_batch(&packed[0], cc, &keys[0], &mults[0], i0, batch, leaves, size)
+            gather_batch(&packed[0], f, i0, batch, leaves, size)
             c_block_trees(leaves, size, i0, top, &out[0], pbase, flag, buf)
             i0 += chunk
     free(batch)

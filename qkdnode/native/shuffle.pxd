@@ -7,44 +7,63 @@ ctypedef struct Consts:
     uint64_t mask   # 2**k - 1
     uint64_t shift  # k // 2 + 1
 
+# One permutation's constants, round keys and (inverse) multipliers, passed by value: the
+# compiler keeps them in registers (through pointers it reloads them after every store,
+# as an output array might alias them, and does not vectorise the round loop).
+ctypedef struct Keyed:
+    uint64_t n
+    uint64_t mask
+    uint64_t shift
+    uint64_t k[4]
+    uint64_t m[4]
 
-cdef inline uint64_t rounds(uint64_t x, Consts c, const uint64_t* k, const uint64_t* m) noexcept nogil:
+
+cdef inline Keyed keyed(Consts c, const uint64_t* k, const uint64_t* m) noexcept nogil:
+    cdef Keyed f
+    cdef int r
+    f.n, f.mask, f.shift = c.n, c.mask, c.shift
+    for r in range(4):
+        f.k[r] = k[r]
+        f.m[r] = m[r]
+    return f
+
+
+cdef inline uint64_t rounds(uint64_t x, Keyed f) noexcept nogil:
     # qkdnode.postproc.shuffle._rounds
-    x = ((x ^ k[0]) * m[0]) & c.mask
-    x ^= x >> c.shift
-    x = ((x ^ k[1]) * m[1]) & c.mask
-    x ^= x >> c.shift
-    x = ((x ^ k[2]) * m[2]) & c.mask
-    x ^= x >> c.shift
-    x = ((x ^ k[3]) * m[3]) & c.mask
-    return x ^ (x >> c.shift)
+    x = ((x ^ f.k[0]) * f.m[0]) & f.mask
+    x ^= x >> f.shift
+    x = ((x ^ f.k[1]) * f.m[1]) & f.mask
+    x ^= x >> f.shift
+    x = ((x ^ f.k[2]) * f.m[2]) & f.mask
+    x ^= x >> f.shift
+    x = ((x ^ f.k[3]) * f.m[3]) & f.mask
+    return x ^ (x >> f.shift)
 
 
-cdef inline uint64_t rounds_inv(uint64_t x, Consts c, const uint64_t* k, const uint64_t* inv_m) noexcept nogil:
-    # qkdnode.postproc.shuffle._rounds_inv
-    x ^= x >> c.shift
-    x = ((x * inv_m[3]) & c.mask) ^ (k[3] & c.mask)
-    x ^= x >> c.shift
-    x = ((x * inv_m[2]) & c.mask) ^ (k[2] & c.mask)
-    x ^= x >> c.shift
-    x = ((x * inv_m[1]) & c.mask) ^ (k[1] & c.mask)
-    x ^= x >> c.shift
-    return ((x * inv_m[0]) & c.mask) ^ (k[0] & c.mask)
+cdef inline uint64_t rounds_inv(uint64_t x, Keyed f) noexcept nogil:
+    # qkdnode.postproc.shuffle._rounds_inv (f.m: the inverse multipliers)
+    x ^= x >> f.shift
+    x = ((x * f.m[3]) & f.mask) ^ (f.k[3] & f.mask)
+    x ^= x >> f.shift
+    x = ((x * f.m[2]) & f.mask) ^ (f.k[2] & f.mask)
+    x ^= x >> f.shift
+    x = ((x * f.m[1]) & f.mask) ^ (f.k[1] & f.mask)
+    x ^= x >> f.shift
+    return ((x * f.m[0]) & f.mask) ^ (f.k[0] & f.mask)
 
 
 cdef inline void gather_batch(
-    const uint8_t* packed, Consts c, const uint64_t* k, const uint64_t* m,
-    int64_t i0, uint64_t* batch, uint8_t* dest, int64_t size,
+    const uint8_t* packed, Keyed f, int64_t i0, uint64_t* batch, uint8_t* dest, int64_t size
 ) noexcept nogil:
     # qkdnode.postproc.shuffle._gather_batch: dest[j] = bits[perm[i0 + j]], j < size
     cdef int64_t j
     cdef uint64_t x
     for j in range(size):
-        batch[j] = rounds(<uint64_t>(i0 + j), c, k, m)
+        batch[j] = rounds(<uint64_t>(i0 + j), f)
     for j in range(size):
         x = batch[j]
-        while x >= c.n:
-            x = rounds(x, c, k, m)
+        while x >= f.n:
+            x = rounds(x, f)
         dest[j] = (packed[x >> 3] >> (7 - (x & 7))) & 1
 
 

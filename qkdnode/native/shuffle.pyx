@@ -23,7 +23,7 @@ def _rounds(x, c, k, m):
     cdef uint64_t mm[4]
     _four(k, kk)
     _four(m, mm)
-    return rounds(int(x), consts_of(c), kk, mm)
+    return rounds(int(x), keyed(consts_of(c), kk, mm))
 
 
 def _rounds_inv(x, c, k, inv_m):
@@ -32,32 +32,32 @@ def _rounds_inv(x, c, k, inv_m):
     cdef uint64_t mm[4]
     _four(k, kk)
     _four(inv_m, mm)
-    return rounds_inv(int(x), consts_of(c), kk, mm)
+    return rounds_inv(int(x), keyed(consts_of(c), kk, mm))
 
 
 def _forward(const int64_t[:] idx, c, const uint64_t[::1] keys, const uint64_t[::1] mults,
              int64_t[:] out):
-    cdef Consts cc = consts_of(c)
+    cdef Keyed f = keyed(consts_of(c), &keys[0], &mults[0])
     cdef Py_ssize_t i
     cdef uint64_t x
     with nogil:
         for i in range(idx.shape[0]):
-            x = rounds(<uint64_t>idx[i], cc, &keys[0], &mults[0])
-            while x >= cc.n:  # cycle-walk back into [0, n)
-                x = rounds(x, cc, &keys[0], &mults[0])
+            x = rounds(<uint64_t>idx[i], f)
+            while x >= f.n:  # cycle-walk back into [0, n)
+                x = rounds(x, f)
             out[i] = <int64_t>x
 
 
 def _backward(const int64_t[:] pos, c, const uint64_t[::1] keys, const uint64_t[::1] inv_mults,
               int64_t[:] out):
-    cdef Consts cc = consts_of(c)
+    cdef Keyed f = keyed(consts_of(c), &keys[0], &inv_mults[0])
     cdef Py_ssize_t i
     cdef uint64_t x
     with nogil:
         for i in range(pos.shape[0]):
-            x = rounds_inv(<uint64_t>pos[i], cc, &keys[0], &inv_mults[0])
-            while x >= cc.n:
-                x = rounds_inv(x, cc, &keys[0], &inv_mults[0])
+            x = rounds_inv(<uint64_t>pos[i], f)
+            while x >= f.n:
+                x = rounds_inv(x, f)
             out[i] = <int64_t>x
 
 
@@ -70,16 +70,16 @@ def _gather_batch(const uint8_t[::1] packed, c, k, m, int64_t i0, uint64_t[::1] 
     _four(m, mm)
     if dest.shape[0] > batch.shape[0]:
         raise ValueError(f"dest holds {dest.shape[0]} > batch {batch.shape[0]}")
-    cdef Consts cc = consts_of(c)
+    cdef Keyed f = keyed(consts_of(c), kk, mm)
     if dest.shape[0] == 0:
         return
     with nogil:
-        gather_batch(&packed[0], cc, kk, mm, i0, &batch[0], &dest[0], dest.shape[0])
+        gather_batch(&packed[0], f, i0, &batch[0], &dest[0], dest.shape[0])
 
 
 def _gather(const uint8_t[::1] packed, c, const uint64_t[::1] keys, const uint64_t[::1] mults,
             uint8_t[::1] out):
-    cdef Consts cc = consts_of(c)
+    cdef Keyed f = keyed(consts_of(c), &keys[0], &mults[0])
     cdef int64_t chunk = 4096, i0, size, total = out.shape[0]
     cdef uint64_t* batch
     if total == 0:
@@ -91,6 +91,6 @@ def _gather(const uint8_t[::1] packed, c, const uint64_t[::1] keys, const uint64
         i0 = 0
         while i0 < total:
             size = min(chunk, total - i0)
-            gather_batch(&packed[0], cc, &keys[0], &mults[0], i0, batch, &out[i0], size)
+            gather_batch(&packed[0], f, i0, batch, &out[i0], size)
             i0 += chunk
     free(batch)

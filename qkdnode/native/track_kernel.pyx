@@ -12,25 +12,47 @@ import numpy as np
 
 from libc.math cimport NAN, fabs, floor, rint
 from libc.stdint cimport int64_t, uint8_t
-from libc.stdlib cimport free, malloc, qsort, realloc
+from libc.stdlib cimport free, malloc, realloc
 
 #: as qkdnode.procedures.track_kernel.MEDIAN_SAMPLE
 cdef enum:
     MEDIAN_SAMPLE = 1024
 
 
-cdef int _cmp(const void* a, const void* b) noexcept nogil:
-    cdef double x = (<const double*>a)[0], y = (<const double*>b)[0]
-    return (x > y) - (x < y)
-
-
 cdef double _median(double* a, int64_t n) noexcept nogil:
-    # np.median of a[:n] (sorts a in place): the middle value, or the mean of the two
-    # middle ones as numpy and numba compute it, (lo + hi) / 2
-    qsort(a, n, sizeof(double), _cmp)
+    # np.median of a[:n] (reorders a): the middle value, or the mean of the two middle
+    # ones as numpy and numba compute it, (lo + hi) / 2. Wirth's selection of the upper
+    # middle leaves the lower half <= it, so the lower middle is that half's maximum.
+    cdef int64_t k = n >> 1, lo = 0, hi = n - 1, i, j
+    cdef double x, t, below
+    while lo < hi:
+        x = a[k]
+        i = lo
+        j = hi
+        while True:
+            while a[i] < x:
+                i += 1
+            while x < a[j]:
+                j -= 1
+            if i <= j:
+                t = a[i]
+                a[i] = a[j]
+                a[j] = t
+                i += 1
+                j -= 1
+            if i > j:
+                break
+        if j < k:
+            lo = i
+        if k < i:
+            hi = j
     if n & 1:
-        return a[n >> 1]
-    return (a[(n >> 1) - 1] + a[n >> 1]) / 2
+        return a[k]
+    below = a[0]
+    for i in range(1, k):
+        if a[i] > below:
+            below = a[i]
+    return (below + a[k]) / 2
 
 
 cdef inline int64_t _floordiv(int64_t a, int64_t b) noexcept nogil:

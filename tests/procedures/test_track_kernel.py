@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from drivers.interfaces import TAG_DTYPE
+from qkdnode import jit
 from qkdnode.jit import JIT
 from qkdnode.procedures import track_kernel
 from qkdnode.procedures.sync import ClockModel, SlotTracker, SyncConfig, slot_period_ps
@@ -41,7 +42,7 @@ def test_tracking_keeps_picosecond_precision_after_a_day() -> None:
     assert abs(tracker.model.rate - 1.0 - ppm * 1e-6) * period * 1e6 < 5.0  # < 5 ps per 1e6 slots
 
 
-@pytest.mark.skipif(not JIT, reason="numba unavailable: the numpy twin runs")
+@pytest.mark.skipif(jit.BACKEND != "numba", reason="numba not running: nothing compiles at run time")
 def test_warm_up_compiles_what_a_session_uses() -> None:
     track_kernel.warm_up()
     before = len(track_kernel._track.signatures)
