@@ -1,0 +1,312 @@
+"""Every compiled kernel exists three ways (qkdnode.jit): numba, native (Cython, built at
+install), numpy twin; all three give the same results.
+
+The registry test reads the sources: each ``@njit`` function of qkdnode must have a
+function of the same name in its ``qkdnode/native/<module>.pyx`` and a case below that
+compares it, so a kernel added later without a native version (or without a check) fails
+here. The agreement tests load a copy of each kernel module per backend and feed them the
+same random (hypothesis) inputs: node states, searches and flips through real pass trees,
+permutations of random lengths, tag streams with random drift and jitter.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import importlib.util
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from qkdnode import jit
+from qkdnode.postproc import cascade
+
+ROOT = Path(__file__).resolve().parents[2] / "qkdnode"
+
+#: every @njit kernel -> the test below that compares its backends
+COVERED: dict[str, str] = {
+    **{
+        f"qkdnode.postproc.cascade_kernels.{name}": "test_cascade_steps_agree"
+        for name in (
+            "_get _put _toggle _leaf_slot _get_many _put_many _smallest_odd _descend "
+            "_distinct_searches _odd_searches _left_children _apply_answers _locate "
+            "_flip_all_passes _block_trees _pass_tree _permuted_pass_tree"
+        ).split()
+    },
+    **{
+        f"qkdnode.postproc.shuffle.{name}": "test_permutations_agree"
+        for name in "_rounds _rounds_inv _forward _backward _gather_batch _gather".split()
+    },
+    "qkdnode.procedures.track_kernel._residuals": "test_tracking_agrees",
+    "qkdnode.procedures.track_kernel._track": "test_tracking_agrees",
+}
+
+
+def njit_kernels() -> dict[str, Path]:
+    """``module.name`` of every function decorated ``@njit`` in qkdnode -> its file."""
+    found: dict[str, Path] = {}
+    for path in sorted(ROOT.rglob("*.py")):
+        tree = ast.parse(path.read_text("utf-8"))
+        module = ".".join(path.relative_to(ROOT.parent).with_suffix("").parts)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and any(
+                (isinstance(d, ast.Name) and d.id == "njit")
+                or (isinstance(d, ast.Attribute) and d.attr == "njit")
+                for d in node.decorator_list
+            ):
+                found[f"{module}.{node.name}"] = path
+    return found
+
+
+def native_functions(stem: str) -> set[str]:
+    """Names of the Python-callable functions (``def``/``cpdef``) of ``native/<stem>.pyx``."""
+    pyx = ROOT / "native" / f"{stem}.pyx"
+    if not pyx.exists():
+        return set()
+    names = set()
+    for line in pyx.read_text("utf-8").splitlines():
+        for head in ("def ", "cpdef "):
+            if line.startswith(head):
+                names.add(line[len(head) :].split("(", 1)[0].split()[-1])
+    return names
+
+
+def test_every_njit_kernel_has_a_native_version_and_a_check() -> None:
+    kernels = njit_kernels()
+    assert len(kernels) >= 25, sorted(kernels)  # the scan finds the kernels we know of
+    missing = []
+    for qual in kernels:
+        module, name = qual.rsplit(".", 1)
+        stem = module.rsplit(".", 1)[-1]
+        if stem not in jit.NATIVE_MODULES or name not in native_functions(stem):
+            missing.append(f"{qual}: no {name} in qkdnode/native/{stem}.pyx")
+    assert not missing, "kernels without a native version:\n" + "\n".join(missing)
+    unchecked = sorted(set(kernels) - set(COVERED))
+    assert not unchecked, f"kernels no agreement test compares: {unchecked}"
+    assert set(COVERED) <= set(kernels), sorted(set(COVERED) - set(kernels))
+    # the modules the decorator registered at import are the ones the scan found
+    import qkdnode.postproc.cascade_kernels
+    import qkdnode.procedures.track_kernel  # noqa: F401
+
+    assert set(jit.KERNELS) <= set(kernels)
+
+
+# --- one copy of a kernel module per backend -----------------------------------------------
+
+
+@contextlib.contextmanager
+def _backend(backend: jit.Backend, native: dict[str, ModuleType]) -> Iterator[None]:
+    saved = (jit.BACKEND, jit.JIT, jit._native, dict(jit.KERNELS))
+    jit.BACKEND, jit.JIT = backend, backend != "numpy"
+    jit._native = native
+    try:
+        yield
+    finally:
+        jit.BACKEND, jit.JIT, jit._native = saved[0], saved[1], saved[2]
+        jit.KERNELS.clear()
+        jit.KERNELS.update(saved[3])
+
+
+def _copy(module: str, backend: jit.Backend, native: dict[str, ModuleType]) -> ModuleType:
+    path = ROOT.parent / (module.replace(".", "/") + ".py")
+    spec = importlib.util.spec_from_file_location(f"_{backend}_copy.{module}", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    with _backend(backend, native):
+        spec.loader.exec_module(mod)
+    return mod
+
+
+def implementations(module: str) -> dict[str, ModuleType]:
+    """``module`` as each backend that can run here runs it (the process's own backend is
+    the imported module; numba only when this process runs it: its kernels call each
+    other through the module's names)."""
+    real = importlib.import_module(module)
+    native, why = jit._load_native()
+    out: dict[str, ModuleType] = {}
+    if jit.BACKEND == "numba":
+        out["numba"] = real
+    if native:
+        out["native"] = real if jit.BACKEND == "native" else _copy(module, "native", native)
+    out["numpy"] = real if jit.BACKEND == "numpy" else _copy(module, "numpy", {})
+    if "native" not in out:
+        pytest.skip(f"native kernels not built: {why}")
+    return out
+
+
+_SETTINGS = settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+
+
+def _same(results: dict[str, Any]) -> None:
+    names = list(results)
+    ref = results[names[0]]
+    for name in names[1:]:
+        for i, (a, b) in enumerate(zip(ref, results[name], strict=True)):
+            a, b = np.asarray(a), np.asarray(b)
+            nan = a.dtype.kind == "f" and b.dtype.kind == "f"  # NaN: a segment without a fit
+            assert np.array_equal(a, b, equal_nan=nan), f"{names[0]} vs {name}, item {i}"
+
+
+@st.composite
+def cascade_cases(draw: st.DrawFn) -> tuple[int, list[int], int, int]:
+    n = draw(st.integers(2, 5000))
+    cap = max(1, (n - 1).bit_length())
+    tops = draw(st.lists(st.integers(1, cap), min_size=1, max_size=4))
+    return n, tops, draw(st.integers(0, 2**32)), draw(st.integers(0, len(tops)))
+
+
+@_SETTINGS
+@given(case=cascade_cases())
+def test_cascade_steps_agree(case: tuple[int, list[int], int, int]) -> None:
+    """Both sides' tree builds and Bob's round steps through real pass trees: same states,
+    searches, leaves and positions from every backend."""
+    n, tops, seed, built = case
+    impls = implementations("qkdnode.postproc.cascade_kernels")
+    from qkdnode.postproc import shuffle
+
+    lay = cascade.TreeLayout(n, tops)
+    rng = np.random.default_rng(seed)
+    bits = rng.integers(0, 2, n, dtype=np.uint8)
+    flags = rng.choice(np.array([0, 2], np.uint8), len(tops))
+    perms = [shuffle.KeyedPermutation(n, seed, q) for q in range(1, len(tops))]
+    args = shuffle.stacked_kernel_args(perms)
+    pbase, tt = lay.pass_base, lay.tops
+    ids = rng.permutation(lay.total)[: rng.integers(1, lay.total + 1)].astype(np.int64)
+    values = rng.integers(0, 4, ids.shape[0]).astype(np.uint8)
+    found = np.unique(rng.integers(0, n, rng.integers(1, 200)))
+    parities_seed = int(rng.integers(0, 2**32))
+    results: dict[str, Any] = {}
+    for name, ck in impls.items():
+        state = np.zeros(ck.state_bytes(lay.total), np.uint8)
+        ck.pass_tree(bits, tops[0], state, int(pbase[0]), flags[0])
+        for q in range(1, len(tops)):
+            ck.permuted_pass_tree(bits, perms[q - 1], tops[q], state, int(pbase[q]), flags[q])
+        trees = state.copy()
+        ck.put(state, ids, values)
+        got = ck.get(state, np.arange(lay.total, dtype=np.int32))
+        rows = ck.flip_all_passes(state, pbase, tt, found, perms, args, built)
+        flipped = state.copy()
+        odd = ck.smallest_odd(state, pbase, tt, rows)
+        dup = np.concatenate([odd, odd[:, : odd.shape[1] // 2]], axis=1)
+        distinct = ck.distinct_searches(state, dup)
+        still = ck.odd_searches(state, distinct)
+        keep, leaf = ck.descend(state, pbase, tt, n, still)
+        descended = state.copy()
+        leaf = leaf[:, np.lexsort(leaf[::-1])]  # the numpy twin finds them in another order
+        where = ck.locate(leaf, perms, args)
+        first = np.sort(np.unique(keep[0], return_index=True)[1])
+        keep = keep[:, first[keep[2, first] >= 1]]
+        left = ck.left_children(pbase, tt, keep)
+        parities = np.random.default_rng(parities_seed).integers(0, 2, left.shape[0])
+        # answers as a round brings them: no parent among the children being answered
+        ok = ~np.isin(keep[0], np.concatenate([left, left + 1]))
+        ck.apply_answers(state, left[ok], keep[0][ok], parities[ok].astype(np.uint8))
+        results[name] = (
+            trees, got, rows, flipped, odd, distinct, still, keep, leaf, descended, where, state
+        )
+    _same(results)
+
+
+@_SETTINGS
+@given(
+    n=st.integers(1, 70_000),
+    seed=st.integers(0, 2**32),
+    pass_index=st.integers(0, 9),
+    picks=st.integers(1, 500),
+)
+def test_permutations_agree(n: int, seed: int, pass_index: int, picks: int) -> None:
+    """Forward, backward and gather of keyed permutations of random lengths; the round
+    function itself on random words (numba and native)."""
+    impls = implementations("qkdnode.postproc.shuffle")
+    rng = np.random.default_rng(seed)
+    bits = rng.integers(0, 2, n, dtype=np.uint8)
+    idx = rng.integers(0, n, picks).astype(np.int64)
+    words = rng.integers(0, 2**63, 16, dtype=np.uint64)
+    size = min(picks, n)
+    i0 = int(rng.integers(0, n - size + 1))
+    results: dict[str, Any] = {}
+    for name, sh in impls.items():
+        p = sh.KeyedPermutation(n, seed, pass_index)
+        out = (p.forward(idx), p.backward(idx), p.gather(bits), p.array())
+        if name != "numpy":  # the round functions have no numpy twin of their own
+            c, k, m = p.kernel_args
+            masked = words & c[1]
+            out += (
+                [int(sh._rounds(w, c, tuple(k), tuple(m))) for w in masked],
+                [int(sh._rounds_inv(w, c, tuple(k), tuple(p._inv_mults))) for w in masked],
+            )
+            batch, dest = np.empty(picks, np.uint64), np.empty(size, np.uint8)
+            sh._gather_batch(np.packbits(bits), c, tuple(k), tuple(m), i0, batch, dest)
+            out += (dest,)
+        results[name] = out
+    compiled = {k: v for k, v in results.items() if k != "numpy"}
+    _same(compiled)
+    _same({k: v[:4] for k, v in results.items()})
+
+
+@_SETTINGS
+@given(
+    n=st.integers(2, 20_000),
+    seed=st.integers(0, 2**32),
+    ppm=st.floats(-150.0, 150.0),
+    jitter_ps=st.floats(1.0, 400.0),
+    offset_ps=st.floats(-30_000.0, 30_000.0),
+    segment_ps=st.sampled_from([100_000_000, 2_000_000_000, 10_000_000_000]),
+    min_fit=st.integers(3, 64),
+    gains=st.tuples(st.floats(0.0, 1.0), st.floats(0.0, 0.5)),
+)
+def test_tracking_agrees(  # noqa: PLR0917
+    n: int,
+    seed: int,
+    ppm: float,
+    jitter_ps: float,
+    offset_ps: float,
+    segment_ps: int,
+    min_fit: int,
+    gains: tuple[float, float],
+) -> None:
+    """The slot-tracking loop over tag streams with random drift, jitter and clock offset:
+    numba and native identical to the last bit, the numpy twin as close as its own test
+    asks."""
+    impls = implementations("qkdnode.procedures.track_kernel")
+    rng = np.random.default_rng(seed)
+    period = 40_000.0 * (1 + ppm * 1e-6)
+    slots = np.sort(rng.choice(50 * n, n, replace=False)).astype(np.int64) + 1000
+    times = np.rint(slots * period + rng.normal(0.0, jitter_ps, n)).astype(np.int64)
+    times.sort()
+    kw = dict(
+        segment_ps=segment_ps,
+        offset_ps=offset_ps,
+        rate=1.0,
+        period_ps=40_000.0,
+        capture_ps=20_000.0,
+        window_ps=1_000.0,
+        min_fit_tags=min_fit,
+        phase_gain=gains[0],
+        rate_gain=gains[1],
+    )
+    results = {name: tuple(tk.track(times, **kw)) for name, tk in impls.items()}
+    _same({k: v for k, v in results.items() if k != "numpy"})
+    native, twin = results["native"], results["numpy"]
+    assert np.array_equal(native[0], twin[0]) and np.array_equal(native[2], twin[2])
+    assert native[3].shape == twin[3].shape
+    np.testing.assert_allclose(native[1], twin[1], atol=1e-6)
+    np.testing.assert_allclose(native[3], twin[3], rtol=1e-9, atol=1e-6, equal_nan=True)
+    assert native[4] == pytest.approx(twin[4], abs=1e-6)
+    assert native[5] == pytest.approx(twin[5], abs=1e-15)
+    # the residuals module-level kernel on its own (numba and native)
+    if "numba" in impls:
+        outs = []
+        for name in ("numba", "native"):
+            n_out, r_out = np.zeros(n, np.int64), np.zeros(n, np.float64)
+            impls[name]._residuals(times, 1, n, offset_ps, 1.0 + 1e-6, 40_000.0, n_out, r_out)
+            outs.append((n_out, r_out))
+        _same({"numba": outs[0], "native": outs[1]})
