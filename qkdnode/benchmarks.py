@@ -41,13 +41,15 @@ BENCH_MODULES: tuple[str, ...] = (
     "qkdnode.procedures.bench",
     "qkdnode.console.bench",
     "qkdnode.startbench",
+    "qkdnode.kernelbench",
 )
 #: The environment of the production configuration: the hardened systemd unit forbids
 #: writable+executable memory, so numba cannot load there and every kernel runs as its
-#: numpy twin (:mod:`qkdnode.jit`).
+#: ahead-of-time compiled version, or its numpy twin where those are not built
+#: (:mod:`qkdnode.jit`).
 PRODUCTION_ENV: dict[str, str] = {"QKDNODE_NO_JIT": "1"}
 #: Bench modules run a second time in :data:`PRODUCTION_ENV` (their kernels differ).
-PRODUCTION_MODULES: tuple[str, ...] = ("qkdnode.postproc.bench",)
+PRODUCTION_MODULES: tuple[str, ...] = ("qkdnode.postproc.bench", "qkdnode.procedures.bench")
 PRODUCTION_TAG = " (production)"
 E2E_STAGE = "end-to-end"
 MODULE_TIMEOUT_S = 900.0
@@ -251,21 +253,30 @@ def run_stage_modules(
             progress(f"{label}: FAILED ({outcome.get('error')})")
 
 
+def production_kernels() -> str:
+    """The kernels :data:`PRODUCTION_ENV` runs here: ``native`` when the ahead-of-time
+    extensions are built, else ``numpy`` (the twins)."""
+    from qkdnode import jit
+
+    return "native" if jit._load_native()[0] else "numpy"
+
+
 def _beside_jit(rows: list[BenchRow], earlier: Sequence[BenchRow], stage: str) -> list[BenchRow]:
     """Production ``rows`` of ``stage``, tagged, each note naming the JIT row of the same
     name and unit measured earlier in the run, and production / JIT."""
     jit = {(r.name, r.unit): r for r in earlier if r.stage == stage}
+    prod = f"QKDNODE_NO_JIT=1 ({production_kernels()} kernels)"
     out = []
     for row in rows:
         ref = jit.get((row.name, row.unit))
         note = row.note
         if ref is not None and math.isfinite(ref.value) and ref.value != 0:
             note = (
-                f"QKDNODE_NO_JIT=1; JIT in the same run {fmt_value(ref.value)} "
+                f"{prod}; JIT in the same run {fmt_value(ref.value)} "
                 f"(production / JIT {row.value / ref.value:.2f}); {note}"
             )
         else:
-            note = f"QKDNODE_NO_JIT=1; {note}"
+            note = f"{prod}; {note}"
         out.append(replace(row, stage=row.stage + PRODUCTION_TAG, note=note))
     return out
 
@@ -343,7 +354,7 @@ def _sustained_run(
         report.failed.append({"module": E2E_STAGE + tag, "error": summary.failure or "demo failed"})
         return None
     sustained = summary.steady_detection_rate_hz
-    prefix = "QKDNODE_NO_JIT=1 in both daemons; " if env else ""
+    prefix = f"QKDNODE_NO_JIT=1 in both daemons ({production_kernels()} kernels); " if env else ""
     if env and jit_rate and math.isfinite(jit_rate) and sustained is not None:
         prefix += (
             f"JIT in the same run {fmt_value(jit_rate)} "
@@ -384,7 +395,8 @@ def run_end_to_end(
     detections committed between the first and the last block commit over the time between
     them, so start-up and the first block's accumulation do not count. The pipeline keeps
     up in real time if that rate matches what the link offers. The production run sets
-    :data:`PRODUCTION_ENV` for both daemons (the simulated link still uses numba).
+    :data:`PRODUCTION_ENV` for both daemons (their kernels native, or the numpy twins
+    where not built; the simulated link still uses numba).
     """
     from qkdnode.demo.config import apply_overrides, load_demo_config
     from qkdnode.demo.runner import Reporter, run_demo
@@ -431,11 +443,14 @@ def machine_info() -> dict[str, Any]:
         pass
     import numpy
 
+    from qkdnode import jit
+
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "numpy": numpy.__version__,
+        "kernels": f"{jit.describe()}; production (QKDNODE_NO_JIT=1): {production_kernels()}",
         "platform": platform.platform(),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
@@ -520,6 +535,7 @@ def markdown(report: BenchReport) -> str:
         "",
         f"- CPU: {m.get('cpu')} ({m.get('cores')} cores)",
         f"- Python {m.get('python')}, numpy {m.get('numpy')}",
+        f"- Kernels: {m.get('kernels')}",
         f"- Platform: {m.get('platform')}",
         f"- Date: {m.get('date')}",
         f"- Command: `{report.command}`" + (" (quick mode)" if report.quick else ""),

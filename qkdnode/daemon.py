@@ -164,18 +164,20 @@ def warm_up_kernels() -> None:
     from qkdnode.procedures import track_kernel
 
     t0 = time.monotonic()
-    if jit.JIT:
+    if jit.BACKEND == "numba":
         log.info(
             "kernels_loading",
-            jit=True,
+            kernels=jit.BACKEND,
             note="compiled on the first start after an install (about a minute), "
             "loaded from numba's cache afterwards",
         )
+    elif jit.BACKEND == "native":
+        log.info("kernels_loading", kernels=jit.BACKEND, reason=jit.WHY_NOT)
     else:
-        log.warning("kernels_numpy_twins", jit=False, reason=jit.WHY_NOT)
+        log.warning("kernels_numpy_twins", kernels=jit.BACKEND, reason=jit.WHY_NOT)
     cascade.warm_up()
     track_kernel.warm_up()
-    log.info("kernels_ready", seconds=round(time.monotonic() - t0, 2))
+    log.info("kernels_ready", kernels=jit.BACKEND, seconds=round(time.monotonic() - t0, 2))
 
 
 class DaemonBase:

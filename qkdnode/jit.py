@@ -72,7 +72,7 @@ def _select() -> tuple[Backend, str | None, ModuleType | None, dict[str, ModuleT
     if asked:
         if asked not in BACKENDS:
             raise ValueError(f"QKDNODE_KERNELS={asked!r}: expected one of {', '.join(BACKENDS)}")
-        order = list(BACKENDS[BACKENDS.index(cast(Backend, asked)) :])
+        order = list(BACKENDS[BACKENDS.index(asked) :])
         if asked != "numba":
             why.append(f"QKDNODE_KERNELS={asked}")
     elif os.environ.get("QKDNODE_NO_JIT", "") not in ("", "0"):

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 import structlog
 
 from drivers.interfaces import SimulatedBackend
+from qkdnode import jit
 from qkdnode.alarms import AlarmBoard
 from qkdnode.bus.commands import CallerInfo, CommandSpec, CommandTable
 from qkdnode.bus.errors import CommandError
@@ -170,6 +171,7 @@ class NodeCommands:
             "healthy": self.node.healthy(),
             "peer_connected": bool(self.node.peer and self.node.peer.connected),
             "instruments": {n: up for n, up in self.node.hardware.up.items()},
+            "kernels": jit.BACKEND,
             "stats": self.node.stats.as_dict(),
             "keystore": self.node.session.keystore_counts() if self.node.session else {},
             **self.node.key_flow_status(),

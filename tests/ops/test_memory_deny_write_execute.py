@@ -10,6 +10,9 @@ W+X mmap fails), then imports and exercises what the daemon uses. A library with
 
 from __future__ import annotations
 
+import ctypes
+import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -71,10 +74,10 @@ CHILD = textwrap.dedent(
 
     import qkdnode.metrics, qkdnode.sdnotify, qkdnode.postproc.cascade, drivers.registry
     import qkdnode.jit
-    assert not qkdnode.jit.JIT, "numba loaded without W+X memory?"
+    assert qkdnode.jit.BACKEND != "numba", "numba loaded without W+X memory?"
     assert "OSError" in qkdnode.jit.WHY_NOT or "PermissionError" in qkdnode.jit.WHY_NOT
 
-    # the numpy twins of the compiled kernels run instead (Cascade, slot tracking)
+    # the ahead-of-time kernels (or the numpy twins where not built) run instead
     from qkdnode.postproc.params import CascadeParams
     key = rng.integers(0, 2, 20000, dtype=np.uint8)
     noisy = key.copy()
@@ -123,3 +126,94 @@ def test_node_libraries_work_without_write_execute_memory() -> None:
 
     # what runs here without the rule runs under it: the native product needs no W+X
     assert f"pa backends {toeplitz.available_backends()}" in r.stdout
+
+
+# The kernels' work in a child: a Cascade block of 2e5 bits at 3 % QBER, a 4e6-position
+# permutation gather and the slot-tracking loop over drifting tags; digests of the results.
+KERNEL_WORK = textwrap.dedent(
+    """
+    import ctypes, hashlib, json, mmap, sys
+    try:
+        mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+        wx = True
+    except OSError:
+        wx = False
+    try:
+        import numba
+        numba.njit(lambda x: x + 1)(1)
+        numba_runs = True
+    except (ImportError, OSError) as exc:
+        numba_runs = False
+    import numpy as np
+    from qkdnode import jit
+    from qkdnode.daemon import warm_up_kernels
+    from qkdnode.postproc import cascade, shuffle
+    from qkdnode.postproc.params import CascadeParams
+    from qkdnode.procedures import track_kernel
+
+    warm_up_kernels()
+    rng = np.random.default_rng(11)
+    n = 200_000
+    key = rng.integers(0, 2, n, dtype=np.uint8)
+    noisy = key ^ (rng.random(n) < 0.03).astype(np.uint8)
+    fixed, stats = cascade.reconcile_local(key, noisy, 0.03, CascadeParams(), 5)
+    bits = rng.integers(0, 2, 4_000_000, dtype=np.uint8)
+    gathered = shuffle.KeyedPermutation(bits.size, 3, 2).gather(bits)
+    slots = np.sort(rng.choice(10_000_000, 200_000, replace=False))
+    times = np.rint(slots * 40_000.8 + rng.normal(0, 30, slots.size)).astype(np.int64)
+    tr = track_kernel.track(times, segment_ps=2_000_000_000, offset_ps=0.0, rate=1.0,
+                            period_ps=40_000.0, capture_ps=20_000.0, window_ps=1_000.0,
+                            min_fit_tags=16, phase_gain=0.5, rate_gain=0.1)
+    digest = lambda *arrays: hashlib.sha256(b"".join(a.tobytes() for a in arrays)).hexdigest()
+    print(json.dumps({
+        "wx": wx, "numba_runs": numba_runs, "backend": jit.BACKEND, "why_not": jit.WHY_NOT,
+        "corrected": bool((fixed == key).all()), "disclosed": int(stats.disclosed_bits),
+        "rounds": int(stats.rounds), "cascade": digest(fixed), "gather": digest(gathered),
+        "tracking": digest(tr.slot, tr.residual_ps, tr.in_window, tr.segments),
+        "model": [tr.offset_ps, tr.rate],
+    }))
+    """
+)
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded before any fork: the hook only calls
+
+
+def _set_mdwe() -> None:
+    """preexec hook: the rule the unit's MemoryDenyWriteExecute=yes sets (kept across
+    exec), in the forked child before it runs Python."""
+    if _LIBC.prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_MDWE)")
+
+
+def test_native_kernels_run_where_numba_is_refused_with_the_same_results() -> None:
+    """Under the unit's rule numba cannot compile, the kernels compiled at install run
+    (the daemon's warm-up included), and a Cascade block, a permutation and the tracking
+    loop give exactly what numba gives without the rule."""
+    from qkdnode import jit
+
+    if not mdwe_supported():
+        pytest.skip("prctl(PR_SET_MDWE) unavailable (needs Linux >= 6.3)")
+    if not jit._load_native()[0]:
+        pytest.skip(f"native kernels not built: {jit._load_native()[1]}")
+    env = {k: v for k, v in os.environ.items() if k not in ("QKDNODE_NO_JIT", "QKDNODE_KERNELS")}
+    runs = {}
+    for name, preexec in (("production", _set_mdwe), ("jit", None)):
+        r = subprocess.run(
+            [sys.executable, "-c", KERNEL_WORK],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+            preexec_fn=preexec,
+        )
+        assert r.returncode == 0, r.stdout + r.stderr
+        runs[name] = json.loads(r.stdout.strip().splitlines()[-1])
+    prod, ref = runs["production"], runs["jit"]
+    assert not prod["wx"] and not prod["numba_runs"], prod
+    assert prod["backend"] == "native", prod
+    assert "numba" in prod["why_not"] and "Error" in prod["why_not"], prod
+    assert ref["wx"] and ref["numba_runs"] and ref["backend"] == "numba", ref
+    assert prod["corrected"] and ref["corrected"]
+    for field in ("disclosed", "rounds", "cascade", "gather", "tracking", "model"):
+        assert prod[field] == ref[field], field

@@ -33,15 +33,29 @@ ROOT = Path(__file__).resolve().parents[2] / "qkdnode"
 COVERED: dict[str, str] = {
     **{
         f"qkdnode.postproc.cascade_kernels.{name}": "test_cascade_steps_agree"
-        for name in (
-            "_get _put _toggle _leaf_slot _get_many _put_many _smallest_odd _descend "
-            "_distinct_searches _odd_searches _left_children _apply_answers _locate "
-            "_flip_all_passes _block_trees _pass_tree _permuted_pass_tree"
-        ).split()
+        for name in [
+            "_get",
+            "_put",
+            "_toggle",
+            "_leaf_slot",
+            "_get_many",
+            "_put_many",
+            "_smallest_odd",
+            "_descend",
+            "_distinct_searches",
+            "_odd_searches",
+            "_left_children",
+            "_apply_answers",
+            "_locate",
+            "_flip_all_passes",
+            "_block_trees",
+            "_pass_tree",
+            "_permuted_pass_tree",
+        ]
     },
     **{
         f"qkdnode.postproc.shuffle.{name}": "test_permutations_agree"
-        for name in "_rounds _rounds_inv _forward _backward _gather_batch _gather".split()
+        for name in ["_rounds", "_rounds_inv", "_forward", "_backward", "_gather_batch", "_gather"]
     },
     "qkdnode.procedures.track_kernel._residuals": "test_tracking_agrees",
     "qkdnode.procedures.track_kernel._track": "test_tracking_agrees",
@@ -140,9 +154,7 @@ def implementations(module: str) -> dict[str, ModuleType]:
     return out
 
 
-_SETTINGS = settings(
-    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+_SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _same(results: dict[str, Any]) -> None:
@@ -210,7 +222,18 @@ def test_cascade_steps_agree(case: tuple[int, list[int], int, int]) -> None:
         ok = ~np.isin(keep[0], np.concatenate([left, left + 1]))
         ck.apply_answers(state, left[ok], keep[0][ok], parities[ok].astype(np.uint8))
         results[name] = (
-            trees, got, rows, flipped, odd, distinct, still, keep, leaf, descended, where, state
+            trees,
+            got,
+            rows,
+            flipped,
+            odd,
+            distinct,
+            still,
+            keep,
+            leaf,
+            descended,
+            where,
+            state,
         )
     _same(results)
 
@@ -263,7 +286,7 @@ def test_permutations_agree(n: int, seed: int, pass_index: int, picks: int) -> N
     min_fit=st.integers(3, 64),
     gains=st.tuples(st.floats(0.0, 1.0), st.floats(0.0, 0.5)),
 )
-def test_tracking_agrees(  # noqa: PLR0917
+def test_tracking_agrees(
     n: int,
     seed: int,
     ppm: float,

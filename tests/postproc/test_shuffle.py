@@ -57,7 +57,9 @@ def test_bad_arguments_are_refused() -> None:
         p.gather(np.zeros(9, dtype=np.uint8))
 
 
-@pytest.mark.skipif(jit.BACKEND != "numba", reason="numba not running: nothing compiles at run time")
+@pytest.mark.skipif(
+    jit.BACKEND != "numba", reason="numba not running: nothing compiles at run time"
+)
 def test_cascade_warm_up_compiles_every_kernel_a_block_uses() -> None:
     """After the daemon's warm-up, a real block (other sizes, levels and error counts)
     compiles nothing new: no compile can stall the first key block."""

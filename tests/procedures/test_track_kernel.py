@@ -42,7 +42,9 @@ def test_tracking_keeps_picosecond_precision_after_a_day() -> None:
     assert abs(tracker.model.rate - 1.0 - ppm * 1e-6) * period * 1e6 < 5.0  # < 5 ps per 1e6 slots
 
 
-@pytest.mark.skipif(jit.BACKEND != "numba", reason="numba not running: nothing compiles at run time")
+@pytest.mark.skipif(
+    jit.BACKEND != "numba", reason="numba not running: nothing compiles at run time"
+)
 def test_warm_up_compiles_what_a_session_uses() -> None:
     track_kernel.warm_up()
     before = len(track_kernel._track.signatures)
