@@ -17,7 +17,10 @@ Selection, once at import (:data:`BACKEND`):
   run, the next one down the list numba, native, numpy runs and :data:`WHY_NOT` says why;
 - else ``QKDNODE_NO_JIT=1`` (what the unit's production configuration means): native when
   built, else numpy; numba is not even imported;
-- else numba when it loads, else native, else numpy.
+- else native when built, else numba when it loads, else numpy. The native kernels run
+  as fast as numba's or faster and load in milliseconds, where numba's take about a second
+  from its cache and half a minute to compile on the first start after an install
+  (docs/performance.md), so they are preferred wherever they are built.
 
 :data:`JIT` is true when a compiled backend (numba or native) runs: the calling modules
 then call the decorated names, which :func:`njit` has made numba's or the native module's
@@ -79,7 +82,7 @@ def _select() -> tuple[Backend, str | None, ModuleType | None, dict[str, ModuleT
         order = ["native", "numpy"]
         why.append("QKDNODE_NO_JIT is set")
     else:
-        order = list(BACKENDS)
+        order = ["native", "numba", "numpy"]
     for backend in order:
         if backend == "numba":
             nb, reason = _load_numba()
@@ -95,7 +98,8 @@ def _select() -> tuple[Backend, str | None, ModuleType | None, dict[str, ModuleT
 
 
 BACKEND: Backend
-#: why numba does not run (None when it does)
+#: why a backend before :data:`BACKEND` in the order of preference does not run (None:
+#: the first choice runs)
 WHY_NOT: str | None
 BACKEND, WHY_NOT, _numba, _native = _select()
 #: a compiled backend (numba or native) runs the kernels

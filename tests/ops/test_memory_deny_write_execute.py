@@ -73,9 +73,14 @@ CHILD = textwrap.dedent(
     assert cb(41) == 42
 
     import qkdnode.metrics, qkdnode.sdnotify, qkdnode.postproc.cascade, drivers.registry
+    try:
+        import numba
+    except OSError as exc:  # llvmlite cannot map its code
+        assert "Permission" in str(exc) or isinstance(exc, PermissionError), exc
+    else:
+        sys.exit("numba loaded without W+X memory?")
     import qkdnode.jit
-    assert qkdnode.jit.BACKEND != "numba", "numba loaded without W+X memory?"
-    assert "OSError" in qkdnode.jit.WHY_NOT or "PermissionError" in qkdnode.jit.WHY_NOT
+    assert qkdnode.jit.BACKEND != "numba"
 
     # the ahead-of-time kernels (or the numpy twins where not built) run instead
     from qkdnode.postproc.params import CascadeParams
@@ -198,13 +203,16 @@ def test_native_kernels_run_where_numba_is_refused_with_the_same_results() -> No
         pytest.skip(f"native kernels not built: {jit._load_native()[1]}")
     env = {k: v for k, v in os.environ.items() if k not in ("QKDNODE_NO_JIT", "QKDNODE_KERNELS")}
     runs = {}
-    for name, preexec in (("production", _set_mdwe), ("jit", None)):
+    for name, preexec, extra in (
+        ("production", _set_mdwe, {"QKDNODE_NO_JIT": "1"}),  # as the unit sets
+        ("jit", None, {"QKDNODE_KERNELS": "numba"}),
+    ):
         r = subprocess.run(
             [sys.executable, "-c", KERNEL_WORK],
             capture_output=True,
             text=True,
             timeout=300,
-            env=env,
+            env={**env, **extra},
             preexec_fn=preexec,
         )
         assert r.returncode == 0, r.stdout + r.stderr
@@ -212,7 +220,6 @@ def test_native_kernels_run_where_numba_is_refused_with_the_same_results() -> No
     prod, ref = runs["production"], runs["jit"]
     assert not prod["wx"] and not prod["numba_runs"], prod
     assert prod["backend"] == "native", prod
-    assert "numba" in prod["why_not"] and "Error" in prod["why_not"], prod
     assert ref["wx"] and ref["numba_runs"] and ref["backend"] == "numba", ref
     assert prod["corrected"] and ref["corrected"]
     for field in ("disclosed", "rounds", "cascade", "gather", "tracking", "model"):

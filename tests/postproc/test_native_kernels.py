@@ -116,36 +116,62 @@ def test_every_njit_kernel_has_a_native_version_and_a_check() -> None:
 
 @contextlib.contextmanager
 def _backend(backend: jit.Backend, native: dict[str, ModuleType]) -> Iterator[None]:
-    saved = (jit.BACKEND, jit.JIT, jit._native, dict(jit.KERNELS))
+    saved = (jit.BACKEND, jit.JIT, jit._native, jit._numba, dict(jit.KERNELS))
     jit.BACKEND, jit.JIT = backend, backend != "numpy"
     jit._native = native
     try:
         yield
     finally:
-        jit.BACKEND, jit.JIT, jit._native = saved[0], saved[1], saved[2]
+        jit.BACKEND, jit.JIT, jit._native, jit._numba = saved[:4]
         jit.KERNELS.clear()
-        jit.KERNELS.update(saved[3])
+        jit.KERNELS.update(saved[4])
+
+
+#: kernel modules whose numba kernels call another module's (by its module-level name)
+DEPENDS = {"qkdnode.postproc.cascade_kernels": "qkdnode.postproc.shuffle"}
 
 
 def _copy(module: str, backend: jit.Backend, native: dict[str, ModuleType]) -> ModuleType:
+    """A fresh copy of ``module`` whose kernels are ``backend``'s (with copies of the
+    kernel modules it calls, of the same backend)."""
+    dep = DEPENDS.get(module)
+    inner = _copy(dep, backend, native) if dep else None
     path = ROOT.parent / (module.replace(".", "/") + ".py")
     spec = importlib.util.spec_from_file_location(f"_{backend}_copy.{module}", path)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
-    with _backend(backend, native):
+    with _backend(backend, native), contextlib.ExitStack() as stack:
+        if dep and inner is not None:
+            package, name = dep.rsplit(".", 1)
+            pkg = importlib.import_module(package)
+            stack.callback(setattr, pkg, name, getattr(pkg, name))
+            setattr(pkg, name, inner)  # what `from package import name` binds in the copy
         spec.loader.exec_module(mod)
     return mod
 
 
+def _numba_loads() -> bool:
+    try:
+        import numba  # noqa: F401
+    except (ImportError, OSError):
+        return False
+    return True
+
+
 def implementations(module: str) -> dict[str, ModuleType]:
     """``module`` as each backend that can run here runs it (the process's own backend is
-    the imported module; numba only when this process runs it: its kernels call each
-    other through the module's names)."""
+    the imported module, the others are copies)."""
     real = importlib.import_module(module)
     native, why = jit._load_native()
     out: dict[str, ModuleType] = {}
     if jit.BACKEND == "numba":
         out["numba"] = real
+    elif _numba_loads():
+        import numba
+
+        with _backend("numba", {}):
+            jit._numba = numba
+            out["numba"] = _copy(module, "numba", {})
     if native:
         out["native"] = real if jit.BACKEND == "native" else _copy(module, "native", native)
     out["numpy"] = real if jit.BACKEND == "numpy" else _copy(module, "numpy", {})

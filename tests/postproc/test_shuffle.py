@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qkdnode import jit
 from qkdnode.jit import JIT
 from qkdnode.postproc import shuffle
+from tests.numba_rerun import run_under_numba
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 64, 65, 1000, 1 << 16, 100_003])
@@ -57,12 +57,11 @@ def test_bad_arguments_are_refused() -> None:
         p.gather(np.zeros(9, dtype=np.uint8))
 
 
-@pytest.mark.skipif(
-    jit.BACKEND != "numba", reason="numba not running: nothing compiles at run time"
-)
 def test_cascade_warm_up_compiles_every_kernel_a_block_uses() -> None:
     """After the daemon's warm-up, a real block (other sizes, levels and error counts)
     compiles nothing new: no compile can stall the first key block."""
+    if not run_under_numba(__file__, "test_cascade_warm_up_compiles_every_kernel_a_block_uses"):
+        return
     from numba.core.registry import CPUDispatcher
 
     from qkdnode.postproc import bench, cascade, cascade_kernels

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from drivers.interfaces import TAG_DTYPE
-from qkdnode import jit
 from qkdnode.jit import JIT
 from qkdnode.procedures import track_kernel
 from qkdnode.procedures.sync import ClockModel, SlotTracker, SyncConfig, slot_period_ps
+from tests.numba_rerun import run_under_numba
 
 RATE = 25e6
 
@@ -42,10 +42,9 @@ def test_tracking_keeps_picosecond_precision_after_a_day() -> None:
     assert abs(tracker.model.rate - 1.0 - ppm * 1e-6) * period * 1e6 < 5.0  # < 5 ps per 1e6 slots
 
 
-@pytest.mark.skipif(
-    jit.BACKEND != "numba", reason="numba not running: nothing compiles at run time"
-)
 def test_warm_up_compiles_what_a_session_uses() -> None:
+    if not run_under_numba(__file__, "test_warm_up_compiles_what_a_session_uses"):
+        return
     track_kernel.warm_up()
     before = len(track_kernel._track.signatures)
     tracker = SlotTracker(ClockModel(0.0, 1.0), RATE, 200.0, SyncConfig())
