@@ -48,6 +48,9 @@ BENCH_MODULES: tuple[str, ...] = (
 #: ahead-of-time compiled version, or its numpy twin where those are not built
 #: (:mod:`qkdnode.jit`).
 PRODUCTION_ENV: dict[str, str] = {"QKDNODE_NO_JIT": "1"}
+#: The environment of the JIT rows the production rows are set beside: numba's kernels
+#: (the node prefers the native ones wherever they are built).
+JIT_ENV: dict[str, str] = {"QKDNODE_KERNELS": "numba"}
 #: Bench modules run a second time in :data:`PRODUCTION_ENV` (their kernels differ).
 PRODUCTION_MODULES: tuple[str, ...] = ("qkdnode.postproc.bench", "qkdnode.procedures.bench")
 PRODUCTION_TAG = " (production)"
@@ -229,10 +232,12 @@ def run_stage_modules(
     """Every module of ``modules``, then those of ``production`` among them again in the
     production configuration (stage tagged :data:`PRODUCTION_TAG`, each row's note
     naming the same run's JIT value and the ratio)."""
-    runs: list[tuple[str, dict[str, str] | None]] = [(name, None) for name in modules]
-    runs += [(name, PRODUCTION_ENV) for name in production if name in modules]
-    for name, env in runs:
-        label = name + (PRODUCTION_TAG if env else "")
+    runs: list[tuple[str, dict[str, str] | None, bool]] = [
+        (name, JIT_ENV if name in production else None, False) for name in modules
+    ]
+    runs += [(name, PRODUCTION_ENV, True) for name in production if name in modules]
+    for name, env, is_production in runs:
+        label = name + (PRODUCTION_TAG if is_production else "")
         progress(f"{label}: running")
         t0 = time.perf_counter()
         outcome = run_module_isolated(name, quick, extra_env=env)
@@ -244,7 +249,7 @@ def run_stage_modules(
             items = outcome.get("rows", [])
             stage = name.removesuffix(".bench")
             rows = _rows_from(stage, items)
-            if env:
+            if is_production:
                 rows = _beside_jit(rows, report.rows, stage)
             report.rows.extend(rows)
             progress(f"{label}: {len(items)} results in {time.perf_counter() - t0:.1f} s")
@@ -320,13 +325,14 @@ def _sustained_run(
     quick: bool,
     out_dir: Path,
     progress: Callable[[str], None],
-    env: dict[str, str] | None,
+    env: dict[str, str],
     *,
     jit_rate: float | None = None,
 ) -> float | None:
-    """One sustained-rate demo run (daemons in ``env`` if given); appends its row and
-    returns the rate (NaN if fewer than two blocks committed, None if the run failed).
-    ``jit_rate``: the same run's JIT rate, named in the note with the ratio."""
+    """One sustained-rate demo run (daemons in ``env``: :data:`JIT_ENV` or
+    :data:`PRODUCTION_ENV`); appends its row and returns the rate (NaN if fewer than two
+    blocks committed, None if the run failed). ``jit_rate``: the same run's JIT rate,
+    named in the note with the ratio."""
     from qkdnode.demo.config import apply_overrides, load_demo_config
     from qkdnode.demo.runner import Reporter, run_demo
 
@@ -335,27 +341,32 @@ def _sustained_run(
     data = base.model_dump(mode="python")
     data["demo"]["auto_block_size"] = False
     block = int(data["protocol"]["block_detections"])
-    tag = PRODUCTION_TAG if env else ""
+    production = env == PRODUCTION_ENV
+    tag = PRODUCTION_TAG if production else ""
     cfg = apply_overrides(
         type(base).model_validate(data),
         distance_km=E2E_SUSTAINED_KM,
         duration_s=duration,
         seed=1,
-        out_dir=out_dir / ("bench-demo-sustained" + ("-production" if env else "")),
+        out_dir=out_dir / ("bench-demo-sustained" + ("-production" if production else "")),
     )
     offered = offered_detection_rate_hz(cfg)
     progress(
         f"{E2E_STAGE}{tag}: demo run of {duration:g} s at {E2E_SUSTAINED_KM:g} km "
         f"(offers {offered / 1e6:.2f} M/s)"
     )
-    with _environment(env or {}):
+    with _environment(env):
         summary = run_demo(cfg, Reporter(step=lambda m: progress(f"  demo: {m}")))
     if not summary.ok and summary.detections == 0:
         report.failed.append({"module": E2E_STAGE + tag, "error": summary.failure or "demo failed"})
         return None
     sustained = summary.steady_detection_rate_hz
-    prefix = f"QKDNODE_NO_JIT=1 in both daemons ({production_kernels()} kernels); " if env else ""
-    if env and jit_rate and math.isfinite(jit_rate) and sustained is not None:
+    prefix = (
+        f"QKDNODE_NO_JIT=1 in both daemons ({production_kernels()} kernels); "
+        if production
+        else "numba kernels (QKDNODE_KERNELS=numba) in both daemons; "
+    )
+    if production and jit_rate and math.isfinite(jit_rate) and sustained is not None:
         prefix += (
             f"JIT in the same run {fmt_value(jit_rate)} "
             f"(production / JIT {sustained / jit_rate:.2f}); "
@@ -401,7 +412,7 @@ def run_end_to_end(
     from qkdnode.demo.config import apply_overrides, load_demo_config
     from qkdnode.demo.runner import Reporter, run_demo
 
-    jit_rate = _sustained_run(report, quick, out_dir, progress, None)
+    jit_rate = _sustained_run(report, quick, out_dir, progress, JIT_ENV)
     if jit_rate is None:
         return
     _sustained_run(report, quick, out_dir, progress, PRODUCTION_ENV, jit_rate=jit_rate)
