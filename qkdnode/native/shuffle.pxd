@@ -52,14 +52,19 @@ cdef inline uint64_t rounds_inv(uint64_t x, Keyed f) noexcept nogil:
     return ((x * f.m[0]) & f.mask) ^ (f.k[0] & f.mask)
 
 
+cdef extern from "rounds.h":
+    void qkd_rounds_batch(uint64_t i0, uint64_t* batch, int64_t size, uint64_t mask,
+                          uint64_t shift, const uint64_t* k, const uint64_t* m) nogil
+
+
 cdef inline void gather_batch(
     const uint8_t* packed, Keyed f, int64_t i0, uint64_t* batch, uint8_t* dest, int64_t size
 ) noexcept nogil:
     # qkdnode.postproc.shuffle._gather_batch: dest[j] = bits[perm[i0 + j]], j < size
+    # (its first loop, rounds(i0 + j) for every j, is qkd_rounds_batch in rounds.h)
     cdef int64_t j
     cdef uint64_t x
-    for j in range(size):
-        batch[j] = rounds(<uint64_t>(i0 + j), f)
+    qkd_rounds_batch(<uint64_t>i0, batch, size, f.mask, f.shift, f.k, f.m)
     for j in range(size):
         x = batch[j]
         while x >= f.n:
