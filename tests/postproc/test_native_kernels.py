@@ -14,6 +14,9 @@ from __future__ import annotations
 import ast
 import contextlib
 import importlib.util
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -359,3 +362,38 @@ def test_tracking_agrees(
             impls[name]._residuals(times, 1, n, offset_ps, 1.0 + 1e-6, 40_000.0, n_out, r_out)
             outs.append((n_out, r_out))
         _same({"numba": outs[0], "native": outs[1]})
+
+
+@pytest.mark.parametrize(
+    ("env", "want"),
+    [
+        ({"QKDNODE_NO_JIT": "1"}, "native"),  # what the unit sets
+        ({}, "native"),  # preferred wherever built
+        ({"QKDNODE_KERNELS": "numba"}, "numba"),
+        ({"QKDNODE_KERNELS": "numpy", "QKDNODE_NO_JIT": "1"}, "numpy"),
+    ],
+)
+def test_selection_follows_the_environment(env: dict[str, str], want: str) -> None:
+    """Which kernels a fresh process runs, as docs/operations.md tells an operator; with
+    QKDNODE_NO_JIT numba is not even imported."""
+    if want == "native" and not jit._load_native()[0]:
+        pytest.skip("native kernels not built")
+    base = {k: v for k, v in os.environ.items() if k not in ("QKDNODE_NO_JIT", "QKDNODE_KERNELS")}
+    code = "import sys, qkdnode.jit as j; print(j.BACKEND, 'numba' in sys.modules)"
+    r = subprocess.run(
+        [sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr
+    backend, numba_loaded = r.stdout.split()
+    assert backend == want
+    if "QKDNODE_NO_JIT" in env:
+        assert numba_loaded == "False"
+
+
+def test_an_unknown_kernel_choice_is_refused_by_name() -> None:
+    env = {**os.environ, "QKDNODE_KERNELS": "fortran"}
+    r = subprocess.run(
+        [sys.executable, "-c", "import qkdnode.jit"], env=env, capture_output=True, text=True
+    )
+    assert r.returncode != 0
+    assert "QKDNODE_KERNELS='fortran'" in r.stderr and "numba, native, numpy" in r.stderr
