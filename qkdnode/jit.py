@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 from collections.abc import Callable
+from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal, TypeVar, cast
 
@@ -40,8 +42,25 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 Backend = Literal["numba", "native", "numpy"]
 BACKENDS: tuple[Backend, ...] = ("numba", "native", "numpy")
 #: The extension modules of :mod:`qkdnode.native`, one per module with ``@njit`` kernels
-#: (named after it); native runs only when all of them import.
-NATIVE_MODULES: tuple[str, ...] = ("cascade_kernels", "shuffle", "track_kernel")
+#: (named after it, path of that module under qkdnode/); native runs only when all of
+#: them import and hold every kernel of their module.
+NATIVE_SOURCES: dict[str, str] = {
+    "cascade_kernels": "postproc/cascade_kernels.py",
+    "shuffle": "postproc/shuffle.py",
+    "track_kernel": "procedures/track_kernel.py",
+}
+NATIVE_MODULES: tuple[str, ...] = tuple(NATIVE_SOURCES)
+_KERNEL_DEF = re.compile(r"^@njit\s*\n(?:@.*\n)*def\s+(\w+)", re.MULTILINE)
+
+
+def kernel_names(stem: str) -> list[str]:
+    """Names of the ``@njit`` functions in the source of the module of native module
+    ``stem`` (read, not imported; [] when the source is not installed)."""
+    try:
+        text = (Path(__file__).parent / NATIVE_SOURCES[stem]).read_text("utf-8")
+    except OSError:
+        return []
+    return _KERNEL_DEF.findall(text)
 
 
 class NativeKernelMissing(RuntimeError):
@@ -57,6 +76,9 @@ def _load_native() -> tuple[dict[str, ModuleType], str | None]:
             mods[name] = importlib.import_module(f"qkdnode.native.{name}")
         except ImportError as exc:
             return {}, f"qkdnode.native.{name} not built ({exc})"
+        missing = [k for k in kernel_names(name) if not hasattr(mods[name], k)]
+        if missing:  # built from older sources than the Python kernels
+            return {}, f"qkdnode.native.{name} lacks {', '.join(missing)} (rebuild it)"
     return mods, None
 
 

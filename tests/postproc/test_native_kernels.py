@@ -107,6 +107,14 @@ def test_every_njit_kernel_has_a_native_version_and_a_check() -> None:
     unchecked = sorted(set(kernels) - set(COVERED))
     assert not unchecked, f"kernels no agreement test compares: {unchecked}"
     assert set(COVERED) <= set(kernels), sorted(set(COVERED) - set(kernels))
+    # the check qkdnode.jit makes before it picks native (a build from older sources
+    # falls back instead of failing at import) sees the same kernels
+    seen = {
+        f"qkdnode.{jit.NATIVE_SOURCES[stem][:-3].replace('/', '.')}.{name}"
+        for stem in jit.NATIVE_MODULES
+        for name in jit.kernel_names(stem)
+    }
+    assert seen == set(kernels)
     # the modules the decorator registered at import are the ones the scan found
     import qkdnode.postproc.cascade_kernels
     import qkdnode.procedures.track_kernel  # noqa: F401
