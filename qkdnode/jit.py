@@ -17,7 +17,11 @@ Selection, once at import (:data:`BACKEND`):
   run, the next one down the list numba, native, numpy runs and :data:`WHY_NOT` says why;
 - else ``QKDNODE_NO_JIT=1`` (what the unit's production configuration means): native when
   built, else numpy; numba is not even imported;
-- else native when built, else numba when it loads, else numpy. The native kernels run
+- else native when built, else numba when it loads, else numpy.
+
+"Built" means every module of :data:`NATIVE_SOURCES` imports and holds all the ``@njit``
+kernels of its Python module's source (a build from older sources is passed over, and
+:data:`WHY_NOT` names what it lacks). The native kernels run
   as fast as numba's or faster and load in milliseconds, where numba's take about a second
   from its cache and half a minute to compile on the first start after an install
   (docs/performance.md), so they are preferred wherever they are built.
