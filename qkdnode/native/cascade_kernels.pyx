@@ -10,11 +10,20 @@ ids / positions and uint8 state bytes; ``c``/``keys``/``mults`` as in
 
 import numpy as np
 
-from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy, memset
 
-from qkdnode.native.shuffle cimport Consts, Keyed, consts_of, gather_batch, keyed, rounds, rounds_inv
+from qkdnode.native.shuffle cimport (
+    Consts,
+    Keyed,
+    consts_of,
+    gather_batch,
+    keyed,
+    rounds,
+    rounds_inv,
+    walk_batch,
+)
 
 
 # --- 2-bit node states, four per byte ------------------------------------------------------
@@ -79,7 +88,8 @@ def _put_many(uint8_t[::1] state, const int64_t[:] ids, const uint8_t[:] values)
 
 
 def _smallest_odd(uint8_t[::1] state, const int64_t[:] pbase, const int64_t[:] tops,
-                  const int64_t[:, :] k, int64_t[:, :] out):
+                  const int64_t[:, :] k, int64_t[:, :] out, const int64_t[:] boff,
+                  const uint8_t[:] built):
     cdef uint8_t* st = &state[0]
     cdef int64_t m = 0, t, x, block, h, lvl
     cdef Py_ssize_t q, i
@@ -90,6 +100,8 @@ def _smallest_odd(uint8_t[::1] state, const int64_t[:] pbase, const int64_t[:] t
                 x = k[q, i]
                 c_leaf_slot(pbase[q], t, x, &block, &h)
                 lvl = 0
+                if not built[boff[q] + (x >> t)]:  # only the block's root is known there
+                    h, lvl = 1, t
                 while h:
                     if c_get(st, block + h) == 1:
                         out[0, m] = block + h
@@ -140,6 +152,36 @@ def _descend(uint8_t[::1] state, const int64_t[:] pbase, const int64_t[:] tops, 
                     kept += 1
                     break
     return kept, found
+
+
+ctypedef fused index_t:
+    int32_t
+    int64_t
+    uint32_t
+    uint64_t
+
+
+def _unbuilt_blocks(const index_t[:] ids, const int64_t[:] pbase, const int64_t[:] tops,
+                    const int64_t[:] boff, uint8_t[:] built, int64_t first, int64_t[:] out):
+    # ids: node ids of any of these integer types (numba compiles one version per type)
+    cdef int64_t m = 0, last = pbase.shape[0] - 1, x, q, g
+    cdef Py_ssize_t i
+    with nogil:
+        for i in range(ids.shape[0]):
+            x = <int64_t>ids[i]
+            if x < first:
+                continue
+            q = last
+            while pbase[q] > x:
+                q -= 1
+            g = boff[q] + ((x - pbase[q]) >> (tops[q] + 1))
+            if built[g] == 0:
+                built[g] = 2  # listed once
+                out[m] = g
+                m += 1
+        for i in range(m):
+            built[out[i]] = 0
+    return m
 
 
 def _distinct_searches(uint8_t[::1] state, const int64_t[:, :] s, int64_t[:, :] out):
@@ -221,7 +263,8 @@ def _locate(const int64_t[:, :] leaf, c, const uint64_t[:, ::1] keys,
 
 def _flip_all_passes(uint8_t[::1] state, const int64_t[:] pbase, const int64_t[:] tops,
                      const int64_t[:] found, c, const uint64_t[:, ::1] keys,
-                     const uint64_t[:, ::1] inv_mults, int64_t[:, :] out, int64_t built):
+                     const uint64_t[:, ::1] inv_mults, int64_t[:, :] out,
+                     const int64_t[:] boff, const uint8_t[:] built):
     cdef uint8_t* st = &state[0]
     cdef Consts cc = consts_of(c)
     cdef int64_t t, x, r = 0, block, h
@@ -242,9 +285,9 @@ def _flip_all_passes(uint8_t[::1] state, const int64_t[:] pbase, const int64_t[:
                         y = rounds_inv(y, f)
                     x = <int64_t>y
                 out[q, i] = x
-                if q >= built:
-                    continue
                 c_leaf_slot(pbase[q], t, x, &block, &h)
+                if not built[boff[q] + (x >> t)]:
+                    h = 1  # a block not built yet holds its root only
                 while h:
                     c_toggle(st, block + h)
                     h >>= 1
@@ -302,28 +345,116 @@ def _pass_tree(const uint8_t[::1] leaves, int64_t top, uint8_t[::1] out, int64_t
     free(buf)
 
 
-def _permuted_pass_tree(const uint8_t[::1] packed, c, const uint64_t[::1] keys,
-                        const uint64_t[::1] mults, int64_t top, uint8_t[::1] out,
-                        int64_t pbase, uint8_t flag):
-    # shuffle._gather and _pass_tree in one sweep: the permuted bits of a few blocks at a
-    # time stay in cache instead of going through an n-byte array.
+def _permuted_blocks(const uint8_t[::1] packed, c, const uint64_t[::1] keys,
+                     const uint64_t[::1] mults, int64_t top, uint8_t[::1] out, int64_t pbase,
+                     uint8_t flag, const int64_t[:] blocks):
+    # shuffle._gather_batch and _block_trees a run of consecutive blocks (of at least 4096
+    # bits) at a time: the permuted bits stay in cache instead of going through an n-byte
+    # array, and small blocks share one batch.
     cdef Keyed f = keyed(consts_of(c), &keys[0], &mults[0])
-    cdef int64_t nn = <int64_t>f.n, chunk = max(4096, 1 << top), i0, size
-    cdef uint64_t* batch = <uint64_t*>malloc(chunk * sizeof(uint64_t))
-    cdef uint8_t* leaves = <uint8_t*>malloc(chunk)
-    cdef uint8_t* buf = <uint8_t*>calloc(2 << top, 1)
-    if batch == NULL or leaves == NULL or buf == NULL:
+    cdef int64_t nn = <int64_t>f.n, size = (<int64_t>1) << top
+    cdef int64_t per_run = max(<int64_t>1, (<int64_t>4096) >> top), chunk = per_run * size
+    cdef int64_t i = 0, first, run, start, cnt
+    cdef uint64_t* batch
+    cdef int64_t* todo
+    cdef uint8_t* leaves
+    cdef uint8_t* buf
+    if blocks.shape[0] == 0:
+        return
+    batch = <uint64_t*>malloc(chunk * sizeof(uint64_t))
+    todo = <int64_t*>malloc(chunk * sizeof(int64_t))
+    leaves = <uint8_t*>malloc(chunk)
+    buf = <uint8_t*>calloc(2 * size, 1)
+    if batch == NULL or todo == NULL or leaves == NULL or buf == NULL:
         free(batch)
+        free(todo)
         free(leaves)
         free(buf)
         raise MemoryError()
     with nogil:
-        i0 = 0
-        while i0 < nn:
-            size = min(chunk, nn - i0)
-            gather_batch(&packed[0], f, i0, batch, leaves, size)
-            c_block_trees(leaves, size, i0, top, &out[0], pbase, flag, buf)
-            i0 += chunk
+        while i < blocks.shape[0]:
+            first = blocks[i]
+            run = 1
+            while run < per_run and i + run < blocks.shape[0] and blocks[i + run] == first + run:
+                run += 1
+            start = first << top
+            cnt = min(run * size, nn - start)
+            gather_batch(&packed[0], f, start, batch, leaves, cnt, todo)
+            c_block_trees(leaves, cnt, start, top, &out[0], pbase, flag, buf)
+            i += run
     free(batch)
+    free(todo)
     free(leaves)
     free(buf)
+
+
+def _block_parities(const uint8_t[:] bits, c, const uint64_t[:, ::1] keys,
+                    const uint64_t[:, ::1] inv_mults, const int64_t[:] tops,
+                    const int64_t[:] offs, uint8_t[:] out):
+    # The key in batches: the positions of a batch's ones are listed branch-free once, and
+    # for each pass q their permuted positions are computed (the inverse permutation
+    # keys[q], inv_mults[q], branch-free first, as shuffle._gather_batch) and each toggles
+    # the parity of its block; into one 64-bit word per pass when it has at most 64 blocks
+    # (the check passes), else into out[offs[q]:offs[q + 1]] (see the numba kernel).
+    cdef Consts cc = consts_of(c)
+    cdef int64_t nn = <int64_t>cc.n, size = 4096, passes = tops.shape[0]
+    cdef int64_t i0, end, cnt, j, q, b, base
+    cdef uint64_t shift, word, one = 1
+    cdef Keyed f
+    cdef uint64_t* ones
+    cdef uint64_t* batch
+    cdef int64_t* todo
+    cdef uint64_t* words
+    if passes == 0:
+        return
+    ones = <uint64_t*>malloc(size * sizeof(uint64_t))
+    batch = <uint64_t*>malloc(size * sizeof(uint64_t))
+    todo = <int64_t*>malloc(size * sizeof(int64_t))
+    words = <uint64_t*>calloc(passes, sizeof(uint64_t))
+    if ones == NULL or batch == NULL or todo == NULL or words == NULL:
+        free(ones)
+        free(batch)
+        free(todo)
+        free(words)
+        raise MemoryError()
+    with nogil:
+        i0 = 0
+        while i0 < nn:
+            end = min(size, nn - i0)
+            cnt = 0
+            for j in range(end):
+                ones[cnt] = <uint64_t>(i0 + j)
+                cnt += bits[i0 + j]
+            for q in range(passes):
+                f = keyed(cc, &keys[q, 0], &inv_mults[q, 0])
+                for j in range(cnt):
+                    batch[j] = rounds_inv(ones[j], f)
+                walk_batch(batch, cnt, f, True, todo)
+                shift = <uint64_t>tops[q]
+                if offs[q + 1] - offs[q] <= 64:
+                    word = words[q]
+                    for j in range(cnt):
+                        word ^= one << (batch[j] >> shift)
+                    words[q] = word
+                else:
+                    base = offs[q]
+                    for j in range(cnt):
+                        out[base + <int64_t>(batch[j] >> shift)] ^= 1
+            i0 += size
+        for q in range(passes):
+            if offs[q + 1] - offs[q] <= 64:
+                for b in range(offs[q + 1] - offs[q]):
+                    out[offs[q] + b] = (words[q] >> <uint64_t>b) & one
+    free(ones)
+    free(batch)
+    free(todo)
+    free(words)
+
+
+def _toggle_bits(uint8_t[::1] packed, const int64_t[:] pos):
+    cdef int64_t x
+    cdef Py_ssize_t i
+    with nogil:
+        for i in range(pos.shape[0]):
+            x = pos[i]
+            packed[x >> 3] ^= (<uint8_t>0x80) >> (x & 7)

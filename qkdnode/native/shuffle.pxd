@@ -57,18 +57,39 @@ cdef extern from "rounds.h":
                           uint64_t shift, const uint64_t* k, const uint64_t* m) nogil
 
 
+cdef inline void walk_batch(
+    uint64_t* batch, int64_t size, Keyed f, bint inverse, int64_t* todo
+) noexcept nogil:
+    # qkdnode.postproc.shuffle._walk_batch: the values >= n among batch[:size] walk on
+    # along their cycles (rounds, or rounds_inv if inverse; f.m: the matching multipliers)
+    # until they fall inside [0, n); todo: scratch of size int64. The out-of-range ones
+    # are listed branch-free first, then walked.
+    cdef int64_t j, t, cnt = 0
+    cdef uint64_t x
+    for j in range(size):
+        todo[cnt] = j
+        cnt += batch[j] >= f.n
+    for t in range(cnt):
+        j = todo[t]
+        x = batch[j]
+        while x >= f.n:
+            x = rounds_inv(x, f) if inverse else rounds(x, f)
+        batch[j] = x
+
+
 cdef inline void gather_batch(
-    const uint8_t* packed, Keyed f, int64_t i0, uint64_t* batch, uint8_t* dest, int64_t size
+    const uint8_t* packed, Keyed f, int64_t i0, uint64_t* batch, uint8_t* dest, int64_t size,
+    int64_t* todo
 ) noexcept nogil:
     # qkdnode.postproc.shuffle._gather_batch: dest[j] = bits[perm[i0 + j]], j < size
-    # (its first loop, rounds(i0 + j) for every j, is qkd_rounds_batch in rounds.h)
+    # (its first loop, rounds(i0 + j) for every j, is qkd_rounds_batch in rounds.h; todo:
+    # scratch of size int64 for walk_batch)
     cdef int64_t j
     cdef uint64_t x
     qkd_rounds_batch(<uint64_t>i0, batch, size, f.mask, f.shift, f.k, f.m)
+    walk_batch(batch, size, f, False, todo)
     for j in range(size):
         x = batch[j]
-        while x >= f.n:
-            x = rounds(x, f)
         dest[j] = (packed[x >> 3] >> (7 - (x & 7))) & 1
 
 

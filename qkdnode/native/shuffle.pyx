@@ -61,20 +61,42 @@ def _backward(const int64_t[:] pos, c, const uint64_t[::1] keys, const uint64_t[
             out[i] = <int64_t>x
 
 
-def _gather_batch(const uint8_t[::1] packed, c, k, m, int64_t i0, uint64_t[::1] batch,
-                  uint8_t[::1] dest):
-    """``dest[j] = bits[perm[i0 + j]]`` for ``j < dest.shape[0] <= batch.shape[0]``."""
+def _walk_batch(uint64_t[::1] batch, int64_t size, c, k, m, bint inverse,
+                int64_t[::1] todo):
+    """Walk the values ``>= n`` among ``batch[:size]`` on along their cycles until they fall
+    inside ``[0, n)`` (``m``: the inverse multipliers if ``inverse``); ``todo`` is scratch
+    of ``size`` int64. ValueError if ``batch`` or ``todo`` holds fewer than ``size``."""
     cdef uint64_t kk[4]
     cdef uint64_t mm[4]
     _four(k, kk)
     _four(m, mm)
-    if dest.shape[0] > batch.shape[0]:
-        raise ValueError(f"dest holds {dest.shape[0]} > batch {batch.shape[0]}")
+    if size < 0 or size > batch.shape[0] or size > todo.shape[0]:
+        raise ValueError(f"size {size}: batch holds {batch.shape[0]}, todo {todo.shape[0]}")
+    cdef Keyed f = keyed(consts_of(c), kk, mm)
+    if size == 0:
+        return
+    with nogil:
+        walk_batch(&batch[0], size, f, inverse, &todo[0])
+
+
+def _gather_batch(const uint8_t[::1] packed, c, k, m, int64_t i0, uint64_t[::1] batch,
+                  uint8_t[::1] dest, int64_t[::1] todo):
+    """``dest[j] = bits[perm[i0 + j]]`` for ``j < dest.shape[0] <= batch.shape[0]``
+    (``todo``: scratch of as many int64). ValueError if ``batch`` or ``todo`` is shorter
+    than ``dest``."""
+    cdef uint64_t kk[4]
+    cdef uint64_t mm[4]
+    _four(k, kk)
+    _four(m, mm)
+    if dest.shape[0] > batch.shape[0] or dest.shape[0] > todo.shape[0]:
+        raise ValueError(
+            f"dest holds {dest.shape[0]} > batch {batch.shape[0]} or todo {todo.shape[0]}"
+        )
     cdef Keyed f = keyed(consts_of(c), kk, mm)
     if dest.shape[0] == 0:
         return
     with nogil:
-        gather_batch(&packed[0], f, i0, &batch[0], &dest[0], dest.shape[0])
+        gather_batch(&packed[0], f, i0, &batch[0], &dest[0], dest.shape[0], &todo[0])
 
 
 def _gather(const uint8_t[::1] packed, c, const uint64_t[::1] keys, const uint64_t[::1] mults,
@@ -82,15 +104,20 @@ def _gather(const uint8_t[::1] packed, c, const uint64_t[::1] keys, const uint64
     cdef Keyed f = keyed(consts_of(c), &keys[0], &mults[0])
     cdef int64_t chunk = 4096, i0, size, total = out.shape[0]
     cdef uint64_t* batch
+    cdef int64_t* todo
     if total == 0:
         return
     batch = <uint64_t*>malloc(chunk * sizeof(uint64_t))
-    if batch == NULL:
+    todo = <int64_t*>malloc(chunk * sizeof(int64_t))
+    if batch == NULL or todo == NULL:
+        free(batch)
+        free(todo)
         raise MemoryError()
     with nogil:
         i0 = 0
         while i0 < total:
             size = min(chunk, total - i0)
-            gather_batch(&packed[0], f, i0, batch, &out[i0], size)
+            gather_batch(&packed[0], f, i0, batch, &out[i0], size, todo)
             i0 += chunk
     free(batch)
+    free(todo)

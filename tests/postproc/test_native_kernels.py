@@ -31,6 +31,8 @@ from qkdnode import jit
 from qkdnode.postproc import cascade
 
 ROOT = Path(__file__).resolve().parents[2] / "qkdnode"
+#: numba's disk cache of the numba copies of the kernel modules
+COPY_CACHE = ROOT.parent / ".pytest_cache" / "numba-copies"
 
 #: every @njit kernel -> the test below that compares its backends
 COVERED: dict[str, str] = {
@@ -53,12 +55,23 @@ COVERED: dict[str, str] = {
             "_flip_all_passes",
             "_block_trees",
             "_pass_tree",
-            "_permuted_pass_tree",
+            "_permuted_blocks",
+            "_unbuilt_blocks",
+            "_block_parities",
+            "_toggle_bits",
         ]
     },
     **{
         f"qkdnode.postproc.shuffle.{name}": "test_permutations_agree"
-        for name in ["_rounds", "_rounds_inv", "_forward", "_backward", "_gather_batch", "_gather"]
+        for name in [
+            "_rounds",
+            "_rounds_inv",
+            "_forward",
+            "_backward",
+            "_walk_batch",
+            "_gather_batch",
+            "_gather",
+        ]
     },
     "qkdnode.procedures.track_kernel._residuals": "test_tracking_agrees",
     "qkdnode.procedures.track_kernel._track": "test_tracking_agrees",
@@ -151,12 +164,21 @@ def _copy(module: str, backend: jit.Backend, native: dict[str, ModuleType]) -> M
     spec = importlib.util.spec_from_file_location(f"_{backend}_copy.{module}", path)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
+    # registered under its own name: numba's disk cache records the module of each
+    # kernel and imports it by that name when a later run loads the entry
+    sys.modules[spec.name] = mod
     with _backend(backend, native), contextlib.ExitStack() as stack:
         if dep and inner is not None:
             package, name = dep.rsplit(".", 1)
             pkg = importlib.import_module(package)
             stack.callback(setattr, pkg, name, getattr(pkg, name))
             setattr(pkg, name, inner)  # what `from package import name` binds in the copy
+        if backend == "numba":  # the copies' cache apart from the real modules' (their
+            # index is keyed by the source file: a real module would load a copy's entry)
+            from numba.core import config
+
+            stack.callback(setattr, config, "CACHE_DIR", config.CACHE_DIR)
+            config.CACHE_DIR = str(COPY_CACHE)
         spec.loader.exec_module(mod)
     return mod
 
@@ -205,19 +227,21 @@ def _same(results: dict[str, Any]) -> None:
 
 
 @st.composite
-def cascade_cases(draw: st.DrawFn) -> tuple[int, list[int], int, int]:
+def cascade_cases(draw: st.DrawFn) -> tuple[int, list[int], int]:
     n = draw(st.integers(2, 5000))
     cap = max(1, (n - 1).bit_length())
-    tops = draw(st.lists(st.integers(1, cap), min_size=1, max_size=4))
-    return n, tops, draw(st.integers(0, 2**32)), draw(st.integers(0, len(tops)))
+    tops = draw(st.lists(st.integers(1, cap), min_size=1, max_size=5))
+    return n, tops, draw(st.integers(0, 2**32))
 
 
 @_SETTINGS
 @given(case=cascade_cases())
-def test_cascade_steps_agree(case: tuple[int, list[int], int, int]) -> None:
-    """Both sides' tree builds and Bob's round steps through real pass trees: same states,
-    searches, leaves and positions from every backend."""
-    n, tops, seed, built = case
+def test_cascade_steps_agree(case: tuple[int, list[int], int]) -> None:
+    """Both sides' tree builds (whole first pass, a random part of the later passes' blocks
+    built, the others' roots from the block parities) and Bob's round steps through them:
+    same states, parities, unbuilt blocks, searches, leaves and positions from every
+    backend."""
+    n, tops, seed = case
     impls = implementations("qkdnode.postproc.cascade_kernels")
     from qkdnode.postproc import shuffle
 
@@ -227,23 +251,42 @@ def test_cascade_steps_agree(case: tuple[int, list[int], int, int]) -> None:
     flags = rng.choice(np.array([0, 2], np.uint8), len(tops))
     perms = [shuffle.KeyedPermutation(n, seed, q) for q in range(1, len(tops))]
     args = shuffle.stacked_kernel_args(perms)
-    pbase, tt = lay.pass_base, lay.tops
+    pbase, tt, boff = lay.pass_base, lay.tops, lay.block_offsets
+    counts = np.diff(boff)
+    # later passes: a random subset of blocks built (sorted, so runs of consecutive ones)
+    share = rng.random()
+    subsets = [np.flatnonzero(rng.random(int(c)) < share) for c in counts[1:]]
     ids = rng.permutation(lay.total)[: rng.integers(1, lay.total + 1)].astype(np.int64)
     values = rng.integers(0, 4, ids.shape[0]).astype(np.uint8)
+    asked = rng.integers(0, lay.total, rng.integers(1, 300)).astype(lay.wire_dtype)
+    first_lazy = int(pbase[1]) if len(tops) > 1 else lay.total
     found = np.unique(rng.integers(0, n, rng.integers(1, 200)))
     parities_seed = int(rng.integers(0, 2**32))
     results: dict[str, Any] = {}
     for name, ck in impls.items():
         state = np.zeros(ck.state_bytes(lay.total), np.uint8)
+        built = np.zeros(int(boff[-1]), np.uint8)
+        packed = np.packbits(bits)
         ck.pass_tree(bits, tops[0], state, int(pbase[0]), flags[0])
+        built[boff[0] : boff[1]] = 1
+        pars = ck.block_parities(bits, perms, tops[1:])
         for q in range(1, len(tops)):
-            ck.permuted_pass_tree(bits, perms[q - 1], tops[q], state, int(pbase[q]), flags[q])
-        trees = state.copy()
+            ck.put(state, lay.top_ids(q), pars[q - 1] | flags[q])
+            blocks = subsets[q - 1]
+            if blocks.shape[0]:  # (callers never ask for no block)
+                ck.permuted_blocks(
+                    bits, packed, perms[q - 1], tops[q], state, int(pbase[q]), flags[q], blocks
+                )
+            built[boff[q] + blocks] = 1
+        trees, built_before = state.copy(), built.copy()
+        need = ck.unbuilt_blocks(asked, pbase, tt, boff, built, first_lazy)
+        assert np.array_equal(built, built_before)  # the kernel's marks are undone
         ck.put(state, ids, values)
         got = ck.get(state, np.arange(lay.total, dtype=np.int32))
-        rows = ck.flip_all_passes(state, pbase, tt, found, perms, args, built)
+        ck.toggle_bits(packed, found)
+        rows = ck.flip_all_passes(state, pbase, tt, found, perms, args, boff, built)
         flipped = state.copy()
-        odd = ck.smallest_odd(state, pbase, tt, rows)
+        odd = ck.smallest_odd(state, pbase, tt, rows, boff, built)
         dup = np.concatenate([odd, odd[:, : odd.shape[1] // 2]], axis=1)
         distinct = ck.distinct_searches(state, dup)
         still = ck.odd_searches(state, distinct)
@@ -260,7 +303,10 @@ def test_cascade_steps_agree(case: tuple[int, list[int], int, int]) -> None:
         ck.apply_answers(state, left[ok], keep[0][ok], parities[ok].astype(np.uint8))
         results[name] = (
             trees,
+            *pars,
+            need,
             got,
+            packed,
             rows,
             flipped,
             odd,
@@ -273,6 +319,16 @@ def test_cascade_steps_agree(case: tuple[int, list[int], int, int]) -> None:
             state,
         )
     _same(results)
+    # the toggles are those of the flipped key; block parities are those of the permuted key
+    assert np.array_equal(
+        np.unpackbits(results["numpy"][len(pars) + 3])[:n],
+        bits ^ np.isin(np.arange(n), found).astype(np.uint8),
+    )
+    for q in range(1, len(tops)):
+        leaves = np.zeros(int(counts[q]) << tops[q], np.uint8)
+        leaves[:n] = perms[q - 1].gather(bits)
+        want = np.bitwise_xor.reduce(leaves.reshape(int(counts[q]), -1), axis=1)
+        assert np.array_equal(results["numpy"][q], want)
 
 
 @_SETTINGS
@@ -304,8 +360,19 @@ def test_permutations_agree(n: int, seed: int, pass_index: int, picks: int) -> N
                 [int(sh._rounds_inv(w, c, tuple(k), tuple(p._inv_mults))) for w in masked],
             )
             batch, dest = np.empty(picks, np.uint64), np.empty(size, np.uint8)
-            sh._gather_batch(np.packbits(bits), c, tuple(k), tuple(m), i0, batch, dest)
+            todo = np.empty(picks, np.int64)
+            sh._gather_batch(np.packbits(bits), c, tuple(k), tuple(m), i0, batch, dest, todo)
             out += (dest,)
+            # one round evaluation of each position, then the cycle walk on: perm / perm⁻¹
+            walked = []
+            for inverse, mm in ((False, m), (True, p._inv_mults)):
+                f = sh._rounds_inv if inverse else sh._rounds
+                one = np.array([int(f(int(i), c, tuple(k), tuple(mm))) for i in idx], np.uint64)
+                sh._walk_batch(one, picks, c, tuple(k), tuple(mm), inverse, todo)
+                walked.append(one.astype(np.int64))
+            assert np.array_equal(walked[0], p.forward(idx))
+            assert np.array_equal(walked[1], p.backward(idx))
+            out += tuple(walked)
         results[name] = out
     compiled = {k: v for k, v in results.items() if k != "numpy"}
     _same(compiled)
