@@ -20,6 +20,7 @@ from qkdnode.native.shuffle cimport (
     consts_of,
     gather_batch,
     keyed,
+    qkd_rounds_inv_batch,
     rounds,
     rounds_inv,
     walk_batch,
@@ -427,8 +428,8 @@ def _block_parities(const uint8_t[:] bits, c, const uint64_t[:, ::1] keys,
                 cnt += bits[i0 + j]
             for q in range(passes):
                 f = keyed(cc, &keys[q, 0], &inv_mults[q, 0])
-                for j in range(cnt):
-                    batch[j] = rounds_inv(ones[j], f)
+                # batch[j] = rounds_inv(ones[j]) for j < cnt (vectorised: rounds.h)
+                qkd_rounds_inv_batch(ones, batch, cnt, f.mask, f.shift, f.k, f.m)
                 walk_batch(batch, cnt, f, True, todo)
                 shift = <uint64_t>tops[q]
                 if offs[q + 1] - offs[q] <= 64:

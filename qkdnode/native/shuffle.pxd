@@ -55,6 +55,9 @@ cdef inline uint64_t rounds_inv(uint64_t x, Keyed f) noexcept nogil:
 cdef extern from "rounds.h":
     void qkd_rounds_batch(uint64_t i0, uint64_t* batch, int64_t size, uint64_t mask,
                           uint64_t shift, const uint64_t* k, const uint64_t* m) nogil
+    void qkd_rounds_inv_batch(const uint64_t* pos, uint64_t* batch, int64_t size,
+                              uint64_t mask, uint64_t shift, const uint64_t* k,
+                              const uint64_t* m) nogil
 
 
 cdef inline void walk_batch(
