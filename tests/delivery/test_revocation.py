@@ -274,6 +274,7 @@ def test_checker_without_list_and_odd_certificates(pki: Path) -> None:
     assert not on.is_revoked(_der(pki / "sae-1.crt"))
 
 
+@pytest.mark.system  # ~10 s of concurrent reloads: make test-system
 def test_concurrent_reloads_and_checks(pki: Path) -> None:
     checker = RevocationChecker.from_file(revoke_cert(pki, "sae-1"), ca_file=pki / "ca.crt")
     sae1 = _der(pki / "sae-1.crt")

@@ -61,7 +61,9 @@ def _why(result: dict[str, object], out: Path) -> str:
     return f"failure={result.get('failure')!r}\n" + "\n".join(tails)
 
 
-@pytest.mark.slow
+# ~50 s: `make test` keeps the demo's start, stop and failure paths; this full run with
+# key is in make test-system (and `make demo` runs it).
+@pytest.mark.system
 def test_demo_json_keys_identical(tmp_path: Path) -> None:
     # Blocks of 3 M detections: several finish within the run on a loaded 2-core machine.
     proc = _demo(

@@ -400,6 +400,7 @@ def test_clone_state_sees_a_publisher_restart() -> None:
     assert st.restarts == 2 and st.values == {}
 
 
+@pytest.mark.system  # restarts a node twice (~13 s): make test keeps the other watch tests
 def test_watch_survives_node_restarts(fake: Callable[..., FakeNode]) -> None:
     cport, tport = free_port(), free_port()
     node = fake(cport, tport, telemetry_hz=10)
@@ -609,6 +610,7 @@ def test_wait_refused_command(capsys: Any, fake: Callable[..., FakeNode]) -> Non
 
 
 # ---------------------------------------------------------------- against a real pair
+@pytest.mark.system  # a real pair of daemons (~18 s): make test-system
 def test_real_pair_wait_and_watch(tmp_path: Path, capsys: Any, monkeypatch: Any) -> None:
     names = [
         "transmitter_control",
