@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from qkdnode.client import Client
 from qkdnode.demo.line import control_endpoints, rewrite_for_run
 from tests.daemon.conftest import Daemon, start_daemon
@@ -38,6 +40,7 @@ def _site_config(tmp: Path, broken_link: int | None) -> tuple[Path, list[str]]:
     return path, control_endpoints(path)
 
 
+@pytest.mark.system  # waits out a link that cannot start (~10 s): make test-system
 def test_a_link_that_cannot_start_spares_the_other(tmp_path: Path) -> None:
     config, (ab_control, bc_control) = _site_config(tmp_path, broken_link=1)
     check = subprocess.run(

@@ -416,6 +416,7 @@ def test_guide_markers_cover_the_installation() -> None:
             rewrite(s.body, s)  # no system path escapes the scratch root
 
 
+@pytest.mark.system  # builds and installs a wheel (~17 s): make test-system
 def test_install_guide_runs_as_written(tmp_path: Path) -> None:
     assert QKDNODE_EXE.exists(), f"{QKDNODE_EXE} missing: install the package editable"
     steps = parse_guide(GUIDE.read_text())
