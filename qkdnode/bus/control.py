@@ -47,7 +47,7 @@ from qkdnode.bus.envelope import (
 from qkdnode.bus.errors import CommandError, ErrorCode
 from qkdnode.bus.monitor import REFRESHES_PER_MAX_AGE, SNAPSHOT_COMMANDS, MonitorServer
 from qkdnode.bus.ratelimit import TokenBuckets
-from qkdnode.bus.sockets import bound_endpoint, set_heartbeat
+from qkdnode.bus.sockets import bound_endpoint, receive_capped, set_heartbeat
 from qkdnode.bus.zap import ZapHandler, allowlist, secure_and_bind
 from qkdnode.config.sections import BusSection
 
@@ -62,7 +62,6 @@ _EMPTY = b""
 # plain ints: enum look-ups cost more than the calls themselves on the hot path
 _NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE = int(zmq.SNDMORE)
-_RCVMORE = int(zmq.RCVMORE)
 _POLLIN = int(zmq.POLLIN)
 _EVENTS = int(zmq.EVENTS)
 
@@ -401,27 +400,9 @@ class ControlServer:
 
     def _receive_one(self, sock: zmq.Socket[bytes]) -> None:
         """Read every frame of one message (keeping at most MAX_FRAMES) and handle it."""
-        user_id: str | None = None
-        if self._plaintext:
-            frames: list[bytes] = [sock.recv(_NOBLOCK)]
-            count = 1
-            while sock.getsockopt(_RCVMORE):
-                part = sock.recv()
-                count += 1
-                if count <= MAX_FRAMES:
-                    frames.append(part)
-        else:
-            first = sock.recv(flags=_NOBLOCK, copy=False)
-            frames = [first.bytes]
-            count = 1
-            while sock.getsockopt(_RCVMORE):
-                zframe = sock.recv(copy=False)
-                count += 1
-                if user_id is None:
-                    uid = zframe.get("User-Id")
-                    user_id = uid if isinstance(uid, str) else None
-                if count <= MAX_FRAMES:
-                    frames.append(zframe.bytes)
+        frames, count, user_id = receive_capped(
+            sock, first_flags=_NOBLOCK, plaintext=self._plaintext, max_frames=MAX_FRAMES
+        )
         self._handle(frames, count, user_id)
 
     def _caller(self, user_id: str | None) -> CallerInfo | None:

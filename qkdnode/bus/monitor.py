@@ -44,6 +44,7 @@ from qkdnode.bus.envelope import (
 )
 from qkdnode.bus.errors import ErrorCode
 from qkdnode.bus.ratelimit import TokenBuckets
+from qkdnode.bus.sockets import receive_capped
 
 log = structlog.get_logger(__name__)
 
@@ -57,7 +58,6 @@ _MAX_FRAMES = 8
 _EMPTY = b""
 _NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE = int(zmq.SNDMORE)
-_RCVMORE = int(zmq.RCVMORE)
 #: The caller the snapshot's handlers run for (they do not depend on the caller).
 _SNAPSHOT_CALLER = CallerInfo("monitor-snapshot", "monitor", None)
 
@@ -196,27 +196,9 @@ class MonitorServer:
             sock.close(linger=0)
 
     def _receive_one(self, sock: zmq.Socket[bytes]) -> None:
-        user_id: str | None = None
-        if self._plaintext:
-            frames = [sock.recv()]
-            count = 1
-            while sock.getsockopt(_RCVMORE):
-                part = sock.recv()
-                count += 1
-                if count <= _MAX_FRAMES:
-                    frames.append(part)
-        else:
-            first = sock.recv(copy=False)
-            frames = [first.bytes]
-            count = 1
-            while sock.getsockopt(_RCVMORE):
-                zframe = sock.recv(copy=False)
-                count += 1
-                if user_id is None:
-                    uid = zframe.get("User-Id")
-                    user_id = uid if isinstance(uid, str) else None
-                if count <= _MAX_FRAMES:
-                    frames.append(zframe.bytes)
+        frames, count, user_id = receive_capped(
+            sock, first_flags=0, plaintext=self._plaintext, max_frames=_MAX_FRAMES
+        )
         self._handle(frames, count, user_id)
 
     def _handle(self, frames: list[bytes], count: int, user_id: str | None) -> None:

@@ -56,3 +56,36 @@ def bound_endpoint(sock: zmq.Socket[Any]) -> str:
 def events(sock: zmq.Socket[Any]) -> int:
     """``ZMQ_EVENTS`` (POLLIN/POLLOUT bits); the FD is edge-triggered, so check this."""
     return cast(int, sock.getsockopt(zmq.EVENTS))
+
+
+_RCVMORE = int(zmq.RCVMORE)
+
+
+def receive_capped(
+    sock: zmq.Socket[bytes], *, first_flags: int, plaintext: bool, max_frames: int
+) -> tuple[list[bytes], int, str | None]:
+    """Every frame of one message on a ROUTER: (the first ``max_frames`` frames, how many
+    there were, the sender's ZAP ``User-Id`` or None). ``first_flags`` go to the first
+    ``recv`` (``zmq.NOBLOCK`` raises ``zmq.Again`` when nothing waits); the rest of a
+    multipart message is already there. Plaintext sockets carry no ``User-Id``."""
+    user_id: str | None = None
+    if plaintext:
+        frames: list[bytes] = [sock.recv(first_flags)]
+        count = 1
+        while sock.getsockopt(_RCVMORE):
+            part = sock.recv()
+            count += 1
+            if count <= max_frames:
+                frames.append(part)
+        return frames, count, None
+    frames = [sock.recv(flags=first_flags, copy=False).bytes]
+    count = 1
+    while sock.getsockopt(_RCVMORE):
+        zframe = sock.recv(copy=False)
+        count += 1
+        if user_id is None:
+            uid = zframe.get("User-Id")
+            user_id = uid if isinstance(uid, str) else None
+        if count <= max_frames:
+            frames.append(zframe.bytes)
+    return frames, count, user_id
