@@ -189,12 +189,7 @@ class ControlServer:
         if self._sock is not None:
             return
         self._loop = asyncio.get_running_loop()
-        sock: zmq.Socket[bytes] = zmq.Socket(self._ctx, zmq.ROUTER)
-        sock.linger = 0
-        sock.setsockopt(zmq.MAXMSGSIZE, self._bus.max_control_frame_bytes)
-        sock.sndhwm = 100_000
-        sock.rcvhwm = 100_000
-        set_heartbeat(sock, self._bus.heartbeat_interval_s, self._bus.heartbeat_liveness)
+        sock = self._router_socket()
         self._zap = secure_and_bind(
             sock,
             self._ctx,
@@ -227,13 +222,19 @@ class ControlServer:
                 await self.stop()
                 raise
 
-    def _start_monitor(self, endpoint: str) -> None:
+    def _router_socket(self) -> zmq.Socket[bytes]:
+        """A ROUTER with the options both command sockets share (frame size cap, queue
+        depths, heartbeats); not yet secured or bound."""
         sock: zmq.Socket[bytes] = zmq.Socket(self._ctx, zmq.ROUTER)
         sock.linger = 0
         sock.setsockopt(zmq.MAXMSGSIZE, self._bus.max_control_frame_bytes)
         sock.sndhwm = 100_000
         sock.rcvhwm = 100_000
         set_heartbeat(sock, self._bus.heartbeat_interval_s, self._bus.heartbeat_liveness)
+        return sock
+
+    def _start_monitor(self, endpoint: str) -> None:
+        sock = self._router_socket()
         self._monitor_zap = secure_and_bind(
             sock,
             self._ctx,
