@@ -35,7 +35,7 @@ import threading
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -148,6 +148,13 @@ MIN_SIFTED = 500
 WindowRequest = Callable[[TrackingWindow], Awaitable[tuple[I64, I8]]]
 
 
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark a finished request's outcome as seen (its error is raised by the caller,
+    or dropped with the step it belonged to)."""
+    if not task.cancelled():
+        task.exception()
+
+
 async def lock_in_step(
     encoder: Encoder,
     source: StateSource,
@@ -175,24 +182,30 @@ async def lock_in_step(
     lo, hi = encoder.bias_range_v
     requests: list[tuple[TrackingWindow, asyncio.Task[tuple[I64, I8]]]] = []
     try:
-        for sign in (1.0, -1.0):
-            await asyncio.to_thread(
-                encoder.set_bias_v, float(np.clip(bias_v + sign * dither_v, lo, hi))
-            )
-            start = int(await asyncio.to_thread(source.next_slot)) + lead_slots
-            window = TrackingWindow(start, start + n_slots)
-            requests.append((window, asyncio.ensure_future(request_window(window))))
-            while int(await asyncio.to_thread(source.next_slot)) < window.stop_slot:
-                await asyncio.sleep(poll_s)
+        try:
+            for sign in (1.0, -1.0):
+                await asyncio.to_thread(
+                    encoder.set_bias_v, float(np.clip(bias_v + sign * dither_v, lo, hi))
+                )
+                start = int(await asyncio.to_thread(source.next_slot)) + lead_slots
+                window = TrackingWindow(start, start + n_slots)
+                task = asyncio.ensure_future(request_window(window))
+                # however this step ends (even cancelled twice), a failed request's
+                # error counts as seen: it is raised below or dropped with the step
+                task.add_done_callback(_retrieve)
+                requests.append((window, task))
+                while int(await asyncio.to_thread(source.next_slot)) < window.stop_slot:
+                    await asyncio.sleep(poll_s)
+        finally:
+            await asyncio.to_thread(encoder.set_bias_v, bias_v)
+        # Every request is awaited, even when one fails.
+        answers = await asyncio.gather(*(task for _, task in requests), return_exceptions=True)
     except BaseException:
+        # cancelled or failed, the bias already back: no request outlives its step
         for _, task in requests:
             task.cancel()
         await asyncio.gather(*(task for _, task in requests), return_exceptions=True)
         raise
-    finally:
-        await asyncio.to_thread(encoder.set_bias_v, bias_v)
-    # Every request is awaited, even when one fails (no exception left unretrieved).
-    answers = await asyncio.gather(*(task for _, task in requests), return_exceptions=True)
     for answer in answers:
         if isinstance(answer, BaseException):
             raise answer

@@ -19,6 +19,7 @@ from qkdnode.keystore.models import KeyState
 from qkdnode.node_commands import NodeCommands
 from qkdnode.statemachine import State
 from tests.bus.conftest import REPO, daemon_specs, sim_node
+from tests.source_trees import parse_file
 
 DOC = REPO / "docs" / "protocol.md"
 #: Not the daemon: the development server and the benchmarks publish their own topics.
@@ -70,7 +71,7 @@ def published_topics() -> tuple[set[str], set[str]]:
         rel = path.relative_to(REPO).as_posix()
         if rel in NOT_THE_DAEMON:
             continue
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        for node in ast.walk(parse_file(path)):
             if not isinstance(node, ast.Call) or not node.args:
                 continue
             func = node.func

@@ -208,3 +208,75 @@ def test_steps_are_spaced_so_windows_stay_a_small_share_of_the_detections() -> N
     for rate in (1e4, 3e4, 1e5, 1e6, 1e7):
         seconds = step_interval_s(cfg, rate)
         assert 2 * cfg.window_detections <= 0.02 * rate * seconds * (1 + 1e-12)
+
+
+def test_a_step_stopped_while_the_bias_is_put_back_leaves_nothing_behind() -> None:
+    """The exchange stops (the step is cancelled) just while the bias is being put back
+    after a window whose request the peer refused: the bias still ends where it began,
+    and the refusal is not left as a never-retrieved task error."""
+    import gc
+    import threading
+
+    from qkdnode.config.sections import TrackingSection
+    from qkdnode.link import LinkError
+    from qkdnode.tracking import lock_in_step
+
+    restoring, release = threading.Event(), threading.Event()
+
+    class Encoder:
+        bias_range_v = (-5.0, 5.0)
+
+        def __init__(self) -> None:
+            self.volts = 1.0
+            self.sets: list[float] = []
+
+        def bias_v(self) -> float:
+            return self.volts
+
+        def set_bias_v(self, volts: float) -> None:
+            self.sets.append(volts)
+            if len(self.sets) == 3:  # the restore after both dithered windows
+                restoring.set()
+                release.wait(5.0)
+            self.volts = volts
+
+    class Source:
+        slot = 0
+
+        def next_slot(self) -> int:
+            self.slot += 10_000
+            return self.slot
+
+    async def refused(window: TrackingWindow) -> tuple[np.ndarray, np.ndarray]:
+        raise LinkError("peer refused 'track': the receiver stopped collecting detections")
+
+    async def main() -> tuple[list[str], Encoder]:
+        unretrieved: list[str] = []
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _loop, ctx: unretrieved.append(ctx["message"]))
+        encoder = Encoder()
+        step = asyncio.ensure_future(
+            lock_in_step(
+                encoder,  # type: ignore[arg-type]
+                Source(),  # type: ignore[arg-type]
+                refused,
+                TrackingSection(),
+                v_pi_v=V_PI,
+                detections_per_slot=1.0,
+                poll_s=0.0,
+            )
+        )
+        await asyncio.to_thread(restoring.wait, 5.0)
+        step.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await step
+        release.set()
+        await asyncio.sleep(0.05)  # the restoring thread finishes
+        del step
+        gc.collect()
+        await asyncio.sleep(0)
+        return unretrieved, encoder
+
+    unretrieved, encoder = asyncio.run(main())
+    assert unretrieved == []
+    assert encoder.sets[0] != 1.0 and encoder.volts == 1.0

@@ -16,6 +16,7 @@ from drivers.serialsim.server import SimServer
 from drivers.serialsim.spd_sim import SpdSimulator
 from drivers.transports.visa import sim_library
 from qkdnode.cli import main
+from tests.source_trees import parse_file
 
 
 def test_every_entry_resolves_to_its_interface() -> None:
@@ -120,7 +121,7 @@ def test_cli_probe_nothing_there(capsys: pytest.CaptureFixture[str]) -> None:
 def test_drivers_never_import_qkdnode() -> None:
     root = Path(drivers.__file__).parent
     for path in root.rglob("*.py"):
-        tree = ast.parse(path.read_text(), str(path))
+        tree = parse_file(path)
         for node in ast.walk(tree):
             names = []
             if isinstance(node, ast.Import):

@@ -12,6 +12,7 @@ import ast
 from pathlib import Path
 
 import qkdnode
+from tests.source_trees import parse_file
 
 ROOT = Path(qkdnode.__file__).parent
 
@@ -29,7 +30,7 @@ def _graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {m: set() for m in modules}
     for mod, path in modules.items():
         package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        for node in ast.walk(parse_file(path)):
             targets: list[str] = []
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
@@ -117,7 +118,7 @@ def test_the_runtime_reaches_the_simulator_only_through_its_public_face() -> Non
         mod = _module_name(path)
         if mod.startswith(SIMLINK_ALLOWED) or mod.endswith(".bench"):
             continue
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        for node in ast.walk(parse_file(path)):
             names: list[str] = []
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]

@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 
 from qkdnode import jit
 from qkdnode.postproc import cascade
+from tests.source_trees import parse_file
 
 ROOT = Path(__file__).resolve().parents[2] / "qkdnode"
 #: numba's disk cache of the numba copies of the kernel modules
@@ -82,7 +83,7 @@ def njit_kernels() -> dict[str, Path]:
     """``module.name`` of every function decorated ``@njit`` in qkdnode -> its file."""
     found: dict[str, Path] = {}
     for path in sorted(ROOT.rglob("*.py")):
-        tree = ast.parse(path.read_text("utf-8"))
+        tree = parse_file(path)
         module = ".".join(path.relative_to(ROOT.parent).with_suffix("").parts)
         for node in ast.walk(tree):
             if isinstance(node, ast.FunctionDef) and any(

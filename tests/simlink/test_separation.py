@@ -21,13 +21,14 @@ from drivers.simlink.params import (
 from drivers.simlink.source import secret_key
 from drivers.simlink.world import ReceiverWorld, TransmitterWorld
 from tests.simlink.helpers import link
+from tests.source_trees import parse_file
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _imports(path: Path) -> set[str]:
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(parse_file(path)):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
