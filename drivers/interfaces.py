@@ -38,6 +38,7 @@ __all__ = [
     "Edge",
     "Encoder",
     "FaultInjector",
+    "GateGenerator",
     "HealthLevel",
     "Instrument",
     "InstrumentHealth",
@@ -394,6 +395,60 @@ class SinglePhotonDetector(Instrument):
     def temperature_k(self) -> float:
         """Temperature of the sensing element (APD or nanowire stage), in kelvin."""
         raise not_supported(self, "temperature_k", "temperature reading")
+
+
+# --- Gate generator -----------------------------------------------------------------
+
+
+class GateGenerator(Instrument):
+    """Pulse generator whose output gates an externally gated single-photon detector.
+
+    A gate is a pulse of ``gate_width_ps`` every ``gate_period_ps``, starting
+    ``gate_delay_ps`` after the generator's trigger (the slot clock when the generator is
+    tied to it). Values are integers in picoseconds; each setter checks its value against
+    the driver's ``*_range_ps`` limits (and the width against the period) and raises
+    :class:`drivers.errors.OutOfRangeError` before anything is sent. The readbacks ask the
+    instrument, never a cached value.
+
+    :meth:`Instrument.safe_state` switches the output off: no gate reaches the detector,
+    which then cannot click.
+    """
+
+    period_range_ps: tuple[int, int]
+    width_range_ps: tuple[int, int]
+    delay_range_ps: tuple[int, int]
+
+    @abc.abstractmethod
+    def set_gate_period_ps(self, period_ps: int) -> None:
+        """Time between two gates, in ps (larger than the gate width)."""
+
+    @abc.abstractmethod
+    def gate_period_ps(self) -> int: ...
+
+    def gate_frequency_hz(self) -> float:
+        """Gate repetition rate, in Hz, from :meth:`gate_period_ps`."""
+        return 1e12 / self.gate_period_ps()
+
+    @abc.abstractmethod
+    def set_gate_width_ps(self, width_ps: int) -> None:
+        """Width of each gate pulse, in ps (smaller than the period)."""
+
+    @abc.abstractmethod
+    def gate_width_ps(self) -> int: ...
+
+    @abc.abstractmethod
+    def set_gate_delay_ps(self, delay_ps: int) -> None:
+        """Delay of the gates after the generator's trigger, in ps."""
+
+    @abc.abstractmethod
+    def gate_delay_ps(self) -> int: ...
+
+    @abc.abstractmethod
+    def set_output_enabled(self, on: bool) -> None:
+        """Send the gates to the output (True) or hold the output idle (False)."""
+
+    @abc.abstractmethod
+    def output_enabled(self) -> bool: ...
 
 
 # --- Time tagger ------------------------------------------------------------------

@@ -18,7 +18,16 @@ acquisition, ``pulse_amplitude_v`` high and ``pulse_width_ps`` wide; a threshold
 amplitude sees nothing, the falling edge comes one pulse width later, the delay block adds
 its delay, pulses closer than the dead time are lost, and tags are rounded to the bin width.
 Counters count the same pulses over their cycle. Not modelled: coupling, the START input,
-generators, histograms, combiners, more than one client.
+histograms, loops from an output back to an input.
+
+The generator blocks (``GEN1``-``GEN8``), timestamp combiners (``TSCO1``-``TSCO24``) and
+outputs (``OUTP1``-``OUTP4``) keep every setting the gate-generator driver
+(:mod:`drivers.idq_gate_generator`) makes and answer its queries; no pulse is produced.
+:meth:`IdqTimeControllerSim.gate_output` says what an output would send: the pulse train
+of the generator it is routed to through a combiner, or None when the routing, an enable
+or the play state leaves it idle (tests couple a detector model to it). Several clients
+(a tagger driver and a gate-generator driver) may talk to the controller at once, each
+on its own socket; their messages are served one at a time.
 
 Faults (:meth:`IdqTimeControllerSim.inject`): ``garble`` (the next reply is not UTF-8),
 ``no_reply`` (the next request is swallowed), ``down``/``up`` (the controller stops
@@ -58,7 +67,28 @@ _ABBREV = {
     "RESOLUTION": "RES",
     "SYNCHRONIZATION": "SYNC",
     "RECORD": "REC",
+    "GENERATOR": "GEN",
+    "TRIGGER": "TRIG",
+    "MODE": "MODE",
+    "OUTPUT": "OUTP",
+    "PULSE": "PULS",
+    "WIDTH": "WIDT",
+    "WINDOW": "WIND",
+    "BEGIN": "BEGI",
+    "FIRST": "FIR",
+    "SECOND": "SEC",
+    "OPOUT": "OPOU",
 }
+#: A block named as a link target: canonical short name and number ("GEN3", "NONE").
+_LINK_RE = re.compile(
+    r"^(GEN|GENERATOR|TSCO|INPU|INPUT|DELA|DELAY|STAR|START|REC|RECORD|NONE)(\d*)$"
+)
+_LINK_SHORT = {"GENERATOR": "GEN", "INPUT": "INPU", "DELAY": "DELA", "START": "STAR"}
+_LINK_SHORT |= {"RECORD": "REC"}
+_LINK_COUNT = {"GEN": 8, "TSCO": 24, "INPU": 4, "DELA": 8, "STAR": 0, "REC": 0, "NONE": 0}
+#: Longest generator period, width and trigger delay the simulator takes, ps.
+MAX_GEN_TIME_PS = 3_600_000_000_000
+MAX_PULSE_COUNT = 2**31 - 1
 
 
 @dataclass
@@ -70,6 +100,54 @@ class _Input:
     rate_hz: float = 0.0
     count_mode: str = "CYCL"
     integration_ms: int = 1000
+
+
+@dataclass
+class _Generator:
+    """A GEN block at its power-on state (the simulator's choice: no source gives it)."""
+
+    enabled: bool = False
+    pulse_count: int | None = 1  # None: INF
+    period_ps: int = 100_000
+    width_ps: int = 4_000
+    trigger_delay_ps: int = 0
+    trigger_link: str = "NONE"
+    arm_mode: str = "MANUAL"
+    armed: bool = False
+    playing: bool = False
+
+
+@dataclass
+class _Combiner:
+    window_enabled: bool = False
+    first_link: str = "NONE"
+    second_link: str = "NONE"
+    op_in: str = "ONLYFIR"
+    op_out: str = "MUTE"
+
+
+@dataclass
+class _Output:
+    enabled: bool = False
+    link: str = "NONE"
+    mode: str = "NIM"
+    delay_ps: int = 0
+    pulse: bool = False
+    pulse_width_ps: int = 1_000
+
+
+@dataclass(frozen=True)
+class GateTrain:
+    """What an output sends: a pulse of ``width_ps`` every ``period_ps``, ``delay_ps``
+    after each trigger (``trigger`` a block such as ``STAR``, or ``NONE``: free-running
+    from the PLAY), ``pulses_per_trigger`` at a time (None: without end)."""
+
+    period_ps: int
+    width_ps: int
+    delay_ps: int
+    trigger: str
+    pulses_per_trigger: int | None
+    level: str
 
 
 class IdqTimeControllerSim:
@@ -93,6 +171,7 @@ class IdqTimeControllerSim:
         self.sync = "INTERNAL"
         self.raw_send = dict.fromkeys(range(1, 5), False)
         self.playing_since: float | None = None
+        self._reset_generators()
         self.requests_seen = 0
         self._ctx: zmq.Context[Any] = zmq.Context.instance()
         self._faults: dict[str, int] = {}
@@ -151,7 +230,42 @@ class IdqTimeControllerSim:
             self.sync = "INTERNAL"
             self.raw_send = dict.fromkeys(range(1, 5), False)
             self.playing_since = None
+            self._reset_generators()
             self._faults.clear()
+
+    def _reset_generators(self) -> None:
+        self.generators = {n: _Generator() for n in range(1, _LINK_COUNT["GEN"] + 1)}
+        self.combiners = {n: _Combiner() for n in range(1, _LINK_COUNT["TSCO"] + 1)}
+        self.outputs = {n: _Output() for n in range(1, 5)}
+
+    def gate_output(self, output: int) -> GateTrain | None:
+        """The pulse train output ``output`` sends: routed from a generator through a
+        combiner that passes its first input (window off), the output, the generator
+        enabled, and the generator running (played when free-running, re-armed by
+        itself when triggered); None otherwise."""
+        with self._lock:
+            out = self.outputs[output]
+            m = _LINK_RE.match(out.link)
+            if not out.enabled or m is None or m.group(1) != "TSCO":
+                return None
+            tsco = self.combiners[int(m.group(2))]
+            g = _LINK_RE.match(tsco.first_link)
+            passes = tsco.op_in == "ONLYFIR" and tsco.op_out == "ONLYFIR"
+            if g is None or g.group(1) != "GEN" or tsco.window_enabled or not passes:
+                return None
+            gen = self.generators[int(g.group(2))]
+            free = gen.trigger_link == "NONE"
+            running = gen.playing if free else gen.arm_mode == "AUTO"
+            if not gen.enabled or not running or gen.width_ps >= gen.period_ps:
+                return None
+            return GateTrain(
+                period_ps=gen.period_ps,
+                width_ps=gen.width_ps,
+                delay_ps=gen.trigger_delay_ps + out.delay_ps,
+                trigger=gen.trigger_link,
+                pulses_per_trigger=gen.pulse_count,
+                level=out.mode,
+            )
 
     def inject(self, fault: str, count: int = 1) -> None:
         """``garble`` or ``no_reply`` for the next ``count`` requests; ``down``/``up``."""
@@ -210,13 +324,18 @@ class IdqTimeControllerSim:
         """One message (possibly ``;``-joined settings of one block); '' for accepted
         settings, the value for a query, ``Error: ...`` otherwise."""
         with self._lock:
-            parts = message.split(";")
-            head = parts[0]
-            block = head.split(":")[0]
-            replies = [self._one(head)]
-            for extra in parts[1:]:  # "INPU1:COUN:MODE CYCL;INTE 100" keeps the parent path
-                parent = head.rsplit(":", 1)[0] if ":" in head else block
-                replies.append(self._one(f"{parent}:{extra.strip()}"))
+            parts = [p.strip() for p in message.split(";")]
+            if parts and not parts[-1] and len(parts) > 1:
+                parts.pop()  # "...;LINK NONE;" ends with a separator
+            replies: list[str] = []
+            parent = ""
+            for n, part in enumerate(parts):
+                # SCPI: a command after ';' is relative to the previous one's path less its
+                # last node ("GEN1:TRIG:DELA 0;LINK NONE" sets GEN1:TRIG:LINK)
+                command = part if n == 0 else f"{parent}:{part}"
+                replies.append(self._one(command))
+                header = command.split(None, 1)[0] if command else ""
+                parent = header.rsplit(":", 1)[0] if ":" in header else header
             errors = [r for r in replies if r.startswith("Error")]
             return errors[0] if errors else "\n".join(r for r in replies if r)
 
@@ -257,6 +376,12 @@ class IdqTimeControllerSim:
                 return f"Error: invalid value '{command}'"
             self.raw_send[index] = arg == "ON"
             return ""
+        if block == "GEN" and index in self.generators:
+            return self._generator(self.generators[index], f"GEN{index}", keys, query, arg)
+        if block == "TSCO" and index in self.combiners:
+            return self._combiner(self.combiners[index], f"TSCO{index}", keys, query, arg)
+        if block == "OUTP" and index in self.outputs:
+            return self._output(self.outputs[index], f"OUTP{index}", keys, query, arg)
         if block == "REC" and not query:
             if keys == ["PLAY"]:
                 if self.playing_since is None:
@@ -319,6 +444,117 @@ class IdqTimeControllerSim:
                 return "0"
             return str(math.floor(inp.integration_ms * 1e9 / period))
         return f"Error: undefined header '{name}'"
+
+    def _generator(  # noqa: PLR0911, PLR0912 - one branch per command, as the manual lists them
+        self, gen: _Generator, name: str, keys: list[str], query: str | None, arg: str
+    ) -> str:
+        path = f"{name}:{':'.join(keys)}"
+        if keys == ["ENAB"]:
+            return _on_off(gen, "enabled", query, arg, path)
+        if keys == ["PNUM"]:
+            if query:
+                return "INF" if gen.pulse_count is None else str(gen.pulse_count)
+            if arg in ("INF", "INFINITE"):
+                gen.pulse_count = None
+                return ""
+            value = _int(arg)
+            if value is None or not 1 <= value <= MAX_PULSE_COUNT:
+                return f"Error: value out of range '{path}'"
+            gen.pulse_count = value
+            return ""
+        if keys in (["PPER"], ["PWID"], ["TRIG", "DELA"]):
+            attr = {"PPER": "period_ps", "PWID": "width_ps", "DELA": "trigger_delay_ps"}[keys[-1]]
+            if query:
+                return str(getattr(gen, attr))
+            value = _int(arg)
+            low = 0 if keys[-1] == "DELA" else 1
+            if value is None or not low <= value <= MAX_GEN_TIME_PS:
+                return f"Error: value out of range '{path}'"
+            setattr(gen, attr, value)
+            return ""
+        if keys == ["TRIG", "LINK"]:
+            if query:
+                return gen.trigger_link
+            link = _link(arg)
+            if link is None or link == name:
+                return f"Error: invalid value '{path}'"
+            gen.trigger_link = link
+            return ""
+        if keys == ["TRIG", "ARM", "MODE"]:
+            if query:
+                return gen.arm_mode
+            word = {"AUTO": "AUTO", "AUTOMATIC": "AUTO", "MANU": "MANUAL", "MANUAL": "MANUAL"}
+            if arg not in word:
+                return f"Error: invalid value '{path}'"
+            gen.arm_mode = word[arg]
+            return ""
+        if keys == ["TRIG", "ARM"] and not query and not arg:
+            gen.armed = True
+            return ""
+        if keys in (["PLAY"], ["STOP"]) and not query and not arg:
+            gen.playing = keys == ["PLAY"]
+            return ""
+        return f"Error: undefined header '{path}'"
+
+    def _combiner(
+        self, tsco: _Combiner, name: str, keys: list[str], query: str | None, arg: str
+    ) -> str:
+        path = f"{name}:{':'.join(keys)}"
+        if keys == ["WIND", "ENAB"]:
+            return _on_off(tsco, "window_enabled", query, arg, path)
+        if keys in (["FIR", "LINK"], ["SEC", "LINK"]):
+            attr = "first_link" if keys[0] == "FIR" else "second_link"
+            if query:
+                return str(getattr(tsco, attr))
+            link = _link(arg)
+            if link is None or link == name:
+                return f"Error: invalid value '{path}'"
+            setattr(tsco, attr, link)
+            return ""
+        if keys in (["OPIN"], ["OPOU"]):
+            attr = "op_in" if keys == ["OPIN"] else "op_out"
+            allowed = {"OPIN": ("ONLYFIR", "ONLYSEC", "AND", "OR"), "OPOU": ("ONLYFIR", "MUTE")}
+            if query:
+                return str(getattr(tsco, attr))
+            if arg not in allowed[keys[0]]:
+                return f"Error: invalid value '{path}'"
+            setattr(tsco, attr, arg)
+            return ""
+        return f"Error: undefined header '{path}'"
+
+    def _output(  # noqa: PLR0911 - one branch per command
+        self, out: _Output, name: str, keys: list[str], query: str | None, arg: str
+    ) -> str:
+        path = f"{name}:{':'.join(keys)}"
+        if keys == ["ENAB"]:
+            return _on_off(out, "enabled", query, arg, path)
+        if keys == ["PULS"]:
+            return _on_off(out, "pulse", query, arg, path)
+        if keys == ["LINK"]:
+            if query:
+                return out.link
+            link = _link(arg)
+            if link is None or not (link == "NONE" or link.startswith("TSCO")):
+                return f"Error: invalid value '{path}'"
+            out.link = link
+            return ""
+        if keys == ["MODE"]:
+            if query:
+                return out.mode
+            if arg not in ("TTL", "NIM"):
+                return f"Error: invalid value '{path}'"
+            out.mode = arg
+            return ""
+        if keys in (["DELA"], ["PULS", "WIDT"]):
+            attr = "delay_ps" if keys == ["DELA"] else "pulse_width_ps"
+            if query:
+                return str(getattr(out, attr))
+            value = _int(arg)
+            if value is None or not 0 <= value <= 1_000_000_000:
+                return f"Error: value out of range '{path}'"
+            setattr(out, attr, value)
+            return ""
+        return f"Error: undefined header '{path}'"
 
     # --- events ------------------------------------------------------------------------------
 
@@ -402,6 +638,30 @@ class IdqTimeControllerSim:
                 sock.close(0)
                 return json.dumps({})
         return json.dumps({"error": f"unknown command {words[0]!r}"})
+
+
+def _on_off(target: object, attr: str, query: str | None, arg: str, path: str) -> str:
+    """An ON/OFF setting of a block: its state for a query, '' when set."""
+    if query:
+        return "ON" if getattr(target, attr) else "OFF"
+    if arg not in ("ON", "OFF", "1", "0"):
+        return f"Error: invalid value '{path}'"
+    setattr(target, attr, arg in ("ON", "1"))
+    return ""
+
+
+def _link(text: str) -> str | None:
+    """A link target as the canonical block name ("GEN3", "STAR", "NONE"), or None."""
+    m = _LINK_RE.match(text.strip())
+    if m is None:
+        return None
+    block = _LINK_SHORT.get(m.group(1), m.group(1))
+    count = _LINK_COUNT[block]
+    if count == 0:
+        return block if not m.group(2) else None
+    if not m.group(2) or not 1 <= int(m.group(2)) <= count:
+        return None
+    return f"{block}{int(m.group(2))}"
 
 
 def _int(text: str) -> int | None:
