@@ -37,17 +37,23 @@ def probe_tcp(resource: str, timeout_s: float) -> dict[str, Any]:
     finally:
         snspd.close()
     zmq_req = ZmqReqTransport("probe", resource, timeout_s=attempt_s)
+    suggested = []
     try:
         zmq_req.open()
         identity = zmq_req.query("*IDN?")
+        if re.search(IDN_PATTERN, identity, re.I):
+            suggested = ["idq_time_controller"]
+            # generator blocks (the ID1000's; an ID900 has none): asked, nothing set
+            if zmq_req.query("GEN1:ENAB?").strip().upper() in ("ON", "OFF"):
+                suggested += ["idq_gate_generator", "externally_gated_detector"]
     except InstrumentError as exc:
-        errors.append(f"zeromq scpi: {exc.reason}")
-        raise ProtocolError(
-            "probe", resource, "no known protocol answered: " + "; ".join(errors)
-        ) from exc
+        if not suggested:
+            errors.append(f"zeromq scpi: {exc.reason}")
+            raise ProtocolError(
+                "probe", resource, "no known protocol answered: " + "; ".join(errors)
+            ) from exc
     finally:
         zmq_req.close()
-    suggested = ["idq_time_controller"] if re.search(IDN_PATTERN, identity, re.I) else []
     return {
         "resource": resource,
         "transport": "zeromq",

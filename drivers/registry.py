@@ -99,6 +99,19 @@ DRIVERS: dict[str, DriverEntry] = {
         "TimeTagger",
         "ID Quantique ID900/ID1000 Time Controller (SCPI over ZeroMQ 5555, data link streams)",
     ),
+    # --- gate generators and externally gated detectors --------------------------------
+    "idq_gate_generator": DriverEntry(
+        "drivers.idq_gate_generator:IdqGateGenerator",
+        "GateGenerator",
+        "ID Quantique ID1000 Time Controller generator -> combiner -> output as a detector's "
+        "gate (SCPI over ZeroMQ 5555, its own socket beside the tagger's)",
+    ),
+    "externally_gated_detector": DriverEntry(
+        "drivers.gated_detector:ExternallyGatedDetector",
+        "SinglePhotonDetector",
+        "a gated detector and the generator of its gates as one detector (options.generator, "
+        "options.detector; resource unused)",
+    ),
     "qutag": DriverEntry(
         "drivers.qutag:QutagTimeTagger",
         "TimeTagger",

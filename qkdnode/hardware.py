@@ -17,6 +17,7 @@ from drivers.errors import InstrumentError
 from drivers.interfaces import (
     DetectorStatus,
     Encoder,
+    GateGenerator,
     HealthLevel,
     Instrument,
     InstrumentHealth,
@@ -44,6 +45,8 @@ def safe_readback(inst: Instrument) -> dict[str, Any]:
         return {"output_on": inst.output_on()}
     if isinstance(inst, VariableAttenuator):
         return {"shutter_open": inst.shutter_open()}
+    if isinstance(inst, GateGenerator):
+        return {"output_on": inst.output_enabled()}
     return {}
 
 

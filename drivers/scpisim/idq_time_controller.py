@@ -173,6 +173,8 @@ class IdqTimeControllerSim:
         self.playing_since: float | None = None
         self._reset_generators()
         self.requests_seen = 0
+        #: every message the controller endpoint received, as bytes (test hook)
+        self.received: list[bytes] = []
         self._ctx: zmq.Context[Any] = zmq.Context.instance()
         self._faults: dict[str, int] = {}
         self._down = False
@@ -301,6 +303,7 @@ class IdqTimeControllerSim:
     def _serve_controller(self, peer: bytes, message: bytes) -> None:
         with self._lock:
             self.requests_seen += 1
+            self.received.append(message)
             down = self._down
             fault = next((f for f, n in self._faults.items() if n > 0), None)
             if fault:
