@@ -91,7 +91,7 @@ import re
 import threading
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from drivers.common import DriverOptions, check_range, health_check
 from drivers.errors import (
@@ -131,9 +131,6 @@ class IdqGateGeneratorOptions(DriverOptions):
     gates_per_trigger: int = Field(
         1, ge=1, le=2**31 - 1, description="gates after each trigger (ignored when free-running)"
     )
-    gate_period_ps: int = Field(1_000_000, gt=0, description="period set at connect (slot period)")
-    gate_width_ps: int = Field(2_500, gt=0, description="gate width set at connect")
-    gate_delay_ps: int = Field(0, ge=0, description="gate delay set at connect")
     period_range_ps: tuple[int, int] = Field(
         (10_000, 1_500_000_000_000), description="accepted periods (unconfirmed, see module)"
     )
@@ -146,27 +143,28 @@ class IdqGateGeneratorOptions(DriverOptions):
     time_step_ps: int = Field(
         1, ge=1, le=1_000_000, description="times are rounded to this step (unconfirmed)"
     )
+    gate_period_ps: int = Field(1_000_000, gt=0, description="period set at connect (slot period)")
+    gate_width_ps: int = Field(2_500, gt=0, description="gate width set at connect")
+    gate_delay_ps: int = Field(0, ge=0, description="gate delay set at connect")
 
-    @model_validator(mode="after")
-    def _consistent(self) -> IdqGateGeneratorOptions:
-        for key in ("period_range_ps", "width_range_ps", "delay_range_ps"):
-            lo, hi = getattr(self, key)
-            if not 0 <= lo <= hi:
-                raise ValueError(f"{key}: ({lo}, {hi}) is not an interval of times >= 0")
-        for key, limits in (
-            ("gate_period_ps", self.period_range_ps),
-            ("gate_width_ps", self.width_range_ps),
-            ("gate_delay_ps", self.delay_range_ps),
-        ):
-            value = getattr(self, key)
-            if not limits[0] <= value <= limits[1]:
-                raise ValueError(f"{key}: {value} outside [{limits[0]}, {limits[1]}]")
-        if self.gate_width_ps >= self.gate_period_ps:
-            raise ValueError(
-                f"gate_width_ps: {self.gate_width_ps} is not shorter than gate_period_ps "
-                f"{self.gate_period_ps}"
-            )
-        return self
+    @field_validator("period_range_ps", "width_range_ps", "delay_range_ps")
+    @classmethod
+    def _interval(cls, limits: tuple[int, int]) -> tuple[int, int]:
+        if not 0 <= limits[0] <= limits[1]:
+            raise ValueError(f"{limits} is not an interval of times >= 0 ps")
+        return limits
+
+    @field_validator("gate_period_ps", "gate_width_ps", "gate_delay_ps")
+    @classmethod
+    def _within(cls, value: int, info: ValidationInfo) -> int:
+        quantity = str(info.field_name).removeprefix("gate_").removesuffix("_ps")
+        limits = info.data.get(f"{quantity}_range_ps")
+        if limits is not None and not limits[0] <= value <= limits[1]:
+            raise ValueError(f"{value} ps outside {quantity}_range_ps [{limits[0]}, {limits[1]}]")
+        period = info.data.get("gate_period_ps")
+        if quantity == "width" and period is not None and value >= period:
+            raise ValueError(f"{value} ps is not shorter than gate_period_ps {period} ps")
+        return value
 
 
 class IdqGateGenerator(GateGenerator):
@@ -393,7 +391,11 @@ class IdqGateGenerator(GateGenerator):
             )
 
     def gate_period_ps(self) -> int:
-        return self._integer(f"{self._gen}:PPER?")
+        """The period the generator reports, in ps (ProtocolError for 0: no period)."""
+        period = self._integer(f"{self._gen}:PPER?")
+        if period <= 0:
+            raise ProtocolError(self.name, f"{self._gen}:PPER?", f"period {period} ps")
+        return period
 
     def set_gate_width_ps(self, width_ps: int) -> None:
         """Gate width in ps, within ``width_range_ps`` and below the gate period."""

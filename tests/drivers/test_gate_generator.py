@@ -212,8 +212,10 @@ def test_controller_refusal_fails_connect_and_closes(sim: IdqTimeControllerSim) 
 
 
 def test_garbled_silent_and_gone_controller_raise_typed_errors(
-    sim: IdqTimeControllerSim, gate: IdqGateGenerator
+    sim: IdqTimeControllerSim,
 ) -> None:
+    gate = IdqGateGenerator("gate0", sim.endpoint, 0.1, OPTS)
+    gate.connect()
     sim.inject("garble")
     with pytest.raises(ProtocolError):
         gate.gate_period_ps()

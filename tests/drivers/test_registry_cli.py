@@ -163,7 +163,11 @@ def test_cli_lists_and_probes_the_network_instruments(capsys: pytest.CaptureFixt
         assert "4 detectors" in found["identity"]
         assert main(["drivers", "probe", tc.endpoint, "--timeout-s", "1", "--json"]) == 0
         found = json.loads(capsys.readouterr().out)
-        assert found["suggested_drivers"] == ["idq_time_controller"]
+        assert found["suggested_drivers"] == [
+            "idq_time_controller",
+            "idq_gate_generator",
+            "externally_gated_detector",
+        ]
         assert found["identity"].startswith("ID Quantique,ID1000")
         url = tc.endpoint
     assert main(["drivers", "probe", url, "--timeout-s", "0.2"]) == 1  # nothing there now
@@ -202,7 +206,12 @@ def test_standalone_simulators_are_probed_as_the_doc_shows(
         for endpoint in endpoints:
             assert main(["drivers", "probe", endpoint, "--timeout-s", "2", "--json"]) == 0
             found += json.loads(capsys.readouterr().out)["suggested_drivers"]
-        assert found == ["idq_time_controller", "single_quantum_snspd"]
+        assert found == [
+            "idq_time_controller",
+            "idq_gate_generator",
+            "externally_gated_detector",
+            "single_quantum_snspd",
+        ]
     finally:
         for p in procs:
             p.terminate()
