@@ -69,7 +69,7 @@ class PartSpec(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
-def _check_part(spec: PartSpec, interface: type[Instrument]) -> PartSpec:
+def _check_part(spec: PartSpec, interface: type) -> PartSpec:
     """``spec``, or ValueError when its driver is unknown, of the wrong interface, or its
     options do not validate (the message names the key: ``options.<key>``, ``driver``)."""
     from drivers import registry
@@ -141,17 +141,19 @@ class ExternallyGatedDetector(SinglePhotonDetector):
         self.name = name
         self.resource = resource
         self.options = options
-        if generator is None or detector is None:
+        gen: Instrument | None = generator
+        det: Instrument | None = detector
+        if gen is None or det is None:
             if options is None:
                 raise DriverConfigError(name, "options", "generator and detector are required")
-            generator = generator or _build(options.generator, f"{name}.gate", timeout_s)
-            detector = detector or _build(options.detector, f"{name}.detector", timeout_s)
-        if not isinstance(generator, GateGenerator):
+            gen = gen or _build(options.generator, f"{name}.gate", timeout_s)
+            det = det or _build(options.detector, f"{name}.detector", timeout_s)
+        if not isinstance(gen, GateGenerator):
             raise DriverConfigError(name, "options.generator", "not a GateGenerator")
-        if not isinstance(detector, SinglePhotonDetector):
+        if not isinstance(det, SinglePhotonDetector):
             raise DriverConfigError(name, "options.detector", "not a SinglePhotonDetector")
-        self.generator = generator
-        self.detector = detector
+        self.generator = gen
+        self.detector = det
         self.gated_mode = options.gated_mode if options is not None else True
         self.clock_tolerance = options.clock_tolerance if options is not None else 0.01
         self._lock = threading.RLock()

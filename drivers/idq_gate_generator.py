@@ -261,7 +261,9 @@ class IdqGateGenerator(GateGenerator):
                 identity = self.transport.query("*IDN?")
                 if not re.search(IDN_PATTERN, identity, re.IGNORECASE):
                     raise ProtocolError(
-                        self.name, "*IDN?", f"{identity[:80]!r} is not an ID Quantique Time Controller"
+                        self.name,
+                        "*IDN?",
+                        f"{identity[:80]!r} is not an ID Quantique Time Controller",
                     )
                 self.memory.check_identity(identity_fields(identity))
                 self.memory.remember_identity(
@@ -298,9 +300,7 @@ class IdqGateGenerator(GateGenerator):
         count = "INF" if self._free_running else str(opts.gates_per_trigger)
         arm = "MANU" if self._free_running else "AUTO"
         self._set(f"{gen}:ENAB ON;PNUM {count};TRIG:LINK {opts.trigger_link};ARM:MODE {arm}")
-        self._set(
-            f"{tsco}:WIND:ENAB OFF;:{tsco}:FIR:LINK {gen};:{tsco}:OPIN ONLYFIR;OPOU ONLYFIR"
-        )
+        self._set(f"{tsco}:WIND:ENAB OFF;:{tsco}:FIR:LINK {gen};:{tsco}:OPIN ONLYFIR;OPOU ONLYFIR")
         self._set(f"{outp}:LINK {tsco};MODE {opts.output_level}")
         if self._free_running:
             self._set(f"{gen}:PLAY")

@@ -448,7 +448,7 @@ class IdqTimeControllerSim:
             return str(math.floor(inp.integration_ms * 1e9 / period))
         return f"Error: undefined header '{name}'"
 
-    def _generator(  # noqa: PLR0911, PLR0912 - one branch per command, as the manual lists them
+    def _generator(
         self, gen: _Generator, name: str, keys: list[str], query: str | None, arg: str
     ) -> str:
         path = f"{name}:{':'.join(keys)}"
@@ -525,9 +525,7 @@ class IdqTimeControllerSim:
             return ""
         return f"Error: undefined header '{path}'"
 
-    def _output(  # noqa: PLR0911 - one branch per command
-        self, out: _Output, name: str, keys: list[str], query: str | None, arg: str
-    ) -> str:
+    def _output(self, out: _Output, name: str, keys: list[str], query: str | None, arg: str) -> str:
         path = f"{name}:{':'.join(keys)}"
         if keys == ["ENAB"]:
             return _on_off(out, "enabled", query, arg, path)

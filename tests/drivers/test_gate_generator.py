@@ -148,7 +148,10 @@ def test_simulator_keeps_the_blocks_and_routes_the_output(
 def test_simulator_reply_conventions_and_scpi_paths(sim: IdqTimeControllerSim) -> None:
     """Empty reply to a setting, the value to a query, error text otherwise; a command
     after ';' continues the previous one's path, as the lab's driver writes them."""
-    assert sim.handle("GEN2:ENAB ON;PNUM 1;PPER 1500;PWID 400;TRIG:DELA 70;LINK GEN3;ARM:MODE AUTO") == ""
+    assert (
+        sim.handle("GEN2:ENAB ON;PNUM 1;PPER 1500;PWID 400;TRIG:DELA 70;LINK GEN3;ARM:MODE AUTO")
+        == ""
+    )
     g = sim.generators[2]
     assert (g.period_ps, g.width_ps, g.trigger_delay_ps, g.trigger_link, g.arm_mode) == (
         1500,
@@ -168,7 +171,9 @@ def test_simulator_reply_conventions_and_scpi_paths(sim: IdqTimeControllerSim) -
     assert sim.handle("OUTP2:MODE?") == "NIM" and sim.handle("OUTP2:LINK?") == "TSCO5"
 
 
-def test_limits_are_refused_before_sending(sim: IdqTimeControllerSim, gate: IdqGateGenerator) -> None:
+def test_limits_are_refused_before_sending(
+    sim: IdqTimeControllerSim, gate: IdqGateGenerator
+) -> None:
     before = sim.requests_seen
     for bad in (
         lambda: gate.set_gate_period_ps(5_000),  # below period_range_ps

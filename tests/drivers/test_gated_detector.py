@@ -197,7 +197,10 @@ def test_a_failed_connect_leaves_the_gates_off(
 ) -> None:
     device.names = []  # no Aurea detector on USB
     det = registry.resolve("externally_gated_detector")(
-        "spd0", "", 0.3, registry.validate_options("externally_gated_detector", "spd0", _options(sim))  # type: ignore[call-arg]
+        "spd0",
+        "",
+        0.3,
+        registry.validate_options("externally_gated_detector", "spd0", _options(sim)),  # type: ignore[call-arg]
     )
     with pytest.raises(InstrumentError, match="no Aurea detector"):
         det.connect()
@@ -219,7 +222,9 @@ def test_config_errors_name_the_key_path(sim: IdqTimeControllerSim) -> None:
     with pytest.raises(DriverConfigError, match=r"options\.detector.*unknown driver"):
         registry.validate_options("externally_gated_detector", "spd0", unknown)
     with pytest.raises(DriverConfigError, match=r"options\.generator"):
-        registry.validate_options("externally_gated_detector", "spd0", {"detector": {"driver": "aurea_spd"}})
+        registry.validate_options(
+            "externally_gated_detector", "spd0", {"detector": {"driver": "aurea_spd"}}
+        )
 
 
 def test_power_cycled_controller_is_found_through_the_composite(
