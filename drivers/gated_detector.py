@@ -29,9 +29,9 @@ Options (``[instruments.<name>.options]``; ``resource`` of the composite is unus
     driver = "aurea_spd"
     resource = ""
 
-The parts are checked when the options are (``qkdnode config check``): the driver must
-exist and implement the right interface, and its options are validated by its own model
-(an error names ``options.generator.options.<key>``).
+The parts are checked with the composite's options, before either is contacted: the
+driver must exist and implement the right interface, and its options are validated by its
+own model (a :class:`DriverConfigError` names ``options.generator`` and the part's key).
 
 Whether the detector's gate is as wide as the generator's pulse depends on the detector:
 one that makes its own gate on the clock edge ignores the width (docs/drivers.md).
