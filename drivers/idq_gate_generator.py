@@ -191,6 +191,7 @@ class IdqGateGenerator(GateGenerator):
         self.delay_range_ps = self.options.delay_range_ps
         self._lock = threading.RLock()
         self._identity = ""
+        self._configured = False  # the first connect's setup completed
         # what this driver told the instrument (the width-below-period check uses them)
         self._period_ps = self.options.gate_period_ps
         self._width_ps = self.options.gate_width_ps
@@ -270,11 +271,12 @@ class IdqGateGenerator(GateGenerator):
                     identity_fields(identity),
                     lambda: identity_fields(self.transport.query("*IDN?")),
                 )
-                if len(self.memory) > 0:  # a connect after a close: read back, put back
+                if self._configured:  # a connect after a close: read back, put back
                     self.check_settings()
                 else:
                     self._configure_routing()
                     self._initial_settings()
+                    self._configured = True
             except InstrumentError:
                 self.transport.close()
                 raise

@@ -324,3 +324,23 @@ def test_tagger_and_gate_generator_share_the_controller(sim: IdqTimeControllerSi
     assert tagger.health().level is HealthLevel.OK and gate.health().level is HealthLevel.OK
     tagger.close()
     gate.close()
+
+
+def test_a_connect_cut_short_is_set_up_in_full_next_time(sim: IdqTimeControllerSim) -> None:
+    """The width is lost on the way during the first connect: the next connect makes the
+    whole setup again (not a read-back of what half a setup remembered)."""
+    dev = IdqGateGenerator("gate0", sim.endpoint, 0.1, OPTS)
+    serve = sim._serve_controller
+
+    def lose_the_width(peer: bytes, message: bytes) -> None:
+        if not message.startswith(b"GEN1:PWID "):
+            serve(peer, message)
+
+    sim._serve_controller = lose_the_width  # type: ignore[method-assign]
+    with pytest.raises(InstrumentTimeoutError):
+        dev.connect()
+    sim._serve_controller = serve  # type: ignore[method-assign]
+    dev.connect()
+    assert (sim.generators[1].width_ps, sim.generators[1].trigger_delay_ps) == (2_500, 500)
+    assert dev.health().level is HealthLevel.OK
+    dev.close()
