@@ -7,10 +7,11 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import random
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -273,3 +274,61 @@ def test_cli_lists_the_drivers_and_probe_suggests_them(
         "externally_gated_detector",
     ]
     assert not any(m.startswith(b"GEN1:ENAB O") for m in sim.received)  # probe sets nothing
+
+
+@dataclass
+class FlakyDevice(SimDevice):
+    """The stand-in's detector whose library fails, raises or returns garbage at random."""
+
+    rng: random.Random = field(default_factory=lambda: random.Random(11))
+
+    @property  # type: ignore[override]
+    def raise_next(self) -> bool:
+        return self.rng.random() < 0.1
+
+    @raise_next.setter
+    def raise_next(self, value: bool) -> None:
+        pass
+
+    @property  # type: ignore[override]
+    def fail_next(self) -> bool:
+        return self.rng.random() < 0.1
+
+    @fail_next.setter
+    def fail_next(self, value: bool) -> None:
+        pass
+
+    @property  # type: ignore[override]
+    def garbage(self) -> bool:
+        return self.rng.random() < 0.1
+
+    @garbage.setter
+    def garbage(self, value: bool) -> None:
+        pass
+
+
+def test_hostile_parts_let_only_typed_errors_out_of_the_composite(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The robustness run of the registered drivers, on the composite: a generator on a
+    hostile message transport and a detector whose vendor library misbehaves."""
+    from drivers.aurea_spd import AureaSpd, AureaSpdOptions
+    from tests.drivers.hostile import HostileMessageTransport
+    from tests.drivers.test_hostile_transport import exercise
+
+    monkeypatch.setattr(aurea_standin, "DEVICE", FlakyDevice())
+    monkeypatch.setitem(sys.modules, "SPD_OEM", aurea_standin)
+    transport = HostileMessageTransport("spd0.gate", seed=5)
+    transport.identities = ["ID Quantique,ID1000,SN1,1.0", *transport.identities]
+    gate = IdqGateGenerator("spd0.gate", "hostile", 0.03, transport=transport)
+    detector = AureaSpd("spd0.detector", "", 0.03, AureaSpdOptions(reopen_gap_s=0.0))
+    spd = ExternallyGatedDetector("spd0", generator=gate, detector=detector)
+    transport.open()
+
+    def reopen() -> None:
+        if not transport.is_open:
+            transport.open()
+
+    found = exercise(spd, reopen, random.Random(5), 400)
+    found.check()
+    assert found.typed_errors > 0

@@ -67,9 +67,9 @@ NOT_FUZZED = {
     "swabian_time_tagger": "vendor library (no byte transport): tests/drivers/test_swabian.py "
     "drives it against a stand-in of the vendor module, including its failures",
     "timetag_file": "reads a file: test_tag_file_replay_survives_mangled_files below",
-    "externally_gated_detector": "a composite of two registered drivers, each fuzzed (or "
-    "listed here) on its own; tests/drivers/test_gated_detector.py drives it with the "
-    "vendor library raising and the controller gone",
+    "externally_gated_detector": "a composite of two registered drivers (no transport of "
+    "its own); tests/drivers/test_gated_detector.py runs exercise() below on it with its "
+    "generator on a hostile message transport and a misbehaving vendor library",
 }
 #: Drivers of the simulated link: in-process models of the physics, no transport.
 IN_PROCESS_MODULES = ("drivers.simlink.",)
