@@ -68,7 +68,7 @@ driver, ``REC`` in IDQ's), ``TRIG:ARM:MODE AUTO|MANU``, ``PLAY``; linked generat
 * the limits: no source gives the shortest period or width, the time step, the largest
   pulse count or delay. The defaults (``options.period_range_ps``, ``width_range_ps``,
   ``delay_range_ps``, ``time_step_ps``) are the span the sources' values cover (periods
-  80 ns to 1.5 s, widths from 4 ns, a delay bound of 3600 s in IDQ's example, a period of
+  80 ns to 1.5 s, widths from 4 ns, a delay bound of 3.6 s in IDQ's example, a period of
   4000100 ps, so a step of at most 100 ps) widened to what a gated detector needs (a 1 ns
   gate, a 10 ns period); check them on the instrument;
 * the number of blocks: ``GEN1``-``GEN8`` and ``OUTP1``-``OUTP4`` (the summary; the
