@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 import threading
+from functools import partial
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -56,6 +57,7 @@ from drivers.interfaces import (
     InstrumentHealth,
     SinglePhotonDetector,
 )
+from drivers.restore import SettingsMemory, Value
 
 
 class PartSpec(BaseModel):
@@ -108,6 +110,14 @@ class ExternallyGatedDetectorOptions(DriverOptions):
     @classmethod
     def _detector(cls, spec: PartSpec) -> PartSpec:
         return _check_part(spec, SinglePhotonDetector)
+
+
+def _nothing() -> None:
+    """A view's setting is never applied."""
+
+
+def _same(value: Value) -> Value:
+    return value
 
 
 def _build(spec: PartSpec, name: str, timeout_s: float) -> Instrument:
@@ -170,10 +180,18 @@ class ExternallyGatedDetector(SinglePhotonDetector):
         return self.detector.dead_time_range_ns
 
     @property
-    def memory(self) -> Any:
-        """The generator's settings memory (a calibration result records its snapshot:
-        the gate delay, width and period)."""
-        return getattr(self.generator, "memory", None)
+    def memory(self) -> SettingsMemory:
+        """What both parts were told, as one read-only view (``gate.<setting>``,
+        ``detector.<setting>``, in the order each part made them): a calibration result
+        records its snapshot. The parts keep and restore their own settings; nothing done
+        to this view reaches them."""
+        view = SettingsMemory(self.name)
+        for prefix, part in (("gate", self.generator), ("detector", self.detector)):
+            memory = getattr(part, "memory", None)
+            if isinstance(memory, SettingsMemory):
+                for setting, value in memory.snapshot():
+                    view.remember(f"{prefix}.{setting}", value, _nothing, partial(_same, value))
+        return view
 
     # --- Instrument --------------------------------------------------------------
 

@@ -255,8 +255,9 @@ def test_gate_delay_scan_finds_the_pulse_through_the_composite(
     assert scan.delay_set_ps is not None and abs(scan.delay_set_ps - centred) <= 30
     assert sim.generators[1].trigger_delay_ps == round(scan.delay_set_ps)
     assert len(scan.delays_ps) > 40 and elapsed < 3.0
-    settings = dict((s.name, s.value) for s in result.instruments[0].settings)
-    assert settings["gate_delay_ps"] == sim.generators[1].trigger_delay_ps
+    settings = {s.name: s.value for s in result.instruments[0].settings}
+    assert settings["gate.gate_delay_ps"] == sim.generators[1].trigger_delay_ps
+    assert settings["detector.mode"] == "GATED" and settings["detector.armed"] is True
 
 
 def test_cli_lists_the_drivers_and_probe_suggests_them(
