@@ -349,6 +349,9 @@ class ExternallyGatedDetector(SinglePhotonDetector):
     def count_rate_hz(self) -> float:
         return self.detector.count_rate_hz()
 
+    def count_integration_s(self) -> float:
+        return self.detector.count_integration_s()
+
     def set_bias_current_ua(self, bias_current_ua: float) -> None:
         self.detector.set_bias_current_ua(bias_current_ua)
 

@@ -396,6 +396,13 @@ class SinglePhotonDetector(Instrument):
         """Temperature of the sensing element (APD or nanowire stage), in kelvin."""
         raise not_supported(self, "temperature_k", "temperature reading")
 
+    def count_integration_s(self) -> float:
+        """Counting time behind one :meth:`count_rate_hz` reading, in seconds (the
+        counter's integration period): a reading of ``r`` Hz stands for ``r`` times this
+        many counts. Calibration needs it to state Poisson uncertainties; a detector that
+        does not say it leaves the scatter of the readings to set them."""
+        raise not_supported(self, "count_integration_s", "counter integration period")
+
 
 # --- Gate generator -----------------------------------------------------------------
 

@@ -462,6 +462,10 @@ class SingleQuantumSnspd(SinglePhotonDetector):
             raise ProtocolError(self.name, "counts", f"count {counts}")
         return counts / (self.options.measurement_period_ms / 1e3)
 
+    def count_integration_s(self) -> float:
+        """The counts' measurement period (``options.measurement_period_ms``), in s."""
+        return self.options.measurement_period_ms / 1e3
+
     def _next_counts_line(self) -> str:
         self._sock("counts")
         if self._counts is None:

@@ -24,7 +24,12 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
-from drivers.errors import ConnectionLostError, NotConnectedError, OutOfRangeError
+from drivers.errors import (
+    ConnectionLostError,
+    NotConnectedError,
+    OutOfRangeError,
+    ProtocolError,
+)
 from drivers.interfaces import (
     BB84State,
     DetectorStatus,
@@ -569,6 +574,13 @@ class SimDetector(_SimBase, SinglePhotonDetector):
         it (waiting up to ``timeout_s`` for it, see ``ReceiverWorld.count_rates_hz``)."""
         w = self._det("count_rate_hz")
         return float(w.count_rates_hz(fresh_within_s=self.timeout_s)[self.channel])
+
+    def count_integration_s(self) -> float:
+        """The simulated counters' integration period (``ReceiverWorld``), in s."""
+        seconds = self._det("count_integration_s").counter_integration_s()
+        if seconds <= 0:
+            raise ProtocolError(self.name, "count_integration_s", "no batch counted yet")
+        return seconds
 
     def health(self) -> InstrumentHealth:
         w = self._world

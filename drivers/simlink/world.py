@@ -919,6 +919,13 @@ class ReceiverWorld:
             self._buffered -= len(block)
             return block
 
+    def counter_integration_s(self) -> float:
+        """The counters' integration period, in s: ``hardware.counter_integration_s``, at
+        least one simulated batch (the last one's duration; 0 before the first). A
+        reading taken at least this long after a setting change counts this long."""
+        with self._counts_ready:
+            return max(self._counter_integration_s, self.last_duration_s)
+
     def count_rates_hz(self, fresh_within_s: float = 0.0) -> npt.NDArray[np.float64]:
         """Click rate per channel over the detectors' integration period: the last batch,
         or the most recent batches counted with the settings now in force up to

@@ -9,6 +9,7 @@ from typing import Any
 
 import structlog
 
+from drivers.errors import NotSupportedError
 from drivers.interfaces import (
     DetectorStatus,
     IntensityModulator,
@@ -118,39 +119,58 @@ class CalibrationMixin(SessionCore):
         self._rx_calibration_summary = await self.node.link.request("calibrate", 300.0)
 
     async def _calibrate_receiver(self) -> None:
-        from qkdnode.procedures.detector_timing import calibrate_detector_timing
+        from qkdnode.procedures.detector_timing import (
+            DetectorTimingConfig,
+            calibrate_detector_timing,
+        )
 
         dets = self._detectors()
         for d in dets:
             await self._call(d.arm)
         await self._check_not_latched()
         tagger: TimeTagger = self._one(TimeTagger)
+        counting_s = await self._counting_time_s()
         self._progress("calibration", step="detector_timing", status="started")
         timing = await calibrate_detector_timing(
             dets,
             self.cfg.source.slot_rate_hz,
+            DetectorTimingConfig(reading_time_s=counting_s),
             state_dir=self.node.state_dir,
             publish=self.node.publish,
-            wait_integration=self._integration_wait(tagger),
+            wait_integration=self._integration_wait(tagger, counting_s),
         )
         if not timing.ok:
             # A detector whose gate is not on the pulses clicks on dark counts only (on a
             # satellite pass at its rise, say, with too few counts to fit): exchanging
             # with it would lose its basis. Calibration fails and is tried again.
             raise LinkError(f"detector timing: {timing.message}")
-        self.dark_rate_hz = await self._measure_dark_rate()
+        self.dark_rate_hz = await self._measure_dark_rate(counting_s)
         self._rx_calibration_summary = {
             "detector_timing_ok": bool(timing.ok),
             "dark_rate_hz": self.dark_rate_hz,
         }
 
-    async def _measure_dark_rate(self) -> float:
+    async def _counting_time_s(self) -> float | None:
+        """Receiver: the shortest counting time behind the detectors' count-rate readings
+        (s), or None when a detector does not state it (the calibrations then take the
+        readings' scatter, or the wait between them, as their counting time)."""
+        times = []
+        for d in self._detectors():
+            try:
+                times.append(float(await self._call(d.count_integration_s)))
+            except NotSupportedError:
+                return None
+        return min(times) if times else None
+
+    async def _measure_dark_rate(self, counting_s: float | None) -> float:
         """Receiver, while the transmitter calibrates: the detectors' total click rate
         with the transmitter's light off (the dark-count floor of the light-loss test).
-        The light is switched on again whatever happens."""
+        Each reading counts for the detectors' own counting time ``counting_s`` (Poisson
+        bounds of the counts actually behind them), taken at least that far apart. The
+        light is switched on again whatever happens."""
         from qkdnode.procedures.dark_rate import measure_dark_rate
 
-        seconds = self.cfg.calibration.integration_time_s
+        seconds = max(self.cfg.calibration.integration_time_s, counting_s or 0.0)
         try:
             await self.node.link.request("light", 30.0, on=False)
             # light still in flight (fiber, buffers) must not count as dark
@@ -158,6 +178,7 @@ class CalibrationMixin(SessionCore):
             result = await measure_dark_rate(
                 self._detectors(),
                 integration_s=seconds,
+                reading_time_s=counting_s,
                 readings=5,
                 state_dir=self.node.state_dir,
                 publish=self.node.publish,
@@ -175,8 +196,10 @@ class CalibrationMixin(SessionCore):
                 await self._fault("bright_light", f"{d.name} latched: bright light (blinding?)")
                 raise LinkError(f"{d.name} latched by bright light")
 
-    def _integration_wait(self, tagger: TimeTagger) -> Any:
-        seconds = self.cfg.calibration.integration_time_s
+    def _integration_wait(self, tagger: TimeTagger, counting_s: float | None = None) -> Any:
+        """The wait before each reading of a scan: ``calibration.integration_time_s``, at
+        least the detectors' counting time (a reading never mixes two settings)."""
+        seconds = max(self.cfg.calibration.integration_time_s, counting_s or 0.0)
 
         async def wait() -> None:
             await asyncio.sleep(seconds)

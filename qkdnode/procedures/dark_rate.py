@@ -2,8 +2,10 @@
 
 Receiver side; the caller has the transmitter's light off (its shutter closed) and has
 waited for the light in flight to pass. Each detector's count rate is read ``readings``
-times, each over one integration period of ``integration_s``; the counts (rate times
-period, summed) give the rate ``N / (n T)`` and its one-sided Garwood bounds at
+times, one integration period ``integration_s`` apart; each reading stands for the
+detectors' counting time ``T`` (their counter period, ``reading_time_s``, at most
+``integration_s``), so the counts (rate times ``T``, summed) give the rate ``N / (n T)``
+and its one-sided Garwood bounds at
 ``confidence`` (zero counts bound the rate by ``-ln(1 - confidence) / (n T)``, never by
 0). Used at calibration and, on the node's schedule, during key exchange.
 
@@ -57,6 +59,8 @@ class DarkRate(BaseModel):
 class DarkRateResult(CalibrationResult):
     procedure: str = "dark_rate"
     integration_s: float
+    #: counting time behind each reading (s); the exposure is readings x this
+    reading_time_s: float
     confidence: float
     detectors: list[DarkRate]
     #: the sum over detectors (the floor of the light-loss test), Hz
@@ -69,6 +73,7 @@ async def measure_dark_rate(
     detectors: Sequence[SinglePhotonDetector],
     *,
     integration_s: float,
+    reading_time_s: float | None = None,
     readings: int = 5,
     confidence: float | None = None,
     wait_integration: Callable[[], object] | None = None,
@@ -77,9 +82,20 @@ async def measure_dark_rate(
 ) -> DarkRateResult:
     """Read every detector ``readings`` times, one integration period apart (module
     docstring); ``wait_integration()`` (may be a coroutine) waits for the next period
-    (default: sleeps ``integration_s``). Saved and published as ``dark_rate``."""
+    (default: sleeps ``integration_s``). ``reading_time_s`` is the counting time behind
+    one reading (the detectors' counter period, see
+    :meth:`~drivers.interfaces.SinglePhotonDetector.count_integration_s`); None: the
+    readings are taken to count for ``integration_s``. It may not exceed
+    ``integration_s``: overlapping readings would count the same clicks twice
+    (``ValueError``). Saved and published as ``dark_rate``."""
     if integration_s <= 0 or readings < 1:
         raise ValueError("need integration_s > 0 and readings >= 1")
+    counting_s = integration_s if reading_time_s is None else reading_time_s
+    if not 0 < counting_s <= integration_s * (1 + 1e-9):
+        raise ValueError(
+            f"reading_time_s={reading_time_s} must be > 0 and at most integration_s="
+            f"{integration_s} (readings one integration period apart must not overlap)"
+        )
     conf = confidence if confidence is not None else one_sided_confidence(COVERAGE_FACTOR)
     started = time.monotonic()
     per_det: list[list[float]] = [[] for _ in detectors]
@@ -93,10 +109,10 @@ async def measure_dark_rate(
             if not math.isfinite(rate) or rate < 0:
                 raise CalibrationError(f"{d.name}: count rate {rate!r} Hz is not a rate")
             per_det[i].append(rate)
-    exposure_s = readings * integration_s
+    exposure_s = readings * counting_s
     out = []
     for d, rates in zip(detectors, per_det, strict=True):
-        n = int(sum(round(r * integration_s) for r in rates))
+        n = int(sum(round(r * counting_s) for r in rates))
         out.append(
             DarkRate(
                 detector=d.name,
@@ -110,6 +126,7 @@ async def measure_dark_rate(
     total = sum(x.counts for x in out)
     result = DarkRateResult(
         integration_s=integration_s,
+        reading_time_s=counting_s,
         confidence=conf,
         detectors=out,
         total_rate_hz=total / exposure_s,
@@ -125,7 +142,7 @@ def plot_dark_rate(result: DarkRateResult, fig: Figure) -> None:
     band; residuals (counts minus the line) below. Counts stay readable at a few per
     reading, where per-reading rates would be all error bar."""
     ax, res = data_and_residuals(fig, residual_label="counts - rate x t")
-    t_s = result.integration_s
+    t_s = result.reading_time_s
     for k, d in enumerate(result.detectors):
         per = np.asarray([round(r * t_s) for r in d.readings_hz], dtype=np.float64)
         n = np.cumsum(per)

@@ -243,6 +243,8 @@ class DetectorTimingResult(CalibrationResult):
     procedure: str = "detector_timing"
     period_ps: float
     scans: list[DetectorScan]
+    #: counting time behind each reading (s); None: unknown, weights from the scatter
+    reading_time_s: float | None = None
 
 
 async def _scan(
@@ -369,7 +371,11 @@ async def calibrate_detector_timing(
             )
         )
     result = DetectorTimingResult(
-        period_ps=period, scans=scans, ok=not messages, message="; ".join(messages)
+        period_ps=period,
+        scans=scans,
+        reading_time_s=cfg.reading_time_s,
+        ok=not messages,
+        message="; ".join(messages),
     )
     return finish(result, started, state_dir, plot_detector_timing, publish, instruments=detectors)
 

@@ -4,6 +4,7 @@ one process (tests/pair/harness.py), including their failure paths."""
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from pathlib import Path
 
@@ -19,6 +20,12 @@ def test_calibrate_sync_exchange_commit_identical_keys(tmp_path: Path) -> None:
         async with in_process_pair(tmp_path) as p:
             assert await p.drive(Event.CALIBRATE) is State.IDLE
             assert p.tx.stats.calibrated and p.rx.stats.calibrated
+            # the receiver's calibrations count what the simulated counters count (one
+            # fiber batch per reading), not the wait between readings
+            batch_s = (1 << 20) / p.rx.cfg.source.slot_rate_hz
+            for name in ("dark_rate", "detector_timing"):
+                saved = json.loads((p.rx.state_dir / "calibration" / f"{name}.json").read_text())
+                assert saved["reading_time_s"] == pytest.approx(batch_s, rel=0.01), name
             assert await p.drive(Event.SYNC) is State.IDLE
             assert p.tx.stats.synchronized and p.rx.stats.synchronized
             await p.drive(Event.EXCHANGE)
