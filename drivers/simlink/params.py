@@ -42,6 +42,7 @@ from drivers.simlink.satellite_channel import SatelliteChannelParams
 __all__ = [
     "ClockParams",
     "DriftParams",
+    "ReceiverDriftParams",
     "EveParams",
     "FiberParams",
     "LinkParams",
@@ -150,6 +151,36 @@ class FiberParams(_Strict):
         return self.length_km * 1e3 * self.group_index / 299_792_458.0
 
 
+class ReceiverDriftParams(_Strict):
+    """Slow drifts of the receiver box while it runs (simulation truths, off by default).
+
+    * dark counts: a detector warming up (a cooler losing its grip, a warm room) raises
+      its dark count rate roughly exponentially with the temperature (InGaAs SPADs: about
+      a factor 2 per 5 to 10 K), and the temperature follows a step with a first-order
+      lag. The dark rates are multiplied by ``dark_rate_factor ** (1 - exp(-t / tau))``
+      from ``dark_rate_rise_start_s`` of simulated time on (``t`` counted from there,
+      ``tau`` = ``dark_rate_time_constant_s``): 1 before, ``dark_rate_factor`` long after.
+      Simulated time runs from the receiver's first fiber batch.
+    """
+
+    dark_rate_factor: float = Field(
+        1.0, ge=1.0, le=1e5, description="final factor on every detector's dark count rate"
+    )
+    dark_rate_time_constant_s: float = Field(
+        60.0, gt=0, le=1e6, description="thermal time constant of the rise, s"
+    )
+    dark_rate_rise_start_s: float = Field(
+        0.0, ge=0, le=1e7, description="simulated seconds after the first batch the rise starts"
+    )
+
+    def dark_factor(self, t_s: float) -> float:
+        """The factor on the dark count rates at simulated time ``t_s`` (seconds)."""
+        if self.dark_rate_factor == 1.0 or t_s <= self.dark_rate_rise_start_s:
+            return 1.0
+        x = (t_s - self.dark_rate_rise_start_s) / self.dark_rate_time_constant_s
+        return float(self.dark_rate_factor ** (-math.expm1(-x)))
+
+
 class ReceiverParams(_Strict):
     """The receiver box: analysers, detectors (nominal values) and the seed of its truths.
 
@@ -185,6 +216,9 @@ class ReceiverParams(_Strict):
     threshold_window_v: tuple[float, float] = Field(
         (0.05, 0.4),
         description="discriminator thresholds that work: below, noise clicks; above, none",
+    )
+    drift: ReceiverDriftParams = Field(
+        ReceiverDriftParams(), description="slow drifts while the box runs (off by default)"
     )
 
     @model_validator(mode="before")
@@ -349,7 +383,7 @@ _WHAT = {
     "transmitter": "its secret seed, source, fiber, eavesdropper and hardware truths",
     "receiver": "its seed, hardware truths and clock",
 }
-_SHARED_HARDWARE = {"hardware_seed", "spread_scale"}
+_SHARED_HARDWARE = {"hardware_seed", "spread_scale", "drift"}  # each side its own drift
 
 
 def _refuse(data: Any, keys: tuple[str, ...], other: type[BaseModel], side: str) -> None:

@@ -17,7 +17,8 @@ Physics, per pulse that reached the receiver with ``n`` photons at angle ``theta
   (1 - (R s)_a) / 2`` for the pulse's Stokes vector ``s`` and the arm's axis ``a``;
 * the detector on that port clicks with ``1 - (1 - eff)^n_arm`` if the jittered arrival
   falls inside its gate (gate centred on the detector's delay setting, slot-locked);
-* dark counts: Poisson in each gate with ``dark_rate_hz * gate_width``;
+* dark counts: Poisson in each gate with ``dark_rate_hz * gate_width`` (times the
+  temperature drift's factor, :class:`~drivers.simlink.params.ReceiverDriftParams`);
 * afterpulses: each kept click releases one with ``afterpulse_probability`` at the first
   gate after ``dead_time + Exp(afterpulse_delay)``; cascades included;
 * dead time: non-paralysable, per detector, carried across chunks (events are
@@ -217,14 +218,16 @@ class ReceiverModel:
         period_ps: float,
         settings: DetectorSettings,
         rng: np.random.Generator,
+        dark_factor: float = 1.0,
     ) -> tuple[npt.NDArray[np.int16], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-        """Dark clicks of the chunk (channel, true time, slot), sorted by time.
+        """Dark clicks of the chunk (channel, true time, slot), sorted by time; the dark
+        rates times ``dark_factor`` (the detectors' temperature drift).
 
         Poisson splitting: one draw for the total count (almost always 0 at realistic
         dark rates), then the channels of the clicks if there are any."""
         gate_s = self.rx.gate_width_ps * 1e-12
         rates = zip(settings.dark_rate_hz.tolist(), settings.enabled.tolist(), strict=True)
-        rate_hz = [r if on else 0.0 for r, on in rates]
+        rate_hz = [r * dark_factor if on else 0.0 for r, on in rates]
         total_mean = sum(rate_hz) * gate_s * n_slots
         n_dark = int(rng.poisson(total_mean)) if total_mean > 0.0 else 0
         if n_dark == 0:
@@ -300,6 +303,7 @@ class ReceiverModel:
         rng: np.random.Generator,
         extra_rotation_rad: float = 0.0,
         rotation: npt.NDArray[np.float64] | None = None,
+        dark_factor: float = 1.0,
     ) -> DetectionRecords:
         """Detections caused by ``photons`` (slots in ``[slot_start, slot_stop)``) and by
         the detectors themselves in that span. ``chunk_t0_ps`` is the true time of slot
@@ -308,14 +312,21 @@ class ReceiverModel:
         ``rotation`` (3x3, Poincaré sphere; None: identity) turns the photons' states
         between the batch's angles and the analysers (the fiber's SU(2) rotation and the
         polarisation controller); ``extra_rotation_rad`` then turns them by that angle in
-        real space (a receiver-side step of the reference, about ``S3``)."""
+        real space (a receiver-side step of the reference, about ``S3``). The dark rates
+        are the settings' times ``dark_factor``."""
         rx = self.rx
         n_slots = slot_stop - slot_start
         period_f = float(period_ps)
         duration_ps = span_ps(n_slots, period_ps)
         seed = np.uint64(rng.bit_generator.random_raw())
         dark_c, dark_t, dark_s = self._dark_clicks(
-            slot_start, n_slots, chunk_t0_ps, period_ps=period_f, settings=settings, rng=rng
+            slot_start,
+            n_slots,
+            chunk_t0_ps,
+            period_ps=period_f,
+            settings=settings,
+            rng=rng,
+            dark_factor=dark_factor,
         )
         # Always C-contiguous *and writable*: numba compiles one specialization per array
         # flavour, and a read-only batch (off the fiber socket) would otherwise compile a

@@ -660,6 +660,9 @@ class ReceiverWorld:
             threshold_v=np.full(N_CHANNELS, mid_threshold),
         )
         self.tagger_delay_ps = np.zeros(N_CHANNELS, np.int64)
+        #: the factor on the dark rates in the last batch (``hardware.drift``; simulation
+        #: truth, for tests)
+        self.dark_factor = 1.0
         #: the receiver's polarisation controller, in front of the analysers (its driver
         #: sets the retardances; at power-on all zero, i.e. no rotation)
         self.polarization_controller = ControllerModel()
@@ -727,6 +730,15 @@ class ReceiverWorld:
                 dead_time_ps=d.dead_time_ns * 1e3,
                 tagger_delay_ps=self.tagger_delay_ps.copy(),
             )
+
+    def dark_rate_in_gates_hz(self, slot_rate_hz: float) -> float:
+        """Simulation truth (tests): the dark clicks per second of the armed detectors in
+        their gates (one per slot) now, with the drift's factor of the last batch: what
+        their count-rate readings sum to with the light off."""
+        settings = self.detector_settings()
+        rates = np.where(settings.enabled, settings.dark_rate_hz, 0.0)
+        gate_s = self.rx.gate_width_ps * 1e-12
+        return float(rates.sum()) * self.dark_factor * gate_s * slot_rate_hz
 
     def _settings_key(self) -> tuple[object, ...]:
         """What :meth:`detector_settings` depends on: the front panels, the tagger's
@@ -807,6 +819,8 @@ class ReceiverWorld:
             eve = self.faults.get("eve")
             index = self.chunk_index
             self.chunk_index += 1
+            dark_factor = self.rx.drift.dark_factor(chunk_t0 * 1e-12)
+            self.dark_factor = dark_factor
         if cut:
             photons = photons[:0]
         if eve:
@@ -826,6 +840,7 @@ class ReceiverWorld:
             rng=rng,
             extra_rotation_rad=rotation,
             rotation=to_analysers,
+            dark_factor=dark_factor,
         )
         duration_s = float((slot_stop - slot_start) * period) * 1e-12
         with self.lock:
