@@ -66,6 +66,12 @@ ALARMS: dict[str, tuple[Severity, str]] = {
         "the transmitter's output left the intensity intervals the key length assumes: "
         "key exchange stopped for a new calibration",
     ),
+    "dark_count_rise": (
+        Severity.MAJOR,
+        "the receiver's dark count rate measured while key flows (vacuum decoy class) is "
+        "above calibration.dark_rise_factor times the light-off calibration's upper bound "
+        "(detector warming, light leak): a fiber cut may go unnoticed by a floor that old",
+    ),
     "sync_failed": (Severity.MAJOR, "the last synchronisation failed"),
     "exchange_failed": (Severity.MAJOR, "key exchange stopped on an error"),
     "lock_lost": (

@@ -126,6 +126,7 @@ class KeyFlow:
         self.calibrated_at = self._clock()
         self.alarms.clear("calibration_failed", "calibration succeeded")
         self.alarms.clear("intensity_drift", "calibration succeeded")
+        self.alarms.clear("dark_count_rise", "calibration succeeded")
 
     def synchronized(self) -> None:
         self.alarms.clear("sync_failed", "synchronised")

@@ -170,6 +170,17 @@ class LightWatch:
             self.window_s,
         )
 
+    def set_dark_rate(self, dark_rate_hz: float) -> None:
+        """A new dark-count floor ``D`` (clicks per second, over the detectors): the
+        thresholds and the decision window follow from the next window on; the window
+        being filled and the suspicion so far stay. ValueError for a negative or
+        non-finite rate (the test keeps its floor)."""
+        if not (math.isfinite(dark_rate_hz) and dark_rate_hz >= 0):
+            raise ValueError(f"dark rate {dark_rate_hz!r} Hz is not a rate")
+        self.dark_rate_hz = float(dark_rate_hz)
+        if self._test is not None:
+            self._retest()
+
     def add_block(self, counts: int, start_ps: int, stop_ps: int) -> Verdict:
         """A tag block: ``counts`` tags over tagger time ``start_ps..stop_ps``. A block
         that does not say its span (``stop_ps <= start_ps``) carries no count information

@@ -44,6 +44,7 @@ Step = Literal[
     "state",
     "pass_end",
     "skip",
+    "dark",
 ]
 
 

@@ -569,6 +569,10 @@ class SimDetector(_SimBase, SinglePhotonDetector):
             w.detectors.latched[self.channel] = False
             w.detectors.armed[self.channel] = False
 
+    def gate_width_ns(self) -> float:
+        """The gate the detector opens in every slot (fixed in this model), ns."""
+        return float(self._det("gate_width_ns").rx.gate_width_ps) * 1e-3
+
     def count_rate_hz(self) -> float:
         """Over the last integration period; after a setting change, one that began with
         it (waiting up to ``timeout_s`` for it, see ``ReceiverWorld.count_rates_hz``)."""

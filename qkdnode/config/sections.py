@@ -134,6 +134,46 @@ class CalibrationSection(Section):
         "step measures the mean photon numbers again (inside a withheld window, key flowing "
         "around it) instead of letting them drift out of their intervals",
     )
+    detector_gate_width_ns: float | None = Field(
+        None,
+        gt=0,
+        le=1e6,
+        description="receiver: the detectors' sensitive time per slot (gate width; a "
+        "free-running detector: the slot period), ns, for the in-flight dark rate (dark "
+        "counts outside the acceptance window are counted by the detectors but not in a "
+        "block); None: read from the detectors (gate_width_ns), and without either the "
+        "in-flight dark rate is off",
+    )
+    dark_track_interval_s: float = Field(
+        30.0,
+        ge=0,
+        le=86_400,
+        description="while exchanging: seconds between two in-flight measurements of the "
+        "receiver's dark count rate from the vacuum decoy class (no dark window); each "
+        "updates the floor of the receiver's light-loss test. 0 = off (the floor stays "
+        "the calibration's light-off value)",
+    )
+    dark_track_window_s: float = Field(
+        300.0,
+        gt=0,
+        le=86_400,
+        description="transmitter: the blocks sifted in the last this many seconds make one "
+        "in-flight dark-rate measurement",
+    )
+    dark_track_min_counts: int = Field(
+        100,
+        ge=10,
+        le=10_000_000,
+        description="transmitter: detections in the vacuum slots of the window below which "
+        "no in-flight dark rate is reported",
+    )
+    dark_rise_factor: float = Field(
+        3.0,
+        ge=1.0,
+        le=10_000,
+        description="receiver: alarm dark_count_rise when the in-flight lower bound exceeds "
+        "this factor times the light-off calibration's upper bound",
+    )
 
 
 class InstrumentSection(Section):

@@ -145,9 +145,15 @@ class CalibrationMixin(SessionCore):
             # with it would lose its basis. Calibration fails and is tried again.
             raise LinkError(f"detector timing: {timing.message}")
         self.dark_rate_hz = await self._measure_dark_rate(counting_s)
+        assert self.dark_calibrated is not None
+        _, dark_lower, dark_upper = self.dark_calibrated
+        # the light-off values: what the transmitter's in-flight dark rate is shown against
         self._rx_calibration_summary = {
             "detector_timing_ok": bool(timing.ok),
             "dark_rate_hz": self.dark_rate_hz,
+            "dark_lower_hz": dark_lower,
+            "dark_upper_hz": dark_upper,
+            "gate_width_ps": await self._gate_width_ps(),
         }
 
     async def _counting_time_s(self) -> float | None:
@@ -161,6 +167,22 @@ class CalibrationMixin(SessionCore):
             except NotSupportedError:
                 return None
         return min(times) if times else None
+
+    async def _gate_width_ps(self) -> float | None:
+        """Receiver: the detectors' sensitive time per slot (ps): the config's
+        ``calibration.detector_gate_width_ns``, else the widest gate the detectors report,
+        else None (a driver that cannot tell; the in-flight dark rate is then off)."""
+        configured = self.cfg.calibration.detector_gate_width_ns
+        if configured is not None:
+            return configured * 1e3
+        widths: list[float] = []
+        for d in self._detectors():
+            try:
+                widths.append(float(await self._call(d.gate_width_ns)) * 1e3)
+            except Exception as exc:  # NotSupportedError, an instrument error: not known
+                log.info("gate_width_unknown", detector=d.name, error=str(exc)[:200])
+                return None
+        return max(widths) if widths and all(w > 0 for w in widths) else None
 
     async def _measure_dark_rate(self, counting_s: float | None) -> float:
         """Receiver, while the transmitter calibrates: the detectors' total click rate
@@ -185,7 +207,7 @@ class CalibrationMixin(SessionCore):
             )
         finally:
             await self.node.link.request("light", 30.0, on=True)
-        self._dark_measured(result.total_rate_hz, result.total_upper_hz)
+        self._dark_measured(result.total_rate_hz, result.total_lower_hz, result.total_upper_hz)
         return result.total_rate_hz
 
     async def _check_not_latched(self) -> None:

@@ -121,8 +121,17 @@ class SessionCore:
         #: receiver: the block being filled, minus drift-tracking windows (while exchanging)
         self._accumulator: DetectionAccumulator | None = None
         self._store_full = False  # the last block found the key store full
-        #: receiver: clicks per second with the transmitter's light off (calibration)
+        #: receiver: clicks per second with the transmitter's light off (calibration),
+        #: then the in-flight value from the vacuum class (pair/scheduled.py): the floor
+        #: of the light-loss test
         self.dark_rate_hz = 0.0
+        #: receiver: the light-off calibration's dark rate (rate, lower, upper; Hz)
+        self.dark_calibrated: tuple[float, float, float] | None = None
+        #: transmitter: the vacuum class's clicks of recent blocks (pair/scheduled.py;
+        #: a procedures.dark_inflight.DarkTracker once the tracking runs)
+        self._dark_tracker: Any = None
+        #: transmitter: the receiver's acceptance window (full width, ps) of the last sync
+        self.rx_window_ps: float | None = None
         #: receiver: the light-loss test on the tagger stream (while exchanging)
         self.light_watch: LightWatch | None = None
         self._warned_insensitive = False
@@ -397,7 +406,16 @@ class SessionCore:
         def _polarization_steps(self) -> dict[str, StepSpec]: ...
         def _scheduled_steps(self) -> dict[str, StepSpec]: ...
         async def _scheduled_bias_tracking(self) -> None: ...
-        def _dark_measured(self, rate_hz: float, upper_hz: float) -> None: ...
+        def _dark_measured(self, rate_hz: float, lower_hz: float, upper_hz: float) -> None: ...
+        async def _scheduled_dark_tracking(self) -> None: ...
+        def _count_vacuum(
+            self,
+            block_id: int,
+            block: BlockStats,
+            pulses: int,
+            floor_before: int,
+            withheld: list[tuple[int, int]],
+        ) -> None: ...
         async def _compensate_polarization(self) -> None: ...
         async def _watch_qber(self, qber: float) -> None: ...
 

@@ -117,6 +117,7 @@ class ExchangeMixin(SessionCore):
             asyncio.create_task(self._serve_blocks(), name="blocks"),
             asyncio.create_task(self._track_drift(), name="drift-tracking"),
             asyncio.create_task(self._scheduled_bias_tracking(), name="im-bias-tracking"),
+            asyncio.create_task(self._scheduled_dark_tracking(), name="dark-tracking"),
         ]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -239,6 +240,9 @@ class ExchangeMixin(SessionCore):
         from qkdnode.postproc.pipeline import run_block_transmitter
 
         src: StateSource = self._one(StateSource)
+        # the slot floor and the withheld windows before the block claims its slots (the
+        # in-flight dark rate counts the slots the block spans)
+        floor_before, withheld = self.key_slots.floor, self.key_slots.withheld
         with bound_context(block_id=block_id):
             result = await run_block_transmitter(
                 self._tx_transport,
@@ -258,6 +262,7 @@ class ExchangeMixin(SessionCore):
             if result.ok and qz is not None and qx:
                 self.z_over_x_error_ratio = qz / qx
             await self._finish_block(block_id, result, self._exchange_started, pulses)
+            self._count_vacuum(block_id, result.stats, pulses, floor_before, withheld)
             if result.ok and self.cfg.protocol.block_size == "auto":
                 self._advise(result.stats, pulses)
         return bool(result.ok)

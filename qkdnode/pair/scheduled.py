@@ -1,5 +1,6 @@
 """Calibration on a schedule while key flows: the transmitter's intensity-modulator bias
-tracking with the check (and re-measurement) of its mean photon numbers.
+tracking with the check (and re-measurement) of its mean photon numbers, and the
+receiver's dark-count rate from the vacuum decoy class.
 
 Every ``calibration.bias_track_interval_s`` the transmitter picks a window of slots
 ``[start, stop)`` ahead of its state source, asks the receiver to drop its detections
@@ -11,19 +12,34 @@ finds the intensities beyond their drift allowance stops the exchange (alarm
 window anyway (an extension the receiver had already cut past) is refused by the
 transmitter's key-slot floor. Results are saved and published like every calibration's.
 
-The receiver's dark counts are measured at every calibration
-(:func:`~qkdnode.procedures.dark_rate.measure_dark_rate`, Poisson bounds), not while
-key flows: a dark window of the seconds a count-rate reading needs leaves the slot
-tracking without light for that long.
+The receiver's dark counts are measured with the light off at every calibration
+(:func:`~qkdnode.procedures.dark_rate.measure_dark_rate`, Poisson bounds) and, while key
+flows, without any dark window: a light-off window of the seconds a count-rate reading
+needs would leave the slot tracking without light that long. Instead the transmitter
+counts, per sifted block, the detections in the slots it sent as the vacuum class and
+the number of such slots (:mod:`~qkdnode.procedures.dark_inflight`: Garwood bounds, the
+vacuum class's own light subtracted within bounds from the calibrated intensities and
+the signal class's yield). Every ``calibration.dark_track_interval_s`` it estimates the
+dark rate over the blocks of the last ``calibration.dark_track_window_s`` (none below
+``calibration.dark_track_min_counts`` vacuum clicks), saves and publishes the result
+(``dark_inflight``) and sends the rate to the receiver (link step ``dark``). The receiver
+checks the value against its own click rate (a dark rate cannot exceed it) and refuses a
+missing, non-finite, negative, disordered or too high one, keeping its floor; otherwise
+the dark-count floor of its light-loss test moves into the interval (kept while the
+interval holds it, else set to the nearer bound: as far as the counts demand), and alarm
+``dark_count_rise`` is raised when the lower bound exceeds
+``calibration.dark_rise_factor`` times its light-off calibration's upper bound (cleared
+when it falls back or a calibration measures again).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -34,9 +50,14 @@ from drivers.interfaces import (
     VariableAttenuator,
 )
 from qkdnode.link import LinkError
-from qkdnode.pair.core import S, SessionCore, StepSpec
+from qkdnode.pair.core import SLOT_SLIP_QBER, S, SessionCore, StepSpec
 from qkdnode.statemachine import Event
 from qkdnode.tracking import TrackingError, TrackingWindow
+
+if TYPE_CHECKING:
+    from qkdnode.postproc.blockstats import BlockStats
+    from qkdnode.procedures.dark_inflight import LeakRatio
+    from qkdnode.procedures.mean_photon_number import MeanPhotonResult
 
 log = structlog.get_logger(__name__)
 
@@ -193,6 +214,151 @@ class ScheduledMixin(SessionCore):
                 await self.node.trigger(Event.STOP, f"intensities drifted: {message}")
                 return
 
+    def _count_vacuum(
+        self,
+        block_id: int,
+        block: BlockStats,
+        pulses: int,
+        floor_before: int,
+        withheld: list[tuple[int, int]],
+    ) -> None:
+        """Transmitter, after a block: its vacuum- and signal-class detections and slots
+        for the in-flight dark rate. The block spans the ``pulses`` slots up to the key-slot
+        floor its claim set; the windows withheld in that span (``withheld``, as they were
+        before the block) carried no block's detections and are not counted. A block whose
+        bits came out random (the slot alignment slipped: its classes are noise) or whose
+        span does not fit is left out."""
+        from qkdnode.procedures.dark_inflight import VacuumCounts
+
+        tracker = self._dark_tracker
+        per_class = block.detections_per_class
+        if tracker is None or per_class is None or len(per_class) != 3 or pulses <= 0:
+            return
+        if block.qber_x is None or block.qber_x >= SLOT_SLIP_QBER:
+            return
+        stop = self.key_slots.floor
+        start = stop - pulses
+        if start < floor_before:
+            log.info("dark_block_skipped", block_id=block_id, reason="span below the floor")
+            return
+        lost = sum(max(0, min(b, stop) - max(a, start)) for a, b in withheld)
+        slots = pulses - lost
+        if slots <= 0:
+            return
+        st = self.settings
+        tracker.add(
+            VacuumCounts(
+                block_id=block_id,
+                finished_unix_s=time.time(),
+                vacuum_slots=st.p_vacuum * slots,
+                vacuum_detections=int(per_class[2]),
+                signal_slots=st.p_signal * slots,
+                signal_detections=int(per_class[0]),
+            )
+        )
+
+    async def _scheduled_dark_tracking(self) -> None:
+        """Transmitter, while exchanging: the in-flight dark rate every
+        ``calibration.dark_track_interval_s`` (module docstring; never returns; off: only
+        waits). Too few counts, a result that cannot be saved, or a receiver that refuses
+        the value are logged and the next round tried: this never ends the exchange."""
+        from qkdnode.procedures.common import (
+            CalibrationError,
+            publish_result,
+            save_result,
+            snapshot_instruments,
+        )
+        from qkdnode.procedures.dark_inflight import (
+            DarkInflightResult,
+            DarkTracker,
+            dark_rose,
+            plot_dark_inflight,
+        )
+
+        cal = self.cfg.calibration
+        if cal.dark_track_interval_s <= 0:
+            await asyncio.Event().wait()
+        if self._dark_tracker is None:
+            self._dark_tracker = DarkTracker(
+                window_s=cal.dark_track_window_s,
+                min_counts=cal.dark_track_min_counts,
+                gate_rate_hz=self.cfg.source.slot_rate_hz,
+            )
+        tracker = self._dark_tracker
+        tracker.clear()  # blocks of an earlier exchange may predate a calibration
+        warned = False
+        while True:
+            await asyncio.sleep(cal.dark_track_interval_s)
+            m = self.intensities
+            summary = self._rx_calibration_summary
+            gate_ps = _finite(summary.get("gate_width_ps"))
+            window_ps = _finite(self.rx_window_ps)
+            if m is None or gate_ps is None or window_ps is None or gate_ps <= 0 or window_ps <= 0:
+                if not warned:
+                    warned = True
+                    log.warning(
+                        "dark_track_off",
+                        reason="the receiver's gate width or acceptance window is not known",
+                        gate_width_ps=gate_ps,
+                        window_ps=window_ps,
+                    )
+                continue
+            started = time.monotonic()
+            try:
+                ratio = leak_ratio(m)
+                point = tracker.estimate(ratio, min(1.0, window_ps / gate_ps))
+            except (CalibrationError, ValueError) as exc:
+                log.info("dark_track_skipped", reason=str(exc)[:200])
+                continue
+            cal_rate = _finite(summary.get("dark_rate_hz"))
+            cal_lower = _finite(summary.get("dark_lower_hz"))
+            cal_upper = _finite(summary.get("dark_upper_hz"))
+            result = DarkInflightResult(
+                duration_s=time.monotonic() - started,
+                confidence=tracker.confidence,
+                gate_rate_hz=tracker.gate_rate_hz,
+                acceptance_window_ps=window_ps,
+                gate_width_ps=gate_ps,
+                window_s=tracker.window_s,
+                min_counts=tracker.min_counts,
+                leak_ratio=ratio,
+                latest=point,
+                history=list(tracker.history),
+                calibrated_rate_hz=cal_rate,
+                calibrated_lower_hz=cal_lower,
+                calibrated_upper_hz=cal_upper,
+                rise_factor=cal.dark_rise_factor,
+                risen=dark_rose(point.lower_hz, cal_upper, cal.dark_rise_factor),
+                instruments=snapshot_instruments(
+                    [self._one(StateSource), self._one(IntensityModulator)]
+                ),
+            )
+            log.info(
+                "dark_rate_tracked",
+                rate_hz=round(point.rate_hz, 3),
+                lower_hz=round(point.lower_hz, 3),
+                upper_hz=round(point.upper_hz, 3),
+                vacuum_detections=point.vacuum_detections,
+                blocks=point.blocks,
+            )
+            try:
+                await asyncio.to_thread(
+                    save_result, result, self.node.state_dir, plot_dark_inflight
+                )
+            except OSError as exc:
+                log.warning("dark_result_not_saved", error=str(exc)[:200])
+            publish_result(result, self.node.publish)
+            try:
+                await self.node.link.request(
+                    "dark",
+                    30.0,
+                    rate_hz=point.rate_hz,
+                    lower_hz=point.lower_hz,
+                    upper_hz=point.upper_hz,
+                )
+            except LinkError as exc:
+                log.warning("dark_rate_not_taken", error=str(exc)[:200])
+
     # ------------------------------------------------------------------ receiver
     async def _step_skip(self, args: dict[str, Any]) -> dict[str, Any]:
         """Receiver, while exchanging: drop our detections in ``[start_slot, stop_slot)``
@@ -217,12 +383,126 @@ class ScheduledMixin(SessionCore):
         except TrackingError as exc:
             raise LinkError(str(exc)) from exc
 
-    def _dark_measured(self, rate_hz: float, upper_hz: float) -> None:
-        """Receiver: a new dark-count floor (total over the detectors, Hz)."""
+    def _dark_measured(self, rate_hz: float, lower_hz: float, upper_hz: float) -> None:
+        """Receiver: the light-off calibration's dark-count floor (total over the
+        detectors, Hz), the reference of the in-flight values."""
         self.dark_rate_hz = rate_hz
+        self.dark_calibrated = (rate_hz, lower_hz, upper_hz)
         log.info("dark_rate_measured", dark_rate_hz=round(rate_hz, 3), upper_hz=round(upper_hz, 3))
+
+    async def _step_dark(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Receiver, while exchanging: the transmitter's in-flight dark rate (``rate_hz``,
+        ``lower_hz``, ``upper_hz``) sets the light-loss test's floor: the floor in force
+        is kept while the interval holds it, else moved to the nearer bound. Refused
+        (LinkError, floor unchanged) when not exchanging or when the value is not a rate
+        this receiver can have (:func:`parse_dark_report`)."""
+        watch = self.light_watch
+        if self.node.sm.state is not S.EXCHANGING or watch is None:
+            raise LinkError(f"dark rate refused: not exchanging ({self.node.sm.state.value})")
+        clicks_hz = watch.reference_rate_hz or self._locked_rate_hz
+        try:
+            rate, lower, upper = parse_dark_report(args, clicks_hz)
+        except LinkError as exc:
+            log.warning("dark_rate_refused", error=str(exc)[:200])
+            raise
+        # The floor moves only as far as the measurement demands: kept while the interval
+        # holds it, else to the interval's nearer bound (a rise is followed by its lower
+        # bound: a floor never set above what the counts show).
+        floor = min(max(self.dark_rate_hz, lower), upper)
+        watch.set_dark_rate(floor)
+        self.dark_rate_hz = floor
+        calibrated = self.dark_calibrated
+        factor = self.cfg.calibration.dark_rise_factor
+        cal_upper = calibrated[2] if calibrated is not None else None
+        from qkdnode.procedures.dark_inflight import dark_rose
+
+        risen = dark_rose(lower, cal_upper, factor)
+        test = watch.test()
+        sensitive = test.sensitive if test is not None else None
+        fields = {
+            "floor_hz": round(floor, 3),
+            "dark_rate_hz": round(rate, 3),
+            "lower_hz": round(lower, 3),
+            "upper_hz": round(upper, 3),
+            "calibrated_upper_hz": None if cal_upper is None else round(cal_upper, 3),
+            "risen": risen,
+            "sensitive": sensitive,
+        }
+        log.info("dark_floor_updated", **fields)
+        self.node.publish("dark_rate", fields)
+        if risen:
+            assert cal_upper is not None
+            self.node.alarm(
+                "dark_count_rise",
+                f"dark count rate at least {lower:.4g} Hz while key flows, above "
+                f"{factor:g} x the light-off calibration's upper bound {cal_upper:.4g} Hz "
+                "(detector warming? light leak?); the light-loss floor follows it"
+                + ("" if sensitive is not False else ": the light-loss test is insensitive"),
+            )
+        else:
+            self.node.alarms.clear("dark_count_rise", "in-flight dark rate back in range")
+        return {"floor_hz": floor, "risen": risen, "sensitive": sensitive}
 
     # ------------------------------------------------------------------ link steps
     def _scheduled_steps(self) -> dict[str, StepSpec]:
-        """``skip``: the receiver drops a window's detections."""
-        return {"skip": StepSpec(self._step_skip, ("receiver",))}
+        """``skip``: the receiver drops a window's detections; ``dark``: the receiver takes
+        the in-flight dark rate."""
+        return {
+            "skip": StepSpec(self._step_skip, ("receiver",)),
+            "dark": StepSpec(self._step_dark, ("receiver",)),
+        }
+
+
+def leak_ratio(m: MeanPhotonResult) -> LeakRatio:
+    """``mu3 / mu_s`` from the intensity calibration's statistical intervals (the factor
+    common to the classes cancels). A vacuum class below the meter's resolution has only
+    an upper bound: its point value is taken half-way. ValueError without a signal."""
+    from qkdnode.procedures.dark_inflight import LeakRatio
+
+    (s_lo, s_hi), _, (v_lo, v_hi) = m.class_bounds()
+    if m.signal.mu is None or not s_lo > 0:
+        raise ValueError("the signal intensity is not measured")
+    lower, upper = max(v_lo, 0.0) / s_hi, v_hi / s_lo
+    if m.vacuum.mu is not None:
+        point = min(max(m.vacuum.mu / m.signal.mu, lower), upper)
+    else:
+        point = 0.5 * (lower + upper)
+    return LeakRatio(
+        lower=lower,
+        point=point,
+        upper=upper,
+    )
+
+
+def _finite(value: object) -> float | None:
+    """A finite real number from a peer's reply, else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    x = float(value)
+    return x if math.isfinite(x) else None
+
+
+def parse_dark_report(args: dict[str, Any], clicks_hz: float) -> tuple[float, float, float]:
+    """``(rate_hz, lower_hz, upper_hz)`` of a ``dark`` request, or LinkError naming what is
+    wrong: a missing or non-numeric field, a non-finite or negative value, bounds that do
+    not enclose the rate, or a rate above ``clicks_hz``, the receiver's own click rate
+    (dark counts are among its clicks; with no click rate known nothing is taken)."""
+    out: list[float] = []
+    for key in ("rate_hz", "lower_hz", "upper_hz"):
+        value = args.get(key)
+        x = _finite(value)
+        if x is None or x < 0:
+            raise LinkError(f"dark rate refused: {key} = {str(value)[:40]!r} is not a rate")
+        out.append(x)
+    rate, lower, upper = out
+    if not lower <= rate <= upper:
+        raise LinkError(
+            f"dark rate refused: bounds [{lower:.4g}, {upper:.4g}] Hz do not enclose {rate:.4g} Hz"
+        )
+    if not (math.isfinite(clicks_hz) and clicks_hz > 0):
+        raise LinkError("dark rate refused: no click rate of our own to check it against")
+    if rate > clicks_hz:
+        raise LinkError(
+            f"dark rate refused: {rate:.4g} Hz is above our own click rate {clicks_hz:.4g} Hz"
+        )
+    return rate, lower, upper

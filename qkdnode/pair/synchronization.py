@@ -68,6 +68,13 @@ class SynchronizationMixin(SessionCore):
             first = await self._call(src.set_sync_pattern, None)
             self.key_slots.key_states_from(int(first))
         self.exchange_from_slot = int(first)
+        window = summary.get("window_ps")
+        # the receiver's acceptance window: the in-flight dark rate's share of the gate
+        self.rx_window_ps = (
+            float(window)
+            if isinstance(window, int | float) and not isinstance(window, bool)
+            else None
+        )
         await self.node.link.request("sync_end", 30.0, exchange_from_slot=self.exchange_from_slot)
         self.node.stats.synchronized = True
         self.node.keyflow.synchronized()

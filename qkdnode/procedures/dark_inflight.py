@@ -26,11 +26,18 @@ detections in ``S3`` vacuum slots and ``Ns`` signal detections in ``Ss`` signal 
 * ``Y0 = 1 - (1 - P3) exp(L)``, the probability of a dark click in one slot's gates over
   all detectors: lower from (``P3`` lower, ``L`` upper, clipped at 0), upper from
   (``P3`` upper, ``L`` lower), point from the point values;
-* the dark count rate ``D = Y0 * gate_rate_hz`` with the gate rate the slot rate (the
-  detectors open one gate per slot): what the detectors' count-rate readings sum to with
-  the light off, the quantity of the calibration's light-off measurement (the simulator
-  draws dark counts as Poisson in each gate with ``dark_rate_hz * gate_width``; the sum
-  over detectors and the probability of any click differ by ``O(Y0^2)``).
+* a block holds only the detections inside the receiver's acceptance window (a few
+  hundred ps about the pulse), while the detectors count dark clicks over their whole
+  gate: ``Y0`` is the window's, and ``acceptance_fraction`` = window / gate (at most 1;
+  dark counts are uniform in time over the gate) turns it into the gate's,
+  ``Y0 / acceptance_fraction``;
+* the dark count rate ``D = Y0 / acceptance_fraction * gate_rate_hz`` with the gate rate
+  the slot rate (the detectors open one gate per slot): what the detectors' count-rate
+  readings sum to with the light off, the quantity of the calibration's light-off
+  measurement and the floor of the light-loss test, which counts every tag (the
+  simulator draws dark counts as Poisson in each gate with ``dark_rate_hz *
+  gate_width``; the sum over detectors and the probability of any click differ by
+  ``O(Y0^2)``).
 
 Each bound holds at ``confidence`` given the others (a union over the vacuum count, the
 signal count and the intensity calibration). Biases, all small and stated: afterpulses
@@ -116,10 +123,12 @@ class DarkInflightPoint(BaseModel):
     leak_lower: float
     leak: float
     leak_upper: float
-    #: dark click probability per slot (all detectors)
+    #: dark click probability per slot (all detectors) in the acceptance window
     y0: float
     y0_lower: float
     y0_upper: float
+    #: the acceptance window over the detectors' gate (at most 1)
+    acceptance_fraction: float
     rate_hz: float
     lower_hz: float
     upper_hz: float
@@ -132,6 +141,9 @@ class DarkInflightResult(CalibrationResult):
     procedure: str = "dark_inflight"
     confidence: float
     gate_rate_hz: float
+    #: the receiver's acceptance window (full width) and its detectors' gate, ps
+    acceptance_window_ps: float
+    gate_width_ps: float
     window_s: float
     min_counts: int
     leak_ratio: LeakRatio
@@ -159,15 +171,19 @@ def estimate_inflight_dark(
     leak_ratio: LeakRatio,
     *,
     gate_rate_hz: float,
+    acceptance_fraction: float = 1.0,
     min_counts: int = 100,
     confidence: float | None = None,
     unix_s: float | None = None,
 ) -> DarkInflightPoint:
     """The dark count rate from ``blocks`` (module docstring). Raises
     :class:`CalibrationError` below ``min_counts`` vacuum detections or when no signal
-    slot clicked; ValueError on a gate rate that is not positive."""
+    slot clicked; ValueError on a gate rate that is not positive or an acceptance
+    fraction outside (0, 1]."""
     if not gate_rate_hz > 0:
         raise ValueError(f"gate_rate_hz must be positive, got {gate_rate_hz!r}")
+    if not 0 < acceptance_fraction <= 1:
+        raise ValueError(f"acceptance_fraction must lie in (0, 1], got {acceptance_fraction!r}")
     conf = confidence if confidence is not None else one_sided_confidence(COVERAGE_FACTOR)
     items = list(blocks)
     n3 = sum(b.vacuum_detections for b in items)
@@ -211,9 +227,10 @@ def estimate_inflight_dark(
         y0=y_pt,
         y0_lower=y_lo,
         y0_upper=y_hi,
-        rate_hz=y_pt * gate_rate_hz,
-        lower_hz=y_lo * gate_rate_hz,
-        upper_hz=y_hi * gate_rate_hz,
+        acceptance_fraction=acceptance_fraction,
+        rate_hz=y_pt / acceptance_fraction * gate_rate_hz,
+        lower_hz=y_lo / acceptance_fraction * gate_rate_hz,
+        upper_hz=y_hi / acceptance_fraction * gate_rate_hz,
     )
 
 
@@ -256,12 +273,18 @@ class DarkTracker:
             self._blocks.popleft()
         return list(self._blocks)
 
-    def estimate(self, leak_ratio: LeakRatio, now_unix_s: float | None = None) -> DarkInflightPoint:
+    def estimate(
+        self,
+        leak_ratio: LeakRatio,
+        acceptance_fraction: float = 1.0,
+        now_unix_s: float | None = None,
+    ) -> DarkInflightPoint:
         now = time.time() if now_unix_s is None else now_unix_s
         point = estimate_inflight_dark(
             self._window(now),
             leak_ratio,
             gate_rate_hz=self.gate_rate_hz,
+            acceptance_fraction=acceptance_fraction,
             min_counts=self.min_counts,
             confidence=self.confidence,
             unix_s=now,
@@ -273,8 +296,9 @@ class DarkTracker:
 def plot_dark_inflight(result: DarkInflightResult, fig: Figure) -> None:
     """The in-flight dark count rate against time with its interval (band), the
     calibration's light-off value and interval overlaid (dashed line, grey band), the
-    rise threshold dotted; below, the leakage subtracted (the light of the vacuum class)
-    against the vacuum slots' click rate, both in Hz."""
+    rise threshold dotted; below, in the acceptance window, the vacuum slots' click
+    probability and the part of it the vacuum class's light makes (subtracted, with its
+    bounds), both times the gate rate (Hz)."""
     ax, ax2 = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
     points = result.history or [result.latest]
     t0 = points[0].unix_s
@@ -306,7 +330,8 @@ def plot_dark_inflight(result: DarkInflightResult, fig: Figure) -> None:
     ax.set_title(
         f"{last.rate_hz:.3g} Hz [{last.lower_hz:.3g}, {last.upper_hz:.3g}] from "
         f"{last.vacuum_detections} vacuum-slot clicks in {last.blocks} blocks "
-        f"(window {result.window_s:g} s), bounds {result.confidence:.3%} one-sided",
+        f"(window {result.window_s:g} s), bounds {result.confidence:.3%} one-sided; "
+        f"acceptance {result.acceptance_window_ps:.0f} ps of a {result.gate_width_ps:.0f} ps gate",
         fontsize=8,
     )
     g = result.gate_rate_hz

@@ -153,6 +153,8 @@ def test_tracker_follows_a_drift_and_the_rise_is_seen(tmp_path: Path) -> None:
     result = DarkInflightResult(
         confidence=tracker.confidence,
         gate_rate_hz=SLOT_RATE_HZ,
+        acceptance_window_ps=1000.0,  # every detection of the truth (no window here)
+        gate_width_ps=1000.0,
         window_s=0.8,
         min_counts=50,
         leak_ratio=ratio,
