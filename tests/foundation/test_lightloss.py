@@ -151,3 +151,28 @@ def test_a_restarted_window_forgets_the_clicks_before_the_lock_was_lost() -> Non
     watch.restart_window()
     verdicts = [watch.add(2, 0.5) for _ in range(6)]
     assert verdicts[1] is Verdict.SUSPECT and verdicts[-1] is Verdict.GONE
+
+
+def test_a_dark_floor_that_rose_unseen_hides_a_cut_and_the_new_floor_finds_it() -> None:
+    """Dark counts rose from 10/s to 30 k/s on a link of 1.2 M clicks/s that may fade to
+    2 %: with the old floor a cut (30 k/s left) is never a dark window; with the floor
+    set to the new rate (LightWatch.set_dark_rate) three windows in a row confirm it."""
+    rng = np.random.default_rng(7)
+    reference, dark_now = 1.2e6, 3e4
+    stale = LightWatch(dark_rate_hz=10.0, fade_floor=0.02, reference_rate_hz=reference)
+    fresh = LightWatch(dark_rate_hz=10.0, fade_floor=0.02, reference_rate_hz=reference)
+    fresh.set_dark_rate(dark_now)
+    test = fresh.test()
+    assert test is not None and test.dark_rate_hz == dark_now and test.sensitive
+    for watch in (stale, fresh):  # the link with light: no suspicion either way
+        assert watch.add(int(rng.poisson(reference + dark_now)), 1.0) is Verdict.LIGHT
+    verdicts = {"stale": [], "fresh": []}
+    for _ in range(5):  # the cut: dark counts only
+        verdicts["stale"].append(stale.add(int(rng.poisson(dark_now)), 1.0))
+        verdicts["fresh"].append(fresh.add(int(rng.poisson(dark_now)), 1.0))
+    assert set(verdicts["stale"]) == {Verdict.LIGHT}
+    assert Verdict.GONE in verdicts["fresh"]
+    for bad in (math.nan, math.inf, -1.0):
+        with pytest.raises(ValueError, match="not a rate"):
+            fresh.set_dark_rate(bad)
+    assert fresh.dark_rate_hz == dark_now
