@@ -314,7 +314,11 @@ def plot_dark_inflight(result: DarkInflightResult, fig: Figure) -> None:
         )
         if result.calibrated_lower_hz is not None and result.calibrated_upper_hz is not None:
             ax.axhspan(
-                result.calibrated_lower_hz, result.calibrated_upper_hz, color="0.5", alpha=0.2
+                result.calibrated_lower_hz,
+                result.calibrated_upper_hz,
+                color="0.5",
+                alpha=0.2,
+                label="light-off interval",
             )
             ax.axhline(
                 result.rise_factor * result.calibrated_upper_hz,
@@ -330,13 +334,19 @@ def plot_dark_inflight(result: DarkInflightResult, fig: Figure) -> None:
     ax.set_title(
         f"{last.rate_hz:.3g} Hz [{last.lower_hz:.3g}, {last.upper_hz:.3g}] from "
         f"{last.vacuum_detections} vacuum-slot clicks in {last.blocks} blocks "
-        f"(window {result.window_s:g} s), bounds {result.confidence:.3%} one-sided; "
-        f"acceptance {result.acceptance_window_ps:.0f} ps of a {result.gate_width_ps:.0f} ps gate",
+        f"(window {result.window_s:g} s), bounds {result.confidence:.3%} one-sided\n"
+        f"acceptance window {result.acceptance_window_ps:.0f} ps of a "
+        f"{result.gate_width_ps:.0f} ps gate; mu3/mu_s {result.leak_ratio.point:.3g} "
+        f"[{result.leak_ratio.lower:.3g}, {result.leak_ratio.upper:.3g}]",
         fontsize=8,
     )
     g = result.gate_rate_hz
-    ax2.plot(t, [p.p_vacuum_click * g for p in points], "s-", ms=3, color="C1", label="vacuum")
-    ax2.plot(t, [p.leak * g for p in points], "^-", ms=3, color="C2", label="mu3 light")
+    ax2.plot(
+        t, [p.p_vacuum_click * g for p in points], "s-", ms=3, color="C1", label="vacuum slots"
+    )
+    ax2.plot(
+        t, [p.leak * g for p in points], "^-", ms=3, color="C2", label="their light (subtracted)"
+    )
     ax2.fill_between(
         t,
         [p.leak_lower * g for p in points],
