@@ -255,6 +255,8 @@ class ExchangeMixin(SessionCore):
                 landing=self._landing,
                 advice=self._advised_block,
             )
+            # at once, while the floor is where this block's claim left it
+            self._count_vacuum(block_id, result.stats, pulses, floor_before, withheld)
             qz, qx = result.stats.qber_z, result.stats.qber_x
             detections = result.stats.detections
             if detections > 0 and pulses > 0:
@@ -262,7 +264,6 @@ class ExchangeMixin(SessionCore):
             if result.ok and qz is not None and qx:
                 self.z_over_x_error_ratio = qz / qx
             await self._finish_block(block_id, result, self._exchange_started, pulses)
-            self._count_vacuum(block_id, result.stats, pulses, floor_before, withheld)
             if result.ok and self.cfg.protocol.block_size == "auto":
                 self._advise(result.stats, pulses)
         return bool(result.ok)

@@ -236,14 +236,9 @@ class ScheduledMixin(SessionCore):
             return
         if block.qber_x is None or block.qber_x >= SLOT_SLIP_QBER:
             return
-        stop = self.key_slots.floor
-        start = stop - pulses
-        if start < floor_before:
-            log.info("dark_block_skipped", block_id=block_id, reason="span below the floor")
-            return
-        lost = sum(max(0, min(b, stop) - max(a, start)) for a, b in withheld)
-        slots = pulses - lost
-        if slots <= 0:
+        slots = counted_slots(pulses, self.key_slots.floor, floor_before, withheld)
+        if slots is None:
+            log.info("dark_block_skipped", block_id=block_id, reason="span does not fit")
             return
         st = self.settings
         tracker.add(
@@ -472,6 +467,22 @@ def leak_ratio(m: MeanPhotonResult) -> LeakRatio:
         point=point,
         upper=upper,
     )
+
+
+def counted_slots(
+    pulses: int, floor_after: int, floor_before: int, withheld: list[tuple[int, int]]
+) -> int | None:
+    """The slots a block's detections could come from: the ``pulses`` slots up to
+    ``floor_after`` (the key-slot floor its claim set: one past its last slot) less the
+    withheld windows ``[a, b)`` in them. None when the span reaches below
+    ``floor_before`` (the floor before the block: an announced span that does not fit)
+    or nothing is left."""
+    start = floor_after - pulses
+    if pulses <= 0 or start < floor_before:
+        return None
+    lost = sum(max(0, min(b, floor_after) - max(a, start)) for a, b in withheld)
+    slots = pulses - lost
+    return slots if slots > 0 else None
 
 
 def _finite(value: object) -> float | None:

@@ -25,7 +25,7 @@ import pytest
 from drivers.simlink.world import get_world
 from qkdnode.lightloss import LightLossTest
 from qkdnode.link import LinkError
-from qkdnode.pair.scheduled import parse_dark_report
+from qkdnode.pair.scheduled import counted_slots, parse_dark_report
 from qkdnode.statemachine import Event, State
 from tests.pair.harness import InProcessPair, in_process_pair
 
@@ -218,3 +218,13 @@ def test_parse_dark_report_refuses_what_no_receiver_can_have() -> None:
         parse_dark_report(good, 45.0)
     with pytest.raises(LinkError, match="no click rate of our own"):
         parse_dark_report(good, 0.0)
+
+
+def test_a_block_counts_its_span_less_the_withheld_windows() -> None:
+    # block [1000, 2000): one window inside, one straddling its start, one after it
+    withheld = [(900, 1100), (1500, 1600), (2000, 2500)]
+    assert counted_slots(1000, 2000, 900, withheld) == 1000 - 100 - 100
+    assert counted_slots(1000, 2000, 1000, []) == 1000
+    assert counted_slots(1000, 2000, 1001, []) is None  # a span below the old floor
+    assert counted_slots(100, 2000, 0, [(1800, 2100)]) is None  # all withheld
+    assert counted_slots(0, 2000, 0, []) is None
