@@ -255,20 +255,10 @@ class ScheduledMixin(SessionCore):
     async def _scheduled_dark_tracking(self) -> None:
         """Transmitter, while exchanging: the in-flight dark rate every
         ``calibration.dark_track_interval_s`` (module docstring; never returns; off: only
-        waits). Too few counts, a result that cannot be saved, or a receiver that refuses
-        the value are logged and the next round tried: this never ends the exchange."""
-        from qkdnode.procedures.common import (
-            CalibrationError,
-            publish_result,
-            save_result,
-            snapshot_instruments,
-        )
-        from qkdnode.procedures.dark_inflight import (
-            DarkInflightResult,
-            DarkTracker,
-            dark_rose,
-            plot_dark_inflight,
-        )
+        waits). Too few counts, a round that fails (an instrument's snapshot, the disk),
+        or a receiver that refuses the value are logged and the next round tried: this
+        never ends the exchange."""
+        from qkdnode.procedures.dark_inflight import DarkTracker
 
         cal = self.cfg.calibration
         if cal.dark_track_interval_s <= 0:
@@ -284,11 +274,10 @@ class ScheduledMixin(SessionCore):
         warned = False
         while True:
             await asyncio.sleep(cal.dark_track_interval_s)
-            m = self.intensities
             summary = self._rx_calibration_summary
             gate_ps = _finite(summary.get("gate_width_ps"))
             window_ps = _finite(self.rx_window_ps)
-            if m is None or gate_ps is None or window_ps is None or gate_ps <= 0 or window_ps <= 0:
+            if gate_ps is None or window_ps is None or gate_ps <= 0 or window_ps <= 0:
                 if not warned:
                     warned = True
                     log.warning(
@@ -298,61 +287,83 @@ class ScheduledMixin(SessionCore):
                         window_ps=window_ps,
                     )
                 continue
-            started = time.monotonic()
             try:
-                ratio = leak_ratio(m)
-                point = tracker.estimate(ratio, min(1.0, window_ps / gate_ps))
-            except (CalibrationError, ValueError) as exc:
-                log.info("dark_track_skipped", reason=str(exc)[:200])
-                continue
-            cal_rate = _finite(summary.get("dark_rate_hz"))
-            cal_lower = _finite(summary.get("dark_lower_hz"))
-            cal_upper = _finite(summary.get("dark_upper_hz"))
-            result = DarkInflightResult(
-                duration_s=time.monotonic() - started,
-                confidence=tracker.confidence,
-                gate_rate_hz=tracker.gate_rate_hz,
-                acceptance_window_ps=window_ps,
-                gate_width_ps=gate_ps,
-                window_s=tracker.window_s,
-                min_counts=tracker.min_counts,
-                leak_ratio=ratio,
-                latest=point,
-                history=list(tracker.history),
-                calibrated_rate_hz=cal_rate,
-                calibrated_lower_hz=cal_lower,
-                calibrated_upper_hz=cal_upper,
-                rise_factor=cal.dark_rise_factor,
-                risen=dark_rose(point.lower_hz, cal_upper, cal.dark_rise_factor),
-                instruments=snapshot_instruments(
-                    [self._one(StateSource), self._one(IntensityModulator)]
-                ),
+                await self._dark_track_round(tracker, window_ps, gate_ps)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("dark_track_failed", error=f"{type(exc).__name__}: {str(exc)[:200]}")
+
+    async def _dark_track_round(self, tracker: Any, window_ps: float, gate_ps: float) -> None:
+        """One in-flight estimate with the receiver's acceptance window and gate (ps):
+        sent to the receiver, saved and published (or logged as skipped below the
+        minimum count)."""
+        from qkdnode.procedures.common import (
+            CalibrationError,
+            publish_result,
+            save_result,
+            snapshot_instruments,
+        )
+        from qkdnode.procedures.dark_inflight import (
+            DarkInflightResult,
+            dark_rose,
+            plot_dark_inflight,
+        )
+
+        m = self.intensities
+        if m is None:
+            return
+        cal = self.cfg.calibration
+        started = time.monotonic()
+        acceptance = min(1.0, window_ps / gate_ps)
+        try:
+            ratio = leak_ratio(m)
+            point = tracker.estimate(ratio, acceptance)
+        except (CalibrationError, ValueError) as exc:
+            log.info("dark_track_skipped", reason=str(exc)[:200])
+            return
+        log.info(
+            "dark_rate_tracked",
+            rate_hz=round(point.rate_hz, 3),
+            lower_hz=round(point.lower_hz, 3),
+            upper_hz=round(point.upper_hz, 3),
+            vacuum_detections=point.vacuum_detections,
+            blocks=point.blocks,
+        )
+        try:
+            await self.node.link.request(
+                "dark",
+                30.0,
+                rate_hz=point.rate_hz,
+                lower_hz=point.lower_hz,
+                upper_hz=point.upper_hz,
             )
-            log.info(
-                "dark_rate_tracked",
-                rate_hz=round(point.rate_hz, 3),
-                lower_hz=round(point.lower_hz, 3),
-                upper_hz=round(point.upper_hz, 3),
-                vacuum_detections=point.vacuum_detections,
-                blocks=point.blocks,
-            )
-            try:
-                await asyncio.to_thread(
-                    save_result, result, self.node.state_dir, plot_dark_inflight
-                )
-            except OSError as exc:
-                log.warning("dark_result_not_saved", error=str(exc)[:200])
-            publish_result(result, self.node.publish)
-            try:
-                await self.node.link.request(
-                    "dark",
-                    30.0,
-                    rate_hz=point.rate_hz,
-                    lower_hz=point.lower_hz,
-                    upper_hz=point.upper_hz,
-                )
-            except LinkError as exc:
-                log.warning("dark_rate_not_taken", error=str(exc)[:200])
+        except LinkError as exc:
+            log.warning("dark_rate_not_taken", error=str(exc)[:200])
+        summary = self._rx_calibration_summary
+        cal_upper = _finite(summary.get("dark_upper_hz"))
+        instruments = [self._one(StateSource), self._one(IntensityModulator)]
+        result = DarkInflightResult(
+            confidence=tracker.confidence,
+            gate_rate_hz=tracker.gate_rate_hz,
+            acceptance_window_ps=window_ps,
+            gate_width_ps=gate_ps,
+            window_s=tracker.window_s,
+            min_counts=tracker.min_counts,
+            leak_ratio=ratio,
+            latest=point,
+            history=list(tracker.history),
+            calibrated_rate_hz=_finite(summary.get("dark_rate_hz")),
+            calibrated_lower_hz=_finite(summary.get("dark_lower_hz")),
+            calibrated_upper_hz=cal_upper,
+            rise_factor=cal.dark_rise_factor,
+            risen=dark_rose(point.lower_hz, cal_upper, cal.dark_rise_factor),
+            # the instruments are asked for their identity: off the event loop
+            instruments=await asyncio.to_thread(snapshot_instruments, instruments),
+        )
+        result.duration_s = time.monotonic() - started
+        await asyncio.to_thread(save_result, result, self.node.state_dir, plot_dark_inflight)
+        publish_result(result, self.node.publish)
 
     # ------------------------------------------------------------------ receiver
     async def _step_skip(self, args: dict[str, Any]) -> dict[str, Any]:
