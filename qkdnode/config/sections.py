@@ -138,10 +138,10 @@ class CalibrationSection(Section):
         None,
         gt=0,
         le=1e6,
-        description="receiver: the detectors' sensitive time per slot (gate width; a "
-        "free-running detector: the slot period), ns, for the in-flight dark rate (dark "
-        "counts outside the acceptance window are counted by the detectors but not in a "
-        "block); None: read from the detectors (gate_width_ns), and without either the "
+        description="receiver: the detectors' sensitive time per slot (gate width, one gate "
+        "per slot; a free-running detector: the slot period), ns, for the in-flight dark "
+        "rate (dark counts outside the acceptance window are counted by the detectors but "
+        "not in a block); None: read from the detectors (gate_width_ns), and without either the "
         "in-flight dark rate is off",
     )
     dark_track_interval_s: float = Field(
