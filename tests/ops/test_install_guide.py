@@ -454,6 +454,12 @@ def test_install_guide_runs_as_written(tmp_path: Path) -> None:
         assert "systemctl daemon-reload" in calls
         assert f"systemctl enable --now qkdnode@{node.instance}.service" in calls, calls
         assert any(c.startswith("systemd-analyze security") for c in calls), calls
+        # a node box gets the compiled kernels (section 5): a wheel with a platform tag or
+        # the source archive, never a pure-Python wheel
+        installs = [c for c in calls if c.startswith("pip install")]
+        assert installs, calls
+        for c in installs:
+            assert re.search(r"-cp3\d+-cp3\d+-\w+\.whl|\.tar\.gz", c), c
 
     # Each node holds the other's public key; the clients are the operator and monitor.
     tx_pub = public_from_secret(load_secret_key(tx.credentials["curve.key"]))
