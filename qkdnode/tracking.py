@@ -303,6 +303,41 @@ class DetectionAccumulator:
             self._complete_locked()
         return pending.done
 
+    def exclude(self, window: TrackingWindow) -> None:
+        """Keep ``window``'s detections out of every block, nothing sent anywhere (a
+        ``skip``): the parts of it no accepted window covers yet are taken as abandoned
+        windows, so a window that overlaps earlier ones (an extension running into a
+        tracking window) is excluded whole. Raises :class:`TrackingError` if a block
+        handed out reaches into it."""
+        with self._lock:
+            if window.start_slot <= self.cut_upto:
+                raise TrackingError(
+                    f"window starts at slot {window.start_slot}, inside a block already cut "
+                    f"(up to slot {self.cut_upto})"
+                )
+            covered = sorted(
+                (w.start_slot, w.stop_slot)
+                for w in [p.window for p in self._pending] + list(self._closed)
+                if w.start_slot < window.stop_slot and window.start_slot < w.stop_slot
+            )
+            gaps: list[TrackingWindow] = []
+            at = window.start_slot
+            for lo, hi in covered:
+                if lo > at:
+                    gaps.append(TrackingWindow(at, lo))
+                at = max(at, hi)
+            if at < window.stop_slot:
+                gaps.append(TrackingWindow(at, window.stop_slot))
+            for gap in gaps:
+                # detections of the gap already collected for the open block are dropped
+                for i, (sl, ch) in enumerate(zip(self._slots, self._channels, strict=True)):
+                    inside = (sl >= gap.start_slot) & (sl < gap.stop_slot)
+                    if inside.any():
+                        self._slots[i], self._channels[i] = sl[~inside], ch[~inside]
+                        self.have -= int(inside.sum())
+                        self.diverted += int(inside.sum())
+                self._closed.append(gap)
+
     def close(self, reason: str) -> None:
         """The exchange ended: every window still waiting fails with ``reason``."""
         with self._lock:

@@ -368,9 +368,10 @@ class ScheduledMixin(SessionCore):
     # ------------------------------------------------------------------ receiver
     async def _step_skip(self, args: dict[str, Any]) -> dict[str, Any]:
         """Receiver, while exchanging: drop our detections in ``[start_slot, stop_slot)``
-        (also those already collected): a window the transmitter withheld. Refused like
-        a ``track`` window (starts before the exchange's first slot, spans more than 60 s,
-        overlaps another window, or reaches into a block already cut)."""
+        (also those already collected): a window the transmitter withheld. A window that
+        overlaps earlier ones is dropped whole (its uncovered parts added). Refused when
+        it starts before the exchange's first slot, spans more than 60 s, or reaches into
+        a block already cut."""
         self._drop_window(int(args["start_slot"]), int(args["stop_slot"]))
         return {}
 
@@ -385,7 +386,7 @@ class ScheduledMixin(SessionCore):
                 f"{self.exchange_from_slot} and span 1..{max_slots} slots"
             )
         try:
-            acc.abandon(acc.open_window(TrackingWindow(start_slot, stop_slot)))
+            acc.exclude(TrackingWindow(start_slot, stop_slot))
         except TrackingError as exc:
             raise LinkError(str(exc)) from exc
 

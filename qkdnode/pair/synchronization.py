@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
 from typing import TYPE_CHECKING, Any
@@ -253,6 +254,11 @@ class SynchronizationMixin(SessionCore):
         try:
             done = acc.open_window(TrackingWindow(start_slot, stop_slot))
         except TrackingError as exc:
+            # The transmitter withheld the window before it asked: whatever of it no
+            # earlier window covers is dropped here too (unless a block already holds
+            # it), so that no block of ours carries a slot the transmitter refuses.
+            with contextlib.suppress(TrackingError):
+                acc.exclude(TrackingWindow(start_slot, stop_slot))
             raise LinkError(str(exc)) from exc
         try:
             async with asyncio.timeout(90.0):

@@ -139,6 +139,31 @@ def test_abandoned_window_stays_excluded() -> None:
     asyncio.run(run())
 
 
+def test_a_skip_overlapping_a_tracking_window_is_excluded_whole() -> None:
+    """A withheld window that runs into a tracking window the receiver already accepted
+    (an IM-bias window extended past its end): every slot of it stays out of the blocks,
+    the tracking window still gets its own detections, and the slots beyond are keyed.
+    Refusing the overlap instead left the uncovered part keyed here but withheld at the
+    transmitter, which then aborted the block."""
+
+    async def run() -> None:
+        acc = DetectionAccumulator()
+        acc.add(*_batch(0, 500))  # collected before the skip arrives: 300..499 leave too
+        done = acc.open_window(TrackingWindow(400, 600))
+        acc.exclude(TrackingWindow(300, 800))
+        acc.add(*_batch(500, 2000))
+        assert done.result()[0].tolist() == list(range(400, 600))
+        block = acc.cut(1000)
+        assert block is not None
+        bs = block[0]
+        assert not np.any((bs >= 300) & (bs < 800))
+        assert bs.tolist()[:300] == list(range(300)) and bs[300] == 800
+        with pytest.raises(TrackingError, match="already cut"):
+            acc.exclude(TrackingWindow(900, 1000))
+
+    asyncio.run(run())
+
+
 def test_cut_keeps_the_clicks_of_one_slot_together() -> None:
     async def run() -> None:
         acc = DetectionAccumulator()
