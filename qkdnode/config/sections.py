@@ -119,6 +119,25 @@ class CalibrationSection(Section):
         "window withheld from every block), each followed by the check of the mean photon "
         "numbers; 0 = off (the 10 s tap-power check still stops the exchange on drift)",
     )
+    bias_track_min_interval_s: float = Field(
+        5.0,
+        gt=0,
+        le=86_400,
+        description="transmitter: the shortest interval between two tracking steps: the "
+        "interval is halved (down to this) while the bias moves one intensity class (the "
+        "decoy, on the slope of the modulator's curve) by more than intensity_remeasure_at "
+        "of intensity_drift_allowance between steps, and relaxes back to "
+        "bias_track_interval_s when it moves them by less than half of that",
+    )
+    bias_track_walk_v_per_sqrt_s: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="transmitter: random walk of the modulator's bias optimum (V/sqrt(s)) "
+        "the per-class check allows for between two tracking steps (3 sigma of a random "
+        "walk's excursion beyond the straight path); 0 = the bias is taken to move "
+        "monotonically between steps",
+    )
     bias_track_window_s: float = Field(
         2.0,
         gt=0,

@@ -105,6 +105,7 @@ class CalibrationMixin(SessionCore):
         )
         self.intensities = mu
         self.modulator = mod
+        self.class_drift = None  # the next tracking starts from the new calibration
         self.encoder_v_pi = None  # measured again once the pair is locked
         log.info(
             "transmitter_calibrated",

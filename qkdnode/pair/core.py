@@ -38,6 +38,7 @@ from qkdnode.tracking import (
 
 if TYPE_CHECKING:
     from qkdnode.postproc.pipeline import BlockResult, KeyLanding
+    from qkdnode.procedures.bias_tracking import ClassDriftState
     from qkdnode.procedures.encoder_v_pi import EncoderVPiResult
     from qkdnode.procedures.mean_photon_number import MeanPhotonResult
     from qkdnode.procedures.modulator import ModulatorResult
@@ -100,6 +101,10 @@ class SessionCore:
         #: transmitter: the intensity modulator's last calibration (its bias tracking's
         #: model)
         self.modulator: ModulatorResult | None = None
+        #: transmitter: what the per-class intensity check carries between tracking
+        #: steps (bias offsets, interval; procedures.bias_tracking.ClassDriftState), set
+        #: by the scheduled tracking, None until its first step after a calibration
+        self.class_drift: ClassDriftState | None = None
         #: transmitter: held while the tap power is read or the light changed for a
         #: measurement (bias tracking, re-measurement, tap-power check)
         self._im_lock = asyncio.Lock()

@@ -187,12 +187,69 @@ class MonitoringMixin(SessionCore):
         noise = 3.0 * sigma / expected
         allowance = self.cfg.calibration.intensity_drift_allowance
         if abs(ratio - 1.0) <= allowance + noise:
+            await self._check_class_drift(reading, expected, noise, allowance)
             return
         message = (
             f"tap power {reading:.4g} W is {100 * (ratio - 1):+.1f} % from the calibrated "
             f"{expected:.4g} W (allowance {100 * allowance:.1f} %)"
         )
         log.warning("intensity_drift", ratio=ratio, allowance=allowance)
+        self.node.alarm("intensity_drift", message)
+        self.node.stats.calibrated = False
+        await self.node.trigger(Event.STOP, f"intensities drifted: {message}")
+
+    async def _check_class_drift(
+        self, reading_w: float, expected_w: float, noise: float, allowance: float
+    ) -> None:
+        """Transmitter: the tap-power reading ``reading_w`` (W, zero subtracted; ``noise``
+        its three standard errors relative to ``expected_w``, the calibration's mixture)
+        attributed to the modulator's bias, class by class
+        (:func:`~qkdnode.procedures.class_drift.attribute_mixture_change`): compared with
+        the tap power right after the last tracking step (where that step saw the bias
+        directly; a laser drift since is tiny) or, before one or after a re-measurement,
+        with the calibration's mixture. An offset that explains it and moves a class
+        beyond the allowance: alarm ``intensity_drift`` and stop, like the mixture check.
+        Where the mixture is insensitive to the bias the attribution says so (logged) and
+        the tracking steps decide. Nothing before the first tracking step."""
+        from qkdnode.procedures.class_drift import CLASS_NAMES, attribute_mixture_change
+
+        state = self.class_drift
+        if state is None or state.model is None or expected_w <= 0:
+            return
+        if state.tap_power_w is not None and state.tap_power_w > 0:
+            ref_w, mix_ref = state.tap_power_w, state.last_offset_v
+            rel_noise = noise * expected_w / ref_w * 2**0.5  # two readings of equal noise
+        else:
+            ref_w, mix_ref = expected_w, state.reference_offset_v
+            rel_noise = noise
+        attr = attribute_mixture_change(
+            state.model,
+            reading_w / ref_w - 1.0,
+            rel_noise,
+            last_offset_v=state.last_offset_v,
+            mixture_reference_offset_v=mix_ref,
+            reference_offset_v=state.reference_offset_v,
+            allowance=allowance,
+        )
+        if not attr.conditioned or attr.class_change is None or attr.offset_v is None:
+            log.debug("intensity_class_check_undecided", explanation=attr.explanation)
+            return
+        ch = attr.class_change
+        k = 0 if abs(ch[0]) >= abs(ch[1]) else 1  # signal or decoy (the vacuum: its bound)
+        if abs(ch[k]) <= allowance:
+            return
+        message = (
+            f"tap power {100 * attr.mixture_change:+.2f} % since the last bias tracking step, "
+            f"attributed to the modulator's bias ({1e3 * attr.offset_v:+.1f} mV from its "
+            f"optimum), moves the {CLASS_NAMES[k]} class by "
+            f"{100 * ch[k]:+.1f} % (allowance {100 * allowance:.1f} %)"
+        )
+        log.warning(
+            "intensity_class_drift",
+            offset_v=attr.offset_v,
+            class_change=attr.class_change,
+            allowance=allowance,
+        )
         self.node.alarm("intensity_drift", message)
         self.node.stats.calibrated = False
         await self.node.trigger(Event.STOP, f"intensities drifted: {message}")

@@ -108,6 +108,7 @@ class ScheduledMixin(SessionCore):
         stops the exchange."""
         from qkdnode.procedures.bias_tracking import (
             BiasTrackingPoint,
+            ClassDriftState,
             plot_bias_tracking,
             remeasure_intensities,
             track_bias,
@@ -127,11 +128,21 @@ class ScheduledMixin(SessionCore):
         tracker = BiasTracker(im, meter, self.modulator, probs)
         history: list[BiasTrackingPoint] = []
         started = time.monotonic()
+        # the per-class check starts from the calibration: intervals measured with the
+        # bias at its optimum, now (the calibration has just ended)
+        state = ClassDriftState(
+            base_interval_s=cal.bias_track_interval_s,
+            floor_interval_s=cal.bias_track_min_interval_s,
+            walk_v_per_sqrt_s=cal.bias_track_walk_v_per_sqrt_s,
+            last_time_s=started,
+        )
+        self.class_drift = state
         # the first step at once: the bias may have drifted since the calibration
         wait_s = min(cal.bias_track_interval_s, WINDOW_RETRY_S)
         while True:
             await asyncio.sleep(wait_s)
-            wait_s = cal.bias_track_interval_s
+            # as the last step chose it (shorter while the bias moves a class quickly)
+            wait_s = state.interval_s
             try:
                 # no tap-power check while the bias is dithered
                 async with (
@@ -146,6 +157,7 @@ class ScheduledMixin(SessionCore):
                         remeasure_at=cal.intensity_remeasure_at,
                         history=history,
                         started_at=started,
+                        class_state=state,
                     )
                     remeasured = None
                     remeasure_error: Exception | None = None
@@ -171,13 +183,21 @@ class ScheduledMixin(SessionCore):
                     "bias_tracking_step_failed", error=f"{type(exc).__name__}: {str(exc)[:200]}"
                 )
                 continue
-            fields = {
+            fields: dict[str, object] = {
                 "bias_v": round(result.bias_after_v, 5),
                 "offset_v": round(result.offset_v, 5),
                 "power_ratio": None if result.power_ratio is None else round(result.power_ratio, 5),
                 "action": result.action,
                 "window_slots": window[1] - window[0],
             }
+            pc = result.per_class
+            if pc is not None:
+                fields |= {
+                    "class_change": [round(x, 5) for x in pc.class_change],
+                    "worst_class": pc.worst_class,
+                    "interval_s": round(pc.next_interval_s, 3),
+                }
+                wait_s = pc.next_interval_s
             log.info("im_bias_tracked", **fields)
             state_dir = self.node.state_dir
             await asyncio.to_thread(save_result, result, state_dir, plot_bias_tracking)
@@ -185,8 +205,13 @@ class ScheduledMixin(SessionCore):
             if remeasured is not None:
                 from qkdnode.procedures.mean_photon_number import plot_mean_photon_number
 
-                # the blocks from here on take the new intervals
+                # the blocks from here on take the new intervals, measured with the bias
+                # where this step left it (and the tap power the monitor compares with
+                # is theirs)
                 self.intensities = remeasured
+                if result.per_class is not None:
+                    state.reference_offset_v = result.per_class.offset_after_v
+                state.tap_power_w = None
                 await asyncio.to_thread(save_result, remeasured, state_dir, plot_mean_photon_number)
                 publish_result(remeasured, self.node.publish)
                 log.info(
@@ -205,10 +230,12 @@ class ScheduledMixin(SessionCore):
                 await self.node.trigger(Event.STOP, message)
                 return
             if result.action == "stop":
-                message = result.message + (
-                    f" (tap power {100 * ((result.power_ratio or 0) - 1):+.1f} % from the "
-                    f"calibrated, allowance {100 * cal.intensity_drift_allowance:.1f} %)"
-                )
+                message = result.message
+                if result.mixture_action == "stop":
+                    message += (
+                        f" (tap power {100 * ((result.power_ratio or 0) - 1):+.1f} % from the "
+                        f"calibrated, allowance {100 * cal.intensity_drift_allowance:.1f} %)"
+                    )
                 self.node.alarm("intensity_drift", message)
                 self.node.stats.calibrated = False
                 await self.node.trigger(Event.STOP, f"intensities drifted: {message}")

@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -44,6 +46,7 @@ from drivers.interfaces import (
     OpticalPowerMeter,
     VariableAttenuator,
 )
+from qkdnode.procedures.class_drift import CLASS_NAMES, ClassDriftModel
 from qkdnode.procedures.common import (
     CalibrationError,
     CalibrationResult,
@@ -64,8 +67,10 @@ from qkdnode.procedures.modulator import BiasTracker, ModulatorResult, read_powe
 __all__ = [
     "BiasTrackingPoint",
     "BiasTrackingResult",
+    "ClassDriftState",
     "IntensityAction",
     "intensity_action",
+    "next_track_interval_s",
     "plot_bias_tracking",
     "remeasure_intensities",
     "track_bias",
@@ -87,6 +92,43 @@ class BiasTrackingPoint(BaseModel):
     bias_v: float
     offset_v: float
     power_ratio: float | None
+    #: the largest change of signal, decoy, vacuum since the previous step (relative)
+    class_change: tuple[float, float, float] | None = None
+    #: seconds to the next step chosen after this one
+    interval_s: float | None = None
+
+
+class ClassDriftCheck(BaseModel):
+    """The per-class check of one tracking step (module docstring, "Per class"). Offsets
+    in V from the bias optimum, changes relative (0.05 is +5 %)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: where the intervals in use were measured, where the previous step left the bias,
+    #: where this step found it before its correction and left it after
+    reference_offset_v: float
+    previous_offset_v: float
+    offset_before_v: float
+    offset_after_v: float
+    #: seconds since the previous step (None: the first step) and the drift rate (V/s)
+    elapsed_s: float | None
+    drift_rate_v_per_s: float | None
+    #: the random-walk excursion allowed for beyond the segment (V, each side)
+    margin_v: float
+    #: signal, decoy, vacuum: the largest change any block since the previous step may
+    #: have seen (signed), and the change right after this step's correction
+    class_change: tuple[float, float, float]
+    class_change_after: tuple[float, float, float]
+    #: the vacuum's mean photon number at the worst point, predicted from the signal's
+    #: measured one and the curve (checked against the vacuum's upper bound)
+    vacuum_mu_predicted: float | None
+    #: the class (signal or decoy) with the largest change over the allowance, and that ratio
+    worst_class: str
+    worst_fraction: float
+    #: seconds to the next step (:func:`next_track_interval_s`)
+    next_interval_s: float
+    action: IntensityAction
+    message: str
 
 
 class BiasTrackingResult(CalibrationResult):
@@ -113,8 +155,81 @@ class BiasTrackingResult(CalibrationResult):
     noise: float | None
     allowance: float
     remeasure_at: float
+    #: what the tap power of the mixture alone asks for (the check before the per-class
+    #: one existed); ``action`` is the worse of it and the per-class verdict
+    mixture_action: IntensityAction = "hold"
     action: IntensityAction
     history: list[BiasTrackingPoint]
+    #: the per-class check (None: not asked for)
+    per_class: ClassDriftCheck | None = None
+
+
+@dataclass
+class ClassDriftState:
+    """What the per-class check carries from one tracking step to the next (transmitter;
+    offsets in V from the bias optimum, times in s on the caller's clock).
+
+    ``base_interval_s`` is ``calibration.bias_track_interval_s``, ``floor_interval_s``
+    the shortest interval the schedule may choose, ``walk_v_per_sqrt_s`` the random walk
+    of the bias allowed for between steps (0: the bias moves monotonically between two
+    steps). Create one per calibration (its ``reference_offset_v`` 0: the intervals were
+    measured with the bias at the optimum); :func:`track_bias` updates it.
+    """
+
+    base_interval_s: float
+    floor_interval_s: float
+    walk_v_per_sqrt_s: float = 0.0
+    #: where the bias was (from the optimum) when the intervals in use were measured
+    reference_offset_v: float = 0.0
+    #: where the last step left the bias (from the optimum, as that step found it)
+    last_offset_v: float = 0.0
+    #: when the last step (or the calibration) ended; None: the first step's elapsed
+    #: time is unknown (no rate, no margin from it)
+    last_time_s: float | None = None
+    #: the tap power of the mixture right after the last step (W, zero subtracted)
+    tap_power_w: float | None = None
+    #: the model of the last step (drives in use)
+    model: ClassDriftModel | None = None
+    interval_s: float = field(default=0.0)
+
+    def __post_init__(self) -> None:
+        self.floor_interval_s = min(self.floor_interval_s, self.base_interval_s)
+        if self.interval_s <= 0:
+            self.interval_s = self.base_interval_s
+
+    def margin_v(self, seconds: float) -> float:
+        """A random walk's excursion beyond the straight path over ``seconds`` allowed for
+        (V): a Brownian bridge of rate ``sigma`` exceeds ``x`` with probability
+        ``exp(-2 x^2 / (sigma^2 T))``; ``x = 3 sigma sqrt(T)`` makes that 1.5e-8."""
+        return 3.0 * self.walk_v_per_sqrt_s * math.sqrt(max(seconds, 0.0))
+
+
+_SEVERITY: dict[IntensityAction, int] = {"hold": 0, "remeasure": 1, "stop": 2}
+
+
+def next_track_interval_s(
+    state: ClassDriftState,
+    worst_fraction: float,
+    remeasure_at: float,
+    predicted_fraction: Callable[[float], float],
+) -> float:
+    """Seconds to the next tracking step.
+
+    From the interval in use: halved when the largest per-class change since the previous
+    step (``worst_fraction``, of the allowance) was above ``remeasure_at``, doubled when
+    it was below half of that, then kept within ``[floor_interval_s, base_interval_s]``;
+    then halved (down to the floor) while ``predicted_fraction(seconds)`` (the change the
+    blocks would see by then at the drift rate just measured) is above ``remeasure_at``.
+    """
+    t = state.interval_s
+    if worst_fraction > remeasure_at:
+        t /= 2
+    elif worst_fraction < remeasure_at / 2:
+        t *= 2
+    t = min(max(t, state.floor_interval_s), state.base_interval_s)
+    while t > state.floor_interval_s and predicted_fraction(t) > remeasure_at:
+        t = max(state.floor_interval_s, t / 2)
+    return t
 
 
 def intensity_action(
@@ -142,16 +257,22 @@ async def track_bias(
     remeasure_at: float,
     history: list[BiasTrackingPoint],
     started_at: float,
+    class_state: ClassDriftState | None = None,
+    now_s: float | None = None,
     state_dir: Path | None = None,
     publish: Publisher | None = None,
 ) -> BiasTrackingResult:
-    """One tracking step and the intensity check (module docstring).
+    """One tracking step, the intensity check of the mixture and, with ``class_state``,
+    the per-class check and the next interval (module docstring).
 
     ``history`` (earlier steps, oldest first) is extended with this one; ``started_at``
-    is the ``time.monotonic()`` the tracking started. Instrument errors propagate (the
-    bias is where the tracker last set it). Saved and published as ``bias_tracking``.
+    is the ``time.monotonic()`` the tracking started; ``now_s`` the time of this step on
+    ``class_state``'s clock (default ``time.monotonic()``). ``class_state`` is updated
+    (last offset, time, tap power, interval). Instrument errors propagate (the bias is
+    where the tracker last set it). Saved and published as ``bias_tracking``.
     """
     started = time.monotonic()
+    now = time.monotonic() if now_s is None else now_s
     im, meter = tracker.im, tracker.meter
     before = float(await call(im.bias_v))
     after = await tracker.step()
@@ -164,7 +285,7 @@ async def track_bias(
     scale = float(np.mean(model / np.maximum(tracker.relative_mean(biases, delta), 1e-300)))
     curve = scale * tracker.relative_mean(curve_b, delta)
     tap = expected = ratio = noise = None
-    action: IntensityAction = "hold"
+    mixture: IntensityAction = "hold"
     if intensities is not None:
         p_s, p_d, p_v = class_probabilities
         tap = float(await read_power(meter, CHECK_READINGS, 0.0)) - intensities.zero_w
@@ -176,15 +297,44 @@ async def track_bias(
                 intensities.zero_noise_w / math.sqrt(CHECK_READINGS),
             )
             noise = 3.0 * sigma / expected
-            action = intensity_action(ratio, noise, allowance, remeasure_at)
+            mixture = intensity_action(ratio, noise, allowance, remeasure_at)
+    per_class = None
+    if class_state is not None:
+        per_class = _class_check(
+            tracker,
+            class_state,
+            intensities,
+            class_probabilities,
+            before_v=before,
+            after_v=after,
+            delta_v=delta,
+            now_s=now,
+            allowance=allowance,
+            remeasure_at=remeasure_at,
+        )
+        class_state.tap_power_w = tap
+    action = mixture
+    if per_class is not None and _SEVERITY[per_class.action] > _SEVERITY[action]:
+        action = per_class.action
     history.append(
         BiasTrackingPoint(
             time_s=time.monotonic() - started_at,
             bias_v=after,
             offset_v=delta,
             power_ratio=ratio,
+            class_change=None if per_class is None else per_class.class_change,
+            interval_s=None if per_class is None else per_class.next_interval_s,
         )
     )
+    if action == "stop" and per_class is not None and per_class.action == "stop":
+        message = per_class.message
+    else:
+        message = {
+            "hold": "",
+            "remeasure": "tap power drifted: the mean photon numbers are measured again",
+            "stop": "tap power outside the drift allowance: the intensities may have left "
+            "their intervals",
+        }[action]
     result = BiasTrackingResult(
         calibrated_bias_v=cal.bias_set_v,
         v_pi_v=cal.bias_fit.v_pi_v,
@@ -203,17 +353,102 @@ async def track_bias(
         noise=noise,
         allowance=allowance,
         remeasure_at=remeasure_at,
+        mixture_action=mixture,
         action=action,
         history=list(history[-500:]),
         ok=action != "stop",
-        message={
-            "hold": "",
-            "remeasure": "tap power drifted: the mean photon numbers are measured again",
-            "stop": "tap power outside the drift allowance: the intensities may have left "
-            "their intervals",
-        }[action],
+        message=message,
+        per_class=per_class,
     )
     return finish(result, started, state_dir, plot_bias_tracking, publish, instruments=[im, meter])
+
+
+def _class_check(
+    tracker: BiasTracker,
+    state: ClassDriftState,
+    intensities: MeanPhotonResult | None,
+    class_probabilities: tuple[float, float, float],
+    *,
+    before_v: float,
+    after_v: float,
+    delta_v: float,
+    now_s: float,
+    allowance: float,
+    remeasure_at: float,
+) -> ClassDriftCheck:
+    """The per-class check of one step (module docstring, "Per class"); updates
+    ``state`` (offsets, time, interval)."""
+    d = tracker.drives_v
+    model = ClassDriftModel.from_calibration(
+        tracker.cal, (float(d[0]), float(d[1]), float(d[2])), class_probabilities
+    )
+    optimum = tracker.cal.bias_set_v + delta_v
+    e_before, e_after = before_v - optimum, after_v - optimum
+    e_prev, e_ref = state.last_offset_v, state.reference_offset_v
+    elapsed = None if state.last_time_s is None else max(now_s - state.last_time_s, 0.0)
+    margin = state.margin_v(elapsed or 0.0)
+    change = model.worst_change(e_prev, e_before, e_ref, margin)
+    change_after = tuple(float(x) for x in model.class_change(e_after, e_ref))
+    fractions = [abs(change[0]) / allowance, abs(change[1]) / allowance] if allowance > 0 else []
+    worst_i = int(np.argmax(fractions)) if fractions else 0
+    worst = fractions[worst_i] if fractions else math.inf
+    vac_mu = None
+    vac_over = False
+    if intensities is not None and intensities.signal.mu is not None:
+        t_ref = model.transmission(e_ref)
+        vac_ref = intensities.signal.mu * float(t_ref[2] / t_ref[0])
+        vac_mu = vac_ref * (1.0 + change[2])
+        # the drift takes the vacuum above its bound (a bound already above the curve's
+        # prediction at the reference is the meter's resolution, left to the calibration)
+        vac_over = vac_ref <= intensities.vacuum.upper < vac_mu
+    rate = None if not elapsed else (e_before - e_prev) / elapsed
+
+    def predicted(seconds: float) -> float:
+        end = e_after + (rate or 0.0) * seconds
+        ch = model.worst_change(e_after, end, e_ref, state.margin_v(seconds))
+        return max(abs(ch[0]), abs(ch[1])) / allowance if allowance > 0 else math.inf
+
+    interval = next_track_interval_s(state, worst, remeasure_at, predicted)
+    state.interval_s = interval
+    state.last_offset_v = e_after
+    state.last_time_s = now_s
+    state.model = model
+    action: IntensityAction = "hold"
+    message = ""
+    if worst > 1.0:
+        name = CLASS_NAMES[worst_i]
+        action = "stop"
+        message = (
+            f"the {name} class may have moved {100 * change[worst_i]:+.1f} % since it was "
+            f"measured (allowance {100 * allowance:.1f} %): the bias was "
+            f"{1e3 * e_before:+.1f} mV from its optimum before this step's correction "
+            f"({1e3 * e_prev:+.1f} mV after the previous one)"
+        )
+    elif vac_over:
+        assert vac_mu is not None and intensities is not None
+        action = "stop"
+        message = (
+            f"the vacuum class may have risen to mu {vac_mu:.3g}, above its bound "
+            f"{intensities.vacuum.upper:.3g}: the bias was {1e3 * e_before:+.1f} mV from "
+            "its optimum before this step's correction"
+        )
+    return ClassDriftCheck(
+        reference_offset_v=e_ref,
+        previous_offset_v=e_prev,
+        offset_before_v=e_before,
+        offset_after_v=e_after,
+        elapsed_s=elapsed,
+        drift_rate_v_per_s=rate,
+        margin_v=margin,
+        class_change=change,
+        class_change_after=change_after,
+        vacuum_mu_predicted=vac_mu,
+        worst_class=CLASS_NAMES[worst_i],
+        worst_fraction=worst,
+        next_interval_s=interval,
+        action=action,
+        message=message,
+    )
 
 
 def plot_bias_tracking(result: BiasTrackingResult, fig: Figure) -> None:
