@@ -4,6 +4,7 @@ receiver's detector timing and dark counts."""
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import asdict
 from typing import Any
 
@@ -106,6 +107,7 @@ class CalibrationMixin(SessionCore):
         self.intensities = mu
         self.modulator = mod
         self.class_drift = None  # the next tracking starts from the new calibration
+        self.intensities_at_s = time.monotonic()
         self.encoder_v_pi = None  # measured again once the pair is locked
         log.info(
             "transmitter_calibrated",

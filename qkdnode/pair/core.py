@@ -105,6 +105,9 @@ class SessionCore:
         #: steps (bias offsets, interval; procedures.bias_tracking.ClassDriftState), set
         #: by the scheduled tracking, None until its first step after a calibration
         self.class_drift: ClassDriftState | None = None
+        #: transmitter: time.monotonic() when the intensities in use were measured at the
+        #: last calibration (the bias was at its optimum then)
+        self.intensities_at_s: float | None = None
         #: transmitter: held while the tap power is read or the light changed for a
         #: measurement (bias tracking, re-measurement, tap-power check)
         self._im_lock = asyncio.Lock()

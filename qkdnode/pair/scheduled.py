@@ -129,12 +129,12 @@ class ScheduledMixin(SessionCore):
         history: list[BiasTrackingPoint] = []
         started = time.monotonic()
         # the per-class check starts from the calibration: intervals measured with the
-        # bias at its optimum, now (the calibration has just ended)
+        # bias at its optimum, when they were measured (the drift since then counts)
         state = ClassDriftState(
             base_interval_s=cal.bias_track_interval_s,
             floor_interval_s=cal.bias_track_min_interval_s,
             walk_v_per_sqrt_s=cal.bias_track_walk_v_per_sqrt_s,
-            last_time_s=started,
+            last_time_s=self.intensities_at_s,
         )
         self.class_drift = state
         # the first step at once: the bias may have drifted since the calibration

@@ -122,7 +122,8 @@ class ClassDriftCheck(BaseModel):
     #: the vacuum's mean photon number at the worst point, predicted from the signal's
     #: measured one and the curve (checked against the vacuum's upper bound)
     vacuum_mu_predicted: float | None
-    #: the class (signal or decoy) with the largest change over the allowance, and that ratio
+    #: the class with the largest change over the room its interval leaves (the
+    #: allowance; the unresolved vacuum: the room to its upper bound), and that ratio
     worst_class: str
     worst_fraction: float
     #: seconds to the next step (:func:`next_track_interval_s`)
@@ -389,24 +390,38 @@ def _class_check(
     margin = state.margin_v(elapsed or 0.0)
     change = model.worst_change(e_prev, e_before, e_ref, margin)
     change_after = tuple(float(x) for x in model.class_change(e_after, e_ref))
-    fractions = [abs(change[0]) / allowance, abs(change[1]) / allowance] if allowance > 0 else []
-    worst_i = int(np.argmax(fractions)) if fractions else 0
-    worst = fractions[worst_i] if fractions else math.inf
-    vac_mu = None
-    vac_over = False
+    # The vacuum: its interval is relative like the others' when the meter resolved it;
+    # otherwise only its upper bound is known, and the room to it (from the curve's
+    # prediction at the reference, the signal's measured mu times the transmission
+    # ratio) plays the allowance. A prediction already above the bound at the reference
+    # is the calibration's matter (the curve's floor is the least certain part of it).
+    vac_ref = vac_mu = None
+    vac_room = allowance
     if intensities is not None and intensities.signal.mu is not None:
         t_ref = model.transmission(e_ref)
         vac_ref = intensities.signal.mu * float(t_ref[2] / t_ref[0])
         vac_mu = vac_ref * (1.0 + change[2])
-        # the drift takes the vacuum above its bound (a bound already above the curve's
-        # prediction at the reference is the meter's resolution, left to the calibration)
-        vac_over = vac_ref <= intensities.vacuum.upper < vac_mu
+        if intensities.vacuum.mu is None:
+            upper = intensities.vacuum.upper
+            vac_room = upper / vac_ref - 1.0 if upper > vac_ref > 0 else math.inf
+
+    def fractions(ch: tuple[float, float, float]) -> list[float]:
+        """Each class's change over the room its interval leaves (1: at the edge)."""
+        if allowance <= 0:
+            return [math.inf] * 3
+        vac = (
+            max(ch[2], 0.0) if intensities is not None and intensities.vacuum.mu is None else ch[2]
+        )
+        return [abs(ch[0]) / allowance, abs(ch[1]) / allowance, abs(vac) / vac_room]
+
+    now_fr = fractions(change)
+    worst_i = int(np.argmax(now_fr))
+    worst = now_fr[worst_i]
     rate = None if not elapsed else (e_before - e_prev) / elapsed
 
     def predicted(seconds: float) -> float:
         end = e_after + (rate or 0.0) * seconds
-        ch = model.worst_change(e_after, end, e_ref, state.margin_v(seconds))
-        return max(abs(ch[0]), abs(ch[1])) / allowance if allowance > 0 else math.inf
+        return max(fractions(model.worst_change(e_after, end, e_ref, state.margin_v(seconds))))
 
     interval = next_track_interval_s(state, worst, remeasure_at, predicted)
     state.interval_s = interval
@@ -415,22 +430,31 @@ def _class_check(
     state.model = model
     action: IntensityAction = "hold"
     message = ""
+    name = CLASS_NAMES[worst_i]
     if worst > 1.0:
-        name = CLASS_NAMES[worst_i]
         action = "stop"
+        what = (
+            f"risen to mu {vac_mu:.3g}, above its bound {intensities.vacuum.upper:.3g}"
+            if worst_i == 2
+            and vac_mu is not None
+            and intensities is not None
+            and intensities.vacuum.mu is None
+            else f"moved {100 * change[worst_i]:+.1f} % (allowance {100 * allowance:.1f} %)"
+        )
         message = (
-            f"the {name} class may have moved {100 * change[worst_i]:+.1f} % since it was "
-            f"measured (allowance {100 * allowance:.1f} %): the bias was "
+            f"the {name} class may have {what} since it was measured: the bias was "
             f"{1e3 * e_before:+.1f} mV from its optimum before this step's correction "
             f"({1e3 * e_prev:+.1f} mV after the previous one)"
         )
-    elif vac_over:
-        assert vac_mu is not None and intensities is not None
+    elif rate is not None and predicted(interval) > 1.0:
+        # even the shortest interval would let a class leave its interval before the
+        # next step at the rate just measured: stop before the blocks use it
         action = "stop"
+        ahead = fractions(model.worst_change(e_after, e_after + rate * interval, e_ref))
+        name = CLASS_NAMES[int(np.argmax(ahead))]
         message = (
-            f"the vacuum class may have risen to mu {vac_mu:.3g}, above its bound "
-            f"{intensities.vacuum.upper:.3g}: the bias was {1e3 * e_before:+.1f} mV from "
-            "its optimum before this step's correction"
+            f"the bias drifts {1e3 * rate:+.2f} mV/s: the {name} class would leave its "
+            f"interval within {interval:.3g} s, the shortest tracking interval"
         )
     return ClassDriftCheck(
         reference_offset_v=e_ref,
@@ -443,7 +467,7 @@ def _class_check(
         class_change=change,
         class_change_after=change_after,
         vacuum_mu_predicted=vac_mu,
-        worst_class=CLASS_NAMES[worst_i],
+        worst_class=name,
         worst_fraction=worst,
         next_interval_s=interval,
         action=action,
