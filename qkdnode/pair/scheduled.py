@@ -2,13 +2,19 @@
 tracking with the check (and re-measurement) of its mean photon numbers, and the
 receiver's dark-count rate from the vacuum decoy class.
 
-Every ``calibration.bias_track_interval_s`` the transmitter picks a window of slots
+Every ``calibration.bias_track_interval_s`` (shorter while the bias drifts fast: each
+step checks every intensity class from the modulator's curve and chooses the next
+interval, down to ``calibration.bias_track_min_interval_s``; see
+:mod:`qkdnode.procedures.bias_tracking`) the transmitter picks a window of slots
 ``[start, stop)`` ahead of its state source, asks the receiver to drop its detections
 there (link step ``skip``), withholds it from every block, waits for the window to
 begin, runs the tracking step (and the re-measurement when the check asks for it) and
 extends the window if it ran past its end: key flows around the window. A check that
-finds the intensities beyond their drift allowance stops the exchange (alarm
-``intensity_drift``; a new calibration follows). A block that announced a slot of a
+finds the intensities (the key mixture's tap power, or any class from the bias offset
+the step found) beyond their drift allowance, or a drift too fast for the shortest
+interval, stops the exchange (alarm ``intensity_drift``; a new calibration follows). The
+per-class state (offsets, interval) is the session's ``class_drift``: the 10 s tap-power
+check attributes its readings to the bias with it. A block that announced a slot of a
 window anyway (an extension the receiver had already cut past) is refused by the
 transmitter's key-slot floor. Results are saved and published like every calibration's.
 
@@ -65,6 +71,9 @@ log = structlog.get_logger(__name__)
 WINDOW_LEAD_S = 0.05
 #: seconds before a refused window is asked for again
 WINDOW_RETRY_S = 0.5
+#: times the first window (reaching back to the first key slot) is asked for before an
+#: ordinary one is (the receiver refuses it until its exchange is set up)
+FIRST_WINDOW_TRIES = 6
 
 
 class ScheduledMixin(SessionCore):
@@ -72,16 +81,20 @@ class ScheduledMixin(SessionCore):
 
     # ------------------------------------------------------------------ transmitter
     @contextlib.asynccontextmanager
-    async def _withheld_window(self, seconds: float) -> AsyncIterator[tuple[int, int]]:
-        """Transmitter: slots from a little ahead of the state source, ``seconds`` long
-        (longer if the body runs longer), withheld from every block and dropped by the
-        receiver; the body runs once the window has begun. Raises LinkError when the
-        receiver refuses the window (nothing was changed yet)."""
+    async def _withheld_window(
+        self, seconds: float, from_slot: int | None = None
+    ) -> AsyncIterator[tuple[int, int]]:
+        """Transmitter: slots from a little ahead of the state source (or from
+        ``from_slot`` when that is earlier: slots already sent, none of them in a block
+        yet), ``seconds`` long (longer if the body runs longer), withheld from every block
+        and dropped by the receiver; the body runs once the window has begun. Raises
+        LinkError when the receiver refuses the window (nothing was changed yet)."""
         src: StateSource = self._one(StateSource)
         rate = self.cfg.source.slot_rate_hz
         lead = max(1, int(WINDOW_LEAD_S * rate))
-        start = int(await self._call(src.next_slot)) + lead
-        stop = start + max(1, int(seconds * rate))
+        ahead = int(await self._call(src.next_slot)) + lead
+        start = ahead if from_slot is None else min(int(from_slot), ahead)
+        stop = ahead + max(1, int(seconds * rate))
         # Asked first: a refused window is not withheld (no block loses its slots). The
         # slots are still ahead of the state source: no block can hold them yet.
         await self.node.link.request("skip", 30.0, start_slot=start, stop_slot=stop)
@@ -137,8 +150,15 @@ class ScheduledMixin(SessionCore):
             last_time_s=self.intensities_at_s,
         )
         self.class_drift = state
-        # the first step at once: the bias may have drifted since the calibration
+        # The first step at once, its window reaching back to the first slot a block may
+        # use: the bias may have drifted since the calibration, and no block then uses a
+        # slot sent before the step put it back (the per-class check judges the offset
+        # it leaves only). Refused FIRST_WINDOW_TRIES times (the receiver not set up yet,
+        # a block cut already, a span over a minute): an ordinary window, and the check
+        # takes the whole path since the calibration.
         wait_s = min(cal.bias_track_interval_s, WINDOW_RETRY_S)
+        first: int | None = self.key_slots.floor
+        first_tries = FIRST_WINDOW_TRIES
         while True:
             await asyncio.sleep(wait_s)
             # as the last step chose it (shorter while the bias moves a class quickly)
@@ -147,8 +167,9 @@ class ScheduledMixin(SessionCore):
                 # no tap-power check while the bias is dithered
                 async with (
                     self._im_lock,
-                    self._withheld_window(cal.bias_track_window_s) as window,
+                    self._withheld_window(cal.bias_track_window_s, first) as window,
                 ):
+                    state.unkeyed_since_last = first is not None
                     result = await track_bias(
                         tracker,
                         self.intensities,
@@ -174,15 +195,24 @@ class ScheduledMixin(SessionCore):
                 raise
             except LinkError as exc:
                 # the receiver refused the window (it overlaps another activity's, the
-                # encoder's tracking or the polarisation compensation): soon again
+                # encoder's tracking or the polarisation compensation; the first one may
+                # come before the receiver's exchange is set up, or reach too far back):
+                # soon again
                 log.info("bias_tracking_window_refused", error=str(exc)[:200])
                 wait_s = min(cal.bias_track_interval_s, WINDOW_RETRY_S)
+                first_tries -= 1
+                if first_tries <= 0:
+                    first = None
+                state.unkeyed_since_last = False
                 continue
             except Exception as exc:  # instrument, fit: never ends the exchange
                 log.warning(
                     "bias_tracking_step_failed", error=f"{type(exc).__name__}: {str(exc)[:200]}"
                 )
+                first = None
+                state.unkeyed_since_last = False
                 continue
+            first = None
             fields: dict[str, object] = {
                 "bias_v": round(result.bias_after_v, 5),
                 "offset_v": round(result.offset_v, 5),

@@ -18,6 +18,31 @@ the slots during which this runs, so the dither and any re-measurement touch no 
   leave their intervals (``remeasure``); beyond the allowance they may already have left
   them (``stop``: the exchange stops and the node calibrates again).
 
+**Per class** (with a :class:`ClassDriftState`): the mixture is dominated by the signal,
+at the top of the modulator's curve, while the decoy sits on its slope, so a bias drift
+can take the decoy out of its interval with the mixture well within the allowance. From
+the calibrated curve (:mod:`qkdnode.procedures.class_drift`) the step takes the offset
+from the optimum just before its correction (``offset_before_v``) and the residual the
+previous step left (``previous_offset_v``). Assumption: the bias moved monotonically in
+between, so every block since saw an offset on that segment; a random walk leaves it by
+its excursion, allowed for by widening the segment by three standard deviations of
+``walk_v_per_sqrt_s`` over the elapsed time (0: the assumption as it is). The largest
+change of each class over the segment, relative to where the intervals in use were
+measured (``reference_offset_v``), is what those blocks may have seen:
+
+* signal or decoy beyond the allowance (a resolved vacuum too; an unresolved vacuum
+  predicted above its upper bound): ``stop``, naming the class;
+* the next interval (:func:`next_track_interval_s`): halved while a class moved by more
+  than ``remeasure_at`` of the allowance or would by the next step at the drift rate just
+  measured (``drift_rate_v_per_s``), never below ``floor_interval_s``; doubled back
+  towards ``base_interval_s`` while the classes moved by less than half of that;
+* when even the floor is too long for that rate to keep every class within the
+  allowance: ``stop`` now, before blocks use intervals that will not hold.
+
+A per-class verdict never asks for a re-measurement (the correction brings the classes
+back; ``remeasure`` stays the mixture's). The result carries both verdicts
+(``mixture_action``, ``per_class.action``); ``action`` is the worse.
+
 :func:`remeasure_intensities` measures the three classes again at the node's settings
 (never brighter: the VOA moves by at most ``max_step_db`` towards the targets, so the
 receiver's armed detectors see single-photon levels throughout).
@@ -191,6 +216,10 @@ class ClassDriftState:
     tap_power_w: float | None = None
     #: the model of the last step (drives in use)
     model: ClassDriftModel | None = None
+    #: no block has used a slot since the last step (the caller withheld them all, e.g.
+    #: every slot since the calibration from the first step): the next step judges only
+    #: the offset it leaves, not the path before it (reset by the step)
+    unkeyed_since_last: bool = False
     interval_s: float = field(default=0.0)
 
     def __post_init__(self) -> None:
@@ -387,8 +416,14 @@ def _class_check(
     e_before, e_after = before_v - optimum, after_v - optimum
     e_prev, e_ref = state.last_offset_v, state.reference_offset_v
     elapsed = None if state.last_time_s is None else max(now_s - state.last_time_s, 0.0)
-    margin = state.margin_v(elapsed or 0.0)
-    change = model.worst_change(e_prev, e_before, e_ref, margin)
+    if state.unkeyed_since_last:
+        # no block saw the path: only where this step leaves the bias counts
+        margin = 0.0
+        change = model.worst_change(e_after, e_after, e_ref)
+        state.unkeyed_since_last = False
+    else:
+        margin = state.margin_v(elapsed or 0.0)
+        change = model.worst_change(e_prev, e_before, e_ref, margin)
     change_after = tuple(float(x) for x in model.class_change(e_after, e_ref))
     # The vacuum: its interval is relative like the others' when the meter resolved it;
     # otherwise only its upper bound is known, and the room to it (from the curve's
@@ -478,7 +513,9 @@ def _class_check(
 def plot_bias_tracking(result: BiasTrackingResult, fig: Figure) -> None:
     """Left: the dithered readings on the fitted mean-power curve (zoomed on the dither,
     the whole V_pi as an inset), residuals below. Right: the bias and the optimum's offset
-    over the run, and the tap power over its prediction with the allowance bands."""
+    over the run (the next interval and the drift rate above), and the tap power over its
+    prediction with the allowance bands, with each class's largest change between steps
+    (the vacuum on its own axis)."""
     outer = fig.add_gridspec(1, 2, width_ratios=(1, 1.1))
     ax, res = data_and_residuals(fig, outer[0], residual_label="data - fit (nW)")
     b = np.asarray(result.readings_bias_v)
@@ -528,14 +565,45 @@ def plot_bias_tracking(result: BiasTrackingResult, fig: Figure) -> None:
     ratios = [(h.time_s, h.power_ratio) for h in result.history if h.power_ratio is not None]
     if ratios:
         rt, rr = zip(*ratios, strict=True)
-        bottom.plot(rt, [100 * (r - 1) for r in rr], "o-", ms=3, lw=0.8, label="measured")
+        bottom.plot(rt, [100 * (r - 1) for r in rr], "o-", ms=3, lw=0.8, label="tap (mixture)")
+    per = [(h.time_s, h.class_change) for h in result.history if h.class_change is not None]
+    if per:
+        pt, pc = zip(*per, strict=True)
+        for k, (name, marker) in enumerate((("signal", "^"), ("decoy", "v"))):
+            bottom.plot(
+                pt,
+                [100 * c[k] for c in pc],
+                marker,
+                ms=3,
+                mfc="none",
+                color=f"C{k + 3}",
+                label=f"{name}, largest since the step before",
+            )
+        # the vacuum's relative changes are large (it sits at the curve's minimum): its
+        # own axis
+        vac = bottom.twinx()
+        vac.plot(pt, [100 * c[2] for c in pc], "x", ms=3, color="0.45", label="vacuum")
+        vac.set_ylabel("vacuum change (%)", fontsize=7, color="0.45")
+        vac.tick_params(labelsize=6, colors="0.45")
+    if result.per_class is not None:
+        pcr = result.per_class
+        bottom.set_title(
+            f"next step in {pcr.next_interval_s:.3g} s; bias drift "
+            + (
+                "unknown"
+                if pcr.drift_rate_v_per_s is None
+                else f"{1e3 * pcr.drift_rate_v_per_s:+.3g} mV/s"
+            )
+            + f"; worst {pcr.worst_class} at {100 * pcr.worst_fraction:.0f} % of its room",
+            fontsize=7,
+        )
     a = 100 * result.allowance
     bottom.axhspan(-a, a, color="C2", alpha=0.12, label="allowance (intervals hold)")
     bottom.axhspan(
         -a * result.remeasure_at, a * result.remeasure_at, color="C2", alpha=0.15, label="hold"
     )
     bottom.axhline(0.0, color="0.4", lw=0.8)
-    bottom.set_ylabel("tap power vs calibration (%)")
+    bottom.set_ylabel("change vs calibration (%)")
     bottom.set_xlabel("time since tracking started (s)")
     bottom.legend(fontsize=7, loc="lower left")
     bottom.grid(True, alpha=0.3, lw=0.5)

@@ -34,14 +34,16 @@ widened by ``margin_v`` on both sides (the caller sizes it from the walk rate it
 for; 0 accepts the monotonic assumption).
 
 **Attribution of a mixture change** (:func:`attribute_mixture_change`): the tap-power
-check reads ``M(e) / M(e_ref)``; attributing all of a change to the bias (a laser-power
-change scales the classes alike and is covered by the common allowance) gives the offset
-and hence each class's change. ``M`` has a maximum near the optimum, so a reading has
-two roots: the one nearest the offset the last tracking step left is taken (the bias
-moves continuously and the tracking follows it; the other root lies on the far side of
-the mixture's maximum). Where ``M`` is flat (the reading's noise maps to offsets at
-which a class could already be beyond the allowance) the attribution says so
-(``conditioned`` False) and decides nothing: the tracking steps see the bias directly.
+check reads ``M(e) / M(e_m)`` against a reading taken at a known offset ``e_m`` (right
+after a tracking step, which saw the bias directly: a laser drift since then is tiny,
+where against the calibration it would be blamed on the bias); attributing all of the
+change to the bias gives the offset and hence each class's change. ``M`` has a maximum
+near the optimum, so a reading has two roots: the one nearest the offset the last
+tracking step left is taken (the bias moves continuously and the tracking follows it;
+the other root lies on the far side of the mixture's maximum). Where ``M`` is flat (the
+reading's noise maps to offsets at which a class could already be beyond the allowance)
+the attribution says so (``conditioned`` False) and decides nothing: the tracking steps
+see the bias directly.
 """
 
 from __future__ import annotations
