@@ -106,6 +106,9 @@ IntensityAction = Literal["hold", "remeasure", "stop"]
 
 #: Tap-power readings averaged for the check of the mean photon numbers.
 CHECK_READINGS = 20
+#: Corrections of the bias one tracking step makes at most (per-class check on: again
+#: while the residual moves a class by more than ``remeasure_at`` of its room).
+MAX_CORRECTIONS = 4
 
 
 class BiasTrackingPoint(BaseModel):
@@ -308,6 +311,21 @@ async def track_bias(
     after = await tracker.step()
     assert tracker.last_readings is not None
     biases, powers, delta = tracker.last_readings
+    first_delta = delta
+    if class_state is not None:
+        # The correction moves the bias part of the way (the tracker's gain): while what
+        # it leaves still moves a class by more than remeasure_at of its room, correct
+        # again inside this window, so the blocks after it start close to the optimum.
+        classes = _class_model(tracker, class_probabilities)
+        rooms = _Rooms.of(classes, intensities, allowance, class_state.reference_offset_v)
+        for _ in range(MAX_CORRECTIONS - 1):
+            e_after = after - tracker.cal.bias_set_v - delta
+            ch = classes.class_change(e_after, class_state.reference_offset_v)
+            if max(rooms.fractions((float(ch[0]), float(ch[1]), float(ch[2])))) <= remeasure_at:
+                break
+            after = await tracker.step()
+            assert tracker.last_readings is not None
+            biases, powers, delta = tracker.last_readings
     model = tracker.model_w(biases, delta, powers)
     cal = tracker.cal
     centre = cal.bias_set_v + delta
@@ -336,6 +354,7 @@ async def track_bias(
             intensities,
             class_probabilities,
             before_v=before,
+            first_delta_v=first_delta,
             after_v=after,
             delta_v=delta,
             now_s=now,
@@ -393,6 +412,61 @@ async def track_bias(
     return finish(result, started, state_dir, plot_bias_tracking, publish, instruments=[im, meter])
 
 
+@dataclass(frozen=True)
+class _Rooms:
+    """How far each class may move before it leaves its interval (relative).
+
+    The vacuum: its interval is relative like the others' when the meter resolved it;
+    otherwise only its upper bound is known, and the room to it (from the curve's
+    prediction at the reference, the signal's measured mu times the transmission ratio)
+    plays the allowance. A prediction already above the bound at the reference is the
+    calibration's matter (the curve's floor is the least certain part of it)."""
+
+    allowance: float
+    vacuum_room: float
+    vacuum_upper_only: bool
+    vacuum_reference_mu: float | None
+
+    @classmethod
+    def of(
+        cls,
+        model: ClassDriftModel,
+        intensities: MeanPhotonResult | None,
+        allowance: float,
+        reference_offset_v: float,
+    ) -> _Rooms:
+        vac_ref = None
+        room = allowance
+        upper_only = intensities is not None and intensities.vacuum.mu is None
+        if intensities is not None and intensities.signal.mu is not None:
+            t_ref = model.transmission(reference_offset_v)
+            vac_ref = intensities.signal.mu * float(t_ref[2] / t_ref[0])
+            if upper_only:
+                upper = intensities.vacuum.upper
+                room = upper / vac_ref - 1.0 if upper > vac_ref > 0 else math.inf
+        return cls(allowance, room, upper_only, vac_ref)
+
+    def fractions(self, ch: tuple[float, float, float]) -> list[float]:
+        """Each class's change over the room its interval leaves (1: at the edge)."""
+        if self.allowance <= 0:
+            return [math.inf] * 3
+        vac = max(ch[2], 0.0) if self.vacuum_upper_only else ch[2]
+        return [
+            abs(ch[0]) / self.allowance,
+            abs(ch[1]) / self.allowance,
+            abs(vac) / self.vacuum_room,
+        ]
+
+
+def _class_model(
+    tracker: BiasTracker, class_probabilities: tuple[float, float, float]
+) -> ClassDriftModel:
+    d = tracker.drives_v
+    return ClassDriftModel.from_calibration(
+        tracker.cal, (float(d[0]), float(d[1]), float(d[2])), class_probabilities
+    )
+
+
 def _class_check(
     tracker: BiasTracker,
     state: ClassDriftState,
@@ -400,6 +474,7 @@ def _class_check(
     class_probabilities: tuple[float, float, float],
     *,
     before_v: float,
+    first_delta_v: float,
     after_v: float,
     delta_v: float,
     now_s: float,
@@ -407,13 +482,12 @@ def _class_check(
     remeasure_at: float,
 ) -> ClassDriftCheck:
     """The per-class check of one step (module docstring, "Per class"); updates
-    ``state`` (offsets, time, interval)."""
-    d = tracker.drives_v
-    model = ClassDriftModel.from_calibration(
-        tracker.cal, (float(d[0]), float(d[1]), float(d[2])), class_probabilities
-    )
-    optimum = tracker.cal.bias_set_v + delta_v
-    e_before, e_after = before_v - optimum, after_v - optimum
+    ``state`` (offsets, time, interval). ``first_delta_v`` is the optimum's offset the
+    first correction of the step found (it gives the offset before), ``delta_v`` the
+    last one's (the offset after)."""
+    model = _class_model(tracker, class_probabilities)
+    e_before = before_v - (tracker.cal.bias_set_v + first_delta_v)
+    e_after = after_v - (tracker.cal.bias_set_v + delta_v)
     e_prev, e_ref = state.last_offset_v, state.reference_offset_v
     elapsed = None if state.last_time_s is None else max(now_s - state.last_time_s, 0.0)
     if state.unkeyed_since_last:
@@ -425,30 +499,11 @@ def _class_check(
         margin = state.margin_v(elapsed or 0.0)
         change = model.worst_change(e_prev, e_before, e_ref, margin)
     change_after = tuple(float(x) for x in model.class_change(e_after, e_ref))
-    # The vacuum: its interval is relative like the others' when the meter resolved it;
-    # otherwise only its upper bound is known, and the room to it (from the curve's
-    # prediction at the reference, the signal's measured mu times the transmission
-    # ratio) plays the allowance. A prediction already above the bound at the reference
-    # is the calibration's matter (the curve's floor is the least certain part of it).
-    vac_ref = vac_mu = None
-    vac_room = allowance
-    if intensities is not None and intensities.signal.mu is not None:
-        t_ref = model.transmission(e_ref)
-        vac_ref = intensities.signal.mu * float(t_ref[2] / t_ref[0])
-        vac_mu = vac_ref * (1.0 + change[2])
-        if intensities.vacuum.mu is None:
-            upper = intensities.vacuum.upper
-            vac_room = upper / vac_ref - 1.0 if upper > vac_ref > 0 else math.inf
-
-    def fractions(ch: tuple[float, float, float]) -> list[float]:
-        """Each class's change over the room its interval leaves (1: at the edge)."""
-        if allowance <= 0:
-            return [math.inf] * 3
-        vac = (
-            max(ch[2], 0.0) if intensities is not None and intensities.vacuum.mu is None else ch[2]
-        )
-        return [abs(ch[0]) / allowance, abs(ch[1]) / allowance, abs(vac) / vac_room]
-
+    rooms = _Rooms.of(model, intensities, allowance, e_ref)
+    fractions = rooms.fractions
+    vac_mu = (
+        None if rooms.vacuum_reference_mu is None else rooms.vacuum_reference_mu * (1 + change[2])
+    )
     now_fr = fractions(change)
     worst_i = int(np.argmax(now_fr))
     worst = now_fr[worst_i]

@@ -101,3 +101,51 @@ def test_without_tracking_the_decoy_leaves_its_interval_unnoticed(tmp_path: Path
             await p.tx.sm.trigger(Event.STOP, "test")
 
     asyncio.run(go())
+
+
+@pytest.mark.system
+def test_fast_bias_drift_shortens_the_tracking_interval(tmp_path: Path) -> None:
+    """A drift five times the one above with the tracking on a 6 s interval: between two
+    steps at that interval the decoy would move by about 5 % (its allowance) while the
+    tap power of the mixture barely moves. The per-class check sees each class's change
+    and shortens the interval (to its 1 s floor here): the decoy stays within its
+    interval whenever it is checked, and key flows."""
+    extra = _tx_extra(6.0)
+    extra["calibration"]["bias_track_min_interval_s"] = 1.0
+    extra["simulation"]["transmitter"]["hardware"]["drift"]["im_bias_v_per_s"] = 5 * DRIFT_V_PER_S
+
+    async def go() -> None:
+        async with in_process_pair(tmp_path, extra_tx=extra) as p:
+            assert await p.drive(Event.CALIBRATE) is State.IDLE
+            assert await p.drive(Event.SYNC) is State.IDLE
+            await p.drive(Event.EXCHANGE)
+            await p.wait_until("the receiver exchanging", lambda: p.rx.sm.state is State.EXCHANGING)
+            cal_tx = p.tx.state_dir / "calibration"
+            committed_at_start = p.committed()
+            seen_hold: list[bool] = []
+            intervals: list[float] = []
+
+            def progressed() -> bool:
+                assert p.tx.sm.state is State.EXCHANGING, p.tx.stats.last_failure
+                seen_hold.append(_decoy_holds(p))
+                state = p.tx.session.class_drift
+                if state is not None:
+                    intervals.append(state.interval_s)
+                path = cal_tx / "bias_tracking.json"
+                steps = len(_read(path)["history"]) if path.exists() else 0
+                return steps >= 12 and min(p.committed()) > max(committed_at_start)
+
+            await p.wait_until("tracking steps and key", progressed, 240)
+            assert all(seen_hold), "the decoy left its interval while tracked"
+            assert min(intervals) <= 1.0 + 1e-9
+            tracked = _read(cal_tx / "bias_tracking.json")
+            assert tracked["action"] == "hold" and tracked["mixture_action"] == "hold"
+            per_class = tracked["per_class"]
+            assert per_class["drift_rate_v_per_s"] is not None
+            assert abs(per_class["drift_rate_v_per_s"]) > 2 * DRIFT_V_PER_S
+            changes = [h["class_change"] for h in tracked["history"] if h["class_change"]]
+            assert max(abs(c[1]) for c in changes) <= 0.05  # the decoy, every step
+            await p.tx.sm.trigger(Event.STOP, "test")
+            await p.wait_until("both idle", lambda: p.rx.sm.state is State.IDLE)
+
+    asyncio.run(go())
