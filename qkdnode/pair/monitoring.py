@@ -236,7 +236,7 @@ class MonitoringMixin(SessionCore):
             return
         ch = attr.class_change
         k = 0 if abs(ch[0]) >= abs(ch[1]) else 1  # signal or decoy (the vacuum: its bound)
-        if abs(ch[k]) <= allowance:
+        if abs(ch[k]) <= allowance or self.node.sm.state is not S.EXCHANGING:
             return
         message = (
             f"tap power {100 * attr.mixture_change:+.2f} % since the last bias tracking step, "

@@ -227,7 +227,9 @@ class ScheduledMixin(SessionCore):
                     "worst_class": pc.worst_class,
                     "interval_s": round(pc.next_interval_s, 3),
                 }
-                wait_s = pc.next_interval_s
+                # from the step's start (its window, readings and result took time)
+                assert state.last_time_s is not None
+                wait_s = max(0.0, pc.next_interval_s - (time.monotonic() - state.last_time_s))
             log.info("im_bias_tracked", **fields)
             state_dir = self.node.state_dir
             await asyncio.to_thread(save_result, result, state_dir, plot_bias_tracking)
