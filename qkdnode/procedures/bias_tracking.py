@@ -39,8 +39,13 @@ measured (``reference_offset_v``), is what those blocks may have seen:
 * when even the floor is too long for that rate to keep every class within the
   allowance: ``stop`` now, before blocks use intervals that will not hold.
 
-A per-class verdict never asks for a re-measurement (the correction brings the classes
-back; ``remeasure`` stays the mixture's). The result carries both verdicts
+The correction moves the bias ``gain`` of the way: while the residual still moves a
+class by more than ``remeasure_at`` of its room the step corrects again (at most
+``MAX_CORRECTIONS`` in all, in the same window). When the caller withheld every slot
+since the previous step (``unkeyed_since_last``: the node's first step after a
+calibration) only the offset the step leaves is judged. A per-class verdict never asks
+for a re-measurement (the correction brings the classes back; ``remeasure`` stays the
+mixture's). The result carries both verdicts
 (``mixture_action``, ``per_class.action``); ``action`` is the worse.
 
 :func:`remeasure_intensities` measures the three classes again at the node's settings
