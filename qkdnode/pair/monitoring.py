@@ -208,41 +208,34 @@ class MonitoringMixin(SessionCore):
         the tap power right after the last tracking step (where that step saw the bias
         directly; a laser drift since is tiny) or, before one or after a re-measurement,
         with the calibration's mixture. An offset that explains it and moves a class
-        beyond the allowance: alarm ``intensity_drift`` and stop, like the mixture check.
+        beyond the room its interval leaves (the allowance; an unresolved vacuum: the
+        room to its upper bound): alarm ``intensity_drift`` and stop, like the mixture
+        check.
         Where the mixture is insensitive to the bias the attribution says so (logged) and
         the tracking steps decide. Nothing before the first tracking step."""
-        from qkdnode.procedures.class_drift import CLASS_NAMES, attribute_mixture_change
+        from qkdnode.procedures.bias_tracking import attribute_tap_reading, class_fractions
+        from qkdnode.procedures.class_drift import CLASS_NAMES
 
         state = self.class_drift
-        if state is None or state.model is None or expected_w <= 0:
+        if state is None:
             return
-        if state.tap_power_w is not None and state.tap_power_w > 0:
-            ref_w, mix_ref = state.tap_power_w, state.last_offset_v
-            rel_noise = noise * expected_w / ref_w * 2**0.5  # two readings of equal noise
-        else:
-            ref_w, mix_ref = expected_w, state.reference_offset_v
-            rel_noise = noise
-        attr = attribute_mixture_change(
-            state.model,
-            reading_w / ref_w - 1.0,
-            rel_noise,
-            last_offset_v=state.last_offset_v,
-            mixture_reference_offset_v=mix_ref,
-            reference_offset_v=state.reference_offset_v,
-            allowance=allowance,
-        )
+        attr = attribute_tap_reading(state, reading_w, expected_w, noise, allowance)
+        if attr is None:
+            return
         if not attr.conditioned or attr.class_change is None or attr.offset_v is None:
             log.debug("intensity_class_check_undecided", explanation=attr.explanation)
             return
         ch = attr.class_change
-        k = 0 if abs(ch[0]) >= abs(ch[1]) else 1  # signal or decoy (the vacuum: its bound)
-        if abs(ch[k]) <= allowance or self.node.sm.state is not S.EXCHANGING:
+        fractions = class_fractions(state, self.intensities, allowance, ch)
+        k = max(range(3), key=lambda i: fractions[i])
+        if fractions[k] <= 1.0 or self.node.sm.state is not S.EXCHANGING:
             return
         message = (
             f"tap power {100 * attr.mixture_change:+.2f} % since the last bias tracking step, "
             f"attributed to the modulator's bias ({1e3 * attr.offset_v:+.1f} mV from its "
             f"optimum), moves the {CLASS_NAMES[k]} class by "
-            f"{100 * ch[k]:+.1f} % (allowance {100 * allowance:.1f} %)"
+            f"{100 * ch[k]:+.1f} % ({100 * fractions[k]:.0f} % of the room its interval "
+            "leaves)"
         )
         log.warning(
             "intensity_class_drift",

@@ -76,7 +76,12 @@ from drivers.interfaces import (
     OpticalPowerMeter,
     VariableAttenuator,
 )
-from qkdnode.procedures.class_drift import CLASS_NAMES, ClassDriftModel
+from qkdnode.procedures.class_drift import (
+    CLASS_NAMES,
+    ClassDriftModel,
+    MixtureAttribution,
+    attribute_mixture_change,
+)
 from qkdnode.procedures.common import (
     CalibrationError,
     CalibrationResult,
@@ -99,6 +104,8 @@ __all__ = [
     "BiasTrackingResult",
     "ClassDriftState",
     "IntensityAction",
+    "attribute_tap_reading",
+    "class_fractions",
     "intensity_action",
     "next_track_interval_s",
     "plot_bias_tracking",
@@ -243,6 +250,58 @@ class ClassDriftState:
 
 
 _SEVERITY: dict[IntensityAction, int] = {"hold": 0, "remeasure": 1, "stop": 2}
+
+
+def class_fractions(
+    state: ClassDriftState,
+    intensities: MeanPhotonResult | None,
+    allowance: float,
+    change: tuple[float, float, float],
+) -> tuple[float, float, float]:
+    """Each class's ``change`` (signal, decoy, vacuum; relative to where the intervals in
+    use were measured) over the room its interval leaves: the allowance, or for a vacuum
+    below the meter's resolution the room to its upper bound (1: at the edge; inf
+    without a model)."""
+    if state.model is None:
+        return math.inf, math.inf, math.inf
+    f = _Rooms.of(state.model, intensities, allowance, state.reference_offset_v).fractions(change)
+    return f[0], f[1], f[2]
+
+
+def attribute_tap_reading(
+    state: ClassDriftState,
+    reading_w: float,
+    expected_w: float,
+    noise: float,
+    allowance: float,
+) -> MixtureAttribution | None:
+    """A tap-power reading of the key mixture (``reading_w``, W, the meter's zero
+    subtracted; ``noise`` three standard errors relative to ``expected_w``, what the
+    intensities in use predict) attributed to the modulator's bias, class by class
+    (:func:`~qkdnode.procedures.class_drift.attribute_mixture_change`).
+
+    Compared with the tap power right after the last tracking step (read at the offset
+    that step left: a laser drift since is tiny; the two readings' noise adds), or, when
+    there is none (after a re-measurement), with ``expected_w`` at the offset the
+    intensities were measured at. None before the first step (no model) or without a
+    prediction."""
+    if state.model is None or expected_w <= 0:
+        return None
+    if state.tap_power_w is not None and state.tap_power_w > 0:
+        ref_w, mix_ref = state.tap_power_w, state.last_offset_v
+        rel_noise = noise * expected_w / ref_w * math.sqrt(2.0)
+    else:
+        ref_w, mix_ref = expected_w, state.reference_offset_v
+        rel_noise = noise
+    return attribute_mixture_change(
+        state.model,
+        reading_w / ref_w - 1.0,
+        rel_noise,
+        last_offset_v=state.last_offset_v,
+        mixture_reference_offset_v=mix_ref,
+        reference_offset_v=state.reference_offset_v,
+        allowance=allowance,
+    )
 
 
 def next_track_interval_s(

@@ -323,3 +323,55 @@ def test_per_class_check_keeps_every_class_within_its_interval(
     assert last.per_class.next_interval_s < BASE_S / 10
     assert all(b.inside for b in blocks)
     assert max(abs(b.decoy_change) for b in blocks) <= REMEASURE_AT * ALLOWANCE
+
+
+@pytest.mark.parametrize(("seconds", "beyond"), [(0.3, False), (1.5, True)])
+def test_tap_reading_between_steps_is_attributed_to_the_bias(
+    boxes: list[Box],  # noqa: F811
+    seconds: float,
+    beyond: bool,
+) -> None:
+    """The 10 s tap-power check between two tracking steps: the bias drifts for
+    ``seconds`` after a step; the tap power of the mixture stays within the hold band
+    (the mixture check sees nothing), but compared with the reading right after the step
+    and attributed to the bias it gives the decoy's true change, beyond the allowance
+    after 1.5 s (about 37 mV), within it after 0.3 s."""
+    from qkdnode.procedures.bias_tracking import (
+        attribute_tap_reading,
+        class_fractions,
+        intensity_action,
+    )
+    from qkdnode.procedures.modulator import read_power
+
+    box = make_box(FAST_BIAS_DRIFT)
+    boxes.append(box)
+    decoy_measured = box.link.tx.mu_per_class()[1]  # what the calibration measured
+    tracker = BiasTracker(box.inst["im"], box.inst["meter"], box.modulator, probabilities(box))
+    state = ClassDriftState(BASE_S, 0.5, last_time_s=0.0)
+
+    async def run() -> tuple[float, float, float]:
+        await track_bias(
+            tracker,
+            box.mu,
+            probabilities(box),
+            allowance=ALLOWANCE,
+            remeasure_at=REMEASURE_AT,
+            history=[],
+            started_at=time.monotonic(),
+            class_state=state,
+            now_s=0.0,
+        )
+        box.link.advance(seconds)
+        reading = await read_power(box.inst["meter"], 20, 0.0) - box.mu.zero_w
+        expected = box.mu.mix_power_w(*probabilities(box))
+        noise = 3.0 * max(box.mu.signal.tap_power_sigma_w, box.mu.zero_noise_w / 20**0.5)
+        return reading, expected, noise / expected
+
+    reading, expected, noise = asyncio.run(run())
+    assert intensity_action(reading / expected, noise, ALLOWANCE, REMEASURE_AT) == "hold"
+    attr = attribute_tap_reading(state, reading, expected, noise, ALLOWANCE)
+    assert attr is not None and attr.conditioned and attr.class_change is not None
+    truth = box.link.tx.mu_per_class()[1] / decoy_measured - 1
+    assert attr.class_change[1] == pytest.approx(truth, abs=0.005)
+    assert (max(class_fractions(state, box.mu, ALLOWANCE, attr.class_change)) > 1) is beyond
+    assert (abs(truth) > ALLOWANCE) is beyond
