@@ -9,7 +9,10 @@ interval, down to ``calibration.bias_track_min_interval_s``; see
 ``[start, stop)`` ahead of its state source, asks the receiver to drop its detections
 there (link step ``skip``), withholds it from every block, waits for the window to
 begin, runs the tracking step (and the re-measurement when the check asks for it) and
-extends the window if it ran past its end: key flows around the window. A check that
+extends the window if it ran past its end: key flows around the window. The first step
+after a calibration comes half a second into the exchange and its window reaches back to
+the first key slot, so that no block uses light sent before the bias is back on its
+optimum (the bias drifted since the calibration). A check that
 finds the intensities (the key mixture's tap power, or any class from the bias offset
 the step found) beyond their drift allowance, or a drift too fast for the shortest
 interval, stops the exchange (alarm ``intensity_drift``; a new calibration follows). The
@@ -115,10 +118,11 @@ class ScheduledMixin(SessionCore):
                     log.warning("window_extension_refused", error=str(exc)[:200])
 
     async def _scheduled_bias_tracking(self) -> None:
-        """Transmitter, while exchanging: a bias-tracking step and the intensity check
-        every ``calibration.bias_track_interval_s`` (never returns; off: only waits). A
-        failed step is logged and the next one tried; a check beyond the drift allowance
-        stops the exchange."""
+        """Transmitter, while exchanging: a bias-tracking step and the intensity checks
+        every ``calibration.bias_track_interval_s``, or the shorter interval the
+        per-class check chose (never returns; off: only waits). A failed step is logged
+        and the next one tried; a check beyond the drift allowance, or a drift too fast
+        for the shortest interval, stops the exchange."""
         from qkdnode.procedures.bias_tracking import (
             BiasTrackingPoint,
             ClassDriftState,
