@@ -572,9 +572,16 @@ def _class_check(
     worst_i = int(np.argmax(now_fr))
     worst = now_fr[worst_i]
     rate = None if not elapsed else (e_before - e_prev) / elapsed
+    # Extrapolated: the part of the rate a random walk of the allowed size would not
+    # explain over ``elapsed`` (two standard deviations of its apparent rate); the walk
+    # itself is the margin, counted once.
+    steady = 0.0
+    if rate is not None and elapsed:
+        noise = 2.0 * state.walk_v_per_sqrt_s / math.sqrt(elapsed)
+        steady = math.copysign(max(abs(rate) - noise, 0.0), rate)
 
     def predicted(seconds: float) -> float:
-        end = e_after + (rate or 0.0) * seconds
+        end = e_after + steady * seconds
         return max(fractions(model.worst_change(e_after, end, e_ref, state.margin_v(seconds))))
 
     interval = next_track_interval_s(state, worst, remeasure_at, predicted)
@@ -604,11 +611,21 @@ def _class_check(
         # even the shortest interval would let a class leave its interval before the
         # next step at the rate just measured: stop before the blocks use it
         action = "stop"
-        ahead = fractions(model.worst_change(e_after, e_after + rate * interval, e_ref))
+        ahead = fractions(
+            model.worst_change(
+                e_after, e_after + steady * interval, e_ref, state.margin_v(interval)
+            )
+        )
         name = CLASS_NAMES[int(np.argmax(ahead))]
+        walk = (
+            f" (steady part {1e3 * steady:+.2f} mV/s, and a random walk of "
+            f"{1e3 * state.walk_v_per_sqrt_s:.3g} mV/sqrt(s) allowed for)"
+            if state.walk_v_per_sqrt_s > 0
+            else ""
+        )
         message = (
-            f"the bias drifts {1e3 * rate:+.2f} mV/s: the {name} class would leave its "
-            f"interval within {interval:.3g} s, the shortest tracking interval"
+            f"the bias drifts {1e3 * rate:+.2f} mV/s{walk}: the {name} class would leave "
+            f"its interval within {interval:.3g} s, the shortest tracking interval"
         )
     return ClassDriftCheck(
         reference_offset_v=e_ref,
