@@ -92,7 +92,25 @@ class CalibrationSection(Section):
         ge=0,
         lt=0.5,
         description="transmitter: relative drift of the mean photon numbers allowed until the "
-        "next calibration (laser power, VOA); widens the intervals the decoy bound uses",
+        "next calibration, common to the classes (laser power, VOA): the factor common to "
+        "the classes in the decoy bound, and the limit of the key mixture's tap power",
+    )
+    class_drift_allowance: float = Field(
+        0.03,
+        ge=0,
+        lt=0.5,
+        description="transmitter: relative change of the signal or the decoy alone (the "
+        "modulator's bias moves the decoy, on the curve's slope, without the signal) that "
+        "the decoy bound allows for, each class independently; the per-class checks stop "
+        "the exchange beyond it",
+    )
+    vacuum_drift_allowance: float = Field(
+        1.0,
+        ge=0,
+        le=100,
+        description="transmitter: relative rise of the vacuum class alone (near the curve's "
+        "minimum a few mV of bias move it by tens of per cent) that the decoy bound allows "
+        "for by widening its upper bound; costs almost no key (mu_vacuum ~ 1e-4 mu_signal)",
     )
     integration_time_s: float = Field(
         0.12, gt=0, le=60, description="receiver: count-rate integration time per scan point"
@@ -126,8 +144,9 @@ class CalibrationSection(Section):
         description="transmitter: the shortest interval between two tracking steps: the "
         "interval is halved (down to this) while the bias moves one intensity class (the "
         "decoy, on the slope of the modulator's curve) by more than intensity_remeasure_at "
-        "of intensity_drift_allowance between steps, and relaxes back to "
-        "bias_track_interval_s when it moves them by less than half of that",
+        "of its allowance (class_drift_allowance, vacuum_drift_allowance) between steps, "
+        "and relaxes back to bias_track_interval_s when it moves them by less than half of "
+        "that",
     )
     bias_track_walk_v_per_sqrt_s: float = Field(
         0.0,
@@ -151,7 +170,8 @@ class CalibrationSection(Section):
         le=1,
         description="transmitter: fraction of intensity_drift_allowance at which a tracking "
         "step measures the mean photon numbers again (inside a withheld window, key flowing "
-        "around it) instead of letting them drift out of their intervals",
+        "around it) instead of letting them drift out of their intervals; the fraction of "
+        "each class's allowance at which the tracking interval is shortened",
     )
     detector_gate_width_ns: float | None = Field(
         None,

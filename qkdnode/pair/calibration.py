@@ -99,6 +99,8 @@ class CalibrationMixin(SessionCore):
                     tap_to_output_uncertainty_db=cal.tap_to_output_uncertainty_db,
                     meter_uncertainty=cal.power_meter_uncertainty,
                     drift_allowance=cal.intensity_drift_allowance,
+                    class_drift_allowance=cal.class_drift_allowance,
+                    vacuum_drift_allowance=cal.vacuum_drift_allowance,
                 ),
             ),
             state_dir=self.node.state_dir,

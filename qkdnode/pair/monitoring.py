@@ -187,7 +187,7 @@ class MonitoringMixin(SessionCore):
         noise = 3.0 * sigma / expected
         allowance = self.cfg.calibration.intensity_drift_allowance
         if abs(ratio - 1.0) <= allowance + noise:
-            await self._check_class_drift(reading, expected, noise, allowance)
+            await self._check_class_drift(reading, expected, noise)
             return
         message = (
             f"tap power {reading:.4g} W is {100 * (ratio - 1):+.1f} % from the calibrated "
@@ -198,9 +198,7 @@ class MonitoringMixin(SessionCore):
         self.node.stats.calibrated = False
         await self.node.trigger(Event.STOP, f"intensities drifted: {message}")
 
-    async def _check_class_drift(
-        self, reading_w: float, expected_w: float, noise: float, allowance: float
-    ) -> None:
+    async def _check_class_drift(self, reading_w: float, expected_w: float, noise: float) -> None:
         """Transmitter: the tap-power reading ``reading_w`` (W, zero subtracted; ``noise``
         its three standard errors relative to ``expected_w``, the calibration's mixture)
         attributed to the modulator's bias, class by class
@@ -208,9 +206,10 @@ class MonitoringMixin(SessionCore):
         the tap power right after the last tracking step (where that step saw the bias
         directly; a laser drift since is tiny) or, before one or after a re-measurement,
         with the calibration's mixture. An offset that explains it and moves a class
-        beyond the room its interval leaves (the allowance; an unresolved vacuum: the
-        room to its upper bound): alarm ``intensity_drift`` and stop, like the mixture
-        check.
+        beyond its own allowance, the one the finite-key bound widens its interval by
+        (``calibration.class_drift_allowance`` for the signal and the decoy, the vacuum's
+        rise against ``calibration.vacuum_drift_allowance``): alarm ``intensity_drift``
+        and stop, like the mixture check.
         Where the mixture is insensitive to the bias the attribution says so (logged) and
         the tracking steps decide. Nothing before the first tracking step."""
         from qkdnode.procedures.bias_tracking import attribute_tap_reading, class_fractions
@@ -219,14 +218,14 @@ class MonitoringMixin(SessionCore):
         state = self.class_drift
         if state is None:
             return
-        attr = attribute_tap_reading(state, reading_w, expected_w, noise, allowance)
+        attr = attribute_tap_reading(state, reading_w, expected_w, noise, self.intensities)
         if attr is None:
             return
         if not attr.conditioned or attr.class_change is None or attr.offset_v is None:
             log.debug("intensity_class_check_undecided", explanation=attr.explanation)
             return
         ch = attr.class_change
-        fractions = class_fractions(state, self.intensities, allowance, ch)
+        fractions = class_fractions(state, self.intensities, ch)
         k = max(range(3), key=lambda i: fractions[i])
         if fractions[k] <= 1.0 or self.node.sm.state is not S.EXCHANGING:
             return
@@ -234,14 +233,13 @@ class MonitoringMixin(SessionCore):
             f"tap power {100 * attr.mixture_change:+.2f} % since the last bias tracking step, "
             f"attributed to the modulator's bias ({1e3 * attr.offset_v:+.1f} mV from its "
             f"optimum), moves the {CLASS_NAMES[k]} class by "
-            f"{100 * ch[k]:+.1f} % ({100 * fractions[k]:.0f} % of the room its interval "
-            "leaves)"
+            f"{100 * ch[k]:+.1f} % ({100 * fractions[k]:.0f} % of its allowance)"
         )
         log.warning(
             "intensity_class_drift",
             offset_v=attr.offset_v,
             class_change=attr.class_change,
-            allowance=allowance,
+            worst_fraction=fractions[k],
         )
         self.node.alarm("intensity_drift", message)
         self.node.stats.calibrated = False

@@ -30,14 +30,18 @@ its excursion, allowed for by widening the segment by three standard deviations 
 change of each class over the segment, relative to where the intervals in use were
 measured (``reference_offset_v``), is what those blocks may have seen:
 
-* signal or decoy beyond the allowance (a resolved vacuum too; an unresolved vacuum
-  predicted above its upper bound): ``stop``, naming the class;
+* each class against its own allowance, the one the finite-key bound widens that class's
+  interval by (:meth:`~qkdnode.procedures.mean_photon_number.MeanPhotonResult.class_bounds`,
+  from the intensities' ``uncertainty``): the signal and the decoy against
+  ``class_drift_allowance`` (either way), the vacuum's rise against
+  ``vacuum_drift_allowance`` (a fall too while its lower bound is above 0). Beyond:
+  ``stop``, naming the class. What the check lets through is what the bound assumes;
 * the next interval (:func:`next_track_interval_s`): halved while a class moved by more
-  than ``remeasure_at`` of the allowance or would by the next step at the drift rate just
+  than ``remeasure_at`` of its allowance or would by the next step at the drift rate just
   measured (``drift_rate_v_per_s``), never below ``floor_interval_s``; doubled back
   towards ``base_interval_s`` while the classes moved by less than half of that;
 * when even the floor is too long for that rate to keep every class within the
-  allowance: ``stop`` now, before blocks use intervals that will not hold.
+  allowances: ``stop`` now, before blocks use intervals that will not hold.
 
 The correction moves the bias ``gain`` of the way: while the residual still moves a
 class by more than ``remeasure_at`` of its room the step corrects again (at most
@@ -93,6 +97,7 @@ from qkdnode.procedures.common import (
 )
 from qkdnode.procedures.mean_photon_number import (
     IntensityInterval,
+    IntensityUncertainty,
     MeanPhotonResult,
     intensity_interval,
     plot_mean_photon_number,
@@ -162,10 +167,12 @@ class ClassDriftCheck(BaseModel):
     #: the vacuum's mean photon number at the worst point, predicted from the signal's
     #: measured one and the curve (checked against the vacuum's upper bound)
     vacuum_mu_predicted: float | None
-    #: the class with the largest change over the room its interval leaves (the
-    #: allowance; the unresolved vacuum: the room to its upper bound), and that ratio
+    #: the class with the largest change over its own allowance, and that ratio
     worst_class: str
     worst_fraction: float
+    #: the allowances the changes are judged against (signal, decoy, vacuum; relative):
+    #: those the bound widens each class's interval by
+    class_allowance: tuple[float, float, float] = (0.0, 0.0, 0.0)
     #: seconds to the next step (:func:`next_track_interval_s`)
     next_interval_s: float
     action: IntensityAction
@@ -255,16 +262,16 @@ _SEVERITY: dict[IntensityAction, int] = {"hold": 0, "remeasure": 1, "stop": 2}
 def class_fractions(
     state: ClassDriftState,
     intensities: MeanPhotonResult | None,
-    allowance: float,
     change: tuple[float, float, float],
 ) -> tuple[float, float, float]:
     """Each class's ``change`` (signal, decoy, vacuum; relative to where the intervals in
-    use were measured) over the room its interval leaves: the allowance, or for a vacuum
-    below the meter's resolution the room to its upper bound (1: at the edge; inf
-    without a model)."""
+    use were measured) over its own allowance in ``intensities.uncertainty`` (the
+    signal's and decoy's ``class_drift_allowance`` either way, the vacuum's rise over
+    ``vacuum_drift_allowance``): 1 at the edge of what the bound assumes; inf without a
+    model."""
     if state.model is None:
         return math.inf, math.inf, math.inf
-    f = _Rooms.of(state.model, intensities, allowance, state.reference_offset_v).fractions(change)
+    f = _Rooms.of(state.model, intensities, state.reference_offset_v).fractions(change)
     return f[0], f[1], f[2]
 
 
@@ -273,7 +280,7 @@ def attribute_tap_reading(
     reading_w: float,
     expected_w: float,
     noise: float,
-    allowance: float,
+    intensities: MeanPhotonResult | None,
 ) -> MixtureAttribution | None:
     """A tap-power reading of the key mixture (``reading_w``, W, the meter's zero
     subtracted; ``noise`` three standard errors relative to ``expected_w``, what the
@@ -283,10 +290,12 @@ def attribute_tap_reading(
     Compared with the tap power right after the last tracking step (read at the offset
     that step left: a laser drift since is tiny; the two readings' noise adds), or, when
     there is none (after a re-measurement), with ``expected_w`` at the offset the
-    intensities were measured at. None before the first step (no model) or without a
-    prediction."""
+    intensities were measured at. The attribution is conditioned when the reading's noise
+    spans less offset than a class needs to reach its allowance (``intensities``'
+    uncertainty). None before the first step (no model) or without a prediction."""
     if state.model is None or expected_w <= 0:
         return None
+    u = intensities.uncertainty if intensities is not None else IntensityUncertainty()
     if state.tap_power_w is not None and state.tap_power_w > 0:
         ref_w, mix_ref = state.tap_power_w, state.last_offset_v
         rel_noise = noise * expected_w / ref_w * math.sqrt(2.0)
@@ -300,7 +309,8 @@ def attribute_tap_reading(
         last_offset_v=state.last_offset_v,
         mixture_reference_offset_v=mix_ref,
         reference_offset_v=state.reference_offset_v,
-        allowance=allowance,
+        allowance=u.class_drift_allowance,
+        vacuum_allowance=u.vacuum_drift_allowance,
     )
 
 
@@ -313,7 +323,7 @@ def next_track_interval_s(
     """Seconds to the next tracking step.
 
     From the interval in use: halved when the largest per-class change since the previous
-    step (``worst_fraction``, of the allowance) was above ``remeasure_at``, doubled when
+    step (``worst_fraction``, of its allowance) was above ``remeasure_at``, doubled when
     it was below half of that, then kept within ``[floor_interval_s, base_interval_s]``;
     then halved (down to the floor) while ``predicted_fraction(seconds)`` (the change the
     blocks would see by then at the drift rate just measured) is above ``remeasure_at``.
@@ -381,7 +391,7 @@ async def track_bias(
         # it leaves still moves a class by more than remeasure_at of its room, correct
         # again inside this window, so the blocks after it start close to the optimum.
         classes = _class_model(tracker, class_probabilities)
-        rooms = _Rooms.of(classes, intensities, allowance, class_state.reference_offset_v)
+        rooms = _Rooms.of(classes, intensities, class_state.reference_offset_v)
         for _ in range(MAX_CORRECTIONS - 1):
             e_after = after - tracker.cal.bias_set_v - delta
             ch = classes.class_change(e_after, class_state.reference_offset_v)
@@ -422,7 +432,6 @@ async def track_bias(
             after_v=after,
             delta_v=delta,
             now_s=now,
-            allowance=allowance,
             remeasure_at=remeasure_at,
         )
         class_state.tap_power_w = tap
@@ -478,17 +487,17 @@ async def track_bias(
 
 @dataclass(frozen=True)
 class _Rooms:
-    """How far each class may move before it leaves its interval (relative).
+    """How far each class may move (relative) before it leaves what the finite-key bound
+    assumes of it: its own allowance, the one
+    :meth:`~qkdnode.procedures.mean_photon_number.MeanPhotonResult.class_bounds` widens
+    its statistical interval by. The signal and the decoy either way; the vacuum upward
+    only when its lower bound is 0 (below the meter's resolution, or an allowance of 1
+    or more), else either way. ``vacuum_reference_mu`` is the vacuum predicted at the
+    reference from the signal's measured mu and the curve (for the messages)."""
 
-    The vacuum: its interval is relative like the others' when the meter resolved it;
-    otherwise only its upper bound is known, and the room to it (from the curve's
-    prediction at the reference, the signal's measured mu times the transmission ratio)
-    plays the allowance. A prediction already above the bound at the reference is the
-    calibration's matter (the curve's floor is the least certain part of it)."""
-
-    allowance: float
-    vacuum_room: float
-    vacuum_upper_only: bool
+    class_allowance: float
+    vacuum_allowance: float
+    vacuum_rise_only: bool
     vacuum_reference_mu: float | None
 
     @classmethod
@@ -496,30 +505,36 @@ class _Rooms:
         cls,
         model: ClassDriftModel,
         intensities: MeanPhotonResult | None,
-        allowance: float,
         reference_offset_v: float,
     ) -> _Rooms:
+        u = intensities.uncertainty if intensities is not None else IntensityUncertainty()
         vac_ref = None
-        room = allowance
-        upper_only = intensities is not None and intensities.vacuum.mu is None
         if intensities is not None and intensities.signal.mu is not None:
             t_ref = model.transmission(reference_offset_v)
             vac_ref = intensities.signal.mu * float(t_ref[2] / t_ref[0])
-            if upper_only:
-                upper = intensities.vacuum.upper
-                room = upper / vac_ref - 1.0 if upper > vac_ref > 0 else math.inf
-        return cls(allowance, room, upper_only, vac_ref)
+        rise_only = u.vacuum_drift_allowance >= 1.0 or (
+            intensities is not None and intensities.vacuum.mu is None
+        )
+        return cls(u.class_drift_allowance, u.vacuum_drift_allowance, rise_only, vac_ref)
+
+    @property
+    def allowances(self) -> tuple[float, float, float]:
+        return self.class_allowance, self.class_allowance, self.vacuum_allowance
 
     def fractions(self, ch: tuple[float, float, float]) -> list[float]:
-        """Each class's change over the room its interval leaves (1: at the edge)."""
-        if self.allowance <= 0:
-            return [math.inf] * 3
-        vac = max(ch[2], 0.0) if self.vacuum_upper_only else ch[2]
+        """Each class's change over its allowance (1: at the edge)."""
+        vac = max(ch[2], 0.0) if self.vacuum_rise_only else abs(ch[2])
         return [
-            abs(ch[0]) / self.allowance,
-            abs(ch[1]) / self.allowance,
-            abs(vac) / self.vacuum_room,
+            _over(abs(ch[0]), self.class_allowance),
+            _over(abs(ch[1]), self.class_allowance),
+            _over(vac, self.vacuum_allowance),
         ]
+
+
+def _over(change: float, allowance: float) -> float:
+    if allowance > 0:
+        return change / allowance
+    return 0.0 if change == 0 else math.inf
 
 
 def _class_model(
@@ -542,7 +557,6 @@ def _class_check(
     after_v: float,
     delta_v: float,
     now_s: float,
-    allowance: float,
     remeasure_at: float,
 ) -> ClassDriftCheck:
     """The per-class check of one step (module docstring, "Per class"); updates
@@ -563,7 +577,7 @@ def _class_check(
         margin = state.margin_v(elapsed or 0.0)
         change = model.worst_change(e_prev, e_before, e_ref, margin)
     change_after = tuple(float(x) for x in model.class_change(e_after, e_ref))
-    rooms = _Rooms.of(model, intensities, allowance, e_ref)
+    rooms = _Rooms.of(model, intensities, e_ref)
     fractions = rooms.fractions
     vac_mu = (
         None if rooms.vacuum_reference_mu is None else rooms.vacuum_reference_mu * (1 + change[2])
@@ -595,12 +609,10 @@ def _class_check(
     if worst > 1.0:
         action = "stop"
         what = (
-            f"risen to mu {vac_mu:.3g}, above its bound {intensities.vacuum.upper:.3g}"
-            if worst_i == 2
-            and vac_mu is not None
-            and intensities is not None
-            and intensities.vacuum.mu is None
-            else f"moved {100 * change[worst_i]:+.1f} % (allowance {100 * allowance:.1f} %)"
+            f"moved {100 * change[worst_i]:+.1f} % (its allowance "
+            f"{100 * rooms.allowances[worst_i]:.1f} %"
+            + (f", mu about {vac_mu:.3g}" if worst_i == 2 and vac_mu is not None else "")
+            + ")"
         )
         message = (
             f"the {name} class may have {what} since it was measured: the bias was "
@@ -640,6 +652,7 @@ def _class_check(
         vacuum_mu_predicted=vac_mu,
         worst_class=name,
         worst_fraction=worst,
+        class_allowance=rooms.allowances,
         next_interval_s=interval,
         action=action,
         message=message,
@@ -734,10 +747,20 @@ def plot_bias_tracking(result: BiasTrackingResult, fig: Figure) -> None:
             fontsize=7,
         )
     a = 100 * result.allowance
-    bottom.axhspan(-a, a, color="C2", alpha=0.12, label="allowance (intervals hold)")
+    bottom.axhspan(-a, a, color="C2", alpha=0.12, label="mixture allowance (common)")
     bottom.axhspan(
         -a * result.remeasure_at, a * result.remeasure_at, color="C2", alpha=0.15, label="hold"
     )
+    if result.per_class is not None:
+        c = 100 * result.per_class.class_allowance[1]
+        for y in (-c, c):
+            bottom.axhline(
+                y,
+                ls="--",
+                color="C4",
+                lw=0.8,
+                label="signal/decoy allowance (the bound's)" if y > 0 else None,
+            )
     bottom.axhline(0.0, color="0.4", lw=0.8)
     bottom.set_ylabel("change vs calibration (%)")
     bottom.set_xlabel("time since tracking started (s)")

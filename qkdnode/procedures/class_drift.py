@@ -160,15 +160,24 @@ class ClassDriftModel(BaseModel):
         m_ref = float(self.transmission(reference_offset_v) @ p)
         return float(dT @ p) / m_ref
 
-    def allowance_offset_v(self, allowance: float, reference_offset_v: float = 0.0) -> float:
+    def allowance_offset_v(
+        self,
+        allowance: float,
+        reference_offset_v: float = 0.0,
+        vacuum_allowance: float | None = None,
+    ) -> float:
         """The smallest ``|offset - reference|`` (V) at which the signal or the decoy
-        changes by ``allowance`` (searched within half a bias V_pi)."""
+        changes by ``allowance`` or (when given) the vacuum rises by ``vacuum_allowance``
+        (searched within half a bias V_pi)."""
         half = self.bias_v_pi_v / 2
         d = np.linspace(0.0, half, 4001)[1:]
         best = half
         for sign in (1.0, -1.0):
-            ch = np.abs(self.class_change(reference_offset_v + sign * d, reference_offset_v))
-            over = np.nonzero(np.max(ch[:, :2], axis=1) > allowance)[0]
+            ch = self.class_change(reference_offset_v + sign * d, reference_offset_v)
+            beyond = np.max(np.abs(ch[:, :2]), axis=1) > allowance
+            if vacuum_allowance is not None:
+                beyond |= ch[:, 2] > vacuum_allowance
+            over = np.nonzero(beyond)[0]
             if over.size:
                 best = min(best, float(d[over[0]]))
         return best
@@ -202,6 +211,7 @@ def attribute_mixture_change(
     mixture_reference_offset_v: float,
     reference_offset_v: float,
     allowance: float,
+    vacuum_allowance: float | None = None,
 ) -> MixtureAttribution:
     """The bias offset that explains a mixture change ``mixture_change`` (measured over
     predicted tap power minus 1) alone, and each class's change there (module docstring).
@@ -213,7 +223,8 @@ def attribute_mixture_change(
     the intervals were measured (the classes' changes are relative to it).
     ``conditioned`` is False when no root lies within half a bias V_pi (a change the bias
     cannot make: the laser's or the meter's) or when ``noise`` maps to an offset span
-    wider than the one at which a class reaches ``allowance``.
+    wider than the one at which the signal or decoy reaches ``allowance`` or the vacuum
+    rises by ``vacuum_allowance`` (when given).
     """
     half = model.bias_v_pi_v / 2
     mref = mixture_reference_offset_v
@@ -250,7 +261,7 @@ def attribute_mixture_change(
     ch = model.class_change(e, reference_offset_v)
     slope = abs(model.mixture_slope_per_v(e, mref))
     sigma = noise / slope if slope > 0 else math.inf
-    span = model.allowance_offset_v(allowance, reference_offset_v)
+    span = model.allowance_offset_v(allowance, reference_offset_v, vacuum_allowance)
     conditioned = sigma < span
     if conditioned:
         why = (

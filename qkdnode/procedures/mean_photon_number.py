@@ -21,7 +21,19 @@ decoy is on target. Finally each class (signal, decoy, vacuum) is read
   errors (readings and zero);
 * systematic, as bounds added in the worst direction (they are common to all classes):
   the meter's calibration (relative), the tap-to-output uncertainty (dB) and the drift
-  allowed until the next calibration (relative).
+  allowed until the next calibration (relative: laser power, VOA).
+
+A drift of the modulator's bias is not common: it moves the decoy (on the slope of the
+transfer curve) without the signal (at its top), and the vacuum (near its minimum) by
+large fractions. Each class therefore has its own relative allowance on top of its
+statistical interval (``class_drift_allowance`` for the signal and the decoy,
+``vacuum_drift_allowance`` for the vacuum): :meth:`MeanPhotonResult.class_bounds` is each
+class's statistical interval widened by it, independently of the other classes (a box:
+each class may move alone), and the true intensities are these times one factor in
+:meth:`MeanPhotonResult.common_scale`. The decoy-state bound needs
+``mu1.lower > mu2.upper + mu3.upper`` and ``mu2.lower > mu3.upper`` of the class bounds;
+a calibration whose allowances break that is refused
+(:meth:`MeanPhotonResult.bound_conditions_error`).
 
 A class whose net power is within ``coverage_factor`` standard errors of zero (the
 vacuum class of a modulator with a high extinction) is below the meter's resolution:
@@ -88,6 +100,14 @@ METER_UNCERTAINTY = 0.03
 DRIFT_ALLOWANCE = 0.05
 #: Uncertainty of a factory tap-to-output measurement with two calibrated meters.
 TAP_TO_OUTPUT_UNCERTAINTY_DB = 0.2
+#: Relative change of the signal or the decoy alone (the modulator's bias) that the bound
+#: allows for and the per-class checks keep each class within (docs/architecture.md,
+#: "Intensity classes under bias drift": the key it costs and the drift it lets through).
+CLASS_DRIFT_ALLOWANCE = 0.03
+#: Relative rise of the vacuum class alone that the bound allows for: the vacuum sits near
+#: the curve's minimum, where a few mV of bias move it by tens of per cent, and its upper
+#: bound costs almost no key (mu_vacuum ~ 1e-4 of mu_signal): doubling it is cheap.
+VACUUM_DRIFT_ALLOWANCE = 1.0
 
 
 def mu_from_power(
@@ -99,8 +119,11 @@ def mu_from_power(
 
 
 class IntensityInterval(BaseModel):
-    """Mean photon number of one intensity class at the box output, with the interval
-    that holds until the next calibration: ``lower <= true mu <= upper``."""
+    """Mean photon number of one intensity class at the box output, with its interval:
+    the statistical part times the systematic factors common to the classes (meter,
+    tap-to-output, laser and VOA drift). The class's own drift allowance (the modulator's
+    bias) comes on top: :meth:`MeanPhotonResult.class_bounds` and
+    :meth:`MeanPhotonResult.bounds` give what holds until the next calibration."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -144,7 +167,24 @@ class IntensityUncertainty(BaseModel):
         TAP_TO_OUTPUT_UNCERTAINTY_DB, ge=0, le=3, description="commissioning value, bound"
     )
     drift_allowance: float = Field(
-        DRIFT_ALLOWANCE, ge=0, lt=0.5, description="relative, until the next calibration"
+        DRIFT_ALLOWANCE,
+        ge=0,
+        lt=0.5,
+        description="relative, common to the classes (laser power, VOA), until the next "
+        "calibration",
+    )
+    class_drift_allowance: float = Field(
+        CLASS_DRIFT_ALLOWANCE,
+        ge=0,
+        lt=0.5,
+        description="relative change of the signal or the decoy alone (the modulator's bias)",
+    )
+    vacuum_drift_allowance: float = Field(
+        VACUUM_DRIFT_ALLOWANCE,
+        ge=0,
+        le=100,
+        description="relative rise of the vacuum class alone (the modulator's bias); at 1 "
+        "or more its lower bound is 0",
     )
     meter_floor_w: float = Field(
         0.0,
@@ -168,6 +208,14 @@ class IntensityUncertainty(BaseModel):
             * 10 ** (-self.tap_to_output_uncertainty_db / 10)
             * (1 - self.drift_allowance)
         )
+
+    def class_factors(
+        self,
+    ) -> tuple[tuple[float, float], tuple[float, float], tuple[float, float]]:
+        """``(lower, upper)`` factor of each class's own allowance (signal, decoy, vacuum):
+        what :meth:`MeanPhotonResult.class_bounds` widens the statistical intervals by."""
+        a, v = self.class_drift_allowance, self.vacuum_drift_allowance
+        return (1 - a, 1 + a), (1 - a, 1 + a), (max(0.0, 1 - v), 1 + v)
 
 
 def intensity_interval(
@@ -261,22 +309,18 @@ class MeanPhotonResult(CalibrationResult):
         return self.decoy.mu
 
     def bounds(self) -> tuple[tuple[float, float], tuple[float, float], tuple[float, float]]:
-        """``(lower, upper)`` of signal, decoy and vacuum: what the decoy-state bound takes."""
-        return (
-            (self.signal.lower, self.signal.upper),
-            (self.decoy.lower, self.decoy.upper),
-            (self.vacuum.lower, self.vacuum.upper),
-        )
+        """``(lower, upper)`` of signal, decoy and vacuum taken independently: each class's
+        :meth:`class_bounds` times the extremes of :meth:`common_scale` (a box that holds
+        every true intensity the bound allows for, and more)."""
+        c_lo, c_hi = self.common_scale()
+        (sl, su), (dl, du), (vl, vu) = self.class_bounds()
+        return (sl * c_lo, su * c_hi), (dl * c_lo, du * c_hi), (vl * c_lo, vu * c_hi)
 
-    def class_bounds(
+    def statistical_bounds(
         self,
     ) -> tuple[tuple[float, float], tuple[float, float], tuple[float, float]]:
-        """``(lower, upper)`` of each class with the statistical part only (meter noise);
-        the true intensities are these times one factor in :meth:`common_scale`, shared by
-        the classes (meter calibration, tap-to-output attenuation, drift act on the
-        classes alike). What the finite-key bound takes: a common factor cannot raise one
-        class while it lowers another, which the combined intervals of :meth:`bounds`
-        would have to allow."""
+        """``(lower, upper)`` of each class with the statistical part only (meter noise):
+        the reported interval without the common factors."""
         lo, hi = self.uncertainty.lower_factor, self.uncertainty.upper_factor
         return (
             (self.signal.lower / lo, self.signal.upper / hi),
@@ -284,22 +328,88 @@ class MeanPhotonResult(CalibrationResult):
             (self.vacuum.lower / lo, self.vacuum.upper / hi),
         )
 
+    def class_bounds(
+        self,
+    ) -> tuple[tuple[float, float], tuple[float, float], tuple[float, float]]:
+        """``(lower, upper)`` of each class: its statistical interval
+        (:meth:`statistical_bounds`) widened by its own drift allowance
+        (``uncertainty.class_drift_allowance`` for the signal and the decoy,
+        ``uncertainty.vacuum_drift_allowance`` for the vacuum), each class independently
+        of the others (a box: the modulator's bias moves one class without the others).
+        The true intensities are these times one factor in :meth:`common_scale`, shared
+        by the classes (meter calibration, tap-to-output attenuation, laser and VOA drift
+        act on the classes alike). What the finite-key bound takes: a common factor cannot
+        raise one class while it lowers another, which the independent intervals of
+        :meth:`bounds` would have to allow."""
+        stat = self.statistical_bounds()
+        facs = self.uncertainty.class_factors()
+        s, d, v = (
+            (lo * f_lo, hi * f_hi) for (lo, hi), (f_lo, f_hi) in zip(stat, facs, strict=True)
+        )
+        return s, d, v
+
     def common_scale(self) -> tuple[float, float]:
         """The range of the factor common to the three classes (see :meth:`class_bounds`)."""
         return self.uncertainty.lower_factor, self.uncertainty.upper_factor
 
+    def bound_conditions_error(self) -> str | None:
+        """Why the class bounds break what the decoy-state bound needs
+        (``mu1.lower > mu2.upper + mu3.upper``, ``mu2.lower > mu3.upper``; the common
+        factor scales both sides alike), naming the configuration keys; None if they
+        hold."""
+        (sl, _), (dl, du), (_, vu) = self.class_bounds()
+        u = self.uncertainty
+        keys = (
+            f"calibration.class_drift_allowance ({u.class_drift_allowance:g}) or "
+            f"calibration.vacuum_drift_allowance ({u.vacuum_drift_allowance:g})"
+        )
+        if not sl > du + vu:
+            return (
+                f"the intensity classes overlap with their drift allowances: the signal's "
+                f"lower bound {sl:.4g} is not above the decoy's upper bound {du:.4g} plus the "
+                f"vacuum's {vu:.4g}, as the decoy-state bound needs; lower {keys}, or "
+                "set the decoy further below the signal"
+            )
+        if not dl > vu:
+            return (
+                f"the intensity classes overlap with their drift allowances: the decoy's "
+                f"lower bound {dl:.4g} is not above the vacuum's upper bound {vu:.4g}, as the "
+                f"decoy-state bound needs; lower {keys}, or raise the decoy"
+            )
+        return None
+
+    def admits(self, true_mu: tuple[float, float, float]) -> bool:
+        """Whether the bound's set of intensities holds ``true_mu`` (signal, decoy,
+        vacuum): one factor ``c`` in :meth:`common_scale` with every ``true_mu[k] / c``
+        inside the class's :meth:`class_bounds`."""
+        c_lo, c_hi = self.common_scale()
+        for (lo, hi), mu in zip(self.class_bounds(), true_mu, strict=True):
+            if mu < 0 or (mu == 0 and lo > 0) or (mu > 0 and hi <= 0):
+                return False
+            if mu > 0:
+                # lo <= mu / c <= hi  <=>  mu / hi <= c <= mu / lo
+                c_lo = max(c_lo, mu / hi)
+                if lo > 0:
+                    c_hi = min(c_hi, mu / lo)
+        return c_lo <= c_hi
+
     def bound_fields(self) -> dict[str, float]:
         """The intensity fields of :class:`qkdnode.postproc.params.PostprocParams` (values,
         per-class intervals, common scale): how the finite-key bound takes this
-        calibration. Raises ``ValueError`` if the signal or decoy was not measured."""
+        calibration. Raises ``ValueError`` if the signal or decoy was not measured or the
+        class bounds break the decoy bound's conditions (:meth:`bound_conditions_error`)."""
         if self.signal.mu is None or self.decoy.mu is None:
             raise ValueError("the signal and decoy intensities are not measured")
+        why = self.bound_conditions_error()
+        if why is not None:
+            raise ValueError(why)
         (sl, su), (dl, du), (vl, vu) = self.class_bounds()
         c_lo, c_hi = self.common_scale()
+        vacuum = self.vacuum.mu if self.vacuum.mu is not None else vu
         return {
             "mu_signal": self.signal.mu,
             "mu_decoy": self.decoy.mu,
-            "mu_vacuum": self.vacuum.mu_or_upper,
+            "mu_vacuum": min(max(vacuum, vl), vu),
             "mu_signal_lower": sl,
             "mu_signal_upper": su,
             "mu_decoy_lower": dl,
@@ -312,7 +422,8 @@ class MeanPhotonResult(CalibrationResult):
 
     def mix_power_w(self, p_signal: float, p_decoy: float, p_vacuum: float) -> float:
         """Tap power (zero subtracted) expected while the key mix is sent: a reading off by
-        more than ``uncertainty.drift_allowance`` means the intensities left their intervals."""
+        more than ``uncertainty.drift_allowance`` means the intensities left their common
+        factor (a bias drift that moves one class is the per-class checks' matter)."""
         return (
             p_signal * self.signal.tap_power_w
             + p_decoy * self.decoy.tap_power_w
@@ -353,7 +464,9 @@ async def calibrate_mean_photon_number(
     measure the three classes with their intervals (see the module docstring).
 
     Needs the modulator calibration (levels and drive curve). Transmitter only. Raises
-    CalibrationError when the tap-to-output attenuation is not commissioned.
+    CalibrationError when the tap-to-output attenuation is not commissioned, and (after
+    saving the result) when the classes' drift allowances make their bounds overlap
+    (:meth:`MeanPhotonResult.bound_conditions_error`, naming the keys).
     """
     tap_db = cfg.tap_to_output_db
     if tap_db is None:
@@ -459,7 +572,10 @@ async def calibrate_mean_photon_number(
         ok=ok,
         message="" if ok else "targets not reached within tolerance",
     )
-    return finish(
+    why = result.bound_conditions_error()
+    if why is not None:
+        result = result.model_copy(update={"ok": False, "message": why})
+    result = finish(
         result,
         started,
         state_dir,
@@ -467,6 +583,9 @@ async def calibrate_mean_photon_number(
         publish,
         instruments=[laser, im, voa, meter],
     )
+    if why is not None:
+        raise CalibrationError(why)
+    return result
 
 
 async def _readings(meter: OpticalPowerMeter, n: int, settle_s: float) -> npt.NDArray[np.float64]:
@@ -522,16 +641,18 @@ def plot_mean_photon_number(result: MeanPhotonResult, fig: Figure) -> None:
             f"tap readings, zero subtracted; band: +/-{k:g} standard errors", fontsize=8
         )
     ax2 = fig.add_subplot(outer[1])
-    stat = result.class_bounds()
+    stat = result.statistical_bounds()
+    full = result.bounds()
     targets = (result.mu_signal_target, result.mu_decoy_target, None)
     for i, iv in enumerate(ivs):
         color = f"C{i}"
         lo_s, hi_s = stat[i]
+        lo_f, hi_f = full[i]
         if iv.mu is not None:
             ax2.errorbar(
                 [i],
                 [iv.mu],
-                yerr=[[iv.mu - iv.lower], [iv.upper - iv.mu]],
+                yerr=[[max(iv.mu - lo_f, 0.0)], [max(hi_f - iv.mu, 0.0)]],
                 fmt="o",
                 capsize=6,
                 color=color,
@@ -547,18 +668,18 @@ def plot_mean_photon_number(result: MeanPhotonResult, fig: Figure) -> None:
                 lw=1.5,
                 label="statistical part" if i == 0 else None,
             )
-            label = f"{iv.mu:.4g}\n[{iv.lower:.3g}, {iv.upper:.3g}]"
+            label = f"{iv.mu:.4g}\n[{lo_f:.3g}, {hi_f:.3g}]"
         else:
-            ax2.plot([i], [iv.upper], "v", color=color, ms=8)
-            label = f"< {iv.upper:.3g}\n(below resolution)"
+            ax2.plot([i], [hi_f], "v", color=color, ms=8)
+            label = f"< {hi_f:.3g}\n(below resolution)"
         ax2.annotate(
-            label, (i, iv.upper), xytext=(0, 6), textcoords="offset points", fontsize=7, ha="center"
+            label, (i, hi_f), xytext=(0, 6), textcoords="offset points", fontsize=7, ha="center"
         )
         t = targets[i]
         if t is not None:
             ax2.plot([i - 0.3, i + 0.3], [t, t], color=color, ls=":", lw=1.5)
     ax2.set_yscale("log")
-    ax2.set_ylim(top=4 * max(iv.upper for iv in ivs))
+    ax2.set_ylim(top=4 * max(hi for _, hi in full))
     ax2.set_xticks(range(3), list(names))
     ax2.set_xlim(-0.5, 2.6)
     ax2.set_ylabel("mean photon number at the output")
@@ -568,6 +689,8 @@ def plot_mean_photon_number(result: MeanPhotonResult, fig: Figure) -> None:
         f"VOA {result.attenuation_db:.2f} dB, tap-to-output {result.tap_to_output_db:.3f} dB;"
         f" dotted: targets\nintervals: meter {result.uncertainty.meter_uncertainty:.0%}, "
         f"tap {result.uncertainty.tap_to_output_uncertainty_db:g} dB, drift "
-        f"{result.uncertainty.drift_allowance:.0%}",
+        f"{result.uncertainty.drift_allowance:.0%}; per class: signal, decoy "
+        f"{result.uncertainty.class_drift_allowance:.0%}, vacuum "
+        f"+{result.uncertainty.vacuum_drift_allowance:.0%}",
         fontsize=7,
     )
