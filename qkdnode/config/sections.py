@@ -95,14 +95,21 @@ class CalibrationSection(Section):
         "next calibration, common to the classes (laser power, VOA): the factor common to "
         "the classes in the decoy bound, and the limit of the key mixture's tap power",
     )
-    class_drift_allowance: float = Field(
-        0.03,
+    signal_drift_allowance: float = Field(
+        0.005,
         ge=0,
         lt=0.5,
-        description="transmitter: relative change of the signal or the decoy alone (the "
-        "modulator's bias moves the decoy, on the curve's slope, without the signal) that "
-        "the decoy bound allows for, each class independently; the per-class checks stop "
-        "the exchange beyond it",
+        description="transmitter: relative change of the signal alone that the decoy bound "
+        "allows for (the modulator's bias moves it to second order, at the top of the "
+        "curve); the per-class checks stop the exchange beyond it",
+    )
+    decoy_drift_allowance: float = Field(
+        0.05,
+        ge=0,
+        lt=0.5,
+        description="transmitter: relative change of the decoy alone that the decoy bound "
+        "allows for (the modulator's bias moves it to first order, on the curve's slope), "
+        "each class independently; the per-class checks stop the exchange beyond it",
     )
     vacuum_drift_allowance: float = Field(
         1.0,
@@ -144,7 +151,7 @@ class CalibrationSection(Section):
         description="transmitter: the shortest interval between two tracking steps: the "
         "interval is halved (down to this) while the bias moves one intensity class (the "
         "decoy, on the slope of the modulator's curve) by more than intensity_remeasure_at "
-        "of its allowance (class_drift_allowance, vacuum_drift_allowance) between steps, "
+        "of its allowance (signal_, decoy_, vacuum_drift_allowance) between steps, "
         "and relaxes back to bias_track_interval_s when it moves them by less than half of "
         "that",
     )

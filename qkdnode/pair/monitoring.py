@@ -207,8 +207,8 @@ class MonitoringMixin(SessionCore):
         directly; a laser drift since is tiny) or, before one or after a re-measurement,
         with the calibration's mixture. An offset that explains it and moves a class
         beyond its own allowance, the one the finite-key bound widens its interval by
-        (``calibration.class_drift_allowance`` for the signal and the decoy, the vacuum's
-        rise against ``calibration.vacuum_drift_allowance``): alarm ``intensity_drift``
+        (``calibration.signal_drift_allowance``, ``decoy_drift_allowance``, the vacuum's
+        rise against ``vacuum_drift_allowance``): alarm ``intensity_drift``
         and stop, like the mixture check.
         Where the mixture is insensitive to the bias the attribution says so (logged) and
         the tracking steps decide. Nothing before the first tracking step."""

@@ -33,7 +33,8 @@ measured (``reference_offset_v``), is what those blocks may have seen:
 * each class against its own allowance, the one the finite-key bound widens that class's
   interval by (:meth:`~qkdnode.procedures.mean_photon_number.MeanPhotonResult.class_bounds`,
   from the intensities' ``uncertainty``): the signal and the decoy against
-  ``class_drift_allowance`` (either way), the vacuum's rise against
+  ``signal_drift_allowance`` and ``decoy_drift_allowance`` (either way), the vacuum's
+  rise against
   ``vacuum_drift_allowance`` (a fall too while its lower bound is above 0). Beyond:
   ``stop``, naming the class. What the check lets through is what the bound assumes;
 * the next interval (:func:`next_track_interval_s`): halved while a class moved by more
@@ -266,9 +267,8 @@ def class_fractions(
 ) -> tuple[float, float, float]:
     """Each class's ``change`` (signal, decoy, vacuum; relative to where the intervals in
     use were measured) over its own allowance in ``intensities.uncertainty`` (the
-    signal's and decoy's ``class_drift_allowance`` either way, the vacuum's rise over
-    ``vacuum_drift_allowance``): 1 at the edge of what the bound assumes; inf without a
-    model."""
+    signal's and the decoy's either way, the vacuum's rise): 1 at the edge of what the
+    bound assumes; inf without a model."""
     if state.model is None:
         return math.inf, math.inf, math.inf
     f = _Rooms.of(state.model, intensities, state.reference_offset_v).fractions(change)
@@ -309,8 +309,7 @@ def attribute_tap_reading(
         last_offset_v=state.last_offset_v,
         mixture_reference_offset_v=mix_ref,
         reference_offset_v=state.reference_offset_v,
-        allowance=u.class_drift_allowance,
-        vacuum_allowance=u.vacuum_drift_allowance,
+        allowances=u.class_allowances(),
     )
 
 
@@ -495,8 +494,7 @@ class _Rooms:
     or more), else either way. ``vacuum_reference_mu`` is the vacuum predicted at the
     reference from the signal's measured mu and the curve (for the messages)."""
 
-    class_allowance: float
-    vacuum_allowance: float
+    allowances: tuple[float, float, float]
     vacuum_rise_only: bool
     vacuum_reference_mu: float | None
 
@@ -515,20 +513,13 @@ class _Rooms:
         rise_only = u.vacuum_drift_allowance >= 1.0 or (
             intensities is not None and intensities.vacuum.mu is None
         )
-        return cls(u.class_drift_allowance, u.vacuum_drift_allowance, rise_only, vac_ref)
-
-    @property
-    def allowances(self) -> tuple[float, float, float]:
-        return self.class_allowance, self.class_allowance, self.vacuum_allowance
+        return cls(u.class_allowances(), rise_only, vac_ref)
 
     def fractions(self, ch: tuple[float, float, float]) -> list[float]:
         """Each class's change over its allowance (1: at the edge)."""
         vac = max(ch[2], 0.0) if self.vacuum_rise_only else abs(ch[2])
-        return [
-            _over(abs(ch[0]), self.class_allowance),
-            _over(abs(ch[1]), self.class_allowance),
-            _over(vac, self.vacuum_allowance),
-        ]
+        a = self.allowances
+        return [_over(abs(ch[0]), a[0]), _over(abs(ch[1]), a[1]), _over(vac, a[2])]
 
 
 def _over(change: float, allowance: float) -> float:
@@ -759,7 +750,7 @@ def plot_bias_tracking(result: BiasTrackingResult, fig: Figure) -> None:
                 ls="--",
                 color="C4",
                 lw=0.8,
-                label="signal/decoy allowance (the bound's)" if y > 0 else None,
+                label="decoy allowance (the bound's)" if y > 0 else None,
             )
     bottom.axhline(0.0, color="0.4", lw=0.8)
     bottom.set_ylabel("change vs calibration (%)")

@@ -162,21 +162,22 @@ class ClassDriftModel(BaseModel):
 
     def allowance_offset_v(
         self,
-        allowance: float,
+        allowances: tuple[float, float, float],
         reference_offset_v: float = 0.0,
-        vacuum_allowance: float | None = None,
     ) -> float:
         """The smallest ``|offset - reference|`` (V) at which the signal or the decoy
-        changes by ``allowance`` or (when given) the vacuum rises by ``vacuum_allowance``
-        (searched within half a bias V_pi)."""
+        changes (either way) or the vacuum rises by its allowance in ``allowances``
+        (signal, decoy, vacuum; relative), searched within half a bias V_pi."""
         half = self.bias_v_pi_v / 2
         d = np.linspace(0.0, half, 4001)[1:]
         best = half
         for sign in (1.0, -1.0):
             ch = self.class_change(reference_offset_v + sign * d, reference_offset_v)
-            beyond = np.max(np.abs(ch[:, :2]), axis=1) > allowance
-            if vacuum_allowance is not None:
-                beyond |= ch[:, 2] > vacuum_allowance
+            beyond = (
+                (np.abs(ch[:, 0]) > allowances[0])
+                | (np.abs(ch[:, 1]) > allowances[1])
+                | (ch[:, 2] > allowances[2])
+            )
             over = np.nonzero(beyond)[0]
             if over.size:
                 best = min(best, float(d[over[0]]))
@@ -210,8 +211,7 @@ def attribute_mixture_change(
     last_offset_v: float,
     mixture_reference_offset_v: float,
     reference_offset_v: float,
-    allowance: float,
-    vacuum_allowance: float | None = None,
+    allowances: tuple[float, float, float],
 ) -> MixtureAttribution:
     """The bias offset that explains a mixture change ``mixture_change`` (measured over
     predicted tap power minus 1) alone, and each class's change there (module docstring).
@@ -223,8 +223,8 @@ def attribute_mixture_change(
     the intervals were measured (the classes' changes are relative to it).
     ``conditioned`` is False when no root lies within half a bias V_pi (a change the bias
     cannot make: the laser's or the meter's) or when ``noise`` maps to an offset span
-    wider than the one at which the signal or decoy reaches ``allowance`` or the vacuum
-    rises by ``vacuum_allowance`` (when given).
+    wider than the one at which a class reaches its allowance in ``allowances`` (signal,
+    decoy, vacuum's rise; relative).
     """
     half = model.bias_v_pi_v / 2
     mref = mixture_reference_offset_v
@@ -261,7 +261,7 @@ def attribute_mixture_change(
     ch = model.class_change(e, reference_offset_v)
     slope = abs(model.mixture_slope_per_v(e, mref))
     sigma = noise / slope if slope > 0 else math.inf
-    span = model.allowance_offset_v(allowance, reference_offset_v, vacuum_allowance)
+    span = model.allowance_offset_v(allowances, reference_offset_v)
     conditioned = sigma < span
     if conditioned:
         why = (
