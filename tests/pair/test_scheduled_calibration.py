@@ -29,17 +29,16 @@ def _tx_extra(interval_s: float) -> dict[str, Any]:
 
 
 def _decoy_holds(p: InProcessPair) -> bool:
-    """The world's true decoy intensity within the interval the bound uses (truth read
-    in the test only). Not while the transmitter dithers its bias or measures: those
-    slots are withheld from every block (checked without an await in between: no dither
-    starts meanwhile)."""
+    """The world's true intensities within the set the bound uses (each class within its
+    class bounds times one common factor; truth read in the test only). Not while the
+    transmitter dithers its bias or measures: those slots are withheld from every block
+    (checked without an await in between: no dither starts meanwhile)."""
     if p.tx.session._im_lock.locked():
         return True
     assert p.tx.backend is not None
     world: Any = get_world(p.tx.backend.name)
     m = p.tx.session.intensities
-    _, decoy, _ = world.mu_per_class()
-    return bool(m.decoy.lower <= decoy <= m.decoy.upper)
+    return bool(m.admits(world.mu_per_class()))
 
 
 def _read(path: Path) -> dict[str, Any]:
