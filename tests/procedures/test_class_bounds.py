@@ -291,3 +291,39 @@ if __name__ == "__main__":
             )
     finally:
         b.link.close()
+
+
+def test_the_bound_at_a_drifted_decoy_is_no_better_than_the_exact_one(
+    boxes: list[Box],  # noqa: F811
+) -> None:
+    """The decoy drifted alone by +4 % (within its 5 %): on the expected counts of the
+    drifted truth the bound the node computes (class bounds, common scale) gives no more
+    single photons and no lower phase error than the bound with the exact true
+    intensities (the truth lies in the set it takes; without the per-class allowances it
+    does not, and nothing guarantees that)."""
+    from qkdnode.postproc.finitekey_decoy import decoy_bounds
+    from qkdnode.postproc.finitekey_model import DecoySource
+
+    box = make_box(DriftParams())
+    boxes.append(box)
+    _drift_decoy_by(box, 0.04)
+    truth = box.link.tx.mu_per_class()
+    src = box.link.params.source
+    probs = (src.p_signal, src.p_decoy, src.p_vacuum)
+    classes = list(zip(probs, truth, strict=True))
+    exp = theory.expected_block(
+        LINK_ETA, LINK_Y0, LINK_E_D, classes, p_z_tx=src.p_basis_z, p_z_rx=0.8, pulses=1e11
+    )
+    exact = decoy_bounds(exp.counts, DecoySource.exact(truth, probs), 1e-10)
+
+    def node_bound(m: MeanPhotonResult) -> finitekey.DecoyEstimates:
+        params = PostprocParams(
+            **m.bound_fields(), p_signal=src.p_signal, p_decoy=src.p_decoy, p_basis_z=src.p_basis_z
+        )
+        return finitekey.estimate_from_params(exp.counts, params)
+
+    assert box.mu.admits(truth)
+    ours = node_bound(box.mu)
+    assert ours.s_z1_lower <= exact.s_z1_lower
+    assert ours.phi_z_upper >= exact.phi_z_upper
+    assert not with_allowances(box.mu, 0.0, 0.0, 0.0).admits(truth)
