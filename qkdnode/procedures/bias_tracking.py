@@ -34,9 +34,9 @@ measured (``reference_offset_v``), is what those blocks may have seen:
   interval by (:meth:`~qkdnode.procedures.mean_photon_number.MeanPhotonResult.class_bounds`,
   from the intensities' ``uncertainty``): the signal and the decoy against
   ``signal_drift_allowance`` and ``decoy_drift_allowance`` (either way), the vacuum's
-  rise against
-  ``vacuum_drift_allowance`` (a fall too while its lower bound is above 0). Beyond:
-  ``stop``, naming the class. What the check lets through is what the bound assumes;
+  rise against ``vacuum_drift_allowance`` (a fall too while its lower bound is above 0).
+  Beyond: ``stop``, naming the class. What the check lets through lies in the set the
+  bound takes;
 * the next interval (:func:`next_track_interval_s`): halved while a class moved by more
   than ``remeasure_at`` of its allowance or would by the next step at the drift rate just
   measured (``drift_rate_v_per_s``), never below ``floor_interval_s``; doubled back
@@ -166,7 +166,7 @@ class ClassDriftCheck(BaseModel):
     class_change: tuple[float, float, float]
     class_change_after: tuple[float, float, float]
     #: the vacuum's mean photon number at the worst point, predicted from the signal's
-    #: measured one and the curve (checked against the vacuum's upper bound)
+    #: measured one and the curve (for the message; the check takes its relative change)
     vacuum_mu_predicted: float | None
     #: the class with the largest change over its own allowance, and that ratio
     worst_class: str
