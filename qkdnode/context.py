@@ -38,6 +38,8 @@ class NodeStats:
     """Counters of the current exchange session (reset by ``start``)."""
 
     pulses: int = 0  # slots spanned by the processed blocks
+    withheld_slots: int = 0  # transmitter: slots of ``pulses`` withheld for tracking windows
+    tags_missed: int = 0  # receiver: tags the time tagger dropped (buffer overflow)
     detections: int = 0  # detections processed in key blocks
     detections_read: int = 0  # receiver: detections mapped to slots (incl. not yet processed)
     block_detections: int = 0  # receiver: detections per block of the running exchange

@@ -45,6 +45,7 @@ Step = Literal[
     "pass_end",
     "skip",
     "dark",
+    "skip_end",
 ]
 
 

@@ -272,6 +272,8 @@ class DetectionAccumulator:
         self.seen_upto = -1  # largest slot added so far
         self._pending: list[_Pending] = []
         self._closed: deque[TrackingWindow] = deque(maxlen=max_windows)
+        #: closed windows whose detections were dropped, never disclosed (:meth:`abandon`)
+        self._dropped: set[TrackingWindow] = set()
         self.diverted = 0
 
     def open_window(self, window: TrackingWindow) -> asyncio.Future[tuple[I64, I8]]:
@@ -353,6 +355,31 @@ class DetectionAccumulator:
                 if p.done is future:
                     self._pending.remove(p)
                     self._closed.append(p.window)
+                    self._dropped = {w for w in self._dropped if w in self._closed}
+                    self._dropped.add(p.window)
+
+    def shorten(self, window: TrackingWindow, stop_slot: int) -> TrackingWindow:
+        """An abandoned window (:meth:`abandon`, one whose detections are only dropped)
+        ends at ``stop_slot`` instead: detections from there on join the block again (those
+        already dropped stay dropped). Returns the shortened window. Raises
+        :class:`TrackingError` when no such abandoned window exists or ``stop_slot`` is not
+        inside it."""
+        with self._lock:
+            if window not in self._dropped or window not in self._closed:
+                # a window whose detections were disclosed (``track``) never shrinks
+                raise TrackingError(
+                    f"no dropped window [{window.start_slot}, {window.stop_slot}) to shorten"
+                )
+            if not window.start_slot < stop_slot < window.stop_slot:
+                raise TrackingError(
+                    f"window [{window.start_slot}, {window.stop_slot}) cannot end at slot "
+                    f"{stop_slot} (a window only shrinks and keeps at least one slot)"
+                )
+            short = TrackingWindow(window.start_slot, int(stop_slot))
+            self._closed[self._closed.index(window)] = short
+            self._dropped.discard(window)
+            self._dropped.add(short)
+            return short
 
     def add(self, slots: I64, channels: I8) -> None:
         """A batch of mapped detections (key slots only)."""

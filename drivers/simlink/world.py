@@ -552,6 +552,11 @@ class TransmitterWorld:
             self._sock.send_multipart(frames, flags=0 if block else zmq.NOBLOCK, copy=False)
         except zmq.Again:
             self.chunks_dropped += 1  # nobody at the other end of the fiber
+            if self.chunks_dropped & (self.chunks_dropped - 1) == 0:  # 1, 2, 4, 8, ...
+                log.warning(
+                    "fiber: %d batches dropped so far (no receiver pulling, or one too slow)",
+                    self.chunks_dropped,
+                )
 
     def run_for(self, seconds: float, send_timeout_s: float = 10.0) -> list[PhotonChunk]:
         """Simulate ``seconds`` of link time as fast as possible (tests, benchmarks).
@@ -585,12 +590,17 @@ class TransmitterWorld:
     def _pace(self) -> None:
         t0 = time.monotonic() - self.next_slot / self.source.slot_rate_hz
         chunk_s = self.chunk_slots / self.source.slot_rate_hz
+        warn_at_s = 1.0
         while not self._stop.is_set():
             due = t0 + (self.chunk_index + 1) * chunk_s
             wait = due - time.monotonic()
             if wait > 0:
                 self._stop.wait(wait)
                 continue
+            if -wait > warn_at_s:
+                # the link runs slower than its slot rate: the process lacks CPU
+                log.warning("simulated link %.1f s behind wall-clock time", -wait)
+                warn_at_s *= 2
             try:
                 self.step()
             except Exception:

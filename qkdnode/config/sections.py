@@ -168,8 +168,10 @@ class CalibrationSection(Section):
         2.0,
         gt=0,
         le=60,
-        description="transmitter: seconds of slots withheld from the key for one tracking "
-        "step (extended if the step takes longer; the receiver drops their detections)",
+        description="transmitter: seconds of slots set aside for one tracking step (the "
+        "receiver drops their detections); the window ends shortly after the step does, "
+        "so only the slots the step needed are withheld from the key (extended if the "
+        "step takes longer)",
     )
     intensity_remeasure_at: float = Field(
         0.5,

@@ -94,6 +94,7 @@ class BlocksMixin(SessionCore):
         block.pulses = pulses
         stats.sifted_bits += block.sifted_z + (block.sifted_x or 0)
         stats.pulses += pulses
+        stats.withheld_slots += block.withheld_slots or 0
         stats.detections += block.detections
         qber = block.qber_z if block.qber_z is not None else block.qber_x
         if qber is not None:

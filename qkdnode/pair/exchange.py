@@ -259,17 +259,21 @@ class ExchangeMixin(SessionCore):
             self._count_vacuum(block_id, result.stats, pulses, floor_before, withheld)
             qz, qx = result.stats.qber_z, result.stats.qber_x
             detections = result.stats.detections
-            if detections > 0 and pulses > 0:
-                self._detections_per_slot = detections / pulses
+            # the slots that could hold key: a tracking window's detections never reach
+            # a block, so its slots would dilute the yield (and the link fit) per slot
+            key_pulses = pulses - (result.stats.withheld_slots or 0)
+            if detections > 0 and key_pulses > 0:
+                self._detections_per_slot = detections / key_pulses
             if result.ok and qz is not None and qx:
                 self.z_over_x_error_ratio = qz / qx
             await self._finish_block(block_id, result, self._exchange_started, pulses)
-            if result.ok and self.cfg.protocol.block_size == "auto":
-                self._advise(result.stats, pulses)
+            if result.ok and self.cfg.protocol.block_size == "auto" and key_pulses > 0:
+                self._advise(result.stats, key_pulses)
         return bool(result.ok)
 
     def _advise(self, block: BlockStats, pulses: int) -> None:
-        """Transmitter: fit the link to the block just committed and, when it moved by more
+        """Transmitter: fit the link to the block just committed (``pulses``: the slots of
+        its span that could carry key, withheld windows left out) and, when it moved by more
         than 10 % (or on the first block), work out in a thread the block size the
         finite-key bound needs there and the settings that would serve it best. The size
         goes to the receiver with the next block's reply; the settings are logged and
@@ -473,6 +477,10 @@ class ExchangeMixin(SessionCore):
                 block = await asyncio.to_thread(tagger.read_block, 0.5)
                 if block is None:
                     continue
+                if block.missed_events:
+                    # the tagger's buffer overflowed: light the link delivered, never read
+                    self.node.stats.tags_missed += int(block.missed_events)
+                    log.warning("tagger_overflow", missed_tags=int(block.missed_events))
                 if watch.add_block(len(block), block.start_ps, block.stop_ps) is Verdict.GONE:
                     if self._pass is not None:
                         why = f"the light went during the pass: {watch.explain()}"

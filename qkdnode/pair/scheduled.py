@@ -8,12 +8,14 @@ interval, down to ``calibration.bias_track_min_interval_s``; see
 :mod:`qkdnode.procedures.bias_tracking`) the transmitter picks a window of slots
 ``[start, stop)`` ahead of its state source, asks the receiver to drop its detections
 there (link step ``skip``), withholds it from every block, waits for the window to
-begin, runs the tracking step (and the re-measurement when the check asks for it) and
-extends the window if it ran past its end: key flows around the window. The first step
-after a calibration comes half a second into the exchange and its window reaches back to
-the first key slot, so that no block uses light sent before the bias is back on its
-optimum (the bias drifted since the calibration). A check that
-finds the intensities (the key mixture's tap power, or any class from the bias offset
+begin, runs the tracking step (and the re-measurement when the check asks for it), then
+ends the window a little after the step: early (``skip_end``: the rest of it carries key
+again), or later than planned if the step ran past its end (the rest withheld too). Key
+flows around the window, and the window costs the key only the slots the step needed.
+The first step after a calibration comes half a second into the exchange and its window
+reaches back to the first key slot, so that no block uses light sent before the bias is
+back on its optimum (the bias drifted since the calibration). A check that finds the
+intensities (the key mixture's tap power, or any class from the bias offset
 the step found) beyond their drift allowance, or a drift too fast for the shortest
 interval, stops the exchange (alarm ``intensity_drift``; a new calibration follows). The
 per-class state (offsets, interval) is the session's ``class_drift``: the 10 s tap-power
@@ -60,6 +62,7 @@ from drivers.interfaces import (
 )
 from qkdnode.link import LinkError
 from qkdnode.pair.core import SLOT_SLIP_QBER, S, SessionCore, StepSpec
+from qkdnode.postproc.sifting import SiftingError
 from qkdnode.statemachine import Event
 from qkdnode.tracking import TrackingError, TrackingWindow
 
@@ -86,11 +89,14 @@ class ScheduledMixin(SessionCore):
     @contextlib.asynccontextmanager
     async def _withheld_window(
         self, seconds: float, from_slot: int | None = None
-    ) -> AsyncIterator[tuple[int, int]]:
+    ) -> AsyncIterator[list[int]]:
         """Transmitter: slots from a little ahead of the state source (or from
         ``from_slot`` when that is earlier: slots already sent, none of them in a block
-        yet), ``seconds`` long (longer if the body runs longer), withheld from every block
-        and dropped by the receiver; the body runs once the window has begun. Raises
+        yet), up to ``seconds`` long, withheld from every block and dropped by the
+        receiver; the body runs once the window has begun. The window ends a little after
+        the body does: ended early, the rest of it is given back to the key (link step
+        ``skip_end``); run past its end, the rest is withheld too. The yielded
+        ``[start, stop)`` is the window as it ended once the body is done. Raises
         LinkError when the receiver refuses the window (nothing was changed yet)."""
         src: StateSource = self._one(StateSource)
         rate = self.cfg.source.slot_rate_hz
@@ -104,18 +110,38 @@ class ScheduledMixin(SessionCore):
         self.key_slots.withhold(start, stop)
         while int(await self._call(src.next_slot)) < start:
             await asyncio.sleep(0.005)
+        window = [start, stop]
         try:
-            yield start, stop
+            yield window
         finally:
+            # the light is back to its calibrated state from the state source's next slot
             end = int(await self._call(src.next_slot)) + lead
             if end > stop:
                 # ran past the window: the rest is withheld too (a block the receiver cut
                 # into it meanwhile is refused here, never keyed with these slots)
                 self.key_slots.withhold(stop, end)
+                window[1] = end
                 try:
                     await self.node.link.request("skip", 30.0, start_slot=stop, stop_slot=end)
                 except LinkError as exc:
                     log.warning("window_extension_refused", error=str(exc)[:200])
+            elif end < stop:
+                # ended early: the slots after it may carry key again (given back here
+                # first, so that no block the receiver cuts past the end meanwhile is
+                # refused); a receiver that refuses keeps dropping their detections, and
+                # no block holds them
+                try:
+                    self.key_slots.shorten(start, stop, end)
+                except SiftingError:
+                    pass  # a block already spans the whole window: nothing to give back
+                else:
+                    window[1] = end
+                    try:
+                        await self.node.link.request(
+                            "skip_end", 30.0, start_slot=start, stop_slot=stop, end_slot=end
+                        )
+                    except LinkError as exc:
+                        log.info("window_end_refused", error=str(exc)[:200])
 
     async def _scheduled_bias_tracking(self) -> None:
         """Transmitter, while exchanging: a bias-tracking step and the intensity checks
@@ -222,7 +248,7 @@ class ScheduledMixin(SessionCore):
                 "offset_v": round(result.offset_v, 5),
                 "power_ratio": None if result.power_ratio is None else round(result.power_ratio, 5),
                 "action": result.action,
-                "window_slots": window[1] - window[0],
+                "window_slots": window[1] - window[0],  # as it ended
             }
             pc = result.per_class
             if pc is not None:
@@ -453,6 +479,21 @@ class ScheduledMixin(SessionCore):
         except TrackingError as exc:
             raise LinkError(str(exc)) from exc
 
+    async def _step_skip_end(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Receiver, while exchanging: the dropped window ``[start_slot, stop_slot)`` ends
+        at ``end_slot`` instead (the transmitter's step ended early): detections from
+        there on join the block again. Refused unless exactly that window was dropped
+        (``skip``) and ``end_slot`` lies inside it."""
+        acc = self._accumulator
+        if acc is None or self.node.sm.state is not S.EXCHANGING:
+            raise LinkError(f"not exchanging ({self.node.sm.state.value})")
+        try:
+            window = TrackingWindow(int(args["start_slot"]), int(args["stop_slot"]))
+            acc.shorten(window, int(args["end_slot"]))
+        except TrackingError as exc:
+            raise LinkError(str(exc)) from exc
+        return {}
+
     def _dark_measured(self, rate_hz: float, lower_hz: float, upper_hz: float) -> None:
         """Receiver: the light-off calibration's dark-count floor (total over the
         detectors, Hz), the reference of the in-flight values."""
@@ -515,10 +556,11 @@ class ScheduledMixin(SessionCore):
 
     # ------------------------------------------------------------------ link steps
     def _scheduled_steps(self) -> dict[str, StepSpec]:
-        """``skip``: the receiver drops a window's detections; ``dark``: the receiver takes
-        the in-flight dark rate."""
+        """``skip``: the receiver drops a window's detections; ``skip_end``: such a window
+        ends early; ``dark``: the receiver takes the in-flight dark rate."""
         return {
             "skip": StepSpec(self._step_skip, ("receiver",)),
+            "skip_end": StepSpec(self._step_skip_end, ("receiver",)),
             "dark": StepSpec(self._step_dark, ("receiver",)),
         }
 

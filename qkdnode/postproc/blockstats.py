@@ -22,6 +22,8 @@ class BlockStats:
     seconds: dict[str, float] = field(default_factory=dict)
     #: slots the block's detections span (set by the node, both sides count the same)
     pulses: int = 0
+    #: transmitter: slots of ``pulses`` withheld for tracking windows (no key from them)
+    withheld_slots: int | None = None
     detections: int = 0
     sifted_z: int = 0
     sifted_x: int | None = None

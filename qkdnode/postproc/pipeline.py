@@ -247,7 +247,7 @@ async def run_block_transmitter(
     try:
         msg = await expect(t, "sift", params)
         slots = await asyncio.to_thread(sifting.decode_slots, msg.header["slots"], msg.buffers[:2])
-        (key_slots or sifting.KeySlotFloor()).claim(slots)
+        stats.withheld_slots = (key_slots or sifting.KeySlotFloor()).claim(slots)
         n = int(slots.shape[0])
         bob_basis = sifting.unpack_bits(msg.buffers[2], n)
         states = await asyncio.to_thread(prepared, slots)

@@ -192,6 +192,23 @@ class KeySlotFloor:
             self._withheld.append((int(start_slot), int(stop_slot)))
             self._withheld.sort()
 
+    def shorten(self, start_slot: int, stop_slot: int, new_stop_slot: int) -> None:
+        """The withheld range ``[start_slot, stop_slot)`` ends at ``new_stop_slot`` instead
+        (the light in it was back to its calibrated state from there on): its slots from
+        ``new_stop_slot`` may carry key again. Raises :class:`SiftingError` when no such
+        range is withheld or ``new_stop_slot`` is not inside it (a range only shrinks)."""
+        start, stop, new_stop = int(start_slot), int(stop_slot), int(new_stop_slot)
+        if (start, stop) not in self._withheld:
+            raise SiftingError(f"no withheld range [{start}, {stop}) to shorten")
+        if not start < new_stop < stop:
+            raise SiftingError(
+                f"withheld range [{start}, {stop}) cannot end at slot {new_stop} "
+                "(a range only shrinks and keeps at least one slot)"
+            )
+        self._withheld.remove((start, stop))
+        self._withheld.append((start, new_stop))
+        self._withheld.sort()
+
     @property
     def withheld(self) -> list[tuple[int, int]]:
         """The withheld ranges not yet below the floor."""
@@ -207,14 +224,17 @@ class KeySlotFloor:
         if slots.shape[0]:
             self.floor = max(self.floor, int(np.max(slots)) + 1)
 
-    def claim(self, slots: npt.NDArray[np.int64]) -> None:
+    def claim(self, slots: npt.NDArray[np.int64]) -> int:
         """Take a block's announced ``slots`` before anything about them is disclosed: they
         must be strictly increasing and at or above the floor, which then moves past them,
         whatever becomes of the block. Raises :class:`SiftingError` otherwise (the floor
-        stays: nothing was disclosed about refused slots)."""
+        stays: nothing was disclosed about refused slots).
+
+        Returns the number of withheld slots (tracking windows) between the block's first
+        and last slot: slots the block spans that could carry no key."""
         slots = np.asarray(slots, dtype=np.int64)
         if slots.shape[0] == 0:
-            return
+            return 0
         if slots.shape[0] > 1 and int(np.diff(slots).min()) <= 0:
             raise SiftingError("announced slots repeat or are out of order")
         if int(slots[0]) < self.floor:
@@ -229,5 +249,9 @@ class KeySlotFloor:
                     f"announced slot {int(slots[i])} lies in the disclosed tracking window "
                     f"[{start}, {stop})"
                 )
-        self.floor = int(slots[-1]) + 1
+        first, self.floor = int(slots[0]), int(slots[-1]) + 1
+        spanned = sum(
+            max(0, min(stop, self.floor) - max(start, first)) for start, stop in self._withheld
+        )
         self._withheld = [(a, b) for a, b in self._withheld if b > self.floor]
+        return spanned

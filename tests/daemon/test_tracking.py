@@ -191,6 +191,60 @@ def test_transmitter_refuses_a_block_announcing_a_window_slot() -> None:
         floor.claim(np.array([800], dtype=np.int64))
 
 
+def test_claim_counts_the_withheld_slots_a_block_spans() -> None:
+    floor = KeySlotFloor(0)
+    floor.withhold(100, 150)  # inside the first block's span
+    floor.withhold(200, 230)  # inside too
+    floor.withhold(5, 8)  # before its first slot: not in its span
+    floor.withhold(400, 410)  # beyond its last slot: the next block's
+    assert floor.claim(np.array([10, 99, 150, 300], dtype=np.int64)) == 50 + 30
+    assert floor.claim(np.array([320, 399, 410, 420], dtype=np.int64)) == 10
+    assert floor.claim(np.array([500, 600], dtype=np.int64)) == 0
+
+
+def test_a_shortened_window_gives_its_end_back_to_the_key_and_nothing_else() -> None:
+    floor = KeySlotFloor(0)
+    floor.withhold(1000, 3000)
+    # a range only shrinks: no growing, no emptying, no range that was never withheld
+    for stop, end in ((3000, 3500), (3000, 1000), (2999, 2000), (4000, 2000)):
+        with pytest.raises(SiftingError):
+            floor.shorten(1000, stop, end)
+    floor.shorten(1000, 3000, 1200)
+    assert floor.withheld == [(1000, 1200)]
+    with pytest.raises(SiftingError, match="tracking window"):
+        floor.claim(np.array([900, 1199], dtype=np.int64))  # still withheld
+    assert floor.claim(np.array([900, 999, 1200, 2500], dtype=np.int64)) == 200
+
+
+def test_receiver_shortens_only_a_dropped_window() -> None:
+    async def run() -> None:
+        acc = DetectionAccumulator()
+        dropped = TrackingWindow(100, 300)
+        acc.abandon(acc.open_window(dropped))
+        acc.add(*_batch(0, 150))  # 100..149 arrive before the window is shortened
+        short = acc.shorten(dropped, 120)
+        assert short == TrackingWindow(100, 120)
+        with pytest.raises(TrackingError, match="no dropped window"):
+            acc.shorten(dropped, 110)  # the old window is gone
+        with pytest.raises(TrackingError, match="only shrinks"):
+            acc.shorten(short, 130)
+        # a window whose detections were disclosed never shrinks
+        disclosed = TrackingWindow(400, 450)
+        sample = acc.open_window(disclosed)
+        acc.add(*_batch(150, 600))
+        assert sample.done()
+        with pytest.raises(TrackingError, match="no dropped window"):
+            acc.shorten(disclosed, 420)
+        block = acc.cut(acc.have)
+        assert block is not None
+        kept = set(block[0].tolist())
+        assert kept.isdisjoint(range(100, 150))  # dropped before the shortening: gone
+        assert set(range(150, 300)) <= kept  # after it: key again
+        assert kept.isdisjoint(range(400, 450))
+
+    asyncio.run(run())
+
+
 def test_windows_waiting_when_collection_stops_fail_at_once() -> None:
     async def run() -> None:
         acc = DetectionAccumulator()
