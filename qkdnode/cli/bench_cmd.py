@@ -46,6 +46,14 @@ def register(sub: Any) -> None:
         metavar="MODULE",
         help="run only these bench modules (repeatable, e.g. qkdnode.bus.bench)",
     )
+    p.add_argument(
+        "--keep-up",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run only the 0 km keep-up rows: N demo runs in the production configuration, "
+        "each followed by one with numba's kernels (medians; about 4 minutes per N)",
+    )
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     p.set_defaults(func=_run)
 
@@ -76,6 +84,7 @@ def _run(args: argparse.Namespace) -> int:
         modules=modules,
         command=command_line(),
         progress=progress,
+        keep_up_runs=max(0, args.keep_up),
     )
     print(text_table(report), flush=True)
     json_path: Path = args.json_out or out / "bench.json"

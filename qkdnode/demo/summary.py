@@ -22,7 +22,11 @@ class LinkStats(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     pulses: int = 0
+    #: slots of ``pulses`` withheld for tracking windows (the transmitter counts them)
+    withheld_slots: int = 0
     detections: int = 0
+    #: tags the receiver's time tagger dropped (buffer overflow)
+    tags_missed: int = 0
     sifted_bits: int = 0
     qber: float | None = None
     secret_bits: int = 0
@@ -49,7 +53,9 @@ def merge_stats(tx: dict[str, Any], rx: dict[str, Any]) -> LinkStats:
     rate = tx.get("secret_key_rate_bps") or rx.get("secret_key_rate_bps") or 0.0
     return LinkStats(
         pulses=_int(tx, "pulses") or _int(rx, "pulses"),
+        withheld_slots=_int(tx, "withheld_slots"),
         detections=_int(tx, "detections") or _int(rx, "detections"),
+        tags_missed=_int(rx, "tags_missed"),
         sifted_bits=_int(tx, "sifted_bits") or _int(rx, "sifted_bits"),
         qber=float(qber) if isinstance(qber, int | float) else None,
         secret_bits=_int(tx, "secret_bits") or _int(rx, "secret_bits"),
@@ -66,7 +72,15 @@ class DemoSummary(BaseModel):
     duration_s: float = Field(description="wall time of the key exchange, measured")
     requested_duration_s: float
     pulses: int
+    withheld_slots: int = Field(
+        0,
+        description="slots of ``pulses`` withheld from the key for tracking windows (IM "
+        "bias, encoder drift, polarisation): a calibration cost, counted by the transmitter",
+    )
     detections: int
+    tags_missed: int = Field(
+        0, description="tags the receiver's time tagger dropped (buffer overflow): lost light"
+    )
     sifted_bits: int
     qber: float | None
     secret_bits: int
@@ -187,7 +201,9 @@ def build_summary(
         duration_s=round(exchange_wall_s, 3),
         requested_duration_s=requested_duration_s,
         pulses=pulses,
+        withheld_slots=stats.withheld_slots,
         detections=stats.detections,
+        tags_missed=stats.tags_missed,
         sifted_bits=stats.sifted_bits,
         qber=stats.qber,
         secret_bits=stats.secret_bits,
