@@ -385,11 +385,15 @@ class DetectionAccumulator:
         """A batch of mapped detections (key slots only)."""
         if slots.size == 0:
             return
+        lo, hi = int(slots.min()), int(slots.max())
         with self._lock:
             keep = np.ones(slots.shape[0], dtype=np.bool_)
             for w in self._closed:
-                keep &= ~((slots >= w.start_slot) & (slots < w.stop_slot))
+                if w.start_slot <= hi and lo < w.stop_slot:  # most lie wholly before
+                    keep &= ~((slots >= w.start_slot) & (slots < w.stop_slot))
             for p in self._pending:
+                if not (p.window.start_slot <= hi and lo < p.window.stop_slot):
+                    continue
                 inside = (slots >= p.window.start_slot) & (slots < p.window.stop_slot)
                 if inside.any():
                     p.slots.append(slots[inside])
@@ -436,7 +440,9 @@ class DetectionAccumulator:
             last = int(all_s[cut - 1])
             inside = np.zeros(all_s.shape[0], dtype=np.bool_)
             for w in [p.window for p in self._pending] + list(self._closed):
-                inside |= (all_s >= w.start_slot) & (all_s < w.stop_slot)
+                # all_s is sorted: a window's detections are one run of it
+                a, b = np.searchsorted(all_s, (w.start_slot, w.stop_slot), side="left")
+                inside[a:b] = True
             rest_s, rest_c = all_s[cut:], all_c[cut:]
             block_s, block_c = all_s[:cut], all_c[:cut]
             if inside.any():

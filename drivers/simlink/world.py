@@ -553,7 +553,9 @@ class TransmitterWorld:
         except zmq.Again:
             self.chunks_dropped += 1  # nobody at the other end of the fiber
             if self.chunks_dropped & (self.chunks_dropped - 1) == 0:  # 1, 2, 4, 8, ...
-                log.warning(
+                # a few while the receiver's process starts; many: light lost on the way
+                log.log(
+                    logging.WARNING if self.chunks_dropped > 32 else logging.INFO,
                     "fiber: %d batches dropped so far (no receiver pulling, or one too slow)",
                     self.chunks_dropped,
                 )

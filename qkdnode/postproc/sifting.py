@@ -62,25 +62,30 @@ def squash(
     gaps = np.diff(slot_index)
     if n > 1 and int(gaps.min()) < 0:
         raise SiftingError("slot_index must be sorted ascending")
-    basis: U8 = (ch >> 1).astype(np.uint8)
-    bit: U8 = (ch & 1).astype(np.uint8)
-    if n == 1 or int(gaps.min()) > 0:
-        return slot_index.copy(), basis, bit
-    # Multi-click slots exist: group them.
-    first = np.ones(n, dtype=np.bool_)
-    first[1:] = gaps != 0
-    starts = np.flatnonzero(first)
-    counts = np.diff(np.append(starts, n))
-    n_z = np.add.reduceat((basis == 0).astype(np.int64), starts)
-    out_basis = basis[starts].copy()
-    out_bit = bit[starts].copy()
-    multi = counts > 1
-    mixed = multi & (n_z > 0) & (n_z < counts)
-    same = multi & ~mixed
-    out_basis[mixed] = rng.integers(0, 2, int(mixed.sum()), dtype=np.uint8)
-    out_bit[multi] = rng.integers(0, 2, int(multi.sum()), dtype=np.uint8)
-    del same
-    return slot_index[starts], out_basis, out_bit
+    # a click that shares its slot with the click before it: few (multi-photon pulses,
+    # dark counts), so the groups are worked out on them alone
+    follower = np.flatnonzero(gaps == 0) + 1
+    if follower.shape[0] == 0:
+        return slot_index.copy(), (ch >> 1).astype(np.uint8), (ch & 1).astype(np.uint8)
+    keep = np.ones(n, dtype=np.bool_)
+    keep[follower] = False
+    out_ch = ch[keep]
+    out_basis: U8 = out_ch >> 1
+    out_bit: U8 = out_ch & 1
+    # each multi-click slot: its first click (a group start) and its followers
+    opens = np.ones(follower.shape[0], dtype=np.bool_)
+    opens[1:] = follower[1:] != follower[:-1] + 1
+    starts = follower[opens] - 1  # index of each group's first click
+    members = np.sort(np.concatenate((starts, follower)))
+    bounds = np.searchsorted(members, starts)  # where each group begins in ``members``
+    counts = np.diff(np.append(bounds, members.shape[0]))
+    n_z = np.add.reduceat(((ch[members] >> 1) == 0).astype(np.int64), bounds)
+    mixed = (n_z > 0) & (n_z < counts)
+    # a group start's place among the kept clicks: its index less the followers before it
+    at = starts - np.searchsorted(follower, starts)
+    out_basis[at[mixed]] = rng.integers(0, 2, int(mixed.sum()), dtype=np.uint8)
+    out_bit[at] = rng.integers(0, 2, at.shape[0], dtype=np.uint8)
+    return slot_index[keep], out_basis, out_bit
 
 
 def encode_slots(slots: npt.NDArray[np.int64]) -> tuple[dict[str, int], list[bytes]]:

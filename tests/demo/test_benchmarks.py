@@ -11,6 +11,8 @@ import pytest
 from qkdnode.benchmarks import (
     PRODUCTION_TAG,
     BenchReport,
+    LinkRun,
+    _keep_up_items,
     judge,
     markdown,
     run_all,
@@ -197,3 +199,41 @@ def test_empty_report_renders() -> None:
     report = BenchReport()
     assert "stage" in text_table(report)
     assert "## Results" in markdown(report)
+
+
+def _link_run(committed: float, withheld: float, tags_missed: int = 0) -> LinkRun:
+    """A 0 km run whose link delivered 3.38 M/s per key slot; ``withheld`` of its slots in
+    tracking windows."""
+    return LinkRun(
+        committed_hz=committed,
+        modelled_hz=3.59e6,
+        delivered_hz=3.38e6,
+        withheld_share=withheld,
+        tags_missed=tags_missed,
+        duration_s=65.0,
+        blocks_ok=4,
+        block_detections=48_000_000,
+        keys_identical=True,
+    )
+
+
+def test_keep_up_rows_count_tracking_windows_as_loss_and_keep_the_model_figure() -> None:
+    runs = [
+        _link_run(3.30e6, 0.035),
+        _link_run(3.36e6, 0.004),
+        _link_run(2.50e6, 0.004, tags_missed=1_000_000),  # a loaded machine's run
+    ]
+    rows = {r["name"]: r for r in _keep_up_items(runs, 0.0, "")}
+    kept = rows["kept up (0 km)"]
+    # the median run: committed / delivered, nothing added back for its windows
+    assert kept["value"] == pytest.approx(3.30e6 / 3.38e6)
+    assert judge(kept["value"], kept["unit"], kept["target"]) is True
+    assert "tagger dropped 1000000" in kept["note"]  # a run's lost tags are named
+    # the model's offer stays reported: the same runs against it miss the target
+    model = rows["committed / modelled offer (0 km)"]
+    assert model["value"] == pytest.approx(3.30e6 / 3.59e6)
+    assert judge(model["value"], "x", ">= 0.95") is False
+    assert "3.38 M/s (0.942 of the model)" in model["note"]
+    assert rows["tracking windows (0 km)"]["value"] == pytest.approx(0.004)
+    # a run that committed nothing steady keeps up with nothing
+    assert _link_run(0.0, 0.0).kept_up == 0.0

@@ -196,3 +196,14 @@ def test_steady_rate_counts_only_between_the_first_and_last_commit() -> None:
     # first block committed at 5 s, three more by 17 s: 24e6 detections in 12 s
     commits = [(5.0, 8_000_000), (9.0, 16_000_000), (13.0, 24_000_000), (17.0, 32_000_000)]
     assert steady_rate(commits) == pytest.approx(2e6)
+
+
+def test_merge_takes_each_loss_from_the_node_that_counts_it() -> None:
+    # the transmitter withholds tracking windows, the receiver's tagger drops tags: a
+    # node's zero for what the other counts must not hide the other's count
+    tx = {**TX, "withheld_slots": 2_000_000, "tags_missed": 0}
+    rx = {**RX, "withheld_slots": 0, "tags_missed": 4_096}
+    s = merge_stats(tx, rx)
+    assert (s.withheld_slots, s.tags_missed) == (2_000_000, 4_096)
+    summary = _summary(stats=s)
+    assert (summary.withheld_slots, summary.tags_missed) == (2_000_000, 4_096)
