@@ -338,6 +338,8 @@ class LinkRun:
     #: slots of the committed blocks' spans withheld for tracking windows / all of them
     withheld_share: float
     tags_missed: int
+    #: per block after the first: the receiver's processing seconds / seconds of light
+    busy_fractions: tuple[float, ...]
     duration_s: float
     blocks_ok: int
     block_detections: int
@@ -410,6 +412,7 @@ def _demo_run(
         delivered_hz=delivered,
         withheld_share=summary.withheld_slots / summary.pulses if summary.pulses else 0.0,
         tags_missed=summary.tags_missed,
+        busy_fractions=tuple(summary.block_busy_fractions[1:]),
         duration_s=summary.duration_s,
         blocks_ok=summary.blocks_ok,
         block_detections=block,
@@ -443,6 +446,7 @@ def _keep_up_items(
         f"keys {'identical' if all(r.keys_identical for r in runs) else 'DIFFERENT'}"
     )
     delivered = [r.delivered_hz for r in runs if r.delivered_hz]
+    busy = [b for r in runs for b in r.busy_fractions]
     modelled = r0.modelled_hz
     return [
         {
@@ -463,6 +467,18 @@ def _keep_up_items(
             "rate: no detector dead time, nominal intensities); the link delivered "
             f"{_mega(med(delivered) if delivered else None)} M/s "
             f"({(med(delivered) / modelled if delivered else 0.0):.3f} of the model)",
+        },
+        {
+            "name": f"pipeline busy ({distance_km:g} km)",
+            "value": med(busy) if busy else float("nan"),
+            "unit": "x",
+            "target": "< 1",
+            "note": f"{prefix}per block after the first, the receiver's seconds from its first "
+            "message to its key over the seconds of light it holds (median over "
+            f"{len(busy)} blocks of {n} run{'s' if n > 1 else ''}; max "
+            f"{max(busy) if busy else float('nan'):.2f}): below 1 no backlog builds up, "
+            "however long the run; unlike the committed rate it does not depend on when "
+            "the first and last commits fall",
         },
         {
             "name": f"tracking windows ({distance_km:g} km)",

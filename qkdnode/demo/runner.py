@@ -231,6 +231,9 @@ class DemoRunner:
         self.last: dict[str, dict[str, Any] | None] = {}
         #: (seconds into the exchange, committed detections) at each change seen by polling
         self.commits: list[tuple[float, int]] = []
+        #: the receiver's blocks seen by polling: block id -> (seconds it took from its
+        #: first message to its key, seconds of light it holds)
+        self.block_times: dict[int, tuple[float, float]] = {}
         self.extended_s = 0.0
 
     # --- status helpers -------------------------------------------------------------------
@@ -315,6 +318,7 @@ class DemoRunner:
                 stats = merge_stats(_stats(st_tx), _stats(st_rx))
                 if stats.detections > (self.commits[-1][1] if self.commits else 0):
                     self.commits.append((time.monotonic() - t0, stats.detections))
+                self._note_block(_stats(st_rx).get("last_block"))
             self.report.live(_live_line(elapsed, duration, st_tx, st_rx, stats))
             for d, st in zip(self._daemons(), (st_tx, st_rx), strict=True):
                 if _state(st) == "FAULT":
@@ -340,6 +344,17 @@ class DemoRunner:
         )
         st_tx, st_rx = self._status_both(tolerate_timeout=False)
         return wall, merge_stats(_stats(st_tx), _stats(st_rx))
+
+    def _note_block(self, block: Any) -> None:
+        """Record the receiver's last block (its stage seconds, the light it holds)."""
+        if not isinstance(block, dict) or not isinstance(block.get("block_id"), int):
+            return
+        seconds, pulses = block.get("seconds"), block.get("pulses")
+        if not isinstance(seconds, dict) or not isinstance(pulses, int) or pulses <= 0:
+            return
+        busy = sum(float(v) for v in seconds.values() if isinstance(v, int | float))
+        light = pulses / self.cfg.link.source.slot_rate_hz
+        self.block_times[int(block["block_id"])] = (busy, light)
 
     def _finish_open_block(self, t0: float, stats: LinkStats) -> LinkStats:
         """After ``duration_s``: let the block the receiver is filling finish, so that the
@@ -368,6 +383,7 @@ class DemoRunner:
             st_tx, st_rx = self._status_both(tolerate_timeout=True)
             if st_tx:
                 stats = merge_stats(_stats(st_tx), _stats(st_rx))
+                self._note_block(_stats(st_rx).get("last_block"))
                 if stats.blocks_ok + stats.blocks_aborted > done0:
                     self.commits.append((time.monotonic() - t0, stats.detections))
                     break
@@ -496,6 +512,9 @@ class DemoRunner:
             failure=failure,
             steady_detection_rate_hz=steady_rate(self.commits),
             extended_s=self.extended_s,
+            block_busy_fractions=[
+                busy / light for _, (busy, light) in sorted(self.block_times.items())
+            ],
         )
 
 

@@ -97,6 +97,12 @@ class DemoSummary(BaseModel):
         description="seconds the exchange ran past the requested duration to finish the "
         "block that was filling (blocks are sized by the finite-key bound, not the run)",
     )
+    block_busy_fractions: list[float] = Field(
+        default_factory=list,
+        description="per block the receiver finished (in order): the seconds it took from "
+        "its first message to its key over the seconds of light it holds; below 1 the "
+        "pipeline keeps up with the link however long the run",
+    )
     keys_identical: bool
     key_count: dict[str, int]
     blocks_ok: int
@@ -167,6 +173,7 @@ def build_summary(
     failure: str | None = None,
     steady_detection_rate_hz: float | None = None,
     extended_s: float = 0.0,
+    block_busy_fractions: list[float] | None = None,
 ) -> DemoSummary:
     """Combine the measured pieces into a :class:`DemoSummary`.
 
@@ -212,6 +219,7 @@ def build_summary(
         detection_rate_hz=stats.detections / wall,
         steady_detection_rate_hz=steady_detection_rate_hz,
         extended_s=round(max(0.0, extended_s), 3),
+        block_busy_fractions=[round(b, 4) for b in block_busy_fractions or []],
         keys_identical=keys_identical,
         key_count=counts,
         blocks_ok=stats.blocks_ok,

@@ -210,6 +210,7 @@ def _link_run(committed: float, withheld: float, tags_missed: int = 0) -> LinkRu
         delivered_hz=3.38e6,
         withheld_share=withheld,
         tags_missed=tags_missed,
+        busy_fractions=(0.7, 0.75),
         duration_s=65.0,
         blocks_ok=4,
         block_detections=48_000_000,
@@ -235,5 +236,8 @@ def test_keep_up_rows_count_tracking_windows_as_loss_and_keep_the_model_figure()
     assert judge(model["value"], "x", ">= 0.95") is False
     assert "3.38 M/s (0.942 of the model)" in model["note"]
     assert rows["tracking windows (0 km)"]["value"] == pytest.approx(0.004)
+    busy = rows["pipeline busy (0 km)"]
+    assert busy["value"] == pytest.approx(0.725)  # over every block of every run
+    assert judge(busy["value"], busy["unit"], busy["target"]) is True
     # a run that committed nothing steady keeps up with nothing
     assert _link_run(0.0, 0.0).kept_up == 0.0

@@ -207,3 +207,23 @@ def test_merge_takes_each_loss_from_the_node_that_counts_it() -> None:
     assert (s.withheld_slots, s.tags_missed) == (2_000_000, 4_096)
     summary = _summary(stats=s)
     assert (summary.withheld_slots, summary.tags_missed) == (2_000_000, 4_096)
+
+
+def test_block_times_take_only_well_formed_blocks_of_the_receiver() -> None:
+    from qkdnode.demo.config import DemoConfig
+    from qkdnode.demo.runner import DemoRunner
+
+    runner = DemoRunner(DemoConfig())
+    rate = DemoConfig().link.source.slot_rate_hz
+    good = {"block_id": 3, "pulses": int(10 * rate), "seconds": {"sifting": 4.0, "ec": 3.0}}
+    for junk in (
+        None,
+        {"block_id": "3", "pulses": 1, "seconds": {}},
+        {"block_id": 4, "pulses": 0, "seconds": {"sifting": 1.0}},  # no light
+        {"block_id": 5, "pulses": 10, "seconds": "fast"},
+        {"block_id": 6, "seconds": {"sifting": 1.0}},
+    ):
+        runner._note_block(junk)
+    runner._note_block(good)
+    runner._note_block(good)  # seen on two polls: one block
+    assert runner.block_times == {3: (7.0, pytest.approx(10.0))}
