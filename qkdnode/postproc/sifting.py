@@ -70,8 +70,8 @@ def squash(
     keep = np.ones(n, dtype=np.bool_)
     keep[follower] = False
     out_ch = ch[keep]
-    out_basis: U8 = out_ch >> 1
-    out_bit: U8 = out_ch & 1
+    out_basis: U8 = (out_ch >> 1).astype(np.uint8, copy=False)
+    out_bit: U8 = (out_ch & 1).astype(np.uint8, copy=False)
     # each multi-click slot: its first click (a group start) and its followers
     opens = np.ones(follower.shape[0], dtype=np.bool_)
     opens[1:] = follower[1:] != follower[:-1] + 1
