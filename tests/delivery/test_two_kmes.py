@@ -489,6 +489,7 @@ def _ids(db: Path, where: str | None, table: str = "keys") -> set[str]:
         con.close()
 
 
+@pytest.mark.system  # restarts both daemons twice (~13 s): make test-system
 @pytest.mark.parametrize("victim", ["receiver", "transmitter"])
 def test_restart_between_enc_and_dec_keeps_the_key_for_its_slave_only(
     pair: Pair, victim: str
@@ -528,6 +529,7 @@ def test_restart_between_enc_and_dec_keeps_the_key_for_its_slave_only(
     wait_serving(p, p.rx)
 
 
+@pytest.mark.system  # stops and restarts the pair (~12 s): make test-system
 def test_a_kme_without_its_peer_answers_503_until_the_key_id_sync(pair: Pair) -> None:
     p = pair
     st, got, _ = enc(p, SAE_MASTER, SAE_SLAVE, {"number": 1})

@@ -226,6 +226,7 @@ def test_network_command_and_link_toggle_on_the_control_socket(tmp_path: Path) -
     _run(tmp_path, body)
 
 
+@pytest.mark.system  # waits out the 30 s route alarm, shortened (~7 s): make test-system
 def test_a_site_without_a_route_raises_network_unreachable(tmp_path: Path) -> None:
     async def body(net: Net, pki: Path) -> None:
         a_ports = net.ports_of("A")

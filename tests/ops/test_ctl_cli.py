@@ -586,6 +586,7 @@ def test_sync_wait_json(capsys: Any, fake: Callable[..., FakeNode]) -> None:
     assert out["results"]["sync"]["locked"] is True
 
 
+@pytest.mark.system  # waits out a calibration (~7 s): make test-system
 def test_wait_without_telemetry_judges_by_status(
     capsys: Any, fake: Callable[..., FakeNode]
 ) -> None:

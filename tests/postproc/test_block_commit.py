@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import zmq
 import zmq.asyncio
 
@@ -136,6 +137,7 @@ def test_a_receiver_that_cannot_store_makes_the_transmitter_discard(tmp_path: Pa
     assert not tx.keys
 
 
+@pytest.mark.system  # waits out the commit timeout (~5 s): make test-system
 def test_a_lost_done_leaves_the_transmitter_pending_and_says_so(tmp_path: Path) -> None:
     tx, rx = Landing(), Landing()
     t, r = _block(tmp_path, tx, rx, drop_done=True)
@@ -238,6 +240,7 @@ def test_a_transmitter_cancelled_with_its_key_pending_puts_the_pair_out_of_step(
     assert tx.events == [("store", 3), ("unconfirmed", 3)]
 
 
+@pytest.mark.system  # waits out the commit timeout (~5 s): make test-system
 def test_a_receiver_cancelled_during_its_commit_puts_the_pair_out_of_step(
     tmp_path: Path,
 ) -> None:
