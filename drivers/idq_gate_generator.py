@@ -100,7 +100,7 @@ from drivers.errors import (
     OutOfRangeError,
     ProtocolError,
 )
-from drivers.idq_time_controller import IDN_PATTERN
+from drivers.idq_time_controller import IDN_PATTERN, scpi_endpoint
 from drivers.interfaces import GateGenerator, HealthLevel, InstrumentHealth
 from drivers.restore import SettingsMemory, identity_fields
 from drivers.transports.base import MessageTransport
@@ -183,7 +183,7 @@ class IdqGateGenerator(GateGenerator):
     ) -> None:
         self.name = name
         self.options = options or IdqGateGeneratorOptions()
-        endpoint = resource if "://" in resource else f"tcp://{resource}:5555"
+        endpoint = scpi_endpoint(resource)
         self.endpoint = endpoint
         self.transport = transport or ZmqReqTransport(name, endpoint, timeout_s=timeout_s)
         self.period_range_ps = self.options.period_range_ps

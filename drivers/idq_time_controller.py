@@ -96,6 +96,16 @@ _ON_OFF = {"ON": True, "OFF": False, "1": True, "0": False}
 STREAM_DTYPE = np.dtype([("timestamp_ps", "<u8"), ("ref_index", "<u8")])
 
 
+#: the controller's SCPI port (REQ/REP)
+SCPI_PORT = 5555
+
+
+def scpi_endpoint(resource: str) -> str:
+    """The ZeroMQ endpoint of a controller's SCPI interface: ``resource`` as given when
+    it names a transport (``tcp://HOST:PORT``), else ``tcp://resource:5555``."""
+    return resource if "://" in resource else f"tcp://{resource}:{SCPI_PORT}"
+
+
 class IdqTimeControllerOptions(DriverOptions):
     channels: list[Annotated[int, Field(ge=1, le=4)]] = Field(
         default_factory=lambda: [1, 2, 3, 4], min_length=1, description="inputs 1-4 to use"
@@ -135,7 +145,7 @@ class IdqTimeController(TimeTagger):
     ) -> None:
         self.name = name
         self.options = options or IdqTimeControllerOptions()
-        endpoint = resource if "://" in resource else f"tcp://{resource}:5555"
+        endpoint = scpi_endpoint(resource)
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self.transport = transport or ZmqReqTransport(name, endpoint, timeout_s=timeout_s)
