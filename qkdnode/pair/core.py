@@ -34,6 +34,7 @@ from qkdnode.postproc.sifting import KeySlotFloor
 from qkdnode.statemachine import Event, State, StateMachine, TransitionRecord
 from qkdnode.tracking import (
     DetectionAccumulator,
+    TrackingWindow,
 )
 
 if TYPE_CHECKING:
@@ -245,6 +246,23 @@ class SessionCore:
         return dict(self.keystore.counts())
 
     # ------------------------------------------------------------------ instruments
+    def _exchange_window(
+        self, start_slot: int, stop_slot: int
+    ) -> tuple[DetectionAccumulator, TrackingWindow]:
+        """Receiver: the detection accumulator and the window ``[start_slot, stop_slot)``
+        a peer's ``track`` or ``skip`` names. LinkError when not exchanging, or when the
+        window starts before the exchange's first slot or spans more than 60 s of slots."""
+        acc = self._accumulator
+        if acc is None or self.node.sm.state is not S.EXCHANGING:
+            raise LinkError(f"not exchanging ({self.node.sm.state.value})")
+        max_slots = int(self.cfg.source.slot_rate_hz * 60)
+        if not (self.exchange_from_slot <= start_slot and 0 < stop_slot - start_slot <= max_slots):
+            raise LinkError(
+                f"window [{start_slot}, {stop_slot}) must start at or after slot "
+                f"{self.exchange_from_slot} and span 1..{max_slots} slots"
+            )
+        return acc, TrackingWindow(start_slot, stop_slot)
+
     def _one(self, cls: type[Any]) -> Any:
         inst = self.node.hardware.one(cls)
         if cls is TimeTagger and self._tof_prediction is not None:

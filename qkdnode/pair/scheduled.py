@@ -465,17 +465,9 @@ class ScheduledMixin(SessionCore):
         return {}
 
     def _drop_window(self, start_slot: int, stop_slot: int) -> None:
-        acc = self._accumulator
-        if acc is None or self.node.sm.state is not S.EXCHANGING:
-            raise LinkError(f"not exchanging ({self.node.sm.state.value})")
-        max_slots = int(self.cfg.source.slot_rate_hz * 60)
-        if not (self.exchange_from_slot <= start_slot and 0 < stop_slot - start_slot <= max_slots):
-            raise LinkError(
-                f"window [{start_slot}, {stop_slot}) must start at or after slot "
-                f"{self.exchange_from_slot} and span 1..{max_slots} slots"
-            )
+        acc, window = self._exchange_window(start_slot, stop_slot)
         try:
-            acc.exclude(TrackingWindow(start_slot, stop_slot))
+            acc.exclude(window)
         except TrackingError as exc:
             raise LinkError(str(exc)) from exc
 

@@ -22,7 +22,6 @@ from qkdnode.probe_wire import BYTES_PER_DETECTION, ProbeWireError, decode_probe
 from qkdnode.statemachine import Event, StateMachine, TransitionRecord
 from qkdnode.tracking import (
     TrackingError,
-    TrackingWindow,
 )
 
 if TYPE_CHECKING:
@@ -242,23 +241,15 @@ class SynchronizationMixin(SessionCore):
         """Receiver: disclose our detections in slots ``[start_slot, stop_slot)`` while key
         flows (a drift-tracking window, :mod:`qkdnode.tracking`); they leave the block being
         filled. Refused when a block already handed out reaches into the window."""
-        acc = self._accumulator
-        if acc is None or self.node.sm.state is not S.EXCHANGING:
-            raise LinkError(f"not exchanging ({self.node.sm.state.value})")
-        max_slots = int(self.cfg.source.slot_rate_hz * 60)
-        if not (self.exchange_from_slot <= start_slot and 0 < stop_slot - start_slot <= max_slots):
-            raise LinkError(
-                f"tracking window [{start_slot}, {stop_slot}) must start at or after slot "
-                f"{self.exchange_from_slot} and span 1..{max_slots} slots"
-            )
+        acc, window = self._exchange_window(start_slot, stop_slot)
         try:
-            done = acc.open_window(TrackingWindow(start_slot, stop_slot))
+            done = acc.open_window(window)
         except TrackingError as exc:
             # The transmitter withheld the window before it asked: whatever of it no
             # earlier window covers is dropped here too (unless a block already holds
             # it), so that no block of ours carries a slot the transmitter refuses.
             with contextlib.suppress(TrackingError):
-                acc.exclude(TrackingWindow(start_slot, stop_slot))
+                acc.exclude(window)
             raise LinkError(str(exc)) from exc
         try:
             async with asyncio.timeout(90.0):
