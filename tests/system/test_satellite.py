@@ -66,8 +66,10 @@ def test_micius_like_pass_in_real_time(tmp_path: Path) -> None:
     # the node's bound on the expected counts of the interval it exchanged, with the
     # intensity intervals its calibration measured (as its pipeline takes them)
     assert 0.8 <= p.ratio_to_theory <= 1.2, p
-    # and the physics alone (intensities known exactly): the calibration's 10 % costs key
-    assert 0.7 * p.theory_exact_mu_bits <= p.secret_bits <= p.theory_exact_mu_bits, p
+    # and the physics alone (intensities known exactly): the calibration's 10 % and each
+    # class's own drift allowance (decoy 5 %, the bound's box) cost key: 0.64 of it was
+    # measured with them (0.7 and more with one drift factor common to the classes)
+    assert 0.6 * p.theory_exact_mu_bits <= p.secret_bits <= p.theory_exact_mu_bits, p
 
 
 def test_a_cloud_ends_the_block_cleanly(tmp_path: Path) -> None:
